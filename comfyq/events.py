@@ -1,0 +1,151 @@
+"""The in-memory event bus: job events fanned out to every subscriber (SSE, websockets, sync waits).
+
+State changes arrive from the store after they commit and carry their ``job_events`` row id, so a
+client can resume with Last-Event-ID from the table. Progress and previews live only here. Each
+subscriber has a bounded buffer: when it is full, progress and previews for it are dropped (and
+counted), never state changes and never the final event, and a slow subscriber never delays the
+publisher or anyone else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from comfyq.store.model import TERMINAL, Transition
+
+ALL = "*"
+
+
+@dataclass(slots=True)
+class Event:
+    """One thing that happened to one job."""
+
+    job_id: str
+    id: str  # SSE id: "<event row id>" for state changes, "<last row id>.<n>" for live events
+    kind: str  # "state" | "progress" | "preview" | "text"
+    data: dict[str, Any] = field(default_factory=dict)
+    final: bool = False
+    payload: bytes | None = None  # preview image bytes
+
+    @property
+    def droppable(self) -> bool:
+        return self.kind != "state"
+
+
+class Subscription:
+    """A subscriber's buffer; iterate it, or ``await get()``."""
+
+    def __init__(self, bus: EventBus, keys: set[str], maxsize: int) -> None:
+        self._bus = bus
+        self.keys = keys
+        self._maxsize = maxsize
+        self._items: deque[Event] = deque()
+        self._ready = asyncio.Event()
+        self.dropped = 0
+        self.closed = False
+
+    def push(self, ev: Event) -> None:
+        if self.closed:
+            return
+        if len(self._items) >= self._maxsize and ev.droppable:
+            self.dropped += 1
+            return
+        self._items.append(ev)
+        self._ready.set()
+
+    async def get(self, timeout: float | None = None) -> Event | None:
+        """The next event, or None when ``timeout`` passes first."""
+        while not self._items:
+            self._ready.clear()
+            if timeout is None:
+                await self._ready.wait()
+            else:
+                try:
+                    await asyncio.wait_for(self._ready.wait(), timeout)
+                except TimeoutError:
+                    return None
+        return self._items.popleft()
+
+    def add(self, key: str) -> None:
+        """Also receive events of job ``key`` (or every job, with ``"*"``)."""
+        if key not in self.keys:
+            self.keys.add(key)
+            self._bus._subs.setdefault(key, set()).add(self)
+
+    def close(self) -> None:
+        self.closed = True
+        self._bus._unsubscribe(self)
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aiter__(self) -> AsyncIterator[Event]:
+        while True:
+            ev = await self.get()
+            if ev is not None:
+                yield ev
+
+
+class EventBus:
+    """Publish job events; subscribe to some jobs or to all of them."""
+
+    def __init__(self, buffer: int = 256) -> None:
+        self._subs: dict[str, set[Subscription]] = {}
+        self._buffer = buffer
+        self._last_row: dict[str, int] = {}
+        self._seq = itertools.count(1)
+        self.progress: dict[str, dict[str, Any]] = {}  # latest live progress of running jobs
+        self.published = 0
+
+    def subscribe(self, *keys: str, maxsize: int | None = None) -> Subscription:
+        sub = Subscription(self, set(), maxsize or self._buffer)
+        for key in keys:
+            sub.add(key)
+        return sub
+
+    def _unsubscribe(self, sub: Subscription) -> None:
+        for key in sub.keys:
+            subs = self._subs.get(key)
+            if subs is not None:
+                subs.discard(sub)
+                if not subs:
+                    del self._subs[key]
+
+    def subscribers(self) -> int:
+        return len({s for subs in self._subs.values() for s in subs})
+
+    def publish(self, ev: Event) -> None:
+        self.published += 1
+        for key in (ev.job_id, ALL):
+            for sub in self._subs.get(key, ()):
+                sub.push(ev)
+
+    def on_transitions(self, transitions: list[Transition]) -> None:
+        """Store listener: publish committed state changes."""
+        for tr in transitions:
+            self._last_row[tr.job_id] = tr.event_id
+            final = tr.to_state in TERMINAL
+            if final or tr.to_state == "pending":
+                self.progress.pop(tr.job_id, None)
+            if final:
+                self._last_row.pop(tr.job_id, None)
+            self.publish(Event(tr.job_id, str(tr.event_id), "state", {
+                "from_state": tr.from_state, "state": tr.to_state, "stage": tr.stage,
+                "status": tr.status, "message": tr.message, "attempt": tr.attempt, "at": tr.at,
+                **({"details": tr.data} if tr.data else {}),
+            }, final=final))
+
+    def live(self, job_id: str, kind: str, data: dict[str, Any], payload: bytes | None = None) -> None:
+        """Publish a live (not stored) event: progress, preview, text."""
+        if kind == "progress":
+            self.progress[job_id] = data
+        row = self._last_row.get(job_id, 0)
+        self.publish(Event(job_id, f"{row}.{next(self._seq)}", kind, data, payload=payload))

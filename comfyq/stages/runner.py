@@ -1,0 +1,350 @@
+"""The stage runner: per stage, a task group of supervised workers that claim jobs from the store.
+
+Idle workers register as waiters; one claimer per stage claims as many jobs as there are waiters
+in a single statement and hands them out. New work (any commit that leaves a job pending in the
+stage) wakes the claimer at once; when a retry is scheduled it sleeps until that time; otherwise it
+looks again only every ``idle_poll`` seconds, for work written by another process (the CLI).
+
+Delivery guarantee: a job's stage may run more than once (after a crash or an expired lease);
+stages make their side effects idempotent (the ComfyUI prompt id is stored before submitting).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from comfyq.clock import parse_iso
+from comfyq.errors import ComfyqError, JobError, LeaseLost
+from comfyq.events import EventBus
+from comfyq.store import Job, JobStore, Transition
+
+log = logging.getLogger("comfyq.pipeline")
+
+CLAIM_MESSAGES = {
+    "preprocess": "Preprocessing",
+    "generate": "Waiting for ComfyUI",
+    "postprocess": "Post-processing",
+}
+
+
+@dataclass
+class StageDone:
+    """What a stage hands back when it finished its part of a job."""
+
+    message: str
+    fields: dict[str, Any] | None = None
+
+
+class JobContext:
+    """What a stage handler may use while it holds a job."""
+
+    def __init__(self, job: Job, pipeline: Pipeline) -> None:
+        self.job = job
+        self.pipeline = pipeline
+        self.store = pipeline.store
+        self.bus = pipeline.bus
+        self.cancel_reason: str | None = None  # "cancel" | "timeout" | "shutdown" once cancelled
+
+    async def update(self, **fields: Any) -> Job:
+        """Durably set columns of this job (e.g. comfy_prompt_id before submitting)."""
+        self.job = await self.store.update(self.job.id, fields)
+        return self.job
+
+    def progress(self, data: dict[str, Any]) -> None:
+        self.bus.live(self.job.id, "progress", data)
+
+    def live(self, kind: str, data: dict[str, Any], payload: bytes | None = None) -> None:
+        self.bus.live(self.job.id, kind, data, payload)
+
+
+class StageHandler(Protocol):
+    async def __call__(self, job: Job, ctx: JobContext) -> StageDone: ...
+
+
+@dataclass
+class _Running:
+    task: asyncio.Task[Any]
+    ctx: JobContext
+    timer: asyncio.TimerHandle | None = None
+
+
+@dataclass
+class RunnerConfig:
+    lease: float = 30.0
+    retry_base: float = 2.0
+    retry_max: float = 60.0
+    idle_poll: float = 5.0
+    restart_delay: float = 0.5
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class StageRunner:
+    """Workers and the claimer of one stage."""
+
+    def __init__(self, name: str, workers: int, handler: StageHandler, pipeline: Pipeline) -> None:
+        self.name = name
+        self.size = workers
+        self.handler = handler
+        self.p = pipeline
+        self._waiters: deque[asyncio.Future[Job]] = deque()
+        self._work = asyncio.Event()
+        self._waiter_added = asyncio.Event()
+        self.claiming = True
+        self.alive = 0
+        self.busy = 0
+        self.crashes = 0
+
+    def notify(self) -> None:
+        self._work.set()
+
+    async def claimer(self) -> None:
+        while True:
+            while not self._waiters or not self.claiming:
+                self._waiter_added.clear()
+                await self._waiter_added.wait()
+            self._work.clear()
+            want = len(self._waiters)
+            jobs = await self.p.store.claim(self.name, want, self.p.cfg.lease, CLAIM_MESSAGES[self.name])
+            for job in jobs:
+                fut = self._waiters.popleft() if self._waiters else None
+                if fut is None or fut.done():
+                    # The worker went away between asking and getting: give the job back.
+                    await self.p.store.release(job.id, "Returned to the queue")
+                    continue
+                fut.set_result(job)
+            if len(jobs) < want:
+                await self._sleep_until_work()
+
+    async def _sleep_until_work(self) -> None:
+        timeout = self.p.cfg.idle_poll
+        nxt = await self.p.store.next_run_after(self.name)
+        if nxt is not None:
+            timeout = max(0.0, min(timeout, parse_iso(nxt) - self.p.clock.now()) + 0.001)
+        try:
+            await asyncio.wait_for(self._work.wait(), timeout)
+        except TimeoutError:
+            pass
+
+    async def _next(self) -> Job:
+        fut: asyncio.Future[Job] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        self._waiter_added.set()
+        try:
+            return await fut
+        finally:
+            if not fut.done():
+                fut.cancel()
+            try:
+                self._waiters.remove(fut)
+            except ValueError:
+                pass
+
+    async def worker(self, index: int) -> None:
+        """A supervised worker: a crash is logged and the worker starts again."""
+        while True:
+            self.alive += 1
+            try:
+                while True:
+                    job = await self._next()
+                    self.busy += 1
+                    try:
+                        await self.p.run_job(self, job)
+                    finally:
+                        self.busy -= 1
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self.crashes += 1
+                log.exception("worker %s-%d crashed; restarting it", self.name, index)
+            finally:
+                self.alive -= 1
+            await asyncio.sleep(self.p.cfg.restart_delay)
+
+
+class Pipeline:
+    """Three stages, their workers, leases, the reaper and cancellation."""
+
+    def __init__(
+        self,
+        store: JobStore,
+        bus: EventBus,
+        handlers: dict[str, StageHandler],
+        workers: dict[str, int],
+        cfg: RunnerConfig | None = None,
+    ) -> None:
+        self.store = store
+        self.bus = bus
+        self.clock = store.clock
+        self.cfg = cfg or RunnerConfig()
+        self.stages = {name: StageRunner(name, workers[name], h, self) for name, h in handlers.items()}
+        self.running: dict[str, _Running] = {}
+        self._tasks: list[asyncio.Task[Any]] = []
+        self.on_cleanup: list[Callable[[Job, str], Awaitable[None]]] = []
+        store.listen(self._on_transitions)
+
+    def _on_transitions(self, trs: list[Transition]) -> None:
+        for tr in trs:
+            if tr.to_state == "pending" and tr.stage in self.stages:
+                self.stages[tr.stage].notify()
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Resume what a dead process left, then start claimers, workers and the reaper."""
+        recovered = await self.store.recover()
+        if recovered:
+            log.info("resumed %d job(s) left mid-stage by a previous process", len(recovered))
+        for st in self.stages.values():
+            self._tasks.append(asyncio.create_task(st.claimer(), name=f"claimer-{st.name}"))
+            for i in range(st.size):
+                self._tasks.append(asyncio.create_task(st.worker(i), name=f"worker-{st.name}-{i}"))
+        self._tasks.append(asyncio.create_task(self._housekeeping(), name="reaper"))
+
+    async def stop(self, grace: float) -> None:
+        """Stop claiming, let in-flight jobs finish for ``grace`` seconds, release the rest."""
+        for st in self.stages.values():
+            st.claiming = False
+        if self.running:
+            log.info("shutting down: waiting up to %.0fs for %d job(s)", grace, len(self.running))
+            tasks = [r.task for r in self.running.values()]
+            await asyncio.wait(tasks, timeout=grace)
+        for job_id in list(self.running):
+            self._cancel_local(job_id, "shutdown")
+        left = [r.task for r in self.running.values()]
+        if left:
+            await asyncio.wait(left, timeout=10)
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+
+    def health(self) -> dict[str, dict[str, int]]:
+        return {n: {"workers": st.size, "alive": st.alive, "busy": st.busy, "crashes": st.crashes}
+                for n, st in self.stages.items()}
+
+    # --- cancellation ------------------------------------------------------------------------
+
+    async def cancel(self, job_id: str) -> Job:
+        """Cancel a job in any state; a running one is interrupted by its worker."""
+        job, _ = await self.store.request_cancel(job_id)
+        if job.state == "running":
+            self._cancel_local(job_id, "cancel")
+        return job
+
+    def _cancel_local(self, job_id: str, reason: str) -> bool:
+        r = self.running.get(job_id)
+        if r is None or r.ctx.cancel_reason is not None:
+            return False
+        r.ctx.cancel_reason = reason
+        r.task.cancel()
+        return True
+
+    # --- running one job ---------------------------------------------------------------------
+
+    async def run_job(self, stage: StageRunner, job: Job) -> None:
+        ctx = JobContext(job, self)
+        task = asyncio.current_task()
+        assert task is not None
+        inner = asyncio.create_task(stage.handler(job, ctx), name=f"{stage.name}:{job.id}")
+        loop = asyncio.get_running_loop()
+        delay = parse_iso(job.deadline_at) - self.clock.now()
+        entry = _Running(inner, ctx)
+        self.running[job.id] = entry
+        entry.timer = loop.call_later(max(0.0, delay), self._cancel_local, job.id, "timeout")
+        try:
+            if job.cancel_requested:
+                self._cancel_local(job.id, "cancel")
+            try:
+                done = await asyncio.shield(inner)
+            except asyncio.CancelledError:
+                if not inner.done():
+                    # This worker itself is being cancelled (shutdown): let the handler clean up.
+                    self._cancel_local(job.id, "shutdown")
+                    await asyncio.wait([inner], timeout=10)
+                    await self._settle(job, ctx, inner, stage)
+                    raise
+                await self._settle(job, ctx, inner, stage)
+                return
+            except BaseException:
+                await self._settle(job, ctx, inner, stage)
+                return
+            await self._advance(job, done)
+        finally:
+            if entry.timer is not None:
+                entry.timer.cancel()
+            self.running.pop(job.id, None)
+
+    async def _advance(self, job: Job, done: StageDone) -> None:
+        try:
+            await self.store.advance(job.id, done.message, done.fields)
+        except LeaseLost:
+            log.warning("job %s: lease lost before its %s result could be saved", job.id, job.stage)
+
+    async def _settle(self, job: Job, ctx: JobContext, inner: asyncio.Task[Any], stage: StageRunner) -> None:
+        """Record how a handler that did not return normally ended."""
+        exc = None if inner.cancelled() or not inner.done() else inner.exception()
+        reason = ctx.cancel_reason
+        try:
+            if exc is None and reason == "shutdown" or (inner.cancelled() and reason is None):
+                await self.store.release(job.id, "Interrupted by shutdown; will resume")
+            elif exc is None and reason == "cancel":
+                await self.store.finish(job.id, "cancelled", "Request cancelled by client",
+                                        error={"type": "cancelled", "message": "Request cancelled by client"})
+            elif exc is None and reason == "timeout":
+                await self.store.finish(job.id, "failed", "Job timed out",
+                                        error={"type": "timeout", "message": "job deadline passed"})
+            elif isinstance(exc, JobError) and exc.retryable and reason is None:
+                delay = self.backoff(job.attempts)
+                log.info("job %s: %s in %s (attempt %d): %s", job.id, exc.type, job.stage, job.attempts, exc.message)
+                await self.store.retry_later(job.id, delay, exc.to_dict())
+            elif isinstance(exc, ComfyqError):
+                await self.store.finish(job.id, "failed", _fail_message(job.stage, exc.message),
+                                        error=exc.to_dict())
+            elif exc is not None:
+                log.error("job %s: unexpected error in %s", job.id, job.stage, exc_info=exc)
+                err = {"type": "internal_error", "message": f"{type(exc).__name__}: {exc}"}
+                await self.store.finish(job.id, "failed", _fail_message(job.stage, err["message"]), error=err)
+        except LeaseLost:
+            log.warning("job %s: lease lost while recording its outcome", job.id)
+        for fn in self.on_cleanup:
+            try:
+                await fn(job, reason or ("error" if exc else "done"))
+            except Exception:
+                log.exception("cleanup hook failed for job %s", job.id)
+
+    def backoff(self, attempt: int) -> float:
+        """Capped exponential backoff with jitter for retry number ``attempt``."""
+        base = min(self.cfg.retry_max, self.cfg.retry_base * 2 ** max(0, attempt - 1))
+        return base * random.uniform(0.5, 1.0)
+
+    # --- housekeeping ------------------------------------------------------------------------
+
+    async def _housekeeping(self) -> None:
+        period = max(0.2, min(5.0, self.cfg.lease / 3))
+        while True:
+            await asyncio.sleep(period)
+            try:
+                await self.housekeep()
+            except Exception:
+                log.exception("housekeeping failed")
+
+    async def housekeep(self) -> None:
+        """Renew leases, reap expired ones, and pick up cancels written by other processes."""
+        await self.store.renew(self.cfg.lease)
+        reaped = await self.store.reap(grace=self.cfg.lease)
+        for tr in reaped:
+            log.warning("job %s: %s", tr.job_id, tr.message)
+            self._cancel_local(tr.job_id, "cancel" if tr.to_state == "cancelled" else "timeout")
+        for job_id in await self.store.cancel_requested():
+            self._cancel_local(job_id, "cancel")
+
+
+def _fail_message(stage: str, message: str) -> str:
+    what = {"preprocess": "Preprocessing", "generate": "Generation", "postprocess": "Post-processing"}
+    return f"{what.get(stage, stage)} failed: {message}"

@@ -1,0 +1,5 @@
+"""The SQLite store: the queue, the job log and the outbox in one file."""
+
+from comfyq.store.jobs import Job, JobStore, NewJob, Transition
+
+__all__ = ["Job", "JobStore", "NewJob", "Transition"]

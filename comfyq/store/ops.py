@@ -1,0 +1,356 @@
+"""Write operations: each is ``fn(conn, ...)`` run by the writer inside one group transaction.
+
+Every state change is a guarded UPDATE (``WHERE id = ? AND state = ? [AND lease_owner = ?]``)
+whose row count is checked, plus its ``job_events`` row, in the same transaction. The schema's
+trigger refuses any transition the state machine does not list.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any
+
+from comfyq.clock import iso
+from comfyq.errors import Conflict, IllegalTransition, LeaseLost, NotFound, QueueFull
+from comfyq.store.model import NEXT_STAGE, Job, NewJob, Transition, dumps
+
+_STAGE_KEY = {"preprocess": "preprocess_ms", "generate": "generation_ms", "postprocess": "postprocess_ms"}
+
+
+def _ms_since(col: str, now_param: str) -> str:
+    return f"round((julianday({now_param}) - julianday({col})) * 86400000.0)"
+
+
+def _add_timing(key: str) -> str:
+    """SQL that adds the time spent since stage_entered_at to timings.<key>."""
+    return (
+        f"json_set(timings, '$.{key}', coalesce(json_extract(timings, '$.{key}'), 0) + "
+        f"{_ms_since('stage_entered_at', ':now')})"
+    )
+
+
+def _event(
+    conn: sqlite3.Connection,
+    job: Job,
+    from_state: str | None,
+    message: str,
+    data: dict[str, Any] | None = None,
+) -> Transition:
+    at = job.updated_at
+    row = conn.execute(
+        "INSERT INTO job_events (job_id, at, from_state, to_state, stage, attempt, message, data)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+        (job.id, at, from_state, job.state, job.stage, job.attempts, message,
+         None if data is None else dumps(data)),
+    ).fetchone()
+    return Transition(row[0], job.id, from_state, job.state, job.stage, job.attempts, message, at, data, job)
+
+
+def _one(conn: sqlite3.Connection, sql: str, params: dict[str, Any]) -> Job | None:
+    row = conn.execute(sql, params).fetchone()
+    return None if row is None else Job.from_row(row)
+
+
+def get(conn: sqlite3.Connection, job_id: str) -> Job | None:
+    row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    return None if row is None else Job.from_row(row)
+
+
+def create(conn: sqlite3.Connection, new: NewJob, now: float, max_queue: int) -> tuple[Job, Transition | None]:
+    """Insert a job (or return the existing one with the same id and payload)."""
+    existing = get(conn, new.id)
+    if existing is not None:
+        if existing.payload_hash != new.payload_hash:
+            raise Conflict(
+                f"request_id {new.id!r} was already used with a different payload",
+                fields=[{"path": "$.input.request_id", "message": "already used with a different payload"}],
+            )
+        return existing, None
+    (waiting,) = conn.execute("SELECT count(*) FROM jobs WHERE state IN ('pending', 'running')").fetchone()
+    if waiting >= max_queue:
+        raise QueueFull(f"queue is full ({waiting} unfinished jobs, limit {max_queue}); retry shortly")
+    t = iso(now)
+    job = _one(
+        conn,
+        "INSERT INTO jobs (id, priority, max_attempts, kind, payload, payload_hash, message, run_after,"
+        " deadline_at, created_at, updated_at, stage_entered_at)"
+        " VALUES (:id, :priority, :max_attempts, :kind, :payload, :hash, 'Request accepted', :now,"
+        " :deadline, :now, :now, :now) RETURNING *",
+        {"id": new.id, "priority": new.priority, "max_attempts": new.max_attempts, "kind": new.kind,
+         "payload": dumps(new.payload), "hash": new.payload_hash, "now": t,
+         "deadline": iso(now + new.timeout)},
+    )
+    assert job is not None
+    if new.secrets:
+        conn.execute("INSERT INTO job_secrets (job_id, data) VALUES (?, ?)", (new.id, dumps(new.secrets)))
+    return job, _event(conn, job, None, "Request accepted")
+
+
+def claim(
+    conn: sqlite3.Connection, stage: str, owner: str, n: int, now: float, lease: float, message: str
+) -> list[Transition]:
+    """Claim up to ``n`` claimable jobs of ``stage`` in one statement, by priority then age."""
+    t = iso(now)
+    wait_key = "queued_ms" if stage == "preprocess" else f"{stage}_wait_ms"
+    rows = conn.execute(
+        "UPDATE jobs SET state = 'running', lease_owner = :owner, lease_expires_at = :exp,"
+        " attempts = max(attempts, 1), updated_at = :now, message = :message,"
+        f" timings = {_add_timing(wait_key)}, stage_entered_at = :now"
+        " WHERE id IN (SELECT id FROM jobs WHERE state = 'pending' AND stage = :stage"
+        "   AND run_after <= :now ORDER BY priority DESC, created_at, id LIMIT :n)"
+        " RETURNING *",
+        {"owner": owner, "exp": iso(now + lease), "now": t, "stage": stage, "n": n, "message": message},
+    ).fetchall()
+    jobs = sorted((Job.from_row(r) for r in rows), key=lambda j: (-j.priority, j.created_at, j.id))
+    return [_event(conn, j, "pending", message) for j in jobs]
+
+
+def _guarded(
+    conn: sqlite3.Connection, job_id: str, owner: str | None, sets: str, params: dict[str, Any],
+    *, from_states: tuple[str, ...] = ("running",),
+) -> tuple[Job, str]:
+    """Run a guarded UPDATE of one job; raise LeaseLost/IllegalTransition when it matched nothing."""
+    before = get(conn, job_id)
+    if before is None:
+        raise NotFound(f"job {job_id} not found")
+    if before.state not in from_states or (owner is not None and before.lease_owner != owner):
+        if before.state == "running" and owner is not None and before.lease_owner != owner:
+            raise LeaseLost(f"job {job_id} is no longer held by this worker")
+        if "running" in from_states and owner is not None:
+            raise LeaseLost(f"job {job_id} is {before.state}, not running")
+        raise IllegalTransition(f"job {job_id} is {before.state}")
+    where = "id = :id AND state = :from_state" + (" AND lease_owner = :owner" if owner else "")
+    try:
+        job = _one(conn, f"UPDATE jobs SET {sets} WHERE {where} RETURNING *",
+                   {**params, "id": job_id, "from_state": before.state, "owner": owner})
+    except sqlite3.IntegrityError as exc:
+        raise IllegalTransition(f"job {job_id}: {exc}") from exc
+    assert job is not None  # same transaction as the read above
+    return job, before.state
+
+
+def advance(
+    conn: sqlite3.Connection, job_id: str, owner: str, now: float, message: str,
+    fields: dict[str, Any] | None = None,
+) -> Transition:
+    """End the job's current stage successfully: pending in the next stage, or completed."""
+    current = get(conn, job_id)
+    if current is None:
+        raise NotFound(f"job {job_id} not found")
+    if current.cancel_requested:
+        return _cancel_running(conn, current, now)
+    nxt = NEXT_STAGE[current.stage]
+    extra, params = _field_sets(fields)
+    params.update(now=iso(now), message=message)
+    if nxt is None:
+        return finish(conn, job_id, owner, now, "completed", message, fields=fields)
+    params["next"] = nxt
+    job, prev = _guarded(
+        conn, job_id, owner,
+        "state = 'pending', stage = :next, lease_owner = NULL, lease_expires_at = NULL,"
+        f" message = :message, updated_at = :now, run_after = :now,"
+        f" timings = {_add_timing(_STAGE_KEY[current.stage])}, stage_entered_at = :now" + extra,
+        params,
+    )
+    return _event(conn, job, prev, message)
+
+
+def finish(
+    conn: sqlite3.Connection, job_id: str, owner: str | None, now: float, state: str, message: str,
+    *, error: dict[str, Any] | None = None, fields: dict[str, Any] | None = None,
+    from_states: tuple[str, ...] = ("running",),
+) -> Transition:
+    """Move the job to a terminal state (completed, failed, cancelled)."""
+    current = get(conn, job_id)
+    if current is None:
+        raise NotFound(f"job {job_id} not found")
+    extra, params = _field_sets(fields)
+    params.update(now=iso(now), message=message, state=state,
+                  error=None if error is None else dumps(error))
+    timing = _add_timing(_STAGE_KEY[current.stage]) if current.state == "running" else "timings"
+    job, prev = _guarded(
+        conn, job_id, owner,
+        "state = :state, lease_owner = NULL, lease_expires_at = NULL, message = :message,"
+        " updated_at = :now, finished_at = :now, error = :error, cancel_requested = 0,"
+        f" timings = json_set({timing}, '$.total_ms', {_ms_since('created_at', ':now')}),"
+        " stage_entered_at = :now" + extra,
+        params, from_states=from_states,
+    )
+    conn.execute("DELETE FROM job_secrets WHERE job_id = ?", (job_id,))
+    return _event(conn, job, prev, message, error and {"error": error})
+
+
+def retry_later(
+    conn: sqlite3.Connection, job_id: str, owner: str, now: float, delay: float, error: dict[str, Any]
+) -> Transition:
+    """A retryable failure: back to pending in the same stage after ``delay``, or failed when spent."""
+    current = get(conn, job_id)
+    if current is None:
+        raise NotFound(f"job {job_id} not found")
+    if current.cancel_requested:
+        return _cancel_running(conn, current, now)
+    if current.attempts >= current.max_attempts:
+        msg = f"Failed after {current.attempts} attempt(s): {error.get('message', '')}"
+        return finish(conn, job_id, owner, now, "failed", msg, error=error)
+    msg = f"Attempt {current.attempts} failed ({error.get('type')}); retrying in {delay:.1f}s"
+    job, prev = _guarded(
+        conn, job_id, owner,
+        "state = 'pending', lease_owner = NULL, lease_expires_at = NULL, attempts = attempts + 1,"
+        " message = :message, updated_at = :now, run_after = :run_after,"
+        f" timings = {_add_timing(_STAGE_KEY[current.stage])}, stage_entered_at = :now",
+        {"now": iso(now), "message": msg, "run_after": iso(now + delay)},
+    )
+    return _event(conn, job, prev, msg, {"error": error})
+
+
+def release(conn: sqlite3.Connection, job_id: str, owner: str, now: float, message: str) -> Transition:
+    """Give a running job back to its stage's queue without counting an attempt (shutdown)."""
+    current = get(conn, job_id)
+    if current is None:
+        raise NotFound(f"job {job_id} not found")
+    job, prev = _guarded(
+        conn, job_id, owner,
+        "state = 'pending', lease_owner = NULL, lease_expires_at = NULL, message = :message,"
+        f" updated_at = :now, run_after = :now, timings = {_add_timing(_STAGE_KEY[current.stage])},"
+        " stage_entered_at = :now",
+        {"now": iso(now), "message": message},
+    )
+    return _event(conn, job, prev, message)
+
+
+def update(conn: sqlite3.Connection, job_id: str, owner: str, now: float, fields: dict[str, Any]) -> Job:
+    """Set columns of a running job this worker holds (prompt id, backend, result...); no event."""
+    extra, params = _field_sets(fields)
+    params["now"] = iso(now)
+    job, _ = _guarded(conn, job_id, owner, "updated_at = :now" + extra, params)
+    return job
+
+
+_SETTABLE = {"prepared", "result", "comfy_prompt_id", "comfy_backend", "message", "error"}
+_JSON = {"prepared", "result", "error"}
+
+
+def _field_sets(fields: dict[str, Any] | None) -> tuple[str, dict[str, Any]]:
+    if not fields:
+        return "", {}
+    sets, params = [], {}
+    for k, v in fields.items():
+        if k not in _SETTABLE:
+            raise ValueError(f"column {k} cannot be set this way")
+        sets.append(f"{k} = :f_{k}")
+        params[f"f_{k}"] = dumps(v) if k in _JSON and v is not None else v
+    return ", " + ", ".join(sets), params
+
+
+def renew(conn: sqlite3.Connection, owner: str, now: float, lease: float) -> int:
+    """Extend the lease of every job this process holds; return how many."""
+    return conn.execute(
+        "UPDATE jobs SET lease_expires_at = ? WHERE lease_owner = ? AND state = 'running'",
+        (iso(now + lease), owner),
+    ).rowcount
+
+
+def request_cancel(conn: sqlite3.Connection, job_id: str, now: float) -> tuple[Job, Transition | None]:
+    """Cancel a waiting job at once; mark a running one for its worker; leave a finished one."""
+    job = get(conn, job_id)
+    if job is None:
+        raise NotFound(f"job {job_id} not found")
+    if job.state == "pending":
+        return job, finish(conn, job_id, None, now, "cancelled", CANCELLED["message"],
+                           error=CANCELLED, from_states=("pending",))
+    if job.state == "running" and not job.cancel_requested:
+        conn.execute("UPDATE jobs SET cancel_requested = 1, updated_at = ? WHERE id = ?", (iso(now), job_id))
+        job.cancel_requested = True
+    return job, None
+
+
+def reap(conn: sqlite3.Connection, now: float, owner: str, grace: float) -> list[Transition]:
+    """Requeue or fail jobs whose lease expired; fail jobs past their deadline."""
+    t = iso(now)
+    out: list[Transition] = []
+    expired = conn.execute(
+        "SELECT * FROM jobs WHERE state = 'running' AND lease_expires_at < ?", (t,)
+    ).fetchall()
+    for row in map(Job.from_row, expired):
+        out.append(_rescue(conn, row, now, counts_attempt=True))
+    overdue = conn.execute(
+        "SELECT id, state, lease_owner FROM jobs WHERE state IN ('pending', 'running') AND deadline_at < ?",
+        (iso(now - grace),),
+    ).fetchall()
+    for job_id, state, lease_owner in overdue:
+        err = {"type": "timeout", "message": "job deadline passed"}
+        out.append(finish(conn, job_id, lease_owner, now, "failed", "Job timed out", error=err,
+                          from_states=(state,)))
+    return out
+
+
+def recover(conn: sqlite3.Connection, owner: str, now: float) -> list[Transition]:
+    """At start: jobs a dead process left running go back to their stage (no attempt counted)."""
+    rows = conn.execute(
+        "SELECT * FROM jobs WHERE state = 'running' AND lease_owner <> ?", (owner,)
+    ).fetchall()
+    return [_rescue(conn, Job.from_row(r), now, counts_attempt=False) for r in rows]
+
+
+CANCELLED = {"type": "cancelled", "message": "Request cancelled by client"}
+
+
+def _cancel_running(conn: sqlite3.Connection, job: Job, now: float) -> Transition:
+    return finish(conn, job.id, job.lease_owner, now, "cancelled", CANCELLED["message"], error=CANCELLED)
+
+
+def _rescue(conn: sqlite3.Connection, job: Job, now: float, *, counts_attempt: bool) -> Transition:
+    if job.cancel_requested:
+        return _cancel_running(conn, job, now)
+    if counts_attempt and job.attempts >= job.max_attempts:
+        err = {"type": "lease_expired", "message": f"worker lost the job in {job.stage} {job.attempts} time(s)"}
+        return finish(conn, job.id, job.lease_owner, now, "failed", err["message"], error=err)
+    msg = (f"Lease expired in {job.stage}; requeued" if counts_attempt
+           else f"Resumed in {job.stage} after a restart")
+    bump = "attempts = attempts + 1," if counts_attempt else ""
+    row, prev = _guarded(
+        conn, job.id, job.lease_owner,
+        f"state = 'pending', lease_owner = NULL, lease_expires_at = NULL, {bump} message = :message,"
+        f" updated_at = :now, run_after = :now, timings = {_add_timing(_STAGE_KEY[job.stage])},"
+        " stage_entered_at = :now",
+        {"now": iso(now), "message": msg},
+    )
+    return _event(conn, row, prev, msg)
+
+
+def retry_job(conn: sqlite3.Connection, job_id: str, now: float) -> Transition:
+    """Run a failed or cancelled job again from the start (``comfyq jobs retry``)."""
+    job = get(conn, job_id)
+    if job is None:
+        raise NotFound(f"job {job_id} not found")
+    if job.state not in ("failed", "cancelled"):
+        raise IllegalTransition(f"job {job_id} is {job.state}; only failed or cancelled jobs can be retried")
+    t = iso(now)
+    deadline = now + max(60.0, _deadline_span(job))
+    row = _one(
+        conn,
+        "UPDATE jobs SET state = 'pending', stage = 'preprocess', attempts = 0, error = NULL,"
+        " finished_at = NULL, comfy_prompt_id = NULL, comfy_backend = NULL, prepared = NULL,"
+        " result = NULL, message = 'Retry requested', updated_at = :now, run_after = :now,"
+        " stage_entered_at = :now, deadline_at = :deadline, timings = '{}' WHERE id = :id RETURNING *",
+        {"now": t, "deadline": iso(deadline), "id": job_id},
+    )
+    assert row is not None
+    conn.execute("DELETE FROM outputs WHERE job_id = ?", (job_id,))
+    return _event(conn, row, job.state, "Retry requested")
+
+
+def _deadline_span(job: Job) -> float:
+    from comfyq.clock import parse_iso
+
+    return parse_iso(job.deadline_at) - parse_iso(job.created_at)
+
+
+def prune(conn: sqlite3.Connection, before: float, limit: int = 500) -> list[str]:
+    """Delete up to ``limit`` jobs that finished before ``before``; return their ids."""
+    rows = conn.execute(
+        "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE finished_at IS NOT NULL"
+        " AND finished_at < ? ORDER BY finished_at LIMIT ?) RETURNING id",
+        (iso(before), limit),
+    ).fetchall()
+    return [r[0] for r in rows]

@@ -1,0 +1,198 @@
+"""The one writer: a thread that owns the only write connection and commits in groups.
+
+Every write is a function ``fn(conn) -> T`` run inside its own SAVEPOINT. The thread takes every
+write that is waiting, runs them all in one ``BEGIN IMMEDIATE`` transaction and commits once, so
+at ``synchronous=FULL`` many concurrent transitions share one fsync. A write that raises is rolled
+back to its savepoint alone; the others in the group still commit. Results reach the event loop
+through futures, resolved only after the commit, so a caller never acts on an uncommitted write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+log = logging.getLogger("comfyq.store")
+
+MAX_GROUP = 512
+
+
+def connect(path: str | Path, *, readonly: bool = False) -> sqlite3.Connection:
+    """A connection with comfyq's pragmas: WAL, FULL sync, foreign keys, a busy timeout."""
+    if readonly:
+        conn = sqlite3.connect(
+            f"file:{path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False
+        )
+    else:
+        conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA busy_timeout = 10000")
+    if not readonly:
+        conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = FULL")
+    conn.execute("PRAGMA foreign_keys = ON")
+    return conn
+
+
+class _Op:
+    __slots__ = ("fn", "args", "future", "loop", "txn")
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        future: asyncio.Future[Any],
+        loop: asyncio.AbstractEventLoop,
+        txn: bool = True,
+    ) -> None:
+        self.txn = txn
+        self.fn = fn
+        self.args = args
+        self.future = future
+        self.loop = loop
+
+
+def _deliver(results: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
+    for fut, ok, value in results:
+        if fut.done():
+            continue
+        if ok:
+            fut.set_result(value)
+        else:
+            fut.set_exception(value)
+
+
+class Writer:
+    """Owns the write connection; ``await writer.run(fn, *args)`` commits ``fn(conn, *args)``."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._conn: sqlite3.Connection | None = None
+        self.commits = 0
+        self.ops = 0
+
+    def start(self) -> None:
+        self._conn = connect(self.path)
+        self._thread = threading.Thread(target=self._loop, name="comfyq-writer", daemon=True)
+        self._thread.start()
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(conn, *args)`` in the next group transaction; return its result after commit."""
+        if self._thread is None:
+            raise RuntimeError("writer not started")
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
+        self._queue.put(_Op(fn, args, fut, loop))
+        return await fut
+
+    async def run_outside(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(conn, *args)`` alone, outside any transaction (checkpoints, VACUUM)."""
+        if self._thread is None:
+            raise RuntimeError("writer not started")
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
+        self._queue.put(_Op(fn, args, fut, loop, txn=False))
+        return await fut
+
+    def run_sync(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a write directly (only before start or after stop, e.g. migrations, CLI)."""
+        conn = self._conn or connect(self.path)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            result = fn(conn, *args)
+            conn.execute("COMMIT")
+            return result
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        finally:
+            if conn is not self._conn:
+                conn.close()
+
+    async def stop(self) -> None:
+        """Finish every queued write, then close the connection."""
+        if self._thread is None:
+            return
+        self._queue.put(None)
+        await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+        self._thread = None
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _loop(self) -> None:
+        assert self._conn is not None
+        conn = self._conn
+        stopping = False
+        while not stopping:
+            first = self._queue.get()
+            if first is None:
+                break
+            batch = [first]
+            while len(batch) < MAX_GROUP and batch[-1].txn:
+                try:
+                    op = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if op is None:
+                    stopping = True
+                    break
+                batch.append(op)
+            if not batch[-1].txn:
+                if len(batch) > 1:
+                    self._commit_group(conn, batch[:-1])
+                self._run_alone(conn, batch[-1])
+            else:
+                self._commit_group(conn, batch)
+
+    def _run_alone(self, conn: sqlite3.Connection, op: _Op) -> None:
+        try:
+            result: tuple[asyncio.Future[Any], bool, Any] = (op.future, True, op.fn(conn, *op.args))
+        except BaseException as exc:  # noqa: BLE001 - reported to the caller
+            result = (op.future, False, exc)
+        try:
+            op.loop.call_soon_threadsafe(_deliver, [result])
+        except RuntimeError:
+            pass
+
+    def _commit_group(self, conn: sqlite3.Connection, batch: list[_Op]) -> None:
+        outcomes: list[tuple[_Op, bool, Any]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for op in batch:
+                conn.execute("SAVEPOINT op")
+                try:
+                    value = op.fn(conn, *op.args)
+                except BaseException as exc:  # noqa: BLE001 - reported to the caller
+                    conn.execute("ROLLBACK TO op")
+                    conn.execute("RELEASE op")
+                    outcomes.append((op, False, exc))
+                else:
+                    conn.execute("RELEASE op")
+                    outcomes.append((op, True, value))
+            conn.execute("COMMIT")
+            self.commits += 1
+            self.ops += len(batch)
+        except sqlite3.Error as exc:
+            log.error("group commit failed: %s", exc)
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            outcomes = [(op, False, exc) for op in batch]
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
+        for op, ok, value in outcomes:
+            by_loop.setdefault(op.loop, []).append((op.future, ok, value))
+        for loop, results in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, results)
+            except RuntimeError:
+                pass  # the loop closed; nobody is waiting any more
