@@ -1,0 +1,255 @@
+"""A pool of ComfyUI backends: health probes, slot accounting, and the BACKENDS_READY log line.
+
+A backend is healthy while ``GET /system_stats`` answers and its websocket is up. The websocket
+state is pushed by the client the moment it changes, so a backend that dies stops getting new jobs
+at once, and one that comes back gets probed immediately instead of at the next probe tick.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from collections.abc import AsyncIterator, Collection
+from dataclasses import dataclass, field
+from typing import Any
+
+from comfyq.comfy.client import ComfyClient, redact_url
+from comfyq.errors import ComfyUIUnreachable
+
+_log = logging.getLogger("comfyq.comfy.backends")
+
+
+@dataclass(eq=False)
+class Backend:
+    """One ComfyUI server and what the pool knows about it."""
+
+    url: str
+    client: ComfyClient
+    slots: int
+    http_ok: bool = False
+    ws_ok: bool = False
+    last_error: str | None = None
+    in_flight: int = 0
+    system_stats: dict[str, Any] | None = None
+    require_websocket: bool = True
+    _last_pick: int = field(default=0, repr=False)
+    _was_healthy: bool = field(default=False, repr=False)
+
+    @property
+    def healthy(self) -> bool:
+        return self.http_ok and (self.ws_ok or not self.require_websocket)
+
+    @property
+    def display_url(self) -> str:
+        return redact_url(self.url)
+
+
+class BackendPool:
+    """Hands out backend slots to jobs and keeps every backend's health current."""
+
+    def __init__(
+        self,
+        urls: list[str],
+        *,
+        slots_per_backend: int,
+        probe_interval: float = 5.0,
+        ready_timeout: float = 600.0,
+        client_kwargs: dict[str, Any] | None = None,
+        logger: logging.Logger | None = None,
+        probe_timeout: float = 5.0,
+        require_websocket: bool = True,
+    ) -> None:
+        unique = list(dict.fromkeys(u.strip().rstrip("/") for u in urls if u.strip()))
+        if not unique:
+            raise ValueError("BackendPool needs at least one ComfyUI URL")
+        if slots_per_backend < 1:
+            raise ValueError("slots_per_backend must be at least 1")
+        self.probe_interval = probe_interval
+        self.ready_timeout = ready_timeout
+        self.probe_timeout = probe_timeout
+        self._log = logger or _log
+        kwargs = dict(client_kwargs or {})
+        kwargs.setdefault("logger", self._log)
+        self._backends = [
+            Backend(u, ComfyClient(u, **kwargs), slots_per_backend,
+                    require_websocket=require_websocket)
+            for u in unique
+        ]
+        self._by_url = {b.url: b for b in self._backends}
+        self._picks = itertools.count(1)
+        self._wake: asyncio.Future[None] | None = None
+        self._probe_now = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closed = False
+
+    @property
+    def backends(self) -> list[Backend]:
+        return list(self._backends)
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open every backend's websocket and start probing; returns without waiting for them."""
+        for b in self._backends:
+            b.client.on_ws_state = self._ws_listener(b)
+        self._tasks = [
+            asyncio.create_task(self._probe_loop(), name="comfy-pool-probe"),
+            asyncio.create_task(self._announce_ready(), name="comfy-pool-ready"),
+        ]
+        self._tasks += [asyncio.create_task(b.client.start(), name=f"comfy-start {b.display_url}")
+                        for b in self._backends]
+
+    async def close(self) -> None:
+        """Stop probing, close every client, and fail anyone still waiting for a slot."""
+        self._closed = True
+        self._notify()
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        self._tasks = []
+        await asyncio.gather(*(b.client.close() for b in self._backends))
+
+    # --- slots ------------------------------------------------------------------------------------
+
+    def get(self, url: str) -> Backend | None:
+        """The backend with this URL, if configured."""
+        return self._by_url.get(url.strip().rstrip("/"))
+
+    def any_healthy(self) -> bool:
+        return any(b.healthy for b in self._backends)
+
+    def _pick(self, prefer: str | None, exclude: Collection[str]) -> Backend | None:
+        excluded = {u.strip().rstrip("/") for u in exclude}
+        if all(b.url in excluded for b in self._backends):
+            excluded = set()  # excluding everything would wait forever: treat as no preference
+        free = [b for b in self._backends
+                if b.healthy and b.in_flight < b.slots and b.url not in excluded]
+        if not free:
+            return None
+        preferred = self.get(prefer) if prefer else None
+        if preferred is not None and preferred in free:
+            return preferred
+        # Least loaded first; among equals the one picked longest ago (round robin).
+        return min(free, key=lambda b: (b.in_flight / b.slots, b._last_pick))
+
+    @contextlib.asynccontextmanager
+    async def slot(self, *, prefer: str | None = None,
+                   exclude: Collection[str] = ()) -> AsyncIterator[Backend]:
+        """Wait (without polling) for a healthy backend with a free slot and hold that slot."""
+        while True:
+            if self._closed:
+                raise ComfyUIUnreachable("the backend pool is closed")
+            backend = self._pick(prefer, exclude)
+            if backend is not None:
+                break
+            await asyncio.shield(self._wake_future())
+        backend.in_flight += 1
+        backend._last_pick = next(self._picks)
+        try:
+            yield backend
+        finally:
+            backend.in_flight -= 1
+            self._notify()
+
+    def _wake_future(self) -> asyncio.Future[None]:
+        if self._wake is None or self._wake.done():
+            self._wake = asyncio.get_running_loop().create_future()
+        return self._wake
+
+    def _notify(self) -> None:
+        """Wake every waiter; they re-check (called on any change that may free a slot)."""
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
+        self._wake = None
+
+    async def wait_ready(self, timeout: float) -> bool:
+        """True once every backend is healthy at the same time, False after ``timeout`` s."""
+        try:
+            async with asyncio.timeout(timeout):
+                while not all(b.healthy for b in self._backends):
+                    if self._closed:
+                        return False
+                    await asyncio.shield(self._wake_future())
+        except TimeoutError:
+            return False
+        return True
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        """Per-backend state for /health and /metrics (URLs without credentials)."""
+        out = []
+        for b in self._backends:
+            system = (b.system_stats or {}).get("system") or {}
+            out.append({
+                "url": b.display_url,
+                "healthy": b.healthy,
+                "http_ok": b.http_ok,
+                "websocket_ok": b.ws_ok,
+                "in_flight": b.in_flight,
+                "slots": b.slots,
+                "last_error": b.last_error,
+                "comfyui_version": system.get("comfyui_version"),
+                "queue_remaining": b.client.queue_remaining,
+            })
+        return out
+
+    # --- health -------------------------------------------------------------------------------------
+
+    def _ws_listener(self, b: Backend) -> Any:
+        def changed(up: bool) -> None:
+            b.ws_ok = up
+            if up:
+                self._probe_now.set()  # it may have restarted: confirm HTTP right away
+            else:
+                b.last_error = b.client.ws_error or "websocket disconnected"
+            self._update(b)
+
+        return changed
+
+    def _update(self, b: Backend) -> None:
+        now, was = b.healthy, b._was_healthy
+        b._was_healthy = now
+        if now != was:
+            if now:
+                self._log.info("backend %s is healthy", b.display_url)
+            else:
+                self._log.warning("backend %s is unhealthy: %s", b.display_url,
+                                  b.last_error or "unknown reason")
+        self._notify()
+
+    async def _probe(self, b: Backend) -> None:
+        try:
+            b.system_stats = await b.client.system_stats(timeout=self.probe_timeout)
+            b.http_ok = True
+        except ComfyUIUnreachable as exc:
+            b.http_ok = False
+            b.last_error = exc.message
+        b.ws_ok = b.client.ws_connected
+        if b.http_ok and (b.ws_ok or not b.require_websocket):
+            b.last_error = None
+        elif b.http_ok:
+            b.last_error = b.client.ws_error or "websocket not connected"
+        self._update(b)
+
+    async def _probe_loop(self) -> None:
+        while True:
+            self._probe_now.clear()
+            await asyncio.gather(*(self._probe(b) for b in self._backends))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._probe_now.wait(), self.probe_interval)
+
+    async def _announce_ready(self) -> None:
+        # Autoscalers read these tokens from the log: print each only when it is true.
+        n = len(self._backends)
+        if await self.wait_ready(self.ready_timeout):
+            self._log.info("BACKENDS_READY: %d backend(s) reachable, ready to serve", n)
+            return
+        if self._closed:
+            return
+        down = [f"{b.display_url} ({b.last_error or 'not ready'})"
+                for b in self._backends if not b.healthy]
+        self._log.error("BACKENDS_READY_TIMEOUT: %d/%d backend(s) reachable after %.0fs; "
+                        "not ready: %s", n - len(down), n, self.ready_timeout, ", ".join(down))

@@ -1,0 +1,314 @@
+"""The long-lived ComfyUI websocket: reconnects with backoff and routes messages to per-prompt watches.
+
+ComfyUI sends a prompt's execution messages only to the socket whose clientId equals the prompt's
+``client_id``, and drops them when that socket is not connected (they are never replayed). So one
+socket per ComfyClient stays open, and every message is put into the watch of its prompt, where it
+waits until ``follow()`` reads it. Watches tell their reader when the socket went down or came back,
+because messages may have been lost in between and the reader must then ask ``/history``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from comfyq.comfy.protocol import (
+    TERMINAL_TYPES,
+    Executing,
+    LiveEvent,
+    Preview,
+    ProtocolError,
+    Status,
+    Text,
+    WsMessage,
+    parse_binary_frame,
+    parse_text_frame,
+)
+
+# Progress and preview items a watch keeps while nobody reads it; the rest (executed, terminal
+# messages) is never dropped, so a slow reader loses ticks, not outcomes.
+MAX_DROPPABLE = 2000
+_DROPPABLE_TYPES = frozenset({"progress", "progress_state", "preview", "text"})
+
+FEATURE_FLAGS = {"type": "feature_flags", "data": {"supports_preview_metadata": True}}
+
+
+@dataclass(slots=True)
+class Item:
+    """One thing a watch hands its reader: a message, a preview/text event, or a socket change."""
+
+    kind: str  # "msg" | "event" | "ws_down" | "ws_up" | "poke"
+    msg: WsMessage | None = None
+    event: LiveEvent | None = None
+
+    @property
+    def droppable(self) -> bool:
+        if self.kind == "event":
+            return True
+        return self.kind == "msg" and self.msg is not None and self.msg.type in _DROPPABLE_TYPES
+
+
+class Watch:
+    """Buffer of everything that arrives for one prompt until its follower reads it."""
+
+    def __init__(self, prompt_id: str, workflow: dict[str, Any] | None, gap: bool) -> None:
+        self.prompt_id = prompt_id
+        self.workflow = workflow
+        # True once messages may have been lost (socket was down while the prompt was watched).
+        self.gap = gap
+        self.cancelled = False
+        self.dropped = 0
+        self._items: deque[Item] = deque()
+        self._droppable = 0
+        self._wakeup = asyncio.Event()
+
+    def node_type(self, node: str | None) -> str | None:
+        """The class_type of ``node`` in the workflow, if known."""
+        if node is None or not self.workflow:
+            return None
+        spec = self.workflow.get(node)
+        value = spec.get("class_type") if isinstance(spec, dict) else None
+        return value if isinstance(value, str) else None
+
+    def push(self, item: Item) -> None:
+        if item.kind == "ws_down":
+            self.gap = True
+        if item.droppable:
+            if self._droppable >= MAX_DROPPABLE:
+                self.dropped += 1
+                return
+            self._droppable += 1
+        self._items.append(item)
+        self._wakeup.set()
+
+    async def get(self, timeout: float) -> Item | None:
+        """The next item, or None when ``timeout`` seconds pass first."""
+        if not self._items:
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), max(timeout, 0.0))
+            except TimeoutError:
+                return None
+        item = self._items.popleft()
+        if item.droppable:
+            self._droppable -= 1
+        return item
+
+
+class WsFeed:
+    """Keeps ``/ws?clientId=...`` open and routes what it receives."""
+
+    def __init__(
+        self,
+        session: Callable[[], aiohttp.ClientSession],
+        ws_url: str,
+        *,
+        connect_timeout: float,
+        heartbeat: float | None,
+        reconnect_min: float,
+        reconnect_max: float,
+        logger: logging.Logger,
+        label: str,
+    ) -> None:
+        self._session = session
+        self._ws_url = ws_url
+        self._connect_timeout = connect_timeout
+        self._heartbeat = heartbeat
+        self._reconnect_min = reconnect_min
+        self._reconnect_max = reconnect_max
+        self._log = logger
+        self._label = label
+        self._task: asyncio.Task[None] | None = None
+        self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self._first_attempt = asyncio.Event()
+        self._closing = False
+        self.watches: dict[str, Watch] = {}
+        self.connected = False
+        self.last_error: str | None = None
+        self.server_features: dict[str, Any] = {}
+        self.queue_remaining: int | None = None
+        self.on_preview: Callable[[LiveEvent], None] | None = None
+        self.on_state: Callable[[bool], None] | None = None
+        # The prompt ComfyUI is executing for this client: type-1 previews and type-3 texts
+        # carry no prompt id, and ComfyUI runs one prompt at a time.
+        self.current_prompt: str | None = None
+        self.current_node: str | None = None
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    async def start(self, wait: float) -> None:
+        """Start the connection task and wait up to ``wait`` s for the first attempt to finish."""
+        if self._task is None:
+            self._closing = False
+            self._task = asyncio.create_task(self._run(), name=f"comfy-ws {self._label}")
+        try:
+            await asyncio.wait_for(self._first_attempt.wait(), wait)
+        except TimeoutError:
+            pass
+
+    async def close(self) -> None:
+        self._closing = True
+        task, self._task = self._task, None
+        if self._ws is not None:
+            await self._ws.close()
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        self._set_connected(False)
+
+    async def reconnect(self) -> None:
+        """Drop the current socket (the loop opens a new one); used when it seems stuck."""
+        if self._ws is not None:
+            await self._ws.close()
+
+    # --- watches ------------------------------------------------------------------------------
+
+    def watch(self, prompt_id: str, workflow: dict[str, Any] | None = None) -> Watch:
+        """The watch of ``prompt_id``, created if needed; buffers messages until read."""
+        w = self.watches.get(prompt_id)
+        if w is None:
+            w = self.watches[prompt_id] = Watch(prompt_id, workflow, gap=not self.connected)
+        elif workflow is not None and w.workflow is None:
+            w.workflow = workflow
+        return w
+
+    def forget(self, prompt_id: str, watch: Watch | None = None) -> None:
+        if watch is None or self.watches.get(prompt_id) is watch:
+            self.watches.pop(prompt_id, None)
+
+    def _broadcast(self, kind: str) -> None:
+        for w in self.watches.values():
+            w.push(Item(kind))
+
+    def _set_connected(self, value: bool) -> None:
+        if value == self.connected:
+            return
+        self.connected = value
+        self._broadcast("ws_up" if value else "ws_down")
+        if self.on_state is not None:
+            try:
+                self.on_state(value)
+            except Exception:  # noqa: BLE001 - a listener bug must not kill the socket
+                self._log.exception("websocket state listener failed")
+
+    # --- connection loop ------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        delay = self._reconnect_min
+        while not self._closing:
+            got_message = False
+            try:
+                async with asyncio.timeout(self._connect_timeout):
+                    ws = await self._session().ws_connect(
+                        self._ws_url, heartbeat=self._heartbeat, max_msg_size=0
+                    )
+                self._ws = ws
+                # Must be the first message, or ComfyUI keeps sending type-1 previews.
+                await ws.send_json(FEATURE_FLAGS)
+                async for msg in ws:
+                    got_message = True
+                    if msg.type == aiohttp.WSMsgType.TEXT:
+                        self._on_text(msg.data)
+                    elif msg.type == aiohttp.WSMsgType.BINARY:
+                        self._on_binary(msg.data)
+                    elif msg.type == aiohttp.WSMsgType.ERROR:
+                        exc = ws.exception()
+                        self.last_error = f"websocket error: {exc!r}"
+                        break
+                else:
+                    self.last_error = "websocket closed"
+            except asyncio.CancelledError:
+                raise
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                self.last_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            finally:
+                ws_, self._ws = self._ws, None
+                if ws_ is not None and not ws_.closed:
+                    await asyncio.shield(ws_.close())
+                self._set_connected(False)
+                self._first_attempt.set()
+            if self._closing:
+                break
+            if got_message:
+                delay = self._reconnect_min
+            self._log.debug("websocket %s down (%s), retry in %.2fs", self._label,
+                            self.last_error, delay)
+            # Jitter keeps many clients from reconnecting to a restarted ComfyUI in lockstep.
+            await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+            delay = min(delay * 2, self._reconnect_max)
+
+    def _on_text(self, raw: str) -> None:
+        try:
+            msg = parse_text_frame(raw)
+        except ProtocolError as exc:
+            self._log.warning("ignoring websocket frame from %s: %s", self._label, exc)
+            return
+        if msg.type == "status":
+            if isinstance(msg.parsed, Status):
+                self.queue_remaining = msg.parsed.queue_remaining
+                # The first status (with sid) is sent after ComfyUI registered the socket;
+                # before it, messages for our client id would still be dropped.
+                if msg.parsed.sid is not None:
+                    self.last_error = None
+                    self._set_connected(True)
+                    self._first_attempt.set()
+            return
+        if msg.type == "feature_flags":
+            self.server_features = dict(msg.data)
+            return
+        pid = msg.prompt_id
+        if msg.type == "execution_start":
+            self.current_prompt, self.current_node = pid, None
+        elif msg.type == "executing" and isinstance(msg.parsed, Executing):
+            node = msg.parsed.node
+            if pid is None:
+                # The reconnect form: {"node": X} for the prompt running for this client.
+                pid = self.current_prompt
+            if node is None:
+                if pid == self.current_prompt:
+                    self.current_prompt = self.current_node = None
+            else:
+                self.current_prompt, self.current_node = pid, node
+        elif msg.type in TERMINAL_TYPES and pid == self.current_prompt:
+            self.current_node = None
+        if pid is not None:
+            w = self.watches.get(pid)
+            if w is not None:
+                w.push(Item("msg", msg=msg))
+
+    def _on_binary(self, data: bytes) -> None:
+        try:
+            frame = parse_binary_frame(data)
+        except ProtocolError as exc:
+            self._log.debug("ignoring binary frame from %s: %s", self._label, exc)
+            return
+        if isinstance(frame, Preview):
+            pid = frame.prompt_id or self.current_prompt
+            node = frame.node_id or self.current_node
+            ev = LiveEvent("preview", pid, node=node, data=dict(frame.metadata or {}),
+                           image=frame.image, mime=frame.mime)
+        elif isinstance(frame, Text):
+            # TEXT frames are broadcast; while our prompt runs, ComfyUI runs nothing else.
+            pid = self.current_prompt
+            ev = LiveEvent("text", pid, node=frame.node_id, data={"text": frame.text})
+        else:  # pragma: no cover - parse_binary_frame returns only these two
+            return
+        w = self.watches.get(pid) if pid is not None else None
+        if w is not None:
+            ev.node_type = w.node_type(ev.node)
+            w.push(Item("event", event=ev))
+        if self.on_preview is not None:
+            try:
+                self.on_preview(ev)
+            except Exception:  # noqa: BLE001 - a listener bug must not kill the socket
+                self._log.exception("preview listener failed")

@@ -1,0 +1,167 @@
+"""The state machine of one ``ComfyClient.follow`` call.
+
+It reads the prompt's watch and decides when to ask ComfyUI directly: at once when the socket
+went down or came back (messages may be lost), when the prompt has been quiet for
+``ws_quiet_timeout``, and every ``poll_interval`` while the socket is down. Unreachable ComfyUI
+means backoff, never a busy loop; every wait is bounded, so it never hangs without checking.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from comfyq.comfy.feed import Watch
+from comfyq.comfy.protocol import (
+    TERMINAL_TYPES,
+    Executed,
+    Executing,
+    ExecutionCached,
+    LiveEvent,
+    Progress,
+    RunResult,
+    WsMessage,
+    interrupted_from,
+    merge_output,
+    node_error_from,
+    run_result_from_history,
+)
+from comfyq.errors import ComfyUIUnreachable, Interrupted, PromptLost
+
+if TYPE_CHECKING:
+    from comfyq.comfy.client import ComfyClient
+
+
+class Follower:
+    """The state of one ``follow`` call."""
+
+    def __init__(self, client: ComfyClient, watch: Watch,
+                 on_event: Callable[[LiveEvent], None] | None) -> None:
+        self.c = client
+        self.w = watch
+        self.pid = watch.prompt_id
+        self.on_event = on_event
+        self.outputs: dict[str, dict[str, Any]] = {}
+        self.cached: list[str] = []
+        self.messages: list[Any] = []
+        self.succeeded = False
+        self.loop = asyncio.get_running_loop()
+
+    def result(self) -> RunResult:
+        return RunResult(self.pid, self.outputs, self.cached, "success", self.messages,
+                         source="websocket")
+
+    async def run(self, *, check_now: bool) -> RunResult:
+        c, now = self.c, self.loop.time
+        quiet_base = now()
+        next_poll = now() if check_now else math.inf
+        backoff = c.poll_interval
+        unknown = 0
+        while True:
+            if now() >= min(next_poll, quiet_base + c.ws_quiet_timeout):
+                try:
+                    where, entry = await c.locate(self.pid)
+                except ComfyUIUnreachable as exc:
+                    c._log.debug("following %s: %s", self.pid, exc.message)
+                    next_poll = quiet_base = now() + backoff
+                    backoff = min(backoff * 2, max(c.reconnect_max, c.poll_interval))
+                    unknown = 0
+                    continue
+                backoff = c.poll_interval
+                quiet_base = now()
+                if where == "done" and entry is not None:
+                    return run_result_from_history(self.pid, entry)
+                if where == "unknown":
+                    if self.succeeded:
+                        return self.result()
+                    if self.w.cancelled:
+                        raise Interrupted(
+                            "the prompt was removed from ComfyUI's queue before it ran",
+                            details={"prompt_id": self.pid, "deleted_from_queue": True})
+                    unknown += 1
+                    if unknown >= 2:
+                        raise PromptLost(
+                            f"ComfyUI at {c.display_url} has prompt {self.pid} neither queued "
+                            "nor in its history (it probably restarted)",
+                            details={"backend": c.display_url, "prompt_id": self.pid})
+                    next_poll = now() + min(c.poll_interval, 0.5)
+                    continue
+                unknown = 0
+                if self.succeeded:  # success was sent just before ComfyUI writes history
+                    next_poll = now() + min(c.poll_interval, 0.2)
+                else:
+                    next_poll = math.inf if c.ws_connected else now() + c.poll_interval
+                continue
+            item = await self.w.get(min(next_poll, quiet_base + c.ws_quiet_timeout) - now())
+            if item is None:
+                continue
+            if item.kind in ("ws_down", "ws_up", "poke"):
+                next_poll = now()
+                continue
+            quiet_base = now()
+            if item.kind == "event" and item.event is not None:
+                self.emit(item.event)
+            elif item.kind == "msg" and item.msg is not None:
+                done = self.handle(item.msg)
+                if done is not None:
+                    return done
+                if self.succeeded or self._ended(item.msg):
+                    next_poll = now()
+
+    @staticmethod
+    def _ended(msg: WsMessage) -> bool:
+        return msg.type == "executing" and isinstance(msg.parsed, Executing) \
+            and msg.parsed.node is None
+
+    def handle(self, msg: WsMessage) -> RunResult | None:
+        """Apply one message; returns the result on success seen without gaps."""
+        t, p = msg.type, msg.parsed
+        if t in TERMINAL_TYPES:
+            self.messages.append([t, msg.data])
+            if t == "execution_error":
+                raise node_error_from(msg.data, self.pid)
+            if t == "execution_interrupted":
+                raise interrupted_from(msg.data, self.pid)
+            self.succeeded = True
+            # After a gap some ``executed`` messages may be missing: history is complete.
+            return None if self.w.gap else self.result()
+        if t == "execution_start":
+            self.messages.append([t, msg.data])
+        elif t == "execution_cached" and isinstance(p, ExecutionCached):
+            self.messages.append([t, msg.data])
+            self.cached.extend(p.nodes)
+        elif t == "executed" and isinstance(p, Executed) and p.node is not None:
+            merge_output(self.outputs, p.node, p.output or {})
+        ev = self.event_for(msg)
+        if ev is not None:
+            self.emit(ev)
+        return None
+
+    def event_for(self, msg: WsMessage) -> LiveEvent | None:
+        t, p, w = msg.type, msg.parsed, self.w
+        if t == "executing" and isinstance(p, Executing):
+            if p.node is None:
+                return None
+            return LiveEvent(t, self.pid, node=p.node, node_type=w.node_type(p.node),
+                             data=msg.data)
+        if t == "progress" and isinstance(p, Progress):
+            return LiveEvent(t, self.pid, node=p.node, node_type=w.node_type(p.node),
+                             value=int(p.value), max=int(p.max), data=msg.data)
+        if t == "executed" and isinstance(p, Executed):
+            return LiveEvent(t, self.pid, node=p.node, node_type=w.node_type(p.node),
+                             data=msg.data)
+        if t in ("execution_start", "execution_cached", "progress_state"):
+            return LiveEvent(t, self.pid, data=msg.data)
+        return None
+
+    def emit(self, ev: LiveEvent) -> None:
+        if self.on_event is None:
+            return
+        if ev.node_type is None:
+            ev.node_type = self.w.node_type(ev.node)
+        try:
+            self.on_event(ev)
+        except Exception:  # noqa: BLE001 - a listener bug must not lose the job
+            self.c._log.exception("progress listener failed for prompt %s", self.pid)
