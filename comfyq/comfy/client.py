@@ -60,6 +60,7 @@ class ComfyClient:
         reconnect_min: float = 0.2,
         reconnect_max: float = 10.0,
         ws_heartbeat: float | None = 20.0,
+        preview_metadata: bool = True,
         logger: logging.Logger | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
@@ -79,7 +80,7 @@ class ComfyClient:
         self._feed = WsFeed(
             self._get_session, ws_url, connect_timeout=request_timeout, heartbeat=ws_heartbeat,
             reconnect_min=reconnect_min, reconnect_max=reconnect_max, logger=self._log,
-            label=self.display_url,
+            label=self.display_url, preview_metadata=preview_metadata,
         )
 
     # --- lifecycle and state ------------------------------------------------------------------

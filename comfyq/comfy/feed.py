@@ -116,8 +116,10 @@ class WsFeed:
         reconnect_max: float,
         logger: logging.Logger,
         label: str,
+        preview_metadata: bool = True,
     ) -> None:
         self._session = session
+        self._preview_metadata = preview_metadata
         self._ws_url = ws_url
         self._connect_timeout = connect_timeout
         self._heartbeat = heartbeat
@@ -213,8 +215,9 @@ class WsFeed:
                         self._ws_url, heartbeat=self._heartbeat, max_msg_size=0
                     )
                 self._ws = ws
-                # Must be the first message, or ComfyUI keeps sending type-1 previews.
-                await ws.send_json(FEATURE_FLAGS)
+                if self._preview_metadata:
+                    # Must be the first message, or ComfyUI keeps sending type-1 previews.
+                    await ws.send_json(FEATURE_FLAGS)
                 async for msg in ws:
                     got_message = True
                     if msg.type == aiohttp.WSMsgType.TEXT:
