@@ -1,0 +1,487 @@
+"""Input assets: safe URL downloads and inline (base64) inputs, kept in a content-hash cache.
+
+Every file lands in ``cache_dir/{sha256}{ext}``: it is streamed to a private temp file, hashed on
+the way, typed by libmagic from its first bytes and renamed into place atomically, so readers
+never see a partial file and identical content is stored once. Concurrent fetches of one URL
+share one download. The URL -> file index is in memory with a freshness TTL; a stale entry is
+revalidated with the server's ETag / Last-Modified, so changed content is picked up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import functools
+import hashlib
+import logging
+import mimetypes
+import os
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote_to_bytes
+
+import aiofiles
+import aiofiles.os
+import aiohttp
+import magic
+from aiofiles.threadpool.binary import AsyncBufferedIOBase
+from yarl import URL
+
+from comfyq.errors import InputError
+from comfyq.netguard import AddressGuard, redact_url
+
+log = logging.getLogger("comfyq.assets")
+
+MiB = 1024 * 1024
+SNIFF_BYTES = 256 * 1024  # enough for libmagic to tell every accepted type apart
+_WRITE_BATCH = 1 * MiB
+_REDIRECT_CODES = frozenset({301, 302, 303, 307, 308})
+_PARTIAL_DIR = ".partial"
+
+DEFAULT_ALLOWED_TYPES: frozenset[str] = frozenset(
+    {
+        "image/*",
+        "video/*",
+        "audio/*",
+        "text/plain",
+        "text/csv",
+        "application/json",
+        "application/x-safetensors",
+        "application/x-gguf",
+    }
+)
+# Types a wildcard never admits: SVG is XML that may carry script and ComfyUI cannot load it.
+_NOT_BY_WILDCARD = frozenset({"image/svg+xml"})
+
+_EXTENSIONS = {
+    "image/png": ".png",
+    "image/jpeg": ".jpg",
+    "image/webp": ".webp",
+    "image/gif": ".gif",
+    "image/bmp": ".bmp",
+    "image/x-ms-bmp": ".bmp",
+    "image/tiff": ".tiff",
+    "image/avif": ".avif",
+    "image/heic": ".heic",
+    "video/mp4": ".mp4",
+    "video/webm": ".webm",
+    "video/quicktime": ".mov",
+    "video/x-matroska": ".mkv",
+    "video/x-msvideo": ".avi",
+    "audio/mpeg": ".mp3",
+    "audio/x-wav": ".wav",
+    "audio/wav": ".wav",
+    "audio/flac": ".flac",
+    "audio/x-flac": ".flac",
+    "audio/ogg": ".ogg",
+    "text/plain": ".txt",
+    "text/csv": ".csv",
+    "application/json": ".json",
+    "application/x-safetensors": ".safetensors",
+    "application/x-gguf": ".gguf",
+}
+
+
+@dataclass(frozen=True)
+class Asset:
+    """One stored input file."""
+
+    path: Path
+    sha256: str
+    mime: str
+    ext: str
+    size: int
+
+
+@dataclass
+class DownloaderStats:
+    """Counters for metrics and benchmarks."""
+
+    downloads: int = 0
+    cache_hits: int = 0
+    revalidated: int = 0
+    coalesced: int = 0
+    failures: int = 0
+    bytes_downloaded: int = 0
+
+
+@dataclass
+class _IndexEntry:
+    asset: Asset
+    stored_at: float
+    etag: str | None = None
+    last_modified: str | None = None
+
+
+def sniff_type(head: bytes) -> str:
+    """The MIME type of a file from its first bytes (blocking: run it in a thread)."""
+    if head[:4] == b"GGUF":
+        return "application/x-gguf"
+    if len(head) >= 10:
+        # safetensors: u64 little-endian JSON header length, then the JSON header itself.
+        n = int.from_bytes(head[:8], "little")
+        if 2 <= n <= 100 * MiB and head[8:9] == b"{":
+            return "application/x-safetensors"
+    return str(magic.from_buffer(head, mime=True))
+
+
+def extension_for(mime: str) -> str:
+    """The file extension used for ``mime`` (``.bin`` when nothing better is known)."""
+    return _EXTENSIONS.get(mime) or mimetypes.guess_extension(mime) or ".bin"
+
+
+def type_allowed(mime: str, allowed: Iterable[str]) -> bool:
+    """True when ``mime`` matches one of ``allowed`` (exact types or ``major/*``)."""
+    allowed = set(allowed)
+    if mime in allowed:
+        return True
+    major = mime.split("/", 1)[0]
+    return f"{major}/*" in allowed and mime not in _NOT_BY_WILDCARD
+
+
+def _decode_inline(data: str, max_bytes: int) -> bytes:
+    """Decode base64 or a data: URI (blocking for big inputs: run it in a thread)."""
+    payload, is_b64 = data, True
+    if data[:5].lower() == "data:":
+        header, sep, payload = data[5:].partition(",")
+        if not sep:
+            raise InputError("data: URI has no ',' before its data")
+        is_b64 = "base64" in (p.strip().lower() for p in header.split(";"))
+    if not is_b64:
+        raw = unquote_to_bytes(payload)
+    else:
+        if len(payload) * 3 // 4 > max_bytes + 3:
+            raise InputError(f"inline data is over the {max_bytes} byte limit")
+        compact = "".join(payload.split())
+        if "-" in compact or "_" in compact:
+            compact = compact.translate(str.maketrans("-_", "+/"))
+        compact += "=" * (-len(compact) % 4)
+        try:
+            raw = base64.b64decode(compact, validate=True)
+        except (binascii.Error, ValueError):
+            raise InputError("inline data is neither valid base64 nor a data: URI") from None
+    if len(raw) > max_bytes:
+        raise InputError(f"inline data is over the {max_bytes} byte limit")
+    return raw
+
+
+class Downloader:
+    """Fetches URL and inline inputs into a content-addressed cache directory."""
+
+    def __init__(
+        self,
+        cache_dir: Path,
+        guard: AddressGuard,
+        *,
+        max_bytes: int = 512 * MiB,
+        connect_timeout: float = 10,
+        read_timeout: float = 60,
+        total_timeout: float = 600,
+        max_redirects: int = 5,
+        allowed_types: Iterable[str] = DEFAULT_ALLOWED_TYPES,
+        cache_ttl: float = 3600,
+        index_size: int = 10_000,
+        user_agent: str = "comfyq",
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.cache_dir = Path(cache_dir)
+        self._guard = guard
+        self._max_bytes = max_bytes
+        self._connect_timeout = connect_timeout
+        self._read_timeout = read_timeout
+        self._total_timeout = total_timeout
+        self._max_redirects = max_redirects
+        self._allowed = frozenset(allowed_types)
+        self._cache_ttl = cache_ttl
+        self._index_size = index_size
+        self._user_agent = user_agent
+        self._clock = clock
+        self._session: aiohttp.ClientSession | None = None
+        self._inflight: dict[str, asyncio.Task[Asset]] = {}
+        self._index: OrderedDict[str, _IndexEntry] = OrderedDict()
+        self.stats = DownloaderStats()
+
+    # --- public API ------------------------------------------------------------------------
+
+    async def fetch(self, url: str) -> Asset:
+        """Download ``url`` (or reuse the cached copy) and return the stored file."""
+        u = self._guard.check_url_syntax(url)
+        key = str(u.with_fragment(None))
+        entry = self._index.get(key)
+        if entry is not None and self._clock() - entry.stored_at <= self._cache_ttl:
+            if await asyncio.to_thread(_touch, entry.asset.path):
+                self._index.move_to_end(key)
+                self.stats.cache_hits += 1
+                return entry.asset
+            self._index.pop(key, None)
+        # No await between looking up and registering the task: that is what makes
+        # concurrent fetches of one URL share a single download.
+        task = self._inflight.get(key)
+        if task is None:
+            task = asyncio.create_task(self._download(key, u), name=f"download {redact_url(u)}")
+            self._inflight[key] = task
+            task.add_done_callback(functools.partial(self._download_done, key))
+        else:
+            self.stats.coalesced += 1
+        # shield: one waiter giving up (job cancelled) must not abort the others' download.
+        return await asyncio.shield(task)
+
+    async def decode(self, data: str) -> Asset:
+        """Store a base64 string or a data: URI after the same size and type checks."""
+        if not isinstance(data, str):
+            raise InputError("inline data must be a string")
+        raw = await asyncio.to_thread(_decode_inline, data, self._max_bytes)
+        if not raw:
+            raise InputError("inline data is empty")
+        mime = await self._check_type(raw[:SNIFF_BYTES], "inline data")
+        sha = await asyncio.to_thread(lambda: hashlib.sha256(raw).hexdigest())
+        ext = extension_for(mime)
+        final = self.cache_dir / f"{sha}{ext}"
+        if not await asyncio.to_thread(_touch, final):
+            tmp = await self._new_partial()
+            try:
+                async with aiofiles.open(tmp, "wb") as f:
+                    await f.write(raw)
+                await aiofiles.os.replace(tmp, final)
+            except BaseException:
+                await _discard(tmp)
+                raise
+        return Asset(final, sha, mime, ext, len(raw))
+
+    async def prune(self, older_than: float) -> int:
+        """Delete cached files unused for ``older_than`` seconds; returns how many."""
+        cutoff = time.time() - older_than
+        removed = await asyncio.to_thread(_prune_dir, self.cache_dir, cutoff)
+        gone = set(removed)
+        for key in [k for k, e in self._index.items() if e.asset.path in gone]:
+            del self._index[key]
+        return len(removed)
+
+    async def close(self) -> None:
+        """Abort in-flight downloads and close the HTTP session."""
+        tasks = list(self._inflight.values())
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    # --- downloading -----------------------------------------------------------------------
+
+    def _download_done(self, key: str, task: asyncio.Task[Asset]) -> None:
+        self._inflight.pop(key, None)
+        if not task.cancelled() and task.exception() is not None:
+            self.stats.failures += 1
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            timeout = aiohttp.ClientTimeout(
+                total=None, sock_connect=self._connect_timeout, sock_read=self._read_timeout
+            )
+            self._session = self._guard.session(
+                connector=self._guard.connector(limit=64, limit_per_host=16),
+                timeout=timeout,
+                auto_decompress=False,
+                headers={"User-Agent": self._user_agent, "Accept-Encoding": "identity"},
+            )
+        return self._session
+
+    async def _download(self, key: str, u: URL) -> Asset:
+        shown = redact_url(u)
+        try:
+            async with asyncio.timeout(self._total_timeout):
+                return await self._follow(key, u)
+        except InputError:
+            raise
+        except TimeoutError:
+            raise InputError(f"download of {shown} timed out") from None
+        except aiohttp.ClientConnectorError as exc:
+            reason = exc.os_error.strerror or type(exc.os_error).__name__
+            raise InputError(f"download of {shown} failed: cannot connect ({reason})") from None
+        except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError):
+            raise InputError(f"download of {shown} failed: the connection broke") from None
+        except aiohttp.ClientError as exc:
+            # aiohttp's messages often repeat the full URL, so only the error class is shown.
+            raise InputError(f"download of {shown} failed ({type(exc).__name__})") from None
+
+    async def _follow(self, key: str, start: URL) -> Asset:
+        entry = self._index.get(key)
+        validators: dict[str, str] = {}
+        if entry is not None and await asyncio.to_thread(_touch, entry.asset.path):
+            if entry.etag:
+                validators["If-None-Match"] = entry.etag
+            if entry.last_modified:
+                validators["If-Modified-Since"] = entry.last_modified
+        session = self._get_session()
+        current, seen, hops = start, {str(start)}, 0
+        while True:
+            async with session.get(current, headers=validators, allow_redirects=False) as resp:
+                if resp.status in _REDIRECT_CODES:
+                    current = self._next_hop(start, current, resp.headers.get("Location"))
+                    hops += 1
+                    if hops > self._max_redirects:
+                        raise InputError(
+                            f"download of {redact_url(start)} followed more than "
+                            f"{self._max_redirects} redirects"
+                        )
+                    if str(current) in seen:
+                        raise InputError(f"download of {redact_url(start)}: redirect loop")
+                    seen.add(str(current))
+                    continue
+                if resp.status == 304 and entry is not None and validators:
+                    entry.stored_at = self._clock()
+                    self._remember(key, entry)
+                    self.stats.revalidated += 1
+                    return entry.asset
+                if resp.status != 200:
+                    raise InputError(
+                        f"download of {redact_url(current)} failed: HTTP {resp.status}",
+                        details={"status": resp.status},
+                    )
+                asset = await self._store(resp, redact_url(current))
+                self.stats.downloads += 1
+                self._remember(
+                    key,
+                    _IndexEntry(
+                        asset,
+                        self._clock(),
+                        etag=resp.headers.get("ETag"),
+                        last_modified=resp.headers.get("Last-Modified"),
+                    ),
+                )
+                log.debug("downloaded %s (%d bytes, %s)", redact_url(start), asset.size, asset.mime)
+                return asset
+
+    def _next_hop(self, start: URL, current: URL, location: str | None) -> URL:
+        if not location:
+            raise InputError(f"{redact_url(current)} redirected without a Location header")
+        try:
+            target = current.join(URL(location))
+        except (ValueError, TypeError):
+            raise InputError(f"{redact_url(current)} redirected to an invalid URL") from None
+        try:
+            return self._guard.check_url_syntax(target)
+        except InputError as exc:
+            raise type(exc)(
+                f"download of {redact_url(start)}: redirect refused: {exc.message}"
+            ) from None
+
+    async def _store(self, resp: aiohttp.ClientResponse, shown: str) -> Asset:
+        declared = resp.content_length
+        if declared is not None and declared > self._max_bytes:
+            raise InputError(f"{shown} is {declared} bytes, over the {self._max_bytes} byte limit")
+        tmp = await self._new_partial()
+        digest = hashlib.sha256()
+        size, mime = 0, ""
+        head = bytearray()
+        batch: list[bytes] = []
+        batched = 0
+        try:
+            async with aiofiles.open(tmp, "wb") as f:
+                async for chunk in resp.content.iter_chunked(256 * 1024):
+                    size += len(chunk)
+                    if size > self._max_bytes:
+                        raise InputError(f"{shown} is over the {self._max_bytes} byte limit")
+                    if not mime:
+                        head += chunk
+                        if len(head) >= SNIFF_BYTES:
+                            mime = await self._check_type(bytes(head[:SNIFF_BYTES]), shown)
+                            head = bytearray()
+                    batch.append(chunk)
+                    batched += len(chunk)
+                    if batched >= _WRITE_BATCH:
+                        await _write_and_hash(f, digest, b"".join(batch))
+                        batch, batched = [], 0
+                if batch:
+                    await _write_and_hash(f, digest, b"".join(batch))
+            if size == 0:
+                raise InputError(f"{shown} returned an empty body")
+            if not mime:
+                mime = await self._check_type(bytes(head), shown)
+            self.stats.bytes_downloaded += size
+            sha = digest.hexdigest()
+            ext = extension_for(mime)
+            final = self.cache_dir / f"{sha}{ext}"
+            # Atomic: a concurrent writer of the same content replaces identical bytes.
+            await aiofiles.os.replace(tmp, final)
+        except BaseException:
+            await _discard(tmp)
+            raise
+        return Asset(final, sha, mime, ext, size)
+
+    async def _check_type(self, head: bytes, shown: str) -> str:
+        mime = await asyncio.to_thread(sniff_type, head)
+        if not type_allowed(mime, self._allowed):
+            raise InputError(
+                f"{shown} is {mime}, which is not an accepted input type "
+                "(images, video, audio, text, safetensors/GGUF models)",
+                details={"mimetype": mime},
+            )
+        return mime
+
+    async def _new_partial(self) -> Path:
+        partial = self.cache_dir / _PARTIAL_DIR
+        await aiofiles.os.makedirs(partial, exist_ok=True)
+        return partial / f"{uuid.uuid4().hex}.part"
+
+    def _remember(self, key: str, entry: _IndexEntry) -> None:
+        self._index[key] = entry
+        self._index.move_to_end(key)
+        while len(self._index) > self._index_size:
+            self._index.popitem(last=False)
+
+
+async def _write_and_hash(f: AsyncBufferedIOBase, digest: hashlib._Hash, data: bytes) -> None:
+    # hashlib releases the GIL on big buffers, so hashing overlaps the write's thread.
+    await asyncio.gather(f.write(data), asyncio.to_thread(digest.update, data))
+
+
+def _touch(path: Path) -> bool:
+    """Mark a cached file as used (for pruning); False when it no longer exists."""
+    try:
+        os.utime(path)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+async def _discard(path: Path) -> None:
+    try:
+        await aiofiles.os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def _prune_dir(cache_dir: Path, cutoff: float) -> list[Path]:
+    removed: list[Path] = []
+    for folder in (cache_dir, cache_dir / _PARTIAL_DIR):
+        try:
+            entries = list(os.scandir(folder))
+        except FileNotFoundError:
+            continue
+        for e in entries:
+            try:
+                if e.is_file(follow_symlinks=False) and e.stat().st_mtime < cutoff:
+                    os.remove(e.path)
+                    removed.append(Path(e.path))
+            except FileNotFoundError:
+                continue
+    return removed
+
+
+__all__ = [
+    "DEFAULT_ALLOWED_TYPES",
+    "Asset",
+    "Downloader",
+    "DownloaderStats",
+    "extension_for",
+    "sniff_type",
+    "type_allowed",
+]
