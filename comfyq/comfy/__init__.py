@@ -1,0 +1,1 @@
+"""ComfyUI side of comfyq: client, protocol types and the simulator."""
