@@ -72,6 +72,7 @@ class _Running:
     task: asyncio.Task[Any]
     ctx: JobContext
     timer: asyncio.TimerHandle | None = None
+    settled: asyncio.Event = field(default_factory=asyncio.Event)  # outcome recorded
 
 
 @dataclass
@@ -212,17 +213,21 @@ class Pipeline:
             st.claiming = False
         if self.running:
             log.info("shutting down: waiting up to %.0fs for %d job(s)", grace, len(self.running))
-            tasks = [r.task for r in self.running.values()]
-            await asyncio.wait(tasks, timeout=grace)
+            await self._settled(grace)
         for job_id in list(self.running):
             self._cancel_local(job_id, "shutdown")
-        left = [r.task for r in self.running.values()]
-        if left:
-            await asyncio.wait(left, timeout=10)
+        await self._settled(10)
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+
+    async def _settled(self, timeout: float) -> None:
+        waits = [asyncio.create_task(r.settled.wait()) for r in self.running.values()]
+        if waits:
+            _, pending = await asyncio.wait(waits, timeout=timeout)
+            for w in pending:
+                w.cancel()
 
     def health(self) -> dict[str, dict[str, int]]:
         return {n: {"workers": st.size, "alive": st.alive, "busy": st.busy, "crashes": st.crashes}
@@ -279,6 +284,7 @@ class Pipeline:
             if entry.timer is not None:
                 entry.timer.cancel()
             self.running.pop(job.id, None)
+            entry.settled.set()
 
     async def _advance(self, job: Job, done: StageDone) -> None:
         try:

@@ -268,6 +268,14 @@ class JobStore:
         async with self.reader.execute(sql, (*params, limit)) as cur:
             return [loads(r[0]) for r in await cur.fetchall()]
 
+    async def put_output(self, job_id: str, row: dict[str, Any]) -> None:
+        await self._write(ops.put_output, job_id, self.clock.now(), row)
+
+    async def outputs(self, job_id: str) -> list[dict[str, Any]]:
+        """The job's output rows, in the order they were recorded."""
+        async with self.reader.execute("SELECT * FROM outputs WHERE job_id = ? ORDER BY id", (job_id,)) as cur:
+            return [dict(r) for r in await cur.fetchall()]
+
     async def secrets(self, job_id: str) -> dict[str, Any]:
         async with self.reader.execute("SELECT data FROM job_secrets WHERE job_id = ?", (job_id,)) as cur:
             row = await cur.fetchone()

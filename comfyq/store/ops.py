@@ -354,3 +354,17 @@ def prune(conn: sqlite3.Connection, before: float, limit: int = 500) -> list[str
         (iso(before), limit),
     ).fetchall()
     return [r[0] for r in rows]
+
+
+_OUTPUT_COLS = ("filename", "node_id", "output_type", "comfy_type", "subfolder", "mimetype", "size",
+                "sha256", "local_path", "url", "upload_error", "error")
+
+
+def put_output(conn: sqlite3.Connection, job_id: str, now: float, row: dict[str, Any]) -> None:
+    """Record (or replace, when a stage runs again) one output file of a job."""
+    cols = [c for c in _OUTPUT_COLS if c in row]
+    conn.execute(
+        f"INSERT INTO outputs (job_id, created_at, {', '.join(cols)}) VALUES (?, ?, {', '.join('?' * len(cols))})"
+        f" ON CONFLICT (job_id, filename) DO UPDATE SET {', '.join(f'{c} = excluded.{c}' for c in cols)}",
+        (job_id, iso(now), *(row[c] for c in cols)),
+    )

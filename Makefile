@@ -1,0 +1,40 @@
+# Two commands take a fresh machine (Python 3.11 and make) to a running server or a green suite:
+#   make serve   - creates .venv, installs comfyq, starts it against ComfyUI at 127.0.0.1:8188
+#   make test    - creates .venv, installs comfyq with its test tools, runs the whole suite
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+
+.PHONY: serve simulate test test-all bench lint sysdeps clean
+
+$(BIN)/.installed: setup.cfg pyproject.toml
+	@$(MAKE) --no-print-directory sysdeps
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	@touch $@
+
+# python-magic needs the libmagic shared library; install it when it is missing and we may.
+sysdeps:
+	@$(PYTHON) -c "import ctypes.util,sys; sys.exit(0 if ctypes.util.find_library('magic') else 1)" 2>/dev/null || \
+	  { echo "libmagic missing: installing libmagic1"; \
+	    if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq libmagic1; \
+	    else sudo apt-get update -qq && sudo apt-get install -y -qq libmagic1; fi; }
+
+serve: $(BIN)/.installed
+	$(BIN)/comfyq serve
+
+simulate: $(BIN)/.installed
+	$(BIN)/comfyq serve --simulate
+
+test: $(BIN)/.installed
+	$(BIN)/pytest -q -m "not real_comfyui"
+
+test-all: $(BIN)/.installed
+	$(BIN)/pytest -q
+
+bench: $(BIN)/.installed
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

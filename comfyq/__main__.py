@@ -1,0 +1,5 @@
+import sys
+
+from comfyq.cli import main
+
+sys.exit(main())

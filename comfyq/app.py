@@ -1,0 +1,28 @@
+"""The aiohttp application: wiring only. Routes live in ``comfyq.api``."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from comfyq.services import Services
+
+SERVICES: web.AppKey[Services] = web.AppKey("services", Services)
+
+
+def create_app(services: Services) -> web.Application:
+    """An application whose start and stop also start and stop ``services``."""
+    from comfyq.api import setup_routes
+
+    app = web.Application(client_max_size=services.settings.max_body_bytes)
+    app[SERVICES] = services
+
+    async def lifecycle(app: web.Application):  # type: ignore[no-untyped-def]
+        if not services.started:
+            await services.start()
+        yield
+        if services.started:
+            await services.stop()
+
+    app.cleanup_ctx.append(lifecycle)
+    setup_routes(app)
+    return app

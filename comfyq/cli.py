@@ -1,0 +1,278 @@
+"""The ``comfyq`` command: serve | migrate | config | jobs ls/show/cancel/retry | prune."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import re
+import signal
+import sqlite3
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from comfyq import logs
+from comfyq.clock import Clock
+from comfyq.config import ConfigError, Settings, load_settings, masked, parse_set_flags
+from comfyq.errors import ComfyqError
+from comfyq.store import migrate, ops
+from comfyq.store.jobs import DatabaseLocked, open_migrated
+from comfyq.store.model import Job
+from comfyq.store.writer import Writer, connect
+
+log = logging.getLogger("comfyq")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="comfyq", description="A durable API server in front of ComfyUI.")
+    p.add_argument("--config", help="settings file (default: $COMFYQ_CONFIG or comfyq.toml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any setting (repeatable), e.g. --set max_queue_size=500")
+    p.add_argument("--database", help="the SQLite file (setting: database)")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("serve", help="run the API server and the pipeline")
+    s.add_argument("--host", help="listen address (setting: api_host)")
+    s.add_argument("--port", type=int, help="listen port (setting: api_port)")
+    s.add_argument("--simulate", action="store_true", help="run against the built-in ComfyUI simulator")
+
+    sub.add_parser("migrate", help="create the database or apply pending migrations")
+    sub.add_parser("config", help="print the effective settings (secrets masked)")
+
+    j = sub.add_parser("jobs", help="inspect and steer jobs")
+    jsub = j.add_subparsers(dest="jobs_cmd", required=True)
+    ls = jsub.add_parser("ls", help="list jobs, newest first")
+    ls.add_argument("--status", action="append", help="only these states (repeatable)")
+    ls.add_argument("--limit", type=int, default=30)
+    for name, text in (("show", "a job with its event history"), ("cancel", "cancel a job"),
+                       ("retry", "run a failed or cancelled job again")):
+        c = jsub.add_parser(name, help=text)
+        c.add_argument("id")
+
+    pr = sub.add_parser("prune", help="delete finished jobs and their files")
+    pr.add_argument("--older-than", required=True, help="age such as 3600, 90m, 12h, 7d")
+    return p
+
+
+def parse_age(text: str) -> float:
+    """``90``, ``90s``, ``15m``, ``12h``, ``7d`` as seconds."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", text)
+    if not m:
+        raise ConfigError(f"--older-than: cannot read {text!r} (use e.g. 3600, 90m, 12h, 7d)")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[m.group(2)]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        overrides = parse_set_flags(args.set)
+        if args.database:
+            overrides["database"] = args.database
+        if args.cmd == "serve":
+            if args.host:
+                overrides["api_host"] = args.host
+            if args.port is not None:
+                overrides["api_port"] = str(args.port)
+            if args.simulate:
+                overrides["simulate"] = "true"
+        settings = load_settings(config_path=args.config, overrides=overrides)
+    except ConfigError as exc:
+        print(f"comfyq: configuration error: {exc}", file=sys.stderr)
+        return 2
+    logs.setup(settings.api_log_level, settings.log_format)
+    try:
+        if args.cmd == "serve":
+            return asyncio.run(serve(settings))
+        if args.cmd == "migrate":
+            applied = open_migrated(settings.database)
+            print(f"{settings.database}: applied {applied}" if applied else f"{settings.database}: up to date")
+            return 0
+        if args.cmd == "config":
+            print(json.dumps(masked(settings), indent=2))
+            return 0
+        if args.cmd == "jobs":
+            return _jobs(settings, args)
+        if args.cmd == "prune":
+            return _prune(settings, parse_age(args.older_than))
+    except (ConfigError, DatabaseLocked, migrate.MigrationError) as exc:
+        print(f"comfyq: {exc}", file=sys.stderr)
+        return 2
+    except ComfyqError as exc:
+        print(f"comfyq: {exc.message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# --- serve -----------------------------------------------------------------------------------
+
+
+async def serve(settings: Settings) -> int:
+    """Run until SIGTERM/SIGINT; then stop claiming, let in-flight work finish, exit 0."""
+    from aiohttp import web
+
+    from comfyq.app import create_app
+    from comfyq.services import Services
+
+    sim = None
+    backends = None
+    if settings.simulate:
+        from comfyq.comfy.simulator import Simulator
+
+        sim = Simulator(data_dir=Path(settings.database).parent / "simulator", node_duration=0.2, progress_steps=5)
+        await sim.start()
+        backends = [sim.url]
+        log.info("simulate: built-in ComfyUI simulator at %s", sim.url)
+    services = Services(settings, backends=backends)
+    try:
+        await services.start()
+    except DatabaseLocked as exc:
+        log.error("Application startup failed: %s", exc)
+        if sim:
+            await sim.stop()
+        return 2
+    app = create_app(services)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.api_host, settings.api_port)
+    try:
+        await site.start()
+    except OSError as exc:
+        log.error("Application startup failed: cannot listen on %s:%s: %s",
+                  settings.api_host, settings.api_port, exc)
+        await services.stop()
+        return 2
+    if settings.api_host not in ("127.0.0.1", "localhost", "::1") and not settings.api_keys:
+        log.warning("listening on %s without API keys: anyone who can reach it can submit jobs",
+                    settings.api_host)
+    log.info("comfyq listening on http://%s:%s (database %s, backends %s)", settings.api_host,
+             settings.api_port, settings.database, ", ".join(services.backend_urls))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down (grace %.0fs)", settings.shutdown_grace)
+    await runner.cleanup()  # stops the site, then the app's cleanup stops the services
+    if services.started:
+        await services.stop()
+    if sim:
+        await sim.stop()
+    log.info("stopped")
+    return 0
+
+
+# --- jobs ------------------------------------------------------------------------------------
+
+
+def _table(rows: list[dict[str, Any]], cols: list[str]) -> str:
+    widths = {c: max(len(c), *(len(str(r.get(c, "") or "")) for r in rows)) if rows else len(c) for c in cols}
+    lines = ["  ".join(c.upper().ljust(widths[c]) for c in cols)]
+    for r in rows:
+        lines.append("  ".join(str(r.get(c, "") if r.get(c) is not None else "").ljust(widths[c]) for c in cols))
+    return "\n".join(lines)
+
+
+def _open(settings: Settings) -> sqlite3.Connection:
+    open_migrated(settings.database)
+    return connect(settings.database)
+
+
+def _jobs(settings: Settings, args: argparse.Namespace) -> int:
+    conn = _open(settings)
+    try:
+        if args.jobs_cmd == "ls":
+            sql = "SELECT * FROM jobs_overview"
+            params: list[Any] = []
+            if args.status:
+                sql += f" WHERE state IN ({','.join('?' * len(args.status))}) OR status IN ({','.join('?' * len(args.status))})"
+                params = [*args.status, *args.status]
+            sql += " LIMIT ?"
+            rows = [dict(r) for r in conn.execute(sql, (*params, args.limit))]
+            print(_table(rows, ["id", "status", "stage", "tries", "priority", "created_at", "age_s", "error_type", "message"]))
+            return 0
+        if args.jobs_cmd == "show":
+            return _show(conn, args.id)
+        writer = Writer(settings.database)
+        now = Clock().now()
+        if args.jobs_cmd == "cancel":
+            job, tr = writer.run_sync(ops.request_cancel, args.id, now)
+            if tr is not None:
+                print(f"{args.id}: cancelled")
+            elif job.state == "running":
+                print(f"{args.id}: cancel requested; the server stops it within a few seconds")
+            else:
+                print(f"{args.id}: already {job.state}")
+            return 0
+        if args.jobs_cmd == "retry":
+            writer.run_sync(ops.retry_job, args.id, now)
+            print(f"{args.id}: queued again")
+            return 0
+    finally:
+        conn.close()
+    return 0
+
+
+def _show(conn: sqlite3.Connection, job_id: str) -> int:
+    row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    if row is None:
+        print(f"comfyq: job {job_id} not found", file=sys.stderr)
+        return 1
+    job = Job.from_row(row)
+    print(f"job       {job.id}")
+    print(f"status    {job.status} (state {job.state}, stage {job.stage})")
+    print(f"attempts  {job.attempts}/{job.max_attempts}   priority {job.priority}   kind {job.kind or '-'}")
+    print(f"created   {job.created_at}   finished {job.finished_at or '-'}")
+    print(f"comfyui   backend {job.comfy_backend or '-'}   prompt {job.comfy_prompt_id or '-'}")
+    print(f"message   {job.message}")
+    if job.error:
+        print("error     " + json.dumps(job.error)[:2000])
+    if job.timings:
+        print("timings   " + ", ".join(f"{k}={v:.0f}" for k, v in job.timings.items()))
+    events = [dict(r) for r in conn.execute("SELECT * FROM job_events WHERE job_id = ? ORDER BY id", (job_id,))]
+    for e in events:
+        e["change"] = f"{e['from_state'] or '-'} -> {e['to_state']}"
+    print("\nevents")
+    print(_table(events, ["id", "at", "change", "stage", "attempt", "message"]))
+    outputs = [dict(r) for r in conn.execute("SELECT * FROM outputs WHERE job_id = ? ORDER BY id", (job_id,))]
+    if outputs:
+        print("\noutputs")
+        print(_table(outputs, ["filename", "node_id", "mimetype", "size", "url", "upload_error"]))
+    _show_extra(conn, job_id)
+    return 0
+
+
+def _show_extra(conn: sqlite3.Connection, job_id: str) -> None:
+    """Sections other tables add (webhook deliveries...) when they exist."""
+    try:
+        rows = [dict(r) for r in conn.execute(
+            "SELECT * FROM webhook_attempts WHERE job_id = ? ORDER BY id", (job_id,))]
+    except sqlite3.OperationalError:
+        return
+    if rows:
+        print("\nwebhook attempts")
+        print(_table(rows, [c for c in rows[0] if c not in ("job_id", "body")]))
+
+
+def _prune(settings: Settings, older_than: float) -> int:
+    from comfyq.services import prune_jobs
+    from comfyq.store import JobStore
+
+    async def run() -> int:
+        store = JobStore(settings.database)
+        await store.open()
+        try:
+            return await prune_jobs(store, Path(settings.output_dir), older_than)
+        finally:
+            await store.close()
+
+    n = asyncio.run(run())
+    print(f"pruned {n} job(s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

@@ -1,0 +1,1 @@
+"""Outputs: collecting ComfyUI's files into comfyq's own folder, S3, base64."""

@@ -1,0 +1,137 @@
+"""Services: everything a running comfyq holds, built from the settings, started and stopped in order."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from comfyq.assets import Downloader
+from comfyq.clock import Clock
+from comfyq.comfy.backends import BackendPool
+from comfyq.config import Settings
+from comfyq.events import EventBus
+from comfyq.netguard import AddressGuard
+from comfyq.outputs.local import job_dir
+from comfyq.stages.generate import Generate
+from comfyq.stages.postprocess import Postprocess
+from comfyq.stages.preprocess import Preprocess
+from comfyq.stages.runner import Pipeline, RunnerConfig
+from comfyq.store import JobStore
+from comfyq.store.jobs import FileLock
+from modifiers import ModifierRegistry
+
+log = logging.getLogger("comfyq")
+
+
+class Services:
+    """The store, the bus, the backends, the pipeline and the maintenance tasks of one server."""
+
+    def __init__(self, settings: Settings, *, clock: Clock | None = None, backends: list[str] | None = None) -> None:
+        self.settings = settings
+        self.clock = clock or Clock()
+        self.backend_urls = backends or settings.backends
+        self.db_path = Path(settings.database)
+        self.output_dir = Path(settings.output_dir)
+        self.lock = FileLock(self.db_path)
+        self.store = JobStore(self.db_path, clock=self.clock)
+        self.bus = EventBus()
+        self.store.listen(self.bus.on_transitions)
+        self.guard = AddressGuard(settings.url_allowlist)
+        self.downloader = Downloader(
+            Path(settings.cache_dir), self.guard, max_bytes=settings.download_max_bytes,
+            total_timeout=settings.download_timeout,
+        )
+        extra = [Path(settings.modifiers_dir)] if settings.modifiers_dir else []
+        self.registry = ModifierRegistry(extra)
+        self.pool = BackendPool(
+            self.backend_urls, slots_per_backend=settings.generation_workers,
+            probe_interval=settings.backend_probe_interval, ready_timeout=settings.backends_ready_timeout,
+            client_kwargs={"request_timeout": settings.comfyui_request_timeout,
+                           "ws_quiet_timeout": settings.comfyui_ws_quiet_timeout},
+        )
+        self.generate = Generate(self.pool, failover_after=settings.backend_failover_after)
+        self.pipeline = Pipeline(
+            self.store, self.bus,
+            {"preprocess": Preprocess(self.registry, self.downloader), "generate": self.generate,
+             "postprocess": Postprocess(self.pool, self.output_dir)},
+            {"preprocess": settings.preprocess_workers,
+             "generate": settings.generation_workers * len(self.backend_urls),
+             "postprocess": settings.postprocess_workers},
+            RunnerConfig(lease=settings.lease_seconds, retry_base=settings.retry_base_delay,
+                         retry_max=settings.retry_max_delay),
+        )
+        self._tasks: list[asyncio.Task[Any]] = []
+        self.started = False
+
+    async def start(self) -> None:
+        """Take the database lock, migrate, connect to ComfyUI, resume jobs, start workers."""
+        self.db_path.parent.mkdir(parents=True, exist_ok=True)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.lock.acquire()
+        try:
+            await self.store.open()
+            for be in self.pool_clients():
+                be.on_preview = self.generate.on_preview
+            await self.pool.start()
+            await self.pipeline.start()
+        except BaseException:
+            self.lock.release()
+            raise
+        self._tasks.append(asyncio.create_task(self._every(self.settings.wal_checkpoint_interval, self.checkpoint)))
+        if self.settings.retention_seconds > 0:
+            self._tasks.append(asyncio.create_task(self._every(self.settings.prune_interval, self.prune)))
+        self.started = True
+
+    def pool_clients(self) -> list[Any]:
+        return [self.pool.get(url).client for url in self.backend_urls if self.pool.get(url) is not None]  # type: ignore[union-attr]
+
+    async def stop(self) -> None:
+        """Graceful: stop claiming, give in-flight work the grace period, leave the rest resumable."""
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        await self.pipeline.stop(self.settings.shutdown_grace)
+        await self.pool.close()
+        await self.downloader.close()
+        await self.store.close()
+        self.lock.release()
+        self.started = False
+
+    async def _every(self, seconds: float, fn: Any) -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            try:
+                await fn()
+            except Exception:
+                log.exception("periodic task %s failed", getattr(fn, "__name__", fn))
+
+    async def checkpoint(self) -> None:
+        busy, frames, done = await self.store.checkpoint()
+        log.debug("WAL checkpoint: busy=%d frames=%d checkpointed=%d", busy, frames, done)
+
+    async def prune(self, older_than: float | None = None) -> int:
+        """Delete finished jobs (and their files) older than the retention age."""
+        age = self.settings.retention_seconds if older_than is None else older_than
+        return await prune_jobs(self.store, self.output_dir, age)
+
+
+async def prune_jobs(store: JobStore, output_dir: Path, older_than: float) -> int:
+    total = 0
+    while True:
+        ids = await store.prune(older_than)
+        for job_id in ids:
+            try:
+                folder = job_dir(output_dir, job_id)
+            except Exception:
+                continue
+            await asyncio.to_thread(shutil.rmtree, folder, True)
+        total += len(ids)
+        if len(ids) < 500:
+            break
+    if total:
+        log.info("pruned %d finished job(s) older than %.0fs", total, older_than)
+    return total

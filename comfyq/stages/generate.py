@@ -1,0 +1,129 @@
+"""Generate: run the prepared workflow on a ComfyUI backend and follow it to its end.
+
+The prompt id is ours and is stored on the job before ``POST /prompt`` goes out, so a job that
+finds one recorded (after a restart, a retry, a lost connection) asks ComfyUI about it before
+anything is submitted again: still queued or running -> follow it; finished -> take its outcome from
+history; unknown (ComfyUI restarted and lost it) -> submit again, counting an attempt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from pathlib import Path
+from typing import Any
+
+from comfyq.comfy.backends import Backend, BackendPool
+from comfyq.comfy.protocol import LiveEvent
+from comfyq.errors import ComfyUIUnreachable, Interrupted, PromptLost
+from comfyq.stages.runner import JobContext, StageDone
+from comfyq.store import Job
+
+log = logging.getLogger("comfyq.generate")
+
+
+class Generate:
+    def __init__(self, pool: BackendPool, *, failover_after: float = 120.0) -> None:
+        self.pool = pool
+        self.failover_after = failover_after
+        self._prompts: dict[str, JobContext] = {}  # prompt id -> job, for previews
+
+    def on_preview(self, ev: LiveEvent) -> None:
+        """Route a backend's preview frames to the job whose prompt produced them."""
+        ctx = self._prompts.get(ev.prompt_id or "")
+        if ctx is not None:
+            ctx.live(ev.kind, {"node": ev.node, "mime": ev.mime, **(ev.data or {})}, ev.image)
+
+    async def __call__(self, job: Job, ctx: JobContext) -> StageDone:
+        prepared = job.prepared or {}
+        workflow: dict[str, Any] = prepared.get("workflow") or {}
+        if job.comfy_prompt_id and job.comfy_backend:
+            run = await self._reconcile(job, ctx, workflow)
+            if run is not None:
+                return _done(run, ctx.job)
+        async with self.pool.slot() as be:
+            for item in prepared.get("inputs", []):
+                await be.client.upload(Path(item["path"]), item["name"], overwrite=True)
+            prompt_id = str(uuid.uuid4())
+            # Durable before the request goes out: a crash from here on reconciles, never re-runs blindly.
+            await ctx.update(comfy_prompt_id=prompt_id, comfy_backend=be.url,
+                             message=f"Generation started (ComfyUI job: {prompt_id})")
+            submitted = await be.client.submit(workflow, prompt_id)
+            if submitted.node_errors:
+                warn = {"type": "partial_node_errors", "message": "ComfyUI skipped outputs that failed validation",
+                        "node_errors": submitted.node_errors}
+                await ctx.update(result={"warnings": [warn]})
+            run = await self._follow(be, prompt_id, workflow, ctx)
+        return _done(run, ctx.job)
+
+    async def _reconcile(self, job: Job, ctx: JobContext, workflow: dict[str, Any]) -> Any:
+        assert job.comfy_prompt_id and job.comfy_backend
+        prompt_id, url = job.comfy_prompt_id, job.comfy_backend
+        be = self.pool.get(url)
+        if be is None or not await self._wait_healthy(be):
+            log.warning("job %s: backend %s gone; submitting elsewhere", job.id, url)
+            await ctx.update(comfy_prompt_id=None, comfy_backend=None)
+            raise PromptLost(f"backend {url} did not come back within {self.failover_after:.0f}s")
+        try:
+            where, entry = await be.client.locate(prompt_id)
+        except ComfyUIUnreachable:
+            raise
+        if where == "done":
+            return await self._from_history(be, entry, ctx)
+        if where in ("pending", "running"):
+            others = [b["url"] for b in self.pool.snapshot() if b["url"] != url]
+            async with self.pool.slot(prefer=url, exclude=others) as be2:
+                return await self._follow(be2, prompt_id, workflow, ctx)
+        await ctx.update(comfy_prompt_id=None, comfy_backend=None)
+        raise PromptLost(f"ComfyUI at {url} no longer knows prompt {prompt_id} (restarted?); resubmitting")
+
+    async def _from_history(self, be: Backend, entry: Any, ctx: JobContext) -> Any:
+        try:
+            return await be.client.result_from_history(entry)
+        except Interrupted:
+            await ctx.update(comfy_prompt_id=None, comfy_backend=None)
+            raise
+
+    async def _wait_healthy(self, be: Backend) -> bool:
+        loop = asyncio.get_running_loop()
+        end = loop.time() + self.failover_after
+        while not be.healthy and loop.time() < end:
+            await asyncio.sleep(0.5)
+        return be.healthy
+
+    async def _follow(self, be: Backend, prompt_id: str, workflow: dict[str, Any], ctx: JobContext) -> Any:
+        self._prompts[prompt_id] = ctx
+        try:
+            return await be.client.follow(prompt_id, workflow=workflow, on_event=lambda ev: _progress(ctx, ev))
+        except asyncio.CancelledError:
+            if ctx.cancel_reason in ("cancel", "timeout"):
+                try:
+                    await asyncio.wait_for(asyncio.shield(be.client.cancel(prompt_id)), 10)
+                except Exception as exc:  # the job ends either way; say why ComfyUI may still run it
+                    log.warning("job %s: could not stop prompt %s: %s", ctx.job.id, prompt_id, exc)
+            raise
+        except Interrupted:
+            if ctx.cancel_reason is None:
+                # Someone else interrupted ComfyUI: run it again, from a fresh prompt.
+                await ctx.update(comfy_prompt_id=None, comfy_backend=None)
+            raise
+        finally:
+            self._prompts.pop(prompt_id, None)
+
+
+def _progress(ctx: JobContext, ev: LiveEvent) -> None:
+    if ev.kind == "progress" and ev.max:
+        value = ev.value or 0
+        ctx.progress({"node": ev.node, "node_type": ev.node_type, "value": value, "max": ev.max,
+                      "percent": round(100.0 * value / ev.max, 1)})
+    elif ev.kind == "executing" and ev.node is not None:
+        ctx.progress({"node": ev.node, "node_type": ev.node_type, "value": 0, "max": 1, "percent": 0.0})
+    elif ev.kind in ("execution_start", "execution_cached"):
+        ctx.live(ev.kind, {"nodes": (ev.data or {}).get("nodes", [])})
+
+
+def _done(run: Any, job: Job) -> StageDone:
+    result = dict(job.result or {})
+    result.update({"outputs": run.outputs, "cached_nodes": list(run.cached_nodes), "prompt_id": run.prompt_id})
+    return StageDone("Generation complete. Queued for post-processing.", {"result": result})

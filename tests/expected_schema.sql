@@ -1,0 +1,170 @@
+-- index job_events_job
+CREATE INDEX job_events_job ON job_events (job_id, id);
+
+-- index jobs_claim
+CREATE INDEX jobs_claim ON jobs (stage, priority DESC, created_at, id) WHERE state = 'pending';
+
+-- index jobs_created
+CREATE INDEX jobs_created ON jobs (created_at DESC, id DESC);
+
+-- index jobs_finished
+CREATE INDEX jobs_finished ON jobs (finished_at) WHERE finished_at IS NOT NULL;
+
+-- index jobs_leases
+CREATE INDEX jobs_leases ON jobs (lease_expires_at) WHERE state = 'running';
+
+-- table job_events
+CREATE TABLE job_events (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id     TEXT NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+    at         TEXT NOT NULL,
+    from_state TEXT,
+    to_state   TEXT NOT NULL,
+    stage      TEXT NOT NULL,
+    attempt    INTEGER NOT NULL,
+    message    TEXT NOT NULL DEFAULT '',
+    data       TEXT CHECK (data IS NULL OR json_valid(data))
+) STRICT;
+
+-- table job_secrets
+CREATE TABLE job_secrets (
+    job_id TEXT PRIMARY KEY REFERENCES jobs (id) ON DELETE CASCADE,
+    data   TEXT NOT NULL CHECK (json_valid(data))
+) STRICT;
+
+-- table job_states
+CREATE TABLE job_states (
+    state    TEXT PRIMARY KEY,
+    terminal INTEGER NOT NULL CHECK (terminal IN (0, 1))
+) STRICT;
+
+-- table job_transitions
+CREATE TABLE job_transitions (
+    from_state TEXT NOT NULL REFERENCES job_states (state),
+    to_state   TEXT NOT NULL REFERENCES job_states (state),
+    PRIMARY KEY (from_state, to_state)
+) STRICT;
+
+-- table jobs
+CREATE TABLE jobs (
+    id               TEXT PRIMARY KEY,
+    state            TEXT NOT NULL DEFAULT 'pending'
+                     CHECK (state IN ('pending', 'running', 'completed', 'failed', 'cancelled')),
+    stage            TEXT NOT NULL DEFAULT 'preprocess'
+                     CHECK (stage IN ('preprocess', 'generate', 'postprocess')),
+    priority         INTEGER NOT NULL DEFAULT 0,
+    attempts         INTEGER NOT NULL DEFAULT 0 CHECK (attempts >= 0),
+    max_attempts     INTEGER NOT NULL DEFAULT 3 CHECK (max_attempts >= 1),
+    message          TEXT NOT NULL DEFAULT '',
+    kind             TEXT NOT NULL DEFAULT '',          -- modifier name or 'workflow': groups ETAs
+    payload          TEXT NOT NULL CHECK (json_valid(payload)),   -- the request input, secrets removed
+    payload_hash     TEXT NOT NULL,                     -- idempotency: same id + other hash -> 409
+    prepared         TEXT CHECK (prepared IS NULL OR json_valid(prepared)),  -- workflow + inputs
+    result           TEXT CHECK (result IS NULL OR json_valid(result)),      -- ComfyUI outputs, warnings
+    error            TEXT CHECK (error IS NULL OR json_valid(error)),
+    timings          TEXT NOT NULL DEFAULT '{}' CHECK (json_valid(timings)),
+    lease_owner      TEXT,
+    lease_expires_at TEXT,
+    run_after        TEXT NOT NULL,                     -- not claimable before (retry backoff)
+    deadline_at      TEXT NOT NULL,
+    cancel_requested INTEGER NOT NULL DEFAULT 0 CHECK (cancel_requested IN (0, 1)),
+    comfy_prompt_id  TEXT,
+    comfy_backend    TEXT,
+    created_at       TEXT NOT NULL,
+    updated_at       TEXT NOT NULL,
+    stage_entered_at TEXT NOT NULL,                     -- when the job entered its current stage/state
+    finished_at      TEXT,
+    CHECK ((state = 'running') = (lease_owner IS NOT NULL AND lease_expires_at IS NOT NULL)),
+    CHECK ((state IN ('completed', 'failed', 'cancelled')) = (finished_at IS NOT NULL)),
+    CHECK (attempts <= max_attempts)
+) STRICT;
+
+-- table outputs
+CREATE TABLE outputs (
+    id           INTEGER PRIMARY KEY,
+    job_id       TEXT NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+    filename     TEXT NOT NULL,
+    node_id      TEXT NOT NULL DEFAULT '',
+    output_type  TEXT NOT NULL DEFAULT 'images',   -- ComfyUI's key: images, gifs, video, audio, text...
+    comfy_type   TEXT NOT NULL DEFAULT 'output',   -- output | temp
+    subfolder    TEXT NOT NULL DEFAULT '',
+    mimetype     TEXT NOT NULL DEFAULT 'application/octet-stream',
+    size         INTEGER NOT NULL DEFAULT 0,
+    sha256       TEXT,
+    local_path   TEXT,
+    url          TEXT,
+    upload_error TEXT,
+    error        TEXT,
+    created_at   TEXT NOT NULL,
+    UNIQUE (job_id, filename)
+) STRICT;
+
+-- table schema_migrations
+CREATE TABLE schema_migrations ( version INTEGER PRIMARY KEY, name TEXT NOT NULL, checksum TEXT NOT NULL, applied_at TEXT NOT NULL) STRICT;
+
+-- trigger jobs_legal_transition
+CREATE TRIGGER jobs_legal_transition
+BEFORE UPDATE OF state ON jobs
+WHEN OLD.state <> NEW.state
+ AND NOT EXISTS (SELECT 1 FROM job_transitions WHERE from_state = OLD.state AND to_state = NEW.state)
+BEGIN
+    SELECT RAISE(ABORT, 'illegal job transition');
+END;
+
+-- view failures
+CREATE VIEW failures AS
+SELECT id, finished_at, attempts, kind,
+       json_extract(error, '$.type') AS type,
+       json_extract(error, '$.node_id') AS node_id,
+       json_extract(error, '$.node_type') AS node_type,
+       json_extract(error, '$.message') AS message
+FROM jobs
+WHERE state = 'failed'
+ORDER BY finished_at DESC;
+
+-- view job_history
+CREATE VIEW job_history AS
+SELECT e.job_id, e.id AS event_id, e.at, e.from_state, e.to_state, e.stage, e.attempt, e.message,
+       e.data
+FROM job_events e
+ORDER BY e.job_id, e.id;
+
+-- view jobs_overview
+CREATE VIEW jobs_overview AS
+SELECT j.id,
+       j.state,
+       j.stage,
+       CASE
+           WHEN j.state IN ('completed', 'failed', 'cancelled') THEN j.state
+           WHEN j.stage = 'preprocess' AND j.state = 'pending' THEN 'queued'
+           WHEN j.stage = 'preprocess' THEN 'processing'
+           WHEN j.stage = 'generate' AND j.state = 'pending' THEN 'processing'
+           WHEN j.stage = 'generate' THEN 'generating'
+           ELSE 'postprocessing'
+       END AS status,
+       j.priority,
+       j.attempts || '/' || j.max_attempts AS tries,
+       j.kind,
+       j.created_at,
+       j.updated_at,
+       round((julianday(coalesce(j.finished_at, strftime('%Y-%m-%dT%H:%M:%fZ', 'now')))
+              - julianday(j.created_at)) * 86400.0, 3) AS age_s,
+       j.comfy_backend AS backend,
+       j.comfy_prompt_id AS prompt_id,
+       json_extract(j.error, '$.type') AS error_type,
+       json_extract(j.error, '$.node_id') AS error_node,
+       j.message,
+       (SELECT count(*) FROM outputs o WHERE o.job_id = j.id) AS outputs,
+       (SELECT count(*) FROM job_events e WHERE e.job_id = j.id) AS events
+FROM jobs j
+ORDER BY j.created_at DESC;
+
+-- view queue_depth
+CREATE VIEW queue_depth AS
+SELECT stage,
+       sum(state = 'pending') AS waiting,
+       sum(state = 'running') AS running,
+       min(CASE WHEN state = 'pending' THEN created_at END) AS oldest_waiting
+FROM jobs
+WHERE state IN ('pending', 'running')
+GROUP BY stage;

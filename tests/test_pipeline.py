@@ -1,0 +1,173 @@
+"""The stage runner on a real store: claiming, wake-ups, retries, deadlines, cancel, crash, shutdown.
+
+Stage handlers here are small test stages plugged into the real runner (the runner's contract is a
+handler per stage); the full ComfyUI path is exercised in the API and crash tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from comfyq.errors import ComfyUIUnreachable, NodeError
+from comfyq.events import EventBus
+from comfyq.stages.runner import JobContext, Pipeline, RunnerConfig, StageDone
+from comfyq.store import Job, JobStore, NewJob
+
+STAGES = ("preprocess", "generate", "postprocess")
+
+
+class Recorder:
+    """A stage that records what it ran and behaves as each job's payload says."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.runs: Counter[str] = Counter()
+        self.started: dict[str, asyncio.Event] = {}
+        self.cleaned: list[tuple[str, str]] = []
+
+    async def __call__(self, job: Job, ctx: JobContext) -> StageDone:
+        self.runs[job.id] += 1
+        self.started.setdefault(job.id, asyncio.Event()).set()
+        plan: dict[str, Any] = job.payload.get(self.name, {})
+        try:
+            if plan.get("sleep"):
+                await asyncio.sleep(plan["sleep"])
+            if self.runs[job.id] <= plan.get("fail_retryable", 0):
+                raise ComfyUIUnreachable("ComfyUI is down")
+            if plan.get("fail"):
+                raise NodeError("boom", node_id="5", node_type="LoadImage")
+            if plan.get("crash"):
+                raise ZeroDivisionError("a bug")
+        except asyncio.CancelledError:
+            self.cleaned.append((job.id, ctx.cancel_reason or "?"))
+            raise
+        ctx.progress({"value": 1, "max": 1})
+        return StageDone(f"{self.name} done")
+
+
+def job(i: int, **plan: Any) -> NewJob:
+    return NewJob(id=f"j{i}", payload=plan, payload_hash=str(i), timeout=plan.pop("timeout", 3600.0))
+
+
+@pytest.fixture
+async def rig(tmp_path: Path):
+    store = JobStore(tmp_path / "q.db")
+    await store.open()
+    bus = EventBus()
+    store.listen(bus.on_transitions)
+    handlers = {s: Recorder(s) for s in STAGES}
+    pipe = Pipeline(store, bus, handlers, {"preprocess": 2, "generate": 2, "postprocess": 2},  # type: ignore[arg-type]
+                    RunnerConfig(lease=3.0, retry_base=0.05, retry_max=0.2, idle_poll=30.0))
+    await pipe.start()
+    yield store, bus, pipe, handlers
+    await pipe.stop(grace=1)
+    await store.close()
+
+
+async def wait_final(bus: EventBus, store: JobStore, job_id: str, timeout: float = 10) -> Job:
+    sub = bus.subscribe(job_id)
+    try:
+        j = await store.get(job_id)
+        while j is not None and not j.terminal:
+            ev = await sub.get(timeout)
+            assert ev is not None, f"{job_id} did not finish"
+            j = await store.get(job_id)
+        assert j is not None
+        return j
+    finally:
+        sub.close()
+
+
+async def test_jobs_flow_through_every_stage_without_polling_delay(rig) -> None:
+    store, bus, pipe, handlers = rig
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    for i in range(20):
+        await store.create(job(i), 100)
+    done = [await wait_final(bus, store, f"j{i}") for i in range(20)]
+    assert {j.state for j in done} == {"completed"}
+    # idle_poll is 30 s: finishing fast proves workers are woken by new work, not by a timer.
+    assert loop.time() - t0 < 10
+    for h in handlers.values():
+        assert sum(h.runs.values()) == 20
+
+
+async def test_retryable_error_retries_with_backoff_then_succeeds(rig) -> None:
+    store, bus, _, handlers = rig
+    await store.create(job(1, generate={"fail_retryable": 2}), 10)
+    j = await wait_final(bus, store, "j1")
+    assert j.state == "completed" and j.attempts == 3 and handlers["generate"].runs["j1"] == 3
+    msgs = [e["message"] for e in await store.events("j1")]
+    assert sum("retrying" in m for m in msgs) == 2
+
+
+async def test_retryable_error_fails_once_attempts_are_spent(rig) -> None:
+    store, bus, _, _ = rig
+    await store.create(job(1, generate={"fail_retryable": 99}), 10)
+    j = await wait_final(bus, store, "j1")
+    assert j.state == "failed" and j.attempts == 3 and j.error["type"] == "comfyui_unreachable"
+
+
+async def test_non_retryable_error_fails_at_once_with_typed_error(rig) -> None:
+    store, bus, _, handlers = rig
+    await store.create(job(1, generate={"fail": True}), 10)
+    j = await wait_final(bus, store, "j1")
+    assert j.state == "failed" and handlers["generate"].runs["j1"] == 1
+    assert j.error == {"type": "node_error", "message": "boom", "node_id": "5", "node_type": "LoadImage"}
+    assert j.message.startswith("Generation failed")
+
+
+async def test_a_bug_in_a_stage_fails_that_job_only(rig) -> None:
+    store, bus, pipe, _ = rig
+    await store.create(job(1, preprocess={"crash": True}), 10)
+    await store.create(job(2), 10)
+    assert (await wait_final(bus, store, "j1")).error["type"] == "internal_error"
+    assert (await wait_final(bus, store, "j2")).state == "completed"
+    assert all(s["alive"] == 2 for s in pipe.health().values())
+
+
+async def test_deadline_fails_a_running_job_with_timeout(rig) -> None:
+    store, bus, _, handlers = rig
+    await store.create(job(1, timeout=0.5, generate={"sleep": 30}), 10)
+    j = await wait_final(bus, store, "j1")
+    assert j.state == "failed" and j.error["type"] == "timeout"
+    assert handlers["generate"].cleaned == [("j1", "timeout")]
+
+
+async def test_cancel_waiting_and_running_jobs(rig) -> None:
+    store, bus, pipe, handlers = rig
+    await store.create(job(1, generate={"sleep": 30}), 10)
+    started = handlers["generate"].started.setdefault("j1", asyncio.Event())
+    await asyncio.wait_for(started.wait(), 5)
+    j = await pipe.cancel("j1")
+    assert j.state == "running"
+    j = await wait_final(bus, store, "j1")
+    assert j.state == "cancelled" and handlers["generate"].cleaned == [("j1", "cancel")]
+    # A waiting job (run_after far away keeps it waiting) is cancelled at once.
+    await store.create(job(2), 10)
+    j2 = await pipe.cancel("j2")
+    assert j2.state in ("cancelled", "running")
+    assert (await wait_final(bus, store, "j2")).state in ("cancelled", "completed")
+    # Finished: unchanged.
+    assert (await pipe.cancel("j1")).state == "cancelled"
+
+
+async def test_shutdown_releases_running_jobs_for_the_next_start(tmp_path: Path) -> None:
+    store = JobStore(tmp_path / "q.db")
+    await store.open()
+    handlers = {s: Recorder(s) for s in STAGES}
+    pipe = Pipeline(store, EventBus(), handlers, {s: 1 for s in STAGES}, RunnerConfig(lease=3.0))  # type: ignore[arg-type]
+    await pipe.start()
+    await store.create(job(1, generate={"sleep": 30}), 10)
+    started = handlers["generate"].started.setdefault("j1", asyncio.Event())
+    await asyncio.wait_for(started.wait(), 5)
+    await pipe.stop(grace=0.2)
+    j = await store.get("j1")
+    assert j is not None and (j.state, j.stage, j.attempts) == ("pending", "generate", 1)
+    assert handlers["generate"].cleaned == [("j1", "shutdown")]
+    await store.close()
