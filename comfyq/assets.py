@@ -42,6 +42,7 @@ SNIFF_BYTES = 256 * 1024  # enough for libmagic to tell every accepted type apar
 _WRITE_BATCH = 1 * MiB
 _REDIRECT_CODES = frozenset({301, 302, 303, 307, 308})
 _PARTIAL_DIR = ".partial"
+_TOUCH_INTERVAL = 60.0
 
 DEFAULT_ALLOWED_TYPES: frozenset[str] = frozenset(
     {
@@ -116,6 +117,7 @@ class _IndexEntry:
     stored_at: float
     etag: str | None = None
     last_modified: str | None = None
+    touched_at: float = 0.0
 
 
 def sniff_type(head: bytes) -> str:
@@ -170,6 +172,16 @@ def _decode_inline(data: str, max_bytes: int) -> bytes:
     return raw
 
 
+def _inline_candidate(data: str, max_bytes: int, cache_dir: Path) -> tuple[bytes, str, str, bool]:
+    """Decode inline data; return bytes, type, sha256 and whether the cache already has it."""
+    raw = _decode_inline(data, max_bytes)
+    if not raw:
+        raise InputError("inline data is empty")
+    mime = sniff_type(raw[:SNIFF_BYTES])
+    sha = hashlib.sha256(raw).hexdigest()
+    return raw, mime, sha, _touch(cache_dir / f"{sha}{extension_for(mime)}")
+
+
 class Downloader:
     """Fetches URL and inline inputs into a content-addressed cache directory."""
 
@@ -213,8 +225,15 @@ class Downloader:
         u = self._guard.check_url_syntax(url)
         key = str(u.with_fragment(None))
         entry = self._index.get(key)
-        if entry is not None and self._clock() - entry.stored_at <= self._cache_ttl:
-            if await asyncio.to_thread(_touch, entry.asset.path):
+        now = self._clock()
+        if entry is not None and now - entry.stored_at <= self._cache_ttl:
+            # Touching (existence check + mtime for prune) at most once a minute per entry keeps
+            # hot cache hits free of thread hops; prune() drops the entries of what it deletes.
+            if now - entry.touched_at < _TOUCH_INTERVAL or await asyncio.to_thread(
+                _touch, entry.asset.path
+            ):
+                if now - entry.touched_at >= _TOUCH_INTERVAL:
+                    entry.touched_at = now
                 self._index.move_to_end(key)
                 self.stats.cache_hits += 1
                 return entry.asset
@@ -235,14 +254,19 @@ class Downloader:
         """Store a base64 string or a data: URI after the same size and type checks."""
         if not isinstance(data, str):
             raise InputError("inline data must be a string")
-        raw = await asyncio.to_thread(_decode_inline, data, self._max_bytes)
-        if not raw:
-            raise InputError("inline data is empty")
-        mime = await self._check_type(raw[:SNIFF_BYTES], "inline data")
-        sha = await asyncio.to_thread(lambda: hashlib.sha256(raw).hexdigest())
+        # One thread hop does the blocking work: decode, sniff, hash, and look for the file.
+        raw, mime, sha, exists = await asyncio.to_thread(
+            _inline_candidate, data, self._max_bytes, self.cache_dir
+        )
+        if not type_allowed(mime, self._allowed):
+            raise InputError(
+                f"inline data is {mime}, which is not an accepted input type "
+                "(images, video, audio, text, safetensors/GGUF models)",
+                details={"mimetype": mime},
+            )
         ext = extension_for(mime)
         final = self.cache_dir / f"{sha}{ext}"
-        if not await asyncio.to_thread(_touch, final):
+        if not exists:
             tmp = await self._new_partial()
             try:
                 async with aiofiles.open(tmp, "wb") as f:
@@ -336,7 +360,7 @@ class Downloader:
                     seen.add(str(current))
                     continue
                 if resp.status == 304 and entry is not None and validators:
-                    entry.stored_at = self._clock()
+                    entry.stored_at = entry.touched_at = self._clock()
                     self._remember(key, entry)
                     self.stats.revalidated += 1
                     return entry.asset
@@ -354,6 +378,7 @@ class Downloader:
                         self._clock(),
                         etag=resp.headers.get("ETag"),
                         last_modified=resp.headers.get("Last-Modified"),
+                        touched_at=self._clock(),
                     ),
                 )
                 log.debug("downloaded %s (%d bytes, %s)", redact_url(start), asset.size, asset.mime)

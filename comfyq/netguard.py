@@ -10,6 +10,7 @@ the operator allowlisted the host or a network containing the address.
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 from collections.abc import Sequence
 from types import SimpleNamespace
@@ -29,6 +30,9 @@ _NAT64_PREFIXES = (
     ipaddress.IPv6Network("64:ff9b:1::/48"),
 )
 _MAX_URL_LENGTH = 8192
+_LEGACY_IPV4 = re.compile(
+    r"(?:0x[0-9a-f]*|[0-9]+)(?:\.(?:0x[0-9a-f]*|[0-9]+)){0,3}\.?", re.IGNORECASE
+)
 
 
 class BlockedAddress(InputError):
@@ -189,6 +193,10 @@ class AddressGuard:
         if port is None or not 0 < port < 65536:
             raise InputError(f"URL {shown} has an invalid port")
         ip = _parse_ip(host)
+        if ip is None and _LEGACY_IPV4.fullmatch(host):
+            # inet_aton spellings (2130706433, 0x7f.1, 127.1) reach an address without looking
+            # like one; some aiohttp versions pass them straight to connect().
+            raise BlockedAddress(f"URL {shown}: non-canonical IPv4 address {host!r} refused")
         if ip is not None:
             reason = self.blocked_reason(ip)
             if reason:

@@ -17,7 +17,9 @@ import json
 import math
 import random
 import re
+import time
 from collections.abc import Awaitable, Callable, Collection, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -34,7 +36,18 @@ _PREFIX_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._/-]{0,127}")
 
 # Parsed workflow files, keyed by path and invalidated by mtime/size, so a modifier run does not
 # re-read its file from disk for every job.
-_workflow_cache: dict[Path, tuple[int, int, str]] = {}
+_RECHECK_SECONDS = 2.0
+
+
+@dataclass
+class _CachedFile:
+    mtime_ns: int
+    size: int
+    text: str
+    checked_at: float
+
+
+_workflow_cache: dict[Path, _CachedFile] = {}
 _resolved_paths: dict[tuple[type, tuple[Path, ...]], Path] = {}
 
 
@@ -163,14 +176,20 @@ def replace_random_ints(
 
 async def read_workflow_file(path: Path) -> dict[str, Any]:
     """Load an API-format workflow JSON file (cached by mtime; a fresh object every call)."""
-    st = await aiofiles.os.stat(path)
+    now = time.monotonic()
     cached = _workflow_cache.get(path)
-    if cached is not None and cached[0] == st.st_mtime_ns and cached[1] == st.st_size:
-        text = cached[2]
+    if cached is not None and now - cached.checked_at < _RECHECK_SECONDS:
+        text = cached.text  # edits show up within _RECHECK_SECONDS, without a stat per job
     else:
-        async with aiofiles.open(path, encoding="utf-8") as f:
-            text = await f.read()
-        _workflow_cache[path] = (st.st_mtime_ns, st.st_size, text)
+        if cached is not None:
+            cached.checked_at = now  # concurrent loads keep using the text meanwhile
+        st = await aiofiles.os.stat(path)
+        if cached is not None and (cached.mtime_ns, cached.size) == (st.st_mtime_ns, st.st_size):
+            text = cached.text
+        else:
+            async with aiofiles.open(path, encoding="utf-8") as f:
+                text = await f.read()
+        _workflow_cache[path] = _CachedFile(st.st_mtime_ns, st.st_size, text, now)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:

@@ -106,6 +106,11 @@ def test_bad_allowlist_entries_are_startup_errors(entry: str) -> None:
         ("http://[::ffff:127.0.0.1]/", "embeds 127.0.0.1"),
         ("http://0.0.0.0:8188/", "unspecified"),
         ("https://" + "a" * 9000 + ".com", "longer"),
+        ("http://2130706433/", "non-canonical"),
+        ("http://0x7f000001/", "non-canonical"),
+        ("http://0x7f.1/", "non-canonical"),
+        ("http://127.1/", "non-canonical"),
+        ("http://017700000001/", "non-canonical"),
     ],
 )
 def test_check_url_syntax_refusals(url: str, fragment: str) -> None:
