@@ -67,12 +67,42 @@ CREATE INDEX jobs_leases ON jobs (lease_expires_at) WHERE state = 'running';
 CREATE INDEX jobs_created ON jobs (created_at DESC, id DESC);
 CREATE INDEX jobs_finished ON jobs (finished_at) WHERE finished_at IS NOT NULL;
 
+-- AFTER, not BEFORE: a BEFORE trigger makes SQLite run every UPDATE in two passes. RAISE(ABORT)
+-- in an AFTER trigger still undoes the statement.
 CREATE TRIGGER jobs_legal_transition
-BEFORE UPDATE OF state ON jobs
+AFTER UPDATE OF state ON jobs
 WHEN OLD.state <> NEW.state
  AND NOT EXISTS (SELECT 1 FROM job_transitions WHERE from_state = OLD.state AND to_state = NEW.state)
 BEGIN
     SELECT RAISE(ABORT, 'illegal job transition');
+END;
+
+-- Unfinished jobs (pending or running), kept by triggers so admission need not count them.
+CREATE TABLE queue_stats (
+    id         INTEGER PRIMARY KEY CHECK (id = 1),
+    unfinished INTEGER NOT NULL CHECK (unfinished >= 0)
+) STRICT;
+
+INSERT INTO queue_stats (id, unfinished) VALUES (1, 0);
+
+CREATE TRIGGER jobs_count_insert AFTER INSERT ON jobs
+WHEN NEW.state IN ('pending', 'running')
+BEGIN
+    UPDATE queue_stats SET unfinished = unfinished + 1 WHERE id = 1;
+END;
+
+CREATE TRIGGER jobs_count_update AFTER UPDATE OF state ON jobs
+WHEN (OLD.state IN ('pending', 'running')) <> (NEW.state IN ('pending', 'running'))
+BEGIN
+    UPDATE queue_stats
+    SET unfinished = unfinished + CASE WHEN NEW.state IN ('pending', 'running') THEN 1 ELSE -1 END
+    WHERE id = 1;
+END;
+
+CREATE TRIGGER jobs_count_delete AFTER DELETE ON jobs
+WHEN OLD.state IN ('pending', 'running')
+BEGIN
+    UPDATE queue_stats SET unfinished = unfinished - 1 WHERE id = 1;
 END;
 
 -- One row per state or stage change, written in the same transaction as the change.

@@ -99,12 +99,41 @@ CREATE TABLE outputs (
     UNIQUE (job_id, filename)
 ) STRICT;
 
+-- table queue_stats
+CREATE TABLE queue_stats (
+    id         INTEGER PRIMARY KEY CHECK (id = 1),
+    unfinished INTEGER NOT NULL CHECK (unfinished >= 0)
+) STRICT;
+
 -- table schema_migrations
 CREATE TABLE schema_migrations ( version INTEGER PRIMARY KEY, name TEXT NOT NULL, checksum TEXT NOT NULL, applied_at TEXT NOT NULL) STRICT;
 
+-- trigger jobs_count_delete
+CREATE TRIGGER jobs_count_delete AFTER DELETE ON jobs
+WHEN OLD.state IN ('pending', 'running')
+BEGIN
+    UPDATE queue_stats SET unfinished = unfinished - 1 WHERE id = 1;
+END;
+
+-- trigger jobs_count_insert
+CREATE TRIGGER jobs_count_insert AFTER INSERT ON jobs
+WHEN NEW.state IN ('pending', 'running')
+BEGIN
+    UPDATE queue_stats SET unfinished = unfinished + 1 WHERE id = 1;
+END;
+
+-- trigger jobs_count_update
+CREATE TRIGGER jobs_count_update AFTER UPDATE OF state ON jobs
+WHEN (OLD.state IN ('pending', 'running')) <> (NEW.state IN ('pending', 'running'))
+BEGIN
+    UPDATE queue_stats
+    SET unfinished = unfinished + CASE WHEN NEW.state IN ('pending', 'running') THEN 1 ELSE -1 END
+    WHERE id = 1;
+END;
+
 -- trigger jobs_legal_transition
 CREATE TRIGGER jobs_legal_transition
-BEFORE UPDATE OF state ON jobs
+AFTER UPDATE OF state ON jobs
 WHEN OLD.state <> NEW.state
  AND NOT EXISTS (SELECT 1 FROM job_transitions WHERE from_state = OLD.state AND to_state = NEW.state)
 BEGIN

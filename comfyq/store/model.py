@@ -36,9 +36,14 @@ def status_of(state: str, stage: str) -> str:
     return "postprocessing"
 
 
-@dataclass
+_JSON_COLS = ("payload", "prepared", "result", "error", "timings")
+
+
 class Job:
-    """One row of ``jobs``, JSON columns decoded."""
+    """One row of ``jobs``. Columns are read from the row on access and JSON columns are decoded
+    on first use: a transition touches a few columns of rows whose workflows can be large."""
+
+    __slots__ = ("_row", "_over", "_decoded")
 
     id: str
     state: str
@@ -48,12 +53,7 @@ class Job:
     max_attempts: int
     message: str
     kind: str
-    payload: dict[str, Any]
     payload_hash: str
-    prepared: dict[str, Any] | None
-    result: dict[str, Any] | None
-    error: dict[str, Any] | None
-    timings: dict[str, Any]
     lease_owner: str | None
     lease_expires_at: str | None
     run_after: str
@@ -66,13 +66,54 @@ class Job:
     stage_entered_at: str
     finished_at: str | None
 
+    def __init__(self, row: sqlite3.Row | dict[str, Any]) -> None:
+        object.__setattr__(self, "_row", row)
+        object.__setattr__(self, "_over", {})
+        object.__setattr__(self, "_decoded", {})
+
     @classmethod
     def from_row(cls, row: sqlite3.Row | dict[str, Any]) -> Job:
-        d = dict(row)
-        for k in ("payload", "prepared", "result", "error", "timings"):
-            d[k] = loads(d[k])
-        d["cancel_requested"] = bool(d["cancel_requested"])
-        return cls(**d)
+        return cls(row)
+
+    def __getattr__(self, name: str) -> Any:
+        over = object.__getattribute__(self, "_over")
+        if name in over:
+            return over[name]
+        try:
+            value = object.__getattribute__(self, "_row")[name]
+        except (IndexError, KeyError):
+            raise AttributeError(name) from None
+        return bool(value) if name == "cancel_requested" else value
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        self._over[name] = value
+
+    def _json(self, key: str) -> Any:
+        try:
+            return self._decoded[key]
+        except KeyError:
+            value = self._decoded[key] = loads(self._row[key])
+            return value
+
+    @property
+    def payload(self) -> dict[str, Any]:
+        return self._json("payload")  # type: ignore[no-any-return]
+
+    @property
+    def prepared(self) -> dict[str, Any] | None:
+        return self._json("prepared")  # type: ignore[no-any-return]
+
+    @property
+    def result(self) -> dict[str, Any] | None:
+        return self._json("result")  # type: ignore[no-any-return]
+
+    @property
+    def error(self) -> dict[str, Any] | None:
+        return self._json("error")  # type: ignore[no-any-return]
+
+    @property
+    def timings(self) -> dict[str, Any]:
+        return self._json("timings")  # type: ignore[no-any-return]
 
     @property
     def status(self) -> str:
@@ -81,6 +122,9 @@ class Job:
     @property
     def terminal(self) -> bool:
         return self.state in TERMINAL
+
+    def __repr__(self) -> str:
+        return f"Job(id={self.id!r}, state={self.state!r}, stage={self.stage!r}, attempts={self.attempts})"
 
 
 @dataclass

@@ -66,7 +66,7 @@ def create(conn: sqlite3.Connection, new: NewJob, now: float, max_queue: int) ->
                 fields=[{"path": "$.input.request_id", "message": "already used with a different payload"}],
             )
         return existing, None
-    (waiting,) = conn.execute("SELECT count(*) FROM jobs WHERE state IN ('pending', 'running')").fetchone()
+    (waiting,) = conn.execute("SELECT unfinished FROM queue_stats WHERE id = 1").fetchone()
     if waiting >= max_queue:
         raise QueueFull(f"queue is full ({waiting} unfinished jobs, limit {max_queue}); retry shortly")
     t = iso(now)
@@ -107,10 +107,10 @@ def claim(
 
 def _guarded(
     conn: sqlite3.Connection, job_id: str, owner: str | None, sets: str, params: dict[str, Any],
-    *, from_states: tuple[str, ...] = ("running",),
+    *, from_states: tuple[str, ...] = ("running",), before: Job | None = None,
 ) -> tuple[Job, str]:
     """Run a guarded UPDATE of one job; raise LeaseLost/IllegalTransition when it matched nothing."""
-    before = get(conn, job_id)
+    before = before or get(conn, job_id)
     if before is None:
         raise NotFound(f"job {job_id} not found")
     if before.state not in from_states or (owner is not None and before.lease_owner != owner):
@@ -134,6 +134,23 @@ def advance(
     fields: dict[str, Any] | None = None,
 ) -> Transition:
     """End the job's current stage successfully: pending in the next stage, or completed."""
+    extra, params = _field_sets(fields)
+    params.update(now=iso(now), message=message, id=job_id, owner=owner)
+    # Fast path, one statement: the usual case of a held, uncancelled job before postprocess.
+    row = conn.execute(
+        "UPDATE jobs SET state = 'pending', lease_owner = NULL, lease_expires_at = NULL,"
+        " stage = CASE stage WHEN 'preprocess' THEN 'generate' ELSE 'postprocess' END,"
+        " message = :message, updated_at = :now, run_after = :now,"
+        " timings = json_set(timings, '$.' || CASE stage WHEN 'preprocess' THEN 'preprocess_ms'"
+        "   ELSE 'generation_ms' END, coalesce(json_extract(timings, '$.' || CASE stage"
+        "   WHEN 'preprocess' THEN 'preprocess_ms' ELSE 'generation_ms' END), 0)"
+        f"   + {_ms_since('stage_entered_at', ':now')}), stage_entered_at = :now" + extra +
+        " WHERE id = :id AND state = 'running' AND lease_owner = :owner AND cancel_requested = 0"
+        " AND stage IN ('preprocess', 'generate') RETURNING *",
+        params,
+    ).fetchone()
+    if row is not None:
+        return _event(conn, Job.from_row(row), "running", message)
     current = get(conn, job_id)
     if current is None:
         raise NotFound(f"job {job_id} not found")
@@ -150,7 +167,7 @@ def advance(
         "state = 'pending', stage = :next, lease_owner = NULL, lease_expires_at = NULL,"
         f" message = :message, updated_at = :now, run_after = :now,"
         f" timings = {_add_timing(_STAGE_KEY[current.stage])}, stage_entered_at = :now" + extra,
-        params,
+        params, before=current,
     )
     return _event(conn, job, prev, message)
 
@@ -174,7 +191,7 @@ def finish(
         " updated_at = :now, finished_at = :now, error = :error, cancel_requested = 0,"
         f" timings = json_set({timing}, '$.total_ms', {_ms_since('created_at', ':now')}),"
         " stage_entered_at = :now" + extra,
-        params, from_states=from_states,
+        params, from_states=from_states, before=current,
     )
     conn.execute("DELETE FROM job_secrets WHERE job_id = ?", (job_id,))
     return _event(conn, job, prev, message, error and {"error": error})
@@ -198,7 +215,7 @@ def retry_later(
         "state = 'pending', lease_owner = NULL, lease_expires_at = NULL, attempts = attempts + 1,"
         " message = :message, updated_at = :now, run_after = :run_after,"
         f" timings = {_add_timing(_STAGE_KEY[current.stage])}, stage_entered_at = :now",
-        {"now": iso(now), "message": msg, "run_after": iso(now + delay)},
+        {"now": iso(now), "message": msg, "run_after": iso(now + delay)}, before=current,
     )
     return _event(conn, job, prev, msg, {"error": error})
 
@@ -213,7 +230,7 @@ def release(conn: sqlite3.Connection, job_id: str, owner: str, now: float, messa
         "state = 'pending', lease_owner = NULL, lease_expires_at = NULL, message = :message,"
         f" updated_at = :now, run_after = :now, timings = {_add_timing(_STAGE_KEY[current.stage])},"
         " stage_entered_at = :now",
-        {"now": iso(now), "message": message},
+        {"now": iso(now), "message": message}, before=current,
     )
     return _event(conn, job, prev, message)
 
@@ -313,7 +330,7 @@ def _rescue(conn: sqlite3.Connection, job: Job, now: float, *, counts_attempt: b
         f"state = 'pending', lease_owner = NULL, lease_expires_at = NULL, {bump} message = :message,"
         f" updated_at = :now, run_after = :now, timings = {_add_timing(_STAGE_KEY[job.stage])},"
         " stage_entered_at = :now",
-        {"now": iso(now), "message": msg},
+        {"now": iso(now), "message": msg}, before=job,
     )
     return _event(conn, row, prev, msg)
 

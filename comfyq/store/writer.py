@@ -155,21 +155,20 @@ class Writer:
             else:
                 self._commit_group(conn, batch)
 
-    def _run_alone(self, conn: sqlite3.Connection, op: _Op) -> None:
-        try:
-            result: tuple[asyncio.Future[Any], bool, Any] = (op.future, True, op.fn(conn, *op.args))
-        except BaseException as exc:  # noqa: BLE001 - reported to the caller
-            result = (op.future, False, exc)
-        try:
-            op.loop.call_soon_threadsafe(_deliver, [result])
-        except RuntimeError:
-            pass
-
-    def _commit_group(self, conn: sqlite3.Connection, batch: list[_Op]) -> None:
+    def _run_group(
+        self, conn: sqlite3.Connection, batch: list[_Op], *, isolate: bool
+    ) -> list[tuple[_Op, bool, Any]] | None:
         outcomes: list[tuple[_Op, bool, Any]] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
             for op in batch:
+                if not isolate:
+                    try:
+                        outcomes.append((op, True, op.fn(conn, *op.args)))
+                    except BaseException:  # noqa: BLE001 - retried below, isolated
+                        conn.execute("ROLLBACK")
+                        return None
+                    continue
                 conn.execute("SAVEPOINT op")
                 try:
                     value = op.fn(conn, *op.args)
@@ -188,6 +187,24 @@ class Writer:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             outcomes = [(op, False, exc) for op in batch]
+        return outcomes
+
+    def _run_alone(self, conn: sqlite3.Connection, op: _Op) -> None:
+        try:
+            result: tuple[asyncio.Future[Any], bool, Any] = (op.future, True, op.fn(conn, *op.args))
+        except BaseException as exc:  # noqa: BLE001 - reported to the caller
+            result = (op.future, False, exc)
+        try:
+            op.loop.call_soon_threadsafe(_deliver, [result])
+        except RuntimeError:
+            pass
+
+    def _commit_group(self, conn: sqlite3.Connection, batch: list[_Op]) -> None:
+        # Optimistic first: no savepoints. If any write raises, the whole group is rolled back and
+        # run again with a savepoint per write, so the failing one is undone alone.
+        outcomes = self._run_group(conn, batch, isolate=False)
+        if outcomes is None:
+            outcomes = self._run_group(conn, batch, isolate=True) or []
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
         for op, ok, value in outcomes:
             by_loop.setdefault(op.loop, []).append((op.future, ok, value))

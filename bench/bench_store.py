@@ -1,0 +1,176 @@
+"""Store alone: complete jobs/s through claim -> every transition -> done, at synchronous=FULL,
+with 1, 4 and 16 concurrent workers; and claim latency p50/p99 with 10k and 1M rows in the table.
+
+    .venv/bin/python -m bench.bench_store [--jobs 4000] [--big 1000000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from comfyq.store import JobStore, NewJob
+from comfyq.store.writer import connect
+
+STAGES = ("preprocess", "generate", "postprocess")
+
+
+def _new(i: int) -> NewJob:
+    return NewJob(id=f"job-{i:08d}", payload={"input": {"workflow_json": {"1": {"class_type": "X"}}}},
+                  payload_hash=str(i), kind="workflow")
+
+
+async def throughput(path: Path, jobs: int, workers: int, include_create: bool) -> tuple[float, int]:
+    store = JobStore(path)
+    await store.open()
+    try:
+        if not include_create:
+            await asyncio.gather(*(store.create(_new(i), jobs + 1) for i in range(jobs)))
+        done = 0
+        next_id = 0
+
+        async def worker() -> None:
+            nonlocal done, next_id
+            while done < jobs:
+                if include_create and next_id < jobs:
+                    i = next_id
+                    next_id += 1
+                    await store.create(_new(i), jobs + 1)
+                progressed = False
+                for stage in STAGES:
+                    for job in await store.claim(stage, 1, 30.0, stage):
+                        await store.advance(job.id, f"{stage} done")
+                        progressed = True
+                        if stage == "postprocess":
+                            done += 1
+                if not progressed and not (include_create and next_id < jobs):
+                    await asyncio.sleep(0)
+
+        commits0 = store.writer.commits
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(workers)))
+        elapsed = time.perf_counter() - t0
+        return jobs / elapsed, store.writer.commits - commits0
+    finally:
+        await store.close()
+
+
+async def through_runner(path: Path, jobs: int, workers: int) -> float:
+    """The same work through the real stage runner (batched claims, wake-ups) with no-op stages."""
+    from comfyq.events import EventBus
+    from comfyq.stages.runner import JobContext, Pipeline, RunnerConfig, StageDone
+    from comfyq.store import Job
+
+    store = JobStore(path)
+    await store.open()
+    finished = asyncio.Event()
+    count = 0
+
+    def on_tr(trs: list) -> None:  # type: ignore[type-arg]
+        nonlocal count
+        count += sum(1 for t in trs if t.to_state == "completed")
+        if count >= jobs:
+            finished.set()
+
+    store.listen(on_tr)
+
+    async def noop(job: Job, ctx: JobContext) -> StageDone:
+        return StageDone("ok")
+
+    pipe = Pipeline(store, EventBus(), {s: noop for s in STAGES}, {s: workers for s in STAGES},
+                    RunnerConfig(lease=30))
+    await asyncio.gather(*(store.create(_new(i), jobs + 1) for i in range(jobs)))
+    t0 = time.perf_counter()
+    await pipe.start()
+    await finished.wait()
+    elapsed = time.perf_counter() - t0
+    await pipe.stop(1)
+    await store.close()
+    return jobs / elapsed
+
+
+def fill(path: Path, rows: int) -> None:
+    """``rows`` finished jobs plus 2,000 waiting ones, written straight into the file."""
+    conn = connect(path)
+    conn.execute("BEGIN")
+    conn.execute(
+        "WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < ?)"
+        " INSERT INTO jobs (id, state, stage, payload, payload_hash, run_after, deadline_at, created_at,"
+        " updated_at, stage_entered_at, finished_at, attempts)"
+        " SELECT printf('done-%09d', i), 'completed', 'postprocess', '{}', 'h', '2026-01-01T00:00:00.000000Z',"
+        " '2027-01-01T00:00:00.000000Z', printf('2026-01-01T00:00:%02d.%06dZ', i / 1000000 % 60, i % 1000000),"
+        " '2026-01-01T00:00:00.000000Z', '2026-01-01T00:00:00.000000Z', '2026-01-01T00:00:01.000000Z', 1"
+        " FROM n",
+        (rows - 1,),
+    )
+    conn.execute(
+        "WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < 1999)"
+        " INSERT INTO jobs (id, state, stage, payload, payload_hash, run_after, deadline_at, created_at,"
+        " updated_at, stage_entered_at, priority)"
+        " SELECT printf('wait-%09d', i), 'pending', 'generate', '{}', 'h', '2026-01-01T00:00:00.000000Z',"
+        " '2099-01-01T00:00:00.000000Z', printf('2026-06-01T00:00:00.%06dZ', i), '2026-01-01T00:00:00.000000Z',"
+        " '2026-01-01T00:00:00.000000Z', i % 3 FROM n"
+    )
+    conn.execute("COMMIT")
+    conn.execute("ANALYZE")
+    conn.close()
+
+
+async def claim_latency(path: Path, samples: int = 1000) -> tuple[float, float]:
+    store = JobStore(path)
+    await store.open()
+    try:
+        lat = []
+        for _ in range(samples):
+            t0 = time.perf_counter()
+            got = await store.claim("generate", 1, 30.0, "g")
+            lat.append(time.perf_counter() - t0)
+            await store.release(got[0].id, "back")
+        lat.sort()
+        return statistics.median(lat) * 1000, lat[int(len(lat) * 0.99) - 1] * 1000
+    finally:
+        await store.close()
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--jobs", type=int, default=4000)
+    ap.add_argument("--big", type=int, default=1_000_000)
+    args = ap.parse_args()
+    print(f"store benchmark: synchronous=FULL, WAL, {os.cpu_count()} cores, {args.jobs} jobs per run")
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as d:
+        for include_create in (False, True):
+            label = "create+claim+transitions" if include_create else "claim+transitions (pre-filled)"
+            for w in (1, 4, 16):
+                path = Path(d) / f"t{w}{include_create}.db"
+                rate, commits = await throughput(path, args.jobs, w, include_create)
+                writes = args.jobs * (7 if include_create else 6)
+                print(f"  {label:32s} workers={w:2d}: {rate:8.0f} complete jobs/s"
+                      f"  ({writes} writes in {commits} commits, {writes / max(commits, 1):.1f}/fsync)")
+        for w in (1, 4, 16):
+            rate = await through_runner(Path(d) / f"r{w}.db", args.jobs, w)
+            print(f"  {'stage runner, no-op stages':32s} workers={w:2d}/stage: {rate:8.0f} complete jobs/s")
+        results = {}
+        for rows in (10_000, args.big):
+            path = Path(d) / f"big{rows}.db"
+            JobStore(path)  # noqa: B018 - nothing; open() below migrates
+            s = JobStore(path)
+            await s.open()
+            await s.close()
+            t0 = time.perf_counter()
+            fill(path, rows)
+            p50, p99 = await claim_latency(path)
+            results[rows] = (p50, p99)
+            print(f"  claim latency with {rows:>9,} rows: p50 {p50:.3f} ms  p99 {p99:.3f} ms"
+                  f"  (fill {time.perf_counter() - t0:.1f}s)")
+        (a50, a99), (b50, b99) = results[10_000], results[args.big]
+        print(f"  ratio {args.big:,} vs 10,000 rows: p50 x{b50 / a50:.2f}  p99 x{b99 / a99:.2f}")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
