@@ -1,0 +1,139 @@
+"""Test support for code that talks to the simulator: a websocket recorder and shape helpers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import struct
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import aiohttp
+
+
+@dataclass
+class Frame:
+    """One received websocket frame: JSON text (type/data) or binary (raw bytes)."""
+
+    kind: str  # "text" or "binary"
+    type: str  # message type, or "<binary N>" with the u32 event type
+    data: Any
+    raw: bytes = b""
+
+
+def _binary_name(payload: bytes) -> str:
+    event = struct.unpack(">I", payload[:4])[0] if len(payload) >= 4 else -1
+    names = {1: "PREVIEW_IMAGE", 3: "TEXT", 4: "PREVIEW_IMAGE_WITH_METADATA"}
+    return f"<binary {names.get(event, event)}>"
+
+
+class WsRecorder:
+    """Connects to /ws and records every frame in the background."""
+
+    def __init__(self, session: aiohttp.ClientSession, base_url: str,
+                 client_id: str | None = None) -> None:
+        self.session = session
+        self.url = base_url + "/ws" + (f"?clientId={client_id}" if client_id else "")
+        self.frames: list[Frame] = []
+        self.closed: aiohttp.WSMessage | None = None
+        self.ws: aiohttp.ClientWebSocketResponse | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._changed = asyncio.Event()
+
+    async def connect(self, first_message: dict[str, Any] | None = None) -> WsRecorder:
+        """Open the socket (optionally sending a first message) and start recording."""
+        self.ws = await self.session.ws_connect(self.url, autoclose=False, heartbeat=None)
+        if first_message is not None:
+            await self.ws.send_str(json.dumps(first_message))
+        self._task = asyncio.create_task(self._read())
+        return self
+
+    async def _read(self) -> None:
+        assert self.ws is not None
+        while True:
+            msg = await self.ws.receive()
+            if msg.type == aiohttp.WSMsgType.TEXT:
+                d = json.loads(msg.data)
+                self.frames.append(Frame("text", d["type"], d["data"]))
+            elif msg.type == aiohttp.WSMsgType.BINARY:
+                self.frames.append(Frame("binary", _binary_name(msg.data), None, msg.data))
+            else:
+                self.closed = msg
+                self._changed.set()
+                return
+            self._changed.set()
+
+    async def wait_for(self, pred: Callable[[list[Frame]], bool], timeout: float = 10.0) -> None:
+        """Wait until pred(frames) holds (or the socket closed, then pred must hold)."""
+        async def loop() -> None:
+            while not pred(self.frames):
+                if self.closed is not None:
+                    raise AssertionError(f"socket closed ({self.closed.type}) before condition")
+                self._changed.clear()
+                await self._changed.wait()
+        await asyncio.wait_for(loop(), timeout)
+
+    async def wait_closed(self, timeout: float = 10.0) -> aiohttp.WSMessage:
+        """Wait for the connection to end; returns the closing message."""
+        async def loop() -> None:
+            while self.closed is None:
+                self._changed.clear()
+                await self._changed.wait()
+        await asyncio.wait_for(loop(), timeout)
+        assert self.closed is not None
+        return self.closed
+
+    async def wait_done(self, prompt_id: str, timeout: float = 10.0) -> None:
+        """Wait for the final `executing {node: null, prompt_id}` of a prompt."""
+        await self.wait_for(lambda fs: any(is_done(f, prompt_id) for f in fs), timeout)
+
+    def types(self) -> list[str]:
+        """Message types in arrival order."""
+        return [f.type for f in self.frames]
+
+    def of_type(self, kind: str) -> list[Frame]:
+        """Frames of one message type."""
+        return [f for f in self.frames if f.type == kind]
+
+    async def close(self) -> None:
+        """Close the socket and stop recording."""
+        if self.ws is not None and not self.ws.closed:
+            await self.ws.close()
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001 - teardown
+                pass
+
+
+def is_done(frame: Frame, prompt_id: str) -> bool:
+    """True for the final `executing` message of prompt_id."""
+    return (frame.type == "executing" and frame.data.get("node") is None
+            and frame.data.get("prompt_id") == prompt_id)
+
+
+def shape(value: Any) -> Any:
+    """Structure of a JSON value: dict keys recursively, lists by their first item, leaf types."""
+    if isinstance(value, dict):
+        return {k: shape(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [shape(value[0])] if value else []
+    if isinstance(value, bool) or value is None:
+        return type(value).__name__
+    if isinstance(value, (int, float)):
+        return "number"
+    return type(value).__name__
+
+
+async def wait_history(session: aiohttp.ClientSession, base_url: str, prompt_id: str,
+                       timeout: float = 10.0) -> dict[str, Any]:
+    """Poll GET /history/{id} until the entry exists; returns the entry."""
+    async def loop() -> dict[str, Any]:
+        while True:
+            async with session.get(f"{base_url}/history/{prompt_id}") as r:
+                body = await r.json()
+            if prompt_id in body:
+                return body[prompt_id]  # type: ignore[no-any-return]
+            await asyncio.sleep(0.01)
+    return await asyncio.wait_for(loop(), timeout)
