@@ -1,102 +1,48 @@
-"""Input assets: safe URL downloads and inline (base64) inputs, kept in a content-hash cache.
-
-Every file lands in ``cache_dir/{sha256}{ext}``: it is streamed to a private temp file, hashed on
-the way, typed by libmagic from its first bytes and renamed into place atomically, so readers
-never see a partial file and identical content is stored once. Concurrent fetches of one URL
-share one download. The URL -> file index is in memory with a freshness TTL; a stale entry is
-revalidated with the server's ETag / Last-Modified, so changed content is picked up.
-"""
+"""Downloader: URL inputs fetched safely into the content-hash cache, inline inputs decoded into it."""
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import functools
 import hashlib
 import logging
-import mimetypes
-import os
 import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import unquote_to_bytes
 
 import aiofiles
 import aiofiles.os
 import aiohttp
-import magic
-from aiofiles.threadpool.binary import AsyncBufferedIOBase
 from yarl import URL
 
+from comfyq.assets.filetypes import (
+    DEFAULT_ALLOWED_TYPES,
+    SNIFF_BYTES,
+    Asset,
+    MiB,
+    extension_for,
+    sniff_type,
+    type_allowed,
+)
+from comfyq.assets.storage import (
+    PARTIAL_DIR,
+    discard,
+    inline_candidate,
+    prune_dir,
+    touch,
+    write_and_hash,
+)
 from comfyq.errors import InputError
 from comfyq.netguard import AddressGuard, redact_url
 
 log = logging.getLogger("comfyq.assets")
 
-MiB = 1024 * 1024
-SNIFF_BYTES = 256 * 1024  # enough for libmagic to tell every accepted type apart
 _WRITE_BATCH = 1 * MiB
 _REDIRECT_CODES = frozenset({301, 302, 303, 307, 308})
-_PARTIAL_DIR = ".partial"
 _TOUCH_INTERVAL = 60.0
-
-DEFAULT_ALLOWED_TYPES: frozenset[str] = frozenset(
-    {
-        "image/*",
-        "video/*",
-        "audio/*",
-        "text/plain",
-        "text/csv",
-        "application/json",
-        "application/x-safetensors",
-        "application/x-gguf",
-    }
-)
-# Types a wildcard never admits: SVG is XML that may carry script and ComfyUI cannot load it.
-_NOT_BY_WILDCARD = frozenset({"image/svg+xml"})
-
-_EXTENSIONS = {
-    "image/png": ".png",
-    "image/jpeg": ".jpg",
-    "image/webp": ".webp",
-    "image/gif": ".gif",
-    "image/bmp": ".bmp",
-    "image/x-ms-bmp": ".bmp",
-    "image/tiff": ".tiff",
-    "image/avif": ".avif",
-    "image/heic": ".heic",
-    "video/mp4": ".mp4",
-    "video/webm": ".webm",
-    "video/quicktime": ".mov",
-    "video/x-matroska": ".mkv",
-    "video/x-msvideo": ".avi",
-    "audio/mpeg": ".mp3",
-    "audio/x-wav": ".wav",
-    "audio/wav": ".wav",
-    "audio/flac": ".flac",
-    "audio/x-flac": ".flac",
-    "audio/ogg": ".ogg",
-    "text/plain": ".txt",
-    "text/csv": ".csv",
-    "application/json": ".json",
-    "application/x-safetensors": ".safetensors",
-    "application/x-gguf": ".gguf",
-}
-
-
-@dataclass(frozen=True)
-class Asset:
-    """One stored input file."""
-
-    path: Path
-    sha256: str
-    mime: str
-    ext: str
-    size: int
 
 
 @dataclass
@@ -118,68 +64,6 @@ class _IndexEntry:
     etag: str | None = None
     last_modified: str | None = None
     touched_at: float = 0.0
-
-
-def sniff_type(head: bytes) -> str:
-    """The MIME type of a file from its first bytes (blocking: run it in a thread)."""
-    if head[:4] == b"GGUF":
-        return "application/x-gguf"
-    if len(head) >= 10:
-        # safetensors: u64 little-endian JSON header length, then the JSON header itself.
-        n = int.from_bytes(head[:8], "little")
-        if 2 <= n <= 100 * MiB and head[8:9] == b"{":
-            return "application/x-safetensors"
-    return str(magic.from_buffer(head, mime=True))
-
-
-def extension_for(mime: str) -> str:
-    """The file extension used for ``mime`` (``.bin`` when nothing better is known)."""
-    return _EXTENSIONS.get(mime) or mimetypes.guess_extension(mime) or ".bin"
-
-
-def type_allowed(mime: str, allowed: Iterable[str]) -> bool:
-    """True when ``mime`` matches one of ``allowed`` (exact types or ``major/*``)."""
-    allowed = set(allowed)
-    if mime in allowed:
-        return True
-    major = mime.split("/", 1)[0]
-    return f"{major}/*" in allowed and mime not in _NOT_BY_WILDCARD
-
-
-def _decode_inline(data: str, max_bytes: int) -> bytes:
-    """Decode base64 or a data: URI (blocking for big inputs: run it in a thread)."""
-    payload, is_b64 = data, True
-    if data[:5].lower() == "data:":
-        header, sep, payload = data[5:].partition(",")
-        if not sep:
-            raise InputError("data: URI has no ',' before its data")
-        is_b64 = "base64" in (p.strip().lower() for p in header.split(";"))
-    if not is_b64:
-        raw = unquote_to_bytes(payload)
-    else:
-        if len(payload) * 3 // 4 > max_bytes + 3:
-            raise InputError(f"inline data is over the {max_bytes} byte limit")
-        compact = "".join(payload.split())
-        if "-" in compact or "_" in compact:
-            compact = compact.translate(str.maketrans("-_", "+/"))
-        compact += "=" * (-len(compact) % 4)
-        try:
-            raw = base64.b64decode(compact, validate=True)
-        except (binascii.Error, ValueError):
-            raise InputError("inline data is neither valid base64 nor a data: URI") from None
-    if len(raw) > max_bytes:
-        raise InputError(f"inline data is over the {max_bytes} byte limit")
-    return raw
-
-
-def _inline_candidate(data: str, max_bytes: int, cache_dir: Path) -> tuple[bytes, str, str, bool]:
-    """Decode inline data; return bytes, type, sha256 and whether the cache already has it."""
-    raw = _decode_inline(data, max_bytes)
-    if not raw:
-        raise InputError("inline data is empty")
-    mime = sniff_type(raw[:SNIFF_BYTES])
-    sha = hashlib.sha256(raw).hexdigest()
-    return raw, mime, sha, _touch(cache_dir / f"{sha}{extension_for(mime)}")
 
 
 class Downloader:
@@ -230,7 +114,7 @@ class Downloader:
             # Touching (existence check + mtime for prune) at most once a minute per entry keeps
             # hot cache hits free of thread hops; prune() drops the entries of what it deletes.
             if now - entry.touched_at < _TOUCH_INTERVAL or await asyncio.to_thread(
-                _touch, entry.asset.path
+                touch, entry.asset.path
             ):
                 if now - entry.touched_at >= _TOUCH_INTERVAL:
                     entry.touched_at = now
@@ -256,7 +140,7 @@ class Downloader:
             raise InputError("inline data must be a string")
         # One thread hop does the blocking work: decode, sniff, hash, and look for the file.
         raw, mime, sha, exists = await asyncio.to_thread(
-            _inline_candidate, data, self._max_bytes, self.cache_dir
+            inline_candidate, data, self._max_bytes, self.cache_dir
         )
         if not type_allowed(mime, self._allowed):
             raise InputError(
@@ -273,14 +157,14 @@ class Downloader:
                     await f.write(raw)
                 await aiofiles.os.replace(tmp, final)
             except BaseException:
-                await _discard(tmp)
+                await discard(tmp)
                 raise
         return Asset(final, sha, mime, ext, len(raw))
 
     async def prune(self, older_than: float) -> int:
         """Delete cached files unused for ``older_than`` seconds; returns how many."""
         cutoff = time.time() - older_than
-        removed = await asyncio.to_thread(_prune_dir, self.cache_dir, cutoff)
+        removed = await asyncio.to_thread(prune_dir, self.cache_dir, cutoff)
         gone = set(removed)
         for key in [k for k, e in self._index.items() if e.asset.path in gone]:
             del self._index[key]
@@ -338,7 +222,7 @@ class Downloader:
     async def _follow(self, key: str, start: URL) -> Asset:
         entry = self._index.get(key)
         validators: dict[str, str] = {}
-        if entry is not None and await asyncio.to_thread(_touch, entry.asset.path):
+        if entry is not None and await asyncio.to_thread(touch, entry.asset.path):
             if entry.etag:
                 validators["If-None-Match"] = entry.etag
             if entry.last_modified:
@@ -422,10 +306,10 @@ class Downloader:
                     batch.append(chunk)
                     batched += len(chunk)
                     if batched >= _WRITE_BATCH:
-                        await _write_and_hash(f, digest, b"".join(batch))
+                        await write_and_hash(f, digest, b"".join(batch))
                         batch, batched = [], 0
                 if batch:
-                    await _write_and_hash(f, digest, b"".join(batch))
+                    await write_and_hash(f, digest, b"".join(batch))
             if size == 0:
                 raise InputError(f"{shown} returned an empty body")
             if not mime:
@@ -437,7 +321,7 @@ class Downloader:
             # Atomic: a concurrent writer of the same content replaces identical bytes.
             await aiofiles.os.replace(tmp, final)
         except BaseException:
-            await _discard(tmp)
+            await discard(tmp)
             raise
         return Asset(final, sha, mime, ext, size)
 
@@ -452,7 +336,7 @@ class Downloader:
         return mime
 
     async def _new_partial(self) -> Path:
-        partial = self.cache_dir / _PARTIAL_DIR
+        partial = self.cache_dir / PARTIAL_DIR
         await aiofiles.os.makedirs(partial, exist_ok=True)
         return partial / f"{uuid.uuid4().hex}.part"
 
@@ -461,52 +345,3 @@ class Downloader:
         self._index.move_to_end(key)
         while len(self._index) > self._index_size:
             self._index.popitem(last=False)
-
-
-async def _write_and_hash(f: AsyncBufferedIOBase, digest: hashlib._Hash, data: bytes) -> None:
-    # hashlib releases the GIL on big buffers, so hashing overlaps the write's thread.
-    await asyncio.gather(f.write(data), asyncio.to_thread(digest.update, data))
-
-
-def _touch(path: Path) -> bool:
-    """Mark a cached file as used (for pruning); False when it no longer exists."""
-    try:
-        os.utime(path)
-        return True
-    except FileNotFoundError:
-        return False
-
-
-async def _discard(path: Path) -> None:
-    try:
-        await aiofiles.os.remove(path)
-    except FileNotFoundError:
-        pass
-
-
-def _prune_dir(cache_dir: Path, cutoff: float) -> list[Path]:
-    removed: list[Path] = []
-    for folder in (cache_dir, cache_dir / _PARTIAL_DIR):
-        try:
-            entries = list(os.scandir(folder))
-        except FileNotFoundError:
-            continue
-        for e in entries:
-            try:
-                if e.is_file(follow_symlinks=False) and e.stat().st_mtime < cutoff:
-                    os.remove(e.path)
-                    removed.append(Path(e.path))
-            except FileNotFoundError:
-                continue
-    return removed
-
-
-__all__ = [
-    "DEFAULT_ALLOWED_TYPES",
-    "Asset",
-    "Downloader",
-    "DownloaderStats",
-    "extension_for",
-    "sniff_type",
-    "type_allowed",
-]
