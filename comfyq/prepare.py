@@ -20,6 +20,7 @@ import msgspec
 
 from comfyq.assets import Asset, Downloader
 from comfyq.errors import BadRequest, ComfyqError, InputError, ModifierError
+from comfyq.netguard import AddressGuard
 from modifiers.basemodifier import (
     BaseModifier,
     ModificationError,
@@ -244,3 +245,48 @@ async def prepare_job(
             if value in images and value not in generated:
                 container[key] = images[value]
     return Prepared(workflow=workflow, inputs=inputs.inputs())
+
+
+def _child_path(parent: str, key: Any) -> str:
+    if isinstance(key, int):
+        return f"{parent}[{key}]"
+    if isinstance(key, str) and key.isidentifier():
+        return f"{parent}.{key}"
+    return f"{parent}[{key!r}]"
+
+
+def check_input_urls(job_input: dict[str, Any], guard: AddressGuard, *, limit: int = 20) -> None:
+    """Admission check of every URL a job would fetch (syntax and literal IPs, no DNS).
+
+    Raises BadRequest with one ``fields`` entry per refused URL, so a client learns at once
+    that e.g. ``http://169.254.169.254/`` will never be fetched, instead of from a failed job.
+    """
+    problems: list[dict[str, str]] = []
+    stack: list[tuple[str, Any]] = [
+        ("$.input.workflow_json", job_input.get("workflow_json")),
+        ("$.input.modifications", job_input.get("modifications")),
+    ]
+    images = job_input.get("images")
+    if isinstance(images, list):
+        stack += [
+            (f"$.input.images[{i}].image", item.get("image"))
+            for i, item in enumerate(images)
+            if isinstance(item, dict)
+        ]
+    while stack and len(problems) < limit:
+        path, value = stack.pop()
+        if isinstance(value, dict):
+            stack += [(_child_path(path, k), v) for k, v in value.items()]
+        elif isinstance(value, list):
+            stack += [(_child_path(path, i), v) for i, v in enumerate(value)]
+        elif looks_like_url(value):
+            try:
+                guard.check_url_syntax(value)
+            except InputError as exc:
+                problems.append({"path": path, "message": exc.message})
+    if problems:
+        problems.sort(key=lambda p: p["path"])
+        noun = "URL" if len(problems) == 1 else "URLs"
+        raise BadRequest(
+            f"{len(problems)} input {noun} refused: {problems[0]['message']}", fields=problems
+        )

@@ -19,9 +19,9 @@ import pytest
 from aiohttp import web
 
 from comfyq.assets import Downloader
-from comfyq.errors import InputError, ModifierError
+from comfyq.errors import BadRequest, InputError, ModifierError
 from comfyq.netguard import AddressGuard
-from comfyq.prepare import Prepared, input_name, prepare_job
+from comfyq.prepare import Prepared, check_input_urls, input_name, prepare_job
 from modifiers import ModifierRegistry
 
 
@@ -295,3 +295,36 @@ async def test_job_needs_a_workflow_or_modifier(env: Env) -> None:
         await env.prepare({"workflow_json": "not an object"})
     with pytest.raises(InputError, match="workflow_json object or a modifier"):
         await env.prepare({})
+
+
+def test_admission_url_check_names_every_refused_url() -> None:
+    guard = AddressGuard()
+    job = {
+        "workflow_json": {
+            "10": {"class_type": "LoadImage", "inputs": {"image": "http://169.254.169.254/x"}},
+            "11": {"class_type": "LoadImage", "inputs": {"image": "https://ok.test/a.png"}},
+            "12": {"class_type": "X", "inputs": {"list": ["http://[::1]:8188/view?token=t0k"]}},
+            "13": {"class_type": "CLIPTextEncode", "inputs": {"text": "see http://10.0.0.1 now"}},
+        },
+        "images": [
+            {"name": "a.png", "image": "http://localhost:8188/a.png"},
+            {"name": "b.png", "image": "http://127.0.0.1/b.png"},
+        ],
+    }
+    with pytest.raises(BadRequest, match="3 input URLs refused") as info:
+        check_input_urls(job, guard)
+    fields = info.value.fields or []
+    assert [f["path"] for f in fields] == [
+        "$.input.images[1].image",
+        "$.input.workflow_json['10'].inputs.image",
+        "$.input.workflow_json['12'].inputs.list[0]",
+    ]
+    assert all("t0k" not in f["message"] for f in fields)
+    # Host names are not resolved at admission (localhost above): that happens at fetch time.
+    check_input_urls({"modifications": {"input_image": "https://ok.test/a.png"}}, guard)
+    with pytest.raises(BadRequest) as info:
+        check_input_urls({"modifications": {"input_image": "http://10.1.2.3/a.png"}}, guard)
+    assert (info.value.fields or [])[0]["path"] == "$.input.modifications.input_image"
+    check_input_urls(
+        {"modifications": {"input_image": "http://10.1.2.3/a.png"}}, AddressGuard(["10.0.0.0/8"])
+    )
