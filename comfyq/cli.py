@@ -128,21 +128,22 @@ async def serve(settings: Settings) -> int:
     services = Services(settings, backends=backends)
     try:
         await services.start()
-    except DatabaseLocked as exc:
-        log.error("Application startup failed: %s", exc)
+    except Exception as exc:
+        log.error("Application startup failed: %s", exc, exc_info=not isinstance(exc, DatabaseLocked))
         if sim:
             await sim.stop()
         return 2
-    app = create_app(services)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5)
-    await runner.setup()
-    site = web.TCPSite(runner, settings.api_host, settings.api_port)
     try:
+        app = create_app(services)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5)
+        await runner.setup()
+        site = web.TCPSite(runner, settings.api_host, settings.api_port)
         await site.start()
-    except OSError as exc:
-        log.error("Application startup failed: cannot listen on %s:%s: %s",
-                  settings.api_host, settings.api_port, exc)
+    except BaseException as exc:
+        log.error("Application startup failed: %s", exc, exc_info=not isinstance(exc, OSError))
         await services.stop()
+        if sim:
+            await sim.stop()
         return 2
     if settings.api_host not in ("127.0.0.1", "localhost", "::1") and not settings.api_keys:
         log.warning("listening on %s without API keys: anyone who can reach it can submit jobs",

@@ -74,6 +74,9 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     retry_base_delay: Annotated[PosFloat, _d("first retry delay in seconds (doubles per attempt, with jitter)")] = 2.0
     retry_max_delay: Annotated[PosFloat, _d("cap on the retry delay in seconds")] = 60.0
     lease_seconds: Annotated[PosFloat, _d("lease of a claimed job; renewed while it runs")] = 30.0
+    claim_poll_interval: Annotated[
+        PosFloat, _d("seconds between looks for work written by another process (new work in this one wakes workers at once)")
+    ] = 2.0
     shutdown_grace: Annotated[float, _d("seconds in-flight work gets on SIGTERM before it is left to resume", ge=0)] = 20.0
 
     # --- storage -----------------------------------------------------------------------------

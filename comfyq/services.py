@@ -61,7 +61,7 @@ class Services:
              "generate": settings.generation_workers * len(self.backend_urls),
              "postprocess": settings.postprocess_workers},
             RunnerConfig(lease=settings.lease_seconds, retry_base=settings.retry_base_delay,
-                         retry_max=settings.retry_max_delay),
+                         retry_max=settings.retry_max_delay, idle_poll=settings.claim_poll_interval),
         )
         self._tasks: list[asyncio.Task[Any]] = []
         self.started = False
@@ -78,6 +78,8 @@ class Services:
             await self.pool.start()
             await self.pipeline.start()
         except BaseException:
+            await self.pool.close()
+            await self.store.close()
             self.lock.release()
             raise
         self._tasks.append(asyncio.create_task(self._every(self.settings.wal_checkpoint_interval, self.checkpoint)))
