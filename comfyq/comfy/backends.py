@@ -212,7 +212,9 @@ class BackendPool:
     def _update(self, b: Backend) -> None:
         now, was = b.healthy, b._was_healthy
         b._was_healthy = now
-        if now != was:
+        if now:
+            b.last_error = None
+        if now != was and not self._closed:
             if now:
                 self._log.info("backend %s is healthy", b.display_url)
             else:
@@ -228,9 +230,7 @@ class BackendPool:
             b.http_ok = False
             b.last_error = exc.message
         b.ws_ok = b.client.ws_connected
-        if b.http_ok and (b.ws_ok or not b.require_websocket):
-            b.last_error = None
-        elif b.http_ok:
+        if b.http_ok and not b.healthy:
             b.last_error = b.client.ws_error or "websocket not connected"
         self._update(b)
 
@@ -239,7 +239,8 @@ class BackendPool:
             self._probe_now.clear()
             await asyncio.gather(*(self._probe(b) for b in self._backends))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._probe_now.wait(), self.probe_interval)
+                async with asyncio.timeout(self.probe_interval):
+                    await self._probe_now.wait()
 
     async def _announce_ready(self) -> None:
         # Autoscalers read these tokens from the log: print each only when it is true.

@@ -10,6 +10,7 @@ because messages may have been lost in between and the reader must then ask ``/h
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from collections import deque
@@ -93,7 +94,8 @@ class Watch:
         if not self._items:
             self._wakeup.clear()
             try:
-                await asyncio.wait_for(self._wakeup.wait(), max(timeout, 0.0))
+                async with asyncio.timeout(max(timeout, 0.0)):
+                    await self._wakeup.wait()
             except TimeoutError:
                 return None
         item = self._items.popleft()
@@ -150,10 +152,9 @@ class WsFeed:
         if self._task is None:
             self._closing = False
             self._task = asyncio.create_task(self._run(), name=f"comfy-ws {self._label}")
-        try:
-            await asyncio.wait_for(self._first_attempt.wait(), wait)
-        except TimeoutError:
-            pass
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(wait):
+                await self._first_attempt.wait()
 
     async def close(self) -> None:
         self._closing = True
