@@ -118,7 +118,10 @@ class Services:
     async def prune(self, older_than: float | None = None) -> int:
         """Delete finished jobs (and their files) older than the retention age."""
         age = self.settings.retention_seconds if older_than is None else older_than
-        return await prune_jobs(self.store, self.output_dir, age)
+        n = await prune_jobs(self.store, self.output_dir, age)
+        # Cached inputs are referenced by waiting jobs: keep them at least twice the job deadline.
+        await self.downloader.prune(max(age, 2 * self.settings.job_timeout))
+        return n
 
 
 async def prune_jobs(store: JobStore, output_dir: Path, older_than: float) -> int:
