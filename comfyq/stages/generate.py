@@ -50,6 +50,9 @@ class Generate:
             await ctx.update(comfy_prompt_id=prompt_id, comfy_backend=be.url,
                              message=f"Generation started (ComfyUI job: {prompt_id})")
             submitted = await be.client.submit(workflow, prompt_id)
+            if submitted.prompt_id != prompt_id:  # an old ComfyUI that picks its own ids
+                prompt_id = submitted.prompt_id
+                await ctx.update(comfy_prompt_id=prompt_id)
             if submitted.node_errors:
                 warn = {"type": "partial_node_errors", "message": "ComfyUI skipped outputs that failed validation",
                         "node_errors": submitted.node_errors}
