@@ -49,7 +49,11 @@ class Generate:
             # Durable before the request goes out: a crash from here on reconciles, never re-runs blindly.
             await ctx.update(comfy_prompt_id=prompt_id, comfy_backend=be.url,
                              message=f"Generation started (ComfyUI job: {prompt_id})")
-            submitted = await be.client.submit(workflow, prompt_id)
+            try:
+                submitted = await be.client.submit(workflow, prompt_id)
+            except asyncio.CancelledError:
+                await self._stop_prompt(be, prompt_id, ctx)
+                raise
             if submitted.prompt_id != prompt_id:  # an old ComfyUI that picks its own ids
                 prompt_id = submitted.prompt_id
                 await ctx.update(comfy_prompt_id=prompt_id)
@@ -95,16 +99,21 @@ class Generate:
             await asyncio.sleep(0.5)
         return be.healthy
 
+    async def _stop_prompt(self, be: Backend, prompt_id: str, ctx: JobContext) -> None:
+        """On cancel or deadline, remove or interrupt that prompt (only that one) in ComfyUI."""
+        if ctx.cancel_reason not in ("cancel", "timeout"):
+            return  # shutdown: leave it running; the next start reconciles it
+        try:
+            await asyncio.wait_for(asyncio.shield(be.client.cancel(prompt_id)), 10)
+        except Exception as exc:  # the job ends either way; say why ComfyUI may still run it
+            log.warning("job %s: could not stop prompt %s: %s", ctx.job.id, prompt_id, exc)
+
     async def _follow(self, be: Backend, prompt_id: str, workflow: dict[str, Any], ctx: JobContext) -> Any:
         self._prompts[prompt_id] = ctx
         try:
             return await be.client.follow(prompt_id, workflow=workflow, on_event=lambda ev: _progress(ctx, ev))
         except asyncio.CancelledError:
-            if ctx.cancel_reason in ("cancel", "timeout"):
-                try:
-                    await asyncio.wait_for(asyncio.shield(be.client.cancel(prompt_id)), 10)
-                except Exception as exc:  # the job ends either way; say why ComfyUI may still run it
-                    log.warning("job %s: could not stop prompt %s: %s", ctx.job.id, prompt_id, exc)
+            await self._stop_prompt(be, prompt_id, ctx)
             raise
         except Interrupted:
             if ctx.cancel_reason is None:
