@@ -1,39 +1,57 @@
-"""``GET /health``: the store, the stage workers and the backends, each with its state."""
+"""``GET /health``: 200 when the store is writable, every stage has live workers and at least one
+ComfyUI backend answers; 503 otherwise. The body names each part's state. No authentication, so
+orchestrators can probe it.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
+import msgspec
 from aiohttp import web
+
+from comfyq.api.context import get_api, json_response
+from comfyq.schemas import BackendHealth, Health, StageHealth, StoreHealth
+
+
+def _backend(raw: dict[str, Any]) -> BackendHealth:
+    try:
+        return msgspec.convert(raw, BackendHealth, strict=False)
+    except msgspec.ValidationError:
+        return BackendHealth(url=str(raw.get("url")), healthy=bool(raw.get("healthy")))
 
 
 async def health(request: web.Request) -> web.Response:
-    from comfyq.app import SERVICES
-
-    svc = request.app[SERVICES]
-    body: dict[str, Any] = {}
-    store_ok = True
+    """GET /health"""
+    api = get_api(request)
+    svc = api.services
+    store = StoreHealth(writable=True, path=str(svc.db_path))
     try:
+        # Through the writer, like every real write: proves the writer thread and the file work.
         await svc.store.write(lambda c: c.execute("SELECT 1").fetchone())
-    except Exception as exc:
-        store_ok = False
-        body["store_error"] = str(exc)
-    stages = svc.pipeline.health()
-    stages_ok = all(s["alive"] >= 1 for s in stages.values())
-    backends = svc.pool.snapshot()
-    any_backend = any(b["healthy"] for b in backends)
-    ok = store_ok and stages_ok and any_backend
-    body.update({
-        "status": "healthy" if ok else "unhealthy",
-        "store": {"writable": store_ok, "path": str(svc.db_path)},
-        "stages": stages,
-        "backends_healthy": f"{sum(b['healthy'] for b in backends)}/{len(backends)}",
-        "backends": backends,
-    })
+    except Exception as exc:  # noqa: BLE001 - any failure means "not writable", and says why
+        store = StoreHealth(writable=False, path=str(svc.db_path), error=f"{type(exc).__name__}: {exc}")
+    stages = {name: StageHealth(**h) for name, h in svc.pipeline.health().items()}
+    backends = [_backend(b) for b in svc.pool.snapshot()]
+    stages_ok = all(s.alive >= 1 for s in stages.values())
+    any_backend = any(b.healthy for b in backends)
+    ok = store.writable and stages_ok and any_backend
+    reasons = []
+    if not store.writable:
+        reasons.append("the store is not writable")
+    if not stages_ok:
+        reasons.append("stage(s) without live workers: " + ", ".join(n for n, s in stages.items() if s.alive < 1))
     if not any_backend:
-        body["reason"] = "no ComfyUI backend answers; jobs wait until one does"
-    return web.json_response(body, status=200 if ok else 503)
-
-
-def setup(app: web.Application) -> None:
-    app.router.add_get("/health", health)
+        reasons.append("no ComfyUI backend answers; jobs wait until one does")
+    queues = None
+    if store.writable:
+        try:
+            queues = await api.queue.info()
+        except Exception:  # noqa: BLE001 - the answer is about health; the sizes are extra
+            queues = None
+    body = Health(
+        status="healthy" if ok else "unhealthy", store=store, stages=stages,
+        backends_healthy=f"{sum(b.healthy for b in backends)}/{len(backends)}", backends=backends,
+        queues=queues, reason="; ".join(reasons) or None,
+    )
+    return json_response(body, 200 if ok else 503)

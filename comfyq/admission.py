@@ -1,0 +1,242 @@
+"""Admission: a generate request body becomes a durable job, or a 4xx naming what is wrong.
+
+Validation runs in the order a client can act on: media type (415), JSON syntax and nesting (400),
+unknown fields (all of them at once), field types and ranges (msgspec, with the field's path),
+then the rules that span fields, then the modifier's own check of its modifications. Only then is
+the job written, in one transaction, and the caller answers 202 after the commit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+from yarl import URL
+
+from comfyq.errors import BadRequest, ComfyqError, UnsupportedMediaType
+from comfyq.prepare import check_input_urls
+from comfyq.schemas import GenerateRequest, Input
+from comfyq.store.model import Job, NewJob
+
+TRUE_VALUES = frozenset({"1", "true", "yes", "on"})
+MAX_DEPTH = 100  # deeper JSON is no workflow; refusing it keeps encoders and SQLite's JSON safe
+
+_INPUT_FIELDS = frozenset(f.name for f in msgspec.structs.fields(Input))
+_AT = re.compile(r"^(?P<msg>.*?)(?: - at `(?P<path>\$[^`]*)`)?$", re.DOTALL)
+_FIELD_NAME = re.compile(r"`([^`]*)`")
+
+
+@dataclass
+class Admitted:
+    """What admission made of a request, ready for ``JobStore.create``."""
+
+    new: NewJob
+    input: Input
+
+
+def bad(path: str, message: str, summary: str | None = None) -> BadRequest:
+    """A 400 for one field."""
+    return BadRequest(summary or f"{path}: {message}", fields=[{"path": path, "message": message}])
+
+
+def _bad_many(errors: list[dict[str, str]]) -> BadRequest:
+    first = errors[0]
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return BadRequest(f"{first['path']}: {first['message']}{more}", fields=errors)
+
+
+def check_media_type(content_type: str | None) -> None:
+    """415 unless the body is declared as JSON (no Content-Type at all is read as JSON)."""
+    if not content_type:
+        return
+    mime = content_type.split(";", 1)[0].strip().lower()
+    if mime in ("application/json", "text/json") or mime.endswith("+json"):
+        return
+    raise UnsupportedMediaType(
+        f"request body must be JSON (Content-Type: application/json), got {mime!r}",
+        details={"content_type": mime},
+    )
+
+
+def _depth_ok(value: Any, limit: int = MAX_DEPTH) -> bool:
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if d > limit:
+            return False
+        if isinstance(v, dict):
+            stack.extend((x, d + 1) for x in v.values())
+        elif isinstance(v, list):
+            stack.extend((x, d + 1) for x in v)
+    return True
+
+
+def _from_msgspec(exc: msgspec.ValidationError) -> BadRequest:
+    m = _AT.match(str(exc))
+    assert m is not None  # the pattern matches any text
+    msg, path = m.group("msg"), m.group("path") or "$"
+    name = _FIELD_NAME.search(msg)
+    if msg.startswith("Object contains unknown field") and name:
+        return bad(f"{path}.{name.group(1)}", "unknown field")
+    if msg.startswith("Object missing required field") and name:
+        return bad(f"{path}.{name.group(1)}", "required field is missing")
+    return bad(path, msg)
+
+
+def _check_workflow(workflow: Any) -> list[dict[str, str]]:
+    # Checked by hand so that errors name the node id (msgspec reports dict keys as [...]).
+    if not isinstance(workflow, dict):
+        return []  # the typed conversion reports it
+    errors = []
+    for key, node in workflow.items():
+        path = f"$.input.workflow_json['{key}']"
+        if not isinstance(node, dict):
+            errors.append({"path": path, "message": "a node must be an object with class_type and inputs"})
+        elif not isinstance(node.get("class_type"), str) or not node["class_type"]:
+            errors.append({"path": f"{path}.class_type", "message": "required: the node's class name"})
+        elif "inputs" in node and not isinstance(node["inputs"], dict):
+            errors.append({"path": f"{path}.inputs", "message": "must be an object"})
+    return errors
+
+
+def _http_url(value: str) -> str | None:
+    """Why ``value`` is not a usable http(s) URL, or None when it is."""
+    try:
+        url = URL(value)
+    except (ValueError, TypeError):
+        return "not a valid URL"
+    if url.scheme not in ("http", "https"):
+        return "must be an http or https URL"
+    if not url.host:
+        return "URL has no host"
+    return None
+
+
+def _cross_field(inp: Input) -> list[dict[str, str]]:
+    errors: list[dict[str, str]] = []
+    if bool(inp.workflow_json) == bool(inp.modifier):
+        errors.append({"path": "$.input", "message": "give exactly one of workflow_json and modifier"})
+    if inp.modifications and not inp.modifier:
+        errors.append({"path": "$.input.modifications", "message": "modifications need a modifier"})
+    if inp.webhook is not None and inp.webhook.url:
+        why = _http_url(inp.webhook.url)
+        if why:
+            errors.append({"path": "$.input.webhook.url", "message": why})
+    if inp.s3 is not None and inp.s3.endpoint_url:
+        why = _http_url(inp.s3.endpoint_url)
+        if why:
+            errors.append({"path": "$.input.s3.endpoint_url", "message": why})
+    seen: set[str] = set()
+    for i, img in enumerate(inp.images):
+        if img.name in seen:
+            errors.append({"path": f"$.input.images[{i}].name", "message": f"name {img.name!r} is used twice"})
+        seen.add(img.name)
+    return errors
+
+
+def parse(body: bytes, headers: Mapping[str, str]) -> tuple[Input, dict[str, Any]]:
+    """Validate a generate body; returns the typed input and the raw input object."""
+    check_media_type(headers.get("Content-Type"))
+    if not body.strip():
+        raise bad("$", 'the body is empty; send {"input": {...}}')
+    try:
+        raw = msgspec.json.decode(body)
+    except msgspec.DecodeError as exc:
+        raise bad("$", f"invalid JSON: {exc}") from None
+    except msgspec.ValidationError as exc:  # e.g. a number out of range
+        raise bad("$", f"invalid JSON: {exc}") from None
+    except RecursionError:
+        raise bad("$", f"JSON nested deeper than {MAX_DEPTH} levels") from None
+    if not _depth_ok(raw):
+        raise bad("$", f"JSON nested deeper than {MAX_DEPTH} levels")
+    if not isinstance(raw, dict):
+        raise bad("$", 'must be an object: {"input": {...}}')
+    raw_input = raw.get("input")
+    if isinstance(raw_input, dict):
+        unknown = sorted(str(k) for k in raw_input if k not in _INPUT_FIELDS)
+        errors = [{"path": f"$.input.{k}", "message": "unknown field"} for k in unknown]
+        errors += _check_workflow(raw_input.get("workflow_json"))
+        if errors:
+            raise _bad_many(errors)
+    try:
+        req = msgspec.convert(raw, GenerateRequest)
+    except msgspec.ValidationError as exc:
+        raise _from_msgspec(exc) from None
+    inp = req.input
+    if headers.get("X-Return-Outputs-As-Base64", "").strip().lower() in TRUE_VALUES:
+        inp.return_outputs_as_base64 = True
+    errors = _cross_field(inp)
+    if errors:
+        raise _bad_many(errors)
+    assert isinstance(raw_input, dict)
+    return inp, raw_input
+
+
+def canonical_hash(value: Any) -> str:
+    """sha256 of the canonical JSON (sorted keys) of ``value``."""
+    return hashlib.sha256(msgspec.json.encode(value, order="sorted")).hexdigest()
+
+
+def _split_secrets(clean: dict[str, Any]) -> dict[str, Any]:
+    secrets: dict[str, Any] = {}
+    s3 = clean.get("s3")
+    if isinstance(s3, dict):
+        keys = {k: s3.pop(k) for k in ("access_key_id", "secret_access_key") if s3.get(k)}
+        if keys:
+            secrets["s3"] = keys
+    hook = clean.get("webhook")
+    if isinstance(hook, dict) and hook.get("secret"):
+        secrets["webhook_secret"] = hook.pop("secret")
+    return secrets
+
+
+def build(inp: Input, raw_input: dict[str, Any], *, max_attempts: int, default_timeout: float) -> Admitted:
+    """The job to write for a validated input: id, payload without secrets, secrets, hash."""
+    clean: dict[str, Any] = msgspec.to_builtins(inp)  # defaults omitted: a normalised payload
+    if inp.workflow_json:
+        clean["workflow_json"] = raw_input["workflow_json"]  # verbatim, node keys like _meta kept
+    payload_hash = canonical_hash(clean)
+    secrets = _split_secrets(clean)
+    job_id = inp.request_id or uuid.uuid4().hex
+    new = NewJob(
+        id=job_id,
+        payload={"input": clean},
+        payload_hash=payload_hash,
+        priority=inp.priority,
+        max_attempts=max_attempts,
+        timeout=inp.timeout or default_timeout,
+        kind=inp.modifier or "workflow",
+        secrets=secrets or None,
+    )
+    return Admitted(new, inp)
+
+
+def check_urls(inp: Input, raw_input: dict[str, Any], guard: Any) -> None:
+    """Refuse URLs the server will never fetch or call (syntax, scheme, literal private IPs)."""
+    check_input_urls(raw_input, guard)
+    if inp.webhook is not None and inp.webhook.url:
+        try:
+            guard.check_url_syntax(inp.webhook.url)
+        except ComfyqError as exc:
+            raise bad("$.input.webhook.url", exc.message) from None
+
+
+async def prepare(services: Any, body: bytes, headers: Mapping[str, str]) -> Admitted:
+    """Validate a body and check its modifier: the job to write, or a 4xx."""
+    inp, raw_input = parse(body, headers)
+    check_urls(inp, raw_input, services.guard)
+    if inp.modifier:
+        await services.registry.check(inp.modifier, inp.modifications)
+    settings = services.settings
+    return build(inp, raw_input, max_attempts=settings.max_attempts, default_timeout=settings.job_timeout)
+
+
+async def commit(services: Any, adm: Admitted) -> tuple[Job, bool]:
+    """Durably create the job: ``(job, created)``; 409 for a reused id, 503 when the queue is full."""
+    result: tuple[Job, bool] = await services.store.create(adm.new, services.settings.max_queue_size)
+    return result

@@ -1,0 +1,59 @@
+"""What every route handler shares: the services plus the API's own helpers, kept on the app."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from comfyq.api.queue import QueueView
+from comfyq.metrics import Metrics
+from comfyq.result import Results
+from comfyq.schemas import ErrorBody, ErrorInfo
+
+_encode = msgspec.json.Encoder().encode
+
+
+@dataclass
+class ApiOptions:
+    """HTTP-layer knobs that are not operator settings (tests shorten them)."""
+
+    heartbeat: float = 15.0  # SSE comment heartbeat interval, seconds
+    ws_heartbeat: float = 20.0  # websocket ping interval, seconds
+    stream_buffer: int = 64  # events buffered per subscriber before progress is dropped
+    cancel_wait: float = 5.0  # how long POST /cancel waits for a running job to stop
+    readme: Path | None = None  # the README rendered at /; None: the project's own
+
+
+class Api:
+    """The services and the API helpers built on them."""
+
+    def __init__(self, services: Any, options: ApiOptions) -> None:
+        self.services = services
+        self.settings = services.settings
+        self.store = services.store
+        self.bus = services.bus
+        self.pipeline = services.pipeline
+        self.options = options
+        self.results = Results(self.store, self.bus, base64_max_bytes=self.settings.output_base64_max_bytes)
+        self.queue = QueueView(self.store, self.pipeline, max_queue_size=self.settings.max_queue_size)
+        self.metrics = Metrics(services)
+
+
+API: web.AppKey[Api] = web.AppKey("api", Api)
+
+
+def get_api(request: web.Request) -> Api:
+    return request.app[API]
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    """A JSON response encoded by msgspec (structs, dicts, lists)."""
+    return web.Response(body=_encode(body), status=status, headers=headers, content_type="application/json")
+
+
+def error_response(info: ErrorInfo, status: int, headers: dict[str, str] | None = None) -> web.Response:
+    return json_response(ErrorBody(info), status, headers)

@@ -1,0 +1,137 @@
+"""Jobs: results, listing, cancelling, queue sizes and output downloads."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from comfyq.api.context import get_api, json_response
+from comfyq.errors import BadRequest, ComfyqError, NotFound
+from comfyq.outputs.local import job_dir
+from comfyq.schemas import JobList
+from comfyq.store.model import Job
+
+# Result statuses (and the raw states) a listing can filter on, as SQL over (state, stage).
+STATUS_SQL = {
+    "queued": "(state = 'pending' AND stage = 'preprocess')",
+    "processing": "((state = 'running' AND stage = 'preprocess') OR (state = 'pending' AND stage = 'generate'))",
+    "generating": "(state = 'running' AND stage = 'generate')",
+    "postprocessing": "(state IN ('pending', 'running') AND stage = 'postprocess')",
+    "completed": "state = 'completed'",
+    "failed": "state = 'failed'",
+    "cancelled": "state = 'cancelled'",
+    "pending": "state = 'pending'",
+    "running": "state = 'running'",
+}
+MAX_LIMIT = 500
+
+
+async def result(request: web.Request) -> web.Response:
+    """GET /result/{id} and GET /jobs/{id}: the Result in every state."""
+    job_id = request.match_info["id"]
+    res = await get_api(request).results.get(job_id)
+    if res is None:
+        raise NotFound(f"job {job_id} not found", details={"job_id": job_id})
+    return json_response(res)
+
+
+async def cancel(request: web.Request) -> web.Response:
+    """POST /cancel/{id} and DELETE /jobs/{id}: cancel; a running job gets a moment to stop."""
+    api = get_api(request)
+    job_id = request.match_info["id"]
+    with api.bus.subscribe(job_id, maxsize=4) as sub:
+        job = await api.pipeline.cancel(job_id)  # NotFound -> 404
+        if job.state == "running":
+            from comfyq.api.generate import wait_final
+
+            job = await wait_final(api, sub, job, api.options.cancel_wait)
+        else:
+            job = await api.store.get(job_id) or job
+    return json_response(await api.results.of(job))
+
+
+async def queue_info(request: web.Request) -> web.Response:
+    """GET /queue-info"""
+    return json_response(await get_api(request).queue.info())
+
+
+def _bad(param: str, message: str) -> BadRequest:
+    return BadRequest(f"{param}: {message}", fields=[{"path": f"$.query.{param}", "message": message}])
+
+
+def encode_cursor(job: Job) -> str:
+    return base64.urlsafe_b64encode(msgspec.json.encode([job.created_at, job.id])).decode().rstrip("=")
+
+
+def decode_cursor(text: str) -> tuple[str, str]:
+    try:
+        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        created_at, job_id = msgspec.json.decode(raw, type=tuple[str, str])
+    except (binascii.Error, ValueError, msgspec.DecodeError, msgspec.ValidationError):
+        raise _bad("cursor", "not a cursor this server handed out") from None
+    return created_at, job_id
+
+
+def _statuses(request: web.Request) -> list[str]:
+    wanted = [s.strip() for v in request.query.getall("status", []) for s in v.split(",") if s.strip()]
+    unknown = [s for s in wanted if s not in STATUS_SQL]
+    if unknown:
+        raise _bad("status", f"unknown status {unknown[0]!r}; use any of {', '.join(STATUS_SQL)}")
+    return wanted
+
+
+def _limit(request: web.Request) -> int:
+    raw = request.query.get("limit", "50")
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
+        raise _bad("limit", f"must be a whole number from 1 to {MAX_LIMIT}")
+    return int(raw)
+
+
+async def list_jobs(request: web.Request) -> web.Response:
+    """GET /jobs?status=&limit=&cursor=: newest first, one page."""
+    api = get_api(request)
+    statuses, limit = _statuses(request), _limit(request)
+    where: list[str] = []
+    params: list[Any] = []
+    if statuses:
+        where.append("(" + " OR ".join(STATUS_SQL[s] for s in statuses) + ")")
+    if request.query.get("cursor"):
+        where.append("(created_at, id) < (?, ?)")
+        params.extend(decode_cursor(request.query["cursor"]))
+    sql = "SELECT * FROM jobs" + (" WHERE " + " AND ".join(where) if where else "")
+    sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
+    async with api.store.reader.execute(sql, (*params, limit + 1)) as cur:
+        jobs = [Job.from_row(r) for r in await cur.fetchall()]
+    more = len(jobs) > limit
+    jobs = jobs[:limit]
+    return json_response(JobList(await api.results.many(jobs), encode_cursor(jobs[-1]) if more else None))
+
+
+async def output_file(request: web.Request) -> web.StreamResponse:
+    """GET /outputs/{id}/{filename}: a file recorded as an output of that job, nothing else."""
+    api = get_api(request)
+    job_id, filename = request.match_info["id"], request.match_info["filename"]
+    async with api.store.reader.execute(
+        "SELECT local_path, mimetype FROM outputs WHERE job_id = ? AND filename = ?", (job_id, filename)
+    ) as cur:
+        row = await cur.fetchone()
+    missing = NotFound(f"job {job_id} has no output {filename!r}", details={"job_id": job_id, "filename": filename})
+    if row is None or not row["local_path"]:
+        raise missing
+    try:
+        folder = job_dir(api.services.output_dir, job_id)
+    except ComfyqError:
+        raise missing from None
+    path = Path(row["local_path"]).resolve()
+    if folder not in path.parents or not path.is_file():
+        raise missing
+    return web.FileResponse(path, headers={
+        "Content-Type": row["mimetype"] or "application/octet-stream",
+        "Content-Disposition": f'inline; filename="{path.name}"',
+        "X-Content-Type-Options": "nosniff",
+    })

@@ -1,0 +1,158 @@
+"""Queue positions and wait estimates, shared by every stream.
+
+One query ranks every waiting job of every stage (priority, then age: the claim order) and the
+answer is reused until the next state change commits, so a thousand streams woken by one change
+cost one query, not a thousand. Streams of waiting jobs are woken when the queue moves, at most
+every ``min_interval`` seconds. Estimates come from the measured stage durations
+of recently completed jobs of the same kind (modifier or raw workflow), falling back to all kinds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from comfyq.clock import parse_iso
+from comfyq.events import Event, Subscription
+from comfyq.schemas import QueueInfo, QueuePosition
+from comfyq.store.model import STAGES, Job, Transition
+
+QUEUE_NAMES = {"preprocess": "preprocessing", "generate": "generation", "postprocess": "postprocessing"}
+_STAGE_MS = {"preprocess": "preprocess_ms", "generate": "generation_ms", "postprocess": "postprocess_ms"}
+_MIN_SAMPLES = 3
+
+
+@dataclass
+class Snapshot:
+    """Where every unfinished job stands, at one moment."""
+
+    version: int
+    taken: float
+    positions: dict[str, int] = field(default_factory=dict)  # waiting job id -> 1-based position
+    waiting: dict[str, int] = field(default_factory=dict)
+    running: dict[str, int] = field(default_factory=dict)
+
+
+class QueueView:
+    """Positions, queue sizes and ETAs; wakes the streams of waiting jobs when the queue moves."""
+
+    def __init__(self, store: Any, pipeline: Any, *, max_queue_size: int, min_interval: float = 0.25,
+                 eta_ttl: float = 5.0) -> None:
+        self.store = store
+        self.pipeline = pipeline
+        self.max_queue_size = max_queue_size
+        self.min_interval = min_interval
+        self.eta_ttl = eta_ttl
+        self.version = 0
+        self._snap: Snapshot | None = None
+        self._lock = asyncio.Lock()
+        self._means: dict[str | None, tuple[float, dict[str, float] | None]] = {}
+        self._watchers: dict[Subscription, str] = {}
+        self._poke: asyncio.TimerHandle | None = None
+        self._last_poke = 0.0
+        store.listen(self.on_transitions)
+
+    # --- change tracking ---------------------------------------------------------------------
+
+    def on_transitions(self, trs: list[Transition]) -> None:
+        """Store listener: the queue moved; tell watching streams soon (coalesced)."""
+        self.version += 1
+        if self._watchers and self._poke is None:
+            loop = asyncio.get_running_loop()
+            delay = max(0.0, self._last_poke + self.min_interval - loop.time())
+            self._poke = loop.call_later(delay, self._wake)
+
+    def _wake(self) -> None:
+        self._poke = None
+        self._last_poke = asyncio.get_running_loop().time()
+        for sub, job_id in list(self._watchers.items()):
+            sub.push(Event(job_id, "", "queue"))
+
+    def watch(self, sub: Subscription, job_id: str) -> None:
+        """Push a ``queue`` event into ``sub`` whenever positions may have changed."""
+        self._watchers[sub] = job_id
+
+    def unwatch(self, sub: Subscription) -> None:
+        self._watchers.pop(sub, None)
+
+    # --- queries -----------------------------------------------------------------------------
+
+    async def snapshot(self) -> Snapshot:
+        snap = self._snap
+        if snap is not None and snap.version == self.version:
+            return snap
+        async with self._lock:
+            if self._snap is not None and self._snap is not snap and self._snap.version == self.version:
+                return self._snap  # another caller refreshed it while we waited
+            fresh = Snapshot(self.version, time.monotonic(), waiting={s: 0 for s in STAGES}, running={s: 0 for s in STAGES})
+            sql = ("SELECT id, stage, state, row_number() OVER"
+                   " (PARTITION BY stage, state ORDER BY priority DESC, created_at, id)"
+                   " FROM jobs WHERE state IN ('pending', 'running')")
+            async with self.store.reader.execute(sql) as cur:
+                for job_id, stage, state, pos in await cur.fetchall():
+                    if state == "pending":
+                        fresh.positions[job_id] = pos
+                        fresh.waiting[stage] += 1
+                    else:
+                        fresh.running[stage] += 1
+            self._snap = fresh
+            return fresh
+
+    async def info(self) -> QueueInfo:
+        """Queue sizes for /queue-info and stream events."""
+        s = await self.snapshot()
+        return QueueInfo(
+            preprocess_queue_size=s.waiting["preprocess"], generation_queue_size=s.waiting["generate"],
+            postprocess_queue_size=s.waiting["postprocess"], preprocess_in_flight=s.running["preprocess"],
+            generation_in_flight=s.running["generate"], postprocess_in_flight=s.running["postprocess"],
+            unfinished=sum(s.waiting.values()) + sum(s.running.values()), max_queue_size=self.max_queue_size,
+        )
+
+    async def position(self, job: Job) -> QueuePosition | None:
+        """The job's place in its stage, with an ETA; None once it has finished."""
+        return await self.place(job.id, job.state, job.stage, job.kind, job.stage_entered_at)
+
+    async def place(self, job_id: str, state: str, stage: str, kind: str, entered_at: str) -> QueuePosition | None:
+        """Like :meth:`position`, from what a stream already knows (no job read)."""
+        if state not in ("pending", "running"):
+            return None
+        s = await self.snapshot()
+        pos = s.positions.get(job_id, 0) if state == "pending" else 0
+        if state == "pending" and pos == 0:
+            pos = s.waiting[stage] or 1  # committed after the snapshot: it is at the back
+        eta = await self.estimate(state, stage, kind, entered_at, pos, s)
+        return QueuePosition(QUEUE_NAMES[stage], pos, s.waiting[stage], eta)
+
+    async def means(self, kind: str | None) -> dict[str, float] | None:
+        """Mean seconds per stage over recent completed jobs of ``kind`` (cached briefly)."""
+        now = time.monotonic()
+        hit = self._means.get(kind)
+        if hit is not None and now - hit[0] < self.eta_ttl:
+            return hit[1]
+        rows = await self.store.recent_timings(kind)
+        result: dict[str, float] | None = None
+        if len(rows) >= (_MIN_SAMPLES if kind is not None else 1):
+            result = {}
+            for stage, key in _STAGE_MS.items():
+                vals = [float(r[key]) for r in rows if isinstance(r, dict) and isinstance(r.get(key), int | float)]
+                result[stage] = (sum(vals) / len(vals) / 1000.0) if vals else 0.0
+        self._means[kind] = (now, result)
+        return result
+
+    async def estimate(self, state: str, stage: str, kind: str, entered_at: str, pos: int,
+                       snap: Snapshot) -> float | None:
+        """Seconds until the job should be finished, or None with no measurements yet."""
+        means = await self.means(kind) or await self.means(None)
+        if means is None:
+            return None
+        rest = sum(means[s] for s in STAGES[STAGES.index(stage) + 1:])
+        own = means[stage]
+        if state == "running":
+            spent = max(0.0, self.store.clock.now() - parse_iso(entered_at))
+            return round(max(0.0, own - spent) + rest, 1)
+        slots = max(1, self.pipeline.health().get(stage, {}).get("workers", 1))
+        # Jobs ahead plus those running must pass through ``slots`` workers before this one starts.
+        ahead = max(0, pos - 1 + snap.running[stage] - slots + 1)
+        return round(ahead * own / slots + own + rest, 1)

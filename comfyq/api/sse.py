@@ -1,0 +1,95 @@
+"""Server-sent events: ``POST /generate/stream`` and ``GET /jobs/{id}/events``.
+
+The subscription is opened before anything is read, so nothing that commits meanwhile is lost:
+stored state changes after Last-Event-ID are replayed first, then live events follow, with state
+events already replayed skipped by row id. A comment heartbeat goes out whenever nothing else was
+sent for ``heartbeat`` seconds. A client going away ends only its stream, never its job.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from aiohttp import web
+
+from comfyq.api.context import Api, get_api
+from comfyq.api.stream import JobFeed, row_of
+from comfyq.errors import NotFound
+from comfyq.events import Subscription
+from comfyq.schemas import StreamEvent, encoder
+
+log = logging.getLogger("comfyq.api")
+
+HEADERS = {
+    "Content-Type": "text/event-stream; charset=utf-8",
+    "Cache-Control": "no-cache",
+    "Connection": "keep-alive",
+    "X-Accel-Buffering": "no",  # nginx: do not buffer the stream
+}
+HEARTBEAT = b": ping\n\n"
+
+
+def frame(se: StreamEvent) -> bytes:
+    """One SSE event: ``id:`` then a single ``data:`` line of JSON."""
+    return b"id: " + (se.id or "").encode() + b"\ndata: " + encoder.encode(se) + b"\n\n"
+
+
+def last_event_id(request: web.Request) -> int | None:
+    """Where a client resumes: the Last-Event-ID header, or ``?last_event_id=`` for plain clients."""
+    return row_of(request.headers.get("Last-Event-ID") or request.query.get("last_event_id"))
+
+
+async def stream_job(request: web.Request, job_id: str, *, after: int | None,
+                     status: int = 200, headers: dict[str, str] | None = None) -> web.StreamResponse:
+    """Stream one job's events to the client until its final_result."""
+    api = get_api(request)
+    sub = api.bus.subscribe(job_id, maxsize=api.options.stream_buffer)
+    try:
+        job = await api.store.get(job_id)
+        if job is None:
+            raise NotFound(f"job {job_id} not found")
+        feed = JobFeed(api, job)
+        first, done = await feed.replay(after or 0)
+        if done and after and len(first) == 1 and (row_of(first[0].id) or 0) <= after:
+            # The client already has the final event: 204 tells an EventSource to stop reconnecting.
+            return web.Response(status=204)
+        resp = web.StreamResponse(status=status, headers={**HEADERS, **(headers or {})})
+        await resp.prepare(request)
+        try:
+            await resp.write(b"retry: 3000\n\n" + b"".join(frame(se) for se in first))
+            if not done:
+                await _live(api, feed, sub, resp)
+        except (ConnectionError, RuntimeError):
+            log.debug("stream of job %s: client went away", job_id)  # the job goes on
+        return resp
+    finally:
+        api.queue.unwatch(sub)
+        sub.close()
+
+
+async def _live(api: Api, feed: JobFeed, sub: Subscription, resp: web.StreamResponse) -> None:
+    if feed.state == "pending":
+        api.queue.watch(sub, feed.job_id)
+    while True:
+        ev = await sub.get(api.options.heartbeat)
+        if ev is None:
+            await resp.write(HEARTBEAT)
+            continue
+        if feed.is_final(ev):
+            await resp.write(frame(await feed.final(row_of(ev.id))))
+            return
+        se = await feed.queue_moved() if ev.kind == "queue" else feed.from_bus(ev)
+        if se is None:
+            continue
+        if se.event == "state":
+            await feed.decorate(se)
+            if feed.state == "pending":
+                api.queue.watch(sub, feed.job_id)
+            else:
+                api.queue.unwatch(sub)
+        await resp.write(frame(se))
+
+
+async def job_events(request: web.Request) -> web.StreamResponse:
+    """GET /jobs/{id}/events"""
+    return await stream_job(request, request.match_info["id"], after=last_event_id(request))

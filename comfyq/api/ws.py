@@ -1,0 +1,148 @@
+"""``GET /ws``: job events over a websocket.
+
+The client sends ``{"subscribe": ["<id>", ...]}`` or ``{"subscribe": "*"}`` (as often as it likes;
+subscriptions add up). For each named job it gets the current state at once (or its final_result
+if it has ended), then the same events as SSE, as JSON text frames with an ``id`` field. ComfyUI's
+live preview images arrive as binary frames: a 4-byte big-endian length N, N bytes of JSON
+(``{"job_id", "node", "mime", "id"}``), then the image bytes. The server pings every
+``ws_heartbeat`` seconds; one task per connection reads both the socket and the subscription, so
+frames never interleave.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+from typing import Any
+
+import msgspec
+from aiohttp import WSMsgType, web
+
+from comfyq.api.context import Api, get_api
+from comfyq.api.stream import JobFeed
+from comfyq.events import Event, Subscription
+from comfyq.schemas import ErrorBody, ErrorInfo, FieldError, StreamEvent, WsSubscribe, encoder
+
+log = logging.getLogger("comfyq.api")
+MAX_FEEDS = 10_000  # jobs followed at once by one "*" connection before old ones are forgotten
+
+
+def preview_frame(ev: Event) -> bytes:
+    """A binary frame: length-prefixed JSON header naming the job, then the image."""
+    head = encoder.encode({"job_id": ev.job_id, "id": ev.id, "node": ev.data.get("node"),
+                           "mime": ev.data.get("mime") or "image/jpeg"})
+    return struct.pack(">I", len(head)) + head + (ev.payload or b"")
+
+
+def _error(message: str, path: str = "$") -> bytes:
+    return encoder.encode(ErrorBody(ErrorInfo("invalid_request", message, fields=[FieldError(path, message)])))
+
+
+class _Conn:
+    def __init__(self, api: Api, ws: web.WebSocketResponse) -> None:
+        self.api = api
+        self.ws = ws
+        self.sub: Subscription = api.bus.subscribe(maxsize=api.options.stream_buffer)
+        self.feeds: dict[str, JobFeed] = {}
+
+    async def on_text(self, text: str) -> None:
+        try:
+            msg = msgspec.json.decode(text, type=WsSubscribe)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            hint = 'send {"subscribe": ["<job id>", ...]} or {"subscribe": "*"}'
+            await self.ws.send_str(_error(f"{hint}: {exc}").decode())
+            return
+        if msg.subscribe == "*":
+            self.sub.add("*")
+            return
+        for job_id in msg.subscribe:
+            await self._subscribe(job_id)
+
+    async def _subscribe(self, job_id: str) -> None:
+        self.sub.add(job_id)  # before the read: nothing committed in between is missed
+        job = await self.api.store.get(job_id)
+        if job is None:
+            body = ErrorBody(ErrorInfo("not_found", f"job {job_id} not found", details={"job_id": job_id}))
+            await self.ws.send_str(encoder.encode(body).decode())
+            return
+        feed = JobFeed(self.api, job)
+        self.feeds[job_id] = feed
+        rows = await self.api.store.events(job_id)
+        if job.terminal:
+            await self._send(await feed.final(rows[-1]["id"] if rows else None))
+            return
+        if rows:
+            se = feed.from_row(rows[-1])  # the current state, not the whole history
+            await feed.decorate(se)
+            await self._send(se)
+
+    async def _feed(self, job_id: str) -> JobFeed | None:
+        feed = self.feeds.get(job_id)
+        if feed is not None or (job_id not in self.sub.keys and "*" not in self.sub.keys):
+            return feed
+        job = await self.api.store.get(job_id)
+        if job is None:
+            return None
+        feed = JobFeed(self.api, job)
+        if len(self.feeds) >= MAX_FEEDS:
+            self.feeds.pop(next(iter(self.feeds)))
+        self.feeds[job_id] = feed
+        return feed
+
+    async def on_event(self, ev: Event) -> None:
+        if ev.kind == "preview":
+            await self.ws.send_bytes(preview_frame(ev))
+            return
+        feed = await self._feed(ev.job_id)
+        if feed is None:
+            return
+        if feed.is_final(ev):
+            await self._send(await feed.final(int(ev.id)))
+            self.feeds.pop(ev.job_id, None)
+            return
+        se = feed.from_bus(ev)
+        if se is None:
+            return
+        if se.event == "state":
+            await feed.decorate(se)
+        await self._send(se)
+
+    async def _send(self, se: StreamEvent) -> None:
+        await self.ws.send_str(encoder.encode(se).decode())
+
+    async def run(self) -> None:
+        recv: asyncio.Task[Any] = asyncio.ensure_future(self.ws.receive())
+        get: asyncio.Task[Any] = asyncio.ensure_future(self.sub.get())
+        try:
+            while True:
+                done, _ = await asyncio.wait({recv, get}, return_when=asyncio.FIRST_COMPLETED)
+                if recv in done:
+                    msg = recv.result()
+                    if msg.type == WSMsgType.TEXT:
+                        await self.on_text(msg.data)
+                    elif msg.type == WSMsgType.BINARY:
+                        await self.ws.send_str(_error("binary frames are not understood; send JSON text").decode())
+                    else:  # close, closing, closed, error
+                        return
+                    recv = asyncio.ensure_future(self.ws.receive())
+                if get in done:
+                    await self.on_event(get.result())
+                    get = asyncio.ensure_future(self.sub.get())
+        finally:
+            for t in (recv, get):
+                t.cancel()
+            await asyncio.gather(recv, get, return_exceptions=True)
+            self.sub.close()
+
+
+async def websocket(request: web.Request) -> web.WebSocketResponse:
+    """GET /ws"""
+    api = get_api(request)
+    ws = web.WebSocketResponse(heartbeat=api.options.ws_heartbeat, max_msg_size=1 << 20)
+    await ws.prepare(request)
+    try:
+        await _Conn(api, ws).run()
+    except (ConnectionError, RuntimeError):
+        log.debug("websocket client went away")
+    return ws

@@ -1,0 +1,154 @@
+"""Prometheus metrics (text format at ``GET /metrics``).
+
+Durations are observed from committed transitions as they happen (claim -> leave gives a stage's
+run time; entering pending -> claim gives its wait). Levels (jobs by state, queue depths, workers,
+backends) are read when scraped. Each server has its own registry, so tests can run several.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from comfyq.clock import parse_iso
+from comfyq.store.model import STAGES, TERMINAL, Transition
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_STAGE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+_HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class _Levels(Collector):
+    """Gauges filled from the last ``Metrics.refresh`` (scrape time)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.m = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        lv = self.m.levels
+        g = GaugeMetricFamily("comfyq_jobs", "Jobs in the store by state", labels=["state"])
+        for state, n in sorted(lv.get("jobs", {}).items()):
+            g.add_metric([state], n)
+        yield g
+        g = GaugeMetricFamily("comfyq_queue_depth", "Unfinished jobs per stage", labels=["stage", "state"])
+        for stage, c in lv.get("queues", {}).items():
+            g.add_metric([stage, "waiting"], c["waiting"])
+            g.add_metric([stage, "running"], c["running"])
+        yield g
+        alive = GaugeMetricFamily("comfyq_stage_workers_alive", "Live workers per stage", labels=["stage"])
+        busy = GaugeMetricFamily("comfyq_stage_workers_busy", "Workers running a job", labels=["stage"])
+        size = GaugeMetricFamily("comfyq_stage_workers", "Configured workers per stage", labels=["stage"])
+        crashes = CounterMetricFamily("comfyq_stage_worker_crashes", "Worker crashes (restarted)", labels=["stage"])
+        for stage, h in lv.get("stages", {}).items():
+            alive.add_metric([stage], h["alive"])
+            busy.add_metric([stage], h["busy"])
+            size.add_metric([stage], h["workers"])
+            crashes.add_metric([stage], h["crashes"])
+        yield from (alive, busy, size, crashes)
+        up = GaugeMetricFamily("comfyq_backend_up", "ComfyUI backend answers HTTP and websocket", labels=["backend"])
+        http = GaugeMetricFamily("comfyq_backend_http_ok", "ComfyUI backend answers HTTP", labels=["backend"])
+        ws = GaugeMetricFamily("comfyq_backend_websocket_ok", "ComfyUI backend websocket is up", labels=["backend"])
+        inflight = GaugeMetricFamily("comfyq_backend_in_flight", "Prompts running on the backend", labels=["backend"])
+        for b in lv.get("backends", []):
+            up.add_metric([b["url"]], float(bool(b["healthy"])))
+            http.add_metric([b["url"]], float(bool(b.get("http_ok"))))
+            ws.add_metric([b["url"]], float(bool(b.get("websocket_ok"))))
+            inflight.add_metric([b["url"]], b.get("in_flight") or 0)
+        yield from (up, http, ws, inflight)
+        yield GaugeMetricFamily("comfyq_event_subscribers", "Open event subscriptions (SSE, websocket, sync)",
+                                value=lv.get("subscribers", 0))
+        yield CounterMetricFamily("comfyq_events_published", "Events published on the bus",
+                                  value=lv.get("published", 0))
+
+
+class Metrics:
+    """The server's metrics: counters and histograms updated live, levels read at scrape time."""
+
+    def __init__(self, services: Any) -> None:
+        self.services = services
+        disable_created_metrics()  # *_created series only add noise to a server's own registry
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.http_requests = Counter("comfyq_http_requests", "HTTP requests by route and status",
+                                     ["route", "method", "status"], registry=r)
+        self.http_duration = Histogram("comfyq_http_request_duration_seconds", "HTTP request handling time",
+                                       ["route", "method"], buckets=_HTTP_BUCKETS, registry=r)
+        self.stage_duration = Histogram("comfyq_stage_duration_seconds", "Run time of one stage of one job",
+                                        ["stage", "outcome"], buckets=_STAGE_BUCKETS, registry=r)
+        self.stage_wait = Histogram("comfyq_stage_wait_seconds", "Time a job waited for a stage worker",
+                                    ["stage"], buckets=_STAGE_BUCKETS, registry=r)
+        self.job_duration = Histogram("comfyq_job_duration_seconds", "Accepted to finished, per final state",
+                                      ["state"], buckets=_STAGE_BUCKETS, registry=r)
+        self.jobs_finished = Counter("comfyq_jobs_finished", "Jobs that reached a final state", ["state"],
+                                     registry=r)
+        self.jobs_created = Counter("comfyq_jobs_created", "Jobs admitted", registry=r)
+        self.webhook_deliveries = Counter("comfyq_webhook_deliveries", "Webhook delivery attempts by outcome",
+                                          ["outcome"], registry=r)
+        self.levels: dict[str, Any] = {}
+        r.register(_Levels(self))
+        self._running: dict[str, tuple[str, float]] = {}  # job id -> (stage, claimed at)
+        self._waiting: dict[str, tuple[str, float]] = {}  # job id -> (stage, pending since)
+        for stage in STAGES:  # every series exists from the start, at zero
+            self.stage_wait.labels(stage)
+        services.store.listen(self.on_transitions)
+
+    def on_transitions(self, trs: list[Transition]) -> None:
+        """Store listener: observe stage run and wait times, count finished jobs."""
+        for tr in trs:
+            at = parse_iso(tr.at)
+            if tr.from_state is None:
+                self.jobs_created.inc()
+            ran = self._running.pop(tr.job_id, None)
+            if ran is not None and tr.from_state == "running":
+                stage, since = ran
+                if tr.to_state == "pending":
+                    outcome = "retried" if tr.stage == stage else "ok"
+                else:
+                    outcome = "ok" if tr.to_state == "completed" else tr.to_state
+                self.stage_duration.labels(stage, outcome).observe(max(0.0, at - since))
+            waited = self._waiting.pop(tr.job_id, None)
+            if tr.to_state == "running":
+                self._running[tr.job_id] = (tr.stage, at)
+                if waited is not None:
+                    self.stage_wait.labels(waited[0]).observe(max(0.0, at - waited[1]))
+            elif tr.to_state == "pending":
+                self._waiting[tr.job_id] = (tr.stage, at)
+            elif tr.to_state in TERMINAL:
+                self.jobs_finished.labels(tr.to_state).inc()
+                total = ((tr.job.timings if tr.job else None) or {}).get("total_ms")
+                if isinstance(total, int | float):
+                    self.job_duration.labels(tr.to_state).observe(total / 1000.0)
+
+    def webhook_delivery(self, outcome: str) -> None:
+        """Count one webhook delivery attempt (``delivered``, ``failed``, ``gave_up``...)."""
+        self.webhook_deliveries.labels(outcome).inc()
+
+    def http(self, route: str, method: str, status: int, seconds: float) -> None:
+        self.http_requests.labels(route, method, str(status)).inc()
+        self.http_duration.labels(route, method).observe(seconds)
+
+    async def refresh(self) -> None:
+        """Read the levels (jobs by state, queues, workers, backends) for the next scrape."""
+        svc = self.services
+        jobs: dict[str, int] = {s: 0 for s in ("pending", "running", "completed", "failed", "cancelled")}
+        async with svc.store.reader.execute("SELECT state, count(*) FROM jobs GROUP BY state") as cur:
+            for state, n in await cur.fetchall():
+                jobs[state] = n
+        self.levels = {
+            "jobs": jobs,
+            "queues": await svc.store.counts(),
+            "stages": svc.pipeline.health(),
+            "backends": svc.pool.snapshot(),
+            "subscribers": svc.bus.subscribers(),
+            "published": svc.bus.published,
+            "at": time.time(),
+        }
+
+    async def render(self) -> bytes:
+        await self.refresh()
+        return generate_latest(self.registry)

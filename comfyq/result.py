@@ -1,0 +1,194 @@
+"""The Result a client sees: built from the job row, its output rows and the live progress.
+
+Secrets never get here: the job's payload is not part of a Result, and the secrets table is never
+read. Output files are inlined as base64 only when the request asked for it, read in a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import msgspec
+
+from comfyq.schemas import ErrorInfo, FieldError, OutputFile, Progress, Result, Timings
+from comfyq.store.model import Job
+
+
+def output_url(job_id: str, filename: str) -> str:
+    """Where ``GET /outputs/{id}/{filename}`` serves a job's file."""
+    return f"/outputs/{quote(job_id, safe='')}/{quote(filename, safe='')}"
+
+
+def _text(v: Any) -> str | None:
+    return None if v is None else str(v)
+
+
+def error_info(err: dict[str, Any] | None) -> ErrorInfo | None:
+    """A job's stored error as the Result's ``error`` (tolerant of older or richer shapes)."""
+    if not err:
+        return None
+    fields = err.get("fields")
+    details = err.get("details")
+    extra = {k: v for k, v in err.items()
+             if k not in ("type", "message", "node_id", "node_type", "details", "fields")}
+    if extra:  # e.g. ComfyUI's node_errors: keep them visible under details
+        details = {**(details if isinstance(details, dict) else {}), **extra}
+    return ErrorInfo(
+        type=str(err.get("type") or "error"),
+        message=str(err.get("message") or ""),
+        node_id=_text(err.get("node_id")),
+        node_type=_text(err.get("node_type")),
+        details=details if isinstance(details, dict) and details else None,
+        fields=[FieldError(str(f.get("path", "$")), str(f.get("message", ""))) for f in fields
+                if isinstance(f, dict)] if isinstance(fields, list) else None,
+    )
+
+
+def timings(raw: dict[str, Any] | None) -> Timings:
+    raw = raw or {}
+
+    def ms(key: str) -> int:
+        v = raw.get(key)
+        return int(v) if isinstance(v, int | float) else 0
+
+    total = raw.get("total_ms")
+    return Timings(
+        queued_ms=ms("queued_ms"), preprocess_ms=ms("preprocess_ms"), generation_ms=ms("generation_ms"),
+        postprocess_ms=ms("postprocess_ms"), total_ms=int(total) if isinstance(total, int | float) else None,
+        generate_wait_ms=ms("generate_wait_ms"), postprocess_wait_ms=ms("postprocess_wait_ms"),
+    )
+
+
+def progress_of(data: dict[str, Any] | None) -> Progress | None:
+    if not data:
+        return None
+    try:
+        return msgspec.convert(data, Progress, strict=False)
+    except msgspec.ValidationError:
+        return None
+
+
+def output_file(job_id: str, row: dict[str, Any]) -> OutputFile:
+    return OutputFile(
+        filename=row["filename"],
+        url=row.get("url") or output_url(job_id, row["filename"]),
+        type=row.get("comfy_type") or "output",
+        subfolder=row.get("subfolder") or "",
+        node_id=str(row.get("node_id") or ""),
+        output_type=row.get("output_type") or "images",
+        mimetype=row.get("mimetype") or "application/octet-stream",
+        size=int(row.get("size") or 0),
+        sha256=row.get("sha256"),
+        local_path=row.get("local_path"),
+        upload_error=row.get("upload_error"),
+        error=row.get("error"),
+    )
+
+
+def to_result(job: Job, outputs: list[dict[str, Any]], progress: dict[str, Any] | None = None) -> Result:
+    """The Result of ``job`` (no base64 data; see :meth:`Results.inline`)."""
+    warnings = (job.result or {}).get("warnings") or []
+    return Result(
+        id=job.id,
+        status=job.status,  # type: ignore[arg-type]
+        message=job.message,
+        created_at=job.created_at,
+        updated_at=job.updated_at,
+        attempts=job.attempts,
+        max_attempts=job.max_attempts,
+        priority=job.priority,
+        progress=progress_of(progress) if job.state == "running" and job.stage == "generate" else None,
+        output=[output_file(job.id, r) for r in outputs],
+        error=error_info(job.error),
+        timings=timings(job.timings),
+        finished_at=job.finished_at,
+        warnings=[w for w in warnings if isinstance(w, dict)],
+    )
+
+
+def wants_base64(job: Job) -> bool:
+    return bool(((job.payload or {}).get("input") or {}).get("return_outputs_as_base64"))
+
+
+def _read_b64(path: str, limit: int) -> tuple[str | None, str | None]:
+    p = Path(path)
+    try:
+        size = p.stat().st_size
+        if size > limit:
+            return None, f"not inlined as base64: {size} bytes is over the {limit}-byte limit"
+        return base64.b64encode(p.read_bytes()).decode("ascii"), None
+    except OSError as exc:
+        return None, f"not inlined as base64: {exc.strerror or exc}"
+
+
+class Results:
+    """Builds Results; caches finished ones (they no longer change) for fan-out to many streams."""
+
+    def __init__(self, store: Any, bus: Any, *, base64_max_bytes: int, cache_size: int = 512) -> None:
+        self.store = store
+        self.bus = bus
+        self.base64_max_bytes = base64_max_bytes
+        self._cache: OrderedDict[tuple[str, str], Result] = OrderedDict()
+        self._cache_size = cache_size
+        self._loading: dict[str, asyncio.Future[tuple[Job, Result] | None]] = {}
+
+    async def shared(self, job_id: str) -> tuple[Job, Result] | None:
+        """Job and Result, one load shared by every concurrent caller (a final event fans out)."""
+        fut = self._loading.get(job_id)
+        if fut is None:
+            fut = asyncio.ensure_future(self._load(job_id))
+            self._loading[job_id] = fut
+            fut.add_done_callback(lambda _: self._loading.pop(job_id, None))
+        return await asyncio.shield(fut)
+
+    async def _load(self, job_id: str) -> tuple[Job, Result] | None:
+        job = await self.store.get(job_id)
+        return None if job is None else (job, await self.of(job))
+
+    async def get(self, job_id: str) -> Result | None:
+        job = await self.store.get(job_id)
+        return None if job is None else await self.of(job)
+
+    async def of(self, job: Job) -> Result:
+        """The Result of ``job`` with its outputs (and base64 data when the job asked for it)."""
+        key = (job.id, job.updated_at)
+        cached = self._cache.get(key)
+        if cached is not None:
+            self._cache.move_to_end(key)
+            return cached
+        res = to_result(job, await self.store.outputs(job.id), self.bus.progress.get(job.id))
+        if wants_base64(job) and res.output:
+            await self.inline(res)
+        elif job.terminal:
+            self._cache[key] = res
+            if len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return res
+
+    async def many(self, jobs: list[Job]) -> list[Result]:
+        """Results of several jobs with one outputs query (no base64: lists stay small)."""
+        rows = await self._outputs_of([j.id for j in jobs])
+        return [to_result(j, rows.get(j.id, []), self.bus.progress.get(j.id)) for j in jobs]
+
+    async def _outputs_of(self, ids: list[str]) -> dict[str, list[dict[str, Any]]]:
+        out: dict[str, list[dict[str, Any]]] = {}
+        if not ids:
+            return out
+        sql = f"SELECT * FROM outputs WHERE job_id IN ({','.join('?' * len(ids))}) ORDER BY id"
+        async with self.store.reader.execute(sql, ids) as cur:
+            for r in await cur.fetchall():
+                out.setdefault(r["job_id"], []).append(dict(r))
+        return out
+
+    async def inline(self, res: Result) -> None:
+        """Fill ``output[i].data`` with base64 of the local file, size-capped."""
+        for o in res.output:
+            if o.local_path and o.data is None:
+                o.data, err = await asyncio.to_thread(_read_b64, o.local_path, self.base64_max_bytes)
+                if err and not o.error:
+                    o.error = err

@@ -1,0 +1,254 @@
+"""The API's types: one set of msgspec structs validates requests, shapes responses and is the
+source of the OpenAPI document (``comfyq.api.openapi``).
+
+Field names follow CONTRACT.md exactly; fields the original wrapper accepted keep their meaning.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta, Struct, field
+
+
+def _d(text: str, **kw: Any) -> Meta:
+    return Meta(description=text, **kw)
+
+
+# 1-128 chars of [A-Za-z0-9._-], not starting with "." (so never "." or ".."); "" = mint one.
+# Written without look-arounds so that property-based generators can produce matching strings.
+REQUEST_ID_PATTERN = r"^(?:[A-Za-z0-9_-][A-Za-z0-9._-]{0,127})?$"
+
+RequestId = Annotated[
+    str,
+    _d("client id of the job (idempotency key): 1-128 of A-Z a-z 0-9 . _ -, not starting with a dot;"
+       " empty or absent: the server makes one", pattern=REQUEST_ID_PATTERN, max_length=128),
+]
+Status = Literal["queued", "processing", "generating", "postprocessing", "completed", "failed", "cancelled"]
+
+
+# --- request ---------------------------------------------------------------------------------
+
+
+class S3Config(Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """Where to upload outputs; empty fields fall back to the operator's S3 settings."""
+
+    access_key_id: Annotated[str, _d("secret: never stored with the job or shown")] = ""
+    secret_access_key: Annotated[str, _d("secret: never stored with the job or shown")] = ""
+    endpoint_url: str = ""
+    bucket_name: str = ""
+    region: str = ""
+    connect_timeout: Annotated[int, _d("seconds", ge=1, le=3600)] = 60
+    connect_attempts: Annotated[int, Meta(ge=1, le=20)] = 3
+
+
+class Webhook(Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """Called once when the job ends (durable outbox, retried)."""
+
+    url: Annotated[str, _d("http(s) URL", max_length=4096)] = ""
+    extra_params: Annotated[dict[str, Any], _d("sent back as `extra` in the webhook body")] = field(
+        default_factory=dict)
+    timeout: Annotated[float, _d("seconds per delivery attempt", gt=0, le=300)] | None = None
+    secret: Annotated[str, _d("signing secret (Standard Webhooks); never shown")] = ""
+
+
+class ImageInput(Struct, forbid_unknown_fields=True):
+    """An input file for the workflow: refer to it by ``name`` in the workflow."""
+
+    name: Annotated[str, _d("name used in the workflow", min_length=1, max_length=255)]
+    image: Annotated[str, _d("base64, a data: URI, or an http(s) URL", min_length=1)]
+
+
+class WorkflowNode(Struct):
+    """One node of a ComfyUI API-format workflow (other keys such as ``_meta`` are kept)."""
+
+    class_type: Annotated[str, Meta(min_length=1)]
+    inputs: dict[str, Any] = field(default_factory=dict)
+
+
+class Input(Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """What to run. Exactly one of ``workflow_json`` and ``modifier``."""
+
+    request_id: RequestId = ""
+    modifier: Annotated[str, _d("modifier class name", max_length=200)] = ""
+    modifications: Annotated[dict[str, Any], _d("values for the modifier")] = field(default_factory=dict)
+    workflow_json: Annotated[dict[str, WorkflowNode], _d("a ComfyUI API-format workflow")] = field(
+        default_factory=dict)
+    images: list[ImageInput] = field(default_factory=list)
+    s3: S3Config | None = None
+    webhook: Webhook | None = None
+    return_outputs_as_base64: Annotated[bool, _d("inline output files as base64 (`output[i].data`)")] = False
+    priority: Annotated[int, _d("higher runs first", ge=-1000, le=1000)] = 0
+    timeout: Annotated[float, _d("job deadline in seconds (default: the server's)", gt=0, le=30 * 86400)] | None = None
+
+
+class GenerateRequest(Struct):
+    """The body of every generate endpoint."""
+
+    input: Input
+
+
+# --- responses -------------------------------------------------------------------------------
+
+
+class FieldError(Struct):
+    path: Annotated[str, _d("JSONPath of the field, e.g. $.input.webhook.url")]
+    message: str
+
+
+class ErrorInfo(Struct, omit_defaults=True):
+    type: Annotated[str, _d("node_error, validation_error, comfyui_unreachable, timeout, cancelled,"
+                            " invalid_request, not_found, ...")]
+    message: str
+    node_id: str | None = None
+    node_type: str | None = None
+    details: dict[str, Any] | None = None
+    fields: list[FieldError] | None = None
+
+
+class ErrorBody(Struct):
+    """Every error response has this shape."""
+
+    error: ErrorInfo
+
+
+class Progress(Struct, omit_defaults=True):
+    node: str | None = None
+    node_type: str | None = None
+    value: float = 0
+    max: float = 0
+    percent: float = 0.0
+
+
+class OutputFile(Struct, omit_defaults=True):
+    filename: str
+    url: Annotated[str, _d("S3 URL when uploaded, else /outputs/{id}/{filename}")]
+    type: Annotated[str, _d("ComfyUI's folder type: output or temp")] = "output"
+    subfolder: str = ""
+    node_id: str = ""
+    output_type: Annotated[str, _d("ComfyUI's output key: images, gifs, video, audio, text, ...")] = "images"
+    mimetype: str = "application/octet-stream"
+    size: int = 0
+    sha256: str | None = None
+    local_path: str | None = None
+    data: Annotated[str | None, _d("base64 of the file, only when asked for")] = None
+    upload_error: str | None = None
+    error: str | None = None
+
+
+class Timings(Struct):
+    queued_ms: int = 0
+    preprocess_ms: int = 0
+    generation_ms: int = 0
+    postprocess_ms: int = 0
+    total_ms: Annotated[int | None, _d("set once the job has finished")] = None
+    generate_wait_ms: Annotated[int, _d("time waiting for a ComfyUI slot")] = 0
+    postprocess_wait_ms: int = 0
+
+
+class Result(Struct):
+    """A job as clients see it, in every state."""
+
+    id: str
+    status: Status
+    message: str
+    created_at: str
+    updated_at: str
+    attempts: int
+    max_attempts: int
+    priority: int
+    progress: Progress | None = None
+    output: list[OutputFile] = field(default_factory=list)
+    error: ErrorInfo | None = None
+    timings: Timings = field(default_factory=Timings)
+    finished_at: str | None = None
+    warnings: list[dict[str, Any]] = field(default_factory=list)
+
+
+class JobList(Struct):
+    jobs: list[Result]
+    next_cursor: Annotated[str | None, _d("pass as ?cursor= for the next page; null on the last")] = None
+
+
+class QueueInfo(Struct):
+    preprocess_queue_size: Annotated[int, _d("jobs waiting for preprocessing")]
+    generation_queue_size: Annotated[int, _d("jobs waiting for a ComfyUI slot")]
+    postprocess_queue_size: Annotated[int, _d("jobs waiting for post-processing")]
+    preprocess_in_flight: int = 0
+    generation_in_flight: int = 0
+    postprocess_in_flight: int = 0
+    unfinished: Annotated[int, _d("jobs not yet finished, all stages (compared with max_queue_size)")] = 0
+    max_queue_size: int = 0
+
+
+class QueuePosition(Struct):
+    current_queue: Literal["preprocessing", "generation", "postprocessing"]
+    position: Annotated[int, _d("1-based among waiting jobs of the stage; 0 while running")]
+    queue_size: Annotated[int, _d("jobs waiting in that stage")]
+    estimated_wait_time: Annotated[
+        float | None, _d("seconds until the job is expected to finish, from measured durations of"
+                         " recent jobs; null until some job has completed")] = None
+
+
+class StreamEvent(Struct, omit_defaults=True):
+    """One SSE ``data:`` (or websocket text frame)."""
+
+    request_id: str
+    status: Annotated[str, _d("a Result status, or final_result for the last event")]
+    event: Annotated[str, _d("state, progress, queue, execution_start, execution_cached, text, final_result")]
+    message: str = ""
+    elapsed_time: Annotated[float, _d("seconds since the job was accepted")] = 0.0
+    timestamp: str = ""
+    id: Annotated[str | None, _d("the SSE id (websocket only)")] = None
+    stage: str | None = None
+    attempt: int | None = None
+    progress: Progress | None = None
+    queue_position: QueuePosition | None = None
+    queue_info: QueueInfo | None = None
+    result: Result | None = None
+    data: dict[str, Any] | None = None
+
+
+class WsSubscribe(Struct, forbid_unknown_fields=True):
+    """What a websocket client sends."""
+
+    subscribe: Annotated[list[str] | Literal["*"], _d('job ids, or "*" for every job')]
+
+
+class StageHealth(Struct):
+    workers: int
+    alive: int
+    busy: int
+    crashes: int
+
+
+class BackendHealth(Struct, omit_defaults=True):
+    url: str
+    healthy: bool
+    http_ok: bool = False
+    websocket_ok: bool = False
+    in_flight: int = 0
+    slots: int = 0
+    last_error: str | None = None
+    comfyui_version: str | None = None
+    queue_remaining: int | None = None
+
+
+class StoreHealth(Struct):
+    writable: bool
+    path: str
+    error: str | None = None
+
+
+class Health(Struct, omit_defaults=True):
+    status: Literal["healthy", "unhealthy"]
+    store: StoreHealth
+    stages: dict[str, StageHealth]
+    backends_healthy: Annotated[str, _d("healthy/configured")]
+    backends: list[BackendHealth]
+    queues: QueueInfo | None = None
+    reason: str | None = None
+
+
+encoder = msgspec.json.Encoder()
