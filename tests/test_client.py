@@ -17,6 +17,7 @@ from test_client_support import (
     image_size_workflow,
     invert_workflow,
     new_id,
+    txt2img_workflow,
     websocket_save_workflow,
 )
 
@@ -121,6 +122,19 @@ async def test_progress_events_carry_node_type(client: ComfyClient) -> None:
     progress = log.of("progress")
     assert [(e.value, e.max) for e in progress] == [(0, 3), (1, 3), (2, 3)]
     assert {(e.node, e.node_type) for e in progress} == {("2", "SaveImageWebsocket")}
+
+
+async def test_ksampler_progress(client: ComfyClient) -> None:
+    log = EventLog()
+    result = await run(client, txt2img_workflow("t2i", steps=4), log)
+    ticks = [(e.node, e.node_type, e.value, e.max) for e in log.of("progress")]
+    assert ticks == [("3", "KSampler", step, 4) for step in range(1, 5)]
+    first_image(result.outputs, "9")
+
+
+async def test_following_an_unknown_prompt_is_prompt_lost(client: ComfyClient) -> None:
+    with pytest.raises(PromptLost):
+        await asyncio.wait_for(client.follow(new_id()), GUARD)
 
 
 async def test_cached_rerun_reports_the_old_files(client: ComfyClient) -> None:
@@ -352,6 +366,29 @@ async def test_upload_names_and_download(client: ComfyClient, tmp_path: Path) ->
         await client.download("nope.png", "", "output", tmp_path / "nope.png")
     assert not (tmp_path / "nope.png").exists()
     assert not (tmp_path / "nope.png.part").exists()
+
+
+async def test_mask_upload(client: ComfyClient) -> None:
+    image = await client.upload(PNG + b"base", "masked.png")
+    ref = {"filename": image["name"], "subfolder": "", "type": "input"}
+    mask = await client.upload(PNG + b"alpha", "clipspace_mask.png", mask=True,
+                               original_ref=ref)
+    assert mask == {"name": "clipspace_mask.png", "subfolder": "", "type": "input"}
+    with pytest.raises(ValueError):
+        await client.upload(PNG, "m.png", mask=True)
+    temp = await client.upload(PNG + b"tmp", "t.png", type="temp")
+    assert temp["type"] == "temp"
+
+
+async def test_stalled_download_is_unreachable(client: ComfyClient, sim: Simulator,
+                                                make_client: MakeClient, tmp_path: Path) -> None:
+    await client.upload(PNG + b"slow", "slow.png")
+    impatient = await make_client(sim.url, request_timeout=0.5)
+    sim.view_delay = 10.0  # far beyond the client's read timeout
+    dest = tmp_path / "dl" / "slow.png"
+    with pytest.raises(ComfyUIUnreachable):
+        await impatient.download("slow.png", "", "input", dest)
+    assert list(dest.parent.iterdir()) == []  # neither the file nor its .part
 
 
 async def test_download_an_output(client: ComfyClient, tmp_path: Path) -> None:

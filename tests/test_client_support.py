@@ -66,6 +66,26 @@ def image_size_workflow(prefix: str, color: int = 521510) -> Workflow:
     }
 
 
+def txt2img_workflow(prefix: str, steps: int = 4, seed: int = 42) -> Workflow:
+    """The SD1.5 text-to-image graph (KSampler reports ``steps`` progress ticks)."""
+    return {
+        "3": {"class_type": "KSampler",
+              "inputs": {"seed": seed, "steps": steps, "cfg": 7.0, "sampler_name": "euler",
+                         "scheduler": "normal", "denoise": 1.0, "model": ["4", 0],
+                         "positive": ["6", 0], "negative": ["7", 0],
+                         "latent_image": ["5", 0]}},
+        "4": {"class_type": "CheckpointLoaderSimple",
+              "inputs": {"ckpt_name": "v1-5-pruned-emaonly.safetensors"}},
+        "5": {"class_type": "EmptyLatentImage",
+              "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a cat", "clip": ["4", 1]}},
+        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["4", 1]}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
+        "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0],
+                                                    "filename_prefix": prefix}},
+    }
+
+
 # Every POST /prompt rejection kind recorded in 30_prompt_errors_all.json (a..i), as workflows.
 VALIDATION_CASES: dict[str, tuple[Workflow, str]] = {
     "unknown_class_type": ({
