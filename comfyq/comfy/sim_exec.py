@@ -260,25 +260,26 @@ class Executor:
             "current_inputs": error["current_inputs"], "current_outputs": list(prompt)},
             False, messages)
 
-    def _inputs(self, spec: NodeSpec, node: dict[str, Any], keys: dict[str, Any],
-                nid: str, prompt: dict[str, Any],
-                extra: dict[str, Any]) -> tuple[dict[str, Any], dict[str, list[Any]]]:
+    def _inputs(self, spec: NodeSpec, node: dict[str, Any], nid: str) -> dict[str, Any]:
         values: dict[str, Any] = {}
-        shown: dict[str, list[Any]] = {}
         for name, value in node["inputs"].items():
             if is_link(value):
-                out = self.out_cache.get(keys.get(value[0]))
+                out = self.out_cache.get(self._keys.get(value[0]))
                 slot = int(value[1])
                 values[name] = out[slot] if out is not None and slot < len(out) else None
             elif name in spec.required or name in spec.optional:
                 values[name] = value
-            else:
-                continue
-            shown[name] = [format_value(values[name])]
+        return values
+
+    @staticmethod
+    def _shown(spec: NodeSpec, values: dict[str, Any], nid: str, prompt: dict[str, Any],
+               extra: dict[str, Any]) -> dict[str, list[Any]]:
+        # current_inputs of execution_error; built only when a node fails.
+        shown = {name: [format_value(v)] for name, v in values.items()}
         hidden = {"PROMPT": prompt, "EXTRA_PNGINFO": extra.get("extra_pnginfo"), "UNIQUE_ID": nid}
         for name, kind in spec.hidden.items():
             shown[name] = [format_value(hidden.get(kind))]
-        return values, shown
+        return shown
 
     async def _run_node(self, prompt: dict[str, Any], pid: str, extra: dict[str, Any], nid: str,
                         key: Any, executed: list[str]) -> dict[str, Any] | None:
@@ -296,7 +297,7 @@ class Executor:
         entry = self._entry(nid)
         entry.update(state="running", value=0.0, max=1.0)
         await self._progress_send()
-        values, shown = self._inputs(spec, node, self._keys, nid, prompt, extra)
+        values = self._inputs(spec, node, nid)
         if cid is not None:
             self.last_node_id = nid
             await self.hub.send_json("executing", {"node": nid, "display_node": nid,
@@ -322,12 +323,14 @@ class Executor:
         except NodeFailure as f:
             return {"node_id": nid, "exception_message": f"{f.message}\n",
                     "exception_type": f.exception_type,
-                    "traceback": _TB_EXECUTE + [_node_frame(spec.name)], "current_inputs": shown}
+                    "traceback": _TB_EXECUTE + [_node_frame(spec.name)],
+                    "current_inputs": self._shown(spec, values, nid, prompt, extra)}
         except Exception as ex:  # noqa: BLE001 - any node failure becomes execution_error
             mod = type(ex).__module__
             name = type(ex).__qualname__ if mod == "builtins" else f"{mod}.{type(ex).__qualname__}"
             return {"node_id": nid, "exception_message": f"{ex}\n", "exception_type": name,
-                    "traceback": _TB_EXECUTE + [_node_frame(spec.name)], "current_inputs": shown}
+                    "traceback": _TB_EXECUTE + [_node_frame(spec.name)],
+                    "current_inputs": self._shown(spec, values, nid, prompt, extra)}
         if ui:
             self.ui_cache[key] = {"meta": {"node_id": nid, "display_node": nid,
                                            "parent_node": None, "real_node_id": nid},

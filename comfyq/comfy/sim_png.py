@@ -38,7 +38,7 @@ def encode_png(width: int, height: int, rgb: tuple[int, int, int],
     row = b"\x00" + bytes(rgb) * width
     comp = zlib.compressobj(level)
     # Feed several rows at once so huge images never need the whole raw buffer in memory.
-    rows_per_block = max(1, (1 << 22) // len(row))
+    rows_per_block = max(1, min(height, (1 << 22) // len(row)))
     block = row * rows_per_block
     parts: list[bytes] = []
     left = height
