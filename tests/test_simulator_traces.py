@@ -536,7 +536,11 @@ async def test_interrupt_routing(case: str, tmp_path: Path, http: aiohttp.Client
             assert r.status == 200
         await wait_history(http, sim.url, p["prompt_id"])
         for rec, key in ((a, "A_types"), (b, "B_types")):
-            await rec.wait_for(lambda fs, n=len(t[key]): len(fs) >= 1 + n)
+            want = 1 + len(t[key])
+
+            def enough(fs: list[Frame], want: int = want) -> bool:
+                return len(fs) >= want
+            await rec.wait_for(enough)
             assert rec.types()[1:] == t[key], key
         await a.close()
         await b.close()
@@ -557,9 +561,9 @@ async def test_history_endpoints(sim: Simulator, http: aiohttp.ClientSession) ->
         assert list(await r.json()) == ["p0"]
     async with http.post(sim.url + "/history", json={"delete": ["p1"]}) as r:
         assert r.status == 200 and await r.read() == b""
-    for pid, expected in (("p1", {}), ("00000000-0000-0000-0000-000000000000", {})):
+    for pid in ("p1", "00000000-0000-0000-0000-000000000000"):
         async with http.get(f"{sim.url}/history/{pid}") as r:
-            assert await r.json() == expected
+            assert await r.json() == {}
     async with http.get(sim.url + "/history") as r:
         assert list(await r.json()) == ["p0", "p2"]
     async with http.post(sim.url + "/history", json={"clear": True}) as r:

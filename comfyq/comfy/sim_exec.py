@@ -16,18 +16,18 @@ from .sim_ws import Hub, preview_frame, preview_meta_frame, text_frame
 
 # Frames ComfyUI's tracebacks start with for a failing node (paths as recorded in the traces).
 _TB_EXECUTE = [
-    '  File "/opt/ComfyUI/execution.py", line 496, in execute\n    output_data, output_ui, '
-    "has_subgraph, has_pending_tasks = await get_output_data(prompt_id, unique_id, obj, "
-    "input_data_all, execution_block_cb=execution_block_cb, pre_execute_cb=pre_execute_cb, "
-    "hidden_inputs=hidden_inputs)\n",
-    '  File "/opt/ComfyUI/execution.py", line 315, in get_output_data\n    return_values = await '
-    "_async_map_node_over_list(prompt_id, unique_id, obj, input_data_all, obj.FUNCTION, "
-    "allow_interrupt=True, execution_block_cb=execution_block_cb, pre_execute_cb=pre_execute_cb, "
-    "hidden_inputs=hidden_inputs)\n",
-    '  File "/opt/ComfyUI/execution.py", line 289, in _async_map_node_over_list\n'
-    "    await process_inputs(input_dict, i)\n",
-    '  File "/opt/ComfyUI/execution.py", line 277, in process_inputs\n'
-    "    result = f(**inputs)\n             ^^^^^^^^^^^\n",
+    ('  File "/opt/ComfyUI/execution.py", line 496, in execute\n    output_data, output_ui, '
+     "has_subgraph, has_pending_tasks = await get_output_data(prompt_id, unique_id, obj, "
+     "input_data_all, execution_block_cb=execution_block_cb, pre_execute_cb=pre_execute_cb, "
+     "hidden_inputs=hidden_inputs)\n"),
+    ('  File "/opt/ComfyUI/execution.py", line 315, in get_output_data\n    return_values = '
+     "await _async_map_node_over_list(prompt_id, unique_id, obj, input_data_all, obj.FUNCTION, "
+     "allow_interrupt=True, execution_block_cb=execution_block_cb, "
+     "pre_execute_cb=pre_execute_cb, hidden_inputs=hidden_inputs)\n"),
+    ('  File "/opt/ComfyUI/execution.py", line 289, in _async_map_node_over_list\n'
+     "    await process_inputs(input_dict, i)\n"),
+    ('  File "/opt/ComfyUI/execution.py", line 277, in process_inputs\n'
+     "    result = f(**inputs)\n             ^^^^^^^^^^^\n"),
 ]
 
 
@@ -174,7 +174,8 @@ class Executor:
     async def _is_changed(self, prompt: dict[str, Any]) -> dict[str, Any]:
         changed: dict[str, Any] = {}
         for nid, node in prompt.items():
-            spec = NODES.get(node.get("class_type")) if isinstance(node, dict) else None
+            class_type = node.get("class_type") if isinstance(node, dict) else None
+            spec = NODES.get(class_type) if isinstance(class_type, str) else None
             if spec is None or spec.is_changed is None:
                 continue
             try:
@@ -198,7 +199,7 @@ class Executor:
         messages: list[list[Any]] = []
         await self._add_message("execution_start", {"prompt_id": pid}, False, messages)
         keys = self._keys = signatures(prompt, await self._is_changed(prompt))
-        live = set(k for k in keys.values() if not isinstance(k, _Unequal))
+        live = {k for k in keys.values() if not isinstance(k, _Unequal)}
         # Classic cache: only entries used by the current prompt survive.
         for cache in (self.out_cache, self.ui_cache):
             for k in [k for k in cache if k not in live]:
@@ -215,8 +216,8 @@ class Executor:
         executed: list[str] = []
         success = True
         while not xlist.is_empty():
-            nid = xlist.stage()
-            if nid is None:
+            staged = xlist.stage()
+            if staged is None:
                 blamed = xlist.cycle_nodes()[0]
                 error = {"node_id": blamed, "exception_message": "Dependency cycle detected",
                          "exception_type": "graph.DependencyCycleError", "traceback": [],
@@ -224,6 +225,7 @@ class Executor:
                 await self._error(prompt, pid, executed, error, messages)
                 success = False
                 break
+            nid = staged
             failure = await self._run_node(prompt, pid, extra, nid, keys[nid], executed)
             if failure is not None:
                 success = False
@@ -317,7 +319,7 @@ class Executor:
                         await ctx.tick(step, t.progress_steps)
                 else:
                     await ctx.sleep(duration)
-            outputs, ui = await spec.run(ctx, values)
+            outputs, ui_or_none = await spec.run(ctx, values)
         except _Interrupted:
             return {"interrupted": True}
         except NodeFailure as f:
@@ -331,6 +333,7 @@ class Executor:
             return {"node_id": nid, "exception_message": f"{ex}\n", "exception_type": name,
                     "traceback": _TB_EXECUTE + [_node_frame(spec.name)],
                     "current_inputs": self._shown(spec, values, nid, prompt, extra)}
+        ui = ui_or_none or {}
         if ui:
             self.ui_cache[key] = {"meta": {"node_id": nid, "display_node": nid,
                                            "parent_node": None, "real_node_id": nid},

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from .sim_nodedefs import NODES
 
@@ -109,9 +110,10 @@ def signatures(prompt: dict[str, Any], changed: dict[str, Any]) -> dict[str, Any
         parts: list[Any] = [node["class_type"], repr(changed.get(nid, False))]
         if NODES[node["class_type"]].unique_id_in_signature:
             parts.append(nid)
-        inputs = node.get("inputs")
-        unequal = not isinstance(inputs, dict)
-        for name in sorted(inputs) if isinstance(inputs, dict) else ():
+        raw_inputs = node.get("inputs")
+        unequal = not isinstance(raw_inputs, dict)
+        inputs: dict[str, Any] = raw_inputs if isinstance(raw_inputs, dict) else {}
+        for name in sorted(inputs):
             value = inputs[name]
             if is_link(value):
                 upstream = key_of(value[0])

@@ -6,7 +6,8 @@ import json
 import os
 import sys
 import uuid
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -155,7 +156,7 @@ class Routes:
             number: Any = float(data["number"])
         else:
             number = p.number
-            if "front" in data and data["front"]:
+            if data.get("front"):
                 number = -number
             p.number += 1
         if "prompt" not in data:
@@ -164,7 +165,7 @@ class Routes:
         prompt_id = str(data.get("prompt_id", uuid.uuid4()))
         partial = data.get("partial_execution_targets")
         ok, error, outputs, node_errors = validate_prompt(prompt, partial, p.env)
-        extra = data["extra_data"] if "extra_data" in data else {}
+        extra = data.get("extra_data", {})
         if "client_id" in data:
             extra["client_id"] = data["client_id"]
         if not ok:
@@ -177,7 +178,7 @@ class Routes:
     async def post_queue(self, request: web.Request) -> web.Response:
         """POST /queue {"clear": true} / {"delete": [ids]}: pending items only."""
         data = await request.json()
-        if "clear" in data and data["clear"]:
+        if data.get("clear"):
             await self.p.queue.wipe()
         if "delete" in data:
             for prompt_id in data["delete"]:
@@ -210,7 +211,7 @@ class Routes:
         """POST /history {"clear": true} / {"delete": [ids]}."""
         data = await request.json()
         history = self.p.queue.history
-        if "clear" in data and data["clear"]:
+        if data.get("clear"):
             history.clear()
         if "delete" in data:
             for prompt_id in data["delete"]:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from . import sim_nodes as n
 from .sim_env import SimEnv
@@ -105,8 +106,8 @@ def _specs() -> list[NodeSpec]:
                         "denoise latents.",
             output_tooltips=("The model used for denoising latents.",
                              "The CLIP model used for encoding text prompts.",
-                             "The VAE model used for encoding and decoding images to and from "
-                             "latent space."), slow=True),
+                             ("The VAE model used for encoding and decoding images to and "
+                              "from latent space.")), slow=True),
         NodeSpec("CLIPTextEncode", {
             "text": ("STRING", {"multiline": True, "dynamicPrompts": True,
                                 "tooltip": "The text to be encoded."}),
@@ -115,8 +116,8 @@ def _specs() -> list[NodeSpec]:
             display_name="CLIP Text Encode (Prompt)",
             description="Encodes a text prompt using a CLIP model into an embedding that can be "
                         "used to guide the diffusion model towards generating specific images.",
-            output_tooltips=("A conditioning containing the embedded text used to guide the "
-                             "diffusion model.",)),
+            output_tooltips=(("A conditioning containing the embedded text used to guide the "
+                              "diffusion model."),)),
         NodeSpec("EmptyLatentImage", {
             "width": _int(512, 16, MAX_RES, 8, tooltip="The width of the latent images in pixels."),
             "height": _int(512, 16, MAX_RES, 8,

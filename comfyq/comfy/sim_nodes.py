@@ -12,8 +12,16 @@ from typing import Any
 
 from .sim_env import SimEnv, read_file, write_file
 from .sim_png import UnidentifiedImageError, encode_png, sniff_image
-from .sim_types import (NodeFailure, RunContext, RunResult, SimConditioning, SimImage, SimLatent,
-                        SimMask, SimModelPart)
+from .sim_types import (
+    NodeFailure,
+    RunContext,
+    RunResult,
+    SimConditioning,
+    SimImage,
+    SimLatent,
+    SimMask,
+    SimModelPart,
+)
 
 _THREAD_PIXELS = 1 << 18  # encode PNGs bigger than this off the event loop
 

@@ -48,7 +48,7 @@ def encode_png(width: int, height: int, rgb: tuple[int, int, int],
         left -= n
     parts.append(comp.flush())
     out = [PNG_MAGIC, _chunk(b"IHDR", ihdr)]
-    all_texts = {SOLID_KEY: "%d,%d,%d" % rgb}
+    all_texts = {SOLID_KEY: ",".join(str(int(v)) for v in rgb)}
     all_texts.update(texts or {})
     for key, value in all_texts.items():
         out.append(_chunk(b"tEXt", key.encode("latin-1") + b"\x00" + value.encode("latin-1", "replace")))

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Protocol
+from typing import Any, Protocol
 
 # Records of what flows along the graph's links. Only the metadata matters (size, batch, colour):
 # every simulated image is one solid colour, which is enough to write real PNG files.

@@ -27,7 +27,7 @@ _SITES = {
 }
 
 
-class ServerCrash(Exception):
+class ServerCrash(TypeError):
     """ComfyUI would raise out of the request handler here: the client gets aiohttp's 500."""
 
 
@@ -149,7 +149,8 @@ class _Validator:
 
     def _custom(self, x: str, val: Any) -> list[Error]:
         if not isinstance(val, str):
-            raise AttributeError(f"'{type(val).__name__}' object has no attribute 'endswith'")
+            # ComfyUI calls str methods on the value: the same AttributeError ends up reported.
+            raise AttributeError(f"'{type(val).__name__}' object has no attribute 'endswith'")  # noqa: TRY004
         name, folder = self.env.annotated(val)
         if os.path.exists(os.path.join(folder, name)):
             return []
@@ -184,7 +185,7 @@ def _range_or_combo(x: str, val: Any, input_type: Any, extra: dict[str, Any],
 
 def validate_node_input(received: Any, wanted: Any) -> bool:
     """Link type check: equal, or comma-separated unions that overlap."""
-    if not received != wanted:
+    if received == wanted:
         return True
     if not isinstance(received, str) or not isinstance(wanted, str):
         return False

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import struct
 import uuid
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import WSMsgType, web
 
@@ -60,9 +61,9 @@ class Hub:
             for ws in list(self.sockets.values()):
                 await _send(ws.send_str, text)
         else:
-            ws = self.sockets.get(sid)
-            if ws is not None:
-                await _send(ws.send_str, json.dumps({"type": event, "data": data}))
+            target = self.sockets.get(sid)
+            if target is not None:
+                await _send(target.send_str, json.dumps({"type": event, "data": data}))
 
     async def send_bytes(self, payload: bytes, sid: str | None = None) -> None:
         """Send a binary frame to sid, or to every socket when sid is None."""
@@ -72,9 +73,9 @@ class Hub:
             for ws in list(self.sockets.values()):
                 await _send(ws.send_bytes, payload)
         else:
-            ws = self.sockets.get(sid)
-            if ws is not None:
-                await _send(ws.send_bytes, payload)
+            target = self.sockets.get(sid)
+            if target is not None:
+                await _send(target.send_bytes, payload)
 
     def abort_all(self) -> None:
         """Cut every websocket's TCP connection without a close frame."""

@@ -12,8 +12,9 @@ import shutil
 import signal
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Self
 
 from aiohttp import web
 
@@ -157,6 +158,7 @@ class Simulator:
         await runner.setup()
         loop = asyncio.get_running_loop()
         try:
+            assert runner.server is not None  # set by setup()
             server = await loop.create_server(runner.server, self.host, self.port,
                                               reuse_address=True)
         except BaseException:
@@ -215,7 +217,7 @@ class Simulator:
         if self._proc is not None:
             self._proc.hub.abort_all()
 
-    async def __aenter__(self) -> Simulator:
+    async def __aenter__(self) -> Self:
         await self.start()
         return self
 
