@@ -23,6 +23,7 @@ from comfyq.clock import parse_iso
 from comfyq.errors import ComfyqError, JobError, LeaseLost
 from comfyq.events import EventBus
 from comfyq.store import Job, JobStore, Transition
+from comfyq.store.model import NEXT_STAGE
 
 log = logging.getLogger("comfyq.pipeline")
 
@@ -103,6 +104,21 @@ class StageRunner:
 
     def notify(self) -> None:
         self._work.set()
+
+    def take_waiter(self) -> asyncio.Future[Job] | None:
+        """An idle worker of this stage, taken out of the claimer's hands (for a direct hand-off)."""
+        if not self.claiming:
+            return None
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                return fut
+        return None
+
+    def return_waiter(self, fut: asyncio.Future[Job]) -> None:
+        if not fut.done():
+            self._waiters.appendleft(fut)
+            self._waiter_added.set()
 
     async def claimer(self) -> None:
         while True:
@@ -287,10 +303,30 @@ class Pipeline:
             entry.settled.set()
 
     async def _advance(self, job: Job, done: StageDone) -> None:
+        nxt = self.stages.get(NEXT_STAGE.get(job.stage) or "")
+        waiter = nxt.take_waiter() if nxt is not None else None
         try:
-            await self.store.advance(job.id, done.message, done.fields)
+            if waiter is None:
+                await self.store.advance(job.id, done.message, done.fields)
+                return
+            assert nxt is not None
+            trs = await self.store.advance_and_claim(job.id, done.message, done.fields, self.cfg.lease,
+                                                     CLAIM_MESSAGES[nxt.name])
         except LeaseLost:
             log.warning("job %s: lease lost before its %s result could be saved", job.id, job.stage)
+            trs = []
+        except BaseException:
+            if waiter is not None and nxt is not None:
+                nxt.return_waiter(waiter)
+            raise
+        assert nxt is not None and waiter is not None
+        claimed = trs[-1].job if len(trs) == 2 else None
+        if claimed is None:
+            nxt.return_waiter(waiter)
+        elif waiter.done():
+            await self.store.release(claimed.id, "Returned to the queue")
+        else:
+            waiter.set_result(claimed)
 
     async def _settle(self, job: Job, ctx: JobContext, inner: asyncio.Task[Any], stage: StageRunner) -> None:
         """Record how a handler that did not return normally ended."""

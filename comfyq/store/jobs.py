@@ -139,6 +139,14 @@ class JobStore:
         """Finish this process's stage of a job: next stage, or completed after postprocess."""
         return await self._one(ops.advance, job_id, self.owner, self.clock.now(), message, fields)
 
+    async def advance_and_claim(self, job_id: str, message: str, fields: dict[str, Any] | None,
+                                lease: float, claim_message: str) -> list[Transition]:
+        """Advance a job and claim it for its next stage in one commit (see ops.advance_and_claim)."""
+        trs: list[Transition] = await self._write(
+            ops.advance_and_claim, job_id, self.owner, self.clock.now(), message, fields, lease, claim_message)
+        self._notify(trs)
+        return trs
+
     async def finish(self, job_id: str, state: str, message: str, *, error: dict[str, Any] | None = None,
                      fields: dict[str, Any] | None = None) -> Transition:
         """End a job this process holds as completed, failed or cancelled."""

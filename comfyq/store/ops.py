@@ -86,20 +86,23 @@ def create(conn: sqlite3.Connection, new: NewJob, now: float, max_queue: int) ->
     return job, _event(conn, job, None, "Request accepted")
 
 
+def _claim_sql(stage: str, which: str) -> str:
+    wait_key = "queued_ms" if stage == "preprocess" else f"{stage}_wait_ms"
+    return (
+        "UPDATE jobs SET state = 'running', lease_owner = :owner, lease_expires_at = :exp,"
+        " attempts = max(attempts, 1), updated_at = :now, message = :message,"
+        f" timings = {_add_timing(wait_key)}, stage_entered_at = :now WHERE {which} RETURNING *"
+    )
+
+
 def claim(
     conn: sqlite3.Connection, stage: str, owner: str, n: int, now: float, lease: float, message: str
 ) -> list[Transition]:
     """Claim up to ``n`` claimable jobs of ``stage`` in one statement, by priority then age."""
-    t = iso(now)
-    wait_key = "queued_ms" if stage == "preprocess" else f"{stage}_wait_ms"
     rows = conn.execute(
-        "UPDATE jobs SET state = 'running', lease_owner = :owner, lease_expires_at = :exp,"
-        " attempts = max(attempts, 1), updated_at = :now, message = :message,"
-        f" timings = {_add_timing(wait_key)}, stage_entered_at = :now"
-        " WHERE id IN (SELECT id FROM jobs WHERE state = 'pending' AND stage = :stage"
-        "   AND run_after <= :now ORDER BY priority DESC, created_at, id LIMIT :n)"
-        " RETURNING *",
-        {"owner": owner, "exp": iso(now + lease), "now": t, "stage": stage, "n": n, "message": message},
+        _claim_sql(stage, "id IN (SELECT id FROM jobs WHERE state = 'pending' AND stage = :stage"
+                          " AND run_after <= :now ORDER BY priority DESC, created_at, id LIMIT :n)"),
+        {"owner": owner, "exp": iso(now + lease), "now": iso(now), "stage": stage, "n": n, "message": message},
     ).fetchall()
     jobs = sorted((Job.from_row(r) for r in rows), key=lambda j: (-j.priority, j.created_at, j.id))
     return [_event(conn, j, "pending", message) for j in jobs]
@@ -170,6 +173,25 @@ def advance(
         params, before=current,
     )
     return _event(conn, job, prev, message)
+
+
+def advance_and_claim(
+    conn: sqlite3.Connection, job_id: str, owner: str, now: float, message: str,
+    fields: dict[str, Any] | None, lease: float, claim_message: str,
+) -> list[Transition]:
+    """Finish a stage and, in the same transaction, claim the job for its next stage (hand-off to
+    an idle worker of that stage: one commit instead of two, both events still written)."""
+    done = advance(conn, job_id, owner, now, message, fields)
+    if done.to_state != "pending":
+        return [done]
+    row = conn.execute(
+        _claim_sql(done.stage, "id = :id AND state = 'pending' AND stage = :stage AND run_after <= :now"),
+        {"owner": owner, "exp": iso(now + lease), "now": iso(now), "stage": done.stage, "id": job_id,
+         "message": claim_message},
+    ).fetchone()
+    if row is None:
+        return [done]
+    return [done, _event(conn, Job.from_row(row), "pending", claim_message)]
 
 
 def finish(
