@@ -375,3 +375,52 @@ async def test_cli_ready_line_and_sigterm(tmp_path: Path, http: aiohttp.ClientSe
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 30) == 0
     assert (tmp_path / "d" / "output").is_dir()
+
+
+async def test_upload_mask_and_load_image_mask(sim: Simulator, http: aiohttp.ClientSession) -> None:
+    _, entry = await run(http, sim, invert("orig"))
+    original = entry["outputs"]["3"]["images"][0]
+    form = aiohttp.FormData()
+    form.add_field("original_ref", json.dumps(original))
+    form.add_field("image", encode_png(8, 8, (0, 0, 0)), filename="mask.png",
+                   content_type="image/png")
+    async with http.post(sim.url + "/upload/mask", data=form) as r:
+        assert r.status == 200
+        assert await r.json() == {"name": "mask.png", "subfolder": "", "type": "input"}
+    form = aiohttp.FormData()
+    form.add_field("image", b"x", filename="m2.png", content_type="image/png")
+    async with http.post(sim.url + "/upload/mask", data=form) as r:
+        assert r.status == 500  # ComfyUI fails on a missing original_ref
+    wf: Workflow = {
+        "1": {"class_type": "LoadImageMask", "inputs": {"image": "mask.png", "channel": "red"}},
+        "2": {"class_type": "EmptyImage",
+              "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "m"}},
+    }
+    _, entry = await run(http, sim, wf)
+    assert entry["status"]["status_str"] == "success"
+    wf["2"]["inputs"]["width"] = ["1", 0]  # MASK into INT
+    body = await submit(http, sim, wf, status=400)
+    assert body["node_errors"]["2"]["errors"][0]["type"] == "return_type_mismatch"
+
+
+async def test_reconnect_while_old_socket_open(sim: Simulator, http: aiohttp.ClientSession) -> None:
+    old = await WsRecorder(http, sim.url, "twice").connect()
+    await old.wait_for(lambda fs: len(fs) >= 1)
+    new = await WsRecorder(http, sim.url + "/api", "twice").connect()
+    await new.wait_for(lambda fs: len(fs) >= 1)
+    body = await submit(http, sim, invert("tw1"), "twice")
+    await new.wait_done(body["prompt_id"])
+    assert "execution_start" not in old.types()  # replaced in routing, but still open
+    await old.close()
+    # ComfyUI's handler pops whatever is registered under the clientId when the old socket
+    # ends, so the newer socket gets no more prompt messages (status broadcasts still come).
+    second = await submit(http, sim, invert("tw2"), "twice")
+    await wait_history(http, sim.url, second["prompt_id"])
+    watcher = await WsRecorder(http, sim.url, "watcher").connect()
+    third = await submit(http, sim, invert("tw3"), "watcher")
+    await watcher.wait_done(third["prompt_id"])
+    assert all(second["prompt_id"] not in json.dumps(f.data) for f in new.frames
+               if f.type != "status")
+    for rec in (new, watcher):
+        await rec.close()
