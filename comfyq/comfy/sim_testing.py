@@ -6,8 +6,10 @@ import asyncio
 import contextlib
 import json
 import struct
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -137,3 +139,67 @@ async def wait_history(session: aiohttp.ClientSession, base_url: str, prompt_id:
                 return body[prompt_id]  # type: ignore[no-any-return]
             await asyncio.sleep(0.01)
     return await asyncio.wait_for(loop(), timeout)
+
+
+def find_traces(start: Path) -> Path | None:
+    """The recorded-protocol folder (shared/comfyui-protocol) beside an enclosing directory."""
+    for parent in [start, *start.parents]:
+        candidate = parent / "shared" / "comfyui-protocol"
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def data_of(frames: list[Frame], kind: str) -> list[Any]:
+    """Payloads of the frames of one message type."""
+    return [f.data for f in frames if f.type == kind]
+
+
+async def post_prompt(session: aiohttp.ClientSession, base_url: str, body: dict[str, Any],
+                      status: int = 200) -> dict[str, Any]:
+    """POST /prompt and check the status; returns the JSON body."""
+    async with session.post(base_url + "/prompt", json=body) as r:
+        assert r.status == status, await r.text()
+        return await r.json()  # type: ignore[no-any-return]
+
+
+async def run_workflow(session: aiohttp.ClientSession, base_url: str, workflow: dict[str, Any],
+                       client_id: str, first: dict[str, Any] | None = None
+                       ) -> tuple[WsRecorder, str]:
+    """Open a socket, submit with that client id, wait for the final `executing` message."""
+    rec = await WsRecorder(session, base_url, client_id).connect(first)
+    await rec.wait_for(lambda fs: len(fs) >= (2 if first else 1))
+    body = await post_prompt(session, base_url, {"prompt": workflow, "client_id": client_id})
+    await rec.wait_done(body["prompt_id"])
+    return rec, body["prompt_id"]
+
+
+async def upload_image(session: aiohttp.ClientSession, base_url: str, name: str | None,
+                       data: bytes, **fields: str) -> aiohttp.ClientResponse:
+    """POST /upload/image with an `image` file part (omitted when name is None)."""
+    form = aiohttp.FormData()
+    for key, value in fields.items():
+        form.add_field(key, value)
+    if name is not None:
+        form.add_field("image", data, filename=name, content_type="image/png")
+    return await session.post(base_url + "/upload/image", data=form)
+
+
+def decode_png(data: bytes) -> tuple[int, int, bytes]:
+    """Decode an 8-bit RGB PNG as the simulator writes it: (width, height, filtered rows)."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, idat, width, height = 8, b"", 0, 0
+    while pos < len(data):
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        body = data[pos + 8:pos + 8 + length]
+        (crc,) = struct.unpack(">I", data[pos + 8 + length:pos + 12 + length])
+        assert zlib.crc32(kind + body) == crc, f"bad CRC in {kind!r}"
+        if kind == b"IHDR":
+            width, height, depth, ctype = struct.unpack(">IIBB", body[:10])
+            assert (depth, ctype) == (8, 2)
+        elif kind == b"IDAT":
+            idat += body
+        pos += 12 + length
+    raw = zlib.decompress(idat)
+    assert len(raw) == height * (1 + 3 * width)
+    return width, height, raw
