@@ -83,6 +83,9 @@ class BackendPool:
         self._probe_now = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
+        # Autoscalers read these tokens from the log: exactly one of them, and only when true.
+        self._ready_logged = False
+        self._ready_timed_out = False
 
     @property
     def backends(self) -> list[Backend]:
@@ -96,7 +99,7 @@ class BackendPool:
             b.client.on_ws_state = self._ws_listener(b)
         self._tasks = [
             asyncio.create_task(self._probe_loop(), name="comfy-pool-probe"),
-            asyncio.create_task(self._announce_ready(), name="comfy-pool-ready"),
+            asyncio.create_task(self._ready_deadline(), name="comfy-pool-ready"),
         ]
         self._tasks += [asyncio.create_task(b.client.start(), name=f"comfy-start {b.display_url}")
                         for b in self._backends]
@@ -220,6 +223,11 @@ class BackendPool:
             else:
                 self._log.warning("backend %s is unhealthy: %s", b.display_url,
                                   b.last_error or "unknown reason")
+        if (now and not self._ready_logged and not self._ready_timed_out and not self._closed
+                and all(x.healthy for x in self._backends)):
+            self._ready_logged = True
+            self._log.info("BACKENDS_READY: %d backend(s) reachable, ready to serve",
+                           len(self._backends))
         self._notify()
 
     async def _probe(self, b: Backend) -> None:
@@ -242,14 +250,12 @@ class BackendPool:
                 async with asyncio.timeout(self.probe_interval):
                     await self._probe_now.wait()
 
-    async def _announce_ready(self) -> None:
-        # Autoscalers read these tokens from the log: print each only when it is true.
+    async def _ready_deadline(self) -> None:
+        await asyncio.sleep(self.ready_timeout)
+        if self._ready_logged or self._closed:
+            return
+        self._ready_timed_out = True
         n = len(self._backends)
-        if await self.wait_ready(self.ready_timeout):
-            self._log.info("BACKENDS_READY: %d backend(s) reachable, ready to serve", n)
-            return
-        if self._closed:
-            return
         down = [f"{b.display_url} ({b.last_error or 'not ready'})"
                 for b in self._backends if not b.healthy]
         self._log.error("BACKENDS_READY_TIMEOUT: %d/%d backend(s) reachable after %.0fs; "
