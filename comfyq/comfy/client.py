@@ -112,7 +112,11 @@ class ComfyClient:
 
     @property
     def on_preview(self) -> Callable[[LiveEvent], None] | None:
-        """Called for every preview image (types 1 and 4) and progress text (type 3)."""
+        """Called for every preview image (types 1 and 4) and progress text (type 3).
+
+        ``prompt_id`` is None for a TEXT frame while none of our prompts runs (ComfyUI
+        broadcasts those to every socket). Followers also get these via ``on_event``.
+        """
         return self._feed.on_preview
 
     @on_preview.setter
@@ -235,7 +239,12 @@ class ComfyClient:
     async def submit(
         self, workflow: dict[str, Any], prompt_id: str, *, extra_data: dict[str, Any] | None = None
     ) -> SubmitResult:
-        """``POST /prompt`` with our prompt id and client id; 400 raises ValidationError."""
+        """``POST /prompt`` with our prompt id and client id; 400 raises ValidationError.
+
+        ComfyUIUnreachable after the request went out (timeout, connection cut) does not prove
+        that ComfyUI refused it: ``locate(prompt_id)`` before submitting the same job again.
+        Use a fresh prompt id per attempt, so an old history entry is never mistaken for it.
+        """
         body: dict[str, Any] = {"prompt": workflow, "client_id": self.client_id,
                                 "prompt_id": prompt_id}
         if extra_data:
@@ -310,7 +319,13 @@ class ComfyClient:
         workflow: dict[str, Any] | None = None,
         on_event: Callable[[LiveEvent], None] | None = None,
     ) -> RunResult:
-        """Wait for the prompt's outcome; raises NodeError, Interrupted or PromptLost."""
+        """Wait for the prompt's outcome; raises NodeError, Interrupted or PromptLost.
+
+        Messages that arrived since ``submit`` (or ``watch``) are read first, so calling this
+        late loses nothing; a prompt never watched is looked up in queue and history at once.
+        One follower per prompt. Interrupted after our own ``cancel`` may also mean "deleted
+        from the queue before it ran" (``details["deleted_from_queue"]``).
+        """
         fresh = prompt_id not in self._feed.watches
         watch = self._feed.watch(prompt_id, workflow)
         try:

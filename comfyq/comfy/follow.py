@@ -58,38 +58,31 @@ class Follower:
         quiet_base = now()
         next_poll = now() if check_now else math.inf
         backoff = c.poll_interval
-        unknown = 0
         while True:
             if now() >= min(next_poll, quiet_base + c.ws_quiet_timeout):
                 try:
-                    where, entry = await c.locate(self.pid)
+                    where, entry = await self.locate_twice()
                 except ComfyUIUnreachable as exc:
                     c._log.debug("following %s: %s", self.pid, exc.message)
                     next_poll = quiet_base = now() + backoff
                     backoff = min(backoff * 2, max(c.reconnect_max, c.poll_interval))
-                    unknown = 0
                     continue
                 backoff = c.poll_interval
                 quiet_base = now()
                 if where == "done" and entry is not None:
                     return run_result_from_history(self.pid, entry)
                 if where == "unknown":
-                    if self.succeeded:
+                    if self.succeeded:  # history gone already (restart right after success)
                         return self.result()
                     if self.w.cancelled:
                         raise Interrupted(
                             "the prompt was removed from ComfyUI's queue before it ran",
                             details={"prompt_id": self.pid, "deleted_from_queue": True})
-                    unknown += 1
-                    if unknown >= 2:
-                        raise PromptLost(
-                            f"ComfyUI at {c.display_url} has prompt {self.pid} neither queued "
-                            "nor in its history (it probably restarted)",
-                            details={"backend": c.display_url, "prompt_id": self.pid})
-                    next_poll = now() + min(c.poll_interval, 0.5)
-                    continue
-                unknown = 0
-                if self.succeeded:  # success was sent just before ComfyUI writes history
+                    raise PromptLost(
+                        f"ComfyUI at {c.display_url} has prompt {self.pid} neither queued "
+                        "nor in its history (it probably restarted)",
+                        details={"backend": c.display_url, "prompt_id": self.pid})
+                if self.succeeded:  # success is sent just before ComfyUI writes history
                     next_poll = now() + min(c.poll_interval, 0.2)
                 else:
                     next_poll = math.inf if c.ws_connected else now() + c.poll_interval
@@ -109,6 +102,14 @@ class Follower:
                     return done
                 if self.succeeded or self._ended(item.msg):
                     next_poll = now()
+
+    async def locate_twice(self) -> tuple[str, dict[str, Any] | None]:
+        """``locate``, asked again a moment later before believing "unknown"."""
+        where, entry = await self.c.locate(self.pid)
+        if where == "unknown" and not self.w.cancelled:
+            await asyncio.sleep(min(self.c.poll_interval, 0.5))
+            where, entry = await self.c.locate(self.pid)
+        return where, entry
 
     @staticmethod
     def _ended(msg: WsMessage) -> bool:
