@@ -235,6 +235,9 @@ class WsFeed:
                 raise
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                 self.last_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            except Exception as exc:  # noqa: BLE001 - a bug here must not end reconnecting
+                self._log.exception("websocket %s failed unexpectedly", self._label)
+                self.last_error = f"{type(exc).__name__}: {exc}"
             finally:
                 ws_, self._ws = self._ws, None
                 if ws_ is not None and not ws_.closed:
