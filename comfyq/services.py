@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import shutil
 from pathlib import Path
@@ -51,6 +52,7 @@ class Services:
             probe_interval=settings.backend_probe_interval, ready_timeout=settings.backends_ready_timeout,
             client_kwargs={"request_timeout": settings.comfyui_request_timeout,
                            "ws_quiet_timeout": settings.comfyui_ws_quiet_timeout},
+            client_id_for=self._client_id,
         )
         self.generate = Generate(self.pool, failover_after=settings.backend_failover_after)
         self.pipeline = Pipeline(
@@ -65,6 +67,10 @@ class Services:
         )
         self._tasks: list[asyncio.Task[Any]] = []
         self.started = False
+
+    def _client_id(self, url: str) -> str:
+        """Stable per (database file, backend): one server per file, so never shared while alive."""
+        return hashlib.sha256(f"comfyq|{self.db_path.resolve()}|{url}".encode()).hexdigest()[:32]
 
     async def start(self) -> None:
         """Take the database lock, migrate, connect to ComfyUI, resume jobs, start workers."""

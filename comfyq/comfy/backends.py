@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from collections.abc import AsyncIterator, Collection
+from collections.abc import Callable, AsyncIterator, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,6 +60,7 @@ class BackendPool:
         logger: logging.Logger | None = None,
         probe_timeout: float = 5.0,
         require_websocket: bool = True,
+        client_id_for: Callable[[str], str] | None = None,
     ) -> None:
         unique = list(dict.fromkeys(u.strip().rstrip("/") for u in urls if u.strip()))
         if not unique:
@@ -72,8 +73,11 @@ class BackendPool:
         self._log = logger or _log
         kwargs = dict(client_kwargs or {})
         kwargs.setdefault("logger", self._log)
+        # A client id that stays the same across restarts lets a restarted comfyq get the messages
+        # of prompts it submitted before it died (ComfyUI routes them by client id).
         self._backends = [
-            Backend(u, ComfyClient(u, **kwargs), slots_per_backend,
+            Backend(u, ComfyClient(u, **kwargs, **({"client_id": client_id_for(u)} if client_id_for else {})),
+                    slots_per_backend,
                     require_websocket=require_websocket)
             for u in unique
         ]
