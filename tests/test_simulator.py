@@ -424,3 +424,15 @@ async def test_reconnect_while_old_socket_open(sim: Simulator, http: aiohttp.Cli
                if f.type != "status")
     for rec in (new, watcher):
         await rec.close()
+
+
+async def test_classic_cache_keeps_only_the_last_prompts_nodes(sim: Simulator,
+                                                               http: aiohttp.ClientSession) -> None:
+    # ComfyUI's default cache drops every entry the current prompt does not use: A, B, A
+    # re-runs A completely, while A, A is fully cached.
+    await run(http, sim, invert("a", color=1))
+    rec, _ = await run(http, sim, invert("a", color=1))
+    assert rec.of_type("execution_cached")[0].data["nodes"] == ["1", "2", "3"]
+    await run(http, sim, invert("b", color=2))
+    rec, _ = await run(http, sim, invert("a", color=1))
+    assert rec.of_type("execution_cached")[0].data["nodes"] == []

@@ -170,6 +170,8 @@ class Routes:
             extra["client_id"] = data["client_id"]
         if not ok:
             return web.json_response({"error": error, "node_errors": node_errors}, status=400)
+        if not p.alive:
+            raise ConnectionResetError("simulated server is gone")
         await p.queue.put([number, prompt_id, prompt, extra, outputs])
         p.prompts_received.append(prompt_id)
         return web.json_response({"prompt_id": prompt_id, "number": number,

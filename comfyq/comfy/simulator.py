@@ -38,6 +38,7 @@ class SimProcess:
         self.queue = PromptQueue(self.hub, max_history)
         self.executor = Executor(self.queue, self.hub, env, faults, timing)
         self.number = 0
+        self.alive = True  # False once stopped or crashed: late handlers must not count prompts
         self.app = build_app(self)
 
     async def on_ws_connect(self, sid: str) -> None:
@@ -176,6 +177,7 @@ class Simulator:
         self._server = self._runner = self._proc = self._worker = None
         if server is None or runner is None or proc is None:
             return
+        proc.alive = False
         server.close()
         if graceful:
             with contextlib.suppress(asyncio.TimeoutError):
