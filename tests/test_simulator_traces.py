@@ -235,7 +235,7 @@ async def test_loadimage_pipeline_order_and_preview(sim: Simulator,
 # ---------------------------------------------------------------- progress and binary (25, 25b, 26)
 
 async def test_savewebsocket_legacy_frames(sim: Simulator, http: aiohttp.ClientSession) -> None:
-    rec, _, t = await run_traced(http, sim, "25_run_savewebsocket_progress_binary_legacy.json")
+    rec, pid, t = await run_traced(http, sim, "25_run_savewebsocket_progress_binary_legacy.json")
     types = rec.types()
     assert types[0] == "status" and types[1:] == recorded_types(t)
     assert [(d["value"], d["max"]) for d in data_of(rec.frames, "progress")] == \
@@ -247,6 +247,9 @@ async def test_savewebsocket_legacy_frames(sim: Simulator, http: aiohttp.ClientS
         assert png_pixels(f.raw[8:])[:2] == (32, 32)
     last = data_of(rec.frames, "progress_state")[-1]["nodes"]["2"]
     assert (last["value"], last["max"], last["state"]) == (3, 3, "finished")
+    entry = await wait_history(http, sim.url, pid)
+    recorded = next(iter(t["history_after"]["response"]["body"].values()))
+    assert (entry["outputs"], entry["meta"]) == (recorded["outputs"], recorded["meta"]) == ({}, {})
 
 
 async def test_getimagesize_text_frame_is_broadcast(sim: Simulator,
