@@ -32,6 +32,23 @@ INVERT_WORKFLOW: dict[str, Any] = {
     "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "probe_invert"}},
 }
 
+
+
+def workflow(color: int = 0, *, blur: bool = False, prefix: str = "t") -> dict[str, Any]:
+    """EmptyImage -> [ImageBlur ->] ImageInvert -> SaveImage. A distinct ``color`` per job keeps
+    ComfyUI's cache from skipping the nodes; ImageBlur is the node the simulator can make slow and
+    give progress steps (``simulator.node_durations = {"ImageBlur": s}``, ``progress_steps``)."""
+    wf: dict[str, Any] = {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 16, "height": 16, "batch_size": 1, "color": color}},
+        "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": prefix}},
+    }
+    if blur:
+        wf["4"] = {"class_type": "ImageBlur", "inputs": {"image": ["1", 0], "blur_radius": 1, "sigma": 1.0}}
+        wf["2"]["inputs"]["image"] = ["4", 0]
+    return wf
+
+
 FAST = {
     "backend_probe_interval": 0.2,
     "lease_seconds": 5.0,
@@ -114,6 +131,19 @@ async def make_server(tmp_path: Path, simulator: Simulator) -> AsyncIterator[Mak
 @pytest.fixture
 async def server(make_server: MakeServer) -> Server:
     return await make_server(options=ApiOptions(heartbeat=0.5, ws_heartbeat=1.0))
+
+
+def pause(srv: Server, stage: str) -> None:
+    """Stop ``stage`` from claiming jobs, so that they wait in its queue."""
+    srv.services.pipeline.stages[stage].claiming = False
+
+
+def resume(srv: Server, stage: str) -> None:
+    """Let ``stage`` claim again (its claimer sleeps until a waiter or new work wakes it)."""
+    st = srv.services.pipeline.stages[stage]
+    st.claiming = True
+    st._waiter_added.set()  # noqa: SLF001 - the runner has no public resume yet
+    st.notify()
 
 
 async def wait_healthy(srv: Server, timeout: float = 10.0) -> None:

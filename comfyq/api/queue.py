@@ -39,7 +39,7 @@ class QueueView:
     """Positions, queue sizes and ETAs; wakes the streams of waiting jobs when the queue moves."""
 
     def __init__(self, store: Any, pipeline: Any, *, max_queue_size: int, min_interval: float = 0.25,
-                 eta_ttl: float = 5.0) -> None:
+                 eta_ttl: float = 30.0) -> None:
         self.store = store
         self.pipeline = pipeline
         self.max_queue_size = max_queue_size
@@ -59,6 +59,8 @@ class QueueView:
     def on_transitions(self, trs: list[Transition]) -> None:
         """Store listener: the queue moved; tell watching streams soon (coalesced)."""
         self.version += 1
+        if any(tr.to_state == "completed" for tr in trs):
+            self._means.clear()  # a new measurement
         if self._watchers and self._poke is None:
             loop = asyncio.get_running_loop()
             delay = max(0.0, self._last_poke + self.min_interval - loop.time())
