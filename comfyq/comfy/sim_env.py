@@ -52,12 +52,9 @@ class SimEnv:
         return name, None
 
     def annotated(self, name: str, default: str = "input") -> tuple[str, str]:
-        """Split `name [output]`-style annotations into (name, folder)."""
-        for kind in ("output", "input", "temp"):
-            suffix = f" [{kind}]"
-            if name.endswith(suffix):
-                return name[: -len(suffix)], self.dir_for_type(kind) or self.input_dir
-        return name, self.dir_for_type(default) or self.input_dir
+        """Like split_annotation, with `default`'s folder for names without annotation."""
+        base, folder = self.split_annotation(name)
+        return base, folder or self.dir_for_type(default) or self.input_dir
 
     def annotated_path(self, name: str) -> str:
         """Absolute path of an input file named like LoadImage's `image` widget."""
