@@ -13,6 +13,21 @@ CREATE INDEX jobs_finished ON jobs (finished_at) WHERE finished_at IS NOT NULL;
 -- index jobs_leases
 CREATE INDEX jobs_leases ON jobs (lease_expires_at) WHERE state = 'running';
 
+-- index webhook_attempts_delivery
+CREATE INDEX webhook_attempts_delivery ON webhook_attempts (delivery_id);
+
+-- index webhook_attempts_job
+CREATE INDEX webhook_attempts_job ON webhook_attempts (job_id, id);
+
+-- index webhook_deliveries_due
+CREATE INDEX webhook_deliveries_due ON webhook_deliveries (next_attempt_at, id) WHERE state = 'pending';
+
+-- index webhook_deliveries_job
+CREATE INDEX webhook_deliveries_job ON webhook_deliveries (job_id);
+
+-- index webhook_deliveries_sending
+CREATE INDEX webhook_deliveries_sending ON webhook_deliveries (host) WHERE state = 'sending';
+
 -- table job_events
 CREATE TABLE job_events (
     id         INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -108,6 +123,44 @@ CREATE TABLE queue_stats (
 -- table schema_migrations
 CREATE TABLE schema_migrations ( version INTEGER PRIMARY KEY, name TEXT NOT NULL, checksum TEXT NOT NULL, applied_at TEXT NOT NULL) STRICT;
 
+-- table webhook_attempts
+CREATE TABLE webhook_attempts (
+    id          INTEGER PRIMARY KEY,
+    job_id      TEXT NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+    delivery_id TEXT NOT NULL REFERENCES webhook_deliveries (id) ON DELETE CASCADE,
+    attempt     INTEGER NOT NULL CHECK (attempt >= 1),
+    at          TEXT NOT NULL,
+    duration_ms INTEGER,
+    status_code INTEGER,
+    error       TEXT,
+    outcome     TEXT NOT NULL CHECK (outcome IN ('delivered', 'retry', 'gave_up'))
+) STRICT;
+
+-- table webhook_deliveries
+CREATE TABLE webhook_deliveries (
+    id               TEXT PRIMARY KEY,     -- the webhook-id header
+    job_id           TEXT NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+    url              TEXT NOT NULL,
+    host             TEXT NOT NULL,        -- host[:port] of url: caps concurrent posts per receiver
+    secret           TEXT,                 -- the request's signing secret, erased when the delivery ends
+    event            TEXT NOT NULL CHECK (event IN ('completed', 'failed', 'cancelled')),
+    job_finished_at  TEXT NOT NULL,        -- which end of the job this reports (a retried job ends again)
+    state            TEXT NOT NULL DEFAULT 'pending'
+                     CHECK (state IN ('pending', 'sending', 'delivered', 'failed')),
+    attempts         INTEGER NOT NULL DEFAULT 0 CHECK (attempts >= 0),
+    next_attempt_at  TEXT NOT NULL,
+    lease_owner      TEXT,
+    lease_expires_at TEXT,
+    last_status      INTEGER,              -- HTTP status of the last attempt, if it got one
+    last_error       TEXT,
+    created_at       TEXT NOT NULL,
+    updated_at       TEXT NOT NULL,
+    finished_at      TEXT,
+    CHECK ((state = 'sending') = (lease_owner IS NOT NULL AND lease_expires_at IS NOT NULL)),
+    CHECK ((state IN ('delivered', 'failed')) = (finished_at IS NOT NULL)),
+    CHECK (finished_at IS NULL OR secret IS NULL)
+) STRICT;
+
 -- trigger jobs_count_delete
 CREATE TRIGGER jobs_count_delete AFTER DELETE ON jobs
 WHEN OLD.state IN ('pending', 'running')
@@ -138,6 +191,30 @@ WHEN OLD.state <> NEW.state
  AND NOT EXISTS (SELECT 1 FROM job_transitions WHERE from_state = OLD.state AND to_state = NEW.state)
 BEGIN
     SELECT RAISE(ABORT, 'illegal job transition');
+END;
+
+-- trigger jobs_webhook_outbox
+CREATE TRIGGER jobs_webhook_outbox
+AFTER UPDATE OF state ON jobs
+WHEN NEW.state IN ('completed', 'failed', 'cancelled') AND OLD.state <> NEW.state
+ AND json_type(NEW.payload, '$.input.webhook.url') = 'text'
+ AND json_extract(NEW.payload, '$.input.webhook.url') <> ''
+BEGIN
+    INSERT INTO webhook_deliveries
+        (id, job_id, url, host, secret, event, job_finished_at, next_attempt_at, created_at, updated_at)
+    SELECT 'msg_' || lower(hex(randomblob(16))), NEW.id, url,
+           lower(substr(authority, instr(authority, '@') + 1)),
+           (SELECT CASE json_type(s.data, '$.webhook_secret') WHEN 'text'
+                   THEN nullif(json_extract(s.data, '$.webhook_secret'), '') END
+            FROM job_secrets s WHERE s.job_id = NEW.id),
+           NEW.state, NEW.finished_at, NEW.finished_at, NEW.finished_at, NEW.finished_at
+    FROM (SELECT url, substr(rest, 1, min(
+                     CASE instr(rest, '/') WHEN 0 THEN length(rest) + 1 ELSE instr(rest, '/') END,
+                     CASE instr(rest, '?') WHEN 0 THEN length(rest) + 1 ELSE instr(rest, '?') END,
+                     CASE instr(rest, '#') WHEN 0 THEN length(rest) + 1 ELSE instr(rest, '#') END) - 1)
+                 AS authority
+          FROM (SELECT url, substr(url, instr(url, '://') + 3) AS rest
+                FROM (SELECT json_extract(NEW.payload, '$.input.webhook.url') AS url)));
 END;
 
 -- view failures
@@ -197,3 +274,10 @@ SELECT stage,
 FROM jobs
 WHERE state IN ('pending', 'running')
 GROUP BY stage;
+
+-- view webhook_overview
+CREATE VIEW webhook_overview AS
+SELECT d.job_id, d.id AS delivery_id, d.event, d.state, d.host, d.attempts, d.last_status,
+       d.last_error, d.next_attempt_at, d.created_at, d.finished_at
+FROM webhook_deliveries d
+ORDER BY d.created_at DESC;
