@@ -11,7 +11,13 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -71,7 +77,7 @@ class Metrics:
 
     def __init__(self, services: Any) -> None:
         self.services = services
-        disable_created_metrics()  # *_created series only add noise to a server's own registry
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # *_created series are noise here
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.http_requests = Counter("comfyq_http_requests", "HTTP requests by route and status",

@@ -83,10 +83,20 @@ class Input(Struct, forbid_unknown_fields=True, omit_defaults=True):
     timeout: Annotated[float, _d("job deadline in seconds (default: the server's)", gt=0, le=30 * 86400)] | None = None
 
 
+_EXAMPLES = [
+    {"modifier": "ImageEffects", "modifications": {"width": 64, "height": 64, "blur_radius": 2}},
+    {"workflow_json": {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 255}},
+        "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "comfyq"}}},
+     "priority": 0},
+]
+
+
 class GenerateRequest(Struct):
     """The body of every generate endpoint."""
 
-    input: Input
+    input: Annotated[Input, Meta(examples=_EXAMPLES)]
 
 
 # --- responses -------------------------------------------------------------------------------

@@ -96,8 +96,8 @@ async def start_server(settings: Settings, options: ApiOptions | None = None,
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    assert site._server is not None and site._server.sockets  # noqa: SLF001 - the bound port
-    port = site._server.sockets[0].getsockname()[1]  # noqa: SLF001
+    assert site._server is not None and site._server.sockets
+    port = site._server.sockets[0].getsockname()[1]
     return Server(f"http://127.0.0.1:{port}", services, runner, aiohttp.ClientSession())
 
 
@@ -142,7 +142,7 @@ def resume(srv: Server, stage: str) -> None:
     """Let ``stage`` claim again (its claimer sleeps until a waiter or new work wakes it)."""
     st = srv.services.pipeline.stages[stage]
     st.claiming = True
-    st._waiter_added.set()  # noqa: SLF001 - the runner has no public resume yet
+    st._waiter_added.set()
     st.notify()
 
 

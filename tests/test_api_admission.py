@@ -9,10 +9,10 @@ import json
 from typing import Any
 
 import pytest
+from conftest import INVERT_WORKFLOW, MakeServer, Server, pause
 
 from comfyq import admission
 from comfyq.errors import BadRequest, UnsupportedMediaType
-from conftest import INVERT_WORKFLOW, MakeServer, Server, pause
 
 JSON = {"Content-Type": "application/json"}
 
@@ -41,7 +41,7 @@ def wf_input(**extra: Any) -> dict[str, Any]:
 
 
 def test_valid_bodies_parse() -> None:
-    inp, raw = parse(wf_input(request_id="job-1.a_b", priority=5, timeout=30))
+    inp, _ = parse(wf_input(request_id="job-1.a_b", priority=5, timeout=30))
     assert inp.request_id == "job-1.a_b" and inp.priority == 5 and inp.timeout == 30.0
     inp, _ = parse({"input": {"modifier": "ImageEffects", "modifications": {"width": 8}}})
     assert inp.modifier == "ImageEffects" and inp.modifications == {"width": 8}

@@ -12,9 +12,9 @@ from typing import Any
 
 import aiohttp
 import pytest
+from conftest import MakeServer, Server, pause, resume, wait_healthy, workflow
 
 from comfyq.comfy.simulator import Simulator
-from conftest import MakeServer, Server, pause, resume, wait_healthy, workflow
 
 _colors = itertools.count(1000)
 

@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+from conftest import MakeServer, Server, pause, wait_healthy, workflow
 
 from comfyq.api.context import ApiOptions
 from comfyq.comfy.simulator import Simulator
-from conftest import MakeServer, Server, pause, wait_healthy, workflow
 
 _colors = itertools.count(5000)
 

@@ -12,14 +12,16 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from comfyq.clock import parse_iso
 from comfyq.events import Event, Subscription
 from comfyq.schemas import QueueInfo, QueuePosition
 from comfyq.store.model import STAGES, Job, Transition
 
-QUEUE_NAMES = {"preprocess": "preprocessing", "generate": "generation", "postprocess": "postprocessing"}
+QueueName = Literal["preprocessing", "generation", "postprocessing"]
+QUEUE_NAMES: dict[str, QueueName] = {
+    "preprocess": "preprocessing", "generate": "generation", "postprocess": "postprocessing"}
 _STAGE_MS = {"preprocess": "preprocess_ms", "generate": "generation_ms", "postprocess": "postprocess_ms"}
 _MIN_SAMPLES = 3
 
@@ -152,9 +154,9 @@ class QueueView:
         rest = sum(means[s] for s in STAGES[STAGES.index(stage) + 1:])
         own = means[stage]
         if state == "running":
-            spent = max(0.0, self.store.clock.now() - parse_iso(entered_at))
+            spent = max(0.0, float(self.store.clock.now()) - parse_iso(entered_at))
             return round(max(0.0, own - spent) + rest, 1)
-        slots = max(1, self.pipeline.health().get(stage, {}).get("workers", 1))
+        slots = max(1, int(self.pipeline.health().get(stage, {}).get("workers", 1)))
         # Jobs ahead plus those running must pass through ``slots`` workers before this one starts.
         ahead = max(0, pos - 1 + snap.running[stage] - slots + 1)
         return round(ahead * own / slots + own + rest, 1)
