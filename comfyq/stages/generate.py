@@ -115,6 +115,10 @@ class Generate:
         except asyncio.CancelledError:
             await self._stop_prompt(be, prompt_id, ctx)
             raise
+        except PromptLost:
+            # ComfyUI forgot it (restarted): the retry submits a fresh prompt, not another lookup.
+            await ctx.update(comfy_prompt_id=None, comfy_backend=None)
+            raise
         except Interrupted:
             if ctx.cancel_reason is None:
                 # Someone else interrupted ComfyUI: run it again, from a fresh prompt.

@@ -1,0 +1,214 @@
+"""The generate stage end to end through Services, with the simulator as ComfyUI over real sockets:
+errors kept whole, ComfyUI restarts, cancel, deadlines, several backends, all backends down."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from comfyq.comfy.simulator import Simulator
+from comfyq.config import Settings
+from comfyq.services import Services
+from comfyq.store import Job, NewJob
+
+
+def wf(color: int, *, blur: bool = False) -> dict[str, Any]:
+    w: dict[str, Any] = {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 16, "height": 16, "batch_size": 1, "color": color}},
+        "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": f"g{color}"}},
+    }
+    if blur:
+        w["4"] = {"class_type": "ImageBlur", "inputs": {"image": ["1", 0], "blur_radius": 1, "sigma": 1.0}}
+        w["2"]["inputs"]["image"] = ["4", 0]
+    return w
+
+
+def make(root: Path, urls: list[str], **kw: Any) -> Services:
+    s = Settings(database=str(root / "q.db"), output_dir=str(root / "out"), cache_dir=str(root / "cache"),
+                 backend_probe_interval=0.2, lease_seconds=5.0, retry_base_delay=0.05, retry_max_delay=0.2,
+                 shutdown_grace=1.0, generation_workers=1, comfyui_ws_quiet_timeout=1.0, **kw)
+    return Services(s, backends=urls)
+
+
+@pytest.fixture
+async def sim(tmp_path: Path) -> AsyncIterator[Simulator]:
+    s = Simulator(port=0, data_dir=tmp_path / "sim")
+    await s.start()
+    yield s
+    await s.stop()
+
+
+async def submit(svc: Services, job_id: str, workflow: dict[str, Any], **kw: Any) -> None:
+    await svc.store.create(NewJob(id=job_id, payload={"input": {"workflow_json": workflow}}, payload_hash=job_id,
+                                  **kw), 100)
+
+
+async def final(svc: Services, job_id: str, timeout: float = 20) -> Job:
+    sub = svc.bus.subscribe(job_id)
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                job = await svc.store.get(job_id)
+                assert job is not None
+                if job.terminal:
+                    return job
+                await sub.get(1.0)
+    finally:
+        sub.close()
+
+
+async def started(svc: Services, job_id: str, sim: Simulator, timeout: float = 10) -> None:
+    async with asyncio.timeout(timeout):
+        while True:
+            job = await svc.store.get(job_id)
+            if job is not None and job.comfy_prompt_id and job.comfy_prompt_id in sim.prompts_received:
+                return
+            await asyncio.sleep(0.02)
+
+
+async def test_success_records_outputs_and_progress(tmp_path: Path, sim: Simulator) -> None:
+    sim.node_durations = {"ImageBlur": 0.2}
+    sim.progress_steps = 3
+    svc = make(tmp_path, [sim.url])
+    await svc.start()
+    try:
+        sub = svc.bus.subscribe("a")
+        await submit(svc, "a", wf(1, blur=True))
+        job = await final(svc, "a")
+        assert job.state == "completed" and job.attempts == 1
+        kinds = []
+        while (ev := await sub.get(0)) is not None:
+            kinds.append((ev.kind, ev.data.get("node_type")))
+        assert ("progress", "ImageBlur") in kinds
+        (out,) = await svc.store.outputs("a")
+        assert out["mimetype"] == "image/png" and Path(out["local_path"]).read_bytes()[:4] == b"\x89PNG"
+        # Same workflow again: ComfyUI answers from its cache with the old file name; we still get it.
+        await submit(svc, "b", wf(1, blur=True))
+        assert (await final(svc, "b")).state == "completed"
+        (out_b,) = await svc.store.outputs("b")
+        assert out_b["sha256"] == out["sha256"]
+        assert (await svc.store.get("b")).result["cached_nodes"]  # type: ignore[union-attr]
+    finally:
+        await svc.stop()
+
+
+async def test_validation_error_is_kept_whole(tmp_path: Path, sim: Simulator) -> None:
+    svc = make(tmp_path, [sim.url])
+    await svc.start()
+    try:
+        bad = wf(2)
+        bad["1"]["inputs"]["width"] = "abc"
+        await submit(svc, "v", bad)
+        job = await final(svc, "v")
+        assert job.state == "failed" and job.attempts == 1
+        assert job.error["type"] == "validation_error"
+        details = job.error["details"]
+        assert details["error"]["type"] == "prompt_outputs_failed_validation"
+        assert details["node_errors"]["1"]["errors"][0]["type"] == "invalid_input_type"
+    finally:
+        await svc.stop()
+
+
+async def test_runtime_error_names_the_node(tmp_path: Path, sim: Simulator) -> None:
+    sim.fail_nodes = {"ImageInvert": ("PIL.UnidentifiedImageError", "cannot identify image file")}
+    svc = make(tmp_path, [sim.url])
+    await svc.start()
+    try:
+        await submit(svc, "e", wf(3))
+        job = await final(svc, "e")
+        assert job.state == "failed" and job.attempts == 1
+        err = job.error
+        assert (err["type"], err["node_id"], err["node_type"]) == ("node_error", "2", "ImageInvert")
+        assert err["details"]["exception_type"] == "PIL.UnidentifiedImageError"
+        assert err["details"]["traceback"]
+    finally:
+        await svc.stop()
+
+
+async def test_comfyui_restart_mid_job_resubmits_and_completes(tmp_path: Path, sim: Simulator) -> None:
+    sim.node_durations = {"ImageBlur": 1.0}
+    svc = make(tmp_path, [sim.url])
+    await svc.start()
+    try:
+        await submit(svc, "r", wf(4, blur=True))
+        await started(svc, "r", sim)
+        await sim.crash()
+        await asyncio.sleep(0.5)
+        await sim.restart()
+        job = await final(svc, "r", timeout=30)
+        assert job.state == "completed" and job.attempts == 2
+        assert len(sim.prompts_received) == 2  # the lost prompt, and its one resubmission
+        msgs = [e["message"] for e in await svc.store.events("r")]
+        assert any("prompt_lost" in m or "comfyui" in m.lower() for m in msgs)
+    finally:
+        await svc.stop()
+
+
+async def test_cancel_running_interrupts_that_prompt_only(tmp_path: Path, sim: Simulator) -> None:
+    sim.node_durations = {"ImageBlur": 2.0}
+    svc = make(tmp_path, [sim.url], )
+    await svc.start()
+    try:
+        await submit(svc, "c", wf(5, blur=True))
+        await started(svc, "c", sim)
+        await svc.pipeline.cancel("c")
+        job = await final(svc, "c")
+        assert job.state == "cancelled" and job.error["type"] == "cancelled"
+        # The next job runs at once: the interrupt stopped ComfyUI's work on the cancelled prompt.
+        await submit(svc, "d", wf(6))
+        assert (await final(svc, "d", timeout=5)).state == "completed"
+    finally:
+        await svc.stop()
+
+
+async def test_deadline_fails_with_timeout_and_stops_the_prompt(tmp_path: Path, sim: Simulator) -> None:
+    sim.node_durations = {"ImageBlur": 3.0}
+    svc = make(tmp_path, [sim.url])
+    await svc.start()
+    try:
+        await submit(svc, "t", wf(7, blur=True), timeout=1.0)
+        job = await final(svc, "t")
+        assert job.state == "failed" and job.error["type"] == "timeout"
+    finally:
+        await svc.stop()
+
+
+async def test_two_backends_one_dies(tmp_path: Path, sim: Simulator) -> None:
+    other = Simulator(port=0, data_dir=tmp_path / "sim2")
+    await other.start()
+    svc = make(tmp_path, [sim.url, other.url])
+    await svc.start()
+    try:
+        await svc.pool.wait_ready(5)
+        await sim.crash()
+        for i in range(4):
+            await submit(svc, f"m{i}", wf(10 + i))
+        jobs = [await final(svc, f"m{i}") for i in range(4)]
+        assert {j.state for j in jobs} == {"completed"}
+        assert {j.comfy_backend for j in jobs} == {other.url}
+        await sim.restart()
+    finally:
+        await svc.stop()
+        await other.stop()
+
+
+async def test_all_backends_down_jobs_wait_then_run(tmp_path: Path, sim: Simulator) -> None:
+    svc = make(tmp_path, [sim.url])
+    await svc.start()
+    try:
+        await svc.pool.wait_ready(5)
+        await sim.crash()
+        await submit(svc, "w", wf(20))
+        await asyncio.sleep(1.0)
+        job = await svc.store.get("w")
+        assert job is not None and not job.terminal  # waiting, not failed
+        assert not svc.pool.any_healthy()
+        await sim.restart()
+        assert (await final(svc, "w")).state == "completed"
+    finally:
+        await svc.stop()
