@@ -246,12 +246,22 @@ def _show(conn: sqlite3.Connection, job_id: str) -> int:
 
 
 def _show_extra(conn: sqlite3.Connection, job_id: str) -> None:
-    """Sections other tables add (webhook deliveries...) when they exist."""
+    """Sections other tables add (webhook deliveries and their attempts) when they exist."""
     try:
+        deliveries = [dict(r) for r in conn.execute(
+            "SELECT id, event, state, host, attempts, next_attempt_at, last_status, last_error"
+            " FROM webhook_deliveries WHERE job_id = ? ORDER BY created_at, id", (job_id,))]
         rows = [dict(r) for r in conn.execute(
             "SELECT * FROM webhook_attempts WHERE job_id = ? ORDER BY id", (job_id,))]
     except sqlite3.OperationalError:
         return
+    if deliveries:
+        for d in deliveries:
+            if d["state"] != "pending":
+                d["next_attempt_at"] = "-"
+        print("\nwebhook deliveries")
+        print(_table(deliveries, ["id", "event", "state", "host", "attempts", "next_attempt_at", "last_status",
+                                  "last_error"]))
     if rows:
         print("\nwebhook attempts")
         print(_table(rows, [c for c in rows[0] if c not in ("job_id", "body")]))
