@@ -60,7 +60,7 @@ def start_simulators(n: int, root: Path) -> tuple[list[subprocess.Popen[bytes]],
 async def run_services(urls: list[str], root: Path) -> Services:
     s = load_settings(env={}, overrides={
         "database": str(root / "q.db"), "output_dir": str(root / "out"), "cache_dir": str(root / "cache"),
-        "max_queue_size": "100000", "generation_workers": "4", "preprocess_workers": "4",
+        "max_queue_size": "100000", "generation_workers": os.environ.get("BENCH_GEN_WORKERS", "4"), "preprocess_workers": "4",
         "postprocess_workers": "4", "api_log_level": "warning"})
     svc = Services(s, backends=urls)
     await svc.start()
