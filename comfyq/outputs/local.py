@@ -90,7 +90,7 @@ def _magic(head: bytes) -> str | None:
         import magic
 
         found: str = magic.from_buffer(head, mime=True)
-    except Exception:  # libmagic missing or confused: fall back to the extension
+    except Exception:  # noqa: BLE001 - libmagic missing or confused: fall back to the extension
         return None
     if found in ("application/octet-stream", "text/plain") and head[:4] in (b"RIFF", b"\x1aE\xdf\xa3"):
         return None

@@ -1,4 +1,10 @@
-"""Postprocess: fetch every output over HTTP into the job's folder and record it."""
+"""Postprocess: fetch every output over HTTP into the job's folder, upload it to S3 when the job
+has S3 configured, and record it.
+
+An upload failure never loses the file: the output keeps its local URL and carries
+``upload_error``. Whether the job then fails or completes with a warning is the operator's call
+(``s3_fail_job_on_upload_error``).
+"""
 
 from __future__ import annotations
 
@@ -9,24 +15,45 @@ from typing import Any
 import aiofiles
 
 from comfyq.comfy.backends import BackendPool
-from comfyq.errors import ComfyUIUnreachable
+from comfyq.errors import ComfyUIUnreachable, OutputError
 from comfyq.outputs.local import describe, job_dir, list_outputs, safe_name
+from comfyq.outputs.s3 import LocalFile, S3Uploader
 from comfyq.stages.runner import JobContext, StageDone
 from comfyq.store import Job
 
 
 class Postprocess:
-    def __init__(self, pool: BackendPool, output_dir: Path) -> None:
+    def __init__(self, pool: BackendPool, output_dir: Path, *, uploader: S3Uploader | None = None,
+                 fail_on_upload_error: bool = False) -> None:
         self.pool = pool
         self.output_dir = output_dir
+        self.uploader = uploader
+        self.fail_on_upload_error = fail_on_upload_error
 
     async def __call__(self, job: Job, ctx: JobContext) -> StageDone:
         result = dict(job.result or {})
+        rows = await self._collect(job, result)
+        warnings = await self._upload(job, ctx, rows) if self.uploader is not None and rows else []
+        for row in rows:
+            await ctx.store.put_output(job.id, row)
+        if warnings and self.fail_on_upload_error:
+            first = warnings[0]
+            raise OutputError(
+                f"upload of {len(warnings)} of {len(rows)} output(s) failed: {first['filename']}: {first['message']}",
+                details={"upload_errors": warnings},
+            )
+        if not warnings:
+            return StageDone("Processing complete.")
+        result["warnings"] = [*(result.get("warnings") or []), *warnings]
+        return StageDone(f"Processing complete with {len(warnings)} warning(s).", fields={"result": result})
+
+    async def _collect(self, job: Job, result: dict[str, Any]) -> list[dict[str, Any]]:
         items = list_outputs(result.get("outputs") or {})
         folder = job_dir(self.output_dir, job.id)
         await asyncio.to_thread(folder.mkdir, parents=True, exist_ok=True)
         be = self.pool.get(job.comfy_backend or "")
         used: set[str] = set()
+        rows: list[dict[str, Any]] = []
         for item in items:
             name = _unique(safe_name(item.filename, item.subfolder), used)
             dest = folder / name
@@ -38,14 +65,37 @@ class Postprocess:
                     raise ComfyUIUnreachable(f"backend {job.comfy_backend} is not configured any more")
                 await be.client.download(item.filename, item.subfolder, item.comfy_type, dest)
             sha, size, mime = await describe(dest)
-            row: dict[str, Any] = {
+            rows.append({
                 "filename": name, "node_id": item.node_id, "output_type": item.output_type,
                 "comfy_type": item.comfy_type, "subfolder": item.subfolder, "mimetype": mime,
                 "size": size, "sha256": sha, "local_path": str(dest),
-                "url": f"/outputs/{job.id}/{name}",
-            }
-            await ctx.store.put_output(job.id, row)
-        return StageDone("Processing complete.")
+                "url": f"/outputs/{job.id}/{name}", "upload_error": None,
+            })
+        return rows
+
+    async def _upload(self, job: Job, ctx: JobContext, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Upload the rows' files; set url or upload_error on each; return one warning per failure."""
+        assert self.uploader is not None
+        inp = (job.payload or {}).get("input") or {}
+        try:
+            # The request's keys live in job_secrets until the job ends; read them only here.
+            target = self.uploader.target(inp.get("s3"), (await ctx.store.secrets(job.id)).get("s3"))
+            if target is None:
+                return []
+            await self.uploader.check_endpoint(target)
+        except OutputError as exc:
+            for row in rows:
+                row["upload_error"] = exc.message
+        else:
+            files = [LocalFile(r["filename"], Path(r["local_path"]), r["mimetype"], r["size"], r["sha256"])
+                     for r in rows]
+            for row, up in zip(rows, await self.uploader.upload_all(target, job.id, files), strict=True):
+                if up.url is not None:
+                    row["url"] = up.url
+                else:
+                    row["upload_error"] = up.error or "upload failed"
+        return [{"type": "upload_error", "filename": r["filename"], "message": r["upload_error"]}
+                for r in rows if r["upload_error"]]
 
 
 def _unique(name: str, used: set[str]) -> str:

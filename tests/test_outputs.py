@@ -1,0 +1,205 @@
+"""Outputs end to end: a real comfyq (simulator as ComfyUI) uploading to a real S3-protocol server
+and posting to a real webhook receiver; upload failures, the fail-or-warn setting, and secrets that
+never show up anywhere once the job is done."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from conftest import MakeServer, Server, wait_healthy, workflow
+from test_s3_support import FaultyProxy, make_bucket, moto_url  # noqa: F401 - moto_url is a fixture
+from test_webhooks_support import Receiver, deliveries, delivery_ended, wait_until
+
+from comfyq.outputs.local import job_dir, safe_name
+from comfyq.outputs.s3 import S3Uploader
+from comfyq.stages.postprocess import Postprocess
+from comfyq.store.writer import connect
+from comfyq.webhooks import WebhookSender, attach
+
+_colors = itertools.count(5000)
+KEYS = {"access_key_id": "REQ-AKID-123", "secret_access_key": "REQ-SECRET-456"}
+HOOK_SECRET = "HOOK-SECRET-789"
+
+
+def wire(srv: Server) -> WebhookSender:
+    """Plug the S3 uploader and the webhook sender into the server, unless services already do."""
+    svc = srv.services
+    st = svc.pipeline.stages["postprocess"]
+    if getattr(st.handler, "uploader", None) is None:
+        st.handler = Postprocess(svc.pool, svc.output_dir, uploader=S3Uploader.from_settings(svc.settings, svc.guard),
+                                 fail_on_upload_error=svc.settings.s3_fail_job_on_upload_error)
+    sender: WebhookSender | None = getattr(svc, "webhooks", None)
+    return sender if sender is not None else attach(svc, retry_base=0.02, retry_max=0.1, poll_interval=0.2)
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    r = await Receiver().start()
+    yield r
+    await r.stop()
+
+
+@pytest.fixture
+async def proxy(moto_url: str) -> AsyncIterator[FaultyProxy]:  # noqa: F811
+    p = await FaultyProxy(moto_url).start()
+    yield p
+    await p.stop()
+
+
+async def started(make_server: MakeServer, **settings: Any) -> tuple[Server, WebhookSender]:
+    srv = await make_server(url_allowlist=["127.0.0.1"], **settings)
+    sender = wire(srv)
+    if not sender.running:
+        await sender.start()
+    await wait_healthy(srv)
+    return srv, sender
+
+
+async def stop(sender: WebhookSender) -> None:
+    await sender.stop(grace=0)
+
+
+async def generate(srv: Server, **extra: Any) -> tuple[int, dict[str, Any]]:
+    body = {"input": {"workflow_json": workflow(next(_colors)), **extra}}
+    async with srv.session.post(srv.u("/generate/sync"), json=body) as r:
+        return r.status, await r.json()
+
+
+async def get(url: str) -> tuple[int, bytes]:
+    async with aiohttp.ClientSession() as s, s.get(url) as r:
+        return r.status, await r.read()
+
+
+def test_file_names_cannot_escape_the_job_folder(tmp_path: Path) -> None:
+    for evil in ("../../etc/passwd", "/etc/cron.d/x", "..\\..\\boot.ini", "a/../../b.png", ".hidden"):
+        name = safe_name(evil, "../../sub")
+        assert "/" not in name and "\\" not in name and not name.startswith(".")
+        assert (job_dir(tmp_path, "job1") / name).resolve().parent == (tmp_path / "job1").resolve()
+    for bad_id in ("..", "../x", "/abs", "a/b", ""):
+        with pytest.raises(Exception, match="job id"):
+            job_dir(tmp_path, bad_id)
+
+
+async def test_request_s3_and_webhook_end_to_end_without_leaking_secrets(
+    make_server: MakeServer, proxy: FaultyProxy, moto_url: str, receiver: Receiver,  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    make_bucket(moto_url, "client-bucket")
+    srv, sender = await started(make_server, s3_prefix="cq")
+    try:
+        status, res = await generate(
+            srv, request_id="e2e-1",
+            s3={"bucket_name": "client-bucket", "endpoint_url": proxy.url, **KEYS},
+            webhook={"url": receiver.url, "secret": HOOK_SECRET, "extra_params": {"order": 42}})
+        assert status == 200 and res["status"] == "completed", res
+        [out] = res["output"]
+        assert out.get("upload_error") is None
+        assert out["url"].startswith(f"{proxy.url}/client-bucket/cq/e2e-1/{out['filename']}?")
+        local = Path(out["local_path"])
+        assert local.parent == job_dir(Path(srv.services.settings.output_dir), "e2e-1")
+        code, data = await get(out["url"])
+        assert code == 200 and data == local.read_bytes()
+        assert hashlib.sha256(data).hexdigest() == out["sha256"]
+        assert proxy.keys_used() == {"REQ-AKID-123"}  # the request's keys, never the operator's
+        # The file is also served by comfyq itself.
+        async with srv.session.get(srv.u(f"/outputs/e2e-1/{out['filename']}")) as r:
+            assert r.status == 200 and await r.read() == data
+
+        d = await wait_until(lambda: delivery_ended(srv.services.store, "e2e-1"))
+        assert d["state"] == "delivered"
+        [hit] = receiver.hits
+        hook = json.loads(hit.body)
+        assert hook["id"] == "e2e-1" and hook["status"] == "completed" and hook["extra"] == {"order": 42}
+        assert hook["output"][0]["url"] == out["url"] and "local_path" not in hook["output"][0]
+
+        async with srv.session.get(srv.u("/jobs")) as r:
+            listing = await r.text()
+        async with srv.session.get(srv.u("/result/e2e-1")) as r:
+            result = await r.text()
+        conn = connect(srv.services.store.path, readonly=True)
+        try:
+            dump = "\n".join(conn.iterdump())
+        finally:
+            conn.close()
+        logs = "\n".join(rec.getMessage() for rec in caplog.records)
+        for secret in (KEYS["secret_access_key"], HOOK_SECRET):
+            for where, text in (("Result", result), ("/jobs", listing), ("webhook", hit.body.decode()),
+                                ("log", logs), ("database", dump)):
+                assert secret not in text, f"{secret} found in {where}"
+    finally:
+        await stop(sender)
+
+
+async def test_operator_s3_with_prefix_and_no_request_block(
+    make_server: MakeServer, proxy: FaultyProxy, moto_url: str  # noqa: F811
+) -> None:
+    make_bucket(moto_url, "operator-bucket")
+    srv, sender = await started(make_server, s3_access_key_id="OP-AKID", s3_secret_access_key="op-secret",
+                                s3_bucket_name="operator-bucket", s3_endpoint_url=proxy.url,
+                                s3_prefix="renders/", s3_presign_expiry=120)
+    try:
+        status, res = await generate(srv, request_id="op-1")
+        assert status == 200 and res["status"] == "completed"
+        [out] = res["output"]
+        assert out["url"].startswith(f"{proxy.url}/operator-bucket/renders/op-1/") and "X-Amz-Expires=120" in out["url"]
+        assert (await get(out["url"]))[0] == 200
+        assert proxy.keys_used() == {"OP-AKID"}
+        # A request that names another bucket without keys: the operator's keys are not lent to it.
+        status, res = await generate(srv, request_id="op-2", s3={"bucket_name": "someone-elses"})
+        assert status == 200 and res["status"] == "completed"
+        [out] = res["output"]
+        assert out["url"] == f"/outputs/op-2/{out['filename']}"
+        assert "must bring its own access_key_id" in out["upload_error"]
+        assert res["warnings"] and res["warnings"][0]["type"] == "upload_error"
+        assert "Processing complete with 1 warning" in res["message"]
+        assert not [s for s in proxy.seen if "someone-elses" in s.path]
+    finally:
+        await stop(sender)
+
+
+@pytest.mark.parametrize("fail_job", [False, True])
+async def test_upload_failure_warns_or_fails_as_configured(
+    make_server: MakeServer, proxy: FaultyProxy, fail_job: bool
+) -> None:
+    srv, sender = await started(make_server, s3_fail_job_on_upload_error=fail_job)
+    try:
+        status, res = await generate(srv, s3={"bucket_name": "does-not-exist", "endpoint_url": proxy.url, **KEYS})
+        [out] = res["output"]
+        assert "NoSuchBucket" in out["upload_error"] and out["url"].startswith("/outputs/")
+        if fail_job:
+            assert status == 500 and res["status"] == "failed"
+            assert res["error"]["type"] == "output_error" and "upload of 1 of 1 output(s) failed" in res["error"]["message"]
+        else:
+            assert status == 200 and res["status"] == "completed" and res["warnings"][0]["filename"] == out["filename"]
+        # Either way the file itself is kept and served.
+        async with srv.session.get(srv.u(out["url"])) as r:
+            assert r.status == 200
+    finally:
+        await stop(sender)
+
+
+async def test_a_dead_webhook_receiver_holds_up_no_job(make_server: MakeServer) -> None:
+    dead = await Receiver("hang").start()
+    srv, sender = await started(make_server)
+    try:
+        first = [await generate(srv, webhook={"url": dead.url, "timeout": 30}) for _ in range(3)]
+        await dead.wait_hits(1)
+        # With posts hanging, later jobs still complete, and each has its delivery queued.
+        later = [await generate(srv, webhook={"url": dead.url}) for _ in range(3)]
+        assert all(s == 200 and r["status"] == "completed" for s, r in first + later)
+        assert dead.hanging >= 1  # ...while posts to the dead receiver were still hanging
+        for _, res in first + later:
+            [d] = await deliveries(srv.services.store, res["id"])
+            assert d["state"] in ("pending", "sending")
+    finally:
+        await stop(sender)
+        await dead.stop()
