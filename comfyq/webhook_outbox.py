@@ -28,26 +28,41 @@ class Attempt:
     next_at: float | None = None
 
 
-_CLAIM = """
+# The endpoint is the URL without its query or fragment (which often carry a job id or a token).
+_ENDPOINT = "substr(url, 1, min(instr(url || '?', '?'), instr(url || '#', '#')) - 1)"
+
+# Two caps, applied in order: posts in flight per endpoint, then per host. A receiver whose one
+# endpoint hangs keeps its other endpoints flowing; a dead host (whatever its paths) holds at most
+# per_host of the sender's slots, so other receivers never wait for it.
+_CLAIM = f"""
 UPDATE webhook_deliveries
 SET state = 'sending', lease_owner = :owner, lease_expires_at = :exp, attempts = attempts + 1,
     updated_at = :now
 WHERE id IN (
-    SELECT d.id FROM (
+    WITH sending AS (
+        SELECT host, {_ENDPOINT} AS endpoint FROM webhook_deliveries WHERE state = 'sending'),
+    due AS (
+        SELECT id, host, endpoint, next_attempt_at,
+               row_number() OVER (PARTITION BY endpoint ORDER BY next_attempt_at, id) AS rn
+        FROM (SELECT id, host, {_ENDPOINT} AS endpoint, next_attempt_at FROM webhook_deliveries
+              WHERE state = 'pending' AND next_attempt_at <= :now)),
+    endpoint_ok AS (
         SELECT id, host, next_attempt_at,
                row_number() OVER (PARTITION BY host ORDER BY next_attempt_at, id) AS rn
-        FROM webhook_deliveries WHERE state = 'pending' AND next_attempt_at <= :now) d
-    WHERE d.rn + (SELECT count(*) FROM webhook_deliveries s
-                  WHERE s.state = 'sending' AND s.host = d.host) <= :per_host
-    ORDER BY d.next_attempt_at, d.id LIMIT :n)
+        FROM due d
+        WHERE d.rn + (SELECT count(*) FROM sending s WHERE s.endpoint = d.endpoint) <= :per_endpoint)
+    SELECT e.id FROM endpoint_ok e
+    WHERE e.rn + (SELECT count(*) FROM sending s WHERE s.host = e.host) <= :per_host
+    ORDER BY e.next_attempt_at, e.id LIMIT :n)
 RETURNING *
 """
 
 
-def claim(conn: sqlite3.Connection, owner: str, now: float, n: int, per_host: int, lease: float) -> list[dict[str, Any]]:
-    """Lease up to ``n`` due deliveries, oldest first, at most ``per_host`` in flight per host."""
+def claim(conn: sqlite3.Connection, owner: str, now: float, n: int, per_host: int, lease: float,
+          per_endpoint: int | None = None) -> list[dict[str, Any]]:
+    """Lease up to ``n`` due deliveries, oldest first, within the per-endpoint and per-host caps."""
     rows = conn.execute(_CLAIM, {"owner": owner, "exp": iso(now + lease), "now": iso(now), "n": n,
-                                 "per_host": per_host}).fetchall()
+                                 "per_host": per_host, "per_endpoint": per_endpoint or per_host}).fetchall()
     return sorted((dict(r) for r in rows), key=lambda r: (r["next_attempt_at"], r["id"]))
 
 

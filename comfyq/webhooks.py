@@ -52,7 +52,8 @@ class WebhookConfig:
     retry_base: float = 5.0
     retry_max: float = 3600.0
     concurrency: int = 16  # posts in flight in total
-    per_host: int = 4  # posts in flight to one receiver host
+    per_host: int = 8  # posts in flight to one receiver host...
+    per_endpoint: int = 4  # ...and to one of its endpoints (URL without query)
     poll_interval: float = 5.0  # look for rows written by other processes (the CLI) this often
     lease_margin: float = 30.0
     base64_max_bytes: int = 10 * MiB
@@ -152,6 +153,7 @@ class WebhookSender:
         self._wake = asyncio.Event()
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._loop_task: asyncio.Task[None] | None = None
+        self._stopping = False
         self._session: aiohttp.ClientSession | None = None
         self.delivered = 0
         self.failed = 0
@@ -166,23 +168,35 @@ class WebhookSender:
         self._wake.set()
 
     @property
+    def in_flight(self) -> int:
+        """Posts being sent right now."""
+        return len(self._inflight)
+
+    @property
     def running(self) -> bool:
         return self._loop_task is not None and not self._loop_task.done()
 
     async def start(self) -> None:
         """Requeue what a dead process left mid-attempt, then start sending."""
-        self._session = self.guard.session(headers={"User-Agent": self.cfg.user_agent})
+        self._open_session()
         n = await self.store.write(recover, self.store.owner, self.clock.now(), self.cfg.max_attempts)
         if n:
             log.info("requeued %d webhook delivery(ies) interrupted by a previous stop", n)
         self._loop_task = asyncio.create_task(self._run(), name="webhook-sender")
 
+    def _open_session(self) -> None:
+        if self._session is None:
+            self._session = self.guard.session(headers={"User-Agent": self.cfg.user_agent})
+
     async def stop(self, grace: float = 5.0) -> None:
         """Stop claiming; give posts in flight ``grace`` seconds, then interrupt them (they resume)."""
         if self._loop_task is not None:
-            self._loop_task.cancel()
+            # Not cancelled: a claim cut short would leave rows leased with no task to send them.
+            self._stopping = True
+            self._wake.set()
             await asyncio.gather(self._loop_task, return_exceptions=True)
             self._loop_task = None
+            self._stopping = False
         tasks = list(self._inflight.values())
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=grace)
@@ -194,7 +208,7 @@ class WebhookSender:
             self._session = None
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             self._wake.clear()
             free = self.cfg.concurrency - len(self._inflight)
             if free > 0:
@@ -203,9 +217,15 @@ class WebhookSender:
                 except Exception:
                     log.exception("claiming webhook deliveries failed")
                     claimed = []
-                if claimed and len(claimed) == free:
+                if claimed and len(claimed) == free or self._stopping:
                     continue  # there may be more; a finishing post wakes the loop when slots are full
-            delay = self.cfg.poll_interval if free <= 0 else await self._until_next_due()
+            try:
+                delay = self.cfg.poll_interval if free <= 0 else await self._until_next_due()
+            except Exception:
+                log.exception("reading the webhook outbox failed")
+                delay = self.cfg.poll_interval
+            if self._stopping:
+                break
             try:
                 await asyncio.wait_for(self._wake.wait(), delay)
             except TimeoutError:
@@ -214,7 +234,7 @@ class WebhookSender:
     async def _claim(self, n: int) -> list[dict[str, Any]]:
         now = self.clock.now()
         rows: list[dict[str, Any]] = await self.store.write(
-            claim, self.store.owner, now, n, self.cfg.per_host, self._lease())
+            claim, self.store.owner, now, n, self.cfg.per_host, self._lease(), self.cfg.per_endpoint)
         for row in rows:
             task = asyncio.create_task(self._deliver(row), name=f"webhook:{row['id']}")
             self._inflight[row["id"]] = task
@@ -241,7 +261,10 @@ class WebhookSender:
         return max(0.001, min(self.cfg.poll_interval, parse_iso(row[0]) - now + 0.001))
 
     async def deliver_due(self) -> int:
-        """Burst mode: deliver every delivery due now (without the background loop); return how many."""
+        """Burst mode: deliver every delivery due now (without the background loop); return how many.
+
+        Opens the HTTP session if needed; ``stop()`` closes it."""
+        self._open_session()
         total = 0
         while True:
             rows = await self._claim(self.cfg.concurrency)

@@ -202,6 +202,18 @@ async def test_retries_500_dropped_connection_and_hang_then_delivers_once(
     assert len(receiver.ok_hits()) == 1
 
 
+async def test_burst_mode_delivers_what_is_due_without_the_loop(store: JobStore, receiver: Receiver) -> None:
+    for i in range(3):
+        await store.create(hook_job(f"j{i}", receiver.url), 10)
+        await store.request_cancel(f"j{i}")
+    sender = WebhookSender(store, AddressGuard(["127.0.0.1"]), WebhookConfig(**FAST))
+    try:
+        assert await sender.deliver_due() == 3
+        assert len(receiver.ok_hits()) == 3 and await sender.deliver_due() == 0
+    finally:
+        await sender.stop()
+
+
 async def test_gives_up_when_attempts_run_out(store: JobStore, receiver: Receiver, senders: Senders) -> None:
     receiver.default = "500"
     await store.create(hook_job("j1", receiver.url, secret="s"), 10)
@@ -250,8 +262,8 @@ async def test_per_request_timeout_is_used(store: JobStore, receiver: Receiver, 
 async def test_a_hanging_receiver_delays_no_other_receiver(store: JobStore, senders: Senders) -> None:
     slow, fast = await Receiver("hang").start(), await Receiver("ok").start()
     try:
-        for i in range(8):
-            await store.create(hook_job(f"slow{i}", slow.url), 100)
+        for i in range(8):  # a path per job: the host cap, not the endpoint cap, must hold them
+            await store.create(hook_job(f"slow{i}", f"{slow.url}/{i}?job=slow{i}"), 100)
             await store.request_cancel(f"slow{i}")
         for i in range(6):
             await store.create(hook_job(f"fast{i}", fast.url), 100)
@@ -271,6 +283,24 @@ async def test_a_hanging_receiver_delays_no_other_receiver(store: JobStore, send
     assert {d["state"] for d in rows} == {"pending"}
     interrupted = [a for i in range(8) for a in await attempts(store, f"slow{i}")]
     assert len(interrupted) == 2 and all("interrupted" in a["error"] for a in interrupted)
+
+
+async def test_a_hanging_endpoint_delays_no_other_endpoint_of_its_host(store: JobStore, senders: Senders) -> None:
+    recv = await Receiver("ok").start()
+    recv.by_path["stuck"] = "hang"
+    try:
+        for i in range(6):
+            await store.create(hook_job(f"stuck{i}", f"{recv.url}/stuck?job={i}"), 100)
+            await store.request_cancel(f"stuck{i}")
+        for i in range(4):
+            await store.create(hook_job(f"fine{i}", f"{recv.url}/fine?job={i}"), 100)
+            await store.request_cancel(f"fine{i}")
+        await start_sender(senders, store, timeout=60, concurrency=16, per_host=6, per_endpoint=2)
+        await wait_until(lambda: _all_delivered(store, [f"fine{i}" for i in range(4)]))
+        assert recv.hanging == 2  # the stuck endpoint holds only its own two slots
+    finally:
+        await senders.pop().stop(grace=0)
+        await recv.stop()
 
 
 async def _all_delivered(store: JobStore, ids: list[str]) -> bool:

@@ -43,6 +43,7 @@ async def test_a_pending_delivery_is_sent_after_a_graceful_restart(tmp_path: Pat
         assert d["state"] == "delivered" and d["secret"] is None
         await sender.stop()
         assert await sender.deliver_due() == 0  # nothing left to send: no second receipt
+        await sender.stop()
         assert len(receiver.ok_hits()) == 1
         assert len({h.headers["webhook-id"] for h in receiver.hits}) == 1
         outcomes = [a["outcome"] for a in await attempts(store, "j1")]

@@ -27,11 +27,13 @@ class Hit:
 class Receiver:
     """An HTTP server that answers each POST as its plan says: ok, 500, 410, 302, hang or drop.
 
-    ``plan`` is consumed one action per request; when it is empty ``default`` applies.
+    ``plan`` is consumed one action per request; when it is empty, ``by_path[name]`` applies to
+    ``/hook/<name>`` and ``default`` to everything else.
     """
 
     def __init__(self, default: str = "ok") -> None:
         self.default = default
+        self.by_path: dict[str, str] = {}  # /hook/<name> -> its own default action
         self.plan: deque[str] = deque()
         self.hits: list[Hit] = []
         self.hanging = 0
@@ -46,6 +48,7 @@ class Receiver:
     async def start(self, port: int = 0) -> Receiver:
         app = web.Application()
         app.router.add_post("/hook", self._handle)
+        app.router.add_post("/hook/{name}", self._handle)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", port)
@@ -61,7 +64,8 @@ class Receiver:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
-        action = self.plan.popleft() if self.plan else self.default
+        name = request.match_info.get("name", "")
+        action = self.plan.popleft() if self.plan else self.by_path.get(name, self.default)
         self.hits.append(Hit(dict(request.headers), body, action, asyncio.get_running_loop().time()))
         self._changed.set()
         if action == "hang":
