@@ -111,6 +111,9 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     webhook_secret: Annotated[str, _d("default webhook signing secret", extra={"secret": True})] = ""
     webhook_timeout: Annotated[PosFloat, _d("seconds per webhook attempt")] = 30.0
     webhook_max_attempts: Annotated[PosInt, _d("webhook attempts before a delivery is given up")] = 12
+    webhook_retry_base_delay: Annotated[PosFloat, _d("first webhook retry delay in seconds (doubles per attempt, with jitter)")] = 5.0
+    webhook_retry_max_delay: Annotated[PosFloat, _d("cap on the webhook retry delay in seconds")] = 3600.0
+    webhook_concurrency: Annotated[PosInt, _d("webhook posts in flight at once (at most half of them to one host)")] = 16
     webhook_max_age: Annotated[PosFloat, _d("seconds after which an undelivered webhook is given up")] = 24 * 3600.0
 
     @property

@@ -16,12 +16,14 @@ from comfyq.config import Settings
 from comfyq.events import EventBus
 from comfyq.netguard import AddressGuard
 from comfyq.outputs.local import job_dir
+from comfyq.outputs.s3 import S3Uploader
 from comfyq.stages.generate import Generate
 from comfyq.stages.postprocess import Postprocess
 from comfyq.stages.preprocess import Preprocess
 from comfyq.stages.runner import Pipeline, RunnerConfig
 from comfyq.store import JobStore
 from comfyq.store.jobs import FileLock
+from comfyq.webhooks import WebhookConfig, WebhookSender
 from modifiers import ModifierRegistry
 
 log = logging.getLogger("comfyq")
@@ -54,11 +56,14 @@ class Services:
                            "ws_quiet_timeout": settings.comfyui_ws_quiet_timeout},
             client_id_for=self._client_id,
         )
+        self.uploader = S3Uploader.from_settings(settings, self.guard)
+        self.webhooks = WebhookSender(self.store, self.guard, WebhookConfig.from_settings(settings))
         self.generate = Generate(self.pool, failover_after=settings.backend_failover_after)
         self.pipeline = Pipeline(
             self.store, self.bus,
             {"preprocess": Preprocess(self.registry, self.downloader), "generate": self.generate,
-             "postprocess": Postprocess(self.pool, self.output_dir)},
+             "postprocess": Postprocess(self.pool, self.output_dir, uploader=self.uploader,
+                                        fail_on_upload_error=settings.s3_fail_job_on_upload_error)},
             {"preprocess": settings.preprocess_workers,
              "generate": settings.generation_workers * len(self.backend_urls),
              "postprocess": settings.postprocess_workers},
@@ -83,6 +88,7 @@ class Services:
                 be.on_preview = self.generate.on_preview
             await self.pool.start()
             await self.pipeline.start()
+            await self.webhooks.start()
         except BaseException:
             await self.pool.close()
             await self.store.close()
@@ -103,6 +109,7 @@ class Services:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
         await self.pipeline.stop(self.settings.shutdown_grace)
+        await self.webhooks.stop(grace=min(5.0, self.settings.shutdown_grace))
         await self.pool.close()
         await self.downloader.close()
         await self.store.close()

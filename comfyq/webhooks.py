@@ -65,7 +65,10 @@ class WebhookConfig:
         values: dict[str, Any] = {
             "default_secret": settings.webhook_secret, "timeout": settings.webhook_timeout,
             "max_attempts": settings.webhook_max_attempts, "max_age": settings.webhook_max_age,
-            "base64_max_bytes": settings.output_base64_max_bytes, **overrides,
+            "base64_max_bytes": settings.output_base64_max_bytes,
+            "retry_base": settings.webhook_retry_base_delay, "retry_max": settings.webhook_retry_max_delay,
+            "concurrency": settings.webhook_concurrency, "per_host": max(1, settings.webhook_concurrency // 2),
+            "per_endpoint": max(1, settings.webhook_concurrency // 4), **overrides,
         }
         return cls(**values)
 

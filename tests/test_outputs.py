@@ -5,6 +5,7 @@ never show up anywhere once the job is done."""
 from __future__ import annotations
 
 import hashlib
+import dataclasses
 import itertools
 import json
 import logging
@@ -37,7 +38,10 @@ def wire(srv: Server) -> WebhookSender:
         st.handler = Postprocess(svc.pool, svc.output_dir, uploader=S3Uploader.from_settings(svc.settings, svc.guard),
                                  fail_on_upload_error=svc.settings.s3_fail_job_on_upload_error)
     sender: WebhookSender | None = getattr(svc, "webhooks", None)
-    return sender if sender is not None else attach(svc, retry_base=0.02, retry_max=0.1, poll_interval=0.2)
+    if sender is None:
+        return attach(svc, retry_base=0.02, retry_max=0.1, poll_interval=0.2)
+    sender.cfg = dataclasses.replace(sender.cfg, retry_base=0.02, retry_max=0.1, poll_interval=0.2)
+    return sender
 
 
 @pytest.fixture
