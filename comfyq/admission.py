@@ -195,13 +195,18 @@ def _split_secrets(clean: dict[str, Any]) -> dict[str, Any]:
     return secrets
 
 
-def build(inp: Input, raw_input: dict[str, Any], *, max_attempts: int, default_timeout: float) -> Admitted:
+def build(inp: Input, raw_input: dict[str, Any], *, max_attempts: int, default_timeout: float,
+          default_webhook_url: str = "") -> Admitted:
     """The job to write for a validated input: id, payload without secrets, secrets, hash."""
     clean: dict[str, Any] = msgspec.to_builtins(inp)  # defaults omitted: a normalised payload
     if inp.workflow_json:
         clean["workflow_json"] = raw_input["workflow_json"]  # verbatim, node keys like _meta kept
     payload_hash = canonical_hash(clean)
     secrets = _split_secrets(clean)
+    if default_webhook_url and not (clean.get("webhook") or {}).get("url"):
+        # WEBHOOK_URL applies to jobs that name none; written into the job so that the outbox
+        # trigger (and an operator reading the row) sees where the job reports.
+        clean.setdefault("webhook", {})["url"] = default_webhook_url
     job_id = inp.request_id or uuid.uuid4().hex
     new = NewJob(
         id=job_id,
@@ -233,7 +238,8 @@ async def prepare(services: Any, body: bytes, headers: Mapping[str, str]) -> Adm
     if inp.modifier:
         await services.registry.check(inp.modifier, inp.modifications)
     settings = services.settings
-    return build(inp, raw_input, max_attempts=settings.max_attempts, default_timeout=settings.job_timeout)
+    return build(inp, raw_input, max_attempts=settings.max_attempts, default_timeout=settings.job_timeout,
+                 default_webhook_url=settings.webhook_url)
 
 
 async def commit(services: Any, adm: Admitted) -> tuple[Job, bool]:

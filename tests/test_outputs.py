@@ -207,3 +207,19 @@ async def test_a_dead_webhook_receiver_holds_up_no_job(make_server: MakeServer) 
     finally:
         await stop(sender)
         await dead.stop()
+
+
+async def test_default_webhook_url_applies_to_jobs_that_name_none(
+    make_server: MakeServer, receiver: Receiver
+) -> None:
+    srv, sender = await started(make_server, webhook_url=receiver.url, webhook_secret="whsec_" + "QUJD" * 8)
+    try:
+        status, res = await generate(srv, request_id="default-hook")
+        assert status == 200 and res["status"] == "completed"
+        job = await srv.services.store.get("default-hook")
+        assert job is not None and job.payload["input"]["webhook"]["url"] == receiver.url
+        (hit,) = await receiver.wait_hits(1)
+        assert json.loads(hit.body)["id"] == "default-hook"
+        assert {k.lower() for k in hit.headers} >= {"webhook-id", "webhook-timestamp", "webhook-signature"}
+    finally:
+        await stop(sender)
