@@ -94,13 +94,22 @@ async def upload_file(
                              details={"backend": backend, "status": status})
 
 
+_SMALL = 4 * 1024 * 1024
+
+
+def _write_small(part: Path, dest: Path, data: bytes) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with open(part, "wb") as f:
+        f.write(data)
+    os.replace(part, dest)
+
+
 async def download_file(
     session: aiohttp.ClientSession, url: str, backend: str, label: str, dest: Path,
     *, timeout: float,
 ) -> int:
     """Stream ``url`` into ``dest`` through ``dest.part`` and an atomic rename; returns bytes."""
     part = dest.with_name(dest.name + ".part")
-    await asyncio.to_thread(dest.parent.mkdir, parents=True, exist_ok=True)
     size = 0
     done = False
     try:
@@ -113,6 +122,21 @@ async def download_file(
                     f"ComfyUI at {backend} answered /view with HTTP {resp.status}",
                     details={"backend": backend, "status": resp.status})
             expected = resp.content_length
+            if expected is not None and expected <= _SMALL:
+                # Most outputs are small images: one read and one thread hop for mkdir, write
+                # and rename, instead of a hop per chunk.
+                data = await resp.read()
+                if len(data) != expected:
+                    raise ComfyUIUnreachable(
+                        f"download of {label} from {backend} stopped after {len(data)} of {expected} bytes",
+                        details={"backend": backend})
+                try:
+                    await asyncio.to_thread(_write_small, part, dest, data)
+                except OSError as exc:
+                    raise OutputError(f"cannot write {dest.name}: {exc.strerror or exc}") from exc
+                done = True
+                return len(data)
+            await asyncio.to_thread(dest.parent.mkdir, parents=True, exist_ok=True)
             try:
                 async with aiofiles.open(part, "wb") as out:
                     async for chunk in resp.content.iter_chunked(_CHUNK):

@@ -23,10 +23,9 @@ def job_dir(root: Path, job_id: str) -> Path:
     """The folder of one job; refuses an id that could name anything else."""
     if not job_id or job_id in (".", "..") or "/" in job_id or "\\" in job_id or "\x00" in job_id:
         raise OutputError(f"job id {job_id!r} cannot name a folder")
-    path = (root / job_id).resolve()
-    if path.parent != root.resolve():
-        raise OutputError(f"job id {job_id!r} escapes the output folder")
-    return path
+    # One path component that is neither "." nor ".." cannot leave ``root``; no resolve() needed
+    # (it would cost a stat per component on every job).
+    return root / job_id
 
 
 def safe_name(filename: str, subfolder: str = "") -> str:
