@@ -12,7 +12,6 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-import aiofiles
 
 from comfyq.comfy.backends import BackendPool
 from comfyq.errors import ComfyUIUnreachable, OutputError
@@ -34,23 +33,24 @@ class Postprocess:
         result = dict(job.result or {})
         rows = await self._collect(job, result)
         warnings = await self._upload(job, ctx, rows) if self.uploader is not None and rows else []
-        for row in rows:
-            await ctx.store.put_output(job.id, row)
         if warnings and self.fail_on_upload_error:
+            for row in rows:  # kept for inspection although the job fails
+                await ctx.store.put_output(job.id, row)
             first = warnings[0]
             raise OutputError(
                 f"upload of {len(warnings)} of {len(rows)} output(s) failed: {first['filename']}: {first['message']}",
                 details={"upload_errors": warnings},
             )
+        # The output rows are written in the same commit that completes the job.
         if not warnings:
-            return StageDone("Processing complete.")
+            return StageDone("Processing complete.", outputs=rows)
         result["warnings"] = [*(result.get("warnings") or []), *warnings]
-        return StageDone(f"Processing complete with {len(warnings)} warning(s).", fields={"result": result})
+        return StageDone(f"Processing complete with {len(warnings)} warning(s).", fields={"result": result},
+                         outputs=rows)
 
     async def _collect(self, job: Job, result: dict[str, Any]) -> list[dict[str, Any]]:
         items = list_outputs(result.get("outputs") or {})
-        folder = job_dir(self.output_dir, job.id)
-        await asyncio.to_thread(folder.mkdir, parents=True, exist_ok=True)
+        folder = job_dir(self.output_dir, job.id)  # created by the first download or text write
         be = self.pool.get(job.comfy_backend or "")
         used: set[str] = set()
         rows: list[dict[str, Any]] = []
@@ -58,8 +58,7 @@ class Postprocess:
             name = _unique(safe_name(item.filename, item.subfolder), used)
             dest = folder / name
             if item.text is not None:
-                async with aiofiles.open(dest, "w") as f:
-                    await f.write(item.text)
+                await asyncio.to_thread(_write_text, dest, item.text)
             else:
                 if be is None:
                     raise ComfyUIUnreachable(f"backend {job.comfy_backend} is not configured any more")
@@ -77,6 +76,8 @@ class Postprocess:
         """Upload the rows' files; set url or upload_error on each; return one warning per failure."""
         assert self.uploader is not None
         inp = (job.payload or {}).get("input") or {}
+        if not inp.get("s3") and not self.uploader.settings.configured:
+            return []  # nowhere to upload: no request block, no operator bucket
         try:
             # The request's keys live in job_secrets until the job ends; read them only here.
             target = self.uploader.target(inp.get("s3"), (await ctx.store.secrets(job.id)).get("s3"))
@@ -96,6 +97,11 @@ class Postprocess:
                     row["upload_error"] = up.error or "upload failed"
         return [{"type": "upload_error", "filename": r["filename"], "message": r["upload_error"]}
                 for r in rows if r["upload_error"]]
+
+
+def _write_text(dest: Path, text: str) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(text)
 
 
 def _unique(name: str, used: set[str]) -> str:

@@ -40,6 +40,7 @@ class StageDone:
 
     message: str
     fields: dict[str, Any] | None = None
+    outputs: list[dict[str, Any]] | None = None  # output rows, written in the same commit
 
 
 class JobContext:
@@ -307,11 +308,11 @@ class Pipeline:
         waiter = nxt.take_waiter() if nxt is not None else None
         try:
             if waiter is None:
-                await self.store.advance(job.id, done.message, done.fields)
+                await self.store.advance(job.id, done.message, done.fields, done.outputs)
                 return
             assert nxt is not None
             trs = await self.store.advance_and_claim(job.id, done.message, done.fields, self.cfg.lease,
-                                                     CLAIM_MESSAGES[nxt.name])
+                                                     CLAIM_MESSAGES[nxt.name], done.outputs)
         except LeaseLost:
             log.warning("job %s: lease lost before its %s result could be saved", job.id, job.stage)
             trs = []

@@ -135,15 +135,18 @@ class JobStore:
         self._notify([tr])
         return tr
 
-    async def advance(self, job_id: str, message: str, fields: dict[str, Any] | None = None) -> Transition:
+    async def advance(self, job_id: str, message: str, fields: dict[str, Any] | None = None,
+                      outputs: list[dict[str, Any]] | None = None) -> Transition:
         """Finish this process's stage of a job: next stage, or completed after postprocess."""
-        return await self._one(ops.advance, job_id, self.owner, self.clock.now(), message, fields)
+        return await self._one(ops.advance, job_id, self.owner, self.clock.now(), message, fields, outputs)
 
     async def advance_and_claim(self, job_id: str, message: str, fields: dict[str, Any] | None,
-                                lease: float, claim_message: str) -> list[Transition]:
+                                lease: float, claim_message: str,
+                                outputs: list[dict[str, Any]] | None = None) -> list[Transition]:
         """Advance a job and claim it for its next stage in one commit (see ops.advance_and_claim)."""
         trs: list[Transition] = await self._write(
-            ops.advance_and_claim, job_id, self.owner, self.clock.now(), message, fields, lease, claim_message)
+            ops.advance_and_claim, job_id, self.owner, self.clock.now(), message, fields, lease, claim_message,
+            outputs)
         self._notify(trs)
         return trs
 

@@ -134,9 +134,11 @@ def _guarded(
 
 def advance(
     conn: sqlite3.Connection, job_id: str, owner: str, now: float, message: str,
-    fields: dict[str, Any] | None = None,
+    fields: dict[str, Any] | None = None, outputs: list[dict[str, Any]] | None = None,
 ) -> Transition:
     """End the job's current stage successfully: pending in the next stage, or completed."""
+    for row in outputs or ():
+        put_output(conn, job_id, now, row)
     extra, params = _field_sets(fields)
     params.update(now=iso(now), message=message, id=job_id, owner=owner)
     # Fast path, one statement: the usual case of a held, uncancelled job before postprocess.
@@ -178,10 +180,11 @@ def advance(
 def advance_and_claim(
     conn: sqlite3.Connection, job_id: str, owner: str, now: float, message: str,
     fields: dict[str, Any] | None, lease: float, claim_message: str,
+    outputs: list[dict[str, Any]] | None = None,
 ) -> list[Transition]:
     """Finish a stage and, in the same transaction, claim the job for its next stage (hand-off to
     an idle worker of that stage: one commit instead of two, both events still written)."""
-    done = advance(conn, job_id, owner, now, message, fields)
+    done = advance(conn, job_id, owner, now, message, fields, outputs)
     if done.to_state != "pending":
         return [done]
     row = conn.execute(
