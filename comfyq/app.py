@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from comfyq.api.context import API, Api, ApiOptions
+from comfyq.api.context import API, Api, ApiOptions, close_api
 from comfyq.api.middleware import MIDDLEWARES
 from comfyq.services import Services
 
@@ -29,5 +29,6 @@ def create_app(services: Services, options: ApiOptions | None = None) -> web.App
             await services.stop()
 
     app.cleanup_ctx.append(lifecycle)
+    app.on_cleanup.append(close_api)
     setup_routes(app)
     return app

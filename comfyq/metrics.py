@@ -2,7 +2,8 @@
 
 Durations are observed from committed transitions as they happen (claim -> leave gives a stage's
 run time; entering pending -> claim gives its wait). Levels (jobs by state, queue depths, workers,
-backends) are read when scraped. Each server has its own registry, so tests can run several.
+backends, the webhook outbox) are read when scraped, so they include work done by other processes
+(the CLI) and survive restarts. Each server has its own registry, so tests can run several.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from comfyq.clock import parse_iso
+from comfyq.result import epoch
 from comfyq.store.model import STAGES, TERMINAL, Transition
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -66,6 +67,16 @@ class _Levels(Collector):
             ws.add_metric([b["url"]], float(bool(b.get("websocket_ok"))))
             inflight.add_metric([b["url"]], b.get("in_flight") or 0)
         yield from (up, http, ws, inflight)
+        g = GaugeMetricFamily("comfyq_webhook_deliveries", "Webhook deliveries in the outbox by state",
+                              labels=["state"])
+        for state, n in sorted(lv.get("webhook_deliveries", {}).items()):
+            g.add_metric([state], n)
+        yield g
+        g = GaugeMetricFamily("comfyq_webhook_attempts", "Recorded webhook delivery attempts by outcome",
+                              labels=["outcome"])
+        for outcome, n in sorted(lv.get("webhook_attempts", {}).items()):
+            g.add_metric([outcome], n)
+        yield g
         yield GaugeMetricFamily("comfyq_event_subscribers", "Open event subscriptions (SSE, websocket, sync)",
                                 value=lv.get("subscribers", 0))
         yield CounterMetricFamily("comfyq_events_published", "Events published on the bus",
@@ -93,8 +104,6 @@ class Metrics:
         self.jobs_finished = Counter("comfyq_jobs_finished", "Jobs that reached a final state", ["state"],
                                      registry=r)
         self.jobs_created = Counter("comfyq_jobs_created", "Jobs admitted", registry=r)
-        self.webhook_deliveries = Counter("comfyq_webhook_deliveries", "Webhook delivery attempts by outcome",
-                                          ["outcome"], registry=r)
         self.levels: dict[str, Any] = {}
         r.register(_Levels(self))
         self._running: dict[str, tuple[str, float]] = {}  # job id -> (stage, claimed at)
@@ -106,7 +115,7 @@ class Metrics:
     def on_transitions(self, trs: list[Transition]) -> None:
         """Store listener: observe stage run and wait times, count finished jobs."""
         for tr in trs:
-            at = parse_iso(tr.at)
+            at = epoch(tr.at)
             if tr.from_state is None:
                 self.jobs_created.inc()
             ran = self._running.pop(tr.job_id, None)
@@ -130,10 +139,6 @@ class Metrics:
                 if isinstance(total, int | float):
                     self.job_duration.labels(tr.to_state).observe(total / 1000.0)
 
-    def webhook_delivery(self, outcome: str) -> None:
-        """Count one webhook delivery attempt (``delivered``, ``failed``, ``gave_up``...)."""
-        self.webhook_deliveries.labels(outcome).inc()
-
     def http(self, route: str, method: str, status: int, seconds: float) -> None:
         self.http_requests.labels(route, method, str(status)).inc()
         self.http_duration.labels(route, method).observe(seconds)
@@ -145,8 +150,18 @@ class Metrics:
         async with svc.store.reader.execute("SELECT state, count(*) FROM jobs GROUP BY state") as cur:
             for state, n in await cur.fetchall():
                 jobs[state] = n
+        deliveries = {s: 0 for s in ("pending", "sending", "delivered", "failed")}
+        async with svc.store.reader.execute("SELECT state, count(*) FROM webhook_deliveries GROUP BY state") as cur:
+            for state, n in await cur.fetchall():
+                deliveries[state] = n
+        attempts = {s: 0 for s in ("delivered", "retry", "gave_up")}
+        async with svc.store.reader.execute("SELECT outcome, count(*) FROM webhook_attempts GROUP BY outcome") as cur:
+            for outcome, n in await cur.fetchall():
+                attempts[outcome] = n
         self.levels = {
             "jobs": jobs,
+            "webhook_deliveries": deliveries,
+            "webhook_attempts": attempts,
             "queues": await svc.store.counts(),
             "stages": svc.pipeline.health(),
             "backends": svc.pool.snapshot(),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 from collections import OrderedDict
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -17,6 +18,11 @@ import msgspec
 
 from comfyq.schemas import ErrorInfo, FieldError, OutputFile, Progress, Result, Timings
 from comfyq.store.model import Job
+
+
+def epoch(ts: str) -> float:
+    """The store's ISO-8601 UTC text as epoch seconds (fromisoformat: far cheaper than strptime)."""
+    return datetime.fromisoformat(ts).timestamp()
 
 
 def output_url(job_id: str, filename: str) -> str:
@@ -129,8 +135,8 @@ def _read_b64(path: str, limit: int) -> tuple[str | None, str | None]:
 class Results:
     """Builds Results; caches finished ones (they no longer change) for fan-out to many streams."""
 
-    def __init__(self, store: Any, bus: Any, *, base64_max_bytes: int, cache_size: int = 512) -> None:
-        self.store = store
+    def __init__(self, reads: Any, bus: Any, *, base64_max_bytes: int, cache_size: int = 512) -> None:
+        self.reads = reads  # comfyq.api.reads.Reads: fresh reads
         self.bus = bus
         self.base64_max_bytes = base64_max_bytes
         self._cache: OrderedDict[tuple[str, str], Result] = OrderedDict()
@@ -147,11 +153,11 @@ class Results:
         return await asyncio.shield(fut)
 
     async def _load(self, job_id: str) -> tuple[Job, Result] | None:
-        job = await self.store.get(job_id)
+        job = await self.reads.job(job_id)
         return None if job is None else (job, await self.of(job))
 
     async def get(self, job_id: str) -> Result | None:
-        job = await self.store.get(job_id)
+        job = await self.reads.job(job_id)
         return None if job is None else await self.of(job)
 
     async def of(self, job: Job) -> Result:
@@ -161,7 +167,8 @@ class Results:
         if cached is not None:
             self._cache.move_to_end(key)
             return cached
-        res = to_result(job, await self.store.outputs(job.id), self.bus.progress.get(job.id))
+        rows = (await self.reads.outputs([job.id])).get(job.id, [])
+        res = to_result(job, rows, self.bus.progress.get(job.id))
         if wants_base64(job) and res.output:
             await self.inline(res)
         elif job.terminal:
@@ -172,18 +179,8 @@ class Results:
 
     async def many(self, jobs: list[Job]) -> list[Result]:
         """Results of several jobs with one outputs query (no base64: lists stay small)."""
-        rows = await self._outputs_of([j.id for j in jobs])
+        rows = await self.reads.outputs([j.id for j in jobs])
         return [to_result(j, rows.get(j.id, []), self.bus.progress.get(j.id)) for j in jobs]
-
-    async def _outputs_of(self, ids: list[str]) -> dict[str, list[dict[str, Any]]]:
-        out: dict[str, list[dict[str, Any]]] = {}
-        if not ids:
-            return out
-        sql = f"SELECT * FROM outputs WHERE job_id IN ({','.join('?' * len(ids))}) ORDER BY id"
-        async with self.store.reader.execute(sql, ids) as cur:
-            for r in await cur.fetchall():
-                out.setdefault(r["job_id"], []).append(dict(r))
-        return out
 
     async def inline(self, res: Result) -> None:
         """Fill ``output[i].data`` with base64 of the local file, size-capped."""

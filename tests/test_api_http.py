@@ -192,7 +192,8 @@ async def test_metrics_in_prometheus_format(server: Server) -> None:
     assert value("comfyq_stage_workers_alive", stage="postprocess") == 2
     backend = server.services.pool.snapshot()[0]["url"]
     assert value("comfyq_backend_up", backend=backend) == 1
-    assert "comfyq_webhook_deliveries_total" in text
+    assert value("comfyq_webhook_deliveries", state="delivered") == 0
+    assert value("comfyq_webhook_attempts", outcome="retry") == 0
 
 
 async def test_health_names_each_part_and_fails_for_each(server: Server, simulator: Simulator) -> None:

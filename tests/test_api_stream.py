@@ -265,3 +265,24 @@ async def test_ws_is_kept_alive_with_pings(server: Server) -> None:
         msg = await ws.receive(5)  # ws_heartbeat is 1 s in this server
         assert msg.type == aiohttp.WSMsgType.PING
         await ws.pong(msg.data)
+
+
+async def test_many_subscribers_all_get_a_final_result_that_is_final(server: Server, simulator: Simulator) -> None:
+    # 300 streams on 3 running jobs: every final_result must carry the finished Result, read after
+    # the commit it announces (a stale read would show the job still post-processing).
+    await wait_healthy(server)
+    slow(simulator, 0.3, steps=5)
+    ids = []
+    for _ in range(3):
+        async with server.session.post(server.u("/generate"), json=body(blur=True)) as r:
+            ids.append((await r.json())["id"])
+
+    async def follow(job_id: str) -> Sse:
+        async with server.session.get(server.u(f"/jobs/{job_id}/events")) as r:
+            return await read_sse(r, Sse())
+
+    results = await asyncio.gather(*(follow(ids[i % 3]) for i in range(300)))
+    for got in results:
+        assert got.final is not None and got.final["result"]["status"] == "completed"
+        assert got.final["result"]["output"] and got.final["message"] == got.final["result"]["message"]
+        assert got.state_ids() == sorted(set(got.state_ids()))

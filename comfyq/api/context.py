@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ import msgspec
 from aiohttp import web
 
 from comfyq.api.queue import QueueView
+from comfyq.api.reads import Reads
 from comfyq.metrics import Metrics
 from comfyq.result import Results
 from comfyq.schemas import ErrorBody, ErrorInfo
@@ -25,6 +27,7 @@ class ApiOptions:
     ws_heartbeat: float = 20.0  # websocket ping interval, seconds
     stream_buffer: int = 64  # events buffered per subscriber before progress is dropped
     cancel_wait: float = 5.0  # how long POST /cancel waits for a running job to stop
+    stream_setups: int = 16  # streams reading their replay at once (a burst of 1000 waits its turn)
     readme: Path | None = None  # the README rendered at /; None: the project's own
 
 
@@ -38,12 +41,20 @@ class Api:
         self.bus = services.bus
         self.pipeline = services.pipeline
         self.options = options
-        self.results = Results(self.store, self.bus, base64_max_bytes=self.settings.output_base64_max_bytes)
-        self.queue = QueueView(self.store, self.pipeline, max_queue_size=self.settings.max_queue_size)
+        self.reads = Reads(self.store.path)
+        self.results = Results(self.reads, self.bus, base64_max_bytes=self.settings.output_base64_max_bytes)
+        self.queue = QueueView(self.store, self.reads, self.pipeline, max_queue_size=self.settings.max_queue_size)
         self.metrics = Metrics(services)
+        # Bounds the reads of a connection burst, and with them the server's memory high-water mark.
+        self.stream_setup = asyncio.Semaphore(options.stream_setups)
 
 
 API: web.AppKey[Api] = web.AppKey("api", Api)
+
+
+async def close_api(app: web.Application) -> None:
+    """on_cleanup: close what the API layer opened itself."""
+    await app[API].reads.close()
 
 
 def get_api(request: web.Request) -> Api:

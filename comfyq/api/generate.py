@@ -93,7 +93,7 @@ async def wait_final(api: Api, sub: Subscription, job: Job, timeout: float | Non
             break
         if ev.kind == "state" and ev.final:
             break
-    fresh = await api.store.get(job.id)
+    fresh = await api.reads.job(job.id)
     return fresh or job
 
 

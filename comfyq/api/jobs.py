@@ -51,7 +51,7 @@ async def cancel(request: web.Request) -> web.Response:
 
             job = await wait_final(api, sub, job, api.options.cancel_wait)
         else:
-            job = await api.store.get(job_id) or job
+            job = await api.reads.job(job_id) or job
     return json_response(await api.results.of(job))
 
 
@@ -105,8 +105,7 @@ async def list_jobs(request: web.Request) -> web.Response:
         params.extend(decode_cursor(request.query["cursor"]))
     sql = "SELECT * FROM jobs" + (" WHERE " + " AND ".join(where) if where else "")
     sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
-    async with api.store.reader.execute(sql, (*params, limit + 1)) as cur:
-        jobs = [Job.from_row(r) for r in await cur.fetchall()]
+    jobs = [Job.from_row(r) for r in await api.reads.rows(sql, (*params, limit + 1))]
     more = len(jobs) > limit
     jobs = jobs[:limit]
     return json_response(JobList(await api.results.many(jobs), encode_cursor(jobs[-1]) if more else None))
@@ -116,10 +115,9 @@ async def output_file(request: web.Request) -> web.StreamResponse:
     """GET /outputs/{id}/{filename}: a file recorded as an output of that job, nothing else."""
     api = get_api(request)
     job_id, filename = request.match_info["id"], request.match_info["filename"]
-    async with api.store.reader.execute(
-        "SELECT local_path, mimetype FROM outputs WHERE job_id = ? AND filename = ?", (job_id, filename)
-    ) as cur:
-        row = await cur.fetchone()
+    rows = await api.reads.rows("SELECT local_path, mimetype FROM outputs WHERE job_id = ? AND filename = ?",
+                                (job_id, filename))
+    row = rows[0] if rows else None
     missing = NotFound(f"job {job_id} has no output {filename!r}", details={"job_id": job_id, "filename": filename})
     if row is None or not row["local_path"]:
         raise missing

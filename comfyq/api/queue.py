@@ -4,7 +4,7 @@ One query ranks every waiting job of every stage (priority, then age: the claim 
 answer is reused until the next state change commits, so a thousand streams woken by one change
 cost one query, not a thousand. Streams of waiting jobs are woken when the queue moves, at most
 every ``min_interval`` seconds. Estimates come from the measured stage durations
-of recently completed jobs of the same kind (modifier or raw workflow), falling back to all kinds.
+of recently completed jobs of the same kind (``comfyq.api.eta``).
 """
 
 from __future__ import annotations
@@ -14,16 +14,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from comfyq.clock import parse_iso
+from comfyq.api.eta import Durations
 from comfyq.events import Event, Subscription
+from comfyq.result import epoch
 from comfyq.schemas import QueueInfo, QueuePosition
 from comfyq.store.model import STAGES, Job, Transition
 
 QueueName = Literal["preprocessing", "generation", "postprocessing"]
 QUEUE_NAMES: dict[str, QueueName] = {
     "preprocess": "preprocessing", "generate": "generation", "postprocess": "postprocessing"}
-_STAGE_MS = {"preprocess": "preprocess_ms", "generate": "generation_ms", "postprocess": "postprocess_ms"}
-_MIN_SAMPLES = 3
 
 
 @dataclass
@@ -40,17 +39,17 @@ class Snapshot:
 class QueueView:
     """Positions, queue sizes and ETAs; wakes the streams of waiting jobs when the queue moves."""
 
-    def __init__(self, store: Any, pipeline: Any, *, max_queue_size: int, min_interval: float = 0.25,
-                 eta_ttl: float = 30.0) -> None:
+    def __init__(self, store: Any, reads: Any, pipeline: Any, *, max_queue_size: int,
+                 min_interval: float = 0.25) -> None:
         self.store = store
+        self.reads = reads
         self.pipeline = pipeline
         self.max_queue_size = max_queue_size
         self.min_interval = min_interval
-        self.eta_ttl = eta_ttl
         self.version = 0
         self._snap: Snapshot | None = None
-        self._lock = asyncio.Lock()
-        self._means: dict[str | None, tuple[float, dict[str, float] | None]] = {}
+        self._refreshing: dict[int, asyncio.Future[Snapshot]] = {}
+        self.durations = Durations(store, reads)
         self._watchers: dict[Subscription, str] = {}
         self._poke: asyncio.TimerHandle | None = None
         self._last_poke = 0.0
@@ -61,8 +60,6 @@ class QueueView:
     def on_transitions(self, trs: list[Transition]) -> None:
         """Store listener: the queue moved; tell watching streams soon (coalesced)."""
         self.version += 1
-        if any(tr.to_state == "completed" for tr in trs):
-            self._means.clear()  # a new measurement
         if self._watchers and self._poke is None:
             loop = asyncio.get_running_loop()
             delay = max(0.0, self._last_poke + self.min_interval - loop.time())
@@ -84,25 +81,34 @@ class QueueView:
     # --- queries -----------------------------------------------------------------------------
 
     async def snapshot(self) -> Snapshot:
+        """Where every unfinished job stands, as of the last committed change (or later)."""
+        version = self.version
         snap = self._snap
-        if snap is not None and snap.version == self.version:
+        if snap is not None and snap.version >= version:
             return snap
-        async with self._lock:
-            if self._snap is not None and self._snap is not snap and self._snap.version == self.version:
-                return self._snap  # another caller refreshed it while we waited
-            fresh = Snapshot(self.version, time.monotonic(), waiting={s: 0 for s in STAGES}, running={s: 0 for s in STAGES})
-            sql = ("SELECT id, stage, state, row_number() OVER"
-                   " (PARTITION BY stage, state ORDER BY priority DESC, created_at, id)"
-                   " FROM jobs WHERE state IN ('pending', 'running')")
-            async with self.store.reader.execute(sql) as cur:
-                for job_id, stage, state, pos in await cur.fetchall():
-                    if state == "pending":
-                        fresh.positions[job_id] = pos
-                        fresh.waiting[stage] += 1
-                    else:
-                        fresh.running[stage] += 1
+        # Everyone woken by one change shares one read (a future, not a lock: a lock hands over
+        # to its waiters one loop turn at a time, and a thousand waiters make a convoy).
+        fut = self._refreshing.get(version)
+        if fut is None:
+            fut = asyncio.ensure_future(self._take(version))
+            self._refreshing[version] = fut
+            fut.add_done_callback(lambda _: self._refreshing.pop(version, None))
+        return await asyncio.shield(fut)
+
+    async def _take(self, version: int) -> Snapshot:
+        fresh = Snapshot(version, time.monotonic(), waiting={s: 0 for s in STAGES}, running={s: 0 for s in STAGES})
+        sql = ("SELECT id, stage, state, row_number() OVER"
+               " (PARTITION BY stage, state ORDER BY priority DESC, created_at, id)"
+               " FROM jobs WHERE state IN ('pending', 'running')")
+        for job_id, stage, state, pos in await self.reads.rows(sql):
+            if state == "pending":
+                fresh.positions[job_id] = pos
+                fresh.waiting[stage] += 1
+            else:
+                fresh.running[stage] += 1
+        if self._snap is None or self._snap.version <= version:
             self._snap = fresh
-            return fresh
+        return fresh
 
     async def info(self) -> QueueInfo:
         """Queue sizes for /queue-info and stream events."""
@@ -129,32 +135,16 @@ class QueueView:
         eta = await self.estimate(state, stage, kind, entered_at, pos, s)
         return QueuePosition(QUEUE_NAMES[stage], pos, s.waiting[stage], eta)
 
-    async def means(self, kind: str | None) -> dict[str, float] | None:
-        """Mean seconds per stage over recent completed jobs of ``kind`` (cached briefly)."""
-        now = time.monotonic()
-        hit = self._means.get(kind)
-        if hit is not None and now - hit[0] < self.eta_ttl:
-            return hit[1]
-        rows = await self.store.recent_timings(kind)
-        result: dict[str, float] | None = None
-        if len(rows) >= (_MIN_SAMPLES if kind is not None else 1):
-            result = {}
-            for stage, key in _STAGE_MS.items():
-                vals = [float(r[key]) for r in rows if isinstance(r, dict) and isinstance(r.get(key), int | float)]
-                result[stage] = (sum(vals) / len(vals) / 1000.0) if vals else 0.0
-        self._means[kind] = (now, result)
-        return result
-
     async def estimate(self, state: str, stage: str, kind: str, entered_at: str, pos: int,
                        snap: Snapshot) -> float | None:
         """Seconds until the job should be finished, or None with no measurements yet."""
-        means = await self.means(kind) or await self.means(None)
+        means = await self.durations.means(kind)
         if means is None:
             return None
         rest = sum(means[s] for s in STAGES[STAGES.index(stage) + 1:])
         own = means[stage]
         if state == "running":
-            spent = max(0.0, float(self.store.clock.now()) - parse_iso(entered_at))
+            spent = max(0.0, float(self.store.clock.now()) - epoch(entered_at))
             return round(max(0.0, own - spent) + rest, 1)
         slots = max(1, int(self.pipeline.health().get(stage, {}).get("workers", 1)))
         # Jobs ahead plus those running must pass through ``slots`` workers before this one starts.

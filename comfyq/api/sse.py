@@ -45,11 +45,13 @@ async def stream_job(request: web.Request, job_id: str, *, after: int | None,
     api = get_api(request)
     sub = api.bus.subscribe(job_id, maxsize=api.options.stream_buffer)
     try:
-        job = await api.store.get(job_id)
-        if job is None:
-            raise NotFound(f"job {job_id} not found")
-        feed = JobFeed(api, job)
-        first, done = await feed.replay(after or 0)
+        async with api.stream_setup:
+            job = await api.reads.head(job_id)
+            if job is None:
+                raise NotFound(f"job {job_id} not found")
+            feed = JobFeed(api, job)
+            del job
+            first, done = await feed.replay(after or 0)
         if done and after and len(first) == 1 and (row_of(first[0].id) or 0) <= after:
             # The client already has the final event: 204 tells an EventSource to stop reconnecting.
             return web.Response(status=204)
@@ -57,6 +59,7 @@ async def stream_job(request: web.Request, job_id: str, *, after: int | None,
         await resp.prepare(request)
         try:
             await resp.write(b"retry: 3000\n\n" + b"".join(frame(se) for se in first))
+            del first
             if not done:
                 await _live(api, feed, sub, resp)
         except (ConnectionError, RuntimeError):

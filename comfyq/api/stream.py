@@ -12,10 +12,10 @@ import time
 from typing import Any
 
 from comfyq.api.context import Api
-from comfyq.clock import iso, parse_iso
+from comfyq.clock import iso
 from comfyq.errors import NotFound
 from comfyq.events import Event
-from comfyq.result import progress_of
+from comfyq.result import epoch, progress_of
 from comfyq.schemas import StreamEvent
 from comfyq.store.model import TERMINAL, Job, status_of
 
@@ -33,9 +33,8 @@ class JobFeed:
 
     def __init__(self, api: Api, job: Job) -> None:
         self.api = api
-        self.job = job
         self.job_id = job.id
-        self.created = parse_iso(job.created_at)
+        self.created = epoch(job.created_at)
         self.status = job.status
         self.message = job.message
         self.stage = job.stage
@@ -57,7 +56,7 @@ class JobFeed:
         self.status = status_of(to_state, stage)
         return StreamEvent(
             request_id=self.job_id, status=self.status, event="state", message=message,
-            elapsed_time=self._elapsed(parse_iso(at)), timestamp=at, id=str(row), stage=stage, attempt=attempt,
+            elapsed_time=self._elapsed(epoch(at)), timestamp=at, id=str(row), stage=stage, attempt=attempt,
         )
 
     def from_row(self, row: dict[str, Any]) -> StreamEvent:
@@ -126,24 +125,24 @@ class JobFeed:
         job, result = loaded
         return StreamEvent(
             request_id=self.job_id, status="final_result", event="final_result", message=job.message,
-            elapsed_time=self._elapsed(parse_iso(job.finished_at or job.updated_at)),
+            elapsed_time=self._elapsed(epoch(job.finished_at or job.updated_at)),
             timestamp=job.finished_at or job.updated_at, id=str(self.last_row), result=result,
         )
 
     async def replay(self, after: int) -> tuple[list[StreamEvent], bool]:
         """Stored state changes after row ``after`` (then the final event if the job ended)."""
         self.last_row = after
-        rows = await self.api.store.events(self.job_id, after)
+        rows = await self.api.reads.events(self.job_id, after)
         out: list[StreamEvent] = []
         for row in rows:
             if row["to_state"] in TERMINAL:
                 out.append(await self.final(row["id"]))
                 return out, True
             out.append(self.from_row(row))
-        job = await self.api.store.get(self.job_id)
+        job = await self.api.reads.head(self.job_id)
         if job is not None and job.terminal:
             # Ended between the two reads, or the client resumes after the end: look once more.
-            for row in await self.api.store.events(self.job_id, self.last_row):
+            for row in await self.api.reads.events(self.job_id, self.last_row):
                 if row["to_state"] in TERMINAL:
                     out.append(await self.final(row["id"]))
                     return out, True

@@ -61,14 +61,18 @@ class _Conn:
 
     async def _subscribe(self, job_id: str) -> None:
         self.sub.add(job_id)  # before the read: nothing committed in between is missed
-        job = await self.api.store.get(job_id)
+        async with self.api.stream_setup:
+            await self._snapshot(job_id)
+
+    async def _snapshot(self, job_id: str) -> None:
+        job = await self.api.reads.head(job_id)
         if job is None:
             body = ErrorBody(ErrorInfo("not_found", f"job {job_id} not found", details={"job_id": job_id}))
             await self.ws.send_str(encoder.encode(body).decode())
             return
         feed = JobFeed(self.api, job)
         self.feeds[job_id] = feed
-        rows = await self.api.store.events(job_id)
+        rows = await self.api.reads.events(job_id)
         if job.terminal:
             await self._send(await feed.final(rows[-1]["id"] if rows else None))
             return
@@ -81,7 +85,7 @@ class _Conn:
         feed = self.feeds.get(job_id)
         if feed is not None or (job_id not in self.sub.keys and "*" not in self.sub.keys):
             return feed
-        job = await self.api.store.get(job_id)
+        job = await self.api.reads.head(job_id)
         if job is None:
             return None
         feed = JobFeed(self.api, job)

@@ -1,0 +1,270 @@
+"""HTTP API: admissions/s (each one durable before its 202) and 1,000 SSE subscribers on running jobs
+(server RSS, event delay p50/p99), plus the idle RSS of a fresh server.
+
+The server is ``comfyq serve`` in a subprocess, the simulator another; this process is the client.
+Targets (issue 4): >= 3,000 admissions/s; 1,000 subscribers under 150 MB RSS with p99 delay under
+50 ms; idle RSS under 60 MB. Figures are printed, never judged.
+
+    .venv/bin/python -m bench.bench_api [--admissions 20000] [--concurrency 64] [--subscribers 1000] [--jobs 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of one process (all its threads), from /proc."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def cpu_seconds(pid: int | None = None) -> float:
+    """User + system CPU seconds used so far by a process (this one when ``pid`` is None)."""
+    if pid is None:
+        t = os.times()
+        return t.user + t.system
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise SystemExit(f"process exited with {proc.returncode} before {url} answered")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                if r.status == 200:
+                    return
+        except Exception:  # noqa: BLE001 - not up yet
+            time.sleep(0.05)
+    raise SystemExit(f"{url} did not answer within {timeout}s")
+
+
+@contextmanager
+def simulator(root: Path, durations: str, steps: int) -> Iterator[str]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "comfyq.comfy.simulator", "--port", str(port), "--data-dir", str(root / "sim"),
+         "--node-durations", durations, "--progress-steps", str(steps)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(url + "/system_stats", proc)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@contextmanager
+def server(root: Path, backend: str, **env: str) -> Iterator[tuple[str, int]]:
+    port = free_port()
+    full = {**os.environ, "COMFYQ_CONFIG": str(root / "none.toml"), "COMFYQ_DATABASE": str(root / "q.db"),
+            "COMFYQ_OUTPUT_DIR": str(root / "out"), "COMFYQ_CACHE_DIR": str(root / "cache"),
+            "COMFYUI_API_BASE": backend, "API_PORT": str(port), "API_LOG_LEVEL": "warning",
+            "MAX_QUEUE_SIZE": "1000000", **env}
+    log = (root / "server.log").open("ab")
+    proc = subprocess.Popen([sys.executable, "-m", "comfyq", "serve"], env=full, cwd=root,
+                            stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(url + "/queue-info", proc)
+        yield url, proc.pid
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def workflow(color: int, blur: bool) -> dict[str, Any]:
+    wf: dict[str, Any] = {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 16, "height": 16, "batch_size": 1, "color": color}},
+        "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "bench"}},
+    }
+    if blur:
+        wf["4"] = {"class_type": "ImageBlur", "inputs": {"image": ["1", 0], "blur_radius": 1, "sigma": 1.0}}
+        wf["2"]["inputs"]["image"] = ["4", 0]
+    return wf
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+# --- admissions ------------------------------------------------------------------------------------
+
+
+async def admissions(url: str, n: int, concurrency: int) -> tuple[float, list[float], dict[int, int]]:
+    bodies = [json.dumps({"input": {"workflow_json": workflow(i, False)}}).encode() for i in range(n)]
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+    next_i = 0
+    conn = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=conn) as s:
+
+        async def client() -> None:
+            nonlocal next_i
+            while next_i < n:
+                i = next_i
+                next_i += 1
+                t = time.perf_counter()
+                async with s.post(url + "/generate", data=bodies[i],
+                                  headers={"Content-Type": "application/json"}) as r:
+                    await r.read()
+                    statuses[r.status] = statuses.get(r.status, 0) + 1
+                latencies.append(time.perf_counter() - t)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - t0
+    return n / elapsed, latencies, statuses
+
+
+# --- subscribers -----------------------------------------------------------------------------------
+
+
+def _at(ts: str) -> float:
+    return datetime.strptime(ts, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
+
+
+async def subscribers(url: str, pid: int, n_subs: int, n_jobs: int) -> dict[str, Any]:
+    conn = aiohttp.TCPConnector(limit=0)
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=None)
+    async with aiohttp.ClientSession(connector=conn, timeout=timeout) as s:
+        ids = []
+        for i in range(n_jobs):
+            async with s.post(url + "/generate", json={"input": {"workflow_json": workflow(10_000 + i, True)}}) as r:
+                ids.append((await r.json())["id"])
+        # Wait until every job holds a generation slot (running), then subscribe.
+        while True:
+            async with s.get(url + "/queue-info") as r:
+                info = await r.json()
+            if info["generation_in_flight"] == n_jobs:
+                break
+            await asyncio.sleep(0.05)
+        connected = asyncio.Event()
+        ready = 0
+        delays: list[float] = []
+        received = 0
+        finals = 0
+
+        async def one(job_id: str) -> None:
+            nonlocal ready, received, finals
+            async with s.get(url + f"/jobs/{job_id}/events") as r:
+                t_conn = time.time()
+                ready += 1
+                if ready == n_subs:
+                    connected.set()
+                async for raw in r.content:
+                    if not raw.startswith(b"data: "):
+                        continue
+                    now = time.time()
+                    ev = json.loads(raw[6:])
+                    received += 1
+                    if ev["event"] in ("state", "final_result"):
+                        at = _at(ev["timestamp"])
+                        if at >= t_conn:  # a live state change, not one replayed from the table
+                            delays.append(now - at)
+                    if ev["status"] == "final_result":
+                        finals += 1
+                        return
+
+        t0 = time.perf_counter()
+        tasks = [asyncio.ensure_future(one(ids[i % n_jobs])) for i in range(n_subs)]
+        await asyncio.wait_for(connected.wait(), 120)
+        connect_s = time.perf_counter() - t0
+        await asyncio.sleep(0.5)
+        rss_connected = rss_mb(pid)
+        peak = rss_connected
+        while not all(t.done() for t in tasks):
+            await asyncio.sleep(0.25)
+            peak = max(peak, rss_mb(pid))
+        await asyncio.gather(*tasks)
+        return {"connect_s": connect_s, "rss_connected": rss_connected, "rss_peak": peak, "delays": delays,
+                "received": received, "finals": finals, "elapsed": time.perf_counter() - t0}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--admissions", type=int, default=20_000)
+    ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--subscribers", type=int, default=1000)
+    ap.add_argument("--jobs", type=int, default=20, help="running jobs the subscribers watch")
+    ap.add_argument("--job-seconds", type=float, default=0.5, help="simulated run time of each job")
+    args = ap.parse_args(argv)
+
+    with tempfile.TemporaryDirectory(prefix="bench-api-") as tmp:
+        root = Path(tmp)
+        # Admissions: the backend never answers, so admitted jobs are preprocessed and then wait for
+        # ComfyUI, as on a busy server; every 202 is sent after the job's commit (synchronous=FULL).
+        (root / "a").mkdir()
+        with server(root / "a", f"http://127.0.0.1:{free_port()}") as (url, pid):
+            time.sleep(1.0)
+            print(f"idle RSS of a fresh server:         {rss_mb(pid):7.1f} MB   (target < 60 MB)")
+            asyncio.run(admissions(url, 500, args.concurrency))  # warm-up
+            s0, c0, t0 = cpu_seconds(pid), cpu_seconds(), time.perf_counter()
+            rate, lat, statuses = asyncio.run(admissions(url, args.admissions, args.concurrency))
+            wall = time.perf_counter() - t0
+            server_cpu, client_cpu = (cpu_seconds(pid) - s0) / wall, (cpu_seconds() - c0) / wall
+            print(f"POST /generate admissions/s:        {rate:7.0f}      (target >= 3000; {args.admissions} requests,"
+                  f" {args.concurrency} concurrent, statuses {statuses})")
+            print(f"  latency p50/p99:                  {pct(lat, 0.5) * 1000:7.1f} / {pct(lat, 0.99) * 1000:.1f} ms")
+            print(f"  CPU busy: server / this client:   {server_cpu * 100:5.0f}% / {client_cpu * 100:.0f}%"
+                  f"   (of one core each; {os.cpu_count()} cores)")
+            print(f"  server RSS after admissions:      {rss_mb(pid):7.1f} MB")
+        (root / "b").mkdir()
+        durations = f"ImageBlur={args.job_seconds}"
+        with simulator(root / "b", durations, steps=20) as sim, \
+                server(root / "b", sim, GENERATION_WORKERS=str(args.jobs)) as (url, pid):
+            time.sleep(1.0)
+            idle = rss_mb(pid)
+            r = asyncio.run(subscribers(url, pid, args.subscribers, args.jobs))
+            d = r["delays"]
+            print(f"{args.subscribers} SSE subscribers on {args.jobs} running jobs:")
+            print(f"  server RSS idle / connected / peak: {idle:.1f} / {r['rss_connected']:.1f} / {r['rss_peak']:.1f} MB"
+                  "   (target < 150 MB)")
+            print(f"  all connected in:                 {r['connect_s']:7.2f} s")
+            print(f"  events received:                  {r['received']:7d}  ({r['finals']} final_result,"
+                  f" {r['received'] / r['elapsed']:.0f} events/s)")
+            print(f"  live state-event delay p50/p99:   {pct(d, 0.5) * 1000:7.1f} / {pct(d, 0.99) * 1000:.1f} ms"
+                  f"   (target p99 < 50 ms; {len(d)} samples, from the commit's timestamp to the client)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""Measured stage durations, for wait estimates: the recent completed jobs of each kind (modifier
+name or raw workflow) kept in memory, read from the store once and then fed by commits."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import Any
+
+from comfyq.store.model import STAGES, Transition, loads
+
+STAGE_MS = {"preprocess": "preprocess_ms", "generate": "generation_ms", "postprocess": "postprocess_ms"}
+MIN_SAMPLES = 3  # fewer jobs of a kind than this: estimate from all kinds
+
+
+class Durations:
+    """Mean seconds per stage over the last ``samples`` completed jobs, per kind and overall."""
+
+    def __init__(self, store: Any, reads: Any, samples: int = 50) -> None:
+        self.reads = reads
+        self.samples = samples
+        self._by_kind: dict[str, deque[dict[str, float]]] = {}
+        self._all: deque[dict[str, float]] = deque(maxlen=samples)
+        self._means: dict[str | None, dict[str, float] | None] = {}
+        self._loading: asyncio.Future[None] | None = None
+        self._loaded = False
+        store.listen(self.on_transitions)
+
+    def on_transitions(self, trs: list[Transition]) -> None:
+        """Store listener: every job that completes is a new measurement."""
+        if not self._loaded:
+            return  # the first read will see it
+        for tr in trs:
+            if tr.to_state == "completed" and tr.job is not None:
+                self._add(tr.job.kind, tr.job.timings)
+
+    def _add(self, kind: str, timings: Any) -> None:
+        if not isinstance(timings, dict):
+            return
+        sample = {stage: float(v) / 1000.0 for stage, key in STAGE_MS.items()
+                  if isinstance(v := timings.get(key), int | float)}
+        self._by_kind.setdefault(kind, deque(maxlen=self.samples)).append(sample)
+        self._all.append(sample)
+        self._means.pop(kind, None)
+        self._means.pop(None, None)
+
+    async def _load(self) -> None:
+        sql = "SELECT kind, timings FROM jobs WHERE state = 'completed' ORDER BY finished_at DESC LIMIT ?"
+        rows = await self.reads.rows(sql, (self.samples * 20,))
+        for kind, timings in reversed(rows):  # oldest first, so the deques keep the newest
+            self._add(kind, loads(timings))
+        self._loaded = True
+
+    async def means(self, kind: str | None) -> dict[str, float] | None:
+        """Mean seconds per stage for ``kind`` (None: all kinds); None before any job completed."""
+        if not self._loaded:
+            if self._loading is None:
+                self._loading = asyncio.ensure_future(self._load())
+            await asyncio.shield(self._loading)
+        if kind in self._means:
+            return self._means[kind]
+        samples = self._by_kind.get(kind) if kind is not None else self._all
+        if kind is not None and (samples is None or len(samples) < MIN_SAMPLES):
+            samples = self._all
+        result = None
+        if samples:
+            result = {}
+            for stage in STAGES:
+                vals = [s[stage] for s in samples if stage in s]
+                result[stage] = sum(vals) / len(vals) if vals else 0.0
+        self._means[kind] = result
+        return result
