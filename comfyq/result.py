@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,15 @@ from urllib.parse import quote
 
 import msgspec
 
-from comfyq.schemas import ErrorInfo, FieldError, OutputFile, Progress, Result, Timings
+from comfyq.schemas import (
+    ErrorInfo,
+    FieldError,
+    OutputFile,
+    Progress,
+    Result,
+    Timings,
+    WebhookDelivery,
+)
 from comfyq.store.model import Job
 
 
@@ -121,6 +130,22 @@ def wants_base64(job: Job) -> bool:
     return bool(((job.payload or {}).get("input") or {}).get("return_outputs_as_base64"))
 
 
+def has_webhook(job: Job) -> bool:
+    hook = ((job.payload or {}).get("input") or {}).get("webhook")
+    return isinstance(hook, dict) and bool(hook.get("url"))
+
+
+def deliveries(rows: list[dict[str, Any]]) -> list[WebhookDelivery]:
+    """The outbox's history rows as Result entries (rows that do not fit are left out, not fatal)."""
+    out = []
+    for row in rows:
+        try:
+            out.append(msgspec.convert(row, WebhookDelivery, strict=False))
+        except msgspec.ValidationError:
+            continue
+    return out
+
+
 def _read_b64(path: str, limit: int) -> tuple[str | None, str | None]:
     p = Path(path)
     try:
@@ -135,8 +160,10 @@ def _read_b64(path: str, limit: int) -> tuple[str | None, str | None]:
 class Results:
     """Builds Results; caches finished ones (they no longer change) for fan-out to many streams."""
 
-    def __init__(self, reads: Any, bus: Any, *, base64_max_bytes: int, cache_size: int = 512) -> None:
+    def __init__(self, reads: Any, bus: Any, *, base64_max_bytes: int, cache_size: int = 512,
+                 webhook_history: Callable[[str], Awaitable[list[dict[str, Any]]]] | None = None) -> None:
         self.reads = reads  # comfyq.api.reads.Reads: fresh reads
+        self.webhook_history = webhook_history
         self.bus = bus
         self.base64_max_bytes = base64_max_bytes
         self._cache: OrderedDict[tuple[str, str], Result] = OrderedDict()
@@ -169,9 +196,12 @@ class Results:
             return cached
         rows = (await self.reads.outputs([job.id])).get(job.id, [])
         res = to_result(job, rows, self.bus.progress.get(job.id))
+        hooked = job.terminal and has_webhook(job) and self.webhook_history is not None
+        if hooked:
+            res.webhooks = deliveries(await self.webhook_history(job.id))  # type: ignore[misc]
         if wants_base64(job) and res.output:
             await self.inline(res)
-        elif job.terminal:
+        elif job.terminal and not hooked:  # deliveries go on changing after the job's end
             self._cache[key] = res
             if len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)

@@ -157,6 +157,31 @@ class Timings(Struct):
     postprocess_wait_ms: int = 0
 
 
+class WebhookAttempt(Struct, omit_defaults=True):
+    attempt: int
+    at: str
+    outcome: Annotated[str, _d("delivered, retry or gave_up")]
+    duration_ms: int | None = None
+    status_code: int | None = None
+    error: str | None = None
+
+
+class WebhookDelivery(Struct, omit_defaults=True):
+    """One webhook the job's end queued (the outbox), with every attempt."""
+
+    id: Annotated[str, _d("the webhook-id header, the same on every attempt")]
+    event: str
+    state: Annotated[str, _d("pending, sending, delivered or failed")]
+    attempts: int
+    created_at: str
+    url: Annotated[str | None, _d("without credentials or query")] = None
+    next_attempt_at: str | None = None
+    last_status: int | None = None
+    last_error: str | None = None
+    finished_at: str | None = None
+    attempt_log: list[WebhookAttempt] = field(default_factory=list)
+
+
 class Result(Struct):
     """A job as clients see it, in every state."""
 
@@ -174,6 +199,8 @@ class Result(Struct):
     timings: Timings = field(default_factory=Timings)
     finished_at: str | None = None
     warnings: list[dict[str, Any]] = field(default_factory=list)
+    webhooks: Annotated[list[WebhookDelivery], _d("deliveries of the job's webhook (single-job reads only)")] = (
+        field(default_factory=list))
 
 
 class JobList(Struct):

@@ -313,3 +313,43 @@ async def test_outputs_as_base64_by_header_and_field(make_server: MakeServer) ->
     await wait_healthy(small)
     status, res, _ = await call(small, "POST", "/generate/sync", body(return_outputs_as_base64=True))
     assert status == 200 and "data" not in res["output"][0] and "limit" in res["output"][0]["error"]
+
+
+# --- webhooks -------------------------------------------------------------------------------------
+
+
+async def test_webhook_delivery_history_is_on_the_result(make_server: MakeServer) -> None:
+    from aiohttp import web
+
+    got: list[dict[str, Any]] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        got.append({"headers": dict(request.headers), "body": await request.json()})
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]  # noqa: SLF001
+    try:
+        srv = await make_server(url_allowlist=["127.0.0.1"])
+        await wait_healthy(srv)
+        req = body(request_id="hooked", webhook={"url": f"http://127.0.0.1:{port}/hook?token=abc",
+                                                 "secret": "whsec", "extra_params": {"k": "v"}})
+        status, res, _ = await call(srv, "POST", "/generate/sync", req)
+        assert status == 200
+        for _ in range(500):
+            _, res, _ = await call(srv, "GET", "/result/hooked")
+            if res["webhooks"] and res["webhooks"][0]["state"] == "delivered":
+                break
+            await asyncio.sleep(0.02)
+        (delivery,) = res["webhooks"]
+        assert delivery["state"] == "delivered" and delivery["event"] == "completed"
+        assert delivery["attempt_log"][0]["outcome"] == "delivered" and delivery["attempt_log"][0]["status_code"] == 204
+        assert "abc" not in json.dumps(res) and "whsec" not in json.dumps(res)  # no tokens, no secrets
+        assert got and got[0]["body"]["id"] == "hooked" and got[0]["headers"]["webhook-id"] == delivery["id"]
+    finally:
+        await runner.cleanup()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from comfyq.api.reads import Reads
 from comfyq.metrics import Metrics
 from comfyq.result import Results
 from comfyq.schemas import ErrorBody, ErrorInfo
+from comfyq.webhook_outbox import history
 
 _encode = msgspec.json.Encoder().encode
 
@@ -42,7 +44,8 @@ class Api:
         self.pipeline = services.pipeline
         self.options = options
         self.reads = Reads(self.store.path)
-        self.results = Results(self.reads, self.bus, base64_max_bytes=self.settings.output_base64_max_bytes)
+        self.results = Results(self.reads, self.bus, base64_max_bytes=self.settings.output_base64_max_bytes,
+                               webhook_history=partial(history, self.store))
         self.queue = QueueView(self.store, self.reads, self.pipeline, max_queue_size=self.settings.max_queue_size)
         self.metrics = Metrics(services)
         # Bounds the reads of a connection burst, and with them the server's memory high-water mark.
