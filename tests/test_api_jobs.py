@@ -333,7 +333,7 @@ async def test_webhook_delivery_history_is_on_the_result(make_server: MakeServer
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]  # noqa: SLF001
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     try:
         srv = await make_server(url_allowlist=["127.0.0.1"])
         await wait_healthy(srv)
