@@ -25,6 +25,7 @@ from prometheus_client.registry import Collector
 from comfyq.result import epoch
 from comfyq.store.model import STAGES, TERMINAL, Transition
 
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _STAGE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 _HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -105,6 +106,7 @@ class Metrics:
                                      registry=r)
         self.jobs_created = Counter("comfyq_jobs_created", "Jobs admitted", registry=r)
         self.levels: dict[str, Any] = {}
+        self._http_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         r.register(_Levels(self))
         self._running: dict[str, tuple[str, float]] = {}  # job id -> (stage, claimed at)
         self._waiting: dict[str, tuple[str, float]] = {}  # job id -> (stage, pending since)
@@ -140,8 +142,17 @@ class Metrics:
                     self.job_duration.labels(tr.to_state).observe(total / 1000.0)
 
     def http(self, route: str, method: str, status: int, seconds: float) -> None:
-        self.http_requests.labels(route, method, str(status)).inc()
-        self.http_duration.labels(route, method).observe(seconds)
+        """Count one request; labelled children are cached (labels() takes a lock and builds keys)."""
+        if method not in _METHODS:
+            method = "other"  # methods are client-chosen: keep the label set bounded
+        key = (route, method, status)
+        children = self._http_children.get(key)
+        if children is None:
+            children = (self.http_requests.labels(route, method, str(status)),
+                        self.http_duration.labels(route, method))
+            self._http_children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     async def refresh(self) -> None:
         """Read the levels (jobs by state, queues, workers, backends) for the next scrape."""
