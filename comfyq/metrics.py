@@ -158,17 +158,14 @@ class Metrics:
         """Read the levels (jobs by state, queues, workers, backends) for the next scrape."""
         svc = self.services
         jobs: dict[str, int] = {s: 0 for s in ("pending", "running", "completed", "failed", "cancelled")}
-        async with svc.store.reader.execute("SELECT state, count(*) FROM jobs GROUP BY state") as cur:
-            for state, n in await cur.fetchall():
-                jobs[state] = n
+        for state, n in await svc.store.reader.execute_fetchall("SELECT state, count(*) FROM jobs GROUP BY state"):
+            jobs[state] = n
         deliveries = {s: 0 for s in ("pending", "sending", "delivered", "failed")}
-        async with svc.store.reader.execute("SELECT state, count(*) FROM webhook_deliveries GROUP BY state") as cur:
-            for state, n in await cur.fetchall():
-                deliveries[state] = n
+        for state, n in await svc.store.reader.execute_fetchall("SELECT state, count(*) FROM webhook_deliveries GROUP BY state"):
+            deliveries[state] = n
         attempts = {s: 0 for s in ("delivered", "retry", "gave_up")}
-        async with svc.store.reader.execute("SELECT outcome, count(*) FROM webhook_attempts GROUP BY outcome") as cur:
-            for outcome, n in await cur.fetchall():
-                attempts[outcome] = n
+        for outcome, n in await svc.store.reader.execute_fetchall("SELECT outcome, count(*) FROM webhook_attempts GROUP BY outcome"):
+            attempts[outcome] = n
         self.levels = {
             "jobs": jobs,
             "webhook_deliveries": deliveries,

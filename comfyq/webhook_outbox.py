@@ -110,16 +110,12 @@ def recover(conn: sqlite3.Connection, owner: str, now: float, max_attempts: int)
 
 async def history(store: JobStore, job_id: str) -> list[dict[str, Any]]:
     """A job's deliveries, each with its attempts, oldest first (no secrets, URLs redacted)."""
-    async with store.reader.execute(
+    deliveries = [dict(r) for r in await store.reader.execute_fetchall(
         "SELECT id, url, event, state, attempts, next_attempt_at, last_status, last_error, created_at,"
-        " finished_at FROM webhook_deliveries WHERE job_id = ? ORDER BY created_at, id", (job_id,)
-    ) as cur:
-        deliveries = [dict(r) for r in await cur.fetchall()]
-    async with store.reader.execute(
+        " finished_at FROM webhook_deliveries WHERE job_id = ? ORDER BY created_at, id", (job_id,))]
+    attempts = [dict(r) for r in await store.reader.execute_fetchall(
         "SELECT delivery_id, attempt, at, duration_ms, status_code, error, outcome FROM webhook_attempts"
-        " WHERE job_id = ? ORDER BY id", (job_id,)
-    ) as cur:
-        attempts = [dict(r) for r in await cur.fetchall()]
+        " WHERE job_id = ? ORDER BY id", (job_id,))]
     for d in deliveries:
         d["url"] = redact_url(d["url"])
         d["attempt_log"] = [{k: v for k, v in a.items() if k != "delivery_id"}

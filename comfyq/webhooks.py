@@ -254,11 +254,10 @@ class WebhookSender:
 
     async def _until_next_due(self) -> float:
         now = self.clock.now()
-        async with self.store.reader.execute(
+        rows = list(await self.store.reader.execute_fetchall(
             "SELECT min(next_attempt_at) FROM webhook_deliveries WHERE state = 'pending' AND next_attempt_at > ?",
-            (iso(now),),
-        ) as cur:
-            row = await cur.fetchone()
+            (iso(now),)))
+        row = rows[0] if rows else None
         if row is None or row[0] is None:
             return self.cfg.poll_interval
         return max(0.001, min(self.cfg.poll_interval, parse_iso(row[0]) - now + 0.001))

@@ -135,15 +135,12 @@ async def server(make_server: MakeServer) -> Server:
 
 def pause(srv: Server, stage: str) -> None:
     """Stop ``stage`` from claiming jobs, so that they wait in its queue."""
-    srv.services.pipeline.stages[stage].claiming = False
+    srv.services.pipeline.stages[stage].pause()
 
 
 def resume(srv: Server, stage: str) -> None:
     """Let ``stage`` claim again (its claimer sleeps until a waiter or new work wakes it)."""
-    st = srv.services.pipeline.stages[stage]
-    st.claiming = True
-    st._waiter_added.set()
-    st.notify()
+    srv.services.pipeline.stages[stage].resume()
 
 
 async def wait_healthy(srv: Server, timeout: float = 10.0) -> None:

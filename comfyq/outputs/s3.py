@@ -20,10 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aioboto3  # type: ignore[import-untyped]
 import aiofiles
-from aiobotocore.config import AioConfig  # type: ignore[import-untyped]
-from botocore.exceptions import BotoCoreError, ClientError  # type: ignore[import-untyped]
 from yarl import URL
 
 from comfyq.errors import ComfyqError, OutputError
@@ -155,7 +152,7 @@ class S3Uploader:
     def __init__(self, settings: S3Settings, guard: AddressGuard | None = None) -> None:
         self.settings = settings
         self.guard = guard or AddressGuard()
-        self._session = aioboto3.Session()
+        self._session: Any = None  # aioboto3 is imported on first use: it adds ~15 MB to an idle server
 
     @classmethod
     def from_settings(cls, settings: Any, guard: AddressGuard | None = None) -> S3Uploader:
@@ -186,6 +183,11 @@ class S3Uploader:
             raise S3ConfigError(f"s3: endpoint_url refused: {exc.message}") from None
 
     def _client(self, target: S3Target) -> Any:
+        import aioboto3  # type: ignore[import-untyped]
+        from aiobotocore.config import AioConfig  # type: ignore[import-untyped]
+
+        if self._session is None:
+            self._session = aioboto3.Session()
         cfg = AioConfig(
             connect_timeout=target.connect_timeout, read_timeout=self.settings.read_timeout,
             signature_version="s3v4",  # presigned URLs too (SigV2 is refused by newer AWS regions)
@@ -221,7 +223,7 @@ class S3Uploader:
                             log.warning("job %s: upload of %s failed: %s", job_id, f.name, res.error)
 
                 await asyncio.gather(*(one(f, r) for f, r in zip(files, results, strict=True)))
-        except (BotoCoreError, ClientError, ValueError) as exc:  # the client itself could not be made
+        except (*_boto_errors(), ValueError) as exc:  # the client itself could not be made
             for r in results:
                 r.error = r.error or f"S3 client: {_describe(exc)}"
         return results
@@ -283,15 +285,22 @@ class S3Uploader:
     async def _same_object(self, client: Any, bucket: str, key: str, f: LocalFile) -> bool:
         try:
             head = await client.head_object(Bucket=bucket, Key=key)
-        except ClientError:
+        except _boto_errors()[1]:
             return False  # absent, or no permission to look: upload
         return bool(head.get("ContentLength") == f.size and (head.get("Metadata") or {}).get("sha256") == f.sha256)
+
+
+def _boto_errors() -> tuple[type[Exception], type[Exception]]:
+    """(BotoCoreError, ClientError), imported when first needed."""
+    from botocore.exceptions import BotoCoreError, ClientError  # type: ignore[import-untyped]
+
+    return BotoCoreError, ClientError
 
 
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return "timed out"
-    if isinstance(exc, ClientError):
+    if isinstance(exc, _boto_errors()[1]):
         err = exc.response.get("Error", {})
         code = err.get("Code") or exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
         return f"{code}: {err.get('Message') or exc}"

@@ -106,6 +106,15 @@ class StageRunner:
     def notify(self) -> None:
         self._work.set()
 
+    def pause(self) -> None:
+        """Stop claiming new jobs of this stage (they wait in its queue); running ones go on."""
+        self.claiming = False
+
+    def resume(self) -> None:
+        self.claiming = True
+        self._waiter_added.set()
+        self._work.set()
+
     def take_waiter(self) -> asyncio.Future[Job] | None:
         """An idle worker of this stage, taken out of the claimer's hands (for a direct hand-off)."""
         if not self.claiming:

@@ -217,17 +217,18 @@ class JobStore:
             raise RuntimeError("store not open")
         return self._reader
 
+    async def _rows(self, sql: str, params: Any = ()) -> list[sqlite3.Row]:
+        # One thread hop per read (execute + fetch + close together): a cursor left open across
+        # awaits would keep the connection in an old read transaction and return stale rows.
+        return list(await self.reader.execute_fetchall(sql, params))
+
     async def get(self, job_id: str) -> Job | None:
-        async with self.reader.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)) as cur:
-            row = await cur.fetchone()
-        return None if row is None else Job.from_row(row)
+        rows = await self._rows("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        return Job.from_row(rows[0]) if rows else None
 
     async def events(self, job_id: str, after: int = 0) -> list[dict[str, Any]]:
         """The job's event rows after event id ``after``, oldest first."""
-        async with self.reader.execute(
-            "SELECT * FROM job_events WHERE job_id = ? AND id > ? ORDER BY id", (job_id, after)
-        ) as cur:
-            rows = await cur.fetchall()
+        rows = await self._rows("SELECT * FROM job_events WHERE job_id = ? AND id > ? ORDER BY id", (job_id, after))
         return [{**dict(r), "data": loads(r["data"])} for r in rows]
 
     async def list(self, *, states: list[str] | None = None, limit: int = 50,
@@ -242,30 +243,25 @@ class JobStore:
             params.extend(cursor)
         sql = "SELECT * FROM jobs" + (" WHERE " + " AND ".join(where) if where else "")
         sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
-        async with self.reader.execute(sql, (*params, limit)) as cur:
-            rows = await cur.fetchall()
-        return [Job.from_row(r) for r in rows]
+        return [Job.from_row(r) for r in await self._rows(sql, (*params, limit))]
 
     async def counts(self) -> dict[str, dict[str, int]]:
         """Waiting and running jobs per stage."""
         out = {s: {"waiting": 0, "running": 0} for s in STAGES}
-        async with self.reader.execute(
-            "SELECT stage, state, count(*) FROM jobs WHERE state IN ('pending', 'running')"
-            " GROUP BY stage, state"
-        ) as cur:
-            for stage, state, n in await cur.fetchall():
-                out[stage]["waiting" if state == "pending" else "running"] = n
+        for stage, state, n in await self._rows(
+            "SELECT stage, state, count(*) FROM jobs WHERE state IN ('pending', 'running') GROUP BY stage, state"
+        ):
+            out[stage]["waiting" if state == "pending" else "running"] = n
         return out
 
     async def position(self, job: Job) -> tuple[int, int]:
         """(1-based position among waiting jobs of its stage, waiting jobs in that stage)."""
-        async with self.reader.execute(
+        ((ahead, size),) = await self._rows(
             "SELECT (SELECT count(*) FROM jobs WHERE state = 'pending' AND stage = :stage AND"
             "   (priority > :p OR (priority = :p AND (created_at, id) < (:c, :id)))),"
             " (SELECT count(*) FROM jobs WHERE state = 'pending' AND stage = :stage)",
             {"stage": job.stage, "p": job.priority, "c": job.created_at, "id": job.id},
-        ) as cur:
-            ahead, size = await cur.fetchone()  # type: ignore[misc]
+        )
         return ahead + 1, size
 
     async def recent_timings(self, kind: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
@@ -276,37 +272,29 @@ class JobStore:
             sql += " AND kind = ?"
             params.append(kind)
         sql += " ORDER BY finished_at DESC LIMIT ?"
-        async with self.reader.execute(sql, (*params, limit)) as cur:
-            return [loads(r[0]) for r in await cur.fetchall()]
+        return [loads(r[0]) for r in await self._rows(sql, (*params, limit))]
 
     async def put_output(self, job_id: str, row: dict[str, Any]) -> None:
         await self._write(ops.put_output, job_id, self.clock.now(), row)
 
     async def outputs(self, job_id: str) -> list[dict[str, Any]]:
         """The job's output rows, in the order they were recorded."""
-        async with self.reader.execute("SELECT * FROM outputs WHERE job_id = ? ORDER BY id", (job_id,)) as cur:
-            return [dict(r) for r in await cur.fetchall()]
+        return [dict(r) for r in await self._rows("SELECT * FROM outputs WHERE job_id = ? ORDER BY id", (job_id,))]
 
     async def secrets(self, job_id: str) -> dict[str, Any]:
-        async with self.reader.execute("SELECT data FROM job_secrets WHERE job_id = ?", (job_id,)) as cur:
-            row = await cur.fetchone()
-        return {} if row is None else loads(row[0])
+        rows = await self._rows("SELECT data FROM job_secrets WHERE job_id = ?", (job_id,))
+        return loads(rows[0][0]) if rows else {}
 
     async def cancel_requested(self) -> list[str]:
         """Ids of jobs this process runs that someone (CLI, another connection) asked to cancel."""
-        async with self.reader.execute(
-            "SELECT id FROM jobs WHERE state = 'running' AND lease_owner = ? AND cancel_requested = 1",
-            (self.owner,),
-        ) as cur:
-            return [r[0] for r in await cur.fetchall()]
+        rows = await self._rows(
+            "SELECT id FROM jobs WHERE state = 'running' AND lease_owner = ? AND cancel_requested = 1", (self.owner,))
+        return [r[0] for r in rows]
 
     async def next_run_after(self, stage: str) -> str | None:
         """The earliest ``run_after`` among waiting jobs of ``stage`` (for retry timers)."""
-        async with self.reader.execute(
-            "SELECT min(run_after) FROM jobs WHERE state = 'pending' AND stage = ?", (stage,)
-        ) as cur:
-            row = await cur.fetchone()
-        return None if row is None else row[0]
+        rows = await self._rows("SELECT min(run_after) FROM jobs WHERE state = 'pending' AND stage = ?", (stage,))
+        return rows[0][0] if rows else None
 
     def now_iso(self) -> str:
         return iso(self.clock.now())
