@@ -56,31 +56,40 @@ def get(conn: sqlite3.Connection, job_id: str) -> Job | None:
     return None if row is None else Job.from_row(row)
 
 
+def _existing(conn: sqlite3.Connection, new: NewJob) -> Job | None:
+    existing = get(conn, new.id)
+    if existing is not None and existing.payload_hash != new.payload_hash:
+        raise Conflict(
+            f"request_id {new.id!r} was already used with a different payload",
+            fields=[{"path": "$.input.request_id", "message": "already used with a different payload"}],
+        )
+    return existing
+
+
 def create(conn: sqlite3.Connection, new: NewJob, now: float, max_queue: int) -> tuple[Job, Transition | None]:
     """Insert a job (or return the existing one with the same id and payload)."""
-    existing = get(conn, new.id)
-    if existing is not None:
-        if existing.payload_hash != new.payload_hash:
-            raise Conflict(
-                f"request_id {new.id!r} was already used with a different payload",
-                fields=[{"path": "$.input.request_id", "message": "already used with a different payload"}],
-            )
-        return existing, None
     (waiting,) = conn.execute("SELECT unfinished FROM queue_stats WHERE id = 1").fetchone()
     if waiting >= max_queue:
+        existing = _existing(conn, new)  # a repeated request is answered even when the queue is full
+        if existing is not None:
+            return existing, None
         raise QueueFull(f"queue is full ({waiting} unfinished jobs, limit {max_queue}); retry shortly")
     t = iso(now)
+    # One statement in the usual case; a repeated id falls through to the idempotency check.
     job = _one(
         conn,
         "INSERT INTO jobs (id, priority, max_attempts, kind, payload, payload_hash, message, run_after,"
         " deadline_at, created_at, updated_at, stage_entered_at)"
         " VALUES (:id, :priority, :max_attempts, :kind, :payload, :hash, 'Request accepted', :now,"
-        " :deadline, :now, :now, :now) RETURNING *",
+        " :deadline, :now, :now, :now) ON CONFLICT (id) DO NOTHING RETURNING *",
         {"id": new.id, "priority": new.priority, "max_attempts": new.max_attempts, "kind": new.kind,
          "payload": dumps(new.payload), "hash": new.payload_hash, "now": t,
          "deadline": iso(now + new.timeout)},
     )
-    assert job is not None
+    if job is None:
+        existing = _existing(conn, new)
+        assert existing is not None
+        return existing, None
     if new.secrets:
         conn.execute("INSERT INTO job_secrets (job_id, data) VALUES (?, ?)", (new.id, dumps(new.secrets)))
     return job, _event(conn, job, None, "Request accepted")
