@@ -37,7 +37,7 @@ class Services:
         self.clock = clock or Clock()
         self.backend_urls = backends or settings.backends
         self.db_path = Path(settings.database)
-        self.output_dir = Path(settings.output_dir)
+        self.output_dir = Path(settings.output_dir).absolute()
         self.lock = FileLock(self.db_path)
         self.store = JobStore(self.db_path, clock=self.clock)
         self.bus = EventBus()
