@@ -7,67 +7,22 @@ from __future__ import annotations
 import json
 import re
 import struct
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from sim_trace_support import TRACES, http, post_prompt, recorded_types, run_traced, sim, trace  # noqa: F401
 
 from comfyq.comfy.sim_png import encode_png
 from comfyq.comfy.sim_testing import (
     WsRecorder,
     data_of,
-    find_traces,
-    run_workflow,
     shape,
     upload_image,
     wait_history,
 )
 from comfyq.comfy.sim_testing import decode_png as png_pixels
-from comfyq.comfy.sim_testing import post_prompt as sim_post_prompt
 from comfyq.comfy.simulator import Simulator
-
-TRACES = find_traces(Path(__file__).resolve().parent)
-if TRACES is None:  # pragma: no cover - CI has shared/ beside the clone
-    pytest.skip("recorded traces (shared/comfyui-protocol) not found", allow_module_level=True)
-
-
-def trace(name: str) -> dict[str, Any]:
-    assert TRACES is not None
-    return json.loads((TRACES / name).read_text())  # type: ignore[no-any-return]
-
-
-def recorded_types(t: dict[str, Any]) -> list[str]:
-    return list(t["ws_message_types_in_order"])
-
-
-@pytest.fixture
-async def sim(tmp_path: Path) -> AsyncIterator[Simulator]:
-    s = Simulator(data_dir=tmp_path / "comfy")
-    await s.start()
-    yield s
-    await s.stop()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
-        yield s
-
-
-async def run_traced(http: aiohttp.ClientSession, sim: Simulator, name: str,
-                     first: dict[str, Any] | None = None) -> tuple[WsRecorder, str, dict[str, Any]]:
-    """Run the trace's workflow with our own client id; returns (recorder, prompt_id, trace)."""
-    t = trace(name)
-    rec, pid = await run_workflow(http, sim.url, t["workflow"], "client-under-test", first)
-    return rec, pid, t
-
-
-async def post_prompt(http: aiohttp.ClientSession, sim: Simulator, body: dict[str, Any],
-                      status: int = 200) -> dict[str, Any]:
-    return await sim_post_prompt(http, sim.url, body, status)
-
 
 # ---------------------------------------------------------------- plain GETs (00, 01, 02, 03)
 
