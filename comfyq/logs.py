@@ -37,7 +37,7 @@ class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
         job = getattr(record, "job_id", None)
-        return f"{line} job={job}" if job else line
+        return f"{line} job={job}" if job and str(job) not in record.getMessage() else line
 
 
 def setup(level: str = "info", fmt: str = "text") -> None:

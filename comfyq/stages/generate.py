@@ -69,7 +69,7 @@ class Generate:
         prompt_id, url = job.comfy_prompt_id, job.comfy_backend
         be = self.pool.get(url)
         if be is None or not await self._wait_healthy(be):
-            log.warning("job %s: backend %s gone; submitting elsewhere", job.id, url)
+            log.warning("job %s: backend %s gone; submitting elsewhere", job.id, url, extra={"job_id": job.id})
             await ctx.update(comfy_prompt_id=None, comfy_backend=None)
             raise PromptLost(f"backend {url} did not come back within {self.failover_after:.0f}s")
         try:
@@ -106,7 +106,7 @@ class Generate:
         try:
             await asyncio.wait_for(asyncio.shield(be.client.cancel(prompt_id)), 10)
         except Exception as exc:  # the job ends either way; say why ComfyUI may still run it
-            log.warning("job %s: could not stop prompt %s: %s", ctx.job.id, prompt_id, exc)
+            log.warning("job %s: could not stop prompt %s: %s", ctx.job.id, prompt_id, exc, extra={"job_id": ctx.job.id})
 
     async def _follow(self, be: Backend, prompt_id: str, workflow: dict[str, Any], ctx: JobContext) -> Any:
         self._prompts[prompt_id] = ctx

@@ -323,7 +323,7 @@ class Pipeline:
             trs = await self.store.advance_and_claim(job.id, done.message, done.fields, self.cfg.lease,
                                                      CLAIM_MESSAGES[nxt.name], done.outputs)
         except LeaseLost:
-            log.warning("job %s: lease lost before its %s result could be saved", job.id, job.stage)
+            log.warning("job %s: lease lost before its %s result could be saved", job.id, job.stage, extra={"job_id": job.id})
             trs = []
         except BaseException:
             if waiter is not None and nxt is not None:
@@ -353,17 +353,17 @@ class Pipeline:
                                         error={"type": "timeout", "message": "job deadline passed"})
             elif isinstance(exc, JobError) and exc.retryable and reason is None:
                 delay = self.backoff(job.attempts)
-                log.info("job %s: %s in %s (attempt %d): %s", job.id, exc.type, job.stage, job.attempts, exc.message)
+                log.info("job %s: %s in %s (attempt %d): %s", job.id, exc.type, job.stage, job.attempts, exc.message, extra={"job_id": job.id})
                 await self.store.retry_later(job.id, delay, exc.to_dict())
             elif isinstance(exc, ComfyqError):
                 await self.store.finish(job.id, "failed", _fail_message(job.stage, exc.message),
                                         error=exc.to_dict())
             elif exc is not None:
-                log.error("job %s: unexpected error in %s", job.id, job.stage, exc_info=exc)
+                log.error("job %s: unexpected error in %s", job.id, job.stage, exc_info=exc, extra={"job_id": job.id})
                 err = {"type": "internal_error", "message": f"{type(exc).__name__}: {exc}"}
                 await self.store.finish(job.id, "failed", _fail_message(job.stage, err["message"]), error=err)
         except LeaseLost:
-            log.warning("job %s: lease lost while recording its outcome", job.id)
+            log.warning("job %s: lease lost while recording its outcome", job.id, extra={"job_id": job.id})
         for fn in self.on_cleanup:
             try:
                 await fn(job, reason or ("error" if exc else "done"))
@@ -391,7 +391,7 @@ class Pipeline:
         await self.store.renew(self.cfg.lease)
         reaped = await self.store.reap(grace=self.cfg.lease)
         for tr in reaped:
-            log.warning("job %s: %s", tr.job_id, tr.message)
+            log.warning("job %s: %s", tr.job_id, tr.message, extra={"job_id": tr.job_id})
             self._cancel_local(tr.job_id, "cancel" if tr.to_state == "cancelled" else "timeout")
         for job_id in await self.store.cancel_requested():
             self._cancel_local(job_id, "cancel")
