@@ -14,7 +14,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,11 +27,7 @@ from typing import Any
 
 import aiohttp
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from bench.common import free_port, pct
 
 
 def rss_mb(pid: int) -> float:
@@ -118,11 +113,6 @@ def workflow(color: int, blur: bool) -> dict[str, Any]:
     return wf
 
 
-def pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))]
 
 
 # --- admissions ------------------------------------------------------------------------------------

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -22,6 +21,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from bench.common import free_port, pct
 from comfyq.comfy.client import ComfyClient
 from comfyq.config import load_settings
 from comfyq.services import Services
@@ -36,10 +36,6 @@ def workflow(i: int) -> dict[str, Any]:
     }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def start_simulators(n: int, root: Path) -> tuple[list[subprocess.Popen[bytes]], list[str]]:
@@ -120,9 +116,6 @@ async def one_direct(client: ComfyClient, i: int, out: Path) -> float:
     return time.perf_counter() - t0
 
 
-def pct(xs: list[float], p: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(len(xs) * p))] * 1000
 
 
 async def main() -> None:
@@ -151,10 +144,10 @@ async def main() -> None:
                     await client.close()
                     added = [a - b for a, b in zip(cq, direct, strict=True)]
                     print(f"  sequential latency, {args.latency_jobs} jobs each, alternating:")
-                    print(f"    direct client : p50 {pct(direct, .5):6.2f} ms  p99 {pct(direct, .99):6.2f} ms")
-                    print(f"    through comfyq: p50 {pct(cq, .5):6.2f} ms  p99 {pct(cq, .99):6.2f} ms")
+                    print(f"    direct client : p50 {1000 * pct(direct, .5):6.2f} ms  p99 {1000 * pct(direct, .99):6.2f} ms")
+                    print(f"    through comfyq: p50 {1000 * pct(cq, .5):6.2f} ms  p99 {1000 * pct(cq, .99):6.2f} ms")
                     print(f"    added by comfyq: p50 {statistics.median(added) * 1000:6.2f} ms"
-                          f"  p99 {pct(added, .99):6.2f} ms  ratio p50 x{pct(cq, .5) / pct(direct, .5):.2f}")
+                          f"  p99 {1000 * pct(added, .99):6.2f} ms  ratio p50 x{pct(cq, .5) / pct(direct, .5):.2f}")
             finally:
                 await svc.stop()
                 for p in procs:

@@ -27,7 +27,8 @@ from typing import Self
 import boto3
 from aiohttp import web
 
-from bench.bench_e2e import free_port, start_simulators, workflow
+from bench.bench_e2e import start_simulators, workflow
+from bench.common import free_port, pct
 from comfyq.clock import parse_iso
 from comfyq.config import load_settings
 from comfyq.netguard import AddressGuard
@@ -249,8 +250,8 @@ async def bench_hanging_receiver(jobs: int, root: Path) -> None:
                 job = await svc.store.get(job_id)
                 assert job is not None and job.finished_at is not None
                 hook.append(cw.arrived.get(job_id, time.time()) - parse_iso(job.finished_at))
-            print(f"  {label:20s}: job p50 {pct(lat, .5):6.1f} ms  p95 {pct(lat, .95):6.1f} ms | "
-                  f"webhook after job end p50 {pct(hook, .5):6.1f} ms  p95 {pct(hook, .95):6.1f} ms"
+            print(f"  {label:20s}: job p50 {1000 * pct(lat, .5):6.1f} ms  p95 {1000 * pct(lat, .95):6.1f} ms | "
+                  f"webhook after job end p50 {1000 * pct(hook, .5):6.1f} ms  p95 {1000 * pct(hook, .95):6.1f} ms"
                   f"  (posts hanging: {sender.in_flight})")
     finally:
         await sender.stop(grace=0)
@@ -276,9 +277,6 @@ async def run_job(svc: Services, job_id: str, hook: str, i: int) -> float:
     return time.perf_counter() - t0
 
 
-def pct(xs: list[float], p: float) -> float:
-    s = sorted(xs)
-    return s[min(len(s) - 1, int(len(s) * p))] * 1000
 
 
 async def main() -> None:

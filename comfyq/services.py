@@ -84,8 +84,8 @@ class Services:
         self.lock.acquire()
         try:
             await self.store.open()
-            for be in self.pool_clients():
-                be.on_preview = self.generate.on_preview
+            for be in self.pool.backends:
+                be.client.on_preview = self.generate.on_preview
             await self.pool.start()
             await self.pipeline.start()
             await self.webhooks.start()
@@ -98,9 +98,6 @@ class Services:
         if self.settings.retention_seconds > 0:
             self._tasks.append(asyncio.create_task(self._every(self.settings.prune_interval, self.prune)))
         self.started = True
-
-    def pool_clients(self) -> list[Any]:
-        return [self.pool.get(url).client for url in self.backend_urls if self.pool.get(url) is not None]  # type: ignore[union-attr]
 
     async def stop(self) -> None:
         """Graceful: stop claiming, give in-flight work the grace period, leave the rest resumable."""

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import random
 from typing import Any
 
 from modifiers.basemodifier import BaseModifier
-from modifiers.text2image import DEFAULT_CHECKPOINT, SEED_MAX
+from modifiers.text2image import DEFAULT_CHECKPOINT, set_sampler
 
 
 class Image2Image(BaseModifier):
@@ -20,16 +19,7 @@ class Image2Image(BaseModifier):
     async def apply_modifications(self) -> None:
         """Write prompt, sampler and input image, then download URLs and fill random ints."""
         wf = self.workflow
-        sampler = wf["3"]["inputs"]
-        sampler["seed"] = await self.int_value(
-            "seed", random.randint(self.RANDOM_INT_MIN, self.RANDOM_INT_MAX), 0, SEED_MAX
-        )
-        sampler["steps"] = await self.int_value("steps", 20, 1, 10000)
-        cfg_scale = await self.float_value("cfg_scale", 8.0, 0.0, 100.0)
-        sampler["cfg"] = await self.float_value("cfg", cfg_scale, 0.0, 100.0)
-        sampler["sampler_name"] = await self.str_value("sampler_name", "dpmpp_2m")
-        sampler["scheduler"] = await self.str_value("scheduler", "normal")
-        sampler["denoise"] = await self.float_value("denoise", 0.87, 0.0, 1.0)
+        await set_sampler(self, wf["3"]["inputs"], sampler_name="dpmpp_2m", denoise=0.87)
         wf["6"]["inputs"]["text"] = await self.str_value("prompt", "")
         wf["7"]["inputs"]["text"] = await self.str_value("negative_prompt", "")
         # An http(s) URL is downloaded by super(); a name sent in input.images is mapped by the

@@ -11,6 +11,18 @@ DEFAULT_CHECKPOINT = "v1-5-pruned-emaonly-fp16.safetensors"
 SEED_MAX = 2**64 - 1  # KSampler's own limit
 
 
+async def set_sampler(mod: BaseModifier, sampler: dict[str, Any], *, sampler_name: str, denoise: float) -> None:
+    """The KSampler values both checkpoint modifiers take: seed, steps, cfg, sampler, scheduler, denoise."""
+    sampler["seed"] = await mod.int_value("seed", random.randint(mod.RANDOM_INT_MIN, mod.RANDOM_INT_MAX), 0, SEED_MAX)
+    sampler["steps"] = await mod.int_value("steps", 20, 1, 10000)
+    # cfg_scale is what the original wrapper's example payload sends (it ignored it).
+    cfg_scale = await mod.float_value("cfg_scale", 8.0, 0.0, 100.0)
+    sampler["cfg"] = await mod.float_value("cfg", cfg_scale, 0.0, 100.0)
+    sampler["sampler_name"] = await mod.str_value("sampler_name", sampler_name)
+    sampler["scheduler"] = await mod.str_value("scheduler", "normal")
+    sampler["denoise"] = await mod.float_value("denoise", denoise, 0.0, 1.0)
+
+
 class Text2Image(BaseModifier):
     """Nodes: 3 KSampler, 4 checkpoint, 5 empty latent, 6/7 prompts, 9 SaveImage."""
 
@@ -22,17 +34,7 @@ class Text2Image(BaseModifier):
     async def apply_modifications(self) -> None:
         """Write prompt, sampler and size values, then download URLs and fill random ints."""
         wf = self.workflow
-        sampler = wf["3"]["inputs"]
-        sampler["seed"] = await self.int_value(
-            "seed", random.randint(self.RANDOM_INT_MIN, self.RANDOM_INT_MAX), 0, SEED_MAX
-        )
-        sampler["steps"] = await self.int_value("steps", 20, 1, 10000)
-        # cfg_scale is what the original wrapper's example payload sends (it ignored it).
-        cfg_scale = await self.float_value("cfg_scale", 8.0, 0.0, 100.0)
-        sampler["cfg"] = await self.float_value("cfg", cfg_scale, 0.0, 100.0)
-        sampler["sampler_name"] = await self.str_value("sampler_name", "euler")
-        sampler["scheduler"] = await self.str_value("scheduler", "normal")
-        sampler["denoise"] = await self.float_value("denoise", 1.0, 0.0, 1.0)
+        await set_sampler(self, wf["3"]["inputs"], sampler_name="euler", denoise=1.0)
         wf["4"]["inputs"]["ckpt_name"] = await self.str_value("ckpt_name", DEFAULT_CHECKPOINT)
         latent = wf["5"]["inputs"]
         latent["width"] = await self.int_value("width", 512, 16, 16384)

@@ -280,8 +280,6 @@ class Pipeline:
 
     async def run_job(self, stage: StageRunner, job: Job) -> None:
         ctx = JobContext(job, self)
-        task = asyncio.current_task()
-        assert task is not None
         inner = asyncio.create_task(stage.handler(job, ctx), name=f"{stage.name}:{job.id}")
         loop = asyncio.get_running_loop()
         delay = parse_iso(job.deadline_at) - self.clock.now()
@@ -343,7 +341,7 @@ class Pipeline:
         exc = None if inner.cancelled() or not inner.done() else inner.exception()
         reason = ctx.cancel_reason
         try:
-            if exc is None and reason == "shutdown" or (inner.cancelled() and reason is None):
+            if exc is None and reason in ("shutdown", None):  # cancelled by shutdown, or from outside
                 await self.store.release(job.id, "Interrupted by shutdown; will resume")
             elif exc is None and reason == "cancel":
                 await self.store.finish(job.id, "cancelled", "Request cancelled by client",

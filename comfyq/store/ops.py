@@ -10,9 +10,12 @@ from __future__ import annotations
 import sqlite3
 from typing import Any
 
-from comfyq.clock import iso
+from comfyq.clock import iso, parse_iso
 from comfyq.errors import Conflict, IllegalTransition, LeaseLost, NotFound, QueueFull
 from comfyq.store.model import NEXT_STAGE, Job, NewJob, Transition, dumps
+
+CANCELLED = {"type": "cancelled", "message": "Request cancelled by client"}
+
 
 _STAGE_KEY = {"preprocess": "preprocess_ms", "generate": "generation_ms", "postprocess": "postprocess_ms"}
 
@@ -343,9 +346,6 @@ def recover(conn: sqlite3.Connection, owner: str, now: float) -> list[Transition
     return [_rescue(conn, Job.from_row(r), now, counts_attempt=False) for r in rows]
 
 
-CANCELLED = {"type": "cancelled", "message": "Request cancelled by client"}
-
-
 def _cancel_running(conn: sqlite3.Connection, job: Job, now: float) -> Transition:
     return finish(conn, job.id, job.lease_owner, now, "cancelled", CANCELLED["message"], error=CANCELLED)
 
@@ -392,8 +392,6 @@ def retry_job(conn: sqlite3.Connection, job_id: str, now: float) -> Transition:
 
 
 def _deadline_span(job: Job) -> float:
-    from comfyq.clock import parse_iso
-
     return parse_iso(job.deadline_at) - parse_iso(job.created_at)
 
 
