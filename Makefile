@@ -34,6 +34,7 @@ test-all: $(BIN)/.installed
 	$(BIN)/pytest -q
 
 bench: $(BIN)/.installed
+	$(BIN)/pip install -q -e '.[test,bench]'
 	$(BIN)/python -m bench
 
 clean:
