@@ -174,6 +174,8 @@ class Routes:
             raise ConnectionResetError("simulated server is gone")
         await p.queue.put([number, prompt_id, prompt, extra, outputs])
         p.prompts_received.append(prompt_id)
+        if p.prompt_log is not None:
+            p.prompt_log.write(prompt_id, number, extra.get("client_id"), prompt)
         return web.json_response({"prompt_id": prompt_id, "number": number,
                                   "node_errors": node_errors})
 

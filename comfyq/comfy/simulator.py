@@ -21,6 +21,7 @@ from aiohttp import web
 from .sim_env import SimEnv
 from .sim_exec import Executor, Faults, Timing
 from .sim_http import build_app
+from .sim_promptlog import PromptLog
 from .sim_queue import PromptQueue
 from .sim_ws import Hub
 
@@ -31,9 +32,11 @@ class SimProcess:
     """Everything a real ComfyUI process keeps in memory; a crash throws it away."""
 
     def __init__(self, env: SimEnv, faults: Faults, timing: Timing, max_history: int,
-                 prompts_received: list[str], host: str, port: int) -> None:
+                 prompts_received: list[str], host: str, port: int,
+                 prompt_log: PromptLog | None = None) -> None:
         self.env, self.faults, self.host, self.port = env, faults, host, port
         self.prompts_received = prompts_received
+        self.prompt_log = prompt_log  # outlives this process's memory (see sim_promptlog)
         self.hub = Hub(lambda: faults.stall_ws)
         self.queue = PromptQueue(self.hub, max_history)
         self.executor = Executor(self.queue, self.hub, env, faults, timing)
@@ -54,7 +57,8 @@ class Simulator:
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, data_dir: Path | None = None,
                  node_duration: float = 0.0, node_durations: dict[str, float] | None = None,
-                 progress_steps: int = 0, max_history: int = 10000) -> None:
+                 progress_steps: int = 0, max_history: int = 10000,
+                 prompt_log: Path | None = None) -> None:
         self.host = host
         self.port = port
         self.url = ""
@@ -64,6 +68,7 @@ class Simulator:
         self.max_history = max_history
         self.faults = Faults()
         self.prompts_received: list[str] = []
+        self.prompt_log = PromptLog(prompt_log) if prompt_log is not None else None
         self._proc: SimProcess | None = None
         self._runner: web.AppRunner | None = None
         self._server: asyncio.AbstractServer | None = None
@@ -153,8 +158,10 @@ class Simulator:
             self.data_dir = Path(tempfile.mkdtemp(prefix="comfyq-sim-"))
         env = SimEnv(self.data_dir)
         env.wipe_temp()
+        if self.prompt_log is not None:
+            self.prompt_log.open()
         proc = SimProcess(env, self.faults, self.timing, self.max_history,
-                          self.prompts_received, self.host, self.port)
+                          self.prompts_received, self.host, self.port, self.prompt_log)
         runner = web.AppRunner(proc.app, access_log=None, shutdown_timeout=1.0)
         await runner.setup()
         loop = asyncio.get_running_loop()
@@ -164,6 +171,8 @@ class Simulator:
                                               reuse_address=True)
         except BaseException:
             await runner.cleanup()
+            if self.prompt_log is not None:
+                self.prompt_log.close()
             raise
         self.port = server.sockets[0].getsockname()[1]
         proc.port = self.port
@@ -196,6 +205,8 @@ class Simulator:
         await runner.cleanup()
         with contextlib.suppress(Exception):
             await server.wait_closed()
+        if self.prompt_log is not None:
+            self.prompt_log.close()
 
     async def stop(self) -> None:
         """Graceful shutdown; a temp data_dir made by start() is removed."""
@@ -238,6 +249,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--progress-steps", type=int, default=0)
     ap.add_argument("--data-dir", type=Path, default=None)
     ap.add_argument("--max-history", type=int, default=10000)
+    ap.add_argument("--prompt-log", type=Path, default=None,
+                    help="append one JSON line per accepted POST /prompt to this file (survives crashes)")
     return ap.parse_args(argv)
 
 
@@ -248,7 +261,8 @@ async def _serve(args: argparse.Namespace) -> None:
         durations[name.strip()] = float(value)
     sim = Simulator(args.host, args.port, data_dir=args.data_dir,
                     node_duration=args.node_duration, node_durations=durations,
-                    progress_steps=args.progress_steps, max_history=args.max_history)
+                    progress_steps=args.progress_steps, max_history=args.max_history,
+                    prompt_log=args.prompt_log)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
