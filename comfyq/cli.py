@@ -82,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"comfyq: configuration error: {exc}", file=sys.stderr)
         return 2
-    logs.setup(settings.api_log_level, settings.log_format)
+    logs.configure(settings)
     try:
         if args.cmd == "serve":
             return asyncio.run(serve(settings))
@@ -126,6 +126,7 @@ async def serve(settings: Settings) -> int:
         backends = [sim.url]
         log.info("simulate: built-in ComfyUI simulator at %s", sim.url)
     services = Services(settings, backends=backends)
+    logs.attach(services)  # one line per job state change
     try:
         await services.start()
     except Exception as exc:
@@ -135,6 +136,8 @@ async def serve(settings: Settings) -> int:
         return 2
     try:
         app = create_app(services)
+        # aiohttp's own access log would print query strings (?access_token=): the API's
+        # middleware logs each request instead (comfyq.access).
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5)
         await runner.setup()
         site = web.TCPSite(runner, settings.api_host, settings.api_port)

@@ -1,50 +1,267 @@
 """Logging: one line per event, text or JSON, with the job id when there is one.
 
-Secrets never reach a log line: URLs are logged without their query strings, and settings are
-logged masked. ``extra={"job_id": ...}`` on a log call adds the job id field.
+Job id: the stage runner, the webhook sender and the API middleware run each job's work inside
+``job_context(id)``; a filter on the handler copies that id into every record logged meanwhile
+(``extra={"job_id": ...}`` on a call wins). Tasks copy the context when they are created, so work
+a job starts carries its id; shared work started on a job's behalf uses ``detached()``.
+
+Secrets: call sites log URLs through ``netguard.redact_url`` and never log keys. As a safety net
+every finished line goes through :class:`Redactor`: the configured secret values, URL userinfo and
+query strings, ``Bearer`` tokens, ``whsec_`` secrets, sensitive query parameters and AWS
+``Credential=``/``Signature=`` values are replaced. It cannot know a job's own secrets in free-form text.
+
+Text format: the event on one line; a traceback follows on lines indented by two spaces, so a
+line starting at column 0 is always a new event. JSON format: exactly one object per line,
+traceback included (``exc``).
 """
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
+import re
 import sys
 import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from types import TracebackType
+from typing import IO, Any
 
-_STD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+from comfyq.clock import parse_iso
+
+_STD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
+
+job_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("comfyq_job_id", default=None)
+
+
+@contextmanager
+def job_context(job_id: str | None) -> Iterator[None]:
+    """Lines logged inside (and by tasks created inside) carry ``job_id``; restored on exit."""
+    token = job_id_var.set(job_id)
+    try:
+        yield
+    finally:
+        job_id_var.reset(token)
+
+
+def detached() -> contextvars.Context:
+    """A copy of the current context without a job id, for a task shared by several jobs."""
+    ctx = contextvars.copy_context()
+    ctx.run(job_id_var.set, None)
+    return ctx
+
+
+class JobIdFilter(logging.Filter):
+    """Adds the context's job id to records that carry none."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "job_id", None) is None:
+            job_id = job_id_var.get()
+            if job_id is not None:
+                record.job_id = job_id
+        return True
+
+
+# --- secrets ---------------------------------------------------------------------------------
+
+_STOP = r"\s\"'\\<>`"  # ends a URL inside text, JSON (an escape starts with \) or markup
+_USERINFO = re.compile(rf"(?P<s>\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/{_STOP}@?#]+@")
+_QUERY = re.compile(rf"(?P<u>://[^?#{_STOP}]*)[?#](?!<redacted>)[^{_STOP}]+")  # query and fragment
+_PARAM = re.compile(
+    rf"(?i)(?P<k>[?&](?:access_token|token|api[_-]?key|key|secret|password|passwd|sig|signature"
+    rf"|x-amz-[a-z-]+)=)[^&#{_STOP}]+")
+_BEARER = re.compile(r"(?i)\b(?P<k>bearer\s+)[A-Za-z0-9._~+/=-]+")
+_WHSEC = re.compile(r"\bwhsec_[A-Za-z0-9+/=]+")
+_CREDENTIAL = re.compile(r"(?P<k>\b(?:Credential|Signature)=)[A-Za-z0-9]+")  # SigV4 headers
+MIN_SECRET = 6  # shorter configured values would blank ordinary words
+
+
+class Redactor:
+    """Replaces known secret values and secret-shaped text in a finished log line."""
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        values: set[str] = set()
+        for s in secrets:
+            if isinstance(s, str) and len(s) >= MIN_SECRET:
+                values.add(s)
+                values.add(json.dumps(s)[1:-1])  # the form it takes inside a JSON line
+        self.secrets = sorted(values, key=len, reverse=True)  # longest first: no partial leftovers
+
+    def __call__(self, line: str) -> str:
+        for s in self.secrets:
+            if s in line:
+                line = line.replace(s, "***")
+        if "://" in line:
+            line = _USERINFO.sub(r"\g<s>***@", line)
+            line = _QUERY.sub(r"\g<u>?<redacted>", line)
+        if "=" in line:
+            line = _PARAM.sub(r"\g<k>***", line)
+            line = _CREDENTIAL.sub(r"\g<k>***", line)
+        if "earer" in line or "EARER" in line:
+            line = _BEARER.sub(r"\g<k>***", line)
+        if "whsec_" in line:
+            line = _WHSEC.sub("whsec_***", line)
+        return line
+
+
+def secret_values(settings: Any) -> list[str]:
+    """Every value of a setting marked secret (API keys, S3 keys, the webhook secret)."""
+    from comfyq.config import fields, is_secret
+
+    out: list[str] = []
+    for f in fields():
+        if is_secret(f):
+            value = getattr(settings, f.name)
+            out.extend(value if isinstance(value, list) else [value])
+    return [v for v in out if v]
+
+
+# --- formatters ------------------------------------------------------------------------------
 
 
 class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, msg, job_id (when any), extras, exc."""
+
+    def __init__(self, redact: Redactor | None = None) -> None:
+        super().__init__()
+        self.redact = redact or Redactor()
+
     def format(self, record: logging.LogRecord) -> str:
-        out = {
+        out: dict[str, Any] = {
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        job_id = getattr(record, "job_id", None)
+        if job_id is not None:
+            out["job_id"] = job_id
         for k, v in vars(record).items():
             if k not in _STD and not k.startswith("_"):
                 out[k] = v
         if record.exc_info:
+            out["exc_type"] = record.exc_info[0].__name__ if record.exc_info[0] else None
             out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out, default=str)
+        if record.stack_info:
+            out["stack"] = record.stack_info
+        return self.redact(json.dumps(out, default=str))
 
 
 class TextFormatter(logging.Formatter):
-    def __init__(self) -> None:
+    """``ts LEVEL logger: message job=<id>``; a traceback follows, indented."""
+
+    def __init__(self, redact: Redactor | None = None) -> None:
         super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+        self.redact = redact or Redactor()
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        line = super().formatMessage(record).replace("\r", "\\r").replace("\n", "\\n")
+        job = getattr(record, "job_id", None)
+        return f"{line} job={job}" if job and str(job) not in record.message else line
+
+    def formatException(self, ei: Any) -> str:
+        return "  " + super().formatException(ei).replace("\n", "\n  ")
+
+    def formatStack(self, stack_info: str) -> str:
+        return "  " + stack_info.replace("\n", "\n  ")
 
     def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
-        job = getattr(record, "job_id", None)
-        return f"{line} job={job}" if job and str(job) not in record.getMessage() else line
+        return self.redact(super().format(record))
 
 
-def setup(level: str = "info", fmt: str = "text") -> None:
-    """Configure the root logger once for the process."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+# --- setup -----------------------------------------------------------------------------------
+
+# Loggers whose debug output is noise or carries job payloads (SQL parameters): never below WARNING.
+QUIET_ALWAYS = ("aiosqlite", "markdown_it", "charset_normalizer", "multipart", "PIL")
+# Wire-level chatter of the S3 and HTTP libraries: WARNING unless comfyq runs at debug.
+QUIET_UNLESS_DEBUG = ("botocore", "aiobotocore", "boto3", "s3transfer", "urllib3", "aioboto3")
+
+
+def setup(level: str = "info", fmt: str = "text", *, secrets: Iterable[str] = (),
+          stream: IO[str] | None = None) -> logging.Handler:
+    """Configure the root logger for the process: one handler, its level, the noisy loggers."""
+    lvl = logging.getLevelNamesMapping().get(level.upper())
+    if lvl is None:
+        raise ValueError(f"unknown log level {level!r}")
+    redact = Redactor(secrets)
+    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    handler.setFormatter(JsonFormatter(redact) if fmt == "json" else TextFormatter(redact))
+    handler.addFilter(JobIdFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    root.setLevel(lvl)
+    # aiohttp, asyncio and comfyq follow the root level; a level set on them earlier would not.
+    for name in ("comfyq", "aiohttp", "aiohttp.access", "aiohttp.server", "aiohttp.web", "aiohttp.client",
+                 "aiohttp.websocket", "asyncio"):
+        logging.getLogger(name).setLevel(logging.NOTSET)
+    for name in QUIET_ALWAYS:
+        logging.getLogger(name).setLevel(max(lvl, logging.WARNING))
+    for name in QUIET_UNLESS_DEBUG:
+        logging.getLogger(name).setLevel(lvl if lvl <= logging.DEBUG else max(lvl, logging.WARNING))
+    logging.captureWarnings(True)  # warnings.warn becomes one log event, not raw stderr lines
+    sys.excepthook = _log_uncaught
+    return handler
+
+
+def configure(settings: Any, *, stream: IO[str] | None = None) -> logging.Handler:
+    """``setup`` from the settings: ``api_log_level``, ``log_format``, the secret settings' values."""
+    return setup(settings.api_log_level, settings.log_format, secrets=secret_values(settings), stream=stream)
+
+
+def _log_uncaught(tp: type[BaseException], value: BaseException, tb: TracebackType | None) -> None:
+    if issubclass(tp, KeyboardInterrupt):
+        sys.__excepthook__(tp, value, tb)
+        return
+    logging.getLogger("comfyq").critical("uncaught exception", exc_info=(tp, value, tb))
+
+
+# --- job lifecycle lines ---------------------------------------------------------------------
+
+_jobs_log = logging.getLogger("comfyq.jobs")
+
+
+def log_transitions(transitions: Iterable[Any]) -> None:
+    """A store listener: one line per job state change (info for queued and ends, else debug)."""
+    for tr in transitions:
+        _log_transition(tr)
+
+
+def _log_transition(tr: Any) -> None:
+    end = tr.to_state in ("completed", "failed", "cancelled")
+    level = logging.INFO if tr.from_state is None or end else logging.DEBUG
+    if tr.to_state == "failed":
+        level = logging.WARNING
+    if not _jobs_log.isEnabledFor(level):
+        return  # this runs after every commit: nothing is built for a line nobody reads
+    job = tr.job
+    extra: dict[str, Any] = {"job_id": tr.job_id, "state": tr.to_state, "stage": tr.stage, "attempt": tr.attempt}
+    if tr.from_state is None:
+        text = "queued"
+        if job is not None:
+            extra.update(kind=job.kind or "workflow", priority=job.priority)
+    elif tr.to_state == "running":
+        text = f"{tr.stage} started (attempt {tr.attempt})"
+    elif tr.to_state == "pending":
+        text = f"waiting for {tr.stage}: {tr.message}"
+    elif end:
+        text = tr.to_state
+        if job is not None:
+            timings = {k: round(v) for k, v in (job.timings or {}).items() if isinstance(v, int | float)}
+            if job.finished_at:
+                total = (parse_iso(job.finished_at) - parse_iso(job.created_at)) * 1000
+                timings["total_ms"] = round(total)
+                text += f" after {total / 1000:.2f}s"
+            extra["timings"] = timings
+            if tr.to_state == "failed" and (job.error or {}).get("type"):
+                extra["error_type"] = (job.error or {})["type"]
+        if tr.to_state != "completed":
+            text += f" in {tr.stage}: {tr.message}"
+    else:
+        text = f"{tr.to_state}: {tr.message}"
+    _jobs_log.log(level, "job %s: %s", tr.job_id, text, extra=extra)
+
+
+def attach(services: Any) -> None:
+    """Log the job lifecycle of a running Services (its store's transitions)."""
+    services.store.listen(log_transitions)

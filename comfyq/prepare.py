@@ -244,7 +244,10 @@ async def prepare_job(
         for container, key, value in list(string_slots(workflow)):
             if value in images and value not in generated:
                 container[key] = images[value]
-    return Prepared(workflow=workflow, inputs=inputs.inputs())
+    files = inputs.inputs()
+    log.debug("job %s: %s built a workflow of %d node(s) with %d input file(s) (%d bytes)", job_id, label,
+              len(workflow), len(files), sum(f.size for f in files))
+    return Prepared(workflow=workflow, inputs=files)
 
 
 def _child_path(parent: str, key: Any) -> str:

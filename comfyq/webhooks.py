@@ -27,6 +27,7 @@ import msgspec
 
 from comfyq.clock import iso, parse_iso
 from comfyq.errors import ComfyqError
+from comfyq.logs import job_context
 from comfyq.netguard import AddressGuard, BlockedAddress, redact_url
 from comfyq.outputs.inline import inline_outputs
 from comfyq.store import Job, JobStore, Transition
@@ -279,6 +280,10 @@ class WebhookSender:
     # --- one attempt -------------------------------------------------------------------------
 
     async def _deliver(self, delivery: dict[str, Any]) -> None:
+        with job_context(delivery["job_id"]):
+            await self._deliver_one(delivery)
+
+    async def _deliver_one(self, delivery: dict[str, Any]) -> None:
         started = self.clock.now()
         t0 = asyncio.get_running_loop().time()
         try:
@@ -288,7 +293,7 @@ class WebhookSender:
             await self._finish(delivery, attempt, t0)
             raise
         except Exception as exc:  # a bug must not leave the row leased until the lease expires
-            log.exception("webhook %s: unexpected error", delivery["id"])
+            log.exception("webhook %s: unexpected error", delivery["id"], extra={"webhook_id": delivery["id"]})
             attempt = Attempt("retry", None, f"internal error: {type(exc).__name__}", started)
         await self._finish(delivery, attempt, t0)
 
@@ -308,16 +313,23 @@ class WebhookSender:
                 attempt.next_at = min(now + delay, deadline)
         ok = await self.store.write(record, delivery, self.store.owner, now, attempt)
         if not ok:
-            log.warning("webhook %s: lease lost before its attempt could be recorded", delivery["id"])
+            log.warning("webhook %s: lease lost before its attempt could be recorded", delivery["id"],
+                        extra={"webhook_id": delivery["id"]})
             return
         if attempt.outcome == "delivered":
             self.delivered += 1
         elif attempt.outcome == "gave_up":
             self.failed += 1
         level = logging.INFO if attempt.outcome == "delivered" else logging.WARNING
-        log.log(level, "webhook %s for job %s to %s: attempt %d %s%s", delivery["id"], delivery["job_id"],
+        # The host only: the URL's path and query may carry the receiver's token.
+        nxt = (f"; next attempt in {max(0.0, attempt.next_at - now):.0f}s"
+               if attempt.outcome == "retry" and attempt.next_at is not None else "")
+        log.log(level, "webhook %s for job %s to %s: attempt %d %s%s%s", delivery["id"], delivery["job_id"],
                 delivery["host"], delivery["attempts"], attempt.outcome,
-                f" ({attempt.error})" if attempt.error else f" (HTTP {attempt.status})")
+                f" ({attempt.error})" if attempt.error else f" (HTTP {attempt.status})", nxt,
+                extra={"webhook_id": delivery["id"], "event": delivery.get("event"), "host": delivery["host"],
+                       "attempt": delivery["attempts"], "outcome": attempt.outcome, "http_status": attempt.status,
+                       "duration_ms": attempt.duration_ms})
         if self.on_attempt is not None:
             try:
                 self.on_attempt(attempt.outcome)

@@ -1,6 +1,6 @@
-"""Cross-cutting HTTP behaviour: one error envelope, bearer-key auth, CORS, request metrics.
+"""Cross-cutting HTTP behaviour: one error envelope, bearer-key auth, CORS, request metrics and logs.
 
-Order (outermost first): metrics (sees the final status of everything), CORS preflight, errors
+Order (outermost first): the access log, metrics (sees the final status of everything), CORS preflight, errors
 (every failure becomes ``{"error": {...}}``), auth. CORS headers are added to every response,
 streams included, by an ``on_response_prepare`` hook.
 """
@@ -8,6 +8,7 @@ streams included, by an ``on_response_prepare`` hook.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hmac
 import logging
 import time
@@ -17,6 +18,7 @@ from aiohttp import web
 
 from comfyq.api.context import get_api, json_response
 from comfyq.errors import ComfyqError, QueueFull, Unauthorized
+from comfyq.logs import job_context
 from comfyq.schemas import ErrorBody, ErrorInfo
 
 log = logging.getLogger("comfyq.api")
@@ -37,6 +39,63 @@ def route_name(request: web.Request) -> str:
     return resource.canonical if resource is not None else "unmatched"
 
 
+# Probes and scrapes would drown the requests that matter: they are logged at debug (a 503 from
+# /health too: the backend's own line says what went wrong, once).
+_QUIET_ROUTES = frozenset({"/health", "/metrics"})
+access_log = logging.getLogger("comfyq.access")
+# Why a request was refused, filled by errors_middleware for the access line (one dict per request).
+_error_note: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("comfyq_error", default=None)
+
+
+def _job_of(request: web.Request, response: web.StreamResponse | None) -> str | None:
+    """The job a request is about: the route's ``{id}``, or a new job's ``Location``."""
+    job_id = request.match_info.get("id")
+    if job_id is None and response is not None:
+        location = response.headers.get("Location", "")
+        if location.startswith("/result/"):
+            job_id = location[len("/result/"):]
+    return job_id
+
+
+@web.middleware
+async def access_log_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """One line per request: method, path (never the query string), status, duration, remote.
+
+    Lines logged while a request about a job is handled carry its job id."""
+    t0 = time.perf_counter()
+    status = 500
+    response: web.StreamResponse | None = None
+    note: dict[str, str] = {}
+    token = _error_note.set(note)
+    with job_context(request.match_info.get("id")):
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except web.HTTPException as exc:
+            status = exc.status
+            raise
+        except asyncio.CancelledError:
+            status = 499  # the client went away first
+            raise
+        finally:
+            _error_note.reset(token)
+            ms = (time.perf_counter() - t0) * 1000
+            route = route_name(request)
+            quiet = route in _QUIET_ROUTES or route.startswith(PUBLIC_PREFIXES) or request.method == "OPTIONS"
+            level = logging.DEBUG if quiet else logging.WARNING if status >= 500 else logging.INFO
+            if access_log.isEnabledFor(level):
+                extra: dict[str, object] = {"method": request.method, "path": request.path, "status": status,
+                                            "duration_ms": round(ms, 1), "remote": request.remote}
+                job_id = _job_of(request, response)
+                if job_id is not None:
+                    extra["job_id"] = job_id
+                extra.update(note)  # why a request was refused, for the operator
+                why = f" ({note['error_type']}: {note['error']})" if note else ""
+                access_log.log(level, "%s %s %s %d %.1fms%s", request.remote, request.method, request.path,
+                               status, ms, why, extra=extra)
+
+
 @web.middleware
 async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     t0 = time.perf_counter()
@@ -55,6 +114,12 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
         get_api(request).metrics.http(route_name(request), request.method, status, time.perf_counter() - t0)
 
 
+def _note_error(request: web.Request, type_: str, message: str) -> None:
+    note = _error_note.get()
+    if note is not None:
+        note["error_type"], note["error"] = type_, message[:300]
+
+
 def error_body(exc: ComfyqError) -> web.Response:
     headers = {}
     if isinstance(exc, QueueFull):
@@ -70,6 +135,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     try:
         return await handler(request)
     except ComfyqError as exc:
+        _note_error(request, exc.type, exc.message)
         return error_body(exc)
     except web.HTTPException as exc:
         if exc.status < 400:
@@ -79,12 +145,14 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         if exc.status == 405:
             message = f"{request.method} is not allowed here; allowed: {exc.headers.get('Allow', '')}"
         info = ErrorInfo(_HTTP_TYPES.get(exc.status, f"http_{exc.status}"), message or exc.reason)
+        _note_error(request, info.type, info.message)
         return json_response(ErrorBody(info), exc.status, headers)
     except (asyncio.CancelledError, ConnectionError):
         raise
     except Exception:
         log.exception("%s %s failed", request.method, route_name(request))
         info = ErrorInfo("internal_error", "internal server error; the details are in the server log")
+        _note_error(request, info.type, info.message)
         return json_response(ErrorBody(info), 500)
 
 
@@ -155,4 +223,4 @@ async def cors_headers(request: web.Request, response: web.StreamResponse) -> No
             response.headers.add("Vary", "Origin")
 
 
-MIDDLEWARES = [metrics_middleware, cors_middleware, errors_middleware, auth_middleware]
+MIDDLEWARES = [access_log_middleware, metrics_middleware, cors_middleware, errors_middleware, auth_middleware]

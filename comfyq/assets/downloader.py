@@ -36,6 +36,7 @@ from comfyq.assets.storage import (
     write_and_hash,
 )
 from comfyq.errors import InputError
+from comfyq.logs import detached
 from comfyq.netguard import AddressGuard, redact_url
 
 log = logging.getLogger("comfyq.assets")
@@ -120,19 +121,26 @@ class Downloader:
                     entry.touched_at = now
                 self._index.move_to_end(key)
                 self.stats.cache_hits += 1
+                log.debug("input %s: cached copy (%d bytes)", redact_url(u), entry.asset.size)
                 return entry.asset
             self._index.pop(key, None)
         # No await between looking up and registering the task: that is what makes
         # concurrent fetches of one URL share a single download.
         task = self._inflight.get(key)
+        shared = task is not None
         if task is None:
-            task = asyncio.create_task(self._download(key, u), name=f"download {redact_url(u)}")
+            # Several jobs may wait for this download: its own lines name none of them.
+            task = asyncio.create_task(self._download(key, u), name=f"download {redact_url(u)}",
+                                       context=detached())
             self._inflight[key] = task
             task.add_done_callback(functools.partial(self._download_done, key))
         else:
             self.stats.coalesced += 1
         # shield: one waiter giving up (job cancelled) must not abort the others' download.
-        return await asyncio.shield(task)
+        asset = await asyncio.shield(task)
+        log.debug("input %s: %s (%d bytes, %s)", redact_url(u),
+                  "fetched (download shared with another job)" if shared else "fetched", asset.size, asset.mime)
+        return asset
 
     async def decode(self, data: str) -> Asset:
         """Store a base64 string or a data: URI after the same size and type checks."""
@@ -265,7 +273,6 @@ class Downloader:
                         touched_at=self._clock(),
                     ),
                 )
-                log.debug("downloaded %s (%d bytes, %s)", redact_url(start), asset.size, asset.mime)
                 return asset
 
     def _next_hop(self, start: URL, current: URL, location: str | None) -> URL:

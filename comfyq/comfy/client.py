@@ -281,6 +281,7 @@ class ComfyClient:
             prompt_id = got
         number = answer.get("number")
         node_errors = answer.get("node_errors")
+        self._log.debug("ComfyUI at %s queued prompt %s (number %s)", self.display_url, prompt_id, number)
         return SubmitResult(
             prompt_id=prompt_id,
             number=float(number) if isinstance(number, (int, float)) else math.nan,
@@ -347,11 +348,13 @@ class ComfyClient:
         original_ref: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """``POST /upload/image`` (or ``/upload/mask``); returns {"name", "subfolder", "type"}."""
-        return await upload_file(
+        stored = await upload_file(
             self._get_session(), self.base_url, self.display_url, data, name,
             subfolder=subfolder, type=type, overwrite=overwrite, mask=mask,
             original_ref=original_ref, timeout=self.request_timeout,
         )
+        self._log.debug("uploaded %s to ComfyUI at %s", name, self.display_url)
+        return stored
 
     def view_url(self, filename: str, subfolder: str, type: str) -> str:
         """The ``/view`` URL of an output file."""
@@ -360,8 +363,10 @@ class ComfyClient:
 
     async def download(self, filename: str, subfolder: str, type: str, dest: Path) -> int:
         """Stream ``/view`` into ``dest`` (via ``dest.part``); returns bytes; 404 -> OutputError."""
-        return await download_file(
-            self._get_session(), self.view_url(filename, subfolder, type), self.display_url,
-            f"{subfolder}/{filename}".lstrip("/") + f" ({type})", dest,
+        label = f"{subfolder}/{filename}".lstrip("/") + f" ({type})"
+        size = await download_file(
+            self._get_session(), self.view_url(filename, subfolder, type), self.display_url, label, dest,
             timeout=self.request_timeout,
         )
+        self._log.debug("fetched output %s from ComfyUI at %s (%d bytes)", label, self.display_url, size)
+        return size

@@ -218,14 +218,23 @@ class S3Uploader:
                             res.url = await client.generate_presigned_url(
                                 "get_object", Params={"Bucket": target.bucket, "Key": res.key},
                                 ExpiresIn=self.settings.presign_expiry)
+                            # Never the presigned URL: its query string is a credential.
+                            log.debug("job %s: %s %s to s3://%s/%s (%d bytes)", job_id,
+                                      "found" if res.skipped else "uploaded", f.name, target.bucket, res.key,
+                                      f.size)
                         except Exception as exc:  # noqa: BLE001 - one file's failure is that output's upload_error
                             res.error = _describe(exc)
                             log.warning("job %s: upload of %s failed: %s", job_id, f.name, res.error)
 
                 await asyncio.gather(*(one(f, r) for f, r in zip(files, results, strict=True)))
+                done = [r for r in results if r.url is not None]
+                if done:
+                    log.info("job %s: %d of %d output(s) in s3://%s/%s", job_id, len(done), len(files),
+                             target.bucket, done[0].key.rsplit("/", 1)[0] + "/")
         except (*_boto_errors(), ValueError) as exc:  # the client itself could not be made
             for r in results:
                 r.error = r.error or f"S3 client: {_describe(exc)}"
+            log.warning("job %s: no upload to S3: %s", job_id, results[0].error)
         return results
 
     async def _upload(self, client: Any, bucket: str, key: str, f: LocalFile) -> bool:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from comfyq.comfy.backends import Backend, BackendPool
+from comfyq.comfy.client import redact_url
 from comfyq.comfy.protocol import LiveEvent
 from comfyq.errors import ComfyUIUnreachable, Interrupted, PromptLost
 from comfyq.stages.runner import JobContext, StageDone
@@ -57,6 +58,8 @@ class Generate:
             if submitted.prompt_id != prompt_id:  # an old ComfyUI that picks its own ids
                 prompt_id = submitted.prompt_id
                 await ctx.update(comfy_prompt_id=prompt_id)
+            log.info("job %s: prompt %s submitted to %s", job.id, prompt_id, be.display_url,
+                     extra={"prompt_id": prompt_id, "backend": be.display_url})
             if submitted.node_errors:
                 warn = {"type": "partial_node_errors", "message": "ComfyUI skipped outputs that failed validation",
                         "node_errors": submitted.node_errors}
@@ -68,14 +71,17 @@ class Generate:
         assert job.comfy_prompt_id and job.comfy_backend
         prompt_id, url = job.comfy_prompt_id, job.comfy_backend
         be = self.pool.get(url)
+        shown = redact_url(url)
         if be is None or not await self._wait_healthy(be):
-            log.warning("job %s: backend %s gone; submitting elsewhere", job.id, url, extra={"job_id": job.id})
+            log.warning("job %s: backend %s gone; submitting elsewhere", job.id, shown)
             await ctx.update(comfy_prompt_id=None, comfy_backend=None)
-            raise PromptLost(f"backend {url} did not come back within {self.failover_after:.0f}s")
+            raise PromptLost(f"backend {shown} did not come back within {self.failover_after:.0f}s")
         try:
             where, entry = await be.client.locate(prompt_id)
         except ComfyUIUnreachable:
             raise
+        log.info("job %s: prompt %s is %s on %s", job.id, prompt_id, where, shown,
+                 extra={"prompt_id": prompt_id, "backend": shown})
         if where == "done":
             return await self._from_history(be, entry, ctx)
         if where in ("pending", "running"):
@@ -83,7 +89,7 @@ class Generate:
             async with self.pool.slot(prefer=url, exclude=others) as be2:
                 return await self._follow(be2, prompt_id, workflow, ctx)
         await ctx.update(comfy_prompt_id=None, comfy_backend=None)
-        raise PromptLost(f"ComfyUI at {url} no longer knows prompt {prompt_id} (restarted?); resubmitting")
+        raise PromptLost(f"ComfyUI at {shown} no longer knows prompt {prompt_id} (restarted?); resubmitting")
 
     async def _from_history(self, be: Backend, entry: Any, ctx: JobContext) -> Any:
         try:
@@ -106,12 +112,15 @@ class Generate:
         try:
             await asyncio.wait_for(asyncio.shield(be.client.cancel(prompt_id)), 10)
         except Exception as exc:  # the job ends either way; say why ComfyUI may still run it
-            log.warning("job %s: could not stop prompt %s: %s", ctx.job.id, prompt_id, exc, extra={"job_id": ctx.job.id})
+            log.warning("job %s: could not stop prompt %s: %s", ctx.job.id, prompt_id, exc)
 
     async def _follow(self, be: Backend, prompt_id: str, workflow: dict[str, Any], ctx: JobContext) -> Any:
         self._prompts[prompt_id] = ctx
         try:
-            return await be.client.follow(prompt_id, workflow=workflow, on_event=lambda ev: _progress(ctx, ev))
+            run = await be.client.follow(prompt_id, workflow=workflow, on_event=lambda ev: _progress(ctx, ev))
+            log.debug("job %s: prompt %s finished on %s (%d output node(s), %d cached)", ctx.job.id, prompt_id,
+                      be.display_url, len(run.outputs or {}), len(run.cached_nodes or ()))
+            return run
         except asyncio.CancelledError:
             await self._stop_prompt(be, prompt_id, ctx)
             raise

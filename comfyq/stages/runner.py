@@ -22,6 +22,7 @@ from typing import Any, Protocol
 from comfyq.clock import parse_iso
 from comfyq.errors import ComfyqError, JobError, LeaseLost
 from comfyq.events import EventBus
+from comfyq.logs import job_context
 from comfyq.store import Job, JobStore, Transition
 from comfyq.store.model import NEXT_STAGE
 
@@ -279,6 +280,12 @@ class Pipeline:
     # --- running one job ---------------------------------------------------------------------
 
     async def run_job(self, stage: StageRunner, job: Job) -> None:
+        # Every line logged while this job runs (its handler task copies the context) names it;
+        # the worker's context is restored afterwards, so the next job starts without it.
+        with job_context(job.id):
+            await self._run_job(stage, job)
+
+    async def _run_job(self, stage: StageRunner, job: Job) -> None:
         ctx = JobContext(job, self)
         inner = asyncio.create_task(stage.handler(job, ctx), name=f"{stage.name}:{job.id}")
         loop = asyncio.get_running_loop()
