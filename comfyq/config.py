@@ -213,10 +213,22 @@ def load_settings(
         if key not in known:
             raise ConfigError(f"unknown setting {key!r}")
         data[key] = _coerce_text(known[key], value)
+    for name, value in data.items():
+        # API_LOG_LEVEL=INFO and friends: choices are lower case, operators often are not.
+        if isinstance(value, str) and _is_lowercase_choice(known[name]):
+            data[name] = value.lower()
     try:
         return msgspec.convert(data, Settings, strict=False)
     except msgspec.ValidationError as exc:
         raise ConfigError(_explain(str(exc))) from exc
+
+
+def _is_lowercase_choice(f: msgspec.inspect.Field) -> bool:
+    t = f.type
+    if isinstance(t, msgspec.inspect.Metadata):
+        t = t.type
+    return isinstance(t, msgspec.inspect.LiteralType) and all(
+        isinstance(v, str) and v == v.lower() for v in t.values)
 
 
 def _explain(msg: str) -> str:

@@ -33,6 +33,11 @@ def test_legacy_names_keep_their_meaning() -> None:
     assert (s.s3_bucket_name, s.webhook_timeout, s.job_timeout) == ("b", 12.5, 60.0)
 
 
+def test_choices_accept_any_case() -> None:
+    s = load_settings(env={"API_LOG_LEVEL": "WARNING", "COMFYQ_LOG_FORMAT": "Json"})
+    assert (s.api_log_level, s.log_format) == ("warning", "json")
+
+
 @pytest.mark.parametrize(
     ("env", "key"),
     [({"API_PORT": "eighty"}, "api_port"), ({"PREPROCESS_WORKERS": "0"}, "preprocess_workers"),
