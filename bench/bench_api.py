@@ -14,91 +14,26 @@ import argparse
 import asyncio
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from bench.common import free_port, pct
-
-
-def rss_mb(pid: int) -> float:
-    """Resident memory of one process (all its threads), from /proc."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def cpu_seconds(pid: int | None = None) -> float:
-    """User + system CPU seconds used so far by a process (this one when ``pid`` is None)."""
-    if pid is None:
-        t = os.times()
-        return t.user + t.system
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise SystemExit(f"process exited with {proc.returncode} before {url} answered")
-        try:
-            with urllib.request.urlopen(url, timeout=1) as r:
-                if r.status == 200:
-                    return
-        except Exception:  # noqa: BLE001 - not up yet
-            time.sleep(0.05)
-    raise SystemExit(f"{url} did not answer within {timeout}s")
-
-
-@contextmanager
-def simulator(root: Path, durations: str, steps: int) -> Iterator[str]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "comfyq.comfy.simulator", "--port", str(port), "--data-dir", str(root / "sim"),
-         "--node-durations", durations, "--progress-steps", str(steps)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(url + "/system_stats", proc)
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(10)
-
-
-@contextmanager
-def server(root: Path, backend: str, **env: str) -> Iterator[tuple[str, int]]:
-    port = free_port()
-    full = {**os.environ, "COMFYQ_CONFIG": str(root / "none.toml"), "COMFYQ_DATABASE": str(root / "q.db"),
-            "COMFYQ_OUTPUT_DIR": str(root / "out"), "COMFYQ_CACHE_DIR": str(root / "cache"),
-            "COMFYUI_API_BASE": backend, "API_PORT": str(port), "API_LOG_LEVEL": "warning",
-            "MAX_QUEUE_SIZE": "1000000", **env}
-    log = (root / "server.log").open("ab")
-    proc = subprocess.Popen([sys.executable, "-m", "comfyq", "serve"], env=full, cwd=root,
-                            stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(url + "/queue-info", proc)
-        yield url, proc.pid
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+from bench.common import (
+    add_json_arg,
+    cpu_seconds,
+    free_port,
+    pct,
+    rss_mb,
+    server,
+    simulator,
+    summary_ms,
+    write_json,
+)
 
 
 def workflow(color: int, blur: bool) -> dict[str, Any]:
@@ -111,8 +46,6 @@ def workflow(color: int, blur: bool) -> dict[str, Any]:
         wf["4"] = {"class_type": "ImageBlur", "inputs": {"image": ["1", 0], "blur_radius": 1, "sigma": 1.0}}
         wf["2"]["inputs"]["image"] = ["4", 0]
     return wf
-
-
 
 
 # --- admissions ------------------------------------------------------------------------------------
@@ -215,7 +148,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--subscribers", type=int, default=1000)
     ap.add_argument("--jobs", type=int, default=20, help="running jobs the subscribers watch")
     ap.add_argument("--job-seconds", type=float, default=0.5, help="simulated run time of each job")
+    add_json_arg(ap)
     args = ap.parse_args(argv)
+    out: dict[str, Any] = {"args": {"admissions": args.admissions, "concurrency": args.concurrency,
+                                    "subscribers": args.subscribers, "jobs": args.jobs,
+                                    "job_seconds": args.job_seconds}}
 
     with tempfile.TemporaryDirectory(prefix="bench-api-") as tmp:
         root = Path(tmp)
@@ -224,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         (root / "a").mkdir()
         with server(root / "a", f"http://127.0.0.1:{free_port()}") as (url, pid):
             time.sleep(1.0)
-            print(f"idle RSS of a fresh server:         {rss_mb(pid):7.1f} MB   (target < 60 MB)")
+            out["idle_rss_mb"] = rss_mb(pid)
+            print(f"idle RSS of a fresh server:         {out['idle_rss_mb']:7.1f} MB   (target < 60 MB)")
             asyncio.run(admissions(url, 500, args.concurrency))  # warm-up
             s0, c0, t0 = cpu_seconds(pid), cpu_seconds(), time.perf_counter()
             rate, lat, statuses = asyncio.run(admissions(url, args.admissions, args.concurrency))
@@ -235,7 +173,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  latency p50/p99:                  {pct(lat, 0.5) * 1000:7.1f} / {pct(lat, 0.99) * 1000:.1f} ms")
             print(f"  CPU busy: server / this client:   {server_cpu * 100:5.0f}% / {client_cpu * 100:.0f}%"
                   f"   (of one core each; {os.cpu_count()} cores)")
-            print(f"  server RSS after admissions:      {rss_mb(pid):7.1f} MB")
+            rss_after = rss_mb(pid)
+            print(f"  server RSS after admissions:      {rss_after:7.1f} MB")
+            out["admissions"] = {"rate": rate, "latency_ms": summary_ms(lat),
+                                 "statuses": {str(k): v for k, v in statuses.items()},
+                                 "server_cpu": server_cpu, "client_cpu": client_cpu, "rss_after_mb": rss_after}
         (root / "b").mkdir()
         durations = f"ImageBlur={args.job_seconds}"
         with simulator(root / "b", durations, steps=20) as sim, \
@@ -252,6 +194,12 @@ def main(argv: list[str] | None = None) -> int:
                   f" {r['received'] / r['elapsed']:.0f} events/s)")
             print(f"  live state-event delay p50/p99:   {pct(d, 0.5) * 1000:7.1f} / {pct(d, 0.99) * 1000:.1f} ms"
                   f"   (target p99 < 50 ms; {len(d)} samples, from the commit's timestamp to the client)")
+            out["subscribers"] = {"rss_idle_mb": idle, "rss_connected_mb": r["rss_connected"],
+                                  "rss_peak_mb": r["rss_peak"], "connect_s": r["connect_s"],
+                                  "received": r["received"], "finals": r["finals"],
+                                  "events_per_s": r["received"] / r["elapsed"], "delay_ms": summary_ms(d),
+                                  "delays_ms": [x * 1000 for x in d]}
+    write_json(args.json, out)
     return 0
 
 

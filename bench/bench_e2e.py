@@ -4,7 +4,7 @@ backends, and the latency comfyq adds over a direct client of the same simulator
 Each simulator runs in its own process (as ComfyUI would); comfyq runs in this one. Sequential
 latency runs alternate comfyq and the direct client job by job so that machine drift cancels.
 
-    .venv/bin/python -m bench.bench_e2e [--jobs 500] [--latency-jobs 200]
+    .venv/bin/python -m bench.bench_e2e [--jobs 500] [--latency-jobs 200] [--json PATH]
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from bench.common import free_port, pct
+from bench.common import add_json_arg, free_port, pct, summary_ms, write_json
 from comfyq.comfy.client import ComfyClient
 from comfyq.config import load_settings
 from comfyq.services import Services
@@ -34,8 +34,6 @@ def workflow(i: int) -> dict[str, Any]:
         "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": i % 16777216}},
         "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "bench"}},
     }
-
-
 
 
 def start_simulators(n: int, root: Path) -> tuple[list[subprocess.Popen[bytes]], list[str]]:
@@ -105,24 +103,31 @@ async def one_comfyq(svc: Services, i: int) -> float:
 
 
 async def one_direct(client: ComfyClient, i: int, out: Path) -> float:
+    return await run_direct(client, workflow(20_000_000 + i), out)
+
+
+async def run_direct(client: ComfyClient, wf: dict[str, Any], out: Path) -> float:
+    """Seconds for one prompt straight to ComfyUI: submit, follow to the end, download every image."""
     t0 = time.perf_counter()
     pid = str(uuid.uuid4())
-    await client.submit(workflow(20_000_000 + i), pid)
+    await client.submit(wf, pid)
     run = await client.follow(pid)
     for node in run.outputs.values():
         for img in node.get("images", []):
             await client.download(img["filename"], img.get("subfolder", ""), img.get("type", "output"),
-                                  out / img["filename"])
+                                  out / f"{pid}-{img['filename']}")
     return time.perf_counter() - t0
-
-
 
 
 async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--jobs", type=int, default=500)
     ap.add_argument("--latency-jobs", type=int, default=200)
+    add_json_arg(ap)
     args = ap.parse_args()
+    out: dict[str, Any] = {"args": {"jobs": args.jobs, "latency_jobs": args.latency_jobs,
+                                    "generation_workers": int(os.environ.get("BENCH_GEN_WORKERS", "4"))},
+                           "throughput": {}}
     print(f"end-to-end benchmark: simulator with zero-time nodes in separate processes, {os.cpu_count()} cores")
     for n in (1, 4):
         with tempfile.TemporaryDirectory() as d:
@@ -132,6 +137,7 @@ async def main() -> None:
             try:
                 await throughput(svc, 50, 0)  # warm-up
                 rate = await throughput(svc, args.jobs, 1000)
+                out["throughput"][str(n)] = rate
                 print(f"  {n} backend(s): {rate:7.1f} jobs/s end to end ({args.jobs} jobs)")
                 if n == 1:
                     client = ComfyClient(urls[0])
@@ -148,11 +154,15 @@ async def main() -> None:
                     print(f"    through comfyq: p50 {1000 * pct(cq, .5):6.2f} ms  p99 {1000 * pct(cq, .99):6.2f} ms")
                     print(f"    added by comfyq: p50 {statistics.median(added) * 1000:6.2f} ms"
                           f"  p99 {1000 * pct(added, .99):6.2f} ms  ratio p50 x{pct(cq, .5) / pct(direct, .5):.2f}")
+                    out["latency"] = {"direct": summary_ms(direct), "comfyq": summary_ms(cq),
+                                      "added": summary_ms(added),
+                                      "direct_ms": [x * 1000 for x in direct], "comfyq_ms": [x * 1000 for x in cq]}
             finally:
                 await svc.stop()
                 for p in procs:
                     p.kill()
                     p.wait()
+    write_json(args.json, out)
 
 
 if __name__ == "__main__":

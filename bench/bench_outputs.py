@@ -5,7 +5,7 @@ other jobs and of their webhooks (the target is: nothing).
 The S3 server (moto) and the fast receiver run in processes of their own, so their memory and CPU
 are not counted as comfyq's. Moto is a Python server: upload rates are bounded by it, not by S3.
 
-    .venv/bin/python -m bench.bench_outputs [--size-mb 500] [--deliveries 2000] [--jobs 60]
+    .venv/bin/python -m bench.bench_outputs [--size-mb 500] [--deliveries 2000] [--jobs 60] [--json PATH]
 """
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
-import boto3
+import boto3  # type: ignore[import-untyped]
 from aiohttp import web
 
 from bench.bench_e2e import start_simulators, workflow
-from bench.common import free_port, pct
+from bench.common import add_json_arg, free_port, pct, summary_ms, write_json
 from comfyq.clock import parse_iso
 from comfyq.config import load_settings
 from comfyq.netguard import AddressGuard
@@ -100,8 +100,9 @@ def make_file(path: Path, size: int) -> LocalFile:
     return LocalFile(path.name, path, "video/mp4", size, h.hexdigest())
 
 
-async def bench_upload(size_mb: int, root: Path) -> None:
+async def bench_upload(size_mb: int, root: Path) -> dict[str, Any]:
     proc, url = start_moto()
+    out: dict[str, Any] = {"streaming": []}
     try:
         f = make_file(root / "big.mp4", size_mb * MiB)
         up = S3Uploader(S3Settings(access_key_id="k", secret_access_key="s", bucket="bench-outputs",
@@ -121,6 +122,7 @@ async def bench_upload(size_mb: int, root: Path) -> None:
             assert res.error is None, res.error
             print(f"  streaming {label:>7s}: {lf.size / MiB / elapsed:7.1f} MB/s  ({elapsed:5.1f} s)"
                   f"  RSS {mem.base / MiB:6.0f} MiB -> peak {mem.peak / MiB:6.0f} MiB  (+{(mem.peak - mem.base) / MiB:.0f} MiB)")
+            out["streaming"].append(_upload_figures(lf.size, elapsed, mem))
 
         # The original wrapper's way, for comparison: read the whole file, one put_object.
         async with up._client(target) as client:  # the same client settings
@@ -132,9 +134,16 @@ async def bench_upload(size_mb: int, root: Path) -> None:
                 elapsed = time.perf_counter() - t0
         print(f"  whole-file {size_mb:>4d} MB: {size_mb / elapsed:7.1f} MB/s  ({elapsed:5.1f} s)  RSS {mem.base / MiB:6.0f} MiB"
               f" -> peak {mem.peak / MiB:6.0f} MiB  (+{(mem.peak - mem.base) / MiB:.0f} MiB)  [seed wrapper style]")
+        out["whole_file"] = _upload_figures(f.size, elapsed, mem)
     finally:
         proc.kill()
         proc.wait()
+    return out
+
+
+def _upload_figures(size: int, elapsed: float, mem: PeakRSS) -> dict[str, float]:
+    return {"mb": size / MiB, "seconds": elapsed, "mb_per_s": size / MiB / elapsed, "rss_base_mib": mem.base / MiB,
+            "rss_peak_mib": mem.peak / MiB, "rss_growth_mib": (mem.peak - mem.base) / MiB}
 
 
 # --- webhooks ----------------------------------------------------------------------------------
@@ -164,8 +173,9 @@ def start_receiver() -> tuple[subprocess.Popen[bytes], str]:
     raise RuntimeError("receiver did not start")
 
 
-async def bench_delivery_rate(n: int, root: Path) -> None:
+async def bench_delivery_rate(n: int, root: Path) -> list[dict[str, float]]:
     proc, url = start_receiver()
+    out = []
     try:
         print(f"webhook deliveries to a fast receiver (separate process), {n} deliveries queued, signed")
         for per_host, concurrency in ((8, 16), (16, 16), (64, 64)):
@@ -187,9 +197,11 @@ async def bench_delivery_rate(n: int, root: Path) -> None:
             await store.close()
             print(f"  {per_host:2d} in flight to the receiver, {concurrency:2d} in total:"
                   f" {n / elapsed:7.1f} deliveries/s")
+            out.append({"per_host": per_host, "concurrency": concurrency, "rate": n / elapsed})
     finally:
         proc.kill()
         proc.wait()
+    return out
 
 
 class Clockwork:
@@ -208,8 +220,9 @@ class Clockwork:
         return web.Response(status=204)
 
 
-async def bench_hanging_receiver(jobs: int, root: Path) -> None:
+async def bench_hanging_receiver(jobs: int, root: Path) -> list[dict[str, Any]]:
     procs, urls = start_simulators(1, root)
+    out: list[dict[str, Any]] = []
     cw = Clockwork()
     sites = []
     for _ in range(2):  # two receivers: two hosts (host:port) as far as the sender is concerned
@@ -253,6 +266,8 @@ async def bench_hanging_receiver(jobs: int, root: Path) -> None:
             print(f"  {label:20s}: job p50 {1000 * pct(lat, .5):6.1f} ms  p95 {1000 * pct(lat, .95):6.1f} ms | "
                   f"webhook after job end p50 {1000 * pct(hook, .5):6.1f} ms  p95 {1000 * pct(hook, .95):6.1f} ms"
                   f"  (posts hanging: {sender.in_flight})")
+            out.append({"label": label, "job_ms": summary_ms(lat), "webhook_after_end_ms": summary_ms(hook),
+                        "hanging": sender.in_flight})
     finally:
         await sender.stop(grace=0)
         await svc.stop()
@@ -261,6 +276,7 @@ async def bench_hanging_receiver(jobs: int, root: Path) -> None:
         for p in procs:
             p.kill()
             p.wait()
+    return out
 
 
 async def run_job(svc: Services, job_id: str, hook: str, i: int) -> float:
@@ -277,21 +293,22 @@ async def run_job(svc: Services, job_id: str, hook: str, i: int) -> float:
     return time.perf_counter() - t0
 
 
-
-
 async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size-mb", type=int, default=500)
     ap.add_argument("--deliveries", type=int, default=2000)
     ap.add_argument("--jobs", type=int, default=60)
+    add_json_arg(ap)
     args = ap.parse_args()
+    out: dict[str, Any] = {"args": {"size_mb": args.size_mb, "deliveries": args.deliveries, "jobs": args.jobs}}
     print(f"outputs benchmark, {os.cpu_count()} cores")
     with tempfile.TemporaryDirectory() as d:
-        await bench_upload(args.size_mb, Path(d))
+        out["upload"] = await bench_upload(args.size_mb, Path(d))
     with tempfile.TemporaryDirectory() as d:
-        await bench_delivery_rate(args.deliveries, Path(d))
+        out["deliveries"] = await bench_delivery_rate(args.deliveries, Path(d))
     with tempfile.TemporaryDirectory() as d:
-        await bench_hanging_receiver(args.jobs, Path(d))
+        out["hanging"] = await bench_hanging_receiver(args.jobs, Path(d))
+    write_json(args.json, out)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Preprocess benchmark: prepare_job throughput, and memory while downloading a huge input.
 
-    .venv/bin/python bench/bench_preprocess.py [--jobs 2000] [--concurrency 32] [--big-mib 1024]
+    .venv/bin/python -m bench.bench_preprocess [--jobs 2000] [--concurrency 32] [--big-mib 1024] [--json PATH]
 
 The file server runs in a child process (this same file with --serve) on 127.0.0.1, so the
 measured process holds only comfyq's side. Prints figures; never passes or fails on time.
@@ -103,6 +103,7 @@ async def rate(n: int, concurrency: int, job: Callable[[int], Awaitable[Any]]) -
 
 
 async def main(args: argparse.Namespace) -> None:
+    from bench.common import write_json
     from comfyq.assets import Downloader
     from comfyq.netguard import AddressGuard
     from comfyq.prepare import prepare_job
@@ -198,6 +199,8 @@ async def main(args: argparse.Namespace) -> None:
             figures["modifier + uncached URL input"],
         )
         print(f"  cached / uncached URL ratio: {cached / uncached:.1f}x")
+        out: dict[str, Any] = {"args": {"jobs": n, "concurrency": c, "big_mib": args.big_mib},
+                               "rates": figures, "cached_over_uncached": cached / uncached}
 
         if args.big_mib:
             print(f"\npeak RSS while downloading a {args.big_mib} MiB body from 127.0.0.1")
@@ -226,6 +229,10 @@ async def main(args: argparse.Namespace) -> None:
                 f"growth {(peak - baseline) / MiB:.1f} MiB ({len(samples)} samples)"
             )
             asset.path.unlink()
+            out["download"] = {"mib": asset.size / MiB, "seconds": elapsed, "mib_per_s": asset.size / MiB / elapsed,
+                               "rss_before_mib": baseline / MiB, "rss_peak_mib": peak / MiB,
+                               "rss_growth_mib": (peak - baseline) / MiB, "samples": len(samples)}
+        write_json(args.json, out)
     finally:
         await downloader.close()
         server.stdin.close()
@@ -241,7 +248,10 @@ if __name__ == "__main__":
     parser.add_argument("--jobs", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--big-mib", type=int, default=1024, help="0 skips the RSS part")
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script, too
+    from bench.common import add_json_arg
+
+    add_json_arg(parser)
     ns = parser.parse_args()
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     os.environ.setdefault("PYTHONDONTWRITEBYTECODE", "1")
     asyncio.run(serve() if ns.serve else main(ns))

@@ -1,7 +1,7 @@
 """Store alone: complete jobs/s through claim -> every transition -> done, at synchronous=FULL,
 with 1, 4 and 16 concurrent workers; and claim latency p50/p99 with 10k and 1M rows in the table.
 
-    .venv/bin/python -m bench.bench_store [--jobs 4000] [--big 1000000]
+    .venv/bin/python -m bench.bench_store [--jobs 4000] [--big 1000000] [--samples 1000] [--json PATH]
 """
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
+from bench.common import add_json_arg, pct, summary_ms, write_json
 from comfyq.store import JobStore, NewJob
 from comfyq.store.writer import connect
 
@@ -121,7 +123,8 @@ def fill(path: Path, rows: int) -> None:
     conn.close()
 
 
-async def claim_latency(path: Path, samples: int = 1000) -> tuple[float, float]:
+async def claim_latency(path: Path, samples: int = 1000) -> list[float]:
+    """``samples`` claim round trips of one job (released again after each), in seconds."""
     store = JobStore(path)
     await store.open()
     try:
@@ -131,8 +134,7 @@ async def claim_latency(path: Path, samples: int = 1000) -> tuple[float, float]:
             got = await store.claim("generate", 1, 30.0, "g")
             lat.append(time.perf_counter() - t0)
             await store.release(got[0].id, "back")
-        lat.sort()
-        return statistics.median(lat) * 1000, lat[int(len(lat) * 0.99) - 1] * 1000
+        return lat
     finally:
         await store.close()
 
@@ -141,35 +143,48 @@ async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--jobs", type=int, default=4000)
     ap.add_argument("--big", type=int, default=1_000_000)
+    ap.add_argument("--samples", type=int, default=1000, help="claims timed per table size")
+    add_json_arg(ap)
     args = ap.parse_args()
+    out: dict[str, Any] = {"args": {"jobs": args.jobs, "big": args.big, "samples": args.samples},
+                           "throughput": {}, "writes_per_commit": {}, "claim_latency": {}}
     print(f"store benchmark: synchronous=FULL, WAL, {os.cpu_count()} cores, {args.jobs} jobs per run")
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as d:
         for include_create in (False, True):
             label = "create+claim+transitions" if include_create else "claim+transitions (pre-filled)"
+            key = "create_claim_transitions" if include_create else "claim_transitions"
             for w in (1, 4, 16):
                 path = Path(d) / f"t{w}{include_create}.db"
                 rate, commits = await throughput(path, args.jobs, w, include_create)
                 writes = args.jobs * (7 if include_create else 6)
+                out["throughput"].setdefault(key, {})[str(w)] = rate
+                out["writes_per_commit"].setdefault(key, {})[str(w)] = writes / max(commits, 1)
                 print(f"  {label:32s} workers={w:2d}: {rate:8.0f} complete jobs/s"
                       f"  ({writes} writes in {commits} commits, {writes / max(commits, 1):.1f}/fsync)")
         for w in (1, 4, 16):
             rate = await through_runner(Path(d) / f"r{w}.db", args.jobs, w)
+            out["throughput"].setdefault("stage_runner", {})[str(w)] = rate
             print(f"  {'stage runner, no-op stages':32s} workers={w:2d}/stage: {rate:8.0f} complete jobs/s")
         results = {}
         for rows in (10_000, args.big):
             path = Path(d) / f"big{rows}.db"
-            JobStore(path)  # noqa: B018 - nothing; open() below migrates
-            s = JobStore(path)
+            s = JobStore(path)  # open() migrates the new file
             await s.open()
             await s.close()
             t0 = time.perf_counter()
             fill(path, rows)
-            p50, p99 = await claim_latency(path)
+            fill_s = time.perf_counter() - t0
+            lat = await claim_latency(path, args.samples)
+            p50, p99 = statistics.median(lat) * 1000, pct(lat, .99) * 1000
             results[rows] = (p50, p99)
+            out["claim_latency"][str(rows)] = {**summary_ms(lat), "fill_s": fill_s,
+                                               "samples_ms": [x * 1000 for x in lat]}
             print(f"  claim latency with {rows:>9,} rows: p50 {p50:.3f} ms  p99 {p99:.3f} ms"
-                  f"  (fill {time.perf_counter() - t0:.1f}s)")
+                  f"  (fill {fill_s:.1f}s)")
         (a50, a99), (b50, b99) = results[10_000], results[args.big]
+        out["claim_p50_ratio"], out["claim_p99_ratio"] = b50 / a50, b99 / a99
         print(f"  ratio {args.big:,} vs 10,000 rows: p50 x{b50 / a50:.2f}  p99 x{b99 / a99:.2f}")
+    write_json(args.json, out)
 
 
 if __name__ == "__main__":
