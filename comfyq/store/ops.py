@@ -2,34 +2,27 @@
 
 Every state change is a guarded UPDATE (``WHERE id = ? AND state = ? [AND lease_owner = ?]``)
 whose row count is checked, plus its ``job_events`` row, in the same transaction. The schema's
-trigger refuses any transition the state machine does not list.
+trigger refuses any transition the state machine does not list. The hot transitions (a stage's
+end, a hand-off, an update, an admission) are one UPDATE or INSERT in the usual case; only when
+that matches nothing do they read the row, to say why.
 """
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 from typing import Any
 
 from comfyq.clock import iso, parse_iso
 from comfyq.errors import Conflict, IllegalTransition, LeaseLost, NotFound, QueueFull
 from comfyq.store.model import NEXT_STAGE, Job, NewJob, Transition, dumps
+from comfyq.store.sql import ADVANCE, HAND_OFF, HELD, STAGE_KEY, add_timing, claim_sql, ms_since
 
 CANCELLED = {"type": "cancelled", "message": "Request cancelled by client"}
 
 
-_STAGE_KEY = {"preprocess": "preprocess_ms", "generate": "generation_ms", "postprocess": "postprocess_ms"}
-
-
-def _ms_since(col: str, now_param: str) -> str:
-    return f"round((julianday({now_param}) - julianday({col})) * 86400000.0)"
-
-
-def _add_timing(key: str) -> str:
-    """SQL that adds the time spent since stage_entered_at to timings.<key>."""
-    return (
-        f"json_set(timings, '$.{key}', coalesce(json_extract(timings, '$.{key}'), 0) + "
-        f"{_ms_since('stage_entered_at', ':now')})"
-    )
+# One write formats the same few instants (now, now + lease) several times.
+_iso = functools.lru_cache(maxsize=16)(iso)
 
 
 def _event(
@@ -40,13 +33,30 @@ def _event(
     data: dict[str, Any] | None = None,
 ) -> Transition:
     at = job.updated_at
-    row = conn.execute(
+    state, stage, attempts = job.state, job.stage, job.attempts
+    cur = conn.execute(
         "INSERT INTO job_events (job_id, at, from_state, to_state, stage, attempt, message, data)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
-        (job.id, at, from_state, job.state, job.stage, job.attempts, message,
-         None if data is None else dumps(data)),
-    ).fetchone()
-    return Transition(row[0], job.id, from_state, job.state, job.stage, job.attempts, message, at, data, job)
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (job.id, at, from_state, state, stage, attempts, message, None if data is None else dumps(data)),
+    )
+    return Transition(cur.lastrowid or 0, job.id, from_state, state, stage, attempts, message, at, data, job)
+
+
+def _events(conn: sqlite3.Connection, items: list[tuple[Job, str | None, str]]) -> list[Transition]:
+    """``_event`` for several (job, from_state, message) at once: one INSERT for all their rows."""
+    if len(items) == 1:
+        job, from_state, message = items[0]
+        return [_event(conn, job, from_state, message)]
+    rows = [(j.id, j.updated_at, f, j.state, j.stage, j.attempts, m) for j, f, m in items]
+    cur = conn.execute(
+        "INSERT INTO job_events (job_id, at, from_state, to_state, stage, attempt, message) VALUES "
+        + ", ".join(["(?, ?, ?, ?, ?, ?, ?)"] * len(rows)) + " RETURNING id, job_id, to_state",
+        [v for r in rows for v in r],
+    )
+    # RETURNING gives no order guarantee: match ids to rows by (job id, state), unique here.
+    ids = {(job_id, state): event_id for event_id, job_id, state in cur.fetchall()}
+    return [Transition(ids[(r[0], r[3])], r[0], r[2], r[3], r[4], r[5], r[6], r[1], None, j)
+            for r, (j, _, _) in zip(rows, items, strict=True)]
 
 
 def _one(conn: sqlite3.Connection, sql: str, params: dict[str, Any]) -> Job | None:
@@ -71,40 +81,29 @@ def _existing(conn: sqlite3.Connection, new: NewJob) -> Job | None:
 
 def create(conn: sqlite3.Connection, new: NewJob, now: float, max_queue: int) -> tuple[Job, Transition | None]:
     """Insert a job (or return the existing one with the same id and payload)."""
-    (waiting,) = conn.execute("SELECT unfinished FROM queue_stats WHERE id = 1").fetchone()
-    if waiting >= max_queue:
-        existing = _existing(conn, new)  # a repeated request is answered even when the queue is full
-        if existing is not None:
-            return existing, None
-        raise QueueFull(f"queue is full ({waiting} unfinished jobs, limit {max_queue}); retry shortly")
-    t = iso(now)
-    # One statement in the usual case; a repeated id falls through to the idempotency check.
+    t = _iso(now)
+    # One statement in the usual case: the queue limit is checked by the INSERT itself. Nothing
+    # inserted means a full queue or a repeated id; both are told apart below.
     job = _one(
         conn,
         "INSERT INTO jobs (id, priority, max_attempts, kind, payload, payload_hash, message, run_after,"
         " deadline_at, created_at, updated_at, stage_entered_at)"
-        " VALUES (:id, :priority, :max_attempts, :kind, :payload, :hash, 'Request accepted', :now,"
-        " :deadline, :now, :now, :now) ON CONFLICT (id) DO NOTHING RETURNING *",
+        " SELECT :id, :priority, :max_attempts, :kind, :payload, :hash, 'Request accepted', :now,"
+        " :deadline, :now, :now, :now WHERE (SELECT unfinished FROM queue_stats WHERE id = 1) < :max"
+        " ON CONFLICT (id) DO NOTHING RETURNING *",
         {"id": new.id, "priority": new.priority, "max_attempts": new.max_attempts, "kind": new.kind,
          "payload": dumps(new.payload), "hash": new.payload_hash, "now": t,
-         "deadline": iso(now + new.timeout)},
+         "deadline": _iso(now + new.timeout), "max": max_queue},
     )
     if job is None:
-        existing = _existing(conn, new)
-        assert existing is not None
-        return existing, None
+        existing = _existing(conn, new)  # a repeated request is answered even when the queue is full
+        if existing is not None:
+            return existing, None
+        (waiting,) = conn.execute("SELECT unfinished FROM queue_stats WHERE id = 1").fetchone()
+        raise QueueFull(f"queue is full ({waiting} unfinished jobs, limit {max_queue}); retry shortly")
     if new.secrets:
         conn.execute("INSERT INTO job_secrets (job_id, data) VALUES (?, ?)", (new.id, dumps(new.secrets)))
     return job, _event(conn, job, None, "Request accepted")
-
-
-def _claim_sql(stage: str, which: str) -> str:
-    wait_key = "queued_ms" if stage == "preprocess" else f"{stage}_wait_ms"
-    return (
-        "UPDATE jobs SET state = 'running', lease_owner = :owner, lease_expires_at = :exp,"
-        " attempts = max(attempts, 1), updated_at = :now, message = :message,"
-        f" timings = {_add_timing(wait_key)}, stage_entered_at = :now WHERE {which} RETURNING *"
-    )
 
 
 def claim(
@@ -112,12 +111,12 @@ def claim(
 ) -> list[Transition]:
     """Claim up to ``n`` claimable jobs of ``stage`` in one statement, by priority then age."""
     rows = conn.execute(
-        _claim_sql(stage, "id IN (SELECT id FROM jobs WHERE state = 'pending' AND stage = :stage"
+        claim_sql(stage, "id IN (SELECT id FROM jobs WHERE state = 'pending' AND stage = :stage"
                           " AND run_after <= :now ORDER BY priority DESC, created_at, id LIMIT :n)"),
-        {"owner": owner, "exp": iso(now + lease), "now": iso(now), "stage": stage, "n": n, "message": message},
+        {"owner": owner, "exp": _iso(now + lease), "now": _iso(now), "stage": stage, "n": n, "message": message},
     ).fetchall()
     jobs = sorted((Job.from_row(r) for r in rows), key=lambda j: (-j.priority, j.created_at, j.id))
-    return [_event(conn, j, "pending", message) for j in jobs]
+    return _events(conn, [(j, "pending", message) for j in jobs]) if jobs else []
 
 
 def _guarded(
@@ -152,22 +151,15 @@ def advance(
     for row in outputs or ():
         put_output(conn, job_id, now, row)
     extra, params = _field_sets(fields)
-    params.update(now=iso(now), message=message, id=job_id, owner=owner)
-    # Fast path, one statement: the usual case of a held, uncancelled job before postprocess.
-    row = conn.execute(
-        "UPDATE jobs SET state = 'pending', lease_owner = NULL, lease_expires_at = NULL,"
-        " stage = CASE stage WHEN 'preprocess' THEN 'generate' ELSE 'postprocess' END,"
-        " message = :message, updated_at = :now, run_after = :now,"
-        " timings = json_set(timings, '$.' || CASE stage WHEN 'preprocess' THEN 'preprocess_ms'"
-        "   ELSE 'generation_ms' END, coalesce(json_extract(timings, '$.' || CASE stage"
-        "   WHEN 'preprocess' THEN 'preprocess_ms' ELSE 'generation_ms' END), 0)"
-        f"   + {_ms_since('stage_entered_at', ':now')}), stage_entered_at = :now" + extra +
-        " WHERE id = :id AND state = 'running' AND lease_owner = :owner AND cancel_requested = 0"
-        " AND stage IN ('preprocess', 'generate') RETURNING *",
-        params,
-    ).fetchone()
-    if row is not None:
-        return _event(conn, Job.from_row(row), "running", message)
+    if "error" not in (fields or ()):  # finishing sets error itself: two assignments would clash
+        params.update(now=_iso(now), message=message, id=job_id, owner=owner)
+        # Fast path, one statement: a held, uncancelled job in any stage.
+        row = conn.execute(ADVANCE + extra + HELD + " RETURNING *", params).fetchone()
+        if row is not None:
+            job = Job.from_row(row)
+            if job.state == "completed":
+                conn.execute("DELETE FROM job_secrets WHERE job_id = ?", (job_id,))
+            return _event(conn, job, "running", message)
     current = get(conn, job_id)
     if current is None:
         raise NotFound(f"job {job_id} not found")
@@ -175,15 +167,15 @@ def advance(
         return _cancel_running(conn, current, now)
     nxt = NEXT_STAGE[current.stage]
     extra, params = _field_sets(fields)
-    params.update(now=iso(now), message=message)
+    params.update(now=_iso(now), message=message)
     if nxt is None:
-        return finish(conn, job_id, owner, now, "completed", message, fields=fields)
+        return finish(conn, job_id, owner, now, "completed", message, fields=fields, current=current)
     params["next"] = nxt
     job, prev = _guarded(
         conn, job_id, owner,
         "state = 'pending', stage = :next, lease_owner = NULL, lease_expires_at = NULL,"
         f" message = :message, updated_at = :now, run_after = :now,"
-        f" timings = {_add_timing(_STAGE_KEY[current.stage])}, stage_entered_at = :now" + extra,
+        f" timings = {add_timing(STAGE_KEY[current.stage])}, stage_entered_at = :now" + extra,
         params, before=current,
     )
     return _event(conn, job, prev, message)
@@ -196,12 +188,30 @@ def advance_and_claim(
 ) -> list[Transition]:
     """Finish a stage and, in the same transaction, claim the job for its next stage (hand-off to
     an idle worker of that stage: one commit instead of two, both events still written)."""
+    if "error" not in (fields or ()):
+        for row in outputs or ():
+            put_output(conn, job_id, now, row)
+        extra, params = _field_sets(fields)
+        t = _iso(now)
+        params.update(now=t, message=claim_message, id=job_id, owner=owner, exp=_iso(now + lease))
+        # Fast path: the stage's end and the next stage's claim in one UPDATE. The row passes
+        # through 'pending' only inside this transaction, so nobody could have seen it there;
+        # both events are written, with the same instant, as two separate statements would.
+        row = conn.execute(HAND_OFF + extra + HELD + " AND stage IN ('preprocess', 'generate') RETURNING *",
+                           params).fetchone()
+        if row is not None:
+            claimed = Job.from_row(row)
+            waiting = Job.from_row(row)
+            waiting.state, waiting.lease_owner, waiting.lease_expires_at = "pending", None, None
+            waiting.message = message
+            return _events(conn, [(waiting, "running", message), (claimed, "pending", claim_message)])
+        outputs = None  # already written above
     done = advance(conn, job_id, owner, now, message, fields, outputs)
     if done.to_state != "pending":
         return [done]
     row = conn.execute(
-        _claim_sql(done.stage, "id = :id AND state = 'pending' AND stage = :stage AND run_after <= :now"),
-        {"owner": owner, "exp": iso(now + lease), "now": iso(now), "stage": done.stage, "id": job_id,
+        claim_sql(done.stage, "id = :id AND state = 'pending' AND stage = :stage AND run_after <= :now"),
+        {"owner": owner, "exp": _iso(now + lease), "now": _iso(now), "stage": done.stage, "id": job_id,
          "message": claim_message},
     ).fetchone()
     if row is None:
@@ -212,21 +222,21 @@ def advance_and_claim(
 def finish(
     conn: sqlite3.Connection, job_id: str, owner: str | None, now: float, state: str, message: str,
     *, error: dict[str, Any] | None = None, fields: dict[str, Any] | None = None,
-    from_states: tuple[str, ...] = ("running",),
+    from_states: tuple[str, ...] = ("running",), current: Job | None = None,
 ) -> Transition:
     """Move the job to a terminal state (completed, failed, cancelled)."""
-    current = get(conn, job_id)
+    current = current or get(conn, job_id)
     if current is None:
         raise NotFound(f"job {job_id} not found")
     extra, params = _field_sets(fields)
-    params.update(now=iso(now), message=message, state=state,
+    params.update(now=_iso(now), message=message, state=state,
                   error=None if error is None else dumps(error))
-    timing = _add_timing(_STAGE_KEY[current.stage]) if current.state == "running" else "timings"
+    timing = add_timing(STAGE_KEY[current.stage]) if current.state == "running" else "timings"
     job, prev = _guarded(
         conn, job_id, owner,
         "state = :state, lease_owner = NULL, lease_expires_at = NULL, message = :message,"
         " updated_at = :now, finished_at = :now, error = :error, cancel_requested = 0,"
-        f" timings = json_set({timing}, '$.total_ms', {_ms_since('created_at', ':now')}),"
+        f" timings = json_set({timing}, '$.total_ms', {ms_since('created_at', ':now')}),"
         " stage_entered_at = :now" + extra,
         params, from_states=from_states, before=current,
     )
@@ -251,8 +261,8 @@ def retry_later(
         conn, job_id, owner,
         "state = 'pending', lease_owner = NULL, lease_expires_at = NULL, attempts = attempts + 1,"
         " message = :message, updated_at = :now, run_after = :run_after,"
-        f" timings = {_add_timing(_STAGE_KEY[current.stage])}, stage_entered_at = :now",
-        {"now": iso(now), "message": msg, "run_after": iso(now + delay)}, before=current,
+        f" timings = {add_timing(STAGE_KEY[current.stage])}, stage_entered_at = :now",
+        {"now": _iso(now), "message": msg, "run_after": _iso(now + delay)}, before=current,
     )
     return _event(conn, job, prev, msg, {"error": error})
 
@@ -265,9 +275,9 @@ def release(conn: sqlite3.Connection, job_id: str, owner: str, now: float, messa
     job, prev = _guarded(
         conn, job_id, owner,
         "state = 'pending', lease_owner = NULL, lease_expires_at = NULL, message = :message,"
-        f" updated_at = :now, run_after = :now, timings = {_add_timing(_STAGE_KEY[current.stage])},"
+        f" updated_at = :now, run_after = :now, timings = {add_timing(STAGE_KEY[current.stage])},"
         " stage_entered_at = :now",
-        {"now": iso(now), "message": message}, before=current,
+        {"now": _iso(now), "message": message}, before=current,
     )
     return _event(conn, job, prev, message)
 
@@ -275,7 +285,15 @@ def release(conn: sqlite3.Connection, job_id: str, owner: str, now: float, messa
 def update(conn: sqlite3.Connection, job_id: str, owner: str, now: float, fields: dict[str, Any]) -> Job:
     """Set columns of a running job this worker holds (prompt id, backend, result...); no event."""
     extra, params = _field_sets(fields)
-    params["now"] = iso(now)
+    params.update(now=_iso(now), id=job_id, owner=owner)
+    try:  # one statement when the job is held; the guarded path explains why it is not
+        row = conn.execute(
+            "UPDATE jobs SET updated_at = :now" + extra +
+            " WHERE id = :id AND state = 'running' AND lease_owner = :owner RETURNING *", params).fetchone()
+    except sqlite3.IntegrityError as exc:
+        raise IllegalTransition(f"job {job_id}: {exc}") from exc
+    if row is not None:
+        return Job.from_row(row)
     job, _ = _guarded(conn, job_id, owner, "updated_at = :now" + extra, params)
     return job
 
@@ -300,7 +318,7 @@ def renew(conn: sqlite3.Connection, owner: str, now: float, lease: float) -> int
     """Extend the lease of every job this process holds; return how many."""
     return conn.execute(
         "UPDATE jobs SET lease_expires_at = ? WHERE lease_owner = ? AND state = 'running'",
-        (iso(now + lease), owner),
+        (_iso(now + lease), owner),
     ).rowcount
 
 
@@ -313,14 +331,14 @@ def request_cancel(conn: sqlite3.Connection, job_id: str, now: float) -> tuple[J
         return job, finish(conn, job_id, None, now, "cancelled", CANCELLED["message"],
                            error=CANCELLED, from_states=("pending",))
     if job.state == "running" and not job.cancel_requested:
-        conn.execute("UPDATE jobs SET cancel_requested = 1, updated_at = ? WHERE id = ?", (iso(now), job_id))
+        conn.execute("UPDATE jobs SET cancel_requested = 1, updated_at = ? WHERE id = ?", (_iso(now), job_id))
         job.cancel_requested = True
     return job, None
 
 
 def reap(conn: sqlite3.Connection, now: float, owner: str, grace: float) -> list[Transition]:
     """Requeue or fail jobs whose lease expired; fail jobs past their deadline."""
-    t = iso(now)
+    t = _iso(now)
     out: list[Transition] = []
     expired = conn.execute(
         "SELECT * FROM jobs WHERE state = 'running' AND lease_expires_at < ?", (t,)
@@ -329,7 +347,7 @@ def reap(conn: sqlite3.Connection, now: float, owner: str, grace: float) -> list
         out.append(_rescue(conn, row, now, counts_attempt=True))
     overdue = conn.execute(
         "SELECT id, state, lease_owner FROM jobs WHERE state IN ('pending', 'running') AND deadline_at < ?",
-        (iso(now - grace),),
+        (_iso(now - grace),),
     ).fetchall()
     for job_id, state, lease_owner in overdue:
         err = {"type": "timeout", "message": "job deadline passed"}
@@ -362,9 +380,9 @@ def _rescue(conn: sqlite3.Connection, job: Job, now: float, *, counts_attempt: b
     row, prev = _guarded(
         conn, job.id, job.lease_owner,
         f"state = 'pending', lease_owner = NULL, lease_expires_at = NULL, {bump} message = :message,"
-        f" updated_at = :now, run_after = :now, timings = {_add_timing(_STAGE_KEY[job.stage])},"
+        f" updated_at = :now, run_after = :now, timings = {add_timing(STAGE_KEY[job.stage])},"
         " stage_entered_at = :now",
-        {"now": iso(now), "message": msg}, before=job,
+        {"now": _iso(now), "message": msg}, before=job,
     )
     return _event(conn, row, prev, msg)
 
@@ -376,7 +394,7 @@ def retry_job(conn: sqlite3.Connection, job_id: str, now: float) -> Transition:
         raise NotFound(f"job {job_id} not found")
     if job.state not in ("failed", "cancelled"):
         raise IllegalTransition(f"job {job_id} is {job.state}; only failed or cancelled jobs can be retried")
-    t = iso(now)
+    t = _iso(now)
     deadline = now + max(60.0, _deadline_span(job))
     row = _one(
         conn,
@@ -384,7 +402,7 @@ def retry_job(conn: sqlite3.Connection, job_id: str, now: float) -> Transition:
         " finished_at = NULL, comfy_prompt_id = NULL, comfy_backend = NULL, prepared = NULL,"
         " result = NULL, message = 'Retry requested', updated_at = :now, run_after = :now,"
         " stage_entered_at = :now, deadline_at = :deadline, timings = '{}' WHERE id = :id RETURNING *",
-        {"now": t, "deadline": iso(deadline), "id": job_id},
+        {"now": t, "deadline": _iso(deadline), "id": job_id},
     )
     assert row is not None
     conn.execute("DELETE FROM outputs WHERE job_id = ?", (job_id,))
@@ -400,7 +418,7 @@ def prune(conn: sqlite3.Connection, before: float, limit: int = 500) -> list[str
     rows = conn.execute(
         "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE finished_at IS NOT NULL"
         " AND finished_at < ? ORDER BY finished_at LIMIT ?) RETURNING id",
-        (iso(before), limit),
+        (_iso(before), limit),
     ).fetchall()
     return [r[0] for r in rows]
 
@@ -415,5 +433,5 @@ def put_output(conn: sqlite3.Connection, job_id: str, now: float, row: dict[str,
     conn.execute(
         f"INSERT INTO outputs (job_id, created_at, {', '.join(cols)}) VALUES (?, ?, {', '.join('?' * len(cols))})"
         f" ON CONFLICT (job_id, filename) DO UPDATE SET {', '.join(f'{c} = excluded.{c}' for c in cols)}",
-        (job_id, iso(now), *(row[c] for c in cols)),
+        (job_id, _iso(now), *(row[c] for c in cols)),
     )

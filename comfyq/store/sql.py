@@ -1,0 +1,61 @@
+"""SQL text of the store's transitions, built once at import.
+
+Fast paths are single UPDATEs that read the job's stage from the row (CASE stage ...), so one
+statement serves every stage; ``ops`` falls back to a read and a guarded UPDATE when they match
+nothing, to say why (lease lost, cancelled, not found).
+"""
+
+from __future__ import annotations
+
+STAGE_KEY = {"preprocess": "preprocess_ms", "generate": "generation_ms", "postprocess": "postprocess_ms"}
+
+
+def ms_since(col: str, now_param: str) -> str:
+    return f"round((julianday({now_param}) - julianday({col})) * 86400000.0)"
+
+
+def add_timing(key: str) -> str:
+    """SQL that adds the time spent since stage_entered_at to timings.<key>."""
+    return (
+        f"json_set(timings, '$.{key}', coalesce(json_extract(timings, '$.{key}'), 0) + "
+        f"{ms_since('stage_entered_at', ':now')})"
+    )
+
+
+# The time a stage took goes to timings.<stage key>; the SQL reads the stage from the row.
+_STAGE_KEY_SQL = ("'$.' || CASE stage WHEN 'preprocess' THEN 'preprocess_ms' WHEN 'generate' THEN 'generation_ms'"
+                  " ELSE 'postprocess_ms' END")
+_STAGE_DONE = (f"json_set(timings, {_STAGE_KEY_SQL}, coalesce(json_extract(timings, {_STAGE_KEY_SQL}), 0)"
+               f" + {ms_since('stage_entered_at', ':now')})")
+# A held, uncancelled job (anything else takes the slow path, which says what is wrong).
+HELD = " WHERE id = :id AND state = 'running' AND lease_owner = :owner AND cancel_requested = 0"
+# End of a stage: pending in the next one, or completed after postprocess (as ``finish`` does).
+ADVANCE = (
+    "UPDATE jobs SET state = CASE stage WHEN 'postprocess' THEN 'completed' ELSE 'pending' END,"
+    " stage = CASE stage WHEN 'preprocess' THEN 'generate' ELSE 'postprocess' END,"
+    " lease_owner = NULL, lease_expires_at = NULL, message = :message, updated_at = :now,"
+    " run_after = CASE stage WHEN 'postprocess' THEN run_after ELSE :now END,"
+    " finished_at = CASE stage WHEN 'postprocess' THEN :now END,"
+    " error = CASE stage WHEN 'postprocess' THEN NULL ELSE error END,"
+    f" timings = CASE stage WHEN 'postprocess' THEN json_set({_STAGE_DONE}, '$.total_ms',"
+    f" {ms_since('created_at', ':now')}) ELSE {_STAGE_DONE} END, stage_entered_at = :now"
+)
+# End of a stage and claim of the next (hand-off), as ``advance`` then ``claim`` would write it;
+# the claim comes the instant the job enters the stage, so it adds 0 ms of waiting.
+_WAIT_KEY_SQL = "'$.' || CASE stage WHEN 'preprocess' THEN 'generate_wait_ms' ELSE 'postprocess_wait_ms' END"
+HAND_OFF = (
+    "UPDATE jobs SET state = 'running',"
+    " stage = CASE stage WHEN 'preprocess' THEN 'generate' ELSE 'postprocess' END,"
+    " lease_owner = :owner, lease_expires_at = :exp, attempts = max(attempts, 1), message = :message,"
+    f" updated_at = :now, run_after = :now, timings = json_set({_STAGE_DONE}, {_WAIT_KEY_SQL},"
+    f" coalesce(json_extract({_STAGE_DONE}, {_WAIT_KEY_SQL}), 0) + 0.0), stage_entered_at = :now"
+)
+
+
+def claim_sql(stage: str, which: str) -> str:
+    wait_key = "queued_ms" if stage == "preprocess" else f"{stage}_wait_ms"
+    return (
+        "UPDATE jobs SET state = 'running', lease_owner = :owner, lease_expires_at = :exp,"
+        " attempts = max(attempts, 1), updated_at = :now, message = :message,"
+        f" timings = {add_timing(wait_key)}, stage_entered_at = :now WHERE {which} RETURNING *"
+    )
