@@ -17,6 +17,7 @@ import json
 import math
 import random
 import re
+import sys
 import time
 from collections.abc import Awaitable, Callable, Collection, Iterator
 from dataclasses import dataclass
@@ -304,6 +305,8 @@ class BaseModifier:
             for d in self.workflow_dirs:
                 candidates += [d / rel, d / rel.name]
             candidates.append(Path.cwd() / rel)
+            # a non-editable install puts the shipped workflows in <prefix>/share/comfyq/workflows
+            candidates.append(Path(sys.prefix) / "share" / "comfyq" / rel)
         for c in candidates:
             if c.is_file():
                 return c

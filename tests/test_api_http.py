@@ -164,6 +164,7 @@ async def test_docs_work_offline_and_root_renders_the_readme(server: Server) -> 
         assert r.status == 200 and r.content_type == "text/html"
         html = await r.text()
     assert "<h1>comfyq</h1>" in html and "<code>" in html and 'href="/docs"' in html
+    assert "settings-table" not in html and "&lt;!--" not in html  # editor markers stay hidden
 
 
 async def test_metrics_in_prometheus_format(server: Server) -> None:

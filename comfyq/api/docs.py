@@ -7,6 +7,7 @@ import importlib.metadata
 import importlib.util
 import json
 import mimetypes
+import re
 from functools import lru_cache
 from pathlib import Path
 
@@ -104,6 +105,9 @@ def render_readme(path: Path | None) -> str:
     if text is None:
         body = "<h1>comfyq</h1><p>A durable API server in front of ComfyUI. No README was found.</p>"
     else:
+        # HTML comments (the generated-table markers) are for editors, not readers; any other raw
+        # HTML stays escaped.
+        text = re.sub(r"<!--.*?-->\n?", "", text, flags=re.S)
         body = MarkdownIt("commonmark", {"html": False}).enable("table").render(text)
     return (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>comfyq</title>"
             f"<style>{_STYLE}</style></head><body>{nav}{body}</body></html>")
