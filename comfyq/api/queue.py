@@ -130,10 +130,13 @@ class QueueView:
             return None
         s = await self.snapshot()
         pos = s.positions.get(job_id, 0) if state == "pending" else 0
+        size = s.waiting[stage]
         if state == "pending" and pos == 0:
-            pos = s.waiting[stage] or 1  # committed after the snapshot: it is at the back
+            # Committed after the snapshot: it is at the back, and the queue holds it too.
+            size += 1
+            pos = size
         eta = await self.estimate(state, stage, kind, entered_at, pos, s)
-        return QueuePosition(QUEUE_NAMES[stage], pos, s.waiting[stage], eta)
+        return QueuePosition(QUEUE_NAMES[stage], pos, size, eta)
 
     async def estimate(self, state: str, stage: str, kind: str, entered_at: str, pos: int,
                        snap: Snapshot) -> float | None:
