@@ -68,7 +68,13 @@ class Watch:
         self.dropped = 0
         self._items: deque[Item] = deque()
         self._droppable = 0
-        self._wakeup = asyncio.Event()
+        self._waiter: asyncio.Future[None] | None = None
+        # One timer per watch, moved lazily: the follower waits again after every message, each
+        # time with a deadline a little later than the last. Arming and cancelling a timer per wait
+        # cost more than the wait itself; this one is re-armed only when it fires early.
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._deadline = 0.0
 
     def node_type(self, node: str | None) -> str | None:
         """The class_type of ``node`` in the workflow, if known."""
@@ -87,21 +93,50 @@ class Watch:
                 return
             self._droppable += 1
         self._items.append(item)
-        self._wakeup.set()
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     async def get(self, timeout: float) -> Item | None:
         """The next item, or None when ``timeout`` seconds pass first."""
         if not self._items:
-            self._wakeup.clear()
+            loop = asyncio.get_running_loop()
+            self._deadline = loop.time() + max(timeout, 0.0)
+            if self._timer is None or self._timer_at > self._deadline:
+                if self._timer is not None:
+                    self._timer.cancel()
+                self._arm(loop, self._deadline)
+            self._waiter = waiter = loop.create_future()
             try:
-                async with asyncio.timeout(max(timeout, 0.0)):
-                    await self._wakeup.wait()
-            except TimeoutError:
+                await waiter
+            finally:
+                self._waiter = None
+            if not self._items:
                 return None
         item = self._items.popleft()
         if item.droppable:
             self._droppable -= 1
         return item
+
+    def close(self) -> None:
+        """Drop the timer once nobody waits (the follower is gone)."""
+        if self._timer is not None and self._waiter is None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _arm(self, loop: asyncio.AbstractEventLoop, at: float) -> None:
+        self._timer_at = at
+        self._timer = loop.call_at(at, self._on_timer, loop)
+
+    def _on_timer(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._timer = None
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return  # nobody waits: the next get() arms a timer for its own deadline
+        if self._deadline <= self._timer_at:
+            waiter.set_result(None)  # timed out
+        else:
+            self._arm(loop, self._deadline)
 
 
 class WsFeed:
@@ -187,7 +222,9 @@ class WsFeed:
 
     def forget(self, prompt_id: str, watch: Watch | None = None) -> None:
         if watch is None or self.watches.get(prompt_id) is watch:
-            self.watches.pop(prompt_id, None)
+            gone = self.watches.pop(prompt_id, None)
+            if gone is not None:
+                gone.close()
 
     def _broadcast(self, kind: str) -> None:
         for w in self.watches.values():

@@ -47,10 +47,10 @@ class ProtocolError(ValueError):
 
 
 class Envelope(msgspec.Struct):
-    """Every text frame: ``{"type": ..., "data": {...}}``."""
+    """Every text frame: ``{"type": ..., "data": {...}}``; ``data`` is decoded by its type."""
 
     type: str
-    data: dict[str, Any] = msgspec.field(default_factory=dict)
+    data: msgspec.Raw = msgspec.Raw(b"{}")
 
 
 class Status(msgspec.Struct):
@@ -141,20 +141,40 @@ MESSAGE_TYPES: dict[str, type[msgspec.Struct]] = {
 }
 
 _envelope_decoder = msgspec.json.Decoder(Envelope)
+_typed_decoders = {name: msgspec.json.Decoder(kind) for name, kind in MESSAGE_TYPES.items()}
+_dict_decoder = msgspec.json.Decoder(dict[str, Any])
+_NO_PROMPT_ID = object()
 
 
-@dataclass(slots=True)
 class WsMessage:
-    """A decoded text frame: the raw ``data`` dict plus its typed form when the type is known."""
+    """A decoded text frame: its typed form when the type is known, and the raw ``data`` dict,
+    decoded only when asked for (routing and most messages need only the typed form)."""
 
-    type: str
-    data: dict[str, Any]
-    parsed: msgspec.Struct | None
+    __slots__ = ("_data", "_raw", "parsed", "type")
+
+    def __init__(self, type: str, data: dict[str, Any] | None, parsed: msgspec.Struct | None,
+                 raw: msgspec.Raw | None = None) -> None:
+        self.type = type
+        self.parsed = parsed
+        self._data = data
+        self._raw = raw
+
+    @property
+    def data(self) -> dict[str, Any]:
+        if self._data is None:
+            # The typed form decoded from these bytes, so they are a JSON object.
+            self._data = _dict_decoder.decode(self._raw) if self._raw is not None else {}
+        return self._data
 
     @property
     def prompt_id(self) -> str | None:
-        value = self.data.get("prompt_id")
+        value = getattr(self.parsed, "prompt_id", _NO_PROMPT_ID)
+        if value is _NO_PROMPT_ID:
+            value = self.data.get("prompt_id")
         return value if isinstance(value, str) else None
+
+    def __repr__(self) -> str:
+        return f"WsMessage(type={self.type!r}, data={self.data!r}, parsed={self.parsed!r})"
 
 
 def parse_text_frame(raw: str | bytes) -> WsMessage:
@@ -163,14 +183,17 @@ def parse_text_frame(raw: str | bytes) -> WsMessage:
         env = _envelope_decoder.decode(raw)
     except msgspec.DecodeError as exc:
         raise ProtocolError(f"bad text frame: {exc}") from exc
-    kind = MESSAGE_TYPES.get(env.type)
-    parsed: msgspec.Struct | None = None
-    if kind is not None:
+    decoder = _typed_decoders.get(env.type)
+    if decoder is None:  # a type we do not know: its data as a dict
         try:
-            parsed = msgspec.convert(env.data, kind, str_keys=True)
-        except msgspec.ValidationError as exc:
-            raise ProtocolError(f"bad {env.type} message: {exc}") from exc
-    return WsMessage(env.type, env.data, parsed)
+            return WsMessage(env.type, _dict_decoder.decode(env.data), None)
+        except msgspec.DecodeError as exc:
+            raise ProtocolError(f"bad text frame: {exc}") from exc
+    # Straight from the bytes into the typed form: no dict first (most frames never need it).
+    try:
+        return WsMessage(env.type, None, decoder.decode(env.data), env.data)
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(f"bad {env.type} message: {exc}") from exc
 
 
 # --- binary frames --------------------------------------------------------------------------
