@@ -83,6 +83,12 @@ class Child:
         self.proc.send_signal(signal.SIGKILL)
         await asyncio.to_thread(self.proc.wait)
 
+    def freeze(self, on: bool) -> None:
+        """SIGSTOP (a hung process: connections stay open, nothing answers) or SIGCONT."""
+        if self.alive:
+            assert self.proc is not None
+            self.proc.send_signal(signal.SIGSTOP if on else signal.SIGCONT)
+
     async def stop(self, timeout: float = 60.0) -> int | None:
         """SIGTERM and wait; SIGKILL after ``timeout``. The exit code (None if it had to be killed)."""
         if self.proc is None or self.proc.poll() is not None:

@@ -91,6 +91,7 @@ class Inputs:
     timeline: list[dict[str, Any]]
     submit_stats: dict[str, int]
     duration_s: float
+    s3_access: tuple[str, str] = ("chaos", "chaos-secret")  # moto takes any keys
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -122,15 +123,16 @@ def _why_extra_prompts(job_id: str, prompts: list[dict[str, Any]], events: list[
     return "; ".join(notes)
 
 
-def check_s3(url: str, bucket: str, db: DbView, completed: list[str]) -> dict[str, Any]:
+def check_s3(inp: Inputs, db: DbView, completed: list[str]) -> dict[str, Any]:
     """Every output of a completed job must be in the bucket under ``{job}/{file}``, byte for byte."""
     import hashlib
 
     import boto3  # type: ignore[import-untyped]
     from botocore.exceptions import ClientError  # type: ignore[import-untyped]
 
-    s3 = boto3.client("s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id="chaos",
-                      aws_secret_access_key="chaos-secret")
+    url, bucket = inp.s3_url, inp.bucket
+    s3 = boto3.client("s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id=inp.s3_access[0],
+                      aws_secret_access_key=inp.s3_access[1])
     expected = {f"{j}/{o['filename']}": o for j in completed for o in db.outputs.get(j, [])}
     in_bucket: set[str] = set()
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
@@ -224,7 +226,7 @@ def account(db_path: Path, receiver_log: Path, prompt_log: Path, inp: Inputs) ->
             else "plain"
         outcomes[group][row["state"]] += 1
     completed = [j for j, row in known.items() if row["state"] == "completed"]
-    s3 = check_s3(inp.s3_url, inp.bucket, db, completed)
+    s3 = check_s3(inp, db, completed)
     final_prompt_unlogged = sorted(j for j in completed if known[j]["comfy_prompt_id"] not in
                                    {p["prompt_id"] for p in prompts_by_job.get(j, [])})
     per_job = Counter(len(prompts_by_job.get(j, [])) for j in known)
@@ -276,6 +278,7 @@ def account(db_path: Path, receiver_log: Path, prompt_log: Path, inp: Inputs) ->
         "comfyq_kills_during_start": sum(1 for e in kills if e.get("during_start")),
         "simulator_crashes_with_work_in_flight": sum(1 for e in crashes if e.get("busy")),
         "simulator_crashes": len(crashes),
+        "simulator_freezes": sum(1 for e in inp.timeline if e["kind"] == "simulator SIGSTOP"),
         "submit": inp.submit_stats,
         "duration_s": round(inp.duration_s, 1),
         **inp.extra,
@@ -364,7 +367,7 @@ def render(r: dict[str, Any]) -> str:
          f" webhooks in flight, {r['comfyq_kills_during_start']} while it was starting, before /health;"
          f" restart to /health: median {r.get('restart_median_s', 0):.1f} s),"
          f" simulator kill -9 {r['simulator_crashes']} ({r['simulator_crashes_with_work_in_flight']} with work"
-         " in flight)"),
+         f" in flight), simulator SIGSTOP {r['simulator_freezes']}"),
         (f"  comfyq starts that died before /health:"
          f" {r.get('comfyq_failed_starts', 0)}; final graceful stop exit code {r.get('comfyq_exit_code')}"),
         f"wall time {r['duration_s']:.1f} s",
