@@ -3,6 +3,7 @@ step-by-step paths write, and refuse what those refuse."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -165,3 +166,35 @@ async def test_a_full_queue_still_answers_repeated_requests(store: JobStore) -> 
         await store.create(changed, 3)
     assert rows(store, "SELECT count(*) AS n FROM jobs") == [{"n": 3}]
     assert rows(store, "SELECT count(*) AS n FROM job_events") == [{"n": 3}]
+
+
+async def test_writes_asked_for_in_one_loop_turn_share_one_commit(store: JobStore) -> None:
+    before = store.writer.commits
+    created = await asyncio.gather(*(store.create(new(f"g{i}"), 1000) for i in range(50)))
+    assert all(c for _, c in created)
+    assert store.writer.commits - before == 1  # handed to the writer thread together
+
+
+async def test_an_operation_outside_transactions_keeps_its_place_in_the_turn(store: JobStore) -> None:
+    order: list[str] = []
+
+    def mark(conn: sqlite3.Connection, name: str) -> str:
+        order.append(f"{name}:{'txn' if conn.in_transaction else 'alone'}")
+        return name
+
+    before = store.writer.commits
+    got = await asyncio.gather(store.writer.run(mark, "a"), store.writer.run_outside(mark, "b"),
+                               store.writer.run(mark, "c"))
+    assert got == ["a", "b", "c"] and order == ["a:txn", "b:alone", "c:txn"]
+    assert store.writer.commits - before == 2
+
+
+async def test_stop_finishes_writes_not_yet_handed_over(tmp_path: Path) -> None:
+    s = JobStore(tmp_path / "q.db", clock=ManualClock(T0), owner="w1")
+    await s.open()
+    pending = asyncio.ensure_future(s.create(new("late"), 10))
+    await asyncio.sleep(0)  # submitted, not yet handed to the thread
+    await s.close()
+    job, created = await pending
+    assert created and job.id == "late"
+    assert rows(s, "SELECT id FROM jobs") == [{"id": "late"}]

@@ -14,6 +14,7 @@ import logging
 import queue
 import sqlite3
 import threading
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -45,7 +46,7 @@ def connect(path: str | Path, *, readonly: bool = False) -> sqlite3.Connection:
 
 
 class _Op:
-    __slots__ = ("fn", "args", "future", "loop", "txn")
+    __slots__ = ("args", "fn", "future", "loop", "txn")
 
     def __init__(
         self,
@@ -77,7 +78,10 @@ class Writer:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[list[_Op] | None] = queue.SimpleQueue()
+        # Writes asked for during one turn of an event loop, handed to the thread together: one
+        # wake-up of the thread (a futex call, often a context switch) per turn, not per write.
+        self._turn: dict[asyncio.AbstractEventLoop, list[_Op]] = {}
         self._thread: threading.Thread | None = None
         self._conn: sqlite3.Connection | None = None
         self.commits = 0
@@ -94,7 +98,7 @@ class Writer:
             raise RuntimeError("writer not started")
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
-        self._queue.put(_Op(fn, args, fut, loop))
+        self._submit(loop, _Op(fn, args, fut, loop))
         return await fut
 
     async def run_outside(self, fn: Callable[..., T], *args: Any) -> T:
@@ -103,8 +107,21 @@ class Writer:
             raise RuntimeError("writer not started")
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
-        self._queue.put(_Op(fn, args, fut, loop, txn=False))
+        self._submit(loop, _Op(fn, args, fut, loop, txn=False))
         return await fut
+
+    def _submit(self, loop: asyncio.AbstractEventLoop, op: _Op) -> None:
+        ops = self._turn.get(loop)
+        if ops is None:
+            self._turn[loop] = [op]
+            loop.call_soon(self._hand_over, loop)
+        else:
+            ops.append(op)
+
+    def _hand_over(self, loop: asyncio.AbstractEventLoop) -> None:
+        ops = self._turn.pop(loop, None)
+        if ops:
+            self._queue.put(ops)
 
     def run_sync(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a write directly (only before start or after stop, e.g. migrations, CLI)."""
@@ -126,6 +143,7 @@ class Writer:
         """Finish every queued write, then close the connection."""
         if self._thread is None:
             return
+        self._hand_over(asyncio.get_running_loop())
         self._queue.put(None)
         await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
         self._thread = None
@@ -136,27 +154,30 @@ class Writer:
     def _loop(self) -> None:
         assert self._conn is not None
         conn = self._conn
+        backlog: deque[_Op] = deque()
         stopping = False
-        while not stopping:
-            first = self._queue.get()
-            if first is None:
-                break
-            batch = [first]
-            while len(batch) < MAX_GROUP and batch[-1].txn:
+        while backlog or not stopping:
+            if not backlog:
+                ops = self._queue.get()
+                if ops is None:
+                    break
+                backlog.extend(ops)
+            while not stopping:  # everything queued by now joins this group
                 try:
-                    op = self._queue.get_nowait()
+                    ops = self._queue.get_nowait()
                 except queue.Empty:
                     break
-                if op is None:
+                if ops is None:
                     stopping = True
-                    break
-                batch.append(op)
-            if not batch[-1].txn:
-                if len(batch) > 1:
-                    self._commit_group(conn, batch[:-1])
-                self._run_alone(conn, batch[-1])
-            else:
-                self._commit_group(conn, batch)
+                else:
+                    backlog.extend(ops)
+            if not backlog[0].txn:
+                self._run_alone(conn, backlog.popleft())
+                continue
+            batch: list[_Op] = []
+            while backlog and backlog[0].txn and len(batch) < MAX_GROUP:
+                batch.append(backlog.popleft())
+            self._commit_group(conn, batch)
 
     def _run_group(
         self, conn: sqlite3.Connection, batch: list[_Op], *, isolate: bool
