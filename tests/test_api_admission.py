@@ -6,6 +6,8 @@ The first half calls the admission functions directly; the second half goes thro
 from __future__ import annotations
 
 import json
+import re
+import time
 from typing import Any
 
 import pytest
@@ -276,3 +278,13 @@ async def test_queue_full_is_503_with_retry_after(make_server: MakeServer) -> No
     # A repeat of an admitted request is not a new job: it is answered even when full.
     status, body, _ = await post(srv, "/generate", wf_input(request_id="q0"))
     assert status == 200 and body["id"] == "q0"
+
+
+def test_minted_job_ids_are_32_hex_digits_in_time_order() -> None:
+    first = admission.new_job_id()
+    time.sleep(0.002)
+    second = admission.new_job_id()
+    assert re.fullmatch(r"[0-9a-f]{32}", first) and re.fullmatch(r"[0-9a-f]{32}", second)
+    assert first < second  # appended at the end of the primary-key index
+    assert abs(int(first[:12], 16) - time.time() * 1000) < 60_000
+    assert len({admission.new_job_id() for _ in range(1000)}) == 1000
