@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from comfyq.clock import parse_iso
 from comfyq.comfy.sim_promptlog import read_prompt_log
 
 TERMINAL = ("completed", "failed", "cancelled")
@@ -166,6 +167,26 @@ def _story(events: list[dict[str, Any]]) -> str:
     return ", ".join(f"{k} x{n}" for k, n in parts.items()) or "no retries"
 
 
+def charged_lookups(events: list[dict[str, Any]], prompts: list[dict[str, Any]]) -> tuple[int, int]:
+    """Generate runs that submitted nothing yet were charged an attempt for prompt_lost (the run only
+    looked up the prompt id an earlier run left, and ComfyUI did not know it): how many, and how many
+    of them came right after a run that had already been charged (one prompt, two attempts)."""
+    sent = [p["at"] for p in prompts]
+    lookups = doubles = 0
+    start: float | None = None
+    prev_charged = False  # the run before this one ended with a counted retry
+    for e in events:
+        if e["to_state"] == "running" and e["stage"] == "generate":
+            start = parse_iso(e["at"])
+        elif start is not None:
+            charged = e["message"].startswith("Attempt ") or e["message"].startswith("Lease expired")
+            if "(prompt_lost)" in e["message"] and not any(start <= t <= parse_iso(e["at"]) for t in sent):
+                lookups += 1
+                doubles += prev_charged
+            prev_charged, start = charged, None
+    return lookups, doubles
+
+
 def account(db_path: Path, receiver_log: Path, prompt_log: Path, inp: Inputs) -> dict[str, Any]:
     """The whole report as a dict (the JSON written by --json is this)."""
     db = read_db(db_path)
@@ -214,8 +235,10 @@ def account(db_path: Path, receiver_log: Path, prompt_log: Path, inp: Inputs) ->
         if n > row["attempts"]:
             gt.append({"job": j, "prompts": n, "attempts": row["attempts"], "state": row["state"],
                        "why": _why_extra_prompts(j, prompts_by_job[j], db.events.get(j, []), timeline)})
+    lookups = {j: charged_lookups(db.events.get(j, []), prompts_by_job.get(j, [])) for j in known}
     lt = [{"job": j, "prompts": len(prompts_by_job.get(j, [])), "attempts": row["attempts"], "state": row["state"],
-           "story": _story(db.events.get(j, []))}
+           "story": _story(db.events.get(j, [])) + ("; charged twice for one failed submission"
+                                                    if lookups[j][1] else "")}
           # One attempt and no prompt: a job that ended before it needed one (cancelled, or refused by ComfyUI).
           for j, row in sorted(known.items()) if len(prompts_by_job.get(j, [])) < row["attempts"] > 1]
     plan = inp.extra.get("plan") or {}
@@ -272,6 +295,10 @@ def account(db_path: Path, receiver_log: Path, prompt_log: Path, inp: Inputs) ->
         "jobs_prompts_gt_attempts": len(gt),
         "jobs_prompts_gt_attempts_list": gt,
         "jobs_prompts_lt_attempts": lt,
+        "attempts_charged_for_lookup_only": sum(n for n, _ in lookups.values()),
+        "attempts_charged_twice": sum(d for _, d in lookups.values()),
+        "jobs_charged_twice": sorted(j for j, (_, d) in lookups.items() if d),
+        "jobs_on_last_attempt": sum(1 for row in known.values() if row["attempts"] >= row["max_attempts"]),
         "completed_without_logged_prompt": final_prompt_unlogged,
         "comfyq_kills": len(kills),
         "comfyq_kills_with_work_in_flight": sum(1 for e in kills if e.get("busy")),
@@ -359,6 +386,11 @@ def render(r: dict[str, Any]) -> str:
                " sending it, or ComfyUI down when it was sent)")
     out += [f"      {g['job']}: {g['prompts']} prompts, {g['attempts']} attempts ({g['state']}): {g['story']}"
             for g in r["jobs_prompts_lt_attempts"]]
+    out.append(f"  attempts charged for a lookup only (a run that submitted nothing; ComfyUI did not know the"
+               f" prompt id an earlier run left): {r['attempts_charged_for_lookup_only']}, of which right after"
+               f" an attempt already charged for the same failure: {r['attempts_charged_twice']}"
+               + (" [bench/chaos_repro_attempts.py]" if r["attempts_charged_twice"] else ""))
+    out.append(f"  jobs that used all their attempts: {r['jobs_on_last_attempt']}")
     if r["completed_without_logged_prompt"]:
         out.append(f"  completed jobs whose final prompt is not in the log: {r['completed_without_logged_prompt']}")
     out += [

@@ -21,7 +21,8 @@ from test_s3_support import make_bucket, moto_url  # noqa: F401 - moto_url is a 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench/ is a folder of the checkout
 
 from bench.chaos_client import workflow
-from bench.chaos_report import Inputs, account, lost_anything, render
+from bench.chaos_report import Inputs, account, charged_lookups, lost_anything, render
+from comfyq.clock import parse_iso
 from comfyq.store import JobStore, NewJob
 
 PNG = b"\x89PNG\r\n\x1a\n not really, but bytes with a hash"
@@ -103,3 +104,23 @@ async def test_accounting_finds_every_kind_of_loss(tmp_path: Path, moto_url: str
     s3.delete_object(Bucket="bench-outputs", Key="ok/out.png")
     r = account(tmp_path / "q.db", tmp_path / "webhooks.jsonl", tmp_path / "prompts.jsonl", inp)
     assert r["s3"]["missing"] == ["ok/out.png"] and r["s3"]["present"] == 0
+
+
+def test_a_lookup_charged_right_after_a_charged_failure_is_a_double_charge() -> None:
+    def ev(at: str, to: str, msg: str) -> dict[str, Any]:
+        return {"at": f"2026-01-01T00:00:{at}Z", "to_state": to, "stage": "generate", "message": msg}
+
+    events = [
+        ev("00.000", "running", "Waiting for ComfyUI"),  # run 1: its POST /prompt fails
+        ev("03.000", "pending", "Attempt 1 failed (comfyui_unreachable); retrying in 0.5s"),
+        ev("04.000", "running", "Waiting for ComfyUI"),  # run 2: only looks the prompt id up
+        ev("04.500", "pending", "Attempt 2 failed (prompt_lost); retrying in 0.5s"),
+        ev("05.000", "running", "Waiting for ComfyUI"),  # run 3: submits, and completes
+        ev("07.000", "pending", "Generation complete. Queued for post-processing."),
+    ]
+    sent_at_5_1 = [{"at": parse_iso("2026-01-01T00:00:05.100Z")}]
+    assert charged_lookups(events, sent_at_5_1) == (1, 1)
+    resumed = [ev("00.000", "running", "Waiting for ComfyUI"), ev("01.000", "pending", "Resumed in generate after a restart"),
+               *events[2:]]  # the run before the lookup was comfyq's restart: not charged, so no double
+    assert charged_lookups(resumed, sent_at_5_1) == (1, 0)
+    assert charged_lookups(events, [{"at": parse_iso("2026-01-01T00:00:04.200Z")}]) == (0, 0)  # run 2 did submit
