@@ -111,6 +111,8 @@ async def chaos(w: World, rng: random.Random) -> None:
                 usual = statistics.median(w.restarts) if w.restarts else 0.6  # spawn to /health
                 await asyncio.sleep(rng.uniform(0.05, 0.95 * usual))
                 alive, answered = w.comfyq.alive, await w.comfyq.ready()
+                if not alive:  # it died on its own while starting: a crash on restart
+                    w.comfyq.failed_starts.append(f"exited by itself while starting\n{tail(w.comfyq.log)}")
                 await w.comfyq.kill9()
                 w.timeline.append(event)
                 _show(event)
