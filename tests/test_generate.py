@@ -149,6 +149,24 @@ async def test_comfyui_restart_mid_job_resubmits_and_completes(tmp_path: Path, s
         await svc.stop()
 
 
+async def test_failed_submission_costs_one_attempt_not_two(tmp_path: Path, sim: Simulator) -> None:
+    # A POST /prompt that fails (HTTP 500 here; a timeout in real life) may or may not have got in,
+    # so its prompt id stays stored and the next attempt looks it up. Not finding it must lead to a
+    # fresh submission in that same attempt, not to a second charged failure (prompt_lost).
+    sim.reject_next = [(500, "500 Internal Server Error\n\nServer got itself in trouble")]
+    svc = make(tmp_path, [sim.url])
+    await svc.start()
+    try:
+        await submit(svc, "f", wf(5))
+        job = await final(svc, "f")
+        assert job.state == "completed" and job.attempts == 2
+        assert len(sim.prompts_received) == 1
+        msgs = [e["message"] for e in await svc.store.events("f")]
+        assert not any("prompt_lost" in m for m in msgs), msgs
+    finally:
+        await svc.stop()
+
+
 async def test_cancel_running_interrupts_that_prompt_only(tmp_path: Path, sim: Simulator) -> None:
     sim.node_durations = {"ImageBlur": 2.0}
     svc = make(tmp_path, [sim.url], )

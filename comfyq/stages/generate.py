@@ -88,8 +88,14 @@ class Generate:
             others = [b["url"] for b in self.pool.snapshot() if b["url"] != url]
             async with self.pool.slot(prefer=url, exclude=others) as be2:
                 return await self._follow(be2, prompt_id, workflow, ctx)
+        # Unknown: it never got in (the POST that failed ambiguously was already charged an attempt)
+        # or ComfyUI restarted while comfyq was down (a restart, which recover does not charge
+        # either). Either way nothing of it runs anywhere: submit afresh within this attempt, so
+        # that one attempt is one prompt.
+        log.warning("job %s: ComfyUI at %s does not know prompt %s (never got in, or ComfyUI restarted); "
+                    "submitting it again", job.id, shown, prompt_id, extra={"prompt_id": prompt_id})
         await ctx.update(comfy_prompt_id=None, comfy_backend=None)
-        raise PromptLost(f"ComfyUI at {shown} no longer knows prompt {prompt_id} (restarted?); resubmitting")
+        return None
 
     async def _from_history(self, be: Backend, entry: Any, ctx: JobContext) -> Any:
         try:
