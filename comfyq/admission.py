@@ -28,6 +28,7 @@ TRUE_VALUES = frozenset({"1", "true", "yes", "on"})
 MAX_DEPTH = 100  # deeper JSON is no workflow; refusing it keeps encoders and SQLite's JSON safe
 
 _INPUT_FIELDS = frozenset(f.name for f in msgspec.structs.fields(Input))
+_HOLD: Any = {"": None}  # see build()
 _AT = re.compile(r"^(?P<msg>.*?)(?: - at `(?P<path>\$[^`]*)`)?$", re.DOTALL)
 _FIELD_NAME = re.compile(r"`([^`]*)`")
 
@@ -65,15 +66,23 @@ def check_media_type(content_type: str | None) -> None:
 
 
 def _depth_ok(value: Any, limit: int = MAX_DEPTH) -> bool:
+    """Whether no value in ``value`` sits deeper than ``limit`` (the top value is at depth 1)."""
+    if not isinstance(value, (dict, list)):
+        return True
+    # Only containers are pushed (a workflow's values are mostly numbers and strings): a
+    # container's children, whatever they are, sit one level below it.
     stack: list[tuple[Any, int]] = [(value, 1)]
     while stack:
         v, d = stack.pop()
-        if d > limit:
+        children = v.values() if isinstance(v, dict) else v
+        if not children:
+            continue
+        if d >= limit:
             return False
-        if isinstance(v, dict):
-            stack.extend((x, d + 1) for x in v.values())
-        elif isinstance(v, list):
-            stack.extend((x, d + 1) for x in v)
+        d += 1
+        for x in children:
+            if isinstance(x, (dict, list)):
+                stack.append((x, d))
     return True
 
 
@@ -164,15 +173,17 @@ def parse(body: bytes, headers: Mapping[str, str]) -> tuple[Input, dict[str, Any
     if not isinstance(raw, dict):
         raise bad("$", 'must be an object: {"input": {...}}')
     raw_input = raw.get("input")
-    if isinstance(raw_input, dict):
-        unknown = sorted(str(k) for k in raw_input if k not in _INPUT_FIELDS)
-        errors = [{"path": f"$.input.{k}", "message": "unknown field"} for k in unknown]
-        errors += _check_workflow(raw_input.get("workflow_json"))
-        if errors:
-            raise _bad_many(errors)
     try:
         req = msgspec.convert(raw, GenerateRequest)
     except msgspec.ValidationError as exc:
+        # Only now, for a body that fails: every unknown field at once, and node errors by node id
+        # (a body that converts has neither, so valid requests skip these walks).
+        if isinstance(raw_input, dict):
+            unknown = sorted(str(k) for k in raw_input if k not in _INPUT_FIELDS)
+            errors = [{"path": f"$.input.{k}", "message": "unknown field"} for k in unknown]
+            errors += _check_workflow(raw_input.get("workflow_json"))
+            if errors:
+                raise _bad_many(errors) from None
         raise _from_msgspec(exc) from None
     inp = req.input
     if headers.get("X-Return-Outputs-As-Base64", "").strip().lower() in TRUE_VALUES:
@@ -205,9 +216,13 @@ def _split_secrets(clean: dict[str, Any]) -> dict[str, Any]:
 def build(inp: Input, raw_input: dict[str, Any], *, max_attempts: int, default_timeout: float,
           default_webhook_url: str = "") -> Admitted:
     """The job to write for a validated input: id, payload without secrets, secrets, hash."""
-    clean: dict[str, Any] = msgspec.to_builtins(inp)  # defaults omitted: a normalised payload
     if inp.workflow_json:
-        clean["workflow_json"] = raw_input["workflow_json"]  # verbatim, node keys like _meta kept
+        # The workflow is stored verbatim (node keys like _meta kept), so its typed form is not
+        # converted back: a placeholder holds its place in the field order.
+        clean: dict[str, Any] = msgspec.to_builtins(msgspec.structs.replace(inp, workflow_json=_HOLD))
+        clean["workflow_json"] = raw_input["workflow_json"]
+    else:
+        clean = msgspec.to_builtins(inp)  # defaults omitted: a normalised payload
     payload_hash = canonical_hash(clean)
     secrets = _split_secrets(clean)
     if default_webhook_url and not (clean.get("webhook") or {}).get("url"):

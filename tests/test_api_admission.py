@@ -10,6 +10,7 @@ import re
 import time
 from typing import Any
 
+import msgspec
 import pytest
 from conftest import INVERT_WORKFLOW, MakeServer, Server, pause
 
@@ -288,3 +289,36 @@ def test_minted_job_ids_are_32_hex_digits_in_time_order() -> None:
     assert first < second  # appended at the end of the primary-key index
     assert abs(int(first[:12], 16) - time.time() * 1000) < 60_000
     assert len({admission.new_job_id() for _ in range(1000)}) == 1000
+
+
+def _depth(value: Any) -> int:
+    children = list(value.values()) if isinstance(value, dict) else value if isinstance(value, list) else None
+    return 1 + max((_depth(c) for c in children), default=0) if children else 1
+
+
+@pytest.mark.parametrize("n", [admission.MAX_DEPTH - 2, admission.MAX_DEPTH - 1, admission.MAX_DEPTH,
+                               admission.MAX_DEPTH + 1])
+@pytest.mark.parametrize("leaf", [1, {}, [], "x", [None]])
+def test_depth_limit_counts_every_value(n: int, leaf: Any) -> None:
+    value: Any = leaf
+    for i in range(n):
+        value = {"k": value, "w": [1, 2]} if i % 2 else [0, value]
+    assert admission._depth_ok(value) is (_depth(value) <= admission.MAX_DEPTH)
+
+
+def test_payload_keeps_field_order_and_the_workflow_verbatim() -> None:
+    body = wf_input(request_id="r2", priority=5, webhook={"url": "https://h.example/x", "extra_params": {"b": 1, "a": 2}})
+    body["input"]["workflow_json"]["1"]["_meta"] = {"title": "t"}
+    inp, raw = parse(body)
+    new = admission.build(inp, raw, max_attempts=3, default_timeout=60.0).new
+    assert list(new.payload["input"]) == ["request_id", "workflow_json", "webhook", "priority"]
+    assert new.payload["input"]["workflow_json"] is raw["workflow_json"]
+    # The hash is that of the canonical form of the whole normalised input, workflow included.
+    full = {**msgspec.to_builtins(inp), "workflow_json": raw["workflow_json"]}
+    assert new.payload_hash == admission.canonical_hash(full)
+
+
+def test_unknown_fields_are_all_named_before_any_type_error() -> None:
+    body = wf_input(priority="high", colour=1, zeta=2)
+    body["input"]["workflow_json"]["9"] = {"inputs": {}}
+    assert paths_of(body) == ["$.input.colour", "$.input.zeta", "$.input.workflow_json['9'].class_type"]
