@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,13 +38,45 @@ def status_of(state: str, stage: str) -> str:
 
 
 _JSON_COLS = ("payload", "prepared", "result", "error", "timings")
+_PLAIN_COLS = ("id", "state", "stage", "priority", "attempts", "max_attempts", "message", "kind", "payload_hash",
+               "lease_owner", "lease_expires_at", "run_after", "deadline_at", "comfy_prompt_id", "comfy_backend",
+               "created_at", "updated_at", "stage_entered_at", "finished_at")
+# Where from_row puts each column: plain columns in their own slot, JSON columns (decoded on first
+# use) and cancel_requested (a bool on read) in a private one behind a property.
+_SLOT = {**{c: c for c in _PLAIN_COLS}, **{c: f"_{c}" for c in _JSON_COLS}, "cancel_requested": "_cancel_requested"}
+
+
+_Builder = Callable[["Job", Any], None]
+_BUILDERS: dict[tuple[str, ...], _Builder] = {}
+
+
+def _builder(keys: tuple[str, ...]) -> _Builder:
+    """A function that copies a row with these columns into a Job's slots in one unpacking.
+
+    Generated once per column list (a query's shape; a handful exist), like dataclasses does.
+    """
+    fn = _BUILDERS.get(keys)
+    if fn is None:
+        targets = [f"job.{_SLOT[k]}" if k in _SLOT else f"extra[{k!r}]" for k in keys]
+        extra = len(targets) > sum(k in _SLOT for k in keys)
+        body = ["extra = {}" if extra else "extra = None", "job._extra = extra"]
+        if targets:
+            body.append(", ".join(targets) + (", = values" if len(targets) == 1 else " = values"))
+        namespace: dict[str, Any] = {}
+        exec("def build(job, values):\n    " + "\n    ".join(body), namespace)  # noqa: S102 - our text
+        fn = namespace["build"]
+        if len(_BUILDERS) < 256:
+            _BUILDERS[keys] = fn
+    return fn
 
 
 class Job:
-    """One row of ``jobs``. Columns are read from the row on access and JSON columns are decoded
-    on first use: a transition touches a few columns of rows whose workflows can be large."""
+    """One row of ``jobs`` (or of some of its columns). Columns are copied into slots once, so
+    reading one is a plain attribute read; JSON columns are decoded on first use (a transition
+    touches a few columns of rows whose workflows can be large). Columns a query did not select
+    raise AttributeError, like any missing attribute."""
 
-    __slots__ = ("_row", "_over", "_decoded")
+    __slots__ = (*_PLAIN_COLS, *(f"_{c}" for c in _JSON_COLS), "_cancel_requested", "_decoded", "_extra")
 
     id: str
     state: str
@@ -58,7 +91,6 @@ class Job:
     lease_expires_at: str | None
     run_after: str
     deadline_at: str
-    cancel_requested: bool
     comfy_prompt_id: str | None
     comfy_backend: str | None
     created_at: str
@@ -67,32 +99,35 @@ class Job:
     finished_at: str | None
 
     def __init__(self, row: sqlite3.Row | dict[str, Any]) -> None:
-        object.__setattr__(self, "_row", row)
-        object.__setattr__(self, "_over", {})
-        object.__setattr__(self, "_decoded", {})
+        if isinstance(row, dict):
+            _builder(tuple(row))(self, tuple(row.values()))
+        else:
+            _builder(tuple(row.keys()))(self, row)
+        self._decoded: dict[str, Any] = {}
 
     @classmethod
     def from_row(cls, row: sqlite3.Row | dict[str, Any]) -> Job:
         return cls(row)
 
-    def __getattr__(self, name: str) -> Any:
-        over = object.__getattribute__(self, "_over")
-        if name in over:
-            return over[name]
-        try:
-            value = object.__getattribute__(self, "_row")[name]
-        except (IndexError, KeyError):
-            raise AttributeError(name) from None
-        return bool(value) if name == "cancel_requested" else value
+    def __getattr__(self, name: str) -> Any:  # only for names that are not slots
+        extra = object.__getattribute__(self, "_extra")
+        if extra is not None and name in extra:
+            return extra[name]
+        raise AttributeError(name)
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        self._over[name] = value
+    @property
+    def cancel_requested(self) -> bool:
+        return bool(self._cancel_requested)
+
+    @cancel_requested.setter
+    def cancel_requested(self, value: bool) -> None:
+        self._cancel_requested = value
 
     def _json(self, key: str) -> Any:
         try:
             return self._decoded[key]
         except KeyError:
-            value = self._decoded[key] = loads(self._row[key])
+            value = self._decoded[key] = loads(object.__getattribute__(self, "_" + key))
             return value
 
     @property
