@@ -14,7 +14,7 @@ import itertools
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 from comfyq.store.model import TERMINAL, Transition
 
@@ -81,7 +81,7 @@ class Subscription:
         self.closed = True
         self._bus._unsubscribe(self)
 
-    def __enter__(self) -> Subscription:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -130,6 +130,7 @@ class EventBus:
 
     def on_transitions(self, transitions: list[Transition]) -> None:
         """Store listener: publish committed state changes."""
+        subs = self._subs
         for tr in transitions:
             self._last_row[tr.job_id] = tr.event_id
             final = tr.to_state in TERMINAL
@@ -137,6 +138,9 @@ class EventBus:
                 self.progress.pop(tr.job_id, None)
             if final:
                 self._last_row.pop(tr.job_id, None)
+            if tr.job_id not in subs and ALL not in subs:
+                self.published += 1  # nobody listens: the event is not even built
+                continue
             self.publish(Event(tr.job_id, str(tr.event_id), "state", {
                 "from_state": tr.from_state, "state": tr.to_state, "stage": tr.stage,
                 "status": tr.status, "message": tr.message, "attempt": tr.attempt, "at": tr.at,
@@ -147,5 +151,9 @@ class EventBus:
         """Publish a live (not stored) event: progress, preview, text."""
         if kind == "progress":
             self.progress[job_id] = data
+        seq = next(self._seq)
+        if job_id not in self._subs and ALL not in self._subs:
+            self.published += 1
+            return
         row = self._last_row.get(job_id, 0)
-        self.publish(Event(job_id, f"{row}.{next(self._seq)}", kind, data, payload=payload))
+        self.publish(Event(job_id, f"{row}.{seq}", kind, data, payload=payload))
