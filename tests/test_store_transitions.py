@@ -4,15 +4,17 @@ step-by-step paths write, and refuse what those refuse."""
 from __future__ import annotations
 
 import asyncio
+import math
+import random
 import sqlite3
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from comfyq.clock import ManualClock
+from comfyq.clock import ManualClock, iso
 from comfyq.errors import Conflict, LeaseLost, NotFound, QueueFull
-from comfyq.store import JobStore, NewJob
+from comfyq.store import JobStore, NewJob, ops
 
 T0 = 1_800_000_000.0
 GEN_RESULT = {"outputs": {"2": {"images": [{"filename": "a.png", "subfolder": "", "type": "output"}]}}}
@@ -198,3 +200,11 @@ async def test_stop_finishes_writes_not_yet_handed_over(tmp_path: Path) -> None:
     job, created = await pending
     assert created and job.id == "late"
     assert rows(s, "SELECT id FROM jobs") == [{"id": "late"}]
+
+
+def test_the_stores_timestamp_text_is_clock_iso() -> None:
+    rng = random.Random(7)
+    values = [rng.uniform(0, 4e9) for _ in range(20000)]
+    values += [T0 + k / 1e6 + 5e-7 for k in range(-500, 500)]  # half-microsecond ties
+    values += [T0 + 0.9999995, T0 + 0.99999949, 0.0, 5e-7, 1.5e-6, math.nextafter(T0 + 5e-7, 0)]
+    assert [ops._iso(v) for v in values] == [iso(v) for v in values]
