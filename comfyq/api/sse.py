@@ -70,16 +70,27 @@ async def stream_job(request: web.Request, job_id: str, *, after: int | None,
         sub.close()
 
 
+def _backlog(sub: Subscription) -> int:
+    # Events already buffered: those are framed now and sent with this one in a single write
+    # (one syscall and one wake-up of the client instead of one per event; the bytes are the same).
+    return len(sub._items)  # noqa: SLF001 - events.Subscription has no public size yet
+
+
 async def _live(api: Api, feed: JobFeed, sub: Subscription, resp: web.StreamResponse) -> None:
     if feed.state == "pending":
         api.queue.watch(sub, feed.job_id)
+    out: list[bytes] = []
     while True:
+        if out and not _backlog(sub):
+            await resp.write(b"".join(out))
+            out.clear()
         ev = await sub.get(api.options.heartbeat)
         if ev is None:
             await resp.write(HEARTBEAT)
             continue
         if feed.is_final(ev):
-            await resp.write(frame(await feed.final(row_of(ev.id))))
+            out.append(frame(await feed.final(row_of(ev.id))))
+            await resp.write(b"".join(out))
             return
         se = await feed.queue_moved() if ev.kind == "queue" else feed.from_bus(ev)
         if se is None:
@@ -90,7 +101,7 @@ async def _live(api: Api, feed: JobFeed, sub: Subscription, resp: web.StreamResp
                 api.queue.watch(sub, feed.job_id)
             else:
                 api.queue.unwatch(sub)
-        await resp.write(frame(se))
+        out.append(frame(se))
 
 
 async def job_events(request: web.Request) -> web.StreamResponse:
