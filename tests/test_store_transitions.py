@@ -14,7 +14,8 @@ import pytest
 
 from comfyq.clock import ManualClock, iso
 from comfyq.errors import Conflict, LeaseLost, NotFound, QueueFull
-from comfyq.store import JobStore, NewJob, ops
+from comfyq.store import JobStore, NewJob
+from comfyq.store.journal import stamp
 
 T0 = 1_800_000_000.0
 GEN_RESULT = {"outputs": {"2": {"images": [{"filename": "a.png", "subfolder": "", "type": "output"}]}}}
@@ -207,4 +208,4 @@ def test_the_stores_timestamp_text_is_clock_iso() -> None:
     values = [rng.uniform(0, 4e9) for _ in range(20000)]
     values += [T0 + k / 1e6 + 5e-7 for k in range(-500, 500)]  # half-microsecond ties
     values += [T0 + 0.9999995, T0 + 0.99999949, 0.0, 5e-7, 1.5e-6, math.nextafter(T0 + 5e-7, 0)]
-    assert [ops._iso(v) for v in values] == [iso(v) for v in values]
+    assert [stamp(v) for v in values] == [iso(v) for v in values]

@@ -1,0 +1,66 @@
+"""What every transition writes besides the job row: its ``job_events`` row(s), and the text of
+the instants it records."""
+
+from __future__ import annotations
+
+import math
+import sqlite3
+import time
+from typing import Any
+
+from comfyq.clock import iso
+from comfyq.store.model import Job, Transition, dumps
+
+_second: tuple[int, str] = (-1, "")
+
+
+def stamp(t: float) -> str:
+    """``clock.iso(t)``, the same text, a few times cheaper (every write formats a few instants):
+    date and time of day are formatted once per second, the microseconds are rounded half-even
+    from the fraction as ``datetime.fromtimestamp`` rounds them."""
+    global _second
+    if t < 0:
+        return iso(t)
+    frac, whole = math.modf(t)
+    sec, us = int(whole), round(frac * 1e6)
+    if us >= 1_000_000:
+        sec, us = sec + 1, us - 1_000_000
+    cached = _second  # one read: another writer thread may replace it (a tuple, never torn)
+    if cached[0] != sec:
+        cached = _second = (sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)))
+    return f"{cached[1]}.{us:06d}Z"
+
+
+def event(
+    conn: sqlite3.Connection,
+    job: Job,
+    from_state: str | None,
+    message: str,
+    data: dict[str, Any] | None = None,
+) -> Transition:
+    """Write the ``job_events`` row of ``job``'s change from ``from_state``; the Transition to publish."""
+    at = job.updated_at
+    state, stage, attempts = job.state, job.stage, job.attempts
+    cur = conn.execute(
+        "INSERT INTO job_events (job_id, at, from_state, to_state, stage, attempt, message, data)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (job.id, at, from_state, state, stage, attempts, message, None if data is None else dumps(data)),
+    )
+    return Transition(cur.lastrowid or 0, job.id, from_state, state, stage, attempts, message, at, data, job)
+
+
+def events(conn: sqlite3.Connection, items: list[tuple[Job, str | None, str]]) -> list[Transition]:
+    """``event`` for several (job, from_state, message) at once: one INSERT for all their rows."""
+    if len(items) == 1:
+        job, from_state, message = items[0]
+        return [event(conn, job, from_state, message)]
+    rows = [(j.id, j.updated_at, f, j.state, j.stage, j.attempts, m) for j, f, m in items]
+    cur = conn.execute(
+        "INSERT INTO job_events (job_id, at, from_state, to_state, stage, attempt, message) VALUES "
+        + ", ".join(["(?, ?, ?, ?, ?, ?, ?)"] * len(rows)) + " RETURNING id, job_id, to_state",
+        [v for r in rows for v in r],
+    )
+    # RETURNING gives no order guarantee: match ids to rows by (job id, state), unique here.
+    ids = {(job_id, state): event_id for event_id, job_id, state in cur.fetchall()}
+    return [Transition(ids[(r[0], r[3])], r[0], r[2], r[3], r[4], r[5], r[6], r[1], None, j)
+            for r, (j, _, _) in zip(rows, items, strict=True)]
