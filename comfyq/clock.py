@@ -33,4 +33,5 @@ def iso(t: float) -> str:
 
 def parse_iso(s: str) -> float:
     """The inverse of :func:`iso`."""
-    return datetime.strptime(s, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
+    # fromisoformat reads the "Z" (3.11+) and is ~10x cheaper than strptime.
+    return datetime.fromisoformat(s).timestamp()

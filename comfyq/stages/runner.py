@@ -137,15 +137,27 @@ class StageRunner:
                 self._waiter_added.clear()
                 await self._waiter_added.wait()
             self._work.clear()
-            want = len(self._waiters)
-            jobs = await self.p.store.claim(self.name, want, self.p.cfg.lease, CLAIM_MESSAGES[self.name])
-            for job in jobs:
-                fut = self._waiters.popleft() if self._waiters else None
-                if fut is None or fut.done():
-                    # The worker went away between asking and getting: give the job back.
-                    await self.p.store.release(job.id, "Returned to the queue")
-                    continue
-                fut.set_result(job)
+            # Take the waiters out of the queue for the claim: while it is awaited, a hand-off
+            # must not give one of them a job as well, which would leave a claimed job with no
+            # worker (released again: an extra commit and event per job).
+            taken = deque(f for f in (self._waiters.popleft() for _ in range(len(self._waiters)))
+                          if not f.done())
+            want = len(taken)
+            if not want:
+                continue
+            try:
+                jobs = await self.p.store.claim(self.name, want, self.p.cfg.lease, CLAIM_MESSAGES[self.name])
+                for job in jobs:
+                    while taken and taken[0].done():
+                        taken.popleft()
+                    if not taken:
+                        # The workers went away between asking and getting: give the job back.
+                        await self.p.store.release(job.id, "Returned to the queue")
+                        continue
+                    taken.popleft().set_result(job)
+            finally:
+                for fut in reversed(taken):
+                    self.return_waiter(fut)
             if len(jobs) < want:
                 await self._sleep_until_work()
 
