@@ -249,7 +249,9 @@ class JobStore:
         """Waiting and running jobs per stage."""
         out = {s: {"waiting": 0, "running": 0} for s in STAGES}
         for stage, state, n in await self._rows(
-            "SELECT stage, state, count(*) FROM jobs WHERE state IN ('pending', 'running') GROUP BY stage, state"
+            # One query per state so each reads its partial index, not the whole (mostly finished) table.
+            "SELECT stage, 'pending', count(*) FROM jobs WHERE state = 'pending' GROUP BY stage"
+            " UNION ALL SELECT stage, 'running', count(*) FROM jobs WHERE state = 'running' GROUP BY stage"
         ):
             out[stage]["waiting" if state == "pending" else "running"] = n
         return out
