@@ -58,6 +58,11 @@ class Subscription:
         self._items.append(ev)
         self._ready.set()
 
+    @property
+    def buffered(self) -> int:
+        """Events buffered and not yet taken."""
+        return len(self._items)
+
     async def get(self, timeout: float | None = None) -> Event | None:
         """The next event, or None when ``timeout`` passes first."""
         while not self._items:
