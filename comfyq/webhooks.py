@@ -34,7 +34,7 @@ from comfyq.store import Job, JobStore, Transition
 from comfyq.store.model import TERMINAL
 from comfyq.webhook_outbox import Attempt, claim, history, record, recover
 
-__all__ = ["Attempt", "WebhookConfig", "WebhookSender", "attach", "backoff", "build_body", "history",
+__all__ = ["Attempt", "WebhookConfig", "WebhookSender", "backoff", "build_body", "history",
            "legacy_signature", "sign", "signing_key"]
 
 log = logging.getLogger("comfyq.webhooks")
@@ -375,11 +375,3 @@ class WebhookSender:
             return Attempt("gave_up", status, "HTTP 410: the receiver asked not to be called again", started)
         note = " (redirects are not followed)" if 300 <= status < 400 else ""
         return Attempt("retry", status, f"HTTP {status}{note}", started)
-
-
-def attach(services: Any, **overrides: Any) -> WebhookSender:
-    """Build the sender for a Services object (``services.webhooks``); the caller starts and stops it."""
-    sender = WebhookSender(services.store, services.guard,
-                           WebhookConfig.from_settings(services.settings, **overrides))
-    services.webhooks = sender
-    return sender

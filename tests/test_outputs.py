@@ -4,8 +4,8 @@ never show up anywhere once the job is done."""
 
 from __future__ import annotations
 
-import hashlib
 import dataclasses
+import hashlib
 import itertools
 import json
 import logging
@@ -23,7 +23,7 @@ from comfyq.outputs.local import job_dir, safe_name
 from comfyq.outputs.s3 import S3Uploader
 from comfyq.stages.postprocess import Postprocess
 from comfyq.store.writer import connect
-from comfyq.webhooks import WebhookSender, attach
+from comfyq.webhooks import WebhookSender
 
 _colors = itertools.count(5000)
 KEYS = {"access_key_id": "REQ-AKID-123", "secret_access_key": "REQ-SECRET-456"}
@@ -31,15 +31,13 @@ HOOK_SECRET = "HOOK-SECRET-789"
 
 
 def wire(srv: Server) -> WebhookSender:
-    """Plug the S3 uploader and the webhook sender into the server, unless services already do."""
+    """Plug the S3 uploader into the server unless services already do; quick retries for the sender."""
     svc = srv.services
     st = svc.pipeline.stages["postprocess"]
     if getattr(st.handler, "uploader", None) is None:
         st.handler = Postprocess(svc.pool, svc.output_dir, uploader=S3Uploader.from_settings(svc.settings, svc.guard),
                                  fail_on_upload_error=svc.settings.s3_fail_job_on_upload_error)
-    sender: WebhookSender | None = getattr(svc, "webhooks", None)
-    if sender is None:
-        return attach(svc, retry_base=0.02, retry_max=0.1, poll_interval=0.2)
+    sender: WebhookSender = svc.webhooks
     sender.cfg = dataclasses.replace(sender.cfg, retry_base=0.02, retry_max=0.1, poll_interval=0.2)
     return sender
 
