@@ -103,15 +103,27 @@ class Services:
         """Graceful: stop claiming, give in-flight work the grace period, leave the rest resumable."""
         for t in self._tasks:
             t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._step("periodic tasks", asyncio.gather(*self._tasks, return_exceptions=True), 10)
         self._tasks.clear()
-        await self.pipeline.stop(self.settings.shutdown_grace)
-        await self.webhooks.stop(grace=min(5.0, self.settings.shutdown_grace))
-        await self.pool.close()
-        await self.downloader.close()
+        grace = self.settings.shutdown_grace
+        await self._step("pipeline", self.pipeline.stop(grace), grace + 30)
+        await self._step("webhooks", self.webhooks.stop(grace=min(5.0, grace)), 20)
+        await self._step("backends", self.pool.close(), 20)
+        await self._step("downloader", self.downloader.close(), 10)
+        # Last and unbounded: the writer finishes every write already asked for, then closes.
         await self.store.close()
         self.lock.release()
         self.started = False
+
+    @staticmethod
+    async def _step(name: str, aw: Any, timeout: float) -> None:
+        # A stop that hangs is worse than one that cuts a step short: whatever is cut short is
+        # left leased in the database and resumes at the next start, like after a crash.
+        try:
+            async with asyncio.timeout(timeout):
+                await aw
+        except TimeoutError:
+            log.error("shutdown: %s did not stop within %.0fs; going on without it", name, timeout)
 
     async def _every(self, seconds: float, fn: Any) -> None:
         while True:
