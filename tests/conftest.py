@@ -109,6 +109,19 @@ async def simulator(tmp_path: Path) -> AsyncIterator[Simulator]:
     await sim.stop()
 
 
+@pytest.fixture
+async def sim(simulator: Simulator) -> Simulator:
+    """The simulator under its short name (the ComfyUI-side tests' habit)."""
+    return simulator
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    """A client session for talking to the simulator or a server directly."""
+    async with aiohttp.ClientSession() as s:
+        yield s
+
+
 MakeServer = Callable[..., Awaitable[Server]]
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -26,20 +25,6 @@ def trace(name: str) -> dict[str, Any]:
 
 def recorded_types(t: dict[str, Any]) -> list[str]:
     return list(t["ws_message_types_in_order"])
-
-
-@pytest.fixture
-async def sim(tmp_path: Path) -> AsyncIterator[Simulator]:
-    s = Simulator(data_dir=tmp_path / "comfy")
-    await s.start()
-    yield s
-    await s.stop()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
-        yield s
 
 
 async def run_traced(http: aiohttp.ClientSession, sim: Simulator, name: str,

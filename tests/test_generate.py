@@ -4,11 +4,8 @@ errors kept whole, ComfyUI restarts, cancel, deadlines, several backends, all ba
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from comfyq.comfy.simulator import Simulator
 from comfyq.config import Settings
@@ -33,14 +30,6 @@ def make(root: Path, urls: list[str], **kw: Any) -> Services:
                  backend_probe_interval=0.2, lease_seconds=5.0, retry_base_delay=0.05, retry_max_delay=0.2,
                  shutdown_grace=1.0, generation_workers=1, comfyui_ws_quiet_timeout=1.0, **kw)
     return Services(s, backends=urls)
-
-
-@pytest.fixture
-async def sim(tmp_path: Path) -> AsyncIterator[Simulator]:
-    s = Simulator(port=0, data_dir=tmp_path / "sim")
-    await s.start()
-    yield s
-    await s.stop()
 
 
 async def submit(svc: Services, job_id: str, workflow: dict[str, Any], **kw: Any) -> None:

@@ -12,12 +12,10 @@ import struct
 import sys
 import time
 import zlib
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 
 from comfyq.comfy.sim_png import encode_png, encode_webp_solid, sniff_image
 from comfyq.comfy.sim_testing import WsRecorder, wait_history
@@ -50,20 +48,6 @@ def text2image(seed: int = 1, steps: int = 4, ckpt: str = "v1-5-pruned-emaonly.s
         "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
         "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": prefix}},
     }
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
-        yield s
-
-
-@pytest.fixture
-async def sim(tmp_path: Path) -> AsyncIterator[Simulator]:
-    s = Simulator(data_dir=tmp_path / "comfy")
-    await s.start()
-    yield s
-    await s.stop()
 
 
 async def submit(http: aiohttp.ClientSession, sim: Simulator, wf: Workflow,

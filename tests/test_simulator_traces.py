@@ -11,7 +11,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from sim_trace_support import TRACES, http, post_prompt, recorded_types, run_traced, sim, trace  # noqa: F401
+from sim_trace_support import TRACES, post_prompt, recorded_types, run_traced, trace
 
 from comfyq.comfy.sim_png import encode_png
 from comfyq.comfy.sim_testing import (
