@@ -59,7 +59,8 @@ def _job_of(request: web.Request, response: web.StreamResponse | None) -> str | 
 
 @web.middleware
 async def access_log_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """One line per request: method, path (never the query string), status, duration, remote.
+    """One line per request (method, path never with its query string, status, duration, remote)
+    and its metrics sample, from one measurement.
 
     Lines logged while a request about a job is handled carry its job id."""
     t0 = time.perf_counter()
@@ -82,6 +83,7 @@ async def access_log_middleware(request: web.Request, handler: Handler) -> web.S
             _error_note.reset(token)
             ms = (time.perf_counter() - t0) * 1000
             route = route_name(request)
+            get_api(request).metrics.http(route, request.method, status, ms / 1000)
             quiet = route in _QUIET_ROUTES or route.startswith(PUBLIC_PREFIXES) or request.method == "OPTIONS"
             level = logging.DEBUG if quiet else logging.WARNING if status >= 500 else logging.INFO
             if access_log.isEnabledFor(level):
@@ -94,24 +96,6 @@ async def access_log_middleware(request: web.Request, handler: Handler) -> web.S
                 why = f" ({note['error_type']}: {note['error']})" if note else ""
                 access_log.log(level, "%s %s %s %d %.1fms%s", request.remote, request.method, request.path,
                                status, ms, why, extra=extra)
-
-
-@web.middleware
-async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    t0 = time.perf_counter()
-    status = 500
-    try:
-        resp = await handler(request)
-        status = resp.status
-        return resp
-    except web.HTTPException as exc:
-        status = exc.status
-        raise
-    except asyncio.CancelledError:
-        status = 499  # the client went away first
-        raise
-    finally:
-        get_api(request).metrics.http(route_name(request), request.method, status, time.perf_counter() - t0)
 
 
 def _note_error(request: web.Request, type_: str, message: str) -> None:
@@ -223,4 +207,4 @@ async def cors_headers(request: web.Request, response: web.StreamResponse) -> No
             response.headers.add("Vary", "Origin")
 
 
-MIDDLEWARES = [access_log_middleware, metrics_middleware, cors_middleware, errors_middleware, auth_middleware]
+MIDDLEWARES = [access_log_middleware, cors_middleware, errors_middleware, auth_middleware]
