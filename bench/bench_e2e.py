@@ -88,11 +88,14 @@ async def throughput(svc: Services, jobs: int, offset: int) -> float:
 
 
 async def one_comfyq(svc: Services, i: int) -> float:
-    job_id = f"lat-{i}"
+    return await timed_job(svc, f"lat-{i}", {"workflow_json": workflow(10_000_000 + i)})
+
+
+async def timed_job(svc: Services, job_id: str, input_: dict[str, Any]) -> float:
+    """Seconds from admitting one job (straight into the store) to its final event."""
     sub = svc.bus.subscribe(job_id)
     t0 = time.perf_counter()
-    await svc.store.create(NewJob(id=job_id, payload={"input": {"workflow_json": workflow(10_000_000 + i)}},
-                                  payload_hash="x"), 1_000_000)
+    await svc.store.create(NewJob(id=job_id, payload={"input": input_}, payload_hash=job_id), 1_000_000)
     while True:
         ev = await sub.get(30)
         assert ev is not None

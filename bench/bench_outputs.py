@@ -27,7 +27,7 @@ from typing import Any, Self
 import boto3  # type: ignore[import-untyped]
 from aiohttp import web
 
-from bench.bench_e2e import start_simulators, workflow
+from bench.bench_e2e import start_simulators, timed_job, workflow
 from bench.common import add_json_arg, free_port, pct, summary_ms, write_json
 from comfyq.clock import parse_iso
 from comfyq.config import load_settings
@@ -279,17 +279,7 @@ async def bench_hanging_receiver(jobs: int, root: Path) -> list[dict[str, Any]]:
 
 
 async def run_job(svc: Services, job_id: str, hook: str, i: int) -> float:
-    sub = svc.bus.subscribe(job_id)
-    t0 = time.perf_counter()
-    await svc.store.create(NewJob(id=job_id, payload={"input": {"workflow_json": workflow(i), "webhook": {"url": hook}}},
-                                  payload_hash=job_id), 1_000_000)
-    while True:
-        ev = await sub.get(30)
-        assert ev is not None
-        if ev.final:
-            break
-    sub.close()
-    return time.perf_counter() - t0
+    return await timed_job(svc, job_id, {"workflow_json": workflow(i), "webhook": {"url": hook}})
 
 
 async def main() -> None:
