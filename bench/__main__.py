@@ -44,21 +44,65 @@ class Step:
 
 
 STEPS = [
-    Step("store", "bench.bench_store", ["--jobs", "4000", "--big", "1000000"],
-         ["--jobs", "300", "--big", "50000", "--samples", "300"], "store alone (#2)"),
-    Step("e2e", "bench.bench_e2e", ["--jobs", "500", "--latency-jobs", "200"],
-         ["--jobs", "100", "--latency-jobs", "30"], "end to end, in-process client (#3)"),
-    Step("api", "bench.bench_api", ["--admissions", "20000", "--subscribers", "1000", "--jobs", "20"],
-         ["--admissions", "2000", "--subscribers", "200", "--jobs", "10"], "HTTP API (#4)"),
-    Step("preprocess", "bench.bench_preprocess", ["--jobs", "2000", "--big-mib", "1024"],
-         ["--jobs", "200", "--big-mib", "64"], "preprocess and inputs (#5)"),
-    Step("outputs", "bench.bench_outputs", ["--size-mb", "500", "--deliveries", "2000", "--jobs", "60"],
-         ["--size-mb", "50", "--deliveries", "200", "--jobs", "10"], "outputs, S3, webhooks (#6)"),
-    Step("sidebyside", "bench.bench_sidebyside", ["--latency-jobs", "200", "--throughput-jobs", "64"],
-         ["--latency-jobs", "30", "--throughput-jobs", "16", "--real-latency-jobs", "10",
-          "--real-throughput-jobs", "8"], "side by side over HTTP (#7)"),
-    Step("chaos", "bench.chaos", [], ["--jobs", "30", "--kills", "3", "--sim-crashes", "1"],
-         "chaos run (#7)", needs="bench/chaos.py"),
+    Step(
+        "store",
+        "bench.bench_store",
+        ["--jobs", "4000", "--big", "1000000"],
+        ["--jobs", "300", "--big", "50000", "--samples", "300"],
+        "store alone (#2)",
+    ),
+    Step(
+        "e2e",
+        "bench.bench_e2e",
+        ["--jobs", "500", "--latency-jobs", "200"],
+        ["--jobs", "100", "--latency-jobs", "30"],
+        "end to end, in-process client (#3)",
+    ),
+    Step(
+        "api",
+        "bench.bench_api",
+        ["--admissions", "20000", "--subscribers", "1000", "--jobs", "20"],
+        ["--admissions", "2000", "--subscribers", "200", "--jobs", "10"],
+        "HTTP API (#4)",
+    ),
+    Step(
+        "preprocess",
+        "bench.bench_preprocess",
+        ["--jobs", "2000", "--big-mib", "1024"],
+        ["--jobs", "200", "--big-mib", "64"],
+        "preprocess and inputs (#5)",
+    ),
+    Step(
+        "outputs",
+        "bench.bench_outputs",
+        ["--size-mb", "500", "--deliveries", "2000", "--jobs", "60"],
+        ["--size-mb", "50", "--deliveries", "200", "--jobs", "10"],
+        "outputs, S3, webhooks (#6)",
+    ),
+    Step(
+        "sidebyside",
+        "bench.bench_sidebyside",
+        ["--latency-jobs", "200", "--throughput-jobs", "64"],
+        [
+            "--latency-jobs",
+            "30",
+            "--throughput-jobs",
+            "16",
+            "--real-latency-jobs",
+            "10",
+            "--real-throughput-jobs",
+            "8",
+        ],
+        "side by side over HTTP (#7)",
+    ),
+    Step(
+        "chaos",
+        "bench.chaos",
+        [],
+        ["--jobs", "30", "--kills", "3", "--sim-crashes", "1"],
+        "chaos run (#7)",
+        needs="bench/chaos.py",
+    ),
 ]
 NAMES = [s.name for s in STEPS]
 
@@ -67,20 +111,38 @@ def _names(value: str) -> list[str]:
     names = [n.strip() for n in value.split(",") if n.strip()]
     unknown = [n for n in names if n not in NAMES]
     if unknown:
-        raise argparse.ArgumentTypeError(f"unknown step(s) {', '.join(unknown)}; steps are {', '.join(NAMES)}")
+        raise argparse.ArgumentTypeError(
+            f"unknown step(s) {', '.join(unknown)}; steps are {', '.join(NAMES)}"
+        )
     return names
 
 
-def run_step(step: Step, quick: bool, work: Path, timeout: float, env: dict[str, str]) -> dict[str, Any]:
+def run_step(
+    step: Step, quick: bool, work: Path, timeout: float, env: dict[str, str]
+) -> dict[str, Any]:
     """Run one benchmark in a subprocess, echoing its output; its figures, status and output."""
     out_json = work / f"{step.name}.json"
-    argv = [sys.executable, "-m", step.module, *(step.quick if quick else step.full), "--json", str(out_json)]
+    argv = [
+        sys.executable,
+        "-m",
+        step.module,
+        *(step.quick if quick else step.full),
+        "--json",
+        str(out_json),
+    ]
     shown = "python -m " + " ".join(shlex.quote(a) for a in argv[2:-2])
     print(f"\n=== {step.name}: {shown}", flush=True)
     lines: list[str] = []
     t0 = time.perf_counter()
-    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, bufsize=1)
+    proc = subprocess.Popen(
+        argv,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+    )
     assert proc.stdout is not None
     watchdog = threading.Timer(timeout, proc.kill)  # a step that hangs silently still ends
     watchdog.start()
@@ -93,8 +155,13 @@ def run_step(step: Step, quick: bool, work: Path, timeout: float, env: dict[str,
         watchdog.cancel()
     timed_out = time.perf_counter() - t0 >= timeout and code < 0
     elapsed = time.perf_counter() - t0
-    result: dict[str, Any] = {"command": shown, "exit_code": code, "duration_s": elapsed,
-                              "output": "".join(lines)[-20_000:], "title": step.title}
+    result: dict[str, Any] = {
+        "command": shown,
+        "exit_code": code,
+        "duration_s": elapsed,
+        "output": "".join(lines)[-20_000:],
+        "title": step.title,
+    }
     figures = json.loads(out_json.read_text()) if out_json.exists() else None
     if figures is not None:
         result["figures"] = figures
@@ -116,27 +183,44 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
     chosen = args.only or NAMES
     data_dir = Path(args.tmp or tempfile.gettempdir())
     data_dir.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "TMPDIR": str(data_dir), "BENCH_TMP": str(data_dir), "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "TMPDIR": str(data_dir),
+        "BENCH_TMP": str(data_dir),
+        "PYTHONUNBUFFERED": "1",
+    }
     started = datetime.now(UTC)
     results: dict[str, Any] = {
-        "schema": 1, "mode": "quick" if args.quick else "full", "command": args.command_line,
-        "started": started.isoformat(timespec="seconds"), "machine": machine.describe(data_dir, ROOT),
-        "comfyui_test_url": bool(os.environ.get("COMFYUI_TEST_URL")), "steps": {},
+        "schema": 1,
+        "mode": "quick" if args.quick else "full",
+        "command": args.command_line,
+        "started": started.isoformat(timespec="seconds"),
+        "machine": machine.describe(data_dir, ROOT),
+        "comfyui_test_url": bool(os.environ.get("COMFYUI_TEST_URL")),
+        "steps": {},
     }
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-run-", dir=data_dir) as work:
         for step in STEPS:
             if step.name not in chosen or step.name in (args.skip or []):
                 why = "--skip" if step.name in (args.skip or []) else "--only"
-                results["steps"][step.name] = {"status": "skipped", "reason": f"not selected ({why})",
-                                               "title": step.title}
+                results["steps"][step.name] = {
+                    "status": "skipped",
+                    "reason": f"not selected ({why})",
+                    "title": step.title,
+                }
                 continue
             if step.needs and not (ROOT / step.needs).exists():
-                results["steps"][step.name] = {"status": "skipped", "title": step.title,
-                                               "reason": f"{step.needs} does not exist in this checkout"}
+                results["steps"][step.name] = {
+                    "status": "skipped",
+                    "title": step.title,
+                    "reason": f"{step.needs} does not exist in this checkout",
+                }
                 print(f"\n=== {step.name}: skipped ({step.needs} does not exist)")
                 continue
-            results["steps"][step.name] = run_step(step, args.quick, Path(work), args.step_timeout, env)
+            results["steps"][step.name] = run_step(
+                step, args.quick, Path(work), args.step_timeout, env
+            )
     results["duration_s"] = time.perf_counter() - t0
     results["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
     return results
@@ -144,18 +228,33 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="small sizes: checks the plumbing in a minute or two")
+    ap.add_argument(
+        "--quick", action="store_true", help="small sizes: checks the plumbing in a minute or two"
+    )
     ap.add_argument("--only", type=_names, help=f"comma-separated steps to run ({','.join(NAMES)})")
     ap.add_argument("--skip", type=_names, help="comma-separated steps not to run")
     ap.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md", help="the Markdown report")
-    ap.add_argument("--results", type=Path, default=RESULTS, help="where the raw JSON of the run goes")
+    ap.add_argument(
+        "--results", type=Path, default=RESULTS, help="where the raw JSON of the run goes"
+    )
     ap.add_argument("--charts", type=Path, default=CHARTS, help="folder for the PNG charts")
-    ap.add_argument("--tmp", help="folder for the benchmarks' databases and files (default: the system temp dir)")
-    ap.add_argument("--step-timeout", type=float, default=1800, help="seconds before a step is killed")
-    ap.add_argument("--render-only", type=Path, metavar="RESULTS_JSON",
-                    help="re-render the report from a results file without running anything")
+    ap.add_argument(
+        "--tmp",
+        help="folder for the benchmarks' databases and files (default: the system temp dir)",
+    )
+    ap.add_argument(
+        "--step-timeout", type=float, default=1800, help="seconds before a step is killed"
+    )
+    ap.add_argument(
+        "--render-only",
+        type=Path,
+        metavar="RESULTS_JSON",
+        help="re-render the report from a results file without running anything",
+    )
     args = ap.parse_args(argv)
-    args.command_line = "python -m bench" + "".join(f" {shlex.quote(a)}" for a in (argv or sys.argv[1:]))
+    args.command_line = "python -m bench" + "".join(
+        f" {shlex.quote(a)}" for a in (argv or sys.argv[1:])
+    )
     if args.render_only:
         results = json.loads(args.render_only.read_text())
     else:
@@ -163,7 +262,9 @@ def main(argv: list[str] | None = None) -> int:
         args.results.parent.mkdir(parents=True, exist_ok=True)
         args.results.write_text(json.dumps(results, indent=1))
         print(f"\nraw figures: {args.results}")
-    report.render(results, args.out, args.charts, args.results if not args.render_only else args.render_only)
+    report.render(
+        results, args.out, args.charts, args.results if not args.render_only else args.render_only
+    )
     print(f"report: {args.out}  (charts in {args.charts})")
     failed = [n for n, s in results["steps"].items() if s["status"] == "failed"]
     if failed:

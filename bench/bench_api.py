@@ -38,12 +38,21 @@ from bench.common import (
 
 def workflow(color: int, blur: bool) -> dict[str, Any]:
     wf: dict[str, Any] = {
-        "1": {"class_type": "EmptyImage", "inputs": {"width": 16, "height": 16, "batch_size": 1, "color": color}},
+        "1": {
+            "class_type": "EmptyImage",
+            "inputs": {"width": 16, "height": 16, "batch_size": 1, "color": color},
+        },
         "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
-        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "bench"}},
+        "3": {
+            "class_type": "SaveImage",
+            "inputs": {"images": ["2", 0], "filename_prefix": "bench"},
+        },
     }
     if blur:
-        wf["4"] = {"class_type": "ImageBlur", "inputs": {"image": ["1", 0], "blur_radius": 1, "sigma": 1.0}}
+        wf["4"] = {
+            "class_type": "ImageBlur",
+            "inputs": {"image": ["1", 0], "blur_radius": 1, "sigma": 1.0},
+        }
         wf["2"]["inputs"]["image"] = ["4", 0]
     return wf
 
@@ -51,8 +60,12 @@ def workflow(color: int, blur: bool) -> dict[str, Any]:
 # --- admissions ------------------------------------------------------------------------------------
 
 
-async def admissions(url: str, n: int, concurrency: int) -> tuple[float, list[float], dict[int, int]]:
-    bodies = [json.dumps({"input": {"workflow_json": workflow(i, False)}}).encode() for i in range(n)]
+async def admissions(
+    url: str, n: int, concurrency: int
+) -> tuple[float, list[float], dict[int, int]]:
+    bodies = [
+        json.dumps({"input": {"workflow_json": workflow(i, False)}}).encode() for i in range(n)
+    ]
     latencies: list[float] = []
     statuses: dict[int, int] = {}
     next_i = 0
@@ -65,8 +78,9 @@ async def admissions(url: str, n: int, concurrency: int) -> tuple[float, list[fl
                 i = next_i
                 next_i += 1
                 t = time.perf_counter()
-                async with s.post(url + "/generate", data=bodies[i],
-                                  headers={"Content-Type": "application/json"}) as r:
+                async with s.post(
+                    url + "/generate", data=bodies[i], headers={"Content-Type": "application/json"}
+                ) as r:
                     await r.read()
                     statuses[r.status] = statuses.get(r.status, 0) + 1
                 latencies.append(time.perf_counter() - t)
@@ -90,7 +104,9 @@ async def subscribers(url: str, pid: int, n_subs: int, n_jobs: int) -> dict[str,
     async with aiohttp.ClientSession(connector=conn, timeout=timeout) as s:
         ids = []
         for i in range(n_jobs):
-            async with s.post(url + "/generate", json={"input": {"workflow_json": workflow(10_000 + i, True)}}) as r:
+            async with s.post(
+                url + "/generate", json={"input": {"workflow_json": workflow(10_000 + i, True)}}
+            ) as r:
                 ids.append((await r.json())["id"])
         # Wait until every job holds a generation slot (running), then subscribe.
         while True:
@@ -137,8 +153,15 @@ async def subscribers(url: str, pid: int, n_subs: int, n_jobs: int) -> dict[str,
             await asyncio.sleep(0.25)
             peak = max(peak, rss_mb(pid))
         await asyncio.gather(*tasks)
-        return {"connect_s": connect_s, "rss_connected": rss_connected, "rss_peak": peak, "delays": delays,
-                "received": received, "finals": finals, "elapsed": time.perf_counter() - t0}
+        return {
+            "connect_s": connect_s,
+            "rss_connected": rss_connected,
+            "rss_peak": peak,
+            "delays": delays,
+            "received": received,
+            "finals": finals,
+            "elapsed": time.perf_counter() - t0,
+        }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,9 +173,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--job-seconds", type=float, default=0.5, help="simulated run time of each job")
     add_json_arg(ap)
     args = ap.parse_args(argv)
-    out: dict[str, Any] = {"args": {"admissions": args.admissions, "concurrency": args.concurrency,
-                                    "subscribers": args.subscribers, "jobs": args.jobs,
-                                    "job_seconds": args.job_seconds}}
+    out: dict[str, Any] = {
+        "args": {
+            "admissions": args.admissions,
+            "concurrency": args.concurrency,
+            "subscribers": args.subscribers,
+            "jobs": args.jobs,
+            "job_seconds": args.job_seconds,
+        }
+    }
 
     with tempfile.TemporaryDirectory(prefix="bench-api-") as tmp:
         root = Path(tmp)
@@ -162,43 +191,70 @@ def main(argv: list[str] | None = None) -> int:
         with server(root / "a", f"http://127.0.0.1:{free_port()}") as (url, pid):
             time.sleep(1.0)
             out["idle_rss_mb"] = rss_mb(pid)
-            print(f"idle RSS of a fresh server:         {out['idle_rss_mb']:7.1f} MB   (target < 60 MB)")
+            print(
+                f"idle RSS of a fresh server:         {out['idle_rss_mb']:7.1f} MB   (target < 60 MB)"
+            )
             asyncio.run(admissions(url, 500, args.concurrency))  # warm-up
             s0, c0, t0 = cpu_seconds(pid), cpu_seconds(), time.perf_counter()
             rate, lat, statuses = asyncio.run(admissions(url, args.admissions, args.concurrency))
             wall = time.perf_counter() - t0
             server_cpu, client_cpu = (cpu_seconds(pid) - s0) / wall, (cpu_seconds() - c0) / wall
-            print(f"POST /generate admissions/s:        {rate:7.0f}      (target >= 3000; {args.admissions} requests,"
-                  f" {args.concurrency} concurrent, statuses {statuses})")
-            print(f"  latency p50/p99:                  {pct(lat, 0.5) * 1000:7.1f} / {pct(lat, 0.99) * 1000:.1f} ms")
-            print(f"  CPU busy: server / this client:   {server_cpu * 100:5.0f}% / {client_cpu * 100:.0f}%"
-                  f"   (of one core each; {os.cpu_count()} cores)")
+            print(
+                f"POST /generate admissions/s:        {rate:7.0f}      (target >= 3000; {args.admissions} requests,"
+                f" {args.concurrency} concurrent, statuses {statuses})"
+            )
+            print(
+                f"  latency p50/p99:                  {pct(lat, 0.5) * 1000:7.1f} / {pct(lat, 0.99) * 1000:.1f} ms"
+            )
+            print(
+                f"  CPU busy: server / this client:   {server_cpu * 100:5.0f}% / {client_cpu * 100:.0f}%"
+                f"   (of one core each; {os.cpu_count()} cores)"
+            )
             rss_after = rss_mb(pid)
             print(f"  server RSS after admissions:      {rss_after:7.1f} MB")
-            out["admissions"] = {"rate": rate, "latency_ms": summary_ms(lat),
-                                 "statuses": {str(k): v for k, v in statuses.items()},
-                                 "server_cpu": server_cpu, "client_cpu": client_cpu, "rss_after_mb": rss_after}
+            out["admissions"] = {
+                "rate": rate,
+                "latency_ms": summary_ms(lat),
+                "statuses": {str(k): v for k, v in statuses.items()},
+                "server_cpu": server_cpu,
+                "client_cpu": client_cpu,
+                "rss_after_mb": rss_after,
+            }
         (root / "b").mkdir()
         durations = f"ImageBlur={args.job_seconds}"
-        with simulator(root / "b", durations, steps=20) as sim, \
-                server(root / "b", sim, GENERATION_WORKERS=str(args.jobs)) as (url, pid):
+        with (
+            simulator(root / "b", durations, steps=20) as sim,
+            server(root / "b", sim, GENERATION_WORKERS=str(args.jobs)) as (url, pid),
+        ):
             time.sleep(1.0)
             idle = rss_mb(pid)
             r = asyncio.run(subscribers(url, pid, args.subscribers, args.jobs))
             d = r["delays"]
             print(f"{args.subscribers} SSE subscribers on {args.jobs} running jobs:")
-            print(f"  server RSS idle / connected / peak: {idle:.1f} / {r['rss_connected']:.1f} / {r['rss_peak']:.1f} MB"
-                  "   (target < 150 MB)")
+            print(
+                f"  server RSS idle / connected / peak: {idle:.1f} / {r['rss_connected']:.1f} / {r['rss_peak']:.1f} MB"
+                "   (target < 150 MB)"
+            )
             print(f"  all connected in:                 {r['connect_s']:7.2f} s")
-            print(f"  events received:                  {r['received']:7d}  ({r['finals']} final_result,"
-                  f" {r['received'] / r['elapsed']:.0f} events/s)")
-            print(f"  live state-event delay p50/p99:   {pct(d, 0.5) * 1000:7.1f} / {pct(d, 0.99) * 1000:.1f} ms"
-                  f"   (target p99 < 50 ms; {len(d)} samples, from the commit's timestamp to the client)")
-            out["subscribers"] = {"rss_idle_mb": idle, "rss_connected_mb": r["rss_connected"],
-                                  "rss_peak_mb": r["rss_peak"], "connect_s": r["connect_s"],
-                                  "received": r["received"], "finals": r["finals"],
-                                  "events_per_s": r["received"] / r["elapsed"], "delay_ms": summary_ms(d),
-                                  "delays_ms": [x * 1000 for x in d]}
+            print(
+                f"  events received:                  {r['received']:7d}  ({r['finals']} final_result,"
+                f" {r['received'] / r['elapsed']:.0f} events/s)"
+            )
+            print(
+                f"  live state-event delay p50/p99:   {pct(d, 0.5) * 1000:7.1f} / {pct(d, 0.99) * 1000:.1f} ms"
+                f"   (target p99 < 50 ms; {len(d)} samples, from the commit's timestamp to the client)"
+            )
+            out["subscribers"] = {
+                "rss_idle_mb": idle,
+                "rss_connected_mb": r["rss_connected"],
+                "rss_peak_mb": r["rss_peak"],
+                "connect_s": r["connect_s"],
+                "received": r["received"],
+                "finals": r["finals"],
+                "events_per_s": r["received"] / r["elapsed"],
+                "delay_ms": summary_ms(d),
+                "delays_ms": [x * 1000 for x in d],
+            }
     write_json(args.json, out)
     return 0
 

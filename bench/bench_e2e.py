@@ -31,8 +31,14 @@ from comfyq.store import NewJob
 def workflow(i: int) -> dict[str, Any]:
     # Different colour per job so that ComfyUI's cache does not skip the work.
     return {
-        "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": i % 16777216}},
-        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "bench"}},
+        "1": {
+            "class_type": "EmptyImage",
+            "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": i % 16777216},
+        },
+        "2": {
+            "class_type": "SaveImage",
+            "inputs": {"images": ["1", 0], "filename_prefix": "bench"},
+        },
     }
 
 
@@ -40,9 +46,21 @@ def start_simulators(n: int, root: Path) -> tuple[list[subprocess.Popen[bytes]],
     procs, urls = [], []
     for i in range(n):
         port = free_port()
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "comfyq.comfy.simulator", "--port", str(port), "--data-dir", str(root / f"sim{i}")],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL))
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "comfyq.comfy.simulator",
+                    "--port",
+                    str(port),
+                    "--data-dir",
+                    str(root / f"sim{i}"),
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+            )
+        )
         urls.append(f"http://127.0.0.1:{port}")
     for p in procs:
         assert p.stdout is not None
@@ -52,10 +70,19 @@ def start_simulators(n: int, root: Path) -> tuple[list[subprocess.Popen[bytes]],
 
 
 async def run_services(urls: list[str], root: Path) -> Services:
-    s = load_settings(env={}, overrides={
-        "database": str(root / "q.db"), "output_dir": str(root / "out"), "cache_dir": str(root / "cache"),
-        "max_queue_size": "100000", "generation_workers": os.environ.get("BENCH_GEN_WORKERS", "4"), "preprocess_workers": "4",
-        "postprocess_workers": "4", "api_log_level": "warning"})
+    s = load_settings(
+        env={},
+        overrides={
+            "database": str(root / "q.db"),
+            "output_dir": str(root / "out"),
+            "cache_dir": str(root / "cache"),
+            "max_queue_size": "100000",
+            "generation_workers": os.environ.get("BENCH_GEN_WORKERS", "4"),
+            "preprocess_workers": "4",
+            "postprocess_workers": "4",
+            "api_log_level": "warning",
+        },
+    )
     svc = Services(s, backends=urls)
     await svc.start()
     await svc.pool.wait_ready(10)
@@ -77,8 +104,19 @@ async def throughput(svc: Services, jobs: int, offset: int) -> float:
 
     svc.store.listen(on_tr)
     t0 = time.perf_counter()
-    await asyncio.gather(*(svc.store.create(NewJob(id=f"t{offset}-{i}", payload={"input": {"workflow_json": workflow(offset + i)}},
-                                                   payload_hash=str(i)), 1_000_000) for i in range(jobs)))
+    await asyncio.gather(
+        *(
+            svc.store.create(
+                NewJob(
+                    id=f"t{offset}-{i}",
+                    payload={"input": {"workflow_json": workflow(offset + i)}},
+                    payload_hash=str(i),
+                ),
+                1_000_000,
+            )
+            for i in range(jobs)
+        )
+    )
     await done.wait()
     elapsed = time.perf_counter() - t0
     failed = sum(1 for j in await svc.store.list(states=["failed"], limit=100000) if j.id in ids)
@@ -95,7 +133,9 @@ async def timed_job(svc: Services, job_id: str, input_: dict[str, Any]) -> float
     """Seconds from admitting one job (straight into the store) to its final event."""
     sub = svc.bus.subscribe(job_id)
     t0 = time.perf_counter()
-    await svc.store.create(NewJob(id=job_id, payload={"input": input_}, payload_hash=job_id), 1_000_000)
+    await svc.store.create(
+        NewJob(id=job_id, payload={"input": input_}, payload_hash=job_id), 1_000_000
+    )
     while True:
         ev = await sub.get(30)
         assert ev is not None
@@ -117,8 +157,12 @@ async def run_direct(client: ComfyClient, wf: dict[str, Any], out: Path) -> floa
     run = await client.follow(pid)
     for node in run.outputs.values():
         for img in node.get("images", []):
-            await client.download(img["filename"], img.get("subfolder", ""), img.get("type", "output"),
-                                  out / f"{pid}-{img['filename']}")
+            await client.download(
+                img["filename"],
+                img.get("subfolder", ""),
+                img.get("type", "output"),
+                out / f"{pid}-{img['filename']}",
+            )
     return time.perf_counter() - t0
 
 
@@ -128,10 +172,17 @@ async def main() -> None:
     ap.add_argument("--latency-jobs", type=int, default=200)
     add_json_arg(ap)
     args = ap.parse_args()
-    out: dict[str, Any] = {"args": {"jobs": args.jobs, "latency_jobs": args.latency_jobs,
-                                    "generation_workers": int(os.environ.get("BENCH_GEN_WORKERS", "4"))},
-                           "throughput": {}}
-    print(f"end-to-end benchmark: simulator with zero-time nodes in separate processes, {os.cpu_count()} cores")
+    out: dict[str, Any] = {
+        "args": {
+            "jobs": args.jobs,
+            "latency_jobs": args.latency_jobs,
+            "generation_workers": int(os.environ.get("BENCH_GEN_WORKERS", "4")),
+        },
+        "throughput": {},
+    }
+    print(
+        f"end-to-end benchmark: simulator with zero-time nodes in separate processes, {os.cpu_count()} cores"
+    )
     for n in (1, 4):
         with tempfile.TemporaryDirectory() as d:
             root = Path(d)
@@ -153,13 +204,23 @@ async def main() -> None:
                     await client.close()
                     added = [a - b for a, b in zip(cq, direct, strict=True)]
                     print(f"  sequential latency, {args.latency_jobs} jobs each, alternating:")
-                    print(f"    direct client : p50 {1000 * pct(direct, .5):6.2f} ms  p99 {1000 * pct(direct, .99):6.2f} ms")
-                    print(f"    through comfyq: p50 {1000 * pct(cq, .5):6.2f} ms  p99 {1000 * pct(cq, .99):6.2f} ms")
-                    print(f"    added by comfyq: p50 {statistics.median(added) * 1000:6.2f} ms"
-                          f"  p99 {1000 * pct(added, .99):6.2f} ms  ratio p50 x{pct(cq, .5) / pct(direct, .5):.2f}")
-                    out["latency"] = {"direct": summary_ms(direct), "comfyq": summary_ms(cq),
-                                      "added": summary_ms(added),
-                                      "direct_ms": [x * 1000 for x in direct], "comfyq_ms": [x * 1000 for x in cq]}
+                    print(
+                        f"    direct client : p50 {1000 * pct(direct, 0.5):6.2f} ms  p99 {1000 * pct(direct, 0.99):6.2f} ms"
+                    )
+                    print(
+                        f"    through comfyq: p50 {1000 * pct(cq, 0.5):6.2f} ms  p99 {1000 * pct(cq, 0.99):6.2f} ms"
+                    )
+                    print(
+                        f"    added by comfyq: p50 {statistics.median(added) * 1000:6.2f} ms"
+                        f"  p99 {1000 * pct(added, 0.99):6.2f} ms  ratio p50 x{pct(cq, 0.5) / pct(direct, 0.5):.2f}"
+                    )
+                    out["latency"] = {
+                        "direct": summary_ms(direct),
+                        "comfyq": summary_ms(cq),
+                        "added": summary_ms(added),
+                        "direct_ms": [x * 1000 for x in direct],
+                        "comfyq_ms": [x * 1000 for x in cq],
+                    }
             finally:
                 await svc.stop()
                 for p in procs:

@@ -73,11 +73,19 @@ class PeakRSS:
 
 def start_moto() -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}"
-    s3 = boto3.client("s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id="k",
-                      aws_secret_access_key="s")
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=url,
+        region_name="us-east-1",
+        aws_access_key_id="k",
+        aws_secret_access_key="s",
+    )
     for _ in range(200):
         try:
             s3.create_bucket(Bucket="bench-outputs")
@@ -105,12 +113,21 @@ async def bench_upload(size_mb: int, root: Path) -> dict[str, Any]:
     out: dict[str, Any] = {"streaming": []}
     try:
         f = make_file(root / "big.mp4", size_mb * MiB)
-        up = S3Uploader(S3Settings(access_key_id="k", secret_access_key="s", bucket="bench-outputs",
-                                   endpoint_url=url, region="us-east-1"))
+        up = S3Uploader(
+            S3Settings(
+                access_key_id="k",
+                secret_access_key="s",
+                bucket="bench-outputs",
+                endpoint_url=url,
+                region="us-east-1",
+            )
+        )
         target = up.target(None, None)
         assert target is not None
-        print(f"S3 upload to moto (separate process); multipart {up.settings.part_size // MiB} MiB parts,"
-              f" {up.settings.part_concurrency} in flight")
+        print(
+            f"S3 upload to moto (separate process); multipart {up.settings.part_size // MiB} MiB parts,"
+            f" {up.settings.part_concurrency} in flight"
+        )
         small = make_file(root / "warm.mp4", 20 * MiB)
         [res] = await up.upload_all(target, "warm-up", [small])  # loads botocore's models once
         assert res.error is None, res.error
@@ -120,8 +137,10 @@ async def bench_upload(size_mb: int, root: Path) -> dict[str, Any]:
                 [res] = await up.upload_all(target, f"bench-{label}", [lf])
                 elapsed = time.perf_counter() - t0
             assert res.error is None, res.error
-            print(f"  streaming {label:>7s}: {lf.size / MiB / elapsed:7.1f} MB/s  ({elapsed:5.1f} s)"
-                  f"  RSS {mem.base / MiB:6.0f} MiB -> peak {mem.peak / MiB:6.0f} MiB  (+{(mem.peak - mem.base) / MiB:.0f} MiB)")
+            print(
+                f"  streaming {label:>7s}: {lf.size / MiB / elapsed:7.1f} MB/s  ({elapsed:5.1f} s)"
+                f"  RSS {mem.base / MiB:6.0f} MiB -> peak {mem.peak / MiB:6.0f} MiB  (+{(mem.peak - mem.base) / MiB:.0f} MiB)"
+            )
             out["streaming"].append(_upload_figures(lf.size, elapsed, mem))
 
         # The original wrapper's way, for comparison: read the whole file, one put_object.
@@ -132,8 +151,10 @@ async def bench_upload(size_mb: int, root: Path) -> dict[str, Any]:
                 await client.put_object(Bucket="bench-outputs", Key="seed-style/big.mp4", Body=body)
                 del body
                 elapsed = time.perf_counter() - t0
-        print(f"  whole-file {size_mb:>4d} MB: {size_mb / elapsed:7.1f} MB/s  ({elapsed:5.1f} s)  RSS {mem.base / MiB:6.0f} MiB"
-              f" -> peak {mem.peak / MiB:6.0f} MiB  (+{(mem.peak - mem.base) / MiB:.0f} MiB)  [seed wrapper style]")
+        print(
+            f"  whole-file {size_mb:>4d} MB: {size_mb / elapsed:7.1f} MB/s  ({elapsed:5.1f} s)  RSS {mem.base / MiB:6.0f} MiB"
+            f" -> peak {mem.peak / MiB:6.0f} MiB  (+{(mem.peak - mem.base) / MiB:.0f} MiB)  [seed wrapper style]"
+        )
         out["whole_file"] = _upload_figures(f.size, elapsed, mem)
     finally:
         proc.kill()
@@ -142,8 +163,14 @@ async def bench_upload(size_mb: int, root: Path) -> dict[str, Any]:
 
 
 def _upload_figures(size: int, elapsed: float, mem: PeakRSS) -> dict[str, float]:
-    return {"mb": size / MiB, "seconds": elapsed, "mb_per_s": size / MiB / elapsed, "rss_base_mib": mem.base / MiB,
-            "rss_peak_mib": mem.peak / MiB, "rss_growth_mib": (mem.peak - mem.base) / MiB}
+    return {
+        "mb": size / MiB,
+        "seconds": elapsed,
+        "mb_per_s": size / MiB / elapsed,
+        "rss_base_mib": mem.base / MiB,
+        "rss_peak_mib": mem.peak / MiB,
+        "rss_growth_mib": (mem.peak - mem.base) / MiB,
+    }
 
 
 # --- webhooks ----------------------------------------------------------------------------------
@@ -177,17 +204,28 @@ async def bench_delivery_rate(n: int, root: Path) -> list[dict[str, float]]:
     proc, url = start_receiver()
     out = []
     try:
-        print(f"webhook deliveries to a fast receiver (separate process), {n} deliveries queued, signed")
+        print(
+            f"webhook deliveries to a fast receiver (separate process), {n} deliveries queued, signed"
+        )
         for per_host, concurrency in ((8, 16), (16, 16), (64, 64)):
             store = JobStore(root / f"wh-{per_host}-{concurrency}.db")
             await store.open()
             for i in range(n):
-                await store.create(NewJob(id=f"w{i}", payload={"input": {"webhook": {"url": url}}}, payload_hash=str(i),
-                                          secrets={"webhook_secret": "bench-secret"}), n + 1)
+                await store.create(
+                    NewJob(
+                        id=f"w{i}",
+                        payload={"input": {"webhook": {"url": url}}},
+                        payload_hash=str(i),
+                        secrets={"webhook_secret": "bench-secret"},
+                    ),
+                    n + 1,
+                )
             await asyncio.gather(*(store.request_cancel(f"w{i}") for i in range(n)))
-            sender = WebhookSender(store, AddressGuard(["127.0.0.1"]),
-                                   WebhookConfig(per_host=per_host, per_endpoint=per_host,
-                                                 concurrency=concurrency))
+            sender = WebhookSender(
+                store,
+                AddressGuard(["127.0.0.1"]),
+                WebhookConfig(per_host=per_host, per_endpoint=per_host, concurrency=concurrency),
+            )
             t0 = time.perf_counter()
             await sender.start()
             while sender.delivered < n:
@@ -195,8 +233,10 @@ async def bench_delivery_rate(n: int, root: Path) -> list[dict[str, float]]:
             elapsed = time.perf_counter() - t0
             await sender.stop()
             await store.close()
-            print(f"  {per_host:2d} in flight to the receiver, {concurrency:2d} in total:"
-                  f" {n / elapsed:7.1f} deliveries/s")
+            print(
+                f"  {per_host:2d} in flight to the receiver, {concurrency:2d} in total:"
+                f" {n / elapsed:7.1f} deliveries/s"
+            )
             out.append({"per_host": per_host, "concurrency": concurrency, "rate": n / elapsed})
     finally:
         proc.kill()
@@ -235,19 +275,33 @@ async def bench_hanging_receiver(jobs: int, root: Path) -> list[dict[str, Any]]:
         await web.TCPSite(runner, "127.0.0.1", port).start()
         sites.append((runner, f"http://127.0.0.1:{port}"))
     fast_host, other_host = sites[0][1], sites[1][1]
-    settings = load_settings(env={}, overrides={
-        "database": str(root / "q.db"), "output_dir": str(root / "out"), "cache_dir": str(root / "cache"),
-        "max_queue_size": "100000", "url_allowlist": "127.0.0.1", "webhook_timeout": "60", "api_log_level": "warning"})
+    settings = load_settings(
+        env={},
+        overrides={
+            "database": str(root / "q.db"),
+            "output_dir": str(root / "out"),
+            "cache_dir": str(root / "cache"),
+            "max_queue_size": "100000",
+            "url_allowlist": "127.0.0.1",
+            "webhook_timeout": "60",
+            "api_log_level": "warning",
+        },
+    )
     svc = Services(settings, backends=urls)
     await svc.start()
     sender = svc.webhooks  # Services builds and starts it: a second sender would compete with it
     try:
         await svc.pool.wait_ready(10)
-        print(f"a receiver that hangs vs. other jobs: {jobs} sequential jobs with a fast webhook each;"
-              f" posts in flight capped at {sender.cfg.per_endpoint}/endpoint, {sender.cfg.per_host}/host,"
-              f" {sender.cfg.concurrency} total")
-        scenarios = (("no hanging receiver", None), ("32 hang, other host", f"{other_host}/hang"),
-                     ("32 hang, same host", f"{fast_host}/hang"))
+        print(
+            f"a receiver that hangs vs. other jobs: {jobs} sequential jobs with a fast webhook each;"
+            f" posts in flight capped at {sender.cfg.per_endpoint}/endpoint, {sender.cfg.per_host}/host,"
+            f" {sender.cfg.concurrency} total"
+        )
+        scenarios = (
+            ("no hanging receiver", None),
+            ("32 hang, other host", f"{other_host}/hang"),
+            ("32 hang, same host", f"{fast_host}/hang"),
+        )
         for n, (label, hang_url) in enumerate(scenarios):
             if hang_url:
                 for i in range(32):  # jobs whose webhooks hang for webhook_timeout (60 s)
@@ -255,18 +309,30 @@ async def bench_hanging_receiver(jobs: int, root: Path) -> list[dict[str, Any]]:
             lat, hook = [], []
             for i in range(jobs):
                 job_id = f"f{n}-{i}"
-                lat.append(await run_job(svc, job_id, f"{fast_host}/fast?job={job_id}", 100_000 * (n + 1) + i))
+                lat.append(
+                    await run_job(
+                        svc, job_id, f"{fast_host}/fast?job={job_id}", 100_000 * (n + 1) + i
+                    )
+                )
                 t0 = time.perf_counter()
                 while job_id not in cw.arrived and time.perf_counter() - t0 < 30:
                     await asyncio.sleep(0.001)
                 job = await svc.store.get(job_id)
                 assert job is not None and job.finished_at is not None
                 hook.append(cw.arrived.get(job_id, time.time()) - parse_iso(job.finished_at))
-            print(f"  {label:20s}: job p50 {1000 * pct(lat, .5):6.1f} ms  p95 {1000 * pct(lat, .95):6.1f} ms | "
-                  f"webhook after job end p50 {1000 * pct(hook, .5):6.1f} ms  p95 {1000 * pct(hook, .95):6.1f} ms"
-                  f"  (posts hanging: {sender.in_flight})")
-            out.append({"label": label, "job_ms": summary_ms(lat), "webhook_after_end_ms": summary_ms(hook),
-                        "hanging": sender.in_flight})
+            print(
+                f"  {label:20s}: job p50 {1000 * pct(lat, 0.5):6.1f} ms  p95 {1000 * pct(lat, 0.95):6.1f} ms | "
+                f"webhook after job end p50 {1000 * pct(hook, 0.5):6.1f} ms  p95 {1000 * pct(hook, 0.95):6.1f} ms"
+                f"  (posts hanging: {sender.in_flight})"
+            )
+            out.append(
+                {
+                    "label": label,
+                    "job_ms": summary_ms(lat),
+                    "webhook_after_end_ms": summary_ms(hook),
+                    "hanging": sender.in_flight,
+                }
+            )
     finally:
         await sender.stop(grace=0)  # the hanging posts are cut now; the rest of svc stops as usual
         await svc.stop()
@@ -289,7 +355,9 @@ async def main() -> None:
     ap.add_argument("--jobs", type=int, default=60)
     add_json_arg(ap)
     args = ap.parse_args()
-    out: dict[str, Any] = {"args": {"size_mb": args.size_mb, "deliveries": args.deliveries, "jobs": args.jobs}}
+    out: dict[str, Any] = {
+        "args": {"size_mb": args.size_mb, "deliveries": args.deliveries, "jobs": args.jobs}
+    }
     print(f"outputs benchmark, {os.cpu_count()} cores")
     with tempfile.TemporaryDirectory() as d:
         out["upload"] = await bench_upload(args.size_mb, Path(d))

@@ -199,8 +199,11 @@ async def main(args: argparse.Namespace) -> None:
             figures["modifier + uncached URL input"],
         )
         print(f"  cached / uncached URL ratio: {cached / uncached:.1f}x")
-        out: dict[str, Any] = {"args": {"jobs": n, "concurrency": c, "big_mib": args.big_mib},
-                               "rates": figures, "cached_over_uncached": cached / uncached}
+        out: dict[str, Any] = {
+            "args": {"jobs": n, "concurrency": c, "big_mib": args.big_mib},
+            "rates": figures,
+            "cached_over_uncached": cached / uncached,
+        }
 
         if args.big_mib:
             print(f"\npeak RSS while downloading a {args.big_mib} MiB body from 127.0.0.1")
@@ -229,9 +232,15 @@ async def main(args: argparse.Namespace) -> None:
                 f"growth {(peak - baseline) / MiB:.1f} MiB ({len(samples)} samples)"
             )
             asset.path.unlink()
-            out["download"] = {"mib": asset.size / MiB, "seconds": elapsed, "mib_per_s": asset.size / MiB / elapsed,
-                               "rss_before_mib": baseline / MiB, "rss_peak_mib": peak / MiB,
-                               "rss_growth_mib": (peak - baseline) / MiB, "samples": len(samples)}
+            out["download"] = {
+                "mib": asset.size / MiB,
+                "seconds": elapsed,
+                "mib_per_s": asset.size / MiB / elapsed,
+                "rss_before_mib": baseline / MiB,
+                "rss_peak_mib": peak / MiB,
+                "rss_growth_mib": (peak - baseline) / MiB,
+                "samples": len(samples),
+            }
         write_json(args.json, out)
     finally:
         await downloader.close()

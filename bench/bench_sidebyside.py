@@ -57,7 +57,8 @@ class ThroughComfyq:
         self.base = base
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0),
-            timeout=aiohttp.ClientTimeout(total=300, sock_read=None))
+            timeout=aiohttp.ClientTimeout(total=300, sock_read=None),
+        )
 
     async def close(self) -> None:
         await self.session.close()
@@ -65,7 +66,9 @@ class ThroughComfyq:
     async def sse(self, wf: dict[str, Any]) -> float:
         """POST /generate, then GET /jobs/{id}/events until final_result, then the output files."""
         t0 = time.perf_counter()
-        async with self.session.post(self.base + "/generate", json={"input": {"workflow_json": wf}}) as r:
+        async with self.session.post(
+            self.base + "/generate", json={"input": {"workflow_json": wf}}
+        ) as r:
             if r.status != 202:
                 raise RuntimeError(f"POST /generate answered {r.status}: {await r.text()}")
             job_id = (await r.json())["id"]
@@ -76,7 +79,9 @@ class ThroughComfyq:
     async def sync(self, wf: dict[str, Any]) -> float:
         """POST /generate/sync (no timeout), then the output files."""
         t0 = time.perf_counter()
-        async with self.session.post(self.base + "/generate/sync", json={"input": {"workflow_json": wf}}) as r:
+        async with self.session.post(
+            self.base + "/generate/sync", json={"input": {"workflow_json": wf}}
+        ) as r:
             result = await r.json()
         await self._outputs(result)
         return time.perf_counter() - t0
@@ -123,7 +128,9 @@ async def burst(job: Job, n: int, in_flight: int) -> tuple[float, list[float]]:
     return time.perf_counter() - t0, lat
 
 
-async def throughput(paths: dict[str, Job], n: int, levels: list[int], rounds: int = 2) -> list[dict[str, Any]]:
+async def throughput(
+    paths: dict[str, Job], n: int, levels: list[int], rounds: int = 2
+) -> list[dict[str, Any]]:
     """Jobs/s per path at each level; every other round takes the paths in reverse order."""
     rows = []
     for c in levels:
@@ -141,13 +148,16 @@ async def throughput(paths: dict[str, Job], n: int, levels: list[int], rounds: i
             row["rate"][name] = jobs * rounds / secs
             row["latency_ms"][name] = summary_ms(lat[name])
         rows.append(row)
-        print(f"    {c:3d} in flight, {jobs * rounds:4d} jobs per path: "
-              + "  ".join(f"{name} {rate:6.1f}/s" for name, rate in row["rate"].items()))
+        print(
+            f"    {c:3d} in flight, {jobs * rounds:4d} jobs per path: "
+            + "  ".join(f"{name} {rate:6.1f}/s" for name, rate in row["rate"].items())
+        )
     return rows
 
 
-async def side_by_side(comfy_url: str, root: Path, latency_jobs: int, throughput_jobs: int,
-                       levels: list[int]) -> dict[str, Any]:
+async def side_by_side(
+    comfy_url: str, root: Path, latency_jobs: int, throughput_jobs: int, levels: list[int]
+) -> dict[str, Any]:
     """Every path against the ComfyUI at ``comfy_url``; comfyq serve runs in a subprocess."""
     (root / "direct").mkdir(parents=True)
     with server(root, comfy_url) as (base, pid):
@@ -179,10 +189,15 @@ async def side_by_side(comfy_url: str, root: Path, latency_jobs: int, throughput
             print(f"    comfyq server CPU per job: {cpu_per_job:.1f} ms")
             print("  throughput:")
             rows = await throughput(paths, throughput_jobs, levels)
-            return {"url": redact_url(comfy_url), "latency": figures, "throughput": rows,
-                    "comfyq_cpu_ms_per_job": cpu_per_job, "comfyq_rss_mb": rss_mb(pid),
-                    "comfyui_version": (stats.get("system") or {}).get("comfyui_version"),
-                    "generation_workers": Settings().generation_workers}
+            return {
+                "url": redact_url(comfy_url),
+                "latency": figures,
+                "throughput": rows,
+                "comfyq_cpu_ms_per_job": cpu_per_job,
+                "comfyq_rss_mb": rss_mb(pid),
+                "comfyui_version": (stats.get("system") or {}).get("comfyui_version"),
+                "generation_workers": Settings().generation_workers,
+            }
         finally:
             await cq.close()
             await client.close()
@@ -191,7 +206,9 @@ async def side_by_side(comfy_url: str, root: Path, latency_jobs: int, throughput
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--latency-jobs", type=int, default=200, help="jobs per path, one at a time")
-    ap.add_argument("--throughput-jobs", type=int, default=64, help="jobs per path per round and level")
+    ap.add_argument(
+        "--throughput-jobs", type=int, default=64, help="jobs per path per round and level"
+    )
     ap.add_argument("--levels", default="1,4,16", help="jobs in flight, comma separated")
     ap.add_argument("--real-latency-jobs", type=int, default=100)
     ap.add_argument("--real-throughput-jobs", type=int, default=32)
@@ -199,20 +216,29 @@ def main() -> None:
     args = ap.parse_args()
     levels = [int(x) for x in args.levels.split(",") if x]
     real = os.environ.get("COMFYUI_TEST_URL", "")
-    out: dict[str, Any] = {"args": {"latency_jobs": args.latency_jobs, "throughput_jobs": args.throughput_jobs,
-                                    "levels": levels,
-                                    "real_latency_jobs": args.real_latency_jobs,
-                                    "real_throughput_jobs": args.real_throughput_jobs}}
+    out: dict[str, Any] = {
+        "args": {
+            "latency_jobs": args.latency_jobs,
+            "throughput_jobs": args.throughput_jobs,
+            "levels": levels,
+            "real_latency_jobs": args.real_latency_jobs,
+            "real_throughput_jobs": args.real_throughput_jobs,
+        }
+    }
     with tempfile.TemporaryDirectory(prefix="bench-sbs-") as tmp:
         root = Path(tmp)
         with simulator(root / "sim") as sim:
             print("side by side against the simulator (zero-time nodes):")
-            out["simulator"] = asyncio.run(side_by_side(sim, root / "a", args.latency_jobs,
-                                                        args.throughput_jobs, levels))
+            out["simulator"] = asyncio.run(
+                side_by_side(sim, root / "a", args.latency_jobs, args.throughput_jobs, levels)
+            )
         if real:
             print(f"side by side against the real ComfyUI at {redact_url(real)}:")
-            out["real"] = asyncio.run(side_by_side(real, root / "b", args.real_latency_jobs,
-                                                   args.real_throughput_jobs, levels))
+            out["real"] = asyncio.run(
+                side_by_side(
+                    real, root / "b", args.real_latency_jobs, args.real_throughput_jobs, levels
+                )
+            )
         else:
             out["real"] = {"skipped": "COMFYUI_TEST_URL is not set"}
             print("real ComfyUI: skipped (COMFYUI_TEST_URL is not set)")

@@ -23,11 +23,17 @@ STAGES = ("preprocess", "generate", "postprocess")
 
 
 def _new(i: int) -> NewJob:
-    return NewJob(id=f"job-{i:08d}", payload={"input": {"workflow_json": {"1": {"class_type": "X"}}}},
-                  payload_hash=str(i), kind="workflow")
+    return NewJob(
+        id=f"job-{i:08d}",
+        payload={"input": {"workflow_json": {"1": {"class_type": "X"}}}},
+        payload_hash=str(i),
+        kind="workflow",
+    )
 
 
-async def throughput(path: Path, jobs: int, workers: int, include_create: bool) -> tuple[float, int]:
+async def throughput(
+    path: Path, jobs: int, workers: int, include_create: bool
+) -> tuple[float, int]:
     store = JobStore(path)
     await store.open()
     try:
@@ -84,8 +90,13 @@ async def through_runner(path: Path, jobs: int, workers: int) -> float:
     async def noop(job: Job, ctx: JobContext) -> StageDone:
         return StageDone("ok")
 
-    pipe = Pipeline(store, EventBus(), {s: noop for s in STAGES}, {s: workers for s in STAGES},
-                    RunnerConfig(lease=30))
+    pipe = Pipeline(
+        store,
+        EventBus(),
+        {s: noop for s in STAGES},
+        {s: workers for s in STAGES},
+        RunnerConfig(lease=30),
+    )
     await asyncio.gather(*(store.create(_new(i), jobs + 1) for i in range(jobs)))
     t0 = time.perf_counter()
     await pipe.start()
@@ -146,12 +157,20 @@ async def main() -> None:
     ap.add_argument("--samples", type=int, default=1000, help="claims timed per table size")
     add_json_arg(ap)
     args = ap.parse_args()
-    out: dict[str, Any] = {"args": {"jobs": args.jobs, "big": args.big, "samples": args.samples},
-                           "throughput": {}, "writes_per_commit": {}, "claim_latency": {}}
-    print(f"store benchmark: synchronous=FULL, WAL, {os.cpu_count()} cores, {args.jobs} jobs per run")
+    out: dict[str, Any] = {
+        "args": {"jobs": args.jobs, "big": args.big, "samples": args.samples},
+        "throughput": {},
+        "writes_per_commit": {},
+        "claim_latency": {},
+    }
+    print(
+        f"store benchmark: synchronous=FULL, WAL, {os.cpu_count()} cores, {args.jobs} jobs per run"
+    )
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as d:
         for include_create in (False, True):
-            label = "create+claim+transitions" if include_create else "claim+transitions (pre-filled)"
+            label = (
+                "create+claim+transitions" if include_create else "claim+transitions (pre-filled)"
+            )
             key = "create_claim_transitions" if include_create else "claim_transitions"
             for w in (1, 4, 16):
                 path = Path(d) / f"t{w}{include_create}.db"
@@ -159,12 +178,16 @@ async def main() -> None:
                 writes = args.jobs * (7 if include_create else 6)
                 out["throughput"].setdefault(key, {})[str(w)] = rate
                 out["writes_per_commit"].setdefault(key, {})[str(w)] = writes / max(commits, 1)
-                print(f"  {label:32s} workers={w:2d}: {rate:8.0f} complete jobs/s"
-                      f"  ({writes} writes in {commits} commits, {writes / max(commits, 1):.1f}/fsync)")
+                print(
+                    f"  {label:32s} workers={w:2d}: {rate:8.0f} complete jobs/s"
+                    f"  ({writes} writes in {commits} commits, {writes / max(commits, 1):.1f}/fsync)"
+                )
         for w in (1, 4, 16):
             rate = await through_runner(Path(d) / f"r{w}.db", args.jobs, w)
             out["throughput"].setdefault("stage_runner", {})[str(w)] = rate
-            print(f"  {'stage runner, no-op stages':32s} workers={w:2d}/stage: {rate:8.0f} complete jobs/s")
+            print(
+                f"  {'stage runner, no-op stages':32s} workers={w:2d}/stage: {rate:8.0f} complete jobs/s"
+            )
         results = {}
         for rows in (10_000, args.big):
             path = Path(d) / f"big{rows}.db"
@@ -175,12 +198,17 @@ async def main() -> None:
             fill(path, rows)
             fill_s = time.perf_counter() - t0
             lat = await claim_latency(path, args.samples)
-            p50, p99 = statistics.median(lat) * 1000, pct(lat, .99) * 1000
+            p50, p99 = statistics.median(lat) * 1000, pct(lat, 0.99) * 1000
             results[rows] = (p50, p99)
-            out["claim_latency"][str(rows)] = {**summary_ms(lat), "fill_s": fill_s,
-                                               "samples_ms": [x * 1000 for x in lat]}
-            print(f"  claim latency with {rows:>9,} rows: p50 {p50:.3f} ms  p99 {p99:.3f} ms"
-                  f"  (fill {fill_s:.1f}s)")
+            out["claim_latency"][str(rows)] = {
+                **summary_ms(lat),
+                "fill_s": fill_s,
+                "samples_ms": [x * 1000 for x in lat],
+            }
+            print(
+                f"  claim latency with {rows:>9,} rows: p50 {p50:.3f} ms  p99 {p99:.3f} ms"
+                f"  (fill {fill_s:.1f}s)"
+            )
         (a50, a99), (b50, b99) = results[10_000], results[args.big]
         out["claim_p50_ratio"], out["claim_p99_ratio"] = b50 / a50, b99 / a99
         print(f"  ratio {args.big:,} vs 10,000 rows: p50 x{b50 / a50:.2f}  p99 x{b99 / a99:.2f}")

@@ -55,29 +55,71 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--kills", type=int, default=20, help="comfyq kill -9 + restart")
     ap.add_argument("--sim-crashes", type=int, default=5, help="simulator kill -9 + restart")
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--node-duration", type=float, default=0.3,
-                    help="seconds per simulated node (3 nodes a job)")
-    ap.add_argument("--submit-every", type=float, default=0.0,
-                    help="mean seconds between submissions (0: spread over ~70%% of the expected work)")
-    ap.add_argument("--webhook-error-rate", type=float, default=0.05,
-                    help="share of webhook posts the receiver answers 503 (they are retried)")
-    ap.add_argument("--webhook-delay", type=float, default=0.3,
-                    help="the receiver answers after a random 0..this many seconds")
-    ap.add_argument("--startup-kill-share", type=float, default=0.2,
-                    help="share of the comfyq kills that hit a comfyq still starting (before /health)")
-    ap.add_argument("--input-share", type=float, default=0.5,
-                    help="share of jobs that start from an input image (base64 in the request)")
-    ap.add_argument("--sim-freezes", type=int, default=0,
-                    help="simulator SIGSTOP-ed (hung, connections open) for 2..--freeze-max s, then SIGCONT")
+    ap.add_argument(
+        "--node-duration",
+        type=float,
+        default=0.3,
+        help="seconds per simulated node (3 nodes a job)",
+    )
+    ap.add_argument(
+        "--submit-every",
+        type=float,
+        default=0.0,
+        help="mean seconds between submissions (0: spread over ~70%% of the expected work)",
+    )
+    ap.add_argument(
+        "--webhook-error-rate",
+        type=float,
+        default=0.05,
+        help="share of webhook posts the receiver answers 503 (they are retried)",
+    )
+    ap.add_argument(
+        "--webhook-delay",
+        type=float,
+        default=0.3,
+        help="the receiver answers after a random 0..this many seconds",
+    )
+    ap.add_argument(
+        "--startup-kill-share",
+        type=float,
+        default=0.2,
+        help="share of the comfyq kills that hit a comfyq still starting (before /health)",
+    )
+    ap.add_argument(
+        "--input-share",
+        type=float,
+        default=0.5,
+        help="share of jobs that start from an input image (base64 in the request)",
+    )
+    ap.add_argument(
+        "--sim-freezes",
+        type=int,
+        default=0,
+        help="simulator SIGSTOP-ed (hung, connections open) for 2..--freeze-max s, then SIGCONT",
+    )
     ap.add_argument("--freeze-max", type=float, default=40.0)
-    ap.add_argument("--bad-share", type=float, default=0.0,
-                    help="share of jobs whose workflow ComfyUI rejects (they must fail, once, with a webhook)")
-    ap.add_argument("--cancel-share", type=float, default=0.0,
-                    help="share of jobs cancelled (DELETE /jobs/{id}) 0-5 s after acceptance")
-    ap.add_argument("--final-timeout", type=float, default=900.0,
-                    help="cap on the wait for every job (and webhook) to finish after the chaos")
+    ap.add_argument(
+        "--bad-share",
+        type=float,
+        default=0.0,
+        help="share of jobs whose workflow ComfyUI rejects (they must fail, once, with a webhook)",
+    )
+    ap.add_argument(
+        "--cancel-share",
+        type=float,
+        default=0.0,
+        help="share of jobs cancelled (DELETE /jobs/{id}) 0-5 s after acceptance",
+    )
+    ap.add_argument(
+        "--final-timeout",
+        type=float,
+        default=900.0,
+        help="cap on the wait for every job (and webhook) to finish after the chaos",
+    )
     ap.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
-    ap.add_argument("--keep", type=Path, default=None, help="run in this folder and keep it (logs, db)")
+    ap.add_argument(
+        "--keep", type=Path, default=None, help="run in this folder and keep it (logs, db)"
+    )
     return ap.parse_args(argv)
 
 
@@ -86,9 +128,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 async def chaos(w: World, rng: random.Random) -> None:
     """Fire the kills and crashes, each after a random share of the jobs has ended (and a random delay)."""
-    twice = int(w.args.kills * w.args.startup_kill_share) // 2  # events of two kills, the second mid-start
-    kinds = (["comfyq-twice"] * twice + ["comfyq"] * (w.args.kills - 2 * twice) + ["sim"] * w.args.sim_crashes
-             + ["freeze"] * w.args.sim_freezes)
+    twice = (
+        int(w.args.kills * w.args.startup_kill_share) // 2
+    )  # events of two kills, the second mid-start
+    kinds = (
+        ["comfyq-twice"] * twice
+        + ["comfyq"] * (w.args.kills - 2 * twice)
+        + ["sim"] * w.args.sim_crashes
+        + ["freeze"] * w.args.sim_freezes
+    )
     rng.shuffle(kinds)
     marks = sorted(rng.uniform(0.0, 0.9) for _ in kinds)
     for kind, mark in zip(kinds, marks, strict=True):
@@ -96,8 +144,14 @@ async def chaos(w: World, rng: random.Random) -> None:
         while True:  # a stall (a bug) must not stop the chaos: go on after 30 s regardless
             c = await counts(w)
             busy = any(":" in k for k in c)  # jobs pending or running: something to interrupt
-            drained = not busy and not c.get("webhooks_due") and w.outstanding == 0  # nothing will come
-            if (busy and finished(c) >= mark * w.args.jobs) or drained or time.monotonic() - last > 30:
+            drained = (
+                not busy and not c.get("webhooks_due") and w.outstanding == 0
+            )  # nothing will come
+            if (
+                (busy and finished(c) >= mark * w.args.jobs)
+                or drained
+                or time.monotonic() - last > 30
+            ):
                 break
             await asyncio.sleep(0.1)
         await asyncio.sleep(rng.uniform(0.0, 2.0))
@@ -106,33 +160,53 @@ async def chaos(w: World, rng: random.Random) -> None:
         if kind.startswith("comfyq"):
             await w.comfyq.kill9()
             event = {"t": w.now(), "kind": "comfyq kill -9", "jobs": before, "busy": busy_now}
-            if kind == "comfyq-twice":  # restart, and kill that one too before (or just as) it is ready
+            if (
+                kind == "comfyq-twice"
+            ):  # restart, and kill that one too before (or just as) it is ready
                 w.comfyq.spawn()
                 usual = statistics.median(w.restarts) if w.restarts else 0.6  # spawn to /health
                 await asyncio.sleep(rng.uniform(0.05, 0.95 * usual))
                 alive, answered = w.comfyq.alive, await w.comfyq.ready()
                 if not alive:  # it died on its own while starting: a crash on restart
-                    w.comfyq.failed_starts.append(f"exited by itself while starting\n{tail(w.comfyq.log)}")
+                    w.comfyq.failed_starts.append(
+                        f"exited by itself while starting\n{tail(w.comfyq.log)}"
+                    )
                 await w.comfyq.kill9()
                 w.timeline.append(event)
                 _show(event)
-                event = {"t": w.now(), "kind": "comfyq kill -9", "jobs": await counts(w), "busy": True,
-                         "during_start": not answered, "died_by_itself": not alive}
+                event = {
+                    "t": w.now(),
+                    "kind": "comfyq kill -9",
+                    "jobs": await counts(w),
+                    "busy": True,
+                    "during_start": not answered,
+                    "died_by_itself": not alive,
+                }
             took = await w.comfyq.start()
             w.restarts.append(took)
             event["restart_s"] = round(took, 2)
         elif kind == "freeze":
             w.sim.freeze(True)
             down = rng.uniform(2.0, w.args.freeze_max)
-            event = {"t": w.now(), "kind": "simulator SIGSTOP", "jobs": before, "busy": busy_now,
-                     "down_s": round(down, 2)}
+            event = {
+                "t": w.now(),
+                "kind": "simulator SIGSTOP",
+                "jobs": before,
+                "busy": busy_now,
+                "down_s": round(down, 2),
+            }
             await asyncio.sleep(down)
             w.sim.freeze(False)
         else:
             await w.sim.kill9()
             down = rng.uniform(0.3, 3.0)
-            event = {"t": w.now(), "kind": "simulator kill -9", "jobs": before, "busy": busy_now,
-                     "down_s": round(down, 2)}
+            event = {
+                "t": w.now(),
+                "kind": "simulator kill -9",
+                "jobs": before,
+                "busy": busy_now,
+                "down_s": round(down, 2),
+            }
             await asyncio.sleep(down)
             await w.sim.start()
         w.timeline.append(event)
@@ -151,12 +225,19 @@ def _show(event: dict[str, Any]) -> None:
 def comfyq_env(root: Path, sim_url: str, port: int) -> dict[str, str]:
     """Settings of the comfyq under test: defaults, but quick to notice a simulator back."""
     return {
-        "COMFYQ_CONFIG": str(root / "none.toml"), "COMFYQ_DATABASE": str(root / "q.db"),
-        "COMFYQ_OUTPUT_DIR": str(root / "out"), "COMFYQ_CACHE_DIR": str(root / "cache"),
-        "COMFYUI_API_BASE": sim_url, "API_HOST": "127.0.0.1", "API_PORT": str(port),
+        "COMFYQ_CONFIG": str(root / "none.toml"),
+        "COMFYQ_DATABASE": str(root / "q.db"),
+        "COMFYQ_OUTPUT_DIR": str(root / "out"),
+        "COMFYQ_CACHE_DIR": str(root / "cache"),
+        "COMFYUI_API_BASE": sim_url,
+        "API_HOST": "127.0.0.1",
+        "API_PORT": str(port),
         "COMFYQ_URL_ALLOWLIST": "127.0.0.1",  # the receiver and moto live on loopback
-        "COMFYQ_BACKEND_PROBE_INTERVAL": "0.5", "COMFYQ_RETRY_BASE_DELAY": "1.0",
-        "COMFYQ_WEBHOOK_RETRY_BASE_DELAY": "1.0", "COMFYQ_SHUTDOWN_GRACE": "10", "API_LOG_LEVEL": "info",
+        "COMFYQ_BACKEND_PROBE_INTERVAL": "0.5",
+        "COMFYQ_RETRY_BASE_DELAY": "1.0",
+        "COMFYQ_WEBHOOK_RETRY_BASE_DELAY": "1.0",
+        "COMFYQ_SHUTDOWN_GRACE": "10",
+        "API_LOG_LEVEL": "info",
     }
 
 
@@ -168,20 +249,63 @@ async def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     api_port, sim_port, hook_port = free_port(), free_port(), free_port()
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=32)) as http:
         sim_url = f"http://127.0.0.1:{sim_port}"
-        sim = Child("simulator", python("-m", "comfyq.comfy.simulator", "--port", str(sim_port),
-                                        "--data-dir", str(root / "sim"), "--node-duration", str(args.node_duration),
-                                        "--prompt-log", str(root / "prompts.jsonl")),
-                    root / "simulator.log", http_ready(http, sim_url + "/system_stats"))
-        receiver = Child("receiver", python("-m", "bench.chaos_receiver", "--port", str(hook_port),
-                                            "--log", str(root / "webhooks.jsonl"), "--secret", secret,
-                                            "--error-rate", str(args.webhook_error_rate), "--delay", str(args.webhook_delay),
-                                            "--seed", str(args.seed)),
-                         root / "receiver.log", port_ready(hook_port))
-        comfyq = Child("comfyq", python("-m", "comfyq", "serve"), root / "comfyq.log",
-                       http_ready(http, f"http://127.0.0.1:{api_port}/health"),
-                       env=comfyq_env(root, sim_url, api_port), cwd=root)
-        w = World(root, args, f"http://127.0.0.1:{api_port}", comfyq, sim, receiver,
-                  f"http://127.0.0.1:{hook_port}/hook", s3_url, secret)
+        sim = Child(
+            "simulator",
+            python(
+                "-m",
+                "comfyq.comfy.simulator",
+                "--port",
+                str(sim_port),
+                "--data-dir",
+                str(root / "sim"),
+                "--node-duration",
+                str(args.node_duration),
+                "--prompt-log",
+                str(root / "prompts.jsonl"),
+            ),
+            root / "simulator.log",
+            http_ready(http, sim_url + "/system_stats"),
+        )
+        receiver = Child(
+            "receiver",
+            python(
+                "-m",
+                "bench.chaos_receiver",
+                "--port",
+                str(hook_port),
+                "--log",
+                str(root / "webhooks.jsonl"),
+                "--secret",
+                secret,
+                "--error-rate",
+                str(args.webhook_error_rate),
+                "--delay",
+                str(args.webhook_delay),
+                "--seed",
+                str(args.seed),
+            ),
+            root / "receiver.log",
+            port_ready(hook_port),
+        )
+        comfyq = Child(
+            "comfyq",
+            python("-m", "comfyq", "serve"),
+            root / "comfyq.log",
+            http_ready(http, f"http://127.0.0.1:{api_port}/health"),
+            env=comfyq_env(root, sim_url, api_port),
+            cwd=root,
+        )
+        w = World(
+            root,
+            args,
+            f"http://127.0.0.1:{api_port}",
+            comfyq,
+            sim,
+            receiver,
+            f"http://127.0.0.1:{hook_port}/hook",
+            s3_url,
+            secret,
+        )
         try:
             await asyncio.gather(sim.start(), receiver.start())
             await comfyq.start()
@@ -192,32 +316,61 @@ async def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
                 t += rng.expovariate(1.0 / every)
                 arrivals.append(t)
                 w.plan[f"chaos-{args.seed}-{n:04d}"] = {
-                    "bad": rng.random() < args.bad_share, "input": rng.random() < args.input_share,
-                    "cancel_after": rng.uniform(0.0, 5.0) if rng.random() < args.cancel_share else None}
-            print(f"chaos run in {root}: {args.jobs} jobs over ~{arrivals[-1]:.0f} s, {args.kills} comfyq kills,"
-                  f" {args.sim_crashes} simulator crashes, seed {args.seed}", flush=True)
+                    "bad": rng.random() < args.bad_share,
+                    "input": rng.random() < args.input_share,
+                    "cancel_after": rng.uniform(0.0, 5.0)
+                    if rng.random() < args.cancel_share
+                    else None,
+                }
+            print(
+                f"chaos run in {root}: {args.jobs} jobs over ~{arrivals[-1]:.0f} s, {args.kills} comfyq kills,"
+                f" {args.sim_crashes} simulator crashes, seed {args.seed}",
+                flush=True,
+            )
             w.outstanding = args.jobs
             submitters = asyncio.gather(*(submit(w, http, n, at) for n, at in enumerate(arrivals)))
             await chaos(w, random.Random(rng.random()))
             await submitters
-            print(f"  {w.now():6.1f}s  chaos over; waiting for every job and webhook to finish", flush=True)
+            print(
+                f"  {w.now():6.1f}s  chaos over; waiting for every job and webhook to finish",
+                flush=True,
+            )
             left = await wait_all_done(w)
             print(f"  {w.now():6.1f}s  {left}", flush=True)
             final = await api_final(w, http)
             exit_code = await comfyq.stop()
             sim_exit = await sim.stop()
             await receiver.stop()
-            inputs = Inputs(args.jobs, dict(w.accepted), dict(w.rejected), final, s3_url, BUCKET, w.timeline,
-                            dict(w.stats), time.time() - t_start,
-                            extra={"seed": args.seed, "t0_abs": t0_abs, "comfyq_exit_code": exit_code,
-                                   "simulator_exit_code": sim_exit, "comfyq_failed_starts": len(comfyq.failed_starts),
-                                   "comfyq_failed_start_logs": comfyq.failed_starts,
-                                   "restart_median_s": statistics.median(w.restarts) if w.restarts else 0.0,
-                                   "node_duration": args.node_duration, "timeline": w.timeline,
-                                   "webhook_error_rate": args.webhook_error_rate,
-                                   "webhook_delay": args.webhook_delay, "plan": w.plan, "cancels": w.cancels,
-                                   "workdir": str(root)})
-            return await asyncio.to_thread(account, w.db, root / "webhooks.jsonl", root / "prompts.jsonl", inputs)
+            inputs = Inputs(
+                args.jobs,
+                dict(w.accepted),
+                dict(w.rejected),
+                final,
+                s3_url,
+                BUCKET,
+                w.timeline,
+                dict(w.stats),
+                time.time() - t_start,
+                extra={
+                    "seed": args.seed,
+                    "t0_abs": t0_abs,
+                    "comfyq_exit_code": exit_code,
+                    "simulator_exit_code": sim_exit,
+                    "comfyq_failed_starts": len(comfyq.failed_starts),
+                    "comfyq_failed_start_logs": comfyq.failed_starts,
+                    "restart_median_s": statistics.median(w.restarts) if w.restarts else 0.0,
+                    "node_duration": args.node_duration,
+                    "timeline": w.timeline,
+                    "webhook_error_rate": args.webhook_error_rate,
+                    "webhook_delay": args.webhook_delay,
+                    "plan": w.plan,
+                    "cancels": w.cancels,
+                    "workdir": str(root),
+                },
+            )
+            return await asyncio.to_thread(
+                account, w.db, root / "webhooks.jsonl", root / "prompts.jsonl", inputs
+            )
         finally:
             for child in (comfyq, sim, receiver):
                 if child.alive:

@@ -32,9 +32,19 @@ def workflow(job_id: str, n: int, bad: bool = False, image: str | None = None) -
     does not exist (ComfyUI answers 400)."""
     # The SaveImage prefix names the job, so the simulator's prompt log maps each prompt to its job;
     # a colour per job keeps ComfyUI's cache from skipping the work.
-    first = ({"class_type": "LoadImage", "inputs": {"image": image}} if image else
-             {"class_type": "EmptyImage",
-              "inputs": {"width": 32, "height": 32, "batch_size": 1, "color": (n * 40503) % 16_777_216}})
+    first = (
+        {"class_type": "LoadImage", "inputs": {"image": image}}
+        if image
+        else {
+            "class_type": "EmptyImage",
+            "inputs": {
+                "width": 32,
+                "height": 32,
+                "batch_size": 1,
+                "color": (n * 40503) % 16_777_216,
+            },
+        }
+    )
     return {
         "1": first,
         "2": {"class_type": "ImageInvert", "inputs": {"image": ["9" if bad else "1", 0]}},
@@ -64,13 +74,18 @@ class World:
     t0: float = field(default_factory=time.monotonic)
     accepted: dict[str, int] = field(default_factory=dict)
     rejected: dict[str, str] = field(default_factory=dict)
-    stats: dict[str, int] = field(default_factory=lambda: {"posts": 0, "connection_errors": 0, "http_5xx": 0,
-                                                           "queue_full": 0})
+    stats: dict[str, int] = field(
+        default_factory=lambda: {"posts": 0, "connection_errors": 0, "http_5xx": 0, "queue_full": 0}
+    )
     timeline: list[dict[str, Any]] = field(default_factory=list)
     restarts: list[float] = field(default_factory=list)
     outstanding: int = 0  # jobs not yet accepted (or given up on)
-    plan: dict[str, dict[str, Any]] = field(default_factory=dict)  # job id -> {"bad", "cancel_after"}
-    cancels: dict[str, str] = field(default_factory=dict)  # job id -> status its cancel request answered
+    plan: dict[str, dict[str, Any]] = field(
+        default_factory=dict
+    )  # job id -> {"bad", "cancel_after"}
+    cancels: dict[str, str] = field(
+        default_factory=dict
+    )  # job id -> status its cancel request answered
 
     @property
     def db(self) -> Path:
@@ -88,10 +103,13 @@ def _counts(db: Path) -> dict[str, int]:
         return {}
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
     try:
-        rows = conn.execute("SELECT CASE WHEN state IN ('pending', 'running') THEN state || ':' || stage"
-                            " ELSE state END, count(*) FROM jobs GROUP BY 1").fetchall()
-        hooks = conn.execute("SELECT count(*) FROM webhook_deliveries WHERE state IN ('pending', 'sending')"
-                             ).fetchone()
+        rows = conn.execute(
+            "SELECT CASE WHEN state IN ('pending', 'running') THEN state || ':' || stage"
+            " ELSE state END, count(*) FROM jobs GROUP BY 1"
+        ).fetchall()
+        hooks = conn.execute(
+            "SELECT count(*) FROM webhook_deliveries WHERE state IN ('pending', 'sending')"
+        ).fetchone()
     except sqlite3.Error:
         return {}
     finally:
@@ -119,12 +137,20 @@ async def submit(w: World, http: aiohttp.ClientSession, n: int, at: float) -> No
     job_id = f"chaos-{w.args.seed}-{n:04d}"
     plan = w.plan[job_id]
     image = "chaos-input.png" if plan["input"] else None
-    body: dict[str, Any] = {"input": {
-        "request_id": job_id, "workflow_json": workflow(job_id, n, plan["bad"], image),
-        "s3": {"bucket_name": BUCKET, "endpoint_url": w.s3_url, "region": "us-east-1",
-               "access_key_id": "chaos", "secret_access_key": "chaos-secret"},
-        "webhook": {"url": w.hook_url, "secret": w.secret, "extra_params": {"n": n}},
-    }}
+    body: dict[str, Any] = {
+        "input": {
+            "request_id": job_id,
+            "workflow_json": workflow(job_id, n, plan["bad"], image),
+            "s3": {
+                "bucket_name": BUCKET,
+                "endpoint_url": w.s3_url,
+                "region": "us-east-1",
+                "access_key_id": "chaos",
+                "secret_access_key": "chaos-secret",
+            },
+            "webhook": {"url": w.hook_url, "secret": w.secret, "extra_params": {"n": n}},
+        }
+    }
     if image:
         body["input"]["images"] = [{"name": image, "image": input_png(n)}]
     try:
@@ -140,7 +166,9 @@ async def cancel(w: World, http: aiohttp.ClientSession, job_id: str) -> None:
     """DELETE /jobs/{id} until it is answered (connection errors and 5xx are retried)."""
     for _ in range(200):
         try:
-            async with http.delete(f"{w.api}/jobs/{job_id}", timeout=aiohttp.ClientTimeout(total=30)) as r:
+            async with http.delete(
+                f"{w.api}/jobs/{job_id}", timeout=aiohttp.ClientTimeout(total=30)
+            ) as r:
                 if r.status < 500:
                     w.cancels[job_id] = f"{r.status} {(await r.json()).get('status')}"
                     return
@@ -150,13 +178,17 @@ async def cancel(w: World, http: aiohttp.ClientSession, job_id: str) -> None:
     w.cancels[job_id] = "never answered"
 
 
-async def _submit(w: World, http: aiohttp.ClientSession, n: int, job_id: str, body: dict[str, Any]) -> None:
+async def _submit(
+    w: World, http: aiohttp.ClientSession, n: int, job_id: str, body: dict[str, Any]
+) -> None:
     rng = random.Random(n)
     end = time.monotonic() + w.args.final_timeout
     while time.monotonic() < end:
         w.stats["posts"] += 1
         try:
-            async with http.post(f"{w.api}/generate", json=body, timeout=aiohttp.ClientTimeout(total=30)) as r:
+            async with http.post(
+                f"{w.api}/generate", json=body, timeout=aiohttp.ClientTimeout(total=30)
+            ) as r:
                 status, text = r.status, await r.text()
         except (TimeoutError, aiohttp.ClientError, OSError):
             w.stats["connection_errors"] += 1
@@ -192,8 +224,12 @@ async def api_final(w: World, http: aiohttp.ClientSession) -> dict[str, str]:
     out: dict[str, str] = {}
     for job_id in w.accepted:
         try:
-            async with http.get(f"{w.api}/jobs/{job_id}", timeout=aiohttp.ClientTimeout(total=30)) as r:
-                out[job_id] = str((await r.json()).get("status")) if r.status == 200 else f"HTTP {r.status}"
+            async with http.get(
+                f"{w.api}/jobs/{job_id}", timeout=aiohttp.ClientTimeout(total=30)
+            ) as r:
+                out[job_id] = (
+                    str((await r.json()).get("status")) if r.status == 200 else f"HTTP {r.status}"
+                )
         except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
             out[job_id] = f"error: {type(exc).__name__}"
     return out

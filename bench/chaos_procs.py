@@ -30,8 +30,17 @@ class ChildDied(RuntimeError):
 class Child:
     """One restartable child process; output appended to ``log`` across incarnations."""
 
-    def __init__(self, name: str, argv: list[str], log: Path, ready: Callable[[], Awaitable[bool]],
-                 *, env: dict[str, str] | None = None, cwd: Path = REPO, ready_timeout: float = 60.0) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        log: Path,
+        ready: Callable[[], Awaitable[bool]],
+        *,
+        env: dict[str, str] | None = None,
+        cwd: Path = REPO,
+        ready_timeout: float = 60.0,
+    ) -> None:
         self.name, self.argv, self.log, self.ready = name, argv, log, ready
         self.env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
         self.cwd, self.ready_timeout = cwd, ready_timeout
@@ -48,10 +57,18 @@ class Child:
         """Start one incarnation without waiting for it."""
         self.starts += 1
         with self.log.open("ab") as out:
-            out.write(f"\n===== chaos: {self.name} start #{self.starts} at {time.time():.3f} =====\n".encode())
+            out.write(
+                f"\n===== chaos: {self.name} start #{self.starts} at {time.time():.3f} =====\n".encode()
+            )
             out.flush()
-            self.proc = subprocess.Popen(self.argv, env=self.env, cwd=self.cwd, stdout=out,
-                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(
+                self.argv,
+                env=self.env,
+                cwd=self.cwd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
 
     async def start(self, attempts: int = 3) -> float:
         """Start and wait until ready; a child that dies first is started again. Returns seconds."""
@@ -69,7 +86,9 @@ class Child:
         end = time.monotonic() + self.ready_timeout
         while time.monotonic() < end:
             if self.proc is not None and self.proc.poll() is not None:
-                raise ChildDied(f"{self.name} exited with {self.proc.returncode} before it was ready")
+                raise ChildDied(
+                    f"{self.name} exited with {self.proc.returncode} before it was ready"
+                )
             if await self.ready():
                 return
             await asyncio.sleep(0.05)
@@ -113,6 +132,7 @@ def tail(path: Path, n: int = 4000) -> str:
 
 def http_ready(session: aiohttp.ClientSession, url: str) -> Callable[[], Awaitable[bool]]:
     """Ready when ``url`` gives any HTTP answer."""
+
     async def check() -> bool:
         try:
             async with session.get(url, timeout=aiohttp.ClientTimeout(total=2)) as r:
@@ -120,17 +140,22 @@ def http_ready(session: aiohttp.ClientSession, url: str) -> Callable[[], Awaitab
                 return True
         except (TimeoutError, aiohttp.ClientError, OSError):
             return False
+
     return check
 
 
 def port_ready(port: int) -> Callable[[], Awaitable[bool]]:
     """Ready when 127.0.0.1:``port`` accepts a connection."""
+
     async def check() -> bool:
         try:
-            await asyncio.to_thread(lambda: socket.create_connection(("127.0.0.1", port), 0.5).close())
+            await asyncio.to_thread(
+                lambda: socket.create_connection(("127.0.0.1", port), 0.5).close()
+            )
             return True
         except OSError:
             return False
+
     return check
 
 

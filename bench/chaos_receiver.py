@@ -50,9 +50,17 @@ class Receiver:
         status = 503 if self.rng.random() < self.error_rate else 204
         await asyncio.sleep(self.rng.uniform(0.0, self.delay))
         gone = request.transport is None or request.transport.is_closing()
-        rec = {"at": time.time(), "webhook_id": headers.get("webhook-id"), "job_id": data.get("id"),
-               "event": data.get("status"), "extra": data.get("extra"), "attempts": data.get("attempts"),
-               "outputs": len(data.get("output") or []), "sig_ok": sig_ok, "answered": "disconnected" if gone else status}
+        rec = {
+            "at": time.time(),
+            "webhook_id": headers.get("webhook-id"),
+            "job_id": data.get("id"),
+            "event": data.get("status"),
+            "extra": data.get("extra"),
+            "attempts": data.get("attempts"),
+            "outputs": len(data.get("output") or []),
+            "sig_ok": sig_ok,
+            "answered": "disconnected" if gone else status,
+        }
         # Written (one O_APPEND write, in the page cache at once) before the answer leaves: a 2xx
         # that comfyq saw is always on file.
         os.write(self.fd, (json.dumps(rec) + "\n").encode())

@@ -60,19 +60,29 @@ def read_db(path: Path) -> DbView:
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     conn.row_factory = sqlite3.Row
     try:
-        jobs = {r["id"]: dict(r) for r in conn.execute(
-            "SELECT id, state, stage, attempts, max_attempts, error, comfy_prompt_id, finished_at FROM jobs")}
+        jobs = {
+            r["id"]: dict(r)
+            for r in conn.execute(
+                "SELECT id, state, stage, attempts, max_attempts, error, comfy_prompt_id, finished_at FROM jobs"
+            )
+        }
         for j in jobs.values():
             j["error"] = json.loads(j["error"]) if j["error"] else None
         events: dict[str, list[dict[str, Any]]] = defaultdict(list)
-        for r in conn.execute("SELECT job_id, at, from_state, to_state, stage, attempt, message FROM job_events"
-                              " ORDER BY id"):
+        for r in conn.execute(
+            "SELECT job_id, at, from_state, to_state, stage, attempt, message FROM job_events"
+            " ORDER BY id"
+        ):
             events[r["job_id"]].append(dict(r))
         deliveries: dict[str, list[dict[str, Any]]] = defaultdict(list)
-        for r in conn.execute("SELECT id, job_id, event, state, attempts, last_error FROM webhook_deliveries"):
+        for r in conn.execute(
+            "SELECT id, job_id, event, state, attempts, last_error FROM webhook_deliveries"
+        ):
             deliveries[r["job_id"]].append(dict(r))
         outputs: dict[str, list[dict[str, Any]]] = defaultdict(list)
-        for r in conn.execute("SELECT job_id, filename, sha256, size, url, upload_error FROM outputs"):
+        for r in conn.execute(
+            "SELECT job_id, filename, sha256, size, url, upload_error FROM outputs"
+        ):
             outputs[r["job_id"]].append(dict(r))
     finally:
         conn.close()
@@ -84,7 +94,9 @@ class Inputs:
     """What the run collected besides the files: the client's view and the chaos timeline."""
 
     jobs: int
-    accepted: dict[str, int]  # job id -> HTTP status of the answer that accepted it (202, or 200: existing)
+    accepted: dict[
+        str, int
+    ]  # job id -> HTTP status of the answer that accepted it (202, or 200: existing)
     rejected: dict[str, str]
     api_final: dict[str, str]  # job id -> status as GET /jobs/{id} told at the end ("?" if unknown)
     s3_url: str
@@ -105,18 +117,26 @@ def job_of_prompt(prompt: dict[str, Any]) -> str | None:
     return None
 
 
-def _why_extra_prompts(job_id: str, prompts: list[dict[str, Any]], events: list[dict[str, Any]],
-                       timeline: list[dict[str, Any]]) -> str:
+def _why_extra_prompts(
+    job_id: str,
+    prompts: list[dict[str, Any]],
+    events: list[dict[str, Any]],
+    timeline: list[dict[str, Any]],
+) -> str:
     """A best-effort explanation of why a job has more prompts than attempts."""
     notes = []
     boots = [p["boot"] for p in prompts]
     same_boot = len(boots) - len(set(boots))
     if same_boot:
-        notes.append(f"{same_boot} resubmission(s) to the same simulator incarnation (it still knew the prompt)")
+        notes.append(
+            f"{same_boot} resubmission(s) to the same simulator incarnation (it still knew the prompt)"
+        )
     for a, b in itertools.pairwise(prompts):
         between = [e["kind"] for e in timeline if a["at"] <= e["t_abs"] <= b["at"]]
         if between:
-            notes.append(f"between prompts at {a['at']:.1f} and {b['at']:.1f}: {', '.join(between)}")
+            notes.append(
+                f"between prompts at {a['at']:.1f} and {b['at']:.1f}: {', '.join(between)}"
+            )
     resumed = sum(1 for e in events if e["message"].startswith("Resumed in generate"))
     if resumed:
         notes.append(f"resumed {resumed}x in generate after a comfyq restart (no attempt counted)")
@@ -132,8 +152,13 @@ def check_s3(inp: Inputs, db: DbView, completed: list[str]) -> dict[str, Any]:
     from botocore.exceptions import ClientError  # type: ignore[import-untyped]
 
     url, bucket = inp.s3_url, inp.bucket
-    s3 = boto3.client("s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id=inp.s3_access[0],
-                      aws_secret_access_key=inp.s3_access[1])
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=url,
+        region_name="us-east-1",
+        aws_access_key_id=inp.s3_access[0],
+        aws_secret_access_key=inp.s3_access[1],
+    )
     expected = {f"{j}/{o['filename']}": o for j in completed for o in db.outputs.get(j, [])}
     in_bucket: set[str] = set()
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
@@ -147,12 +172,22 @@ def check_s3(inp: Inputs, db: DbView, completed: list[str]) -> dict[str, Any]:
             continue
         if hashlib.sha256(body).hexdigest() != row["sha256"]:
             mismatch.append(key)
-    no_url = sorted(f"{j}/{o['filename']}" for j in completed for o in db.outputs.get(j, [])
-                    if o["upload_error"] or not str(o["url"]).startswith(f"{url}/{bucket}/{j}/"))
-    return {"expected": len(expected), "present": len(expected) - len(missing), "missing": missing,
-            "mismatch": mismatch, "no_s3_url": no_url, "in_bucket": len(in_bucket),
-            "extra": sorted(in_bucket - set(expected)),
-            "completed_without_outputs": sorted(j for j in completed if not db.outputs.get(j))}
+    no_url = sorted(
+        f"{j}/{o['filename']}"
+        for j in completed
+        for o in db.outputs.get(j, [])
+        if o["upload_error"] or not str(o["url"]).startswith(f"{url}/{bucket}/{j}/")
+    )
+    return {
+        "expected": len(expected),
+        "present": len(expected) - len(missing),
+        "missing": missing,
+        "mismatch": mismatch,
+        "no_s3_url": no_url,
+        "in_bucket": len(in_bucket),
+        "extra": sorted(in_bucket - set(expected)),
+        "completed_without_outputs": sorted(j for j in completed if not db.outputs.get(j)),
+    }
 
 
 def _story(events: list[dict[str, Any]]) -> str:
@@ -179,8 +214,12 @@ def charged_lookups(events: list[dict[str, Any]], prompts: list[dict[str, Any]])
         if e["to_state"] == "running" and e["stage"] == "generate":
             start = parse_iso(e["at"])
         elif start is not None:
-            charged = e["message"].startswith("Attempt ") or e["message"].startswith("Lease expired")
-            if "(prompt_lost)" in e["message"] and not any(start <= t <= parse_iso(e["at"]) for t in sent):
+            charged = e["message"].startswith("Attempt ") or e["message"].startswith(
+                "Lease expired"
+            )
+            if "(prompt_lost)" in e["message"] and not any(
+                start <= t <= parse_iso(e["at"]) for t in sent
+            ):
                 lookups += 1
                 doubles += prev_charged
             prev_charged, start = charged, None
@@ -198,9 +237,15 @@ def account(db_path: Path, receiver_log: Path, prompt_log: Path, inp: Inputs) ->
     lost_ids = sorted(set(missing_in_db) | set(not_final) | set(api_bad))
     unacknowledged = sorted(j for j in db.jobs if j not in accepted)
     states = Counter(row["state"] for row in known.values())
-    failed_reasons = Counter(reason(row["error"]) for row in known.values() if row["state"] == "failed")
-    cancelled_reasons = Counter(reason(row["error"]) for row in known.values() if row["state"] == "cancelled")
-    ended_twice = sorted(j for j in known if sum(e["to_state"] in TERMINAL for e in db.events.get(j, [])) > 1)
+    failed_reasons = Counter(
+        reason(row["error"]) for row in known.values() if row["state"] == "failed"
+    )
+    cancelled_reasons = Counter(
+        reason(row["error"]) for row in known.values() if row["state"] == "cancelled"
+    )
+    ended_twice = sorted(
+        j for j in known if sum(e["to_state"] in TERMINAL for e in db.events.get(j, [])) > 1
+    )
     timeouts = sum(1 for row in known.values() if (row["error"] or {}).get("type") == "timeout")
 
     # --- webhooks: one owed per job that ended; the receiver's file says what arrived with a 2xx.
@@ -214,8 +259,11 @@ def account(db_path: Path, receiver_log: Path, prompt_log: Path, inp: Inputs) ->
     hook_lost = sorted(j for j in owed if not ids_by_job.get(j))
     db_ids = {d["id"]: d for ds in db.deliveries.values() for d in ds}
     unknown_ids = sorted(w for w in ok_by_id if w not in db_ids)
-    wrong_event = sorted(r["webhook_id"] for r in ok if r.get("job_id") in known
-                         and r.get("event") != known[r["job_id"]]["state"])
+    wrong_event = sorted(
+        r["webhook_id"]
+        for r in ok
+        if r.get("job_id") in known and r.get("event") != known[r["job_id"]]["state"]
+    )
     delivery_states = Counter(d["state"] for d in db_ids.values())
 
     # --- prompts: the simulator's durable log vs the attempts comfyq counted.
@@ -233,25 +281,48 @@ def account(db_path: Path, receiver_log: Path, prompt_log: Path, inp: Inputs) ->
     for j, row in sorted(known.items()):
         n = len(prompts_by_job.get(j, []))
         if n > row["attempts"]:
-            gt.append({"job": j, "prompts": n, "attempts": row["attempts"], "state": row["state"],
-                       "why": _why_extra_prompts(j, prompts_by_job[j], db.events.get(j, []), timeline)})
+            gt.append(
+                {
+                    "job": j,
+                    "prompts": n,
+                    "attempts": row["attempts"],
+                    "state": row["state"],
+                    "why": _why_extra_prompts(j, prompts_by_job[j], db.events.get(j, []), timeline),
+                }
+            )
     lookups = {j: charged_lookups(db.events.get(j, []), prompts_by_job.get(j, [])) for j in known}
-    lt = [{"job": j, "prompts": len(prompts_by_job.get(j, [])), "attempts": row["attempts"], "state": row["state"],
-           "story": _story(db.events.get(j, [])) + ("; charged twice for one failed submission"
-                                                    if lookups[j][1] else "")}
-          # One attempt and no prompt: a job that ended before it needed one (cancelled, or refused by ComfyUI).
-          for j, row in sorted(known.items()) if len(prompts_by_job.get(j, [])) < row["attempts"] > 1]
+    lt = [
+        {
+            "job": j,
+            "prompts": len(prompts_by_job.get(j, [])),
+            "attempts": row["attempts"],
+            "state": row["state"],
+            "story": _story(db.events.get(j, []))
+            + ("; charged twice for one failed submission" if lookups[j][1] else ""),
+        }
+        # One attempt and no prompt: a job that ended before it needed one (cancelled, or refused by ComfyUI).
+        for j, row in sorted(known.items())
+        if len(prompts_by_job.get(j, [])) < row["attempts"] > 1
+    ]
     plan = inp.extra.get("plan") or {}
     outcomes: dict[str, Counter[str]] = defaultdict(Counter)
     for j, row in known.items():
         p = plan.get(j) or {}
-        group = "rejected workflow" if p.get("bad") else "cancel requested" if p.get("cancel_after") is not None \
+        group = (
+            "rejected workflow"
+            if p.get("bad")
+            else "cancel requested"
+            if p.get("cancel_after") is not None
             else "plain"
+        )
         outcomes[group][row["state"]] += 1
     completed = [j for j, row in known.items() if row["state"] == "completed"]
     s3 = check_s3(inp, db, completed)
-    final_prompt_unlogged = sorted(j for j in completed if known[j]["comfy_prompt_id"] not in
-                                   {p["prompt_id"] for p in prompts_by_job.get(j, [])})
+    final_prompt_unlogged = sorted(
+        j
+        for j in completed
+        if known[j]["comfy_prompt_id"] not in {p["prompt_id"] for p in prompts_by_job.get(j, [])}
+    )
     per_job = Counter(len(prompts_by_job.get(j, [])) for j in known)
 
     kills = [e for e in inp.timeline if e["kind"] == "comfyq kill -9"]
@@ -268,8 +339,11 @@ def account(db_path: Path, receiver_log: Path, prompt_log: Path, inp: Inputs) ->
         "cancelled_reasons": dict(cancelled_reasons.most_common()),
         "timeouts": timeouts,
         "lost": len(lost_ids),
-        "lost_jobs": {"missing_in_db": missing_in_db, "not_final_in_db": not_final,
-                      "not_final_via_api": {j: inp.api_final.get(j, "?") for j in api_bad}},
+        "lost_jobs": {
+            "missing_in_db": missing_in_db,
+            "not_final_in_db": not_final,
+            "not_final_via_api": {j: inp.api_final.get(j, "?") for j in api_bad},
+        },
         "unacknowledged_jobs_in_db": unacknowledged,
         "jobs_ended_twice": ended_twice,
         "outcomes_by_kind": {k: dict(v) for k, v in sorted(outcomes.items())},
@@ -285,7 +359,9 @@ def account(db_path: Path, receiver_log: Path, prompt_log: Path, inp: Inputs) ->
         "webhooks_bad_signature": sum(1 for r in received if not r.get("sig_ok")),
         "webhooks_unknown_ids": unknown_ids,
         "webhooks_wrong_event": wrong_event,
-        "webhooks_jobs_with_several_ids": sorted(j for j, ids in ids_by_job.items() if len(ids) > 1),
+        "webhooks_jobs_with_several_ids": sorted(
+            j for j, ids in ids_by_job.items() if len(ids) > 1
+        ),
         "webhook_delivery_states": dict(delivery_states),
         "s3": s3,
         "prompts_submitted": sum(len(v) for v in prompts_by_job.values()),
@@ -298,7 +374,9 @@ def account(db_path: Path, receiver_log: Path, prompt_log: Path, inp: Inputs) ->
         "attempts_charged_for_lookup_only": sum(n for n, _ in lookups.values()),
         "attempts_charged_twice": sum(d for _, d in lookups.values()),
         "jobs_charged_twice": sorted(j for j, (_, d) in lookups.items() if d),
-        "jobs_on_last_attempt": sum(1 for row in known.values() if row["attempts"] >= row["max_attempts"]),
+        "jobs_on_last_attempt": sum(
+            1 for row in known.values() if row["attempts"] >= row["max_attempts"]
+        ),
         "completed_without_logged_prompt": final_prompt_unlogged,
         "comfyq_kills": len(kills),
         "comfyq_kills_with_work_in_flight": sum(1 for e in kills if e.get("busy")),
@@ -315,21 +393,33 @@ def account(db_path: Path, receiver_log: Path, prompt_log: Path, inp: Inputs) ->
 def lost_anything(r: dict[str, Any]) -> bool:
     """True when a job, a webhook or an uploaded object went missing."""
     s3 = r["s3"]
-    return bool(r["lost"] or r["webhooks_lost"] or s3["missing"] or s3["mismatch"] or s3["completed_without_outputs"])
+    return bool(
+        r["lost"]
+        or r["webhooks_lost"]
+        or s3["missing"]
+        or s3["mismatch"]
+        or s3["completed_without_outputs"]
+    )
 
 
 def render(r: dict[str, Any]) -> str:
     """The human-readable report."""
     s3 = r["s3"]
     out = [
-        (f"chaos run: {r['jobs']} jobs, seed {r.get('seed')}, {r['comfyq_kills']} comfyq kill -9,"
-         f" {r['simulator_crashes']} simulator kill -9 + restart, wall time {r['duration_s']:.0f} s"),
-        (f"  (3 simulated nodes of {r.get('node_duration')} s a job; the webhook receiver answers 503 to"
-         f" {100 * r.get('webhook_error_rate', 0):.0f}% of posts and takes up to {r.get('webhook_delay')} s)"),
+        (
+            f"chaos run: {r['jobs']} jobs, seed {r.get('seed')}, {r['comfyq_kills']} comfyq kill -9,"
+            f" {r['simulator_crashes']} simulator kill -9 + restart, wall time {r['duration_s']:.0f} s"
+        ),
+        (
+            f"  (3 simulated nodes of {r.get('node_duration')} s a job; the webhook receiver answers 503 to"
+            f" {100 * r.get('webhook_error_rate', 0):.0f}% of posts and takes up to {r.get('webhook_delay')} s)"
+        ),
         "",
         "jobs",
-        (f"  accepted   {r['accepted']:5d}   ({r['accepted_by_retry_200']} of them answered 200 on a retry:"
-         f" the first POST was committed but its answer was lost to a kill)"),
+        (
+            f"  accepted   {r['accepted']:5d}   ({r['accepted_by_retry_200']} of them answered 200 on a retry:"
+            f" the first POST was committed but its answer was lost to a kill)"
+        ),
         f"  completed  {r['completed']:5d}",
         f"  failed     {r['failed']:5d}",
     ]
@@ -344,64 +434,95 @@ def render(r: dict[str, Any]) -> str:
     if r["jobs_ended_twice"]:
         out.append(f"  ended twice: {r['jobs_ended_twice']}")
     if r["unacknowledged_jobs_in_db"]:
-        out.append(f"  in the database but never acknowledged to the client: {r['unacknowledged_jobs_in_db']}")
+        out.append(
+            f"  in the database but never acknowledged to the client: {r['unacknowledged_jobs_in_db']}"
+        )
     sub = r["submit"]
-    out.append(f"  submission: {sub.get('posts', 0)} POSTs, {sub.get('connection_errors', 0)} connection errors,"
-               f" {sub.get('http_5xx', 0)} 5xx ({sub.get('queue_full', 0)} queue full)")
+    out.append(
+        f"  submission: {sub.get('posts', 0)} POSTs, {sub.get('connection_errors', 0)} connection errors,"
+        f" {sub.get('http_5xx', 0)} 5xx ({sub.get('queue_full', 0)} queue full)"
+    )
     out += [
         "",
         "webhooks (at least once; receivers deduplicate on webhook-id)",
         f"  owed       {r['webhooks_owed']:5d}   (one per finished job)",
-        (f"  delivered  {r['webhooks_delivered']:5d}   (jobs with a 2xx-answered delivery;"
-         f" {r['webhooks_delivered_ids']} distinct webhook-ids)"),
-        (f"  duplicates {r['webhooks_duplicate']:5d}   (same webhook-id answered 2xx again: allowed by the"
-         " at-least-once design, e.g. comfyq killed after the receiver answered but before it recorded it)"),
-        f"  LOST       {r['webhooks_lost']:5d}" + (f"   {r['webhooks_lost_jobs']}" if r["webhooks_lost"] else ""),
-        (f"  posts received {r['webhooks_posts_received']}, answered non-2xx {r['webhooks_answered_non_2xx']},"
-         f" bad signatures {r['webhooks_bad_signature']}, delivery rows {r['webhook_delivery_states']}"),
+        (
+            f"  delivered  {r['webhooks_delivered']:5d}   (jobs with a 2xx-answered delivery;"
+            f" {r['webhooks_delivered_ids']} distinct webhook-ids)"
+        ),
+        (
+            f"  duplicates {r['webhooks_duplicate']:5d}   (same webhook-id answered 2xx again: allowed by the"
+            " at-least-once design, e.g. comfyq killed after the receiver answered but before it recorded it)"
+        ),
+        f"  LOST       {r['webhooks_lost']:5d}"
+        + (f"   {r['webhooks_lost_jobs']}" if r["webhooks_lost"] else ""),
+        (
+            f"  posts received {r['webhooks_posts_received']}, answered non-2xx {r['webhooks_answered_non_2xx']},"
+            f" bad signatures {r['webhooks_bad_signature']}, delivery rows {r['webhook_delivery_states']}"
+        ),
     ]
-    for key, label in (("webhooks_unknown_ids", "webhook-ids the database does not know"),
-                       ("webhooks_wrong_event", "deliveries whose status differs from the job's"),
-                       ("webhooks_jobs_with_several_ids", "jobs reported under several webhook-ids")):
+    for key, label in (
+        ("webhooks_unknown_ids", "webhook-ids the database does not know"),
+        ("webhooks_wrong_event", "deliveries whose status differs from the job's"),
+        ("webhooks_jobs_with_several_ids", "jobs reported under several webhook-ids"),
+    ):
         if r[key]:
             out.append(f"  {label}: {r[key]}")
     out += [
         "",
         "S3",
-        (f"  objects expected {s3.get('expected', 0)} (outputs of completed jobs), present {s3.get('present', 0)},"
-         f" missing {len(s3.get('missing', []))}, content mismatches {len(s3.get('mismatch', []))},"
-         f" completed jobs without an S3 URL {len(s3.get('no_s3_url', []))},"
-         f" completed jobs without outputs {len(s3.get('completed_without_outputs', []))}"),
+        (
+            f"  objects expected {s3.get('expected', 0)} (outputs of completed jobs), present {s3.get('present', 0)},"
+            f" missing {len(s3.get('missing', []))}, content mismatches {len(s3.get('mismatch', []))},"
+            f" completed jobs without an S3 URL {len(s3.get('no_s3_url', []))},"
+            f" completed jobs without outputs {len(s3.get('completed_without_outputs', []))}"
+        ),
         f"  objects in the bucket {s3.get('in_bucket', 0)} (extra: {s3.get('extra', [])[:5]})",
         "",
         "prompts (the simulator's durable log) vs attempts (jobs.attempts)",
-        (f"  prompts submitted {r['prompts_submitted']}, attempts {r['attempts_total']},"
-         f" prompts per job {r['prompts_per_job']}"),
+        (
+            f"  prompts submitted {r['prompts_submitted']}, attempts {r['attempts_total']},"
+            f" prompts per job {r['prompts_per_job']}"
+        ),
         f"  jobs with prompts > attempts: {r['jobs_prompts_gt_attempts']}",
     ]
-    out += [f"      {g['job']}: {g['prompts']} prompts, {g['attempts']} attempts ({g['state']}): {g['why']}"
-            for g in r["jobs_prompts_gt_attempts_list"]]
-    out.append(f"  jobs with prompts < attempts: {len(r['jobs_prompts_lt_attempts'])}"
-               " (an attempt that never reached ComfyUI: e.g. comfyq killed between recording the prompt id and"
-               " sending it, or ComfyUI down when it was sent)")
-    out += [f"      {g['job']}: {g['prompts']} prompts, {g['attempts']} attempts ({g['state']}): {g['story']}"
-            for g in r["jobs_prompts_lt_attempts"]]
-    out.append(f"  attempts charged for a lookup only (a run that submitted nothing; ComfyUI did not know the"
-               f" prompt id an earlier run left): {r['attempts_charged_for_lookup_only']}, of which right after"
-               f" an attempt already charged for the same failure: {r['attempts_charged_twice']}"
-               + (" [bench/chaos_repro_attempts.py]" if r["attempts_charged_twice"] else ""))
+    out += [
+        f"      {g['job']}: {g['prompts']} prompts, {g['attempts']} attempts ({g['state']}): {g['why']}"
+        for g in r["jobs_prompts_gt_attempts_list"]
+    ]
+    out.append(
+        f"  jobs with prompts < attempts: {len(r['jobs_prompts_lt_attempts'])}"
+        " (an attempt that never reached ComfyUI: e.g. comfyq killed between recording the prompt id and"
+        " sending it, or ComfyUI down when it was sent)"
+    )
+    out += [
+        f"      {g['job']}: {g['prompts']} prompts, {g['attempts']} attempts ({g['state']}): {g['story']}"
+        for g in r["jobs_prompts_lt_attempts"]
+    ]
+    out.append(
+        f"  attempts charged for a lookup only (a run that submitted nothing; ComfyUI did not know the"
+        f" prompt id an earlier run left): {r['attempts_charged_for_lookup_only']}, of which right after"
+        f" an attempt already charged for the same failure: {r['attempts_charged_twice']}"
+        + (" [bench/chaos_repro_attempts.py]" if r["attempts_charged_twice"] else "")
+    )
     out.append(f"  jobs that used all their attempts: {r['jobs_on_last_attempt']}")
     if r["completed_without_logged_prompt"]:
-        out.append(f"  completed jobs whose final prompt is not in the log: {r['completed_without_logged_prompt']}")
+        out.append(
+            f"  completed jobs whose final prompt is not in the log: {r['completed_without_logged_prompt']}"
+        )
     out += [
         "",
-        (f"chaos: comfyq kill -9 {r['comfyq_kills']} ({r['comfyq_kills_with_work_in_flight']} with jobs or"
-         f" webhooks in flight, {r['comfyq_kills_during_start']} while it was starting, before /health;"
-         f" restart to /health: median {r.get('restart_median_s', 0):.1f} s),"
-         f" simulator kill -9 {r['simulator_crashes']} ({r['simulator_crashes_with_work_in_flight']} with work"
-         f" in flight), simulator SIGSTOP {r['simulator_freezes']}"),
-        (f"  comfyq starts that died before /health:"
-         f" {r.get('comfyq_failed_starts', 0)}; final graceful stop exit code {r.get('comfyq_exit_code')}"),
+        (
+            f"chaos: comfyq kill -9 {r['comfyq_kills']} ({r['comfyq_kills_with_work_in_flight']} with jobs or"
+            f" webhooks in flight, {r['comfyq_kills_during_start']} while it was starting, before /health;"
+            f" restart to /health: median {r.get('restart_median_s', 0):.1f} s),"
+            f" simulator kill -9 {r['simulator_crashes']} ({r['simulator_crashes_with_work_in_flight']} with work"
+            f" in flight), simulator SIGSTOP {r['simulator_freezes']}"
+        ),
+        (
+            f"  comfyq starts that died before /health:"
+            f" {r.get('comfyq_failed_starts', 0)}; final graceful stop exit code {r.get('comfyq_exit_code')}"
+        ),
         f"wall time {r['duration_s']:.1f} s",
         "",
         "RESULT: " + ("LOST SOMETHING" if lost_anything(r) else "nothing lost"),

@@ -48,7 +48,9 @@ def _job(db: Path) -> JobRow:
     return str(row[0]), int(row[1]), row[2]
 
 
-async def _until(db: Path, cond: str, check: Callable[[JobRow], bool], timeout: float = 60.0) -> JobRow:
+async def _until(
+    db: Path, cond: str, check: Callable[[JobRow], bool], timeout: float = 60.0
+) -> JobRow:
     loop = asyncio.get_running_loop()
     end = loop.time() + timeout
     while loop.time() < end:
@@ -64,21 +66,48 @@ async def reproduce(root: Path) -> int:
     sim_port, api_port = free_port(), free_port()
     db = root / "q.db"
     async with aiohttp.ClientSession() as http:
-        sim = Child("simulator", python("-m", "comfyq.comfy.simulator", "--port", str(sim_port),
-                                        "--data-dir", str(root / "sim"), "--node-duration", "2",
-                                        "--prompt-log", str(root / "prompts.jsonl")),
-                    root / "simulator.log", http_ready(http, f"http://127.0.0.1:{sim_port}/system_stats"))
-        env = {"COMFYQ_CONFIG": str(root / "none.toml"), "COMFYQ_DATABASE": str(db),
-               "COMFYQ_OUTPUT_DIR": str(root / "out"), "COMFYQ_CACHE_DIR": str(root / "cache"),
-               "COMFYUI_API_BASE": f"http://127.0.0.1:{sim_port}", "API_PORT": str(api_port),
-               "COMFYQ_COMFYUI_REQUEST_TIMEOUT": "3", "COMFYQ_BACKEND_PROBE_INTERVAL": "0.5",
-               "COMFYQ_RETRY_BASE_DELAY": "0.5"}
-        comfyq = Child("comfyq", python("-m", "comfyq", "serve"), root / "comfyq.log",
-                       http_ready(http, f"http://127.0.0.1:{api_port}/health"), env=env, cwd=root)
+        sim = Child(
+            "simulator",
+            python(
+                "-m",
+                "comfyq.comfy.simulator",
+                "--port",
+                str(sim_port),
+                "--data-dir",
+                str(root / "sim"),
+                "--node-duration",
+                "2",
+                "--prompt-log",
+                str(root / "prompts.jsonl"),
+            ),
+            root / "simulator.log",
+            http_ready(http, f"http://127.0.0.1:{sim_port}/system_stats"),
+        )
+        env = {
+            "COMFYQ_CONFIG": str(root / "none.toml"),
+            "COMFYQ_DATABASE": str(db),
+            "COMFYQ_OUTPUT_DIR": str(root / "out"),
+            "COMFYQ_CACHE_DIR": str(root / "cache"),
+            "COMFYUI_API_BASE": f"http://127.0.0.1:{sim_port}",
+            "API_PORT": str(api_port),
+            "COMFYQ_COMFYUI_REQUEST_TIMEOUT": "3",
+            "COMFYQ_BACKEND_PROBE_INTERVAL": "0.5",
+            "COMFYQ_RETRY_BASE_DELAY": "0.5",
+        }
+        comfyq = Child(
+            "comfyq",
+            python("-m", "comfyq", "serve"),
+            root / "comfyq.log",
+            http_ready(http, f"http://127.0.0.1:{api_port}/health"),
+            env=env,
+            cwd=root,
+        )
         try:
             await sim.start()
             await comfyq.start()
-            sim.freeze(True)  # ComfyUI hangs (a model load, swapping...): POST /prompt will time out
+            sim.freeze(
+                True
+            )  # ComfyUI hangs (a model load, swapping...): POST /prompt will time out
             body = {"input": {"request_id": "repro", "workflow_json": workflow("repro", 1)}}
             async with http.post(f"http://127.0.0.1:{api_port}/generate", json=body) as r:
                 assert r.status == 202, await r.text()
@@ -86,20 +115,31 @@ async def reproduce(root: Path) -> int:
             print("1. POST /prompt to a hung ComfyUI:", first)
             await sim.kill9()  # incident 1: the hung ComfyUI is restarted
             await sim.start()
-            print("2. ComfyUI restarted, prompt id reconciled, a fresh prompt runs:",
-                  await _until(db, "a fresh prompt running",
-                               lambda j: j[0] == "running" and j[2] not in (None, first[2])))
+            print(
+                "2. ComfyUI restarted, prompt id reconciled, a fresh prompt runs:",
+                await _until(
+                    db,
+                    "a fresh prompt running",
+                    lambda j: j[0] == "running" and j[2] not in (None, first[2]),
+                ),
+            )
             await asyncio.sleep(1.0)
             await sim.kill9()  # incident 2: ComfyUI dies while the resubmitted prompt runs
             await sim.start()
-            final = await _until(db, "an end", lambda j: j[0] in ("completed", "failed", "cancelled"))
+            final = await _until(
+                db, "an end", lambda j: j[0] in ("completed", "failed", "cancelled")
+            )
             print("3. ComfyUI restarted again; the job ends:", final)
         finally:
             await comfyq.stop()
             await sim.stop()
-    prompts = [json.loads(line)["prompt_id"] for line in (root / "prompts.jsonl").read_text().splitlines()]
+    prompts = [
+        json.loads(line)["prompt_id"] for line in (root / "prompts.jsonl").read_text().splitlines()
+    ]
     conn = sqlite3.connect(db)
-    events = conn.execute("SELECT to_state, stage, attempt, message FROM job_events ORDER BY id").fetchall()
+    events = conn.execute(
+        "SELECT to_state, stage, attempt, message FROM job_events ORDER BY id"
+    ).fetchall()
     conn.close()
     print(f"prompts ComfyUI accepted: {len(prompts)}; ComfyUI incidents: 2; attempts: {final[1]}")
     for e in events:
@@ -111,7 +151,9 @@ def main() -> int:
     """Reproduce in a temporary folder (kept when the job failed)."""
     root = Path(tempfile.mkdtemp(prefix="comfyq-repro-"))
     code = asyncio.run(reproduce(root))
-    print("double-counted attempts: the job FAILED" if code else "the job completed: no double count")
+    print(
+        "double-counted attempts: the job FAILED" if code else "the job completed: no double count"
+    )
     if code:
         print(f"(kept {root})")
     else:

@@ -41,7 +41,11 @@ def _ok(step: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def _sbs_runs(f: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    runs = [("simulator (zero-time nodes)", f["simulator"])] if "latency" in f.get("simulator", {}) else []
+    runs = (
+        [("simulator (zero-time nodes)", f["simulator"])]
+        if "latency" in f.get("simulator", {})
+        else []
+    )
     if "latency" in f.get("real", {}):
         runs.append((f"real ComfyUI {f['real'].get('comfyui_version') or ''}".strip(), f["real"]))
     return runs
@@ -62,7 +66,7 @@ def sidebyside_latency(f: dict[str, Any], path: Path) -> Path | None:
         ax.set_xlabel("job latency, submit to output bytes in hand (ms)")
         ax.set_ylabel("share of jobs")
         ax.set_title(f"{title}: one job at a time, paths in turn")
-        ax.grid(alpha=.3)
+        ax.grid(alpha=0.3)
         ax.legend(loc="lower right", fontsize=8)
     return _save(fig, path)
 
@@ -80,13 +84,18 @@ def sidebyside_throughput(f: dict[str, Any], path: Path) -> Path | None:
         width = 0.8 / max(len(names), 1)
         for k, name in enumerate(names):
             xs = [i + (k - (len(names) - 1) / 2) * width for i in range(len(levels))]
-            ax.bar(xs, [r["rate"][name] for r in rows], width, label=PATH_LABELS.get(name, name),
-                   color=COLOURS.get(name))
+            ax.bar(
+                xs,
+                [r["rate"][name] for r in rows],
+                width,
+                label=PATH_LABELS.get(name, name),
+                color=COLOURS.get(name),
+            )
         ax.set_xticks(range(len(levels)), [str(c) for c in levels])
         ax.set_xlabel("jobs in flight")
         ax.set_ylabel("jobs/s")
         ax.set_title(f"{title}: throughput")
-        ax.grid(axis="y", alpha=.3)
+        ax.grid(axis="y", alpha=0.3)
         ax.set_ylim(0, max((max(r["rate"].values()) for r in rows), default=1) * 1.3)
         ax.legend(fontsize=8, loc="upper left")
     return _save(fig, path)
@@ -97,20 +106,24 @@ def store_throughput(f: dict[str, Any], path: Path) -> Path | None:
     series = f.get("throughput") or {}
     if not series:
         return None
-    labels = {"claim_transitions": "claim + transitions (pre-filled)",
-              "create_claim_transitions": "create + claim + transitions",
-              "stage_runner": "real stage runner, no-op stages"}
+    labels = {
+        "claim_transitions": "claim + transitions (pre-filled)",
+        "create_claim_transitions": "create + claim + transitions",
+        "stage_runner": "real stage runner, no-op stages",
+    }
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for key, per in series.items():
         ws = sorted(per, key=int)
         ax.plot([int(w) for w in ws], [per[w] for w in ws], marker="o", label=labels.get(key, key))
-    ax.axhline(2000, color="red", linestyle="--", linewidth=1, label="target at 16 workers: 2,000/s")
+    ax.axhline(
+        2000, color="red", linestyle="--", linewidth=1, label="target at 16 workers: 2,000/s"
+    )
     ax.set_xscale("log", base=2)
     ax.set_xticks([1, 4, 16], ["1", "4", "16"])
     ax.set_xlabel("concurrent workers (per stage for the runner)")
     ax.set_ylabel("complete jobs/s (synchronous=FULL)")
     ax.set_ylim(0, None)
-    ax.grid(alpha=.3)
+    ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title("store: throughput vs workers")
     return _save(fig, path)
@@ -129,7 +142,7 @@ def store_claim(f: dict[str, Any], path: Path) -> Path | None:
     ax.set_xlim(0, hi * 1.3 or None)
     ax.set_xlabel("claim latency (ms)")
     ax.set_ylabel("share of claims")
-    ax.grid(alpha=.3)
+    ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     ax.set_title("store: claim latency by table size")
     return _save(fig, path)
@@ -143,13 +156,20 @@ def api_delay(f: dict[str, Any], path: Path) -> Path | None:
         return None
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     ax.hist(delays, bins=50, color="#4c72b0")
-    ax.axvline(subs["delay_ms"]["p99"], color="black", linestyle=":", label=f"p99 {subs['delay_ms']['p99']:.1f} ms")
+    ax.axvline(
+        subs["delay_ms"]["p99"],
+        color="black",
+        linestyle=":",
+        label=f"p99 {subs['delay_ms']['p99']:.1f} ms",
+    )
     ax.axvline(50, color="red", linestyle="--", label="target p99 < 50 ms")
     ax.set_xlabel("state event delay, commit to SSE client (ms)")
     ax.set_ylabel("events")
-    ax.set_title(f"{f['args']['subscribers']:,} SSE subscribers on {f['args']['jobs']} running jobs")
+    ax.set_title(
+        f"{f['args']['subscribers']:,} SSE subscribers on {f['args']['jobs']} running jobs"
+    )
     ax.legend(fontsize=8)
-    ax.grid(alpha=.3)
+    ax.grid(alpha=0.3)
     return _save(fig, path)
 
 
@@ -162,7 +182,9 @@ def memory(results: dict[str, Any], path: Path) -> Path | None:
             bars.append((f"S3 streamed\n{u['mb']:.0f} MB", u["rss_growth_mib"], u["mb"]))
         if out["upload"].get("whole_file"):
             u = out["upload"]["whole_file"]
-            bars.append((f"S3 whole file\n{u['mb']:.0f} MB (seed way)", u["rss_growth_mib"], u["mb"]))
+            bars.append(
+                (f"S3 whole file\n{u['mb']:.0f} MB (seed way)", u["rss_growth_mib"], u["mb"])
+            )
     pre = _ok(results["steps"].get("preprocess"))
     if pre and pre.get("download"):
         d = pre["download"]
@@ -170,14 +192,25 @@ def memory(results: dict[str, Any], path: Path) -> Path | None:
     if not bars:
         return None
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    ax.bar(range(len(bars)), [b[1] for b in bars], color=["#c44e52" if "whole" in b[0] else "#4c72b0" for b in bars])
-    ax.bar(range(len(bars)), [b[2] for b in bars], fill=False, edgecolor="grey", linestyle="--", label="bytes moved")
+    ax.bar(
+        range(len(bars)),
+        [b[1] for b in bars],
+        color=["#c44e52" if "whole" in b[0] else "#4c72b0" for b in bars],
+    )
+    ax.bar(
+        range(len(bars)),
+        [b[2] for b in bars],
+        fill=False,
+        edgecolor="grey",
+        linestyle="--",
+        label="bytes moved",
+    )
     ax.set_xticks(range(len(bars)), [b[0] for b in bars], fontsize=8)
     ax.set_yscale("log")  # a 1 GiB body next to a few MiB of growth
     ax.set_ylabel("MiB (log scale)")
     ax.set_title("peak RSS growth while moving a big file")
     ax.legend(fontsize=8)
-    ax.grid(axis="y", alpha=.3)
+    ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
 
 

@@ -36,13 +36,20 @@ def pct(values: list[float], q: float) -> float:
 def summary_ms(seconds: list[float]) -> dict[str, float]:
     """p50/p90/p99/mean/n of latencies given in seconds, in milliseconds."""
     n = len(seconds)
-    return {"n": n, "p50": pct(seconds, .5) * 1000, "p90": pct(seconds, .9) * 1000,
-            "p99": pct(seconds, .99) * 1000, "mean": sum(seconds) / n * 1000 if n else math.nan}
+    return {
+        "n": n,
+        "p50": pct(seconds, 0.5) * 1000,
+        "p90": pct(seconds, 0.9) * 1000,
+        "p99": pct(seconds, 0.99) * 1000,
+        "mean": sum(seconds) / n * 1000 if n else math.nan,
+    }
 
 
 def add_json_arg(ap: argparse.ArgumentParser) -> None:
     """The ``--json PATH`` option every benchmark offers for ``python -m bench``."""
-    ap.add_argument("--json", metavar="PATH", help="also write the figures to PATH as a JSON object")
+    ap.add_argument(
+        "--json", metavar="PATH", help="also write the figures to PATH as a JSON object"
+    )
 
 
 def write_json(path: str | None, figures: dict[str, Any]) -> None:
@@ -101,7 +108,15 @@ def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 30.0) ->
 def simulator(root: Path, durations: str = "", steps: int = 0) -> Iterator[str]:
     """A ComfyUI simulator in a process of its own; yields its base URL."""
     port = free_port()
-    cmd = [sys.executable, "-m", "comfyq.comfy.simulator", "--port", str(port), "--data-dir", str(root / "sim")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "comfyq.comfy.simulator",
+        "--port",
+        str(port),
+        "--data-dir",
+        str(root / "sim"),
+    ]
     if durations:
         cmd += ["--node-durations", durations]
     if steps:
@@ -120,13 +135,26 @@ def simulator(root: Path, durations: str = "", steps: int = 0) -> Iterator[str]:
 def server(root: Path, backend: str, **env: str) -> Iterator[tuple[str, int]]:
     """``comfyq serve`` in a subprocess with its files under ``root``; yields (URL, pid)."""
     port = free_port()
-    full = {**os.environ, "COMFYQ_CONFIG": str(root / "none.toml"), "COMFYQ_DATABASE": str(root / "q.db"),
-            "COMFYQ_OUTPUT_DIR": str(root / "out"), "COMFYQ_CACHE_DIR": str(root / "cache"),
-            "COMFYUI_API_BASE": backend, "API_PORT": str(port), "API_LOG_LEVEL": "warning",
-            "MAX_QUEUE_SIZE": "1000000", **env}
+    full = {
+        **os.environ,
+        "COMFYQ_CONFIG": str(root / "none.toml"),
+        "COMFYQ_DATABASE": str(root / "q.db"),
+        "COMFYQ_OUTPUT_DIR": str(root / "out"),
+        "COMFYQ_CACHE_DIR": str(root / "cache"),
+        "COMFYUI_API_BASE": backend,
+        "API_PORT": str(port),
+        "API_LOG_LEVEL": "warning",
+        "MAX_QUEUE_SIZE": "1000000",
+        **env,
+    }
     log = (root / "server.log").open("ab")
-    proc = subprocess.Popen([sys.executable, "-m", "comfyq", "serve"], env=full, cwd=root,
-                            stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "comfyq", "serve"],
+        env=full,
+        cwd=root,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_http(url + "/queue-info", proc)

@@ -60,7 +60,11 @@ def _mount_of(path: Path) -> dict[str, str]:
 def _rotational(device: str) -> str | None:
     """sysfs's rotational flag ('0' or '1') of a block device named in /proc/mounts, when it has one."""
     name = Path(device).name
-    for cand in (name, name.rstrip("0123456789"), name.split("p")[0] if name.startswith("nvme") else name):
+    for cand in (
+        name,
+        name.rstrip("0123456789"),
+        name.split("p")[0] if name.startswith("nvme") else name,
+    ):
         f = Path(f"/sys/block/{cand}/queue/rotational")
         if f.exists():
             return f.read_text().strip()
@@ -76,10 +80,20 @@ def _version(dist: str) -> str | None:
 
 def _git_commit(repo: Path) -> str | None:
     try:
-        out = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, timeout=5, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5, check=True).stdout.strip()
+        out = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
         return out + (" (with uncommitted changes)" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return None
@@ -94,7 +108,7 @@ def describe(data_dir: Path, repo: Path) -> dict[str, Any]:
         if rotational is not None:
             disk["rotational"] = rotational  # virtual disks often say 1 whatever lies beneath
     st = os.statvfs(data_dir)
-    disk["free_gib"] = f"{st.f_bavail * st.f_frsize / 1024 ** 3:.1f}"
+    disk["free_gib"] = f"{st.f_bavail * st.f_frsize / 1024**3:.1f}"
     return {
         "cpu": _cpu_model(),
         "cores": os.cpu_count(),

@@ -5,8 +5,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
-PATH_LABELS = {"direct": "direct ComfyClient", "comfyq_sse": "comfyq: POST /generate + SSE",
-               "comfyq_sync": "comfyq: POST /generate/sync"}
+PATH_LABELS = {
+    "direct": "direct ComfyClient",
+    "comfyq_sse": "comfyq: POST /generate + SSE",
+    "comfyq_sync": "comfyq: POST /generate/sync",
+}
 
 
 def num(x: Any, digits: int = 0) -> str:
@@ -56,4 +59,6 @@ def not_run(step: dict[str, Any] | None) -> list[str]:
         return ["*Not run.*"]
     if step.get("status") == "skipped":
         return [f"*Not run: {step.get('reason', 'skipped')}.*"]
-    return [f"*Failed: {step.get('reason', 'no figures')}; its output is under “Raw output” below.*"]
+    return [
+        f"*Failed: {step.get('reason', 'no figures')}; its output is under “Raw output” below.*"
+    ]

@@ -21,16 +21,34 @@ def sidebyside_run(run: dict[str, Any], charts: Charts, suffix: str = "") -> lis
     rows = []
     for name, f in lat.items():
         added = f.get("added")
-        rows.append([PATH_LABELS.get(name, name), ms(f["p50"]), ms(f["p90"]), ms(f["p99"]),
-                     f"×{f['ratio_p50']:.2f}" if "ratio_p50" in f else "–",
-                     ms(added["p50"]) if added else "–", ms(added["p99"]) if added else "–"])
-    out = [(f"One job at a time, {n:,} jobs per path, the paths taken in turn job by job. Latency is from the"
-           " request to the output bytes in the client's hands. *Added* is the paired difference with the"
-           " direct job next to it."), ""]
+        rows.append(
+            [
+                PATH_LABELS.get(name, name),
+                ms(f["p50"]),
+                ms(f["p90"]),
+                ms(f["p99"]),
+                f"×{f['ratio_p50']:.2f}" if "ratio_p50" in f else "–",
+                ms(added["p50"]) if added else "–",
+                ms(added["p99"]) if added else "–",
+            ]
+        )
+    out = [
+        (
+            f"One job at a time, {n:,} jobs per path, the paths taken in turn job by job. Latency is from the"
+            " request to the output bytes in the client's hands. *Added* is the paired difference with the"
+            " direct job next to it."
+        ),
+        "",
+    ]
     out += table(["path", "p50", "p90", "p99", "p50 ÷ direct", "added p50", "added p99"], rows)
-    out += ["", (f"comfyq server CPU per job: {num(run.get('comfyq_cpu_ms_per_job'), 1)} ms;"
-                f" its RSS after the run: {num(run.get('comfyq_rss_mb'), 1)} MB; comfyq settings: defaults"
-                f" (GENERATION_WORKERS={run.get('generation_workers')} prompts in flight per backend).")]
+    out += [
+        "",
+        (
+            f"comfyq server CPU per job: {num(run.get('comfyq_cpu_ms_per_job'), 1)} ms;"
+            f" its RSS after the run: {num(run.get('comfyq_rss_mb'), 1)} MB; comfyq settings: defaults"
+            f" (GENERATION_WORKERS={run.get('generation_workers')} prompts in flight per backend)."
+        ),
+    ]
     thr = run["throughput"]
     if thr:
         names = list(thr[0]["rate"])
@@ -41,8 +59,14 @@ def sidebyside_run(run: dict[str, Any], charts: Charts, suffix: str = "") -> lis
             row = [str(r["in_flight"]), num(r["jobs"])] + [num(r["rate"][p], 1) for p in names]
             row += [f"×{r['rate'][p] / r['rate']['direct']:.2f}" for p in names if p != "direct"]
             rows.append(row)
-        out += ["", ("Throughput: each path runs its jobs with N in flight (comfyq SSE = POST /generate + SSE,"
-                     " comfyq sync = POST /generate/sync); rounds alternate which path goes first."), ""]
+        out += [
+            "",
+            (
+                "Throughput: each path runs its jobs with N in flight (comfyq SSE = POST /generate + SSE,"
+                " comfyq sync = POST /generate/sync); rounds alternate which path goes first."
+            ),
+            "",
+        ]
         out += table(head, rows)
     out += _img(charts, f"sidebyside_latency{suffix}", "latency CDF, direct vs comfyq")
     out += _img(charts, f"sidebyside_throughput{suffix}", "throughput vs jobs in flight")
@@ -51,46 +75,80 @@ def sidebyside_run(run: dict[str, Any], charts: Charts, suffix: str = "") -> lis
 
 def sidebyside(f: dict[str, Any], charts: Charts) -> list[str]:
     """Side by side: simulator, then the real ComfyUI (or why not)."""
-    out = [("The user-visible comparison: the same workflow (EmptyImage → ImageInvert → SaveImage, a new colour"
-           " per job so ComfyUI's cache never skips it) sent straight to ComfyUI with comfyq's own ComfyClient"
-           " (POST /prompt, follow its websocket to the end, GET /view) and through `comfyq serve` over HTTP"
-           " (POST /generate then the job's SSE stream to `final_result`, or POST /generate/sync; then GET"
-           " /outputs/…). Client, comfyq and ComfyUI are three processes on the same machine."), ""]
+    out = [
+        (
+            "The user-visible comparison: the same workflow (EmptyImage → ImageInvert → SaveImage, a new colour"
+            " per job so ComfyUI's cache never skips it) sent straight to ComfyUI with comfyq's own ComfyClient"
+            " (POST /prompt, follow its websocket to the end, GET /view) and through `comfyq serve` over HTTP"
+            " (POST /generate then the job's SSE stream to `final_result`, or POST /generate/sync; then GET"
+            " /outputs/…). Client, comfyq and ComfyUI are three processes on the same machine."
+        ),
+        "",
+    ]
     sim = f.get("simulator") or {}
     out += ["### Against the simulator (zero-time nodes)", ""]
     out += sidebyside_run(sim, charts) if "latency" in sim else ["*No figures.*"]
     real = f.get("real") or {}
     out += ["", "### Against a real ComfyUI", ""]
     if "latency" in real:
-        out += [(f"ComfyUI {real.get('comfyui_version') or '(version unknown)'} at {real['url']}"
-                " (COMFYUI_TEST_URL), model-free nodes. The charts above have a panel for it."), ""]
+        out += [
+            (
+                f"ComfyUI {real.get('comfyui_version') or '(version unknown)'} at {real['url']}"
+                " (COMFYUI_TEST_URL), model-free nodes. The charts above have a panel for it."
+            ),
+            "",
+        ]
         out += sidebyside_run(real, {})
     else:
-        out += [(f"*Not measured: {real.get('skipped', 'no figures')}. Set COMFYUI_TEST_URL to a ComfyUI"
-                " (CPU is enough) and run again.*")]
+        out += [
+            (
+                f"*Not measured: {real.get('skipped', 'no figures')}. Set COMFYUI_TEST_URL to a ComfyUI"
+                " (CPU is enough) and run again.*"
+            )
+        ]
     return out
 
 
 def store(f: dict[str, Any], charts: Charts) -> list[str]:
     """Store alone: throughput per worker count, claim latency per table size."""
-    labels = {"claim_transitions": "claim → transitions → done (pre-filled)",
-              "create_claim_transitions": "create → claim → transitions → done",
-              "stage_runner": "the real stage runner, no-op stages (workers per stage)"}
+    labels = {
+        "claim_transitions": "claim → transitions → done (pre-filled)",
+        "create_claim_transitions": "create → claim → transitions → done",
+        "stage_runner": "the real stage runner, no-op stages (workers per stage)",
+    }
     thr = f["throughput"]
     ws = sorted({w for per in thr.values() for w in per}, key=int)
-    out = [f"synchronous=FULL, WAL, {num(f['args']['jobs'])} jobs per run; complete jobs per second.", ""]
-    out += table(["measurement"] + [f"{w} worker{'s' if w != '1' else ''}" for w in ws],
-                 [[labels.get(k, k)] + [num(per.get(w)) for w in ws] for k, per in thr.items()])
+    out = [
+        f"synchronous=FULL, WAL, {num(f['args']['jobs'])} jobs per run; complete jobs per second.",
+        "",
+    ]
+    out += table(
+        ["measurement"] + [f"{w} worker{'s' if w != '1' else ''}" for w in ws],
+        [[labels.get(k, k)] + [num(per.get(w)) for w in ws] for k, per in thr.items()],
+    )
     wpc = f.get("writes_per_commit", {}).get("claim_transitions", {})
     if wpc:
-        out += ["", "Group commit, writes per fsync (pre-filled run): "
-                + ", ".join(f"{w} workers {wpc[w]:.1f}" for w in sorted(wpc, key=int)) + "."]
+        out += [
+            "",
+            "Group commit, writes per fsync (pre-filled run): "
+            + ", ".join(f"{w} workers {wpc[w]:.1f}" for w in sorted(wpc, key=int))
+            + ".",
+        ]
     claim = f["claim_latency"]
-    rows = [[f"{int(k):,} rows", ms(c["p50"]), ms(c["p99"]), num(c["n"]), f"{c['fill_s']:.1f} s"]
-            for k, c in sorted(claim.items(), key=lambda kv: int(kv[0]))]
-    out += ["", "Claim latency (one claim of the oldest, highest-priority job with 2,000 waiting, then released):", ""]
+    rows = [
+        [f"{int(k):,} rows", ms(c["p50"]), ms(c["p99"]), num(c["n"]), f"{c['fill_s']:.1f} s"]
+        for k, c in sorted(claim.items(), key=lambda kv: int(kv[0]))
+    ]
+    out += [
+        "",
+        "Claim latency (one claim of the oldest, highest-priority job with 2,000 waiting, then released):",
+        "",
+    ]
     out += table(["finished jobs in the table", "p50", "p99", "claims", "fill time"], rows)
-    out += ["", f"Ratio big ÷ 10k rows: p50 ×{f['claim_p50_ratio']:.2f}, p99 ×{f['claim_p99_ratio']:.2f}."]
+    out += [
+        "",
+        f"Ratio big ÷ 10k rows: p50 ×{f['claim_p50_ratio']:.2f}, p99 ×{f['claim_p99_ratio']:.2f}.",
+    ]
     out += _img(charts, "store_throughput", "store throughput vs workers")
     out += _img(charts, "store_claim", "claim latency CDF by table size")
     return out
@@ -98,17 +156,34 @@ def store(f: dict[str, Any], charts: Charts) -> list[str]:
 
 def e2e(f: dict[str, Any], charts: Charts) -> list[str]:
     """End to end through the in-process services (issue 3's measurement)."""
-    out = [(f"Simulator(s) with zero-time nodes in their own processes; comfyq's services in the benchmark's"
-           f" process, {f['args']['generation_workers']} generation workers per backend;"
-           f" {num(f['args']['jobs'])} jobs per run."), ""]
-    out += table(["backends", "jobs/s end to end"], [[k, num(v, 1)] for k, v in f["throughput"].items()])
+    out = [
+        (
+            f"Simulator(s) with zero-time nodes in their own processes; comfyq's services in the benchmark's"
+            f" process, {f['args']['generation_workers']} generation workers per backend;"
+            f" {num(f['args']['jobs'])} jobs per run."
+        ),
+        "",
+    ]
+    out += table(
+        ["backends", "jobs/s end to end"], [[k, num(v, 1)] for k, v in f["throughput"].items()]
+    )
     lat = f.get("latency")
     if lat:
-        out += ["", (f"Sequential latency, {lat['direct']['n']} jobs each, alternating comfyq and a direct client"
-                    " (job submitted in-process, no HTTP in front):"), ""]
-        out += table(["", "p50", "p90", "p99"],
-                     [[k, ms(lat[k]["p50"]), ms(lat[k]["p90"]), ms(lat[k]["p99"])]
-                      for k in ("direct", "comfyq", "added")])
+        out += [
+            "",
+            (
+                f"Sequential latency, {lat['direct']['n']} jobs each, alternating comfyq and a direct client"
+                " (job submitted in-process, no HTTP in front):"
+            ),
+            "",
+        ]
+        out += table(
+            ["", "p50", "p90", "p99"],
+            [
+                [k, ms(lat[k]["p50"]), ms(lat[k]["p90"]), ms(lat[k]["p99"])]
+                for k in ("direct", "comfyq", "added")
+            ],
+        )
         out += ["", f"comfyq ÷ direct at p50: ×{lat['comfyq']['p50'] / lat['direct']['p50']:.2f}."]
     return out
 
@@ -117,81 +192,157 @@ def api(f: dict[str, Any], charts: Charts) -> list[str]:
     """HTTP API: idle RSS, admissions, SSE subscribers."""
     a, s = f["admissions"], f["subscribers"]
     args = f["args"]
-    out = table(["measurement", "figure"], [
-        ["idle RSS of a fresh `comfyq serve`", f"{num(f['idle_rss_mb'], 1)} MB"],
-        [f"POST /generate admissions/s ({num(args['admissions'])} requests, {args['concurrency']} concurrent)",
-         num(a["rate"])],
-        ["admission latency p50 / p99", f"{ms(a['latency_ms']['p50'])} / {ms(a['latency_ms']['p99'])}"],
-        ["CPU busy during admissions: server / client (share of one core)",
-         f"{a['server_cpu'] * 100:.0f}% / {a['client_cpu'] * 100:.0f}%"],
-        [f"{num(args['subscribers'])} SSE subscribers on {args['jobs']} running jobs: RSS idle / connected / peak",
-         f"{num(s['rss_idle_mb'], 1)} / {num(s['rss_connected_mb'], 1)} / {num(s['rss_peak_mb'], 1)} MB"],
-        ["state event delay p50 / p99 (commit to client)",
-         f"{ms(s['delay_ms']['p50'])} / {ms(s['delay_ms']['p99'])} ({num(s['delay_ms']['n'])} samples)"],
-        ["all subscribers connected in", f"{s['connect_s']:.2f} s"],
-        ["events received", f"{num(s['received'])} ({num(s['events_per_s'])} events/s)"],
-    ])
+    out = table(
+        ["measurement", "figure"],
+        [
+            ["idle RSS of a fresh `comfyq serve`", f"{num(f['idle_rss_mb'], 1)} MB"],
+            [
+                f"POST /generate admissions/s ({num(args['admissions'])} requests, {args['concurrency']} concurrent)",
+                num(a["rate"]),
+            ],
+            [
+                "admission latency p50 / p99",
+                f"{ms(a['latency_ms']['p50'])} / {ms(a['latency_ms']['p99'])}",
+            ],
+            [
+                "CPU busy during admissions: server / client (share of one core)",
+                f"{a['server_cpu'] * 100:.0f}% / {a['client_cpu'] * 100:.0f}%",
+            ],
+            [
+                f"{num(args['subscribers'])} SSE subscribers on {args['jobs']} running jobs: RSS idle / connected / peak",
+                f"{num(s['rss_idle_mb'], 1)} / {num(s['rss_connected_mb'], 1)} / {num(s['rss_peak_mb'], 1)} MB",
+            ],
+            [
+                "state event delay p50 / p99 (commit to client)",
+                f"{ms(s['delay_ms']['p50'])} / {ms(s['delay_ms']['p99'])} ({num(s['delay_ms']['n'])} samples)",
+            ],
+            ["all subscribers connected in", f"{s['connect_s']:.2f} s"],
+            ["events received", f"{num(s['received'])} ({num(s['events_per_s'])} events/s)"],
+        ],
+    )
     out += _img(charts, "api_delay", "SSE event delay histogram")
     return out
 
 
 def preprocess(f: dict[str, Any], charts: Charts) -> list[str]:
     """Preprocess throughput per scenario and the big download."""
-    out = [(f"`prepare_job` with {num(f['args']['jobs'])} jobs per scenario, {f['args']['concurrency']} concurrent;"
-           " the file server is a child process."), ""]
+    out = [
+        (
+            f"`prepare_job` with {num(f['args']['jobs'])} jobs per scenario, {f['args']['concurrency']} concurrent;"
+            " the file server is a child process."
+        ),
+        "",
+    ]
     out += table(["scenario", "jobs/s"], [[k, num(v)] for k, v in f["rates"].items()])
     out += ["", f"Cached ÷ uncached URL input: ×{f['cached_over_uncached']:.1f}."]
     d = f.get("download")
     if d:
-        out += ["", (f"Downloading a {num(d['mib'])} MiB body: {num(d['mib_per_s'])} MiB/s; RSS"
-                    f" {num(d['rss_before_mib'], 1)} → peak {num(d['rss_peak_mib'], 1)} MiB"
-                    f" (+{num(d['rss_growth_mib'], 1)} MiB).")]
+        out += [
+            "",
+            (
+                f"Downloading a {num(d['mib'])} MiB body: {num(d['mib_per_s'])} MiB/s; RSS"
+                f" {num(d['rss_before_mib'], 1)} → peak {num(d['rss_peak_mib'], 1)} MiB"
+                f" (+{num(d['rss_growth_mib'], 1)} MiB)."
+            ),
+        ]
     return out
 
 
 def outputs(f: dict[str, Any], charts: Charts) -> list[str]:
     """S3 upload memory and speed, webhook rates, hanging receivers."""
     up = f.get("upload") or {}
-    rows = [[f"streamed multipart, {num(u['mb'])} MB", f"{num(u['mb_per_s'], 1)} MB/s",
-             f"{num(u['rss_base_mib'])} → {num(u['rss_peak_mib'])} MiB (+{num(u['rss_growth_mib'])})"]
-            for u in up.get("streaming", [])]
+    rows = [
+        [
+            f"streamed multipart, {num(u['mb'])} MB",
+            f"{num(u['mb_per_s'], 1)} MB/s",
+            f"{num(u['rss_base_mib'])} → {num(u['rss_peak_mib'])} MiB (+{num(u['rss_growth_mib'])})",
+        ]
+        for u in up.get("streaming", [])
+    ]
     if up.get("whole_file"):
         u = up["whole_file"]
-        rows.append([f"whole file in memory (the seed wrapper's way), {num(u['mb'])} MB",
-                     f"{num(u['mb_per_s'], 1)} MB/s",
-                     f"{num(u['rss_base_mib'])} → {num(u['rss_peak_mib'])} MiB (+{num(u['rss_growth_mib'])})"])
-    out = ["S3 uploads to moto in its own process (a Python server: it bounds the rate, not S3).", ""]
+        rows.append(
+            [
+                f"whole file in memory (the seed wrapper's way), {num(u['mb'])} MB",
+                f"{num(u['mb_per_s'], 1)} MB/s",
+                f"{num(u['rss_base_mib'])} → {num(u['rss_peak_mib'])} MiB (+{num(u['rss_growth_mib'])})",
+            ]
+        )
+    out = [
+        "S3 uploads to moto in its own process (a Python server: it bounds the rate, not S3).",
+        "",
+    ]
     out += table(["upload", "rate", "RSS of the uploading process"], rows)
     out += ["", "Webhook deliveries to a fast receiver (separate process), signed:", ""]
-    out += table(["in flight to the receiver", "in flight in total", "deliveries/s"],
-                 [[str(d["per_host"]), str(d["concurrency"]), num(d["rate"])] for d in f.get("deliveries", [])])
-    out += ["", (f"A receiver that hangs vs other jobs ({f['args']['jobs']} sequential jobs per scenario, each with a"
-                " webhook to a fast receiver):"), ""]
-    out += table(["scenario", "job p50", "job p99", "webhook after job end p50", "p99"],
-                 [[h["label"], ms(h["job_ms"]["p50"]), ms(h["job_ms"]["p99"]),
-                   ms(h["webhook_after_end_ms"]["p50"]), ms(h["webhook_after_end_ms"]["p99"])]
-                  for h in f.get("hanging", [])])
+    out += table(
+        ["in flight to the receiver", "in flight in total", "deliveries/s"],
+        [
+            [str(d["per_host"]), str(d["concurrency"]), num(d["rate"])]
+            for d in f.get("deliveries", [])
+        ],
+    )
+    out += [
+        "",
+        (
+            f"A receiver that hangs vs other jobs ({f['args']['jobs']} sequential jobs per scenario, each with a"
+            " webhook to a fast receiver):"
+        ),
+        "",
+    ]
+    out += table(
+        ["scenario", "job p50", "job p99", "webhook after job end p50", "p99"],
+        [
+            [
+                h["label"],
+                ms(h["job_ms"]["p50"]),
+                ms(h["job_ms"]["p99"]),
+                ms(h["webhook_after_end_ms"]["p50"]),
+                ms(h["webhook_after_end_ms"]["p99"]),
+            ]
+            for h in f.get("hanging", [])
+        ],
+    )
     out += _img(charts, "memory", "peak RSS growth while moving big files")
     return out
 
 
 CHAOS_FIELDS = [
-    ("accepted", "jobs accepted (2xx)"), ("completed", "completed"), ("failed", "failed"),
-    ("lost", "**lost** (must be 0)"), ("webhooks_owed", "webhooks owed"),
-    ("webhooks_delivered", "webhooks delivered"), ("webhooks_duplicate", "webhooks delivered twice (allowed)"),
-    ("webhooks_lost", "**webhooks lost** (must be 0)"), ("prompts_submitted", "prompts submitted to ComfyUI"),
-    ("attempts_total", "attempts counted by comfyq"), ("jobs_prompts_gt_attempts", "jobs with more prompts than attempts"),
-    ("comfyq_kills", "comfyq kill -9 + restart"), ("simulator_crashes", "simulator kill -9 + restart"),
+    ("accepted", "jobs accepted (2xx)"),
+    ("completed", "completed"),
+    ("failed", "failed"),
+    ("lost", "**lost** (must be 0)"),
+    ("webhooks_owed", "webhooks owed"),
+    ("webhooks_delivered", "webhooks delivered"),
+    ("webhooks_duplicate", "webhooks delivered twice (allowed)"),
+    ("webhooks_lost", "**webhooks lost** (must be 0)"),
+    ("prompts_submitted", "prompts submitted to ComfyUI"),
+    ("attempts_total", "attempts counted by comfyq"),
+    ("jobs_prompts_gt_attempts", "jobs with more prompts than attempts"),
+    ("comfyq_kills", "comfyq kill -9 + restart"),
+    ("simulator_crashes", "simulator kill -9 + restart"),
 ]
 
 
 def chaos(f: dict[str, Any], step: dict[str, Any]) -> list[str]:
     """The chaos run's account, then its own printed report."""
-    out = table(["", "count"], [[label, num(f.get(key))] for key, label in CHAOS_FIELDS if key in f])
+    out = table(
+        ["", "count"], [[label, num(f.get(key))] for key, label in CHAOS_FIELDS if key in f]
+    )
     reasons = f.get("failed_reasons") or {}
     if reasons:
-        out += ["", "Failed, by reason: " + "; ".join(f"{why}: {n}" for why, n in reasons.items()) + "."]
-    out += ["", f"Wall time {num(f.get('duration_s'), 0)} s. `{step.get('command', 'python -m bench.chaos')}`"
-                + (f" ended with {step['reason']}." if step.get("reason") else " exited 0."), "",
-            "Its printed report:", "", "```", step.get("output", "").rstrip(), "```"]
+        out += [
+            "",
+            "Failed, by reason: " + "; ".join(f"{why}: {n}" for why, n in reasons.items()) + ".",
+        ]
+    out += [
+        "",
+        f"Wall time {num(f.get('duration_s'), 0)} s. `{step.get('command', 'python -m bench.chaos')}`"
+        + (f" ended with {step['reason']}." if step.get("reason") else " exited 0."),
+        "",
+        "Its printed report:",
+        "",
+        "```",
+        step.get("output", "").rstrip(),
+        "```",
+    ]
     return out

@@ -106,9 +106,13 @@ def _check_workflow(workflow: Any) -> list[dict[str, str]]:
     for key, node in workflow.items():
         path = f"$.input.workflow_json['{key}']"
         if not isinstance(node, dict):
-            errors.append({"path": path, "message": "a node must be an object with class_type and inputs"})
+            errors.append(
+                {"path": path, "message": "a node must be an object with class_type and inputs"}
+            )
         elif not isinstance(node.get("class_type"), str) or not node["class_type"]:
-            errors.append({"path": f"{path}.class_type", "message": "required: the node's class name"})
+            errors.append(
+                {"path": f"{path}.class_type", "message": "required: the node's class name"}
+            )
         elif "inputs" in node and not isinstance(node["inputs"], dict):
             errors.append({"path": f"{path}.inputs", "message": "must be an object"})
     return errors
@@ -130,7 +134,9 @@ def _http_url(value: str) -> str | None:
 def _cross_field(inp: Input) -> list[dict[str, str]]:
     errors: list[dict[str, str]] = []
     if bool(inp.workflow_json) == bool(inp.modifier):
-        errors.append({"path": "$.input", "message": "give exactly one of workflow_json and modifier"})
+        errors.append(
+            {"path": "$.input", "message": "give exactly one of workflow_json and modifier"}
+        )
     if inp.modifications and not inp.modifier:
         errors.append({"path": "$.input.modifications", "message": "modifications need a modifier"})
     if inp.webhook is not None and inp.webhook.url:
@@ -144,7 +150,9 @@ def _cross_field(inp: Input) -> list[dict[str, str]]:
     seen: set[str] = set()
     for i, img in enumerate(inp.images):
         if img.name in seen:
-            errors.append({"path": f"$.input.images[{i}].name", "message": f"name {img.name!r} is used twice"})
+            errors.append(
+                {"path": f"$.input.images[{i}].name", "message": f"name {img.name!r} is used twice"}
+            )
         seen.add(img.name)
     return errors
 
@@ -213,13 +221,21 @@ def _split_secrets(clean: dict[str, Any]) -> dict[str, Any]:
     return secrets
 
 
-def build(inp: Input, raw_input: dict[str, Any], *, max_attempts: int, default_timeout: float,
-          default_webhook_url: str = "") -> Admitted:
+def build(
+    inp: Input,
+    raw_input: dict[str, Any],
+    *,
+    max_attempts: int,
+    default_timeout: float,
+    default_webhook_url: str = "",
+) -> Admitted:
     """The job to write for a validated input: id, payload without secrets, secrets, hash."""
     if inp.workflow_json:
         # The workflow is stored verbatim (node keys like _meta kept), so its typed form is not
         # converted back: a placeholder holds its place in the field order.
-        clean: dict[str, Any] = msgspec.to_builtins(msgspec.structs.replace(inp, workflow_json=_HOLD))
+        clean: dict[str, Any] = msgspec.to_builtins(
+            msgspec.structs.replace(inp, workflow_json=_HOLD)
+        )
         clean["workflow_json"] = raw_input["workflow_json"]
     else:
         clean = msgspec.to_builtins(inp)  # defaults omitted: a normalised payload
@@ -271,11 +287,18 @@ async def prepare(services: Any, body: bytes, headers: Mapping[str, str]) -> Adm
     if inp.modifier:
         await services.registry.check(inp.modifier, inp.modifications)
     settings = services.settings
-    return build(inp, raw_input, max_attempts=settings.max_attempts, default_timeout=settings.job_timeout,
-                 default_webhook_url=settings.webhook_url)
+    return build(
+        inp,
+        raw_input,
+        max_attempts=settings.max_attempts,
+        default_timeout=settings.job_timeout,
+        default_webhook_url=settings.webhook_url,
+    )
 
 
 async def commit(services: Any, adm: Admitted) -> tuple[Job, bool]:
     """Durably create the job: ``(job, created)``; 409 for a reused id, 503 when the queue is full."""
-    result: tuple[Job, bool] = await services.store.create(adm.new, services.settings.max_queue_size)
+    result: tuple[Job, bool] = await services.store.create(
+        adm.new, services.settings.max_queue_size
+    )
     return result

@@ -27,17 +27,26 @@ log = logging.getLogger("comfyq")
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="comfyq", description="A durable API server in front of ComfyUI.")
+    p = argparse.ArgumentParser(
+        prog="comfyq", description="A durable API server in front of ComfyUI."
+    )
     p.add_argument("--config", help="settings file (default: $COMFYQ_CONFIG or comfyq.toml)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any setting (repeatable), e.g. --set max_queue_size=500")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any setting (repeatable), e.g. --set max_queue_size=500",
+    )
     p.add_argument("--database", help="the SQLite file (setting: database)")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     s = sub.add_parser("serve", help="run the API server and the pipeline")
     s.add_argument("--host", help="listen address (setting: api_host)")
     s.add_argument("--port", type=int, help="listen port (setting: api_port)")
-    s.add_argument("--simulate", action="store_true", help="run against the built-in ComfyUI simulator")
+    s.add_argument(
+        "--simulate", action="store_true", help="run against the built-in ComfyUI simulator"
+    )
 
     sub.add_parser("migrate", help="create the database or apply pending migrations")
     sub.add_parser("config", help="print the effective settings (secrets masked)")
@@ -47,8 +56,11 @@ def _parser() -> argparse.ArgumentParser:
     ls = jsub.add_parser("ls", help="list jobs, newest first")
     ls.add_argument("--status", action="append", help="only these states (repeatable)")
     ls.add_argument("--limit", type=int, default=30)
-    for name, text in (("show", "a job with its event history"), ("cancel", "cancel a job"),
-                       ("retry", "run a failed or cancelled job again")):
+    for name, text in (
+        ("show", "a job with its event history"),
+        ("cancel", "cancel a job"),
+        ("retry", "run a failed or cancelled job again"),
+    ):
         c = jsub.add_parser(name, help=text)
         c.add_argument("id")
 
@@ -62,7 +74,9 @@ def parse_age(text: str) -> float:
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", text)
     if not m:
         raise ConfigError(f"--older-than: cannot read {text!r} (use e.g. 3600, 90m, 12h, 7d)")
-    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[m.group(2)]
+    return (
+        float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[m.group(2)]
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -88,7 +102,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(serve(settings))
         if args.cmd == "migrate":
             applied = open_migrated(settings.database)
-            print(f"{settings.database}: applied {applied}" if applied else f"{settings.database}: up to date")
+            print(
+                f"{settings.database}: applied {applied}"
+                if applied
+                else f"{settings.database}: up to date"
+            )
             return 0
         if args.cmd == "config":
             print(json.dumps(masked(settings), indent=2))
@@ -121,7 +139,11 @@ async def serve(settings: Settings) -> int:
     if settings.simulate:
         from comfyq.comfy.simulator import Simulator
 
-        sim = Simulator(data_dir=Path(settings.database).parent / "simulator", node_duration=0.2, progress_steps=5)
+        sim = Simulator(
+            data_dir=Path(settings.database).parent / "simulator",
+            node_duration=0.2,
+            progress_steps=5,
+        )
         await sim.start()
         backends = [sim.url]
         log.info("simulate: built-in ComfyUI simulator at %s", sim.url)
@@ -130,7 +152,9 @@ async def serve(settings: Settings) -> int:
     try:
         await services.start()
     except Exception as exc:
-        log.error("Application startup failed: %s", exc, exc_info=not isinstance(exc, DatabaseLocked))
+        log.error(
+            "Application startup failed: %s", exc, exc_info=not isinstance(exc, DatabaseLocked)
+        )
         if sim:
             await sim.stop()
         return 2
@@ -149,10 +173,17 @@ async def serve(settings: Settings) -> int:
             await sim.stop()
         return 2
     if settings.api_host not in ("127.0.0.1", "localhost", "::1") and not settings.api_keys:
-        log.warning("listening on %s without API keys: anyone who can reach it can submit jobs",
-                    settings.api_host)
-    log.info("comfyq listening on http://%s:%s (database %s, backends %s)", settings.api_host,
-             settings.api_port, settings.database, ", ".join(services.backend_urls))
+        log.warning(
+            "listening on %s without API keys: anyone who can reach it can submit jobs",
+            settings.api_host,
+        )
+    log.info(
+        "comfyq listening on http://%s:%s (database %s, backends %s)",
+        settings.api_host,
+        settings.api_port,
+        settings.database,
+        ", ".join(services.backend_urls),
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -172,10 +203,17 @@ async def serve(settings: Settings) -> int:
 
 
 def _table(rows: list[dict[str, Any]], cols: list[str]) -> str:
-    widths = {c: max(len(c), *(len(str(r.get(c, "") or "")) for r in rows)) if rows else len(c) for c in cols}
+    widths = {
+        c: max(len(c), *(len(str(r.get(c, "") or "")) for r in rows)) if rows else len(c)
+        for c in cols
+    }
     lines = ["  ".join(c.upper().ljust(widths[c]) for c in cols)]
     for r in rows:
-        lines.append("  ".join(str(r.get(c, "") if r.get(c) is not None else "").ljust(widths[c]) for c in cols))
+        lines.append(
+            "  ".join(
+                str(r.get(c, "") if r.get(c) is not None else "").ljust(widths[c]) for c in cols
+            )
+        )
     return "\n".join(lines)
 
 
@@ -195,7 +233,22 @@ def _jobs(settings: Settings, args: argparse.Namespace) -> int:
                 params = [*args.status, *args.status]
             sql += " LIMIT ?"
             rows = [dict(r) for r in conn.execute(sql, (*params, args.limit))]
-            print(_table(rows, ["id", "status", "stage", "tries", "priority", "created_at", "age_s", "error_type", "message"]))
+            print(
+                _table(
+                    rows,
+                    [
+                        "id",
+                        "status",
+                        "stage",
+                        "tries",
+                        "priority",
+                        "created_at",
+                        "age_s",
+                        "error_type",
+                        "message",
+                    ],
+                )
+            )
             return 0
         if args.jobs_cmd == "show":
             return _show(conn, args.id)
@@ -227,7 +280,9 @@ def _show(conn: sqlite3.Connection, job_id: str) -> int:
     job = Job.from_row(row)
     print(f"job       {job.id}")
     print(f"status    {job.status} (state {job.state}, stage {job.stage})")
-    print(f"attempts  {job.attempts}/{job.max_attempts}   priority {job.priority}   kind {job.kind or '-'}")
+    print(
+        f"attempts  {job.attempts}/{job.max_attempts}   priority {job.priority}   kind {job.kind or '-'}"
+    )
     print(f"created   {job.created_at}   finished {job.finished_at or '-'}")
     print(f"comfyui   backend {job.comfy_backend or '-'}   prompt {job.comfy_prompt_id or '-'}")
     print(f"message   {job.message}")
@@ -235,12 +290,18 @@ def _show(conn: sqlite3.Connection, job_id: str) -> int:
         print("error     " + json.dumps(job.error)[:2000])
     if job.timings:
         print("timings   " + ", ".join(f"{k}={v:.0f}" for k, v in job.timings.items()))
-    events = [dict(r) for r in conn.execute("SELECT * FROM job_events WHERE job_id = ? ORDER BY id", (job_id,))]
+    events = [
+        dict(r)
+        for r in conn.execute("SELECT * FROM job_events WHERE job_id = ? ORDER BY id", (job_id,))
+    ]
     for e in events:
         e["change"] = f"{e['from_state'] or '-'} -> {e['to_state']}"
     print("\nevents")
     print(_table(events, ["id", "at", "change", "stage", "attempt", "message"]))
-    outputs = [dict(r) for r in conn.execute("SELECT * FROM outputs WHERE job_id = ? ORDER BY id", (job_id,))]
+    outputs = [
+        dict(r)
+        for r in conn.execute("SELECT * FROM outputs WHERE job_id = ? ORDER BY id", (job_id,))
+    ]
     if outputs:
         print("\noutputs")
         print(_table(outputs, ["filename", "node_id", "mimetype", "size", "url", "upload_error"]))
@@ -251,11 +312,20 @@ def _show(conn: sqlite3.Connection, job_id: str) -> int:
 def _show_extra(conn: sqlite3.Connection, job_id: str) -> None:
     """Sections other tables add (webhook deliveries and their attempts) when they exist."""
     try:
-        deliveries = [dict(r) for r in conn.execute(
-            "SELECT id, event, state, host, attempts, next_attempt_at, last_status, last_error"
-            " FROM webhook_deliveries WHERE job_id = ? ORDER BY created_at, id", (job_id,))]
-        rows = [dict(r) for r in conn.execute(
-            "SELECT * FROM webhook_attempts WHERE job_id = ? ORDER BY id", (job_id,))]
+        deliveries = [
+            dict(r)
+            for r in conn.execute(
+                "SELECT id, event, state, host, attempts, next_attempt_at, last_status, last_error"
+                " FROM webhook_deliveries WHERE job_id = ? ORDER BY created_at, id",
+                (job_id,),
+            )
+        ]
+        rows = [
+            dict(r)
+            for r in conn.execute(
+                "SELECT * FROM webhook_attempts WHERE job_id = ? ORDER BY id", (job_id,)
+            )
+        ]
     except sqlite3.OperationalError:
         return
     if deliveries:
@@ -263,8 +333,21 @@ def _show_extra(conn: sqlite3.Connection, job_id: str) -> None:
             if d["state"] != "pending":
                 d["next_attempt_at"] = "-"
         print("\nwebhook deliveries")
-        print(_table(deliveries, ["id", "event", "state", "host", "attempts", "next_attempt_at", "last_status",
-                                  "last_error"]))
+        print(
+            _table(
+                deliveries,
+                [
+                    "id",
+                    "event",
+                    "state",
+                    "host",
+                    "attempts",
+                    "next_attempt_at",
+                    "last_status",
+                    "last_error",
+                ],
+            )
+        )
     if rows:
         print("\nwebhook attempts")
         print(_table(rows, [c for c in rows[0] if c not in ("job_id", "body")]))
@@ -289,4 +372,3 @@ def _prune(settings: Settings, older_than: float) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

@@ -30,24 +30,39 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Every setting comfyq has. Field name = key in comfyq.toml."""
 
     # --- ComfyUI -----------------------------------------------------------------------------
-    comfyui_api_base: Annotated[str, _d("ComfyUI base URL, used when comfyui_backends is empty")] = (
-        "http://127.0.0.1:8188"
-    )
+    comfyui_api_base: Annotated[
+        str, _d("ComfyUI base URL, used when comfyui_backends is empty")
+    ] = "http://127.0.0.1:8188"
     comfyui_backends: Annotated[
-        list[str], _d("ComfyUI base URLs (comma separated in the environment); overrides comfyui_api_base")
+        list[str],
+        _d("ComfyUI base URLs (comma separated in the environment); overrides comfyui_api_base"),
     ] = msgspec.field(default_factory=list)
     backends_ready_timeout: Annotated[
         float, _d("seconds to wait for every backend before logging BACKENDS_READY_TIMEOUT", gt=0)
     ] = 600.0
-    backend_probe_interval: Annotated[float, _d("seconds between backend health probes", gt=0)] = 5.0
-    comfyui_request_timeout: Annotated[float, _d("seconds for one HTTP call to ComfyUI", gt=0)] = 30.0
+    backend_probe_interval: Annotated[float, _d("seconds between backend health probes", gt=0)] = (
+        5.0
+    )
+    comfyui_request_timeout: Annotated[float, _d("seconds for one HTTP call to ComfyUI", gt=0)] = (
+        30.0
+    )
     comfyui_ws_quiet_timeout: Annotated[
-        float, _d("seconds of websocket silence before a running prompt is checked through /history and /queue", gt=0)
+        float,
+        _d(
+            "seconds of websocket silence before a running prompt is checked through /history and /queue",
+            gt=0,
+        ),
     ] = 30.0
     backend_failover_after: Annotated[
-        float, _d("seconds a job waits for its (unreachable) backend before it is resubmitted elsewhere", gt=0)
+        float,
+        _d(
+            "seconds a job waits for its (unreachable) backend before it is resubmitted elsewhere",
+            gt=0,
+        ),
     ] = 120.0
-    simulate: Annotated[bool, _d("run against the built-in ComfyUI simulator instead of a real ComfyUI")] = False
+    simulate: Annotated[
+        bool, _d("run against the built-in ComfyUI simulator instead of a real ComfyUI")
+    ] = False
 
     # --- HTTP API ----------------------------------------------------------------------------
     api_host: Annotated[str, _d("address the API listens on")] = "127.0.0.1"
@@ -57,31 +72,45 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     ] = "info"
     log_format: Annotated[Literal["text", "json"], _d("log line format")] = "text"
     api_keys: Annotated[
-        list[str], _d("bearer keys (comma separated); empty means no authentication", extra={"secret": True})
+        list[str],
+        _d("bearer keys (comma separated); empty means no authentication", extra={"secret": True}),
     ] = msgspec.field(default_factory=list)
-    cors_origins: Annotated[list[str], _d("origins allowed by CORS (comma separated; * for any)")] = (
-        msgspec.field(default_factory=list)
-    )
+    cors_origins: Annotated[
+        list[str], _d("origins allowed by CORS (comma separated; * for any)")
+    ] = msgspec.field(default_factory=list)
     max_body_bytes: Annotated[int, _d("largest accepted request body in bytes", ge=1024)] = 64 * MiB
-    max_queue_size: Annotated[PosInt, _d("jobs not yet finished (all stages) beyond which new jobs get 503")] = 100
+    max_queue_size: Annotated[
+        PosInt, _d("jobs not yet finished (all stages) beyond which new jobs get 503")
+    ] = 100
 
     # --- pipeline ----------------------------------------------------------------------------
     preprocess_workers: Annotated[PosInt, _d("concurrent preprocess workers")] = 3
     generation_workers: Annotated[PosInt, _d("prompts in flight per ComfyUI backend")] = 2
     postprocess_workers: Annotated[PosInt, _d("concurrent postprocess workers")] = 3
-    job_timeout: Annotated[PosFloat, _d("default per-job deadline in seconds (input.timeout overrides)")] = 3600.0
+    job_timeout: Annotated[
+        PosFloat, _d("default per-job deadline in seconds (input.timeout overrides)")
+    ] = 3600.0
     max_attempts: Annotated[PosInt, _d("tries per job before a retryable error fails it")] = 3
-    retry_base_delay: Annotated[PosFloat, _d("first retry delay in seconds (doubles per attempt, with jitter)")] = 2.0
+    retry_base_delay: Annotated[
+        PosFloat, _d("first retry delay in seconds (doubles per attempt, with jitter)")
+    ] = 2.0
     retry_max_delay: Annotated[PosFloat, _d("cap on the retry delay in seconds")] = 60.0
     lease_seconds: Annotated[PosFloat, _d("lease of a claimed job; renewed while it runs")] = 30.0
     claim_poll_interval: Annotated[
-        PosFloat, _d("seconds between looks for work written by another process (new work in this one wakes workers at once)")
+        PosFloat,
+        _d(
+            "seconds between looks for work written by another process (new work in this one wakes workers at once)"
+        ),
     ] = 2.0
-    shutdown_grace: Annotated[float, _d("seconds in-flight work gets on SIGTERM before it is left to resume", ge=0)] = 20.0
+    shutdown_grace: Annotated[
+        float, _d("seconds in-flight work gets on SIGTERM before it is left to resume", ge=0)
+    ] = 20.0
 
     # --- storage -----------------------------------------------------------------------------
     database: Annotated[str, _d("the SQLite file: queue, jobs, events, outbox")] = "data/comfyq.db"
-    output_dir: Annotated[str, _d("where output files are kept, one folder per job")] = "data/outputs"
+    output_dir: Annotated[str, _d("where output files are kept, one folder per job")] = (
+        "data/outputs"
+    )
     cache_dir: Annotated[str, _d("content-hash cache of downloaded inputs")] = "data/cache"
     retention_seconds: Annotated[
         float, _d("finished jobs and their files older than this are pruned (0 keeps them)", ge=0)
@@ -91,7 +120,8 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
     # --- inputs ------------------------------------------------------------------------------
     url_allowlist: Annotated[
-        list[str], _d("hosts or CIDRs downloads and webhooks may reach although private or loopback")
+        list[str],
+        _d("hosts or CIDRs downloads and webhooks may reach although private or loopback"),
     ] = msgspec.field(default_factory=list)
     modifiers_dir: Annotated[str, _d("extra folder searched for user modifiers (empty: none)")] = ""
     download_max_bytes: Annotated[int, _d("largest input download in bytes", ge=1)] = 512 * MiB
@@ -105,16 +135,32 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     s3_endpoint_url: Annotated[str, _d("operator S3 endpoint (empty: AWS)")] = ""
     s3_region: Annotated[str, _d("operator S3 region")] = ""
     s3_prefix: Annotated[str, _d("key prefix for uploaded outputs")] = ""
-    s3_presign_expiry: Annotated[PosInt, _d("lifetime of presigned output URLs in seconds")] = 7 * 24 * 3600
-    s3_fail_job_on_upload_error: Annotated[bool, _d("fail the job when an upload fails (else complete with warnings)")] = False
+    s3_presign_expiry: Annotated[PosInt, _d("lifetime of presigned output URLs in seconds")] = (
+        7 * 24 * 3600
+    )
+    s3_fail_job_on_upload_error: Annotated[
+        bool, _d("fail the job when an upload fails (else complete with warnings)")
+    ] = False
     webhook_url: Annotated[str, _d("default webhook URL for jobs that name none")] = ""
-    webhook_secret: Annotated[str, _d("default webhook signing secret", extra={"secret": True})] = ""
+    webhook_secret: Annotated[str, _d("default webhook signing secret", extra={"secret": True})] = (
+        ""
+    )
     webhook_timeout: Annotated[PosFloat, _d("seconds per webhook attempt")] = 30.0
-    webhook_max_attempts: Annotated[PosInt, _d("webhook attempts before a delivery is given up")] = 12
-    webhook_retry_base_delay: Annotated[PosFloat, _d("first webhook retry delay in seconds (doubles per attempt, with jitter)")] = 5.0
-    webhook_retry_max_delay: Annotated[PosFloat, _d("cap on the webhook retry delay in seconds")] = 3600.0
-    webhook_concurrency: Annotated[PosInt, _d("webhook posts in flight at once (at most half of them to one host)")] = 16
-    webhook_max_age: Annotated[PosFloat, _d("seconds after which an undelivered webhook is given up")] = 24 * 3600.0
+    webhook_max_attempts: Annotated[
+        PosInt, _d("webhook attempts before a delivery is given up")
+    ] = 12
+    webhook_retry_base_delay: Annotated[
+        PosFloat, _d("first webhook retry delay in seconds (doubles per attempt, with jitter)")
+    ] = 5.0
+    webhook_retry_max_delay: Annotated[
+        PosFloat, _d("cap on the webhook retry delay in seconds")
+    ] = 3600.0
+    webhook_concurrency: Annotated[
+        PosInt, _d("webhook posts in flight at once (at most half of them to one host)")
+    ] = 16
+    webhook_max_age: Annotated[
+        PosFloat, _d("seconds after which an undelivered webhook is given up")
+    ] = 24 * 3600.0
 
     @property
     def backends(self) -> list[str]:
@@ -228,7 +274,8 @@ def _is_lowercase_choice(f: msgspec.inspect.Field) -> bool:
     if isinstance(t, msgspec.inspect.Metadata):
         t = t.type
     return isinstance(t, msgspec.inspect.LiteralType) and all(
-        isinstance(v, str) and v == v.lower() for v in t.values)
+        isinstance(v, str) and v == v.lower() for v in t.values
+    )
 
 
 def _explain(msg: str) -> str:
@@ -255,9 +302,19 @@ def describe() -> list[tuple[str, str, str, str]]:
     defaults = msgspec.to_builtins(Settings())
     for f in fields():
         t = f.type
-        desc = (t.extra_json_schema or {}).get("description") if isinstance(t, msgspec.inspect.Metadata) else None
+        desc = (
+            (t.extra_json_schema or {}).get("description")
+            if isinstance(t, msgspec.inspect.Metadata)
+            else None
+        )
         default = defaults[f.name]
-        shown = ",".join(default) if isinstance(default, list) else str(default).lower() if isinstance(default, bool) else str(default)
+        shown = (
+            ",".join(default)
+            if isinstance(default, list)
+            else str(default).lower()
+            if isinstance(default, bool)
+            else str(default)
+        )
         out.append((f.name, env_name(f.name), shown, desc or ""))
     return out
 

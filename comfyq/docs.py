@@ -23,8 +23,12 @@ def settings_table() -> str:
 def update_readme(path: Path) -> bool:
     """Rewrite the table in ``path``; True when it changed."""
     text = path.read_text()
-    new = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), f"{BEGIN}\n{settings_table()}\n{END}", text,
-                 flags=re.S)
+    new = re.sub(
+        re.escape(BEGIN) + ".*?" + re.escape(END),
+        f"{BEGIN}\n{settings_table()}\n{END}",
+        text,
+        flags=re.S,
+    )
     if new != text:
         path.write_text(new)
     return new != text
@@ -34,8 +38,11 @@ if __name__ == "__main__":
     if sys.argv[1:] == ["settings"]:
         print(settings_table())
     elif sys.argv[1:2] == ["update-readme"]:
-        print("README.md updated" if update_readme(Path(sys.argv[2] if len(sys.argv) > 2 else "README.md"))
-              else "README.md already up to date")
+        print(
+            "README.md updated"
+            if update_readme(Path(sys.argv[2] if len(sys.argv) > 2 else "README.md"))
+            else "README.md already up to date"
+        )
     else:
         print("usage: python -m comfyq.docs settings | update-readme [README.md]", file=sys.stderr)
         sys.exit(2)

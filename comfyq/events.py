@@ -146,13 +146,28 @@ class EventBus:
             if tr.job_id not in subs and ALL not in subs:
                 self.published += 1  # nobody listens: the event is not even built
                 continue
-            self.publish(Event(tr.job_id, str(tr.event_id), "state", {
-                "from_state": tr.from_state, "state": tr.to_state, "stage": tr.stage,
-                "status": tr.status, "message": tr.message, "attempt": tr.attempt, "at": tr.at,
-                **({"details": tr.data} if tr.data else {}),
-            }, final=final))
+            self.publish(
+                Event(
+                    tr.job_id,
+                    str(tr.event_id),
+                    "state",
+                    {
+                        "from_state": tr.from_state,
+                        "state": tr.to_state,
+                        "stage": tr.stage,
+                        "status": tr.status,
+                        "message": tr.message,
+                        "attempt": tr.attempt,
+                        "at": tr.at,
+                        **({"details": tr.data} if tr.data else {}),
+                    },
+                    final=final,
+                )
+            )
 
-    def live(self, job_id: str, kind: str, data: dict[str, Any], payload: bytes | None = None) -> None:
+    def live(
+        self, job_id: str, kind: str, data: dict[str, Any], payload: bytes | None = None
+    ) -> None:
         """Publish a live (not stored) event: progress, preview, text."""
         if kind == "progress":
             self.progress[job_id] = data

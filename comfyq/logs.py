@@ -30,9 +30,15 @@ from typing import IO, Any
 
 from comfyq.clock import parse_iso
 
-_STD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
+_STD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message",
+    "asctime",
+    "taskName",
+}
 
-job_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("comfyq_job_id", default=None)
+job_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "comfyq_job_id", default=None
+)
 
 
 @contextmanager
@@ -70,7 +76,8 @@ _USERINFO = re.compile(rf"(?P<s>\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/{_STOP}@?#]+@")
 _QUERY = re.compile(rf"(?P<u>://[^?#{_STOP}]*)[?#](?!<redacted>)[^{_STOP}]+")  # query and fragment
 _PARAM = re.compile(
     rf"(?i)(?P<k>[?&](?:access_token|token|api[_-]?key|key|secret|password|passwd|sig|signature"
-    rf"|x-amz-[a-z-]+)=)[^&#{_STOP}]+")
+    rf"|x-amz-[a-z-]+)=)[^&#{_STOP}]+"
+)
 _BEARER = re.compile(r"(?i)\b(?P<k>bearer\s+)[A-Za-z0-9._~+/=-]+")
 _WHSEC = re.compile(r"\bwhsec_[A-Za-z0-9+/=]+")
 _CREDENTIAL = re.compile(r"(?P<k>\b(?:Credential|Signature)=)[A-Za-z0-9]+")  # SigV4 headers
@@ -129,7 +136,8 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
@@ -178,8 +186,13 @@ QUIET_ALWAYS = ("aiosqlite", "markdown_it", "charset_normalizer", "multipart", "
 QUIET_UNLESS_DEBUG = ("botocore", "aiobotocore", "boto3", "s3transfer", "urllib3", "aioboto3")
 
 
-def setup(level: str = "info", fmt: str = "text", *, secrets: Iterable[str] = (),
-          stream: IO[str] | None = None) -> logging.Handler:
+def setup(
+    level: str = "info",
+    fmt: str = "text",
+    *,
+    secrets: Iterable[str] = (),
+    stream: IO[str] | None = None,
+) -> logging.Handler:
     """Configure the root logger for the process: one handler, its level, the noisy loggers."""
     lvl = logging.getLevelNamesMapping().get(level.upper())
     if lvl is None:
@@ -192,8 +205,16 @@ def setup(level: str = "info", fmt: str = "text", *, secrets: Iterable[str] = ()
     root.handlers[:] = [handler]
     root.setLevel(lvl)
     # aiohttp, asyncio and comfyq follow the root level; a level set on them earlier would not.
-    for name in ("comfyq", "aiohttp", "aiohttp.access", "aiohttp.server", "aiohttp.web", "aiohttp.client",
-                 "aiohttp.websocket", "asyncio"):
+    for name in (
+        "comfyq",
+        "aiohttp",
+        "aiohttp.access",
+        "aiohttp.server",
+        "aiohttp.web",
+        "aiohttp.client",
+        "aiohttp.websocket",
+        "asyncio",
+    ):
         logging.getLogger(name).setLevel(logging.NOTSET)
     for name in QUIET_ALWAYS:
         logging.getLogger(name).setLevel(max(lvl, logging.WARNING))
@@ -206,7 +227,9 @@ def setup(level: str = "info", fmt: str = "text", *, secrets: Iterable[str] = ()
 
 def configure(settings: Any, *, stream: IO[str] | None = None) -> logging.Handler:
     """``setup`` from the settings: ``api_log_level``, ``log_format``, the secret settings' values."""
-    return setup(settings.api_log_level, settings.log_format, secrets=secret_values(settings), stream=stream)
+    return setup(
+        settings.api_log_level, settings.log_format, secrets=secret_values(settings), stream=stream
+    )
 
 
 def _log_uncaught(tp: type[BaseException], value: BaseException, tb: TracebackType | None) -> None:
@@ -235,7 +258,12 @@ def _log_transition(tr: Any) -> None:
     if not _jobs_log.isEnabledFor(level):
         return  # this runs after every commit: nothing is built for a line nobody reads
     job = tr.job
-    extra: dict[str, Any] = {"job_id": tr.job_id, "state": tr.to_state, "stage": tr.stage, "attempt": tr.attempt}
+    extra: dict[str, Any] = {
+        "job_id": tr.job_id,
+        "state": tr.to_state,
+        "stage": tr.stage,
+        "attempt": tr.attempt,
+    }
     if tr.from_state is None:
         text = "queued"
         if job is not None:
@@ -247,7 +275,9 @@ def _log_transition(tr: Any) -> None:
     elif end:
         text = tr.to_state
         if job is not None:
-            timings = {k: round(v) for k, v in (job.timings or {}).items() if isinstance(v, int | float)}
+            timings = {
+                k: round(v) for k, v in (job.timings or {}).items() if isinstance(v, int | float)
+            }
             if job.finished_at:
                 total = (parse_iso(job.finished_at) - parse_iso(job.created_at)) * 1000
                 timings["total_ms"] = round(total)

@@ -43,45 +43,73 @@ class _Levels(Collector):
         for state, n in sorted(lv.get("jobs", {}).items()):
             g.add_metric([state], n)
         yield g
-        g = GaugeMetricFamily("comfyq_queue_depth", "Unfinished jobs per stage", labels=["stage", "state"])
+        g = GaugeMetricFamily(
+            "comfyq_queue_depth", "Unfinished jobs per stage", labels=["stage", "state"]
+        )
         for stage, c in lv.get("queues", {}).items():
             g.add_metric([stage, "waiting"], c["waiting"])
             g.add_metric([stage, "running"], c["running"])
         yield g
-        alive = GaugeMetricFamily("comfyq_stage_workers_alive", "Live workers per stage", labels=["stage"])
-        busy = GaugeMetricFamily("comfyq_stage_workers_busy", "Workers running a job", labels=["stage"])
-        size = GaugeMetricFamily("comfyq_stage_workers", "Configured workers per stage", labels=["stage"])
-        crashes = CounterMetricFamily("comfyq_stage_worker_crashes", "Worker crashes (restarted)", labels=["stage"])
+        alive = GaugeMetricFamily(
+            "comfyq_stage_workers_alive", "Live workers per stage", labels=["stage"]
+        )
+        busy = GaugeMetricFamily(
+            "comfyq_stage_workers_busy", "Workers running a job", labels=["stage"]
+        )
+        size = GaugeMetricFamily(
+            "comfyq_stage_workers", "Configured workers per stage", labels=["stage"]
+        )
+        crashes = CounterMetricFamily(
+            "comfyq_stage_worker_crashes", "Worker crashes (restarted)", labels=["stage"]
+        )
         for stage, h in lv.get("stages", {}).items():
             alive.add_metric([stage], h["alive"])
             busy.add_metric([stage], h["busy"])
             size.add_metric([stage], h["workers"])
             crashes.add_metric([stage], h["crashes"])
         yield from (alive, busy, size, crashes)
-        up = GaugeMetricFamily("comfyq_backend_up", "ComfyUI backend answers HTTP and websocket", labels=["backend"])
-        http = GaugeMetricFamily("comfyq_backend_http_ok", "ComfyUI backend answers HTTP", labels=["backend"])
-        ws = GaugeMetricFamily("comfyq_backend_websocket_ok", "ComfyUI backend websocket is up", labels=["backend"])
-        inflight = GaugeMetricFamily("comfyq_backend_in_flight", "Prompts running on the backend", labels=["backend"])
+        up = GaugeMetricFamily(
+            "comfyq_backend_up", "ComfyUI backend answers HTTP and websocket", labels=["backend"]
+        )
+        http = GaugeMetricFamily(
+            "comfyq_backend_http_ok", "ComfyUI backend answers HTTP", labels=["backend"]
+        )
+        ws = GaugeMetricFamily(
+            "comfyq_backend_websocket_ok", "ComfyUI backend websocket is up", labels=["backend"]
+        )
+        inflight = GaugeMetricFamily(
+            "comfyq_backend_in_flight", "Prompts running on the backend", labels=["backend"]
+        )
         for b in lv.get("backends", []):
             up.add_metric([b["url"]], float(bool(b["healthy"])))
             http.add_metric([b["url"]], float(bool(b.get("http_ok"))))
             ws.add_metric([b["url"]], float(bool(b.get("websocket_ok"))))
             inflight.add_metric([b["url"]], b.get("in_flight") or 0)
         yield from (up, http, ws, inflight)
-        g = GaugeMetricFamily("comfyq_webhook_deliveries", "Webhook deliveries in the outbox by state",
-                              labels=["state"])
+        g = GaugeMetricFamily(
+            "comfyq_webhook_deliveries",
+            "Webhook deliveries in the outbox by state",
+            labels=["state"],
+        )
         for state, n in sorted(lv.get("webhook_deliveries", {}).items()):
             g.add_metric([state], n)
         yield g
-        g = GaugeMetricFamily("comfyq_webhook_attempts", "Recorded webhook delivery attempts by outcome",
-                              labels=["outcome"])
+        g = GaugeMetricFamily(
+            "comfyq_webhook_attempts",
+            "Recorded webhook delivery attempts by outcome",
+            labels=["outcome"],
+        )
         for outcome, n in sorted(lv.get("webhook_attempts", {}).items()):
             g.add_metric([outcome], n)
         yield g
-        yield GaugeMetricFamily("comfyq_event_subscribers", "Open event subscriptions (SSE, websocket, sync)",
-                                value=lv.get("subscribers", 0))
-        yield CounterMetricFamily("comfyq_events_published", "Events published on the bus",
-                                  value=lv.get("published", 0))
+        yield GaugeMetricFamily(
+            "comfyq_event_subscribers",
+            "Open event subscriptions (SSE, websocket, sync)",
+            value=lv.get("subscribers", 0),
+        )
+        yield CounterMetricFamily(
+            "comfyq_events_published", "Events published on the bus", value=lv.get("published", 0)
+        )
 
 
 class Metrics:
@@ -92,18 +120,43 @@ class Metrics:
         disable_created_metrics()  # type: ignore[no-untyped-call]  # *_created series are noise here
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.http_requests = Counter("comfyq_http_requests", "HTTP requests by route and status",
-                                     ["route", "method", "status"], registry=r)
-        self.http_duration = Histogram("comfyq_http_request_duration_seconds", "HTTP request handling time",
-                                       ["route", "method"], buckets=_HTTP_BUCKETS, registry=r)
-        self.stage_duration = Histogram("comfyq_stage_duration_seconds", "Run time of one stage of one job",
-                                        ["stage", "outcome"], buckets=_STAGE_BUCKETS, registry=r)
-        self.stage_wait = Histogram("comfyq_stage_wait_seconds", "Time a job waited for a stage worker",
-                                    ["stage"], buckets=_STAGE_BUCKETS, registry=r)
-        self.job_duration = Histogram("comfyq_job_duration_seconds", "Accepted to finished, per final state",
-                                      ["state"], buckets=_STAGE_BUCKETS, registry=r)
-        self.jobs_finished = Counter("comfyq_jobs_finished", "Jobs that reached a final state", ["state"],
-                                     registry=r)
+        self.http_requests = Counter(
+            "comfyq_http_requests",
+            "HTTP requests by route and status",
+            ["route", "method", "status"],
+            registry=r,
+        )
+        self.http_duration = Histogram(
+            "comfyq_http_request_duration_seconds",
+            "HTTP request handling time",
+            ["route", "method"],
+            buckets=_HTTP_BUCKETS,
+            registry=r,
+        )
+        self.stage_duration = Histogram(
+            "comfyq_stage_duration_seconds",
+            "Run time of one stage of one job",
+            ["stage", "outcome"],
+            buckets=_STAGE_BUCKETS,
+            registry=r,
+        )
+        self.stage_wait = Histogram(
+            "comfyq_stage_wait_seconds",
+            "Time a job waited for a stage worker",
+            ["stage"],
+            buckets=_STAGE_BUCKETS,
+            registry=r,
+        )
+        self.job_duration = Histogram(
+            "comfyq_job_duration_seconds",
+            "Accepted to finished, per final state",
+            ["state"],
+            buckets=_STAGE_BUCKETS,
+            registry=r,
+        )
+        self.jobs_finished = Counter(
+            "comfyq_jobs_finished", "Jobs that reached a final state", ["state"], registry=r
+        )
         self.jobs_created = Counter("comfyq_jobs_created", "Jobs admitted", registry=r)
         self.levels: dict[str, Any] = {}
         self._http_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
@@ -148,8 +201,10 @@ class Metrics:
         key = (route, method, status)
         children = self._http_children.get(key)
         if children is None:
-            children = (self.http_requests.labels(route, method, str(status)),
-                        self.http_duration.labels(route, method))
+            children = (
+                self.http_requests.labels(route, method, str(status)),
+                self.http_duration.labels(route, method),
+            )
             self._http_children[key] = children
         children[0].inc()
         children[1].observe(seconds)
@@ -157,14 +212,22 @@ class Metrics:
     async def refresh(self) -> None:
         """Read the levels (jobs by state, queues, workers, backends) for the next scrape."""
         svc = self.services
-        jobs: dict[str, int] = {s: 0 for s in ("pending", "running", "completed", "failed", "cancelled")}
-        for state, n in await svc.store.reader.execute_fetchall("SELECT state, count(*) FROM jobs GROUP BY state"):
+        jobs: dict[str, int] = {
+            s: 0 for s in ("pending", "running", "completed", "failed", "cancelled")
+        }
+        for state, n in await svc.store.reader.execute_fetchall(
+            "SELECT state, count(*) FROM jobs GROUP BY state"
+        ):
             jobs[state] = n
         deliveries = {s: 0 for s in ("pending", "sending", "delivered", "failed")}
-        for state, n in await svc.store.reader.execute_fetchall("SELECT state, count(*) FROM webhook_deliveries GROUP BY state"):
+        for state, n in await svc.store.reader.execute_fetchall(
+            "SELECT state, count(*) FROM webhook_deliveries GROUP BY state"
+        ):
             deliveries[state] = n
         attempts = {s: 0 for s in ("delivered", "retry", "gave_up")}
-        for outcome, n in await svc.store.reader.execute_fetchall("SELECT outcome, count(*) FROM webhook_attempts GROUP BY outcome"):
+        for outcome, n in await svc.store.reader.execute_fetchall(
+            "SELECT outcome, count(*) FROM webhook_attempts GROUP BY outcome"
+        ):
             attempts[outcome] = n
         self.levels = {
             "jobs": jobs,

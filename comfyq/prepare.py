@@ -245,8 +245,14 @@ async def prepare_job(
             if value in images and value not in generated:
                 container[key] = images[value]
     files = inputs.inputs()
-    log.debug("job %s: %s built a workflow of %d node(s) with %d input file(s) (%d bytes)", job_id, label,
-              len(workflow), len(files), sum(f.size for f in files))
+    log.debug(
+        "job %s: %s built a workflow of %d node(s) with %d input file(s) (%d bytes)",
+        job_id,
+        label,
+        len(workflow),
+        len(files),
+        sum(f.size for f in files),
+    )
     return Prepared(workflow=workflow, inputs=files)
 
 

@@ -49,8 +49,11 @@ def error_info(err: dict[str, Any] | None) -> ErrorInfo | None:
         return None
     fields = err.get("fields")
     details = err.get("details")
-    extra = {k: v for k, v in err.items()
-             if k not in ("type", "message", "node_id", "node_type", "details", "fields")}
+    extra = {
+        k: v
+        for k, v in err.items()
+        if k not in ("type", "message", "node_id", "node_type", "details", "fields")
+    }
     if extra:  # e.g. ComfyUI's node_errors: keep them visible under details
         details = {**(details if isinstance(details, dict) else {}), **extra}
     return ErrorInfo(
@@ -59,8 +62,13 @@ def error_info(err: dict[str, Any] | None) -> ErrorInfo | None:
         node_id=_text(err.get("node_id")),
         node_type=_text(err.get("node_type")),
         details=details if isinstance(details, dict) and details else None,
-        fields=[FieldError(str(f.get("path", "$")), str(f.get("message", ""))) for f in fields
-                if isinstance(f, dict)] if isinstance(fields, list) else None,
+        fields=[
+            FieldError(str(f.get("path", "$")), str(f.get("message", "")))
+            for f in fields
+            if isinstance(f, dict)
+        ]
+        if isinstance(fields, list)
+        else None,
     )
 
 
@@ -73,9 +81,13 @@ def timings(raw: dict[str, Any] | None) -> Timings:
 
     total = raw.get("total_ms")
     return Timings(
-        queued_ms=ms("queued_ms"), preprocess_ms=ms("preprocess_ms"), generation_ms=ms("generation_ms"),
-        postprocess_ms=ms("postprocess_ms"), total_ms=int(total) if isinstance(total, int | float) else None,
-        generate_wait_ms=ms("generate_wait_ms"), postprocess_wait_ms=ms("postprocess_wait_ms"),
+        queued_ms=ms("queued_ms"),
+        preprocess_ms=ms("preprocess_ms"),
+        generation_ms=ms("generation_ms"),
+        postprocess_ms=ms("postprocess_ms"),
+        total_ms=int(total) if isinstance(total, int | float) else None,
+        generate_wait_ms=ms("generate_wait_ms"),
+        postprocess_wait_ms=ms("postprocess_wait_ms"),
     )
 
 
@@ -105,7 +117,9 @@ def output_file(job_id: str, row: dict[str, Any]) -> OutputFile:
     )
 
 
-def to_result(job: Job, outputs: list[dict[str, Any]], progress: dict[str, Any] | None = None) -> Result:
+def to_result(
+    job: Job, outputs: list[dict[str, Any]], progress: dict[str, Any] | None = None
+) -> Result:
     """The Result of ``job`` (no base64 data; see :meth:`Results.inline`)."""
     warnings = (job.result or {}).get("warnings") or []
     return Result(
@@ -117,7 +131,9 @@ def to_result(job: Job, outputs: list[dict[str, Any]], progress: dict[str, Any] 
         attempts=job.attempts,
         max_attempts=job.max_attempts,
         priority=job.priority,
-        progress=progress_of(progress) if job.state == "running" and job.stage == "generate" else None,
+        progress=progress_of(progress)
+        if job.state == "running" and job.stage == "generate"
+        else None,
         output=[output_file(job.id, r) for r in outputs],
         error=error_info(job.error),
         timings=timings(job.timings),
@@ -160,8 +176,15 @@ def _read_b64(path: str, limit: int) -> tuple[str | None, str | None]:
 class Results:
     """Builds Results; caches finished ones (they no longer change) for fan-out to many streams."""
 
-    def __init__(self, reads: Any, bus: Any, *, base64_max_bytes: int, cache_size: int = 512,
-                 webhook_history: Callable[[str], Awaitable[list[dict[str, Any]]]] | None = None) -> None:
+    def __init__(
+        self,
+        reads: Any,
+        bus: Any,
+        *,
+        base64_max_bytes: int,
+        cache_size: int = 512,
+        webhook_history: Callable[[str], Awaitable[list[dict[str, Any]]]] | None = None,
+    ) -> None:
         self.reads = reads  # comfyq.api.reads.Reads: fresh reads
         self.webhook_history = webhook_history
         self.bus = bus
@@ -216,6 +239,8 @@ class Results:
         """Fill ``output[i].data`` with base64 of the local file, size-capped."""
         for o in res.output:
             if o.local_path and o.data is None:
-                o.data, err = await asyncio.to_thread(_read_b64, o.local_path, self.base64_max_bytes)
+                o.data, err = await asyncio.to_thread(
+                    _read_b64, o.local_path, self.base64_max_bytes
+                )
                 if err and not o.error:
                     o.error = err

@@ -22,10 +22,16 @@ REQUEST_ID_PATTERN = r"^(?:[A-Za-z0-9_-][A-Za-z0-9._-]{0,127})?$"
 
 RequestId = Annotated[
     str,
-    _d("client id of the job (idempotency key): 1-128 of A-Z a-z 0-9 . _ -, not starting with a dot;"
-       " empty or absent: the server makes one", pattern=REQUEST_ID_PATTERN, max_length=128),
+    _d(
+        "client id of the job (idempotency key): 1-128 of A-Z a-z 0-9 . _ -, not starting with a dot;"
+        " empty or absent: the server makes one",
+        pattern=REQUEST_ID_PATTERN,
+        max_length=128,
+    ),
 ]
-Status = Literal["queued", "processing", "generating", "postprocessing", "completed", "failed", "cancelled"]
+Status = Literal[
+    "queued", "processing", "generating", "postprocessing", "completed", "failed", "cancelled"
+]
 
 
 # --- request ---------------------------------------------------------------------------------
@@ -48,7 +54,8 @@ class Webhook(Struct, forbid_unknown_fields=True, omit_defaults=True):
 
     url: Annotated[str, _d("http(s) URL", max_length=4096)] = ""
     extra_params: Annotated[dict[str, Any], _d("sent back as `extra` in the webhook body")] = field(
-        default_factory=dict)
+        default_factory=dict
+    )
     timeout: Annotated[float, _d("seconds per delivery attempt", gt=0, le=300)] | None = None
     secret: Annotated[str, _d("signing secret (Standard Webhooks); never shown")] = ""
 
@@ -72,24 +79,41 @@ class Input(Struct, forbid_unknown_fields=True, omit_defaults=True):
 
     request_id: RequestId = ""
     modifier: Annotated[str, _d("modifier class name", max_length=200)] = ""
-    modifications: Annotated[dict[str, Any], _d("values for the modifier")] = field(default_factory=dict)
+    modifications: Annotated[dict[str, Any], _d("values for the modifier")] = field(
+        default_factory=dict
+    )
     workflow_json: Annotated[dict[str, WorkflowNode], _d("a ComfyUI API-format workflow")] = field(
-        default_factory=dict)
+        default_factory=dict
+    )
     images: list[ImageInput] = field(default_factory=list)
     s3: S3Config | None = None
     webhook: Webhook | None = None
-    return_outputs_as_base64: Annotated[bool, _d("inline output files as base64 (`output[i].data`)")] = False
+    return_outputs_as_base64: Annotated[
+        bool, _d("inline output files as base64 (`output[i].data`)")
+    ] = False
     priority: Annotated[int, _d("higher runs first", ge=-1000, le=1000)] = 0
-    timeout: Annotated[float, _d("job deadline in seconds (default: the server's)", gt=0, le=30 * 86400)] | None = None
+    timeout: (
+        Annotated[float, _d("job deadline in seconds (default: the server's)", gt=0, le=30 * 86400)]
+        | None
+    ) = None
 
 
 _EXAMPLES = [
     {"modifier": "ImageEffects", "modifications": {"width": 64, "height": 64, "blur_radius": 2}},
-    {"workflow_json": {
-        "1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 255}},
-        "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
-        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "comfyq"}}},
-     "priority": 0},
+    {
+        "workflow_json": {
+            "1": {
+                "class_type": "EmptyImage",
+                "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 255},
+            },
+            "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+            "3": {
+                "class_type": "SaveImage",
+                "inputs": {"images": ["2", 0], "filename_prefix": "comfyq"},
+            },
+        },
+        "priority": 0,
+    },
 ]
 
 
@@ -108,8 +132,13 @@ class FieldError(Struct):
 
 
 class ErrorInfo(Struct, omit_defaults=True):
-    type: Annotated[str, _d("node_error, validation_error, comfyui_unreachable, timeout, cancelled,"
-                            " invalid_request, not_found, ...")]
+    type: Annotated[
+        str,
+        _d(
+            "node_error, validation_error, comfyui_unreachable, timeout, cancelled,"
+            " invalid_request, not_found, ..."
+        ),
+    ]
     message: str
     node_id: str | None = None
     node_type: str | None = None
@@ -137,7 +166,9 @@ class OutputFile(Struct, omit_defaults=True):
     type: Annotated[str, _d("ComfyUI's folder type: output or temp")] = "output"
     subfolder: str = ""
     node_id: str = ""
-    output_type: Annotated[str, _d("ComfyUI's output key: images, gifs, video, audio, text, ...")] = "images"
+    output_type: Annotated[
+        str, _d("ComfyUI's output key: images, gifs, video, audio, text, ...")
+    ] = "images"
     mimetype: str = "application/octet-stream"
     size: int = 0
     sha256: str | None = None
@@ -199,13 +230,16 @@ class Result(Struct):
     timings: Timings = field(default_factory=Timings)
     finished_at: str | None = None
     warnings: list[dict[str, Any]] = field(default_factory=list)
-    webhooks: Annotated[list[WebhookDelivery], _d("deliveries of the job's webhook (single-job reads only)")] = (
-        field(default_factory=list))
+    webhooks: Annotated[
+        list[WebhookDelivery], _d("deliveries of the job's webhook (single-job reads only)")
+    ] = field(default_factory=list)
 
 
 class JobList(Struct):
     jobs: list[Result]
-    next_cursor: Annotated[str | None, _d("pass as ?cursor= for the next page; null on the last")] = None
+    next_cursor: Annotated[
+        str | None, _d("pass as ?cursor= for the next page; null on the last")
+    ] = None
 
 
 class QueueInfo(Struct):
@@ -215,7 +249,9 @@ class QueueInfo(Struct):
     preprocess_in_flight: int = 0
     generation_in_flight: int = 0
     postprocess_in_flight: int = 0
-    unfinished: Annotated[int, _d("jobs not yet finished, all stages (compared with max_queue_size)")] = 0
+    unfinished: Annotated[
+        int, _d("jobs not yet finished, all stages (compared with max_queue_size)")
+    ] = 0
     max_queue_size: int = 0
 
 
@@ -224,8 +260,12 @@ class QueuePosition(Struct):
     position: Annotated[int, _d("1-based among waiting jobs of the stage; 0 while running")]
     queue_size: Annotated[int, _d("jobs waiting in that stage")]
     estimated_wait_time: Annotated[
-        float | None, _d("seconds until the job is expected to finish, from measured durations of"
-                         " recent jobs; null until some job has completed")] = None
+        float | None,
+        _d(
+            "seconds until the job is expected to finish, from measured durations of"
+            " recent jobs; null until some job has completed"
+        ),
+    ] = None
 
 
 class StreamEvent(Struct, omit_defaults=True):
@@ -233,7 +273,9 @@ class StreamEvent(Struct, omit_defaults=True):
 
     request_id: str
     status: Annotated[str, _d("a Result status, or final_result for the last event")]
-    event: Annotated[str, _d("state, progress, queue, execution_start, execution_cached, text, final_result")]
+    event: Annotated[
+        str, _d("state, progress, queue, execution_start, execution_cached, text, final_result")
+    ]
     message: str = ""
     elapsed_time: Annotated[float, _d("seconds since the job was accepted")] = 0.0
     timestamp: str = ""

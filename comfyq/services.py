@@ -32,7 +32,9 @@ log = logging.getLogger("comfyq")
 class Services:
     """The store, the bus, the backends, the pipeline and the maintenance tasks of one server."""
 
-    def __init__(self, settings: Settings, *, clock: Clock | None = None, backends: list[str] | None = None) -> None:
+    def __init__(
+        self, settings: Settings, *, clock: Clock | None = None, backends: list[str] | None = None
+    ) -> None:
         self.settings = settings
         self.clock = clock or Clock()
         self.backend_urls = backends or settings.backends
@@ -44,31 +46,51 @@ class Services:
         self.store.listen(self.bus.on_transitions)
         self.guard = AddressGuard(settings.url_allowlist)
         self.downloader = Downloader(
-            Path(settings.cache_dir), self.guard, max_bytes=settings.download_max_bytes,
+            Path(settings.cache_dir),
+            self.guard,
+            max_bytes=settings.download_max_bytes,
             total_timeout=settings.download_timeout,
         )
         extra = [Path(settings.modifiers_dir)] if settings.modifiers_dir else []
         self.registry = ModifierRegistry(extra)
         self.pool = BackendPool(
-            self.backend_urls, slots_per_backend=settings.generation_workers,
-            probe_interval=settings.backend_probe_interval, ready_timeout=settings.backends_ready_timeout,
-            client_kwargs={"request_timeout": settings.comfyui_request_timeout,
-                           "ws_quiet_timeout": settings.comfyui_ws_quiet_timeout},
+            self.backend_urls,
+            slots_per_backend=settings.generation_workers,
+            probe_interval=settings.backend_probe_interval,
+            ready_timeout=settings.backends_ready_timeout,
+            client_kwargs={
+                "request_timeout": settings.comfyui_request_timeout,
+                "ws_quiet_timeout": settings.comfyui_ws_quiet_timeout,
+            },
             client_id_for=self._client_id,
         )
         self.uploader = S3Uploader.from_settings(settings, self.guard)
         self.webhooks = WebhookSender(self.store, self.guard, WebhookConfig.from_settings(settings))
         self.generate = Generate(self.pool, failover_after=settings.backend_failover_after)
         self.pipeline = Pipeline(
-            self.store, self.bus,
-            {"preprocess": Preprocess(self.registry, self.downloader), "generate": self.generate,
-             "postprocess": Postprocess(self.pool, self.output_dir, uploader=self.uploader,
-                                        fail_on_upload_error=settings.s3_fail_job_on_upload_error)},
-            {"preprocess": settings.preprocess_workers,
-             "generate": settings.generation_workers * len(self.backend_urls),
-             "postprocess": settings.postprocess_workers},
-            RunnerConfig(lease=settings.lease_seconds, retry_base=settings.retry_base_delay,
-                         retry_max=settings.retry_max_delay, idle_poll=settings.claim_poll_interval),
+            self.store,
+            self.bus,
+            {
+                "preprocess": Preprocess(self.registry, self.downloader),
+                "generate": self.generate,
+                "postprocess": Postprocess(
+                    self.pool,
+                    self.output_dir,
+                    uploader=self.uploader,
+                    fail_on_upload_error=settings.s3_fail_job_on_upload_error,
+                ),
+            },
+            {
+                "preprocess": settings.preprocess_workers,
+                "generate": settings.generation_workers * len(self.backend_urls),
+                "postprocess": settings.postprocess_workers,
+            },
+            RunnerConfig(
+                lease=settings.lease_seconds,
+                retry_base=settings.retry_base_delay,
+                retry_max=settings.retry_max_delay,
+                idle_poll=settings.claim_poll_interval,
+            ),
         )
         self._tasks: list[asyncio.Task[Any]] = []
         self.started = False
@@ -94,9 +116,13 @@ class Services:
             await self.store.close()
             self.lock.release()
             raise
-        self._tasks.append(asyncio.create_task(self._every(self.settings.wal_checkpoint_interval, self.checkpoint)))
+        self._tasks.append(
+            asyncio.create_task(self._every(self.settings.wal_checkpoint_interval, self.checkpoint))
+        )
         if self.settings.retention_seconds > 0:
-            self._tasks.append(asyncio.create_task(self._every(self.settings.prune_interval, self.prune)))
+            self._tasks.append(
+                asyncio.create_task(self._every(self.settings.prune_interval, self.prune))
+            )
         self.started = True
 
     async def stop(self) -> None:

@@ -58,36 +58,71 @@ RETURNING *
 """
 
 
-def claim(conn: sqlite3.Connection, owner: str, now: float, n: int, per_host: int, lease: float,
-          per_endpoint: int | None = None) -> list[dict[str, Any]]:
+def claim(
+    conn: sqlite3.Connection,
+    owner: str,
+    now: float,
+    n: int,
+    per_host: int,
+    lease: float,
+    per_endpoint: int | None = None,
+) -> list[dict[str, Any]]:
     """Lease up to ``n`` due deliveries, oldest first, within the per-endpoint and per-host caps."""
-    rows = conn.execute(_CLAIM, {"owner": owner, "exp": iso(now + lease), "now": iso(now), "n": n,
-                                 "per_host": per_host, "per_endpoint": per_endpoint or per_host}).fetchall()
+    rows = conn.execute(
+        _CLAIM,
+        {
+            "owner": owner,
+            "exp": iso(now + lease),
+            "now": iso(now),
+            "n": n,
+            "per_host": per_host,
+            "per_endpoint": per_endpoint or per_host,
+        },
+    ).fetchall()
     return sorted((dict(r) for r in rows), key=lambda r: (r["next_attempt_at"], r["id"]))
 
 
-def record(conn: sqlite3.Connection, delivery: dict[str, Any], owner: str, now: float, attempt: Attempt) -> bool:
+def record(
+    conn: sqlite3.Connection, delivery: dict[str, Any], owner: str, now: float, attempt: Attempt
+) -> bool:
     """Store one attempt and the delivery's next state; False when the lease was lost meanwhile."""
-    common = {"id": delivery["id"], "owner": owner, "now": iso(now), "status": attempt.status,
-              "error": attempt.error}
+    common = {
+        "id": delivery["id"],
+        "owner": owner,
+        "now": iso(now),
+        "status": attempt.status,
+        "error": attempt.error,
+    }
     if attempt.outcome == "retry":
-        sql = ("UPDATE webhook_deliveries SET state = 'pending', lease_owner = NULL, lease_expires_at = NULL,"
-               " next_attempt_at = :next, last_status = :status, last_error = :error, updated_at = :now"
-               " WHERE id = :id AND state = 'sending' AND lease_owner = :owner")
+        sql = (
+            "UPDATE webhook_deliveries SET state = 'pending', lease_owner = NULL, lease_expires_at = NULL,"
+            " next_attempt_at = :next, last_status = :status, last_error = :error, updated_at = :now"
+            " WHERE id = :id AND state = 'sending' AND lease_owner = :owner"
+        )
         common["next"] = iso(attempt.next_at if attempt.next_at is not None else now)
     else:
         # The delivery has ended: its secret is no longer needed, so it goes now.
-        sql = ("UPDATE webhook_deliveries SET state = :state, lease_owner = NULL, lease_expires_at = NULL,"
-               " secret = NULL, finished_at = :now, last_status = :status, last_error = :error,"
-               " updated_at = :now WHERE id = :id AND state = 'sending' AND lease_owner = :owner")
+        sql = (
+            "UPDATE webhook_deliveries SET state = :state, lease_owner = NULL, lease_expires_at = NULL,"
+            " secret = NULL, finished_at = :now, last_status = :status, last_error = :error,"
+            " updated_at = :now WHERE id = :id AND state = 'sending' AND lease_owner = :owner"
+        )
         common["state"] = "delivered" if attempt.outcome == "delivered" else "failed"
     if conn.execute(sql, common).rowcount != 1:
         return False
     conn.execute(
         "INSERT INTO webhook_attempts (job_id, delivery_id, attempt, at, duration_ms, status_code, error, outcome)"
         " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        (delivery["job_id"], delivery["id"], delivery["attempts"], iso(attempt.started), attempt.duration_ms,
-         attempt.status, attempt.error, attempt.outcome),
+        (
+            delivery["job_id"],
+            delivery["id"],
+            delivery["attempts"],
+            iso(attempt.started),
+            attempt.duration_ms,
+            attempt.status,
+            attempt.error,
+            attempt.outcome,
+        ),
     )
     return True
 
@@ -101,25 +136,45 @@ def recover(conn: sqlite3.Connection, owner: str, now: float, max_attempts: int)
     for r in rows:
         d = dict(r)
         gave_up = d["attempts"] >= max_attempts
-        note = "interrupted: comfyq stopped during this attempt" + ("; attempts spent" if gave_up else "")
+        note = "interrupted: comfyq stopped during this attempt" + (
+            "; attempts spent" if gave_up else ""
+        )
         conn.execute("UPDATE webhook_deliveries SET lease_owner = ? WHERE id = ?", (owner, d["id"]))
-        record(conn, d, owner, now, Attempt("gave_up" if gave_up else "retry", None, note, now, None, now))
+        record(
+            conn,
+            d,
+            owner,
+            now,
+            Attempt("gave_up" if gave_up else "retry", None, note, now, None, now),
+        )
     return len(rows)
-
 
 
 async def history(store: JobStore, job_id: str) -> list[dict[str, Any]]:
     """A job's deliveries, each with its attempts, oldest first (no secrets, URLs redacted)."""
-    deliveries = [dict(r) for r in await store.reader.execute_fetchall(
-        "SELECT id, url, event, state, attempts, next_attempt_at, last_status, last_error, created_at,"
-        " finished_at FROM webhook_deliveries WHERE job_id = ? ORDER BY created_at, id", (job_id,))]
-    attempts = [dict(r) for r in await store.reader.execute_fetchall(
-        "SELECT delivery_id, attempt, at, duration_ms, status_code, error, outcome FROM webhook_attempts"
-        " WHERE job_id = ? ORDER BY id", (job_id,))]
+    deliveries = [
+        dict(r)
+        for r in await store.reader.execute_fetchall(
+            "SELECT id, url, event, state, attempts, next_attempt_at, last_status, last_error, created_at,"
+            " finished_at FROM webhook_deliveries WHERE job_id = ? ORDER BY created_at, id",
+            (job_id,),
+        )
+    ]
+    attempts = [
+        dict(r)
+        for r in await store.reader.execute_fetchall(
+            "SELECT delivery_id, attempt, at, duration_ms, status_code, error, outcome FROM webhook_attempts"
+            " WHERE job_id = ? ORDER BY id",
+            (job_id,),
+        )
+    ]
     for d in deliveries:
         d["url"] = redact_url(d["url"])
-        d["attempt_log"] = [{k: v for k, v in a.items() if k != "delivery_id"}
-                            for a in attempts if a["delivery_id"] == d["id"]]
+        d["attempt_log"] = [
+            {k: v for k, v in a.items() if k != "delivery_id"}
+            for a in attempts
+            if a["delivery_id"] == d["id"]
+        ]
         if d["state"] != "pending":
             d["next_attempt_at"] = None
     return deliveries

@@ -34,8 +34,17 @@ from comfyq.store import Job, JobStore, Transition
 from comfyq.store.model import TERMINAL
 from comfyq.webhook_outbox import Attempt, claim, history, record, recover
 
-__all__ = ["Attempt", "WebhookConfig", "WebhookSender", "backoff", "build_body", "history",
-           "legacy_signature", "sign", "signing_key"]
+__all__ = [
+    "Attempt",
+    "WebhookConfig",
+    "WebhookSender",
+    "backoff",
+    "build_body",
+    "history",
+    "legacy_signature",
+    "sign",
+    "signing_key",
+]
 
 log = logging.getLogger("comfyq.webhooks")
 
@@ -64,12 +73,17 @@ class WebhookConfig:
     def from_settings(cls, settings: Any, **overrides: Any) -> WebhookConfig:
         """From comfyq's Settings (``webhook_*``, ``output_base64_max_bytes``)."""
         values: dict[str, Any] = {
-            "default_secret": settings.webhook_secret, "timeout": settings.webhook_timeout,
-            "max_attempts": settings.webhook_max_attempts, "max_age": settings.webhook_max_age,
+            "default_secret": settings.webhook_secret,
+            "timeout": settings.webhook_timeout,
+            "max_attempts": settings.webhook_max_attempts,
+            "max_age": settings.webhook_max_age,
             "base64_max_bytes": settings.output_base64_max_bytes,
-            "retry_base": settings.webhook_retry_base_delay, "retry_max": settings.webhook_retry_max_delay,
-            "concurrency": settings.webhook_concurrency, "per_host": max(1, settings.webhook_concurrency // 2),
-            "per_endpoint": max(1, settings.webhook_concurrency // 4), **overrides,
+            "retry_base": settings.webhook_retry_base_delay,
+            "retry_max": settings.webhook_retry_max_delay,
+            "concurrency": settings.webhook_concurrency,
+            "per_host": max(1, settings.webhook_concurrency // 2),
+            "per_endpoint": max(1, settings.webhook_concurrency // 4),
+            **overrides,
         }
         return cls(**values)
 
@@ -80,7 +94,7 @@ class WebhookConfig:
 def signing_key(secret: str) -> bytes:
     """The HMAC key: a ``whsec_`` secret is base64 (Standard Webhooks); any other is its UTF-8 bytes."""
     if secret.startswith("whsec_"):
-        return base64.b64decode(secret[len("whsec_"):] + "==")
+        return base64.b64decode(secret[len("whsec_") :] + "==")
     return secret.encode()
 
 
@@ -104,7 +118,9 @@ def backoff(attempt: int, base: float, cap: float) -> float:
 # --- the body --------------------------------------------------------------------------------
 
 
-async def build_body(store: JobStore, job: Job | None, delivery: dict[str, Any], base64_max_bytes: int) -> bytes | None:
+async def build_body(
+    store: JobStore, job: Job | None, delivery: dict[str, Any], base64_max_bytes: int
+) -> bytes | None:
     """The JSON body for a delivery, or None when its job is gone or was retried since it ended."""
     # The API's Result builder: one shape everywhere (imported here: it pulls in the API schemas).
     from comfyq.result import to_result, wants_base64
@@ -117,14 +133,22 @@ async def build_body(store: JobStore, job: Job | None, delivery: dict[str, Any],
     if wants_base64(job):
         paths = {r["filename"]: r["local_path"] for r in rows}
         outputs = await inline_outputs(
-            [{**o, "local_path": paths.get(o["filename"])} for o in outputs], base64_max_bytes)
+            [{**o, "local_path": paths.get(o["filename"])} for o in outputs], base64_max_bytes
+        )
     for o in outputs:
         o.pop("local_path", None)  # a server path is nobody's business outside
     hook = ((job.payload or {}).get("input") or {}).get("webhook") or {}
     body = {
-        "id": job.id, "status": result["status"], "message": result["message"], "output": outputs,
-        "error": result.get("error"), "timings": result.get("timings"), "extra": hook.get("extra_params") or {},
-        "created_at": job.created_at, "finished_at": job.finished_at, "attempts": job.attempts,
+        "id": job.id,
+        "status": result["status"],
+        "message": result["message"],
+        "output": outputs,
+        "error": result.get("error"),
+        "timings": result.get("timings"),
+        "extra": hook.get("extra_params") or {},
+        "created_at": job.created_at,
+        "finished_at": job.finished_at,
+        "attempts": job.attempts,
         "warnings": result.get("warnings") or [],
     }
     return msgspec.json.encode(body)
@@ -147,8 +171,14 @@ def _scrub(text: str, url: str) -> str:
 class WebhookSender:
     """Claims due deliveries and posts them; start after the store opens, stop before it closes."""
 
-    def __init__(self, store: JobStore, guard: AddressGuard, config: WebhookConfig | None = None,
-                 *, on_attempt: Any = None) -> None:
+    def __init__(
+        self,
+        store: JobStore,
+        guard: AddressGuard,
+        config: WebhookConfig | None = None,
+        *,
+        on_attempt: Any = None,
+    ) -> None:
         self.store = store
         self.guard = guard
         self.cfg = config or WebhookConfig()
@@ -183,7 +213,9 @@ class WebhookSender:
     async def start(self) -> None:
         """Requeue what a dead process left mid-attempt, then start sending."""
         self._open_session()
-        n = await self.store.write(recover, self.store.owner, self.clock.now(), self.cfg.max_attempts)
+        n = await self.store.write(
+            recover, self.store.owner, self.clock.now(), self.cfg.max_attempts
+        )
         if n:
             log.info("requeued %d webhook delivery(ies) interrupted by a previous stop", n)
         self._loop_task = asyncio.create_task(self._run(), name="webhook-sender")
@@ -238,7 +270,8 @@ class WebhookSender:
     async def _claim(self, n: int) -> list[dict[str, Any]]:
         now = self.clock.now()
         rows: list[dict[str, Any]] = await self.store.write(
-            claim, self.store.owner, now, n, self.cfg.per_host, self._lease(), self.cfg.per_endpoint)
+            claim, self.store.owner, now, n, self.cfg.per_host, self._lease(), self.cfg.per_endpoint
+        )
         for row in rows:
             task = asyncio.create_task(self._deliver(row), name=f"webhook:{row['id']}")
             self._inflight[row["id"]] = task
@@ -255,9 +288,12 @@ class WebhookSender:
 
     async def _until_next_due(self) -> float:
         now = self.clock.now()
-        rows = list(await self.store.reader.execute_fetchall(
-            "SELECT min(next_attempt_at) FROM webhook_deliveries WHERE state = 'pending' AND next_attempt_at > ?",
-            (iso(now),)))
+        rows = list(
+            await self.store.reader.execute_fetchall(
+                "SELECT min(next_attempt_at) FROM webhook_deliveries WHERE state = 'pending' AND next_attempt_at > ?",
+                (iso(now),),
+            )
+        )
         row = rows[0] if rows else None
         if row is None or row[0] is None:
             return self.cfg.poll_interval
@@ -274,8 +310,10 @@ class WebhookSender:
             if not rows:
                 return total
             total += len(rows)
-            await asyncio.gather(*(self._inflight[r["id"]] for r in rows if r["id"] in self._inflight),
-                                 return_exceptions=True)
+            await asyncio.gather(
+                *(self._inflight[r["id"]] for r in rows if r["id"] in self._inflight),
+                return_exceptions=True,
+            )
 
     # --- one attempt -------------------------------------------------------------------------
 
@@ -289,11 +327,15 @@ class WebhookSender:
         try:
             attempt = await self._attempt(delivery, started)
         except asyncio.CancelledError:
-            attempt = Attempt("retry", None, "interrupted: comfyq is stopping", started, next_at=started)
+            attempt = Attempt(
+                "retry", None, "interrupted: comfyq is stopping", started, next_at=started
+            )
             await self._finish(delivery, attempt, t0)
             raise
         except Exception as exc:  # a bug must not leave the row leased until the lease expires
-            log.exception("webhook %s: unexpected error", delivery["id"], extra={"webhook_id": delivery["id"]})
+            log.exception(
+                "webhook %s: unexpected error", delivery["id"], extra={"webhook_id": delivery["id"]}
+            )
             attempt = Attempt("retry", None, f"internal error: {type(exc).__name__}", started)
         await self._finish(delivery, attempt, t0)
 
@@ -313,8 +355,11 @@ class WebhookSender:
                 attempt.next_at = min(now + delay, deadline)
         ok = await self.store.write(record, delivery, self.store.owner, now, attempt)
         if not ok:
-            log.warning("webhook %s: lease lost before its attempt could be recorded", delivery["id"],
-                        extra={"webhook_id": delivery["id"]})
+            log.warning(
+                "webhook %s: lease lost before its attempt could be recorded",
+                delivery["id"],
+                extra={"webhook_id": delivery["id"]},
+            )
             return
         if attempt.outcome == "delivered":
             self.delivered += 1
@@ -322,14 +367,31 @@ class WebhookSender:
             self.failed += 1
         level = logging.INFO if attempt.outcome == "delivered" else logging.WARNING
         # The host only: the URL's path and query may carry the receiver's token.
-        nxt = (f"; next attempt in {max(0.0, attempt.next_at - now):.0f}s"
-               if attempt.outcome == "retry" and attempt.next_at is not None else "")
-        log.log(level, "webhook %s for job %s to %s: attempt %d %s%s%s", delivery["id"], delivery["job_id"],
-                delivery["host"], delivery["attempts"], attempt.outcome,
-                f" ({attempt.error})" if attempt.error else f" (HTTP {attempt.status})", nxt,
-                extra={"webhook_id": delivery["id"], "event": delivery.get("event"), "host": delivery["host"],
-                       "attempt": delivery["attempts"], "outcome": attempt.outcome, "http_status": attempt.status,
-                       "duration_ms": attempt.duration_ms})
+        nxt = (
+            f"; next attempt in {max(0.0, attempt.next_at - now):.0f}s"
+            if attempt.outcome == "retry" and attempt.next_at is not None
+            else ""
+        )
+        log.log(
+            level,
+            "webhook %s for job %s to %s: attempt %d %s%s%s",
+            delivery["id"],
+            delivery["job_id"],
+            delivery["host"],
+            delivery["attempts"],
+            attempt.outcome,
+            f" ({attempt.error})" if attempt.error else f" (HTTP {attempt.status})",
+            nxt,
+            extra={
+                "webhook_id": delivery["id"],
+                "event": delivery.get("event"),
+                "host": delivery["host"],
+                "attempt": delivery["attempts"],
+                "outcome": attempt.outcome,
+                "http_status": attempt.status,
+                "duration_ms": attempt.duration_ms,
+            },
+        )
         if self.on_attempt is not None:
             try:
                 self.on_attempt(attempt.outcome)
@@ -342,21 +404,34 @@ class WebhookSender:
         job = await self.store.get(delivery["job_id"])
         body = await build_body(self.store, job, delivery, self.cfg.base64_max_bytes)
         if job is None or body is None:
-            return Attempt("gave_up", None, "not sent: the job was retried or deleted since it ended", started)
+            return Attempt(
+                "gave_up", None, "not sent: the job was retried or deleted since it ended", started
+            )
         timeout = _per_job_timeout(job.payload, self.cfg.timeout)
         msg_id, ts = delivery["id"], int(self.clock.now())
-        headers = {"Content-Type": "application/json", "webhook-id": msg_id, "webhook-timestamp": str(ts)}
+        headers = {
+            "Content-Type": "application/json",
+            "webhook-id": msg_id,
+            "webhook-timestamp": str(ts),
+        }
         secret = delivery["secret"] or self.cfg.default_secret
         if secret:
             headers["webhook-signature"] = sign(secret, msg_id, ts, body)
             headers["X-Webhook-Signature"] = legacy_signature(secret, body)
         return await self._post(delivery["url"], body, headers, timeout, started)
 
-    async def _post(self, url: str, body: bytes, headers: dict[str, str], timeout: float, started: float) -> Attempt:
+    async def _post(
+        self, url: str, body: bytes, headers: dict[str, str], timeout: float, started: float
+    ) -> Attempt:
         assert self._session is not None, "sender not started"
         try:
-            async with self._session.post(url, data=body, headers=headers, allow_redirects=False,
-                                          timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+            async with self._session.post(
+                url,
+                data=body,
+                headers=headers,
+                allow_redirects=False,
+                timeout=aiohttp.ClientTimeout(total=timeout),
+            ) as resp:
                 status = resp.status
                 await resp.content.read(64 * 1024)  # a little, so the connection can be reused
         except BlockedAddress as exc:
@@ -366,12 +441,19 @@ class WebhookSender:
         except TimeoutError:
             return Attempt("retry", None, f"timed out after {timeout:g}s", started)
         except aiohttp.ClientResponseError as exc:
-            return Attempt("retry", exc.status or None, _scrub(f"{type(exc).__name__}: {exc.message}", url), started)
+            return Attempt(
+                "retry",
+                exc.status or None,
+                _scrub(f"{type(exc).__name__}: {exc.message}", url),
+                started,
+            )
         except (aiohttp.ClientError, OSError) as exc:
             return Attempt("retry", None, _scrub(f"{type(exc).__name__}: {exc}", url), started)
         if 200 <= status < 300:
             return Attempt("delivered", status, None, started)
         if status == 410:
-            return Attempt("gave_up", status, "HTTP 410: the receiver asked not to be called again", started)
+            return Attempt(
+                "gave_up", status, "HTTP 410: the receiver asked not to be called again", started
+            )
         note = " (redirects are not followed)" if 300 <= status < 400 else ""
         return Attempt("retry", status, f"HTTP {status}{note}", started)

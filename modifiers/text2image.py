@@ -11,9 +11,13 @@ DEFAULT_CHECKPOINT = "v1-5-pruned-emaonly-fp16.safetensors"
 SEED_MAX = 2**64 - 1  # KSampler's own limit
 
 
-async def set_sampler(mod: BaseModifier, sampler: dict[str, Any], *, sampler_name: str, denoise: float) -> None:
+async def set_sampler(
+    mod: BaseModifier, sampler: dict[str, Any], *, sampler_name: str, denoise: float
+) -> None:
     """The KSampler values both checkpoint modifiers take: seed, steps, cfg, sampler, scheduler, denoise."""
-    sampler["seed"] = await mod.int_value("seed", random.randint(mod.RANDOM_INT_MIN, mod.RANDOM_INT_MAX), 0, SEED_MAX)
+    sampler["seed"] = await mod.int_value(
+        "seed", random.randint(mod.RANDOM_INT_MIN, mod.RANDOM_INT_MAX), 0, SEED_MAX
+    )
     sampler["steps"] = await mod.int_value("steps", 20, 1, 10000)
     # cfg_scale is what the original wrapper's example payload sends (it ignored it).
     cfg_scale = await mod.float_value("cfg_scale", 8.0, 0.0, 100.0)

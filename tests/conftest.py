@@ -27,11 +27,16 @@ from comfyq.services import Services
 
 # EmptyImage -> ImageInvert -> SaveImage: the recorded ComfyUI run (20_run_success_invert.json).
 INVERT_WORKFLOW: dict[str, Any] = {
-    "1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 521401}},
+    "1": {
+        "class_type": "EmptyImage",
+        "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 521401},
+    },
     "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
-    "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "probe_invert"}},
+    "3": {
+        "class_type": "SaveImage",
+        "inputs": {"images": ["2", 0], "filename_prefix": "probe_invert"},
+    },
 }
-
 
 
 def workflow(color: int = 0, *, blur: bool = False, prefix: str = "t") -> dict[str, Any]:
@@ -39,12 +44,18 @@ def workflow(color: int = 0, *, blur: bool = False, prefix: str = "t") -> dict[s
     ComfyUI's cache from skipping the nodes; ImageBlur is the node the simulator can make slow and
     give progress steps (``simulator.node_durations = {"ImageBlur": s}``, ``progress_steps``)."""
     wf: dict[str, Any] = {
-        "1": {"class_type": "EmptyImage", "inputs": {"width": 16, "height": 16, "batch_size": 1, "color": color}},
+        "1": {
+            "class_type": "EmptyImage",
+            "inputs": {"width": 16, "height": 16, "batch_size": 1, "color": color},
+        },
         "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
         "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": prefix}},
     }
     if blur:
-        wf["4"] = {"class_type": "ImageBlur", "inputs": {"image": ["1", 0], "blur_radius": 1, "sigma": 1.0}}
+        wf["4"] = {
+            "class_type": "ImageBlur",
+            "inputs": {"image": ["1", 0], "blur_radius": 1, "sigma": 1.0},
+        }
         wf["2"]["inputs"]["image"] = ["4", 0]
     return wf
 
@@ -64,8 +75,12 @@ FAST = {
 def settings_for(root: Path, backend: str, **overrides: Any) -> Settings:
     """Settings for a test server whose files all live under ``root``."""
     values: dict[str, Any] = {
-        "database": str(root / "q.db"), "output_dir": str(root / "out"), "cache_dir": str(root / "cache"),
-        "comfyui_api_base": backend, **FAST, **overrides,
+        "database": str(root / "q.db"),
+        "output_dir": str(root / "out"),
+        "cache_dir": str(root / "cache"),
+        "comfyui_api_base": backend,
+        **FAST,
+        **overrides,
     }
     return Settings(**values)
 
@@ -88,8 +103,9 @@ class Server:
         await self.runner.cleanup()
 
 
-async def start_server(settings: Settings, options: ApiOptions | None = None,
-                       backends: list[str] | None = None) -> Server:
+async def start_server(
+    settings: Settings, options: ApiOptions | None = None, backends: list[str] | None = None
+) -> Server:
     """Start Services and the app on a free loopback port."""
     services = Services(settings, backends=backends)
     runner = web.AppRunner(create_app(services, options), access_log=None, shutdown_timeout=2)
@@ -178,7 +194,9 @@ class ThreadServer:
         self.overrides = overrides
         self.url = ""
         self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="comfyq-test-server", daemon=True)
+        self._thread = threading.Thread(
+            target=self.loop.run_forever, name="comfyq-test-server", daemon=True
+        )
         self._server: Server | None = None
         self._sim: Simulator | None = None
 
@@ -192,8 +210,9 @@ class ThreadServer:
         async def up() -> None:
             self._sim = Simulator(port=0, data_dir=self.root / "sim")
             await self._sim.start()
-            self._server = await start_server(settings_for(self.root, self._sim.url, **self.overrides),
-                                              self.options)
+            self._server = await start_server(
+                settings_for(self.root, self._sim.url, **self.overrides), self.options
+            )
             await wait_healthy(self._server)
 
         self.run(up())

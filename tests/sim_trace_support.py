@@ -27,14 +27,16 @@ def recorded_types(t: dict[str, Any]) -> list[str]:
     return list(t["ws_message_types_in_order"])
 
 
-async def run_traced(http: aiohttp.ClientSession, sim: Simulator, name: str,
-                     first: dict[str, Any] | None = None) -> tuple[WsRecorder, str, dict[str, Any]]:
+async def run_traced(
+    http: aiohttp.ClientSession, sim: Simulator, name: str, first: dict[str, Any] | None = None
+) -> tuple[WsRecorder, str, dict[str, Any]]:
     """Run the trace's workflow with our own client id; returns (recorder, prompt_id, trace)."""
     t = trace(name)
     rec, pid = await run_workflow(http, sim.url, t["workflow"], "client-under-test", first)
     return rec, pid, t
 
 
-async def post_prompt(http: aiohttp.ClientSession, sim: Simulator, body: dict[str, Any],
-                      status: int = 200) -> dict[str, Any]:
+async def post_prompt(
+    http: aiohttp.ClientSession, sim: Simulator, body: dict[str, Any], status: int = 200
+) -> dict[str, Any]:
     return await sim_post_prompt(http, sim.url, body, status)

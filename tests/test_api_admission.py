@@ -52,43 +52,73 @@ def test_valid_bodies_parse() -> None:
 
 def test_old_wrapper_fields_are_accepted() -> None:
     body = wf_input(
-        request_id="r1", return_outputs_as_base64=True,
-        s3={"access_key_id": "AK", "secret_access_key": "SK", "endpoint_url": "https://s3.example.com",
-            "bucket_name": "b", "region": "us-east-1", "connect_timeout": 10, "connect_attempts": 2},
-        webhook={"url": "https://hooks.example.com/x", "extra_params": {"a": 1}, "timeout": 5, "secret": "whs"},
+        request_id="r1",
+        return_outputs_as_base64=True,
+        s3={
+            "access_key_id": "AK",
+            "secret_access_key": "SK",
+            "endpoint_url": "https://s3.example.com",
+            "bucket_name": "b",
+            "region": "us-east-1",
+            "connect_timeout": 10,
+            "connect_attempts": 2,
+        },
+        webhook={
+            "url": "https://hooks.example.com/x",
+            "extra_params": {"a": 1},
+            "timeout": 5,
+            "secret": "whs",
+        },
         images=[{"name": "in.png", "image": "aGVsbG8="}],
     )
     inp, _ = parse(body)
     assert inp.s3 is not None and inp.s3.connect_attempts == 2
     assert inp.webhook is not None and inp.webhook.extra_params == {"a": 1}
     # The original wrapper let clients send both keys with the unused one empty.
-    inp, _ = parse({"input": {"modifier": "", "workflow_json": INVERT_WORKFLOW, "modifications": {}}})
+    inp, _ = parse(
+        {"input": {"modifier": "", "workflow_json": INVERT_WORKFLOW, "modifications": {}}}
+    )
     assert inp.workflow_json and not inp.modifier
 
 
-@pytest.mark.parametrize(("body", "path"), [
-    (wf_input(webhook={"url": 3}), "$.input.webhook.url"),
-    (wf_input(webhook={"url": "ftp://x/y"}), "$.input.webhook.url"),
-    (wf_input(webhook={"url": "not a url"}), "$.input.webhook.url"),
-    (wf_input(webhook={"urll": "https://x"}), "$.input.webhook.urll"),
-    (wf_input(s3={"bucket": "b"}), "$.input.s3.bucket"),
-    (wf_input(s3={"endpoint_url": "gopher://x"}), "$.input.s3.endpoint_url"),
-    (wf_input(priority=10**6), "$.input.priority"),
-    (wf_input(priority="high"), "$.input.priority"),
-    (wf_input(timeout=0), "$.input.timeout"),
-    (wf_input(return_outputs_as_base64="yes"), "$.input.return_outputs_as_base64"),
-    (wf_input(images=[{"name": "a.png"}]), "$.input.images[0].image"),
-    (wf_input(images=[{"name": "a", "image": "x"}, {"name": "a", "image": "y"}]), "$.input.images[1].name"),
-    ({"input": {"workflow_json": {"3": {"inputs": {}}}}}, "$.input.workflow_json['3'].class_type"),
-    ({"input": {"workflow_json": {"3": []}}}, "$.input.workflow_json['3']"),
-    ({"input": {"workflow_json": {"3": {"class_type": "X", "inputs": 5}}}}, "$.input.workflow_json['3'].inputs"),
-    ({"input": {"workflow_json": INVERT_WORKFLOW, "modifications": {"a": 1}}}, "$.input.modifications"),
-    ({"input": {}}, "$.input"),
-    ({"input": {"workflow_json": INVERT_WORKFLOW, "modifier": "ImageEffects"}}, "$.input"),
-    ({}, "$.input"),
-    ({"input": []}, "$.input"),
-    ([1, 2], "$"),
-])
+@pytest.mark.parametrize(
+    ("body", "path"),
+    [
+        (wf_input(webhook={"url": 3}), "$.input.webhook.url"),
+        (wf_input(webhook={"url": "ftp://x/y"}), "$.input.webhook.url"),
+        (wf_input(webhook={"url": "not a url"}), "$.input.webhook.url"),
+        (wf_input(webhook={"urll": "https://x"}), "$.input.webhook.urll"),
+        (wf_input(s3={"bucket": "b"}), "$.input.s3.bucket"),
+        (wf_input(s3={"endpoint_url": "gopher://x"}), "$.input.s3.endpoint_url"),
+        (wf_input(priority=10**6), "$.input.priority"),
+        (wf_input(priority="high"), "$.input.priority"),
+        (wf_input(timeout=0), "$.input.timeout"),
+        (wf_input(return_outputs_as_base64="yes"), "$.input.return_outputs_as_base64"),
+        (wf_input(images=[{"name": "a.png"}]), "$.input.images[0].image"),
+        (
+            wf_input(images=[{"name": "a", "image": "x"}, {"name": "a", "image": "y"}]),
+            "$.input.images[1].name",
+        ),
+        (
+            {"input": {"workflow_json": {"3": {"inputs": {}}}}},
+            "$.input.workflow_json['3'].class_type",
+        ),
+        ({"input": {"workflow_json": {"3": []}}}, "$.input.workflow_json['3']"),
+        (
+            {"input": {"workflow_json": {"3": {"class_type": "X", "inputs": 5}}}},
+            "$.input.workflow_json['3'].inputs",
+        ),
+        (
+            {"input": {"workflow_json": INVERT_WORKFLOW, "modifications": {"a": 1}}},
+            "$.input.modifications",
+        ),
+        ({"input": {}}, "$.input"),
+        ({"input": {"workflow_json": INVERT_WORKFLOW, "modifier": "ImageEffects"}}, "$.input"),
+        ({}, "$.input"),
+        ({"input": []}, "$.input"),
+        ([1, 2], "$"),
+    ],
+)
 def test_bad_fields_are_named_by_path(body: Any, path: str) -> None:
     assert path in paths_of(body)
 
@@ -105,13 +135,25 @@ def test_good_request_ids(rid: str) -> None:
     assert inp.request_id == rid
 
 
-@pytest.mark.parametrize("rid", [".", "..", ".hidden", "x" * 129, "a/b", "../x", "a b", "é", "a\\b", "/etc", "a\x00"])
+@pytest.mark.parametrize(
+    "rid", [".", "..", ".hidden", "x" * 129, "a/b", "../x", "a b", "é", "a\\b", "/etc", "a\x00"]
+)
 def test_bad_request_ids(rid: str) -> None:
     assert paths_of(wf_input(request_id=rid)) == ["$.input.request_id"]
 
 
-@pytest.mark.parametrize("raw", [b"", b"   ", b"{", b"not json", b'{"input": "\\ud800"}', b"[" * 5000 + b"]" * 5000,
-                                 b'{"input": {"workflow_json": {"1": {"class_type": "X", "inputs": {"v": 1e999}}}}}'])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"",
+        b"   ",
+        b"{",
+        b"not json",
+        b'{"input": "\\ud800"}',
+        b"[" * 5000 + b"]" * 5000,
+        b'{"input": {"workflow_json": {"1": {"class_type": "X", "inputs": {"v": 1e999}}}}}',
+    ],
+)
 def test_broken_json_is_a_400_at_the_root(raw: bytes) -> None:
     assert [f["path"] for f in fields_of(raw)] == ["$"]
 
@@ -123,52 +165,91 @@ def test_deep_nesting_is_refused() -> None:
     assert paths_of(wf_input(webhook={"url": "https://x.example", "extra_params": deep})) == ["$"]
 
 
-@pytest.mark.parametrize("ctype", ["application/json", "application/json; charset=utf-8", "text/json",
-                                   "application/vnd.api+json", None])
+@pytest.mark.parametrize(
+    "ctype",
+    [
+        "application/json",
+        "application/json; charset=utf-8",
+        "text/json",
+        "application/vnd.api+json",
+        None,
+    ],
+)
 def test_json_media_types_are_accepted(ctype: str | None) -> None:
     admission.check_media_type(ctype)
 
 
-@pytest.mark.parametrize("ctype", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; b=x"])
+@pytest.mark.parametrize(
+    "ctype", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; b=x"]
+)
 def test_other_media_types_are_415(ctype: str) -> None:
     with pytest.raises(UnsupportedMediaType):
         admission.check_media_type(ctype)
 
 
-@pytest.mark.parametrize(("value", "expected"), [("1", True), ("true", True), ("YES", True), ("on", True),
-                                                 ("0", False), ("no", False), ("", False)])
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("1", True),
+        ("true", True),
+        ("YES", True),
+        ("on", True),
+        ("0", False),
+        ("no", False),
+        ("", False),
+    ],
+)
 def test_base64_header(value: str, expected: bool) -> None:
     inp, _ = parse(wf_input(), {**JSON, "X-Return-Outputs-As-Base64": value})
     assert inp.return_outputs_as_base64 is expected
 
 
 def test_build_strips_secrets_and_hashes_everything() -> None:
-    body = wf_input(request_id="r1",
-                    s3={"access_key_id": "AK", "secret_access_key": "SK", "bucket_name": "b"},
-                    webhook={"url": "https://h.example/x", "secret": "whs"})
+    body = wf_input(
+        request_id="r1",
+        s3={"access_key_id": "AK", "secret_access_key": "SK", "bucket_name": "b"},
+        webhook={"url": "https://h.example/x", "secret": "whs"},
+    )
     body["input"]["workflow_json"]["1"]["_meta"] = {"title": "kept verbatim"}
     inp, raw = parse(body)
     adm = admission.build(inp, raw, max_attempts=4, default_timeout=99.0)
     new = adm.new
-    assert new.id == "r1" and new.kind == "workflow" and new.max_attempts == 4 and new.timeout == 99.0
-    assert new.secrets == {"s3": {"access_key_id": "AK", "secret_access_key": "SK"}, "webhook_secret": "whs"}
+    assert (
+        new.id == "r1" and new.kind == "workflow" and new.max_attempts == 4 and new.timeout == 99.0
+    )
+    assert new.secrets == {
+        "s3": {"access_key_id": "AK", "secret_access_key": "SK"},
+        "webhook_secret": "whs",
+    }
     stored = json.dumps(new.payload)
     assert "AK" not in stored and "SK" not in stored and "whs" not in stored
     assert new.payload["input"]["s3"] == {"bucket_name": "b"}
     assert new.payload["input"]["workflow_json"]["1"]["_meta"] == {"title": "kept verbatim"}
     # Same request again: same hash. Another secret: another hash (a different request).
     inp2, raw2 = parse(json.loads(json.dumps(body)))
-    assert admission.build(inp2, raw2, max_attempts=4, default_timeout=99.0).new.payload_hash == new.payload_hash
+    assert (
+        admission.build(inp2, raw2, max_attempts=4, default_timeout=99.0).new.payload_hash
+        == new.payload_hash
+    )
     body["input"]["webhook"]["secret"] = "other"
     inp3, raw3 = parse(body)
-    assert admission.build(inp3, raw3, max_attempts=4, default_timeout=99.0).new.payload_hash != new.payload_hash
+    assert (
+        admission.build(inp3, raw3, max_attempts=4, default_timeout=99.0).new.payload_hash
+        != new.payload_hash
+    )
 
 
 def test_build_mints_ids_and_names_kind_after_the_modifier() -> None:
     inp, raw = parse({"input": {"modifier": "ImageEffects", "priority": 3, "timeout": 12}})
     a = admission.build(inp, raw, max_attempts=3, default_timeout=3600).new
     b = admission.build(inp, raw, max_attempts=3, default_timeout=3600).new
-    assert a.id != b.id and len(a.id) == 32 and a.kind == "ImageEffects" and a.priority == 3 and a.timeout == 12
+    assert (
+        a.id != b.id
+        and len(a.id) == 32
+        and a.kind == "ImageEffects"
+        and a.priority == 3
+        and a.timeout == 12
+    )
 
 
 # --- over HTTP ----------------------------------------------------------------------------------
@@ -200,12 +281,16 @@ async def test_400_envelope_names_fields(server: Server) -> None:
     assert status == 400
     err = body["error"]
     assert err["type"] == "invalid_request" and isinstance(err["message"], str)
-    assert {f["path"] for f in err["fields"]} == {"$.input.bogus"}  # unknown fields are reported first
+    assert {f["path"] for f in err["fields"]} == {
+        "$.input.bogus"
+    }  # unknown fields are reported first
 
 
 async def test_415_for_non_json_and_413_over_the_limit(make_server: MakeServer) -> None:
     srv = await make_server(max_body_bytes=4096)
-    status, body, _ = await post(srv, "/generate", "input=1", headers={"Content-Type": "application/x-www-form-urlencoded"})
+    status, body, _ = await post(
+        srv, "/generate", "input=1", headers={"Content-Type": "application/x-www-form-urlencoded"}
+    )
     assert status == 415 and body["error"]["type"] == "unsupported_media_type"
     big = wf_input(webhook={"url": "https://x.example", "extra_params": {"pad": "x" * 10_000}})
     for path in ("/generate", "/generate/sync", "/generate/stream"):
@@ -217,8 +302,9 @@ async def test_unknown_modifier_and_bad_modifications_are_400(server: Server) ->
     status, body, _ = await post(server, "/generate", {"input": {"modifier": "NoSuchThing"}})
     assert status == 400 and body["error"]["fields"][0]["path"] == "$.input.modifier"
     assert "ImageEffects" in body["error"]["message"]
-    status, body, _ = await post(server, "/generate", {"input": {"modifier": "ImageEffects",
-                                                                 "modifications": {"widht": 5}}})
+    status, body, _ = await post(
+        server, "/generate", {"input": {"modifier": "ImageEffects", "modifications": {"widht": 5}}}
+    )
     assert status == 400 and body["error"]["fields"][0]["path"] == "$.input.modifications.widht"
 
 
@@ -228,7 +314,9 @@ async def test_private_input_urls_are_refused_at_admission(server: Server) -> No
     status, body, _ = await post(server, "/generate", {"input": {"workflow_json": wf}})
     assert status == 400
     assert body["error"]["fields"][0]["path"].startswith("$.input.workflow_json")
-    status, body, _ = await post(server, "/generate", wf_input(webhook={"url": "http://10.1.2.3/hook"}))
+    status, body, _ = await post(
+        server, "/generate", wf_input(webhook={"url": "http://10.1.2.3/hook"})
+    )
     assert status == 400 and body["error"]["fields"][0]["path"] == "$.input.webhook.url"
 
 
@@ -236,7 +324,11 @@ async def test_idempotent_request_id(server: Server) -> None:
     body = wf_input(request_id="same-1", webhook={"url": "https://h.example/x", "secret": "s1"})
     s1, r1, _ = await post(server, "/generate", body)
     s2, r2, h2 = await post(server, "/generate", body)
-    assert (s1, s2) == (202, 200) and r2["id"] == r1["id"] == "same-1" and h2["Location"] == "/result/same-1"
+    assert (
+        (s1, s2) == (202, 200)
+        and r2["id"] == r1["id"] == "same-1"
+        and h2["Location"] == "/result/same-1"
+    )
     async with server.session.get(server.u("/jobs?limit=500")) as r:
         assert [j["id"] for j in (await r.json())["jobs"]].count("same-1") == 1
     changed = wf_input(request_id="same-1", webhook={"url": "https://h.example/x", "secret": "s2"})
@@ -247,9 +339,11 @@ async def test_idempotent_request_id(server: Server) -> None:
 
 
 async def test_secrets_never_stored_with_the_job(server: Server) -> None:
-    body = wf_input(request_id="sec-1", s3={"access_key_id": "AKIAXXX", "secret_access_key": "VERYSECRET",
-                                            "bucket_name": "b"},
-                    webhook={"url": "https://h.example/x", "secret": "WHSECRET"})
+    body = wf_input(
+        request_id="sec-1",
+        s3={"access_key_id": "AKIAXXX", "secret_access_key": "VERYSECRET", "bucket_name": "b"},
+        webhook={"url": "https://h.example/x", "secret": "WHSECRET"},
+    )
     status, res, _ = await post(server, "/generate", body)
     assert status == 202
     job = await server.services.store.get("sec-1")
@@ -259,8 +353,13 @@ async def test_secrets_never_stored_with_the_job(server: Server) -> None:
         assert secret not in dumped and secret not in json.dumps(res)
     secrets = await server.services.store.secrets("sec-1")
     # Until the job ends (then the store deletes them).
-    assert secrets in ({}, {"s3": {"access_key_id": "AKIAXXX", "secret_access_key": "VERYSECRET"},
-                           "webhook_secret": "WHSECRET"})
+    assert secrets in (
+        {},
+        {
+            "s3": {"access_key_id": "AKIAXXX", "secret_access_key": "VERYSECRET"},
+            "webhook_secret": "WHSECRET",
+        },
+    )
     async with server.session.get(server.u("/jobs/sec-1")) as r:
         text = await r.text()
     assert "VERYSECRET" not in text and "WHSECRET" not in text
@@ -292,12 +391,25 @@ def test_minted_job_ids_are_32_hex_digits_in_time_order() -> None:
 
 
 def _depth(value: Any) -> int:
-    children = list(value.values()) if isinstance(value, dict) else value if isinstance(value, list) else None
+    children = (
+        list(value.values())
+        if isinstance(value, dict)
+        else value
+        if isinstance(value, list)
+        else None
+    )
     return 1 + max((_depth(c) for c in children), default=0) if children else 1
 
 
-@pytest.mark.parametrize("n", [admission.MAX_DEPTH - 2, admission.MAX_DEPTH - 1, admission.MAX_DEPTH,
-                               admission.MAX_DEPTH + 1])
+@pytest.mark.parametrize(
+    "n",
+    [
+        admission.MAX_DEPTH - 2,
+        admission.MAX_DEPTH - 1,
+        admission.MAX_DEPTH,
+        admission.MAX_DEPTH + 1,
+    ],
+)
 @pytest.mark.parametrize("leaf", [1, {}, [], "x", [None]])
 def test_depth_limit_counts_every_value(n: int, leaf: Any) -> None:
     value: Any = leaf
@@ -307,7 +419,11 @@ def test_depth_limit_counts_every_value(n: int, leaf: Any) -> None:
 
 
 def test_payload_keeps_field_order_and_the_workflow_verbatim() -> None:
-    body = wf_input(request_id="r2", priority=5, webhook={"url": "https://h.example/x", "extra_params": {"b": 1, "a": 2}})
+    body = wf_input(
+        request_id="r2",
+        priority=5,
+        webhook={"url": "https://h.example/x", "extra_params": {"b": 1, "a": 2}},
+    )
     body["input"]["workflow_json"]["1"]["_meta"] = {"title": "t"}
     inp, raw = parse(body)
     new = admission.build(inp, raw, max_attempts=3, default_timeout=60.0).new
@@ -321,4 +437,8 @@ def test_payload_keeps_field_order_and_the_workflow_verbatim() -> None:
 def test_unknown_fields_are_all_named_before_any_type_error() -> None:
     body = wf_input(priority="high", colour=1, zeta=2)
     body["input"]["workflow_json"]["9"] = {"inputs": {}}
-    assert paths_of(body) == ["$.input.colour", "$.input.zeta", "$.input.workflow_json['9'].class_type"]
+    assert paths_of(body) == [
+        "$.input.colour",
+        "$.input.zeta",
+        "$.input.workflow_json['9'].class_type",
+    ]

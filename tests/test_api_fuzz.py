@@ -30,7 +30,9 @@ MAX_EXAMPLES = 25  # per operation: the whole run stays around half a minute
 @pytest.fixture(scope="module")
 def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThreadServer]:
     root: Path = tmp_path_factory.mktemp("fuzz")
-    srv = ThreadServer(root, ApiOptions(heartbeat=0.5, cancel_wait=1.0), max_queue_size=100_000).start()
+    srv = ThreadServer(
+        root, ApiOptions(heartbeat=0.5, cancel_wait=1.0), max_queue_size=100_000
+    ).start()
     try:
         yield srv
     finally:
@@ -39,12 +41,19 @@ def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThreadServ
 
 # The document the server serves at /openapi.json, byte for byte (test_api_http checks that);
 # built here so that the operations are known when tests are collected.
-schema = schemathesis.openapi.from_dict(json.loads(msgspec.json.encode(document(ROUTES, api_keys=False))))
+schema = schemathesis.openapi.from_dict(
+    json.loads(msgspec.json.encode(document(ROUTES, api_keys=False)))
+)
 
 
 @schema.parametrize()
-@settings(max_examples=MAX_EXAMPLES, deadline=None, derandomize=True,
-          phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
+@settings(
+    max_examples=MAX_EXAMPLES,
+    deadline=None,
+    derandomize=True,
+    phases=[Phase.explicit, Phase.generate],
+    suppress_health_check=list(HealthCheck),
+)
 def test_no_request_makes_a_5xx(case: Any, fuzz_server: ThreadServer) -> None:
     sent = json.dumps(case.body, default=str) if case.body is not None else ""
     if "://" in sent or "://" in json.dumps(case.query or {}, default=str):

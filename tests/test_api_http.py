@@ -38,9 +38,18 @@ def assert_envelope(status: int, ctype: str, data: bytes, expect: int) -> dict[s
 
 def failing_request(route: Any) -> tuple[str, str, dict[str, Any], int]:
     """A request that makes ``route`` answer with an error, and the status it must be."""
-    path = route.path.replace("{id}", "no-such-job").replace("{filename}", "x.png").replace("{name}", "nope.js")
+    path = (
+        route.path.replace("{id}", "no-such-job")
+        .replace("{filename}", "x.png")
+        .replace("{name}", "nope.js")
+    )
     if route.body is not None:
-        return route.method, path, {"data": b"{not json", "headers": {"Content-Type": "application/json"}}, 400
+        return (
+            route.method,
+            path,
+            {"data": b"{not json", "headers": {"Content-Type": "application/json"}},
+            400,
+        )
     if "{" in route.path:
         return route.method, path, {}, 404
     if route.path == "/jobs":
@@ -60,8 +69,12 @@ async def test_every_route_answers_errors_in_one_envelope(make_server: MakeServe
             continue  # nothing to fail on: checked below with unmatched paths and methods
         async with srv.session.request(method, srv.u(path), headers=headers, **kw) as r:
             assert_envelope(r.status, r.content_type, await r.read(), expect)
-    for method, path, expect in (("GET", "/nope", 404), ("PUT", "/generate", 405), ("GET", "/generate", 405),
-                                 ("PATCH", "/jobs/x", 405)):
+    for method, path, expect in (
+        ("GET", "/nope", 404),
+        ("PUT", "/generate", 405),
+        ("GET", "/generate", 405),
+        ("PATCH", "/jobs/x", 405),
+    ):
         async with srv.session.request(method, srv.u(path), headers=key) as r:
             err = assert_envelope(r.status, r.content_type, await r.read(), expect)
         if expect == 405:
@@ -71,27 +84,37 @@ async def test_every_route_answers_errors_in_one_envelope(make_server: MakeServe
 async def test_api_keys_guard_every_route_but_health(make_server: MakeServer) -> None:
     srv = await make_server(api_keys=["k1", "k2"])
     for route in ROUTES:
-        path = route.path.replace("{id}", "x").replace("{filename}", "f.png").replace("{name}", "swagger-ui.css")
+        path = (
+            route.path.replace("{id}", "x")
+            .replace("{filename}", "f.png")
+            .replace("{name}", "swagger-ui.css")
+        )
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic k1"}):
             async with srv.session.request(route.method, srv.u(path), headers=headers) as r:
                 if route.path in PUBLIC:
                     assert r.status != 401, route.path
                 else:
                     err = assert_envelope(r.status, r.content_type, await r.read(), 401)
-                    assert err["type"] == "unauthorized" and r.headers["WWW-Authenticate"].startswith("Bearer")
+                    assert err["type"] == "unauthorized" and r.headers[
+                        "WWW-Authenticate"
+                    ].startswith("Bearer")
     async with srv.session.get(srv.u("/queue-info"), headers={"Authorization": "Bearer k2"}) as r:
         assert r.status == 200
     async with srv.session.get(srv.u("/queue-info?access_token=k1")) as r:
         assert r.status == 200  # browsers' EventSource and <img> cannot send headers
     async with srv.session.post(srv.u("/generate?access_token=k1"), json=body()) as r:
         assert r.status == 401  # only GETs may carry the key in the URL
-    async with srv.session.post(srv.u("/generate"), json=body(), headers={"Authorization": "Bearer k1"}) as r:
+    async with srv.session.post(
+        srv.u("/generate"), json=body(), headers={"Authorization": "Bearer k1"}
+    ) as r:
         assert r.status == 202
     async with srv.session.get(srv.u("/docs?access_token=k1")) as r:
         assert r.status == 200 and '"k1"' in await r.text()  # the docs page can try calls with it
     async with srv.session.get(srv.u("/docs?access_token=bad")) as r:
         assert r.status == 401
-    doc = await (await srv.session.get(srv.u("/openapi.json"), headers={"Authorization": "Bearer k1"})).json()
+    doc = await (
+        await srv.session.get(srv.u("/openapi.json"), headers={"Authorization": "Bearer k1"})
+    ).json()
     assert doc["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
     assert doc["paths"]["/health"]["get"]["security"] == []
 
@@ -99,7 +122,11 @@ async def test_api_keys_guard_every_route_but_health(make_server: MakeServer) ->
 async def test_cors_for_browser_clients(make_server: MakeServer, simulator: Simulator) -> None:
     srv = await make_server(cors_origins=["https://app.example"], api_keys=["k"])
     origin = {"Origin": "https://app.example"}
-    pre = {**origin, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization,content-type"}
+    pre = {
+        **origin,
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type",
+    }
     async with srv.session.options(srv.u("/generate"), headers=pre) as r:
         assert r.status == 204 and r.headers["Access-Control-Allow-Origin"] == "https://app.example"
         assert "POST" in r.headers["Access-Control-Allow-Methods"]
@@ -111,7 +138,9 @@ async def test_cors_for_browser_clients(make_server: MakeServer, simulator: Simu
         assert r.status == 401 and r.headers["Access-Control-Allow-Origin"] == "https://app.example"
     async with srv.session.get(srv.u("/health"), headers={"Origin": "https://evil.example"}) as r:
         assert "Access-Control-Allow-Origin" not in r.headers
-    async with srv.session.options(srv.u("/generate"), headers={**pre, "Origin": "https://evil.example"}) as r:
+    async with srv.session.options(
+        srv.u("/generate"), headers={**pre, "Origin": "https://evil.example"}
+    ) as r:
         assert "Access-Control-Allow-Origin" not in r.headers
     auth = {**origin, "Authorization": "Bearer k"}
     async with srv.session.post(srv.u("/generate"), json=body(request_id="c1"), headers=auth) as r:
@@ -120,7 +149,9 @@ async def test_cors_for_browser_clients(make_server: MakeServer, simulator: Simu
         assert r.content_type == "text/event-stream"
         assert r.headers["Access-Control-Allow-Origin"] == "https://app.example"  # streams too
     anyone = await make_server(cors_origins=["*"])
-    async with anyone.session.get(anyone.u("/health"), headers={"Origin": "https://x.example"}) as r:
+    async with anyone.session.get(
+        anyone.u("/health"), headers={"Origin": "https://x.example"}
+    ) as r:
         assert r.headers["Access-Control-Allow-Origin"] == "*"
     closed = await make_server()
     async with closed.session.get(closed.u("/health"), headers=origin) as r:
@@ -133,26 +164,43 @@ async def test_openapi_is_generated_from_the_types_and_matches_the_routes(server
         doc = await r.json()
     assert doc == json.loads(msgspec.json.encode(document(ROUTES, api_keys=False)))
     assert doc["openapi"] == "3.1.0"
-    registered = {(r.method, r.resource.canonical) for r in server.runner.app.router.routes()  # type: ignore[union-attr]
-                  if r.method != "HEAD" and r.resource is not None}
+    registered = {
+        (r.method, r.resource.canonical)
+        for r in server.runner.app.router.routes()  # type: ignore[union-attr]
+        if r.method != "HEAD" and r.resource is not None
+    }
     documented = {(m.upper(), p) for p, ops in doc["paths"].items() for m in ops}
     assert documented == registered - {("GET", "/docs/assets/{name}")}
-    (ref,), components = msgspec.json.schema_components([GenerateRequest], ref_template="#/components/schemas/{name}")
+    (ref,), components = msgspec.json.schema_components(
+        [GenerateRequest], ref_template="#/components/schemas/{name}"
+    )
     for name, schema in components.items():
         assert doc["components"]["schemas"][name] == json.loads(json.dumps(schema))
-    body_ref = doc["paths"]["/generate"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    body_ref = doc["paths"]["/generate"]["post"]["requestBody"]["content"]["application/json"][
+        "schema"
+    ]
     assert body_ref == ref
     inp = doc["components"]["schemas"]["Input"]
     assert inp["additionalProperties"] is False and "request_id" in inp["properties"]
-    assert set(doc["paths"]["/generate/sync"]["post"]["responses"]) >= {"200", "202", "400", "409", "499", "500",
-                                                                        "502", "503"}
+    assert set(doc["paths"]["/generate/sync"]["post"]["responses"]) >= {
+        "200",
+        "202",
+        "400",
+        "409",
+        "499",
+        "500",
+        "502",
+        "503",
+    }
 
 
 async def test_docs_work_offline_and_root_renders_the_readme(server: Server) -> None:
     async with server.session.get(server.u("/docs")) as r:
         assert r.status == 200 and r.content_type == "text/html"
         page = await r.text()
-    assert "http://" not in page and "https://" not in page and "//cdn" not in page  # no outside assets
+    assert (
+        "http://" not in page and "https://" not in page and "//cdn" not in page
+    )  # no outside assets
     for asset in ("swagger-ui-bundle.js", "swagger-ui.css"):
         assert f"/docs/assets/{asset}" in page
         async with server.session.get(server.u(f"/docs/assets/{asset}")) as r:
@@ -176,8 +224,11 @@ async def test_metrics_in_prometheus_format(server: Server) -> None:
     async with server.session.get(server.u("/metrics")) as r:
         assert r.status == 200 and r.content_type == "text/plain"
         text = await r.text()
-    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-               for fam in text_string_to_metric_families(text) for s in fam.samples}
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+    }
 
     def value(name: str, **labels: str) -> float:
         return samples[(name, tuple(sorted(labels.items())))]
@@ -188,8 +239,13 @@ async def test_metrics_in_prometheus_format(server: Server) -> None:
     assert value("comfyq_stage_duration_seconds_count", stage="generate", outcome="ok") == 1
     assert value("comfyq_stage_wait_seconds_count", stage="preprocess") == 1
     assert value("comfyq_job_duration_seconds_count", state="completed") == 1
-    assert value("comfyq_http_requests_total", route="/generate/sync", method="POST", status="200") == 1
-    assert value("comfyq_http_requests_total", route="/result/{id}", method="GET", status="404") == 1
+    assert (
+        value("comfyq_http_requests_total", route="/generate/sync", method="POST", status="200")
+        == 1
+    )
+    assert (
+        value("comfyq_http_requests_total", route="/result/{id}", method="GET", status="404") == 1
+    )
     assert value("comfyq_stage_workers_alive", stage="postprocess") == 2
     backend = server.services.pool.snapshot()[0]["url"]
     assert value("comfyq_backend_up", backend=backend) == 1
@@ -197,13 +253,23 @@ async def test_metrics_in_prometheus_format(server: Server) -> None:
     assert value("comfyq_webhook_attempts", outcome="retry") == 0
 
 
-async def test_health_names_each_part_and_fails_for_each(server: Server, simulator: Simulator) -> None:
+async def test_health_names_each_part_and_fails_for_each(
+    server: Server, simulator: Simulator
+) -> None:
     await wait_healthy(server)
     async with server.session.get(server.u("/health")) as r:
         h = await r.json()
     assert r.status == 200 and h["status"] == "healthy" and h["store"]["writable"] is True
-    assert h["backends_healthy"] == "1/1" and h["backends"][0]["http_ok"] and h["backends"][0]["websocket_ok"]
-    assert {s: v["alive"] for s, v in h["stages"].items()} == {"preprocess": 2, "generate": 1, "postprocess": 2}
+    assert (
+        h["backends_healthy"] == "1/1"
+        and h["backends"][0]["http_ok"]
+        and h["backends"][0]["websocket_ok"]
+    )
+    assert {s: v["alive"] for s, v in h["stages"].items()} == {
+        "preprocess": 2,
+        "generate": 1,
+        "postprocess": 2,
+    }
     await simulator.stop()
     for _ in range(200):
         async with server.session.get(server.u("/health")) as r:
@@ -223,14 +289,20 @@ async def test_health_names_each_part_and_fails_for_each(server: Server, simulat
     await asyncio.gather(*workers, return_exceptions=True)
     async with server.session.get(server.u("/health")) as r:
         h = await r.json()
-    assert r.status == 503 and h["stages"]["postprocess"]["alive"] == 0 and "postprocess" in h["reason"]
+    assert (
+        r.status == 503
+        and h["stages"]["postprocess"]["alive"] == 0
+        and "postprocess" in h["reason"]
+    )
 
 
 @pytest.mark.parametrize("path", ["/health", "/queue-info", "/jobs", "/metrics"])
 async def test_nothing_leaks_secrets(make_server: MakeServer, path: str) -> None:
     srv = await make_server(api_keys=["operator-key"], s3_secret_access_key="OPSECRET")
     auth = {"Authorization": "Bearer operator-key"}
-    payload = body(s3={"access_key_id": "AK1", "secret_access_key": "REQSECRET", "bucket_name": "b"})
+    payload = body(
+        s3={"access_key_id": "AK1", "secret_access_key": "REQSECRET", "bucket_name": "b"}
+    )
     async with srv.session.post(srv.u("/generate"), json=payload, headers=auth) as r:
         assert r.status == 202
     async with srv.session.get(srv.u(path), headers=auth) as r:

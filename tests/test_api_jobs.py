@@ -24,9 +24,15 @@ def body(**extra: Any) -> dict[str, Any]:
     return {"input": {"workflow_json": workflow(next(_colors), blur=blur), **extra}}
 
 
-async def call(srv: Server, method: str, path: str, payload: Any = None, **kw: Any) -> tuple[int, Any, Any]:
+async def call(
+    srv: Server, method: str, path: str, payload: Any = None, **kw: Any
+) -> tuple[int, Any, Any]:
     async with srv.session.request(method, srv.u(path), json=payload, **kw) as r:
-        return r.status, (await r.json() if r.content_type == "application/json" else await r.read()), r.headers
+        return (
+            r.status,
+            (await r.json() if r.content_type == "application/json" else await r.read()),
+            r.headers,
+        )
 
 
 async def until(cond: Any, timeout: float = 10.0) -> None:
@@ -41,6 +47,7 @@ def state_is(srv: Server, job_id: str, *states: str) -> Any:
     async def check() -> bool:
         job = await srv.services.store.get(job_id)
         return job is not None and job.state in states
+
     return check
 
 
@@ -55,20 +62,34 @@ def slow(sim: Simulator, seconds: float, steps: int = 0) -> None:
 async def test_sync_completes_with_outputs_and_result_matches(server: Server) -> None:
     await wait_healthy(server)
     status, res, headers = await call(server, "POST", "/generate/sync", body(request_id="sync-ok"))
-    assert status == 200 and res["status"] == "completed" and headers["Location"] == "/result/sync-ok"
+    assert (
+        status == 200 and res["status"] == "completed" and headers["Location"] == "/result/sync-ok"
+    )
     assert res["attempts"] == 1 and res["error"] is None and res["finished_at"]
     assert res["timings"]["total_ms"] is not None and res["timings"]["generation_ms"] >= 0
     (out,) = res["output"]
-    assert out["node_id"] == "3" and out["output_type"] == "images" and out["mimetype"] == "image/png"
-    assert out["url"] == f"/outputs/sync-ok/{out['filename']}" and out["size"] > 0 and "data" not in out
+    assert (
+        out["node_id"] == "3" and out["output_type"] == "images" and out["mimetype"] == "image/png"
+    )
+    assert (
+        out["url"] == f"/outputs/sync-ok/{out['filename']}"
+        and out["size"] > 0
+        and "data" not in out
+    )
     for path in ("/result/sync-ok", "/jobs/sync-ok"):
         status, again, _ = await call(server, "GET", path)
         assert status == 200 and again == res
 
 
 async def test_result_of_unknown_job_is_404(server: Server) -> None:
-    for method, path in (("GET", "/result/nope"), ("GET", "/jobs/nope"), ("POST", "/cancel/nope"),
-                         ("DELETE", "/jobs/nope"), ("GET", "/jobs/nope/events"), ("GET", "/outputs/nope/x.png")):
+    for method, path in (
+        ("GET", "/result/nope"),
+        ("GET", "/jobs/nope"),
+        ("POST", "/cancel/nope"),
+        ("DELETE", "/jobs/nope"),
+        ("GET", "/jobs/nope/events"),
+        ("GET", "/outputs/nope/x.png"),
+    ):
         status, err, _ = await call(server, method, path)
         assert status == 404 and err["error"]["type"] == "not_found", path
 
@@ -90,14 +111,18 @@ async def test_result_in_every_state(server: Server, simulator: Simulator) -> No
             break
         await asyncio.sleep(0.01)
     assert {"generating", "completed"} <= seen
-    assert steps and all(p["node"] == "4" and p["node_type"] == "ImageBlur" and 0 < p["percent"] <= 100
-                         for p in steps)
+    assert steps and all(
+        p["node"] == "4" and p["node_type"] == "ImageBlur" and 0 < p["percent"] <= 100
+        for p in steps
+    )
 
 
 async def test_sync_rejected_workflow_is_400_with_node_errors(server: Server) -> None:
     bad = {"input": {"workflow_json": {"1": {"class_type": "NoSuchNode", "inputs": {}}}}}
     status, res, _ = await call(server, "POST", "/generate/sync", bad)
-    assert status == 400 and res["status"] == "failed" and res["error"]["type"] == "validation_error"
+    assert (
+        status == 400 and res["status"] == "failed" and res["error"]["type"] == "validation_error"
+    )
     assert res["error"]["message"]
 
 
@@ -123,7 +148,9 @@ async def test_sync_job_deadline_is_500_timeout(server: Server, simulator: Simul
     assert status == 500 and res["error"]["type"] == "timeout"
 
 
-async def test_sync_timeout_answers_202_and_the_job_goes_on(server: Server, simulator: Simulator) -> None:
+async def test_sync_timeout_answers_202_and_the_job_goes_on(
+    server: Server, simulator: Simulator
+) -> None:
     slow(simulator, 0.8)
     req = body(request_id="st", blur=True)
     status, res, headers = await call(server, "POST", "/generate/sync?timeout=0.2", req)
@@ -143,8 +170,11 @@ async def test_sync_bad_timeout_is_400(server: Server, value: str) -> None:
 async def test_sync_client_disconnect_does_not_cancel(server: Server, simulator: Simulator) -> None:
     slow(simulator, 0.8)
     with pytest.raises(asyncio.TimeoutError):
-        async with server.session.post(server.u("/generate/sync"), json=body(request_id="gone", blur=True),
-                                       timeout=aiohttp.ClientTimeout(total=0.3)) as r:
+        async with server.session.post(
+            server.u("/generate/sync"),
+            json=body(request_id="gone", blur=True),
+            timeout=aiohttp.ClientTimeout(total=0.3),
+        ) as r:
             await r.read()
     await until(state_is(server, "gone", "completed", "failed", "cancelled"))
     job = await server.services.store.get("gone")
@@ -158,7 +188,9 @@ async def test_cancel_waiting_running_finished(server: Server, simulator: Simula
     await wait_healthy(server)
     slow(simulator, 5.0)
     # Running: ComfyUI is interrupted for this prompt and the job ends cancelled.
-    sync = asyncio.ensure_future(call(server, "POST", "/generate/sync", body(request_id="run", blur=True)))
+    sync = asyncio.ensure_future(
+        call(server, "POST", "/generate/sync", body(request_id="run", blur=True))
+    )
     await until(state_is(server, "run", "running"))
     await until(lambda: _stage(server, "run", "generate"))
     await asyncio.sleep(0.2)
@@ -183,7 +215,12 @@ async def test_cancel_waiting_running_finished(server: Server, simulator: Simula
 
 async def _stage(srv: Server, job_id: str, stage: str) -> bool:
     job = await srv.services.store.get(job_id)
-    return job is not None and job.stage == stage and job.state == "running" and bool(job.comfy_prompt_id)
+    return (
+        job is not None
+        and job.stage == stage
+        and job.state == "running"
+        and bool(job.comfy_prompt_id)
+    )
 
 
 # --- listing and queue info ---------------------------------------------------------------------
@@ -195,8 +232,16 @@ async def test_queue_info_counts_waiting_and_in_flight(server: Server) -> None:
         await call(server, "POST", "/generate", body(request_id=f"w{i}"))
     status, info, _ = await call(server, "GET", "/queue-info")
     assert status == 200
-    assert (info["preprocess_queue_size"], info["generation_queue_size"], info["postprocess_queue_size"]) == (3, 0, 0)
-    assert info["preprocess_in_flight"] == 0 and info["unfinished"] == 3 and info["max_queue_size"] == 100
+    assert (
+        info["preprocess_queue_size"],
+        info["generation_queue_size"],
+        info["postprocess_queue_size"],
+    ) == (3, 0, 0)
+    assert (
+        info["preprocess_in_flight"] == 0
+        and info["unfinished"] == 3
+        and info["max_queue_size"] == 100
+    )
 
 
 async def test_list_jobs_pages_and_filters(server: Server) -> None:
@@ -208,21 +253,31 @@ async def test_list_jobs_pages_and_filters(server: Server) -> None:
     ids: list[str] = []
     cursor = ""
     for _ in range(10):
-        status, page, _ = await call(server, "GET", f"/jobs?limit=2{'&cursor=' + cursor if cursor else ''}")
+        status, page, _ = await call(
+            server, "GET", f"/jobs?limit=2{'&cursor=' + cursor if cursor else ''}"
+        )
         assert status == 200 and len(page["jobs"]) <= 2
         ids += [j["id"] for j in page["jobs"]]
         cursor = page["next_cursor"]
         if not cursor:
             break
-    assert ids == [f"listed-{i}" for i in range(4, -1, -1)] + ["listed-done"]  # newest first, no repeats
+    assert ids == [f"listed-{i}" for i in range(4, -1, -1)] + [
+        "listed-done"
+    ]  # newest first, no repeats
     _, page, _ = await call(server, "GET", "/jobs?status=queued")
     assert sorted(j["id"] for j in page["jobs"]) == [f"listed-{i}" for i in range(5)]
     _, page, _ = await call(server, "GET", "/jobs?status=completed,cancelled")
     assert [j["id"] for j in page["jobs"]] == ["listed-done"] and page["jobs"][0]["output"]
     _, page, _ = await call(server, "GET", "/jobs?status=failed&status=completed")
     assert [j["id"] for j in page["jobs"]] == ["listed-done"]
-    for query, param in (("status=nope", "status"), ("limit=0", "limit"), ("limit=x", "limit"),
-                         ("limit=501", "limit"), ("cursor=%%%", "cursor"), ("cursor=WzFd", "cursor")):
+    for query, param in (
+        ("status=nope", "status"),
+        ("limit=0", "limit"),
+        ("limit=x", "limit"),
+        ("limit=501", "limit"),
+        ("cursor=%%%", "cursor"),
+        ("cursor=WzFd", "cursor"),
+    ):
         status, err, _ = await call(server, "GET", f"/jobs?{query}")
         assert status == 400 and err["error"]["fields"][0]["path"] == f"$.query.{param}", query
 
@@ -239,7 +294,9 @@ async def first_event(srv: Server, job_id: str) -> dict[str, Any]:
     raise AssertionError("no event")
 
 
-async def test_positions_follow_priority_then_age_and_eta_uses_measurements(server: Server, simulator: Simulator) -> None:
+async def test_positions_follow_priority_then_age_and_eta_uses_measurements(
+    server: Server, simulator: Simulator
+) -> None:
     await wait_healthy(server)
     ev = None
     pause(server, "generate")
@@ -257,7 +314,10 @@ async def test_positions_follow_priority_then_age_and_eta_uses_measurements(serv
     for rid in ("urgent", "first", "second", "third"):
         ev = await first_event(server, rid)
         positions[rid] = ev["queue_position"]["position"]
-        assert ev["queue_position"]["queue_size"] == 4 and ev["queue_info"]["generation_queue_size"] == 4
+        assert (
+            ev["queue_position"]["queue_size"] == 4
+            and ev["queue_info"]["generation_queue_size"] == 4
+        )
     assert positions == {"urgent": 1, "first": 2, "second": 3, "third": 4}
     # Measure: one job whose generation takes ~0.3 s; then estimates grow with the position.
     resume(server, "generate")
@@ -270,7 +330,10 @@ async def test_positions_follow_priority_then_age_and_eta_uses_measurements(serv
     for rid in ("e1", "e2", "e3"):
         await call(server, "POST", "/generate", body(request_id=rid))
         await until(lambda rid=rid: _waiting_in(server, rid, "generate"))
-    etas = [(await first_event(server, rid))["queue_position"]["estimated_wait_time"] for rid in ("e1", "e2", "e3")]
+    etas = [
+        (await first_event(server, rid))["queue_position"]["estimated_wait_time"]
+        for rid in ("e1", "e2", "e3")
+    ]
     assert all(isinstance(e, float) for e in etas) and etas[0] > 0
     assert etas[0] <= etas[1] <= etas[2] and etas[0] < etas[2]
     resume(server, "generate")
@@ -294,8 +357,12 @@ async def test_output_download_only_for_that_jobs_files(server: Server) -> None:
         data = await r.read()
     assert data == Path(out["local_path"]).read_bytes() and data[:4] == b"\x89PNG"
     other = b["output"][0]["filename"]
-    for path in (f"/outputs/out-a/{other}" if other != out["filename"] else "/outputs/out-a/zzz.png",
-                 "/outputs/out-a/..%2Fout-b%2F" + other, "/outputs/out-a/q.db", "/outputs/..%2F/q.db"):
+    for path in (
+        f"/outputs/out-a/{other}" if other != out["filename"] else "/outputs/out-a/zzz.png",
+        "/outputs/out-a/..%2Fout-b%2F" + other,
+        "/outputs/out-a/q.db",
+        "/outputs/..%2F/q.db",
+    ):
         status, err, _ = await call(server, "GET", path)
         assert status == 404 and err["error"]["type"] == "not_found", path
 
@@ -303,7 +370,9 @@ async def test_output_download_only_for_that_jobs_files(server: Server) -> None:
 async def test_outputs_as_base64_by_header_and_field(make_server: MakeServer) -> None:
     srv = await make_server(output_base64_max_bytes=1_000_000)
     await wait_healthy(srv)
-    status, res, _ = await call(srv, "POST", "/generate/sync", body(), headers={"X-Return-Outputs-As-Base64": "1"})
+    status, res, _ = await call(
+        srv, "POST", "/generate/sync", body(), headers={"X-Return-Outputs-As-Base64": "1"}
+    )
     assert status == 200
     out = res["output"][0]
     assert base64.b64decode(out["data"]) == Path(out["local_path"]).read_bytes()
@@ -311,7 +380,9 @@ async def test_outputs_as_base64_by_header_and_field(make_server: MakeServer) ->
     assert status == 200 and res["output"][0]["data"]
     small = await make_server(output_base64_max_bytes=10)
     await wait_healthy(small)
-    status, res, _ = await call(small, "POST", "/generate/sync", body(return_outputs_as_base64=True))
+    status, res, _ = await call(
+        small, "POST", "/generate/sync", body(return_outputs_as_base64=True)
+    )
     assert status == 200 and "data" not in res["output"][0] and "limit" in res["output"][0]["error"]
 
 
@@ -337,8 +408,14 @@ async def test_webhook_delivery_history_is_on_the_result(make_server: MakeServer
     try:
         srv = await make_server(url_allowlist=["127.0.0.1"])
         await wait_healthy(srv)
-        req = body(request_id="hooked", webhook={"url": f"http://127.0.0.1:{port}/hook?token=abc",
-                                                 "secret": "whsec", "extra_params": {"k": "v"}})
+        req = body(
+            request_id="hooked",
+            webhook={
+                "url": f"http://127.0.0.1:{port}/hook?token=abc",
+                "secret": "whsec",
+                "extra_params": {"k": "v"},
+            },
+        )
         status, res, _ = await call(srv, "POST", "/generate/sync", req)
         assert status == 200
         for _ in range(500):
@@ -348,8 +425,17 @@ async def test_webhook_delivery_history_is_on_the_result(make_server: MakeServer
             await asyncio.sleep(0.02)
         (delivery,) = res["webhooks"]
         assert delivery["state"] == "delivered" and delivery["event"] == "completed"
-        assert delivery["attempt_log"][0]["outcome"] == "delivered" and delivery["attempt_log"][0]["status_code"] == 204
-        assert "abc" not in json.dumps(res) and "whsec" not in json.dumps(res)  # no tokens, no secrets
-        assert got and got[0]["body"]["id"] == "hooked" and got[0]["headers"]["webhook-id"] == delivery["id"]
+        assert (
+            delivery["attempt_log"][0]["outcome"] == "delivered"
+            and delivery["attempt_log"][0]["status_code"] == 204
+        )
+        assert "abc" not in json.dumps(res) and "whsec" not in json.dumps(
+            res
+        )  # no tokens, no secrets
+        assert (
+            got
+            and got[0]["body"]["id"] == "hooked"
+            and got[0]["headers"]["webhook-id"] == delivery["id"]
+        )
     finally:
         await runner.cleanup()

@@ -16,7 +16,7 @@ from conftest import ThreadServer
 
 SEED_README = Path(__file__).resolve().parents[2] / "shared" / "spec" / "seed-wrapper-README.md"
 
-SYNC_EXAMPLE = '''import requests
+SYNC_EXAMPLE = """import requests
 
 payload = {
     "input": {
@@ -31,9 +31,9 @@ response = requests.post(
 )
 result = response.json()
 print(f"Status: {result['status']}")
-'''
+"""
 
-STREAM_EXAMPLE = '''import requests
+STREAM_EXAMPLE = """import requests
 import json
 import sseclient
 
@@ -54,7 +54,7 @@ for event in client.events():
             pos = data.get("queue_position", {})
             if pos.get("position"):
                 print(f"Position {pos['position']} of {pos['queue_size']} in {pos['current_queue']}")
-'''
+"""
 
 PLACEHOLDER = '"modifier": "YourModifier",\n        "modifications": {"param": "value"}'
 REAL = '"modifier": "ImageEffects",\n        "modifications": {"width": 32, "height": 32, "blur_radius": 1}'
@@ -88,9 +88,17 @@ def test_seed_readme_examples_run_as_written(thread_server: ThreadServer) -> Non
     thread_server.sim.node_durations = {"ImageBlur": 0.6}
     import requests
 
-    ahead = {"input": {"modifier": "ImageEffects", "modifications": {"width": 16, "height": 16, "blur_radius": 2}}}
+    ahead = {
+        "input": {
+            "modifier": "ImageEffects",
+            "modifications": {"width": 16, "height": 16, "blur_radius": 2},
+        }
+    }
     assert requests.post(thread_server.url + "/generate", json=ahead, timeout=10).status_code == 202
     printed = run(STREAM_EXAMPLE, thread_server.url, namespace)
     lines = printed.splitlines()
     assert lines[-1] == "Generation complete!"
-    assert any(re.fullmatch(r"Position \d+ of \d+ in (preprocessing|generation|postprocessing)", ln) for ln in lines)
+    assert any(
+        re.fullmatch(r"Position \d+ of \d+ in (preprocessing|generation|postprocessing)", ln)
+        for ln in lines
+    )

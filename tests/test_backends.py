@@ -16,8 +16,7 @@ from comfyq.comfy.simulator import Simulator
 from comfyq.errors import ComfyUIUnreachable
 
 GUARD = 15.0  # hang guard only
-FAST = {"request_timeout": 5.0, "poll_interval": 0.05, "reconnect_min": 0.02,
-        "reconnect_max": 0.2}
+FAST = {"request_timeout": 5.0, "poll_interval": 0.05, "reconnect_min": 0.02, "reconnect_max": 0.2}
 LOGGER = "comfyq.test.backends"
 
 MakeSim = Callable[..., Awaitable[Simulator]]
@@ -37,8 +36,9 @@ async def make_sim(tmp_path: Path) -> AsyncIterator[MakeSim]:
     sims: list[Simulator] = []
 
     async def make(**kw: Any) -> Simulator:
-        sim = Simulator(port=0, data_dir=tmp_path / f"sim{len(sims)}", node_duration=0.0,
-                        progress_steps=0, **kw)
+        sim = Simulator(
+            port=0, data_dir=tmp_path / f"sim{len(sims)}", node_duration=0.0, progress_steps=0, **kw
+        )
         await sim.start()
         sims.append(sim)
         return sim
@@ -133,8 +133,9 @@ async def test_crashed_backend_gets_no_new_slots(make_sim: MakeSim, make_pool: M
     assert pool.snapshot()[0]["last_error"] is None
 
 
-async def test_slot_waits_while_all_down_then_proceeds(make_sim: MakeSim,
-                                                       make_pool: MakePool) -> None:
+async def test_slot_waits_while_all_down_then_proceeds(
+    make_sim: MakeSim, make_pool: MakePool
+) -> None:
     a, b = await make_sim(), await make_sim()
     pool = await make_pool([a.url, b.url])
     assert await pool.wait_ready(GUARD)
@@ -150,8 +151,9 @@ async def test_slot_waits_while_all_down_then_proceeds(make_sim: MakeSim,
     await waiter.release()
 
 
-async def test_backends_ready_logged_once(make_sim: MakeSim, make_pool: MakePool,
-                                          caplog: pytest.LogCaptureFixture) -> None:
+async def test_backends_ready_logged_once(
+    make_sim: MakeSim, make_pool: MakePool, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO, logger=LOGGER)
     a, b = await make_sim(), await make_sim()
     pool = await make_pool([a.url, b.url])
@@ -164,8 +166,9 @@ async def test_backends_ready_logged_once(make_sim: MakeSim, make_pool: MakePool
     assert len(lines) == 1 and lines[0].startswith("BACKENDS_READY: 2 backend(s) reachable")
 
 
-async def test_backends_ready_timeout_logged(make_sim: MakeSim, make_pool: MakePool,
-                                             caplog: pytest.LogCaptureFixture) -> None:
+async def test_backends_ready_timeout_logged(
+    make_sim: MakeSim, make_pool: MakePool, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO, logger=LOGGER)
     a = await make_sim()
     dead = closed_port_url()
@@ -177,8 +180,9 @@ async def test_backends_ready_timeout_logged(make_sim: MakeSim, make_pool: MakeP
     assert pool.any_healthy() and not await pool.wait_ready(0.05)
 
 
-async def test_no_ready_line_when_closed_early(make_pool: MakePool,
-                                               caplog: pytest.LogCaptureFixture) -> None:
+async def test_no_ready_line_when_closed_early(
+    make_pool: MakePool, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO, logger=LOGGER)
     pool = await make_pool([closed_port_url()], ready_timeout=30.0)
     await asyncio.sleep(0.1)
@@ -196,5 +200,12 @@ async def test_snapshot_hides_credentials(make_sim: MakeSim, make_pool: MakePool
     assert await pool.wait_ready(GUARD)
     snap = pool.snapshot()
     assert snap[0]["url"] == a.url and "s3cret" not in repr(snap)
-    assert set(snap[0]) >= {"url", "healthy", "http_ok", "websocket_ok", "in_flight", "slots",
-                            "last_error"}
+    assert set(snap[0]) >= {
+        "url",
+        "healthy",
+        "http_ok",
+        "websocket_ok",
+        "in_flight",
+        "slots",
+        "last_error",
+    }

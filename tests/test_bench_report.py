@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # bench/ is a folder of the checkout, not part of the installed package
+sys.path.insert(
+    0, str(ROOT)
+)  # bench/ is a folder of the checkout, not part of the installed package
 
 from bench import report
 
@@ -21,14 +23,31 @@ HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 
 
 def bench(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "bench", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "bench", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
 
 
 def test_one_step_run_writes_json_report_and_rerenders(tmp_path: Path) -> None:
     out, res, charts = tmp_path / "B.md", tmp_path / "r.json", tmp_path / "charts"
-    p = bench("--quick", "--only", "store", "--out", str(out), "--results", str(res), "--charts", str(charts),
-              "--tmp", str(tmp_path / "data"))
+    p = bench(
+        "--quick",
+        "--only",
+        "store",
+        "--out",
+        str(out),
+        "--results",
+        str(res),
+        "--charts",
+        str(charts),
+        "--tmp",
+        str(tmp_path / "data"),
+    )
     assert p.returncode == 0, p.stdout + p.stderr
     results = json.loads(res.read_text())
     assert results["mode"] == "quick"
@@ -63,26 +82,63 @@ def test_one_step_run_writes_json_report_and_rerenders(tmp_path: Path) -> None:
 
 
 def _results(chaos: dict[str, Any]) -> dict[str, Any]:
-    steps = {name: {"status": "skipped", "reason": "not selected (--only)"}
-             for name in ("store", "e2e", "api", "preprocess", "outputs", "sidebyside")}
-    return {"mode": "full", "command": "python -m bench", "started": "2026-01-02T03:04:05+00:00",
-            "duration_s": 60.0, "machine": {}, "steps": {**steps, "chaos": chaos}}
+    steps = {
+        name: {"status": "skipped", "reason": "not selected (--only)"}
+        for name in ("store", "e2e", "api", "preprocess", "outputs", "sidebyside")
+    }
+    return {
+        "mode": "full",
+        "command": "python -m bench",
+        "started": "2026-01-02T03:04:05+00:00",
+        "duration_s": 60.0,
+        "machine": {},
+        "steps": {**steps, "chaos": chaos},
+    }
 
 
 def test_chaos_figures_and_a_missing_chaos_module_are_reported() -> None:
-    figures = {"accepted": 200, "completed": 197, "failed": 3, "failed_reasons": {"node_error": 3}, "lost": 0,
-               "webhooks_owed": 200, "webhooks_delivered": 199, "webhooks_duplicate": 2, "webhooks_lost": 1,
-               "prompts_submitted": 231, "attempts_total": 231, "jobs_prompts_gt_attempts": 0,
-               "comfyq_kills": 20, "simulator_crashes": 5, "duration_s": 141.0}
-    md = report.build(_results({"status": "ok", "figures": figures, "command": "python -m bench.chaos",
-                                "output": "RESULT: LOST SOMETHING\n", "exit_code": 1, "reason": "exit code 1"}),
-                      {}, "r.json")
+    figures = {
+        "accepted": 200,
+        "completed": 197,
+        "failed": 3,
+        "failed_reasons": {"node_error": 3},
+        "lost": 0,
+        "webhooks_owed": 200,
+        "webhooks_delivered": 199,
+        "webhooks_duplicate": 2,
+        "webhooks_lost": 1,
+        "prompts_submitted": 231,
+        "attempts_total": 231,
+        "jobs_prompts_gt_attempts": 0,
+        "comfyq_kills": 20,
+        "simulator_crashes": 5,
+        "duration_s": 141.0,
+    }
+    md = report.build(
+        _results(
+            {
+                "status": "ok",
+                "figures": figures,
+                "command": "python -m bench.chaos",
+                "output": "RESULT: LOST SOMETHING\n",
+                "exit_code": 1,
+                "reason": "exit code 1",
+            }
+        ),
+        {},
+        "r.json",
+    )
     assert "| #7 chaos | jobs lost: must be 0 | 0 | met |" in md
-    assert "| #7 chaos | webhooks owed vs delivered: no loss | 199 of 200, 1 lost | **MISSED** |" in md
+    assert (
+        "| #7 chaos | webhooks owed vs delivered: no loss | 199 of 200, 1 lost | **MISSED** |" in md
+    )
     assert "Failed, by reason: node_error: 3." in md
     assert "RESULT: LOST SOMETHING" in md.split("## Chaos run (#7)")[1]
 
-    md = report.build(_results({"status": "skipped", "reason": "bench/chaos.py does not exist in this checkout"}),
-                      {}, "r.json")
+    md = report.build(
+        _results({"status": "skipped", "reason": "bench/chaos.py does not exist in this checkout"}),
+        {},
+        "r.json",
+    )
     assert "*Not run: bench/chaos.py does not exist in this checkout.*" in md
     assert "| #7 chaos | every target of this step | – | not measured (skipped:" in md

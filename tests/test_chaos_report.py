@@ -18,7 +18,9 @@ from typing import Any
 import boto3
 from test_s3_support import make_bucket, moto_url  # noqa: F401 - moto_url is a fixture
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench/ is a folder of the checkout
+sys.path.insert(
+    0, str(Path(__file__).resolve().parent.parent)
+)  # bench/ is a folder of the checkout
 
 from bench.chaos_client import workflow
 from bench.chaos_report import Inputs, account, charged_lookups, lost_anything, render
@@ -29,7 +31,12 @@ PNG = b"\x89PNG\r\n\x1a\n not really, but bytes with a hash"
 
 
 def new_job(job_id: str) -> NewJob:
-    payload = {"input": {"workflow_json": workflow(job_id, 1), "webhook": {"url": "http://127.0.0.1:9/hook"}}}
+    payload = {
+        "input": {
+            "workflow_json": workflow(job_id, 1),
+            "webhook": {"url": "http://127.0.0.1:9/hook"},
+        }
+    }
     return NewJob(id=job_id, payload=payload, payload_hash=job_id)
 
 
@@ -39,8 +46,15 @@ async def complete(store: JobStore, job_id: str) -> None:
         assert job.id == job_id
         outputs = None
         if stage == "postprocess":
-            outputs = [{"filename": "out.png", "sha256": hashlib.sha256(PNG).hexdigest(), "size": len(PNG),
-                        "local_path": "/nowhere/out.png", "url": "http://127.0.0.1:1/bench-outputs/ok/out.png"}]
+            outputs = [
+                {
+                    "filename": "out.png",
+                    "sha256": hashlib.sha256(PNG).hexdigest(),
+                    "size": len(PNG),
+                    "local_path": "/nowhere/out.png",
+                    "url": "http://127.0.0.1:1/bench-outputs/ok/out.png",
+                }
+            ]
         await store.advance(job_id, f"{stage} done", None, outputs)
 
 
@@ -63,35 +77,75 @@ async def test_accounting_finds_every_kind_of_loss(tmp_path: Path, moto_url: str
     assert set(hooks) == {"ok", "cancelled"}  # the outbox owes one delivery per ended job
     now = time.time()
     receiver = [  # "ok" delivered twice under one id (a duplicate), "cancelled" only answered 503: lost
-        {"at": now, "webhook_id": hooks["ok"], "job_id": "ok", "event": "completed", "answered": 204, "sig_ok": True},
-        {"at": now, "webhook_id": hooks["ok"], "job_id": "ok", "event": "completed", "answered": 204, "sig_ok": True},
-        {"at": now, "webhook_id": hooks["cancelled"], "job_id": "cancelled", "event": "cancelled",
-         "answered": 503, "sig_ok": True},
+        {
+            "at": now,
+            "webhook_id": hooks["ok"],
+            "job_id": "ok",
+            "event": "completed",
+            "answered": 204,
+            "sig_ok": True,
+        },
+        {
+            "at": now,
+            "webhook_id": hooks["ok"],
+            "job_id": "ok",
+            "event": "completed",
+            "answered": 204,
+            "sig_ok": True,
+        },
+        {
+            "at": now,
+            "webhook_id": hooks["cancelled"],
+            "job_id": "cancelled",
+            "event": "cancelled",
+            "answered": 503,
+            "sig_ok": True,
+        },
     ]
     jsonl(tmp_path / "webhooks.jsonl", receiver)
-    prompts = [{"at": now, "boot": b, "prompt_id": f"p{b}", "prompt": workflow("ok", 1)} for b in ("a", "b")]
+    prompts = [
+        {"at": now, "boot": b, "prompt_id": f"p{b}", "prompt": workflow("ok", 1)}
+        for b in ("a", "b")
+    ]
     jsonl(tmp_path / "prompts.jsonl", prompts)
 
     make_bucket(moto_url, "bench-outputs")
-    s3 = boto3.client("s3", endpoint_url=moto_url, region_name="us-east-1", aws_access_key_id="k",
-                      aws_secret_access_key="s")
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=moto_url,
+        region_name="us-east-1",
+        aws_access_key_id="k",
+        aws_secret_access_key="s",
+    )
     s3.put_object(Bucket="bench-outputs", Key="ok/out.png", Body=PNG)
     s3.put_object(Bucket="bench-outputs", Key="stray/x.png", Body=b"x")
 
-    inp = Inputs(jobs=4, accepted={"ok": 202, "cancelled": 202, "stuck": 200, "missing": 202}, rejected={},
-                 api_final={"ok": "completed", "cancelled": "cancelled", "stuck": "queued"},
-                 s3_url=moto_url, bucket="bench-outputs", timeline=[], submit_stats={}, duration_s=1.0)
+    inp = Inputs(
+        jobs=4,
+        accepted={"ok": 202, "cancelled": 202, "stuck": 200, "missing": 202},
+        rejected={},
+        api_final={"ok": "completed", "cancelled": "cancelled", "stuck": "queued"},
+        s3_url=moto_url,
+        bucket="bench-outputs",
+        timeline=[],
+        submit_stats={},
+        duration_s=1.0,
+    )
     r = account(tmp_path / "q.db", tmp_path / "webhooks.jsonl", tmp_path / "prompts.jsonl", inp)
 
     assert r["lost"] == 2
-    assert r["lost_jobs"]["missing_in_db"] == ["missing"] and r["lost_jobs"]["not_final_in_db"] == ["stuck"]
+    assert r["lost_jobs"]["missing_in_db"] == ["missing"] and r["lost_jobs"]["not_final_in_db"] == [
+        "stuck"
+    ]
     assert (r["completed"], r["cancelled"], r["failed"]) == (1, 1, 0)
     assert r["accepted_by_retry_200"] == 1
     assert (r["webhooks_owed"], r["webhooks_delivered"], r["webhooks_lost"]) == (2, 1, 1)
     assert r["webhooks_lost_jobs"] == ["cancelled"]
     assert r["webhooks_duplicate"] == 1 and r["webhooks_duplicate_ids"] == [hooks["ok"]]
     assert r["prompts_submitted"] == 2 and r["attempts_total"] == 1 + 0 + 0
-    assert r["jobs_prompts_gt_attempts"] == 1 and r["jobs_prompts_gt_attempts_list"][0]["job"] == "ok"
+    assert (
+        r["jobs_prompts_gt_attempts"] == 1 and r["jobs_prompts_gt_attempts_list"][0]["job"] == "ok"
+    )
     assert r["s3"]["expected"] == r["s3"]["present"] == 1 and r["s3"]["extra"] == ["stray/x.png"]
     assert r["s3"]["no_s3_url"] == ["ok/out.png"]  # its URL does not point at this bucket
     assert lost_anything(r)
@@ -108,7 +162,12 @@ async def test_accounting_finds_every_kind_of_loss(tmp_path: Path, moto_url: str
 
 def test_a_lookup_charged_right_after_a_charged_failure_is_a_double_charge() -> None:
     def ev(at: str, to: str, msg: str) -> dict[str, Any]:
-        return {"at": f"2026-01-01T00:00:{at}Z", "to_state": to, "stage": "generate", "message": msg}
+        return {
+            "at": f"2026-01-01T00:00:{at}Z",
+            "to_state": to,
+            "stage": "generate",
+            "message": msg,
+        }
 
     events = [
         ev("00.000", "running", "Waiting for ComfyUI"),  # run 1: its POST /prompt fails
@@ -120,7 +179,13 @@ def test_a_lookup_charged_right_after_a_charged_failure_is_a_double_charge() -> 
     ]
     sent_at_5_1 = [{"at": parse_iso("2026-01-01T00:00:05.100Z")}]
     assert charged_lookups(events, sent_at_5_1) == (1, 1)
-    resumed = [ev("00.000", "running", "Waiting for ComfyUI"), ev("01.000", "pending", "Resumed in generate after a restart"),
-               *events[2:]]  # the run before the lookup was comfyq's restart: not charged, so no double
+    resumed = [
+        ev("00.000", "running", "Waiting for ComfyUI"),
+        ev("01.000", "pending", "Resumed in generate after a restart"),
+        *events[2:],
+    ]  # the run before the lookup was comfyq's restart: not charged, so no double
     assert charged_lookups(resumed, sent_at_5_1) == (1, 0)
-    assert charged_lookups(events, [{"at": parse_iso("2026-01-01T00:00:04.200Z")}]) == (0, 0)  # run 2 did submit
+    assert charged_lookups(events, [{"at": parse_iso("2026-01-01T00:00:04.200Z")}]) == (
+        0,
+        0,
+    )  # run 2 did submit

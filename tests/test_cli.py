@@ -12,10 +12,20 @@ from comfyq.store import JobStore, NewJob
 
 
 def cq(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "COMFYQ_DATABASE": str(tmp_path / "q.db"), "COMFYQ_OUTPUT_DIR": str(tmp_path / "out"),
-           "COMFYQ_CONFIG": str(tmp_path / "absent.toml")}
-    return subprocess.run([sys.executable, "-m", "comfyq", *args], capture_output=True, text=True, env=env,
-                          cwd=tmp_path, timeout=60)
+    env = {
+        **os.environ,
+        "COMFYQ_DATABASE": str(tmp_path / "q.db"),
+        "COMFYQ_OUTPUT_DIR": str(tmp_path / "out"),
+        "COMFYQ_CONFIG": str(tmp_path / "absent.toml"),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "comfyq", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=60,
+    )
 
 
 async def _seed(db: Path) -> None:
@@ -25,8 +35,12 @@ async def _seed(db: Path) -> None:
         for i in range(3):
             await s.create(NewJob(id=f"job{i}", payload={"input": {}}, payload_hash=str(i)), 10)
         await s.claim("preprocess", 1, 30, "Preprocessing")  # job0 running
-        await s.finish("job0", "failed", "Generation failed: boom",
-                       error={"type": "node_error", "message": "boom", "node_id": "5"})
+        await s.finish(
+            "job0",
+            "failed",
+            "Generation failed: boom",
+            error={"type": "node_error", "message": "boom", "node_id": "5"},
+        )
         await s.claim("preprocess", 1, 30, "Preprocessing")  # job1 running
     finally:
         await s.close()
@@ -43,7 +57,11 @@ def test_migrate_ls_show_cancel_retry_prune(tmp_path: Path) -> None:
 
     show = cq(tmp_path, "jobs", "show", "job0")
     assert show.returncode == 0
-    assert "pending -> running" in show.stdout and "running -> failed" in show.stdout and "boom" in show.stdout
+    assert (
+        "pending -> running" in show.stdout
+        and "running -> failed" in show.stdout
+        and "boom" in show.stdout
+    )
 
     assert "cancelled" in cq(tmp_path, "jobs", "cancel", "job2").stdout
     assert "cancel requested" in cq(tmp_path, "jobs", "cancel", "job1").stdout

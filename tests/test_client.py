@@ -89,8 +89,11 @@ async def client(sim: Simulator, make_client: MakeClient) -> ComfyClient:
     return c
 
 
-async def run(client: ComfyClient, workflow: dict[str, Any],
-              on_event: Callable[[LiveEvent], None] | None = None) -> Any:
+async def run(
+    client: ComfyClient,
+    workflow: dict[str, Any],
+    on_event: Callable[[LiveEvent], None] | None = None,
+) -> Any:
     pid = new_id()
     sub = await client.submit(workflow, pid)
     assert sub.prompt_id == pid
@@ -155,11 +158,14 @@ async def test_partially_cached_run(client: ComfyClient) -> None:
 
 
 @pytest.mark.parametrize("case", sorted(VALIDATION_CASES))
-async def test_validation_errors_are_kept_whole(case: str, client: ComfyClient,
-                                                sim: Simulator) -> None:
+async def test_validation_errors_are_kept_whole(
+    case: str, client: ComfyClient, sim: Simulator
+) -> None:
     wf, error_type = VALIDATION_CASES[case]
-    async with aiohttp.ClientSession() as raw, \
-            raw.post(sim.url + "/prompt", json={"prompt": wf}) as resp:  # ComfyUI's own answer
+    async with (
+        aiohttp.ClientSession() as raw,
+        raw.post(sim.url + "/prompt", json={"prompt": wf}) as resp,
+    ):  # ComfyUI's own answer
         assert resp.status == 400
         expected = await resp.json()
     pid = new_id()
@@ -194,11 +200,15 @@ async def test_text_plain_500_is_unreachable(client: ComfyClient, sim: Simulator
 
 async def test_partial_node_errors_on_200(client: ComfyClient) -> None:
     wf = {
-        "1": {"class_type": "EmptyImage",
-              "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 521413}},
+        "1": {
+            "class_type": "EmptyImage",
+            "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 521413},
+        },
         "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "j"}},
-        "3": {"class_type": "ImageBlur",
-              "inputs": {"image": ["1", 0], "blur_radius": 500, "sigma": 1.0}},
+        "3": {
+            "class_type": "ImageBlur",
+            "inputs": {"image": ["1", 0], "blur_radius": 500, "sigma": 1.0},
+        },
         "4": {"class_type": "PreviewImage", "inputs": {"images": ["3", 0]}},
     }
     pid = new_id()
@@ -222,8 +232,9 @@ async def test_runtime_error_is_node_error(client: ComfyClient, sim: Simulator) 
     assert "current_inputs" in err.details and "executed" in err.details
 
 
-async def test_outcome_read_from_history_when_followed_late(client: ComfyClient,
-                                                            sim: Simulator) -> None:
+async def test_outcome_read_from_history_when_followed_late(
+    client: ComfyClient, sim: Simulator
+) -> None:
     sim.fail_nodes = {"ImageInvert": ("PIL.UnidentifiedImageError", "cannot identify image file")}
     wf = invert_workflow("late")
     pid = new_id()
@@ -255,8 +266,9 @@ async def test_messages_before_follow_are_buffered(client: ComfyClient) -> None:
     first_image(result.outputs, "3")
 
 
-async def test_cancel_interrupts_the_running_prompt(make_sim: MakeSim,
-                                                    make_client: MakeClient) -> None:
+async def test_cancel_interrupts_the_running_prompt(
+    make_sim: MakeSim, make_client: MakeClient
+) -> None:
     sim = await make_sim(node_durations={"ImageBlur": 0.5})
     client = await make_client(sim.url)
     wf = blur_chain_workflow("cancel_run", blurs=4)
@@ -274,8 +286,7 @@ async def test_cancel_interrupts_the_running_prompt(make_sim: MakeSim,
     assert state == "done" and entry is not None and entry["status"]["status_str"] == "error"
 
 
-async def test_cancel_deletes_a_pending_prompt(make_sim: MakeSim,
-                                               make_client: MakeClient) -> None:
+async def test_cancel_deletes_a_pending_prompt(make_sim: MakeSim, make_client: MakeClient) -> None:
     sim = await make_sim(node_durations={"ImageBlur": 0.3})
     client = await make_client(sim.url)
     slow, queued = new_id(), new_id()
@@ -315,8 +326,9 @@ async def test_websocket_drop_mid_run(make_sim: MakeSim, make_client: MakeClient
             await asyncio.sleep(0.01)
 
 
-async def test_websocket_stall_falls_back_to_history(make_sim: MakeSim,
-                                                     make_client: MakeClient) -> None:
+async def test_websocket_stall_falls_back_to_history(
+    make_sim: MakeSim, make_client: MakeClient
+) -> None:
     sim = await make_sim()
     client = await make_client(sim.url, ws_quiet_timeout=0.3)
     sim.stall_ws = True
@@ -325,8 +337,9 @@ async def test_websocket_stall_falls_back_to_history(make_sim: MakeSim,
     first_image(result.outputs, "3")
 
 
-async def test_crash_and_restart_mid_run_is_prompt_lost(make_sim: MakeSim,
-                                                        make_client: MakeClient) -> None:
+async def test_crash_and_restart_mid_run_is_prompt_lost(
+    make_sim: MakeSim, make_client: MakeClient
+) -> None:
     sim = await make_sim(node_durations={"ImageBlur": 0.5})
     client = await make_client(sim.url)
     wf = blur_chain_workflow("crash", blurs=3)
@@ -371,8 +384,7 @@ async def test_upload_names_and_download(client: ComfyClient, tmp_path: Path) ->
 async def test_mask_upload(client: ComfyClient) -> None:
     image = await client.upload(PNG + b"base", "masked.png")
     ref = {"filename": image["name"], "subfolder": "", "type": "input"}
-    mask = await client.upload(PNG + b"alpha", "clipspace_mask.png", mask=True,
-                               original_ref=ref)
+    mask = await client.upload(PNG + b"alpha", "clipspace_mask.png", mask=True, original_ref=ref)
     assert mask == {"name": "clipspace_mask.png", "subfolder": "", "type": "input"}
     with pytest.raises(ValueError):
         await client.upload(PNG, "m.png", mask=True)
@@ -380,15 +392,18 @@ async def test_mask_upload(client: ComfyClient) -> None:
     assert temp["type"] == "temp"
 
 
-async def test_stalled_download_is_unreachable(client: ComfyClient, sim: Simulator,
-                                                make_client: MakeClient, tmp_path: Path) -> None:
+async def test_stalled_download_is_unreachable(
+    client: ComfyClient, sim: Simulator, make_client: MakeClient, tmp_path: Path
+) -> None:
     await client.upload(PNG + b"slow", "slow.png")
     impatient = await make_client(sim.url, request_timeout=0.5)
     sim.view_delay = 10.0  # far beyond the client's read timeout
     dest = tmp_path / "dl" / "slow.png"
     with pytest.raises(ComfyUIUnreachable):
         await impatient.download("slow.png", "", "input", dest)
-    assert not dest.parent.exists() or list(dest.parent.iterdir()) == []  # neither the file nor its .part
+    assert (
+        not dest.parent.exists() or list(dest.parent.iterdir()) == []
+    )  # neither the file nor its .part
 
 
 async def test_download_an_output(client: ComfyClient, tmp_path: Path) -> None:
@@ -415,7 +430,8 @@ async def test_previews_with_metadata(client: ComfyClient) -> None:
 
 
 async def test_legacy_previews_attributed_to_the_running_prompt(
-        sim: Simulator, make_client: MakeClient) -> None:
+    sim: Simulator, make_client: MakeClient
+) -> None:
     client = await make_client(sim.url, preview_metadata=False)
     seen: list[LiveEvent] = []
     client.on_preview = seen.append

@@ -46,9 +46,14 @@ def test_type3_text_frame_as_recorded() -> None:
 
 
 def test_type4_preview_with_metadata_as_recorded() -> None:
-    meta = {"node_id": "2", "prompt_id": "2f8953e6-f1d4-4522-917a-1905ed47fc8f",
-            "display_node_id": "2", "parent_node_id": None, "real_node_id": "2",
-            "image_type": "image/png"}
+    meta = {
+        "node_id": "2",
+        "prompt_id": "2f8953e6-f1d4-4522-917a-1905ed47fc8f",
+        "display_node_id": "2",
+        "parent_node_id": None,
+        "real_node_id": "2",
+        "image_type": "image/png",
+    }
     blob = json.dumps(meta).encode()
     assert len(blob) == 165  # the recorded metadata_len_u32be
     raw = struct.pack(">II", 4, len(blob)) + blob + PNG_MAGIC
@@ -59,13 +64,16 @@ def test_type4_preview_with_metadata_as_recorded() -> None:
     assert parse_binary_frame(encode_binary_frame(frame)) == frame
 
 
-@pytest.mark.parametrize("raw", [
-    b"\x00\x00\x00\x01",                                  # too short
-    struct.pack(">II", 2, 0) + b"x",                      # type 2 never goes on the wire
-    struct.pack(">II", 1, 9) + b"x",                      # unknown image type
-    struct.pack(">II", 3, 50) + b"2",                     # node id runs past the end
-    struct.pack(">II", 4, 3) + b"{{{",                    # bad metadata
-])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"\x00\x00\x00\x01",  # too short
+        struct.pack(">II", 2, 0) + b"x",  # type 2 never goes on the wire
+        struct.pack(">II", 1, 9) + b"x",  # unknown image type
+        struct.pack(">II", 3, 50) + b"2",  # node id runs past the end
+        struct.pack(">II", 4, 3) + b"{{{",  # bad metadata
+    ],
+)
 def test_malformed_binary_frames_raise(raw: bytes) -> None:
     with pytest.raises(ProtocolError):
         parse_binary_frame(raw)
@@ -78,8 +86,14 @@ def test_text_frames_typed_and_tolerant() -> None:
     assert msg.prompt_id is None
     unknown = parse_text_frame('{"type": "crystools.monitor", "data": {"cpu": 3}}')
     assert unknown.parsed is None and unknown.data == {"cpu": 3}
-    extra = parse_text_frame(json.dumps({"type": "executing", "data": {
-        "node": None, "prompt_id": PID, "new_field_from_the_future": 1}}))
+    extra = parse_text_frame(
+        json.dumps(
+            {
+                "type": "executing",
+                "data": {"node": None, "prompt_id": PID, "new_field_from_the_future": 1},
+            }
+        )
+    )
     assert isinstance(extra.parsed, Executing) and extra.parsed.node is None
     assert extra.prompt_id == PID
     with pytest.raises(ProtocolError):
@@ -89,24 +103,36 @@ def test_text_frames_typed_and_tolerant() -> None:
 
 
 EXECUTION_ERROR = {
-    "prompt_id": PID, "node_id": "1", "node_type": "LoadImage", "executed": [],
+    "prompt_id": PID,
+    "node_id": "1",
+    "node_type": "LoadImage",
+    "executed": [],
     "exception_message": "cannot identify image file '/opt/ComfyUI/input/probe_corrupt.png'\n",
     "exception_type": "PIL.UnidentifiedImageError",
-    "traceback": ["  File \"/opt/ComfyUI/execution.py\", line 496, in execute\n"],
-    "current_inputs": {"image": ["probe_corrupt.png"]}, "current_outputs": ["1", "2"],
+    "traceback": ['  File "/opt/ComfyUI/execution.py", line 496, in execute\n'],
+    "current_inputs": {"image": ["probe_corrupt.png"]},
+    "current_outputs": ["1", "2"],
     "timestamp": 1795521409547,
 }
 
 
 def _history(status_str: str, messages: list[object], outputs: dict[str, object]) -> dict:
-    return {"prompt": [25, PID, {}, {"client_id": "x"}, ["2"]], "outputs": outputs,
-            "status": {"status_str": status_str, "completed": status_str == "success",
-                       "messages": messages}, "meta": {}}
+    return {
+        "prompt": [25, PID, {}, {"client_id": "x"}, ["2"]],
+        "outputs": outputs,
+        "status": {
+            "status_str": status_str,
+            "completed": status_str == "success",
+            "messages": messages,
+        },
+        "meta": {},
+    }
 
 
 def test_history_error_becomes_node_error() -> None:
-    entry = _history("error", [["execution_start", {"prompt_id": PID}],
-                               ["execution_error", EXECUTION_ERROR]], {})
+    entry = _history(
+        "error", [["execution_start", {"prompt_id": PID}], ["execution_error", EXECUTION_ERROR]], {}
+    )
     with pytest.raises(NodeError) as info:
         run_result_from_history(PID, entry)
     err = info.value
@@ -116,20 +142,41 @@ def test_history_error_becomes_node_error() -> None:
     assert err.details["traceback"] == EXECUTION_ERROR["traceback"]
     assert err.details["current_inputs"] == {"image": ["probe_corrupt.png"]}
     assert err.details["executed"] == []
-    assert isinstance(parse_text_frame(json.dumps(
-        {"type": "execution_error", "data": EXECUTION_ERROR})).parsed, ExecutionError)
+    assert isinstance(
+        parse_text_frame(json.dumps({"type": "execution_error", "data": EXECUTION_ERROR})).parsed,
+        ExecutionError,
+    )
 
 
 def test_history_interrupted_and_success() -> None:
-    interrupted = _history("error", [["execution_interrupted", {
-        "prompt_id": PID, "node_id": "101", "node_type": "ImageBlur",
-        "executed": ["100", "1"], "timestamp": 1}]], {})
+    interrupted = _history(
+        "error",
+        [
+            [
+                "execution_interrupted",
+                {
+                    "prompt_id": PID,
+                    "node_id": "101",
+                    "node_type": "ImageBlur",
+                    "executed": ["100", "1"],
+                    "timestamp": 1,
+                },
+            ]
+        ],
+        {},
+    )
     with pytest.raises(Interrupted) as info:
         run_result_from_history(PID, interrupted)
     assert info.value.node_id == "101" and info.value.details["executed"] == ["100", "1"]
     images = {"images": [{"filename": "probe_00001_.png", "subfolder": "", "type": "output"}]}
-    ok = _history("success", [["execution_cached", {"nodes": ["1", "2", "3"], "prompt_id": PID}],
-                              ["execution_success", {"prompt_id": PID}]], {"3": images})
+    ok = _history(
+        "success",
+        [
+            ["execution_cached", {"nodes": ["1", "2", "3"], "prompt_id": PID}],
+            ["execution_success", {"prompt_id": PID}],
+        ],
+        {"3": images},
+    )
     result = run_result_from_history(PID, ok)
     assert result.outputs == {"3": images} and result.cached_nodes == ["1", "2", "3"]
     assert result.status == "success" and result.source == "history"
@@ -137,9 +184,15 @@ def test_history_interrupted_and_success() -> None:
 
 def test_queue_pending_is_sorted_by_number() -> None:
     # 50_queue_interrupt_delete.json: pending comes in heap order [-30, 27, 29, 28].
-    body = {"queue_running": [[26, "run", {}, {}, ["9"]]],
-            "queue_pending": [[-30, "front", {}, {}, ["3"]], [27, "a", {}, {}, ["3"]],
-                              [29, "c", {}, {}, ["3"]], [28, "b", {}, {}, ["3"]]]}
+    body = {
+        "queue_running": [[26, "run", {}, {}, ["9"]]],
+        "queue_pending": [
+            [-30, "front", {}, {}, ["3"]],
+            [27, "a", {}, {}, ["3"]],
+            [29, "c", {}, {}, ["3"]],
+            [28, "b", {}, {}, ["3"]],
+        ],
+    }
     assert queue_ids(body) == (["run"], ["front", "a", "b", "c"])
     assert queue_ids({}) == ([], [])
 

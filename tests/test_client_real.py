@@ -70,33 +70,49 @@ async def test_real_success_and_cached_rerun(client: ComfyClient) -> None:
     first = await run(client, wf, log)
     assert first_image(first.outputs, "3")["type"] == "output"
     assert [(e.node, e.node_type) for e in log.of("executing")] == [
-        ("1", "EmptyImage"), ("2", "ImageInvert"), ("3", "SaveImage")]
+        ("1", "EmptyImage"),
+        ("2", "ImageInvert"),
+        ("3", "SaveImage"),
+    ]
     second = await run(client, wf)
     assert second.cached_nodes == ["1", "2", "3"]
     assert first_image(second.outputs, "3") == first_image(first.outputs, "3")
 
 
-@pytest.mark.parametrize("case", ["unknown_class_type", "missing_required_input",
-                                  "value_above_max", "no_output_node", "bad_link_shape"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "unknown_class_type",
+        "missing_required_input",
+        "value_above_max",
+        "no_output_node",
+        "bad_link_shape",
+    ],
+)
 async def test_real_validation_error_whole(client: ComfyClient, case: str) -> None:
     wf, error_type = VALIDATION_CASES[case]
-    async with aiohttp.ClientSession() as raw, \
-            raw.post(URL + "/prompt", json={"prompt": wf}) as resp:
+    async with (
+        aiohttp.ClientSession() as raw,
+        raw.post(URL + "/prompt", json={"prompt": wf}) as resp,
+    ):
         assert resp.status == 400
         expected = await resp.json()
     with pytest.raises(ValidationError) as info:
         await client.submit(wf, new_id())
-    assert info.value.details == {"error": expected["error"],
-                                  "node_errors": expected["node_errors"]}
+    assert info.value.details == {
+        "error": expected["error"],
+        "node_errors": expected["node_errors"],
+    }
     assert info.value.details["error"]["type"] == error_type
 
 
 async def test_real_runtime_error(client: ComfyClient) -> None:
     name = f"{tag()}_corrupt.png"
     uploaded = await client.upload(b"this is not an image at all", name)
-    wf = {"1": {"class_type": "LoadImage", "inputs": {"image": uploaded["name"]}},
-          "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0],
-                                                      "filename_prefix": tag()}}}
+    wf = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": uploaded["name"]}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": tag()}},
+    }
     with pytest.raises(NodeError) as info:
         await run(client, wf)
     assert info.value.node_id == "1" and info.value.node_type == "LoadImage"

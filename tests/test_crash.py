@@ -23,12 +23,19 @@ import pytest
 
 from comfyq.store import JobStore, NewJob
 
+
 def workflow(n: int) -> dict[str, object]:
     # A different colour per job: ComfyUI would serve identical prompts from its cache at once.
     return {
-        "1": {"class_type": "EmptyImage", "inputs": {"width": 32, "height": 32, "batch_size": 1, "color": n}},
+        "1": {
+            "class_type": "EmptyImage",
+            "inputs": {"width": 32, "height": 32, "batch_size": 1, "color": n},
+        },
         "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
-        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "crash"}},
+        "3": {
+            "class_type": "SaveImage",
+            "inputs": {"images": ["2", 0], "filename_prefix": "crash"},
+        },
     }
 
 
@@ -57,8 +64,20 @@ def wait_http(url: str, timeout: float = 20.0, proc: subprocess.Popen[bytes] | N
 def simulator(tmp_path: Path) -> Iterator[str]:
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "comfyq.comfy.simulator", "--port", str(port), "--node-duration", "0.05",
-         "--data-dir", str(tmp_path / "sim")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        [
+            sys.executable,
+            "-m",
+            "comfyq.comfy.simulator",
+            "--port",
+            str(port),
+            "--node-duration",
+            "0.05",
+            "--data-dir",
+            str(tmp_path / "sim"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_http(url + "/system_stats", proc=proc)
@@ -69,13 +88,27 @@ def simulator(tmp_path: Path) -> Iterator[str]:
 
 
 def start_server(tmp_path: Path, sim_url: str, port: int, log: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "COMFYQ_DATABASE": str(tmp_path / "q.db"), "COMFYQ_OUTPUT_DIR": str(tmp_path / "out"),
-           "COMFYQ_CACHE_DIR": str(tmp_path / "cache"), "COMFYUI_API_BASE": sim_url, "API_PORT": str(port),
-           "COMFYQ_LEASE_SECONDS": "3", "COMFYQ_CLAIM_POLL_INTERVAL": "0.2", "COMFYQ_SHUTDOWN_GRACE": "2",
-           "COMFYQ_RETRY_BASE_DELAY": "0.2", "COMFYQ_BACKEND_PROBE_INTERVAL": "0.5",
-           "COMFYQ_CONFIG": str(tmp_path / "none.toml")}
-    return subprocess.Popen([sys.executable, "-m", "comfyq", "serve"], env=env, cwd=tmp_path,
-                            stdout=log.open("ab"), stderr=subprocess.STDOUT)
+    env = {
+        **os.environ,
+        "COMFYQ_DATABASE": str(tmp_path / "q.db"),
+        "COMFYQ_OUTPUT_DIR": str(tmp_path / "out"),
+        "COMFYQ_CACHE_DIR": str(tmp_path / "cache"),
+        "COMFYUI_API_BASE": sim_url,
+        "API_PORT": str(port),
+        "COMFYQ_LEASE_SECONDS": "3",
+        "COMFYQ_CLAIM_POLL_INTERVAL": "0.2",
+        "COMFYQ_SHUTDOWN_GRACE": "2",
+        "COMFYQ_RETRY_BASE_DELAY": "0.2",
+        "COMFYQ_BACKEND_PROBE_INTERVAL": "0.5",
+        "COMFYQ_CONFIG": str(tmp_path / "none.toml"),
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "comfyq", "serve"],
+        env=env,
+        cwd=tmp_path,
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+    )
 
 
 async def submit(db: Path, ids: list[str]) -> None:
@@ -84,8 +117,15 @@ async def submit(db: Path, ids: list[str]) -> None:
     try:
         for job_id in ids:
             n = int.from_bytes(job_id.encode(), "big") % 16_000_000
-            await store.create(NewJob(id=job_id, payload={"input": {"workflow_json": workflow(n)}}, payload_hash=job_id,
-                                      max_attempts=3), 10_000)
+            await store.create(
+                NewJob(
+                    id=job_id,
+                    payload={"input": {"workflow_json": workflow(n)}},
+                    payload_hash=job_id,
+                    max_attempts=3,
+                ),
+                10_000,
+            )
     finally:
         await store.close()
 
@@ -112,7 +152,9 @@ def test_kill_9_at_random_moments_loses_nothing(tmp_path: Path, simulator: str) 
     conn = sqlite3.connect(db)
     end = time.monotonic() + 90
     while time.monotonic() < end:
-        (left,) = conn.execute("SELECT count(*) FROM jobs WHERE state IN ('pending', 'running')").fetchone()
+        (left,) = conn.execute(
+            "SELECT count(*) FROM jobs WHERE state IN ('pending', 'running')"
+        ).fetchone()
         if left == 0:
             break
         time.sleep(0.2)
@@ -124,9 +166,12 @@ def test_kill_9_at_random_moments_loses_nothing(tmp_path: Path, simulator: str) 
     states = {r[0] for r in rows.values()}
     assert states == {"completed"}, {k: v for k, v in rows.items() if v[0] != "completed"}
     assert all(a <= m for _, a, m in rows.values())
-    terminal_events = dict(conn.execute(
-        "SELECT job_id, count(*) FROM job_events WHERE to_state IN ('completed', 'failed', 'cancelled')"
-        " GROUP BY job_id"))
+    terminal_events = dict(
+        conn.execute(
+            "SELECT job_id, count(*) FROM job_events WHERE to_state IN ('completed', 'failed', 'cancelled')"
+            " GROUP BY job_id"
+        )
+    )
     assert terminal_events == {i: 1 for i in accepted}, "a job reached a terminal state twice"
     for job_id, path in conn.execute("SELECT job_id, local_path FROM outputs"):
         assert Path(path).is_file() and Path(path).parent.name == job_id

@@ -8,7 +8,16 @@ from comfyq.store.model import Transition
 
 
 def tr(event_id: int, job_id: str, to_state: str, stage: str = "generate") -> Transition:
-    return Transition(event_id, job_id, "pending", to_state, stage, 1, f"to {to_state}", "2027-01-01T00:00:00.000000Z")
+    return Transition(
+        event_id,
+        job_id,
+        "pending",
+        to_state,
+        stage,
+        1,
+        f"to {to_state}",
+        "2027-01-01T00:00:00.000000Z",
+    )
 
 
 async def test_unwatched_jobs_keep_progress_and_row_ids_for_later_subscribers() -> None:
@@ -19,10 +28,20 @@ async def test_unwatched_jobs_keep_progress_and_row_ids_for_later_subscribers() 
     sub = bus.subscribe("a")
     bus.live("a", "progress", {"value": 2, "max": 4})
     ev = await sub.get(1)
-    assert ev is not None and ev.kind == "progress" and ev.id.startswith("7.") and ev.data["value"] == 2
+    assert (
+        ev is not None
+        and ev.kind == "progress"
+        and ev.id.startswith("7.")
+        and ev.data["value"] == 2
+    )
     bus.on_transitions([tr(8, "a", "pending", "postprocess")])
     ev = await sub.get(1)
-    assert ev is not None and (ev.id, ev.kind, ev.data["state"], ev.final) == ("8", "state", "pending", False)
+    assert ev is not None and (ev.id, ev.kind, ev.data["state"], ev.final) == (
+        "8",
+        "state",
+        "pending",
+        False,
+    )
     assert "a" not in bus.progress  # a job back in a queue has no live progress
     sub.close()
     bus.on_transitions([tr(9, "a", "completed", "postprocess")])
@@ -36,7 +55,11 @@ async def test_a_subscriber_to_every_job_gets_everything_in_order() -> None:
     bus.on_transitions([tr(1, "a", "running"), tr(2, "b", "running")])
     bus.live("a", "preview", {"node": "3"}, b"png")
     got = [await every.get(1) for _ in range(3)]
-    assert [(e.job_id, e.kind) for e in got if e is not None] == [("a", "state"), ("b", "state"), ("a", "preview")]
+    assert [(e.job_id, e.kind) for e in got if e is not None] == [
+        ("a", "state"),
+        ("b", "state"),
+        ("a", "preview"),
+    ]
     assert got[2] is not None and got[2].payload == b"png"
     only_b = await other.get(1)
     assert only_b is not None and only_b.job_id == "b" and await other.get(0.01) is None

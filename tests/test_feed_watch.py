@@ -36,7 +36,9 @@ async def test_a_shorter_wait_after_a_longer_one_times_out_at_once() -> None:
     assert await asyncio.wait_for(w.get(0), 5) is None
 
 
-async def test_items_pushed_while_nobody_waits_are_kept_in_order_and_close_drops_the_timer() -> None:
+async def test_items_pushed_while_nobody_waits_are_kept_in_order_and_close_drops_the_timer() -> (
+    None
+):
     w = Watch("p", None, gap=False)
     assert await w.get(0.01) is None
     getter = asyncio.ensure_future(w.get(30))
@@ -67,21 +69,30 @@ def test_text_frames_decode_into_their_type_and_data_on_demand() -> None:
     assert isinstance(msg.parsed, Executing) and msg.parsed.node == "3"
     assert msg.prompt_id == "abc"
     assert msg.data == data  # unknown keys kept, as ComfyUI sent them
-    status = parse_text_frame(b'{"type": "status", "data": {"status": {"exec_info": {"queue_remaining": 2}},'
-                              b' "sid": "s1"}}')
-    assert isinstance(status.parsed, Status) and status.parsed.queue_remaining == 2 and status.prompt_id is None
+    status = parse_text_frame(
+        b'{"type": "status", "data": {"status": {"exec_info": {"queue_remaining": 2}},'
+        b' "sid": "s1"}}'
+    )
+    assert (
+        isinstance(status.parsed, Status)
+        and status.parsed.queue_remaining == 2
+        and status.prompt_id is None
+    )
     other = parse_text_frame('{"type": "crystools.monitor", "data": {"prompt_id": "p9", "cpu": 1}}')
     assert other.parsed is None and other.prompt_id == "p9" and other.data["cpu"] == 1
     assert parse_text_frame('{"type": "execution_start"}').data == {}
 
 
-@pytest.mark.parametrize("raw", [
-    '{"type": "executing", "data": 5}',
-    '{"type": "executing", "data": {"node": 5}}',
-    '{"type": "crystools.monitor", "data": [1]}',
-    '{"data": {}}',
-    '{"type": "executing", "data": {"node": "1"}',
-])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        '{"type": "executing", "data": 5}',
+        '{"type": "executing", "data": {"node": 5}}',
+        '{"type": "crystools.monitor", "data": [1]}',
+        '{"data": {}}',
+        '{"type": "executing", "data": {"node": "1"}',
+    ],
+)
 def test_bad_text_frames_are_protocol_errors(raw: str) -> None:
     with pytest.raises(ProtocolError):
         parse_text_frame(raw)

@@ -15,26 +15,49 @@ from comfyq.store import Job, NewJob
 
 def wf(color: int, *, blur: bool = False) -> dict[str, Any]:
     w: dict[str, Any] = {
-        "1": {"class_type": "EmptyImage", "inputs": {"width": 16, "height": 16, "batch_size": 1, "color": color}},
+        "1": {
+            "class_type": "EmptyImage",
+            "inputs": {"width": 16, "height": 16, "batch_size": 1, "color": color},
+        },
         "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
-        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": f"g{color}"}},
+        "3": {
+            "class_type": "SaveImage",
+            "inputs": {"images": ["2", 0], "filename_prefix": f"g{color}"},
+        },
     }
     if blur:
-        w["4"] = {"class_type": "ImageBlur", "inputs": {"image": ["1", 0], "blur_radius": 1, "sigma": 1.0}}
+        w["4"] = {
+            "class_type": "ImageBlur",
+            "inputs": {"image": ["1", 0], "blur_radius": 1, "sigma": 1.0},
+        }
         w["2"]["inputs"]["image"] = ["4", 0]
     return w
 
 
 def make(root: Path, urls: list[str], **kw: Any) -> Services:
-    s = Settings(database=str(root / "q.db"), output_dir=str(root / "out"), cache_dir=str(root / "cache"),
-                 backend_probe_interval=0.2, lease_seconds=5.0, retry_base_delay=0.05, retry_max_delay=0.2,
-                 shutdown_grace=1.0, generation_workers=1, comfyui_ws_quiet_timeout=1.0, **kw)
+    s = Settings(
+        database=str(root / "q.db"),
+        output_dir=str(root / "out"),
+        cache_dir=str(root / "cache"),
+        backend_probe_interval=0.2,
+        lease_seconds=5.0,
+        retry_base_delay=0.05,
+        retry_max_delay=0.2,
+        shutdown_grace=1.0,
+        generation_workers=1,
+        comfyui_ws_quiet_timeout=1.0,
+        **kw,
+    )
     return Services(s, backends=urls)
 
 
 async def submit(svc: Services, job_id: str, workflow: dict[str, Any], **kw: Any) -> None:
-    await svc.store.create(NewJob(id=job_id, payload={"input": {"workflow_json": workflow}}, payload_hash=job_id,
-                                  **kw), 100)
+    await svc.store.create(
+        NewJob(
+            id=job_id, payload={"input": {"workflow_json": workflow}}, payload_hash=job_id, **kw
+        ),
+        100,
+    )
 
 
 async def final(svc: Services, job_id: str, timeout: float = 20) -> Job:
@@ -55,7 +78,11 @@ async def started(svc: Services, job_id: str, sim: Simulator, timeout: float = 1
     async with asyncio.timeout(timeout):
         while True:
             job = await svc.store.get(job_id)
-            if job is not None and job.comfy_prompt_id and job.comfy_prompt_id in sim.prompts_received:
+            if (
+                job is not None
+                and job.comfy_prompt_id
+                and job.comfy_prompt_id in sim.prompts_received
+            ):
                 return
             await asyncio.sleep(0.02)
 
@@ -75,7 +102,10 @@ async def test_success_records_outputs_and_progress(tmp_path: Path, sim: Simulat
             kinds.append((ev.kind, ev.data.get("node_type")))
         assert ("progress", "ImageBlur") in kinds
         (out,) = await svc.store.outputs("a")
-        assert out["mimetype"] == "image/png" and Path(out["local_path"]).read_bytes()[:4] == b"\x89PNG"
+        assert (
+            out["mimetype"] == "image/png"
+            and Path(out["local_path"]).read_bytes()[:4] == b"\x89PNG"
+        )
         # Same workflow again: ComfyUI answers from its cache with the old file name; we still get it.
         await submit(svc, "b", wf(1, blur=True))
         assert (await final(svc, "b")).state == "completed"
@@ -119,7 +149,9 @@ async def test_runtime_error_names_the_node(tmp_path: Path, sim: Simulator) -> N
         await svc.stop()
 
 
-async def test_comfyui_restart_mid_job_resubmits_and_completes(tmp_path: Path, sim: Simulator) -> None:
+async def test_comfyui_restart_mid_job_resubmits_and_completes(
+    tmp_path: Path, sim: Simulator
+) -> None:
     sim.node_durations = {"ImageBlur": 1.0}
     svc = make(tmp_path, [sim.url])
     await svc.start()
@@ -158,7 +190,10 @@ async def test_failed_submission_costs_one_attempt_not_two(tmp_path: Path, sim: 
 
 async def test_cancel_running_interrupts_that_prompt_only(tmp_path: Path, sim: Simulator) -> None:
     sim.node_durations = {"ImageBlur": 2.0}
-    svc = make(tmp_path, [sim.url], )
+    svc = make(
+        tmp_path,
+        [sim.url],
+    )
     await svc.start()
     try:
         await submit(svc, "c", wf(5, blur=True))
@@ -173,7 +208,9 @@ async def test_cancel_running_interrupts_that_prompt_only(tmp_path: Path, sim: S
         await svc.stop()
 
 
-async def test_deadline_fails_with_timeout_and_stops_the_prompt(tmp_path: Path, sim: Simulator) -> None:
+async def test_deadline_fails_with_timeout_and_stops_the_prompt(
+    tmp_path: Path, sim: Simulator
+) -> None:
     sim.node_durations = {"ImageBlur": 3.0}
     svc = make(tmp_path, [sim.url])
     await svc.start()

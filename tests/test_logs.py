@@ -34,7 +34,16 @@ JOB_ACCESS, JOB_SECRET = "AKIALOGSJOBKEY0002", "job-s3-secret-logs-uvwxyz"
 DEFAULT_HOOK_SECRET = "default-webhook-secret-logs-17"
 JOB_HOOK_SECRET = "job-webhook-secret-logs-42"  # a job's own: never registered with the redactor
 URL_TOKEN = "urltoken-logs-9876"
-SECRETS = [API_KEY, OP_ACCESS, OP_SECRET, JOB_ACCESS, JOB_SECRET, DEFAULT_HOOK_SECRET, JOB_HOOK_SECRET, URL_TOKEN]
+SECRETS = [
+    API_KEY,
+    OP_ACCESS,
+    OP_SECRET,
+    JOB_ACCESS,
+    JOB_SECRET,
+    DEFAULT_HOOK_SECRET,
+    JOB_HOOK_SECRET,
+    URL_TOKEN,
+]
 # Servers the test runs beside comfyq (moto's werkzeug, the simulator) log about our jobs too.
 FOREIGN = ("werkzeug", "moto", "comfyq.comfy.sim")
 
@@ -60,7 +69,11 @@ def test_json_lines_carry_the_job_id() -> None:
     line = JsonFormatter().format(record("job %s: lease lost", "j1", job_id="j1"))
     data = json.loads(line)
     assert "\n" not in line
-    assert data["job_id"] == "j1" and data["level"] == "warning" and data["msg"] == "job j1: lease lost"
+    assert (
+        data["job_id"] == "j1"
+        and data["level"] == "warning"
+        and data["msg"] == "job j1: lease lost"
+    )
     assert data["ts"].endswith("Z") and data["logger"] == "comfyq.pipeline"
 
 
@@ -84,16 +97,31 @@ def test_text_event_is_one_line_and_its_traceback_is_indented() -> None:
     assert "ValueError: boom" in "\n".join(lines)
 
 
-@pytest.mark.parametrize(("text", "gone", "kept"), [
-    ("fetch http://u:pw@h.example/x.png failed", "pw", "h.example/x.png"),
-    ("GET https://h.example/img.png?X-Amz-Signature=abc123 done", "abc123", "https://h.example/img.png?<redacted>"),
-    ("see https://h.example/cb#token=frag99", "frag99", "https://h.example/cb"),
-    ("GET /health?access_token=tok777 200", "tok777", "/health?access_token=***"),
-    ("header Authorization: Bearer sk-live-123", "sk-live-123", "Bearer ***"),
-    ("signing with whsec_c2VjcmV0c2VjcmV0", "c2VjcmV0c2VjcmV0", "whsec_***"),
-    ("Authorization: AWS4-HMAC-SHA256 Credential=AKIAEXAMPLE1/20260101/us-east-1", "AKIAEXAMPLE1", "Credential=***"),
-    ("configured key operator-secret-1 leaked", "operator-secret-1", "configured key *** leaked"),
-])
+@pytest.mark.parametrize(
+    ("text", "gone", "kept"),
+    [
+        ("fetch http://u:pw@h.example/x.png failed", "pw", "h.example/x.png"),
+        (
+            "GET https://h.example/img.png?X-Amz-Signature=abc123 done",
+            "abc123",
+            "https://h.example/img.png?<redacted>",
+        ),
+        ("see https://h.example/cb#token=frag99", "frag99", "https://h.example/cb"),
+        ("GET /health?access_token=tok777 200", "tok777", "/health?access_token=***"),
+        ("header Authorization: Bearer sk-live-123", "sk-live-123", "Bearer ***"),
+        ("signing with whsec_c2VjcmV0c2VjcmV0", "c2VjcmV0c2VjcmV0", "whsec_***"),
+        (
+            "Authorization: AWS4-HMAC-SHA256 Credential=AKIAEXAMPLE1/20260101/us-east-1",
+            "AKIAEXAMPLE1",
+            "Credential=***",
+        ),
+        (
+            "configured key operator-secret-1 leaked",
+            "operator-secret-1",
+            "configured key *** leaked",
+        ),
+    ],
+)
 def test_redactor(text: str, gone: str, kept: str) -> None:
     out = Redactor(["operator-secret-1"])(text)
     assert gone not in out and kept in out
@@ -132,8 +160,11 @@ async def test_job_context_is_copied_into_tasks_and_restored() -> None:
 def restore_logging() -> Iterator[None]:
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
-    levels = {name: lg.level for name, lg in logging.root.manager.loggerDict.items()
-              if isinstance(lg, logging.Logger)}
+    levels = {
+        name: lg.level
+        for name, lg in logging.root.manager.loggerDict.items()
+        if isinstance(lg, logging.Logger)
+    }
     hook = sys.excepthook
     yield
     root.handlers[:] = handlers
@@ -147,6 +178,7 @@ def restore_logging() -> Iterator[None]:
 @pytest.fixture
 async def origin() -> AsyncIterator[str]:
     """Input images that are only served to a URL carrying the right token."""
+
     async def image(request: web.Request) -> web.Response:
         if request.query.get("token") != URL_TOKEN:
             return web.Response(status=403)
@@ -193,25 +225,49 @@ async def wait_for(cond: Any, what: str, timeout: float = 30.0) -> None:
 
 def job_body(origin: str, receiver: Receiver, name: str, **extra: Any) -> dict[str, Any]:
     wf = {
-        "1": {"class_type": "LoadImage", "inputs": {"image": f"{origin}/{name}.png?token={URL_TOKEN}"}},
+        "1": {
+            "class_type": "LoadImage",
+            "inputs": {"image": f"{origin}/{name}.png?token={URL_TOKEN}"},
+        },
         "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
-        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": f"logjob{name}"}},
+        "3": {
+            "class_type": "SaveImage",
+            "inputs": {"images": ["2", 0], "filename_prefix": f"logjob{name}"},
+        },
     }
-    hook: dict[str, Any] = {"url": f"{receiver.url}/{name}?token={URL_TOKEN}", **extra.pop("webhook", {})}
+    hook: dict[str, Any] = {
+        "url": f"{receiver.url}/{name}?token={URL_TOKEN}",
+        **extra.pop("webhook", {}),
+    }
     return {"input": {"workflow_json": wf, "webhook": hook, **extra}}
 
 
 async def test_a_job_end_to_end_in_json_at_debug(
-    tmp_path: Path, simulator: Simulator, origin: str, receiver: Receiver, moto_url: str,  # noqa: F811
+    tmp_path: Path,
+    simulator: Simulator,
+    origin: str,
+    receiver: Receiver,
+    moto_url: str,  # noqa: F811
     restore_logging: None,
 ) -> None:
     make_bucket(moto_url, "logs-op")
     make_bucket(moto_url, "logs-job")
     settings = settings_for(
-        tmp_path, simulator.url, api_log_level="debug", log_format="json", api_keys=[API_KEY],
-        url_allowlist=["127.0.0.1"], webhook_secret=DEFAULT_HOOK_SECRET, s3_access_key_id=OP_ACCESS,
-        s3_secret_access_key=OP_SECRET, s3_bucket_name="logs-op", s3_endpoint_url=moto_url,
-        s3_region="us-east-1", generation_workers=1, preprocess_workers=2, postprocess_workers=2,
+        tmp_path,
+        simulator.url,
+        api_log_level="debug",
+        log_format="json",
+        api_keys=[API_KEY],
+        url_allowlist=["127.0.0.1"],
+        webhook_secret=DEFAULT_HOOK_SECRET,
+        s3_access_key_id=OP_ACCESS,
+        s3_secret_access_key=OP_SECRET,
+        s3_bucket_name="logs-op",
+        s3_endpoint_url=moto_url,
+        s3_region="us-east-1",
+        generation_workers=1,
+        preprocess_workers=2,
+        postprocess_workers=2,
     )
     buf = io.StringIO()
     logs.configure(settings, stream=buf)
@@ -222,32 +278,53 @@ async def test_a_job_end_to_end_in_json_at_debug(
         # a: the operator's bucket, the job's own webhook secret
         "a": job_body(origin, receiver, "a", webhook={"secret": JOB_HOOK_SECRET}),
         # b: the job's own S3 keys and bucket, the server's default webhook secret
-        "b": job_body(origin, receiver, "b", s3={"access_key_id": JOB_ACCESS, "secret_access_key": JOB_SECRET,
-                                                "bucket_name": "logs-job", "endpoint_url": moto_url}),
+        "b": job_body(
+            origin,
+            receiver,
+            "b",
+            s3={
+                "access_key_id": JOB_ACCESS,
+                "secret_access_key": JOB_SECRET,
+                "bucket_name": "logs-job",
+                "endpoint_url": moto_url,
+            },
+        ),
     }
     try:
+
         async def submit(body: dict[str, Any]) -> str:
             async with srv.session.post(srv.u("/generate"), json=body, headers=auth) as r:
                 assert r.status == 202, await r.text()
                 return str((await r.json())["id"])
 
-        ids = dict(zip(bodies, await asyncio.gather(*(submit(b) for b in bodies.values())), strict=True))
+        ids = dict(
+            zip(bodies, await asyncio.gather(*(submit(b) for b in bodies.values())), strict=True)
+        )
         results: dict[str, dict[str, Any]] = {}
 
         async def done() -> None:
             while len(results) < len(ids):
                 for name, job_id in ids.items():
                     # The key as a query parameter, as a browser's EventSource would send it.
-                    async with srv.session.get(srv.u(f"/result/{job_id}?access_token={API_KEY}")) as r:
+                    async with srv.session.get(
+                        srv.u(f"/result/{job_id}?access_token={API_KEY}")
+                    ) as r:
                         res = await r.json()
                     if res["status"] in ("completed", "failed", "cancelled"):
                         results[name] = res
                 await asyncio.sleep(0.1)
 
         await asyncio.wait_for(done(), 60)
-        assert {n: r["status"] for n, r in results.items()} == {"a": "completed", "b": "completed"}, results
-        assert all(r["output"] and not r["output"][0].get("upload_error") for r in results.values()), results
-        await wait_for(lambda: buf.getvalue().count('"outcome": "delivered"') >= 2, "both webhook lines")
+        assert {n: r["status"] for n, r in results.items()} == {
+            "a": "completed",
+            "b": "completed",
+        }, results
+        assert all(
+            r["output"] and not r["output"][0].get("upload_error") for r in results.values()
+        ), results
+        await wait_for(
+            lambda: buf.getvalue().count('"outcome": "delivered"') >= 2, "both webhook lines"
+        )
         prompts = {}
         for name, job_id in ids.items():
             job = await srv.services.store.get(job_id)
@@ -264,7 +341,9 @@ async def test_a_job_end_to_end_in_json_at_debug(
 
     # Every line that names something of one job (its id, prompt, input, output files) carries
     # that job's id, and only that one.
-    markers = {name: {ids[name], str(prompts[name]), f"logjob{name}", f"/{name}.png"} for name in ids}
+    markers = {
+        name: {ids[name], str(prompts[name]), f"logjob{name}", f"/{name}.png"} for name in ids
+    }
     ours = [ln for ln in lines if not ln["logger"].startswith(FOREIGN)]
     for ln in ours:
         named = {name for name, ms in markers.items() if any(m in ln["_raw"] for m in ms)}
@@ -272,21 +351,41 @@ async def test_a_job_end_to_end_in_json_at_debug(
             assert len(named) == 1 and ln.get("job_id") == ids[named.pop()], ln["_raw"]
 
     # Each part of comfyq that worked on a job said so, under the job's id.
-    wanted = {"comfyq.access", "comfyq.jobs", "comfyq.prepare", "comfyq.assets", "comfyq.generate",
-              "comfyq.comfy.backends", "comfyq.outputs", "comfyq.webhooks"}
+    wanted = {
+        "comfyq.access",
+        "comfyq.jobs",
+        "comfyq.prepare",
+        "comfyq.assets",
+        "comfyq.generate",
+        "comfyq.comfy.backends",
+        "comfyq.outputs",
+        "comfyq.webhooks",
+    }
     for name, job_id in ids.items():
         loggers = {ln["logger"] for ln in ours if ln.get("job_id") == job_id}
         assert wanted <= loggers, (name, wanted - loggers)
-        ends = [ln for ln in ours if ln.get("job_id") == job_id and ln["logger"] == "comfyq.jobs"
-                and ln.get("state") == "completed"]
+        ends = [
+            ln
+            for ln in ours
+            if ln.get("job_id") == job_id
+            and ln["logger"] == "comfyq.jobs"
+            and ln.get("state") == "completed"
+        ]
         assert len(ends) == 1 and ends[0]["level"] == "info" and ends[0]["timings"]["total_ms"] >= 0
-        delivered = [ln for ln in ours if ln.get("job_id") == job_id and ln.get("outcome") == "delivered"]
+        delivered = [
+            ln for ln in ours if ln.get("job_id") == job_id and ln.get("outcome") == "delivered"
+        ]
         assert len(delivered) == 1 and 200 <= delivered[0]["http_status"] < 300
 
     access = [ln for ln in ours if ln["logger"] == "comfyq.access"]
     polls = [ln for ln in access if ln["path"].startswith("/result/")]
-    assert polls and all(ln["method"] == "GET" and ln["status"] == 200 and "?" not in ln["path"]
-                         and ln["job_id"] == ln["path"].removeprefix("/result/") for ln in polls)
+    assert polls and all(
+        ln["method"] == "GET"
+        and ln["status"] == 200
+        and "?" not in ln["path"]
+        and ln["job_id"] == ln["path"].removeprefix("/result/")
+        for ln in polls
+    )
     posts = [ln for ln in access if ln["path"] == "/generate"]
     assert sorted(ln["job_id"] for ln in posts) == sorted(ids.values())
     assert all(ln["remote"] == "127.0.0.1" and ln["duration_ms"] >= 0 for ln in access)
@@ -296,24 +395,39 @@ async def test_a_job_end_to_end_in_json_at_debug(
 
 
 async def test_warning_level_from_the_environment_suppresses_info(
-    tmp_path: Path, simulator: Simulator, restore_logging: None,
+    tmp_path: Path,
+    simulator: Simulator,
+    restore_logging: None,
 ) -> None:
-    env = {"API_LOG_LEVEL": "warning", "COMFYQ_LOG_FORMAT": "json", "COMFYUI_API_BASE": simulator.url,
-           "COMFYQ_DATABASE": str(tmp_path / "q.db"), "COMFYQ_OUTPUT_DIR": str(tmp_path / "out"),
-           "COMFYQ_CACHE_DIR": str(tmp_path / "cache"), "COMFYQ_BACKEND_PROBE_INTERVAL": "0.2"}
+    env = {
+        "API_LOG_LEVEL": "warning",
+        "COMFYQ_LOG_FORMAT": "json",
+        "COMFYUI_API_BASE": simulator.url,
+        "COMFYQ_DATABASE": str(tmp_path / "q.db"),
+        "COMFYQ_OUTPUT_DIR": str(tmp_path / "out"),
+        "COMFYQ_CACHE_DIR": str(tmp_path / "cache"),
+        "COMFYQ_BACKEND_PROBE_INTERVAL": "0.2",
+    }
     settings = load_settings(config_path=None, env=env)
     assert settings.api_log_level == "warning"
     buf = io.StringIO()
     logs.configure(settings, stream=buf)
     srv = await start_server(settings)
     logs.attach(srv.services)
-    good = {"1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 7}},
-            "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "warn"}}}
+    good = {
+        "1": {
+            "class_type": "EmptyImage",
+            "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 7},
+        },
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "warn"}},
+    }
     bad = {"1": {"class_type": "NoSuchNode", "inputs": {}}}
     try:
         ids = []
         for wf in (good, bad):
-            async with srv.session.post(srv.u("/generate/sync"), json={"input": {"workflow_json": wf}}) as r:
+            async with srv.session.post(
+                srv.u("/generate/sync"), json={"input": {"workflow_json": wf}}
+            ) as r:
                 ids.append((await r.json())["id"])
                 assert r.status in (200, 400)
     finally:
@@ -327,7 +441,9 @@ async def test_warning_level_from_the_environment_suppresses_info(
 
 
 def test_serve_with_a_bad_log_level_exits_2_naming_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("API_LOG_LEVEL", "loud")
@@ -338,7 +454,9 @@ def test_serve_with_a_bad_log_level_exits_2_naming_it(
 
 
 async def test_unknown_route_and_refused_request_lines(
-    tmp_path: Path, simulator: Simulator, restore_logging: None,
+    tmp_path: Path,
+    simulator: Simulator,
+    restore_logging: None,
 ) -> None:
     settings = settings_for(tmp_path, simulator.url, log_format="json", api_keys=[API_KEY])
     buf = io.StringIO()

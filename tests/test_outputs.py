@@ -35,8 +35,12 @@ def wire(srv: Server) -> WebhookSender:
     svc = srv.services
     st = svc.pipeline.stages["postprocess"]
     if getattr(st.handler, "uploader", None) is None:
-        st.handler = Postprocess(svc.pool, svc.output_dir, uploader=S3Uploader.from_settings(svc.settings, svc.guard),
-                                 fail_on_upload_error=svc.settings.s3_fail_job_on_upload_error)
+        st.handler = Postprocess(
+            svc.pool,
+            svc.output_dir,
+            uploader=S3Uploader.from_settings(svc.settings, svc.guard),
+            fail_on_upload_error=svc.settings.s3_fail_job_on_upload_error,
+        )
     sender: WebhookSender = svc.webhooks
     sender.cfg = dataclasses.replace(sender.cfg, retry_base=0.02, retry_max=0.1, poll_interval=0.2)
     return sender
@@ -81,7 +85,13 @@ async def get(url: str) -> tuple[int, bytes]:
 
 
 def test_file_names_cannot_escape_the_job_folder(tmp_path: Path) -> None:
-    for evil in ("../../etc/passwd", "/etc/cron.d/x", "..\\..\\boot.ini", "a/../../b.png", ".hidden"):
+    for evil in (
+        "../../etc/passwd",
+        "/etc/cron.d/x",
+        "..\\..\\boot.ini",
+        "a/../../b.png",
+        ".hidden",
+    ):
         name = safe_name(evil, "../../sub")
         assert "/" not in name and "\\" not in name and not name.startswith(".")
         assert (job_dir(tmp_path, "job1") / name).resolve().parent == (tmp_path / "job1").resolve()
@@ -91,7 +101,10 @@ def test_file_names_cannot_escape_the_job_folder(tmp_path: Path) -> None:
 
 
 async def test_request_s3_and_webhook_end_to_end_without_leaking_secrets(
-    make_server: MakeServer, proxy: FaultyProxy, moto_url: str, receiver: Receiver,  # noqa: F811
+    make_server: MakeServer,
+    proxy: FaultyProxy,
+    moto_url: str,
+    receiver: Receiver,  # noqa: F811
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.DEBUG)
@@ -99,9 +112,11 @@ async def test_request_s3_and_webhook_end_to_end_without_leaking_secrets(
     srv, sender = await started(make_server, s3_prefix="cq")
     try:
         status, res = await generate(
-            srv, request_id="e2e-1",
+            srv,
+            request_id="e2e-1",
             s3={"bucket_name": "client-bucket", "endpoint_url": proxy.url, **KEYS},
-            webhook={"url": receiver.url, "secret": HOOK_SECRET, "extra_params": {"order": 42}})
+            webhook={"url": receiver.url, "secret": HOOK_SECRET, "extra_params": {"order": 42}},
+        )
         assert status == 200 and res["status"] == "completed", res
         [out] = res["output"]
         assert out.get("upload_error") is None
@@ -120,7 +135,11 @@ async def test_request_s3_and_webhook_end_to_end_without_leaking_secrets(
         assert d["state"] == "delivered"
         [hit] = receiver.hits
         hook = json.loads(hit.body)
-        assert hook["id"] == "e2e-1" and hook["status"] == "completed" and hook["extra"] == {"order": 42}
+        assert (
+            hook["id"] == "e2e-1"
+            and hook["status"] == "completed"
+            and hook["extra"] == {"order": 42}
+        )
         assert hook["output"][0]["url"] == out["url"] and "local_path" not in hook["output"][0]
 
         async with srv.session.get(srv.u("/jobs")) as r:
@@ -134,25 +153,41 @@ async def test_request_s3_and_webhook_end_to_end_without_leaking_secrets(
             conn.close()
         logs = "\n".join(rec.getMessage() for rec in caplog.records)
         for secret in (KEYS["secret_access_key"], HOOK_SECRET):
-            for where, text in (("Result", result), ("/jobs", listing), ("webhook", hit.body.decode()),
-                                ("log", logs), ("database", dump)):
+            for where, text in (
+                ("Result", result),
+                ("/jobs", listing),
+                ("webhook", hit.body.decode()),
+                ("log", logs),
+                ("database", dump),
+            ):
                 assert secret not in text, f"{secret} found in {where}"
     finally:
         await stop(sender)
 
 
 async def test_operator_s3_with_prefix_and_no_request_block(
-    make_server: MakeServer, proxy: FaultyProxy, moto_url: str  # noqa: F811
+    make_server: MakeServer,
+    proxy: FaultyProxy,
+    moto_url: str,  # noqa: F811
 ) -> None:
     make_bucket(moto_url, "operator-bucket")
-    srv, sender = await started(make_server, s3_access_key_id="OP-AKID", s3_secret_access_key="op-secret",
-                                s3_bucket_name="operator-bucket", s3_endpoint_url=proxy.url,
-                                s3_prefix="renders/", s3_presign_expiry=120)
+    srv, sender = await started(
+        make_server,
+        s3_access_key_id="OP-AKID",
+        s3_secret_access_key="op-secret",
+        s3_bucket_name="operator-bucket",
+        s3_endpoint_url=proxy.url,
+        s3_prefix="renders/",
+        s3_presign_expiry=120,
+    )
     try:
         status, res = await generate(srv, request_id="op-1")
         assert status == 200 and res["status"] == "completed"
         [out] = res["output"]
-        assert out["url"].startswith(f"{proxy.url}/operator-bucket/renders/op-1/") and "X-Amz-Expires=120" in out["url"]
+        assert (
+            out["url"].startswith(f"{proxy.url}/operator-bucket/renders/op-1/")
+            and "X-Amz-Expires=120" in out["url"]
+        )
         assert (await get(out["url"]))[0] == 200
         assert proxy.keys_used() == {"OP-AKID"}
         # A request that names another bucket without keys: the operator's keys are not lent to it.
@@ -174,14 +209,23 @@ async def test_upload_failure_warns_or_fails_as_configured(
 ) -> None:
     srv, sender = await started(make_server, s3_fail_job_on_upload_error=fail_job)
     try:
-        status, res = await generate(srv, s3={"bucket_name": "does-not-exist", "endpoint_url": proxy.url, **KEYS})
+        status, res = await generate(
+            srv, s3={"bucket_name": "does-not-exist", "endpoint_url": proxy.url, **KEYS}
+        )
         [out] = res["output"]
         assert "NoSuchBucket" in out["upload_error"] and out["url"].startswith("/outputs/")
         if fail_job:
             assert status == 500 and res["status"] == "failed"
-            assert res["error"]["type"] == "output_error" and "upload of 1 of 1 output(s) failed" in res["error"]["message"]
+            assert (
+                res["error"]["type"] == "output_error"
+                and "upload of 1 of 1 output(s) failed" in res["error"]["message"]
+            )
         else:
-            assert status == 200 and res["status"] == "completed" and res["warnings"][0]["filename"] == out["filename"]
+            assert (
+                status == 200
+                and res["status"] == "completed"
+                and res["warnings"][0]["filename"] == out["filename"]
+            )
         # Either way the file itself is kept and served.
         async with srv.session.get(srv.u(out["url"])) as r:
             assert r.status == 200
@@ -210,7 +254,9 @@ async def test_a_dead_webhook_receiver_holds_up_no_job(make_server: MakeServer) 
 async def test_default_webhook_url_applies_to_jobs_that_name_none(
     make_server: MakeServer, receiver: Receiver
 ) -> None:
-    srv, sender = await started(make_server, webhook_url=receiver.url, webhook_secret="whsec_" + "QUJD" * 8)
+    srv, sender = await started(
+        make_server, webhook_url=receiver.url, webhook_secret="whsec_" + "QUJD" * 8
+    )
     try:
         status, res = await generate(srv, request_id="default-hook")
         assert status == 200 and res["status"] == "completed"
@@ -218,6 +264,10 @@ async def test_default_webhook_url_applies_to_jobs_that_name_none(
         assert job is not None and job.payload["input"]["webhook"]["url"] == receiver.url
         (hit,) = await receiver.wait_hits(1)
         assert json.loads(hit.body)["id"] == "default-hook"
-        assert {k.lower() for k in hit.headers} >= {"webhook-id", "webhook-timestamp", "webhook-signature"}
+        assert {k.lower() for k in hit.headers} >= {
+            "webhook-id",
+            "webhook-timestamp",
+            "webhook-signature",
+        }
     finally:
         await stop(sender)

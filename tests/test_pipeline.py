@@ -51,7 +51,9 @@ class Recorder:
 
 
 def job(i: int, **plan: Any) -> NewJob:
-    return NewJob(id=f"j{i}", payload=plan, payload_hash=str(i), timeout=plan.pop("timeout", 3600.0))
+    return NewJob(
+        id=f"j{i}", payload=plan, payload_hash=str(i), timeout=plan.pop("timeout", 3600.0)
+    )
 
 
 @pytest.fixture
@@ -61,8 +63,13 @@ async def rig(tmp_path: Path):
     bus = EventBus()
     store.listen(bus.on_transitions)
     handlers = {s: Recorder(s) for s in STAGES}
-    pipe = Pipeline(store, bus, handlers, {"preprocess": 2, "generate": 2, "postprocess": 2},  # type: ignore[arg-type]
-                    RunnerConfig(lease=3.0, retry_base=0.05, retry_max=0.2, idle_poll=30.0))
+    pipe = Pipeline(
+        store,
+        bus,
+        handlers,
+        {"preprocess": 2, "generate": 2, "postprocess": 2},  # type: ignore[arg-type]
+        RunnerConfig(lease=3.0, retry_base=0.05, retry_max=0.2, idle_poll=30.0),
+    )
     await pipe.start()
     yield store, bus, pipe, handlers
     await pipe.stop(grace=1)
@@ -118,7 +125,12 @@ async def test_non_retryable_error_fails_at_once_with_typed_error(rig) -> None:
     await store.create(job(1, generate={"fail": True}), 10)
     j = await wait_final(bus, store, "j1")
     assert j.state == "failed" and handlers["generate"].runs["j1"] == 1
-    assert j.error == {"type": "node_error", "message": "boom", "node_id": "5", "node_type": "LoadImage"}
+    assert j.error == {
+        "type": "node_error",
+        "message": "boom",
+        "node_id": "5",
+        "node_type": "LoadImage",
+    }
     assert j.message.startswith("Generation failed")
 
 

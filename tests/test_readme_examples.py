@@ -57,7 +57,9 @@ def blocks() -> list[Block]:
     out: list[Block] = []
     for doc in DOCS:
         text = doc.read_text()
-        for m in re.finditer(r"^```(\S*)[ \t]*([^\n]*)\n(.*?)^```[ \t]*$", text, re.MULTILINE | re.DOTALL):
+        for m in re.finditer(
+            r"^```(\S*)[ \t]*([^\n]*)\n(.*?)^```[ \t]*$", text, re.MULTILINE | re.DOTALL
+        ):
             line = text.count("\n", 0, m.start()) + 1
             out.append(Block(m.group(1), m.group(2).split(), m.group(3), f"{doc.name}:{line}"))
     return out
@@ -90,8 +92,13 @@ def shape(doc: Any, real: Any, path: str = "$", key: str = "") -> list[str]:
     if isinstance(doc, dict):
         if not isinstance(real, dict):
             return [f"{path}: expected an object, got {real!r:.80}"]
-        return [e for k, v in doc.items()
-                for e in (shape(v, real[k], f"{path}.{k}", k) if k in real else [f"{path}.{k}: missing"])]
+        return [
+            e
+            for k, v in doc.items()
+            for e in (
+                shape(v, real[k], f"{path}.{k}", k) if k in real else [f"{path}.{k}: missing"]
+            )
+        ]
     if isinstance(doc, list):
         if not isinstance(real, list):
             return [f"{path}: expected a list, got {real!r:.80}"]
@@ -173,8 +180,13 @@ def lines_mismatch(doc: str, printed: str) -> list[str]:
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThreadServer]:
     # Settings as `comfyq serve --simulate` has them where the examples depend on them.
-    server = ThreadServer(tmp_path_factory.mktemp("readme"), ApiOptions(heartbeat=0.5),
-                          generation_workers=2, preprocess_workers=3, postprocess_workers=3).start()
+    server = ThreadServer(
+        tmp_path_factory.mktemp("readme"),
+        ApiOptions(heartbeat=0.5),
+        generation_workers=2,
+        preprocess_workers=3,
+        postprocess_workers=3,
+    ).start()
     server.sim.node_duration, server.sim.progress_steps = 0.1, 5
     try:
         yield server
@@ -184,7 +196,9 @@ def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThreadServer]:
 
 def here(text: str, srv: ThreadServer) -> str:
     """The text with the documented address and database file replaced by the test server's."""
-    return text.replace(DOC_HOST, srv.url.removeprefix("http://")).replace(DOC_DB, str(srv.services.db_path))
+    return text.replace(DOC_HOST, srv.url.removeprefix("http://")).replace(
+        DOC_DB, str(srv.services.db_path)
+    )
 
 
 def check(example: Block, doc: Block | None, run: Any, srv: ThreadServer) -> None:
@@ -198,8 +212,11 @@ def check(example: Block, doc: Block | None, run: Any, srv: ThreadServer) -> Non
         time.sleep(0.2)
         out = run()
         errs = mismatch(expected, out)
-    assert not errs, f"{example.where}: the output does not match {doc.where}:\n" + "\n".join(errs) + \
-        f"\n--- output ---\n{out[:3000]}"
+    assert not errs, (
+        f"{example.where}: the output does not match {doc.where}:\n"
+        + "\n".join(errs)
+        + f"\n--- output ---\n{out[:3000]}"
+    )
 
 
 def test_the_examples_are_found() -> None:
@@ -215,22 +232,34 @@ def test_curl_examples(srv: ThreadServer, tmp_path: Path) -> None:
     if shutil.which("curl") is None:
         pytest.skip("curl is not installed")
     for example, doc in examples("sh"):
+
         def run(code: str = here(example.code, srv), where: str = example.where) -> str:
-            p = subprocess.run(["bash", "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60,
-                               check=False)
+            p = subprocess.run(
+                ["bash", "-c", code],
+                cwd=tmp_path,
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
             assert p.returncode == 0, f"{where} exited {p.returncode}: {p.stderr}{p.stdout}"
             return p.stdout
+
         check(example, doc, run, srv)
 
 
-def test_python_examples(srv: ThreadServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_python_examples(
+    srv: ThreadServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)  # they may save files
     for example, doc in examples("python"):
+
         def run(code: str = here(example.code, srv), where: str = example.where) -> str:
             out = io.StringIO()
             with contextlib.redirect_stdout(out):
                 exec(compile(code, where, "exec"), {"__name__": "__main__"})  # noqa: S102 - the README's code
             return out.getvalue()
+
         check(example, doc, run, srv)
 
 
@@ -238,9 +267,20 @@ def node_command() -> list[str] | None:
     """node with EventSource and WebSocket as browser globals, or None."""
     if shutil.which("node") is None:
         return None
-    probe = "process.exit(typeof EventSource === 'function' && typeof WebSocket === 'function' ? 0 : 1)"
-    for flags in (["--experimental-eventsource", "--experimental-websocket"], ["--experimental-eventsource"], []):
-        if subprocess.run(["node", *flags, "-e", probe], capture_output=True, timeout=30, check=False).returncode == 0:
+    probe = (
+        "process.exit(typeof EventSource === 'function' && typeof WebSocket === 'function' ? 0 : 1)"
+    )
+    for flags in (
+        ["--experimental-eventsource", "--experimental-websocket"],
+        ["--experimental-eventsource"],
+        [],
+    ):
+        if (
+            subprocess.run(
+                ["node", *flags, "-e", probe], capture_output=True, timeout=30, check=False
+            ).returncode
+            == 0
+        ):
             return ["node", "--no-warnings", *flags]
     return None
 
@@ -250,13 +290,18 @@ def test_browser_examples_in_node(srv: ThreadServer, tmp_path: Path) -> None:
     if node is None:
         pytest.skip("no node with EventSource and WebSocket")
     for i, (example, doc) in enumerate(examples("js")):
-        script = tmp_path / f"example{i}.mjs"  # .mjs: top-level await, as in a <script type="module">
+        script = (
+            tmp_path / f"example{i}.mjs"
+        )  # .mjs: top-level await, as in a <script type="module">
         script.write_text(here(example.code, srv))
 
         def run(path: Path = script, where: str = example.where) -> str:
-            p = subprocess.run([*node, str(path)], capture_output=True, text=True, timeout=60, check=False)
+            p = subprocess.run(
+                [*node, str(path)], capture_output=True, text=True, timeout=60, check=False
+            )
             assert p.returncode == 0, f"{where} exited {p.returncode}: {p.stderr}"
             return p.stdout
+
         check(example, doc, run, srv)
 
 
@@ -271,9 +316,13 @@ def test_sqlite_recipes_run_on_a_real_database(srv: ThreadServer, tmp_path: Path
     first = examples("sh")[0][0]
     body = next(a for a in shlex.split(first.code) if a.startswith('{"input"'))
     # The recipes look at the README's first job: make sure it exists (the curl test may be skipped).
-    requests.post(srv.url + "/generate", data=body, headers={"content-type": "application/json"}, timeout=10)
+    requests.post(
+        srv.url + "/generate", data=body, headers={"content-type": "application/json"}, timeout=10
+    )
     end = time.monotonic() + 20
-    while requests.get(srv.url + "/result/my-first-job", timeout=10).json()["status"] != "completed":
+    while (
+        requests.get(srv.url + "/result/my-first-job", timeout=10).json()["status"] != "completed"
+    ):
         assert time.monotonic() < end, "my-first-job did not complete"
         time.sleep(0.1)
     conn = sqlite3.connect(f"file:{srv.services.db_path}?mode=ro", uri=True)
@@ -289,7 +338,9 @@ def test_sqlite_recipes_run_on_a_real_database(srv: ThreadServer, tmp_path: Path
                 if "job_history" in sql or "from outputs" in sql:
                     assert rows, f"{block.where}: {sql} found nothing for my-first-job"
             if binary is not None:
-                p = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=30, check=False)
+                p = subprocess.run(
+                    cmd, cwd=tmp_path, capture_output=True, text=True, timeout=30, check=False
+                )
                 assert p.returncode == 0 and not p.stderr, f"{block.where}: {cmd}: {p.stderr}"
             ran += 1
     conn.close()
@@ -305,9 +356,18 @@ def test_each_job_gets_its_own_image(srv: ThreadServer) -> None:
 
     def run(color: int) -> bytes:
         wf: dict[str, Any] = {
-            "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": color}},
-            "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "same"}}}
-        r = requests.post(srv.url + "/generate/sync", json={"input": {"workflow_json": wf}}, timeout=60)
+            "1": {
+                "class_type": "EmptyImage",
+                "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": color},
+            },
+            "2": {
+                "class_type": "SaveImage",
+                "inputs": {"images": ["1", 0], "filename_prefix": "same"},
+            },
+        }
+        r = requests.post(
+            srv.url + "/generate/sync", json={"input": {"workflow_json": wf}}, timeout=60
+        )
         assert r.status_code == 200, r.text
         return requests.get(srv.url + r.json()["output"][0]["url"], timeout=10).content
 
@@ -316,4 +376,6 @@ def test_each_job_gets_its_own_image(srv: ThreadServer) -> None:
         images = list(pool.map(run, colors))
     for color, png in zip(colors, images, strict=True):
         _, _, rows = decode_png(png)
-        assert rows[1:4] == color.to_bytes(3, "big"), f"job with colour {color:06x} got another image"
+        assert rows[1:4] == color.to_bytes(3, "big"), (
+            f"job with colour {color:06x} got another image"
+        )

@@ -21,18 +21,26 @@ from comfyq.services import Services
 from comfyq.store import Job, NewJob
 
 URL = os.environ.get("COMFYUI_TEST_URL", "")
-pytestmark = [pytest.mark.real_comfyui,
-              pytest.mark.skipif(not URL, reason="COMFYUI_TEST_URL is not set")]
+pytestmark = [
+    pytest.mark.real_comfyui,
+    pytest.mark.skipif(not URL, reason="COMFYUI_TEST_URL is not set"),
+]
 
 
 def png(w: int, h: int, rgb: tuple[int, int, int]) -> bytes:
     raw = b"".join(b"\x00" + bytes(rgb) * w for _ in range(h))
 
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
 
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
 
 
 @pytest.fixture
@@ -53,8 +61,13 @@ async def image_server() -> AsyncIterator[str]:
 
 @pytest.fixture
 async def svc(tmp_path: Path) -> AsyncIterator[Services]:
-    s = Settings(database=str(tmp_path / "q.db"), output_dir=str(tmp_path / "out"), cache_dir=str(tmp_path / "c"),
-                 url_allowlist=["127.0.0.1"], backend_probe_interval=0.5)
+    s = Settings(
+        database=str(tmp_path / "q.db"),
+        output_dir=str(tmp_path / "out"),
+        cache_dir=str(tmp_path / "c"),
+        url_allowlist=["127.0.0.1"],
+        backend_probe_interval=0.5,
+    )
     services = Services(s, backends=[URL])
     await services.start()
     assert await services.pool.wait_ready(30)
@@ -64,8 +77,15 @@ async def svc(tmp_path: Path) -> AsyncIterator[Services]:
 
 async def run(svc: Services, job_id: str, job_input: dict[str, Any]) -> tuple[Job, list[str]]:
     sub = svc.bus.subscribe(job_id)
-    await svc.store.create(NewJob(id=job_id, payload={"input": job_input}, payload_hash=job_id,
-                                  kind=job_input.get("modifier", "workflow")), 100)
+    await svc.store.create(
+        NewJob(
+            id=job_id,
+            payload={"input": job_input},
+            payload_hash=job_id,
+            kind=job_input.get("modifier", "workflow"),
+        ),
+        100,
+    )
     kinds = []
     async with asyncio.timeout(120):
         while True:
@@ -80,9 +100,17 @@ async def run(svc: Services, job_id: str, job_input: dict[str, Any]) -> tuple[Jo
 
 async def test_raw_workflow_runs_with_progress_and_output(svc: Services) -> None:
     color = int.from_bytes(os.urandom(3), "big")
-    wf = {"1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": color}},
-          "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
-          "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "comfyq_real"}}}
+    wf = {
+        "1": {
+            "class_type": "EmptyImage",
+            "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": color},
+        },
+        "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+        "3": {
+            "class_type": "SaveImage",
+            "inputs": {"images": ["2", 0], "filename_prefix": "comfyq_real"},
+        },
+    }
     job, kinds = await run(svc, "real-raw", {"workflow_json": wf})
     assert job.state == "completed", job.error
     assert "progress" in kinds
@@ -91,9 +119,14 @@ async def test_raw_workflow_runs_with_progress_and_output(svc: Services) -> None
 
 
 async def test_raw_workflow_with_an_image_url(svc: Services, image_server: str) -> None:
-    wf = {"1": {"class_type": "LoadImage", "inputs": {"image": image_server}},
-          "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
-          "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "comfyq_url"}}}
+    wf = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": image_server}},
+        "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+        "3": {
+            "class_type": "SaveImage",
+            "inputs": {"images": ["2", 0], "filename_prefix": "comfyq_url"},
+        },
+    }
     job, _ = await run(svc, "real-url", {"workflow_json": wf})
     assert job.state == "completed", job.error
     assert job.prepared is not None and job.prepared["inputs"][0]["name"].startswith("cq_")
@@ -101,7 +134,19 @@ async def test_raw_workflow_with_an_image_url(svc: Services, image_server: str) 
 
 
 async def test_modifier_with_modifications(svc: Services, image_server: str) -> None:
-    job, _ = await run(svc, "real-mod", {"modifier": "ImageEffects", "modifications": {
-        "input_image": image_server, "width": 48, "height": 32, "invert": True, "blur_radius": 2}})
+    job, _ = await run(
+        svc,
+        "real-mod",
+        {
+            "modifier": "ImageEffects",
+            "modifications": {
+                "input_image": image_server,
+                "width": 48,
+                "height": 32,
+                "invert": True,
+                "blur_radius": 2,
+            },
+        },
+    )
     assert job.state == "completed", job.error
     assert len(await svc.store.outputs("real-mod")) == 1

@@ -17,8 +17,13 @@ from comfyq.netguard import AddressGuard
 from comfyq.outputs.s3 import LocalFile, S3ConfigError, S3Settings, S3Uploader, resolve
 
 MiB = 1024 * 1024
-OP = S3Settings(access_key_id="OPKEY", secret_access_key="opsecret", bucket="op-bucket",
-                endpoint_url="http://minio.internal:9000", region="eu-west-1")
+OP = S3Settings(
+    access_key_id="OPKEY",
+    secret_access_key="opsecret",
+    bucket="op-bucket",
+    endpoint_url="http://minio.internal:9000",
+    region="eu-west-1",
+)
 
 
 # --- which bucket, endpoint and keys ---------------------------------------------------------
@@ -26,7 +31,11 @@ OP = S3Settings(access_key_id="OPKEY", secret_access_key="opsecret", bucket="op-
 
 def test_no_block_uses_the_operator_settings_when_complete() -> None:
     t = resolve(None, None, OP)
-    assert t is not None and (t.bucket, t.endpoint_url, t.access_key_id) == ("op-bucket", "http://minio.internal:9000", "OPKEY")
+    assert t is not None and (t.bucket, t.endpoint_url, t.access_key_id) == (
+        "op-bucket",
+        "http://minio.internal:9000",
+        "OPKEY",
+    )
     assert t.operator_endpoint and t.region == "eu-west-1"
     assert resolve(None, None, S3Settings(bucket="b")) is None  # operator S3 incomplete: no upload
     assert resolve({}, None, S3Settings()) is None  # an empty block names nowhere
@@ -34,22 +43,35 @@ def test_no_block_uses_the_operator_settings_when_complete() -> None:
 
 def test_fields_fall_back_one_by_one() -> None:
     t = resolve({"region": "us-east-2", "connect_timeout": 5, "connect_attempts": 7}, None, OP)
-    assert t is not None and t.region == "us-east-2" and t.bucket == "op-bucket" and t.access_key_id == "OPKEY"
+    assert (
+        t is not None
+        and t.region == "us-east-2"
+        and t.bucket == "op-bucket"
+        and t.access_key_id == "OPKEY"
+    )
     assert (t.connect_timeout, t.attempts) == (5.0, 7)
     # Naming the operator's own bucket or endpoint (trailing slash aside) is still the operator's.
-    same = resolve({"bucket_name": "op-bucket", "endpoint_url": "http://minio.internal:9000/"}, None, OP)
+    same = resolve(
+        {"bucket_name": "op-bucket", "endpoint_url": "http://minio.internal:9000/"}, None, OP
+    )
     assert same is not None and same.access_key_id == "OPKEY"
     # Own keys with the operator's bucket and endpoint: the request's keys are used.
     own = resolve({}, {"access_key_id": "AK", "secret_access_key": "SK"}, OP)
-    assert own is not None and (own.access_key_id, own.bucket, own.endpoint_url) == ("AK", "op-bucket",
-                                                                                     "http://minio.internal:9000")
+    assert own is not None and (own.access_key_id, own.bucket, own.endpoint_url) == (
+        "AK",
+        "op-bucket",
+        "http://minio.internal:9000",
+    )
 
 
-@pytest.mark.parametrize("block", [
-    {"bucket_name": "someone-elses"},
-    {"endpoint_url": "https://evil.example"},
-    {"bucket_name": "op-bucket", "endpoint_url": "https://evil.example"},
-])
+@pytest.mark.parametrize(
+    "block",
+    [
+        {"bucket_name": "someone-elses"},
+        {"endpoint_url": "https://evil.example"},
+        {"bucket_name": "op-bucket", "endpoint_url": "https://evil.example"},
+    ],
+)
 def test_operator_keys_never_go_to_another_bucket_or_endpoint(block: dict[str, Any]) -> None:
     with pytest.raises(S3ConfigError, match="must bring its own access_key_id"):
         resolve(block, None, OP)
@@ -66,7 +88,9 @@ def test_half_a_key_pair_or_nothing_to_use_is_an_error() -> None:
 
 
 def test_keys_stay_out_of_repr() -> None:
-    t = resolve({"bucket_name": "b"}, {"access_key_id": "AKIAXX", "secret_access_key": "SUPERSECRET"}, OP)
+    t = resolve(
+        {"bucket_name": "b"}, {"access_key_id": "AKIAXX", "secret_access_key": "SUPERSECRET"}, OP
+    )
     assert "SUPERSECRET" not in repr(t) and "AKIAXX" not in repr(t)
     assert "opsecret" not in repr(OP)
 
@@ -93,12 +117,22 @@ async def fetch(url: str) -> tuple[int, bytes, str]:
 
 
 def uploader(endpoint: str, bucket: str, **kw: Any) -> S3Uploader:
-    return S3Uploader(S3Settings(access_key_id="OPKEY", secret_access_key="opsecret", bucket=bucket,
-                                 endpoint_url=endpoint, region="us-east-1", **kw))
+    return S3Uploader(
+        S3Settings(
+            access_key_id="OPKEY",
+            secret_access_key="opsecret",
+            bucket=bucket,
+            endpoint_url=endpoint,
+            region="us-east-1",
+            **kw,
+        )
+    )
 
 
 async def test_upload_sets_type_key_and_a_working_presigned_url(
-    proxy: FaultyProxy, moto_url: str, tmp_path: Path  # noqa: F811
+    proxy: FaultyProxy,
+    moto_url: str,
+    tmp_path: Path,  # noqa: F811
 ) -> None:
     make_bucket(moto_url, "outs-a")
     up = uploader(proxy.url, "outs-a", prefix="/renders/", presign_expiry=600)
@@ -107,17 +141,25 @@ async def test_upload_sets_type_key_and_a_working_presigned_url(
     f = file_of(tmp_path, "cat_00001_.png", b"\x89PNG\r\n\x1a\n" + os.urandom(2000))
     [res] = await up.upload_all(target, "job-1", [f])
     assert res.error is None and res.key == "renders/job-1/cat_00001_.png" and not res.skipped
-    assert res.url is not None and "X-Amz-Expires=600" in res.url and "/outs-a/renders/job-1/" in res.url
+    assert (
+        res.url is not None
+        and "X-Amz-Expires=600" in res.url
+        and "/outs-a/renders/job-1/" in res.url
+    )
     status, body, ctype = await fetch(res.url)
     assert status == 200 and body == f.path.read_bytes() and ctype == "image/png"
     assert proxy.keys_used() == {"OPKEY"}
 
 
 async def test_large_files_go_up_in_parts_and_reruns_are_skipped(
-    proxy: FaultyProxy, moto_url: str, tmp_path: Path  # noqa: F811
+    proxy: FaultyProxy,
+    moto_url: str,
+    tmp_path: Path,  # noqa: F811
 ) -> None:
     make_bucket(moto_url, "outs-b")
-    up = uploader(proxy.url, "outs-b", multipart_threshold=5 * MiB, part_size=5 * MiB, part_concurrency=2)
+    up = uploader(
+        proxy.url, "outs-b", multipart_threshold=5 * MiB, part_size=5 * MiB, part_concurrency=2
+    )
     target = up.target(None, None)
     assert target is not None
     data = os.urandom(12 * MiB + 123)
@@ -135,7 +177,9 @@ async def test_large_files_go_up_in_parts_and_reruns_are_skipped(
     assert again.skipped and again.url is not None and len(proxy.writes()) == before
 
 
-async def test_transient_errors_are_retried(proxy: FaultyProxy, moto_url: str, tmp_path: Path) -> None:  # noqa: F811
+async def test_transient_errors_are_retried(
+    proxy: FaultyProxy, moto_url: str, tmp_path: Path
+) -> None:  # noqa: F811
     make_bucket(moto_url, "outs-c")
     up = uploader(proxy.url, "outs-c", multipart_threshold=5 * MiB, part_size=5 * MiB)
     target = up.target(None, None)
@@ -152,7 +196,9 @@ async def test_transient_errors_are_retried(proxy: FaultyProxy, moto_url: str, t
         assert status == 200 and body == f.path.read_bytes()
 
 
-async def test_failures_become_upload_errors(proxy: FaultyProxy, moto_url: str, tmp_path: Path) -> None:  # noqa: F811
+async def test_failures_become_upload_errors(
+    proxy: FaultyProxy, moto_url: str, tmp_path: Path
+) -> None:  # noqa: F811
     f = file_of(tmp_path, "a.png", b"abc")
     missing = uploader(proxy.url, "no-such-bucket")
     [res] = await missing.upload_all(missing.target(None, None), "j", [f])  # type: ignore[arg-type]
@@ -172,7 +218,9 @@ async def test_failures_become_upload_errors(proxy: FaultyProxy, moto_url: str, 
 
 
 async def test_request_endpoints_pass_the_address_guard(
-    proxy: FaultyProxy, moto_url: str, tmp_path: Path  # noqa: F811
+    proxy: FaultyProxy,
+    moto_url: str,
+    tmp_path: Path,  # noqa: F811
 ) -> None:
     make_bucket(moto_url, "theirs")
     keys = {"access_key_id": "THEIRKEY", "secret_access_key": "theirsecret"}
@@ -182,8 +230,12 @@ async def test_request_endpoints_pass_the_address_guard(
     with pytest.raises(S3ConfigError, match="endpoint_url refused.*loopback"):
         await blocked.check_endpoint(target)
     # The operator's own endpoint is trusted, even on loopback.
-    op = S3Uploader(S3Settings(access_key_id="OPKEY", secret_access_key="x", bucket="b", endpoint_url=proxy.url),
-                    AddressGuard())
+    op = S3Uploader(
+        S3Settings(
+            access_key_id="OPKEY", secret_access_key="x", bucket="b", endpoint_url=proxy.url
+        ),
+        AddressGuard(),
+    )
     op_target = op.target(None, None)
     assert op_target is not None
     await op.check_endpoint(op_target)

@@ -28,8 +28,13 @@ def moto_url() -> Iterator[str]:
 
 def make_bucket(moto_url: str, name: str) -> None:
     """Create a bucket on the moto server (blocking; boto3 is fine in setup)."""
-    s3 = boto3.client("s3", endpoint_url=moto_url, region_name="us-east-1",
-                      aws_access_key_id="setup", aws_secret_access_key="setup")
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=moto_url,
+        region_name="us-east-1",
+        aws_access_key_id="setup",
+        aws_secret_access_key="setup",
+    )
     s3.create_bucket(Bucket=name)
 
 
@@ -93,13 +98,19 @@ class FaultyProxy:
                 assert request.transport is not None
                 request.transport.abort()
                 return web.Response()
-            return web.Response(status=503, content_type="application/xml",
-                                text="<Error><Code>SlowDown</Code><Message>slow down</Message></Error>")
+            return web.Response(
+                status=503,
+                content_type="application/xml",
+                text="<Error><Code>SlowDown</Code><Message>slow down</Message></Error>",
+            )
         self.seen.append(Seen(request.method, request.path, request.query_string, key, "forwarded"))
         assert self._client is not None
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")}
-        async with self._client.request(request.method, self.upstream + str(request.rel_url),
-                                        headers=headers, data=body) as up:
+        headers = {
+            k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")
+        }
+        async with self._client.request(
+            request.method, self.upstream + str(request.rel_url), headers=headers, data=body
+        ) as up:
             data = await up.read()
             # A HEAD answer's Content-Length is the object's size: pass it on as it is.
             drop = {"transfer-encoding", "connection", "server", "date"}

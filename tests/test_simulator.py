@@ -26,32 +26,56 @@ Workflow = dict[str, dict[str, Any]]
 
 def invert(prefix: str, color: int = 0x102030, size: int = 8, batch: int = 1) -> Workflow:
     return {
-        "1": {"class_type": "EmptyImage",
-              "inputs": {"width": size, "height": size, "batch_size": batch, "color": color}},
+        "1": {
+            "class_type": "EmptyImage",
+            "inputs": {"width": size, "height": size, "batch_size": batch, "color": color},
+        },
         "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
         "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": prefix}},
     }
 
 
-def text2image(seed: int = 1, steps: int = 4, ckpt: str = "v1-5-pruned-emaonly.safetensors",
-               prefix: str = "t2i") -> Workflow:
+def text2image(
+    seed: int = 1,
+    steps: int = 4,
+    ckpt: str = "v1-5-pruned-emaonly.safetensors",
+    prefix: str = "t2i",
+) -> Workflow:
     return {
         "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
         "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a cat", "clip": ["4", 1]}},
         "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["4", 1]}},
-        "5": {"class_type": "EmptyLatentImage",
-              "inputs": {"width": 68, "height": 64, "batch_size": 2}},
-        "3": {"class_type": "KSampler",
-              "inputs": {"seed": seed, "steps": steps, "cfg": 7.0, "sampler_name": "euler",
-                         "scheduler": "normal", "denoise": 1.0, "model": ["4", 0],
-                         "positive": ["6", 0], "negative": ["7", 0], "latent_image": ["5", 0]}},
+        "5": {
+            "class_type": "EmptyLatentImage",
+            "inputs": {"width": 68, "height": 64, "batch_size": 2},
+        },
+        "3": {
+            "class_type": "KSampler",
+            "inputs": {
+                "seed": seed,
+                "steps": steps,
+                "cfg": 7.0,
+                "sampler_name": "euler",
+                "scheduler": "normal",
+                "denoise": 1.0,
+                "model": ["4", 0],
+                "positive": ["6", 0],
+                "negative": ["7", 0],
+                "latent_image": ["5", 0],
+            },
+        },
         "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
         "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": prefix}},
     }
 
 
-async def submit(http: aiohttp.ClientSession, sim: Simulator, wf: Workflow,
-                 client_id: str | None = None, status: int = 200) -> dict[str, Any]:
+async def submit(
+    http: aiohttp.ClientSession,
+    sim: Simulator,
+    wf: Workflow,
+    client_id: str | None = None,
+    status: int = 200,
+) -> dict[str, Any]:
     body: dict[str, Any] = {"prompt": wf}
     if client_id is not None:
         body["client_id"] = client_id
@@ -60,8 +84,9 @@ async def submit(http: aiohttp.ClientSession, sim: Simulator, wf: Workflow,
         return await r.json()  # type: ignore[no-any-return]
 
 
-async def run(http: aiohttp.ClientSession, sim: Simulator, wf: Workflow,
-              client_id: str = "tester") -> tuple[WsRecorder, dict[str, Any]]:
+async def run(
+    http: aiohttp.ClientSession, sim: Simulator, wf: Workflow, client_id: str = "tester"
+) -> tuple[WsRecorder, dict[str, Any]]:
     rec = await WsRecorder(http, sim.url, client_id).connect()
     await rec.wait_for(lambda fs: len(fs) >= 1)
     body = await submit(http, sim, wf, client_id)
@@ -75,9 +100,9 @@ def pixels(path: Path) -> tuple[int, int, tuple[int, int, int]]:
     info = sniff_image(data)
     pos, idat = 8, b""
     while pos < len(data):
-        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        length, kind = struct.unpack(">I4s", data[pos : pos + 8])
         if kind == b"IDAT":
-            idat += data[pos + 8:pos + 8 + length]
+            idat += data[pos + 8 : pos + 8 + length]
         pos += 12 + length
     raw = zlib.decompress(idat)
     assert len(raw) == info.height * (1 + 3 * info.width)
@@ -86,15 +111,31 @@ def pixels(path: Path) -> tuple[int, int, tuple[int, int, int]]:
 
 # ---------------------------------------------------------------- fault injection
 
+
 async def test_fail_nodes_by_class_and_by_id(sim: Simulator, http: aiohttp.ClientSession) -> None:
     sim.fail_nodes["ImageInvert"] = ("RuntimeError", "boom")
     rec, entry = await run(http, sim, invert("f1"))
-    assert rec.types() == ["status", "status", "status", "execution_start", "execution_cached",
-                           "progress_state", "executing", "progress_state", "progress_state",
-                           "executing", "execution_error", "status", "executing"]
+    assert rec.types() == [
+        "status",
+        "status",
+        "status",
+        "execution_start",
+        "execution_cached",
+        "progress_state",
+        "executing",
+        "progress_state",
+        "progress_state",
+        "executing",
+        "execution_error",
+        "status",
+        "executing",
+    ]
     err = rec.of_type("execution_error")[0].data
-    assert (err["node_id"], err["node_type"], err["exception_type"]) == ("2", "ImageInvert",
-                                                                        "RuntimeError")
+    assert (err["node_id"], err["node_type"], err["exception_type"]) == (
+        "2",
+        "ImageInvert",
+        "RuntimeError",
+    )
     assert err["exception_message"] == "boom\n" and err["executed"] == ["1"]
     assert err["current_inputs"]["image"][0].startswith("SimImage(")
     assert err["current_outputs"] == ["1", "2", "3"]
@@ -113,9 +154,13 @@ async def test_fail_nodes_by_class_and_by_id(sim: Simulator, http: aiohttp.Clien
     assert entry["status"]["status_str"] == "success"
 
 
-async def test_reject_next_and_prompts_received(sim: Simulator, http: aiohttp.ClientSession) -> None:
-    sim.reject_next = [(500, "500 Internal Server Error\n\nServer got itself in trouble"),
-                       (400, {"error": {"type": "x"}, "node_errors": {}})]
+async def test_reject_next_and_prompts_received(
+    sim: Simulator, http: aiohttp.ClientSession
+) -> None:
+    sim.reject_next = [
+        (500, "500 Internal Server Error\n\nServer got itself in trouble"),
+        (400, {"error": {"type": "x"}, "node_errors": {}}),
+    ]
     async with http.post(sim.url + "/prompt", json={"prompt": invert("r")}) as r:
         assert r.status == 500 and r.headers["Content-Type"].startswith("text/plain")
         assert r.headers.get("Connection") == "close"
@@ -142,8 +187,9 @@ async def test_stall_ws_drops_messages(sim: Simulator, http: aiohttp.ClientSessi
     await rec.close()
 
 
-async def test_drop_websockets_cuts_without_close_frame(sim: Simulator,
-                                                        http: aiohttp.ClientSession) -> None:
+async def test_drop_websockets_cuts_without_close_frame(
+    sim: Simulator, http: aiohttp.ClientSession
+) -> None:
     rec = await WsRecorder(http, sim.url, "dropped").connect()
     await rec.wait_for(lambda fs: len(fs) >= 1)
     sim.drop_websockets()
@@ -170,8 +216,10 @@ async def test_view_delay(sim: Simulator, http: aiohttp.ClientSession) -> None:
 
 # ---------------------------------------------------------------- model-free text2image
 
-async def test_text2image_pipeline_progress_and_cache(sim: Simulator,
-                                                      http: aiohttp.ClientSession) -> None:
+
+async def test_text2image_pipeline_progress_and_cache(
+    sim: Simulator, http: aiohttp.ClientSession
+) -> None:
     rec, entry = await run(http, sim, text2image(seed=1, steps=4))
     progress = [(f.data["value"], f.data["max"], f.data["node"]) for f in rec.of_type("progress")]
     assert progress == [(1, 4, "3"), (2, 4, "3"), (3, 4, "3"), (4, 4, "3")]
@@ -189,8 +237,9 @@ async def test_text2image_pipeline_progress_and_cache(sim: Simulator,
     assert pixels(out / entry["outputs"]["9"]["images"][0]["filename"])[2] != rgb1
 
 
-async def test_unknown_checkpoint_is_value_not_in_list(sim: Simulator,
-                                                       http: aiohttp.ClientSession) -> None:
+async def test_unknown_checkpoint_is_value_not_in_list(
+    sim: Simulator, http: aiohttp.ClientSession
+) -> None:
     body = await submit(http, sim, text2image(ckpt="nope.safetensors"), status=400)
     err = body["node_errors"]["4"]["errors"][0]
     assert err["type"] == "value_not_in_list"
@@ -203,24 +252,35 @@ async def test_unknown_checkpoint_is_value_not_in_list(sim: Simulator,
 
 async def test_progress_steps_for_slow_nodes(tmp_path: Path, http: aiohttp.ClientSession) -> None:
     wf: Workflow = {
-        "1": {"class_type": "EmptyImage",
-              "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 1}},
-        "2": {"class_type": "ImageBlur", "inputs": {"image": ["1", 0], "blur_radius": 1,
-                                                    "sigma": 1.0}},
+        "1": {
+            "class_type": "EmptyImage",
+            "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 1},
+        },
+        "2": {
+            "class_type": "ImageBlur",
+            "inputs": {"image": ["1", 0], "blur_radius": 1, "sigma": 1.0},
+        },
         "3": {"class_type": "PreviewImage", "inputs": {"images": ["2", 0]}},
     }
     async with Simulator(data_dir=tmp_path / "c", progress_steps=3) as sim:
         rec, entry = await run(http, sim, wf)
     assert [(f.data["value"], f.data["max"]) for f in rec.of_type("progress")] == [
-        (1, 3), (2, 3), (3, 3)]
-    ticks = [f.data["nodes"]["2"]["value"] for f in rec.of_type("progress_state")
-             if "2" in f.data["nodes"] and "3" not in f.data["nodes"]]
+        (1, 3),
+        (2, 3),
+        (3, 3),
+    ]
+    ticks = [
+        f.data["nodes"]["2"]["value"]
+        for f in rec.of_type("progress_state")
+        if "2" in f.data["nodes"] and "3" not in f.data["nodes"]
+    ]
     assert ticks == [0.0, 1, 2, 3, 3]  # start, three ticks, finish
     assert entry["outputs"]["3"]["images"][0]["type"] == "temp"
 
 
-async def test_node_durations_and_interrupt_at_progress_tick(tmp_path: Path,
-                                                             http: aiohttp.ClientSession) -> None:
+async def test_node_durations_and_interrupt_at_progress_tick(
+    tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
     async with Simulator(data_dir=tmp_path / "c", node_durations={"KSampler": 5.0}) as sim:
         rec = await WsRecorder(http, sim.url, "ks").connect()
         body = await submit(http, sim, text2image(steps=50), "ks")
@@ -235,8 +295,10 @@ async def test_node_durations_and_interrupt_at_progress_tick(tmp_path: Path,
 
 # ---------------------------------------------------------------- files
 
-async def test_save_counters_subfolders_batches_and_traversal(sim: Simulator,
-                                                              http: aiohttp.ClientSession) -> None:
+
+async def test_save_counters_subfolders_batches_and_traversal(
+    sim: Simulator, http: aiohttp.ClientSession
+) -> None:
     out = sim.env.data_dir / "output"
     (out / "keep_00007_.png").write_bytes(b"x")
     (out / "keep_0000x_.png").write_bytes(b"x")
@@ -245,28 +307,37 @@ async def test_save_counters_subfolders_batches_and_traversal(sim: Simulator,
     _, entry = await run(http, sim, invert("sub/dir/pic_%batch_num%", batch=3, color=7))
     images = entry["outputs"]["3"]["images"]
     assert [(i["filename"], i["subfolder"]) for i in images] == [
-        ("pic_0_00001_.png", "sub/dir"), ("pic_1_00002_.png", "sub/dir"),
-        ("pic_2_00003_.png", "sub/dir")]
+        ("pic_0_00001_.png", "sub/dir"),
+        ("pic_1_00002_.png", "sub/dir"),
+        ("pic_2_00003_.png", "sub/dir"),
+    ]
     assert pixels(out / "sub" / "dir" / "pic_1_00002_.png")[2] == (255, 255, 248)
-    async with http.get(f"{sim.url}/view?filename=pic_0_00001_.png&type=output&subfolder=sub/dir") as r:
+    async with http.get(
+        f"{sim.url}/view?filename=pic_0_00001_.png&type=output&subfolder=sub/dir"
+    ) as r:
         assert r.status == 200
     rec, entry = await run(http, sim, invert("../escape"))
     err = rec.of_type("execution_error")[0].data
-    assert err["exception_type"] == "Exception" and "outside the output folder" in err[
-        "exception_message"]
+    assert (
+        err["exception_type"] == "Exception"
+        and "outside the output folder" in err["exception_message"]
+    )
 
 
-async def test_loadimage_reruns_when_file_changes(sim: Simulator,
-                                                  http: aiohttp.ClientSession) -> None:
+async def test_loadimage_reruns_when_file_changes(
+    sim: Simulator, http: aiohttp.ClientSession
+) -> None:
     async def put(data: bytes) -> None:
         form = aiohttp.FormData()
         form.add_field("overwrite", "true")
         form.add_field("image", data, filename="in.png", content_type="image/png")
         async with http.post(sim.url + "/upload/image", data=form) as r:
             assert r.status == 200
-    wf: Workflow = {"1": {"class_type": "LoadImage", "inputs": {"image": "in.png"}},
-                    "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0],
-                                                                "filename_prefix": "load"}}}
+
+    wf: Workflow = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "in.png"}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "load"}},
+    }
     await put(encode_png(6, 4, (10, 20, 30)))
     _, entry = await run(http, sim, wf)
     out = sim.env.data_dir / "output"
@@ -302,8 +373,9 @@ async def test_webp_preview_decodes(sim: Simulator, http: aiohttp.ClientSession)
     assert [px[399 - i] for i in range(4)] == [255, 255, 255, 255]
 
 
-async def test_free_memory_empties_cache_and_max_history(tmp_path: Path,
-                                                         http: aiohttp.ClientSession) -> None:
+async def test_free_memory_empties_cache_and_max_history(
+    tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
     async with Simulator(data_dir=tmp_path / "c", max_history=3) as sim:
         ids = []
         for i in range(5):
@@ -330,8 +402,9 @@ async def test_bad_bodies_are_500(sim: Simulator, http: aiohttp.ClientSession) -
 async def test_many_prompts_in_number_order(sim: Simulator, http: aiohttp.ClientSession) -> None:
     rec = await WsRecorder(http, sim.url, "many").connect()
     await rec.wait_for(lambda fs: len(fs) >= 1)
-    bodies = await asyncio.gather(*(submit(http, sim, invert("m", color=i), "many")
-                                    for i in range(200)))
+    bodies = await asyncio.gather(
+        *(submit(http, sim, invert("m", color=i), "many") for i in range(200))
+    )
     by_number = [b["prompt_id"] for b in sorted(bodies, key=lambda b: b["number"])]
     await rec.wait_done(by_number[-1])
     started = [f.data["prompt_id"] for f in rec.of_type("execution_start")]
@@ -342,12 +415,26 @@ async def test_many_prompts_in_number_order(sim: Simulator, http: aiohttp.Client
 
 # ---------------------------------------------------------------- CLI
 
+
 async def test_cli_ready_line_and_sigterm(tmp_path: Path, http: aiohttp.ClientSession) -> None:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "comfyq.comfy.simulator", "--host", "127.0.0.1", "--port", "0",
-        "--node-duration", "0", "--progress-steps", "2", "--data-dir", str(tmp_path / "d"),
-        stdout=asyncio.subprocess.PIPE, cwd=Path(__file__).resolve().parents[1],
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+        sys.executable,
+        "-m",
+        "comfyq.comfy.simulator",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--node-duration",
+        "0",
+        "--progress-steps",
+        "2",
+        "--data-dir",
+        str(tmp_path / "d"),
+        stdout=asyncio.subprocess.PIPE,
+        cwd=Path(__file__).resolve().parents[1],
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
     try:
         assert proc.stdout is not None
         line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode().strip()
@@ -366,8 +453,9 @@ async def test_upload_mask_and_load_image_mask(sim: Simulator, http: aiohttp.Cli
     original = entry["outputs"]["3"]["images"][0]
     form = aiohttp.FormData()
     form.add_field("original_ref", json.dumps(original))
-    form.add_field("image", encode_png(8, 8, (0, 0, 0)), filename="mask.png",
-                   content_type="image/png")
+    form.add_field(
+        "image", encode_png(8, 8, (0, 0, 0)), filename="mask.png", content_type="image/png"
+    )
     async with http.post(sim.url + "/upload/mask", data=form) as r:
         assert r.status == 200
         assert await r.json() == {"name": "mask.png", "subfolder": "", "type": "input"}
@@ -377,8 +465,10 @@ async def test_upload_mask_and_load_image_mask(sim: Simulator, http: aiohttp.Cli
         assert r.status == 500  # ComfyUI fails on a missing original_ref
     wf: Workflow = {
         "1": {"class_type": "LoadImageMask", "inputs": {"image": "mask.png", "channel": "red"}},
-        "2": {"class_type": "EmptyImage",
-              "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+        "2": {
+            "class_type": "EmptyImage",
+            "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0},
+        },
         "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "m"}},
     }
     _, entry = await run(http, sim, wf)
@@ -404,14 +494,16 @@ async def test_reconnect_while_old_socket_open(sim: Simulator, http: aiohttp.Cli
     watcher = await WsRecorder(http, sim.url, "watcher").connect()
     third = await submit(http, sim, invert("tw3"), "watcher")
     await watcher.wait_done(third["prompt_id"])
-    assert all(second["prompt_id"] not in json.dumps(f.data) for f in new.frames
-               if f.type != "status")
+    assert all(
+        second["prompt_id"] not in json.dumps(f.data) for f in new.frames if f.type != "status"
+    )
     for rec in (new, watcher):
         await rec.close()
 
 
-async def test_classic_cache_keeps_only_the_last_prompts_nodes(sim: Simulator,
-                                                               http: aiohttp.ClientSession) -> None:
+async def test_classic_cache_keeps_only_the_last_prompts_nodes(
+    sim: Simulator, http: aiohttp.ClientSession
+) -> None:
     # ComfyUI's default cache drops every entry the current prompt does not use: A, B, A
     # re-runs A completely, while A, A is fully cached.
     await run(http, sim, invert("a", color=1))

@@ -17,13 +17,18 @@ from comfyq.comfy.simulator import Simulator
 
 def invert(prefix: str, color: int) -> dict[str, Any]:
     return {
-        "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": color}},
+        "1": {
+            "class_type": "EmptyImage",
+            "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": color},
+        },
         "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
         "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": prefix}},
     }
 
 
-async def post(http: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+async def post(
+    http: aiohttp.ClientSession, url: str, body: dict[str, Any]
+) -> tuple[int, dict[str, Any]]:
     async with http.post(url + "/prompt", json=body) as r:
         return r.status, await r.json()
 
@@ -34,7 +39,9 @@ async def test_accepted_prompts_are_logged_across_a_crash(tmp_path: Path) -> Non
     await sim.start()
     try:
         async with aiohttp.ClientSession() as http:
-            s1, b1 = await post(http, sim.url, {"prompt": invert("a", 1), "client_id": "cid", "prompt_id": "p-1"})
+            s1, b1 = await post(
+                http, sim.url, {"prompt": invert("a", 1), "client_id": "cid", "prompt_id": "p-1"}
+            )
             bad = invert("b", 2)
             bad["3"]["inputs"]["images"] = ["9", 0]  # a link to a missing node: 400, not accepted
             s_bad, _ = await post(http, sim.url, {"prompt": bad})
@@ -64,15 +71,30 @@ async def test_cli_prompt_log_survives_kill_9(tmp_path: Path) -> None:
     log = tmp_path / "sim" / "prompts.jsonl"
     root = Path(__file__).resolve().parents[1]
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "comfyq.comfy.simulator", "--port", "0", "--data-dir", str(tmp_path / "sim"),
-        "--node-duration", "30", "--prompt-log", str(log),
-        stdout=asyncio.subprocess.PIPE, cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
+        sys.executable,
+        "-m",
+        "comfyq.comfy.simulator",
+        "--port",
+        "0",
+        "--data-dir",
+        str(tmp_path / "sim"),
+        "--node-duration",
+        "30",
+        "--prompt-log",
+        str(log),
+        stdout=asyncio.subprocess.PIPE,
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
     try:
         assert proc.stdout is not None
         line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode().strip()
         url = line.split()[1]
         async with aiohttp.ClientSession() as http:
-            ids = [(await post(http, url, {"prompt": invert("k", n)}))[1]["prompt_id"] for n in range(3)]
+            ids = [
+                (await post(http, url, {"prompt": invert("k", n)}))[1]["prompt_id"]
+                for n in range(3)
+            ]
     finally:
         proc.send_signal(signal.SIGKILL)  # mid-prompt (30 s nodes): nothing gets to flush or close
         await asyncio.wait_for(proc.wait(), 30)

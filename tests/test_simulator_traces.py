@@ -26,6 +26,7 @@ from comfyq.comfy.simulator import Simulator
 
 # ---------------------------------------------------------------- plain GETs (00, 01, 02, 03)
 
+
 async def test_basic_gets_have_recorded_shapes(sim: Simulator, http: aiohttp.ClientSession) -> None:
     for path, ex in trace("00_basic_gets.json")["exchanges"].items():
         async with http.get(sim.url + path) as r:
@@ -39,8 +40,9 @@ async def test_basic_gets_have_recorded_shapes(sim: Simulator, http: aiohttp.Cli
             assert shape(await r.json()) == shape(ex["response"]["body"])
 
 
-async def test_object_info_matches_recorded_nodes(sim: Simulator,
-                                                  http: aiohttp.ClientSession) -> None:
+async def test_object_info_matches_recorded_nodes(
+    sim: Simulator, http: aiohttp.ClientSession
+) -> None:
     t = trace("03_object_info_used_nodes.json")
     for name in t["nodes"]["LoadImage"]["input"]["required"]["image"][0]:
         (sim.env.data_dir / "input" / name).write_bytes(b"x")
@@ -53,11 +55,18 @@ async def test_object_info_matches_recorded_nodes(sim: Simulator,
     async with http.get(f"{sim.url}/object_info") as r:
         everything = await r.json()
     assert set(t["nodes"]) <= set(everything)
-    assert {"CheckpointLoaderSimple", "CLIPTextEncode", "EmptyLatentImage", "KSampler",
-            "VAEDecode", "LoadImageMask"} <= set(everything)
+    assert {
+        "CheckpointLoaderSimple",
+        "CLIPTextEncode",
+        "EmptyLatentImage",
+        "KSampler",
+        "VAEDecode",
+        "LoadImageMask",
+    } <= set(everything)
 
 
 # ---------------------------------------------------------------- upload and view (10, 20, 21)
+
 
 async def test_upload_sequence_matches_trace(sim: Simulator, http: aiohttp.ClientSession) -> None:
     ex = trace("10_upload_image.json")["exchanges"]
@@ -110,6 +119,7 @@ async def test_view_corner_cases(sim: Simulator, http: aiohttp.ClientSession) ->
 
 # ---------------------------------------------------------------- runs (20, 21, 22, 23, 24)
 
+
 async def test_success_run_matches_trace(sim: Simulator, http: aiohttp.ClientSession) -> None:
     rec, pid, t = await run_traced(http, sim, "20_run_success_invert.json")
     assert rec.types() == recorded_types(t)
@@ -118,17 +128,25 @@ async def test_success_run_matches_trace(sim: Simulator, http: aiohttp.ClientSes
         assert shape(mine.data) == shape(theirs["data"]), mine.type
     assert rec.frames[0].data["sid"] == "client-under-test"
     executed = data_of(rec.frames, "executed")
-    assert executed[0]["output"] == {"images": [{"filename": "probe_invert_0789ca_00001_.png",
-                                                 "subfolder": "", "type": "output"}]}
+    assert executed[0]["output"] == {
+        "images": [
+            {"filename": "probe_invert_0789ca_00001_.png", "subfolder": "", "type": "output"}
+        ]
+    }
     async with http.get(f"{sim.url}/history/{pid}") as r:
         history = await r.json()
     recorded = t["history_after"]["response"]["body"]
     assert shape(history[pid]) == shape(next(iter(recorded.values())))
     entry = history[pid]
     assert entry["prompt"][:2] == [0, pid] and entry["prompt"][3:] == [
-        {"client_id": "client-under-test"}, ["3"]]
+        {"client_id": "client-under-test"},
+        ["3"],
+    ]
     assert [m[0] for m in entry["status"]["messages"]] == [
-        "execution_start", "execution_cached", "execution_success"]
+        "execution_start",
+        "execution_cached",
+        "execution_success",
+    ]
     assert entry["outputs"] == next(iter(recorded.values()))["outputs"]
     assert entry["meta"] == next(iter(recorded.values()))["meta"]
     # the output file is a real PNG of the inverted colour
@@ -147,15 +165,18 @@ async def test_success_run_matches_trace(sim: Simulator, http: aiohttp.ClientSes
     assert webp[:4] == b"RIFF" and webp[8:12] == b"WEBP"
 
 
-async def test_cached_and_partially_cached_reruns(sim: Simulator,
-                                                  http: aiohttp.ClientSession) -> None:
+async def test_cached_and_partially_cached_reruns(
+    sim: Simulator, http: aiohttp.ClientSession
+) -> None:
     await run_traced(http, sim, "20_run_success_invert.json")
     outputs = sorted(p.name for p in (sim.env.data_dir / "output").iterdir())
     rec, pid, t = await run_traced(http, sim, "22_run_same_workflow_again_cached.json")
     assert rec.types() == recorded_types(t)
     assert data_of(rec.frames, "execution_cached")[0]["nodes"] == ["1", "2", "3"]
-    assert data_of(rec.frames, "executed")[0]["output"]["images"][0]["filename"] == \
-        "probe_invert_0789ca_00001_.png"
+    assert (
+        data_of(rec.frames, "executed")[0]["output"]["images"][0]["filename"]
+        == "probe_invert_0789ca_00001_.png"
+    )
     state = data_of(rec.frames, "progress_state")[0]["nodes"]["3"]
     assert (state["value"], state["max"], state["state"]) == (1, 1, "finished")
     assert sorted(p.name for p in (sim.env.data_dir / "output").iterdir()) == outputs
@@ -167,9 +188,12 @@ async def test_cached_and_partially_cached_reruns(sim: Simulator,
     assert all(set(d["nodes"]) == {"3"} for d in data_of(rec.frames, "progress_state"))
 
 
-async def test_loadimage_pipeline_order_and_preview(sim: Simulator,
-                                                    http: aiohttp.ClientSession) -> None:
-    async with await upload_image(http, sim.url, "probe_upload_0789ca.png", encode_png(20, 10, (5, 6, 7))):
+async def test_loadimage_pipeline_order_and_preview(
+    sim: Simulator, http: aiohttp.ClientSession
+) -> None:
+    async with await upload_image(
+        http, sim.url, "probe_upload_0789ca.png", encode_png(20, 10, (5, 6, 7))
+    ):
         pass
     (sim.env.data_dir / "output" / "probe_loadblur_00001_.png").write_bytes(b"old")
     rec, pid, t = await run_traced(http, sim, "24_run_loadimage_scale_blur_save_preview.json")
@@ -189,12 +213,16 @@ async def test_loadimage_pipeline_order_and_preview(sim: Simulator,
 
 # ---------------------------------------------------------------- progress and binary (25, 25b, 26)
 
+
 async def test_savewebsocket_legacy_frames(sim: Simulator, http: aiohttp.ClientSession) -> None:
     rec, pid, t = await run_traced(http, sim, "25_run_savewebsocket_progress_binary_legacy.json")
     types = rec.types()
     assert types[0] == "status" and types[1:] == recorded_types(t)
-    assert [(d["value"], d["max"]) for d in data_of(rec.frames, "progress")] == \
-        [(0, 3), (1, 3), (2, 3)]
+    assert [(d["value"], d["max"]) for d in data_of(rec.frames, "progress")] == [
+        (0, 3),
+        (1, 3),
+        (2, 3),
+    ]
     frames = rec.of_type("<binary PREVIEW_IMAGE>")
     assert len(frames) == 3
     for f in frames:
@@ -207,8 +235,9 @@ async def test_savewebsocket_legacy_frames(sim: Simulator, http: aiohttp.ClientS
     assert (entry["outputs"], entry["meta"]) == (recorded["outputs"], recorded["meta"]) == ({}, {})
 
 
-async def test_getimagesize_text_frame_is_broadcast(sim: Simulator,
-                                                    http: aiohttp.ClientSession) -> None:
+async def test_getimagesize_text_frame_is_broadcast(
+    sim: Simulator, http: aiohttp.ClientSession
+) -> None:
     t = trace("25b_run_getimagesize_binary_text_frame.json")
     observer = await WsRecorder(http, sim.url, "observer").connect()
     await observer.wait_for(lambda fs: len(fs) >= 1)
@@ -218,33 +247,41 @@ async def test_getimagesize_text_frame_is_broadcast(sim: Simulator,
     assert observer.types()[1:] == ["status", "status", "<binary TEXT>", "status"]
     for f in (rec.of_type("<binary TEXT>")[0], observer.of_type("<binary TEXT>")[0]):
         event, nlen = struct.unpack(">II", f.raw[:8])
-        assert (event, f.raw[8:8 + nlen], f.raw[8 + nlen:]) == (
-            3, b"2", b"width: 40, height: 30\n batch size: 2")
+        assert (event, f.raw[8 : 8 + nlen], f.raw[8 + nlen :]) == (
+            3,
+            b"2",
+            b"width: 40, height: 30\n batch size: 2",
+        )
     entry = await wait_history(http, sim.url, pid)
     name = entry["outputs"]["4"]["images"][0]["filename"]
     async with http.get(f"{sim.url}/view?filename={name}&type=output") as r:
         assert png_pixels(await r.read())[:2] == (40, 30)
 
 
-async def test_savewebsocket_with_metadata_after_handshake(sim: Simulator,
-                                                           http: aiohttp.ClientSession) -> None:
+async def test_savewebsocket_with_metadata_after_handshake(
+    sim: Simulator, http: aiohttp.ClientSession
+) -> None:
     t = trace("26_run_savewebsocket_progress_binary_with_metadata.json")
     flags = {"type": "feature_flags", "data": {"supports_preview_metadata": True}}
-    rec, pid, _ = await run_traced(http, sim, "26_run_savewebsocket_progress_binary_with_metadata.json",
-                                   first=flags)
+    rec, pid, _ = await run_traced(
+        http, sim, "26_run_savewebsocket_progress_binary_with_metadata.json", first=flags
+    )
     before = [m["msg"] for m in t["ws_messages_before_submit_incl_feature_flags_reply"]]
     assert [f.type for f in rec.frames[:2]] == ["status", "feature_flags"]
     assert rec.frames[1].data == before[1]["data"]
     assert rec.types()[2:] == recorded_types(t)
     recorded_bin = [m for m in t["ws_messages_in_order"] if m["kind"] == "binary"]
-    for f, rb in zip(rec.of_type("<binary PREVIEW_IMAGE_WITH_METADATA>"), recorded_bin, strict=True):
+    for f, rb in zip(
+        rec.of_type("<binary PREVIEW_IMAGE_WITH_METADATA>"), recorded_bin, strict=True
+    ):
         event, mlen = struct.unpack(">II", f.raw[:8])
-        meta = json.loads(f.raw[8:8 + mlen])
+        meta = json.loads(f.raw[8 : 8 + mlen])
         assert event == 4 and meta == {**rb["metadata_json"], "prompt_id": pid}
-        assert f.raw[8 + mlen:8 + mlen + 8].hex() == rb["image_magic_hex"]
+        assert f.raw[8 + mlen : 8 + mlen + 8].hex() == rb["image_magic_hex"]
 
 
 # ---------------------------------------------------------------- routing (27, 28, 29)
+
 
 async def test_prompt_without_client_id(sim: Simulator, http: aiohttp.ClientSession) -> None:
     t = trace("27_run_without_client_id.json")
@@ -302,7 +339,8 @@ async def test_prompt_error_case(name: str, sim: Simulator, http: aiohttp.Client
 
 
 async def test_numeric_string_coerced_and_partial_prompt_runs_valid_outputs(
-        sim: Simulator, http: aiohttp.ClientSession) -> None:
+    sim: Simulator, http: aiohttp.ClientSession
+) -> None:
     d2 = trace("30_prompt_error_d2_numeric_string_for_INT_is_ACCEPTED.json")["request"]["json"]
     body = await post_prompt(http, sim, d2)
     entry = await wait_history(http, sim.url, body["prompt_id"])

@@ -23,18 +23,30 @@ from comfyq.comfy.simulator import Simulator
 
 # ---------------------------------------------------------------- runtime error (40)
 
-async def test_execution_error_on_corrupt_image(sim: Simulator, http: aiohttp.ClientSession) -> None:
+
+async def test_execution_error_on_corrupt_image(
+    sim: Simulator, http: aiohttp.ClientSession
+) -> None:
     t = trace("40_run_execution_error_corrupt_image.json")
-    async with await upload_image(http, sim.url, "probe_corrupt_0789ca.png", b"this is not an image!!!!"):
+    async with await upload_image(
+        http, sim.url, "probe_corrupt_0789ca.png", b"this is not an image!!!!"
+    ):
         pass
     rec, pid, _ = await run_traced(http, sim, "40_run_execution_error_corrupt_image.json")
     assert rec.types() == recorded_types(t)
     err = data_of(rec.frames, "execution_error")[0]
-    recorded = next(m["msg"]["data"] for m in t["ws_messages_in_order"]
-                    if m["msg"]["type"] == "execution_error")
+    recorded = next(
+        m["msg"]["data"] for m in t["ws_messages_in_order"] if m["msg"]["type"] == "execution_error"
+    )
     assert shape(err) == shape(recorded)
-    for key in ("node_id", "node_type", "executed", "exception_type", "current_inputs",
-                "current_outputs"):
+    for key in (
+        "node_id",
+        "node_type",
+        "executed",
+        "exception_type",
+        "current_inputs",
+        "current_outputs",
+    ):
         assert err[key] == recorded[key], key
     path = sim.env.data_dir / "input" / "probe_corrupt_0789ca.png"
     assert err["exception_message"] == f"cannot identify image file '{path}'\n"
@@ -61,7 +73,9 @@ def non_status(frames: list[Frame], pid: str) -> list[str]:
     return out
 
 
-async def test_queue_delete_front_and_interrupt(tmp_path: Path, http: aiohttp.ClientSession) -> None:
+async def test_queue_delete_front_and_interrupt(
+    tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
     t = trace("50_queue_interrupt_delete.json")
     ex = t["exchanges"]
     async with Simulator(data_dir=tmp_path / "c", node_durations=SLOW) as sim:
@@ -72,8 +86,9 @@ async def test_queue_delete_front_and_interrupt(tmp_path: Path, http: aiohttp.Cl
             return {**ex[key]["request"]["json"], "client_id": "cid-50"}
 
         slow = await post_prompt(http, sim, body("post_slow_running"))
-        await rec.wait_for(lambda fs: any(f.type == "executing" and f.data.get("node") == "100"
-                                          for f in fs))
+        await rec.wait_for(
+            lambda fs: any(f.type == "executing" and f.data.get("node") == "100" for f in fs)
+        )
         pend = [await post_prompt(http, sim, body(f"post_pending_{i}")) for i in range(3)]
         front = await post_prompt(http, sim, body("post_pending_front_true"))
         numbers = [p["number"] for p in pend]
@@ -103,7 +118,10 @@ async def test_queue_delete_front_and_interrupt(tmp_path: Path, http: aiohttp.Cl
         recorded = ex["history_interrupted"]["response"]["body"]
         assert interrupted["node_id"] == "101" and sorted(interrupted["executed"]) == ["1", "100"]
         assert non_status(rec.frames, slow["prompt_id"])[-3:] == [
-            "executing", "execution_interrupted", "executing"]
+            "executing",
+            "execution_interrupted",
+            "executing",
+        ]
         h = await wait_history(http, sim.url, slow["prompt_id"])
         assert shape(h) == shape(next(iter(recorded.values())))
         assert h["status"]["messages"][-1][0] == "execution_interrupted"
@@ -111,8 +129,12 @@ async def test_queue_delete_front_and_interrupt(tmp_path: Path, http: aiohttp.Cl
         for p in (front, pend[1], pend[2]):
             await rec.wait_done(p["prompt_id"])
         order = [d["prompt_id"] for d in data_of(rec.frames, "execution_start")]
-        assert order == [slow["prompt_id"], front["prompt_id"], pend[1]["prompt_id"],
-                         pend[2]["prompt_id"]]  # strictly one at a time, in number order
+        assert order == [
+            slow["prompt_id"],
+            front["prompt_id"],
+            pend[1]["prompt_id"],
+            pend[2]["prompt_id"],
+        ]  # strictly one at a time, in number order
         async with http.get(f"{sim.url}/history/{pend[0]['prompt_id']}") as r:
             assert await r.json() == {}
         assert (await wait_history(http, sim.url, front["prompt_id"]))["status"]["completed"]
@@ -121,9 +143,14 @@ async def test_queue_delete_front_and_interrupt(tmp_path: Path, http: aiohttp.Cl
         # give it time to spare on a loaded machine.
         sim.node_durations = {"ImageBlur": 1.0}
         slow2 = await post_prompt(http, sim, body("post_slow_2"))
-        await rec.wait_for(lambda fs: any(f.type == "executing" and f.data.get("node") == "100"
-                                          and f.data.get("prompt_id") == slow2["prompt_id"]
-                                          for f in fs))
+        await rec.wait_for(
+            lambda fs: any(
+                f.type == "executing"
+                and f.data.get("node") == "100"
+                and f.data.get("prompt_id") == slow2["prompt_id"]
+                for f in fs
+            )
+        )
         cleared = await post_prompt(http, sim, body("post_pending_for_clear"))
         async with http.post(sim.url + "/queue", json={"clear": True}) as r:
             assert r.status == 200 and await r.read() == b""
@@ -165,6 +192,7 @@ async def test_interrupt_routing(case: str, tmp_path: Path, http: aiohttp.Client
 
             def enough(fs: list[Frame], want: int = want) -> bool:
                 return len(fs) >= want
+
             await rec.wait_for(enough)
             assert rec.types()[1:] == t[key], key
         await a.close()
@@ -172,6 +200,7 @@ async def test_interrupt_routing(case: str, tmp_path: Path, http: aiohttp.Client
 
 
 # ---------------------------------------------------------------- history endpoints (60)
+
 
 async def test_history_endpoints(sim: Simulator, http: aiohttp.ClientSession) -> None:
     good = trace("30_prompt_error_k_client_supplied_prompt_id.json")["request"]["json"]["prompt"]
@@ -201,6 +230,7 @@ async def test_history_endpoints(sim: Simulator, http: aiohttp.ClientSession) ->
 
 # ---------------------------------------------------------------- kill -9 and restart (70)
 
+
 async def test_crash_and_restart(tmp_path: Path, http: aiohttp.ClientSession) -> None:
     t = trace("70_kill9_restart.json")
     async with Simulator(data_dir=tmp_path / "c", node_durations=SLOW) as sim:
@@ -212,12 +242,16 @@ async def test_crash_and_restart(tmp_path: Path, http: aiohttp.ClientSession) ->
         done_req["prompt"]["3"]["inputs"]["filename_prefix"] = "probe_prekill"
         done = await post_prompt(http, sim, done_req)
         await a.wait_done(done["prompt_id"])
-        slow = await post_prompt(http, sim, {**t["post_slow"]["request"]["json"],
-                                             "client_id": "client-A"})
-        pending = [await post_prompt(http, sim, {**t[k]["request"]["json"], "client_id": "client-A"})
-                   for k in ("post_pending_0", "post_pending_1")]
-        await a.wait_for(lambda fs: any(f.type == "executing" and f.data.get("node") == "100"
-                                        for f in fs))
+        slow = await post_prompt(
+            http, sim, {**t["post_slow"]["request"]["json"], "client_id": "client-A"}
+        )
+        pending = [
+            await post_prompt(http, sim, {**t[k]["request"]["json"], "client_id": "client-A"})
+            for k in ("post_pending_0", "post_pending_1")
+        ]
+        await a.wait_for(
+            lambda fs: any(f.type == "executing" and f.data.get("node") == "100" for f in fs)
+        )
         (sim.env.data_dir / "temp" / "scratch.png").write_bytes(b"x")
         await sim.crash()
         for rec in (a, b):
@@ -249,8 +283,10 @@ async def test_crash_and_restart(tmp_path: Path, http: aiohttp.ClientSession) ->
         recorded = [m["msg"] for m in after["reconnect_same_clientId_messages"]]
         assert [f.type for f in again.frames] == [m["type"] for m in recorded] == ["status"]
         assert again.frames[0].data == {**recorded[0]["data"], "sid": "client-A"}
-        req = {**after["post_prompt_after_restart_number_resets"]["request"]["json"],
-               "client_id": "client-A"}
+        req = {
+            **after["post_prompt_after_restart_number_resets"]["request"]["json"],
+            "client_id": "client-A",
+        }
         body = await post_prompt(http, sim, req)
         assert body["number"] == 0
         await again.wait_done(body["prompt_id"])
@@ -262,6 +298,7 @@ async def test_crash_and_restart(tmp_path: Path, http: aiohttp.ClientSession) ->
 
 # ---------------------------------------------------------------- reconnect and corners (90)
 
+
 async def test_reconnect_mid_run_and_corners(tmp_path: Path, http: aiohttp.ClientSession) -> None:
     t = trace("90_extra_reconnect_and_corners.json")
     async with Simulator(data_dir=tmp_path / "c", node_durations=SLOW) as sim:
@@ -271,12 +308,17 @@ async def test_reconnect_mid_run_and_corners(tmp_path: Path, http: aiohttp.Clien
         assert shape(anon.frames[0].data) == shape(t["ws_without_clientId_first_message"]["data"])
         a = await WsRecorder(http, sim.url, "reconnect-1").connect()
         await a.wait_for(lambda fs: len(fs) >= 1)
-        slow = await post_prompt(http, sim, t["post_slow"]["request"]["json"] | {
-            "client_id": "reconnect-1"})
-        nxt = await post_prompt(http, sim, t["post_with_unconnected_client_id"]["request"]["json"]
-                                | {"client_id": "reconnect-1"})
-        await a.wait_for(lambda fs: any(f.type == "executing" and f.data.get("node") == "100"
-                                        for f in fs))
+        slow = await post_prompt(
+            http, sim, t["post_slow"]["request"]["json"] | {"client_id": "reconnect-1"}
+        )
+        nxt = await post_prompt(
+            http,
+            sim,
+            t["post_with_unconnected_client_id"]["request"]["json"] | {"client_id": "reconnect-1"},
+        )
+        await a.wait_for(
+            lambda fs: any(f.type == "executing" and f.data.get("node") == "100" for f in fs)
+        )
         for pid in (slow["prompt_id"], nxt["prompt_id"]):
             async with http.get(f"{sim.url}/history/{pid}") as r:
                 assert await r.json() == {}
@@ -286,9 +328,12 @@ async def test_reconnect_mid_run_and_corners(tmp_path: Path, http: aiohttp.Clien
         recorded_b = [m["msg"] for m in t["socket_B_same_clientId_reconnected_mid_run_messages"]]
         assert b.frames[1].data == {"node": "100"} == recorded_b[1]["data"]
         assert b.types() == [m["type"] for m in recorded_b]
-        nobody = await post_prompt(http, sim, t["post_with_unconnected_client_id"]["request"]["json"])
+        nobody = await post_prompt(
+            http, sim, t["post_with_unconnected_client_id"]["request"]["json"]
+        )
         assert (await wait_history(http, sim.url, nobody["prompt_id"]))["prompt"][3] == {
-            "client_id": "nobody-listens"}
+            "client_id": "nobody-listens"
+        }
         numbered = await post_prompt(http, sim, t["post_with_explicit_number"]["request"]["json"])
         assert numbered["number"] == 5.0 and isinstance(numbered["number"], float)
         async with http.get(sim.url + "/api/queue") as r:

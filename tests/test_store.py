@@ -15,8 +15,15 @@ from comfyq.store.writer import connect
 
 
 def new(i: int | str, priority: int = 0, timeout: float = 3600.0, max_attempts: int = 3) -> NewJob:
-    return NewJob(id=str(i), payload={"input": {"n": i}}, payload_hash=f"h{i}", priority=priority,
-                  timeout=timeout, max_attempts=max_attempts, kind="workflow")
+    return NewJob(
+        id=str(i),
+        payload={"input": {"n": i}},
+        payload_hash=f"h{i}",
+        priority=priority,
+        timeout=timeout,
+        max_attempts=max_attempts,
+        kind="workflow",
+    )
 
 
 @pytest.fixture
@@ -39,9 +46,12 @@ async def test_full_lifecycle_writes_every_event(store: JobStore) -> None:
     assert tr.job.timings["preprocess_ms"] == 1500 and tr.job.timings["total_ms"] == 4500
     events = await store.events("1")
     assert [(e["from_state"], e["to_state"], e["stage"]) for e in events] == [
-        (None, "pending", "preprocess"), ("pending", "running", "preprocess"),
-        ("running", "pending", "generate"), ("pending", "running", "generate"),
-        ("running", "pending", "postprocess"), ("pending", "running", "postprocess"),
+        (None, "pending", "preprocess"),
+        ("pending", "running", "preprocess"),
+        ("running", "pending", "generate"),
+        ("pending", "running", "generate"),
+        ("running", "pending", "postprocess"),
+        ("pending", "running", "postprocess"),
         ("running", "completed", "postprocess"),
     ]
     # The same story is in the file for an operator with the sqlite3 shell.
@@ -79,8 +89,10 @@ async def test_illegal_transitions_are_refused(store: JobStore) -> None:
     await store.claim("preprocess", 1, 30, "p")
     await store.finish("1", "completed", "done")
     with pytest.raises(sqlite3.IntegrityError, match="illegal job transition"):
-        conn.execute("UPDATE jobs SET state = 'running', lease_owner = 'x', lease_expires_at = 'y',"
-                     " finished_at = NULL WHERE id = '1'")
+        conn.execute(
+            "UPDATE jobs SET state = 'running', lease_owner = 'x', lease_expires_at = 'y',"
+            " finished_at = NULL WHERE id = '1'"
+        )
     with pytest.raises(IllegalTransition):
         await store.retry_job("1")  # completed jobs are not retried
     with pytest.raises(NotFound):
@@ -143,7 +155,9 @@ async def test_expired_lease_is_requeued_then_failed_when_attempts_spent(store: 
     await store.claim("preprocess", 1, 30, "p")
     store.clock.advance(31)  # type: ignore[attr-defined]
     (tr,) = await store.reap(grace=30)
-    assert tr.to_state == "failed" and tr.job is not None and tr.job.error["type"] == "lease_expired"
+    assert (
+        tr.to_state == "failed" and tr.job is not None and tr.job.error["type"] == "lease_expired"
+    )
 
 
 async def test_retry_with_backoff_then_failure(store: JobStore) -> None:
@@ -245,8 +259,12 @@ async def test_a_failing_write_does_not_undo_its_neighbours(store: JobStore) -> 
     await store.create(new(1), 10)
     dup = new(1)
     dup.payload_hash = "other"
-    results = await asyncio.gather(store.create(new(2), 10), store.create(dup, 10), store.create(new(3), 10),
-                                   return_exceptions=True)
+    results = await asyncio.gather(
+        store.create(new(2), 10),
+        store.create(dup, 10),
+        store.create(new(3), 10),
+        return_exceptions=True,
+    )
     assert isinstance(results[1], Conflict)
     assert {j.id for j in await store.list()} == {"1", "2", "3"}
 

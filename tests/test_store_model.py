@@ -17,7 +17,9 @@ from comfyq.store.writer import connect
 async def db(tmp_path: Path) -> Path:
     s = JobStore(tmp_path / "q.db", owner="w1")
     await s.open()
-    await s.create(NewJob(id="a", payload={"input": {"n": 1}}, payload_hash="h", kind="workflow"), 10)
+    await s.create(
+        NewJob(id="a", payload={"input": {"n": 1}}, payload_hash="h", kind="workflow"), 10
+    )
     await s.close()
     return tmp_path / "q.db"
 
@@ -48,13 +50,27 @@ def test_partial_rows_dicts_and_unknown_columns(db: Path) -> None:
         _ = head.payload_hash  # not selected
     with pytest.raises(AttributeError):
         _ = head.payload
-    counted = Job.from_row(conn.execute("SELECT id, count(*) AS n, 'x' AS \"odd name\" FROM jobs").fetchone())
+    counted = Job.from_row(
+        conn.execute("SELECT id, count(*) AS n, 'x' AS \"odd name\" FROM jobs").fetchone()
+    )
     assert counted.id == "a" and counted.n == 1 and getattr(counted, "odd name") == "x"
     single = Job.from_row({"id": "b"})
     assert single.id == "b"
-    from_dict = Job.from_row({"id": "c", "state": "completed", "stage": "postprocess", "timings": '{"total_ms": 5}',
-                              "cancel_requested": 0, "newer_column": [1]})
-    assert from_dict.terminal and from_dict.timings == {"total_ms": 5} and from_dict.newer_column == [1]
+    from_dict = Job.from_row(
+        {
+            "id": "c",
+            "state": "completed",
+            "stage": "postprocess",
+            "timings": '{"total_ms": 5}',
+            "cancel_requested": 0,
+            "newer_column": [1],
+        }
+    )
+    assert (
+        from_dict.terminal
+        and from_dict.timings == {"total_ms": 5}
+        and from_dict.newer_column == [1]
+    )
     assert from_dict.cancel_requested is False
 
 

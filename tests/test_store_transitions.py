@@ -18,14 +18,32 @@ from comfyq.store import JobStore, NewJob
 from comfyq.store.journal import stamp
 
 T0 = 1_800_000_000.0
-GEN_RESULT = {"outputs": {"2": {"images": [{"filename": "a.png", "subfolder": "", "type": "output"}]}}}
-OUTPUT = {"filename": "a.png", "node_id": "2", "output_type": "images", "comfy_type": "output", "subfolder": "",
-          "mimetype": "image/png", "size": 3, "sha256": "ab", "local_path": "/x/a.png", "url": "/outputs/j/a.png",
-          "upload_error": None}
+GEN_RESULT = {
+    "outputs": {"2": {"images": [{"filename": "a.png", "subfolder": "", "type": "output"}]}}
+}
+OUTPUT = {
+    "filename": "a.png",
+    "node_id": "2",
+    "output_type": "images",
+    "comfy_type": "output",
+    "subfolder": "",
+    "mimetype": "image/png",
+    "size": 3,
+    "sha256": "ab",
+    "local_path": "/x/a.png",
+    "url": "/outputs/j/a.png",
+    "upload_error": None,
+}
 
 
 def new(job_id: str, **kw: Any) -> NewJob:
-    return NewJob(id=job_id, payload={"input": kw.pop("inp", {"n": job_id})}, payload_hash="h", kind="workflow", **kw)
+    return NewJob(
+        id=job_id,
+        payload={"input": kw.pop("inp", {"n": job_id})},
+        payload_hash="h",
+        kind="workflow",
+        **kw,
+    )
 
 
 @pytest.fixture
@@ -53,7 +71,9 @@ async def _to_generate_with_a_retry(store: JobStore, job_id: str, hand_off: bool
     await store.claim("preprocess", 1, 30, "Preprocessing")
     clock.advance(1.5)
     if hand_off:
-        await store.advance_and_claim(job_id, "pre done", {"prepared": {"workflow": {}}}, 30, "Waiting")
+        await store.advance_and_claim(
+            job_id, "pre done", {"prepared": {"workflow": {}}}, 30, "Waiting"
+        )
     else:
         await store.advance(job_id, "pre done", {"prepared": {"workflow": {}}})
         await store.claim("generate", 1, 30, "Waiting")
@@ -70,10 +90,18 @@ async def test_hand_off_writes_what_advance_then_claim_writes(store: JobStore) -
         clock.t = T0
         await _to_generate_with_a_retry(store, job_id, hand_off)
         if hand_off:
-            trs = await store.advance_and_claim(job_id, "gen done", {"result": GEN_RESULT}, 30, "Post-processing")
+            trs = await store.advance_and_claim(
+                job_id, "gen done", {"result": GEN_RESULT}, 30, "Post-processing"
+            )
             assert [(t.from_state, t.to_state, t.stage) for t in trs] == [
-                ("running", "pending", "postprocess"), ("pending", "running", "postprocess")]
-            assert trs[0].job is not None and trs[0].job.state == "pending" and trs[0].job.lease_owner is None
+                ("running", "pending", "postprocess"),
+                ("pending", "running", "postprocess"),
+            ]
+            assert (
+                trs[0].job is not None
+                and trs[0].job.state == "pending"
+                and trs[0].job.lease_owner is None
+            )
             assert trs[1].job is not None and trs[1].job.lease_owner == "w1"
             assert trs[0].event_id + 1 == trs[1].event_id
         else:
@@ -87,9 +115,18 @@ async def test_hand_off_writes_what_advance_then_claim_writes(store: JobStore) -
         r.pop("id")
         r.pop("payload")
     assert a == b
-    assert '"generate_wait_ms":2000.0' in a["timings"] and '"postprocess_wait_ms":0.0' in a["timings"]
-    ev = [rows(store, "SELECT at, from_state, to_state, stage, attempt, message, data FROM job_events"
-                      " WHERE job_id = ? ORDER BY id", j) for j in ("steps", "merged")]
+    assert (
+        '"generate_wait_ms":2000.0' in a["timings"] and '"postprocess_wait_ms":0.0' in a["timings"]
+    )
+    ev = [
+        rows(
+            store,
+            "SELECT at, from_state, to_state, stage, attempt, message, data FROM job_events"
+            " WHERE job_id = ? ORDER BY id",
+            j,
+        )
+        for j in ("steps", "merged")
+    ]
     assert ev[0] == ev[1] and len(ev[0]) == 9
 
 
@@ -111,14 +148,20 @@ async def test_hand_off_refuses_what_advance_refuses(store: JobStore, tmp_path: 
         await store.request_cancel("cancelled")
         (tr,) = await store.advance_and_claim("cancelled", "done", {"prepared": {}}, 30, "g")
         assert tr.to_state == "cancelled"
-        assert rows(store, "SELECT prepared FROM jobs WHERE id = 'cancelled'") == [{"prepared": None}]
+        assert rows(store, "SELECT prepared FROM jobs WHERE id = 'cancelled'") == [
+            {"prepared": None}
+        ]
     finally:
         await other.close()
 
 
-async def test_completion_erases_secrets_and_queues_the_webhook_in_its_commit(store: JobStore) -> None:
+async def test_completion_erases_secrets_and_queues_the_webhook_in_its_commit(
+    store: JobStore,
+) -> None:
     inp = {"webhook": {"url": "http://hooks.example:8080/in?t=1"}}
-    await store.create(new("j", inp=inp, secrets={"webhook_secret": "whsec", "s3": {"k": "v"}}), 100)
+    await store.create(
+        new("j", inp=inp, secrets={"webhook_secret": "whsec", "s3": {"k": "v"}}), 100
+    )
     for stage in ("preprocess", "generate", "postprocess"):
         await store.claim(stage, 1, 30, stage)
         store.clock.advance(1.0)  # type: ignore[attr-defined]
@@ -130,7 +173,8 @@ async def test_completion_erases_secrets_and_queues_the_webhook_in_its_commit(st
     assert tr.job.finished_at == tr.at and tr.job.result == {"warnings": []}
     assert rows(store, "SELECT count(*) AS n FROM job_secrets") == [{"n": 0}]
     assert rows(store, "SELECT host, secret, event FROM webhook_deliveries") == [
-        {"host": "hooks.example:8080", "secret": "whsec", "event": "completed"}]
+        {"host": "hooks.example:8080", "secret": "whsec", "event": "completed"}
+    ]
     assert [o["filename"] for o in await store.outputs("j")] == ["a.png"]
     with pytest.raises(LeaseLost):
         await store.advance("j", "again")
@@ -141,7 +185,9 @@ async def test_update_sets_columns_of_a_held_job_only(store: JobStore, tmp_path:
     with pytest.raises(LeaseLost, match="pending, not running"):
         await store.update("j", {"comfy_prompt_id": "p"})
     await store.claim("preprocess", 1, 30, "p")
-    job = await store.update("j", {"comfy_prompt_id": "p1", "comfy_backend": "http://b", "message": "started"})
+    job = await store.update(
+        "j", {"comfy_prompt_id": "p1", "comfy_backend": "http://b", "message": "started"}
+    )
     assert (job.comfy_prompt_id, job.comfy_backend, job.message) == ("p1", "http://b", "started")
     other = JobStore(tmp_path / "q.db", clock=store.clock, owner="w2")
     await other.open()
@@ -178,7 +224,9 @@ async def test_writes_asked_for_in_one_loop_turn_share_one_commit(store: JobStor
     assert store.writer.commits - before == 1  # handed to the writer thread together
 
 
-async def test_an_operation_outside_transactions_keeps_its_place_in_the_turn(store: JobStore) -> None:
+async def test_an_operation_outside_transactions_keeps_its_place_in_the_turn(
+    store: JobStore,
+) -> None:
     order: list[str] = []
 
     def mark(conn: sqlite3.Connection, name: str) -> str:
@@ -186,8 +234,11 @@ async def test_an_operation_outside_transactions_keeps_its_place_in_the_turn(sto
         return name
 
     before = store.writer.commits
-    got = await asyncio.gather(store.writer.run(mark, "a"), store.writer.run_outside(mark, "b"),
-                               store.writer.run(mark, "c"))
+    got = await asyncio.gather(
+        store.writer.run(mark, "a"),
+        store.writer.run_outside(mark, "b"),
+        store.writer.run(mark, "c"),
+    )
     assert got == ["a", "b", "c"] and order == ["a:txn", "b:alone", "c:txn"]
     assert store.writer.commits - before == 2
 

@@ -62,9 +62,12 @@ async def senders() -> AsyncIterator[Senders]:
         await s.stop(grace=0)
 
 
-async def start_sender(made: Senders, store: JobStore, guard: AddressGuard | None = None,
-                       **cfg: Any) -> WebhookSender:
-    sender = WebhookSender(store, guard or AddressGuard(["127.0.0.1"]), WebhookConfig(**{**FAST, **cfg}))
+async def start_sender(
+    made: Senders, store: JobStore, guard: AddressGuard | None = None, **cfg: Any
+) -> WebhookSender:
+    sender = WebhookSender(
+        store, guard or AddressGuard(["127.0.0.1"]), WebhookConfig(**{**FAST, **cfg})
+    )
     await sender.start()
     made.append(sender)
     return sender
@@ -74,10 +77,16 @@ async def start_sender(made: Senders, store: JobStore, guard: AddressGuard | Non
 
 
 async def test_ending_a_job_queues_one_delivery_in_the_same_transaction(store: JobStore) -> None:
-    await store.create(hook_job("a", "https://user:pw@Hooks.Example:8443/in?token=t", secret="s1"), 10)
+    await store.create(
+        hook_job("a", "https://user:pw@Hooks.Example:8443/in?token=t", secret="s1"), 10
+    )
     await store.create(NewJob(id="b", payload={"input": {}}, payload_hash="b"), 10)
-    await store.create(NewJob(id="c", payload={"input": {"webhook": {"url": 3}}}, payload_hash="c"), 10)
-    await store.create(NewJob(id="d", payload={"input": {"webhook": {"url": ""}}}, payload_hash="d"), 10)
+    await store.create(
+        NewJob(id="c", payload={"input": {"webhook": {"url": 3}}}, payload_hash="c"), 10
+    )
+    await store.create(
+        NewJob(id="d", payload={"input": {"webhook": {"url": ""}}}, payload_hash="d"), 10
+    )
     assert await deliveries(store) == []  # nothing before the job ends
     for job_id in "abcd":
         await store.request_cancel(job_id)
@@ -108,14 +117,18 @@ async def test_delivered_once_and_verified_like_a_standard_webhooks_receiver(
 ) -> None:
     out = tmp_path / "x.png"
     out.write_bytes(b"\x89PNG fake")
-    await store.create(hook_job("j1", receiver.url + "?token=abc", secret=SECRET, extra={"user": 7}), 10)
+    await store.create(
+        hook_job("j1", receiver.url + "?token=abc", secret=SECRET, extra={"user": 7}), 10
+    )
     await complete(store, "j1", [("x.png", out)])
     await start_sender(senders, store)
     d = await wait_until(lambda: delivery_ended(store, "j1"))
     assert d["state"] == "delivered" and d["attempts"] == 1 and d["last_status"] == 204
     assert d["secret"] is None  # erased once the delivery ended
     [hit] = receiver.hits
-    body = Webhook(SECRET).verify(hit.body, hit.headers)  # raises unless id, timestamp, signature match
+    body = Webhook(SECRET).verify(
+        hit.body, hit.headers
+    )  # raises unless id, timestamp, signature match
     assert hit.headers["webhook-id"] == d["id"]
     assert body["id"] == "j1" and body["status"] == "completed" and body["extra"] == {"user": 7}
     assert body["message"] == "Processing complete." and body["error"] is None
@@ -144,7 +157,9 @@ async def test_a_tampered_body_or_other_secret_fails_verification(
     with pytest.raises(WebhookVerificationError):
         Webhook(SECRET).verify(hit.body.replace(b"cancelled", b"completed"), hit.headers)
     with pytest.raises(WebhookVerificationError):
-        Webhook("whsec_" + base64.b64encode(b"another secret").decode()).verify(hit.body, hit.headers)
+        Webhook("whsec_" + base64.b64encode(b"another secret").decode()).verify(
+            hit.body, hit.headers
+        )
 
 
 async def test_plain_secret_default_secret_and_no_secret(
@@ -161,7 +176,9 @@ async def test_plain_secret_default_secret_and_no_secret(
     Webhook(b"plain-secret").verify(by_job["own"].body, by_job["own"].headers)
     Webhook(b"operator-secret").verify(by_job["default"].body, by_job["default"].headers)
     ts, mid = by_job["own"].headers["webhook-timestamp"], by_job["own"].headers["webhook-id"]
-    assert by_job["own"].headers["webhook-signature"] == sign("plain-secret", mid, int(ts), by_job["own"].body)
+    assert by_job["own"].headers["webhook-signature"] == sign(
+        "plain-secret", mid, int(ts), by_job["own"].body
+    )
 
     await senders.pop().stop()
     unsigned = await Receiver().start()
@@ -202,7 +219,9 @@ async def test_retries_500_dropped_connection_and_hang_then_delivers_once(
     assert len(receiver.ok_hits()) == 1
 
 
-async def test_burst_mode_delivers_what_is_due_without_the_loop(store: JobStore, receiver: Receiver) -> None:
+async def test_burst_mode_delivers_what_is_due_without_the_loop(
+    store: JobStore, receiver: Receiver
+) -> None:
     for i in range(3):
         await store.create(hook_job(f"j{i}", receiver.url), 10)
         await store.request_cancel(f"j{i}")
@@ -214,7 +233,9 @@ async def test_burst_mode_delivers_what_is_due_without_the_loop(store: JobStore,
         await sender.stop()
 
 
-async def test_gives_up_when_attempts_run_out(store: JobStore, receiver: Receiver, senders: Senders) -> None:
+async def test_gives_up_when_attempts_run_out(
+    store: JobStore, receiver: Receiver, senders: Senders
+) -> None:
     receiver.default = "500"
     await store.create(hook_job("j1", receiver.url, secret="s"), 10)
     await store.request_cancel("j1")
@@ -233,14 +254,18 @@ async def test_gives_up_when_too_old(store: JobStore, receiver: Receiver, sender
     receiver.default = "500"
     await store.create(hook_job("j1", receiver.url), 10)
     await store.request_cancel("j1")
-    await start_sender(senders, store, max_age=0.3, retry_base=0.05, retry_max=0.05, max_attempts=1000)
+    await start_sender(
+        senders, store, max_age=0.3, retry_base=0.05, retry_max=0.05, max_attempts=1000
+    )
     d = await wait_until(lambda: delivery_ended(store, "j1"))
     assert d["state"] == "failed"
     last = (await attempts(store, "j1"))[-1]
     assert last["outcome"] == "gave_up" and "older than 0.3s" in last["error"]
 
 
-async def test_410_gone_stops_at_once(store: JobStore, receiver: Receiver, senders: Senders) -> None:
+async def test_410_gone_stops_at_once(
+    store: JobStore, receiver: Receiver, senders: Senders
+) -> None:
     receiver.default = "410"
     await store.create(hook_job("j1", receiver.url), 10)
     await store.request_cancel("j1")
@@ -249,7 +274,9 @@ async def test_410_gone_stops_at_once(store: JobStore, receiver: Receiver, sende
     assert d["state"] == "failed" and d["attempts"] == 1 and d["last_status"] == 410
 
 
-async def test_per_request_timeout_is_used(store: JobStore, receiver: Receiver, senders: Senders) -> None:
+async def test_per_request_timeout_is_used(
+    store: JobStore, receiver: Receiver, senders: Senders
+) -> None:
     receiver.plan.append("hang")
     await store.create(hook_job("j1", receiver.url, timeout=0.2), 10)
     await store.request_cancel("j1")
@@ -259,7 +286,9 @@ async def test_per_request_timeout_is_used(store: JobStore, receiver: Receiver, 
     assert (await attempts(store, "j1"))[0]["error"] == "timed out after 0.2s"
 
 
-async def test_a_hanging_receiver_delays_no_other_receiver(store: JobStore, senders: Senders) -> None:
+async def test_a_hanging_receiver_delays_no_other_receiver(
+    store: JobStore, senders: Senders
+) -> None:
     slow, fast = await Receiver("hang").start(), await Receiver("ok").start()
     try:
         for i in range(8):  # a path per job: the host cap, not the endpoint cap, must hold them
@@ -285,7 +314,9 @@ async def test_a_hanging_receiver_delays_no_other_receiver(store: JobStore, send
     assert len(interrupted) == 2 and all("interrupted" in a["error"] for a in interrupted)
 
 
-async def test_a_hanging_endpoint_delays_no_other_endpoint_of_its_host(store: JobStore, senders: Senders) -> None:
+async def test_a_hanging_endpoint_delays_no_other_endpoint_of_its_host(
+    store: JobStore, senders: Senders
+) -> None:
     recv = await Receiver("ok").start()
     recv.by_path["stuck"] = "hang"
     try:
@@ -311,7 +342,9 @@ async def _all_delivered(store: JobStore, ids: list[str]) -> bool:
     return True
 
 
-async def test_webhook_urls_pass_the_address_guard(store: JobStore, receiver: Receiver, senders: Senders) -> None:
+async def test_webhook_urls_pass_the_address_guard(
+    store: JobStore, receiver: Receiver, senders: Senders
+) -> None:
     await store.create(hook_job("j1", receiver.url), 10)
     await store.request_cancel("j1")
     await start_sender(senders, store, guard=AddressGuard())  # loopback not allowlisted
@@ -365,13 +398,25 @@ async def test_history_and_cli_show_every_attempt(
     [h] = await history(store, "j1")
     assert h["state"] == "delivered" and "SECRET-TOKEN" not in h["url"] and "secret" not in h
     assert [(a["attempt"], a["status_code"], a["outcome"]) for a in h["attempt_log"]] == [
-        (1, 500, "retry"), (2, 204, "delivered")]
+        (1, 500, "retry"),
+        (2, 204, "delivered"),
+    ]
 
-    env = {"COMFYQ_DATABASE": str(store.path), "COMFYQ_CONFIG": str(tmp_path / "absent.toml"),
-           "PATH": "/usr/bin:/bin"}
+    env = {
+        "COMFYQ_DATABASE": str(store.path),
+        "COMFYQ_CONFIG": str(tmp_path / "absent.toml"),
+        "PATH": "/usr/bin:/bin",
+    }
     show = await asyncio.to_thread(
-        subprocess.run, [sys.executable, "-m", "comfyq", "jobs", "show", "j1"], capture_output=True, text=True,
-        env=env, cwd=tmp_path, timeout=60, check=False)
+        subprocess.run,
+        [sys.executable, "-m", "comfyq", "jobs", "show", "j1"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=60,
+        check=False,
+    )
     assert show.returncode == 0, show.stderr
     out = show.stdout
     assert "webhook deliveries" in out and "delivered" in out and "webhook attempts" in out

@@ -82,7 +82,9 @@ async def test_a_sender_killed_mid_post_resends_after_restart(tmp_path: Path) ->
         await store.request_cancel("j1")
         await store.close()
         env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-        proc = await asyncio.create_subprocess_exec(sys.executable, "-c", SENDER_SCRIPT, str(db), env=env)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", SENDER_SCRIPT, str(db), env=env
+        )
         await receiver.wait_hits(1, timeout=30)
         proc.send_signal(signal.SIGKILL)
         await asyncio.wait_for(proc.wait(), 10)

@@ -66,7 +66,9 @@ class Receiver:
         body = await request.read()
         name = request.match_info.get("name", "")
         action = self.plan.popleft() if self.plan else self.by_path.get(name, self.default)
-        self.hits.append(Hit(dict(request.headers), body, action, asyncio.get_running_loop().time()))
+        self.hits.append(
+            Hit(dict(request.headers), body, action, asyncio.get_running_loop().time())
+        )
         self._changed.set()
         if action == "hang":
             self.hanging += 1
@@ -105,13 +107,19 @@ async def wait_until(fn: Any, timeout: float = 15.0, interval: float = 0.02) -> 
 
 
 async def deliveries(store: JobStore, job_id: str | None = None) -> list[dict[str, Any]]:
-    sql = "SELECT * FROM webhook_deliveries" + (" WHERE job_id = ?" if job_id else "") + " ORDER BY created_at, id"
+    sql = (
+        "SELECT * FROM webhook_deliveries"
+        + (" WHERE job_id = ?" if job_id else "")
+        + " ORDER BY created_at, id"
+    )
     async with store.reader.execute(sql, (job_id,) if job_id else ()) as cur:
         return [dict(r) for r in await cur.fetchall()]
 
 
 async def attempts(store: JobStore, job_id: str) -> list[dict[str, Any]]:
-    async with store.reader.execute("SELECT * FROM webhook_attempts WHERE job_id = ? ORDER BY id", (job_id,)) as cur:
+    async with store.reader.execute(
+        "SELECT * FROM webhook_attempts WHERE job_id = ? ORDER BY id", (job_id,)
+    ) as cur:
         return [dict(r) for r in await cur.fetchall()]
 
 
@@ -120,29 +128,55 @@ async def delivery_ended(store: JobStore, job_id: str) -> dict[str, Any] | None:
     return rows[-1] if rows and rows[-1]["state"] in ("delivered", "failed") else None
 
 
-def hook_job(job_id: str, url: str, *, secret: str | None = None, extra: dict[str, Any] | None = None,
-             base64: bool = False, timeout: float | None = None) -> NewJob:
+def hook_job(
+    job_id: str,
+    url: str,
+    *,
+    secret: str | None = None,
+    extra: dict[str, Any] | None = None,
+    base64: bool = False,
+    timeout: float | None = None,
+) -> NewJob:
     """A job whose request names a webhook (secret kept apart, as admission does)."""
     hook: dict[str, Any] = {"url": url}
     if extra is not None:
         hook["extra_params"] = extra
     if timeout is not None:
         hook["timeout"] = timeout
-    inp: dict[str, Any] = {"webhook": hook, "workflow_json": {"1": {"class_type": "X", "inputs": {}}}}
+    inp: dict[str, Any] = {
+        "webhook": hook,
+        "workflow_json": {"1": {"class_type": "X", "inputs": {}}},
+    }
     if base64:
         inp["return_outputs_as_base64"] = True
-    return NewJob(id=job_id, payload={"input": inp}, payload_hash=job_id,
-                  secrets={"webhook_secret": secret} if secret else None)
+    return NewJob(
+        id=job_id,
+        payload={"input": inp},
+        payload_hash=job_id,
+        secrets={"webhook_secret": secret} if secret else None,
+    )
 
 
-async def complete(store: JobStore, job_id: str, files: list[tuple[str, Path]] | None = None) -> None:
+async def complete(
+    store: JobStore, job_id: str, files: list[tuple[str, Path]] | None = None
+) -> None:
     """Walk a pending job through the three stages to completed, recording ``files`` as outputs."""
     for stage in ("preprocess", "generate", "postprocess"):
         claimed = await store.claim(stage, 1, 30, stage)
         assert [j.id for j in claimed] == [job_id]
         if stage == "postprocess":
             for name, path in files or []:
-                await store.put_output(job_id, {
-                    "filename": name, "node_id": "9", "mimetype": "image/png", "size": path.stat().st_size,
-                    "local_path": str(path), "url": f"/outputs/{job_id}/{name}"})
-        await store.advance(job_id, "Processing complete." if stage == "postprocess" else f"{stage} done")
+                await store.put_output(
+                    job_id,
+                    {
+                        "filename": name,
+                        "node_id": "9",
+                        "mimetype": "image/png",
+                        "size": path.stat().st_size,
+                        "local_path": str(path),
+                        "url": f"/outputs/{job_id}/{name}",
+                    },
+                )
+        await store.advance(
+            job_id, "Processing complete." if stage == "postprocess" else f"{stage} done"
+        )

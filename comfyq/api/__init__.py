@@ -19,14 +19,23 @@ from comfyq.schemas import ErrorBody, GenerateRequest, Health, JobList, QueueInf
 OPENAPI: web.AppKey[bytes] = web.AppKey("openapi", bytes)
 README: web.AppKey[str] = web.AppKey("readme", str)
 
-_SSE = Reply("text/event-stream: one `data:` JSON StreamEvent per state change or progress step, each"
-             " with an `id:`; comment heartbeats; the last event has status final_result and the Result",
-             media="text/event-stream", schema={"type": "string"})
+_SSE = Reply(
+    "text/event-stream: one `data:` JSON StreamEvent per state change or progress step, each"
+    " with an `id:`; comment heartbeats; the last event has status final_result and the Result",
+    media="text/event-stream",
+    schema={"type": "string"},
+)
 _LOC = {"Location": "/result/{id}"}
-_QUEUE_FULL = Reply("MAX_QUEUE_SIZE jobs are not finished yet", ErrorBody, headers={"Retry-After": "seconds"})
+_QUEUE_FULL = Reply(
+    "MAX_QUEUE_SIZE jobs are not finished yet", ErrorBody, headers={"Retry-After": "seconds"}
+)
 _CONFLICT = Reply("request_id already used with a different payload", ErrorBody)
-_B64 = Param("X-Return-Outputs-As-Base64", "header", {"type": "string", "enum": ["1", "true", "yes", "on"]},
-             "inline output files as base64")
+_B64 = Param(
+    "X-Return-Outputs-As-Base64",
+    "header",
+    {"type": "string", "enum": ["1", "true", "yes", "on"]},
+    "inline output files as base64",
+)
 _ID = {"type": "string"}
 
 
@@ -39,61 +48,220 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 ROUTES: list[Route] = [
-    Route("POST", "/generate", generate.generate, "Queue a job", "generate", body=GenerateRequest,
-          params=[_B64], replies={
-              202: Reply("accepted: the job is committed", Result, headers=_LOC),
-              200: Reply("this request_id already exists with the same payload: that job", Result, headers=_LOC),
-              409: _CONFLICT, 503: _QUEUE_FULL}),
-    Route("POST", "/generate/sync", generate.generate_sync, "Run a job and wait for its result", "generate",
-          body=GenerateRequest,
-          params=[Param("timeout", "query", {"type": "number", "minimum": 0},
-                        "seconds to wait; then 202 with the current Result (the job goes on)"), _B64],
-          replies={200: Reply("completed", Result), 202: Reply("timeout elapsed; the job goes on", Result),
-                   400: Reply("invalid request, or ComfyUI rejected the workflow (Result)", Result),
-                   409: _CONFLICT, 499: Reply("cancelled", Result),
-                   500: Reply("the job failed", Result), 502: Reply("ComfyUI was unreachable", Result),
-                   503: _QUEUE_FULL}),
-    Route("POST", "/generate/stream", generate.generate_stream, "Run a job and stream its progress (SSE)",
-          "generate", body=GenerateRequest, params=[_B64], replies={200: _SSE, 409: _CONFLICT, 503: _QUEUE_FULL}),
-    Route("GET", "/result/{id}", jobs.result, "A job's Result, in every state", "jobs",
-          replies={200: Reply("the Result", Result)}),
-    Route("POST", "/cancel/{id}", jobs.cancel, "Cancel a job", "jobs",
-          replies={200: Reply("the Result after cancelling (finished jobs are left as they are)", Result)}),
-    Route("GET", "/queue-info", jobs.queue_info, "Queue sizes per stage", "queue",
-          replies={200: Reply("waiting and in-flight jobs per stage", QueueInfo)}),
-    Route("GET", "/health", health, "Health of the store, workers and ComfyUI backends", "ops", public=True,
-          replies={200: Reply("healthy", Health), 503: Reply("unhealthy: the body says which part", Health)}),
-    Route("GET", "/jobs", jobs.list_jobs, "List jobs, newest first", "jobs",
-          params=[Param("status", "query", {"type": "string"},
-                        "comma separated: " + ", ".join(jobs.STATUS_SQL)),
-                  Param("limit", "query", {"type": "integer", "minimum": 1, "maximum": jobs.MAX_LIMIT}),
-                  Param("cursor", "query", {"type": "string"}, "next_cursor of the previous page")],
-          replies={200: Reply("one page", JobList), 400: Reply("bad filter, limit or cursor", ErrorBody)}),
-    Route("GET", "/jobs/{id}", jobs.result, "A job's Result (same as /result/{id})", "jobs",
-          replies={200: Reply("the Result", Result)}),
-    Route("DELETE", "/jobs/{id}", jobs.cancel, "Cancel a job (same as POST /cancel/{id})", "jobs",
-          replies={200: Reply("the Result after cancelling", Result)}),
-    Route("GET", "/jobs/{id}/events", sse.job_events, "A job's events (SSE), resumable with Last-Event-ID",
-          "jobs", params=[Param("Last-Event-ID", "header", _ID, "resume after this event"),
-                          Param("last_event_id", "query", _ID, "the same, for clients that cannot set it")],
-          replies={200: _SSE, 204: Reply("the client already has the final event")}),
-    Route("GET", "/outputs/{id}/{filename}", jobs.output_file, "Download an output file of a job", "jobs",
-          replies={200: Reply("the file", media="application/octet-stream",
-                              schema={"type": "string", "format": "binary"})}),
-    Route("GET", "/metrics", metrics, "Prometheus metrics", "ops",
-          replies={200: Reply("text exposition format", media="text/plain", schema={"type": "string"})}),
-    Route("GET", "/ws", ws.websocket, "Job events over a websocket", "jobs",
-          description='Send {"subscribe": ["<id>", ...]} or {"subscribe": "*"}; receive StreamEvents as JSON'
-                      " text frames and preview images as binary frames (4-byte big-endian header length,"
-                      " JSON header with job_id, then the image).",
-          replies={101: Reply("switching protocols"), 400: Reply("not a websocket request", ErrorBody)}),
-    Route("GET", "/docs", docs.docs_page, "Interactive API documentation", "docs",
-          replies={200: Reply("HTML", media="text/html", schema={"type": "string"})}),
-    Route("GET", "/openapi.json", docs.openapi_json, "This document", "docs",
-          replies={200: Reply("OpenAPI 3.1", media="application/json", schema={"type": "object"})}),
-    Route("GET", "/", docs.index, "The README", "docs",
-          replies={200: Reply("HTML", media="text/html", schema={"type": "string"})}),
-    Route("GET", docs.ASSETS_ROUTE, docs.docs_asset, "Swagger UI files", "docs", public=True, in_schema=False),
+    Route(
+        "POST",
+        "/generate",
+        generate.generate,
+        "Queue a job",
+        "generate",
+        body=GenerateRequest,
+        params=[_B64],
+        replies={
+            202: Reply("accepted: the job is committed", Result, headers=_LOC),
+            200: Reply(
+                "this request_id already exists with the same payload: that job",
+                Result,
+                headers=_LOC,
+            ),
+            409: _CONFLICT,
+            503: _QUEUE_FULL,
+        },
+    ),
+    Route(
+        "POST",
+        "/generate/sync",
+        generate.generate_sync,
+        "Run a job and wait for its result",
+        "generate",
+        body=GenerateRequest,
+        params=[
+            Param(
+                "timeout",
+                "query",
+                {"type": "number", "minimum": 0},
+                "seconds to wait; then 202 with the current Result (the job goes on)",
+            ),
+            _B64,
+        ],
+        replies={
+            200: Reply("completed", Result),
+            202: Reply("timeout elapsed; the job goes on", Result),
+            400: Reply("invalid request, or ComfyUI rejected the workflow (Result)", Result),
+            409: _CONFLICT,
+            499: Reply("cancelled", Result),
+            500: Reply("the job failed", Result),
+            502: Reply("ComfyUI was unreachable", Result),
+            503: _QUEUE_FULL,
+        },
+    ),
+    Route(
+        "POST",
+        "/generate/stream",
+        generate.generate_stream,
+        "Run a job and stream its progress (SSE)",
+        "generate",
+        body=GenerateRequest,
+        params=[_B64],
+        replies={200: _SSE, 409: _CONFLICT, 503: _QUEUE_FULL},
+    ),
+    Route(
+        "GET",
+        "/result/{id}",
+        jobs.result,
+        "A job's Result, in every state",
+        "jobs",
+        replies={200: Reply("the Result", Result)},
+    ),
+    Route(
+        "POST",
+        "/cancel/{id}",
+        jobs.cancel,
+        "Cancel a job",
+        "jobs",
+        replies={
+            200: Reply("the Result after cancelling (finished jobs are left as they are)", Result)
+        },
+    ),
+    Route(
+        "GET",
+        "/queue-info",
+        jobs.queue_info,
+        "Queue sizes per stage",
+        "queue",
+        replies={200: Reply("waiting and in-flight jobs per stage", QueueInfo)},
+    ),
+    Route(
+        "GET",
+        "/health",
+        health,
+        "Health of the store, workers and ComfyUI backends",
+        "ops",
+        public=True,
+        replies={
+            200: Reply("healthy", Health),
+            503: Reply("unhealthy: the body says which part", Health),
+        },
+    ),
+    Route(
+        "GET",
+        "/jobs",
+        jobs.list_jobs,
+        "List jobs, newest first",
+        "jobs",
+        params=[
+            Param(
+                "status",
+                "query",
+                {"type": "string"},
+                "comma separated: " + ", ".join(jobs.STATUS_SQL),
+            ),
+            Param("limit", "query", {"type": "integer", "minimum": 1, "maximum": jobs.MAX_LIMIT}),
+            Param("cursor", "query", {"type": "string"}, "next_cursor of the previous page"),
+        ],
+        replies={
+            200: Reply("one page", JobList),
+            400: Reply("bad filter, limit or cursor", ErrorBody),
+        },
+    ),
+    Route(
+        "GET",
+        "/jobs/{id}",
+        jobs.result,
+        "A job's Result (same as /result/{id})",
+        "jobs",
+        replies={200: Reply("the Result", Result)},
+    ),
+    Route(
+        "DELETE",
+        "/jobs/{id}",
+        jobs.cancel,
+        "Cancel a job (same as POST /cancel/{id})",
+        "jobs",
+        replies={200: Reply("the Result after cancelling", Result)},
+    ),
+    Route(
+        "GET",
+        "/jobs/{id}/events",
+        sse.job_events,
+        "A job's events (SSE), resumable with Last-Event-ID",
+        "jobs",
+        params=[
+            Param("Last-Event-ID", "header", _ID, "resume after this event"),
+            Param("last_event_id", "query", _ID, "the same, for clients that cannot set it"),
+        ],
+        replies={200: _SSE, 204: Reply("the client already has the final event")},
+    ),
+    Route(
+        "GET",
+        "/outputs/{id}/{filename}",
+        jobs.output_file,
+        "Download an output file of a job",
+        "jobs",
+        replies={
+            200: Reply(
+                "the file",
+                media="application/octet-stream",
+                schema={"type": "string", "format": "binary"},
+            )
+        },
+    ),
+    Route(
+        "GET",
+        "/metrics",
+        metrics,
+        "Prometheus metrics",
+        "ops",
+        replies={
+            200: Reply("text exposition format", media="text/plain", schema={"type": "string"})
+        },
+    ),
+    Route(
+        "GET",
+        "/ws",
+        ws.websocket,
+        "Job events over a websocket",
+        "jobs",
+        description='Send {"subscribe": ["<id>", ...]} or {"subscribe": "*"}; receive StreamEvents as JSON'
+        " text frames and preview images as binary frames (4-byte big-endian header length,"
+        " JSON header with job_id, then the image).",
+        replies={
+            101: Reply("switching protocols"),
+            400: Reply("not a websocket request", ErrorBody),
+        },
+    ),
+    Route(
+        "GET",
+        "/docs",
+        docs.docs_page,
+        "Interactive API documentation",
+        "docs",
+        replies={200: Reply("HTML", media="text/html", schema={"type": "string"})},
+    ),
+    Route(
+        "GET",
+        "/openapi.json",
+        docs.openapi_json,
+        "This document",
+        "docs",
+        replies={200: Reply("OpenAPI 3.1", media="application/json", schema={"type": "object"})},
+    ),
+    Route(
+        "GET",
+        "/",
+        docs.index,
+        "The README",
+        "docs",
+        replies={200: Reply("HTML", media="text/html", schema={"type": "string"})},
+    ),
+    Route(
+        "GET",
+        docs.ASSETS_ROUTE,
+        docs.docs_asset,
+        "Swagger UI files",
+        "docs",
+        public=True,
+        in_schema=False,
+    ),
 ]
 
 

@@ -44,9 +44,15 @@ class Api:
         self.pipeline = services.pipeline
         self.options = options
         self.reads = Reads(self.store.path)
-        self.results = Results(self.reads, self.bus, base64_max_bytes=self.settings.output_base64_max_bytes,
-                               webhook_history=partial(history, self.store))
-        self.queue = QueueView(self.store, self.reads, self.pipeline, max_queue_size=self.settings.max_queue_size)
+        self.results = Results(
+            self.reads,
+            self.bus,
+            base64_max_bytes=self.settings.output_base64_max_bytes,
+            webhook_history=partial(history, self.store),
+        )
+        self.queue = QueueView(
+            self.store, self.reads, self.pipeline, max_queue_size=self.settings.max_queue_size
+        )
         self.metrics = Metrics(services)
         # Bounds the reads of a connection burst, and with them the server's memory high-water mark.
         self.stream_setup = asyncio.Semaphore(options.stream_setups)
@@ -64,10 +70,16 @@ def get_api(request: web.Request) -> Api:
     return request.app[API]
 
 
-def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+def json_response(
+    body: Any, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
     """A JSON response encoded by msgspec (structs, dicts, lists)."""
-    return web.Response(body=_encode(body), status=status, headers=headers, content_type="application/json")
+    return web.Response(
+        body=_encode(body), status=status, headers=headers, content_type="application/json"
+    )
 
 
-def error_response(info: ErrorInfo, status: int, headers: dict[str, str] | None = None) -> web.Response:
+def error_response(
+    info: ErrorInfo, status: int, headers: dict[str, str] | None = None
+) -> web.Response:
     return json_response(ErrorBody(info), status, headers)

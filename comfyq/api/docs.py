@@ -57,7 +57,9 @@ async def docs_page(request: web.Request) -> web.Response:
     token = request.query.get("access_token")
     # Only a key that was checked goes into the page: /docs?access_token=KEY lets a browser try calls.
     shown = token if keys and key_ok(token, keys) else None
-    return web.Response(text=_PAGE.replace("__TOKEN__", _js_string(shown)), content_type="text/html")
+    return web.Response(
+        text=_PAGE.replace("__TOKEN__", _js_string(shown)), content_type="text/html"
+    )
 
 
 async def docs_asset(request: web.Request) -> web.StreamResponse:
@@ -68,7 +70,9 @@ async def docs_asset(request: web.Request) -> web.StreamResponse:
     if path.parent != folder.resolve() or not path.is_file() or name.endswith(".map"):
         raise web.HTTPNotFound(text=f"no asset {name!r}")
     ctype = mimetypes.guess_type(name)[0] or "application/octet-stream"
-    return web.FileResponse(path, headers={"Content-Type": ctype, "Cache-Control": "public, max-age=86400"})
+    return web.FileResponse(
+        path, headers={"Content-Type": ctype, "Cache-Control": "public, max-age=86400"}
+    )
 
 
 async def openapi_json(request: web.Request) -> web.Response:
@@ -91,26 +95,34 @@ def readme_text(path: Path | None) -> str | None:
     return text if isinstance(text, str) and text.strip() else None
 
 
-_STYLE = ("body{font:16px/1.5 system-ui,sans-serif;max-width:52rem;margin:2rem auto;padding:0 1rem;color:#222}"
-          "pre{background:#f5f5f5;padding:.8rem;overflow:auto}code{background:#f5f5f5;padding:0 .2rem}"
-          "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.3rem .6rem}"
-          "nav{margin-bottom:1.5rem}")
+_STYLE = (
+    "body{font:16px/1.5 system-ui,sans-serif;max-width:52rem;margin:2rem auto;padding:0 1rem;color:#222}"
+    "pre{background:#f5f5f5;padding:.8rem;overflow:auto}code{background:#f5f5f5;padding:0 .2rem}"
+    "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.3rem .6rem}"
+    "nav{margin-bottom:1.5rem}"
+)
 
 
 def render_readme(path: Path | None) -> str:
     """The README as a whole HTML page (raw HTML in the Markdown is escaped, not passed through)."""
     text = readme_text(path)
-    nav = '<nav><a href="/docs">Interactive API docs</a> · <a href="/openapi.json">OpenAPI</a> · ' \
-          '<a href="/health">Health</a></nav>'
+    nav = (
+        '<nav><a href="/docs">Interactive API docs</a> · <a href="/openapi.json">OpenAPI</a> · '
+        '<a href="/health">Health</a></nav>'
+    )
     if text is None:
-        body = "<h1>comfyq</h1><p>A durable API server in front of ComfyUI. No README was found.</p>"
+        body = (
+            "<h1>comfyq</h1><p>A durable API server in front of ComfyUI. No README was found.</p>"
+        )
     else:
         # HTML comments (the generated-table markers) are for editors, not readers; any other raw
         # HTML stays escaped.
         text = re.sub(r"<!--.*?-->\n?", "", text, flags=re.S)
         body = MarkdownIt("commonmark", {"html": False}).enable("table").render(text)
-    return (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>comfyq</title>"
-            f"<style>{_STYLE}</style></head><body>{nav}{body}</body></html>")
+    return (
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>comfyq</title>'
+        f"<style>{_STYLE}</style></head><body>{nav}{body}</body></html>"
+    )
 
 
 async def index(request: web.Request) -> web.Response:
@@ -118,4 +130,3 @@ async def index(request: web.Request) -> web.Response:
     from comfyq.api import README
 
     return web.Response(text=request.app[README], content_type="text/html")
-

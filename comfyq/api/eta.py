@@ -9,7 +9,11 @@ from typing import Any
 
 from comfyq.store.model import STAGES, Transition, loads
 
-STAGE_MS = {"preprocess": "preprocess_ms", "generate": "generation_ms", "postprocess": "postprocess_ms"}
+STAGE_MS = {
+    "preprocess": "preprocess_ms",
+    "generate": "generation_ms",
+    "postprocess": "postprocess_ms",
+}
 MIN_SAMPLES = 3  # fewer jobs of a kind than this: estimate from all kinds
 
 
@@ -37,8 +41,11 @@ class Durations:
     def _add(self, kind: str, timings: Any) -> None:
         if not isinstance(timings, dict):
             return
-        sample = {stage: float(v) / 1000.0 for stage, key in STAGE_MS.items()
-                  if isinstance(v := timings.get(key), int | float)}
+        sample = {
+            stage: float(v) / 1000.0
+            for stage, key in STAGE_MS.items()
+            if isinstance(v := timings.get(key), int | float)
+        }
         self._by_kind.setdefault(kind, deque(maxlen=self.samples)).append(sample)
         self._all.append(sample)
         self._means.pop(kind, None)
@@ -47,8 +54,10 @@ class Durations:
     async def _load(self) -> None:
         # ``finished_at IS NOT NULL`` (always true of a completed job) lets it walk the jobs_finished
         # index newest first and stop at the limit, instead of scanning and sorting every job.
-        sql = ("SELECT kind, timings FROM jobs WHERE state = 'completed' AND finished_at IS NOT NULL"
-               " ORDER BY finished_at DESC LIMIT ?")
+        sql = (
+            "SELECT kind, timings FROM jobs WHERE state = 'completed' AND finished_at IS NOT NULL"
+            " ORDER BY finished_at DESC LIMIT ?"
+        )
         rows = await self.reads.rows(sql, (self.samples * 20,))
         for kind, timings in reversed(rows):  # oldest first, so the deques keep the newest
             self._add(kind, loads(timings))

@@ -30,7 +30,9 @@ async def health(request: web.Request) -> web.Response:
         # Through the writer, like every real write: proves the writer thread and the file work.
         await svc.store.write(lambda c: c.execute("SELECT 1").fetchone())
     except Exception as exc:  # noqa: BLE001 - any failure means "not writable", and says why
-        store = StoreHealth(writable=False, path=str(svc.db_path), error=f"{type(exc).__name__}: {exc}")
+        store = StoreHealth(
+            writable=False, path=str(svc.db_path), error=f"{type(exc).__name__}: {exc}"
+        )
     stages = {name: StageHealth(**h) for name, h in svc.pipeline.health().items()}
     backends = [_backend(b) for b in svc.pool.snapshot()]
     stages_ok = all(s.alive >= 1 for s in stages.values())
@@ -40,7 +42,10 @@ async def health(request: web.Request) -> web.Response:
     if not store.writable:
         reasons.append("the store is not writable")
     if not stages_ok:
-        reasons.append("stage(s) without live workers: " + ", ".join(n for n, s in stages.items() if s.alive < 1))
+        reasons.append(
+            "stage(s) without live workers: "
+            + ", ".join(n for n, s in stages.items() if s.alive < 1)
+        )
     if not any_backend:
         reasons.append("no ComfyUI backend answers; jobs wait until one does")
     queues = None
@@ -50,8 +55,12 @@ async def health(request: web.Request) -> web.Response:
         except Exception:  # noqa: BLE001 - the answer is about health; the sizes are extra
             queues = None
     body = Health(
-        status="healthy" if ok else "unhealthy", store=store, stages=stages,
-        backends_healthy=f"{sum(b.healthy for b in backends)}/{len(backends)}", backends=backends,
-        queues=queues, reason="; ".join(reasons) or None,
+        status="healthy" if ok else "unhealthy",
+        store=store,
+        stages=stages,
+        backends_healthy=f"{sum(b.healthy for b in backends)}/{len(backends)}",
+        backends=backends,
+        queues=queues,
+        reason="; ".join(reasons) or None,
     )
     return json_response(body, 200 if ok else 503)

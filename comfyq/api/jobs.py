@@ -61,11 +61,15 @@ async def queue_info(request: web.Request) -> web.Response:
 
 
 def _bad(param: str, message: str) -> BadRequest:
-    return BadRequest(f"{param}: {message}", fields=[{"path": f"$.query.{param}", "message": message}])
+    return BadRequest(
+        f"{param}: {message}", fields=[{"path": f"$.query.{param}", "message": message}]
+    )
 
 
 def encode_cursor(job: Job) -> str:
-    return base64.urlsafe_b64encode(msgspec.json.encode([job.created_at, job.id])).decode().rstrip("=")
+    return (
+        base64.urlsafe_b64encode(msgspec.json.encode([job.created_at, job.id])).decode().rstrip("=")
+    )
 
 
 def decode_cursor(text: str) -> tuple[str, str]:
@@ -78,7 +82,9 @@ def decode_cursor(text: str) -> tuple[str, str]:
 
 
 def _statuses(request: web.Request) -> list[str]:
-    wanted = [s.strip() for v in request.query.getall("status", []) for s in v.split(",") if s.strip()]
+    wanted = [
+        s.strip() for v in request.query.getall("status", []) for s in v.split(",") if s.strip()
+    ]
     unknown = [s for s in wanted if s not in STATUS_SQL]
     if unknown:
         raise _bad("status", f"unknown status {unknown[0]!r}; use any of {', '.join(STATUS_SQL)}")
@@ -108,17 +114,23 @@ async def list_jobs(request: web.Request) -> web.Response:
     jobs = [Job.from_row(r) for r in await api.reads.rows(sql, (*params, limit + 1))]
     more = len(jobs) > limit
     jobs = jobs[:limit]
-    return json_response(JobList(await api.results.many(jobs), encode_cursor(jobs[-1]) if more else None))
+    return json_response(
+        JobList(await api.results.many(jobs), encode_cursor(jobs[-1]) if more else None)
+    )
 
 
 async def output_file(request: web.Request) -> web.StreamResponse:
     """GET /outputs/{id}/{filename}: a file recorded as an output of that job, nothing else."""
     api = get_api(request)
     job_id, filename = request.match_info["id"], request.match_info["filename"]
-    rows = await api.reads.rows("SELECT local_path, mimetype FROM outputs WHERE job_id = ? AND filename = ?",
-                                (job_id, filename))
+    rows = await api.reads.rows(
+        "SELECT local_path, mimetype FROM outputs WHERE job_id = ? AND filename = ?",
+        (job_id, filename),
+    )
     row = rows[0] if rows else None
-    missing = NotFound(f"job {job_id} has no output {filename!r}", details={"job_id": job_id, "filename": filename})
+    missing = NotFound(
+        f"job {job_id} has no output {filename!r}", details={"job_id": job_id, "filename": filename}
+    )
     if row is None or not row["local_path"]:
         raise missing
     try:
@@ -128,8 +140,11 @@ async def output_file(request: web.Request) -> web.StreamResponse:
     path = Path(row["local_path"]).resolve()
     if folder not in path.parents or not path.is_file():
         raise missing
-    return web.FileResponse(path, headers={
-        "Content-Type": row["mimetype"] or "application/octet-stream",
-        "Content-Disposition": f'inline; filename="{path.name}"',
-        "X-Content-Type-Options": "nosniff",
-    })
+    return web.FileResponse(
+        path,
+        headers={
+            "Content-Type": row["mimetype"] or "application/octet-stream",
+            "Content-Disposition": f'inline; filename="{path.name}"',
+            "X-Content-Type-Options": "nosniff",
+        },
+    )

@@ -29,8 +29,15 @@ PUBLIC_PATHS = frozenset({"/health"})
 PUBLIC_PREFIXES = ("/docs/assets/",)  # Swagger UI's own static files: nothing of ours in them
 ALLOW_HEADERS = "Authorization, Content-Type, Last-Event-ID, X-Return-Outputs-As-Base64"
 EXPOSE_HEADERS = "Location, Retry-After, Content-Disposition"
-_HTTP_TYPES = {400: "invalid_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-               405: "method_not_allowed", 413: "payload_too_large", 415: "unsupported_media_type"}
+_HTTP_TYPES = {
+    400: "invalid_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+}
 
 
 def route_name(request: web.Request) -> str:
@@ -44,7 +51,9 @@ def route_name(request: web.Request) -> str:
 _QUIET_ROUTES = frozenset({"/health", "/metrics"})
 access_log = logging.getLogger("comfyq.access")
 # Why a request was refused, filled by errors_middleware for the access line (one dict per request).
-_error_note: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("comfyq_error", default=None)
+_error_note: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar(
+    "comfyq_error", default=None
+)
 
 
 def _job_of(request: web.Request, response: web.StreamResponse | None) -> str | None:
@@ -53,7 +62,7 @@ def _job_of(request: web.Request, response: web.StreamResponse | None) -> str | 
     if job_id is None and response is not None:
         location = response.headers.get("Location", "")
         if location.startswith("/result/"):
-            job_id = location[len("/result/"):]
+            job_id = location[len("/result/") :]
     return job_id
 
 
@@ -84,18 +93,36 @@ async def access_log_middleware(request: web.Request, handler: Handler) -> web.S
             ms = (time.perf_counter() - t0) * 1000
             route = route_name(request)
             get_api(request).metrics.http(route, request.method, status, ms / 1000)
-            quiet = route in _QUIET_ROUTES or route.startswith(PUBLIC_PREFIXES) or request.method == "OPTIONS"
+            quiet = (
+                route in _QUIET_ROUTES
+                or route.startswith(PUBLIC_PREFIXES)
+                or request.method == "OPTIONS"
+            )
             level = logging.DEBUG if quiet else logging.WARNING if status >= 500 else logging.INFO
             if access_log.isEnabledFor(level):
-                extra: dict[str, object] = {"method": request.method, "path": request.path, "status": status,
-                                            "duration_ms": round(ms, 1), "remote": request.remote}
+                extra: dict[str, object] = {
+                    "method": request.method,
+                    "path": request.path,
+                    "status": status,
+                    "duration_ms": round(ms, 1),
+                    "remote": request.remote,
+                }
                 job_id = _job_of(request, response)
                 if job_id is not None:
                     extra["job_id"] = job_id
                 extra.update(note)  # why a request was refused, for the operator
                 why = f" ({note['error_type']}: {note['error']})" if note else ""
-                access_log.log(level, "%s %s %s %d %.1fms%s", request.remote, request.method, request.path,
-                               status, ms, why, extra=extra)
+                access_log.log(
+                    level,
+                    "%s %s %s %d %.1fms%s",
+                    request.remote,
+                    request.method,
+                    request.path,
+                    status,
+                    ms,
+                    why,
+                    extra=extra,
+                )
 
 
 def _note_error(request: web.Request, type_: str, message: str) -> None:
@@ -127,7 +154,9 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         headers = {k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")}
         message = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
         if exc.status == 405:
-            message = f"{request.method} is not allowed here; allowed: {exc.headers.get('Allow', '')}"
+            message = (
+                f"{request.method} is not allowed here; allowed: {exc.headers.get('Allow', '')}"
+            )
         info = ErrorInfo(_HTTP_TYPES.get(exc.status, f"http_{exc.status}"), message or exc.reason)
         _note_error(request, info.type, info.message)
         return json_response(ErrorBody(info), exc.status, headers)
@@ -135,7 +164,9 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         raise
     except Exception:
         log.exception("%s %s failed", request.method, route_name(request))
-        info = ErrorInfo("internal_error", "internal server error; the details are in the server log")
+        info = ErrorInfo(
+            "internal_error", "internal server error; the details are in the server log"
+        )
         _note_error(request, info.type, info.message)
         return json_response(ErrorBody(info), 500)
 
@@ -186,14 +217,18 @@ async def cors_middleware(request: web.Request, handler: Handler) -> web.StreamR
     if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
         origin = _allowed_origin(request)
         if origin is not None:
-            return web.Response(status=204, headers={
-                "Access-Control-Allow-Origin": origin,
-                "Access-Control-Allow-Methods": "GET, POST, DELETE, OPTIONS",
-                "Access-Control-Allow-Headers": request.headers.get("Access-Control-Request-Headers",
-                                                                    ALLOW_HEADERS),
-                "Access-Control-Max-Age": "600",
-                "Vary": "Origin",
-            })
+            return web.Response(
+                status=204,
+                headers={
+                    "Access-Control-Allow-Origin": origin,
+                    "Access-Control-Allow-Methods": "GET, POST, DELETE, OPTIONS",
+                    "Access-Control-Allow-Headers": request.headers.get(
+                        "Access-Control-Request-Headers", ALLOW_HEADERS
+                    ),
+                    "Access-Control-Max-Age": "600",
+                    "Vary": "Origin",
+                },
+            )
     return await handler(request)
 
 

@@ -85,26 +85,54 @@ def document(routes: list[Route], *, api_keys: bool) -> dict[str, Any]:
     for r in routes:
         if not r.in_schema:
             continue
-        op: dict[str, Any] = {"summary": r.summary, "tags": [r.tag],
-                              "operationId": f"{r.method.lower()}_{r.handler.__name__}_{len(paths)}"}
+        op: dict[str, Any] = {
+            "summary": r.summary,
+            "tags": [r.tag],
+            "operationId": f"{r.method.lower()}_{r.handler.__name__}_{len(paths)}",
+        }
         if r.description:
             op["description"] = r.description
-        params = [Param(n, "path", {"type": "string"}, required=True)
-                  for n in _path_names(r.path)] + r.params
+        params = [
+            Param(n, "path", {"type": "string"}, required=True) for n in _path_names(r.path)
+        ] + r.params
         if params:
             op["parameters"] = [
-                {"name": p.name, "in": p.where, "required": p.required, "schema": p.schema,
-                 **({"description": p.description} if p.description else {})} for p in params]
+                {
+                    "name": p.name,
+                    "in": p.where,
+                    "required": p.required,
+                    "schema": p.schema,
+                    **({"description": p.description} if p.description else {}),
+                }
+                for p in params
+            ]
         if r.body is not None:
-            op["requestBody"] = {"required": True, "content": {"application/json": {"schema": refs[r.body]}}}
+            op["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": refs[r.body]}},
+            }
         replies = {**_errors(r, api_keys), **r.replies}
         op["responses"] = {
-            str(code): {"description": rep.description,
-                        **({"content": _content(rep, refs)} if rep.type is not None or rep.schema is not None
-                           else {}),
-                        **({"headers": {h: {"description": d, "schema": {"type": "string"}}
-                                        for h, d in rep.headers.items()}} if rep.headers else {})}
-            for code, rep in sorted(replies.items())}
+            str(code): {
+                "description": rep.description,
+                **(
+                    {"content": _content(rep, refs)}
+                    if rep.type is not None or rep.schema is not None
+                    else {}
+                ),
+                **(
+                    {
+                        "headers": {
+                            h: {"description": d, "schema": {"type": "string"}}
+                            for h, d in rep.headers.items()
+                        }
+                    }
+                    if rep.headers
+                    else {}
+                ),
+            }
+            for code, rep in sorted(replies.items())
+        }
         if api_keys and not r.public:
             op["security"] = [{"bearer": []}]
         elif r.public:
@@ -116,7 +144,7 @@ def document(routes: list[Route], *, api_keys: bool) -> dict[str, Any]:
             "title": "comfyq",
             "version": comfyq.__version__,
             "description": "A durable, restart-safe job API in front of ComfyUI. Jobs are committed to SQLite"
-                           " before they are acknowledged; progress streams over SSE and websockets.",
+            " before they are acknowledged; progress streams over SSE and websockets.",
         },
         "paths": paths,
         "components": {"schemas": components},

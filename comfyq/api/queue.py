@@ -22,15 +22,20 @@ from comfyq.store.model import STAGES, Job, Transition
 
 QueueName = Literal["preprocessing", "generation", "postprocessing"]
 QUEUE_NAMES: dict[str, QueueName] = {
-    "preprocess": "preprocessing", "generate": "generation", "postprocess": "postprocessing"}
+    "preprocess": "preprocessing",
+    "generate": "generation",
+    "postprocess": "postprocessing",
+}
 
 
 # Two halves, one per partial index (jobs_claim for pending, in claim order, and jobs_leases for
 # running): ``state IN ('pending', 'running')`` can use neither, so it scanned and sorted the whole
 # table, finished jobs included, on every change (4 ms at 20,000 jobs; 0.01 ms this way).
-_SNAPSHOT_SQL = ("SELECT id, stage, 'pending', row_number() OVER (PARTITION BY stage ORDER BY priority DESC,"
-                 " created_at, id) FROM jobs WHERE state = 'pending'"
-                 " UNION ALL SELECT id, stage, 'running', 0 FROM jobs WHERE state = 'running'")
+_SNAPSHOT_SQL = (
+    "SELECT id, stage, 'pending', row_number() OVER (PARTITION BY stage ORDER BY priority DESC,"
+    " created_at, id) FROM jobs WHERE state = 'pending'"
+    " UNION ALL SELECT id, stage, 'running', 0 FROM jobs WHERE state = 'running'"
+)
 
 
 @dataclass
@@ -47,8 +52,15 @@ class Snapshot:
 class QueueView:
     """Positions, queue sizes and ETAs; wakes the streams of waiting jobs when the queue moves."""
 
-    def __init__(self, store: Any, reads: Any, pipeline: Any, *, max_queue_size: int,
-                 min_interval: float = 0.25) -> None:
+    def __init__(
+        self,
+        store: Any,
+        reads: Any,
+        pipeline: Any,
+        *,
+        max_queue_size: int,
+        min_interval: float = 0.25,
+    ) -> None:
         self.store = store
         self.reads = reads
         self.pipeline = pipeline
@@ -104,7 +116,12 @@ class QueueView:
         return await asyncio.shield(fut)
 
     async def _take(self, version: int) -> Snapshot:
-        fresh = Snapshot(version, time.monotonic(), waiting={s: 0 for s in STAGES}, running={s: 0 for s in STAGES})
+        fresh = Snapshot(
+            version,
+            time.monotonic(),
+            waiting={s: 0 for s in STAGES},
+            running={s: 0 for s in STAGES},
+        )
         for job_id, stage, state, pos in await self.reads.rows(_SNAPSHOT_SQL):
             if state == "pending":
                 fresh.positions[job_id] = pos
@@ -119,17 +136,23 @@ class QueueView:
         """Queue sizes for /queue-info and stream events."""
         s = await self.snapshot()
         return QueueInfo(
-            preprocess_queue_size=s.waiting["preprocess"], generation_queue_size=s.waiting["generate"],
-            postprocess_queue_size=s.waiting["postprocess"], preprocess_in_flight=s.running["preprocess"],
-            generation_in_flight=s.running["generate"], postprocess_in_flight=s.running["postprocess"],
-            unfinished=sum(s.waiting.values()) + sum(s.running.values()), max_queue_size=self.max_queue_size,
+            preprocess_queue_size=s.waiting["preprocess"],
+            generation_queue_size=s.waiting["generate"],
+            postprocess_queue_size=s.waiting["postprocess"],
+            preprocess_in_flight=s.running["preprocess"],
+            generation_in_flight=s.running["generate"],
+            postprocess_in_flight=s.running["postprocess"],
+            unfinished=sum(s.waiting.values()) + sum(s.running.values()),
+            max_queue_size=self.max_queue_size,
         )
 
     async def position(self, job: Job) -> QueuePosition | None:
         """The job's place in its stage, with an ETA; None once it has finished."""
         return await self.place(job.id, job.state, job.stage, job.kind, job.stage_entered_at)
 
-    async def place(self, job_id: str, state: str, stage: str, kind: str, entered_at: str) -> QueuePosition | None:
+    async def place(
+        self, job_id: str, state: str, stage: str, kind: str, entered_at: str
+    ) -> QueuePosition | None:
         """Like :meth:`position`, from what a stream already knows (no job read)."""
         if state not in ("pending", "running"):
             return None
@@ -143,13 +166,14 @@ class QueueView:
         eta = await self.estimate(state, stage, kind, entered_at, pos, s)
         return QueuePosition(QUEUE_NAMES[stage], pos, size, eta)
 
-    async def estimate(self, state: str, stage: str, kind: str, entered_at: str, pos: int,
-                       snap: Snapshot) -> float | None:
+    async def estimate(
+        self, state: str, stage: str, kind: str, entered_at: str, pos: int, snap: Snapshot
+    ) -> float | None:
         """Seconds until the job should be finished, or None with no measurements yet."""
         means = await self.durations.means(kind)
         if means is None:
             return None
-        rest = sum(means[s] for s in STAGES[STAGES.index(stage) + 1:])
+        rest = sum(means[s] for s in STAGES[STAGES.index(stage) + 1 :])
         own = means[stage]
         if state == "running":
             spent = max(0.0, float(self.store.clock.now()) - epoch(entered_at))

@@ -19,8 +19,10 @@ import aiosqlite
 
 from comfyq.store.model import Job, loads
 
-HEAD_COLUMNS = ("id, state, stage, message, attempts, kind, priority, created_at, updated_at,"
-                " stage_entered_at, finished_at")
+HEAD_COLUMNS = (
+    "id, state, stage, message, attempts, kind, priority, created_at, updated_at,"
+    " stage_entered_at, finished_at"
+)
 
 
 class Reads:
@@ -65,7 +67,9 @@ class Reads:
 
     async def events(self, job_id: str, after: int = 0) -> list[dict[str, Any]]:
         """The job's event rows after row ``after``, oldest first."""
-        rows = await self.rows("SELECT * FROM job_events WHERE job_id = ? AND id > ? ORDER BY id", (job_id, after))
+        rows = await self.rows(
+            "SELECT * FROM job_events WHERE job_id = ? AND id > ? ORDER BY id", (job_id, after)
+        )
         return [{**dict(r), "data": loads(r["data"])} for r in rows]
 
     async def outputs(self, job_ids: list[str]) -> dict[str, list[dict[str, Any]]]:

@@ -39,8 +39,14 @@ def last_event_id(request: web.Request) -> int | None:
     return row_of(request.headers.get("Last-Event-ID") or request.query.get("last_event_id"))
 
 
-async def stream_job(request: web.Request, job_id: str, *, after: int | None,
-                     status: int = 200, headers: dict[str, str] | None = None) -> web.StreamResponse:
+async def stream_job(
+    request: web.Request,
+    job_id: str,
+    *,
+    after: int | None,
+    status: int = 200,
+    headers: dict[str, str] | None = None,
+) -> web.StreamResponse:
     """Stream one job's events to the client until its final_result."""
     api = get_api(request)
     sub = api.bus.subscribe(job_id, maxsize=api.options.stream_buffer)

@@ -49,19 +49,30 @@ class JobFeed:
     def _elapsed(self, at: float | None = None) -> float:
         return round(max(0.0, (time.time() if at is None else at) - self.created), 1)
 
-    def _state(self, row: int, to_state: str, stage: str, message: str, attempt: int, at: str) -> StreamEvent:
+    def _state(
+        self, row: int, to_state: str, stage: str, message: str, attempt: int, at: str
+    ) -> StreamEvent:
         self.last_row = max(self.last_row, row)
         self.state, self.stage, self.message, self.attempt = to_state, stage, message, attempt
         self.entered_at = at
         self.status = status_of(to_state, stage)
         return StreamEvent(
-            request_id=self.job_id, status=self.status, event="state", message=message,
-            elapsed_time=self._elapsed(epoch(at)), timestamp=at, id=str(row), stage=stage, attempt=attempt,
+            request_id=self.job_id,
+            status=self.status,
+            event="state",
+            message=message,
+            elapsed_time=self._elapsed(epoch(at)),
+            timestamp=at,
+            id=str(row),
+            stage=stage,
+            attempt=attempt,
         )
 
     def from_row(self, row: dict[str, Any]) -> StreamEvent:
         """A stored ``job_events`` row as an event."""
-        return self._state(row["id"], row["to_state"], row["stage"], row["message"], row["attempt"], row["at"])
+        return self._state(
+            row["id"], row["to_state"], row["stage"], row["message"], row["attempt"], row["at"]
+        )
 
     def from_bus(self, ev: Event) -> StreamEvent | None:
         """A live bus event as a stream event; None when it should not be sent."""
@@ -70,14 +81,23 @@ class JobFeed:
             if row <= self.last_row:
                 return None  # already sent from the table
             d = ev.data
-            return self._state(row, d["state"], d["stage"], d.get("message", ""), d.get("attempt", 0), d["at"])
+            return self._state(
+                row, d["state"], d["stage"], d.get("message", ""), d.get("attempt", 0), d["at"]
+            )
         if ev.kind in ("preview", "queue"):
             return None
         row = row_of(ev.id) or 0
         if row < self.last_row or self.state in TERMINAL:
             return None  # progress from before a state change we already sent
-        se = StreamEvent(request_id=self.job_id, status=self.status, event=ev.kind, message=self.message,
-                         elapsed_time=self._elapsed(), timestamp=iso(time.time()), id=ev.id)
+        se = StreamEvent(
+            request_id=self.job_id,
+            status=self.status,
+            event=ev.kind,
+            message=self.message,
+            elapsed_time=self._elapsed(),
+            timestamp=iso(time.time()),
+            id=ev.id,
+        )
         if ev.kind == "progress":
             se.progress = progress_of(ev.data)
         else:
@@ -88,7 +108,9 @@ class JobFeed:
         return ev.kind == "state" and ev.final and (row_of(ev.id) or 0) > self.last_row
 
     async def _place(self) -> Any:
-        return await self.api.queue.place(self.job_id, self.state, self.stage, self.kind, self.entered_at)
+        return await self.api.queue.place(
+            self.job_id, self.state, self.stage, self.kind, self.entered_at
+        )
 
     async def decorate(self, se: StreamEvent) -> None:
         """Add queue position and sizes to an event about the current state of an unfinished job."""
@@ -109,9 +131,15 @@ class JobFeed:
             return None
         self._queue_key = (self.state, self.stage, qp.position, qp.queue_size)
         return StreamEvent(
-            request_id=self.job_id, status=self.status, event="queue", message=self.message,
-            elapsed_time=self._elapsed(), timestamp=iso(time.time()), id=f"{self.last_row}.q",
-            queue_position=qp, queue_info=await self.api.queue.info(),
+            request_id=self.job_id,
+            status=self.status,
+            event="queue",
+            message=self.message,
+            elapsed_time=self._elapsed(),
+            timestamp=iso(time.time()),
+            id=f"{self.last_row}.q",
+            queue_position=qp,
+            queue_info=await self.api.queue.info(),
         )
 
     async def final(self, row: int | None = None) -> StreamEvent:
@@ -124,9 +152,14 @@ class JobFeed:
             raise NotFound(f"job {self.job_id} no longer exists")
         job, result = loaded
         return StreamEvent(
-            request_id=self.job_id, status="final_result", event="final_result", message=job.message,
+            request_id=self.job_id,
+            status="final_result",
+            event="final_result",
+            message=job.message,
             elapsed_time=self._elapsed(epoch(job.finished_at or job.updated_at)),
-            timestamp=job.finished_at or job.updated_at, id=str(self.last_row), result=result,
+            timestamp=job.finished_at or job.updated_at,
+            id=str(self.last_row),
+            result=result,
         )
 
     async def replay(self, after: int) -> tuple[list[StreamEvent], bool]:

@@ -30,13 +30,21 @@ MAX_FEEDS = 10_000  # jobs followed at once by one "*" connection before old one
 
 def preview_frame(ev: Event) -> bytes:
     """A binary frame: length-prefixed JSON header naming the job, then the image."""
-    head = encoder.encode({"job_id": ev.job_id, "id": ev.id, "node": ev.data.get("node"),
-                           "mime": ev.data.get("mime") or "image/jpeg"})
+    head = encoder.encode(
+        {
+            "job_id": ev.job_id,
+            "id": ev.id,
+            "node": ev.data.get("node"),
+            "mime": ev.data.get("mime") or "image/jpeg",
+        }
+    )
     return struct.pack(">I", len(head)) + head + (ev.payload or b"")
 
 
 def _error(message: str, path: str = "$") -> bytes:
-    return encoder.encode(ErrorBody(ErrorInfo("invalid_request", message, fields=[FieldError(path, message)])))
+    return encoder.encode(
+        ErrorBody(ErrorInfo("invalid_request", message, fields=[FieldError(path, message)]))
+    )
 
 
 class _Conn:
@@ -67,7 +75,9 @@ class _Conn:
     async def _snapshot(self, job_id: str) -> None:
         job = await self.api.reads.head(job_id)
         if job is None:
-            body = ErrorBody(ErrorInfo("not_found", f"job {job_id} not found", details={"job_id": job_id}))
+            body = ErrorBody(
+                ErrorInfo("not_found", f"job {job_id} not found", details={"job_id": job_id})
+            )
             await self.ws.send_str(encoder.encode(body).decode())
             return
         feed = JobFeed(self.api, job)
@@ -126,7 +136,9 @@ class _Conn:
                     if msg.type == WSMsgType.TEXT:
                         await self.on_text(msg.data)
                     elif msg.type == WSMsgType.BINARY:
-                        await self.ws.send_str(_error("binary frames are not understood; send JSON text").decode())
+                        await self.ws.send_str(
+                            _error("binary frames are not understood; send JSON text").decode()
+                        )
                     else:  # close, closing, closed, error
                         return
                     recv = asyncio.ensure_future(self.ws.receive())

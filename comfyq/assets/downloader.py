@@ -130,16 +130,22 @@ class Downloader:
         shared = task is not None
         if task is None:
             # Several jobs may wait for this download: its own lines name none of them.
-            task = asyncio.create_task(self._download(key, u), name=f"download {redact_url(u)}",
-                                       context=detached())
+            task = asyncio.create_task(
+                self._download(key, u), name=f"download {redact_url(u)}", context=detached()
+            )
             self._inflight[key] = task
             task.add_done_callback(functools.partial(self._download_done, key))
         else:
             self.stats.coalesced += 1
         # shield: one waiter giving up (job cancelled) must not abort the others' download.
         asset = await asyncio.shield(task)
-        log.debug("input %s: %s (%d bytes, %s)", redact_url(u),
-                  "fetched (download shared with another job)" if shared else "fetched", asset.size, asset.mime)
+        log.debug(
+            "input %s: %s (%d bytes, %s)",
+            redact_url(u),
+            "fetched (download shared with another job)" if shared else "fetched",
+            asset.size,
+            asset.mime,
+        )
         return asset
 
     async def decode(self, data: str) -> Asset:

@@ -76,9 +76,14 @@ class BackendPool:
         # A client id that stays the same across restarts lets a restarted comfyq get the messages
         # of prompts it submitted before it died (ComfyUI routes them by client id).
         self._backends = [
-            Backend(u, ComfyClient(u, **kwargs, **({"client_id": client_id_for(u)} if client_id_for else {})),
-                    slots_per_backend,
-                    require_websocket=require_websocket)
+            Backend(
+                u,
+                ComfyClient(
+                    u, **kwargs, **({"client_id": client_id_for(u)} if client_id_for else {})
+                ),
+                slots_per_backend,
+                require_websocket=require_websocket,
+            )
             for u in unique
         ]
         self._by_url = {b.url: b for b in self._backends}
@@ -105,8 +110,10 @@ class BackendPool:
             asyncio.create_task(self._probe_loop(), name="comfy-pool-probe"),
             asyncio.create_task(self._ready_deadline(), name="comfy-pool-ready"),
         ]
-        self._tasks += [asyncio.create_task(b.client.start(), name=f"comfy-start {b.display_url}")
-                        for b in self._backends]
+        self._tasks += [
+            asyncio.create_task(b.client.start(), name=f"comfy-start {b.display_url}")
+            for b in self._backends
+        ]
 
     async def close(self) -> None:
         """Stop probing, close every client, and fail anyone still waiting for a slot."""
@@ -133,8 +140,11 @@ class BackendPool:
         excluded = {u.strip().rstrip("/") for u in exclude}
         if all(b.url in excluded for b in self._backends):
             excluded = set()  # excluding everything would wait forever: treat as no preference
-        free = [b for b in self._backends
-                if b.healthy and b.in_flight < b.slots and b.url not in excluded]
+        free = [
+            b
+            for b in self._backends
+            if b.healthy and b.in_flight < b.slots and b.url not in excluded
+        ]
         if not free:
             return None
         preferred = self.get(prefer) if prefer else None
@@ -144,8 +154,9 @@ class BackendPool:
         return min(free, key=lambda b: (b.in_flight / b.slots, b._last_pick))
 
     @contextlib.asynccontextmanager
-    async def slot(self, *, prefer: str | None = None,
-                   exclude: Collection[str] = ()) -> AsyncIterator[Backend]:
+    async def slot(
+        self, *, prefer: str | None = None, exclude: Collection[str] = ()
+    ) -> AsyncIterator[Backend]:
         """Wait (without polling) for a healthy backend with a free slot and hold that slot."""
         while True:
             if self._closed:
@@ -190,17 +201,19 @@ class BackendPool:
         out = []
         for b in self._backends:
             system = (b.system_stats or {}).get("system") or {}
-            out.append({
-                "url": b.display_url,
-                "healthy": b.healthy,
-                "http_ok": b.http_ok,
-                "websocket_ok": b.ws_ok,
-                "in_flight": b.in_flight,
-                "slots": b.slots,
-                "last_error": b.last_error,
-                "comfyui_version": system.get("comfyui_version"),
-                "queue_remaining": b.client.queue_remaining,
-            })
+            out.append(
+                {
+                    "url": b.display_url,
+                    "healthy": b.healthy,
+                    "http_ok": b.http_ok,
+                    "websocket_ok": b.ws_ok,
+                    "in_flight": b.in_flight,
+                    "slots": b.slots,
+                    "last_error": b.last_error,
+                    "comfyui_version": system.get("comfyui_version"),
+                    "queue_remaining": b.client.queue_remaining,
+                }
+            )
         return out
 
     # --- health -------------------------------------------------------------------------------------
@@ -225,13 +238,20 @@ class BackendPool:
             if now:
                 self._log.info("backend %s is healthy", b.display_url)
             else:
-                self._log.warning("backend %s is unhealthy: %s", b.display_url,
-                                  b.last_error or "unknown reason")
-        if (now and not self._ready_logged and not self._ready_timed_out and not self._closed
-                and all(x.healthy for x in self._backends)):
+                self._log.warning(
+                    "backend %s is unhealthy: %s", b.display_url, b.last_error or "unknown reason"
+                )
+        if (
+            now
+            and not self._ready_logged
+            and not self._ready_timed_out
+            and not self._closed
+            and all(x.healthy for x in self._backends)
+        ):
             self._ready_logged = True
-            self._log.info("BACKENDS_READY: %d backend(s) reachable, ready to serve",
-                           len(self._backends))
+            self._log.info(
+                "BACKENDS_READY: %d backend(s) reachable, ready to serve", len(self._backends)
+            )
         self._notify()
 
     async def _probe(self, b: Backend) -> None:
@@ -260,7 +280,15 @@ class BackendPool:
             return
         self._ready_timed_out = True
         n = len(self._backends)
-        down = [f"{b.display_url} ({b.last_error or 'not ready'})"
-                for b in self._backends if not b.healthy]
-        self._log.error("BACKENDS_READY_TIMEOUT: %d/%d backend(s) reachable after %.0fs; "
-                        "not ready: %s", n - len(down), n, self.ready_timeout, ", ".join(down))
+        down = [
+            f"{b.display_url} ({b.last_error or 'not ready'})"
+            for b in self._backends
+            if not b.healthy
+        ]
+        self._log.error(
+            "BACKENDS_READY_TIMEOUT: %d/%d backend(s) reachable after %.0fs; not ready: %s",
+            n - len(down),
+            n,
+            self.ready_timeout,
+            ", ".join(down),
+        )

@@ -75,12 +75,19 @@ class ComfyClient:
         self._own_session = session is None
         ws_base = URL(self.base_url)
         ws_base = ws_base.with_scheme("wss" if ws_base.scheme == "https" else "ws")
-        ws_url = str(ws_base.with_path(ws_base.path.rstrip("/") + "/ws")
-                     .with_query(clientId=self.client_id))
+        ws_url = str(
+            ws_base.with_path(ws_base.path.rstrip("/") + "/ws").with_query(clientId=self.client_id)
+        )
         self._feed = WsFeed(
-            self._get_session, ws_url, connect_timeout=request_timeout, heartbeat=ws_heartbeat,
-            reconnect_min=reconnect_min, reconnect_max=reconnect_max, logger=self._log,
-            label=self.display_url, preview_metadata=preview_metadata,
+            self._get_session,
+            ws_url,
+            connect_timeout=request_timeout,
+            heartbeat=ws_heartbeat,
+            reconnect_min=reconnect_min,
+            reconnect_max=reconnect_max,
+            logger=self._log,
+            label=self.display_url,
+            preview_metadata=preview_metadata,
         )
 
     # --- lifecycle and state ------------------------------------------------------------------
@@ -245,8 +252,11 @@ class ComfyClient:
         that ComfyUI refused it: ``locate(prompt_id)`` before submitting the same job again.
         Use a fresh prompt id per attempt, so an old history entry is never mistaken for it.
         """
-        body: dict[str, Any] = {"prompt": workflow, "client_id": self.client_id,
-                                "prompt_id": prompt_id}
+        body: dict[str, Any] = {
+            "prompt": workflow,
+            "client_id": self.client_id,
+            "prompt_id": prompt_id,
+        }
         if extra_data:
             body["extra_data"] = extra_data
         watch = self._feed.watch(prompt_id, workflow)
@@ -269,19 +279,23 @@ class ComfyClient:
         except msgspec.DecodeError:
             return None
 
-    def _accepted(self, answer: dict[str, Any], prompt_id: str, workflow: dict[str, Any],
-                  watch: Watch) -> SubmitResult:
+    def _accepted(
+        self, answer: dict[str, Any], prompt_id: str, workflow: dict[str, Any], watch: Watch
+    ) -> SubmitResult:
         got = answer.get("prompt_id")
         if isinstance(got, str) and got != prompt_id:
             # ComfyUI before client-supplied ids (< 0.3.4x) picks its own; follow that one.
-            self._log.warning("ComfyUI at %s ignored prompt_id %s and used %s",
-                              self.display_url, prompt_id, got)
+            self._log.warning(
+                "ComfyUI at %s ignored prompt_id %s and used %s", self.display_url, prompt_id, got
+            )
             self._feed.forget(prompt_id, watch)
             self._feed.watch(got, workflow).gap = True
             prompt_id = got
         number = answer.get("number")
         node_errors = answer.get("node_errors")
-        self._log.debug("ComfyUI at %s queued prompt %s (number %s)", self.display_url, prompt_id, number)
+        self._log.debug(
+            "ComfyUI at %s queued prompt %s (number %s)", self.display_url, prompt_id, number
+        )
         return SubmitResult(
             prompt_id=prompt_id,
             number=float(number) if isinstance(number, (int, float)) else math.nan,
@@ -295,8 +309,10 @@ class ComfyClient:
             details = {"error": error, "node_errors": answer.get("node_errors") or {}}
             return ValidationError(message, details=details)
         text = raw[:2000].decode(errors="replace")
-        return ValidationError(f"ComfyUI rejected the workflow (HTTP {status})",
-                               details={"status": status, "body": text})
+        return ValidationError(
+            f"ComfyUI rejected the workflow (HTTP {status})",
+            details={"status": status, "body": text},
+        )
 
     async def cancel(self, prompt_id: str) -> None:
         """Remove the prompt if pending and interrupt it if running (never anything else)."""
@@ -305,8 +321,10 @@ class ComfyClient:
             watch.cancelled = True
         # Delete before interrupt: a prompt that starts in between is still caught by the
         # targeted interrupt, while the other order could miss it.
-        for path, body in (("/queue", {"delete": [prompt_id]}),
-                           ("/interrupt", {"prompt_id": prompt_id})):
+        for path, body in (
+            ("/queue", {"delete": [prompt_id]}),
+            ("/interrupt", {"prompt_id": prompt_id}),
+        ):
             status, _, raw = await self._request("POST", path, json=body)
             if status != 200:
                 raise self._http_error("POST", path, status, raw)
@@ -349,24 +367,39 @@ class ComfyClient:
     ) -> dict[str, Any]:
         """``POST /upload/image`` (or ``/upload/mask``); returns {"name", "subfolder", "type"}."""
         stored = await upload_file(
-            self._get_session(), self.base_url, self.display_url, data, name,
-            subfolder=subfolder, type=type, overwrite=overwrite, mask=mask,
-            original_ref=original_ref, timeout=self.request_timeout,
+            self._get_session(),
+            self.base_url,
+            self.display_url,
+            data,
+            name,
+            subfolder=subfolder,
+            type=type,
+            overwrite=overwrite,
+            mask=mask,
+            original_ref=original_ref,
+            timeout=self.request_timeout,
         )
         self._log.debug("uploaded %s to ComfyUI at %s", name, self.display_url)
         return stored
 
     def view_url(self, filename: str, subfolder: str, type: str) -> str:
         """The ``/view`` URL of an output file."""
-        return str(URL(self.url("/view")).with_query(
-            filename=filename, subfolder=subfolder, type=type))
+        return str(
+            URL(self.url("/view")).with_query(filename=filename, subfolder=subfolder, type=type)
+        )
 
     async def download(self, filename: str, subfolder: str, type: str, dest: Path) -> int:
         """Stream ``/view`` into ``dest`` (via ``dest.part``); returns bytes; 404 -> OutputError."""
         label = f"{subfolder}/{filename}".lstrip("/") + f" ({type})"
         size = await download_file(
-            self._get_session(), self.view_url(filename, subfolder, type), self.display_url, label, dest,
+            self._get_session(),
+            self.view_url(filename, subfolder, type),
+            self.display_url,
+            label,
+            dest,
             timeout=self.request_timeout,
         )
-        self._log.debug("fetched output %s from ComfyUI at %s (%d bytes)", label, self.display_url, size)
+        self._log.debug(
+            "fetched output %s from ComfyUI at %s (%d bytes)", label, self.display_url, size
+        )
         return size

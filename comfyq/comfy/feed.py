@@ -285,8 +285,9 @@ class WsFeed:
                 break
             if got_message:
                 delay = self._reconnect_min
-            self._log.debug("websocket %s down (%s), retry in %.2fs", self._label,
-                            self.last_error, delay)
+            self._log.debug(
+                "websocket %s down (%s), retry in %.2fs", self._label, self.last_error, delay
+            )
             # Jitter keeps many clients from reconnecting to a restarted ComfyUI in lockstep.
             await asyncio.sleep(delay * random.uniform(0.8, 1.2))
             delay = min(delay * 2, self._reconnect_max)
@@ -339,8 +340,14 @@ class WsFeed:
         if isinstance(frame, Preview):
             pid = frame.prompt_id or self.current_prompt
             node = frame.node_id or self.current_node
-            ev = LiveEvent("preview", pid, node=node, data=dict(frame.metadata or {}),
-                           image=frame.image, mime=frame.mime)
+            ev = LiveEvent(
+                "preview",
+                pid,
+                node=node,
+                data=dict(frame.metadata or {}),
+                image=frame.image,
+                mime=frame.mime,
+            )
         elif isinstance(frame, Text):
             # TEXT frames are broadcast; while our prompt runs, ComfyUI runs nothing else.
             pid = self.current_prompt

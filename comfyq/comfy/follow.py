@@ -37,8 +37,9 @@ if TYPE_CHECKING:
 class Follower:
     """The state of one ``follow`` call."""
 
-    def __init__(self, client: ComfyClient, watch: Watch,
-                 on_event: Callable[[LiveEvent], None] | None) -> None:
+    def __init__(
+        self, client: ComfyClient, watch: Watch, on_event: Callable[[LiveEvent], None] | None
+    ) -> None:
         self.c = client
         self.w = watch
         self.pid = watch.prompt_id
@@ -50,8 +51,9 @@ class Follower:
         self.loop = asyncio.get_running_loop()
 
     def result(self) -> RunResult:
-        return RunResult(self.pid, self.outputs, self.cached, "success", self.messages,
-                         source="websocket")
+        return RunResult(
+            self.pid, self.outputs, self.cached, "success", self.messages, source="websocket"
+        )
 
     async def run(self, *, check_now: bool) -> RunResult:
         c, now = self.c, self.loop.time
@@ -77,11 +79,13 @@ class Follower:
                     if self.w.cancelled:
                         raise Interrupted(
                             "the prompt was removed from ComfyUI's queue before it ran",
-                            details={"prompt_id": self.pid, "deleted_from_queue": True})
+                            details={"prompt_id": self.pid, "deleted_from_queue": True},
+                        )
                     raise PromptLost(
                         f"ComfyUI at {c.display_url} has prompt {self.pid} neither queued "
                         "nor in its history (it probably restarted)",
-                        details={"backend": c.display_url, "prompt_id": self.pid})
+                        details={"backend": c.display_url, "prompt_id": self.pid},
+                    )
                 if self.succeeded:  # success is sent just before ComfyUI writes history
                     next_poll = now() + min(c.poll_interval, 0.2)
                 else:
@@ -113,8 +117,11 @@ class Follower:
 
     @staticmethod
     def _ended(msg: WsMessage) -> bool:
-        return msg.type == "executing" and isinstance(msg.parsed, Executing) \
+        return (
+            msg.type == "executing"
+            and isinstance(msg.parsed, Executing)
             and msg.parsed.node is None
+        )
 
     def handle(self, msg: WsMessage) -> RunResult | None:
         """Apply one message; returns the result on success seen without gaps."""
@@ -145,14 +152,19 @@ class Follower:
         if t == "executing" and isinstance(p, Executing):
             if p.node is None:
                 return None
-            return LiveEvent(t, self.pid, node=p.node, node_type=w.node_type(p.node),
-                             data=msg.data)
+            return LiveEvent(t, self.pid, node=p.node, node_type=w.node_type(p.node), data=msg.data)
         if t == "progress" and isinstance(p, Progress):
-            return LiveEvent(t, self.pid, node=p.node, node_type=w.node_type(p.node),
-                             value=int(p.value), max=int(p.max), data=msg.data)
+            return LiveEvent(
+                t,
+                self.pid,
+                node=p.node,
+                node_type=w.node_type(p.node),
+                value=int(p.value),
+                max=int(p.max),
+                data=msg.data,
+            )
         if t == "executed" and isinstance(p, Executed):
-            return LiveEvent(t, self.pid, node=p.node, node_type=w.node_type(p.node),
-                             data=msg.data)
+            return LiveEvent(t, self.pid, node=p.node, node_type=w.node_type(p.node), data=msg.data)
         if t in ("execution_start", "execution_cached", "progress_state"):
             return LiveEvent(t, self.pid, data=msg.data)
         return None

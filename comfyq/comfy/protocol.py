@@ -152,8 +152,13 @@ class WsMessage:
 
     __slots__ = ("_data", "_raw", "parsed", "type")
 
-    def __init__(self, type: str, data: dict[str, Any] | None, parsed: msgspec.Struct | None,
-                 raw: msgspec.Raw | None = None) -> None:
+    def __init__(
+        self,
+        type: str,
+        data: dict[str, Any] | None,
+        parsed: msgspec.Struct | None,
+        raw: msgspec.Raw | None = None,
+    ) -> None:
         self.type = type
         self.parsed = parsed
         self._data = data

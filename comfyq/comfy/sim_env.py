@@ -40,8 +40,9 @@ class SimEnv:
 
     def dir_for_type(self, kind: str | None) -> str | None:
         """Folder for an upload/view `type`; None for an unknown type."""
-        return {"input": self.input_dir, "output": self.output_dir,
-                "temp": self.temp_dir}.get(kind or "")
+        return {"input": self.input_dir, "output": self.output_dir, "temp": self.temp_dir}.get(
+            kind or ""
+        )
 
     def split_annotation(self, name: str) -> tuple[str, str | None]:
         """(name, folder) for `x.png [output]`-style names; folder None without annotation."""
@@ -77,8 +78,11 @@ class SimEnv:
     def input_files(self) -> list[str]:
         """Sorted files at the top of input/ (LoadImageMask lists every file)."""
         try:
-            return sorted(n for n in os.listdir(self.input_dir)
-                          if os.path.isfile(os.path.join(self.input_dir, n)))
+            return sorted(
+                n
+                for n in os.listdir(self.input_dir)
+                if os.path.isfile(os.path.join(self.input_dir, n))
+            )
         except FileNotFoundError:
             return []
 
@@ -86,12 +90,16 @@ class SimEnv:
         """Pretend checkpoint names plus any file placed in models/checkpoints/."""
         names = set(DEFAULT_CHECKPOINTS)
         if os.path.isdir(self.checkpoints_dir):
-            names.update(n for n in os.listdir(self.checkpoints_dir)
-                         if os.path.isfile(os.path.join(self.checkpoints_dir, n)))
+            names.update(
+                n
+                for n in os.listdir(self.checkpoints_dir)
+                if os.path.isfile(os.path.join(self.checkpoints_dir, n))
+            )
         return sorted(names)
 
-    def save_path(self, prefix: str, base_dir: str, width: int,
-                  height: int) -> tuple[str, str, int, str]:
+    def save_path(
+        self, prefix: str, base_dir: str, width: int, height: int
+    ) -> tuple[str, str, int, str]:
         """Resolve a filename prefix like ComfyUI: (folder, file stem, next counter, subfolder)."""
         if "%" in prefix:
             prefix = _compute_vars(prefix, width, height)
@@ -100,12 +108,16 @@ class SimEnv:
         filename = os.path.basename(norm)
         folder = os.path.join(base_dir, subfolder)
         if os.path.commonpath((base_dir, os.path.abspath(folder))) != base_dir:
-            raise NodeFailure("Exception",
+            raise NodeFailure(
+                "Exception",
                 "**** ERROR: Saving image outside the output folder is not allowed."
-                "\n full_output_folder: " + os.path.abspath(folder)
-                + "\n         output_dir: " + base_dir
+                "\n full_output_folder: "
+                + os.path.abspath(folder)
+                + "\n         output_dir: "
+                + base_dir
                 + "\n         commonpath: "
-                + os.path.commonpath((base_dir, os.path.abspath(folder))))
+                + os.path.commonpath((base_dir, os.path.abspath(folder))),
+            )
         key = (os.path.abspath(folder), os.path.normcase(filename))
         counter = self._counters.get(key)
         if counter is None:
@@ -122,9 +134,14 @@ class SimEnv:
 def _compute_vars(text: str, width: int, height: int) -> str:
     text = text.replace("%width%", str(width)).replace("%height%", str(height))
     now = time.localtime()
-    for key, value in (("%year%", str(now.tm_year)), ("%month%", f"{now.tm_mon:02}"),
-                       ("%day%", f"{now.tm_mday:02}"), ("%hour%", f"{now.tm_hour:02}"),
-                       ("%minute%", f"{now.tm_min:02}"), ("%second%", f"{now.tm_sec:02}")):
+    for key, value in (
+        ("%year%", str(now.tm_year)),
+        ("%month%", f"{now.tm_mon:02}"),
+        ("%day%", f"{now.tm_mday:02}"),
+        ("%hour%", f"{now.tm_hour:02}"),
+        ("%minute%", f"{now.tm_min:02}"),
+        ("%second%", f"{now.tm_sec:02}"),
+    ):
         text = text.replace(key, value)
     return text
 
@@ -145,7 +162,7 @@ def _scan_counter(folder: str, filename: str) -> int:
         if os.path.normcase(head[:-1]) != os.path.normcase(filename):
             continue
         try:
-            digits = int(name[plen + 1:].split("_")[0])
+            digits = int(name[plen + 1 :].split("_")[0])
         except ValueError:
             digits = 0
         best = max(best, digits)

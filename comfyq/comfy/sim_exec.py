@@ -16,18 +16,26 @@ from .sim_ws import Hub, preview_frame, preview_meta_frame, text_frame
 
 # Frames ComfyUI's tracebacks start with for a failing node (paths as recorded in the traces).
 _TB_EXECUTE = [
-    ('  File "/opt/ComfyUI/execution.py", line 496, in execute\n    output_data, output_ui, '
-     "has_subgraph, has_pending_tasks = await get_output_data(prompt_id, unique_id, obj, "
-     "input_data_all, execution_block_cb=execution_block_cb, pre_execute_cb=pre_execute_cb, "
-     "hidden_inputs=hidden_inputs)\n"),
-    ('  File "/opt/ComfyUI/execution.py", line 315, in get_output_data\n    return_values = '
-     "await _async_map_node_over_list(prompt_id, unique_id, obj, input_data_all, obj.FUNCTION, "
-     "allow_interrupt=True, execution_block_cb=execution_block_cb, "
-     "pre_execute_cb=pre_execute_cb, hidden_inputs=hidden_inputs)\n"),
-    ('  File "/opt/ComfyUI/execution.py", line 289, in _async_map_node_over_list\n'
-     "    await process_inputs(input_dict, i)\n"),
-    ('  File "/opt/ComfyUI/execution.py", line 277, in process_inputs\n'
-     "    result = f(**inputs)\n             ^^^^^^^^^^^\n"),
+    (
+        '  File "/opt/ComfyUI/execution.py", line 496, in execute\n    output_data, output_ui, '
+        "has_subgraph, has_pending_tasks = await get_output_data(prompt_id, unique_id, obj, "
+        "input_data_all, execution_block_cb=execution_block_cb, pre_execute_cb=pre_execute_cb, "
+        "hidden_inputs=hidden_inputs)\n"
+    ),
+    (
+        '  File "/opt/ComfyUI/execution.py", line 315, in get_output_data\n    return_values = '
+        "await _async_map_node_over_list(prompt_id, unique_id, obj, input_data_all, obj.FUNCTION, "
+        "allow_interrupt=True, execution_block_cb=execution_block_cb, "
+        "pre_execute_cb=pre_execute_cb, hidden_inputs=hidden_inputs)\n"
+    ),
+    (
+        '  File "/opt/ComfyUI/execution.py", line 289, in _async_map_node_over_list\n'
+        "    await process_inputs(input_dict, i)\n"
+    ),
+    (
+        '  File "/opt/ComfyUI/execution.py", line 277, in process_inputs\n'
+        "    result = f(**inputs)\n             ^^^^^^^^^^^\n"
+    ),
 ]
 
 
@@ -64,8 +72,15 @@ def format_value(x: Any) -> Any:
 class _Ctx:
     """RunContext handed to node functions while one node executes."""
 
-    def __init__(self, ex: Executor, node_id: str, prompt_id: str, duration: float,
-                 prompt: dict[str, Any], extra_data: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        ex: Executor,
+        node_id: str,
+        prompt_id: str,
+        duration: float,
+        prompt: dict[str, Any],
+        extra_data: dict[str, Any],
+    ) -> None:
         self.ex = ex
         self.node_id = node_id
         self.prompt_id = prompt_id
@@ -80,11 +95,24 @@ class _Ctx:
         await ex.progress_update(nid, value, maximum)
         meta = ex.hub.supports_metadata(cid)
         if preview_png is not None and meta:
-            await ex.hub.send_bytes(preview_meta_frame(preview_png, {
-                "node_id": nid, "prompt_id": self.prompt_id, "display_node_id": nid,
-                "parent_node_id": None, "real_node_id": nid}), cid)
-        await ex.hub.send_json("progress", {"value": value, "max": maximum,
-                                            "prompt_id": self.prompt_id, "node": nid}, cid)
+            await ex.hub.send_bytes(
+                preview_meta_frame(
+                    preview_png,
+                    {
+                        "node_id": nid,
+                        "prompt_id": self.prompt_id,
+                        "display_node_id": nid,
+                        "parent_node_id": None,
+                        "real_node_id": nid,
+                    },
+                ),
+                cid,
+            )
+        await ex.hub.send_json(
+            "progress",
+            {"value": value, "max": maximum, "prompt_id": self.prompt_id, "node": nid},
+            cid,
+        )
         if preview_png is not None and not meta:
             await ex.hub.send_bytes(preview_frame(preview_png), cid)
 
@@ -99,8 +127,9 @@ class _Ctx:
 class Executor:
     """ComfyUI's prompt worker plus PromptExecutor, on the event loop."""
 
-    def __init__(self, queue: PromptQueue, hub: Hub, env: SimEnv, faults: Faults,
-                 timing: Timing) -> None:
+    def __init__(
+        self, queue: PromptQueue, hub: Hub, env: SimEnv, faults: Faults, timing: Timing
+    ) -> None:
         self.queue, self.hub, self.env = queue, hub, env
         self.faults, self.timing = faults, timing
         self.client_id: str | None = None
@@ -119,8 +148,9 @@ class Executor:
             outputs, meta, status = await self.execute(item)
             await self.queue.task_done(task_id, outputs, meta, status)
             if self.client_id is not None:
-                await self.hub.send_json("executing", {"node": None, "prompt_id": item[1]},
-                                         self.client_id)
+                await self.hub.send_json(
+                    "executing", {"node": None, "prompt_id": item[1]}, self.client_id
+                )
             self.apply_flags()
             await asyncio.sleep(0)  # let HTTP handlers in between back-to-back prompts
 
@@ -145,12 +175,23 @@ class Executor:
         if not self._deliverable(self.client_id):
             return  # nobody would get it: skip building the (growing) node map
         pid = self._prompt_id
-        nodes = {nid: {"value": st["value"], "max": st["max"], "state": st["state"],
-                       "node_id": nid, "prompt_id": pid, "display_node_id": nid,
-                       "parent_node_id": None, "real_node_id": nid}
-                 for nid, st in self._progress.items() if st["state"] != "pending"}
-        await self.hub.send_json("progress_state", {"prompt_id": pid, "nodes": nodes},
-                                 self.client_id)
+        nodes = {
+            nid: {
+                "value": st["value"],
+                "max": st["max"],
+                "state": st["state"],
+                "node_id": nid,
+                "prompt_id": pid,
+                "display_node_id": nid,
+                "parent_node_id": None,
+                "real_node_id": nid,
+            }
+            for nid, st in self._progress.items()
+            if st["state"] != "pending"
+        }
+        await self.hub.send_json(
+            "progress_state", {"prompt_id": pid, "nodes": nodes}, self.client_id
+        )
 
     def _entry(self, nid: str) -> dict[str, Any]:
         entry = self._progress.get(nid)
@@ -164,8 +205,9 @@ class Executor:
         entry.update(state="running", value=value, max=maximum)
         await self._progress_send()
 
-    async def _add_message(self, event: str, data: dict[str, Any], broadcast: bool,
-                           messages: list[list[Any]]) -> None:
+    async def _add_message(
+        self, event: str, data: dict[str, Any], broadcast: bool, messages: list[list[Any]]
+    ) -> None:
         data = {**data, "timestamp": int(time.time() * 1000)}
         messages.append([event, data])
         if self.client_id is not None or broadcast:
@@ -188,7 +230,9 @@ class Executor:
                 changed[nid] = _Unequal()
         return changed
 
-    async def execute(self, item: QueueItem) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    async def execute(
+        self, item: QueueItem
+    ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
         """Run one prompt; returns (outputs, meta, status) for its history entry."""
         _, pid, prompt, extra, to_execute = item
         extra = extra if isinstance(extra, dict) else {}
@@ -208,8 +252,9 @@ class Executor:
         for nid in [n for n in suffixes if n not in prompt]:
             del suffixes[nid]
         cached = [nid for nid in prompt if keys[nid] in self.out_cache]
-        await self._add_message("execution_cached", {"nodes": cached, "prompt_id": pid}, False,
-                                messages)
+        await self._add_message(
+            "execution_cached", {"nodes": cached, "prompt_id": pid}, False, messages
+        )
         xlist = ExecList(prompt, lambda nid: keys.get(nid) in self.out_cache)
         for nid in to_execute:
             xlist.add_node(nid)
@@ -219,9 +264,13 @@ class Executor:
             staged = xlist.stage()
             if staged is None:
                 blamed = xlist.cycle_nodes()[0]
-                error = {"node_id": blamed, "exception_message": "Dependency cycle detected",
-                         "exception_type": "graph.DependencyCycleError", "traceback": [],
-                         "current_inputs": []}
+                error = {
+                    "node_id": blamed,
+                    "exception_message": "Dependency cycle detected",
+                    "exception_type": "graph.DependencyCycleError",
+                    "traceback": [],
+                    "current_inputs": [],
+                }
                 await self._error(prompt, pid, executed, error, messages)
                 success = False
                 break
@@ -230,10 +279,17 @@ class Executor:
             if failure is not None:
                 success = False
                 if failure.get("interrupted"):
-                    await self._add_message("execution_interrupted", {
-                        "prompt_id": pid, "node_id": nid,
-                        "node_type": prompt[nid]["class_type"], "executed": list(executed)},
-                        True, messages)
+                    await self._add_message(
+                        "execution_interrupted",
+                        {
+                            "prompt_id": pid,
+                            "node_id": nid,
+                            "node_type": prompt[nid]["class_type"],
+                            "executed": list(executed),
+                        },
+                        True,
+                        messages,
+                    )
                 else:
                     await self._error(prompt, pid, executed, failure, messages)
                 break
@@ -248,19 +304,38 @@ class Executor:
                 outputs[nid] = ui["output"]
                 meta[nid] = ui["meta"]
         self.last_node_id = None
-        status = {"status_str": "success" if success else "error", "completed": success,
-                  "messages": messages}
+        status = {
+            "status_str": "success" if success else "error",
+            "completed": success,
+            "messages": messages,
+        }
         return outputs, meta, status
 
-    async def _error(self, prompt: dict[str, Any], pid: str, executed: list[str],
-                     error: dict[str, Any], messages: list[list[Any]]) -> None:
+    async def _error(
+        self,
+        prompt: dict[str, Any],
+        pid: str,
+        executed: list[str],
+        error: dict[str, Any],
+        messages: list[list[Any]],
+    ) -> None:
         nid = error["node_id"]
-        await self._add_message("execution_error", {
-            "prompt_id": pid, "node_id": nid, "node_type": prompt[nid]["class_type"],
-            "executed": list(executed), "exception_message": error["exception_message"],
-            "exception_type": error["exception_type"], "traceback": error["traceback"],
-            "current_inputs": error["current_inputs"], "current_outputs": list(prompt)},
-            False, messages)
+        await self._add_message(
+            "execution_error",
+            {
+                "prompt_id": pid,
+                "node_id": nid,
+                "node_type": prompt[nid]["class_type"],
+                "executed": list(executed),
+                "exception_message": error["exception_message"],
+                "exception_type": error["exception_type"],
+                "traceback": error["traceback"],
+                "current_inputs": error["current_inputs"],
+                "current_outputs": list(prompt),
+            },
+            False,
+            messages,
+        )
 
     def _inputs(self, spec: NodeSpec, node: dict[str, Any], nid: str) -> dict[str, Any]:
         values: dict[str, Any] = {}
@@ -274,8 +349,13 @@ class Executor:
         return values
 
     @staticmethod
-    def _shown(spec: NodeSpec, values: dict[str, Any], nid: str, prompt: dict[str, Any],
-               extra: dict[str, Any]) -> dict[str, list[Any]]:
+    def _shown(
+        spec: NodeSpec,
+        values: dict[str, Any],
+        nid: str,
+        prompt: dict[str, Any],
+        extra: dict[str, Any],
+    ) -> dict[str, list[Any]]:
         # current_inputs of execution_error; built only when a node fails.
         shown = {name: [format_value(v)] for name, v in values.items()}
         hidden = {"PROMPT": prompt, "EXTRA_PNGINFO": extra.get("extra_pnginfo"), "UNIQUE_ID": nid}
@@ -283,17 +363,31 @@ class Executor:
             shown[name] = [format_value(hidden.get(kind))]
         return shown
 
-    async def _run_node(self, prompt: dict[str, Any], pid: str, extra: dict[str, Any], nid: str,
-                        key: Any, executed: list[str]) -> dict[str, Any] | None:
+    async def _run_node(
+        self,
+        prompt: dict[str, Any],
+        pid: str,
+        extra: dict[str, Any],
+        nid: str,
+        key: Any,
+        executed: list[str],
+    ) -> dict[str, Any] | None:
         node = prompt[nid]
         spec = NODES[node["class_type"]]
         cid = self.client_id
         if key in self.out_cache:
             if cid is not None:
                 ui = self.ui_cache.get(key) or {}
-                await self.hub.send_json("executed", {"node": nid, "display_node": nid,
-                                                      "output": ui.get("output"),
-                                                      "prompt_id": pid}, cid)
+                await self.hub.send_json(
+                    "executed",
+                    {
+                        "node": nid,
+                        "display_node": nid,
+                        "output": ui.get("output"),
+                        "prompt_id": pid,
+                    },
+                    cid,
+                )
             await self._finish(nid)
             return None
         entry = self._entry(nid)
@@ -302,8 +396,9 @@ class Executor:
         values = self._inputs(spec, node, nid)
         if cid is not None:
             self.last_node_id = nid
-            await self.hub.send_json("executing", {"node": nid, "display_node": nid,
-                                                   "prompt_id": pid}, cid)
+            await self.hub.send_json(
+                "executing", {"node": nid, "display_node": nid, "prompt_id": pid}, cid
+            )
         t = self.timing
         duration = t.node_durations.get(spec.name, t.node_duration)
         ctx = _Ctx(self, nid, pid, duration, prompt, extra)
@@ -323,24 +418,40 @@ class Executor:
         except _Interrupted:
             return {"interrupted": True}
         except NodeFailure as f:
-            return {"node_id": nid, "exception_message": f"{f.message}\n",
-                    "exception_type": f.exception_type,
-                    "traceback": _TB_EXECUTE + [_node_frame(spec.name)],
-                    "current_inputs": self._shown(spec, values, nid, prompt, extra)}
+            return {
+                "node_id": nid,
+                "exception_message": f"{f.message}\n",
+                "exception_type": f.exception_type,
+                "traceback": _TB_EXECUTE + [_node_frame(spec.name)],
+                "current_inputs": self._shown(spec, values, nid, prompt, extra),
+            }
         except Exception as ex:  # noqa: BLE001 - any node failure becomes execution_error
             mod = type(ex).__module__
             name = type(ex).__qualname__ if mod == "builtins" else f"{mod}.{type(ex).__qualname__}"
-            return {"node_id": nid, "exception_message": f"{ex}\n", "exception_type": name,
-                    "traceback": _TB_EXECUTE + [_node_frame(spec.name)],
-                    "current_inputs": self._shown(spec, values, nid, prompt, extra)}
+            return {
+                "node_id": nid,
+                "exception_message": f"{ex}\n",
+                "exception_type": name,
+                "traceback": _TB_EXECUTE + [_node_frame(spec.name)],
+                "current_inputs": self._shown(spec, values, nid, prompt, extra),
+            }
         ui = ui_or_none or {}
         if ui:
-            self.ui_cache[key] = {"meta": {"node_id": nid, "display_node": nid,
-                                           "parent_node": None, "real_node_id": nid},
-                                  "output": ui}
+            self.ui_cache[key] = {
+                "meta": {
+                    "node_id": nid,
+                    "display_node": nid,
+                    "parent_node": None,
+                    "real_node_id": nid,
+                },
+                "output": ui,
+            }
             if cid is not None:
-                await self.hub.send_json("executed", {"node": nid, "display_node": nid,
-                                                      "output": ui, "prompt_id": pid}, cid)
+                await self.hub.send_json(
+                    "executed",
+                    {"node": nid, "display_node": nid, "output": ui, "prompt_id": pid},
+                    cid,
+                )
         self.out_cache[key] = outputs
         await self._finish(nid)
         executed.append(nid)
@@ -354,5 +465,7 @@ class Executor:
 
 
 def _node_frame(class_type: str) -> str:
-    return (f'  File "/opt/ComfyUI/nodes.py", line 1, in {class_type}\n'
-            f"    (simulated node {class_type})\n")
+    return (
+        f'  File "/opt/ComfyUI/nodes.py", line 1, in {class_type}\n'
+        f"    (simulated node {class_type})\n"
+    )

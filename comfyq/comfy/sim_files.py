@@ -14,8 +14,13 @@ from aiohttp import web
 from .sim_env import SimEnv, write_file
 from .sim_png import UnidentifiedImageError, encode_webp_solid, sniff_image
 
-_UNSAFE_TYPES = {"text/html", "text/html-sandboxed", "application/xhtml+xml", "text/javascript",
-                 "text/css"}
+_UNSAFE_TYPES = {
+    "text/html",
+    "text/html-sandboxed",
+    "application/xhtml+xml",
+    "text/javascript",
+    "text/css",
+}
 
 
 class UnknownUploadType(Exception):

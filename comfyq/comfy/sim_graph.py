@@ -11,8 +11,12 @@ from .sim_nodedefs import NODES
 
 def is_link(value: Any) -> bool:
     """ComfyUI's definition of a link: [str node_id, int|float slot]."""
-    return (isinstance(value, list) and len(value) == 2 and isinstance(value[0], str)
-            and isinstance(value[1], (int, float)))
+    return (
+        isinstance(value, list)
+        and len(value) == 2
+        and isinstance(value[0], str)
+        and isinstance(value[1], (int, float))
+    )
 
 
 class ExecList:
@@ -103,8 +107,12 @@ def signatures(prompt: dict[str, Any], changed: dict[str, Any]) -> dict[str, Any
         if nid in keys:
             return keys[nid]
         node = prompt.get(nid)
-        if (not isinstance(node, dict) or nid in visiting or node.get("class_type") not in NODES
-                or isinstance(changed.get(nid), _Unequal)):
+        if (
+            not isinstance(node, dict)
+            or nid in visiting
+            or node.get("class_type") not in NODES
+            or isinstance(changed.get(nid), _Unequal)
+        ):
             return _Unequal()
         visiting.add(nid)
         parts: list[Any] = [node["class_type"], repr(changed.get(nid, False))]
@@ -123,8 +131,11 @@ def signatures(prompt: dict[str, Any], changed: dict[str, Any]) -> dict[str, Any
                 parts.append((name, repr(value)))
         visiting.discard(nid)
         # A digest keeps keys shallow: nested tuples would be re-hashed on every lookup.
-        keys[nid] = _Unequal() if unequal else hashlib.blake2b(
-            repr(parts).encode(), digest_size=16).hexdigest()
+        keys[nid] = (
+            _Unequal()
+            if unequal
+            else hashlib.blake2b(repr(parts).encode(), digest_size=16).hexdigest()
+        )
         return keys[nid]
 
     for nid in prompt:

@@ -51,8 +51,12 @@ def _injected(status: int, body: Any) -> web.Response:
 
 
 def _no_prompt() -> web.Response:
-    error = {"type": "no_prompt", "message": "No prompt provided", "details": "No prompt provided",
-             "extra_info": {}}
+    error = {
+        "type": "no_prompt",
+        "message": "No prompt provided",
+        "details": "No prompt provided",
+        "extra_info": {},
+    }
     return web.json_response({"error": error, "node_errors": {}}, status=400)
 
 
@@ -77,16 +81,41 @@ class Routes:
     async def system_stats(self, request: web.Request) -> web.Response:
         """GET /system_stats (shape of ComfyUI 0.3.64 on CPU)."""
         total, free = _memory()
-        return web.json_response({
-            "system": {"os": os.name, "ram_total": total, "ram_free": free,
-                       "comfyui_version": "0.3.64", "required_frontend_version": "1.27.10",
-                       "installed_templates_version": "0.1.95",
-                       "required_templates_version": "0.1.95", "python_version": sys.version,
-                       "pytorch_version": "2.13.0+cpu", "embedded_python": False,
-                       "argv": ["main.py", "--cpu", "--listen", self.p.host, "--port",
-                                str(self.p.port)]},
-            "devices": [{"name": "cpu", "type": "cpu", "index": None, "vram_total": total,
-                         "vram_free": free, "torch_vram_total": total, "torch_vram_free": free}]})
+        return web.json_response(
+            {
+                "system": {
+                    "os": os.name,
+                    "ram_total": total,
+                    "ram_free": free,
+                    "comfyui_version": "0.3.64",
+                    "required_frontend_version": "1.27.10",
+                    "installed_templates_version": "0.1.95",
+                    "required_templates_version": "0.1.95",
+                    "python_version": sys.version,
+                    "pytorch_version": "2.13.0+cpu",
+                    "embedded_python": False,
+                    "argv": [
+                        "main.py",
+                        "--cpu",
+                        "--listen",
+                        self.p.host,
+                        "--port",
+                        str(self.p.port),
+                    ],
+                },
+                "devices": [
+                    {
+                        "name": "cpu",
+                        "type": "cpu",
+                        "index": None,
+                        "vram_total": total,
+                        "vram_free": free,
+                        "torch_vram_total": total,
+                        "torch_vram_free": free,
+                    }
+                ],
+            }
+        )
 
     async def features(self, request: web.Request) -> web.Response:
         """GET /features."""
@@ -98,7 +127,9 @@ class Routes:
 
     async def object_info_all(self, request: web.Request) -> web.Response:
         """GET /object_info."""
-        return web.json_response({name: object_info(spec, self.p.env) for name, spec in NODES.items()})
+        return web.json_response(
+            {name: object_info(spec, self.p.env) for name, spec in NODES.items()}
+        )
 
     async def object_info_one(self, request: web.Request) -> web.Response:
         """GET /object_info/{node_class}; unknown classes give {}."""
@@ -132,13 +163,16 @@ class Routes:
 
     async def history_one(self, request: web.Request) -> web.Response:
         """GET /history/{prompt_id}: {} while pending/running or unknown."""
-        return web.json_response(self.p.queue.get_history(prompt_id=request.match_info["prompt_id"]))
+        return web.json_response(
+            self.p.queue.get_history(prompt_id=request.match_info["prompt_id"])
+        )
 
     async def get_queue(self, request: web.Request) -> web.Response:
         """GET /queue."""
         q = self.p.queue
-        return web.json_response({"queue_running": q.running_items(),
-                                  "queue_pending": q.pending_items()})
+        return web.json_response(
+            {"queue_running": q.running_items(), "queue_pending": q.pending_items()}
+        )
 
     async def post_prompt(self, request: web.Request) -> web.Response:
         """POST /prompt."""
@@ -148,7 +182,9 @@ class Routes:
             return _injected(status, body)
         data = await request.json()
         if not isinstance(data, dict):
-            if isinstance(data, (list, str)) and not any(k in data for k in ("number", "front", "prompt")):
+            if isinstance(data, (list, str)) and not any(
+                k in data for k in ("number", "front", "prompt")
+            ):
                 p.number += 1
                 return _no_prompt()
             raise ServerCrash("body is not an object")
@@ -176,8 +212,9 @@ class Routes:
         p.prompts_received.append(prompt_id)
         if p.prompt_log is not None:
             p.prompt_log.write(prompt_id, number, extra.get("client_id"), prompt)
-        return web.json_response({"prompt_id": prompt_id, "number": number,
-                                  "node_errors": node_errors})
+        return web.json_response(
+            {"prompt_id": prompt_id, "number": number, "node_errors": node_errors}
+        )
 
     async def post_queue(self, request: web.Request) -> web.Response:
         """POST /queue {"clear": true} / {"delete": [ids]}: pending items only."""
@@ -248,20 +285,30 @@ def build_app(proc: SimProcess) -> web.Application:
     """The aiohttp application of one simulated ComfyUI process."""
     r = Routes(proc)
     table: list[tuple[str, str, Handler]] = [
-        ("GET", "/ws", r.ws), ("GET", "/system_stats", r.system_stats),
-        ("GET", "/features", r.features), ("GET", "/prompt", r.get_prompt),
+        ("GET", "/ws", r.ws),
+        ("GET", "/system_stats", r.system_stats),
+        ("GET", "/features", r.features),
+        ("GET", "/prompt", r.get_prompt),
         ("GET", "/object_info", r.object_info_all),
         ("GET", "/object_info/{node_class}", r.object_info_one),
-        ("GET", "/embeddings", r.embeddings), ("GET", "/models", r.models),
-        ("GET", "/models/{folder}", r.models_folder), ("GET", "/history", r.history),
-        ("GET", "/history/{prompt_id}", r.history_one), ("GET", "/queue", r.get_queue),
-        ("POST", "/prompt", r.post_prompt), ("POST", "/queue", r.post_queue),
-        ("POST", "/interrupt", r.interrupt), ("POST", "/free", r.free),
-        ("POST", "/history", r.post_history), ("POST", "/upload/image", r.upload_image),
-        ("POST", "/upload/mask", r.upload_mask), ("GET", "/view", r.view),
+        ("GET", "/embeddings", r.embeddings),
+        ("GET", "/models", r.models),
+        ("GET", "/models/{folder}", r.models_folder),
+        ("GET", "/history", r.history),
+        ("GET", "/history/{prompt_id}", r.history_one),
+        ("GET", "/queue", r.get_queue),
+        ("POST", "/prompt", r.post_prompt),
+        ("POST", "/queue", r.post_queue),
+        ("POST", "/interrupt", r.interrupt),
+        ("POST", "/free", r.free),
+        ("POST", "/history", r.post_history),
+        ("POST", "/upload/image", r.upload_image),
+        ("POST", "/upload/mask", r.upload_mask),
+        ("GET", "/view", r.view),
     ]
-    app = web.Application(client_max_size=SERVER_FEATURES["max_upload_size"],
-                          middlewares=[_crash_middleware])
+    app = web.Application(
+        client_max_size=SERVER_FEATURES["max_upload_size"], middlewares=[_crash_middleware]
+    )
     for prefix in ("/api", ""):
         for method, path, handler in table:
             app.router.add_route(method, prefix + path, handler)

@@ -29,13 +29,19 @@ _THREAD_PIXELS = 1 << 18  # encode PNGs bigger than this off the event loop
 def _want(value: Any, kind: type, attr: str = "shape") -> Any:
     # A constant where a link was expected passes ComfyUI's validation and fails at run time.
     if not isinstance(value, kind):
-        raise NodeFailure("AttributeError",
-                          f"'{type(value).__name__}' object has no attribute '{attr}'")
+        raise NodeFailure(
+            "AttributeError", f"'{type(value).__name__}' object has no attribute '{attr}'"
+        )
     return value
 
 
-async def png_bytes(width: int, height: int, rgb: tuple[int, int, int],
-                    texts: dict[str, str] | None = None, level: int = 1) -> bytes:
+async def png_bytes(
+    width: int,
+    height: int,
+    rgb: tuple[int, int, int],
+    texts: dict[str, str] | None = None,
+    level: int = 1,
+) -> bytes:
     """Encode a solid PNG, in a thread when it is large."""
     if width * height >= _THREAD_PIXELS:
         return await asyncio.to_thread(encode_png, width, height, rgb, texts, level)
@@ -81,8 +87,9 @@ async def run_get_size(ctx: RunContext, a: dict[str, Any]) -> RunResult:
     return (img.width, img.height, img.batch), None
 
 
-async def _save(ctx: RunContext, images: Any, prefix: str, base_dir: str, kind: str,
-                level: int) -> RunResult:
+async def _save(
+    ctx: RunContext, images: Any, prefix: str, base_dir: str, kind: str, level: int
+) -> RunResult:
     img = _want(images, SimImage)
     env: SimEnv = ctx.env
     folder, stem, counter, subfolder = env.save_path(prefix, base_dir, img.width, img.height)
@@ -103,8 +110,9 @@ async def _save(ctx: RunContext, images: Any, prefix: str, base_dir: str, kind: 
 
 async def run_save_image(ctx: RunContext, a: dict[str, Any]) -> RunResult:
     """SaveImage into output/."""
-    return await _save(ctx, a["images"], str(a.get("filename_prefix", "ComfyUI")),
-                       ctx.env.output_dir, "output", 4)
+    return await _save(
+        ctx, a["images"], str(a.get("filename_prefix", "ComfyUI")), ctx.env.output_dir, "output", 4
+    )
 
 
 async def run_preview_image(ctx: RunContext, a: dict[str, Any]) -> RunResult:
@@ -133,13 +141,15 @@ async def _load(ctx: RunContext, name: Any) -> tuple[str, Any]:
     try:
         data = await read_file(path)
     except FileNotFoundError:
-        raise NodeFailure("FileNotFoundError",
-                          f"[Errno 2] No such file or directory: '{path}'") from None
+        raise NodeFailure(
+            "FileNotFoundError", f"[Errno 2] No such file or directory: '{path}'"
+        ) from None
     try:
         return path, sniff_image(data)
     except UnidentifiedImageError:
-        raise NodeFailure("PIL.UnidentifiedImageError",
-                          f"cannot identify image file '{path}'") from None
+        raise NodeFailure(
+            "PIL.UnidentifiedImageError", f"cannot identify image file '{path}'"
+        ) from None
 
 
 async def run_load_image(ctx: RunContext, a: dict[str, Any]) -> RunResult:
@@ -164,7 +174,11 @@ def file_hash(env: SimEnv, inputs: dict[str, Any]) -> str:
 async def run_checkpoint(ctx: RunContext, a: dict[str, Any]) -> RunResult:
     """CheckpointLoaderSimple: no weights, just named handles."""
     name = str(a["ckpt_name"])
-    return (SimModelPart("MODEL", name), SimModelPart("CLIP", name), SimModelPart("VAE", name)), None
+    return (
+        SimModelPart("MODEL", name),
+        SimModelPart("CLIP", name),
+        SimModelPart("VAE", name),
+    ), None
 
 
 async def run_clip_encode(ctx: RunContext, a: dict[str, Any]) -> RunResult:
@@ -190,8 +204,20 @@ async def run_ksampler(ctx: RunContext, a: dict[str, Any]) -> RunResult:
     for step in range(steps):
         await ctx.sleep(per)
         await ctx.tick(step + 1, steps)
-    key = "|".join(str(v) for v in (model.ckpt, a["seed"], steps, a["cfg"], a["sampler_name"],
-                                     a["scheduler"], pos.text, neg.text, a["denoise"]))
+    key = "|".join(
+        str(v)
+        for v in (
+            model.ckpt,
+            a["seed"],
+            steps,
+            a["cfg"],
+            a["sampler_name"],
+            a["scheduler"],
+            pos.text,
+            neg.text,
+            a["denoise"],
+        )
+    )
     c = zlib.crc32(key.encode())
     rgb = ((c >> 16) & 0xFF, (c >> 8) & 0xFF, c & 0xFF)
     return (SimLatent(latent.width, latent.height, latent.batch, rgb),), None

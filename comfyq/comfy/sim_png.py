@@ -31,8 +31,13 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
-def encode_png(width: int, height: int, rgb: tuple[int, int, int],
-               texts: dict[str, str] | None = None, level: int = 1) -> bytes:
+def encode_png(
+    width: int,
+    height: int,
+    rgb: tuple[int, int, int],
+    texts: dict[str, str] | None = None,
+    level: int = 1,
+) -> bytes:
     """Encode a solid-colour 8-bit RGB PNG; `texts` become tEXt chunks."""
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     row = b"\x00" + bytes(rgb) * width
@@ -51,7 +56,9 @@ def encode_png(width: int, height: int, rgb: tuple[int, int, int],
     all_texts = {SOLID_KEY: ",".join(str(int(v)) for v in rgb)}
     all_texts.update(texts or {})
     for key, value in all_texts.items():
-        out.append(_chunk(b"tEXt", key.encode("latin-1") + b"\x00" + value.encode("latin-1", "replace")))
+        out.append(
+            _chunk(b"tEXt", key.encode("latin-1") + b"\x00" + value.encode("latin-1", "replace"))
+        )
     out.append(_chunk(b"IDAT", b"".join(parts)))
     out.append(_chunk(b"IEND", b""))
     return b"".join(out)
@@ -64,8 +71,8 @@ def _png_info(data: bytes) -> ImageInfo:
     idat: list[bytes] = []
     solid: tuple[int, int, int] | None = None
     while pos + 8 <= len(data):
-        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
-        body = data[pos + 8:pos + 8 + length]
+        length, kind = struct.unpack(">I4s", data[pos : pos + 8])
+        body = data[pos + 8 : pos + 8 + length]
         pos += 12 + length
         if kind == b"IHDR" and len(body) >= 13:
             width, height, depth, ctype = struct.unpack(">IIBB", body[:10])
@@ -106,7 +113,7 @@ def _first_pixel(idat: bytes, depth: int, ctype: int, palette: bytes) -> tuple[i
             return (v, v, v)
         if ctype == 3:
             idx = px[0] if depth == 8 else px[0] >> (8 - depth)
-            r, g, b = palette[3 * idx:3 * idx + 3]
+            r, g, b = palette[3 * idx : 3 * idx + 3]
             return (r, g, b)
     except (IndexError, ValueError):
         pass
@@ -123,9 +130,9 @@ def _jpeg_size(data: bytes) -> tuple[int, int]:
         if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7 or marker == 0xFF:
             pos += 1 if marker == 0xFF else 2
             continue
-        (seg,) = struct.unpack(">H", data[pos + 2:pos + 4])
+        (seg,) = struct.unpack(">H", data[pos + 2 : pos + 4])
         if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            height, width = struct.unpack(">HH", data[pos + 5:pos + 9])
+            height, width = struct.unpack(">HH", data[pos + 5 : pos + 9])
             return width, height
         pos += 2 + seg
     raise UnidentifiedImageError("no JPEG frame header")

@@ -43,9 +43,22 @@ class PromptLog:
         """Record one accepted prompt."""
         if self._fd is None:
             return
-        line = json.dumps({"at": time.time(), "boot": self.boot, "pid": os.getpid(), "prompt_id": prompt_id,
-                           "number": number, "client_id": client_id, "prompt": prompt},
-                          separators=(",", ":"), default=str) + "\n"
+        line = (
+            json.dumps(
+                {
+                    "at": time.time(),
+                    "boot": self.boot,
+                    "pid": os.getpid(),
+                    "prompt_id": prompt_id,
+                    "number": number,
+                    "client_id": client_id,
+                    "prompt": prompt,
+                },
+                separators=(",", ":"),
+                default=str,
+            )
+            + "\n"
+        )
         # One write(2) of one line on an O_APPEND descriptor: it lands in the page cache at once (no
         # disk wait, so the event loop is not held), whole, and survives a kill -9 of this process.
         os.write(self._fd, line.encode())

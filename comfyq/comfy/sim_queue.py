@@ -59,8 +59,9 @@ class PromptQueue:
         await self.queue_updated()
         return item, task_id
 
-    async def task_done(self, task_id: int, outputs: dict[str, Any], meta: dict[str, Any],
-                        status: dict[str, Any]) -> None:
+    async def task_done(
+        self, task_id: int, outputs: dict[str, Any], meta: dict[str, Any], status: dict[str, Any]
+    ) -> None:
         """Move a finished item into history."""
         item = self.running.pop(task_id)
         while len(self.history) >= self.max_history:
@@ -68,8 +69,12 @@ class PromptQueue:
         extra = item[3]
         if isinstance(extra, dict) and any(k in extra for k in SENSITIVE_EXTRA_DATA_KEYS):
             extra = {k: v for k, v in extra.items() if k not in SENSITIVE_EXTRA_DATA_KEYS}
-        self.history[item[1]] = {"prompt": [item[0], item[1], item[2], extra, item[4]],
-                                 "outputs": outputs, "status": status, "meta": meta}
+        self.history[item[1]] = {
+            "prompt": [item[0], item[1], item[2], extra, item[4]],
+            "outputs": outputs,
+            "status": status,
+            "meta": meta,
+        }
         await self.queue_updated()
 
     def running_items(self) -> list[QueueItem]:
@@ -98,8 +103,9 @@ class PromptQueue:
                 return True
         return False
 
-    def get_history(self, prompt_id: str | None = None, max_items: int | None = None,
-                    offset: int = -1) -> dict[str, Any]:
+    def get_history(
+        self, prompt_id: str | None = None, max_items: int | None = None, offset: int = -1
+    ) -> dict[str, Any]:
         """GET /history and /history/{id} semantics (oldest first; last N with max_items)."""
         if prompt_id is not None:
             entry = self.history.get(prompt_id)

@@ -34,8 +34,9 @@ def _binary_name(payload: bytes) -> str:
 class WsRecorder:
     """Connects to /ws and records every frame in the background."""
 
-    def __init__(self, session: aiohttp.ClientSession, base_url: str,
-                 client_id: str | None = None) -> None:
+    def __init__(
+        self, session: aiohttp.ClientSession, base_url: str, client_id: str | None = None
+    ) -> None:
         self.session = session
         self.url = base_url + "/ws" + (f"?clientId={client_id}" if client_id else "")
         self.frames: list[Frame] = []
@@ -69,20 +70,24 @@ class WsRecorder:
 
     async def wait_for(self, pred: Callable[[list[Frame]], bool], timeout: float = 10.0) -> None:
         """Wait until pred(frames) holds (or the socket closed, then pred must hold)."""
+
         async def loop() -> None:
             while not pred(self.frames):
                 if self.closed is not None:
                     raise AssertionError(f"socket closed ({self.closed.type}) before condition")
                 self._changed.clear()
                 await self._changed.wait()
+
         await asyncio.wait_for(loop(), timeout)
 
     async def wait_closed(self, timeout: float = 10.0) -> aiohttp.WSMessage:
         """Wait for the connection to end; returns the closing message."""
+
         async def loop() -> None:
             while self.closed is None:
                 self._changed.clear()
                 await self._changed.wait()
+
         await asyncio.wait_for(loop(), timeout)
         assert self.closed is not None
         return self.closed
@@ -111,8 +116,11 @@ class WsRecorder:
 
 def is_done(frame: Frame, prompt_id: str) -> bool:
     """True for the final `executing` message of prompt_id."""
-    return (frame.type == "executing" and frame.data.get("node") is None
-            and frame.data.get("prompt_id") == prompt_id)
+    return (
+        frame.type == "executing"
+        and frame.data.get("node") is None
+        and frame.data.get("prompt_id") == prompt_id
+    )
 
 
 def shape(value: Any) -> Any:
@@ -128,9 +136,11 @@ def shape(value: Any) -> Any:
     return type(value).__name__
 
 
-async def wait_history(session: aiohttp.ClientSession, base_url: str, prompt_id: str,
-                       timeout: float = 10.0) -> dict[str, Any]:
+async def wait_history(
+    session: aiohttp.ClientSession, base_url: str, prompt_id: str, timeout: float = 10.0
+) -> dict[str, Any]:
     """Poll GET /history/{id} until the entry exists; returns the entry."""
+
     async def loop() -> dict[str, Any]:
         while True:
             async with session.get(f"{base_url}/history/{prompt_id}") as r:
@@ -138,6 +148,7 @@ async def wait_history(session: aiohttp.ClientSession, base_url: str, prompt_id:
             if prompt_id in body:
                 return body[prompt_id]  # type: ignore[no-any-return]
             await asyncio.sleep(0.01)
+
     return await asyncio.wait_for(loop(), timeout)
 
 
@@ -155,17 +166,22 @@ def data_of(frames: list[Frame], kind: str) -> list[Any]:
     return [f.data for f in frames if f.type == kind]
 
 
-async def post_prompt(session: aiohttp.ClientSession, base_url: str, body: dict[str, Any],
-                      status: int = 200) -> dict[str, Any]:
+async def post_prompt(
+    session: aiohttp.ClientSession, base_url: str, body: dict[str, Any], status: int = 200
+) -> dict[str, Any]:
     """POST /prompt and check the status; returns the JSON body."""
     async with session.post(base_url + "/prompt", json=body) as r:
         assert r.status == status, await r.text()
         return await r.json()  # type: ignore[no-any-return]
 
 
-async def run_workflow(session: aiohttp.ClientSession, base_url: str, workflow: dict[str, Any],
-                       client_id: str, first: dict[str, Any] | None = None
-                       ) -> tuple[WsRecorder, str]:
+async def run_workflow(
+    session: aiohttp.ClientSession,
+    base_url: str,
+    workflow: dict[str, Any],
+    client_id: str,
+    first: dict[str, Any] | None = None,
+) -> tuple[WsRecorder, str]:
     """Open a socket, submit with that client id, wait for the final `executing` message."""
     rec = await WsRecorder(session, base_url, client_id).connect(first)
     await rec.wait_for(lambda fs: len(fs) >= (2 if first else 1))
@@ -174,8 +190,9 @@ async def run_workflow(session: aiohttp.ClientSession, base_url: str, workflow: 
     return rec, body["prompt_id"]
 
 
-async def upload_image(session: aiohttp.ClientSession, base_url: str, name: str | None,
-                       data: bytes, **fields: str) -> aiohttp.ClientResponse:
+async def upload_image(
+    session: aiohttp.ClientSession, base_url: str, name: str | None, data: bytes, **fields: str
+) -> aiohttp.ClientResponse:
     """POST /upload/image with an `image` file part (omitted when name is None)."""
     form = aiohttp.FormData()
     for key, value in fields.items():
@@ -190,9 +207,9 @@ def decode_png(data: bytes) -> tuple[int, int, bytes]:
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     pos, idat, width, height = 8, b"", 0, 0
     while pos < len(data):
-        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
-        body = data[pos + 8:pos + 8 + length]
-        (crc,) = struct.unpack(">I", data[pos + 8 + length:pos + 12 + length])
+        length, kind = struct.unpack(">I4s", data[pos : pos + 8])
+        body = data[pos + 8 : pos + 8 + length]
+        (crc,) = struct.unpack(">I", data[pos + 8 + length : pos + 12 + length])
         assert zlib.crc32(kind + body) == crc, f"bad CRC in {kind!r}"
         if kind == b"IHDR":
             width, height, depth, ctype = struct.unpack(">IIBB", body[:10])

@@ -88,7 +88,9 @@ class RunContext(Protocol):
     extra_data: dict[str, Any]
     env: Any
 
-    async def tick(self, value: float, maximum: float, preview_png: bytes | None = None) -> None: ...
+    async def tick(
+        self, value: float, maximum: float, preview_png: bytes | None = None
+    ) -> None: ...
 
     async def text(self, text: str) -> None: ...
 

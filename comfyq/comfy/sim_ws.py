@@ -92,8 +92,9 @@ class Hub:
         for ws in list(self._open):
             await ws.close()
 
-    async def handle(self, request: web.Request,
-                     on_connect: Callable[[str], Awaitable[None]]) -> web.WebSocketResponse:
+    async def handle(
+        self, request: web.Request, on_connect: Callable[[str], Awaitable[None]]
+    ) -> web.WebSocketResponse:
         """Serve one /ws connection until it closes."""
         ws = web.WebSocketResponse()
         await ws.prepare(request)

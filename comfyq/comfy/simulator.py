@@ -31,9 +31,17 @@ __all__ = ["Simulator", "main"]
 class SimProcess:
     """Everything a real ComfyUI process keeps in memory; a crash throws it away."""
 
-    def __init__(self, env: SimEnv, faults: Faults, timing: Timing, max_history: int,
-                 prompts_received: list[str], host: str, port: int,
-                 prompt_log: PromptLog | None = None) -> None:
+    def __init__(
+        self,
+        env: SimEnv,
+        faults: Faults,
+        timing: Timing,
+        max_history: int,
+        prompts_received: list[str],
+        host: str,
+        port: int,
+        prompt_log: PromptLog | None = None,
+    ) -> None:
         self.env, self.faults, self.host, self.port = env, faults, host, port
         self.prompts_received = prompts_received
         self.prompt_log = prompt_log  # outlives this process's memory (see sim_promptlog)
@@ -55,10 +63,18 @@ class SimProcess:
 class Simulator:
     """ComfyUI stand-in: real HTTP/websocket server, simulated nodes, fault injection."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, data_dir: Path | None = None,
-                 node_duration: float = 0.0, node_durations: dict[str, float] | None = None,
-                 progress_steps: int = 0, max_history: int = 10000,
-                 prompt_log: Path | None = None) -> None:
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        data_dir: Path | None = None,
+        node_duration: float = 0.0,
+        node_durations: dict[str, float] | None = None,
+        progress_steps: int = 0,
+        max_history: int = 10000,
+        prompt_log: Path | None = None,
+    ) -> None:
         self.host = host
         self.port = port
         self.url = ""
@@ -160,15 +176,24 @@ class Simulator:
         env.wipe_temp()
         if self.prompt_log is not None:
             self.prompt_log.open()
-        proc = SimProcess(env, self.faults, self.timing, self.max_history,
-                          self.prompts_received, self.host, self.port, self.prompt_log)
+        proc = SimProcess(
+            env,
+            self.faults,
+            self.timing,
+            self.max_history,
+            self.prompts_received,
+            self.host,
+            self.port,
+            self.prompt_log,
+        )
         runner = web.AppRunner(proc.app, access_log=None, shutdown_timeout=1.0)
         await runner.setup()
         loop = asyncio.get_running_loop()
         try:
             assert runner.server is not None  # set by setup()
-            server = await loop.create_server(runner.server, self.host, self.port,
-                                              reuse_address=True)
+            server = await loop.create_server(
+                runner.server, self.host, self.port, reuse_address=True
+            )
         except BaseException:
             await runner.cleanup()
             if self.prompt_log is not None:
@@ -239,18 +264,24 @@ class Simulator:
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m comfyq.comfy.simulator",
-                                 description="Simulated ComfyUI server")
+    ap = argparse.ArgumentParser(
+        prog="python -m comfyq.comfy.simulator", description="Simulated ComfyUI server"
+    )
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8188)
     ap.add_argument("--node-duration", type=float, default=0.0)
-    ap.add_argument("--node-durations", default="",
-                    help="per class_type seconds, e.g. KSampler=2,ImageBlur=0.5")
+    ap.add_argument(
+        "--node-durations", default="", help="per class_type seconds, e.g. KSampler=2,ImageBlur=0.5"
+    )
     ap.add_argument("--progress-steps", type=int, default=0)
     ap.add_argument("--data-dir", type=Path, default=None)
     ap.add_argument("--max-history", type=int, default=10000)
-    ap.add_argument("--prompt-log", type=Path, default=None,
-                    help="append one JSON line per accepted POST /prompt to this file (survives crashes)")
+    ap.add_argument(
+        "--prompt-log",
+        type=Path,
+        default=None,
+        help="append one JSON line per accepted POST /prompt to this file (survives crashes)",
+    )
     return ap.parse_args(argv)
 
 
@@ -259,10 +290,16 @@ async def _serve(args: argparse.Namespace) -> None:
     for part in filter(None, args.node_durations.split(",")):
         name, _, value = part.partition("=")
         durations[name.strip()] = float(value)
-    sim = Simulator(args.host, args.port, data_dir=args.data_dir,
-                    node_duration=args.node_duration, node_durations=durations,
-                    progress_steps=args.progress_steps, max_history=args.max_history,
-                    prompt_log=args.prompt_log)
+    sim = Simulator(
+        args.host,
+        args.port,
+        data_dir=args.data_dir,
+        node_duration=args.node_duration,
+        node_durations=durations,
+        progress_steps=args.progress_steps,
+        max_history=args.max_history,
+        prompt_log=args.prompt_log,
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -22,8 +22,9 @@ _NETWORK_ERRORS = (aiohttp.ClientError, TimeoutError)
 
 def _unreachable(backend: str, what: str, exc: BaseException) -> ComfyUIUnreachable:
     reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-    return ComfyUIUnreachable(f"ComfyUI at {backend} failed during {what}: {reason}",
-                              details={"backend": backend})
+    return ComfyUIUnreachable(
+        f"ComfyUI at {backend} failed during {what}: {reason}", details={"backend": backend}
+    )
 
 
 def _stream_timeout(timeout: float) -> aiohttp.ClientTimeout:
@@ -57,8 +58,9 @@ async def upload_file(
             raise InputError(f"cannot read {data.name} for upload: {exc.strerror}") from exc
     form = aiohttp.FormData()
     # aiohttp reads file objects in a thread, chunk by chunk: large inputs are streamed.
-    form.add_field("image", handle if handle is not None else data, filename=name,
-                   content_type=mime)
+    form.add_field(
+        "image", handle if handle is not None else data, filename=name, content_type=mime
+    )
     form.add_field("type", type)
     form.add_field("subfolder", subfolder)
     form.add_field("overwrite", "true" if overwrite else "false")
@@ -66,8 +68,9 @@ async def upload_file(
         form.add_field("original_ref", json.dumps(original_ref))
     path = "/upload/mask" if mask else "/upload/image"
     try:
-        async with session.post(base_url + path, data=form,
-                                timeout=_stream_timeout(timeout)) as resp:
+        async with session.post(
+            base_url + path, data=form, timeout=_stream_timeout(timeout)
+        ) as resp:
             body = await resp.read()
             status = resp.status
     except _NETWORK_ERRORS as exc:
@@ -81,17 +84,25 @@ async def upload_file(
         except msgspec.DecodeError:
             answer = None
         if isinstance(answer, dict) and isinstance(answer.get("name"), str):
-            return {"name": answer["name"], "subfolder": answer.get("subfolder", subfolder),
-                    "type": answer.get("type", type)}
-        raise ComfyUIUnreachable(f"ComfyUI at {backend} sent an unexpected upload answer",
-                                 details={"backend": backend, "body": body[:200].decode(
-                                     errors="replace")})
+            return {
+                "name": answer["name"],
+                "subfolder": answer.get("subfolder", subfolder),
+                "type": answer.get("type", type),
+            }
+        raise ComfyUIUnreachable(
+            f"ComfyUI at {backend} sent an unexpected upload answer",
+            details={"backend": backend, "body": body[:200].decode(errors="replace")},
+        )
     if status in (400, 403, 413):
         what = "too large" if status == 413 else "refused"
-        raise InputError(f"ComfyUI {what} the upload of {name!r} (HTTP {status})",
-                         details={"status": status, "subfolder": subfolder, "type": type})
-    raise ComfyUIUnreachable(f"ComfyUI at {backend} answered upload with HTTP {status}",
-                             details={"backend": backend, "status": status})
+        raise InputError(
+            f"ComfyUI {what} the upload of {name!r} (HTTP {status})",
+            details={"status": status, "subfolder": subfolder, "type": type},
+        )
+    raise ComfyUIUnreachable(
+        f"ComfyUI at {backend} answered upload with HTTP {status}",
+        details={"backend": backend, "status": status},
+    )
 
 
 _SMALL = 4 * 1024 * 1024
@@ -105,8 +116,13 @@ def _write_small(part: Path, dest: Path, data: bytes) -> None:
 
 
 async def download_file(
-    session: aiohttp.ClientSession, url: str, backend: str, label: str, dest: Path,
-    *, timeout: float,
+    session: aiohttp.ClientSession,
+    url: str,
+    backend: str,
+    label: str,
+    dest: Path,
+    *,
+    timeout: float,
 ) -> int:
     """Stream ``url`` into ``dest`` through ``dest.part`` and an atomic rename; returns bytes."""
     part = dest.with_name(dest.name + ".part")
@@ -115,12 +131,15 @@ async def download_file(
     try:
         async with session.get(url, timeout=_stream_timeout(timeout)) as resp:
             if resp.status in (400, 403, 404):
-                raise OutputError(f"ComfyUI has no file {label} (HTTP {resp.status})",
-                                  details={"backend": backend, "status": resp.status})
+                raise OutputError(
+                    f"ComfyUI has no file {label} (HTTP {resp.status})",
+                    details={"backend": backend, "status": resp.status},
+                )
             if resp.status != 200:
                 raise ComfyUIUnreachable(
                     f"ComfyUI at {backend} answered /view with HTTP {resp.status}",
-                    details={"backend": backend, "status": resp.status})
+                    details={"backend": backend, "status": resp.status},
+                )
             expected = resp.content_length
             if expected is not None and expected <= _SMALL:
                 # Most outputs are small images: one read and one thread hop for mkdir, write
@@ -129,7 +148,8 @@ async def download_file(
                 if len(data) != expected:
                     raise ComfyUIUnreachable(
                         f"download of {label} from {backend} stopped after {len(data)} of {expected} bytes",
-                        details={"backend": backend})
+                        details={"backend": backend},
+                    )
                 try:
                     await asyncio.to_thread(_write_small, part, dest, data)
                 except OSError as exc:
@@ -149,7 +169,8 @@ async def download_file(
         if expected is not None and size != expected:
             raise ComfyUIUnreachable(
                 f"download of {label} from {backend} stopped after {size} of {expected} bytes",
-                details={"backend": backend})
+                details={"backend": backend},
+            )
         await asyncio.to_thread(os.replace, part, dest)
         done = True
         return size

@@ -22,7 +22,10 @@ def encode_file(path: str | Path, max_bytes: int) -> tuple[str | None, str | Non
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             if size > max_bytes:
-                return None, f"not inlined as base64: {size} bytes is over the {max_bytes}-byte limit"
+                return (
+                    None,
+                    f"not inlined as base64: {size} bytes is over the {max_bytes}-byte limit",
+                )
             parts: list[bytes] = []
             read = 0
             while chunk := f.read(_CHUNK):

@@ -62,10 +62,21 @@ def list_outputs(outputs: dict[str, Any]) -> list[OutputItem]:
                 continue
             for i, v in enumerate(values):
                 if isinstance(v, dict) and isinstance(v.get("filename"), str):
-                    items.append(OutputItem(str(node_id), key, v["filename"], str(v.get("subfolder") or ""),
-                                            str(v.get("type") or "output")))
+                    items.append(
+                        OutputItem(
+                            str(node_id),
+                            key,
+                            v["filename"],
+                            str(v.get("subfolder") or ""),
+                            str(v.get("type") or "output"),
+                        )
+                    )
                 elif isinstance(v, str) and key in ("text", "string", "strings"):
-                    items.append(OutputItem(str(node_id), "text", f"node{node_id}_{key}_{i}.txt", "", "text", v))
+                    items.append(
+                        OutputItem(
+                            str(node_id), "text", f"node{node_id}_{key}_{i}.txt", "", "text", v
+                        )
+                    )
     return items
 
 
@@ -91,7 +102,10 @@ def _magic(head: bytes) -> str | None:
         found: str = magic.from_buffer(head, mime=True)
     except Exception:  # noqa: BLE001 - libmagic missing or confused: fall back to the extension
         return None
-    if found in ("application/octet-stream", "text/plain") and head[:4] in (b"RIFF", b"\x1aE\xdf\xa3"):
+    if found in ("application/octet-stream", "text/plain") and head[:4] in (
+        b"RIFF",
+        b"\x1aE\xdf\xa3",
+    ):
         return None
     return found
 

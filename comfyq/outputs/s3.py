@@ -49,7 +49,9 @@ class S3Settings:
     presign_expiry: int = 7 * 24 * 3600
     connect_timeout: float = 60.0
     read_timeout: float = 120.0
-    attempts: int = 3  # per S3 request, transient errors (5xx, throttling, resets) retried by botocore
+    attempts: int = (
+        3  # per S3 request, transient errors (5xx, throttling, resets) retried by botocore
+    )
     multipart_threshold: int = 16 * MiB
     part_size: int = 8 * MiB
     part_concurrency: int = 4
@@ -84,13 +86,17 @@ def _norm_endpoint(url: Any) -> str:
     return str(u.with_path(u.path.rstrip("/"))).rstrip("/")
 
 
-def resolve(request: dict[str, Any] | None, keys: dict[str, Any] | None, op: S3Settings) -> S3Target | None:
+def resolve(
+    request: dict[str, Any] | None, keys: dict[str, Any] | None, op: S3Settings
+) -> S3Target | None:
     """The S3 target of a job (its payload's ``s3`` block, its secret keys), or None for no upload."""
     req = request if isinstance(request, dict) else {}
     keys = keys if isinstance(keys, dict) else {}
     ak, sk = str(keys.get("access_key_id") or ""), str(keys.get("secret_access_key") or "")
     if bool(ak) != bool(sk):
-        raise S3ConfigError("s3: access_key_id and secret_access_key go together; give both or neither")
+        raise S3ConfigError(
+            "s3: access_key_id and secret_access_key go together; give both or neither"
+        )
     req_bucket = str(req.get("bucket_name") or "")
     req_endpoint = _norm_endpoint(req.get("endpoint_url"))
     op_endpoint = _norm_endpoint(op.endpoint_url)
@@ -111,18 +117,30 @@ def resolve(request: dict[str, Any] | None, keys: dict[str, Any] | None, op: S3S
             raise S3ConfigError(
                 f"s3: {' and '.join(foreign)} differ from the server's own, so the request must bring its"
                 " own access_key_id and secret_access_key (the server's keys are only used with its own"
-                " bucket and endpoint)")
+                " bucket and endpoint)"
+            )
         ak, sk = op.access_key_id, op.secret_access_key
-    missing = [name for name, v in (("bucket_name", bucket), ("access_key_id", ak), ("secret_access_key", sk))
-               if not v]
+    missing = [
+        name
+        for name, v in (("bucket_name", bucket), ("access_key_id", ak), ("secret_access_key", sk))
+        if not v
+    ]
     if missing:
-        raise S3ConfigError(f"s3: no {', '.join(missing)} in the request and none configured on the server")
+        raise S3ConfigError(
+            f"s3: no {', '.join(missing)} in the request and none configured on the server"
+        )
     timeout = req.get("connect_timeout")
     attempts = req.get("connect_attempts")
     return S3Target(
-        bucket=bucket, endpoint_url=endpoint, region=str(req.get("region") or op.region or ""),
-        access_key_id=ak, secret_access_key=sk, operator_endpoint=endpoint == op_endpoint,
-        connect_timeout=float(timeout) if isinstance(timeout, int | float) and timeout > 0 else op.connect_timeout,
+        bucket=bucket,
+        endpoint_url=endpoint,
+        region=str(req.get("region") or op.region or ""),
+        access_key_id=ak,
+        secret_access_key=sk,
+        operator_endpoint=endpoint == op_endpoint,
+        connect_timeout=float(timeout)
+        if isinstance(timeout, int | float) and timeout > 0
+        else op.connect_timeout,
         attempts=int(attempts) if isinstance(attempts, int) and attempts > 0 else op.attempts,
     )
 
@@ -152,18 +170,29 @@ class S3Uploader:
     def __init__(self, settings: S3Settings, guard: AddressGuard | None = None) -> None:
         self.settings = settings
         self.guard = guard or AddressGuard()
-        self._session: Any = None  # aioboto3 is imported on first use: it adds ~15 MB to an idle server
+        self._session: Any = (
+            None  # aioboto3 is imported on first use: it adds ~15 MB to an idle server
+        )
 
     @classmethod
     def from_settings(cls, settings: Any, guard: AddressGuard | None = None) -> S3Uploader:
         """Built from comfyq's Settings (``s3_*`` fields)."""
-        return cls(S3Settings(
-            access_key_id=settings.s3_access_key_id, secret_access_key=settings.s3_secret_access_key,
-            bucket=settings.s3_bucket_name, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region,
-            prefix=settings.s3_prefix, presign_expiry=settings.s3_presign_expiry,
-        ), guard)
+        return cls(
+            S3Settings(
+                access_key_id=settings.s3_access_key_id,
+                secret_access_key=settings.s3_secret_access_key,
+                bucket=settings.s3_bucket_name,
+                endpoint_url=settings.s3_endpoint_url,
+                region=settings.s3_region,
+                prefix=settings.s3_prefix,
+                presign_expiry=settings.s3_presign_expiry,
+            ),
+            guard,
+        )
 
-    def target(self, request: dict[str, Any] | None, keys: dict[str, Any] | None) -> S3Target | None:
+    def target(
+        self, request: dict[str, Any] | None, keys: dict[str, Any] | None
+    ) -> S3Target | None:
         return resolve(request, keys, self.settings)
 
     def key_for(self, job_id: str, filename: str) -> str:
@@ -189,20 +218,27 @@ class S3Uploader:
         if self._session is None:
             self._session = aioboto3.Session()
         cfg = AioConfig(
-            connect_timeout=target.connect_timeout, read_timeout=self.settings.read_timeout,
+            connect_timeout=target.connect_timeout,
+            read_timeout=self.settings.read_timeout,
             signature_version="s3v4",  # presigned URLs too (SigV2 is refused by newer AWS regions)
             retries={"total_max_attempts": max(1, target.attempts), "mode": "standard"},
             # Custom endpoints (MinIO, R2, moto...) rarely resolve bucket subdomains.
             s3={"addressing_style": "path"} if target.endpoint_url else None,
-            request_checksum_calculation="when_required", response_checksum_validation="when_required",
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
         )
         return self._session.client(
-            "s3", endpoint_url=target.endpoint_url or None, region_name=target.region or None,
-            aws_access_key_id=target.access_key_id, aws_secret_access_key=target.secret_access_key,
+            "s3",
+            endpoint_url=target.endpoint_url or None,
+            region_name=target.region or None,
+            aws_access_key_id=target.access_key_id,
+            aws_secret_access_key=target.secret_access_key,
             config=cfg,
         )
 
-    async def upload_all(self, target: S3Target, job_id: str, files: list[LocalFile]) -> list[Upload]:
+    async def upload_all(
+        self, target: S3Target, job_id: str, files: list[LocalFile]
+    ) -> list[Upload]:
         """Upload every file (a few at a time); one :class:`Upload` per file, in order."""
         results = [Upload(self.key_for(job_id, f.name)) for f in files]
         if not files:
@@ -216,21 +252,37 @@ class S3Uploader:
                         try:
                             res.skipped = await self._upload(client, target.bucket, res.key, f)
                             res.url = await client.generate_presigned_url(
-                                "get_object", Params={"Bucket": target.bucket, "Key": res.key},
-                                ExpiresIn=self.settings.presign_expiry)
+                                "get_object",
+                                Params={"Bucket": target.bucket, "Key": res.key},
+                                ExpiresIn=self.settings.presign_expiry,
+                            )
                             # Never the presigned URL: its query string is a credential.
-                            log.debug("job %s: %s %s to s3://%s/%s (%d bytes)", job_id,
-                                      "found" if res.skipped else "uploaded", f.name, target.bucket, res.key,
-                                      f.size)
+                            log.debug(
+                                "job %s: %s %s to s3://%s/%s (%d bytes)",
+                                job_id,
+                                "found" if res.skipped else "uploaded",
+                                f.name,
+                                target.bucket,
+                                res.key,
+                                f.size,
+                            )
                         except Exception as exc:  # noqa: BLE001 - one file's failure is that output's upload_error
                             res.error = _describe(exc)
-                            log.warning("job %s: upload of %s failed: %s", job_id, f.name, res.error)
+                            log.warning(
+                                "job %s: upload of %s failed: %s", job_id, f.name, res.error
+                            )
 
                 await asyncio.gather(*(one(f, r) for f, r in zip(files, results, strict=True)))
                 done = [r for r in results if r.url is not None]
                 if done:
-                    log.info("job %s: %d of %d output(s) in s3://%s/%s", job_id, len(done), len(files),
-                             target.bucket, done[0].key.rsplit("/", 1)[0] + "/")
+                    log.info(
+                        "job %s: %d of %d output(s) in s3://%s/%s",
+                        job_id,
+                        len(done),
+                        len(files),
+                        target.bucket,
+                        done[0].key.rsplit("/", 1)[0] + "/",
+                    )
         except (*_boto_errors(), ValueError) as exc:  # the client itself could not be made
             for r in results:
                 r.error = r.error or f"S3 client: {_describe(exc)}"
@@ -244,28 +296,36 @@ class S3Uploader:
         meta = {"sha256": f.sha256}
         if f.size < self.settings.multipart_threshold:
             body = await asyncio.to_thread(f.path.read_bytes)
-            await client.put_object(Bucket=bucket, Key=key, Body=body, ContentType=f.mimetype, Metadata=meta)
+            await client.put_object(
+                Bucket=bucket, Key=key, Body=body, ContentType=f.mimetype, Metadata=meta
+            )
             return False
-        created = await client.create_multipart_upload(Bucket=bucket, Key=key, ContentType=f.mimetype,
-                                                       Metadata=meta)
+        created = await client.create_multipart_upload(
+            Bucket=bucket, Key=key, ContentType=f.mimetype, Metadata=meta
+        )
         upload_id = created["UploadId"]
         try:
             parts = await self._parts(client, bucket, key, upload_id, f)
             await client.complete_multipart_upload(
-                Bucket=bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts})
+                Bucket=bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
+            )
         except BaseException:
             with suppress(Exception):  # best effort: a lifecycle rule cleans up what this misses
                 await client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
             raise
         return False
 
-    async def _parts(self, client: Any, bucket: str, key: str, upload_id: str, f: LocalFile) -> list[dict[str, Any]]:
+    async def _parts(
+        self, client: Any, bucket: str, key: str, upload_id: str, f: LocalFile
+    ) -> list[dict[str, Any]]:
         part_size = max(self.settings.part_size, math.ceil(f.size / MAX_PARTS))
         done: list[dict[str, Any]] = []
         inflight: set[asyncio.Task[None]] = set()
 
         async def send(number: int, chunk: bytes) -> None:
-            r = await client.upload_part(Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=chunk)
+            r = await client.upload_part(
+                Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=chunk
+            )
             done.append({"PartNumber": number, "ETag": r["ETag"]})
 
         try:
@@ -275,7 +335,9 @@ class S3Uploader:
                     number += 1
                     # At most part_concurrency parts in memory besides the one just read.
                     while len(inflight) >= self.settings.part_concurrency:
-                        finished, inflight = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
+                        finished, inflight = await asyncio.wait(
+                            inflight, return_when=asyncio.FIRST_COMPLETED
+                        )
                         for t in finished:
                             t.result()
                     inflight.add(asyncio.create_task(send(number, chunk)))
@@ -296,7 +358,10 @@ class S3Uploader:
             head = await client.head_object(Bucket=bucket, Key=key)
         except _boto_errors()[1]:
             return False  # absent, or no permission to look: upload
-        return bool(head.get("ContentLength") == f.size and (head.get("Metadata") or {}).get("sha256") == f.sha256)
+        return bool(
+            head.get("ContentLength") == f.size
+            and (head.get("Metadata") or {}).get("sha256") == f.sha256
+        )
 
 
 def _boto_errors() -> tuple[type[Exception], type[Exception]]:

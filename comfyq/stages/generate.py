@@ -48,8 +48,11 @@ class Generate:
                 await be.client.upload(Path(item["path"]), item["name"], overwrite=True)
             prompt_id = str(uuid.uuid4())
             # Durable before the request goes out: a crash from here on reconciles, never re-runs blindly.
-            await ctx.update(comfy_prompt_id=prompt_id, comfy_backend=be.url,
-                             message=f"Generation started (ComfyUI job: {prompt_id})")
+            await ctx.update(
+                comfy_prompt_id=prompt_id,
+                comfy_backend=be.url,
+                message=f"Generation started (ComfyUI job: {prompt_id})",
+            )
             try:
                 submitted = await be.client.submit(workflow, prompt_id)
             except asyncio.CancelledError:
@@ -58,11 +61,19 @@ class Generate:
             if submitted.prompt_id != prompt_id:  # an old ComfyUI that picks its own ids
                 prompt_id = submitted.prompt_id
                 await ctx.update(comfy_prompt_id=prompt_id)
-            log.info("job %s: prompt %s submitted to %s", job.id, prompt_id, be.display_url,
-                     extra={"prompt_id": prompt_id, "backend": be.display_url})
+            log.info(
+                "job %s: prompt %s submitted to %s",
+                job.id,
+                prompt_id,
+                be.display_url,
+                extra={"prompt_id": prompt_id, "backend": be.display_url},
+            )
             if submitted.node_errors:
-                warn = {"type": "partial_node_errors", "message": "ComfyUI skipped outputs that failed validation",
-                        "node_errors": submitted.node_errors}
+                warn = {
+                    "type": "partial_node_errors",
+                    "message": "ComfyUI skipped outputs that failed validation",
+                    "node_errors": submitted.node_errors,
+                }
                 await ctx.update(result={"warnings": [warn]})
             run = await self._follow(be, prompt_id, workflow, ctx)
         return _done(run, ctx.job)
@@ -80,8 +91,14 @@ class Generate:
             where, entry = await be.client.locate(prompt_id)
         except ComfyUIUnreachable:
             raise
-        log.info("job %s: prompt %s is %s on %s", job.id, prompt_id, where, shown,
-                 extra={"prompt_id": prompt_id, "backend": shown})
+        log.info(
+            "job %s: prompt %s is %s on %s",
+            job.id,
+            prompt_id,
+            where,
+            shown,
+            extra={"prompt_id": prompt_id, "backend": shown},
+        )
         if where == "done":
             return await self._from_history(be, entry, ctx)
         if where in ("pending", "running"):
@@ -92,8 +109,14 @@ class Generate:
         # or ComfyUI restarted while comfyq was down (a restart, which recover does not charge
         # either). Either way nothing of it runs anywhere: submit afresh within this attempt, so
         # that one attempt is one prompt.
-        log.warning("job %s: ComfyUI at %s does not know prompt %s (never got in, or ComfyUI restarted); "
-                    "submitting it again", job.id, shown, prompt_id, extra={"prompt_id": prompt_id})
+        log.warning(
+            "job %s: ComfyUI at %s does not know prompt %s (never got in, or ComfyUI restarted); "
+            "submitting it again",
+            job.id,
+            shown,
+            prompt_id,
+            extra={"prompt_id": prompt_id},
+        )
         await ctx.update(comfy_prompt_id=None, comfy_backend=None)
         return None
 
@@ -120,12 +143,22 @@ class Generate:
         except Exception as exc:  # the job ends either way; say why ComfyUI may still run it
             log.warning("job %s: could not stop prompt %s: %s", ctx.job.id, prompt_id, exc)
 
-    async def _follow(self, be: Backend, prompt_id: str, workflow: dict[str, Any], ctx: JobContext) -> Any:
+    async def _follow(
+        self, be: Backend, prompt_id: str, workflow: dict[str, Any], ctx: JobContext
+    ) -> Any:
         self._prompts[prompt_id] = ctx
         try:
-            run = await be.client.follow(prompt_id, workflow=workflow, on_event=lambda ev: _progress(ctx, ev))
-            log.debug("job %s: prompt %s finished on %s (%d output node(s), %d cached)", ctx.job.id, prompt_id,
-                      be.display_url, len(run.outputs or {}), len(run.cached_nodes or ()))
+            run = await be.client.follow(
+                prompt_id, workflow=workflow, on_event=lambda ev: _progress(ctx, ev)
+            )
+            log.debug(
+                "job %s: prompt %s finished on %s (%d output node(s), %d cached)",
+                ctx.job.id,
+                prompt_id,
+                be.display_url,
+                len(run.outputs or {}),
+                len(run.cached_nodes or ()),
+            )
             return run
         except asyncio.CancelledError:
             await self._stop_prompt(be, prompt_id, ctx)
@@ -146,15 +179,26 @@ class Generate:
 def _progress(ctx: JobContext, ev: LiveEvent) -> None:
     if ev.kind == "progress" and ev.max:
         value = ev.value or 0
-        ctx.progress({"node": ev.node, "node_type": ev.node_type, "value": value, "max": ev.max,
-                      "percent": round(100.0 * value / ev.max, 1)})
+        ctx.progress(
+            {
+                "node": ev.node,
+                "node_type": ev.node_type,
+                "value": value,
+                "max": ev.max,
+                "percent": round(100.0 * value / ev.max, 1),
+            }
+        )
     elif ev.kind == "executing" and ev.node is not None:
-        ctx.progress({"node": ev.node, "node_type": ev.node_type, "value": 0, "max": 1, "percent": 0.0})
+        ctx.progress(
+            {"node": ev.node, "node_type": ev.node_type, "value": 0, "max": 1, "percent": 0.0}
+        )
     elif ev.kind in ("execution_start", "execution_cached"):
         ctx.live(ev.kind, {"nodes": (ev.data or {}).get("nodes", [])})
 
 
 def _done(run: Any, job: Job) -> StageDone:
     result = dict(job.result or {})
-    result.update({"outputs": run.outputs, "cached_nodes": list(run.cached_nodes), "prompt_id": run.prompt_id})
+    result.update(
+        {"outputs": run.outputs, "cached_nodes": list(run.cached_nodes), "prompt_id": run.prompt_id}
+    )
     return StageDone("Generation complete. Queued for post-processing.", {"result": result})

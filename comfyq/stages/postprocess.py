@@ -22,8 +22,14 @@ from comfyq.store import Job
 
 
 class Postprocess:
-    def __init__(self, pool: BackendPool, output_dir: Path, *, uploader: S3Uploader | None = None,
-                 fail_on_upload_error: bool = False) -> None:
+    def __init__(
+        self,
+        pool: BackendPool,
+        output_dir: Path,
+        *,
+        uploader: S3Uploader | None = None,
+        fail_on_upload_error: bool = False,
+    ) -> None:
         self.pool = pool
         self.output_dir = output_dir
         self.uploader = uploader
@@ -45,8 +51,11 @@ class Postprocess:
         if not warnings:
             return StageDone("Processing complete.", outputs=rows)
         result["warnings"] = [*(result.get("warnings") or []), *warnings]
-        return StageDone(f"Processing complete with {len(warnings)} warning(s).", fields={"result": result},
-                         outputs=rows)
+        return StageDone(
+            f"Processing complete with {len(warnings)} warning(s).",
+            fields={"result": result},
+            outputs=rows,
+        )
 
     async def _collect(self, job: Job, result: dict[str, Any]) -> list[dict[str, Any]]:
         items = list_outputs(result.get("outputs") or {})
@@ -61,18 +70,31 @@ class Postprocess:
                 await asyncio.to_thread(_write_text, dest, item.text)
             else:
                 if be is None:
-                    raise ComfyUIUnreachable(f"backend {job.comfy_backend} is not configured any more")
+                    raise ComfyUIUnreachable(
+                        f"backend {job.comfy_backend} is not configured any more"
+                    )
                 await be.client.download(item.filename, item.subfolder, item.comfy_type, dest)
             sha, size, mime = await describe(dest)
-            rows.append({
-                "filename": name, "node_id": item.node_id, "output_type": item.output_type,
-                "comfy_type": item.comfy_type, "subfolder": item.subfolder, "mimetype": mime,
-                "size": size, "sha256": sha, "local_path": str(dest),
-                "url": f"/outputs/{job.id}/{name}", "upload_error": None,
-            })
+            rows.append(
+                {
+                    "filename": name,
+                    "node_id": item.node_id,
+                    "output_type": item.output_type,
+                    "comfy_type": item.comfy_type,
+                    "subfolder": item.subfolder,
+                    "mimetype": mime,
+                    "size": size,
+                    "sha256": sha,
+                    "local_path": str(dest),
+                    "url": f"/outputs/{job.id}/{name}",
+                    "upload_error": None,
+                }
+            )
         return rows
 
-    async def _upload(self, job: Job, ctx: JobContext, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    async def _upload(
+        self, job: Job, ctx: JobContext, rows: list[dict[str, Any]]
+    ) -> list[dict[str, Any]]:
         """Upload the rows' files; set url or upload_error on each; return one warning per failure."""
         assert self.uploader is not None
         inp = (job.payload or {}).get("input") or {}
@@ -80,7 +102,9 @@ class Postprocess:
             return []  # nowhere to upload: no request block, no operator bucket
         try:
             # The request's keys live in job_secrets until the job ends; read them only here.
-            target = self.uploader.target(inp.get("s3"), (await ctx.store.secrets(job.id)).get("s3"))
+            target = self.uploader.target(
+                inp.get("s3"), (await ctx.store.secrets(job.id)).get("s3")
+            )
             if target is None:
                 return []
             await self.uploader.check_endpoint(target)
@@ -88,15 +112,24 @@ class Postprocess:
             for row in rows:
                 row["upload_error"] = exc.message
         else:
-            files = [LocalFile(r["filename"], Path(r["local_path"]), r["mimetype"], r["size"], r["sha256"])
-                     for r in rows]
-            for row, up in zip(rows, await self.uploader.upload_all(target, job.id, files), strict=True):
+            files = [
+                LocalFile(
+                    r["filename"], Path(r["local_path"]), r["mimetype"], r["size"], r["sha256"]
+                )
+                for r in rows
+            ]
+            for row, up in zip(
+                rows, await self.uploader.upload_all(target, job.id, files), strict=True
+            ):
                 if up.url is not None:
                     row["url"] = up.url
                 else:
                     row["upload_error"] = up.error or "upload failed"
-        return [{"type": "upload_error", "filename": r["filename"], "message": r["upload_error"]}
-                for r in rows if r["upload_error"]]
+        return [
+            {"type": "upload_error", "filename": r["filename"], "message": r["upload_error"]}
+            for r in rows
+            if r["upload_error"]
+        ]
 
 
 def _write_text(dest: Path, text: str) -> None:

@@ -19,7 +19,10 @@ class Preprocess:
 
     async def __call__(self, job: Job, ctx: JobContext) -> StageDone:
         prepared = await prepare_job(
-            job.payload.get("input", job.payload), job.id, registry=self.registry, downloader=self.downloader
+            job.payload.get("input", job.payload),
+            job.id,
+            registry=self.registry,
+            downloader=self.downloader,
         )
         inputs: list[dict[str, Any]] = []
         for item in prepared.inputs:

@@ -140,13 +140,18 @@ class StageRunner:
             # Take the waiters out of the queue for the claim: while it is awaited, a hand-off
             # must not give one of them a job as well, which would leave a claimed job with no
             # worker (released again: an extra commit and event per job).
-            taken = deque(f for f in (self._waiters.popleft() for _ in range(len(self._waiters)))
-                          if not f.done())
+            taken = deque(
+                f
+                for f in (self._waiters.popleft() for _ in range(len(self._waiters)))
+                if not f.done()
+            )
             want = len(taken)
             if not want:
                 continue
             try:
-                jobs = await self.p.store.claim(self.name, want, self.p.cfg.lease, CLAIM_MESSAGES[self.name])
+                jobs = await self.p.store.claim(
+                    self.name, want, self.p.cfg.lease, CLAIM_MESSAGES[self.name]
+                )
                 for job in jobs:
                     while taken and taken[0].done():
                         taken.popleft()
@@ -222,7 +227,9 @@ class Pipeline:
         self.bus = bus
         self.clock = store.clock
         self.cfg = cfg or RunnerConfig()
-        self.stages = {name: StageRunner(name, workers[name], h, self) for name, h in handlers.items()}
+        self.stages = {
+            name: StageRunner(name, workers[name], h, self) for name, h in handlers.items()
+        }
         self.running: dict[str, _Running] = {}
         self._tasks: list[asyncio.Task[Any]] = []
         self.on_cleanup: list[Callable[[Job, str], Awaitable[None]]] = []
@@ -269,8 +276,10 @@ class Pipeline:
                 w.cancel()
 
     def health(self) -> dict[str, dict[str, int]]:
-        return {n: {"workers": st.size, "alive": st.alive, "busy": st.busy, "crashes": st.crashes}
-                for n, st in self.stages.items()}
+        return {
+            n: {"workers": st.size, "alive": st.alive, "busy": st.busy, "crashes": st.crashes}
+            for n, st in self.stages.items()
+        }
 
     # --- cancellation ------------------------------------------------------------------------
 
@@ -337,10 +346,21 @@ class Pipeline:
                 await self.store.advance(job.id, done.message, done.fields, done.outputs)
                 return
             assert nxt is not None
-            trs = await self.store.advance_and_claim(job.id, done.message, done.fields, self.cfg.lease,
-                                                     CLAIM_MESSAGES[nxt.name], done.outputs)
+            trs = await self.store.advance_and_claim(
+                job.id,
+                done.message,
+                done.fields,
+                self.cfg.lease,
+                CLAIM_MESSAGES[nxt.name],
+                done.outputs,
+            )
         except LeaseLost:
-            log.warning("job %s: lease lost before its %s result could be saved", job.id, job.stage, extra={"job_id": job.id})
+            log.warning(
+                "job %s: lease lost before its %s result could be saved",
+                job.id,
+                job.stage,
+                extra={"job_id": job.id},
+            )
             trs = []
         except BaseException:
             if waiter is not None and nxt is not None:
@@ -355,32 +375,64 @@ class Pipeline:
         else:
             waiter.set_result(claimed)
 
-    async def _settle(self, job: Job, ctx: JobContext, inner: asyncio.Task[Any], stage: StageRunner) -> None:
+    async def _settle(
+        self, job: Job, ctx: JobContext, inner: asyncio.Task[Any], stage: StageRunner
+    ) -> None:
         """Record how a handler that did not return normally ended."""
         exc = None if inner.cancelled() or not inner.done() else inner.exception()
         reason = ctx.cancel_reason
         try:
-            if exc is None and reason in ("shutdown", None):  # cancelled by shutdown, or from outside
+            if exc is None and reason in (
+                "shutdown",
+                None,
+            ):  # cancelled by shutdown, or from outside
                 await self.store.release(job.id, "Interrupted by shutdown; will resume")
             elif exc is None and reason == "cancel":
-                await self.store.finish(job.id, "cancelled", "Request cancelled by client",
-                                        error={"type": "cancelled", "message": "Request cancelled by client"})
+                await self.store.finish(
+                    job.id,
+                    "cancelled",
+                    "Request cancelled by client",
+                    error={"type": "cancelled", "message": "Request cancelled by client"},
+                )
             elif exc is None and reason == "timeout":
-                await self.store.finish(job.id, "failed", "Job timed out",
-                                        error={"type": "timeout", "message": "job deadline passed"})
+                await self.store.finish(
+                    job.id,
+                    "failed",
+                    "Job timed out",
+                    error={"type": "timeout", "message": "job deadline passed"},
+                )
             elif isinstance(exc, JobError) and exc.retryable and reason is None:
                 delay = self.backoff(job.attempts)
-                log.info("job %s: %s in %s (attempt %d): %s", job.id, exc.type, job.stage, job.attempts, exc.message, extra={"job_id": job.id})
+                log.info(
+                    "job %s: %s in %s (attempt %d): %s",
+                    job.id,
+                    exc.type,
+                    job.stage,
+                    job.attempts,
+                    exc.message,
+                    extra={"job_id": job.id},
+                )
                 await self.store.retry_later(job.id, delay, exc.to_dict())
             elif isinstance(exc, ComfyqError):
-                await self.store.finish(job.id, "failed", _fail_message(job.stage, exc.message),
-                                        error=exc.to_dict())
+                await self.store.finish(
+                    job.id, "failed", _fail_message(job.stage, exc.message), error=exc.to_dict()
+                )
             elif exc is not None:
-                log.error("job %s: unexpected error in %s", job.id, job.stage, exc_info=exc, extra={"job_id": job.id})
+                log.error(
+                    "job %s: unexpected error in %s",
+                    job.id,
+                    job.stage,
+                    exc_info=exc,
+                    extra={"job_id": job.id},
+                )
                 err = {"type": "internal_error", "message": f"{type(exc).__name__}: {exc}"}
-                await self.store.finish(job.id, "failed", _fail_message(job.stage, err["message"]), error=err)
+                await self.store.finish(
+                    job.id, "failed", _fail_message(job.stage, err["message"]), error=err
+                )
         except LeaseLost:
-            log.warning("job %s: lease lost while recording its outcome", job.id, extra={"job_id": job.id})
+            log.warning(
+                "job %s: lease lost while recording its outcome", job.id, extra={"job_id": job.id}
+            )
         for fn in self.on_cleanup:
             try:
                 await fn(job, reason or ("error" if exc else "done"))
@@ -415,5 +467,9 @@ class Pipeline:
 
 
 def _fail_message(stage: str, message: str) -> str:
-    what = {"preprocess": "Preprocessing", "generate": "Generation", "postprocess": "Post-processing"}
+    what = {
+        "preprocess": "Preprocessing",
+        "generate": "Generation",
+        "postprocess": "Post-processing",
+    }
     return f"{what.get(stage, stage)} failed: {message}"

@@ -135,27 +135,57 @@ class JobStore:
         self._notify([tr])
         return tr
 
-    async def advance(self, job_id: str, message: str, fields: dict[str, Any] | None = None,
-                      outputs: list[dict[str, Any]] | None = None) -> Transition:
+    async def advance(
+        self,
+        job_id: str,
+        message: str,
+        fields: dict[str, Any] | None = None,
+        outputs: list[dict[str, Any]] | None = None,
+    ) -> Transition:
         """Finish this process's stage of a job: next stage, or completed after postprocess."""
-        return await self._one(ops.advance, job_id, self.owner, self.clock.now(), message, fields, outputs)
+        return await self._one(
+            ops.advance, job_id, self.owner, self.clock.now(), message, fields, outputs
+        )
 
-    async def advance_and_claim(self, job_id: str, message: str, fields: dict[str, Any] | None,
-                                lease: float, claim_message: str,
-                                outputs: list[dict[str, Any]] | None = None) -> list[Transition]:
+    async def advance_and_claim(
+        self,
+        job_id: str,
+        message: str,
+        fields: dict[str, Any] | None,
+        lease: float,
+        claim_message: str,
+        outputs: list[dict[str, Any]] | None = None,
+    ) -> list[Transition]:
         """Advance a job and claim it for its next stage in one commit (see ops.advance_and_claim)."""
         trs: list[Transition] = await self._write(
-            ops.advance_and_claim, job_id, self.owner, self.clock.now(), message, fields, lease, claim_message,
-            outputs)
+            ops.advance_and_claim,
+            job_id,
+            self.owner,
+            self.clock.now(),
+            message,
+            fields,
+            lease,
+            claim_message,
+            outputs,
+        )
         self._notify(trs)
         return trs
 
-    async def finish(self, job_id: str, state: str, message: str, *, error: dict[str, Any] | None = None,
-                     fields: dict[str, Any] | None = None) -> Transition:
+    async def finish(
+        self,
+        job_id: str,
+        state: str,
+        message: str,
+        *,
+        error: dict[str, Any] | None = None,
+        fields: dict[str, Any] | None = None,
+    ) -> Transition:
         """End a job this process holds as completed, failed or cancelled."""
         return await self._one(
-            lambda c: ops.finish(c, job_id, self.owner, self.clock.now(), state, message,
-                                 error=error, fields=fields))
+            lambda c: ops.finish(
+                c, job_id, self.owner, self.clock.now(), state, message, error=error, fields=fields
+            )
+        )
 
     async def retry_later(self, job_id: str, delay: float, error: dict[str, Any]) -> Transition:
         return await self._one(ops.retry_later, job_id, self.owner, self.clock.now(), delay, error)
@@ -198,6 +228,7 @@ class JobStore:
 
     async def checkpoint(self) -> tuple[int, int, int]:
         """Checkpoint the WAL (TRUNCATE) so it cannot grow without bound."""
+
         def run(conn: sqlite3.Connection) -> tuple[int, int, int]:
             row = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
             return (row[0], row[1], row[2])
@@ -228,11 +259,18 @@ class JobStore:
 
     async def events(self, job_id: str, after: int = 0) -> list[dict[str, Any]]:
         """The job's event rows after event id ``after``, oldest first."""
-        rows = await self._rows("SELECT * FROM job_events WHERE job_id = ? AND id > ? ORDER BY id", (job_id, after))
+        rows = await self._rows(
+            "SELECT * FROM job_events WHERE job_id = ? AND id > ? ORDER BY id", (job_id, after)
+        )
         return [{**dict(r), "data": loads(r["data"])} for r in rows]
 
-    async def list(self, *, states: list[str] | None = None, limit: int = 50,
-                   cursor: tuple[str, str] | None = None) -> list[Job]:
+    async def list(
+        self,
+        *,
+        states: list[str] | None = None,
+        limit: int = 50,
+        cursor: tuple[str, str] | None = None,
+    ) -> list[Job]:
         """Jobs newest first; ``cursor`` = (created_at, id) of the last job of the previous page."""
         where, params = [], []
         if states:
@@ -266,7 +304,9 @@ class JobStore:
         )
         return ahead + 1, size
 
-    async def recent_timings(self, kind: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+    async def recent_timings(
+        self, kind: str | None = None, limit: int = 50
+    ) -> list[dict[str, Any]]:
         """Timings of recently completed jobs (of one kind when given), newest first."""
         sql = "SELECT timings FROM jobs WHERE state = 'completed'"
         params: list[Any] = []
@@ -281,7 +321,12 @@ class JobStore:
 
     async def outputs(self, job_id: str) -> list[dict[str, Any]]:
         """The job's output rows, in the order they were recorded."""
-        return [dict(r) for r in await self._rows("SELECT * FROM outputs WHERE job_id = ? ORDER BY id", (job_id,))]
+        return [
+            dict(r)
+            for r in await self._rows(
+                "SELECT * FROM outputs WHERE job_id = ? ORDER BY id", (job_id,)
+            )
+        ]
 
     async def secrets(self, job_id: str) -> dict[str, Any]:
         rows = await self._rows("SELECT data FROM job_secrets WHERE job_id = ?", (job_id,))
@@ -290,12 +335,16 @@ class JobStore:
     async def cancel_requested(self) -> list[str]:
         """Ids of jobs this process runs that someone (CLI, another connection) asked to cancel."""
         rows = await self._rows(
-            "SELECT id FROM jobs WHERE state = 'running' AND lease_owner = ? AND cancel_requested = 1", (self.owner,))
+            "SELECT id FROM jobs WHERE state = 'running' AND lease_owner = ? AND cancel_requested = 1",
+            (self.owner,),
+        )
         return [r[0] for r in rows]
 
     async def next_run_after(self, stage: str) -> str | None:
         """The earliest ``run_after`` among waiting jobs of ``stage`` (for retry timers)."""
-        rows = await self._rows("SELECT min(run_after) FROM jobs WHERE state = 'pending' AND stage = ?", (stage,))
+        rows = await self._rows(
+            "SELECT min(run_after) FROM jobs WHERE state = 'pending' AND stage = ?", (stage,)
+        )
         return rows[0][0] if rows else None
 
     def now_iso(self) -> str:

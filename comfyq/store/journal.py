@@ -44,9 +44,20 @@ def event(
     cur = conn.execute(
         "INSERT INTO job_events (job_id, at, from_state, to_state, stage, attempt, message, data)"
         " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        (job.id, at, from_state, state, stage, attempts, message, None if data is None else dumps(data)),
+        (
+            job.id,
+            at,
+            from_state,
+            state,
+            stage,
+            attempts,
+            message,
+            None if data is None else dumps(data),
+        ),
     )
-    return Transition(cur.lastrowid or 0, job.id, from_state, state, stage, attempts, message, at, data, job)
+    return Transition(
+        cur.lastrowid or 0, job.id, from_state, state, stage, attempts, message, at, data, job
+    )
 
 
 def events(conn: sqlite3.Connection, items: list[tuple[Job, str | None, str]]) -> list[Transition]:
@@ -57,10 +68,13 @@ def events(conn: sqlite3.Connection, items: list[tuple[Job, str | None, str]]) -
     rows = [(j.id, j.updated_at, f, j.state, j.stage, j.attempts, m) for j, f, m in items]
     cur = conn.execute(
         "INSERT INTO job_events (job_id, at, from_state, to_state, stage, attempt, message) VALUES "
-        + ", ".join(["(?, ?, ?, ?, ?, ?, ?)"] * len(rows)) + " RETURNING id, job_id, to_state",
+        + ", ".join(["(?, ?, ?, ?, ?, ?, ?)"] * len(rows))
+        + " RETURNING id, job_id, to_state",
         [v for r in rows for v in r],
     )
     # RETURNING gives no order guarantee: match ids to rows by (job id, state), unique here.
     ids = {(job_id, state): event_id for event_id, job_id, state in cur.fetchall()}
-    return [Transition(ids[(r[0], r[3])], r[0], r[2], r[3], r[4], r[5], r[6], r[1], None, j)
-            for r, (j, _, _) in zip(rows, items, strict=True)]
+    return [
+        Transition(ids[(r[0], r[3])], r[0], r[2], r[3], r[4], r[5], r[6], r[1], None, j)
+        for r, (j, _, _) in zip(rows, items, strict=True)
+    ]

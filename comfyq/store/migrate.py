@@ -56,7 +56,9 @@ def load(directory: Path | None = None) -> list[Migration]:
     return out
 
 
-def apply(conn: sqlite3.Connection, *, clock: Clock | None = None, directory: Path | None = None) -> list[int]:
+def apply(
+    conn: sqlite3.Connection, *, clock: Clock | None = None, directory: Path | None = None
+) -> list[int]:
     """Apply every pending migration, each in its own transaction; return the versions applied."""
     clock = clock or Clock()
     conn.execute(
@@ -79,7 +81,9 @@ def apply(conn: sqlite3.Connection, *, clock: Clock | None = None, directory: Pa
     for m in files:
         if m.version in done:
             if done[m.version] != m.checksum:
-                raise MigrationError(f"migration {m.version:04d}_{m.name}.sql was edited after it was applied")
+                raise MigrationError(
+                    f"migration {m.version:04d}_{m.name}.sql was edited after it was applied"
+                )
             continue
         conn.execute("BEGIN IMMEDIATE")
         try:

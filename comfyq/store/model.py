@@ -38,12 +38,34 @@ def status_of(state: str, stage: str) -> str:
 
 
 _JSON_COLS = ("payload", "prepared", "result", "error", "timings")
-_PLAIN_COLS = ("id", "state", "stage", "priority", "attempts", "max_attempts", "message", "kind", "payload_hash",
-               "lease_owner", "lease_expires_at", "run_after", "deadline_at", "comfy_prompt_id", "comfy_backend",
-               "created_at", "updated_at", "stage_entered_at", "finished_at")
+_PLAIN_COLS = (
+    "id",
+    "state",
+    "stage",
+    "priority",
+    "attempts",
+    "max_attempts",
+    "message",
+    "kind",
+    "payload_hash",
+    "lease_owner",
+    "lease_expires_at",
+    "run_after",
+    "deadline_at",
+    "comfy_prompt_id",
+    "comfy_backend",
+    "created_at",
+    "updated_at",
+    "stage_entered_at",
+    "finished_at",
+)
 # Where from_row puts each column: plain columns in their own slot, JSON columns (decoded on first
 # use) and cancel_requested (a bool on read) in a private one behind a property.
-_SLOT = {**{c: c for c in _PLAIN_COLS}, **{c: f"_{c}" for c in _JSON_COLS}, "cancel_requested": "_cancel_requested"}
+_SLOT = {
+    **{c: c for c in _PLAIN_COLS},
+    **{c: f"_{c}" for c in _JSON_COLS},
+    "cancel_requested": "_cancel_requested",
+}
 
 
 _Builder = Callable[["Job", Any], None]
@@ -76,7 +98,13 @@ class Job:
     touches a few columns of rows whose workflows can be large). Columns a query did not select
     raise AttributeError, like any missing attribute."""
 
-    __slots__ = (*_PLAIN_COLS, *(f"_{c}" for c in _JSON_COLS), "_cancel_requested", "_decoded", "_extra")
+    __slots__ = (
+        *_PLAIN_COLS,
+        *(f"_{c}" for c in _JSON_COLS),
+        "_cancel_requested",
+        "_decoded",
+        "_extra",
+    )
 
     id: str
     state: str

@@ -38,12 +38,16 @@ def _existing(conn: sqlite3.Connection, new: NewJob) -> Job | None:
     if existing is not None and existing.payload_hash != new.payload_hash:
         raise Conflict(
             f"request_id {new.id!r} was already used with a different payload",
-            fields=[{"path": "$.input.request_id", "message": "already used with a different payload"}],
+            fields=[
+                {"path": "$.input.request_id", "message": "already used with a different payload"}
+            ],
         )
     return existing
 
 
-def create(conn: sqlite3.Connection, new: NewJob, now: float, max_queue: int) -> tuple[Job, Transition | None]:
+def create(
+    conn: sqlite3.Connection, new: NewJob, now: float, max_queue: int
+) -> tuple[Job, Transition | None]:
     """Insert a job (or return the existing one with the same id and payload)."""
     t = _iso(now)
     # One statement in the usual case: the queue limit is checked by the INSERT itself. Nothing
@@ -55,18 +59,32 @@ def create(conn: sqlite3.Connection, new: NewJob, now: float, max_queue: int) ->
         " SELECT :id, :priority, :max_attempts, :kind, :payload, :hash, 'Request accepted', :now,"
         " :deadline, :now, :now, :now WHERE (SELECT unfinished FROM queue_stats WHERE id = 1) < :max"
         " ON CONFLICT (id) DO NOTHING RETURNING *",
-        {"id": new.id, "priority": new.priority, "max_attempts": new.max_attempts, "kind": new.kind,
-         "payload": dumps(new.payload), "hash": new.payload_hash, "now": t,
-         "deadline": _iso(now + new.timeout), "max": max_queue},
+        {
+            "id": new.id,
+            "priority": new.priority,
+            "max_attempts": new.max_attempts,
+            "kind": new.kind,
+            "payload": dumps(new.payload),
+            "hash": new.payload_hash,
+            "now": t,
+            "deadline": _iso(now + new.timeout),
+            "max": max_queue,
+        },
     )
     if job is None:
-        existing = _existing(conn, new)  # a repeated request is answered even when the queue is full
+        existing = _existing(
+            conn, new
+        )  # a repeated request is answered even when the queue is full
         if existing is not None:
             return existing, None
         (waiting,) = conn.execute("SELECT unfinished FROM queue_stats WHERE id = 1").fetchone()
-        raise QueueFull(f"queue is full ({waiting} unfinished jobs, limit {max_queue}); retry shortly")
+        raise QueueFull(
+            f"queue is full ({waiting} unfinished jobs, limit {max_queue}); retry shortly"
+        )
     if new.secrets:
-        conn.execute("INSERT INTO job_secrets (job_id, data) VALUES (?, ?)", (new.id, dumps(new.secrets)))
+        conn.execute(
+            "INSERT INTO job_secrets (job_id, data) VALUES (?, ?)", (new.id, dumps(new.secrets))
+        )
     return job, _event(conn, job, None, "Request accepted")
 
 
@@ -75,17 +93,33 @@ def claim(
 ) -> list[Transition]:
     """Claim up to ``n`` claimable jobs of ``stage`` in one statement, by priority then age."""
     rows = conn.execute(
-        claim_sql(stage, "id IN (SELECT id FROM jobs WHERE state = 'pending' AND stage = :stage"
-                          " AND run_after <= :now ORDER BY priority DESC, created_at, id LIMIT :n)"),
-        {"owner": owner, "exp": _iso(now + lease), "now": _iso(now), "stage": stage, "n": n, "message": message},
+        claim_sql(
+            stage,
+            "id IN (SELECT id FROM jobs WHERE state = 'pending' AND stage = :stage"
+            " AND run_after <= :now ORDER BY priority DESC, created_at, id LIMIT :n)",
+        ),
+        {
+            "owner": owner,
+            "exp": _iso(now + lease),
+            "now": _iso(now),
+            "stage": stage,
+            "n": n,
+            "message": message,
+        },
     ).fetchall()
     jobs = sorted((Job.from_row(r) for r in rows), key=lambda j: (-j.priority, j.created_at, j.id))
     return _events(conn, [(j, "pending", message) for j in jobs]) if jobs else []
 
 
 def _guarded(
-    conn: sqlite3.Connection, job_id: str, owner: str | None, sets: str, params: dict[str, Any],
-    *, from_states: tuple[str, ...] = ("running",), before: Job | None = None,
+    conn: sqlite3.Connection,
+    job_id: str,
+    owner: str | None,
+    sets: str,
+    params: dict[str, Any],
+    *,
+    from_states: tuple[str, ...] = ("running",),
+    before: Job | None = None,
 ) -> tuple[Job, str]:
     """Run a guarded UPDATE of one job; raise LeaseLost/IllegalTransition when it matched nothing."""
     before = before or get(conn, job_id)
@@ -99,8 +133,11 @@ def _guarded(
         raise IllegalTransition(f"job {job_id} is {before.state}")
     where = "id = :id AND state = :from_state" + (" AND lease_owner = :owner" if owner else "")
     try:
-        job = _one(conn, f"UPDATE jobs SET {sets} WHERE {where} RETURNING *",
-                   {**params, "id": job_id, "from_state": before.state, "owner": owner})
+        job = _one(
+            conn,
+            f"UPDATE jobs SET {sets} WHERE {where} RETURNING *",
+            {**params, "id": job_id, "from_state": before.state, "owner": owner},
+        )
     except sqlite3.IntegrityError as exc:
         raise IllegalTransition(f"job {job_id}: {exc}") from exc
     assert job is not None  # same transaction as the read above
@@ -108,8 +145,13 @@ def _guarded(
 
 
 def advance(
-    conn: sqlite3.Connection, job_id: str, owner: str, now: float, message: str,
-    fields: dict[str, Any] | None = None, outputs: list[dict[str, Any]] | None = None,
+    conn: sqlite3.Connection,
+    job_id: str,
+    owner: str,
+    now: float,
+    message: str,
+    fields: dict[str, Any] | None = None,
+    outputs: list[dict[str, Any]] | None = None,
 ) -> Transition:
     """End the job's current stage successfully: pending in the next stage, or completed."""
     for row in outputs or ():
@@ -133,21 +175,32 @@ def advance(
     extra, params = _field_sets(fields)
     params.update(now=_iso(now), message=message)
     if nxt is None:
-        return finish(conn, job_id, owner, now, "completed", message, fields=fields, current=current)
+        return finish(
+            conn, job_id, owner, now, "completed", message, fields=fields, current=current
+        )
     params["next"] = nxt
     job, prev = _guarded(
-        conn, job_id, owner,
+        conn,
+        job_id,
+        owner,
         "state = 'pending', stage = :next, lease_owner = NULL, lease_expires_at = NULL,"
         f" message = :message, updated_at = :now, run_after = :now,"
         f" timings = {add_timing(STAGE_KEY[current.stage])}, stage_entered_at = :now" + extra,
-        params, before=current,
+        params,
+        before=current,
     )
     return _event(conn, job, prev, message)
 
 
 def advance_and_claim(
-    conn: sqlite3.Connection, job_id: str, owner: str, now: float, message: str,
-    fields: dict[str, Any] | None, lease: float, claim_message: str,
+    conn: sqlite3.Connection,
+    job_id: str,
+    owner: str,
+    now: float,
+    message: str,
+    fields: dict[str, Any] | None,
+    lease: float,
+    claim_message: str,
     outputs: list[dict[str, Any]] | None = None,
 ) -> list[Transition]:
     """Finish a stage and, in the same transaction, claim the job for its next stage (hand-off to
@@ -161,22 +214,33 @@ def advance_and_claim(
         # Fast path: the stage's end and the next stage's claim in one UPDATE. The row passes
         # through 'pending' only inside this transaction, so nobody could have seen it there;
         # both events are written, with the same instant, as two separate statements would.
-        row = conn.execute(HAND_OFF + extra + HELD + " AND stage IN ('preprocess', 'generate') RETURNING *",
-                           params).fetchone()
+        row = conn.execute(
+            HAND_OFF + extra + HELD + " AND stage IN ('preprocess', 'generate') RETURNING *", params
+        ).fetchone()
         if row is not None:
             claimed = Job.from_row(row)
             waiting = Job.from_row(row)
             waiting.state, waiting.lease_owner, waiting.lease_expires_at = "pending", None, None
             waiting.message = message
-            return _events(conn, [(waiting, "running", message), (claimed, "pending", claim_message)])
+            return _events(
+                conn, [(waiting, "running", message), (claimed, "pending", claim_message)]
+            )
         outputs = None  # already written above
     done = advance(conn, job_id, owner, now, message, fields, outputs)
     if done.to_state != "pending":
         return [done]
     row = conn.execute(
-        claim_sql(done.stage, "id = :id AND state = 'pending' AND stage = :stage AND run_after <= :now"),
-        {"owner": owner, "exp": _iso(now + lease), "now": _iso(now), "stage": done.stage, "id": job_id,
-         "message": claim_message},
+        claim_sql(
+            done.stage, "id = :id AND state = 'pending' AND stage = :stage AND run_after <= :now"
+        ),
+        {
+            "owner": owner,
+            "exp": _iso(now + lease),
+            "now": _iso(now),
+            "stage": done.stage,
+            "id": job_id,
+            "message": claim_message,
+        },
     ).fetchone()
     if row is None:
         return [done]
@@ -184,32 +248,50 @@ def advance_and_claim(
 
 
 def finish(
-    conn: sqlite3.Connection, job_id: str, owner: str | None, now: float, state: str, message: str,
-    *, error: dict[str, Any] | None = None, fields: dict[str, Any] | None = None,
-    from_states: tuple[str, ...] = ("running",), current: Job | None = None,
+    conn: sqlite3.Connection,
+    job_id: str,
+    owner: str | None,
+    now: float,
+    state: str,
+    message: str,
+    *,
+    error: dict[str, Any] | None = None,
+    fields: dict[str, Any] | None = None,
+    from_states: tuple[str, ...] = ("running",),
+    current: Job | None = None,
 ) -> Transition:
     """Move the job to a terminal state (completed, failed, cancelled)."""
     current = current or get(conn, job_id)
     if current is None:
         raise NotFound(f"job {job_id} not found")
     extra, params = _field_sets(fields)
-    params.update(now=_iso(now), message=message, state=state,
-                  error=None if error is None else dumps(error))
+    params.update(
+        now=_iso(now), message=message, state=state, error=None if error is None else dumps(error)
+    )
     timing = add_timing(STAGE_KEY[current.stage]) if current.state == "running" else "timings"
     job, prev = _guarded(
-        conn, job_id, owner,
+        conn,
+        job_id,
+        owner,
         "state = :state, lease_owner = NULL, lease_expires_at = NULL, message = :message,"
         " updated_at = :now, finished_at = :now, error = :error, cancel_requested = 0,"
         f" timings = json_set({timing}, '$.total_ms', {ms_since('created_at', ':now')}),"
         " stage_entered_at = :now" + extra,
-        params, from_states=from_states, before=current,
+        params,
+        from_states=from_states,
+        before=current,
     )
     conn.execute("DELETE FROM job_secrets WHERE job_id = ?", (job_id,))
     return _event(conn, job, prev, message, error and {"error": error})
 
 
 def retry_later(
-    conn: sqlite3.Connection, job_id: str, owner: str, now: float, delay: float, error: dict[str, Any]
+    conn: sqlite3.Connection,
+    job_id: str,
+    owner: str,
+    now: float,
+    delay: float,
+    error: dict[str, Any],
 ) -> Transition:
     """A retryable failure: back to pending in the same stage after ``delay``, or failed when spent."""
     current = get(conn, job_id)
@@ -222,38 +304,51 @@ def retry_later(
         return finish(conn, job_id, owner, now, "failed", msg, error=error)
     msg = f"Attempt {current.attempts} failed ({error.get('type')}); retrying in {delay:.1f}s"
     job, prev = _guarded(
-        conn, job_id, owner,
+        conn,
+        job_id,
+        owner,
         "state = 'pending', lease_owner = NULL, lease_expires_at = NULL, attempts = attempts + 1,"
         " message = :message, updated_at = :now, run_after = :run_after,"
         f" timings = {add_timing(STAGE_KEY[current.stage])}, stage_entered_at = :now",
-        {"now": _iso(now), "message": msg, "run_after": _iso(now + delay)}, before=current,
+        {"now": _iso(now), "message": msg, "run_after": _iso(now + delay)},
+        before=current,
     )
     return _event(conn, job, prev, msg, {"error": error})
 
 
-def release(conn: sqlite3.Connection, job_id: str, owner: str, now: float, message: str) -> Transition:
+def release(
+    conn: sqlite3.Connection, job_id: str, owner: str, now: float, message: str
+) -> Transition:
     """Give a running job back to its stage's queue without counting an attempt (shutdown)."""
     current = get(conn, job_id)
     if current is None:
         raise NotFound(f"job {job_id} not found")
     job, prev = _guarded(
-        conn, job_id, owner,
+        conn,
+        job_id,
+        owner,
         "state = 'pending', lease_owner = NULL, lease_expires_at = NULL, message = :message,"
         f" updated_at = :now, run_after = :now, timings = {add_timing(STAGE_KEY[current.stage])},"
         " stage_entered_at = :now",
-        {"now": _iso(now), "message": message}, before=current,
+        {"now": _iso(now), "message": message},
+        before=current,
     )
     return _event(conn, job, prev, message)
 
 
-def update(conn: sqlite3.Connection, job_id: str, owner: str, now: float, fields: dict[str, Any]) -> Job:
+def update(
+    conn: sqlite3.Connection, job_id: str, owner: str, now: float, fields: dict[str, Any]
+) -> Job:
     """Set columns of a running job this worker holds (prompt id, backend, result...); no event."""
     extra, params = _field_sets(fields)
     params.update(now=_iso(now), id=job_id, owner=owner)
     try:  # one statement when the job is held; the guarded path explains why it is not
         row = conn.execute(
-            "UPDATE jobs SET updated_at = :now" + extra +
-            " WHERE id = :id AND state = 'running' AND lease_owner = :owner RETURNING *", params).fetchone()
+            "UPDATE jobs SET updated_at = :now"
+            + extra
+            + " WHERE id = :id AND state = 'running' AND lease_owner = :owner RETURNING *",
+            params,
+        ).fetchone()
     except sqlite3.IntegrityError as exc:
         raise IllegalTransition(f"job {job_id}: {exc}") from exc
     if row is not None:
@@ -286,16 +381,28 @@ def renew(conn: sqlite3.Connection, owner: str, now: float, lease: float) -> int
     ).rowcount
 
 
-def request_cancel(conn: sqlite3.Connection, job_id: str, now: float) -> tuple[Job, Transition | None]:
+def request_cancel(
+    conn: sqlite3.Connection, job_id: str, now: float
+) -> tuple[Job, Transition | None]:
     """Cancel a waiting job at once; mark a running one for its worker; leave a finished one."""
     job = get(conn, job_id)
     if job is None:
         raise NotFound(f"job {job_id} not found")
     if job.state == "pending":
-        return job, finish(conn, job_id, None, now, "cancelled", CANCELLED["message"],
-                           error=CANCELLED, from_states=("pending",))
+        return job, finish(
+            conn,
+            job_id,
+            None,
+            now,
+            "cancelled",
+            CANCELLED["message"],
+            error=CANCELLED,
+            from_states=("pending",),
+        )
     if job.state == "running" and not job.cancel_requested:
-        conn.execute("UPDATE jobs SET cancel_requested = 1, updated_at = ? WHERE id = ?", (_iso(now), job_id))
+        conn.execute(
+            "UPDATE jobs SET cancel_requested = 1, updated_at = ? WHERE id = ?", (_iso(now), job_id)
+        )
         job.cancel_requested = True
     return job, None
 
@@ -318,8 +425,18 @@ def reap(conn: sqlite3.Connection, now: float, owner: str, grace: float) -> list
     ).fetchall()
     for job_id, state, lease_owner in overdue:
         err = {"type": "timeout", "message": "job deadline passed"}
-        out.append(finish(conn, job_id, lease_owner, now, "failed", "Job timed out", error=err,
-                          from_states=(state,)))
+        out.append(
+            finish(
+                conn,
+                job_id,
+                lease_owner,
+                now,
+                "failed",
+                "Job timed out",
+                error=err,
+                from_states=(state,),
+            )
+        )
     return out
 
 
@@ -332,24 +449,35 @@ def recover(conn: sqlite3.Connection, owner: str, now: float) -> list[Transition
 
 
 def _cancel_running(conn: sqlite3.Connection, job: Job, now: float) -> Transition:
-    return finish(conn, job.id, job.lease_owner, now, "cancelled", CANCELLED["message"], error=CANCELLED)
+    return finish(
+        conn, job.id, job.lease_owner, now, "cancelled", CANCELLED["message"], error=CANCELLED
+    )
 
 
 def _rescue(conn: sqlite3.Connection, job: Job, now: float, *, counts_attempt: bool) -> Transition:
     if job.cancel_requested:
         return _cancel_running(conn, job, now)
     if counts_attempt and job.attempts >= job.max_attempts:
-        err = {"type": "lease_expired", "message": f"worker lost the job in {job.stage} {job.attempts} time(s)"}
+        err = {
+            "type": "lease_expired",
+            "message": f"worker lost the job in {job.stage} {job.attempts} time(s)",
+        }
         return finish(conn, job.id, job.lease_owner, now, "failed", err["message"], error=err)
-    msg = (f"Lease expired in {job.stage}; requeued" if counts_attempt
-           else f"Resumed in {job.stage} after a restart")
+    msg = (
+        f"Lease expired in {job.stage}; requeued"
+        if counts_attempt
+        else f"Resumed in {job.stage} after a restart"
+    )
     bump = "attempts = attempts + 1," if counts_attempt else ""
     row, prev = _guarded(
-        conn, job.id, job.lease_owner,
+        conn,
+        job.id,
+        job.lease_owner,
         f"state = 'pending', lease_owner = NULL, lease_expires_at = NULL, {bump} message = :message,"
         f" updated_at = :now, run_after = :now, timings = {add_timing(STAGE_KEY[job.stage])},"
         " stage_entered_at = :now",
-        {"now": _iso(now), "message": msg}, before=job,
+        {"now": _iso(now), "message": msg},
+        before=job,
     )
     return _event(conn, row, prev, msg)
 
@@ -360,7 +488,9 @@ def retry_job(conn: sqlite3.Connection, job_id: str, now: float) -> Transition:
     if job is None:
         raise NotFound(f"job {job_id} not found")
     if job.state not in ("failed", "cancelled"):
-        raise IllegalTransition(f"job {job_id} is {job.state}; only failed or cancelled jobs can be retried")
+        raise IllegalTransition(
+            f"job {job_id} is {job.state}; only failed or cancelled jobs can be retried"
+        )
     t = _iso(now)
     deadline = now + max(60.0, _deadline_span(job))
     row = _one(
@@ -390,8 +520,20 @@ def prune(conn: sqlite3.Connection, before: float, limit: int = 500) -> list[str
     return [r[0] for r in rows]
 
 
-_OUTPUT_COLS = ("filename", "node_id", "output_type", "comfy_type", "subfolder", "mimetype", "size",
-                "sha256", "local_path", "url", "upload_error", "error")
+_OUTPUT_COLS = (
+    "filename",
+    "node_id",
+    "output_type",
+    "comfy_type",
+    "subfolder",
+    "mimetype",
+    "size",
+    "sha256",
+    "local_path",
+    "url",
+    "upload_error",
+    "error",
+)
 
 
 def put_output(conn: sqlite3.Connection, job_id: str, now: float, row: dict[str, Any]) -> None:

@@ -7,7 +7,11 @@ nothing, to say why (lease lost, cancelled, not found).
 
 from __future__ import annotations
 
-STAGE_KEY = {"preprocess": "preprocess_ms", "generate": "generation_ms", "postprocess": "postprocess_ms"}
+STAGE_KEY = {
+    "preprocess": "preprocess_ms",
+    "generate": "generation_ms",
+    "postprocess": "postprocess_ms",
+}
 
 
 def ms_since(col: str, now_param: str) -> str:
@@ -23,10 +27,14 @@ def add_timing(key: str) -> str:
 
 
 # The time a stage took goes to timings.<stage key>; the SQL reads the stage from the row.
-_STAGE_KEY_SQL = ("'$.' || CASE stage WHEN 'preprocess' THEN 'preprocess_ms' WHEN 'generate' THEN 'generation_ms'"
-                  " ELSE 'postprocess_ms' END")
-_STAGE_DONE = (f"json_set(timings, {_STAGE_KEY_SQL}, coalesce(json_extract(timings, {_STAGE_KEY_SQL}), 0)"
-               f" + {ms_since('stage_entered_at', ':now')})")
+_STAGE_KEY_SQL = (
+    "'$.' || CASE stage WHEN 'preprocess' THEN 'preprocess_ms' WHEN 'generate' THEN 'generation_ms'"
+    " ELSE 'postprocess_ms' END"
+)
+_STAGE_DONE = (
+    f"json_set(timings, {_STAGE_KEY_SQL}, coalesce(json_extract(timings, {_STAGE_KEY_SQL}), 0)"
+    f" + {ms_since('stage_entered_at', ':now')})"
+)
 # A held, uncancelled job (anything else takes the slow path, which says what is wrong).
 HELD = " WHERE id = :id AND state = 'running' AND lease_owner = :owner AND cancel_requested = 0"
 # End of a stage: pending in the next one, or completed after postprocess (as ``finish`` does).
@@ -42,7 +50,9 @@ ADVANCE = (
 )
 # End of a stage and claim of the next (hand-off), as ``advance`` then ``claim`` would write it;
 # the claim comes the instant the job enters the stage, so it adds 0 ms of waiting.
-_WAIT_KEY_SQL = "'$.' || CASE stage WHEN 'preprocess' THEN 'generate_wait_ms' ELSE 'postprocess_wait_ms' END"
+_WAIT_KEY_SQL = (
+    "'$.' || CASE stage WHEN 'preprocess' THEN 'generate_wait_ms' ELSE 'postprocess_wait_ms' END"
+)
 HAND_OFF = (
     "UPDATE jobs SET state = 'running',"
     " stage = CASE stage WHEN 'preprocess' THEN 'generate' ELSE 'postprocess' END,"
