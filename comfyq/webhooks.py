@@ -92,7 +92,7 @@ class WebhookConfig:
 
 
 def signing_key(secret: str) -> bytes:
-    """The HMAC key: a ``whsec_`` secret is base64 (Standard Webhooks); any other is its UTF-8 bytes."""
+    """The HMAC key: a ``whsec_`` secret is base64 (Standard Webhooks); else its UTF-8 bytes."""
     if secret.startswith("whsec_"):
         return base64.b64decode(secret[len("whsec_") :] + "==")
     return secret.encode()
@@ -105,7 +105,7 @@ def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
 
 
 def legacy_signature(secret: str, body: bytes) -> str:
-    """The original wrapper's ``X-Webhook-Signature`` (hex HMAC of the body), kept for old receivers."""
+    """The original wrapper's ``X-Webhook-Signature`` (hex HMAC of the body), for old receivers."""
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
@@ -225,7 +225,7 @@ class WebhookSender:
             self._session = self.guard.session(headers={"User-Agent": self.cfg.user_agent})
 
     async def stop(self, grace: float = 5.0) -> None:
-        """Stop claiming; give posts in flight ``grace`` seconds, then interrupt them (they resume)."""
+        """Stop claiming; give posts in flight ``grace`` seconds, then interrupt (they resume)."""
         if self._loop_task is not None:
             # Not cancelled: a claim cut short would leave rows leased with no task to send them.
             self._stopping = True
@@ -254,7 +254,8 @@ class WebhookSender:
                     log.exception("claiming webhook deliveries failed")
                     claimed = []
                 if claimed and len(claimed) == free or self._stopping:
-                    continue  # there may be more; a finishing post wakes the loop when slots are full
+                    # there may be more; a finishing post wakes the loop when slots are full
+                    continue
             try:
                 delay = self.cfg.poll_interval if free <= 0 else await self._until_next_due()
             except Exception:
@@ -283,14 +284,15 @@ class WebhookSender:
         self._wake.set()
 
     def _lease(self) -> float:
-        # The longest an attempt can take (the per-request timeout is capped at 300 s) plus a margin.
+        # The longest an attempt can take (the per-request timeout is capped at 300 s) + a margin.
         return max(self.cfg.timeout, 300.0) + self.cfg.lease_margin
 
     async def _until_next_due(self) -> float:
         now = self.clock.now()
         rows = list(
             await self.store.reader.execute_fetchall(
-                "SELECT min(next_attempt_at) FROM webhook_deliveries WHERE state = 'pending' AND next_attempt_at > ?",
+                "SELECT min(next_attempt_at)"
+                " FROM webhook_deliveries WHERE state = 'pending' AND next_attempt_at > ?",
                 (iso(now),),
             )
         )
@@ -300,7 +302,8 @@ class WebhookSender:
         return max(0.001, min(self.cfg.poll_interval, parse_iso(row[0]) - now + 0.001))
 
     async def deliver_due(self) -> int:
-        """Burst mode: deliver every delivery due now (without the background loop); return how many.
+        """Burst mode: deliver every delivery due now (without the background loop); return how
+        many.
 
         Opens the HTTP session if needed; ``stop()`` closes it."""
         self._open_session()
