@@ -20,7 +20,7 @@ from comfyq.config import ConfigError, Settings, load_settings, masked, parse_se
 from comfyq.errors import ComfyqError
 from comfyq.store import migrate, ops
 from comfyq.store.jobs import DatabaseLocked, open_migrated
-from comfyq.store.model import Job
+from comfyq.store.model import Job, State
 from comfyq.store.writer import Writer, connect
 
 log = logging.getLogger("comfyq")
@@ -259,7 +259,7 @@ def _jobs(settings: Settings, args: argparse.Namespace) -> int:
             job, tr = writer.run_sync(ops.request_cancel, args.id, now)
             if tr is not None:
                 print(f"{args.id}: cancelled")
-            elif job.state == "running":
+            elif job.state == State.RUNNING:
                 print(f"{args.id}: cancel requested; the server stops it within a few seconds")
             else:
                 print(f"{args.id}: already {job.state}")

@@ -23,7 +23,7 @@ from comfyq.stages.generate import Generate
 from comfyq.stages.postprocess import Postprocess
 from comfyq.stages.preprocess import Preprocess
 from comfyq.stages.runner import Pipeline, RunnerConfig
-from comfyq.store import JobStore
+from comfyq.store import JobStore, Stage
 from comfyq.store.jobs import FileLock
 from comfyq.webhooks import WebhookConfig, WebhookSender
 from modifiers import ModifierRegistry
@@ -73,9 +73,9 @@ class Services:
             self.store,
             self.bus,
             {
-                "preprocess": Preprocess(self.registry, self.downloader),
-                "generate": self.generate,
-                "postprocess": Postprocess(
+                Stage.PREPROCESS: Preprocess(self.registry, self.downloader),
+                Stage.GENERATE: self.generate,
+                Stage.POSTPROCESS: Postprocess(
                     self.pool,
                     self.output_dir,
                     uploader=self.uploader,
@@ -83,9 +83,9 @@ class Services:
                 ),
             },
             {
-                "preprocess": settings.preprocess_workers,
-                "generate": settings.generation_workers * len(self.backend_urls),
-                "postprocess": settings.postprocess_workers,
+                Stage.PREPROCESS: settings.preprocess_workers,
+                Stage.GENERATE: settings.generation_workers * len(self.backend_urls),
+                Stage.POSTPROCESS: settings.postprocess_workers,
             },
             RunnerConfig(
                 lease=settings.lease_seconds,
