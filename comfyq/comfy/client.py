@@ -15,7 +15,7 @@ import math
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import quote
 
 import aiohttp
@@ -23,7 +23,7 @@ import msgspec
 from yarl import URL
 
 from comfyq.comfy.feed import Item, Watch, WsFeed
-from comfyq.comfy.follow import Follower
+from comfyq.comfy.follow import Follower, Location
 from comfyq.comfy.protocol import (
     LiveEvent,
     RunResult,
@@ -33,8 +33,6 @@ from comfyq.comfy.protocol import (
 )
 from comfyq.comfy.transfer import download_file, upload_file
 from comfyq.errors import ComfyUIUnreachable, ValidationError
-
-Location = Literal["pending", "running", "done", "unknown"]
 
 _log = logging.getLogger("comfyq.comfy.client")
 
@@ -103,6 +101,11 @@ class ComfyClient:
         if self._own_session and self._session is not None:
             await self._session.close()
             self._session = None
+
+    @property
+    def log(self) -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
+        """This client's logger (a backend's adapter names the backend)."""
+        return self._log
 
     @property
     def ws_connected(self) -> bool:
