@@ -105,8 +105,8 @@ async def rate(n: int, concurrency: int, job: Callable[[int], Awaitable[Any]]) -
 async def main(args: argparse.Namespace) -> None:
     from bench.common import write_json
     from comfyq.inputs import Downloader
-    from comfyq.netguard import AddressGuard
     from comfyq.inputs.prepare import prepare_job
+    from comfyq.netguard import AddressGuard
     from modifiers import ModifierRegistry
 
     server = await asyncio.create_subprocess_exec(

@@ -97,8 +97,8 @@ async def run(jobs: int, in_flight: int, warmup: int) -> dict[str, Any]:
                 trace_out = root / "strace.txt"
                 traced = 0
                 if shutil.which("strace"):
-                    strace = subprocess.Popen(
-                        ["strace", "-c", "-f", "-o", str(trace_out), "-p", str(pid)],
+                    strace = await asyncio.create_subprocess_exec(
+                        *["strace", "-c", "-f", "-o", str(trace_out), "-p", str(pid)],
                         stdout=subprocess.DEVNULL,
                         stderr=subprocess.DEVNULL,
                     )
@@ -106,7 +106,7 @@ async def run(jobs: int, in_flight: int, warmup: int) -> dict[str, Any]:
                     traced = max(20, jobs // 4)
                     await burst(client.sse, traced, in_flight)
                     strace.send_signal(signal.SIGINT)
-                    strace.wait(30)
+                    await asyncio.wait_for(strace.wait(), 30)
             finally:
                 await client.close()
         log = (root / "server.log").read_text(errors="replace")

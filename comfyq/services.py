@@ -9,11 +9,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from comfyq.inputs import Downloader
 from comfyq.clock import Clock
 from comfyq.comfy.backends import BackendPool
 from comfyq.config import Settings
 from comfyq.events import EventBus
+from comfyq.inputs import Downloader
 from comfyq.netguard import AddressGuard
 from comfyq.outputs.local import job_dir
 from comfyq.outputs.s3 import S3Uploader

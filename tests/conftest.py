@@ -21,9 +21,9 @@ from aiohttp import web
 
 from comfyq.api.context import ApiOptions
 from comfyq.app import create_app
-from comfyq.sim import Simulator
 from comfyq.config import Settings
 from comfyq.services import Services
+from comfyq.sim import Simulator
 
 # EmptyImage -> ImageInvert -> SaveImage: the recorded ComfyUI run (20_run_success_invert.json).
 INVERT_WORKFLOW: dict[str, Any] = {

@@ -16,8 +16,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from comfyq.api import ROUTES
 from comfyq.api.context import ApiOptions
 from comfyq.api.openapi import document
-from comfyq.sim import Simulator
 from comfyq.schemas import GenerateRequest
+from comfyq.sim import Simulator
 
 _colors = itertools.count(9000)
 PUBLIC = {"/health", "/docs/assets/{name}"}

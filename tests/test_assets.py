@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from comfyq.inputs import Downloader, sniff_type
 from comfyq.errors import InputError
+from comfyq.inputs import Downloader, sniff_type
 from comfyq.netguard import AddressGuard
 
 KiB = 1024

@@ -23,7 +23,6 @@ from test_client_support import (
 
 from comfyq.comfy.client import ComfyClient
 from comfyq.comfy.protocol import LiveEvent
-from comfyq.sim import Simulator
 from comfyq.errors import (
     ComfyUIUnreachable,
     Interrupted,
@@ -32,6 +31,7 @@ from comfyq.errors import (
     PromptLost,
     ValidationError,
 )
+from comfyq.sim import Simulator
 
 GUARD = 15.0  # hang guard only; nothing below depends on how fast things run
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -104,7 +104,7 @@ async def test_request_s3_and_webhook_end_to_end_without_leaking_secrets(
     make_server: MakeServer,
     proxy: FaultyProxy,
     moto_url: str,
-    receiver: Receiver,  # noqa: F811
+    receiver: Receiver,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.DEBUG)

@@ -17,9 +17,9 @@ from typing import Any
 
 import aiohttp
 
+from comfyq.sim import Simulator
 from comfyq.sim.png import encode_png, encode_webp_solid, sniff_image
 from comfyq.sim.testing import WsRecorder, wait_history
-from comfyq.sim import Simulator
 
 Workflow = dict[str, dict[str, Any]]
 

@@ -11,8 +11,8 @@ from typing import Any
 
 import aiohttp
 
-from comfyq.sim.promptlog import read_prompt_log
 from comfyq.sim import Simulator
+from comfyq.sim.promptlog import read_prompt_log
 
 
 def invert(prefix: str, color: int) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import aiohttp
 import pytest
 from sim_trace_support import TRACES, post_prompt, recorded_types, run_traced, trace
 
+from comfyq.sim import Simulator
 from comfyq.sim.png import encode_png
 from comfyq.sim.testing import (
     WsRecorder,
@@ -22,7 +23,6 @@ from comfyq.sim.testing import (
     wait_history,
 )
 from comfyq.sim.testing import decode_png as png_pixels
-from comfyq.sim import Simulator
 
 # ---------------------------------------------------------------- plain GETs (00, 01, 02, 03)
 

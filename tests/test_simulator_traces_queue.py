@@ -11,6 +11,7 @@ import aiohttp
 import pytest
 from sim_trace_support import post_prompt, recorded_types, run_traced, trace
 
+from comfyq.sim import Simulator
 from comfyq.sim.testing import (
     Frame,
     WsRecorder,
@@ -19,7 +20,6 @@ from comfyq.sim.testing import (
     upload_image,
     wait_history,
 )
-from comfyq.sim import Simulator
 
 # ---------------------------------------------------------------- runtime error (40)
 

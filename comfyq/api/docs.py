@@ -117,7 +117,7 @@ def render_readme(path: Path | None) -> str:
     else:
         # HTML comments (the generated-table markers) are for editors, not readers; any other raw
         # HTML stays escaped.
-        text = re.sub(r"<!--.*?-->\n?", "", text, flags=re.S)
+        text = re.sub(r"<!--.*?-->\n?", "", text, flags=re.DOTALL)
         body = MarkdownIt("commonmark", {"html": False}).enable("table").render(text)
     return (
         f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>comfyq</title>'

@@ -18,6 +18,7 @@ import aiofiles.os
 import aiohttp
 from yarl import URL
 
+from comfyq.errors import InputError
 from comfyq.inputs.filetypes import (
     DEFAULT_ALLOWED_TYPES,
     SNIFF_BYTES,
@@ -35,7 +36,6 @@ from comfyq.inputs.storage import (
     touch,
     write_and_hash,
 )
-from comfyq.errors import InputError
 from comfyq.logs import detached
 from comfyq.netguard import AddressGuard, redact_url
 

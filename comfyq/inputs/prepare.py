@@ -18,8 +18,8 @@ from typing import Any
 
 import msgspec
 
-from comfyq.inputs import Asset, Downloader
 from comfyq.errors import BadRequest, ComfyqError, InputError, ModifierError
+from comfyq.inputs import Asset, Downloader
 from comfyq.netguard import AddressGuard
 from modifiers.basemodifier import (
     BaseModifier,

@@ -13,8 +13,8 @@ from urllib.parse import unquote_to_bytes
 import aiofiles.os
 from aiofiles.threadpool.binary import AsyncBufferedIOBase
 
-from comfyq.inputs.filetypes import SNIFF_BYTES, extension_for, sniff_type
 from comfyq.errors import InputError
+from comfyq.inputs.filetypes import SNIFF_BYTES, extension_for, sniff_type
 
 PARTIAL_DIR = ".partial"
 
