@@ -149,7 +149,7 @@ def check_s3(inp: Inputs, db: DbView, completed: list[str]) -> dict[str, Any]:
     import hashlib
 
     import boto3  # type: ignore[import-untyped]
-    from botocore.exceptions import ClientError  # type: ignore[import-untyped]
+    from botocore.exceptions import ClientError
 
     url, bucket = inp.s3_url, inp.bucket
     s3 = boto3.client(

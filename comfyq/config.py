@@ -289,7 +289,7 @@ def _explain(msg: str) -> str:
 
 def masked(settings: Settings) -> dict[str, Any]:
     """The settings as a plain dict with every secret replaced by ``***``."""
-    raw = msgspec.to_builtins(settings)
+    raw: dict[str, Any] = msgspec.to_builtins(settings)
     for f in fields():
         if is_secret(f) and raw.get(f.name):
             raw[f.name] = ["***"] * len(raw[f.name]) if isinstance(raw[f.name], list) else "***"

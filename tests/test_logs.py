@@ -18,7 +18,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from conftest import settings_for, start_server
-from test_s3_support import make_bucket, moto_url  # noqa: F401 - moto_url is a fixture
+from test_s3_support import make_bucket
 from test_webhooks_support import Receiver
 
 from comfyq import logs
@@ -247,7 +247,7 @@ async def test_a_job_end_to_end_in_json_at_debug(
     simulator: Simulator,
     origin: str,
     receiver: Receiver,
-    moto_url: str,  # noqa: F811
+    moto_url: str,
     restore_logging: None,
 ) -> None:
     make_bucket(moto_url, "logs-op")

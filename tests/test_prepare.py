@@ -199,7 +199,7 @@ async def test_input_images_base64_data_uri_and_url(env: Env) -> None:
 
 
 async def test_input_images_with_a_modifier(env: Env) -> None:
-    job = {
+    job: dict[str, Any] = {
         "modifier": "ImageEffects",
         "modifications": {"input_image": "photo.png", "width": 32, "blur_radius": 2},
         "images": [{"name": "photo.png", "image": base64.b64encode(RED).decode()}],

@@ -11,7 +11,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from test_s3_support import FaultyProxy, make_bucket, moto_url  # noqa: F401 - moto_url is a fixture
+from test_s3_support import FaultyProxy, make_bucket
 
 from comfyq.netguard import AddressGuard
 from comfyq.outputs.s3 import LocalFile, S3ConfigError, S3Settings, S3Uploader, resolve
@@ -99,7 +99,7 @@ def test_keys_stay_out_of_repr() -> None:
 
 
 @pytest.fixture
-async def proxy(moto_url: str) -> AsyncIterator[FaultyProxy]:  # noqa: F811
+async def proxy(moto_url: str) -> AsyncIterator[FaultyProxy]:
     p = await FaultyProxy(moto_url).start()
     yield p
     await p.stop()

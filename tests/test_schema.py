@@ -47,7 +47,7 @@ def test_an_edited_migration_is_refused(tmp_path: Path) -> None:
     shutil.copytree(migrate.migrations_dir(), copy)
     conn = connect(tmp_path / "s.db")
     migrate.apply(conn, directory=copy)
-    first = sorted(copy.glob("*.sql"))[0]
+    first = min(copy.glob("*.sql"))
     first.write_text(first.read_text() + "\n-- edited\n")
     with pytest.raises(migrate.MigrationError, match="edited"):
         migrate.apply(conn, directory=copy)

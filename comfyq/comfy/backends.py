@@ -73,17 +73,16 @@ class BackendPool:
         self._log = logger or _log
         kwargs = dict(client_kwargs or {})
         kwargs.setdefault("logger", self._log)
+
         # A client id that stays the same across restarts lets a restarted comfyq get the messages
         # of prompts it submitted before it died (ComfyUI routes them by client id).
+        def client(url: str) -> ComfyClient:
+            if client_id_for:
+                return ComfyClient(url, **kwargs, client_id=client_id_for(url))
+            return ComfyClient(url, **kwargs)
+
         self._backends = [
-            Backend(
-                u,
-                ComfyClient(
-                    u, **kwargs, **({"client_id": client_id_for(u)} if client_id_for else {})
-                ),
-                slots_per_backend,
-                require_websocket=require_websocket,
-            )
+            Backend(u, client(u), slots_per_backend, require_websocket=require_websocket)
             for u in unique
         ]
         self._by_url = {b.url: b for b in self._backends}

@@ -13,8 +13,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-import aiofiles
-import aiofiles.os
+import aiofiles  # type: ignore[import-untyped]  # no stubs; aiofiles goes in issue 21 step 5
+import aiofiles.os  # type: ignore[import-untyped]  # no stubs; aiofiles goes in issue 21 step 5
 import aiohttp
 from yarl import URL
 
