@@ -153,7 +153,10 @@ async def serve(settings: Settings) -> int:
         await services.start()
     except Exception as exc:
         log.error(
-            "Application startup failed: %s", exc, exc_info=not isinstance(exc, DatabaseLocked)
+            "Application startup failed: %s",
+            exc,
+            exc_info=not isinstance(exc, DatabaseLocked),
+            extra=logs.SIGNAL,
         )
         if sim:
             await sim.stop()
@@ -167,7 +170,12 @@ async def serve(settings: Settings) -> int:
         site = web.TCPSite(runner, settings.api_host, settings.api_port)
         await site.start()
     except BaseException as exc:
-        log.error("Application startup failed: %s", exc, exc_info=not isinstance(exc, OSError))
+        log.error(
+            "Application startup failed: %s",
+            exc,
+            exc_info=not isinstance(exc, OSError),
+            extra=logs.SIGNAL,
+        )
         await services.stop()
         if sim:
             await sim.stop()

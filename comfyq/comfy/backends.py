@@ -17,6 +17,7 @@ from typing import Any
 
 from comfyq.comfy.client import ComfyClient, redact_url
 from comfyq.errors import ComfyUIUnreachable
+from comfyq.logs import SIGNAL
 
 _log = logging.getLogger("comfyq.comfy.backends")
 
@@ -249,7 +250,9 @@ class BackendPool:
         ):
             self._ready_logged = True
             self._log.info(
-                "BACKENDS_READY: %d backend(s) reachable, ready to serve", len(self._backends)
+                "BACKENDS_READY: %d backend(s) reachable, ready to serve",
+                len(self._backends),
+                extra=SIGNAL,
             )
         self._notify()
 
@@ -290,4 +293,5 @@ class BackendPool:
             n,
             self.ready_timeout,
             ", ".join(down),
+            extra=SIGNAL,
         )
