@@ -129,6 +129,12 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
     # --- outputs, S3, webhooks ---------------------------------------------------------------
     output_base64_max_bytes: Annotated[int, _d("largest output inlined as base64", ge=0)] = 10 * MiB
+    include_comfyui_response: Annotated[
+        bool,
+        _d(
+            "Results carry ComfyUI's history body (comfyui_response) unless a request's header says no"
+        ),
+    ] = False
     s3_access_key_id: Annotated[str, _d("operator S3 access key", extra={"secret": True})] = ""
     s3_secret_access_key: Annotated[str, _d("operator S3 secret key", extra={"secret": True})] = ""
     s3_bucket_name: Annotated[str, _d("operator S3 bucket")] = ""
@@ -194,6 +200,7 @@ _LEGACY_ENV = {
     "webhook_secret": "WEBHOOK_SECRET",
     "webhook_timeout": "WEBHOOK_TIMEOUT",
     "output_base64_max_bytes": "OUTPUT_BASE64_MAX_BYTES",
+    "include_comfyui_response": "INCLUDE_COMFYUI_RESPONSE",
 }
 
 

@@ -95,10 +95,37 @@ class BackendPool:
         # Autoscalers read these tokens from the log: exactly one of them, and only when true.
         self._ready_logged = False
         self._ready_timed_out = False
+        # While held (comfyq serve holds it until its listener accepts connections), BACKENDS_READY
+        # waits: a watcher that connects the moment it reads the line must not be refused.
+        self._ready_held = False
 
     @property
     def backends(self) -> list[Backend]:
         return list(self._backends)
+
+    def hold_ready_line(self) -> None:
+        """Keep BACKENDS_READY back until :meth:`release_ready_line`."""
+        self._ready_held = True
+
+    def release_ready_line(self) -> None:
+        """Let BACKENDS_READY out (now, if every backend is already ready)."""
+        self._ready_held = False
+        self._maybe_announce()
+
+    def _maybe_announce(self) -> None:
+        if (
+            not self._ready_held
+            and not self._ready_logged
+            and not self._ready_timed_out
+            and not self._closed
+            and all(x.healthy for x in self._backends)
+        ):
+            self._ready_logged = True
+            self._log.info(
+                "BACKENDS_READY: %d backend(s) reachable, ready to serve",
+                len(self._backends),
+                extra=SIGNAL,
+            )
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -241,19 +268,8 @@ class BackendPool:
                 self._log.warning(
                     "backend %s is unhealthy: %s", b.display_url, b.last_error or "unknown reason"
                 )
-        if (
-            now
-            and not self._ready_logged
-            and not self._ready_timed_out
-            and not self._closed
-            and all(x.healthy for x in self._backends)
-        ):
-            self._ready_logged = True
-            self._log.info(
-                "BACKENDS_READY: %d backend(s) reachable, ready to serve",
-                len(self._backends),
-                extra=SIGNAL,
-            )
+        if now:
+            self._maybe_announce()
         self._notify()
 
     async def _probe(self, b: Backend) -> None:
