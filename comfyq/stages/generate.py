@@ -201,4 +201,6 @@ def _done(run: Any, job: Job) -> StageDone:
     result.update(
         {"outputs": run.outputs, "cached_nodes": list(run.cached_nodes), "prompt_id": run.prompt_id}
     )
+    if run.timing:  # ComfyUI's clock: queued (newer ComfyUI's create_time), started, ended
+        result["comfy_timing"] = dict(run.timing)
     return StageDone("Generation complete. Queued for post-processing.", {"result": result})
