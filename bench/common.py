@@ -111,7 +111,7 @@ def simulator(root: Path, durations: str = "", steps: int = 0) -> Iterator[str]:
     cmd = [
         sys.executable,
         "-m",
-        "comfyq.comfy.simulator",
+        "comfyq.sim",
         "--port",
         str(port),
         "--data-dir",

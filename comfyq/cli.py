@@ -137,7 +137,7 @@ async def serve(settings: Settings) -> int:
     sim = None
     backends = None
     if settings.simulate:
-        from comfyq.comfy.simulator import Simulator
+        from comfyq.sim import Simulator
 
         sim = Simulator(
             data_dir=Path(settings.database).parent / "simulator",

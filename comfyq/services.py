@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from comfyq.assets import Downloader
+from comfyq.inputs import Downloader
 from comfyq.clock import Clock
 from comfyq.comfy.backends import BackendPool
 from comfyq.config import Settings

@@ -21,7 +21,7 @@ from aiohttp import web
 
 from comfyq.api.context import ApiOptions
 from comfyq.app import create_app
-from comfyq.comfy.simulator import Simulator
+from comfyq.sim import Simulator
 from comfyq.config import Settings
 from comfyq.services import Services
 

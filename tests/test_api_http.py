@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from comfyq.api import ROUTES
 from comfyq.api.context import ApiOptions
 from comfyq.api.openapi import document
-from comfyq.comfy.simulator import Simulator
+from comfyq.sim import Simulator
 from comfyq.schemas import GenerateRequest
 
 _colors = itertools.count(9000)

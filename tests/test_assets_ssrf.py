@@ -15,7 +15,7 @@ import pytest
 from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
 
-from comfyq.assets import Downloader
+from comfyq.inputs import Downloader
 from comfyq.errors import InputError
 from comfyq.netguard import AddressGuard, BlockedAddress
 

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from comfyq.comfy.backends import Backend, BackendPool
-from comfyq.comfy.simulator import Simulator
+from comfyq.sim import Simulator
 from comfyq.errors import ComfyUIUnreachable
 
 GUARD = 15.0  # hang guard only

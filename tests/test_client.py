@@ -23,7 +23,7 @@ from test_client_support import (
 
 from comfyq.comfy.client import ComfyClient
 from comfyq.comfy.protocol import LiveEvent
-from comfyq.comfy.simulator import Simulator
+from comfyq.sim import Simulator
 from comfyq.errors import (
     ComfyUIUnreachable,
     Interrupted,

@@ -7,7 +7,7 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-from comfyq.comfy.simulator import Simulator
+from comfyq.sim import Simulator
 from comfyq.config import Settings
 from comfyq.services import Services
 from comfyq.store import Job, NewJob

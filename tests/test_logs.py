@@ -23,8 +23,8 @@ from test_webhooks_support import Receiver
 
 from comfyq import logs
 from comfyq.cli import main
-from comfyq.comfy.sim_png import encode_png
-from comfyq.comfy.simulator import Simulator
+from comfyq.sim.png import encode_png
+from comfyq.sim import Simulator
 from comfyq.config import load_settings
 from comfyq.logs import JsonFormatter, Redactor, TextFormatter, detached, job_context, job_id_var
 
@@ -354,8 +354,8 @@ async def test_a_job_end_to_end_in_json_at_debug(
     wanted = {
         "comfyq.access",
         "comfyq.jobs",
-        "comfyq.prepare",
-        "comfyq.assets",
+        "comfyq.inputs.prepare",
+        "comfyq.inputs",
         "comfyq.generate",
         "comfyq.comfy.backends",
         "comfyq.outputs",

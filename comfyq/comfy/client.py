@@ -31,8 +31,8 @@ from yarl import URL
 from comfyq.comfy import capabilities as caps
 from comfyq.comfy.capabilities import Capabilities
 from comfyq.comfy.feed import Item, Watch, WsFeed
-from comfyq.comfy.follow import Follower
-from comfyq.comfy.jobsapi import Location, location_of_job
+from comfyq.comfy.follow import Follower, Location
+from comfyq.comfy.jobsapi import location_of_job
 from comfyq.comfy.protocol import (
     LiveEvent,
     RunResult,
@@ -44,8 +44,6 @@ from comfyq.comfy.protocol import (
 from comfyq.comfy.rejection import validation_error
 from comfyq.comfy.transfer import download_file, upload_file
 from comfyq.errors import ComfyUIUnreachable
-
-__all__ = ["ComfyClient", "Location", "redact_url"]
 
 _log = logging.getLogger("comfyq.comfy.client")
 
@@ -121,6 +119,11 @@ class ComfyClient:
         if self._own_session and self._session is not None:
             await self._session.close()
             self._session = None
+
+    @property
+    def log(self) -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
+        """This client's logger (a backend's adapter names the backend)."""
+        return self._log
 
     @property
     def ws_connected(self) -> bool:

@@ -9,9 +9,10 @@ means backoff, never a busy loop; every wait is bounded, so it never hangs witho
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Literal, Protocol
 
 from comfyq.comfy.feed import Watch
 from comfyq.comfy.protocol import (
@@ -30,8 +31,25 @@ from comfyq.comfy.protocol import (
 )
 from comfyq.errors import ComfyUIUnreachable, Interrupted, PromptLost
 
-if TYPE_CHECKING:
-    from comfyq.comfy.client import ComfyClient
+Location = Literal["pending", "running", "done", "unknown"]
+
+
+class PromptSource(Protocol):
+    """What a follower needs of its client (``ComfyClient`` is one); keeps follow below client."""
+
+    display_url: str
+    poll_interval: float
+    reconnect_max: float
+    ws_quiet_timeout: float
+
+    @property
+    def ws_connected(self) -> bool: ...
+
+    @property
+    def log(self) -> logging.Logger | logging.LoggerAdapter[logging.Logger]: ...
+
+    async def locate(self, prompt_id: str) -> tuple[Location, dict[str, Any] | None]: ...
+
 
 # Messages whose ``timestamp`` (ComfyUI's clock, epoch ms) goes into RunResult.timing.
 _TIMED = {
@@ -46,7 +64,7 @@ class Follower:
     """The state of one ``follow`` call."""
 
     def __init__(
-        self, client: ComfyClient, watch: Watch, on_event: Callable[[LiveEvent], None] | None
+        self, client: PromptSource, watch: Watch, on_event: Callable[[LiveEvent], None] | None
     ) -> None:
         self.c = client
         self.w = watch
@@ -80,7 +98,7 @@ class Follower:
                 try:
                     where, entry = await self.locate_twice()
                 except ComfyUIUnreachable as exc:
-                    c._log.debug("following %s: %s", self.pid, exc.message)
+                    c.log.debug("following %s: %s", self.pid, exc.message)
                     next_poll = quiet_base = now() + backoff
                     backoff = min(backoff * 2, max(c.reconnect_max, c.poll_interval))
                     continue
@@ -194,5 +212,5 @@ class Follower:
             ev.node_type = self.w.node_type(ev.node)
         try:
             self.on_event(ev)
-        except Exception:  # noqa: BLE001 - a listener bug must not lose the job
-            self.c._log.exception("progress listener failed for prompt %s", self.pid)
+        except Exception:
+            self.c.log.exception("progress listener failed for prompt %s", self.pid)

@@ -8,9 +8,9 @@ job's detail is turned into the shape of a ``/history`` entry, so one function
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
-Location = Literal["pending", "running", "done", "unknown"]
+from comfyq.comfy.follow import Location
 
 _DONE = frozenset({"completed", "failed", "cancelled"})
 

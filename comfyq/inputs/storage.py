@@ -13,7 +13,7 @@ from urllib.parse import unquote_to_bytes
 import aiofiles.os
 from aiofiles.threadpool.binary import AsyncBufferedIOBase
 
-from comfyq.assets.filetypes import SNIFF_BYTES, extension_for, sniff_type
+from comfyq.inputs.filetypes import SNIFF_BYTES, extension_for, sniff_type
 from comfyq.errors import InputError
 
 PARTIAL_DIR = ".partial"
