@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
+from comfyq.clock import iso
 from comfyq.comfy.client import ComfyClient, redact_url
 from comfyq.errors import ComfyUIUnreachable
 from comfyq.logs import SIGNAL
@@ -228,6 +229,7 @@ class BackendPool:
         out = []
         for b in self._backends:
             system = (b.system_stats or {}).get("system") or {}
+            found = b.client.capabilities
             out.append(
                 {
                     "url": b.display_url,
@@ -239,6 +241,8 @@ class BackendPool:
                     "last_error": b.last_error,
                     "comfyui_version": system.get("comfyui_version"),
                     "queue_remaining": b.client.queue_remaining,
+                    "capabilities": found.names() if found is not None else None,
+                    "capabilities_probed_at": iso(found.probed_at) if found is not None else None,
                 }
             )
         return out
@@ -275,10 +279,13 @@ class BackendPool:
     async def _probe(self, b: Backend) -> None:
         try:
             b.system_stats = await b.client.system_stats(timeout=self.probe_timeout)
+            if b.client.capabilities_stale:  # first time, or the socket came back: restarted?
+                await b.client.probe(b.system_stats)
             b.http_ok = True
         except ComfyUIUnreachable as exc:
             b.http_ok = False
             b.last_error = exc.message
+            b.client.invalidate_capabilities()
         b.ws_ok = b.client.ws_connected
         if b.http_ok and not b.healthy:
             b.last_error = b.client.ws_error or "websocket not connected"

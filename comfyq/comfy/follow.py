@@ -51,6 +51,15 @@ class PromptSource(Protocol):
     async def locate(self, prompt_id: str) -> tuple[Location, dict[str, Any] | None]: ...
 
 
+# Messages whose ``timestamp`` (ComfyUI's clock, epoch ms) goes into RunResult.timing.
+_TIMED = {
+    "execution_start": "started_at",
+    "execution_success": "ended_at",
+    "execution_error": "ended_at",
+    "execution_interrupted": "ended_at",
+}
+
+
 class Follower:
     """The state of one ``follow`` call."""
 
@@ -64,12 +73,19 @@ class Follower:
         self.outputs: dict[str, dict[str, Any]] = {}
         self.cached: list[str] = []
         self.messages: list[Any] = []
+        self.timing: dict[str, int] = {}
         self.succeeded = False
         self.loop = asyncio.get_running_loop()
 
     def result(self) -> RunResult:
         return RunResult(
-            self.pid, self.outputs, self.cached, "success", self.messages, source="websocket"
+            self.pid,
+            self.outputs,
+            self.cached,
+            "success",
+            self.messages,
+            source="websocket",
+            timing=self.timing,
         )
 
     async def run(self, *, check_now: bool) -> RunResult:
@@ -143,6 +159,9 @@ class Follower:
     def handle(self, msg: WsMessage) -> RunResult | None:
         """Apply one message; returns the result on success seen without gaps."""
         t, p = msg.type, msg.parsed
+        stamp = getattr(p, "timestamp", None)
+        if isinstance(stamp, int) and t in _TIMED:
+            self.timing[_TIMED[t]] = stamp
         if t in TERMINAL_TYPES:
             self.messages.append([t, msg.data])
             if t == "execution_error":

@@ -227,4 +227,6 @@ def _done(run: Any, job: Job, history: dict[str, Any] | None = None) -> StageDon
     )
     if history is not None:
         result["comfyui_response"] = history
+    if run.timing:  # ComfyUI's clock: queued (newer ComfyUI's create_time), started, ended
+        result["comfy_timing"] = dict(run.timing)
     return StageDone("Generation complete. Queued for post-processing.", {"result": result})
