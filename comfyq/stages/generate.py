@@ -17,7 +17,7 @@ from typing import Any
 from comfyq.comfy.backends import Backend, BackendPool
 from comfyq.comfy.client import redact_url
 from comfyq.comfy.protocol import LiveEvent
-from comfyq.errors import Interrupted, PromptLost
+from comfyq.errors import ComfyUIUnreachable, Interrupted, PromptLost
 from comfyq.stages.runner import JobContext, StageDone
 from comfyq.store import Job
 
