@@ -266,7 +266,8 @@ def _jobs(settings: Settings, args: argparse.Namespace) -> int:
             sql = "SELECT * FROM jobs_overview"
             params: list[Any] = []
             if args.status:
-                sql += f" WHERE state IN ({','.join('?' * len(args.status))}) OR status IN ({','.join('?' * len(args.status))})"
+                marks = ",".join("?" * len(args.status))
+                sql += f" WHERE state IN ({marks}) OR status IN ({marks})"
                 params = [*args.status, *args.status]
             sql += " LIMIT ?"
             rows = [dict(r) for r in conn.execute(sql, (*params, args.limit))]
@@ -318,7 +319,8 @@ def _show(conn: sqlite3.Connection, job_id: str) -> int:
     print(f"job       {job.id}")
     print(f"status    {job.status} (state {job.state}, stage {job.stage})")
     print(
-        f"attempts  {job.attempts}/{job.max_attempts}   priority {job.priority}   kind {job.kind or '-'}"
+        f"attempts  {job.attempts}/{job.max_attempts}   priority {job.priority}"
+        f"   kind {job.kind or '-'}"
     )
     print(f"created   {job.created_at}   finished {job.finished_at or '-'}")
     print(f"comfyui   backend {job.comfy_backend or '-'}   prompt {job.comfy_prompt_id or '-'}")

@@ -1,4 +1,4 @@
-"""Settings: one typed object, read from ``comfyq.toml``, then environment variables, then CLI flags.
+"""Settings: one typed object, read from ``comfyq.toml``, then environment variables, then flags.
 
 Nothing else in comfyq reads ``os.environ``. Every field documents itself (``description``); the
 README's settings table is generated from this type and a test checks that none is undocumented.
@@ -49,7 +49,8 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     comfyui_ws_quiet_timeout: Annotated[
         float,
         _d(
-            "seconds of websocket silence before a running prompt is checked through /history and /queue",
+            "seconds of websocket silence before a running prompt is checked through"
+            " /history and /queue",
             gt=0,
         ),
     ] = 30.0
@@ -74,7 +75,8 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     api_keys: Annotated[
         list[str],
         _d(
-            "bearer keys (comma separated), each KEY or ROLE:KEY with ROLE admin or client (no role:"
+            "bearer keys (comma separated), each KEY or ROLE:KEY with ROLE admin or client (no "
+            "role:"
             " admin); empty, with no api_keys_file, means no authentication",
             extra={"secret": True},
         ),
@@ -107,7 +109,8 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     claim_poll_interval: Annotated[
         PosFloat,
         _d(
-            "seconds between looks for work written by another process (new work in this one wakes workers at once)"
+            "seconds between looks for work written by another process (new work in this one wakes"
+            " workers at once)"
         ),
     ] = 2.0
     shutdown_grace: Annotated[
@@ -140,7 +143,8 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     include_comfyui_response: Annotated[
         bool,
         _d(
-            "Results carry ComfyUI's history body (comfyui_response) unless a request's header says no"
+            "Results carry ComfyUI's history body (comfyui_response) unless a request's header "
+            "says no"
         ),
     ] = False
     s3_access_key_id: Annotated[str, _d("operator S3 access key", extra={"secret": True})] = ""

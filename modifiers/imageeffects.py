@@ -16,7 +16,7 @@ MAX_SIDE = 16384
 
 
 class ImageEffects(BaseModifier):
-    """Nodes: 1 EmptyImage | 10 LoadImage + 11 ImageScale, 2 ImageInvert, 3 ImageBlur, 9 SaveImage."""
+    """Nodes: 1 EmptyImage | 10 LoadImage, 11 ImageScale; 2 ImageInvert; 3 ImageBlur; 9 SaveImage"""
 
     WORKFLOW_JSON = "workflows/image_effects.json"
 

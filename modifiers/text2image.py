@@ -14,7 +14,8 @@ SEED_MAX = 2**64 - 1  # KSampler's own limit
 async def set_sampler(
     mod: BaseModifier, sampler: dict[str, Any], *, sampler_name: str, denoise: float
 ) -> None:
-    """The KSampler values both checkpoint modifiers take: seed, steps, cfg, sampler, scheduler, denoise."""
+    """The KSampler values both checkpoint modifiers take: seed, steps, cfg, sampler, scheduler,
+    denoise."""
     sampler["seed"] = await mod.int_value(
         "seed", random.randint(mod.RANDOM_INT_MIN, mod.RANDOM_INT_MAX), 0, SEED_MAX
     )

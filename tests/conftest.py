@@ -143,7 +143,8 @@ MakeServer = Callable[..., Awaitable[Server]]
 
 @pytest.fixture
 async def make_server(tmp_path: Path, simulator: Simulator) -> AsyncIterator[MakeServer]:
-    """``await make_server(options=ApiOptions(...), **settings)``: more servers, each with its own files."""
+    """``await make_server(options=ApiOptions(...), **settings)``: more servers, each with its own
+    files."""
     servers: list[Server] = []
 
     async def make(*, options: ApiOptions | None = None, **overrides: Any) -> Server:

@@ -31,7 +31,7 @@ HOOK_SECRET = "HOOK-SECRET-789"
 
 
 def wire(srv: Server) -> WebhookSender:
-    """Plug the S3 uploader into the server unless services already do; quick retries for the sender."""
+    """Plug the S3 uploader into the server unless services do; quick retries for webhooks."""
     svc = srv.services
     st = svc.pipeline.stages["postprocess"]
     if getattr(st.handler, "uploader", None) is None:

@@ -1,8 +1,8 @@
-"""Cross-cutting HTTP behaviour: one error envelope, bearer-key auth, CORS, request metrics and logs.
+"""Cross-cutting HTTP behaviour: one error envelope, bearer-key auth, CORS, request metrics, logs.
 
-Order (outermost first): the access log, metrics (sees the final status of everything), CORS preflight, errors
-(every failure becomes ``{"error": {...}}``), auth. CORS headers are added to every response,
-streams included, by an ``on_response_prepare`` hook.
+Order (outermost first): the access log, metrics (sees the final status of everything), CORS
+preflight, errors (every failure becomes ``{"error": {...}}``), auth. CORS headers are added to
+every response, streams included, by an ``on_response_prepare`` hook.
 """
 
 from __future__ import annotations
