@@ -13,6 +13,7 @@ import math
 from aiohttp import web
 
 from comfyq import admission
+from comfyq.api.body import read_json_body
 from comfyq.api.context import Api, get_api, json_response
 from comfyq.api.sse import stream_job
 from comfyq.errors import BadRequest, ComfyqError
@@ -52,7 +53,7 @@ def _location(job_id: str) -> dict[str, str]:
 
 async def _admit(request: web.Request) -> tuple[Api, admission.Admitted]:
     api = get_api(request)
-    body = await request.read()
+    body = await read_json_body(request, api.settings)
     return api, await admission.prepare(api.services, body, request.headers)
 
 
