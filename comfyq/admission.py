@@ -22,8 +22,8 @@ from yarl import URL
 
 from comfyq import limits as lim
 from comfyq.errors import BadRequest, ComfyqError, UnsupportedMediaType
+from comfyq.inputs.prepare import check_input_urls
 from comfyq.outputs.s3 import S3ConfigError
-from comfyq.prepare import check_input_urls
 from comfyq.schemas import GenerateRequest, Input
 from comfyq.store.model import Job, NewJob
 
@@ -321,6 +321,13 @@ async def prepare(services: Any, body: bytes, headers: Mapping[str, str]) -> Adm
 
     threaded = len(body) > THREAD_ABOVE
     inp, raw_input = await asyncio.to_thread(validate) if threaded else validate()
+    # As in the original wrapper: the header decides when present (any value but a true one opts
+    # out), else the operator's default.
+    header = headers.get("X-Include-ComfyUI-Response")
+    if header is not None:
+        inp.include_comfyui_response = header.strip().lower() in TRUE_VALUES
+    elif getattr(settings, "include_comfyui_response", False):
+        inp.include_comfyui_response = True
     await check_s3(services, inp)
     if inp.modifier:
         await services.registry.check(inp.modifier, inp.modifications)
