@@ -148,6 +148,7 @@ async def serve(settings: Settings) -> int:
     """Run until SIGTERM/SIGINT; then stop claiming, let in-flight work finish, exit 0."""
     from aiohttp import web
 
+    from comfyq.api.server import Runner
     from comfyq.app import create_app
     from comfyq.services import Services
 
@@ -185,7 +186,7 @@ async def serve(settings: Settings) -> int:
         app = create_app(services)
         # aiohttp's own access log would print query strings (?access_token=): the API's
         # middleware logs each request instead (comfyq.access).
-        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5)
+        runner = Runner(app, settings, access_log=None, handle_signals=False, shutdown_timeout=5)
         await runner.setup()
         site = web.TCPSite(runner, settings.api_host, settings.api_port)
         await site.start()

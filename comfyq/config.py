@@ -88,7 +88,33 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     cors_origins: Annotated[
         list[str], _d("origins allowed by CORS (comma separated; * for any)")
     ] = msgspec.field(default_factory=list)
-    max_body_bytes: Annotated[int, _d("largest accepted request body in bytes", ge=1024)] = 64 * MiB
+    max_body_bytes: Annotated[
+        int, _d("largest accepted request body in bytes (file uploads, multipart)", ge=1024)
+    ] = 64 * MiB
+    max_json_bytes: Annotated[
+        int,
+        _d("largest JSON request body in bytes (413 beyond; uploads use max_body_bytes)", ge=1024),
+    ] = 16 * MiB
+    max_json_items: Annotated[
+        int,
+        _d(
+            "most values (keys and elements) a JSON request body may hold (413 beyond): bounds"
+            " the time one body holds the server",
+            ge=100,
+        ),
+    ] = 100_000
+    max_workflow_nodes: Annotated[int, _d("most nodes a workflow may have (400 beyond)", ge=1)] = (
+        5_000
+    )
+    http_header_timeout: Annotated[
+        float, _d("seconds a client has to send a request's headers once it starts", gt=0)
+    ] = 10.0
+    http_body_timeout: Annotated[
+        float, _d("seconds a client has to send a request's body once its headers are in", gt=0)
+    ] = 60.0
+    http_keepalive_timeout: Annotated[
+        float, _d("seconds an idle keep-alive connection stays open", gt=0)
+    ] = 75.0
     max_queue_size: Annotated[
         PosInt, _d("jobs not yet finished (all stages) beyond which new jobs get 503")
     ] = 100

@@ -28,6 +28,14 @@ def assets_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "static"
 
 
+@lru_cache(maxsize=1)
+def asset_files() -> dict[str, Path]:
+    """The servable files by name: a request's name is looked up, never joined into a path."""
+    return {
+        p.name: p for p in assets_dir().iterdir() if p.is_file() and not p.name.endswith(".map")
+    }
+
+
 _PAGE = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>comfyq API</title>
 <link rel="stylesheet" href="/docs/assets/swagger-ui.css">
@@ -68,9 +76,8 @@ async def docs_page(request: web.Request) -> web.Response:
 async def docs_asset(request: web.Request) -> web.StreamResponse:
     """GET /docs/assets/{name}: Swagger UI's own files (public: nothing of ours is in them)."""
     name = request.match_info["name"]
-    folder = assets_dir()
-    path = (folder / name).resolve()
-    if path.parent != folder.resolve() or not path.is_file() or name.endswith(".map"):
+    path = asset_files().get(name)
+    if path is None:
         raise web.HTTPNotFound(text=f"no asset {name!r}")
     ctype = mimetypes.guess_type(name)[0] or "application/octet-stream"
     return web.FileResponse(
