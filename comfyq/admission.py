@@ -20,7 +20,7 @@ import msgspec
 from yarl import URL
 
 from comfyq.errors import BadRequest, ComfyqError, UnsupportedMediaType
-from comfyq.prepare import check_input_urls
+from comfyq.inputs.prepare import check_input_urls
 from comfyq.schemas import GenerateRequest, Input
 from comfyq.store.model import Job, NewJob
 

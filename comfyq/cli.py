@@ -154,7 +154,7 @@ async def serve(settings: Settings) -> int:
     sim = None
     backends = None
     if settings.simulate:
-        from comfyq.comfy.simulator import Simulator
+        from comfyq.sim import Simulator
 
         sim = Simulator(
             data_dir=Path(settings.database).parent / "simulator",
@@ -173,7 +173,10 @@ async def serve(settings: Settings) -> int:
         await services.start()
     except Exception as exc:
         log.error(
-            "Application startup failed: %s", exc, exc_info=not isinstance(exc, DatabaseLocked)
+            "Application startup failed: %s",
+            exc,
+            exc_info=not isinstance(exc, DatabaseLocked),
+            extra=logs.SIGNAL,
         )
         if sim:
             await sim.stop()
@@ -187,12 +190,19 @@ async def serve(settings: Settings) -> int:
         site = web.TCPSite(runner, settings.api_host, settings.api_port)
         await site.start()
     except BaseException as exc:
-        log.error("Application startup failed: %s", exc, exc_info=not isinstance(exc, OSError))
+        log.error(
+            "Application startup failed: %s",
+            exc,
+            exc_info=not isinstance(exc, OSError),
+            extra=logs.SIGNAL,
+        )
         await services.stop()
         if sim:
             await sim.stop()
         return 2
-    if settings.api_host not in ("127.0.0.1", "localhost", "::1") and not settings.api_keys:
+    if settings.api_host not in ("127.0.0.1", "localhost", "::1") and not (
+        settings.api_keys or settings.api_keys_file
+    ):
         log.warning(
             "listening on %s without API keys: anyone who can reach it can submit jobs",
             settings.api_host,
@@ -212,6 +222,9 @@ async def serve(settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    from comfyq.api.context import API
+
+    loop.add_signal_handler(signal.SIGHUP, app[API].keys.reload)  # COMFYQ_API_KEYS_FILE again
     await stop.wait()
     log.info("shutting down (grace %.0fs)", settings.shutdown_grace)
     await runner.cleanup()  # stops the site, then the app's cleanup stops the services

@@ -325,8 +325,18 @@ class BackendHealth(Struct, omit_defaults=True):
     in_flight: int = 0
     slots: int = 0
     last_error: str | None = None
-    comfyui_version: str | None = None
+    comfyui_version: Annotated[
+        str | None, _d("system.comfyui_version of /system_stats (shown, never acted on)")
+    ] = None
     queue_remaining: int | None = None
+    capabilities: Annotated[
+        list[str] | None,
+        _d(
+            "what the last probe found: jobs_api, atomic_cancel, assets, node_replacements,"
+            " preview_metadata; null until probed (probed again after a backend restart)"
+        ),
+    ] = None
+    capabilities_probed_at: str | None = None
 
 
 class StoreHealth(Struct):

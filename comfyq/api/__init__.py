@@ -43,8 +43,10 @@ _ID = {"type": "string"}
 
 async def metrics(request: web.Request) -> web.Response:
     """GET /metrics: Prometheus text format."""
+    from comfyq.api.auth import require_admin
     from comfyq.api.context import get_api
 
+    require_admin(request)
     body = await get_api(request).metrics.render()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
@@ -214,7 +216,8 @@ ROUTES: list[Route] = [
         "Prometheus metrics",
         "ops",
         replies={
-            200: Reply("text exposition format", media="text/plain", schema={"type": "string"})
+            200: Reply("text exposition format", media="text/plain", schema={"type": "string"}),
+            403: Reply("a client key: metrics are for admin keys", ErrorBody),
         },
     ),
     Route(
@@ -287,8 +290,6 @@ def setup_routes(app: web.Application) -> None:
     registry = api.services.registry
     for r in app_routes(registry):
         app.router.add_route(r.method, r.path, r.handler)
-    app[OPENAPI] = msgspec.json.encode(
-        build_document(registry, api_keys=bool(api.settings.api_keys))
-    )
+    app[OPENAPI] = msgspec.json.encode(build_document(registry, api_keys=api.keys.enabled))
     app[README] = docs.render_readme(api.options.readme)
     app.on_response_prepare.append(cors_headers)

@@ -90,10 +90,7 @@ class Generate:
             log.warning("job %s: backend %s gone; submitting elsewhere", job.id, shown)
             await ctx.update(comfy_prompt_id=None, comfy_backend=None)
             raise PromptLost(f"backend {shown} did not come back within {self.failover_after:.0f}s")
-        try:
-            where, entry = await be.client.locate(prompt_id)
-        except ComfyUIUnreachable:
-            raise
+        where, entry = await be.client.locate(prompt_id)
         log.info(
             "job %s: prompt %s is %s on %s",
             job.id,
@@ -143,7 +140,8 @@ class Generate:
             return  # shutdown: leave it running; the next start reconciles it
         try:
             await asyncio.wait_for(asyncio.shield(be.client.cancel(prompt_id)), 10)
-        except Exception as exc:  # the job ends either way; say why ComfyUI may still run it
+        # Best effort, whatever goes wrong: the job ends either way; say why ComfyUI may still run it.
+        except Exception as exc:  # noqa: BLE001
             log.warning("job %s: could not stop prompt %s: %s", ctx.job.id, prompt_id, exc)
 
     async def _follow(
@@ -229,4 +227,6 @@ def _done(run: Any, job: Job, history: dict[str, Any] | None = None) -> StageDon
     )
     if history is not None:
         result["comfyui_response"] = history
+    if run.timing:  # ComfyUI's clock: queued (newer ComfyUI's create_time), started, ended
+        result["comfy_timing"] = dict(run.timing)
     return StageDone("Generation complete. Queued for post-processing.", {"result": result})

@@ -264,7 +264,7 @@ class JobStore:
         )
         return [{**dict(r), "data": loads(r["data"])} for r in rows]
 
-    async def list(
+    async def list_jobs(
         self,
         *,
         states: list[str] | None = None,
