@@ -160,7 +160,9 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         list[str],
         _d("hosts or CIDRs downloads and webhooks may reach although private or loopback"),
     ] = msgspec.field(default_factory=list)
-    modifiers_dir: Annotated[str, _d("extra folder searched for user modifiers (empty: none)")] = ""
+    modifiers_dir: Annotated[
+        str, _d("extra folder searched for user modifiers (empty: ./modifiers when present)")
+    ] = ""
     download_max_bytes: Annotated[int, _d("largest input download in bytes", ge=1)] = 512 * MiB
     download_timeout: Annotated[PosFloat, _d("total seconds for one input download")] = 600.0
 
