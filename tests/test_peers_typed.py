@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from comfyq.api.context import ApiOptions
-from tests.conftest import MakeServer, Server, settings_for, start_server, wait_healthy
+from conftest import MakeServer, Server, settings_for, start_server, wait_healthy
 
 REF = "#/components/schemas/"
 
@@ -173,7 +173,8 @@ class Stripes(BaseModifier):
 """
 
 STRIPES_WORKFLOW = """{
-  "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+  "1": {"class_type": "EmptyImage",
+        "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
   "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "stripes"}}
 }"""
 
