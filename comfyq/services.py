@@ -10,12 +10,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from comfyq.assets import Downloader
 from comfyq.clock import Clock
 from comfyq.comfy.backends import BackendPool
 from comfyq.config import Settings
 from comfyq.errors import OutputError
 from comfyq.events import EventBus
+from comfyq.inputs import Downloader
 from comfyq.netguard import AddressGuard
 from comfyq.outputs.local import job_dir
 from comfyq.outputs.s3 import S3Uploader
@@ -27,6 +27,7 @@ from comfyq.store import JobStore, Stage
 from comfyq.store.jobs import FileLock
 from comfyq.webhooks import WebhookConfig, WebhookSender
 from modifiers import ModifierRegistry
+from modifiers.registry import BUILTIN_MODIFIERS_DIR
 
 log = logging.getLogger("comfyq")
 
@@ -54,6 +55,11 @@ class Services:
             total_timeout=settings.download_timeout,
         )
         extra = [Path(settings.modifiers_dir)] if settings.modifiers_dir else []
+        local = Path("modifiers")
+        if not extra and local.is_dir() and local.resolve() != BUILTIN_MODIFIERS_DIR:
+            extra = [
+                local
+            ]  # a user's modifiers/ folder where comfyq runs is found without a setting
         self.registry = ModifierRegistry(extra)
         self.pool = BackendPool(
             self.backend_urls,

@@ -21,10 +21,11 @@ from aiohttp import web
 from moto.server import ThreadedMotoServer
 
 from comfyq.api.context import ApiOptions
+from comfyq.api.server import Runner
 from comfyq.app import create_app
-from comfyq.comfy.simulator import Simulator
 from comfyq.config import Settings
 from comfyq.services import Services
+from comfyq.sim import Simulator
 from comfyq.store.model import Stage
 
 # EmptyImage -> ImageInvert -> SaveImage: the recorded ComfyUI run (20_run_success_invert.json).
@@ -110,7 +111,8 @@ async def start_server(
 ) -> Server:
     """Start Services and the app on a free loopback port."""
     services = Services(settings, backends=backends)
-    runner = web.AppRunner(create_app(services, options), access_log=None, shutdown_timeout=2)
+    # The runner comfyq serve uses: the slow-client deadlines are part of what tests exercise.
+    runner = Runner(create_app(services, options), settings, access_log=None, shutdown_timeout=2)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()

@@ -9,9 +9,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from comfyq.comfy.sim_testing import WsRecorder, find_traces, run_workflow
-from comfyq.comfy.sim_testing import post_prompt as sim_post_prompt
-from comfyq.comfy.simulator import Simulator
+from comfyq.sim import Simulator
+from comfyq.sim.testing import WsRecorder, find_traces, run_workflow
+from comfyq.sim.testing import post_prompt as sim_post_prompt
 
 _found = find_traces(Path(__file__).resolve().parent)
 if _found is None:  # pragma: no cover - CI has shared/ beside the clone

@@ -68,7 +68,7 @@ def simulator(tmp_path: Path) -> Iterator[str]:
         [
             sys.executable,
             "-m",
-            "comfyq.comfy.simulator",
+            "comfyq.sim",
             "--port",
             str(port),
             "--node-duration",

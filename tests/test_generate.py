@@ -7,9 +7,9 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-from comfyq.comfy.simulator import Simulator
 from comfyq.config import Settings
 from comfyq.services import Services
+from comfyq.sim import Simulator
 from comfyq.store import Job, NewJob
 
 

@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from comfyq.assets import Downloader
 from comfyq.errors import BadRequest, InputError, ModifierError
+from comfyq.inputs import Downloader
+from comfyq.inputs.prepare import Prepared, check_input_urls, input_name, prepare_job
 from comfyq.netguard import AddressGuard
-from comfyq.prepare import Prepared, check_input_urls, input_name, prepare_job
 from modifiers import ModifierRegistry
 
 

@@ -15,7 +15,6 @@ from aiohttp import web
 from markdown_it import MarkdownIt
 
 from comfyq.api.context import get_api
-from comfyq.api.middleware import key_ok
 
 ASSETS_ROUTE = "/docs/assets/{name}"
 
@@ -27,6 +26,14 @@ def assets_dir() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError("the swagger-ui-py package is not installed")
     return Path(next(iter(spec.submodule_search_locations))) / "static"
+
+
+@lru_cache(maxsize=1)
+def asset_files() -> dict[str, Path]:
+    """The servable files by name: a request's name is looked up, never joined into a path."""
+    return {
+        p.name: p for p in assets_dir().iterdir() if p.is_file() and not p.name.endswith(".map")
+    }
 
 
 _PAGE = """<!DOCTYPE html>
@@ -56,11 +63,11 @@ def _js_string(value: str | None) -> str:
 
 async def docs_page(request: web.Request) -> web.Response:
     """GET /docs: interactive documentation."""
-    keys = get_api(request).settings.api_keys
+    keys = get_api(request).keys
     token = request.query.get("access_token")
     # Only a key that was checked goes into the page: /docs?access_token=KEY lets a browser try
     # calls.
-    shown = token if keys and key_ok(token, keys) else None
+    shown = token if keys.enabled and keys.principal(token) is not None else None
     return web.Response(
         text=_PAGE.replace("__TOKEN__", _js_string(shown)), content_type="text/html"
     )
@@ -69,9 +76,8 @@ async def docs_page(request: web.Request) -> web.Response:
 async def docs_asset(request: web.Request) -> web.StreamResponse:
     """GET /docs/assets/{name}: Swagger UI's own files (public: nothing of ours is in them)."""
     name = request.match_info["name"]
-    folder = assets_dir()
-    path = (folder / name).resolve()
-    if path.parent != folder.resolve() or not path.is_file() or name.endswith(".map"):
+    path = asset_files().get(name)
+    if path is None:
         raise web.HTTPNotFound(text=f"no asset {name!r}")
     ctype = mimetypes.guess_type(name)[0] or "application/octet-stream"
     return web.FileResponse(

@@ -21,7 +21,7 @@ from comfyq.store.model import Job, loads
 
 HEAD_COLUMNS = (
     "id, state, stage, message, attempts, kind, priority, created_at, updated_at,"
-    " stage_entered_at, finished_at"
+    " stage_entered_at, finished_at, owner"
 )
 
 

@@ -17,7 +17,7 @@ from typing import Any
 from comfyq.comfy.backends import Backend, BackendPool
 from comfyq.comfy.client import redact_url
 from comfyq.comfy.protocol import LiveEvent
-from comfyq.errors import Interrupted, PromptLost
+from comfyq.errors import ComfyUIUnreachable, Interrupted, PromptLost
 from comfyq.stages.runner import JobContext, StageDone
 from comfyq.store import Job
 
@@ -42,7 +42,9 @@ class Generate:
         if job.comfy_prompt_id and job.comfy_backend:
             run = await self._reconcile(job, ctx, workflow)
             if run is not None:
-                return _done(run, ctx.job)
+                be = self.pool.get(job.comfy_backend or "")
+                history = await _history_if_asked(be, job, run) if be is not None else None
+                return _done(run, ctx.job, history)
         async with self.pool.slot() as be:
             for item in prepared.get("inputs", []):
                 await be.client.upload(Path(item["path"]), item["name"], overwrite=True)
@@ -77,7 +79,8 @@ class Generate:
                 }
                 await ctx.update(result={"warnings": [warn]})
             run = await self._follow(be, prompt_id, workflow, ctx)
-        return _done(run, ctx.job)
+            history = await _history_if_asked(be, job, run)
+        return _done(run, ctx.job, history)
 
     async def _reconcile(self, job: Job, ctx: JobContext, workflow: dict[str, Any]) -> Any:
         assert job.comfy_prompt_id and job.comfy_backend
@@ -196,9 +199,36 @@ def _progress(ctx: JobContext, ev: LiveEvent) -> None:
         ctx.live(ev.kind, {"nodes": (ev.data or {}).get("nodes", [])})
 
 
-def _done(run: Any, job: Job) -> StageDone:
+async def _history_if_asked(be: Backend, job: Job, run: Any) -> dict[str, Any] | None:
+    """ComfyUI's history body for the prompt (the original wrapper's ``comfyui_response``), read
+    only for jobs that asked for it; a failed read is a missing extra, never a failed job."""
+    if not ((job.payload or {}).get("input") or {}).get("include_comfyui_response"):
+        return None
+    try:
+        entry = await be.client.history_entry(run.prompt_id)
+    except ComfyUIUnreachable as exc:
+        log.warning("job %s: history of prompt %s not read: %s", job.id, run.prompt_id, exc)
+        entry = None
+    body: dict[str, Any] = dict(entry or {})
+    raw_status = body.get("status")
+    status: dict[str, Any] = raw_status if isinstance(raw_status, dict) else {}
+    body["execution_details"] = {
+        "prompt_id": run.prompt_id,
+        "nodes_executed": list((run.outputs or {}).keys()),
+        "cached": list(run.cached_nodes or ()),
+        "completed": bool(status.get("completed", run.status == "success")),
+        "error": None,
+    }
+    return body
+
+
+def _done(run: Any, job: Job, history: dict[str, Any] | None = None) -> StageDone:
     result = dict(job.result or {})
     result.update(
         {"outputs": run.outputs, "cached_nodes": list(run.cached_nodes), "prompt_id": run.prompt_id}
     )
+    if history is not None:
+        result["comfyui_response"] = history
+    if run.timing:  # ComfyUI's clock: queued (newer ComfyUI's create_time), started, ended
+        result["comfy_timing"] = dict(run.timing)
     return StageDone("Generation complete. Queued for post-processing.", {"result": result})

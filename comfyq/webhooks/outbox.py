@@ -11,7 +11,7 @@ import sqlite3
 from dataclasses import dataclass
 from typing import Any
 
-from comfyq.clock import iso
+from comfyq.clock import iso, parse_iso
 from comfyq.netguard import redact_url
 from comfyq.store import JobStore
 
@@ -186,3 +186,16 @@ async def history(store: JobStore, job_id: str) -> list[dict[str, Any]]:
         if d["state"] != "pending":
             d["next_attempt_at"] = None
     return deliveries
+
+
+async def next_due(store: JobStore, now: float) -> float | None:
+    """When the earliest pending delivery that is not yet due becomes due (None: there is none)."""
+    rows = list(
+        await store.reader.execute_fetchall(
+            "SELECT min(next_attempt_at) FROM webhook_deliveries"
+            " WHERE state = 'pending' AND next_attempt_at > ?",
+            (iso(now),),
+        )
+    )
+    row = rows[0] if rows else None
+    return None if row is None or row[0] is None else parse_iso(row[0])
