@@ -15,7 +15,7 @@ from typing import Any
 
 import aiosqlite
 
-from comfyq.clock import Clock, iso
+from comfyq.clock import Clock
 from comfyq.store import migrate, ops
 from comfyq.store.model import STAGES, Job, NewJob, Stage, State, Transition, loads
 from comfyq.store.writer import Writer, connect
@@ -307,18 +307,6 @@ class JobStore:
         )
         return ahead + 1, size
 
-    async def recent_timings(
-        self, kind: str | None = None, limit: int = 50
-    ) -> list[dict[str, Any]]:
-        """Timings of recently completed jobs (of one kind when given), newest first."""
-        sql = "SELECT timings FROM jobs WHERE state = 'completed'"
-        params: list[Any] = []
-        if kind is not None:
-            sql += " AND kind = ?"
-            params.append(kind)
-        sql += " ORDER BY finished_at DESC LIMIT ?"
-        return [loads(r[0]) for r in await self._rows(sql, (*params, limit))]
-
     async def put_output(self, job_id: str, row: dict[str, Any]) -> None:
         await self._write(ops.put_output, job_id, self.clock.now(), row)
 
@@ -350,6 +338,3 @@ class JobStore:
             "SELECT min(run_after) FROM jobs WHERE state = 'pending' AND stage = ?", (stage,)
         )
         return rows[0][0] if rows else None
-
-    def now_iso(self) -> str:
-        return iso(self.clock.now())
