@@ -18,4 +18,3 @@ def test_delay_is_the_capped_doubling_times_50_to_100_percent(
 ) -> None:
     full = min(cap, base * 2.0 ** max(0, attempt - 1))
     assert 0.5 * full <= backoff(attempt, base, cap) <= full
-
