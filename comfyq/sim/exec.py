@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .env import SimEnv
-from .generation import Generation, generation
+from .generation import INTERMEDIATE_OUTPUT, Generation, generation
 from .graph import ExecList, _Unequal, is_link, signatures
 from .nodedefs import NODES
 from .queue import PromptQueue, QueueItem
@@ -353,6 +353,7 @@ class Executor:
                 break
             xlist.complete(nid)
         if success:
+            await self._reemit_intermediate(prompt, pid, cached)
             await self._add_message("execution_success", {"prompt_id": pid}, False, messages)
         outputs: dict[str, Any] = {}
         meta: dict[str, Any] = {}
@@ -369,6 +370,26 @@ class Executor:
             "messages": messages,
         }
         return outputs, meta, status
+
+    async def _reemit_intermediate(
+        self, prompt: dict[str, Any], pid: str, cached: list[str]
+    ) -> None:
+        """Newer ComfyUI: cached has_intermediate_output nodes send ``executed`` again (with the
+        UI re-registered for this prompt) just before execution_success."""
+        if not self.gen.rich_executed or self.client_id is None:
+            return
+        for nid in cached:
+            if prompt[nid].get("class_type") not in INTERMEDIATE_OUTPUT:
+                continue
+            ui = self.ui_cache.get(self._keys.get(nid))
+            if ui is None or ui.get("output") is None:
+                continue
+            shown = self._register(nid, ui["output"])
+            await self.hub.send_json(
+                "executed",
+                {"node": nid, "display_node": nid, "output": shown, "prompt_id": pid},
+                self.client_id,
+            )
 
     async def _error(
         self,

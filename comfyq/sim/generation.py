@@ -16,6 +16,10 @@ NEW = "0.38"
 NEWEST = NEW
 VERSIONS = (OLD, NEW)
 
+# Nodes the newer ComfyUI marks has_intermediate_output: served from cache they send `executed`
+# again just before execution_success (so one prompt may carry two for the same node and file).
+INTERMEDIATE_OUTPUT = frozenset({"PreviewImage"})
+
 _OLD_FEATURES: dict[str, Any] = {"supports_preview_metadata": True, "max_upload_size": 104857600}
 
 
@@ -82,6 +86,17 @@ def generation(name: str = NEWEST, *, assets: bool = True) -> Generation:
         rich_executed=new,
         assets=new and assets,
     )
+
+
+def modern_object_info(name: str, info: dict[str, Any]) -> dict[str, Any]:
+    """A node's ``/object_info`` entry with the newer per-node keys."""
+    return {
+        **info,
+        "is_input_list": False,
+        "has_intermediate_output": name in INTERMEDIATE_OUTPUT,
+        "search_aliases": [],
+        "dev_only": False,
+    }
 
 
 def is_canonical_uuid(value: Any) -> bool:

@@ -13,7 +13,13 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from . import files as sim_files
-from .generation import INVALID_PROMPT_ID, dependency_cycles, is_canonical_uuid, modern_error
+from .generation import (
+    INVALID_PROMPT_ID,
+    dependency_cycles,
+    is_canonical_uuid,
+    modern_error,
+    modern_object_info,
+)
 from .jobs import JobRoutes
 from .nodedefs import NODES, object_info
 from .queue import SENSITIVE_EXTRA_DATA_KEYS
@@ -136,14 +142,19 @@ class Routes:
     async def object_info_all(self, request: web.Request) -> web.Response:
         """GET /object_info."""
         return web.json_response(
-            {name: object_info(spec, self.p.env) for name, spec in NODES.items()}
+            {name: self._info(name, object_info(spec, self.p.env)) for name, spec in NODES.items()}
         )
+
+    def _info(self, name: str, info: dict[str, Any]) -> dict[str, Any]:
+        return modern_object_info(name, info) if self.p.gen.rich_executed else info
 
     async def object_info_one(self, request: web.Request) -> web.Response:
         """GET /object_info/{node_class}; unknown classes give {}."""
         name = request.match_info["node_class"]
         spec = NODES.get(name)
-        return web.json_response({} if spec is None else {name: object_info(spec, self.p.env)})
+        if spec is None:
+            return web.json_response({})
+        return web.json_response({name: self._info(name, object_info(spec, self.p.env))})
 
     async def embeddings(self, request: web.Request) -> web.Response:
         """GET /embeddings."""
