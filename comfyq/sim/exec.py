@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,6 +54,8 @@ class Faults:
     # ``held`` lists the prompt ids that reached it. Tests use it to act during that handover.
     start_gate: asyncio.Event | None = None
     held: list[str] = field(default_factory=list)
+    # "METHOD /path" of the latest requests (any process of this simulator), oldest first.
+    requests: deque[str] = field(default_factory=lambda: deque(maxlen=10000))
 
 
 @dataclass

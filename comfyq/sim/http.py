@@ -354,8 +354,16 @@ def build_app(proc: SimProcess) -> web.Application:
             ("POST", "/api/jobs/{job_id}/cancel", jobs.cancel_one),
             ("GET", "/node_replacements", jobs.node_replacements),
         ]
+    log = proc.faults.requests
+
+    @web.middleware
+    async def _log_request(request: web.Request, handler: Handler) -> web.StreamResponse:
+        log.append(f"{request.method} {request.path}")  # what the client asked, for tests
+        return await handler(request)
+
     app = web.Application(
-        client_max_size=SERVER_FEATURES["max_upload_size"], middlewares=[_crash_middleware]
+        client_max_size=SERVER_FEATURES["max_upload_size"],
+        middlewares=[_log_request, _crash_middleware],
     )
     for prefix in ("/api", ""):
         for method, path, handler in table:

@@ -249,6 +249,11 @@ class Simulator:
     def held(self) -> list[str]:
         return self.faults.held
 
+    @property
+    def requests(self) -> list[str]:
+        """ "METHOD /path" of the requests served (the latest 10000), oldest first."""
+        return list(self.faults.requests)
+
     def drop_websockets(self) -> None:
         """Cut every websocket connection abruptly; the server stays up."""
         if self._proc is not None:
