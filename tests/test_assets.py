@@ -1,4 +1,4 @@
-"""Downloader against a real loopback HTTP server: caching, coalescing, limits, types, inline data."""
+"""Downloader against a real loopback HTTP server: caching, coalescing, limits, types, inline."""
 
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from comfyq.inputs import Downloader, sniff_type
 from comfyq.errors import InputError
+from comfyq.inputs import Downloader, sniff_type
 from comfyq.netguard import AddressGuard
 
 KiB = 1024

@@ -23,8 +23,6 @@ from test_client_support import (
 
 from comfyq.comfy.client import ComfyClient
 from comfyq.comfy.protocol import LiveEvent
-from comfyq.sim import Simulator
-from comfyq.sim.generation import OLD, VERSIONS
 from comfyq.errors import (
     ComfyUIUnreachable,
     Interrupted,
@@ -33,6 +31,8 @@ from comfyq.errors import (
     PromptLost,
     ValidationError,
 )
+from comfyq.sim import Simulator
+from comfyq.sim.generation import OLD, VERSIONS
 
 # ``details.kind`` where it differs from ComfyUI's own error type (the same in every generation).
 KINDS = {"unknown_class_type": "unknown_node", "node_without_class_type": "missing_class_type"}

@@ -23,7 +23,7 @@ from comfyq.sim import Simulator
 from comfyq.sim.generation import NEW, OLD, VERSIONS
 
 GUARD = 15.0  # hang guard only
-SVG = b'<svg xmlns="http://www.w3.org/2000/svg" width="4" height="4"><rect width="4" height="4"/></svg>\n'
+SVG = b'<svg xmlns="http://www.w3.org/2000/svg" width="4" height="4"><rect/></svg>\n'
 XML = b'<?xml version="1.0"?>\n<note><to>comfyq</to></note>\n'
 NEW_CAPS = ["assets", "atomic_cancel", "jobs_api", "node_replacements", "preview_metadata"]
 OLD_CAPS = ["preview_metadata"]

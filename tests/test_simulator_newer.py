@@ -135,7 +135,8 @@ async def test_missing_node_type(
     del wf["3"]["class_type"]
     _, body = await post(http, sim, {"prompt": wf})
     assert body["error"]["message"] == (
-        "Node 'My Foo' has no class_type. The workflow may be corrupted or a custom node is missing."
+        "Node 'My Foo' has no class_type. "
+        "The workflow may be corrupted or a custom node is missing."
     )
     assert body["error"]["extra_info"]["class_type"] is None
     wf["3"]["class_type"] = "Foo"

@@ -11,6 +11,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
+from comfyq.api.auth import Keys
 from comfyq.api.queue import QueueView
 from comfyq.api.reads import Reads
 from comfyq.metrics import Metrics
@@ -43,6 +44,7 @@ class Api:
         self.bus = services.bus
         self.pipeline = services.pipeline
         self.options = options
+        self.keys = Keys(self.settings.api_keys, self.settings.api_keys_file)
         self.reads = Reads(self.store.path)
         self.results = Results(
             self.reads,

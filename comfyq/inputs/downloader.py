@@ -1,4 +1,4 @@
-"""Downloader: URL inputs fetched safely into the content-hash cache, inline inputs decoded into it."""
+"""Downloader: URL inputs fetched safely into the content-hash cache, inline ones decoded there."""
 
 from __future__ import annotations
 
@@ -13,11 +13,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-import aiofiles
-import aiofiles.os
+import aiofiles  # type: ignore[import-untyped]  # no stubs; aiofiles goes in issue 21 step 5
+import aiofiles.os  # type: ignore[import-untyped]  # no stubs; aiofiles goes in issue 21 step 5
 import aiohttp
 from yarl import URL
 
+from comfyq.errors import InputError
 from comfyq.inputs.filetypes import (
     DEFAULT_ALLOWED_TYPES,
     SNIFF_BYTES,
@@ -35,7 +36,6 @@ from comfyq.inputs.storage import (
     touch,
     write_and_hash,
 )
-from comfyq.errors import InputError
 from comfyq.logs import detached
 from comfyq.netguard import AddressGuard, redact_url
 

@@ -237,7 +237,7 @@ class Simulator:
 
     def hold_starts(self) -> None:
         """From now on a prompt taken off the queue (so already "running") waits before it
-        executes, until ``release_starts``; ``held`` lists the prompt ids that reached that point."""
+        executes, until ``release_starts``; ``held`` lists the prompt ids that got there."""
         self.faults.start_gate = asyncio.Event()
 
     def release_starts(self) -> None:
@@ -289,7 +289,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--disable-assets",
         action="store_true",
-        help="newest generation only: run without the assets system (no asset ids, no blake3: views)",
+        help="newest generation only: run without the assets system"
+        " (no asset ids, no blake3: views)",
     )
     ap.add_argument(
         "--prompt-log",
