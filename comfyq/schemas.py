@@ -317,7 +317,7 @@ class StageHealth(Struct):
     crashes: int
 
 
-class SupervisedProcess(Struct, omit_defaults=True):
+class SupervisedProcess(Struct):
     state: Annotated[str, _d("starting, running, backoff (waiting to restart) or stopped")]
     pid: int | None = None
     starts: int = 0
