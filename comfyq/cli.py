@@ -148,6 +148,7 @@ async def serve(settings: Settings) -> int:
     """Run until SIGTERM/SIGINT; then stop claiming, let in-flight work finish, exit 0."""
     from aiohttp import web
 
+    from comfyq.api.server import Runner
     from comfyq.app import create_app
     from comfyq.services import Services
 
@@ -186,7 +187,7 @@ async def serve(settings: Settings) -> int:
         app = create_app(services)
         # aiohttp's own access log would print query strings (?access_token=): the API's
         # middleware logs each request instead (comfyq.access).
-        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5)
+        runner = Runner(app, settings, access_log=None, handle_signals=False, shutdown_timeout=5)
         await runner.setup()
         site = web.TCPSite(runner, settings.api_host, settings.api_port)
         await site.start()
@@ -268,7 +269,8 @@ def _jobs(settings: Settings, args: argparse.Namespace) -> int:
             sql = "SELECT * FROM jobs_overview"
             params: list[Any] = []
             if args.status:
-                sql += f" WHERE state IN ({','.join('?' * len(args.status))}) OR status IN ({','.join('?' * len(args.status))})"
+                marks = ",".join("?" * len(args.status))
+                sql += f" WHERE state IN ({marks}) OR status IN ({marks})"
                 params = [*args.status, *args.status]
             sql += " LIMIT ?"
             rows = [dict(r) for r in conn.execute(sql, (*params, args.limit))]
@@ -320,7 +322,8 @@ def _show(conn: sqlite3.Connection, job_id: str) -> int:
     print(f"job       {job.id}")
     print(f"status    {job.status} (state {job.state}, stage {job.stage})")
     print(
-        f"attempts  {job.attempts}/{job.max_attempts}   priority {job.priority}   kind {job.kind or '-'}"
+        f"attempts  {job.attempts}/{job.max_attempts}   priority {job.priority}"
+        f"   kind {job.kind or '-'}"
     )
     print(f"created   {job.created_at}   finished {job.finished_at or '-'}")
     print(f"comfyui   backend {job.comfy_backend or '-'}   prompt {job.comfy_prompt_id or '-'}")

@@ -8,7 +8,7 @@ a job starts carries its id; shared work started on a job's behalf uses ``detach
 Secrets: call sites log URLs through ``netguard.redact_url`` and never log keys. As a safety net
 every finished line goes through :class:`Redactor`: the configured secret values, URL userinfo and
 query strings, ``Bearer`` tokens, ``whsec_`` secrets, sensitive query parameters and AWS
-``Credential=``/``Signature=`` values are replaced. It cannot know a job's own secrets in free-form text.
+``Credential=``/``Signature=`` values are replaced. It cannot know a job's own secrets in free text.
 
 Client text: every finished line, whichever logger wrote it (the access log, aiohttp, the
 simulator), passes through :func:`clean`'s two rules in the formatter: control characters are
@@ -307,7 +307,7 @@ def setup(
 
 
 def configure(settings: Any, *, stream: IO[str] | None = None) -> logging.Handler:
-    """``setup`` from the settings: ``api_log_level``, ``log_format``, the secret settings' values."""
+    """``setup`` from the settings: ``api_log_level``, ``log_format``, the secret settings."""
     return setup(
         settings.api_log_level, settings.log_format, secrets=secret_values(settings), stream=stream
     )

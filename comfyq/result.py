@@ -158,7 +158,7 @@ def has_webhook(job: Job) -> bool:
 
 
 def deliveries(rows: list[dict[str, Any]]) -> list[WebhookDelivery]:
-    """The outbox's history rows as Result entries (rows that do not fit are left out, not fatal)."""
+    """The outbox's history rows as Result entries (a row that does not fit is left out)."""
     out = []
     for row in rows:
         try:

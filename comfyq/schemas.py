@@ -23,7 +23,8 @@ REQUEST_ID_PATTERN = r"^(?:[A-Za-z0-9_-][A-Za-z0-9._-]{0,127})?$"
 RequestId = Annotated[
     str,
     _d(
-        "client id of the job (idempotency key): 1-128 of A-Z a-z 0-9 . _ -, not starting with a dot;"
+        "client id of the job (idempotency key): 1-128 of A-Z a-z 0-9 . _ -,"
+        " not starting with a dot;"
         " empty or absent: the server makes one",
         pattern=REQUEST_ID_PATTERN,
         max_length=128,
@@ -169,7 +170,8 @@ class Progress(Struct, omit_defaults=True):
 
 class OutputFile(Struct, omit_defaults=True, kw_only=True):
     """One output file. The fields CONTRACT.md documents are always present (no default, so never
-    omitted: ``"subfolder": ""`` included, as the original wrapper sent it); the rest only when set."""
+    omitted: ``"subfolder": ""`` included, as the original wrapper sent it); the rest only when
+    set."""
 
     filename: str
     local_path: Annotated[str | None, _d("the file on the comfyq host")]

@@ -1,4 +1,5 @@
-"""Services: everything a running comfyq holds, built from the settings, started and stopped in order."""
+"""Services: everything a running comfyq holds, built from the settings, started and stopped in
+order."""
 
 from __future__ import annotations
 
@@ -147,7 +148,7 @@ class Services:
         self.started = True
 
     async def stop(self) -> None:
-        """Graceful: stop claiming, give in-flight work the grace period, leave the rest resumable."""
+        """Graceful: stop claiming, give work in flight the grace period, the rest resumes later."""
         for t in self._tasks:
             t.cancel()
         await self._step("periodic tasks", asyncio.gather(*self._tasks, return_exceptions=True), 10)

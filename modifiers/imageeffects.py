@@ -62,7 +62,7 @@ class ImageEffectsParams(msgspec.Struct, forbid_unknown_fields=True, kw_only=Tru
 
 
 class ImageEffects(BaseModifier):
-    """Nodes: 1 EmptyImage | 10 LoadImage + 11 ImageScale, 2 ImageInvert, 3 ImageBlur, 9 SaveImage."""
+    """Nodes: 1 EmptyImage | 10 LoadImage, 11 ImageScale; 2 ImageInvert; 3 ImageBlur; 9 SaveImage"""
 
     WORKFLOW_JSON = "workflows/image_effects.json"
     Params = ImageEffectsParams

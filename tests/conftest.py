@@ -21,6 +21,7 @@ from aiohttp import web
 from moto.server import ThreadedMotoServer
 
 from comfyq.api.context import ApiOptions
+from comfyq.api.server import Runner
 from comfyq.app import create_app
 from comfyq.config import Settings
 from comfyq.services import Services
@@ -109,7 +110,8 @@ async def start_server(
 ) -> Server:
     """Start Services and the app on a free loopback port."""
     services = Services(settings, backends=backends)
-    runner = web.AppRunner(create_app(services, options), access_log=None, shutdown_timeout=2)
+    # The runner comfyq serve uses: the slow-client deadlines are part of what tests exercise.
+    runner = Runner(create_app(services, options), settings, access_log=None, shutdown_timeout=2)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
@@ -143,7 +145,8 @@ MakeServer = Callable[..., Awaitable[Server]]
 
 @pytest.fixture
 async def make_server(tmp_path: Path, simulator: Simulator) -> AsyncIterator[MakeServer]:
-    """``await make_server(options=ApiOptions(...), **settings)``: more servers, each with its own files."""
+    """``await make_server(options=ApiOptions(...), **settings)``: more servers, each with its own
+    files."""
     servers: list[Server] = []
 
     async def make(*, options: ApiOptions | None = None, **overrides: Any) -> Server:

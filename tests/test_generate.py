@@ -106,7 +106,7 @@ async def test_success_records_outputs_and_progress(tmp_path: Path, sim: Simulat
             out["mimetype"] == "image/png"
             and Path(out["local_path"]).read_bytes()[:4] == b"\x89PNG"
         )
-        # Same workflow again: ComfyUI answers from its cache with the old file name; we still get it.
+        # Same workflow again: ComfyUI answers from its cache with the old file name; we get it.
         await submit(svc, "b", wf(1, blur=True))
         assert (await final(svc, "b")).state == "completed"
         (out_b,) = await svc.store.outputs("b")

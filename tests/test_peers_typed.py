@@ -173,7 +173,8 @@ class Stripes(BaseModifier):
 """
 
 STRIPES_WORKFLOW = """{
-  "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+  "1": {"class_type": "EmptyImage",
+        "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
   "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "stripes"}}
 }"""
 

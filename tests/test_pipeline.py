@@ -1,4 +1,4 @@
-"""The stage runner on a real store: claiming, wake-ups, retries, deadlines, cancel, crash, shutdown.
+"""The stage runner on a real store: claims, wake-ups, retries, deadlines, cancel, crash, shutdown.
 
 Stage handlers here are small test stages plugged into the real runner (the runner's contract is a
 handler per stage); the full ComfyUI path is exercised in the API and crash tests.

@@ -1,4 +1,4 @@
-"""Simulator features beyond the recorded traces: fault injection, checkpoint pipeline, files, CLI."""
+"""Simulator features beyond the recorded traces: faults, checkpoint pipeline, files, CLI."""
 
 from __future__ import annotations
 

@@ -246,7 +246,8 @@ ROUTES: list[Route] = [
         ws.websocket,
         "Job events over a websocket",
         "jobs",
-        description='Send {"subscribe": ["<id>", ...]} or {"subscribe": "*"}; receive StreamEvents as JSON'
+        description='Send {"subscribe": ["<id>", ...]} or {"subscribe": "*"}; receive StreamEvents'
+        " as JSON"
         " text frames and preview images as binary frames (4-byte big-endian header length,"
         " JSON header with job_id, then the image).",
         replies={

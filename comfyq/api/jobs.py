@@ -20,7 +20,8 @@ from comfyq.store.model import Job
 # Result statuses (and the raw states) a listing can filter on, as SQL over (state, stage).
 STATUS_SQL = {
     "queued": "(state = 'pending' AND stage = 'preprocess')",
-    "processing": "((state = 'running' AND stage = 'preprocess') OR (state = 'pending' AND stage = 'generate'))",
+    "processing": "((state = 'running' AND stage = 'preprocess')"
+    " OR (state = 'pending' AND stage = 'generate'))",
     "generating": "(state = 'running' AND stage = 'generate')",
     "postprocessing": "(state IN ('pending', 'running') AND stage = 'postprocess')",
     "completed": "state = 'completed'",

@@ -36,7 +36,7 @@ def frame(se: StreamEvent) -> bytes:
 
 
 def last_event_id(request: web.Request) -> int | None:
-    """Where a client resumes: the Last-Event-ID header, or ``?last_event_id=`` for plain clients."""
+    """Where a client resumes: the Last-Event-ID header, or ``?last_event_id=`` (plain clients)."""
     return row_of(request.headers.get("Last-Event-ID") or request.query.get("last_event_id"))
 
 

@@ -146,7 +146,9 @@ def routes(registry: ModifierRegistry) -> list[Route]:
                 "workflows",
                 body=info.params,
                 params=_OPTIONS,
-                description=f"{summary}. The body is the parameters; a wrong one is a 400 naming it.",
+                description=(
+                    f"{summary}. The body is the parameters; a wrong one is a 400 naming it."
+                ),
                 replies={
                     202: Reply("accepted: the job is committed", Result),
                     200: Reply("this request_id already exists with the same payload", Result),

@@ -49,7 +49,8 @@ class Generate:
             for item in prepared.get("inputs", []):
                 await be.client.upload(Path(item["path"]), item["name"], overwrite=True)
             prompt_id = str(uuid.uuid4())
-            # Durable before the request goes out: a crash from here on reconciles, never re-runs blindly.
+            # Durable before the request goes out: a crash from here on reconciles, never re-runs
+            # blindly.
             await ctx.update(
                 comfy_prompt_id=prompt_id,
                 comfy_backend=be.url,
@@ -140,7 +141,8 @@ class Generate:
             return  # shutdown: leave it running; the next start reconciles it
         try:
             await asyncio.wait_for(asyncio.shield(be.client.cancel(prompt_id)), 10)
-        # Best effort, whatever goes wrong: the job ends either way; say why ComfyUI may still run it.
+        # Best effort whatever goes wrong: the job ends either way; say why ComfyUI may still run
+        # it.
         except Exception as exc:  # noqa: BLE001
             log.warning("job %s: could not stop prompt %s: %s", ctx.job.id, prompt_id, exc)
 

@@ -117,7 +117,7 @@ class StageRunner:
         self._work.set()
 
     def take_waiter(self) -> asyncio.Future[Job] | None:
-        """An idle worker of this stage, taken out of the claimer's hands (for a direct hand-off)."""
+        """An idle worker of this stage, taken from the claimer's hands (for a direct hand-off)."""
         if not self.claiming:
             return None
         while self._waiters:

@@ -27,7 +27,7 @@ def loads(text: str | bytes | None) -> Any:
 
 
 def status_of(state: str, stage: str) -> str:
-    """The Result ``status`` a client sees for a (state, stage) pair (same rule as jobs_overview)."""
+    """The Result ``status`` a client sees for a (state, stage) pair (the rule of jobs_overview)."""
     if state in TERMINAL:
         return state
     if stage == "preprocess":
@@ -189,7 +189,10 @@ class Job:
         return self.state in TERMINAL
 
     def __repr__(self) -> str:
-        return f"Job(id={self.id!r}, state={self.state!r}, stage={self.stage!r}, attempts={self.attempts})"
+        return (
+            f"Job(id={self.id!r}, state={self.state!r}, stage={self.stage!r},"
+            f" attempts={self.attempts})"
+        )
 
 
 @dataclass
