@@ -190,6 +190,7 @@ async def serve(settings: Settings, *, comfyui_version: str | None = None) -> in
     # Watchers (Vast's worker) connect the moment they read BACKENDS_READY: hold it back until the
     # listener below accepts connections.
     services.pool.hold_ready_line()
+    services.listening = False
     try:
         await services.start()
     except Exception as exc:
@@ -238,6 +239,7 @@ async def serve(settings: Settings, *, comfyui_version: str | None = None) -> in
         ", ".join(services.backend_urls),
     )
     await _until_accepting(settings.api_host, port)
+    services.listening = True
     services.pool.release_ready_line()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

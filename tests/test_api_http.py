@@ -20,7 +20,7 @@ from comfyq.schemas import GenerateRequest
 from comfyq.sim import Simulator
 
 _colors = itertools.count(9000)
-PUBLIC = {"/health", "/docs/assets/{name}"}
+PUBLIC = {"/health", "/ready", "/docs/assets/{name}"}
 
 
 def body(**extra: Any) -> dict[str, Any]:
