@@ -22,7 +22,9 @@ from comfyq.stages.postprocess import Postprocess
 from comfyq.stages.preprocess import Preprocess
 from comfyq.stages.runner import Pipeline, RunnerConfig
 from comfyq.store import JobStore
+from comfyq.store.assets import AssetStore
 from comfyq.store.jobs import FileLock
+from comfyq.v2.resolve import AssetResolver
 from comfyq.webhooks import WebhookConfig, WebhookSender
 from modifiers import ModifierRegistry
 
@@ -67,11 +69,12 @@ class Services:
         self.uploader = S3Uploader.from_settings(settings, self.guard)
         self.webhooks = WebhookSender(self.store, self.guard, WebhookConfig.from_settings(settings))
         self.generate = Generate(self.pool, failover_after=settings.backend_failover_after)
+        self.asset_resolver = AssetResolver(self.store)  # Comfy API v2 assets (comfyq/v2)
         self.pipeline = Pipeline(
             self.store,
             self.bus,
             {
-                "preprocess": Preprocess(self.registry, self.downloader),
+                "preprocess": Preprocess(self.registry, self.downloader, self.asset_resolver),
                 "generate": self.generate,
                 "postprocess": Postprocess(
                     self.pool,
@@ -167,6 +170,7 @@ class Services:
         """Delete finished jobs (and their files) older than the retention age."""
         age = self.settings.retention_seconds if older_than is None else older_than
         n = await prune_jobs(self.store, self.output_dir, age)
+        await prune_assets(self.asset_resolver.assets, Path(self.settings.assets_dir).absolute())
         # Cached inputs are referenced by waiting jobs: keep them at least twice the job deadline.
         await self.downloader.prune(max(age, 2 * self.settings.job_timeout))
         return n
@@ -188,3 +192,11 @@ async def prune_jobs(store: JobStore, output_dir: Path, older_than: float) -> in
     if total:
         log.info("pruned %d finished job(s) older than %.0fs", total, older_than)
     return total
+
+
+async def prune_assets(assets: AssetStore, root: Path) -> None:
+    """Remove Comfy API v2 assets past their expires_at, and the blob files left unused."""
+    for path in await assets.prune_assets():
+        p = Path(path)
+        if p.parent.parent == root:  # only ever a blob file of ours
+            await asyncio.to_thread(p.unlink, True)

@@ -15,6 +15,7 @@ from comfyq.api.middleware import cors_headers
 from comfyq.api.openapi import Param, Reply, Route, document
 from comfyq.metrics import CONTENT_TYPE
 from comfyq.schemas import ErrorBody, GenerateRequest, Health, JobList, QueueInfo, Result
+from comfyq.v2 import routes as v2_routes
 
 OPENAPI: web.AppKey[bytes] = web.AppKey("openapi", bytes)
 README: web.AppKey[str] = web.AppKey("readme", str)
@@ -265,11 +266,15 @@ ROUTES: list[Route] = [
 ]
 
 
+ROUTES += v2_routes.ROUTES  # the Comfy API v2 surface, on the same port (comfyq/v2)
+
+
 def setup_routes(app: web.Application) -> None:
     """Register every route on ``app``, with the OpenAPI document and the rendered README."""
     from comfyq.api.context import API
 
     api = app[API]
+    v2_routes.setup(app)
     for r in ROUTES:
         app.router.add_route(r.method, r.path, r.handler)
     app[OPENAPI] = msgspec.json.encode(document(ROUTES, api_keys=bool(api.settings.api_keys)))
