@@ -60,6 +60,11 @@ class Unauthorized(ComfyqError):
     http_status = 401
 
 
+class Forbidden(ComfyqError):
+    type = "forbidden"
+    http_status = 403
+
+
 class NotFound(ComfyqError):
     type = "not_found"
     http_status = 404
@@ -68,6 +73,13 @@ class NotFound(ComfyqError):
 class MethodNotAllowed(ComfyqError):
     type = "method_not_allowed"
     http_status = 405
+
+
+class RequestTimeout(ComfyqError):
+    """The client did not send its request body in time (``http_body_timeout``)."""
+
+    type = "request_timeout"
+    http_status = 408
 
 
 class Conflict(ComfyqError):

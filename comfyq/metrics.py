@@ -195,7 +195,7 @@ class Metrics:
                     self.job_duration.labels(tr.to_state).observe(total / 1000.0)
 
     def http(self, route: str, method: str, status: int, seconds: float) -> None:
-        """Count one request; labelled children are cached (labels() takes a lock and builds keys)."""
+        """Count one request; labelled children are cached (labels() takes a lock, builds keys)."""
         if method not in _METHODS:
             method = "other"  # methods are client-chosen: keep the label set bounded
         key = (route, method, status)

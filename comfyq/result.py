@@ -139,7 +139,13 @@ def to_result(
         timings=timings(job.timings),
         finished_at=job.finished_at,
         warnings=[w for w in warnings if isinstance(w, dict)],
+        comfyui_response=_comfyui_response(job),
     )
+
+
+def _comfyui_response(job: Job) -> dict[str, Any]:
+    body = (job.result or {}).get("comfyui_response")
+    return body if isinstance(body, dict) else {}
 
 
 def wants_base64(job: Job) -> bool:
@@ -152,7 +158,7 @@ def has_webhook(job: Job) -> bool:
 
 
 def deliveries(rows: list[dict[str, Any]]) -> list[WebhookDelivery]:
-    """The outbox's history rows as Result entries (rows that do not fit are left out, not fatal)."""
+    """The outbox's history rows as Result entries (a row that does not fit is left out)."""
     out = []
     for row in rows:
         try:

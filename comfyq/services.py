@@ -1,4 +1,5 @@
-"""Services: everything a running comfyq holds, built from the settings, started and stopped in order."""
+"""Services: everything a running comfyq holds, built from the settings, started and stopped in
+order."""
 
 from __future__ import annotations
 
@@ -9,11 +10,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from comfyq.assets import Downloader
 from comfyq.clock import Clock
 from comfyq.comfy.backends import BackendPool
 from comfyq.config import Settings
+from comfyq.errors import OutputError
 from comfyq.events import EventBus
+from comfyq.inputs import Downloader
 from comfyq.netguard import AddressGuard
 from comfyq.outputs.local import job_dir
 from comfyq.outputs.s3 import S3Uploader
@@ -27,6 +29,7 @@ from comfyq.store.jobs import FileLock
 from comfyq.v2.resolve import AssetResolver
 from comfyq.webhooks import WebhookConfig, WebhookSender
 from modifiers import ModifierRegistry
+from modifiers.registry import BUILTIN_MODIFIERS_DIR
 
 log = logging.getLogger("comfyq")
 
@@ -54,6 +57,11 @@ class Services:
             total_timeout=settings.download_timeout,
         )
         extra = [Path(settings.modifiers_dir)] if settings.modifiers_dir else []
+        local = Path("modifiers")
+        if not extra and local.is_dir() and local.resolve() != BUILTIN_MODIFIERS_DIR:
+            extra = [
+                local
+            ]  # a user's modifiers/ folder where comfyq runs is found without a setting
         self.registry = ModifierRegistry(extra)
         self.pool = BackendPool(
             self.backend_urls,
@@ -129,7 +137,7 @@ class Services:
         self.started = True
 
     async def stop(self) -> None:
-        """Graceful: stop claiming, give in-flight work the grace period, leave the rest resumable."""
+        """Graceful: stop claiming, give work in flight the grace period, the rest resumes later."""
         for t in self._tasks:
             t.cancel()
         await self._step("periodic tasks", asyncio.gather(*self._tasks, return_exceptions=True), 10)
@@ -183,7 +191,7 @@ async def prune_jobs(store: JobStore, output_dir: Path, older_than: float) -> in
         for job_id in ids:
             try:
                 folder = job_dir(output_dir, job_id)
-            except Exception:
+            except OutputError:  # an id that cannot name a folder has none to remove
                 continue
             await asyncio.to_thread(shutil.rmtree, folder, True)
         total += len(ids)

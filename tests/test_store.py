@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,7 @@ def new(i: int | str, priority: int = 0, timeout: float = 3600.0, max_attempts: 
 
 
 @pytest.fixture
-async def store(tmp_path: Path):
+async def store(tmp_path: Path) -> AsyncIterator[JobStore]:
     s = JobStore(tmp_path / "q.db", clock=ManualClock(), owner="w1")
     await s.open()
     yield s
@@ -105,7 +106,7 @@ async def test_claim_order_priority_then_age(store: JobStore) -> None:
         store.clock.advance(0.001)  # type: ignore[attr-defined]
     got = await store.claim("preprocess", 4, 30, "p")
     assert [j.id for j in got] == ["2", "4", "1", "3"]
-    (job,) = [j for j in await store.list() if j.id == "3"]
+    (job,) = [j for j in await store.list_jobs() if j.id == "3"]
     assert job.state == "running"
 
 
@@ -113,7 +114,7 @@ async def test_queue_position(store: JobStore) -> None:
     for i, prio in ((1, 0), (2, 0), (3, 9)):
         await store.create(new(i, priority=prio), 10)
         store.clock.advance(0.001)  # type: ignore[attr-defined]
-    positions = {j.id: await store.position(j) for j in await store.list()}
+    positions = {j.id: await store.position(j) for j in await store.list_jobs()}
     assert positions == {"3": (1, 3), "1": (2, 3), "2": (3, 3)}
 
 
@@ -156,7 +157,9 @@ async def test_expired_lease_is_requeued_then_failed_when_attempts_spent(store: 
     store.clock.advance(31)  # type: ignore[attr-defined]
     (tr,) = await store.reap(grace=30)
     assert (
-        tr.to_state == "failed" and tr.job is not None and tr.job.error["type"] == "lease_expired"
+        tr.to_state == "failed"
+        and tr.job is not None
+        and (tr.job.error or {}).get("type") == "lease_expired"
     )
 
 
@@ -180,7 +183,11 @@ async def test_deadline_fails_waiting_job_with_timeout(store: JobStore) -> None:
     assert await store.reap(grace=5) == []
     store.clock.advance(5)  # type: ignore[attr-defined]
     (tr,) = await store.reap(grace=5)
-    assert tr.to_state == "failed" and tr.job is not None and tr.job.error["type"] == "timeout"
+    assert (
+        tr.to_state == "failed"
+        and tr.job is not None
+        and (tr.job.error or {}).get("type") == "timeout"
+    )
 
 
 async def test_cancel_in_every_state(store: JobStore) -> None:
@@ -266,7 +273,7 @@ async def test_a_failing_write_does_not_undo_its_neighbours(store: JobStore) -> 
         return_exceptions=True,
     )
     assert isinstance(results[1], Conflict)
-    assert {j.id for j in await store.list()} == {"1", "2", "3"}
+    assert {j.id for j in await store.list_jobs()} == {"1", "2", "3"}
 
 
 async def test_checkpoint_truncates_wal(store: JobStore) -> None:

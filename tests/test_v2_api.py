@@ -12,7 +12,7 @@ import aiohttp
 from conftest import MakeServer, Server, pause, resume, wait_healthy, workflow
 from v2_support import check, check_error, check_events, parse_sse
 
-from comfyq.comfy.simulator import Simulator
+from comfyq.sim import Simulator
 
 _colors = itertools.count(7000)
 
@@ -186,7 +186,7 @@ async def test_idempotency_key_single_use_and_atomic(server: Server) -> None:
     for status, resp, _ in results:
         if status == 422:
             check_error(resp, "idempotency_key_reuse")
-    rows = await server.services.store.list(limit=100)
+    rows = await server.services.store.list_jobs(limit=100)
     assert len(rows) == 1
     # Another body under the same key: still refused.
     status, resp, _ = await submit(
@@ -297,7 +297,7 @@ async def test_stream_cap_per_key(make_server: MakeServer) -> None:
     srv = await make_server(v2_streams_per_key=1)
     await wait_healthy(srv)
     pause(srv, "preprocess")
-    status, job, _ = await submit(srv, {"workflow": graph()})
+    _, job, _ = await submit(srv, {"workflow": graph()})
     async with aiohttp.ClientSession() as s2:
         async with srv.session.get(srv.u(job["urls"]["events"])) as first:
             assert first.status == 200
@@ -311,3 +311,73 @@ async def test_stream_cap_per_key(make_server: MakeServer) -> None:
         async with s2.get(srv.u(job["urls"]["events"])) as third:  # the slot was given back
             assert third.status == 200
             await third.read()
+
+
+async def test_client_keys_see_only_their_own_jobs_and_assets(make_server: MakeServer) -> None:
+    srv = await make_server(api_keys=["client:key-a", "client:key-b", "admin:key-root"])
+    await wait_healthy(srv)
+    a = {"Authorization": "Bearer key-a"}
+    b = {"Authorization": "Bearer key-b"}
+    root = {"Authorization": "Bearer key-root"}
+    form = aiohttp.FormData()
+    form.add_field("content_type", "image/png")
+    form.add_field("file_path", "mine.png")
+    form.add_field("file", b"\x89PNG not really", filename="mine.png")
+    async with srv.session.post(srv.u("/api/v2/assets"), data=form, headers=a) as r:
+        asset = await r.json()
+        assert r.status == 201, asset
+    status, job, _ = await submit(srv, {"workflow": graph()}, headers=a)
+    assert status == 201
+    done = await until_status_as(srv, job["id"], a)
+    out_id = done["outputs"][0]["id"]
+    for path in (
+        f"/api/v2/jobs/{job['id']}",
+        f"/api/v2/jobs/{job['id']}/workflow",
+        f"/api/v2/jobs/{job['id']}/events",
+        f"/api/v2/assets/{asset['id']}",
+        f"/api/v2/assets/{asset['id']}/content",
+        f"/api/v2/assets/{out_id}",
+        f"/api/v2/assets/{out_id}/content",
+    ):
+        status, resp, _ = await call(srv, "GET", path, headers=b)
+        assert status == 404 and check_error(resp, "not_found"), path
+        status, _, _ = await call(srv, "GET", path, headers=a)
+        assert status == 200, path
+        status, _, _ = await call(srv, "GET", path, headers=root)
+        assert status == 200, path
+    status, resp, _ = await call(srv, "POST", f"/api/v2/jobs/{job['id']}/cancel", headers=b)
+    assert status == 404
+    status, resp, _ = await call(srv, "DELETE", f"/api/v2/assets/{asset['id']}", headers=b)
+    assert status == 404
+    status, page, _ = await call(srv, "GET", "/api/v2/jobs", headers=b)
+    assert status == 200 and page["jobs"] == []
+    status, page, _ = await call(srv, "GET", "/api/v2/jobs", headers=a)
+    assert [j["id"] for j in page["jobs"]] == [job["id"]]
+    async with srv.session.head(srv.u(f"/api/v2/assets/by-hash/{asset['hash']}"), headers=b) as r:
+        assert r.status == 404
+    async with srv.session.head(srv.u(f"/api/v2/assets/by-hash/{asset['hash']}"), headers=a) as r:
+        assert r.status == 200
+    async with srv.session.post(
+        srv.u("/api/v2/assets/from-hash"), json={"hash": asset["hash"]}, headers=b
+    ) as r:
+        assert r.status == 404 and check_error(await r.json(), "blob_not_found")
+    wf = graph()
+    wf["1"]["inputs"]["color"] = {"__type": "core/ASSET", "info": {"id": asset["id"]}}
+    status, resp, _ = await submit(srv, {"workflow": wf}, headers=b)
+    assert status == 422 and check_error(resp, "missing_asset")
+    # The same Idempotency-Key value is each key's own.
+    status, _, _ = await submit(srv, {"workflow": graph()}, headers={**a, "Idempotency-Key": "k"})
+    assert status == 201
+    status, _, _ = await submit(srv, {"workflow": graph()}, headers={**b, "Idempotency-Key": "k"})
+    assert status == 201
+
+
+async def until_status_as(srv: Server, job_id: str, headers: dict[str, str]) -> Any:
+    for _ in range(1000):
+        status, job, _ = await call(srv, "GET", f"/api/v2/jobs/{job_id}", headers=headers)
+        assert status == 200
+        if job["status"] in ("succeeded", "failed"):
+            assert job["status"] == "succeeded", job
+            return job
+        await asyncio.sleep(0.02)
+    raise AssertionError("job did not finish")

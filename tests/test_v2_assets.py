@@ -159,7 +159,7 @@ async def test_from_hash_by_hash_content_and_delete(server: Server) -> None:
 async def test_asset_job_placement_and_holds(server: Server) -> None:
     await wait_healthy(server)
     data = png((0, 128, 255), size=32)
-    status, asset = await upload(server, data)
+    _, asset = await upload(server, data)
     ref = {"__type": "core/ASSET", "info": {"id": asset["id"], "file_path": "photo.png"}}
     wf = {
         "1": {"class_type": "LoadImage", "inputs": {"image": ref}},

@@ -4,6 +4,7 @@ simulator wrote; events; cancel; idempotent resubmission refused."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import itertools
 from pathlib import Path
@@ -154,6 +155,11 @@ async def test_async_sdk_run_cancel_and_missing_asset(
         }
         held = await client.submit(client.workflows.from_json(plain))
         assert held.status == "queued"
+        for _ in range(500):  # through preprocess, then held before generation
+            row = await srv.services.store.get(held.id)
+            if row is not None and row.stage == "generate":
+                break
+            await asyncio.sleep(0.01)
         await held.cancel()
         assert held.status == "canceled"
         stored = await srv.services.store.get(held.id)

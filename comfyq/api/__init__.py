@@ -6,10 +6,12 @@ document, so the two cannot drift apart (a test checks both ways).
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
 from aiohttp import web
 
-from comfyq.api import docs, generate, jobs, sse, ws
+from comfyq.api import docs, generate, jobs, sse, workflows, ws
 from comfyq.api.health import health
 from comfyq.api.middleware import cors_headers
 from comfyq.api.openapi import Param, Reply, Route, document
@@ -42,8 +44,10 @@ _ID = {"type": "string"}
 
 async def metrics(request: web.Request) -> web.Response:
     """GET /metrics: Prometheus text format."""
+    from comfyq.api.auth import require_admin
     from comfyq.api.context import get_api
 
+    require_admin(request)
     body = await get_api(request).metrics.render()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
@@ -213,7 +217,8 @@ ROUTES: list[Route] = [
         "Prometheus metrics",
         "ops",
         replies={
-            200: Reply("text exposition format", media="text/plain", schema={"type": "string"})
+            200: Reply("text exposition format", media="text/plain", schema={"type": "string"}),
+            403: Reply("a client key: metrics are for admin keys", ErrorBody),
         },
     ),
     Route(
@@ -222,7 +227,8 @@ ROUTES: list[Route] = [
         ws.websocket,
         "Job events over a websocket",
         "jobs",
-        description='Send {"subscribe": ["<id>", ...]} or {"subscribe": "*"}; receive StreamEvents as JSON'
+        description='Send {"subscribe": ["<id>", ...]} or {"subscribe": "*"}; receive StreamEvents'
+        " as JSON"
         " text frames and preview images as binary frames (4-byte big-endian header length,"
         " JSON header with job_id, then the image).",
         replies={
@@ -269,14 +275,27 @@ ROUTES: list[Route] = [
 ROUTES += v2_routes.ROUTES  # the Comfy API v2 surface, on the same port (comfyq/v2)
 
 
+def app_routes(registry: Any) -> list[Route]:
+    """``ROUTES`` plus the typed workflow routes of ``registry``'s modifiers."""
+    return ROUTES + workflows.routes(registry)
+
+
+def build_document(registry: Any, *, api_keys: bool) -> dict[str, Any]:
+    """The OpenAPI document an app with this modifier registry serves."""
+    doc = document(app_routes(registry), api_keys=api_keys)
+    workflows.annotate(doc, registry.typed())
+    return doc
+
+
 def setup_routes(app: web.Application) -> None:
     """Register every route on ``app``, with the OpenAPI document and the rendered README."""
     from comfyq.api.context import API
 
     api = app[API]
     v2_routes.setup(app)
-    for r in ROUTES:
+    registry = api.services.registry
+    for r in app_routes(registry):
         app.router.add_route(r.method, r.path, r.handler)
-    app[OPENAPI] = msgspec.json.encode(document(ROUTES, api_keys=bool(api.settings.api_keys)))
+    app[OPENAPI] = msgspec.json.encode(build_document(registry, api_keys=api.keys.enabled))
     app[README] = docs.render_readme(api.options.readme)
     app.on_response_prepare.append(cors_headers)

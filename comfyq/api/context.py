@@ -11,12 +11,13 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
+from comfyq.api.auth import Keys
 from comfyq.api.queue import QueueView
 from comfyq.api.reads import Reads
 from comfyq.metrics import Metrics
 from comfyq.result import Results
 from comfyq.schemas import ErrorBody, ErrorInfo
-from comfyq.webhook_outbox import history
+from comfyq.webhooks.outbox import history
 
 _encode = msgspec.json.Encoder().encode
 
@@ -43,6 +44,7 @@ class Api:
         self.bus = services.bus
         self.pipeline = services.pipeline
         self.options = options
+        self.keys = Keys(self.settings.api_keys, self.settings.api_keys_file)
         self.reads = Reads(self.store.path)
         self.results = Results(
             self.reads,

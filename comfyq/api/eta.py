@@ -52,8 +52,9 @@ class Durations:
         self._means.pop(None, None)
 
     async def _load(self) -> None:
-        # ``finished_at IS NOT NULL`` (always true of a completed job) lets it walk the jobs_finished
-        # index newest first and stop at the limit, instead of scanning and sorting every job.
+        # ``finished_at IS NOT NULL`` (always true of a completed job) lets it walk the
+        # jobs_finished index newest first and stop at the limit, instead of scanning and sorting
+        # every job.
         sql = (
             "SELECT kind, timings FROM jobs WHERE state = 'completed' AND finished_at IS NOT NULL"
             " ORDER BY finished_at DESC LIMIT ?"

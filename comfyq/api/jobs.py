@@ -10,7 +10,8 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from comfyq.api.context import get_api, json_response
+from comfyq.api.auth import principal, visible
+from comfyq.api.context import Api, get_api, json_response
 from comfyq.errors import BadRequest, ComfyqError, NotFound
 from comfyq.outputs.local import job_dir
 from comfyq.schemas import JobList
@@ -19,7 +20,8 @@ from comfyq.store.model import Job
 # Result statuses (and the raw states) a listing can filter on, as SQL over (state, stage).
 STATUS_SQL = {
     "queued": "(state = 'pending' AND stage = 'preprocess')",
-    "processing": "((state = 'running' AND stage = 'preprocess') OR (state = 'pending' AND stage = 'generate'))",
+    "processing": "((state = 'running' AND stage = 'preprocess')"
+    " OR (state = 'pending' AND stage = 'generate'))",
     "generating": "(state = 'running' AND stage = 'generate')",
     "postprocessing": "(state IN ('pending', 'running') AND stage = 'postprocess')",
     "completed": "state = 'completed'",
@@ -31,19 +33,33 @@ STATUS_SQL = {
 MAX_LIMIT = 500
 
 
+def not_found(job_id: str) -> NotFound:
+    return NotFound(f"job {job_id} not found", details={"job_id": job_id})
+
+
+async def visible_head(api: Api, request: web.Request, job_id: str) -> Job:
+    """The job's few stream columns, or 404 when it does not exist or is another client's."""
+    job = await api.reads.head(job_id)
+    if job is None or not visible(request, job.owner):
+        raise not_found(job_id)
+    return job
+
+
 async def result(request: web.Request) -> web.Response:
     """GET /result/{id} and GET /jobs/{id}: the Result in every state."""
+    api = get_api(request)
     job_id = request.match_info["id"]
-    res = await get_api(request).results.get(job_id)
-    if res is None:
-        raise NotFound(f"job {job_id} not found", details={"job_id": job_id})
-    return json_response(res)
+    job = await api.reads.job(job_id)
+    if job is None or not visible(request, job.owner):
+        raise not_found(job_id)
+    return json_response(await api.results.of(job))
 
 
 async def cancel(request: web.Request) -> web.Response:
     """POST /cancel/{id} and DELETE /jobs/{id}: cancel; a running job gets a moment to stop."""
     api = get_api(request)
     job_id = request.match_info["id"]
+    await visible_head(api, request, job_id)
     with api.bus.subscribe(job_id, maxsize=4) as sub:
         job = await api.pipeline.cancel(job_id)  # NotFound -> 404
         if job.state == "running":
@@ -109,6 +125,10 @@ async def list_jobs(request: web.Request) -> web.Response:
     if request.query.get("cursor"):
         where.append("(created_at, id) < (?, ?)")
         params.extend(decode_cursor(request.query["cursor"]))
+    mine, mine_params = principal(request).where()
+    if mine:
+        where.append(mine)
+        params.extend(mine_params)
     sql = "SELECT * FROM jobs" + (" WHERE " + " AND ".join(where) if where else "")
     sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
     jobs = [Job.from_row(r) for r in await api.reads.rows(sql, (*params, limit + 1))]
@@ -124,10 +144,11 @@ async def output_file(request: web.Request) -> web.StreamResponse:
     api = get_api(request)
     job_id, filename = request.match_info["id"], request.match_info["filename"]
     rows = await api.reads.rows(
-        "SELECT local_path, mimetype FROM outputs WHERE job_id = ? AND filename = ?",
+        "SELECT o.local_path, o.mimetype, j.owner FROM outputs o JOIN jobs j ON j.id = o.job_id"
+        " WHERE o.job_id = ? AND o.filename = ?",
         (job_id, filename),
     )
-    row = rows[0] if rows else None
+    row = rows[0] if rows and visible(request, rows[0]["owner"]) else None
     missing = NotFound(
         f"job {job_id} has no output {filename!r}", details={"job_id": job_id, "filename": filename}
     )

@@ -1,23 +1,25 @@
-"""Cross-cutting HTTP behaviour: one error envelope, bearer-key auth, CORS, request metrics and logs.
+"""Cross-cutting HTTP behaviour: one error envelope, bearer-key auth, CORS, request metrics, logs.
 
-Order (outermost first): the access log, metrics (sees the final status of everything), CORS preflight, errors
-(every failure becomes ``{"error": {...}}``), auth. CORS headers are added to every response,
-streams included, by an ``on_response_prepare`` hook.
+Order (outermost first): the access log, metrics (sees the final status of everything), CORS
+preflight, errors (every failure becomes ``{"error": {...}}``), auth. CORS headers are added to
+every response, streams included, by an ``on_response_prepare`` hook.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextvars
-import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from comfyq.api.auth import NOBODY, set_principal
 from comfyq.api.context import get_api, json_response
-from comfyq.errors import ComfyqError, QueueFull, Unauthorized
+from comfyq.errors import BadRequest, ComfyqError, QueueFull, Unauthorized
+from comfyq.limits import CONTROL
 from comfyq.logs import job_context
 from comfyq.schemas import ErrorBody, ErrorInfo
 from comfyq.v2.errors import guard as v2_guard
@@ -91,6 +93,16 @@ async def access_log_middleware(request: web.Request, handler: Handler) -> web.S
         except asyncio.CancelledError:
             status = 499  # the client went away first
             raise
+        except ConnectionError:
+            if not client_gone(request):
+                raise
+            # The client hung up mid-request (often while its body was read): its doing, not
+            # a server error. Nobody will read an answer; returning one keeps aiohttp quiet.
+            status = 499
+            note.setdefault("error_type", "client_disconnected")
+            note.setdefault("error", "the client closed the connection before the answer")
+            response = web.Response(status=499)
+            return response
         finally:
             _error_note.reset(token)
             ms = (time.perf_counter() - t0) * 1000
@@ -126,6 +138,12 @@ async def access_log_middleware(request: web.Request, handler: Handler) -> web.S
                     why,
                     extra=extra,
                 )
+
+
+def client_gone(request: web.Request) -> bool:
+    """Whether the client's connection is closed (or closing)."""
+    transport = request.transport
+    return transport is None or transport.is_closing()
 
 
 def _note_error(request: web.Request, type_: str, message: str) -> None:
@@ -165,8 +183,17 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         info = ErrorInfo(_HTTP_TYPES.get(exc.status, f"http_{exc.status}"), message or exc.reason)
         _note_error(request, info.type, info.message)
         return json_response(ErrorBody(info), exc.status, headers)
-    except (asyncio.CancelledError, ConnectionError):
+    except asyncio.CancelledError:
         raise
+    except ConnectionError:
+        if client_gone(request):
+            raise  # the access log notes it; there is nobody to answer
+        log.exception("%s %s failed", request.method, route_name(request))
+        info = ErrorInfo(
+            "internal_error", "internal server error; the details are in the server log"
+        )
+        _note_error(request, info.type, info.message)
+        return json_response(ErrorBody(info), 500)
     except Exception:
         log.exception("%s %s failed", request.method, route_name(request))
         info = ErrorInfo(
@@ -181,6 +208,11 @@ def _token(request: web.Request) -> str | None:
     scheme, _, value = auth.partition(" ")
     if scheme.lower() == "bearer" and value.strip():
         return value.strip()
+    # A browser's WebSocket cannot set headers either, but it can offer subprotocols: the
+    # dashboard offers "comfyq.bearer.<base64url key>" (kept out of URLs and access logs).
+    ws_key = ws_protocol_key(request.headers.get("Sec-WebSocket-Protocol", ""))
+    if ws_key is not None:
+        return ws_key
     # Browsers cannot add headers to EventSource, websockets, <img> or the docs page: GETs may
     # carry the key as ?access_token=.
     if request.method == "GET" and request.query.get("access_token"):
@@ -188,22 +220,45 @@ def _token(request: web.Request) -> str | None:
     return None
 
 
-def key_ok(token: str | None, keys: list[str]) -> bool:
-    """Constant-time check of ``token`` against every configured key."""
-    if token is None:
-        return False
-    found = False
-    for key in keys:
-        found |= hmac.compare_digest(token.encode(), key.encode())
-    return found
+WS_KEY_PREFIX = "comfyq.bearer."
+
+
+def ws_protocol_key(header: str) -> str | None:
+    """The key a browser offered as a ``comfyq.bearer.<base64url>`` websocket subprotocol."""
+    for proto in header.split(","):
+        proto = proto.strip()
+        if proto.startswith(WS_KEY_PREFIX):
+            raw = proto[len(WS_KEY_PREFIX) :]
+            try:
+                return base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).decode()
+            except (ValueError, UnicodeDecodeError):
+                return None
+    return None
 
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    keys = get_api(request).settings.api_keys
+    keys = get_api(request).keys
     public = request.path in PUBLIC_PATHS or request.path.startswith(PUBLIC_PREFIXES)
-    if keys and not public and not key_ok(_token(request), keys):
-        raise Unauthorized("missing or wrong API key: send Authorization: Bearer <key>")
+    who = keys.principal(_token(request))
+    if who is None:
+        if not public:
+            raise Unauthorized("missing or wrong API key: send Authorization: Bearer <key>")
+        who = NOBODY
+    set_principal(request, who)
+    return await handler(request)
+
+
+@web.middleware
+async def params_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """400 naming the parameter when a path parameter holds a control character (%00, %0A...):
+    such a value is no job id or file name, and must not reach a header, a path or a log field."""
+    for name, value in request.match_info.items():
+        if CONTROL.search(value):
+            msg = "must not contain control characters"
+            raise BadRequest(
+                f"path parameter {name} {msg}", fields=[{"path": f"$.path.{name}", "message": msg}]
+            )
     return await handler(request)
 
 
@@ -247,4 +302,10 @@ async def cors_headers(request: web.Request, response: web.StreamResponse) -> No
             response.headers.add("Vary", "Origin")
 
 
-MIDDLEWARES = [access_log_middleware, cors_middleware, errors_middleware, auth_middleware]
+MIDDLEWARES = [
+    access_log_middleware,
+    cors_middleware,
+    errors_middleware,
+    auth_middleware,
+    params_middleware,
+]

@@ -1,5 +1,5 @@
-"""The Comfy API v2 tables: blobs, assets, the uploaded assets jobs use, single-use idempotency keys,
-and the asset identity of job outputs (migration 0003).
+"""The Comfy API v2 tables: blobs, assets, the uploaded assets jobs use, single-use idempotency
+keys, and the asset identity of job outputs (migration 0003).
 
 Every write is a ``fn(conn, ...)`` run by the store's one writer inside the group transaction, like
 ``ops``; ``AssetStore`` is their async face, with reads on the caller's fresh read connection. The
@@ -121,13 +121,6 @@ _OUTPUT_SQL = (
 # --- writes: fn(conn, ...) run by the writer ---------------------------------------------------
 
 
-def _later(a: str | None, b: str | None) -> str | None:
-    """The later of two expiries, None (never) winning."""
-    if a is None or b is None:
-        return None
-    return max(a, b)
-
-
 def put_asset(
     conn: sqlite3.Connection, blob: Blob, new: NewAsset, now: float, key: str | None
 ) -> tuple[AssetRecord, bool]:
@@ -147,12 +140,14 @@ def put_asset(
     if not created:
         # Re-referencing content extends the retention of the assets over it, never shortens it.
         conn.execute(
-            "UPDATE assets SET expires_at = ? WHERE hash = ? AND owner = ? AND expires_at IS NOT NULL"
+            "UPDATE assets SET expires_at = ? WHERE hash = ? AND owner = ?"
+            " AND expires_at IS NOT NULL"
             " AND (? IS NULL OR expires_at < ?)",
             (expires, blob.hash, new.owner, expires, expires),
         )
     conn.execute(
-        "INSERT INTO assets (id, hash, owner, content_type, file_path, tags, created_at, expires_at)"
+        "INSERT INTO assets (id, hash, owner, content_type, file_path, tags, created_at,"
+        " expires_at)"
         " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         (
             new.id,
@@ -170,19 +165,21 @@ def put_asset(
 
 
 def mint_from_hash(
-    conn: sqlite3.Connection, hash_: str, new: NewAsset, now: float
+    conn: sqlite3.Connection, hash_: str, new: NewAsset, now: float, scope: str | None
 ) -> AssetRecord | None:
-    """A new asset over a blob ``new.owner`` already has an asset of; None when there is none."""
+    """A new asset over a blob that ``scope`` (an owner; None: anyone) has an asset of; None when
+    there is none."""
     src = conn.execute(
-        "SELECT content_type, expires_at FROM assets WHERE hash = ? AND owner = ?"
+        "SELECT content_type, expires_at FROM assets WHERE hash = ? AND (? IS NULL OR owner = ?)"
         " ORDER BY created_at DESC LIMIT 1",
-        (hash_, new.owner),
+        (hash_, scope, scope),
     ).fetchone()
     if src is None:
         return None
     expires = None if new.expires_at is None else _iso(new.expires_at)
     conn.execute(
-        "INSERT INTO assets (id, hash, owner, content_type, file_path, tags, created_at, expires_at)"
+        "INSERT INTO assets (id, hash, owner, content_type, file_path, tags, created_at,"
+        " expires_at)"
         " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         (
             new.id,
@@ -203,10 +200,14 @@ def mint_from_hash(
     return _asset(conn.execute(f"{_ASSET_SQL} WHERE a.id = ?", (new.id,)).fetchone())
 
 
-def delete_asset(conn: sqlite3.Connection, asset_id: str, owner: str) -> tuple[str, str | None]:
-    """``("deleted", blob path to remove or None)``, ``("missing", None)`` or ``("in_use", None)``."""
+def delete_asset(
+    conn: sqlite3.Connection, asset_id: str, scope: str | None
+) -> tuple[str, str | None]:
+    """``("deleted", blob path to remove or None)``, ``("missing", None)`` or ``("in_use", None)``;
+    ``scope`` is the owner whose asset it must be (None: anyone's)."""
     row = conn.execute(
-        "SELECT hash FROM assets WHERE id = ? AND owner = ?", (asset_id, owner)
+        "SELECT hash FROM assets WHERE id = ? AND (? IS NULL OR owner = ?)",
+        (asset_id, scope, scope),
     ).fetchone()
     if row is None:
         out = conn.execute("SELECT 1 FROM outputs WHERE asset_id = ?", (asset_id,)).fetchone()
@@ -319,14 +320,19 @@ class AssetStore:
         )
         return result
 
-    async def mint_from_hash(self, hash_: str, new: NewAsset) -> AssetRecord | None:
-        """A new asset over bytes the owner already has; None when it has none with that hash."""
-        rec: AssetRecord | None = await self.jobs.write(mint_from_hash, hash_, new, self._now())
+    async def mint_from_hash(
+        self, hash_: str, new: NewAsset, scope: str | None
+    ) -> AssetRecord | None:
+        """A new asset over bytes ``scope`` (None: anyone) already has; None when there are none."""
+        rec: AssetRecord | None = await self.jobs.write(
+            mint_from_hash, hash_, new, self._now(), scope
+        )
         return rec
 
-    async def delete_asset(self, asset_id: str, owner: str) -> tuple[str, str | None]:
-        """Delete an uploaded asset: ``deleted`` (with a blob file to remove), ``missing``, ``in_use``."""
-        result: tuple[str, str | None] = await self.jobs.write(delete_asset, asset_id, owner)
+    async def delete_asset(self, asset_id: str, scope: str | None) -> tuple[str, str | None]:
+        """Delete an uploaded asset of ``scope`` (None: anyone's): ``deleted`` (with a blob file
+        to remove), ``missing`` or ``in_use``."""
+        result: tuple[str, str | None] = await self.jobs.write(delete_asset, asset_id, scope)
         return result
 
     async def create_job_keyed(
@@ -369,12 +375,12 @@ class AssetStore:
         )
         return {r["id"]: _asset(r) for r in rows}
 
-    async def blob_for(self, hash_: str, owner: str) -> Blob | None:
-        """The blob with this hash, when ``owner`` holds an asset over it."""
+    async def blob_for(self, hash_: str, scope: str | None) -> Blob | None:
+        """The blob with this hash, when ``scope`` (an owner; None: anyone) has an asset over it."""
         rows = await self._rows(
             "SELECT b.hash, b.size_bytes, b.path FROM blobs b WHERE b.hash = ? AND EXISTS"
-            " (SELECT 1 FROM assets a WHERE a.hash = b.hash AND a.owner = ?)",
-            (hash_, owner),
+            " (SELECT 1 FROM assets a WHERE a.hash = b.hash AND (? IS NULL OR a.owner = ?))",
+            (hash_, scope, scope),
         )
         return Blob(rows[0]["hash"], rows[0]["size_bytes"], rows[0]["path"]) if rows else None
 
@@ -387,7 +393,8 @@ class AssetStore:
         """Output rows (with asset id and blake3) of some jobs, in the order they were recorded."""
         out: dict[str, list[dict[str, Any]]] = {}
         if job_ids:
-            sql = f"SELECT * FROM outputs WHERE job_id IN ({','.join('?' * len(job_ids))}) ORDER BY id"
+            marks = ",".join("?" * len(job_ids))
+            sql = f"SELECT * FROM outputs WHERE job_id IN ({marks}) ORDER BY id"
             for r in await self._rows(sql, list(job_ids)):
                 out.setdefault(r["job_id"], []).append(dict(r))
         return out

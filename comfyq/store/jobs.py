@@ -44,7 +44,8 @@ class FileLock:
             holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
             os.close(fd)
             raise DatabaseLocked(
-                f"another comfyq server (pid {holder}) is already using {self.path.with_suffix('')};"
+                f"another comfyq server (pid {holder})"
+                f" is already using {self.path.with_suffix('')};"
                 " stop it first or point COMFYQ_DATABASE at another file"
             ) from None
         os.ftruncate(fd, 0)
@@ -156,7 +157,7 @@ class JobStore:
         claim_message: str,
         outputs: list[dict[str, Any]] | None = None,
     ) -> list[Transition]:
-        """Advance a job and claim it for its next stage in one commit (see ops.advance_and_claim)."""
+        """Advance a job and claim it for its next stage in one commit (ops.advance_and_claim)."""
         trs: list[Transition] = await self._write(
             ops.advance_and_claim,
             job_id,
@@ -264,7 +265,7 @@ class JobStore:
         )
         return [{**dict(r), "data": loads(r["data"])} for r in rows]
 
-    async def list(
+    async def list_jobs(
         self,
         *,
         states: list[str] | None = None,
@@ -287,9 +288,11 @@ class JobStore:
         """Waiting and running jobs per stage."""
         out = {s: {"waiting": 0, "running": 0} for s in STAGES}
         for stage, state, n in await self._rows(
-            # One query per state so each reads its partial index, not the whole (mostly finished) table.
+            # One query per state so each reads its partial index, not the whole (mostly finished)
+            # table.
             "SELECT stage, 'pending', count(*) FROM jobs WHERE state = 'pending' GROUP BY stage"
-            " UNION ALL SELECT stage, 'running', count(*) FROM jobs WHERE state = 'running' GROUP BY stage"
+            " UNION ALL SELECT stage, 'running', count(*)"
+            " FROM jobs WHERE state = 'running' GROUP BY stage"
         ):
             out[stage]["waiting" if state == "pending" else "running"] = n
         return out
@@ -335,7 +338,8 @@ class JobStore:
     async def cancel_requested(self) -> list[str]:
         """Ids of jobs this process runs that someone (CLI, another connection) asked to cancel."""
         rows = await self._rows(
-            "SELECT id FROM jobs WHERE state = 'running' AND lease_owner = ? AND cancel_requested = 1",
+            "SELECT id FROM jobs WHERE state = 'running' AND lease_owner = ? AND"
+            " cancel_requested = 1",
             (self.owner,),
         )
         return [r[0] for r in rows]

@@ -38,7 +38,8 @@ def event(
     message: str,
     data: dict[str, Any] | None = None,
 ) -> Transition:
-    """Write the ``job_events`` row of ``job``'s change from ``from_state``; the Transition to publish."""
+    """Write the ``job_events`` row of ``job``'s change from ``from_state``; the Transition to
+    publish."""
     at = job.updated_at
     state, stage, attempts = job.state, job.stage, job.attempts
     cur = conn.execute(

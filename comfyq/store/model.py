@@ -27,7 +27,7 @@ def loads(text: str | bytes | None) -> Any:
 
 
 def status_of(state: str, stage: str) -> str:
-    """The Result ``status`` a client sees for a (state, stage) pair (same rule as jobs_overview)."""
+    """The Result ``status`` a client sees for a (state, stage) pair (the rule of jobs_overview)."""
     if state in TERMINAL:
         return state
     if stage == "preprocess":
@@ -58,6 +58,7 @@ _PLAIN_COLS = (
     "updated_at",
     "stage_entered_at",
     "finished_at",
+    "owner",
 )
 # Where from_row puts each column: plain columns in their own slot, JSON columns (decoded on first
 # use) and cancel_requested (a bool on read) in a private one behind a property.
@@ -125,6 +126,7 @@ class Job:
     updated_at: str
     stage_entered_at: str
     finished_at: str | None
+    owner: str | None  # the creating API key's id (comfyq.api.auth), never the key
 
     def __init__(self, row: sqlite3.Row | dict[str, Any]) -> None:
         if isinstance(row, dict):
@@ -187,7 +189,10 @@ class Job:
         return self.state in TERMINAL
 
     def __repr__(self) -> str:
-        return f"Job(id={self.id!r}, state={self.state!r}, stage={self.stage!r}, attempts={self.attempts})"
+        return (
+            f"Job(id={self.id!r}, state={self.state!r}, stage={self.stage!r},"
+            f" attempts={self.attempts})"
+        )
 
 
 @dataclass
@@ -202,6 +207,7 @@ class NewJob:
     timeout: float = 3600.0
     kind: str = ""
     secrets: dict[str, Any] | None = None
+    owner: str | None = None  # the creating API key's id (comfyq.api.auth.key_id)
 
 
 @dataclass

@@ -35,6 +35,12 @@ def get(conn: sqlite3.Connection, job_id: str) -> Job | None:
 
 def _existing(conn: sqlite3.Connection, new: NewJob) -> Job | None:
     existing = get(conn, new.id)
+    if existing is not None and existing.owner != new.owner:
+        # Another key's job: a conflict, whatever its payload (never that key's job itself).
+        raise Conflict(
+            f"request_id {new.id!r} is already used",
+            fields=[{"path": "$.input.request_id", "message": "already used"}],
+        )
     if existing is not None and existing.payload_hash != new.payload_hash:
         raise Conflict(
             f"request_id {new.id!r} was already used with a different payload",
@@ -54,10 +60,11 @@ def create(
     # inserted means a full queue or a repeated id; both are told apart below.
     job = _one(
         conn,
-        "INSERT INTO jobs (id, priority, max_attempts, kind, payload, payload_hash, message, run_after,"
-        " deadline_at, created_at, updated_at, stage_entered_at)"
+        "INSERT INTO jobs (id, priority, max_attempts, kind, payload, payload_hash,"
+        " message, run_after, deadline_at, created_at, updated_at, stage_entered_at, owner)"
         " SELECT :id, :priority, :max_attempts, :kind, :payload, :hash, 'Request accepted', :now,"
-        " :deadline, :now, :now, :now WHERE (SELECT unfinished FROM queue_stats WHERE id = 1) < :max"
+        " :deadline, :now, :now, :now, :owner"
+        " WHERE (SELECT unfinished FROM queue_stats WHERE id = 1) < :max"
         " ON CONFLICT (id) DO NOTHING RETURNING *",
         {
             "id": new.id,
@@ -69,6 +76,7 @@ def create(
             "now": t,
             "deadline": _iso(now + new.timeout),
             "max": max_queue,
+            "owner": new.owner,
         },
     )
     if job is None:
@@ -121,7 +129,7 @@ def _guarded(
     from_states: tuple[str, ...] = ("running",),
     before: Job | None = None,
 ) -> tuple[Job, str]:
-    """Run a guarded UPDATE of one job; raise LeaseLost/IllegalTransition when it matched nothing."""
+    """Run a guarded UPDATE of one job; raise LeaseLost/IllegalTransition if it matches nothing."""
     before = before or get(conn, job_id)
     if before is None:
         raise NotFound(f"job {job_id} not found")
@@ -293,7 +301,7 @@ def retry_later(
     delay: float,
     error: dict[str, Any],
 ) -> Transition:
-    """A retryable failure: back to pending in the same stage after ``delay``, or failed when spent."""
+    """A retryable failure: pending again in its stage after ``delay``, or failed when spent."""
     current = get(conn, job_id)
     if current is None:
         raise NotFound(f"job {job_id} not found")
@@ -420,7 +428,8 @@ def reap(conn: sqlite3.Connection, now: float, owner: str, grace: float) -> list
     cutoff = _iso(now - grace)
     overdue = conn.execute(
         "SELECT id, state, lease_owner FROM jobs WHERE state = 'pending' AND deadline_at < ?"
-        " UNION ALL SELECT id, state, lease_owner FROM jobs WHERE state = 'running' AND deadline_at < ?",
+        " UNION ALL SELECT id, state,"
+        " lease_owner FROM jobs WHERE state = 'running' AND deadline_at < ?",
         (cutoff, cutoff),
     ).fetchall()
     for job_id, state, lease_owner in overdue:
@@ -473,7 +482,8 @@ def _rescue(conn: sqlite3.Connection, job: Job, now: float, *, counts_attempt: b
         conn,
         job.id,
         job.lease_owner,
-        f"state = 'pending', lease_owner = NULL, lease_expires_at = NULL, {bump} message = :message,"
+        "state = 'pending', lease_owner = NULL, lease_expires_at = NULL,"
+        f" {bump} message = :message,"
         f" updated_at = :now, run_after = :now, timings = {add_timing(STAGE_KEY[job.stage])},"
         " stage_entered_at = :now",
         {"now": _iso(now), "message": msg},
@@ -498,7 +508,8 @@ def retry_job(conn: sqlite3.Connection, job_id: str, now: float) -> Transition:
         "UPDATE jobs SET state = 'pending', stage = 'preprocess', attempts = 0, error = NULL,"
         " finished_at = NULL, comfy_prompt_id = NULL, comfy_backend = NULL, prepared = NULL,"
         " result = NULL, message = 'Retry requested', updated_at = :now, run_after = :now,"
-        " stage_entered_at = :now, deadline_at = :deadline, timings = '{}' WHERE id = :id RETURNING *",
+        " stage_entered_at = :now, deadline_at = :deadline,"
+        " timings = '{}' WHERE id = :id RETURNING *",
         {"now": t, "deadline": _iso(deadline), "id": job_id},
     )
     assert row is not None
@@ -549,7 +560,9 @@ def put_output(conn: sqlite3.Connection, job_id: str, now: float, row: dict[str,
     """Record (or replace, when a stage runs again) one output file of a job."""
     cols = [c for c in _OUTPUT_COLS if c in row]
     conn.execute(
-        f"INSERT INTO outputs (job_id, created_at, {', '.join(cols)}) VALUES (?, ?, {', '.join('?' * len(cols))})"
-        f" ON CONFLICT (job_id, filename) DO UPDATE SET {', '.join(map(_keep_asset_id, cols))}",
+        f"INSERT INTO outputs (job_id, created_at, {', '.join(cols)}) VALUES (?, ?,"
+        f" {', '.join('?' * len(cols))})"
+        " ON CONFLICT (job_id, filename)"
+        f" DO UPDATE SET {', '.join(map(_keep_asset_id, cols))}",
         (job_id, _iso(now), *(row[c] for c in cols)),
     )

@@ -56,7 +56,8 @@ _WAIT_KEY_SQL = (
 HAND_OFF = (
     "UPDATE jobs SET state = 'running',"
     " stage = CASE stage WHEN 'preprocess' THEN 'generate' ELSE 'postprocess' END,"
-    " lease_owner = :owner, lease_expires_at = :exp, attempts = max(attempts, 1), message = :message,"
+    " lease_owner = :owner, lease_expires_at = :exp, attempts = max(attempts, 1),"
+    " message = :message,"
     f" updated_at = :now, run_after = :now, timings = json_set({_STAGE_DONE}, {_WAIT_KEY_SQL},"
     f" coalesce(json_extract({_STAGE_DONE}, {_WAIT_KEY_SQL}), 0) + 0.0), stage_entered_at = :now"
 )

@@ -19,7 +19,7 @@ from aiohttp import BodyPartReader, web
 from comfyq.store.assets import AssetRecord, Blob, NewAsset
 from comfyq.v2 import mapping
 from comfyq.v2.blobs import Received, TooLarge, parse_hash
-from comfyq.v2.context import V2, get_v2, origin, owner_of
+from comfyq.v2.context import V2, get_v2, origin, owner_of, scope_of, sees
 from comfyq.v2.errors import V2Error, invalid, not_found
 from comfyq.v2.submit import check_key
 
@@ -215,7 +215,7 @@ async def from_hash(request: web.Request) -> web.Response:
         tags=_tags(tags),
         expires_at=_expiry(v2, expires_in),
     )
-    rec = await v2.assets.mint_from_hash(f"blake3:{hexdigest}", new)
+    rec = await v2.assets.mint_from_hash(f"blake3:{hexdigest}", new, scope_of(request))
     if rec is None:
         raise V2Error(404, "blob_not_found", "no bytes with this hash that you may use")
     return _asset_response(request, rec, 201, created_new=False)
@@ -227,7 +227,7 @@ async def by_hash(request: web.Request) -> web.Response:
     hexdigest = parse_hash(request.match_info["hash"])
     if hexdigest is None:
         return web.Response(status=404)
-    blob = await v2.assets.blob_for(f"blake3:{hexdigest}", owner_of(request))
+    blob = await v2.assets.blob_for(f"blake3:{hexdigest}", scope_of(request))
     return web.Response(status=200 if blob is not None else 404)
 
 
@@ -238,11 +238,12 @@ async def _visible(request: web.Request) -> tuple[AssetRecord, str | None]:
     if rec is None:
         raise not_found("asset")
     if rec.job_id is not None:
-        job = await v2.read_job(rec.job_id)  # None when the job expired: its outputs did too
+        # None when the job expired (its outputs did too) or is not the caller's.
+        job = await v2.read_job(rec.job_id, request)
         if job is None:
             raise not_found("asset")
         return rec, mapping.expires_at(job, v2.settings.retention_seconds)
-    if rec.owner != owner_of(request) or (
+    if not sees(request, rec.owner) or (
         rec.expires_at is not None and rec.expires_at < v2.api.store.now_iso()
     ):
         raise not_found("asset")
@@ -277,7 +278,11 @@ async def content(request: web.Request) -> web.StreamResponse:
 async def delete(request: web.Request) -> web.Response:
     """DELETE /api/v2/assets/{id}: 204; 409 asset_in_use while a kept job depends on it."""
     v2 = get_v2(request)
-    outcome, blob_path = await v2.assets.delete_asset(request.match_info["id"], owner_of(request))
+    asset_id = request.match_info["id"]
+    rec = await v2.assets.asset(asset_id)
+    if rec is not None and rec.job_id is not None:
+        await _visible(request)  # an output: 404 unless the caller may see its job
+    outcome, blob_path = await v2.assets.delete_asset(asset_id, scope_of(request))
     if outcome == "missing":
         raise not_found("asset")
     if outcome == "in_use":

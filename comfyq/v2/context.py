@@ -8,6 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
+from comfyq.api.auth import principal
 from comfyq.api.context import API, Api
 from comfyq.store.assets import AssetStore
 from comfyq.store.model import Job
@@ -40,14 +41,17 @@ class V2:
         pos = snap.positions.get(job.id)
         return pos if pos is not None else snap.waiting[job.stage] + 1
 
-    async def read_job(self, job_id: str) -> Job | None:
-        """The job as v2 needs it (no payload, no workflow), or None when gone or expired."""
+    async def read_job(self, job_id: str, request: web.Request | None = None) -> Job | None:
+        """The job as v2 needs it (no payload, no workflow), or None when gone, expired or (with
+        ``request``) not the caller's."""
         rows = await self.api.reads.rows(
             f"SELECT {mapping.JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)
         )
         if not rows:
             return None
         job = Job.from_row(rows[0])
+        if request is not None and not sees(request, job.owner):
+            return None
         return None if self.expired(job) else job
 
     def expired(self, job: Job) -> bool:
@@ -99,8 +103,17 @@ def origin(request: web.Request) -> str:
 
 
 def owner_of(request: web.Request) -> str:
-    """Whose jobs and assets a request may see.
+    """What the caller's jobs and assets record as their owner: its key's id ('' without
+    authentication). Never the key itself (comfyq.api.auth)."""
+    return principal(request).owner or ""
 
-    Every configured key sees every job and asset today: API keys carry no identity yet (key roles
-    and job ownership are issue 14's), so the owner is the same for everyone."""
-    return ""
+
+def scope_of(request: web.Request) -> str | None:
+    """Whose assets the caller may use: its own, or None (anyone's) for an admin key."""
+    who = principal(request)
+    return None if who.is_admin else (who.owner or "")
+
+
+def sees(request: web.Request, owner: str | None) -> bool:
+    """Whether the caller may see a job or asset of ``owner`` (404 otherwise, as for none)."""
+    return principal(request).can_see(owner or None)

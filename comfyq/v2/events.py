@@ -110,14 +110,15 @@ async def events(request: web.Request) -> web.StreamResponse:
         raise V2Error(
             429,
             "too_many_streams",
-            f"{cap} event streams are open for this key; close one, or poll GET /api/v2/jobs/{{id}}",
+            f"{cap} event streams are open for this key; close one,"
+            " or poll GET /api/v2/jobs/{id}",
             headers={"Retry-After": "1"},
         )
     job_id = request.match_info["id"]
     v2.streams[owner] += 1
     sub = api.bus.subscribe(job_id, maxsize=api.options.stream_buffer)
     try:
-        job = await v2.read_job(job_id)
+        job = await v2.read_job(job_id, request)
         if job is None:
             raise not_found()
         s = _Stream(v2, request, job)

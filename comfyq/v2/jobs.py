@@ -14,11 +14,12 @@ import msgspec
 from aiohttp import web
 
 from comfyq.admission import canonical_hash, new_job_id
+from comfyq.api.auth import principal
 from comfyq.api.context import get_api, json_response
 from comfyq.api.health import health as comfyq_health
 from comfyq.store.model import Job, NewJob, loads
 from comfyq.v2 import mapping
-from comfyq.v2.context import get_v2, owner_of
+from comfyq.v2.context import get_v2, owner_of, scope_of
 from comfyq.v2.errors import V2Error, invalid, not_found
 from comfyq.v2.submit import check_key, parse
 
@@ -49,11 +50,12 @@ async def submit(request: web.Request) -> web.Response:
     if sub.asset_ids:
         found = await v2.assets.assets(sub.asset_ids)
         now = v2.api.store.now_iso()
+        scope = scope_of(request)
         gone = [
             a
             for a in sub.asset_ids
             if a not in found
-            or found[a].owner != owner
+            or (scope is not None and found[a].owner != scope)
             or (found[a].expires_at is not None and found[a].expires_at < now)
         ]
         if gone:
@@ -79,6 +81,7 @@ async def submit(request: web.Request) -> web.Response:
         max_attempts=settings.max_attempts,
         timeout=settings.job_timeout,
         kind="workflow",
+        owner=principal(request).owner,
     )
     if sub.extra_data:
         v2.extra_data[new.id] = sub.extra_data  # before the commit: a worker may claim it at once
@@ -94,7 +97,7 @@ async def submit(request: web.Request) -> web.Response:
 
 
 async def _job_or_404(request: web.Request) -> Job:
-    job = await get_v2(request).read_job(request.match_info["id"])
+    job = await get_v2(request).read_job(request.match_info["id"], request)
     if job is None:
         raise not_found()
     return job
@@ -165,11 +168,13 @@ async def list_jobs(request: web.Request) -> web.Response:
             raise invalid("$.query.status", f"unknown status {bad[0]!r}")
     states = sorted({st for s in wanted for st in _STATES[s]}) if wanted else None
     cursor = _cursor(request.query.get("cursor"))
+    mine, mine_params = principal(request).where()
     picked: list[Job] = []
     scanned = 0
     more = False
     while len(picked) < limit and scanned < MAX_SCAN:
-        where, params = [], []
+        where: list[str] = [mine] if mine else []
+        params: list[Any] = list(mine_params)
         if states:
             where.append(f"state IN ({','.join('?' * len(states))})")
             params.extend(states)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from comfyq.errors import InputError
-from comfyq.prepare import PreparedInput
+from comfyq.inputs.prepare import PreparedInput
 from comfyq.store.assets import AssetRecord, AssetStore
 from comfyq.v2.submit import asset_refs
 

@@ -11,8 +11,8 @@ from typing import Any
 
 from aiohttp import web
 
-from .sim_env import SimEnv, write_file
-from .sim_png import UnidentifiedImageError, encode_webp_solid, sniff_image
+from .env import SimEnv, write_file
+from .png import UnidentifiedImageError, encode_webp_solid, sniff_image
 
 _UNSAFE_TYPES = {
     "text/html",
@@ -28,7 +28,7 @@ class UnknownUploadType(Exception):
 
 
 async def upload(request: web.Request, env: SimEnv, mask: bool = False) -> web.Response:
-    """Store a multipart `image` field; same name + same bytes reuses the file, else `name (1).ext`."""
+    """Store a multipart `image` field; same name and bytes reuse the file, else `name (1).ext`."""
     post = await request.post()
     image = post.get("image")
     if isinstance(image, str) and image:

@@ -18,8 +18,8 @@ from typing import Any
 
 import msgspec
 
-from comfyq.assets import Asset, Downloader
 from comfyq.errors import BadRequest, ComfyqError, InputError, ModifierError
+from comfyq.inputs import Asset, Downloader
 from comfyq.netguard import AddressGuard
 from modifiers.basemodifier import (
     BaseModifier,
@@ -31,7 +31,7 @@ from modifiers.basemodifier import (
 )
 from modifiers.registry import ModifierRegistry
 
-log = logging.getLogger("comfyq.prepare")
+log = logging.getLogger("comfyq.inputs.prepare")
 
 _MAX_MESSAGE = 500
 
@@ -210,6 +210,11 @@ async def prepare_job(
             modifier = registry.create(name, job_input.get("modifications"))
         except BadRequest as exc:
             raise ModifierError(exc.message, fields=exc.fields, details=exc.details) from None
+        except ModificationError as exc:  # typed parameters that do not convert
+            raise ModifierError(
+                f"modifier {name}: {exc.message}",
+                fields=[{"path": f"$.input.modifications.{exc.key}", "message": exc.message}],
+            ) from None
         except (Exception, SystemExit) as exc:  # noqa: BLE001 - user code must not kill us
             raise ModifierError(
                 _short(f"modifier {name} could not be created: {type(exc).__name__}: {exc}")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from .sim_env import SimEnv
-from .sim_nodedefs import NODES, resolve_input
-from .sim_types import NodeSpec
+from .env import SimEnv
+from .nodedefs import NODES, resolve_input
+from .types import NodeSpec
 
 Error = dict[str, Any]
 Verdict = tuple[bool, list[Error], str]
@@ -92,7 +92,9 @@ class _Validator:
                     errors.append(
                         {
                             "type": "bad_linked_input",
-                            "message": "Bad linked input, must be a length-2 list of [node_id, slot_index]",
+                            "message": (
+                                "Bad linked input, must be a length-2 list of [node_id, slot_index]"
+                            ),
                             "details": f"{x}",
                             "extra_info": {
                                 "input_name": x,
@@ -113,7 +115,9 @@ class _Validator:
                         {
                             "type": "return_type_mismatch",
                             "message": "Return type mismatch between linked nodes",
-                            "details": f"{x}, received_type({received}) mismatch input_type({input_type})",
+                            "details": (
+                                f"{x}, received_type({received}) mismatch input_type({input_type})"
+                            ),
                             "extra_info": {
                                 "input_name": x,
                                 "input_config": info,
