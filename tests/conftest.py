@@ -82,6 +82,7 @@ def settings_for(root: Path, backend: str, **overrides: Any) -> Settings:
         "database": str(root / "q.db"),
         "output_dir": str(root / "out"),
         "cache_dir": str(root / "cache"),
+        "assets_dir": str(root / "assets"),
         "comfyui_api_base": backend,
         **FAST,
         **overrides,
