@@ -85,7 +85,28 @@ class _Levels(Collector):
             http.add_metric([b["url"]], float(bool(b.get("http_ok"))))
             ws.add_metric([b["url"]], float(bool(b.get("websocket_ok"))))
             inflight.add_metric([b["url"]], b.get("in_flight") or 0)
-        yield from (up, http, ws, inflight)
+        warm = GaugeMetricFamily(
+            "comfyq_backend_warm",
+            "The backend's warm-up has run since its last (re)start (1 without a warm-up)",
+            labels=["backend"],
+        )
+        restarts = CounterMetricFamily(
+            "comfyq_comfyui_restarts",
+            "Restarts of the ComfyUI child comfyq supervises (COMFYUI_COMMAND)",
+            labels=["backend"],
+        )
+        running = GaugeMetricFamily(
+            "comfyq_comfyui_process_running",
+            "The supervised ComfyUI child is running",
+            labels=["backend"],
+        )
+        for b in lv.get("backends", []):
+            warm.add_metric([b["url"]], float(bool(b.get("warm", True))))
+            proc = b.get("process")
+            if proc:
+                restarts.add_metric([b["url"]], proc.get("restarts") or 0)
+                running.add_metric([b["url"]], float(proc.get("state") == "running"))
+        yield from (up, http, ws, inflight, warm, restarts, running)
         g = GaugeMetricFamily(
             "comfyq_webhook_deliveries",
             "Webhook deliveries in the outbox by state",

@@ -15,7 +15,7 @@ from typing import Any
 
 import aiosqlite
 
-from comfyq.clock import Clock
+from comfyq.clock import Clock, iso
 from comfyq.store import migrate, ops
 from comfyq.store.model import STAGES, Job, NewJob, Stage, State, Transition, loads
 from comfyq.store.writer import Writer, connect
@@ -338,3 +338,7 @@ class JobStore:
             "SELECT min(run_after) FROM jobs WHERE state = 'pending' AND stage = ?", (stage,)
         )
         return rows[0][0] if rows else None
+
+    def now_iso(self) -> str:
+        """The store clock's current instant as the text its columns hold."""
+        return iso(self.clock.now())

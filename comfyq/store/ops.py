@@ -559,7 +559,16 @@ _OUTPUT_COLS = (
     "url",
     "upload_error",
     "error",
+    "asset_id",
+    "blake3",
 )
+
+
+def _keep_asset_id(col: str) -> str:
+    # A file recorded again (the stage ran again) keeps the asset id clients may already hold.
+    if col == "asset_id":
+        return "asset_id = coalesce(outputs.asset_id, excluded.asset_id)"
+    return f"{col} = excluded.{col}"
 
 
 def put_output(conn: sqlite3.Connection, job_id: str, now: float, row: dict[str, Any]) -> None:
@@ -569,6 +578,6 @@ def put_output(conn: sqlite3.Connection, job_id: str, now: float, row: dict[str,
         f"INSERT INTO outputs (job_id, created_at, {', '.join(cols)}) VALUES (?, ?,"
         f" {', '.join('?' * len(cols))})"
         " ON CONFLICT (job_id, filename)"
-        f" DO UPDATE SET {', '.join(f'{c} = excluded.{c}' for c in cols)}",
+        f" DO UPDATE SET {', '.join(map(_keep_asset_id, cols))}",
         (job_id, _iso(now), *(row[c] for c in cols)),
     )
