@@ -35,6 +35,7 @@ import aiohttp
 
 from bench.bench_api import workflow
 from bench.bench_e2e import run_direct
+from bench.bench_sidebyside import ThroughComfyq
 from bench.common import (
     add_json_arg,
     cpu_seconds,
@@ -119,13 +120,18 @@ class V2Client:
             now = await self.get(job)
             if now["status"] != seen:
                 self.false_terminal += 1
+                while now["status"] not in TERMINAL:
+                    await asyncio.sleep(self.poll_interval)
+                    now = await self.get(now)
                 return now
         return job
 
     async def download(self, job: dict[str, Any]) -> None:
         if job["status"] != "succeeded":
-            self.failed += 1
-            raise RuntimeError(f"job ended {job['status']}: {job.get('error')}")
+            job = await self.settle(job, job["status"])
+        if job["status"] != "succeeded":
+            self.failed += 1  # counted and reported; the run goes on
+            return
         for out in job["outputs"]:
             async with self.session.get(self.url(out["url"])) as r:
                 if r.status != 200:
@@ -138,10 +144,6 @@ class V2Client:
         job = await self.submit(wf)
         while job["status"] not in TERMINAL:
             await asyncio.sleep(self.poll_interval)
-            job = await self.get(job)
-        if job["status"] != "succeeded":
-            job = await self.settle(job, job["status"])
-        while job["status"] not in TERMINAL:
             job = await self.get(job)
         await self.download(job)
         return time.perf_counter() - t0
@@ -184,12 +186,20 @@ class V2Client:
         return time.perf_counter() - t0
 
 
-async def alternating(paths: dict[str, Job], n: int) -> dict[str, list[float]]:
+async def alternating(
+    paths: dict[str, Job], n: int, pids: dict[str, int] | None = None
+) -> tuple[dict[str, list[float]], dict[str, dict[str, float]]]:
+    """``n`` jobs per path, paths in turn; latencies, and each server's CPU ms per job of each
+    path (the /proc tick is 10 ms: summed over many jobs the sampling evens out)."""
     lat: dict[str, list[float]] = {name: [] for name in paths}
+    cpu = {name: dict.fromkeys(pids or {}, 0.0) for name in paths}
     for _ in range(n):
         for name, job in paths.items():
+            before = {k: cpu_seconds(pid) for k, pid in (pids or {}).items()}
             lat[name].append(await job(next_workflow()))
-    return lat
+            for k, pid in (pids or {}).items():
+                cpu[name][k] += (cpu_seconds(pid) - before[k]) * 1000 / n
+    return lat, cpu
 
 
 async def burst(job: Job, n: int, in_flight: int) -> tuple[float, list[float]]:
@@ -271,6 +281,7 @@ async def side_by_side(
         await client.start()
         cq = V2Client(cq_base, poll)
         px = V2Client(px_base, poll)
+        own = ThroughComfyq(cq_base)
         try:
 
             async def direct(wf: dict[str, Any]) -> float:
@@ -282,13 +293,18 @@ async def side_by_side(
                 "comfyq_poll": cq.poll,
                 "proxy_sse": px.sse,
                 "comfyq_sse": cq.sse,
+                "comfyq_own_sse": own.sse,  # comfyq's own API, for the v2 layer's share
             }
             await alternating(paths, 5)  # warm-up
-            cq_cpu0, px_cpu0 = cpu_seconds(cq_pid), cpu_seconds(px_pid)
-            lat = await alternating(paths, latency_jobs)
+            lat, per_path = await alternating(
+                paths, latency_jobs, {"comfyq": cq_pid, "proxy": px_pid}
+            )
             cpu = {
-                "comfyq": (cpu_seconds(cq_pid) - cq_cpu0) / (2 * latency_jobs) * 1000,
-                "proxy": (cpu_seconds(px_pid) - px_cpu0) / (2 * latency_jobs) * 1000,
+                "comfyq_poll": per_path["comfyq_poll"]["comfyq"],
+                "comfyq_sse": per_path["comfyq_sse"]["comfyq"],
+                "comfyq_own_sse": per_path["comfyq_own_sse"]["comfyq"],
+                "proxy_poll": per_path["proxy_poll"]["proxy"],
+                "proxy_sse": per_path["proxy_sse"]["proxy"],
             }
             figures: dict[str, Any] = {}
             print(f"  one at a time, paths in turn, {latency_jobs} jobs per path:")
@@ -304,7 +320,8 @@ async def side_by_side(
                     )
                 print(line)
             print(
-                f"    server CPU per job: comfyq {cpu['comfyq']:.1f} ms, proxy {cpu['proxy']:.1f} ms"
+                "    server CPU per job: "
+                + ", ".join(f"{name} {ms:.1f} ms" for name, ms in cpu.items())
             )
             print(f"  throughput at 16 in flight, {throughput_jobs} jobs per path and round:")
             tp = await throughput(paths, throughput_jobs, 16)
@@ -340,6 +357,7 @@ async def side_by_side(
         finally:
             await cq.close()
             await px.close()
+            await own.close()
             await client.close()
 
 

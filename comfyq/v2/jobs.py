@@ -92,8 +92,11 @@ async def submit(request: web.Request) -> web.Response:
     except BaseException:
         v2.extra_data.pop(new.id, None)
         raise
-    fresh = await v2.read_job(job.id) or job
-    return json_response(await v2.body(request, fresh, []), 201)
+    # The row the INSERT returned is the job: no read back (a new job has no outputs or progress).
+    body = await v2.body(request, job, [])
+    if sub.metadata:
+        body["metadata"] = sub.metadata
+    return json_response(body, 201)
 
 
 async def _job_or_404(request: web.Request) -> Job:
