@@ -309,7 +309,8 @@ async def side_by_side(
             figures: dict[str, Any] = {}
             print(f"  one at a time, paths in turn, {latency_jobs} jobs per path:")
             for name, got in lat.items():
-                f = figures[name] = summary_ms(got)
+                f: dict[str, Any] = dict(summary_ms(got))
+                figures[name] = f
                 line = f"    {name:12s} p50 {f['p50']:7.2f} ms  p90 {f['p90']:7.2f} ms"
                 if name != "direct":
                     added = [y - x for x, y in zip(lat["direct"], got, strict=True)]

@@ -71,7 +71,8 @@ def v2(f: dict[str, Any], charts: dict[str, str]) -> list[str]:
             "The same trivial job (EmptyImage → ImageInvert → SaveImage) straight to ComfyUI,"
             " through the official comfy-api-proxy 0.1.6 (`--state-dir`) and through comfyq's"
             " `/api/v2`, each waited on by polling `GET /api/v2/jobs/{id}` or by its SSE stream,"
-            " then the output downloaded; paths taken in turn job by job, *added* paired against direct."
+            " then the output downloaded; paths taken in turn job by job, *added* paired"
+            " against direct."
         ),
         "",
         "### Against the simulator (zero-time nodes)",
