@@ -419,3 +419,32 @@ async def test_events_carry_previews_and_the_latest_on_connect(
         assert previews and previews[0]["content_type"].startswith("image/")
         assert base64.b64decode(previews[0]["data_base64"])[:4] == b"\x89PNG"
     assert [e for e, _ in late][:3] == ["status", "progress", "preview"]  # the snapshot on connect
+
+
+async def test_hostile_submissions_are_4xx(make_server: MakeServer) -> None:
+    srv = await make_server(max_json_bytes=4096, max_workflow_nodes=5)
+    big = {"workflow": {str(i): {"class_type": "X", "inputs": {"s": "y" * 100}} for i in range(60)}}
+    status, resp, _ = await submit(srv, big)
+    assert status == 413 and check_error(resp, "payload_too_large")
+    many = {"workflow": {str(i): {"class_type": "EmptyImage", "inputs": {}} for i in range(6)}}
+    status, resp, _ = await submit(srv, many)
+    assert status == 422 and check_error(resp, "invalid_workflow")
+    assert "max_workflow_nodes" in resp["error"]["message"]
+    cycle = {
+        "workflow": {
+            "1": {"class_type": "ImageInvert", "inputs": {"image": ["2", 0]}},
+            "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+        }
+    }
+    status, resp, _ = await submit(srv, cycle)
+    assert status == 422 and check_error(resp, "invalid_workflow")
+    deep: Any = 1
+    for _ in range(150):
+        deep = [deep]
+    status, resp, _ = await submit(
+        srv, {"workflow": {"1": {"class_type": "X", "inputs": {"a": deep}}}}
+    )
+    assert status == 422 and check_error(resp, "invalid_request")
+    bad_name = {"workflow": {"1": {"class_type": "Save\x00Image", "inputs": {}}}}
+    status, resp, _ = await submit(srv, bad_name)
+    assert status == 422 and check_error(resp, "invalid_workflow")
