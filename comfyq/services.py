@@ -9,11 +9,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from comfyq.assets import Downloader
 from comfyq.clock import Clock
 from comfyq.comfy.backends import BackendPool
 from comfyq.config import Settings
+from comfyq.errors import OutputError
 from comfyq.events import EventBus
+from comfyq.inputs import Downloader
 from comfyq.netguard import AddressGuard
 from comfyq.outputs.local import job_dir
 from comfyq.outputs.s3 import S3Uploader
@@ -172,7 +173,7 @@ async def prune_jobs(store: JobStore, output_dir: Path, older_than: float) -> in
         for job_id in ids:
             try:
                 folder = job_dir(output_dir, job_id)
-            except Exception:
+            except OutputError:  # an id that cannot name a folder has none to remove
                 continue
             await asyncio.to_thread(shutil.rmtree, folder, True)
         total += len(ids)
