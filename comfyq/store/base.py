@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Self, cast
 
 from comfyq.clock import Clock, iso
+from comfyq.errors import ComfyqError
 from comfyq.store.assets import AssetStore
 from comfyq.store.model import Job, NewJob, Stage, State, Transition
 
@@ -52,8 +53,13 @@ class StoreError(Exception):
     """The store failed for a reason of its own (not the job's): connection, schema, lock."""
 
 
-class StoreUnavailable(StoreError):
-    """The database cannot be reached right now; the operation may succeed when it returns."""
+class StoreUnavailable(StoreError, ComfyqError):
+    """The database cannot be reached right now; the operation may succeed when it returns.
+    A request that hits it is answered 503 with Retry-After; stage workers wait and retry."""
+
+    type = "store_unavailable"
+    http_status = 503
+    retryable = True
 
 
 class MigrationError(StoreError):

@@ -6,6 +6,7 @@ and instances share nothing but the database. Listeners are told after the commi
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -15,7 +16,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from comfyq.clock import Clock, iso
 from comfyq.store.assets import AssetStore
-from comfyq.store.base import JobReads, JobStore, Stats, StoreError
+from comfyq.store.base import JobReads, JobStore, Stats, StoreError, StoreUnavailable
 from comfyq.store.model import STAGES, Job, NewJob, Stage, State, Transition, loads
 from comfyq.store.postgres import migrate, ops, outbox
 from comfyq.store.postgres.assets import PgAssets
@@ -36,8 +37,9 @@ class PostgresStore(JobStore):
         super().__init__(database, clock=clock, owner=owner)
         self.url = str(database)
         self.pool = make_pool(self.url)
-        self._reads = PgReads(self.pool, self.describe())
+        self._reads = PgReads(self.pool, self.describe(), self._purge)
         self._assets = PgAssets(self)
+        self._checking: asyncio.Future[None] | None = None
         # Lease owners known to be dead (the instance registry's answer); recover() rescues their
         # running jobs at once. Without it, they wait for their leases to expire (the reaper).
         self.dead_owners: Callable[[], Awaitable[list[str]]] | None = None
@@ -77,8 +79,18 @@ class PostgresStore(JobStore):
         return f"postgresql://{host}:{port}/{db}"
 
     async def _run(self, op: Callable[[Conn], Awaitable[T]]) -> T:
-        async with wrapped(self.describe()), self.pool.connection() as conn:
-            return await op(conn)
+        try:
+            async with wrapped(self.describe()), self.pool.connection() as conn:
+                return await op(conn)
+        except StoreUnavailable:
+            self._purge()
+            raise
+
+    def _purge(self) -> None:
+        """After a lost connection: drop every pooled connection that no longer works (a server
+        restart breaks them all), in the background, so the next calls get fresh ones."""
+        if self._checking is None or self._checking.done():
+            self._checking = asyncio.ensure_future(self.pool.check())
 
     async def ping(self) -> None:
         async def check(conn: Conn) -> None:
