@@ -615,15 +615,25 @@ async def retry_job(conn: Conn, job_id: str, now: float) -> Transition:
     return _tr(row, event_id, job.state, "Retry requested")
 
 
+# pg_try_advisory_xact_lock key of pruning: one instance prunes at a time, the others skip.
+PRUNE_LOCK = 0x6371_7072
+
+
 async def prune(conn: Conn, before: float, limit: int = 500) -> list[str]:
-    """Delete up to ``limit`` jobs that finished before ``before``; return their ids."""
-    rows = await _rows(
-        conn,
-        "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE finished_at IS NOT NULL"
-        " AND finished_at < %(before)s::timestamptz ORDER BY finished_at LIMIT %(n)s"
-        " FOR UPDATE SKIP LOCKED) RETURNING id",
-        {"before": iso(before), "n": limit},
-    )
+    """Delete up to ``limit`` jobs that finished before ``before``; return their ids (none when
+    another instance is pruning right now)."""
+    async with conn.transaction():
+        cur = await conn.execute("SELECT pg_try_advisory_xact_lock(%s) AS mine", (PRUNE_LOCK,))
+        row = await cur.fetchone()
+        if row is None or not row["mine"]:
+            return []
+        rows = await _rows(
+            conn,
+            "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE finished_at IS NOT NULL"
+            " AND finished_at < %(before)s::timestamptz ORDER BY finished_at LIMIT %(n)s"
+            " FOR UPDATE SKIP LOCKED) RETURNING id",
+            {"before": iso(before), "n": limit},
+        )
     return [r["id"] for r in rows]
 
 
