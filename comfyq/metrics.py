@@ -22,7 +22,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from comfyq.result import epoch
+from comfyq.clock import parse_iso
 from comfyq.store.model import STAGES, TERMINAL, State, Transition
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -191,7 +191,7 @@ class Metrics:
     def on_transitions(self, trs: list[Transition]) -> None:
         """Store listener: observe stage run and wait times, count finished jobs."""
         for tr in trs:
-            at = epoch(tr.at)
+            at = parse_iso(tr.at)
             if tr.from_state is None:
                 self.jobs_created.inc()
             ran = self._running.pop(tr.job_id, None)

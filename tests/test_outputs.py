@@ -15,9 +15,10 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import MakeServer, Server, wait_healthy, workflow
-from test_s3_support import FaultyProxy, make_bucket
-from test_webhooks_support import Receiver, deliveries, delivery_ended, wait_until
+from support.s3 import FaultyProxy, make_bucket
+from support.servers import MakeServer, Server, wait_healthy
+from support.webhooks import Receiver, deliveries, delivery_ended, wait_until
+from support.workflows import workflow
 
 from comfyq.outputs.local import job_dir, safe_name
 from comfyq.outputs.s3 import S3Uploader

@@ -11,7 +11,8 @@ import subprocess
 from pathlib import Path
 
 import psycopg
-from conftest import MakeServer, wait_healthy, workflow
+from support.servers import MakeServer, wait_healthy
+from support.workflows import workflow
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

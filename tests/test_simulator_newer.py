@@ -14,10 +14,10 @@ from typing import Any
 import aiohttp
 import blake3
 import pytest
+from support.sim import WsRecorder, wait_history
 
 from comfyq.sim import Simulator
 from comfyq.sim.generation import NEW, OLD
-from comfyq.sim.testing import WsRecorder, wait_history
 
 SVG = b'<svg xmlns="http://www.w3.org/2000/svg" width="2" height="2"/>\n'
 

@@ -7,7 +7,7 @@ import asyncio
 from pathlib import Path
 
 import pytest
-from store_support import DB_ERRORS, StoreFactory, database, engine, make_store, raw, store
+from support.store import DB_ERRORS, StoreFactory, database, engine, make_store, raw, store
 
 from comfyq.errors import Conflict, IllegalTransition, LeaseLost, NotFound, QueueFull
 from comfyq.store import JobStore, NewJob

@@ -19,7 +19,8 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
-from conftest import MakeServer, Server, wait_healthy, workflow
+from support.servers import MakeServer, Server, wait_healthy
+from support.workflows import workflow
 
 from comfyq.store.postgres.migrate import files
 

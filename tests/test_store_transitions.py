@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from store_support import StoreFactory, database, engine, make_store, rows
+from support.store import StoreFactory, database, engine, make_store, rows
 
 from comfyq.clock import ManualClock, iso
 from comfyq.errors import Conflict, LeaseLost, NotFound, QueueFull

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import pytest
-from store_support import StoreFactory, database, engine, make_store, raw
+from support.store import StoreFactory, database, engine, make_store, raw
 
 from comfyq.clock import ManualClock
 from comfyq.errors import QueueFull

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from comfyq.api.eta import Durations
+from comfyq.clock import parse_iso
 from comfyq.events import Event, Subscription
-from comfyq.result import epoch
 from comfyq.schemas import QueueInfo, QueuePosition
 from comfyq.store.model import STAGES, Job, Stage, State, Transition
 
@@ -166,7 +166,7 @@ class QueueView:
         rest = sum(means[s] for s in STAGES[STAGES.index(stage) + 1 :])
         own = means[stage]
         if state == State.RUNNING:
-            spent = max(0.0, float(self.store.clock.now()) - epoch(entered_at))
+            spent = max(0.0, float(self.store.clock.now()) - parse_iso(entered_at))
             return round(max(0.0, own - spent) + rest, 1)
         slots = max(1, int(self.pipeline.health().get(stage, {}).get("workers", 1)))
         # Jobs ahead plus those running must pass through ``slots`` workers before this one starts.

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
+from comfyq.backoff import backoff
 from comfyq.clock import parse_iso
 from comfyq.errors import ComfyqError, JobError, LeaseLost
 from comfyq.events import EventBus
@@ -255,8 +255,7 @@ class Pipeline:
         if self._store_down == 0:
             log.warning("store unavailable, workers pause and retry: %s", exc.message)
         self._store_down += 1
-        delay = min(10.0, 0.25 * 2.0 ** min(self._store_down, 8))
-        await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+        await asyncio.sleep(backoff(self._store_down, 0.5, 10.0))
 
     def store_back(self) -> None:
         if self._store_down:
@@ -452,7 +451,7 @@ class Pipeline:
                     error={"type": "timeout", "message": "job deadline passed"},
                 )
             elif isinstance(exc, JobError) and exc.retryable and reason is None:
-                delay = self.backoff(job.attempts)
+                delay = backoff(job.attempts, self.cfg.retry_base, self.cfg.retry_max)
                 log.info(
                     "job %s: %s in %s (attempt %d): %s",
                     job.id,
@@ -491,11 +490,6 @@ class Pipeline:
                 await fn(job, reason or ("error" if exc else "done"))
             except Exception:
                 log.exception("cleanup hook failed for job %s", job.id)
-
-    def backoff(self, attempt: int) -> float:
-        """Capped exponential backoff with jitter for retry number ``attempt``."""
-        base = min(self.cfg.retry_max, self.cfg.retry_base * 2.0 ** max(0, attempt - 1))
-        return base * random.uniform(0.5, 1.0)
 
     # --- housekeeping ------------------------------------------------------------------------
 

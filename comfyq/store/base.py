@@ -16,7 +16,7 @@ from __future__ import annotations
 import abc
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self, cast
@@ -135,7 +135,7 @@ class JobReads(abc.ABC):
     @abc.abstractmethod
     async def summaries(
         self,
-        states: list[str] | None,
+        states: Sequence[str] | None,
         owners: list[str] | None,
         cursor: tuple[str, str] | None,
         limit: int,
@@ -361,12 +361,6 @@ class JobStore(abc.ABC):
     @abc.abstractmethod
     async def position(self, job: Job) -> tuple[int, int]:
         """(1-based position among waiting jobs of its stage, waiting jobs in that stage)."""
-
-    @abc.abstractmethod
-    async def recent_timings(
-        self, kind: str | None = None, limit: int = 50
-    ) -> list[dict[str, Any]]:
-        """Timings of recently completed jobs (of one kind when given), newest first."""
 
     @abc.abstractmethod
     async def outputs(self, job_id: str) -> list[dict[str, Any]]:

@@ -20,7 +20,7 @@ from comfyq.api.body import read_json_body
 from comfyq.api.context import get_api, json_response
 from comfyq.api.health import health as comfyq_health
 from comfyq.limits import BodyLimits
-from comfyq.store.model import Job, NewJob
+from comfyq.store.model import Job, NewJob, State
 from comfyq.v2 import mapping
 from comfyq.v2.context import get_v2, owner_of, scope_of
 from comfyq.v2.errors import V2Error, invalid, not_found
@@ -33,13 +33,13 @@ MAX_SCAN = 2000
 
 # v2 status -> the store states that can show it (the mapping decides the rest).
 _STATES = {
-    "queued": ("pending", "running"),
-    "running": ("pending", "running"),
-    "canceling": ("pending", "running"),
-    "succeeded": ("completed",),
-    "failed": ("failed",),
-    "expired": ("failed",),
-    "canceled": ("cancelled",),
+    "queued": (State.PENDING, State.RUNNING),
+    "running": (State.PENDING, State.RUNNING),
+    "canceling": (State.PENDING, State.RUNNING),
+    "succeeded": (State.COMPLETED,),
+    "failed": (State.FAILED,),
+    "expired": (State.FAILED,),
+    "canceled": (State.CANCELLED,),
 }
 
 

@@ -3,7 +3,7 @@ made before it was issued, whichever instance made it."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from psycopg_pool import AsyncConnectionPool
@@ -132,7 +132,7 @@ class PgReads(JobReads):
 
     async def summaries(
         self,
-        states: list[str] | None,
+        states: Sequence[str] | None,
         owners: list[str] | None,
         cursor: tuple[str, str] | None,
         limit: int,

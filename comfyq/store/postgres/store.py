@@ -268,17 +268,6 @@ class PostgresStore(JobStore):
         )
         return row["ahead"] + 1, row["size"]
 
-    async def recent_timings(
-        self, kind: str | None = None, limit: int = 50
-    ) -> list[dict[str, Any]]:
-        sql = "SELECT timings FROM jobs WHERE state = 'completed'"
-        params: list[Any] = []
-        if kind is not None:
-            sql += " AND kind = %s"
-            params.append(kind)
-        sql += " ORDER BY finished_at DESC LIMIT %s"
-        return [loads(r["timings"]) for r in await self._reads.rows(sql, (*params, limit))]
-
     async def outputs(self, job_id: str) -> list[dict[str, Any]]:
         return (await self._reads.outputs([job_id])).get(job_id, [])
 

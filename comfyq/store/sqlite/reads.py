@@ -12,7 +12,7 @@ before it was issued; and streams do not queue behind the pipeline's own reads.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -119,7 +119,7 @@ class Reads(JobReads):
 
     async def summaries(
         self,
-        states: list[str] | None,
+        states: Sequence[str] | None,
         owners: list[str] | None,
         cursor: tuple[str, str] | None,
         limit: int,

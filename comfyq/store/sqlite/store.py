@@ -333,18 +333,6 @@ class SqliteStore(JobStore):
         )
         return ahead + 1, size
 
-    async def recent_timings(
-        self, kind: str | None = None, limit: int = 50
-    ) -> list[dict[str, Any]]:
-        """Timings of recently completed jobs (of one kind when given), newest first."""
-        sql = "SELECT timings FROM jobs WHERE state = 'completed'"
-        params: list[Any] = []
-        if kind is not None:
-            sql += " AND kind = ?"
-            params.append(kind)
-        sql += " ORDER BY finished_at DESC LIMIT ?"
-        return [loads(r[0]) for r in await self._rows(sql, (*params, limit))]
-
     async def put_output(self, job_id: str, row: dict[str, Any]) -> None:
         await self._write(ops.put_output, job_id, self.clock.now(), row)
 
