@@ -21,7 +21,7 @@ from comfyq.config import ConfigError, Settings, load_settings, masked, parse_se
 from comfyq.errors import ComfyqError
 from comfyq.store import migrate, ops
 from comfyq.store.jobs import DatabaseLocked, open_migrated
-from comfyq.store.model import Job
+from comfyq.store.model import Job, State
 from comfyq.store.writer import Writer, connect
 
 log = logging.getLogger("comfyq")
@@ -190,6 +190,7 @@ async def serve(settings: Settings, *, comfyui_version: str | None = None) -> in
     # Watchers (Vast's worker) connect the moment they read BACKENDS_READY: hold it back until the
     # listener below accepts connections.
     services.pool.hold_ready_line()
+    services.listening = False
     try:
         await services.start()
     except Exception as exc:
@@ -238,6 +239,7 @@ async def serve(settings: Settings, *, comfyui_version: str | None = None) -> in
         ", ".join(services.backend_urls),
     )
     await _until_accepting(settings.api_host, port)
+    services.listening = True
     services.pool.release_ready_line()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -317,7 +319,7 @@ def _jobs(settings: Settings, args: argparse.Namespace) -> int:
             job, tr = writer.run_sync(ops.request_cancel, args.id, now)
             if tr is not None:
                 print(f"{args.id}: cancelled")
-            elif job.state == "running":
+            elif job.state == State.RUNNING:
                 print(f"{args.id}: cancel requested; the server stops it within a few seconds")
             else:
                 print(f"{args.id}: already {job.state}")

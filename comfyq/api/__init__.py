@@ -12,11 +12,20 @@ import msgspec
 from aiohttp import web
 
 from comfyq.api import docs, generate, jobs, sse, workflows, ws
-from comfyq.api.health import health
+from comfyq.api.health import health, ready
 from comfyq.api.middleware import cors_headers
 from comfyq.api.openapi import Param, Reply, Route, document
 from comfyq.metrics import CONTENT_TYPE
-from comfyq.schemas import ErrorBody, GenerateRequest, Health, JobList, QueueInfo, Result
+from comfyq.schemas import (
+    ErrorBody,
+    GenerateRequest,
+    Health,
+    JobList,
+    QueueInfo,
+    Ready,
+    Result,
+)
+from comfyq.v2 import routes as v2_routes
 
 OPENAPI: web.AppKey[bytes] = web.AppKey("openapi", bytes)
 README: web.AppKey[str] = web.AppKey("readme", str)
@@ -148,6 +157,18 @@ ROUTES: list[Route] = [
     ),
     Route(
         "GET",
+        "/ready",
+        ready,
+        "Readiness: listener bound, workers alive, a backend warm, queue not full",
+        "ops",
+        public=True,
+        replies={
+            200: Reply("ready for traffic", Ready),
+            503: Reply("not ready (starting, warming up, or the queue is full)", Ready),
+        },
+    ),
+    Route(
+        "GET",
         "/jobs",
         jobs.list_jobs,
         "List jobs, newest first",
@@ -271,6 +292,9 @@ ROUTES: list[Route] = [
 ]
 
 
+ROUTES += v2_routes.ROUTES  # the Comfy API v2 surface, on the same port (comfyq/v2)
+
+
 def app_routes(registry: Any) -> list[Route]:
     """``ROUTES`` plus the typed workflow routes of ``registry``'s modifiers."""
     return ROUTES + workflows.routes(registry)
@@ -288,6 +312,7 @@ def setup_routes(app: web.Application) -> None:
     from comfyq.api.context import API
 
     api = app[API]
+    v2_routes.setup(app)
     registry = api.services.registry
     for r in app_routes(registry):
         app.router.add_route(r.method, r.path, r.handler)

@@ -9,12 +9,13 @@ An upload failure never loses the file: the output keeps its local URL and carri
 from __future__ import annotations
 
 import asyncio
+import uuid
 from pathlib import Path
 from typing import Any
 
 from comfyq.comfy.backends import BackendPool
 from comfyq.errors import ComfyUIUnreachable, OutputError
-from comfyq.outputs.local import describe, job_dir, list_outputs, safe_name
+from comfyq.outputs.local import describe_all, job_dir, list_outputs, safe_name
 from comfyq.outputs.s3 import LocalFile, S3Uploader
 from comfyq.stages.runner import JobContext, StageDone
 from comfyq.store import Job
@@ -74,7 +75,7 @@ class Postprocess:
                         f"backend {job.comfy_backend} is not configured any more"
                     )
                 await be.client.download(item.filename, item.subfolder, item.comfy_type, dest)
-            sha, size, mime = await describe(dest)
+            sha, b3, size, mime = await describe_all(dest)
             rows.append(
                 {
                     "filename": name,
@@ -88,6 +89,8 @@ class Postprocess:
                     "local_path": str(dest),
                     "url": f"/outputs/{job.id}/{name}",
                     "upload_error": None,
+                    "asset_id": str(uuid.uuid4()),  # the output as a Comfy API v2 asset
+                    "blake3": b3,
                 }
             )
         return rows
