@@ -66,8 +66,8 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         _d(
             "start and supervise the local ComfyUI: its command line, e.g. 'python main.py --listen"
             " 127.0.0.1 --port {port}' ({port}: each loopback backend's port; several processes of"
-            " one ComfyUI >= 0.38 install need their own --database-url or --disable-assets); empty:"
-            " ComfyUI is started by someone else"
+            " one ComfyUI >= 0.38 install need their own --database-url or --disable-assets);"
+            " empty: ComfyUI is started by someone else"
         ),
     ] = ""
     comfyui_workdir: Annotated[str, _d("working directory of the supervised ComfyUI")] = ""
