@@ -195,6 +195,18 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
     # --- outputs, S3, webhooks ---------------------------------------------------------------
     output_base64_max_bytes: Annotated[int, _d("largest output inlined as base64", ge=0)] = 10 * MiB
+    output_convert_format: Annotated[
+        Literal["", "png", "jpeg", "webp"],
+        _d(
+            "convert image outputs to this format by default (empty: keep them; input.convert wins)"
+        ),
+    ] = ""
+    output_convert_quality: Annotated[
+        int, _d("default JPEG/WebP quality of converted outputs", ge=1, le=100)
+    ] = 90
+    output_convert_max_side: Annotated[
+        int, _d("default longest side of converted outputs in pixels (0: keep the size)", ge=0)
+    ] = 0
     include_comfyui_response: Annotated[
         bool,
         _d(

@@ -21,6 +21,7 @@ from comfyq.errors import OutputError
 from comfyq.events import EventBus
 from comfyq.inputs import Downloader
 from comfyq.netguard import AddressGuard
+from comfyq.outputs.convert import ConvertSpec
 from comfyq.outputs.local import job_dir
 from comfyq.outputs.s3 import S3Uploader
 from comfyq.stages.generate import Generate
@@ -96,6 +97,15 @@ class Services:
                     self.output_dir,
                     uploader=self.uploader,
                     fail_on_upload_error=settings.s3_fail_job_on_upload_error,
+                    convert_default=(
+                        ConvertSpec(
+                            settings.output_convert_format,
+                            settings.output_convert_quality,
+                            settings.output_convert_max_side,
+                        )
+                        if settings.output_convert_format
+                        else None
+                    ),
                 ),
             },
             {
