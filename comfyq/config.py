@@ -176,6 +176,13 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         "data/outputs"
     )
     cache_dir: Annotated[str, _d("content-hash cache of downloaded inputs")] = "data/cache"
+    assets_dir: Annotated[str, _d("Comfy API v2 uploads, one file per blake3 hash")] = "data/assets"
+    asset_max_bytes: Annotated[
+        int, _d("largest Comfy API v2 asset upload in bytes (413 beyond)", ge=1)
+    ] = 512 * MiB
+    v2_streams_per_key: Annotated[
+        PosInt, _d("open Comfy API v2 event streams per API key (429 too_many_streams beyond)")
+    ] = 1000
     retention_seconds: Annotated[
         float, _d("finished jobs and their files older than this are pruned (0 keeps them)", ge=0)
     ] = 7 * 24 * 3600.0

@@ -23,7 +23,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from comfyq.result import epoch
-from comfyq.store.model import STAGES, TERMINAL, Transition
+from comfyq.store.model import STAGES, TERMINAL, State, Transition
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -195,19 +195,19 @@ class Metrics:
             if tr.from_state is None:
                 self.jobs_created.inc()
             ran = self._running.pop(tr.job_id, None)
-            if ran is not None and tr.from_state == "running":
+            if ran is not None and tr.from_state == State.RUNNING:
                 stage, since = ran
-                if tr.to_state == "pending":
+                if tr.to_state == State.PENDING:
                     outcome = "retried" if tr.stage == stage else "ok"
                 else:
-                    outcome = "ok" if tr.to_state == "completed" else tr.to_state
+                    outcome = "ok" if tr.to_state == State.COMPLETED else tr.to_state
                 self.stage_duration.labels(stage, outcome).observe(max(0.0, at - since))
             waited = self._waiting.pop(tr.job_id, None)
-            if tr.to_state == "running":
+            if tr.to_state == State.RUNNING:
                 self._running[tr.job_id] = (tr.stage, at)
                 if waited is not None:
                     self.stage_wait.labels(waited[0]).observe(max(0.0, at - waited[1]))
-            elif tr.to_state == "pending":
+            elif tr.to_state == State.PENDING:
                 self._waiting[tr.job_id] = (tr.stage, at)
             elif tr.to_state in TERMINAL:
                 self.jobs_finished.labels(tr.to_state).inc()
@@ -233,9 +233,7 @@ class Metrics:
     async def refresh(self) -> None:
         """Read the levels (jobs by state, queues, workers, backends) for the next scrape."""
         svc = self.services
-        jobs: dict[str, int] = {
-            s: 0 for s in ("pending", "running", "completed", "failed", "cancelled")
-        }
+        jobs: dict[str, int] = {s: 0 for s in State}
         for state, n in await svc.store.reader.execute_fetchall(
             "SELECT state, count(*) FROM jobs GROUP BY state"
         ):

@@ -28,8 +28,10 @@ from comfyq.stages.generate import Generate
 from comfyq.stages.postprocess import Postprocess
 from comfyq.stages.preprocess import Preprocess
 from comfyq.stages.runner import Pipeline, RunnerConfig
-from comfyq.store import JobStore
+from comfyq.store import JobStore, Stage
+from comfyq.store.assets import AssetStore
 from comfyq.store.jobs import FileLock
+from comfyq.v2.resolve import AssetResolver
 from comfyq.webhooks import WebhookConfig, WebhookSender
 from modifiers import ModifierRegistry
 from modifiers.registry import BUILTIN_MODIFIERS_DIR
@@ -86,13 +88,14 @@ class Services:
         self.uploader = S3Uploader.from_settings(settings, self.guard)
         self.webhooks = WebhookSender(self.store, self.guard, WebhookConfig.from_settings(settings))
         self.generate = Generate(self.pool, failover_after=settings.backend_failover_after)
+        self.asset_resolver = AssetResolver(self.store)  # Comfy API v2 assets (comfyq/v2)
         self.pipeline = Pipeline(
             self.store,
             self.bus,
             {
-                "preprocess": Preprocess(self.registry, self.downloader),
-                "generate": self.generate,
-                "postprocess": Postprocess(
+                Stage.PREPROCESS: Preprocess(self.registry, self.downloader, self.asset_resolver),
+                Stage.GENERATE: self.generate,
+                Stage.POSTPROCESS: Postprocess(
                     self.pool,
                     self.output_dir,
                     uploader=self.uploader,
@@ -109,9 +112,9 @@ class Services:
                 ),
             },
             {
-                "preprocess": settings.preprocess_workers,
-                "generate": settings.generation_workers * len(self.backend_urls),
-                "postprocess": settings.postprocess_workers,
+                Stage.PREPROCESS: settings.preprocess_workers,
+                Stage.GENERATE: settings.generation_workers * len(self.backend_urls),
+                Stage.POSTPROCESS: settings.postprocess_workers,
             },
             RunnerConfig(
                 lease=settings.lease_seconds,
@@ -201,6 +204,7 @@ class Services:
         """Delete finished jobs (and their files) older than the retention age."""
         age = self.settings.retention_seconds if older_than is None else older_than
         n = await prune_jobs(self.store, self.output_dir, age)
+        await prune_assets(self.asset_resolver.assets, Path(self.settings.assets_dir).absolute())
         # Cached inputs are referenced by waiting jobs: keep them at least twice the job deadline.
         await self.downloader.prune(max(age, 2 * self.settings.job_timeout))
         return n
@@ -258,3 +262,11 @@ def _supervisors(settings: Settings, urls: list[str]) -> list[Supervisor]:
         )
         for url in local
     ]
+
+
+async def prune_assets(assets: AssetStore, root: Path) -> None:
+    """Remove Comfy API v2 assets past their expires_at, and the blob files left unused."""
+    for path in await assets.prune_assets():
+        p = Path(path)
+        if p.parent.parent == root:  # only ever a blob file of ours
+            await asyncio.to_thread(p.unlink, True)

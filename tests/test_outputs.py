@@ -22,6 +22,7 @@ from test_webhooks_support import Receiver, deliveries, delivery_ended, wait_unt
 from comfyq.outputs.local import job_dir, safe_name
 from comfyq.outputs.s3 import S3Uploader
 from comfyq.stages.postprocess import Postprocess
+from comfyq.store.model import Stage
 from comfyq.store.writer import connect
 from comfyq.webhooks import WebhookSender
 
@@ -33,7 +34,7 @@ HOOK_SECRET = "HOOK-SECRET-789"
 def wire(srv: Server) -> WebhookSender:
     """Plug the S3 uploader into the server unless services do; quick retries for webhooks."""
     svc = srv.services
-    st = svc.pipeline.stages["postprocess"]
+    st = svc.pipeline.stages[Stage.POSTPROCESS]
     if getattr(st.handler, "uploader", None) is None:
         st.handler = Postprocess(
             svc.pool,

@@ -25,6 +25,7 @@ from comfyq.schemas import (
     Ready,
     Result,
 )
+from comfyq.v2 import routes as v2_routes
 
 OPENAPI: web.AppKey[bytes] = web.AppKey("openapi", bytes)
 README: web.AppKey[str] = web.AppKey("readme", str)
@@ -299,6 +300,9 @@ ROUTES: list[Route] = [
 ]
 
 
+ROUTES += v2_routes.ROUTES  # the Comfy API v2 surface, on the same port (comfyq/v2)
+
+
 def app_routes(registry: Any) -> list[Route]:
     """``ROUTES`` plus the typed workflow routes of ``registry``'s modifiers."""
     return ROUTES + workflows.routes(registry)
@@ -316,6 +320,7 @@ def setup_routes(app: web.Application) -> None:
     from comfyq.api.context import API
 
     api = app[API]
+    v2_routes.setup(app)
     registry = api.services.registry
     for r in app_routes(registry):
         app.router.add_route(r.method, r.path, r.handler)

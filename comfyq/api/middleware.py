@@ -22,14 +22,17 @@ from comfyq.errors import BadRequest, ComfyqError, QueueFull, Unauthorized
 from comfyq.limits import CONTROL
 from comfyq.logs import job_context
 from comfyq.schemas import ErrorBody, ErrorInfo
+from comfyq.v2.errors import guard as v2_guard
 
 log = logging.getLogger("comfyq.api")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-PUBLIC_PATHS = frozenset({"/health", "/ready"})
+PUBLIC_PATHS = frozenset({"/health", "/ready", "/api/v2/health"})
 PUBLIC_PREFIXES = ("/docs/assets/",)  # Swagger UI's own static files: nothing of ours in them
-ALLOW_HEADERS = "Authorization, Content-Type, Last-Event-ID, X-Return-Outputs-As-Base64"
+ALLOW_HEADERS = (
+    "Authorization, Content-Type, Last-Event-ID, X-Return-Outputs-As-Base64, Idempotency-Key, Range"
+)
 EXPOSE_HEADERS = "Location, Retry-After, Content-Disposition"
 _HTTP_TYPES = {
     400: "invalid_request",
@@ -161,6 +164,8 @@ def error_body(exc: ComfyqError) -> web.Response:
 
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.path.startswith("/api/v2/"):
+        return await v2_guard(request, handler)  # the Comfy API v2 error envelope
     try:
         return await handler(request)
     except ComfyqError as exc:

@@ -9,6 +9,7 @@ An upload failure never loses the file: the output keeps its local URL and carri
 from __future__ import annotations
 
 import asyncio
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from comfyq.outputs.convert import (
     converted_name,
     wants,
 )
-from comfyq.outputs.local import describe, job_dir, list_outputs, safe_name
+from comfyq.outputs.local import describe_all, job_dir, list_outputs, safe_name
 from comfyq.outputs.s3 import LocalFile, S3Uploader
 from comfyq.stages.runner import JobContext, StageDone
 from comfyq.store import Job
@@ -87,7 +88,7 @@ class Postprocess:
                         f"backend {job.comfy_backend} is not configured any more"
                     )
                 await be.client.download(item.filename, item.subfolder, item.comfy_type, dest)
-            sha, size, mime = await describe(dest)
+            sha, b3, size, mime = await describe_all(dest)
             rows.append(
                 {
                     "filename": name,
@@ -101,6 +102,8 @@ class Postprocess:
                     "local_path": str(dest),
                     "url": f"/outputs/{job.id}/{name}",
                     "upload_error": None,
+                    "asset_id": str(uuid.uuid4()),  # the output as a Comfy API v2 asset
+                    "blake3": b3,
                 }
             )
         return rows
@@ -137,7 +140,7 @@ class Postprocess:
                     }
                 )
                 continue
-            sha, size, mime = await describe(dest)
+            sha, b3, size, mime = await describe_all(dest)
             originals[name] = {
                 "filename": old_name,
                 "mimetype": row["mimetype"],
@@ -148,6 +151,7 @@ class Postprocess:
                 mimetype=mime,
                 size=size,
                 sha256=sha,
+                blake3=b3,
                 local_path=str(dest),
                 url=f"/outputs/{job.id}/{name}",
             )
