@@ -198,6 +198,23 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         str, _d("extra folder searched for user modifiers (empty: ./modifiers when present)")
     ] = ""
     download_max_bytes: Annotated[int, _d("largest input download in bytes", ge=1)] = 512 * MiB
+    comfyui_models_dir: Annotated[
+        str,
+        _d(
+            "the local ComfyUI's models folder, where input.models downloads go (empty: models"
+            " by URL are refused)"
+        ),
+    ] = ""
+    model_cache_gb: Annotated[
+        float,
+        _d(
+            "budget in GB for models comfyq downloaded; beyond it the least recently used are"
+            " deleted (never files comfyq did not download)",
+            ge=0,
+        ),
+    ] = 50.0
+    model_max_bytes: Annotated[int, _d("largest model download in bytes", ge=1)] = 64 * 1024 * MiB
+    model_download_timeout: Annotated[PosFloat, _d("total seconds for one model download")] = 3600.0
     download_timeout: Annotated[PosFloat, _d("total seconds for one input download")] = 600.0
 
     # --- outputs, S3, webhooks ---------------------------------------------------------------
@@ -290,6 +307,7 @@ _LEGACY_ENV = {
     "comfyui_command": "COMFYUI_COMMAND",
     "comfyui_workdir": "COMFYUI_WORKDIR",
     "comfyui_warmup_workflow": "COMFYUI_WARMUP_WORKFLOW",
+    "comfyui_models_dir": "COMFYUI_MODELS_DIR",
 }
 
 

@@ -75,6 +75,47 @@ class WorkflowNode(Struct):
     inputs: dict[str, Any] = field(default_factory=dict)
 
 
+ModelFolder = Literal[
+    "checkpoints",
+    "loras",
+    "vae",
+    "text_encoders",
+    "clip",
+    "clip_vision",
+    "controlnet",
+    "diffusion_models",
+    "unet",
+    "embeddings",
+    "upscale_models",
+    "style_models",
+    "gligen",
+    "hypernetworks",
+    "photomaker",
+    "vae_approx",
+    "model_patches",
+    "audio_encoders",
+]
+
+
+class ModelRef(Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """A model or LoRA to download into the local ComfyUI's models folder before the job runs."""
+
+    url: Annotated[
+        str, _d("http(s) URL of a .safetensors or .gguf file", min_length=1, max_length=4096)
+    ]
+    folder: Annotated[ModelFolder, _d("ComfyUI's model folder")]
+    filename: Annotated[
+        str, _d("the file name the workflow uses (default: the URL's last part)", max_length=200)
+    ] = ""
+    sha256: Annotated[
+        str,
+        _d(
+            "expected sha256 (hex): verified, the download is refused on mismatch",
+            pattern=r"^(?:[0-9a-fA-F]{64})?$",
+        ),
+    ] = ""
+
+
 class Convert(Struct, forbid_unknown_fields=True, omit_defaults=True):
     """Convert image outputs with Pillow before upload, base64 and /outputs."""
 
@@ -106,6 +147,13 @@ class Input(Struct, forbid_unknown_fields=True, omit_defaults=True):
     return_outputs_as_base64: Annotated[
         bool, _d("inline output files as base64 (`output[i].data`)")
     ] = False
+    models: Annotated[
+        list[ModelRef],
+        _d(
+            "models/LoRAs to fetch into COMFYUI_MODELS_DIR first (name them in the workflow)",
+            max_length=20,
+        ),
+    ] = field(default_factory=list)
     convert: Annotated[
         Convert | None, _d("convert image outputs (default: the server's output_convert_*)")
     ] = None
