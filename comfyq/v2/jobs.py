@@ -6,6 +6,7 @@ admit it and present it through ``comfyq.v2.mapping``.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 from typing import Any
@@ -13,10 +14,12 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from comfyq.admission import canonical_hash, new_job_id
+from comfyq.admission import THREAD_ABOVE, canonical_hash, new_job_id
 from comfyq.api.auth import principal
+from comfyq.api.body import read_json_body
 from comfyq.api.context import get_api, json_response
 from comfyq.api.health import health as comfyq_health
+from comfyq.limits import BodyLimits
 from comfyq.store.model import Job, NewJob, loads
 from comfyq.v2 import mapping
 from comfyq.v2.context import get_v2, owner_of, scope_of
@@ -45,7 +48,13 @@ async def submit(request: web.Request) -> web.Response:
     v2 = get_v2(request)
     settings = v2.settings
     key = check_key(request.headers.get("Idempotency-Key"))
-    sub = parse(await request.read(), request.headers.get("Content-Type"))
+    body = await read_json_body(request, settings)
+    limits = BodyLimits.from_settings(settings)
+    ctype = request.headers.get("Content-Type")
+    if len(body) > THREAD_ABOVE:  # a big body is checked off the event loop
+        sub = await asyncio.to_thread(parse, body, ctype, limits)
+    else:
+        sub = parse(body, ctype, limits)
     owner = owner_of(request)
     if sub.asset_ids:
         found = await v2.assets.assets(sub.asset_ids)
@@ -92,8 +101,11 @@ async def submit(request: web.Request) -> web.Response:
     except BaseException:
         v2.extra_data.pop(new.id, None)
         raise
-    fresh = await v2.read_job(job.id) or job
-    return json_response(await v2.body(request, fresh, []), 201)
+    # The row the INSERT returned is the job: no read back (a new job has no outputs or progress).
+    answer = await v2.body(request, job, [])
+    if sub.metadata:
+        answer["metadata"] = sub.metadata
+    return json_response(answer, 201)
 
 
 async def _job_or_404(request: web.Request) -> Job:
