@@ -169,3 +169,40 @@ async def test_bad_multipart_requests_name_the_field(make_server: MakeServer) ->
         res = await r.json()
     assert res["status"] == "failed" and "upload reference" in res["error"]["message"]
     assert await _no_jobs(srv) is False
+
+
+MALFORMED = [
+    ("multipart/form-data", b"garbage"),
+    ("multipart/form-data; boundary=xx", b"garbage"),
+    (
+        "multipart/form-data; boundary=xx",
+        b'--xx\r\nContent-Disposition: form-data; name="request"\r\n\r\n{}\r\n',
+    ),
+    ("multipart/form-data; boundary=xx", b"--xx\r\n\r\n\r\n--xx--\r\n"),
+    (
+        "multipart/form-data; boundary=xx",
+        (
+            b"--xx\r\nContent-Type: multipart/mixed; boundary=yy\r\n\r\n"
+            b"--yy\r\n\r\nx\r\n--yy--\r\n--xx--\r\n"
+        ),
+    ),
+    (
+        "multipart/form-data; boundary=xx",
+        (
+            b'--xx\r\nContent-Disposition: form-data; name="request"\r\n'
+            b"Content-Encoding: gzip\r\n\r\nnotgzip\r\n--xx--\r\n"
+        ),
+    ),
+]
+
+
+async def test_malformed_multipart_bodies_are_4xx_never_5xx(make_server: MakeServer) -> None:
+    srv = await make_server()
+    for path in ("/generate", "/generate/sync", "/workflows/ImageEffects"):
+        for ctype, raw in MALFORMED:
+            async with srv.session.post(
+                srv.u(path), data=raw, headers={"Content-Type": ctype}
+            ) as r:
+                assert 400 <= r.status < 500, (path, raw, await r.text())
+                assert (await r.json())["error"]["message"]
+    assert await _no_jobs(srv)

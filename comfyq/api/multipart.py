@@ -114,6 +114,9 @@ async def read_form(request: web.Request, services: Any, json_parts: set[str]) -
                 except UnicodeDecodeError:
                     raise bad(path, "must be UTF-8 text") from None
         raise bad("$", f"at most {MAX_PARTS} parts")
+    except (ValueError, AssertionError, LookupError) as exc:  # aiohttp: a malformed body
+        await uploads.discard(form.files)
+        raise bad("$", f"malformed multipart/form-data body: {exc}") from None
     except BaseException:
         await uploads.discard(form.files)
         raise
