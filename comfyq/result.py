@@ -18,6 +18,7 @@ from comfyq.outputs.inline import inline_file
 from comfyq.schemas import (
     ErrorInfo,
     FieldError,
+    OriginalFile,
     OutputFile,
     Progress,
     Result,
@@ -93,8 +94,19 @@ def progress_of(data: dict[str, Any] | None) -> Progress | None:
         return None
 
 
-def output_file(job_id: str, row: dict[str, Any]) -> OutputFile:
+def _original(raw: Any) -> OriginalFile | None:
+    if not isinstance(raw, dict):
+        return None
+    return OriginalFile(
+        str(raw.get("filename") or ""), str(raw.get("mimetype") or ""), int(raw.get("size") or 0)
+    )
+
+
+def output_file(
+    job_id: str, row: dict[str, Any], converted: dict[str, Any] | None = None
+) -> OutputFile:
     return OutputFile(
+        original=_original((converted or {}).get(row["filename"])),
         filename=row["filename"],
         url=row.get("url") or output_url(job_id, row["filename"]),
         type=row.get("comfy_type") or "output",
@@ -127,7 +139,7 @@ def to_result(
         progress=progress_of(progress)
         if job.state == State.RUNNING and job.stage == Stage.GENERATE
         else None,
-        output=[output_file(job.id, r) for r in outputs],
+        output=[output_file(job.id, r, (job.result or {}).get("converted")) for r in outputs],
         error=error_info(job.error),
         timings=timings(job.timings),
         finished_at=job.finished_at,
@@ -173,7 +185,7 @@ class Results:
         cache_size: int = 512,
         webhook_history: Callable[[str], Awaitable[list[dict[str, Any]]]] | None = None,
     ) -> None:
-        self.reads = reads  # comfyq.api.reads.Reads: fresh reads
+        self.reads = reads  # comfyq.store.JobReads: fresh reads
         self.webhook_history = webhook_history
         self.bus = bus
         self.base64_max_bytes = base64_max_bytes

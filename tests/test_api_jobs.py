@@ -17,6 +17,7 @@ from support.servers import MakeServer, Server, pause, resume, wait_healthy
 from support.workflows import workflow
 
 from comfyq.sim import Simulator
+from comfyq.sim.generation import VERSIONS
 from comfyq.store.model import Stage
 
 _colors = itertools.count(1000)
@@ -187,6 +188,7 @@ async def test_sync_client_disconnect_does_not_cancel(server: Server, simulator:
 # --- cancel -------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("comfyui_version", VERSIONS)  # the atomic route, and the 0.3.64 pair
 async def test_cancel_waiting_running_finished(server: Server, simulator: Simulator) -> None:
     await wait_healthy(server)
     slow(simulator, 5.0)

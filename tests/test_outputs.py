@@ -27,7 +27,7 @@ from comfyq.outputs.local import job_dir, safe_name
 from comfyq.outputs.s3 import S3Uploader
 from comfyq.stages.postprocess import Postprocess
 from comfyq.store.model import Stage
-from comfyq.store.writer import connect
+from comfyq.store.sqlite.writer import connect
 from comfyq.webhooks import WebhookSender
 
 _colors = itertools.count(5000)
@@ -170,7 +170,7 @@ async def test_request_s3_and_webhook_end_to_end_without_leaking_secrets(
             listing = await r.text()
         async with srv.session.get(srv.u("/result/e2e-1")) as r:
             result = await r.text()
-        conn = connect(srv.services.store.path, readonly=True)
+        conn = connect(srv.services.db_path, readonly=True)
         try:
             dump = "\n".join(conn.iterdump())
         finally:

@@ -27,6 +27,7 @@ from comfyq.app import create_app
 from comfyq.config import Settings
 from comfyq.services import Services
 from comfyq.sim import Simulator
+from comfyq.sim.generation import NEWEST
 from comfyq.store.model import Stage
 
 FAST = {
@@ -138,8 +139,16 @@ async def wait_healthy(srv: Server, timeout: float = 10.0) -> None:
 class ThreadServer:
     """Simulator + comfyq in a thread with its own event loop, for blocking test clients."""
 
-    def __init__(self, root: Path, options: ApiOptions | None = None, **overrides: Any) -> None:
+    def __init__(
+        self,
+        root: Path,
+        options: ApiOptions | None = None,
+        *,
+        comfyui_version: str = NEWEST,
+        **overrides: Any,
+    ) -> None:
         self.root = root
+        self.comfyui_version = comfyui_version
         self.options = options
         self.overrides = overrides
         self.url = ""
@@ -158,7 +167,9 @@ class ThreadServer:
         self._thread.start()
 
         async def up() -> None:
-            self._sim = Simulator(port=0, data_dir=self.root / "sim")
+            self._sim = Simulator(
+                port=0, data_dir=self.root / "sim", comfyui_version=self.comfyui_version
+            )
             await self._sim.start()
             self._server = await start_server(
                 settings_for(self.root, self._sim.url, **self.overrides), self.options
