@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from comfyq import logs
 from comfyq.config import ConfigError, Settings, load_settings, masked, parse_set_flags
 from comfyq.errors import ComfyqError
-from comfyq.store import JobStore, StoreError, open_store
+from comfyq.store import JobStore, State, StoreError, open_store
 
 log = logging.getLogger("comfyq")
 T = TypeVar("T")
@@ -319,7 +319,7 @@ async def _jobs_cmd(store: JobStore, args: argparse.Namespace) -> int:
         job, tr = await store.request_cancel(args.id)
         if tr is not None:
             print(f"{args.id}: cancelled")
-        elif job.state == "running":
+        elif job.state == State.RUNNING:
             print(f"{args.id}: cancel requested; the server stops it within a few seconds")
         else:
             print(f"{args.id}: already {job.state}")
