@@ -12,7 +12,9 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import MakeServer, Server, pause, resume, wait_healthy, workflow
+from support import serve
+from support.servers import MakeServer, Server, pause, resume, wait_healthy
+from support.workflows import workflow
 
 from comfyq.sim import Simulator
 from comfyq.sim.generation import VERSIONS
@@ -403,11 +405,8 @@ async def test_webhook_delivery_history_is_on_the_result(make_server: MakeServer
 
     app = web.Application()
     app.router.add_post("/hook", hook)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    receiver = await serve.start(app)
+    port = receiver.port
     try:
         srv = await make_server(url_allowlist=["127.0.0.1"])
         await wait_healthy(srv)
@@ -441,4 +440,4 @@ async def test_webhook_delivery_history_is_on_the_result(make_server: MakeServer
             and got[0]["headers"]["webhook-id"] == delivery["id"]
         )
     finally:
-        await runner.cleanup()
+        await receiver.close()

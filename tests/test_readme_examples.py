@@ -29,11 +29,11 @@ from typing import Any
 
 import pytest
 import requests
-from conftest import ThreadServer
+from support.servers import ThreadServer
+from support.sim import decode_png
 
 from comfyq.api.context import ApiOptions
 from comfyq.sim.generation import VERSIONS
-from comfyq.sim.testing import decode_png
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]

@@ -14,11 +14,11 @@ from typing import Any
 import aiohttp
 import blake3
 import pytest
+from support.sim import WsRecorder, wait_history
 
 from comfyq.cli import SIM_VERSIONS
 from comfyq.sim import Simulator
 from comfyq.sim.generation import NEW, NEWEST, OLD, VERSIONS
-from comfyq.sim.testing import WsRecorder, wait_history
 
 SVG = b'<svg xmlns="http://www.w3.org/2000/svg" width="2" height="2"/>\n'
 
