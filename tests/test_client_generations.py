@@ -110,6 +110,19 @@ async def test_capabilities_are_probed_not_assumed(
         assert "assets" not in (await other.probe()).names()
 
 
+async def test_probed_once_when_the_probe_comes_before_the_socket(make_sim: MakeSim) -> None:
+    sim = await make_sim(NEW)
+    client = ComfyClient(sim.url, request_timeout=5.0, reconnect_min=0.02)
+    try:
+        await client.probe()  # as the pool may: before the websocket ever connected
+        await client.start()
+        assert client.ws_connected and not client.capabilities_stale
+        sim.drop_websockets()  # a later reconnect may be another server: probe again
+        await wait_until(lambda: client.ws_connected and client.capabilities_stale)
+    finally:
+        await client.close()
+
+
 async def test_a_restart_as_another_version_is_probed_again(
     make_sim: MakeSim, make_client: MakeClient
 ) -> None:

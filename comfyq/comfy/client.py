@@ -248,7 +248,9 @@ class ComfyClient:
         return await asyncio.shield(task)
 
     async def _probe(self, stats: dict[str, Any] | None) -> Capabilities:
-        epoch = self._feed.connects
+        # Probed before the socket ever came up (the pool starts both at once): its first
+        # connection reaches this same server, so only later ones call for another probe.
+        epoch = self._feed.connects or 1
         if stats is None:
             stats = await self.system_stats()
         features, jobs, cancel = await asyncio.gather(
