@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import pytest
 from support.client import EventLog, invert_workflow, new_id, txt2img_workflow
 
 from comfyq.comfy.client import ComfyClient
+from comfyq.comfy.jobsapi import GONE, cancel_job, locate_job
 from comfyq.comfy.protocol import parse_text_frame
 from comfyq.errors import Interrupted, ValidationError
 from comfyq.outputs.local import hash_and_type
@@ -411,3 +413,23 @@ async def test_svg_and_xml_outputs_are_typed_by_their_bytes(
         await client.download(name, "", "input", dest)
         assert dest.read_bytes() == data
         assert hash_and_type(dest)[2] == mime  # what comfyq records for the output
+
+
+async def test_jobs_routes_gone_after_a_downgrade_fall_back(
+    make_sim: MakeSim, make_client: MakeClient
+) -> None:
+    # Capabilities say jobs API, but the server behind the URL is a 0.3.64 now (restarted between
+    # two probes): the routes answer 404/405, the client falls back and probes again.
+    sim = await make_sim(OLD)
+    client = await make_client(sim.url)
+    assert await locate_job(client._request, client._http_error, new_id()) == GONE
+    assert await cancel_job(client._request, client._http_error, new_id()) == GONE
+    pid = new_id()
+    await client.submit(invert_workflow("down", 71), pid)
+    async with asyncio.timeout(GUARD):
+        await client.follow(pid)
+    client._caps = replace(await client.probe(), jobs_api=True, atomic_cancel=True)  # stale view
+    assert (await client.locate(pid))[0] == "done"  # answered the old way
+    assert client.capabilities_stale  # and the next use probes again
+    await client.cancel(new_id())
+    assert not (await client.ensure_capabilities()).jobs_api
