@@ -23,9 +23,12 @@ log = logging.getLogger("comfyq")
 T = TypeVar("T")
 
 
-def _parser() -> argparse.ArgumentParser:
-    from comfyq.sim.generation import VERSIONS
+# comfyq.sim.generation.VERSIONS, spelled out so that every command does not import the
+# simulator (a test keeps the two equal).
+SIM_VERSIONS = ("0.3.64", "0.38")
 
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="comfyq", description="A durable API server in front of ComfyUI."
     )
@@ -48,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--comfyui-version",
-        choices=VERSIONS,
+        choices=SIM_VERSIONS,
         default=None,
         help="with --simulate: which ComfyUI protocol the simulator speaks (default: the newest)",
     )
