@@ -17,7 +17,7 @@ from PIL import Image
 from support.servers import MakeServer, ThreadServer, wait_healthy
 from support.v2 import check
 
-from comfyq.store.model import Stage
+from comfyq.store.model import Stage, State
 
 _colors = itertools.count(40)
 
@@ -160,13 +160,13 @@ async def test_async_sdk_run_cancel_and_missing_asset(
         assert held.status == "queued"
         for _ in range(500):  # through preprocess, then held before generation
             row = await srv.services.store.get(held.id)
-            if row is not None and row.stage == "generate":
+            if row is not None and row.stage == Stage.GENERATE:
                 break
             await asyncio.sleep(0.01)
         await held.cancel()
         assert held.status == "canceled"
         stored = await srv.services.store.get(held.id)
-        assert stored is not None and stored.state == "cancelled"
+        assert stored is not None and stored.state == State.CANCELLED
         srv.services.pipeline.stages[Stage.GENERATE].resume()
         check("Job", (await _raw_job(srv, job.id)))
 
