@@ -19,7 +19,7 @@ from typing import Any
 import aiosqlite
 
 from comfyq.store.base import STATUS_FILTERS, JobReads
-from comfyq.store.model import Job, loads
+from comfyq.store.model import Job, State, loads
 
 HEAD_COLUMNS = (
     "id, state, stage, message, attempts, kind, priority, created_at, updated_at,"
@@ -119,7 +119,7 @@ class Reads(JobReads):
 
     async def summaries(
         self,
-        states: Sequence[str] | None,
+        states: Sequence[State] | None,
         owners: list[str] | None,
         cursor: tuple[str, str] | None,
         limit: int,

@@ -10,7 +10,7 @@ import fcntl
 import logging
 import os
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -294,12 +294,13 @@ class SqliteStore(JobStore):
     async def list_jobs(
         self,
         *,
-        states: list[str] | None = None,
+        states: Sequence[State] | None = None,
         limit: int = 50,
         cursor: tuple[str, str] | None = None,
     ) -> list[Job]:
         """Jobs newest first; ``cursor`` = (created_at, id) of the last job of the previous page."""
-        where, params = [], []
+        where: list[str] = []
+        params: list[Any] = []
         if states:
             where.append(f"state IN ({','.join('?' * len(states))})")
             params.extend(states)
