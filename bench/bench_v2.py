@@ -47,7 +47,8 @@ from bench.common import (
     wait_http,
     write_json,
 )
-from comfyq.comfy.client import ComfyClient, redact_url
+from comfyq.comfy.client import ComfyClient
+from comfyq.netguard import redact_url
 
 Job = Callable[[dict[str, Any]], Awaitable[float]]
 TERMINAL = frozenset({"succeeded", "failed", "canceled", "expired"})

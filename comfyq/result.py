@@ -7,16 +7,14 @@ read. Output files are inlined as base64 only when the request asked for it, rea
 from __future__ import annotations
 
 import asyncio
-import base64
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from datetime import datetime
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import msgspec
 
+from comfyq.outputs.inline import inline_file
 from comfyq.schemas import (
     ErrorInfo,
     FieldError,
@@ -28,11 +26,6 @@ from comfyq.schemas import (
     WebhookDelivery,
 )
 from comfyq.store.model import Job, Stage, State
-
-
-def epoch(ts: str) -> float:
-    """The store's ISO-8601 UTC text as epoch seconds (fromisoformat: far cheaper than strptime)."""
-    return datetime.fromisoformat(ts).timestamp()
 
 
 def output_url(job_id: str, filename: str) -> str:
@@ -180,17 +173,6 @@ def deliveries(rows: list[dict[str, Any]]) -> list[WebhookDelivery]:
     return out
 
 
-def _read_b64(path: str, limit: int) -> tuple[str | None, str | None]:
-    p = Path(path)
-    try:
-        size = p.stat().st_size
-        if size > limit:
-            return None, f"not inlined as base64: {size} bytes is over the {limit}-byte limit"
-        return base64.b64encode(p.read_bytes()).decode("ascii"), None
-    except OSError as exc:
-        return None, f"not inlined as base64: {exc.strerror or exc}"
-
-
 class Results:
     """Builds Results; caches finished ones (they no longer change) for fan-out to many streams."""
 
@@ -203,7 +185,7 @@ class Results:
         cache_size: int = 512,
         webhook_history: Callable[[str], Awaitable[list[dict[str, Any]]]] | None = None,
     ) -> None:
-        self.reads = reads  # comfyq.api.reads.Reads: fresh reads
+        self.reads = reads  # comfyq.store.JobReads: fresh reads
         self.webhook_history = webhook_history
         self.bus = bus
         self.base64_max_bytes = base64_max_bytes
@@ -257,8 +239,6 @@ class Results:
         """Fill ``output[i].data`` with base64 of the local file, size-capped."""
         for o in res.output:
             if o.local_path and o.data is None:
-                o.data, err = await asyncio.to_thread(
-                    _read_b64, o.local_path, self.base64_max_bytes
-                )
+                o.data, err = await inline_file(o.local_path, self.base64_max_bytes)
                 if err and not o.error:
                     o.error = err

@@ -29,9 +29,8 @@ from comfyq.stages.generate import Generate
 from comfyq.stages.postprocess import Postprocess
 from comfyq.stages.preprocess import Preprocess
 from comfyq.stages.runner import Pipeline, RunnerConfig
-from comfyq.store import JobStore, Stage
+from comfyq.store import JobStore, Stage, open_store
 from comfyq.store.assets import AssetStore
-from comfyq.store.jobs import FileLock
 from comfyq.v2.resolve import AssetResolver
 from comfyq.webhooks import WebhookConfig, WebhookSender
 from modifiers import ModifierRegistry
@@ -49,10 +48,9 @@ class Services:
         self.settings = settings
         self.clock = clock or Clock()
         self.backend_urls = backends or settings.backends
-        self.db_path = Path(settings.database)
+        self.db_path = Path(settings.database)  # the SQLite file (meaningless for a server URL)
         self.output_dir = Path(settings.output_dir).absolute()
-        self.lock = FileLock(self.db_path)
-        self.store = JobStore(self.db_path, clock=self.clock)
+        self.store = open_store(settings.database, clock=self.clock)
         self.bus = EventBus()
         self.store.listen(self.bus.on_transitions)
         self.guard = AddressGuard(settings.url_allowlist)
@@ -142,15 +140,13 @@ class Services:
 
     def _client_id(self, url: str) -> str:
         """Stable per (database file, backend): one server per file, so never shared while alive."""
-        return hashlib.sha256(f"comfyq|{self.db_path.resolve()}|{url}".encode()).hexdigest()[:32]
+        return hashlib.sha256(f"comfyq|{self.store.identity}|{url}".encode()).hexdigest()[:32]
 
     async def start(self) -> None:
         """Take the database lock, migrate, connect to ComfyUI, resume jobs, start workers."""
-        self.db_path.parent.mkdir(parents=True, exist_ok=True)
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.lock.acquire()
+        await self.store.open(exclusive=True)
         try:
-            await self.store.open()
             for sup in self.supervisors:
                 await sup.start()
             for be in self.pool.backends:
@@ -163,7 +159,6 @@ class Services:
             for sup in self.supervisors:
                 await sup.stop()
             await self.store.close()
-            self.lock.release()
             raise
         self._tasks.append(
             asyncio.create_task(self._every(self.settings.wal_checkpoint_interval, self.checkpoint))
@@ -191,7 +186,6 @@ class Services:
             await self._step("model downloads", self.models.close(), 10)
         # Last and unbounded: the writer finishes every write already asked for, then closes.
         await self.store.close()
-        self.lock.release()
         self.started = False
 
     @staticmethod
@@ -213,8 +207,7 @@ class Services:
                 log.exception("periodic task %s failed", getattr(fn, "__name__", fn))
 
     async def checkpoint(self) -> None:
-        busy, frames, done = await self.store.checkpoint()
-        log.debug("WAL checkpoint: busy=%d frames=%d checkpointed=%d", busy, frames, done)
+        log.debug("%s", await self.store.maintain())
 
     async def prune(self, older_than: float | None = None) -> int:
         """Delete finished jobs (and their files) older than the retention age."""

@@ -10,8 +10,8 @@ import io
 from typing import Any
 
 import pytest
-from conftest import MakeServer, Server, wait_healthy
 from PIL import Image
+from support.servers import MakeServer, Server, wait_healthy
 
 from comfyq.outputs import convert
 

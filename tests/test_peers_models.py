@@ -16,7 +16,8 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from conftest import MakeServer, Server, wait_healthy
+from aiohttp.test_utils import TestServer
+from support.servers import MakeServer, Server, wait_healthy
 
 from comfyq.sim import Simulator
 
@@ -51,15 +52,12 @@ async def files() -> AsyncIterator[FileServer]:
 
     app = web.Application()
     app.router.add_get("/m/{name}", serve)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    assert site._server is not None
-    fs.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    fs.url = str(server.make_url("")).rstrip("/")
     yield fs
     fs.gate.set()  # a test that failed while holding a download must not hang the teardown
-    await runner.cleanup()
+    await server.close()
 
 
 def models_dir(sim: Simulator) -> Path:

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from conftest import MakeServer, Server, wait_healthy
 from PIL import Image
+from support.servers import MakeServer, Server, wait_healthy
 
 
 def png(color: tuple[int, int, int], size: int = 16) -> bytes:
