@@ -18,9 +18,8 @@ from typing import Any
 
 from bench.common import add_json_arg, pct, summary_ms, write_json
 from comfyq.store import JobStore, NewJob
+from comfyq.store.model import STAGES, Stage
 from comfyq.store.writer import connect
-
-STAGES = ("preprocess", "generate", "postprocess")
 
 
 def _new(i: int) -> NewJob:
@@ -150,7 +149,7 @@ async def claim_latency(path: Path, samples: int = 1000) -> list[float]:
         lat = []
         for _ in range(samples):
             t0 = time.perf_counter()
-            got = await store.claim("generate", 1, 30.0, "g")
+            got = await store.claim(Stage.GENERATE, 1, 30.0, "g")
             lat.append(time.perf_counter() - t0)
             await store.release(got[0].id, "back")
         return lat

@@ -61,6 +61,33 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             gt=0,
         ),
     ] = 120.0
+    comfyui_command: Annotated[
+        str,
+        _d(
+            "start and supervise the local ComfyUI: its command line, e.g. 'python main.py --listen"
+            " 127.0.0.1 --port {port}' ({port}: each loopback backend's port; several processes of"
+            " one ComfyUI >= 0.38 install need their own --database-url or --disable-assets);"
+            " empty: ComfyUI is started by someone else"
+        ),
+    ] = ""
+    comfyui_workdir: Annotated[str, _d("working directory of the supervised ComfyUI")] = ""
+    comfyui_restart_delay: Annotated[
+        float, _d("seconds before a supervised ComfyUI that died is started again (doubles)", gt=0)
+    ] = 1.0
+    comfyui_restart_max_delay: Annotated[
+        float, _d("cap on the supervised ComfyUI's restart delay in seconds", gt=0)
+    ] = 60.0
+    comfyui_stop_timeout: Annotated[
+        float, _d("seconds the supervised ComfyUI gets after SIGTERM before SIGKILL", gt=0)
+    ] = 20.0
+    comfyui_warmup_workflow: Annotated[
+        str,
+        _d(
+            "API-format workflow file run on each backend after every (re)start, before it takes"
+            " jobs (empty: none)"
+        ),
+    ] = ""
+    comfyui_warmup_timeout: Annotated[float, _d("seconds one warm-up run may take", gt=0)] = 600.0
     simulate: Annotated[
         bool, _d("run against the built-in ComfyUI simulator instead of a real ComfyUI")
     ] = False
@@ -248,6 +275,9 @@ _LEGACY_ENV = {
     "webhook_timeout": "WEBHOOK_TIMEOUT",
     "output_base64_max_bytes": "OUTPUT_BASE64_MAX_BYTES",
     "include_comfyui_response": "INCLUDE_COMFYUI_RESPONSE",
+    "comfyui_command": "COMFYUI_COMMAND",
+    "comfyui_workdir": "COMFYUI_WORKDIR",
+    "comfyui_warmup_workflow": "COMFYUI_WARMUP_WORKFLOW",
 }
 
 

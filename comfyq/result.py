@@ -26,7 +26,7 @@ from comfyq.schemas import (
     Timings,
     WebhookDelivery,
 )
-from comfyq.store.model import Job
+from comfyq.store.model import Job, Stage, State
 
 
 def epoch(ts: str) -> float:
@@ -132,7 +132,7 @@ def to_result(
         max_attempts=job.max_attempts,
         priority=job.priority,
         progress=progress_of(progress)
-        if job.state == "running" and job.stage == "generate"
+        if job.state == State.RUNNING and job.stage == Stage.GENERATE
         else None,
         output=[output_file(job.id, r) for r in outputs],
         error=error_info(job.error),

@@ -20,7 +20,7 @@ from comfyq.schemas import GenerateRequest
 from comfyq.sim import Simulator
 
 _colors = itertools.count(9000)
-PUBLIC = {"/health", "/docs/assets/{name}", "/api/v2/health"}
+PUBLIC = {"/health", "/ready", "/docs/assets/{name}", "/api/v2/health"}
 
 
 def body(**extra: Any) -> dict[str, Any]:
@@ -184,7 +184,7 @@ async def test_openapi_is_generated_from_the_types_and_matches_the_routes(server
     heads = {(m, p) for m, p in documented if m == "HEAD"}  # a route of its own (v2 by-hash)
     assert heads <= {
         (r.method, r.resource.canonical)
-        for r in server.runner.app.router.routes()  # type: ignore[union-attr]
+        for r in server.runner.app.router.routes()
         if r.resource is not None
     }
     assert documented - heads == registered - {("GET", "/docs/assets/{name}")}

@@ -26,6 +26,7 @@ from bench.chaos_client import workflow
 from bench.chaos_report import Inputs, account, charged_lookups, lost_anything, render
 from comfyq.clock import parse_iso
 from comfyq.store import JobStore, NewJob
+from comfyq.store.model import Stage
 
 PNG = b"\x89PNG\r\n\x1a\n not really, but bytes with a hash"
 
@@ -41,7 +42,7 @@ def new_job(job_id: str) -> NewJob:
 
 
 async def complete(store: JobStore, job_id: str) -> None:
-    for stage in ("preprocess", "generate", "postprocess"):
+    for stage in Stage:
         [job] = await store.claim(stage, 1, 30.0, "test")
         assert job.id == job_id
         outputs = None

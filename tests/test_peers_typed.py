@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import MakeServer, Server, settings_for, start_server, wait_healthy
 
 from comfyq.api.context import ApiOptions
-from conftest import MakeServer, Server, settings_for, start_server, wait_healthy
 
 REF = "#/components/schemas/"
 

@@ -14,6 +14,7 @@ from conftest import MakeServer, Server, pause, resume, wait_healthy, workflow
 from v2_support import check, check_error, check_events, parse_sse
 
 from comfyq.sim import Simulator
+from comfyq.store.model import Stage
 from comfyq.v2.context import V2_KEY
 
 _colors = itertools.count(7000)
@@ -202,14 +203,14 @@ async def test_idempotency_key_single_use_and_atomic(server: Server) -> None:
 async def test_queue_full_is_429_and_releases_the_key(make_server: MakeServer) -> None:
     srv = await make_server(max_queue_size=1)
     await wait_healthy(srv)
-    pause(srv, "preprocess")
+    pause(srv, Stage.PREPROCESS)
     status, first, _ = await submit(srv, {"workflow": graph()})
     assert status == 201
     status, resp, headers = await submit(
         srv, {"workflow": graph()}, headers={"Idempotency-Key": "k-full"}
     )
     assert status == 429 and check_error(resp, "queue_full") and int(headers["Retry-After"]) > 0
-    resume(srv, "preprocess")
+    resume(srv, Stage.PREPROCESS)
     await until_status(srv, first["id"], "succeeded")
     status, again, _ = await submit(
         srv, {"workflow": graph()}, headers={"Idempotency-Key": "k-full"}
@@ -262,7 +263,7 @@ async def test_events_two_streams_get_everything(server: Server, simulator: Simu
     simulator.node_durations = {"ImageBlur": 0.5}
     simulator.progress_steps = 5
     await wait_healthy(server)
-    pause(server, "generate")
+    pause(server, Stage.GENERATE)
     status, job, _ = await submit(server, {"workflow": graph(blur=True)})
     assert status == 201
 
@@ -273,7 +274,7 @@ async def test_events_two_streams_get_everything(server: Server, simulator: Simu
 
     tasks = [asyncio.create_task(stream()) for _ in range(2)]
     await asyncio.sleep(0.2)
-    resume(server, "generate")
+    resume(server, Stage.GENERATE)
     a, b = await asyncio.wait_for(asyncio.gather(*tasks), 30)
     for frames in (a, b):
         check_events(frames)
@@ -298,7 +299,7 @@ async def test_events_two_streams_get_everything(server: Server, simulator: Simu
 async def test_stream_cap_per_key(make_server: MakeServer) -> None:
     srv = await make_server(v2_streams_per_key=1)
     await wait_healthy(srv)
-    pause(srv, "preprocess")
+    pause(srv, Stage.PREPROCESS)
     _, job, _ = await submit(srv, {"workflow": graph()})
     async with aiohttp.ClientSession() as s2:
         async with srv.session.get(srv.u(job["urls"]["events"])) as first:
@@ -308,7 +309,7 @@ async def test_stream_cap_per_key(make_server: MakeServer) -> None:
                 assert second.status == 429
                 check_error(await second.json(), "too_many_streams")
                 assert second.headers["Retry-After"]
-            resume(srv, "preprocess")
+            resume(srv, Stage.PREPROCESS)
             await first.read()
         async with s2.get(srv.u(job["urls"]["events"])) as third:  # the slot was given back
             assert third.status == 200

@@ -14,6 +14,8 @@ from conftest import MakeServer, Server, pause, resume, wait_healthy
 from PIL import Image
 from v2_support import check, check_error
 
+from comfyq.store.model import Stage
+
 
 def png(color: tuple[int, int, int], size: int = 20) -> bytes:
     buf = io.BytesIO()
@@ -169,14 +171,14 @@ async def test_asset_job_placement_and_holds(server: Server) -> None:
             "inputs": {"images": ["2", 0], "filename_prefix": "asset_job"},
         },
     }
-    pause(server, "preprocess")
+    pause(server, Stage.PREPROCESS)
     async with server.session.post(server.u("/api/v2/jobs"), json={"workflow": wf}) as r:
         job = await r.json()
         assert r.status == 201, job
     # A waiting job holds the asset it uses.
     async with server.session.delete(server.u(f"/api/v2/assets/{asset['id']}")) as r:
         assert r.status == 409 and check_error(await r.json(), "asset_in_use")
-    resume(server, "preprocess")
+    resume(server, Stage.PREPROCESS)
     for _ in range(500):
         async with server.session.get(server.u(f"/api/v2/jobs/{job['id']}")) as r:
             body = await r.json()

@@ -12,9 +12,12 @@ from typing import Any
 
 import pytest
 from comfy_sdk import AsyncComfy, Comfy, IdempotencyKeyReuse, MissingAsset, WorkflowFormatUi
+from comfy_sdk.events import Progress, StatusChange
 from conftest import MakeServer, ThreadServer, wait_healthy
 from PIL import Image
 from v2_support import check
+
+from comfyq.store.model import Stage
 
 _colors = itertools.count(40)
 
@@ -102,9 +105,9 @@ def test_sync_sdk_events_and_errors(sdk_server: ThreadServer) -> None:
         values = []
         for ev in job.events():
             kinds.append(type(ev).__name__)
-            if type(ev).__name__ == "StatusChange":
+            if isinstance(ev, StatusChange):
                 statuses.append(ev.status)
-            if type(ev).__name__ == "Progress":
+            if isinstance(ev, Progress):
                 values.append(ev.value)
         assert statuses[-1] == "succeeded"
         assert "running" in statuses
@@ -142,7 +145,7 @@ async def test_async_sdk_run_cancel_and_missing_asset(
         with pytest.raises(MissingAsset):
             await client.submit(bad)
         # Cancel a job held in the queue: it ends canceled at once, and the store agrees.
-        srv.services.pipeline.stages["generate"].pause()
+        srv.services.pipeline.stages[Stage.GENERATE].pause()
         plain = {
             "1": {
                 "class_type": "EmptyImage",
@@ -164,7 +167,7 @@ async def test_async_sdk_run_cancel_and_missing_asset(
         assert held.status == "canceled"
         stored = await srv.services.store.get(held.id)
         assert stored is not None and stored.state == "cancelled"
-        srv.services.pipeline.stages["generate"].resume()
+        srv.services.pipeline.stages[Stage.GENERATE].resume()
         check("Job", (await _raw_job(srv, job.id)))
 
 

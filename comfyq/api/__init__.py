@@ -12,11 +12,19 @@ import msgspec
 from aiohttp import web
 
 from comfyq.api import docs, generate, jobs, sse, workflows, ws
-from comfyq.api.health import health
+from comfyq.api.health import health, ready
 from comfyq.api.middleware import cors_headers
 from comfyq.api.openapi import Param, Reply, Route, document
 from comfyq.metrics import CONTENT_TYPE
-from comfyq.schemas import ErrorBody, GenerateRequest, Health, JobList, QueueInfo, Result
+from comfyq.schemas import (
+    ErrorBody,
+    GenerateRequest,
+    Health,
+    JobList,
+    QueueInfo,
+    Ready,
+    Result,
+)
 from comfyq.v2 import routes as v2_routes
 
 OPENAPI: web.AppKey[bytes] = web.AppKey("openapi", bytes)
@@ -145,6 +153,18 @@ ROUTES: list[Route] = [
         replies={
             200: Reply("healthy", Health),
             503: Reply("unhealthy: the body says which part", Health),
+        },
+    ),
+    Route(
+        "GET",
+        "/ready",
+        ready,
+        "Readiness: listener bound, workers alive, a backend warm, queue not full",
+        "ops",
+        public=True,
+        replies={
+            200: Reply("ready for traffic", Ready),
+            503: Reply("not ready (starting, warming up, or the queue is full)", Ready),
         },
     ),
     Route(

@@ -28,7 +28,7 @@ log = logging.getLogger("comfyq.api")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-PUBLIC_PATHS = frozenset({"/health", "/api/v2/health"})
+PUBLIC_PATHS = frozenset({"/health", "/ready", "/api/v2/health"})
 PUBLIC_PREFIXES = ("/docs/assets/",)  # Swagger UI's own static files: nothing of ours in them
 ALLOW_HEADERS = (
     "Authorization, Content-Type, Last-Event-ID, X-Return-Outputs-As-Base64, Idempotency-Key, Range"
@@ -53,7 +53,7 @@ def route_name(request: web.Request) -> str:
 
 # Probes and scrapes would drown the requests that matter: they are logged at debug (a 503 from
 # /health too: the backend's own line says what went wrong, once).
-_QUIET_ROUTES = frozenset({"/health", "/metrics"})
+_QUIET_ROUTES = frozenset({"/health", "/ready", "/metrics"})
 access_log = logging.getLogger("comfyq.access")
 # Why a request was refused, filled by errors_middleware for the access line (one dict per request).
 _error_note: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar(

@@ -16,6 +16,8 @@ import msgspec
 from aiohttp import web
 
 from comfyq import admission
+from comfyq.api.auth import principal
+from comfyq.api.body import read_json_body
 from comfyq.api.context import get_api, json_response
 from comfyq.api.generate import _timeout, final_status, wait_final
 from comfyq.api.openapi import Param, Reply, Route
@@ -72,7 +74,7 @@ def _query_options(query: Mapping[str, str]) -> dict[str, Any]:
 async def _admit(request: web.Request, name: str) -> Any:
     api = get_api(request)
     admission.check_media_type(request.headers.get("Content-Type"))
-    raw = await request.read()
+    raw = await read_json_body(request, api.settings)
     params: Any = {}
     if raw.strip():
         try:
@@ -87,9 +89,11 @@ async def _admit(request: web.Request, name: str) -> Any:
     headers = {k: v for k, v in request.headers.items() if k.lower() != "content-type"}
     try:
         encoded = msgspec.json.encode(body)
-        return api, await admission.prepare(api.services, encoded, {**headers, **_JSON})
+        adm = await admission.prepare(api.services, encoded, {**headers, **_JSON})
     except BadRequest as exc:
         raise _rebase(exc) from None
+    adm.new.owner = principal(request).owner
+    return api, adm
 
 
 def _location(job_id: str) -> dict[str, str]:

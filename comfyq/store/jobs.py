@@ -17,7 +17,7 @@ import aiosqlite
 
 from comfyq.clock import Clock, iso
 from comfyq.store import migrate, ops
-from comfyq.store.model import STAGES, Job, NewJob, Transition, loads
+from comfyq.store.model import STAGES, Job, NewJob, Stage, State, Transition, loads
 from comfyq.store.writer import Writer, connect
 
 log = logging.getLogger("comfyq.store")
@@ -123,7 +123,7 @@ class JobStore:
             self._notify([tr])
         return job, tr is not None
 
-    async def claim(self, stage: str, n: int, lease: float, message: str) -> list[Job]:
+    async def claim(self, stage: Stage, n: int, lease: float, message: str) -> list[Job]:
         """Claim up to ``n`` jobs of ``stage`` for this process."""
         trs: list[Transition] = await self._write(
             ops.claim, stage, self.owner, n, self.clock.now(), lease, message
@@ -175,7 +175,7 @@ class JobStore:
     async def finish(
         self,
         job_id: str,
-        state: str,
+        state: State,
         message: str,
         *,
         error: dict[str, Any] | None = None,
@@ -284,17 +284,17 @@ class JobStore:
         sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
         return [Job.from_row(r) for r in await self._rows(sql, (*params, limit))]
 
-    async def counts(self) -> dict[str, dict[str, int]]:
+    async def counts(self) -> dict[Stage, dict[str, int]]:
         """Waiting and running jobs per stage."""
         out = {s: {"waiting": 0, "running": 0} for s in STAGES}
         for stage, state, n in await self._rows(
-            # One query per state so each reads its partial index, not the whole (mostly finished)
-            # table.
+            # One query per state, so each reads its partial index and not the whole (mostly
+            # finished) table.
             "SELECT stage, 'pending', count(*) FROM jobs WHERE state = 'pending' GROUP BY stage"
             " UNION ALL SELECT stage, 'running', count(*)"
             " FROM jobs WHERE state = 'running' GROUP BY stage"
         ):
-            out[stage]["waiting" if state == "pending" else "running"] = n
+            out[stage]["waiting" if state == State.PENDING else "running"] = n
         return out
 
     async def position(self, job: Job) -> tuple[int, int]:
@@ -344,7 +344,7 @@ class JobStore:
         )
         return [r[0] for r in rows]
 
-    async def next_run_after(self, stage: str) -> str | None:
+    async def next_run_after(self, stage: Stage) -> str | None:
         """The earliest ``run_after`` among waiting jobs of ``stage`` (for retry timers)."""
         rows = await self._rows(
             "SELECT min(run_after) FROM jobs WHERE state = 'pending' AND stage = ?", (stage,)

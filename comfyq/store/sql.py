@@ -7,11 +7,7 @@ nothing, to say why (lease lost, cancelled, not found).
 
 from __future__ import annotations
 
-STAGE_KEY = {
-    "preprocess": "preprocess_ms",
-    "generate": "generation_ms",
-    "postprocess": "postprocess_ms",
-}
+from comfyq.store.model import Stage
 
 
 def ms_since(col: str, now_param: str) -> str:
@@ -63,8 +59,8 @@ HAND_OFF = (
 )
 
 
-def claim_sql(stage: str, which: str) -> str:
-    wait_key = "queued_ms" if stage == "preprocess" else f"{stage}_wait_ms"
+def claim_sql(stage: Stage, which: str) -> str:
+    wait_key = "queued_ms" if stage == Stage.PREPROCESS else f"{stage}_wait_ms"
     return (
         "UPDATE jobs SET state = 'running', lease_owner = :owner, lease_expires_at = :exp,"
         " attempts = max(attempts, 1), updated_at = :now, message = :message,"
