@@ -74,7 +74,7 @@ def test_kill_9_with_a_v2_stream_open(tmp_path: Path, slow_sim: str) -> None:
         assert r.status_code == 201, r.text
         asset = check("Asset", r.json())
         ref = {"__type": "core/ASSET", "info": {"id": asset["id"]}}
-        wf = {
+        wf: dict[str, Any] = {
             "1": {"class_type": "LoadImage", "inputs": {"image": ref}},
             "4": {
                 "class_type": "ImageBlur",
@@ -104,7 +104,7 @@ def test_kill_9_with_a_v2_stream_open(tmp_path: Path, slow_sim: str) -> None:
             try:
                 with requests.get(base + job["urls"]["events"], stream=True, timeout=30) as s:
                     for chunk in s.iter_content(chunk_size=None, decode_unicode=True):
-                        buf += chunk
+                        buf += chunk if isinstance(chunk, str) else chunk.decode()
                         *done, buf = buf.split("\n\n")
                         for f in parse_sse("\n\n".join(done) + "\n\n"):
                             frames.append(f)
