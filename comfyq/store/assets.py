@@ -108,6 +108,17 @@ def _output_asset(row: Any) -> AssetRecord:
     )
 
 
+# A job as the v2 surface reads it: never the payload or the workflow (they can be large), plus
+# the two facts taken out of JSON by the database itself (v2 labels, the graph's node count).
+_JOB_VIEW = (
+    "SELECT id, state, stage, priority, attempts, max_attempts, message, kind, error, timings,"
+    " owner, cancel_requested, comfy_prompt_id, created_at, updated_at, stage_entered_at,"
+    " finished_at, deadline_at, json_extract(payload, '$.v2.metadata') AS v2_metadata,"
+    " (SELECT count(*) FROM json_each(coalesce(prepared, payload),"
+    "   CASE WHEN prepared IS NULL THEN '$.input.workflow_json' ELSE '$.workflow' END))"
+    " AS nodes_total FROM jobs"
+)
+
 _ASSET_SQL = (
     "SELECT a.id, a.hash, a.owner, a.content_type, a.file_path, a.tags, a.created_at,"
     " a.expires_at, b.size_bytes, b.path FROM assets a JOIN blobs b ON b.hash = a.hash"
@@ -304,9 +315,13 @@ def prune_assets(conn: sqlite3.Connection, now: float, limit: int = 500) -> list
 class AssetStore:
     """Assets, blobs and idempotency keys: writes through the job store's writer, fresh reads."""
 
-    def __init__(self, jobs: Any, rows: Rows) -> None:
+    def __init__(self, jobs: Any, rows: Rows | None = None) -> None:
         self.jobs = jobs  # comfyq.store.JobStore: its writer, clock and listeners
-        self._rows = rows
+        # Reads on the caller's connection (the API's fresh one), else on the store's own.
+        self._rows = rows or self._store_rows
+
+    async def _store_rows(self, sql: str, params: Iterable[Any]) -> list[Any]:
+        return list(await self.jobs.reader.execute_fetchall(sql, tuple(params)))
 
     def _now(self) -> float:
         return float(self.jobs.clock.now())
@@ -398,3 +413,48 @@ class AssetStore:
             for r in await self._rows(sql, list(job_ids)):
                 out.setdefault(r["job_id"], []).append(dict(r))
         return out
+
+    # --- jobs as the v2 surface reads them ----------------------------------------------------
+
+    async def job_view(self, job_id: str) -> Job | None:
+        """One job without its payload and workflow, with ``v2_metadata`` and ``nodes_total``."""
+        rows = await self._rows(f"{_JOB_VIEW} WHERE id = ?", (job_id,))
+        return Job.from_row(rows[0]) if rows else None
+
+    async def job_views(
+        self,
+        *,
+        states: Sequence[str] | None,
+        owner: str | None,
+        before: tuple[str, str] | None,
+        limit: int,
+    ) -> list[Job]:
+        """Jobs newest first (as ``job_view``): of these states, of this owner (None: anyone's),
+        created before ``before`` = (created_at, id)."""
+        where: list[str] = []
+        params: list[Any] = []
+        if owner is not None:
+            where.append("owner = ?")
+            params.append(owner)
+        if states:
+            where.append(f"state IN ({','.join('?' * len(states))})")
+            params.extend(states)
+        if before:
+            where.append("(created_at, id) < (?, ?)")
+            params.extend(before)
+        sql = _JOB_VIEW + (" WHERE " + " AND ".join(where) if where else "")
+        rows = await self._rows(
+            sql + " ORDER BY created_at DESC, id DESC LIMIT ?", (*params, limit)
+        )
+        return [Job.from_row(r) for r in rows]
+
+    async def executed_workflow(self, job_id: str) -> dict[str, Any]:
+        """The graph the job ran (core/ASSET references resolved), or the one submitted while it
+        has not been prepared yet."""
+        rows = await self._rows(
+            "SELECT coalesce(json_extract(prepared, '$.workflow'),"
+            " json_extract(payload, '$.input.workflow_json')) FROM jobs WHERE id = ?",
+            (job_id,),
+        )
+        graph = loads(rows[0][0]) if rows and rows[0][0] else {}
+        return graph if isinstance(graph, dict) else {}

@@ -44,12 +44,9 @@ class V2:
     async def read_job(self, job_id: str, request: web.Request | None = None) -> Job | None:
         """The job as v2 needs it (no payload, no workflow), or None when gone, expired or (with
         ``request``) not the caller's."""
-        rows = await self.api.reads.rows(
-            f"SELECT {mapping.JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)
-        )
-        if not rows:
+        job = await self.assets.job_view(job_id)
+        if job is None:
             return None
-        job = Job.from_row(rows[0])
         if request is not None and not sees(request, job.owner):
             return None
         return None if self.expired(job) else job
@@ -66,7 +63,9 @@ class V2:
         self, request: web.Request, job: Job, outputs: list[dict[str, Any]] | None = None
     ) -> dict[str, Any]:
         """The v2 Job object of ``job`` (its outputs read unless given)."""
-        if outputs is None:
+        if outputs is None and not job.terminal:
+            outputs = []  # outputs are recorded in the commit that ends the job: nothing to read
+        elif outputs is None:
             outputs = (await self.assets.job_outputs([job.id])).get(job.id, [])
         st = mapping.status(job)
         return mapping.job(

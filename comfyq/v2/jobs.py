@@ -17,10 +17,10 @@ from aiohttp import web
 from comfyq.admission import THREAD_ABOVE, canonical_hash, new_job_id
 from comfyq.api.auth import principal
 from comfyq.api.body import read_json_body
-from comfyq.api.context import get_api, json_response
+from comfyq.api.context import json_response
 from comfyq.api.health import health as comfyq_health
 from comfyq.limits import BodyLimits
-from comfyq.store.model import Job, NewJob, loads
+from comfyq.store.model import Job, NewJob
 from comfyq.v2 import mapping
 from comfyq.v2.context import get_v2, owner_of, scope_of
 from comfyq.v2.errors import V2Error, invalid, not_found
@@ -125,12 +125,7 @@ async def workflow(request: web.Request) -> web.Response:
     """GET /api/v2/jobs/{id}/workflow: the API-format graph that ran (assets resolved), or the
     one submitted while it has not been prepared yet."""
     job = await _job_or_404(request)
-    rows = await get_api(request).reads.rows(
-        "SELECT coalesce(json_extract(prepared, '$.workflow'),"
-        " json_extract(payload, '$.input.workflow_json')) FROM jobs WHERE id = ?",
-        (job.id,),
-    )
-    graph = loads(rows[0][0]) if rows and rows[0][0] else {}
+    graph = await get_v2(request).assets.executed_workflow(job.id)
     return json_response({"workflow": graph, "format": "api"})
 
 
@@ -180,26 +175,16 @@ async def list_jobs(request: web.Request) -> web.Response:
             raise invalid("$.query.status", f"unknown status {bad[0]!r}")
     states = sorted({st for s in wanted for st in _STATES[s]}) if wanted else None
     cursor = _cursor(request.query.get("cursor"))
-    mine, mine_params = principal(request).where()
+    who = principal(request)
+    owner = None if who.is_admin else (who.owner or "")
     picked: list[Job] = []
     scanned = 0
     more = False
     while len(picked) < limit and scanned < MAX_SCAN:
-        where: list[str] = [mine] if mine else []
-        params: list[Any] = list(mine_params)
-        if states:
-            where.append(f"state IN ({','.join('?' * len(states))})")
-            params.extend(states)
-        if cursor:
-            where.append("(created_at, id) < (?, ?)")
-            params.extend(cursor)
-        sql = f"SELECT {mapping.JOB_COLUMNS} FROM jobs"
-        sql += (
-            " WHERE " + " AND ".join(where) if where else ""
-        ) + " ORDER BY created_at DESC, id DESC LIMIT ?"
-        rows = await v2.api.reads.rows(sql, (*params, SCAN_BATCH))
-        for r in rows:
-            job = Job.from_row(r)
+        rows = await v2.assets.job_views(
+            states=states, owner=owner, before=cursor, limit=SCAN_BATCH
+        )
+        for job in rows:
             scanned += 1
             cursor = (job.created_at, job.id)
             if v2.expired(job) or (wanted and mapping.status(job) not in wanted):

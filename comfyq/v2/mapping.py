@@ -19,17 +19,6 @@ TERMINAL = frozenset({"succeeded", "canceled", "failed", "expired"})
 STATUSES = ("queued", "running", "succeeded", "canceling", "canceled", "failed", "expired")
 NEVER = "9999-12-31T23:59:59Z"  # retention 0 keeps jobs: no deadline to report
 
-# The columns a v2 job read needs (never the payload or the workflow: they can be large), plus
-# the two facts taken out of JSON by SQLite itself.
-JOB_COLUMNS = (
-    "id, state, stage, priority, attempts, max_attempts, message, kind, error, timings, owner,"
-    " cancel_requested, comfy_prompt_id, created_at, updated_at, stage_entered_at, finished_at,"
-    " deadline_at, json_extract(payload, '$.v2.metadata') AS v2_metadata,"
-    " (SELECT count(*) FROM json_each(coalesce(prepared, payload),"
-    "   CASE WHEN prepared IS NULL THEN '$.input.workflow_json' ELSE '$.workflow' END))"
-    " AS nodes_total"
-)
-
 _TIMEOUTS = frozenset({"timeout"})
 _ERROR_CODES = {
     "validation_error": "invalid_workflow",
