@@ -12,6 +12,7 @@ import aiohttp
 from blake3 import blake3
 from conftest import MakeServer, Server, pause, resume, wait_healthy
 from PIL import Image
+from test_s3_support import make_bucket
 from v2_support import check, check_error
 
 from comfyq.store.model import Stage
@@ -197,3 +198,41 @@ async def test_asset_job_placement_and_holds(server: Server) -> None:
         assert r.status == 409 and check_error(await r.json(), "asset_in_use")
     async with server.session.delete(server.u(f"/api/v2/assets/{asset['id']}")) as r:
         assert r.status == 204
+
+
+async def test_an_output_kept_in_s3_redirects_to_its_presigned_url(
+    make_server: MakeServer, moto_url: str
+) -> None:
+    make_bucket(moto_url, "v2-outs")
+    srv = await make_server(
+        s3_access_key_id="OPKEY",
+        s3_secret_access_key="opsecret",
+        s3_bucket_name="v2-outs",
+        s3_endpoint_url=moto_url,
+        s3_region="us-east-1",
+    )
+    await wait_healthy(srv)
+    wf = {
+        "1": {
+            "class_type": "EmptyImage",
+            "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 4242},
+        },
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "s3"}},
+    }
+    async with srv.session.post(srv.u("/api/v2/jobs"), json={"workflow": wf}) as r:
+        job = await r.json()
+    for _ in range(1000):
+        async with srv.session.get(srv.u(job["urls"]["self"])) as r:
+            body = await r.json()
+        if body["status"] in ("succeeded", "failed"):
+            break
+        await asyncio.sleep(0.02)
+    assert body["status"] == "succeeded", body
+    (out,) = check("Job", body)["outputs"]
+    async with srv.session.get(out["url"], allow_redirects=False) as r:
+        assert r.status == 302
+        location = r.headers["Location"]
+    assert "/v2-outs/" in location and "X-Amz-Signature=" in location
+    async with aiohttp.ClientSession() as s, s.get(location) as r:
+        data = await r.read()
+    assert r.status == 200 and len(data) == out["size_bytes"] and b3(data) == out["hash"]

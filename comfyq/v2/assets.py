@@ -260,8 +260,8 @@ async def get_asset(request: web.Request) -> web.Response:
 async def content(request: web.Request) -> web.StreamResponse:
     """GET /api/v2/assets/{id}/content: the bytes (Range: 206, 416), or 302 to S3."""
     rec, _ = await _visible(request)
-    if rec.url is not None and (rec.path is None or not Path(rec.path).is_file()):
-        raise web.HTTPFound(rec.url)
+    if rec.url is not None:
+        raise web.HTTPFound(rec.url)  # the output went to S3: its presigned URL
     if rec.path is None or not Path(rec.path).is_file():
         raise V2Error(404, "not_found", "the asset's bytes are no longer here")
     # FileResponse serves Range (206), an unsatisfiable range (416) and HEAD, from a file opened
