@@ -236,3 +236,27 @@ async def test_an_output_kept_in_s3_redirects_to_its_presigned_url(
     async with aiohttp.ClientSession() as s, s.get(location) as r:
         data = await r.read()
     assert r.status == 200 and len(data) == out["size_bytes"] and b3(data) == out["hash"]
+
+
+async def test_malformed_multipart_is_4xx(server: Server) -> None:
+    cases: list[tuple[str, bytes]] = [
+        ("multipart/form-data", b"--x\r\n"),
+        ("multipart/form-data; boundary=xyz", b"garbage without any boundary"),
+        ("multipart/form-data; boundary=xyz", b"--xyz\r\nContent-Disposition: form-data\r\n\r\n"),
+        (
+            "multipart/form-data; boundary=xyz",
+            b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="a"\r\n\r\nabc',
+        ),
+        (
+            "multipart/form-data; boundary=xyz",
+            b"--xyz\r\nbroken header line\r\n\r\nv\r\n--xyz--\r\n",
+        ),
+        ("multipart/mixed; boundary=xyz", b"--xyz--\r\n"),
+    ]
+    for ctype, body in cases:
+        async with server.session.post(
+            server.u("/api/v2/assets"), data=body, headers={"Content-Type": ctype}
+        ) as r:
+            assert 400 <= r.status < 500, (ctype, body, r.status, await r.text())
+            check("ErrorEnvelope", await r.json())
+    assert blob_files(server) == []

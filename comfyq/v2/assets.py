@@ -15,6 +15,7 @@ from typing import Any
 
 import msgspec
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from comfyq.api.body import read_json_body
 from comfyq.store.assets import AssetRecord, Blob, NewAsset
@@ -102,6 +103,13 @@ async def _read_form(request: web.Request, v2: V2) -> tuple[Received | None, dic
             except UnicodeDecodeError:
                 raise invalid(f"$.{name}", "must be UTF-8 text") from None
             fields.setdefault(name, []).append(text)
+    except (ValueError, AssertionError, LookupError, HttpProcessingError) as exc:
+        # aiohttp's multipart reader says so for a body that is not what its header declares.
+        if received is not None:
+            await v2.blobs.discard(received)
+        raise V2Error(
+            422, "invalid_request", f"the multipart body cannot be read: {str(exc)[:200]}"
+        ) from None
     except BaseException:
         if received is not None:
             await v2.blobs.discard(received)
