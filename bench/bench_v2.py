@@ -47,7 +47,8 @@ from bench.common import (
     wait_http,
     write_json,
 )
-from comfyq.comfy.client import ComfyClient, redact_url
+from comfyq.comfy.client import ComfyClient
+from comfyq.netguard import redact_url
 
 Job = Callable[[dict[str, Any]], Awaitable[float]]
 TERMINAL = frozenset({"succeeded", "failed", "canceled", "expired"})
@@ -281,7 +282,7 @@ async def side_by_side(
     (root / "comfyq").mkdir()
     env = {"GENERATION_WORKERS": str(workers)} if workers else {}
     with (
-        server(root / "comfyq", comfy_url, **env) as (cq_base, cq_pid),
+        server(root / "comfyq", comfy_url, None, **env) as (cq_base, cq_pid),
         official_proxy(root / "proxy", comfy_url) as (px_base, px_pid),
     ):
         client = ComfyClient(comfy_url)

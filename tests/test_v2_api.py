@@ -10,8 +10,9 @@ import itertools
 from typing import Any
 
 import aiohttp
-from conftest import MakeServer, Server, pause, resume, wait_healthy, workflow
-from v2_support import check, check_error, check_events, parse_sse
+from support.servers import MakeServer, Server, pause, resume, wait_healthy
+from support.v2 import check, check_error, check_events, parse_sse
+from support.workflows import workflow
 
 from comfyq.sim import Simulator
 from comfyq.store.model import Stage

@@ -10,10 +10,10 @@ from typing import Any
 
 import aiohttp
 from blake3 import blake3
-from conftest import MakeServer, Server, pause, resume, wait_healthy
 from PIL import Image
-from test_s3_support import make_bucket
-from v2_support import check, check_error
+from support.s3 import make_bucket
+from support.servers import MakeServer, Server, pause, resume, wait_healthy
+from support.v2 import check, check_error
 
 from comfyq.store.model import Stage
 

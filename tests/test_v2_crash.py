@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 import requests
 from PIL import Image
+from support.v2 import check, parse_sse
 from test_crash import free_port, start_server, wait_http
-from v2_support import check, parse_sse
 
 TERMINAL = {"succeeded", "failed", "canceled", "expired"}
 

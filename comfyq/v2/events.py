@@ -20,7 +20,7 @@ import msgspec
 from aiohttp import web
 
 from comfyq.api.sse import HEADERS
-from comfyq.store.model import Job
+from comfyq.store.model import Job, State
 from comfyq.v2 import mapping
 from comfyq.v2.context import V2, get_v2, owner_of
 from comfyq.v2.errors import V2Error, not_found
@@ -148,7 +148,7 @@ async def _run(s: _Stream, sub: Any, resp: web.StreamResponse) -> None:
     now = clock()
     first += s.progress(now) + s.preview_frame(s.v2.tracker.live(s.job.id), now)
     await resp.write(first)
-    if s.job.state == "pending":
+    if s.job.state == State.PENDING:
         api.queue.watch(sub, s.job.id)
     heartbeat = api.options.heartbeat
     quiet_since = clock()
@@ -175,7 +175,7 @@ async def _run(s: _Stream, sub: Any, resp: web.StreamResponse) -> None:
                 continue  # committed before the job was read: already in what was sent
             # A committed transition carries what the status needs (state and stage): no read.
             s.job.state, s.job.stage = ev.data["state"], ev.data["stage"]
-            if s.job.state == "pending":
+            if s.job.state == State.PENDING:
                 api.queue.watch(sub, s.job.id)
             else:
                 api.queue.unwatch(sub)

@@ -17,10 +17,10 @@ from aiohttp import web
 from comfyq.admission import THREAD_ABOVE, canonical_hash, new_job_id
 from comfyq.api.auth import principal
 from comfyq.api.body import read_json_body
-from comfyq.api.context import json_response
+from comfyq.api.context import get_api, json_response
 from comfyq.api.health import health as comfyq_health
 from comfyq.limits import BodyLimits
-from comfyq.store.model import Job, NewJob, loads
+from comfyq.store.model import Job, NewJob, State, loads
 from comfyq.v2 import mapping
 from comfyq.v2.context import get_v2, owner_of, scope_of
 from comfyq.v2.errors import V2Error, invalid, not_found
@@ -33,13 +33,13 @@ MAX_SCAN = 2000
 
 # v2 status -> the store states that can show it (the mapping decides the rest).
 _STATES = {
-    "queued": ("pending", "running"),
-    "running": ("pending", "running"),
-    "canceling": ("pending", "running"),
-    "succeeded": ("completed",),
-    "failed": ("failed",),
-    "expired": ("failed",),
-    "canceled": ("cancelled",),
+    "queued": (State.PENDING, State.RUNNING),
+    "running": (State.PENDING, State.RUNNING),
+    "canceling": (State.PENDING, State.RUNNING),
+    "succeeded": (State.COMPLETED,),
+    "failed": (State.FAILED,),
+    "expired": (State.FAILED,),
+    "canceled": (State.CANCELLED,),
 }
 
 
@@ -125,7 +125,7 @@ async def workflow(request: web.Request) -> web.Response:
     """GET /api/v2/jobs/{id}/workflow: the API-format graph that ran (assets resolved), or the
     one submitted while it has not been prepared yet."""
     job = await _job_or_404(request)
-    graph = await get_v2(request).assets.executed_workflow(job.id)
+    graph = await get_api(request).reads.workflow(job.id) or {}
     return json_response({"workflow": graph, "format": "api"})
 
 
@@ -176,7 +176,7 @@ def _labels(request: web.Request) -> dict[str, str]:
 
 def _has_labels(job: Job, labels: dict[str, str]) -> bool:
     raw = getattr(job, "v2_metadata", None)
-    meta = loads(raw) if isinstance(raw, str) and raw else {}
+    meta = loads(raw) if isinstance(raw, str) and raw else raw
     return isinstance(meta, dict) and all(meta.get(k) == v for k, v in labels.items())
 
 
@@ -193,15 +193,12 @@ async def list_jobs(request: web.Request) -> web.Response:
     states = sorted({st for s in wanted for st in _STATES[s]}) if wanted else None
     cursor = _cursor(request.query.get("cursor"))
     labels = _labels(request)
-    who = principal(request)
-    owner = None if who.is_admin else (who.owner or "")
+    owners = principal(request).visible_owners()
     picked: list[Job] = []
     scanned = 0
     more = False
     while len(picked) < limit and scanned < MAX_SCAN:
-        rows = await v2.assets.job_views(
-            states=states, owner=owner, before=cursor, limit=SCAN_BATCH
-        )
+        rows = await v2.api.reads.summaries(states, owners, cursor, SCAN_BATCH)
         for job in rows:
             scanned += 1
             cursor = (job.created_at, job.id)

@@ -36,7 +36,7 @@ class AssetResolver:
 
     def __init__(self, store: Any) -> None:
         self.store = store  # comfyq.store.JobStore
-        self.assets = AssetStore(store)
+        self.assets: AssetStore = store.assets()
 
     async def resolve(
         self, job_input: dict[str, Any]
