@@ -279,3 +279,47 @@ async def test_odd_ranges_never_fail_the_server(server: Server) -> None:
             assert r.status in (200, 206, 400, 416), (value, r.status)
             if r.status == 206:
                 assert body and len(body) <= len(data)
+
+
+async def test_the_v2_surface_on_postgres(make_server: MakeServer, pg_url: str) -> None:
+    """The same routes over the PostgreSQL store: upload, a job using the asset, its output,
+    concurrent duplicates of one Idempotency-Key, deletes and holds."""
+    srv = await make_server(database=pg_url)
+    await wait_healthy(srv)
+    data = png((90, 80, 70), size=24)
+    status, asset = await upload(srv, data)
+    assert status == 201 and check("Asset", asset)["hash"] == b3(data)
+    status, again = await upload(srv, data)
+    assert status == 200 and again["created_new"] is False
+    ref = {"__type": "core/ASSET", "info": {"id": asset["id"]}}
+    wf = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": ref}},
+        "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "pg"}},
+    }
+
+    async def post(key: str) -> tuple[int, Any]:
+        async with srv.session.post(
+            srv.u("/api/v2/jobs"), json={"workflow": wf}, headers={"Idempotency-Key": key}
+        ) as r:
+            return r.status, await r.json()
+
+    results = await asyncio.gather(*(post("pg-dup") for _ in range(6)))
+    assert sorted(s for s, _ in results) == [201] + [422] * 5
+    job = next(b for s, b in results if s == 201)
+    for _ in range(1000):
+        async with srv.session.get(srv.u(job["urls"]["self"])) as r:
+            body = await r.json()
+        if body["status"] in ("succeeded", "failed"):
+            break
+        await asyncio.sleep(0.02)
+    assert check("Job", body)["status"] == "succeeded", body
+    (out,) = body["outputs"]
+    async with srv.session.get(out["url"], headers={"Range": "bytes=0-3"}) as r:
+        assert r.status == 206 and await r.read() == b"\x89PNG"
+    async with srv.session.delete(srv.u(f"/api/v2/assets/{out['id']}")) as r:
+        assert r.status == 409
+    async with srv.session.delete(srv.u(f"/api/v2/assets/{again['id']}")) as r:
+        assert r.status == 204
+    async with srv.session.get(srv.u("/api/v2/jobs?limit=5")) as r:
+        assert [j["id"] for j in (await r.json())["jobs"]] == [job["id"]]
