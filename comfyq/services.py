@@ -139,8 +139,15 @@ class Services:
         self.started = False
 
     def _client_id(self, url: str) -> str:
-        """Stable per (database file, backend): one server per file, so never shared while alive."""
-        return hashlib.sha256(f"comfyq|{self.store.identity}|{url}".encode()).hexdigest()[:32]
+        """Stable per (database file, backend) when one server owns the database, so a restart
+        reuses it; per instance on a shared database, where two instances on one backend would
+        otherwise take each other's websocket."""
+        who = (
+            f"{self.store.identity}|{self.store.owner}"
+            if self.store.shared
+            else self.store.identity
+        )
+        return hashlib.sha256(f"comfyq|{who}|{url}".encode()).hexdigest()[:32]
 
     async def start(self) -> None:
         """Take the database lock, migrate, connect to ComfyUI, resume jobs, start workers."""

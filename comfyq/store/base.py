@@ -170,6 +170,8 @@ class JobStore(abc.ABC):
     """
 
     engine: str = ""
+    # Whether several servers use the database at once (Postgres) or one owns it (SQLite).
+    shared: bool = False
 
     def __new__(
         cls, database: str | os.PathLike[str], *, clock: Clock | None = None, owner: str = ""

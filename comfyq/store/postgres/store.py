@@ -30,6 +30,7 @@ class PostgresStore(JobStore):
     """Jobs, events, outputs and the webhook outbox in a PostgreSQL database."""
 
     engine = "postgres"
+    shared = True
 
     def __init__(
         self, database: str | os.PathLike[str], *, clock: Clock | None = None, owner: str = ""
