@@ -16,6 +16,7 @@ from support import serve
 from support.servers import MakeServer, Server, pause, resume, wait_healthy
 from support.workflows import workflow
 
+from comfyq.config import Settings
 from comfyq.sim import Simulator
 from comfyq.sim.generation import VERSIONS
 from comfyq.store.model import Stage
@@ -245,7 +246,7 @@ async def test_queue_info_counts_waiting_and_in_flight(server: Server) -> None:
     assert (
         info["preprocess_in_flight"] == 0
         and info["unfinished"] == 3
-        and info["max_queue_size"] == 100
+        and info["max_queue_size"] == Settings().max_queue_size
     )
 
 

@@ -135,7 +135,7 @@ class JobReads(abc.ABC):
     @abc.abstractmethod
     async def summaries(
         self,
-        states: Sequence[str] | None,
+        states: Sequence[State] | None,
         owners: list[str] | None,
         cursor: tuple[str, str] | None,
         limit: int,
@@ -344,7 +344,7 @@ class JobStore(abc.ABC):
     async def list_jobs(
         self,
         *,
-        states: list[str] | None = None,
+        states: Sequence[State] | None = None,
         limit: int = 50,
         cursor: tuple[str, str] | None = None,
     ) -> list[Job]:
