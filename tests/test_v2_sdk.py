@@ -79,8 +79,9 @@ def test_sync_sdk_runs_a_workflow_with_an_uploaded_asset(
         wf_back = job.get_workflow()
         assert wf_back.format == "api"
         assert wf_back.graph["1"]["inputs"]["image"].startswith("v2_")
-        listed = [s.id for s in client.list_jobs(limit=10)]
-        assert job.id in listed
+        listed = {s.id: s for s in client.list_jobs(limit=10)}
+        assert job.id in listed and listed[job.id].status == "succeeded"
+        assert listed[job.id].create_time is not None and listed[job.id].update_time is not None
 
 
 def test_sync_sdk_events_and_errors(sdk_server: ThreadServer) -> None:
