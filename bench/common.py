@@ -104,6 +104,10 @@ def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 30.0) ->
     raise SystemExit(f"{url} did not answer within {timeout}s")
 
 
+# The process id of each running simulator() by its base URL (for CPU accounting).
+SIM_PIDS: dict[str, int] = {}
+
+
 @contextmanager
 def simulator(root: Path, durations: str = "", steps: int = 0) -> Iterator[str]:
     """A ComfyUI simulator in a process of its own; yields its base URL."""
@@ -123,10 +127,12 @@ def simulator(root: Path, durations: str = "", steps: int = 0) -> Iterator[str]:
         cmd += ["--progress-steps", str(steps)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
+    SIM_PIDS[url] = proc.pid
     try:
         wait_http(url + "/system_stats", proc)
         yield url
     finally:
+        SIM_PIDS.pop(url, None)
         proc.terminate()
         proc.wait(10)
 

@@ -7,6 +7,7 @@ import mimetypes
 import os
 import shutil
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 from .types import NodeFailure
@@ -170,6 +171,14 @@ def _scan_counter(folder: str, filename: str) -> int:
     return best + 1 if found else 1
 
 
+# Small files this process wrote lately, by path: (mtime_ns, size, bytes). GET /view answers
+# them from memory while the file on disk is still the one written (same mtime and size), which
+# spares a thread hand-off, an open and a sendfile per output download.
+_RECENT: OrderedDict[str, tuple[int, int, bytes]] = OrderedDict()
+_RECENT_MAX_FILES = 256
+_RECENT_MAX_SIZE = 256 << 10
+
+
 async def write_file(path: str, data: bytes) -> None:
     """Write bytes; big payloads go to a thread so the event loop keeps serving."""
     if len(data) >= _BIG_FILE:
@@ -181,6 +190,23 @@ async def write_file(path: str, data: bytes) -> None:
 def _write_sync(path: str, data: bytes) -> None:
     with open(path, "wb") as f:
         f.write(data)
+        f.flush()
+        st = os.fstat(f.fileno())
+    if len(data) <= _RECENT_MAX_SIZE:
+        _RECENT[path] = (st.st_mtime_ns, st.st_size, data)
+        _RECENT.move_to_end(path)
+        while len(_RECENT) > _RECENT_MAX_FILES:
+            _RECENT.popitem(last=False)
+    else:
+        _RECENT.pop(path, None)
+
+
+def recent_bytes(path: str, st: os.stat_result) -> bytes | None:
+    """The bytes of ``path`` if this process wrote them lately and the file is unchanged."""
+    hit = _RECENT.get(path)
+    if hit is None or hit[0] != st.st_mtime_ns or hit[1] != st.st_size:
+        return None
+    return hit[2]
 
 
 async def read_file(path: str) -> bytes:

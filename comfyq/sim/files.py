@@ -7,13 +7,14 @@ import hashlib
 import json
 import mimetypes
 import os
+import stat
 import uuid
 from typing import TYPE_CHECKING, Any
 
 import blake3
 from aiohttp import web
 
-from .env import SimEnv, write_file
+from .env import SimEnv, recent_bytes, write_file
 
 if TYPE_CHECKING:
     from .generation import Generation
@@ -183,23 +184,52 @@ async def view(
         folder = full
     filename = os.path.basename(filename)
     path = os.path.join(folder, filename)
-    if not os.path.isfile(path):
+    try:
+        st = os.stat(path)
+    except OSError:
+        return web.Response(status=404)
+    if not stat.S_ISREG(st.st_mode):
         return web.Response(status=404)
     if "preview" in query:
         webp = await asyncio.to_thread(_webp_preview, path)
         if webp is not None:
             disposition = {"Content-Disposition": f'filename="{filename}"'}
             return web.Response(body=webp, content_type="image/webp", headers=disposition)
-    return _serve(request, path, filename, modern=modern)
+    return _serve(request, path, filename, modern=modern, st=st)
 
 
-def _serve(request: web.Request, path: str, filename: str, *, modern: bool) -> web.StreamResponse:
+def _file_response(
+    request: web.Request, path: str, headers: dict[str, str], st: os.stat_result | None
+) -> web.StreamResponse:
+    """aiohttp's FileResponse, or the same answer from memory for a small file this process
+    wrote lately (no conditional or range headers asked: those take FileResponse's logic)."""
+    data = recent_bytes(path, st) if st is not None else None
+    if st is None or data is None or any(h in request.headers for h in _CONDITIONAL):
+        return web.FileResponse(path, headers=headers)
+    resp = web.Response(body=data, headers=headers)
+    resp.etag = f"{st.st_mtime_ns:x}-{st.st_size:x}"
+    resp.last_modified = st.st_mtime
+    resp.headers["Accept-Ranges"] = "bytes"
+    return resp
+
+
+_CONDITIONAL = ("Range", "If-Match", "If-None-Match", "If-Modified-Since", "If-Unmodified-Since")
+
+
+def _serve(
+    request: web.Request,
+    path: str,
+    filename: str,
+    *,
+    modern: bool,
+    st: os.stat_result | None = None,
+) -> web.StreamResponse:
     content_type = mimetypes.guess_type(filename)[0] or "application/octet-stream"
     if not modern:
         if content_type in _UNSAFE_TYPES:
             content_type = "application/octet-stream"
         disposition = {"Content-Disposition": f'filename="{filename}"'}
-        return web.FileResponse(path, headers={**disposition, "Content-Type": content_type})
+        return _file_response(request, path, {**disposition, "Content-Type": content_type}, st)
     quoted = filename.replace("\\", "\\\\").replace('"', '\\"')
     headers = {"X-Content-Type-Options": "nosniff"}
     as_image = content_type == "image/svg+xml" and request.headers.get("Sec-Fetch-Dest") == "image"
@@ -218,7 +248,7 @@ def _serve(request: web.Request, path: str, filename: str, *, modern: bool) -> w
         )
         if content_type == "image/svg+xml":
             headers["Vary"] = "Sec-Fetch-Dest"
-    return web.FileResponse(path, headers=headers)
+    return _file_response(request, path, headers, st)
 
 
 def _webp_preview(path: str) -> bytes | None:

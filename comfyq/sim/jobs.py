@@ -134,12 +134,27 @@ class JobRoutes:
 
     def __init__(self, proc: SimProcess) -> None:
         self.p = proc
+        # Summaries of history entries by prompt id, with the entry they were built from: a
+        # finished entry does not change, so GET /api/jobs need not rebuild all of them per call
+        # (the capability probe asks it often, and history holds up to max_history entries).
+        self._summaries: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
+
+    def _summary(self, pid: str, entry: dict[str, Any]) -> dict[str, Any]:
+        cached = self._summaries.get(pid)
+        if cached is not None and cached[0] is entry:
+            return cached[1]
+        job = _from_history(entry, False)
+        self._summaries[pid] = (entry, job)
+        return job
 
     def all_jobs(self) -> list[dict[str, Any]]:
         q = self.p.queue
         jobs = [_from_queue(i, "in_progress", False) for i in q.running_items()]
         jobs += [_from_queue(i, "pending", False) for i in q.pending_items()]
-        jobs += [_from_history(e, False) for e in q.history.values()]
+        history = q.history
+        if len(self._summaries) > 2 * len(history) + 64:  # entries deleted or trimmed
+            self._summaries = {k: v for k, v in self._summaries.items() if k in history}
+        jobs += [self._summary(pid, e) for pid, e in history.items()]
         return jobs
 
     async def list(self, request: web.Request) -> web.Response:
