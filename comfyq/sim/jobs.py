@@ -8,6 +8,7 @@ or deleted leaves no record (404), it never shows as cancelled.
 
 from __future__ import annotations
 
+import heapq
 import json
 from typing import TYPE_CHECKING, Any
 
@@ -202,9 +203,14 @@ class JobRoutes:
             start, end = job.get("execution_start_time"), job.get("execution_end_time")
             return end - start if start is not None and end is not None else 0
 
-        jobs.sort(key=key, reverse=order == "desc")
         total = len(jobs)
-        page = jobs[offset : offset + limit if limit is not None else None]
+        if limit is not None and offset + limit < total:
+            # Same order as a full sort (documented equivalence), without sorting everything.
+            pick = heapq.nlargest if order == "desc" else heapq.nsmallest
+            page = pick(offset + limit, jobs, key=key)[offset:]
+        else:
+            jobs.sort(key=key, reverse=order == "desc")
+            page = jobs[offset : offset + limit if limit is not None else None]
         return web.json_response(
             {
                 "jobs": page,
