@@ -8,6 +8,7 @@ schemathesis). Databases and output folders live under ``tmp_path``.
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import Future
@@ -264,3 +265,24 @@ def moto_url() -> Iterator[str]:
     host, port = server.get_host_and_port()
     yield f"http://{host}:{port}"
     server.stop()
+
+
+# --- COMFYQ_REQUIRE_FUZZ=1 (CI): the fuzz tests must run, never skip --------------------------
+
+_fuzz_outcomes: dict[str, str] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if "fuzz" in report.keywords and (report.when == "call" or report.skipped):
+        _fuzz_outcomes[report.nodeid] = report.outcome
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if os.environ.get("COMFYQ_REQUIRE_FUZZ") != "1":
+        return
+    skipped = sorted(k for k, v in _fuzz_outcomes.items() if v == "skipped")
+    ran = [k for k, v in _fuzz_outcomes.items() if v != "skipped"]
+    if skipped or not ran:
+        why = f"skipped: {', '.join(skipped)}" if skipped else "none ran"
+        print(f"\nCOMFYQ_REQUIRE_FUZZ=1 but fuzz tests were not all run ({why})")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

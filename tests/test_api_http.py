@@ -175,7 +175,13 @@ async def test_openapi_is_generated_from_the_types_and_matches_the_routes(server
         [GenerateRequest], ref_template="#/components/schemas/{name}"
     )
     for name, schema in components.items():
-        assert doc["components"]["schemas"][name] == json.loads(json.dumps(schema))
+        served = dict(doc["components"]["schemas"][name])
+        if name == "Input":  # the one rule msgspec cannot state, added by the document
+            assert [alt["required"] for alt in served.pop("oneOf")] == [
+                ["workflow_json"],
+                ["modifier"],
+            ]
+        assert served == json.loads(json.dumps(schema))
     body_ref = doc["paths"]["/generate"]["post"]["requestBody"]["content"]["application/json"][
         "schema"
     ]

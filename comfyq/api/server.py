@@ -19,10 +19,13 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import msgspec
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_server import Server
+
+from comfyq.schemas import ErrorBody, ErrorInfo
 
 log = logging.getLogger("comfyq.api")
 
@@ -101,6 +104,27 @@ class GuardedHandler(RequestHandler):
             return await super()._handle_request(request, start_time, request_handler)
         finally:
             self._cancel_deadline()
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """aiohttp's answer to a request it could not parse (bad header, bad request line...):
+        a client's doing, so one INFO line and a 4xx with the error envelope, no traceback."""
+        if status >= 500 or request.writer.output_size > 0:
+            return super().handle_error(request, status, exc, message)
+        text = getattr(exc, "message", None) or message or "malformed HTTP request"
+        text = " ".join(str(text).split())  # aiohttp's message spans lines (a caret under the byte)
+        log.info("bad HTTP request from %s: %s", request.remote, text)
+        body = ErrorBody(ErrorInfo("invalid_request", f"malformed HTTP request: {text}"[:500]))
+        resp = web.Response(
+            status=status, body=msgspec.json.encode(body), content_type="application/json"
+        )
+        resp.force_close()
+        return resp
 
 
 class GuardedServer(Server):
