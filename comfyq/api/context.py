@@ -14,6 +14,7 @@ from aiohttp import web
 from comfyq.api.auth import Keys
 from comfyq.api.queue import QueueView
 from comfyq.api.reads import Reads
+from comfyq.looplag import LoopLag
 from comfyq.metrics import Metrics
 from comfyq.result import Results
 from comfyq.schemas import ErrorBody, ErrorInfo
@@ -56,6 +57,7 @@ class Api:
             self.store, self.reads, self.pipeline, max_queue_size=self.settings.max_queue_size
         )
         self.metrics = Metrics(services)
+        self.loop_lag = LoopLag(self.metrics.registry)  # started with the app (needs its loop)
         # Bounds the reads of a connection burst, and with them the server's memory high-water mark.
         self.stream_setup = asyncio.Semaphore(options.stream_setups)
 
