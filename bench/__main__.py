@@ -4,7 +4,7 @@ collect their ``--json`` figures into one results file, and render BENCHMARKS.md
     .venv/bin/python -m bench [--quick] [--only a,b] [--skip a,b] [--out BENCHMARKS.md]
     .venv/bin/python -m bench --render-only bench/results/latest.json
 
-Steps: store, e2e, api, preprocess, outputs, sidebyside, chaos (when bench/chaos.py exists);
+Steps: store, e2e, api, preprocess, outputs, sidebyside, chaos (when bench/chaos.py exists), hostile;
 profile with --profile (CPU per job by layer, call tree in bench/results/profile.{html,txt}).
 With COMFYUI_TEST_URL set, the side-by-side run also measures that real ComfyUI.
 """
@@ -104,6 +104,13 @@ STEPS = [
         ["--jobs", "30", "--kills", "3", "--sim-crashes", "1"],
         "chaos run (#7)",
         needs="bench/chaos.py",
+    ),
+    Step(
+        "hostile",
+        "bench.bench_hostile",
+        ["--bodies", "10"],
+        ["--bodies", "3"],
+        "hostile bodies: loop lag, /health and RSS under the largest allowed bodies (#19)",
     ),
     Step(
         "profile",

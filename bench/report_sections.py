@@ -384,3 +384,37 @@ def profile(f: dict[str, Any], charts: Charts) -> list[str]:
         out += ["", "System calls per job, most frequent first (strace -c, a separate burst):", ""]
         out += table(["call", "per job"], [[k, num(v)] for k, v in top.items()], numeric=False)
     return out
+
+
+def hostile(f: dict[str, Any], charts: Charts) -> list[str]:
+    """Hostile bodies (#19): loop lag, /health and RSS while the largest allowed bodies run."""
+    rows = []
+    for kind, k in f["kinds"].items():
+        rows.append(
+            [
+                f"{kind} ({num(k['body_mb'], 1)} MB, {'/'.join(str(s) for s in k['statuses'])})",
+                f"{num(k['loop_lag_max_ms'], 1)} / ≤{num(k['loop_lag_p99_bucket_ms'])} ms",
+                f"{num(k['health_p50_ms'], 1)} / {num(k['health_p99_ms'], 1)} / {num(k['health_max_ms'], 1)} ms",
+                f"{num(k['other_requests'])} ({num(k['other_requests_per_s'])}/s)",
+                f"{num(k['rss_idle_mb'])} → {num(k['rss_after_burst_mb'])} → {num(k['rss_settled_mb'])} MB",
+            ]
+        )
+    intro = (
+        f"{f['bodies']} bodies of each kind, one after another, on a fresh server; targets: loop lag"
+        " max ≤ 50 ms, /health p99 ≤ 100 ms, RSS back within 20% of idle."
+    )
+    return [
+        intro,
+        "",
+        *table(
+            [
+                "body kind (status)",
+                "loop lag max / p99",
+                "/health p50 / p99 / max",
+                "other requests served",
+                "RSS idle → burst → settled",
+            ],
+            rows,
+            numeric=False,
+        ),
+    ]

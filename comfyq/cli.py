@@ -150,8 +150,10 @@ async def serve(settings: Settings) -> int:
 
     from comfyq.api.server import Runner
     from comfyq.app import create_app
+    from comfyq.limits import fixed_mmap_threshold
     from comfyq.services import Services
 
+    fixed_mmap_threshold()  # large bodies' memory is returned after they are done
     sim = None
     backends = None
     if settings.simulate:

@@ -3,7 +3,8 @@
 While one piece of work holds the loop (a large body decoded, a long walk over a workflow), every
 other request waits; the lag is that wait, measured from inside. ``/metrics`` exports it as a
 histogram (``comfyq_event_loop_lag_seconds``) and its maximum since start
-(``comfyq_event_loop_lag_max_seconds``); the hostile-input tests and ``bench_hostile`` read them.
+(``comfyq_event_loop_lag_max_seconds``) and over the last ~10 s
+(``comfyq_event_loop_lag_recent_max_seconds``); the hostile-input tests and ``bench_hostile`` read them.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ class LoopLag:
     def __init__(self, registry: CollectorRegistry | None = None, interval: float = 0.01) -> None:
         self.interval = interval
         self.max = 0.0
-        self.recent: deque[float] = deque(maxlen=10_000)
+        self.recent: deque[float] = deque(maxlen=1_000)
         self._task: asyncio.Task[None] | None = None
         self._hist: Histogram | None = None
         self._gauge: Gauge | None = None
@@ -39,6 +40,14 @@ class LoopLag:
                 "Largest event-loop lag since the server started",
                 registry=registry,
             )
+            Gauge(
+                "comfyq_event_loop_lag_recent_max_seconds",
+                "Largest event-loop lag of the last 1,000 samples (about 10 s)",
+                registry=registry,
+            ).set_function(self.recent_max)
+
+    def recent_max(self) -> float:
+        return max(self.recent, default=0.0)
 
     def start(self) -> None:
         if self._task is None:
