@@ -4,7 +4,8 @@ collect their ``--json`` figures into one results file, and render BENCHMARKS.md
     .venv/bin/python -m bench [--quick] [--only a,b] [--skip a,b] [--out BENCHMARKS.md]
     .venv/bin/python -m bench --render-only bench/results/latest.json
 
-Steps: store, e2e, api, preprocess, outputs, sidebyside, chaos (when bench/chaos.py exists), hostile;
+Steps: store, e2e, api, preprocess, outputs, sidebyside, chaos (when bench/chaos.py exists),
+hostile;
 profile with --profile (CPU per job by layer, call tree in bench/results/profile.{html,txt}).
 With COMFYUI_TEST_URL set, the side-by-side run also measures that real ComfyUI.
 """

@@ -202,7 +202,8 @@ async def run_kind(kind: str, bodies: int, backend: str, root: Path) -> dict[str
     }
     print(
         f"{kind:>6}: {figures['body_mb']:.1f} MB x {bodies} -> {figures['statuses']};"
-        f" loop lag max {figures['loop_lag_max_ms']:.1f} ms, p99 <= {figures['loop_lag_p99_bucket_ms']:.0f} ms;"
+        f" loop lag max {figures['loop_lag_max_ms']:.1f} ms,"
+        f" p99 <= {figures['loop_lag_p99_bucket_ms']:.0f} ms;"
         f" /health p50 {figures['health_p50_ms']:.1f} / p99 {figures['health_p99_ms']:.1f}"
         f" / max {figures['health_max_ms']:.1f} ms over {len(health)} polls;"
         f" {others} other requests ({figures['other_requests_per_s']:.0f}/s);"

@@ -164,7 +164,7 @@ def _cross_field(inp: Input) -> list[dict[str, str]]:
 
 
 def may_hold_urls(body: bytes) -> bool:
-    """False when no string in the JSON can be a URL (no "://", escaped or not): nothing to check."""
+    """False when no string in the JSON can be a URL (no "://", escaped or not): nothing to do."""
     return b"://" in body or b":\\/" in body or b"\\u" in body
 
 
@@ -345,7 +345,7 @@ async def prepare(services: Any, body: bytes, headers: Mapping[str, str]) -> Adm
 
 
 async def commit(services: Any, adm: Admitted) -> tuple[Job, bool]:
-    """Durably create the job: ``(job, created)``; 409 for a reused id, 503 when the queue is full."""
+    """Durably create the job: ``(job, created)``; 409 for a reused id, 503 for a full queue."""
     result: tuple[Job, bool] = await services.store.create(
         adm.new, services.settings.max_queue_size
     )

@@ -54,7 +54,8 @@ DEFAULT = BodyLimits()
 
 
 def check_json_body(body: bytes, limits: BodyLimits) -> None:
-    """413 naming the limit when ``body`` is over ``json_bytes`` or holds over ``json_items`` values."""
+    """413 naming the limit when ``body`` is over ``json_bytes`` or holds over ``json_items``
+    values."""
     if len(body) > limits.json_bytes:
         raise too_large(len(body), limits.json_bytes, limits.json_setting)
     # Every value after the first is preceded by "," or ":" (a key's value): their count bounds

@@ -4,7 +4,8 @@ While one piece of work holds the loop (a large body decoded, a long walk over a
 other request waits; the lag is that wait, measured from inside. ``/metrics`` exports it as a
 histogram (``comfyq_event_loop_lag_seconds``) and its maximum since start
 (``comfyq_event_loop_lag_max_seconds``) and over the last ~10 s
-(``comfyq_event_loop_lag_recent_max_seconds``); the hostile-input tests and ``bench_hostile`` read them.
+(``comfyq_event_loop_lag_recent_max_seconds``); the hostile-input tests and ``bench_hostile``
+read them.
 """
 
 from __future__ import annotations

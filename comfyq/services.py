@@ -1,4 +1,5 @@
-"""Services: everything a running comfyq holds, built from the settings, started and stopped in order."""
+"""Services: everything a running comfyq holds, built from the settings, started and stopped in
+order."""
 
 from __future__ import annotations
 
@@ -9,9 +10,13 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from yarl import URL
+
 from comfyq.clock import Clock
 from comfyq.comfy.backends import BackendPool
-from comfyq.config import Settings
+from comfyq.comfy.supervisor import Supervisor, command_for
+from comfyq.comfy.warmup import Warmup, WarmupFileError, load_workflow
+from comfyq.config import ConfigError, Settings
 from comfyq.errors import OutputError
 from comfyq.events import EventBus
 from comfyq.inputs import Downloader
@@ -22,10 +27,13 @@ from comfyq.stages.generate import Generate
 from comfyq.stages.postprocess import Postprocess
 from comfyq.stages.preprocess import Preprocess
 from comfyq.stages.runner import Pipeline, RunnerConfig
-from comfyq.store import JobStore
+from comfyq.store import JobStore, Stage
+from comfyq.store.assets import AssetStore
 from comfyq.store.jobs import FileLock
+from comfyq.v2.resolve import AssetResolver
 from comfyq.webhooks import WebhookConfig, WebhookSender
 from modifiers import ModifierRegistry
+from modifiers.registry import BUILTIN_MODIFIERS_DIR
 
 log = logging.getLogger("comfyq")
 
@@ -53,6 +61,11 @@ class Services:
             total_timeout=settings.download_timeout,
         )
         extra = [Path(settings.modifiers_dir)] if settings.modifiers_dir else []
+        local = Path("modifiers")
+        if not extra and local.is_dir() and local.resolve() != BUILTIN_MODIFIERS_DIR:
+            extra = [
+                local
+            ]  # a user's modifiers/ folder where comfyq runs is found without a setting
         self.registry = ModifierRegistry(extra)
         self.pool = BackendPool(
             self.backend_urls,
@@ -64,17 +77,24 @@ class Services:
                 "ws_quiet_timeout": settings.comfyui_ws_quiet_timeout,
             },
             client_id_for=self._client_id,
+            warmup=_warmup(settings),
         )
+        self.supervisors = _supervisors(settings, self.backend_urls)
+        for sup in self.supervisors:
+            self.pool.process_info[sup.url] = sup.snapshot
+        # False between `comfyq serve`'s start and its listener accepting connections (/ready).
+        self.listening = True
         self.uploader = S3Uploader.from_settings(settings, self.guard)
         self.webhooks = WebhookSender(self.store, self.guard, WebhookConfig.from_settings(settings))
         self.generate = Generate(self.pool, failover_after=settings.backend_failover_after)
+        self.asset_resolver = AssetResolver(self.store)  # Comfy API v2 assets (comfyq/v2)
         self.pipeline = Pipeline(
             self.store,
             self.bus,
             {
-                "preprocess": Preprocess(self.registry, self.downloader),
-                "generate": self.generate,
-                "postprocess": Postprocess(
+                Stage.PREPROCESS: Preprocess(self.registry, self.downloader, self.asset_resolver),
+                Stage.GENERATE: self.generate,
+                Stage.POSTPROCESS: Postprocess(
                     self.pool,
                     self.output_dir,
                     uploader=self.uploader,
@@ -82,9 +102,9 @@ class Services:
                 ),
             },
             {
-                "preprocess": settings.preprocess_workers,
-                "generate": settings.generation_workers * len(self.backend_urls),
-                "postprocess": settings.postprocess_workers,
+                Stage.PREPROCESS: settings.preprocess_workers,
+                Stage.GENERATE: settings.generation_workers * len(self.backend_urls),
+                Stage.POSTPROCESS: settings.postprocess_workers,
             },
             RunnerConfig(
                 lease=settings.lease_seconds,
@@ -107,6 +127,8 @@ class Services:
         self.lock.acquire()
         try:
             await self.store.open()
+            for sup in self.supervisors:
+                await sup.start()
             for be in self.pool.backends:
                 be.client.on_preview = self.generate.on_preview
             await self.pool.start()
@@ -114,6 +136,8 @@ class Services:
             await self.webhooks.start()
         except BaseException:
             await self.pool.close()
+            for sup in self.supervisors:
+                await sup.stop()
             await self.store.close()
             self.lock.release()
             raise
@@ -127,7 +151,7 @@ class Services:
         self.started = True
 
     async def stop(self) -> None:
-        """Graceful: stop claiming, give in-flight work the grace period, leave the rest resumable."""
+        """Graceful: stop claiming, give work in flight the grace period, the rest resumes later."""
         for t in self._tasks:
             t.cancel()
         await self._step("periodic tasks", asyncio.gather(*self._tasks, return_exceptions=True), 10)
@@ -136,6 +160,8 @@ class Services:
         await self._step("pipeline", self.pipeline.stop(grace), grace + 30)
         await self._step("webhooks", self.webhooks.stop(grace=min(5.0, grace)), 20)
         await self._step("backends", self.pool.close(), 20)
+        for sup in self.supervisors:  # after comfyq's own shutdown: nothing uses ComfyUI any more
+            await self._step(f"ComfyUI {sup.label}", sup.stop(), sup.stop_timeout + 10)
         await self._step("downloader", self.downloader.close(), 10)
         # Last and unbounded: the writer finishes every write already asked for, then closes.
         await self.store.close()
@@ -168,6 +194,7 @@ class Services:
         """Delete finished jobs (and their files) older than the retention age."""
         age = self.settings.retention_seconds if older_than is None else older_than
         n = await prune_jobs(self.store, self.output_dir, age)
+        await prune_assets(self.asset_resolver.assets, Path(self.settings.assets_dir).absolute())
         # Cached inputs are referenced by waiting jobs: keep them at least twice the job deadline.
         await self.downloader.prune(max(age, 2 * self.settings.job_timeout))
         return n
@@ -189,3 +216,47 @@ async def prune_jobs(store: JobStore, output_dir: Path, older_than: float) -> in
     if total:
         log.info("pruned %d finished job(s) older than %.0fs", total, older_than)
     return total
+
+
+def _warmup(settings: Settings) -> Warmup | None:
+    if not settings.comfyui_warmup_workflow:
+        return None
+    try:
+        workflow = load_workflow(settings.comfyui_warmup_workflow)
+    except WarmupFileError as exc:
+        raise ConfigError(f"COMFYUI_WARMUP_WORKFLOW: {exc}") from None
+    return Warmup(workflow, settings.comfyui_warmup_timeout)
+
+
+def _supervisors(settings: Settings, urls: list[str]) -> list[Supervisor]:
+    """One supervised ComfyUI per loopback backend when COMFYUI_COMMAND is set."""
+    if not settings.comfyui_command.strip() or settings.simulate:
+        return []
+    local = [u for u in urls if URL(u).host in ("127.0.0.1", "localhost", "::1")]
+    if not local:
+        log.warning("COMFYUI_COMMAND is set but no backend is on this host: nothing supervised")
+        return []
+    if len(local) > 1 and "{port}" not in settings.comfyui_command:
+        raise ConfigError(
+            "COMFYUI_COMMAND must contain {port} to start one ComfyUI per local backend"
+            f" ({', '.join(local)})"
+        )
+    return [
+        Supervisor(
+            url,
+            command_for(settings.comfyui_command, url),
+            workdir=settings.comfyui_workdir or None,
+            restart_delay=settings.comfyui_restart_delay,
+            restart_max_delay=settings.comfyui_restart_max_delay,
+            stop_timeout=settings.comfyui_stop_timeout,
+        )
+        for url in local
+    ]
+
+
+async def prune_assets(assets: AssetStore, root: Path) -> None:
+    """Remove Comfy API v2 assets past their expires_at, and the blob files left unused."""
+    for path in await assets.prune_assets():
+        p = Path(path)
+        if p.parent.parent == root:  # only ever a blob file of ours
+            await asyncio.to_thread(p.unlink, True)

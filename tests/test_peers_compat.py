@@ -13,8 +13,7 @@ from typing import Any
 
 import pytest
 import requests
-
-from tests.conftest import INVERT_WORKFLOW, MakeServer, wait_healthy
+from conftest import INVERT_WORKFLOW, MakeServer, wait_healthy
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCUMENTED = {

@@ -21,7 +21,7 @@ ASSETS_ROUTE = "/docs/assets/{name}"
 
 @lru_cache(maxsize=1)
 def assets_dir() -> Path:
-    """Swagger UI's static files, found without importing the package (it pulls in web frameworks)."""
+    """Swagger UI's static files, found without importing the package (it pulls in web servers)."""
     spec = importlib.util.find_spec("swagger_ui")
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError("the swagger-ui-py package is not installed")
@@ -47,7 +47,10 @@ const token = __TOKEN__;
 window.ui = SwaggerUIBundle({
   url: "/openapi.json", dom_id: "#swagger-ui", deepLinking: true, persistAuthorization: true,
   presets: [SwaggerUIBundle.presets.apis], layout: "BaseLayout",
-  requestInterceptor: (req) => { if (token && !req.headers.Authorization) req.headers.Authorization = "Bearer " + token; return req; },
+  requestInterceptor: (req) => {
+    if (token && !req.headers.Authorization) req.headers.Authorization = "Bearer " + token;
+    return req;
+  },
 });
 </script></body></html>
 """
@@ -62,7 +65,8 @@ async def docs_page(request: web.Request) -> web.Response:
     """GET /docs: interactive documentation."""
     keys = get_api(request).keys
     token = request.query.get("access_token")
-    # Only a key that was checked goes into the page: /docs?access_token=KEY lets a browser try calls.
+    # Only a key that was checked goes into the page: /docs?access_token=KEY lets a browser try
+    # calls.
     shown = token if keys.enabled and keys.principal(token) is not None else None
     return web.Response(
         text=_PAGE.replace("__TOKEN__", _js_string(shown)), content_type="text/html"
@@ -102,7 +106,8 @@ def readme_text(path: Path | None) -> str | None:
 
 
 _STYLE = (
-    "body{font:16px/1.5 system-ui,sans-serif;max-width:52rem;margin:2rem auto;padding:0 1rem;color:#222}"
+    "body{font:16px/1.5 system-ui,sans-serif;max-width:52rem;margin:2rem auto;padding:0"
+    " 1rem;color:#222}"
     "pre{background:#f5f5f5;padding:.8rem;overflow:auto}code{background:#f5f5f5;padding:0 .2rem}"
     "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.3rem .6rem}"
     "nav{margin-bottom:1.5rem}"

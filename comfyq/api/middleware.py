@@ -1,8 +1,8 @@
-"""Cross-cutting HTTP behaviour: one error envelope, bearer-key auth, CORS, request metrics and logs.
+"""Cross-cutting HTTP behaviour: one error envelope, bearer-key auth, CORS, request metrics, logs.
 
-Order (outermost first): the access log, metrics (sees the final status of everything), CORS preflight, errors
-(every failure becomes ``{"error": {...}}``), auth. CORS headers are added to every response,
-streams included, by an ``on_response_prepare`` hook.
+Order (outermost first): the access log, metrics (sees the final status of everything), CORS
+preflight, errors (every failure becomes ``{"error": {...}}``), auth. CORS headers are added to
+every response, streams included, by an ``on_response_prepare`` hook.
 """
 
 from __future__ import annotations
@@ -22,14 +22,17 @@ from comfyq.errors import BadRequest, ComfyqError, QueueFull, Unauthorized
 from comfyq.limits import CONTROL
 from comfyq.logs import job_context
 from comfyq.schemas import ErrorBody, ErrorInfo
+from comfyq.v2.errors import guard as v2_guard
 
 log = logging.getLogger("comfyq.api")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-PUBLIC_PATHS = frozenset({"/health"})
+PUBLIC_PATHS = frozenset({"/health", "/ready", "/api/v2/health"})
 PUBLIC_PREFIXES = ("/docs/assets/",)  # Swagger UI's own static files: nothing of ours in them
-ALLOW_HEADERS = "Authorization, Content-Type, Last-Event-ID, X-Return-Outputs-As-Base64"
+ALLOW_HEADERS = (
+    "Authorization, Content-Type, Last-Event-ID, X-Return-Outputs-As-Base64, Idempotency-Key, Range"
+)
 EXPOSE_HEADERS = "Location, Retry-After, Content-Disposition"
 _HTTP_TYPES = {
     400: "invalid_request",
@@ -50,7 +53,7 @@ def route_name(request: web.Request) -> str:
 
 # Probes and scrapes would drown the requests that matter: they are logged at debug (a 503 from
 # /health too: the backend's own line says what went wrong, once).
-_QUIET_ROUTES = frozenset({"/health", "/metrics"})
+_QUIET_ROUTES = frozenset({"/health", "/ready", "/metrics"})
 access_log = logging.getLogger("comfyq.access")
 # Why a request was refused, filled by errors_middleware for the access line (one dict per request).
 _error_note: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar(
@@ -161,6 +164,8 @@ def error_body(exc: ComfyqError) -> web.Response:
 
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.path.startswith("/api/v2/"):
+        return await v2_guard(request, handler)  # the Comfy API v2 error envelope
     try:
         return await handler(request)
     except ComfyqError as exc:

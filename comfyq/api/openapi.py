@@ -175,7 +175,8 @@ def document(routes: list[Route], *, api_keys: bool) -> dict[str, Any]:
         "info": {
             "title": "comfyq",
             "version": comfyq.__version__,
-            "description": "A durable, restart-safe job API in front of ComfyUI. Jobs are committed to SQLite"
+            "description": "A durable, restart-safe job API in front of ComfyUI."
+            " Jobs are committed to SQLite"
             " before they are acknowledged; progress streams over SSE and websockets.",
         },
         "paths": paths,
