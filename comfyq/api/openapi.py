@@ -52,9 +52,16 @@ class Route:
     public: bool = False
     in_schema: bool = True
     description: str = ""
+    # The shape of this route's errors when it is not comfyq's ErrorBody (the v2 envelope); such a
+    # route documents every client error status its surface uses with it.
+    error_reply: Reply | None = None
 
 
 def _errors(route: Route, keys: bool) -> dict[int, Reply]:
+    if route.error_reply is not None:
+        codes = [400, 408, 413, 415, 422] + ([404] if "{" in route.path else [])
+        codes += [401] if keys and not route.public else []
+        return dict.fromkeys(codes, route.error_reply)
     out: dict[int, Reply] = {}
     if route.body is not None:
         out[400] = Reply("invalid request: `error.fields` names each failing field", ErrorBody)

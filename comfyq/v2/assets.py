@@ -16,6 +16,7 @@ from typing import Any
 import msgspec
 from aiohttp import BodyPartReader, web
 
+from comfyq.api.body import read_json_body
 from comfyq.store.assets import AssetRecord, Blob, NewAsset
 from comfyq.v2 import mapping
 from comfyq.v2.blobs import Received, TooLarge, parse_hash
@@ -184,7 +185,7 @@ async def from_hash(request: web.Request) -> web.Response:
     """POST /api/v2/assets/from-hash {hash, file_path?, tags?, expires_in?}"""
     v2 = get_v2(request)
     try:
-        raw = msgspec.json.decode(await request.read())
+        raw = msgspec.json.decode(await read_json_body(request, v2.settings))
     except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
         raise invalid("$", "invalid JSON") from None
     if not isinstance(raw, dict):

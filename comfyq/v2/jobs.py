@@ -13,8 +13,10 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
+from comfyq import limits as lim
 from comfyq.admission import canonical_hash, new_job_id
 from comfyq.api.auth import principal
+from comfyq.api.body import read_json_body
 from comfyq.api.context import get_api, json_response
 from comfyq.api.health import health as comfyq_health
 from comfyq.store.model import Job, NewJob, loads
@@ -45,7 +47,12 @@ async def submit(request: web.Request) -> web.Response:
     v2 = get_v2(request)
     settings = v2.settings
     key = check_key(request.headers.get("Idempotency-Key"))
-    sub = parse(await request.read(), request.headers.get("Content-Type"))
+    body = await read_json_body(request, settings)  # the JSON limit and the body timeout
+    limits = lim.BodyLimits.from_settings(settings)
+    lim.check_json_body(body, limits)
+    sub = parse(body, request.headers.get("Content-Type"))
+    for err in lim.workflow_errors(sub.workflow, limits)[:1]:  # size, names, paths, cycles
+        raise invalid(err["path"].replace("$.input.workflow_json", "$.workflow"), err["message"])
     owner = owner_of(request)
     if sub.asset_ids:
         found = await v2.assets.assets(sub.asset_ids)

@@ -80,7 +80,15 @@ ROUTES: list[Route] = [
             200: Reply(
                 "`event: status|progress|preview|output` frames; ends after the terminal status",
                 media="text/event-stream",
-                schema={"type": "string"},
+                # Open API 3.1: the schema of a text/event-stream describes one event.
+                schema={
+                    "type": "object",
+                    "properties": {
+                        "event": {"type": "string"},
+                        "id": {"type": "string"},
+                        "data": {"type": "string"},
+                    },
+                },
             ),
             429: Reply(
                 "too_many_streams", schema={"type": "object"}, headers={"Retry-After": "seconds"}
@@ -161,6 +169,24 @@ ROUTES: list[Route] = [
         },
     ),
 ]
+
+
+_V2_ERROR = Reply(
+    'the v2 error envelope `{"error": {"code", "message", "details"}}`',
+    schema={
+        "type": "object",
+        "required": ["error"],
+        "properties": {
+            "error": {
+                "type": "object",
+                "required": ["code", "message"],
+                "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
+            }
+        },
+    },
+)
+for _route in ROUTES:
+    _route.error_reply = _V2_ERROR  # every v2 error has the v2 envelope, not comfyq's
 
 
 def setup(app: web.Application) -> None:
