@@ -573,13 +573,15 @@ def test_no_client_text_forges_a_log_signal(conn: Conn, token: str) -> None:
     bad_class["input"]["workflow_json"]["2"]["class_type"] = f"Node{slug}"
     status, _, _ = conn.request("POST", "/generate/sync", bad_class)
     assert status == 400
-    # A webhook URL (an allowlisted closed port: the failed delivery is logged with the URL).
-    hook = wf(webhook={"url": f"http://127.0.0.1:9/{q}/{slug}"})
+    # A webhook URL, path and query (an allowlisted closed port: the delivery fails and is logged).
+    hook = wf(webhook={"url": f"http://127.0.0.1:9/{q}/{slug}?{q}={slug}"})
     status, resp, _ = conn.request("POST", "/generate/sync", hook)
-    assert status == 200, resp
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and f"/{slug}" not in conn.served.log():
+    assert status == 200 and isinstance(resp, dict), resp
+    deadline = time.monotonic() + 30
+    attempt = re.compile(rf"webhook \S+ for job {resp['id']} to 127\.0\.0\.1")
+    while time.monotonic() < deadline and not attempt.search(conn.served.log()):
         time.sleep(0.1)
+    assert attempt.search(conn.served.log()), "the webhook attempt was never logged"
     assert conn.served.forged_lines() == []
 
 
