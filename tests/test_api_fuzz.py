@@ -4,8 +4,8 @@ fuzzing and stateful phases (links inferred from ``Location`` headers), seeded, 
 budget. Any 5xx, any response that does not match the published schema (status code, content type,
 headers, body) fails the test, and so does a log line carrying a forged watcher token.
 
-URL-looking strings are pointed at a closed loopback port by ``fuzz_hooks`` (tests reach only
-loopback; the address guard refuses them with a 400).
+URL-looking strings are pointed at a closed loopback port by ``support.fuzz_hooks`` (tests reach
+only loopback; the address guard refuses them with a 400).
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from serve_support import Served, require_fuzz, start_serve
+from support.fuzz import require_fuzz
+from support.served import Served, start_serve
 
 pytestmark = pytest.mark.fuzz
 
@@ -85,7 +86,7 @@ def run_schemathesis(srv: Served, tmp_path: Path, checks: str) -> subprocess.Com
         cmd += ["-H", f"Authorization: Bearer {srv.api_key}"]
     env = {
         **os.environ,
-        "SCHEMATHESIS_HOOKS": "fuzz_hooks",
+        "SCHEMATHESIS_HOOKS": "support.fuzz_hooks",
         "PYTHONPATH": str(Path(__file__).parent),
         "NO_COLOR": "1",
     }

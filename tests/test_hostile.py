@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from serve_support import Served, start_serve
+from support.served import Served, start_serve
 
 from comfyq.logs import WATCHED_TOKENS
 

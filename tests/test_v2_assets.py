@@ -10,9 +10,9 @@ from typing import Any
 
 import aiohttp
 from blake3 import blake3
-from conftest import MakeServer, Server, pause, resume, wait_healthy
 from PIL import Image
-from v2_support import check, check_error
+from support.servers import MakeServer, Server, pause, resume, wait_healthy
+from support.v2 import check, check_error
 
 from comfyq.store.model import Stage
 

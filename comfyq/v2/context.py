@@ -10,8 +10,7 @@ from aiohttp import web
 
 from comfyq.api.auth import principal
 from comfyq.api.context import API, Api
-from comfyq.store.assets import AssetStore
-from comfyq.store.model import Job
+from comfyq.store.model import Job, Stage, State
 from comfyq.v2 import mapping
 from comfyq.v2.blobs import BlobDir
 from comfyq.v2.progress import Tracker
@@ -23,7 +22,7 @@ class V2:
     def __init__(self, api: Api) -> None:
         self.api = api
         self.settings = api.settings
-        self.assets = AssetStore(api.store, api.reads.rows)
+        self.assets = api.store.assets()
         self.blobs = BlobDir(Path(self.settings.assets_dir).absolute())
         # Partner-node keys (extra_data.api_key_comfy_org), in memory only: never stored or logged.
         self.extra_data: dict[str, dict[str, Any]] = api.services.generate.extra_data
@@ -35,8 +34,8 @@ class V2:
 
     async def queue_position(self, job: Job) -> int | None:
         """1-based place among the jobs waiting in the job's stage; None unless it waits."""
-        if job.state != "pending":
-            return 0 if job.stage == "preprocess" else None
+        if job.state != State.PENDING:
+            return 0 if job.stage == Stage.PREPROCESS else None
         snap = await self.api.queue.snapshot()
         pos = snap.positions.get(job.id)
         return pos if pos is not None else snap.waiting[job.stage] + 1
@@ -44,12 +43,9 @@ class V2:
     async def read_job(self, job_id: str, request: web.Request | None = None) -> Job | None:
         """The job as v2 needs it (no payload, no workflow), or None when gone, expired or (with
         ``request``) not the caller's."""
-        rows = await self.api.reads.rows(
-            f"SELECT {mapping.JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)
-        )
-        if not rows:
+        job = await self.api.reads.summary(job_id)
+        if job is None:
             return None
-        job = Job.from_row(rows[0])
         if request is not None and not sees(request, job.owner):
             return None
         return None if self.expired(job) else job

@@ -13,9 +13,9 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import msgspec
 from aiohttp import web
 
-from comfyq.api.context import json_response
 from comfyq.errors import BadRequest, ComfyqError, QueueFull, Unauthorized
 
 log = logging.getLogger("comfyq.v2")
@@ -64,6 +64,9 @@ _HTTP_CODES = {
 }
 
 
+_encode = msgspec.json.Encoder().encode
+
+
 def envelope(
     status: int,
     code: str,
@@ -71,8 +74,9 @@ def envelope(
     details: dict[str, Any] | None = None,
     headers: dict[str, str] | None = None,
 ) -> web.Response:
-    return json_response(
-        {"error": {"code": code, "message": message, "details": details or None}}, status, headers
+    body = {"error": {"code": code, "message": message, "details": details or None}}
+    return web.Response(
+        body=_encode(body), status=status, headers=headers, content_type="application/json"
     )
 
 

@@ -6,6 +6,7 @@ admit it and present it through ``comfyq.v2.mapping``.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 from typing import Any
@@ -13,13 +14,13 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from comfyq import limits as lim
-from comfyq.admission import canonical_hash, new_job_id
+from comfyq.admission import THREAD_ABOVE, canonical_hash, new_job_id
 from comfyq.api.auth import principal
 from comfyq.api.body import read_json_body
 from comfyq.api.context import get_api, json_response
 from comfyq.api.health import health as comfyq_health
-from comfyq.store.model import Job, NewJob, loads
+from comfyq.limits import BodyLimits
+from comfyq.store.model import Job, NewJob, State
 from comfyq.v2 import mapping
 from comfyq.v2.context import get_v2, owner_of, scope_of
 from comfyq.v2.errors import V2Error, invalid, not_found
@@ -32,13 +33,13 @@ MAX_SCAN = 2000
 
 # v2 status -> the store states that can show it (the mapping decides the rest).
 _STATES = {
-    "queued": ("pending", "running"),
-    "running": ("pending", "running"),
-    "canceling": ("pending", "running"),
-    "succeeded": ("completed",),
-    "failed": ("failed",),
-    "expired": ("failed",),
-    "canceled": ("cancelled",),
+    "queued": (State.PENDING, State.RUNNING),
+    "running": (State.PENDING, State.RUNNING),
+    "canceling": (State.PENDING, State.RUNNING),
+    "succeeded": (State.COMPLETED,),
+    "failed": (State.FAILED,),
+    "expired": (State.FAILED,),
+    "canceled": (State.CANCELLED,),
 }
 
 
@@ -47,12 +48,13 @@ async def submit(request: web.Request) -> web.Response:
     v2 = get_v2(request)
     settings = v2.settings
     key = check_key(request.headers.get("Idempotency-Key"))
-    body = await read_json_body(request, settings)  # the JSON limit and the body timeout
-    limits = lim.BodyLimits.from_settings(settings)
-    lim.check_json_body(body, limits)
-    sub = parse(body, request.headers.get("Content-Type"))
-    for err in lim.workflow_errors(sub.workflow, limits)[:1]:  # size, names, paths, cycles
-        raise invalid(err["path"].replace("$.input.workflow_json", "$.workflow"), err["message"])
+    body = await read_json_body(request, settings)
+    limits = BodyLimits.from_settings(settings)
+    ctype = request.headers.get("Content-Type")
+    if len(body) > THREAD_ABOVE:  # a big body is checked off the event loop
+        sub = await asyncio.to_thread(parse, body, ctype, limits)
+    else:
+        sub = parse(body, ctype, limits)
     owner = owner_of(request)
     if sub.asset_ids:
         found = await v2.assets.assets(sub.asset_ids)
@@ -99,8 +101,11 @@ async def submit(request: web.Request) -> web.Response:
     except BaseException:
         v2.extra_data.pop(new.id, None)
         raise
-    fresh = await v2.read_job(job.id) or job
-    return json_response(await v2.body(request, fresh, []), 201)
+    # The row the INSERT returned is the job: no read back (a new job has no outputs or progress).
+    answer = await v2.body(request, job, [])
+    if sub.metadata:
+        answer["metadata"] = sub.metadata
+    return json_response(answer, 201)
 
 
 async def _job_or_404(request: web.Request) -> Job:
@@ -120,12 +125,7 @@ async def workflow(request: web.Request) -> web.Response:
     """GET /api/v2/jobs/{id}/workflow: the API-format graph that ran (assets resolved), or the
     one submitted while it has not been prepared yet."""
     job = await _job_or_404(request)
-    rows = await get_api(request).reads.rows(
-        "SELECT coalesce(json_extract(prepared, '$.workflow'),"
-        " json_extract(payload, '$.input.workflow_json')) FROM jobs WHERE id = ?",
-        (job.id,),
-    )
-    graph = loads(rows[0][0]) if rows and rows[0][0] else {}
+    graph = await get_api(request).reads.workflow(job.id) or {}
     return json_response({"workflow": graph, "format": "api"})
 
 
@@ -175,26 +175,13 @@ async def list_jobs(request: web.Request) -> web.Response:
             raise invalid("$.query.status", f"unknown status {bad[0]!r}")
     states = sorted({st for s in wanted for st in _STATES[s]}) if wanted else None
     cursor = _cursor(request.query.get("cursor"))
-    mine, mine_params = principal(request).where()
+    owners = principal(request).visible_owners()
     picked: list[Job] = []
     scanned = 0
     more = False
     while len(picked) < limit and scanned < MAX_SCAN:
-        where: list[str] = [mine] if mine else []
-        params: list[Any] = list(mine_params)
-        if states:
-            where.append(f"state IN ({','.join('?' * len(states))})")
-            params.extend(states)
-        if cursor:
-            where.append("(created_at, id) < (?, ?)")
-            params.extend(cursor)
-        sql = f"SELECT {mapping.JOB_COLUMNS} FROM jobs"
-        sql += (
-            " WHERE " + " AND ".join(where) if where else ""
-        ) + " ORDER BY created_at DESC, id DESC LIMIT ?"
-        rows = await v2.api.reads.rows(sql, (*params, SCAN_BATCH))
-        for r in rows:
-            job = Job.from_row(r)
+        rows = await v2.api.reads.summaries(states, owners, cursor, SCAN_BATCH)
+        for job in rows:
             scanned += 1
             cursor = (job.created_at, job.id)
             if v2.expired(job) or (wanted and mapping.status(job) not in wanted):

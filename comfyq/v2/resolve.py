@@ -36,10 +36,7 @@ class AssetResolver:
 
     def __init__(self, store: Any) -> None:
         self.store = store  # comfyq.store.JobStore
-        self.assets = AssetStore(store, self._rows)
-
-    async def _rows(self, sql: str, params: Any) -> list[Any]:
-        return list(await self.store.reader.execute_fetchall(sql, tuple(params)))
+        self.assets: AssetStore = store.assets()
 
     async def resolve(
         self, job_input: dict[str, Any]

@@ -14,9 +14,6 @@ from typing import Any
 
 from comfyq.clock import parse_iso
 from comfyq.errors import Conflict, IllegalTransition, LeaseLost, NotFound, QueueFull
-from comfyq.store.journal import event as _event
-from comfyq.store.journal import events as _events
-from comfyq.store.journal import stamp as _iso
 from comfyq.store.model import (
     NEXT_STAGE,
     STAGE_MS,
@@ -27,7 +24,10 @@ from comfyq.store.model import (
     Transition,
     dumps,
 )
-from comfyq.store.sql import ADVANCE, HAND_OFF, HELD, add_timing, claim_sql, ms_since
+from comfyq.store.sqlite.journal import event as _event
+from comfyq.store.sqlite.journal import events as _events
+from comfyq.store.sqlite.journal import stamp as _iso
+from comfyq.store.sqlite.sql import ADVANCE, HAND_OFF, HELD, add_timing, claim_sql, ms_since
 
 CANCELLED = {"type": "cancelled", "message": "Request cancelled by client"}
 
