@@ -33,7 +33,10 @@ from comfyq.logs import WATCHED_TOKENS
 
 pytestmark = pytest.mark.fuzz
 
-HEALTH_BOUND = 1.0  # seconds; a stall like the ones this module guards against lasted 5-15 s
+# Seconds. The stalls this module guards against lasted 5-15 s; /health also waits for the store's
+# writer (behind a large job's commit), and the suite shares two cores with other work, so the
+# bound is loose: the figures against the 100 ms target are bench_hostile's.
+HEALTH_BOUND = 2.5
 STALL = 1.0  # loop-lag samples at or over this many seconds fail a case
 CONTROL = ["\x00", "\r", "\n", "\r\n", "\x1b", "\x85", "\u2028"]
 
