@@ -107,6 +107,28 @@ class _Levels(Collector):
                 restarts.add_metric([b["url"]], proc.get("restarts") or 0)
                 running.add_metric([b["url"]], float(proc.get("state") == "running"))
         yield from (up, http, ws, inflight, warm, restarts, running)
+        models = lv.get("models")
+        if models:
+            yield GaugeMetricFamily(
+                "comfyq_model_cache_bytes",
+                "Bytes of the models comfyq downloaded into COMFYUI_MODELS_DIR (input.models)",
+                value=models["bytes"],
+            )
+            yield GaugeMetricFamily(
+                "comfyq_model_cache_budget_bytes",
+                "COMFYQ_MODEL_CACHE_GB in bytes",
+                value=models["budget"],
+            )
+            yield CounterMetricFamily(
+                "comfyq_model_downloads",
+                "Models downloaded (shared downloads count once)",
+                value=models["downloads"],
+            )
+            yield CounterMetricFamily(
+                "comfyq_model_evictions",
+                "Downloaded models deleted to stay in the budget",
+                value=models["evictions"],
+            )
         g = GaugeMetricFamily(
             "comfyq_webhook_deliveries",
             "Webhook deliveries in the outbox by state",
@@ -241,6 +263,7 @@ class Metrics:
             "queues": await svc.store.counts(),
             "stages": svc.pipeline.health(),
             "backends": svc.pool.snapshot(),
+            "models": svc.models.stats() if getattr(svc, "models", None) is not None else None,
             "subscribers": svc.bus.subscribers(),
             "published": svc.bus.published,
             "at": time.time(),

@@ -139,8 +139,15 @@ class Services:
         self.started = False
 
     def _client_id(self, url: str) -> str:
-        """Stable per (database file, backend): one server per file, so never shared while alive."""
-        return hashlib.sha256(f"comfyq|{self.store.identity}|{url}".encode()).hexdigest()[:32]
+        """Stable per (database file, backend) when one server owns the database, so a restart
+        reuses it; per instance on a shared database, where two instances on one backend would
+        otherwise take each other's websocket."""
+        who = (
+            f"{self.store.identity}|{self.store.owner}"
+            if self.store.shared
+            else self.store.identity
+        )
+        return hashlib.sha256(f"comfyq|{who}|{url}".encode()).hexdigest()[:32]
 
     async def start(self) -> None:
         """Take the database lock, migrate, connect to ComfyUI, resume jobs, start workers."""
@@ -166,6 +173,10 @@ class Services:
         if self.settings.retention_seconds > 0:
             self._tasks.append(
                 asyncio.create_task(self._every(self.settings.prune_interval, self.prune))
+            )
+        else:  # jobs are kept, but an upload given expires_in still goes when it expires
+            self._tasks.append(
+                asyncio.create_task(self._every(self.settings.prune_interval, self.prune_uploads))
             )
         self.started = True
 
@@ -213,10 +224,14 @@ class Services:
         """Delete finished jobs (and their files) older than the retention age."""
         age = self.settings.retention_seconds if older_than is None else older_than
         n = await prune_jobs(self.store, self.output_dir, age)
-        await prune_assets(self.asset_resolver.assets, Path(self.settings.assets_dir).absolute())
+        await self.prune_uploads()
         # Cached inputs are referenced by waiting jobs: keep them at least twice the job deadline.
         await self.downloader.prune(max(age, 2 * self.settings.job_timeout))
         return n
+
+    async def prune_uploads(self) -> None:
+        """Comfy API v2 uploads past their expires_at, and the blob files no asset uses."""
+        await prune_assets(self.asset_resolver.assets, Path(self.settings.assets_dir).absolute())
 
 
 async def prune_jobs(store: JobStore, output_dir: Path, older_than: float) -> int:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import psycopg
@@ -30,6 +30,7 @@ class PostgresStore(JobStore):
     """Jobs, events, outputs and the webhook outbox in a PostgreSQL database."""
 
     engine = "postgres"
+    shared = True
 
     def __init__(
         self, database: str | os.PathLike[str], *, clock: Clock | None = None, owner: str = ""
@@ -235,7 +236,7 @@ class PostgresStore(JobStore):
     async def list_jobs(
         self,
         *,
-        states: list[str] | None = None,
+        states: Sequence[State] | None = None,
         limit: int = 50,
         cursor: tuple[str, str] | None = None,
     ) -> list[Job]:
