@@ -11,6 +11,8 @@ from typing import Any
 
 from comfyq.assets import Downloader
 from comfyq.clock import Clock
+from comfyq.cluster.link import ClusterLink, LocalLink
+from comfyq.cluster.member import Membership
 from comfyq.comfy.backends import BackendPool
 from comfyq.config import Settings
 from comfyq.events import EventBus
@@ -20,7 +22,7 @@ from comfyq.outputs.s3 import S3Uploader
 from comfyq.stages.generate import Generate
 from comfyq.stages.postprocess import Postprocess
 from comfyq.stages.preprocess import Preprocess
-from comfyq.stages.runner import Pipeline, RunnerConfig
+from comfyq.stages.runner import Pipeline, RunnerConfig, StageHandler
 from comfyq.store import JobStore
 from comfyq.store.jobs import FileLock
 from comfyq.webhooks import WebhookConfig, WebhookSender
@@ -33,9 +35,15 @@ class Services:
     """The store, the bus, the backends, the pipeline and the maintenance tasks of one server."""
 
     def __init__(
-        self, settings: Settings, *, clock: Clock | None = None, backends: list[str] | None = None
+        self,
+        settings: Settings,
+        *,
+        clock: Clock | None = None,
+        backends: list[str] | None = None,
+        link: ClusterLink | None = None,
     ) -> None:
         self.settings = settings
+        self.roles = settings.active_roles
         self.clock = clock or Clock()
         self.backend_urls = backends or settings.backends
         self.db_path = Path(settings.database)
@@ -67,30 +75,44 @@ class Services:
         self.uploader = S3Uploader.from_settings(settings, self.guard)
         self.webhooks = WebhookSender(self.store, self.guard, WebhookConfig.from_settings(settings))
         self.generate = Generate(self.pool, failover_after=settings.backend_failover_after)
+        handlers: dict[str, StageHandler] = {
+            "preprocess": Preprocess(self.registry, self.downloader),
+            "generate": self.generate,
+            "postprocess": Postprocess(
+                self.pool,
+                self.output_dir,
+                uploader=self.uploader,
+                fail_on_upload_error=settings.s3_fail_job_on_upload_error,
+            ),
+        }
+        workers = {
+            "preprocess": settings.preprocess_workers,
+            "generate": settings.generation_workers * len(self.backend_urls),
+            "postprocess": settings.postprocess_workers,
+        }
+        # COMFYQ_ROLES: an instance runs only the stages it has the role of (its workers claim
+        # only those); the others' jobs wait in the shared queue for the instances that do.
         self.pipeline = Pipeline(
             self.store,
             self.bus,
-            {
-                "preprocess": Preprocess(self.registry, self.downloader),
-                "generate": self.generate,
-                "postprocess": Postprocess(
-                    self.pool,
-                    self.output_dir,
-                    uploader=self.uploader,
-                    fail_on_upload_error=settings.s3_fail_job_on_upload_error,
-                ),
-            },
-            {
-                "preprocess": settings.preprocess_workers,
-                "generate": settings.generation_workers * len(self.backend_urls),
-                "postprocess": settings.postprocess_workers,
-            },
+            {n: h for n, h in handlers.items() if n in self.roles},
+            workers,
             RunnerConfig(
                 lease=settings.lease_seconds,
                 retry_base=settings.retry_base_delay,
                 retry_max=settings.retry_max_delay,
                 idle_poll=settings.claim_poll_interval,
             ),
+        )
+        self.link: ClusterLink = link or LocalLink()
+        self.cluster = Membership(
+            settings,
+            self.link,
+            instance_id=self.store.owner,
+            bus=self.bus,
+            wake=[self.bus.on_transitions, self.pipeline.wake],
+            pool=self.pool if "generate" in self.roles else None,
+            backends=self.backend_urls,
         )
         self._tasks: list[asyncio.Task[Any]] = []
         self.started = False
@@ -106,13 +128,19 @@ class Services:
         self.lock.acquire()
         try:
             await self.store.open()
-            for be in self.pool.backends:
-                be.client.on_preview = self.generate.on_preview
-            await self.pool.start()
+            # Before the workers start: a job admitted elsewhere must wake them from the first one.
+            await self.cluster.start()
+            if "generate" in self.roles:
+                # Only a generate instance talks to ComfyUI (and logs BACKENDS_READY).
+                for be in self.pool.backends:
+                    be.client.on_preview = self.generate.on_preview
+                await self.pool.start()
             await self.pipeline.start()
-            await self.webhooks.start()
+            if "webhooks" in self.roles:
+                await self.webhooks.start()
         except BaseException:
             await self.pool.close()
+            await self.cluster.stop()
             await self.store.close()
             self.lock.release()
             raise
@@ -136,6 +164,7 @@ class Services:
         await self._step("webhooks", self.webhooks.stop(grace=min(5.0, grace)), 20)
         await self._step("backends", self.pool.close(), 20)
         await self._step("downloader", self.downloader.close(), 10)
+        await self._step("cluster", self.cluster.stop(), 10)
         # Last and unbounded: the writer finishes every write already asked for, then closes.
         await self.store.close()
         self.lock.release()

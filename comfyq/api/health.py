@@ -11,7 +11,7 @@ import msgspec
 from aiohttp import web
 
 from comfyq.api.context import get_api, json_response
-from comfyq.schemas import BackendHealth, Health, StageHealth, StoreHealth
+from comfyq.schemas import BackendHealth, Health, InstanceHealth, StageHealth, StoreHealth
 
 
 def _backend(raw: dict[str, Any]) -> BackendHealth:
@@ -36,7 +36,8 @@ async def health(request: web.Request) -> web.Response:
     stages = {name: StageHealth(**h) for name, h in svc.pipeline.health().items()}
     backends = [_backend(b) for b in svc.pool.snapshot()]
     stages_ok = all(s.alive >= 1 for s in stages.values())
-    any_backend = any(b.healthy for b in backends)
+    # Only an instance that generates needs a ComfyUI; an API or postprocess box does not.
+    any_backend = "generate" not in svc.roles or any(b.healthy for b in backends)
     ok = store.writable and stages_ok and any_backend
     reasons = []
     if not store.writable:
@@ -62,5 +63,14 @@ async def health(request: web.Request) -> web.Response:
         backends=backends,
         queues=queues,
         reason="; ".join(reasons) or None,
+        roles=sorted(svc.roles),
+        instances=await _instances(svc),
     )
     return json_response(body, 200 if ok else 503)
+
+
+async def _instances(svc: Any) -> list[InstanceHealth] | None:
+    try:
+        return [msgspec.convert(i, InstanceHealth) for i in await svc.cluster.instances()]
+    except Exception:  # noqa: BLE001 - the registry is extra; the store's state says the rest
+        return None

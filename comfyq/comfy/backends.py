@@ -32,6 +32,7 @@ class Backend:
     ws_ok: bool = False
     last_error: str | None = None
     in_flight: int = 0
+    elsewhere: int = 0  # prompts other instances sharing this backend have in flight on it
     system_stats: dict[str, Any] | None = None
     require_websocket: bool = True
     _last_pick: int = field(default=0, repr=False)
@@ -143,7 +144,7 @@ class BackendPool:
         free = [
             b
             for b in self._backends
-            if b.healthy and b.in_flight < b.slots and b.url not in excluded
+            if b.healthy and b.in_flight + b.elsewhere < b.slots and b.url not in excluded
         ]
         if not free:
             return None
@@ -171,6 +172,16 @@ class BackendPool:
             yield backend
         finally:
             backend.in_flight -= 1
+            self._notify()
+
+    def set_elsewhere(self, load: dict[str, int]) -> None:
+        """Prompts in flight per URL on other instances sharing the backends (cluster-wide slots)."""
+        freed = False
+        for b in self._backends:
+            n = load.get(b.url, 0)
+            freed = freed or n < b.elsewhere
+            b.elsewhere = n
+        if freed:
             self._notify()
 
     def _wake_future(self) -> asyncio.Future[None]:
@@ -208,6 +219,7 @@ class BackendPool:
                     "http_ok": b.http_ok,
                     "websocket_ok": b.ws_ok,
                     "in_flight": b.in_flight,
+                    "in_flight_elsewhere": b.elsewhere,
                     "slots": b.slots,
                     "last_error": b.last_error,
                     "comfyui_version": system.get("comfyui_version"),

@@ -233,9 +233,10 @@ class Pipeline:
         self.running: dict[str, _Running] = {}
         self._tasks: list[asyncio.Task[Any]] = []
         self.on_cleanup: list[Callable[[Job, str], Awaitable[None]]] = []
-        store.listen(self._on_transitions)
+        store.listen(self.wake)
 
-    def _on_transitions(self, trs: list[Transition]) -> None:
+    def wake(self, trs: list[Transition]) -> None:
+        """Wake the claimer of every stage a committed change left a job pending in."""
         for tr in trs:
             if tr.to_state == "pending" and tr.stage in self.stages:
                 self.stages[tr.stage].notify()
