@@ -11,6 +11,7 @@ from typing import Any
 
 from comfyq.assets import Downloader
 from comfyq.clock import Clock
+from comfyq.cluster.files import OutputRouter
 from comfyq.cluster.link import ClusterLink, LocalLink
 from comfyq.cluster.member import Membership
 from comfyq.comfy.backends import BackendPool
@@ -114,6 +115,9 @@ class Services:
             pool=self.pool if "generate" in self.roles else None,
             backends=self.backend_urls,
         )
+        self.outputs = OutputRouter(
+            self.cluster, api_key=settings.api_keys[0] if settings.api_keys else None
+        )
         self._tasks: list[asyncio.Task[Any]] = []
         self.started = False
 
@@ -165,6 +169,7 @@ class Services:
         await self._step("backends", self.pool.close(), 20)
         await self._step("downloader", self.downloader.close(), 10)
         await self._step("cluster", self.cluster.stop(), 10)
+        await self._step("output router", self.outputs.close(), 5)
         # Last and unbounded: the writer finishes every write already asked for, then closes.
         await self.store.close()
         self.lock.release()

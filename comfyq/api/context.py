@@ -50,6 +50,7 @@ class Api:
             base64_max_bytes=self.settings.output_base64_max_bytes,
             webhook_history=partial(history, self.store),
         )
+        self.results.remote = services.outputs.fetch
         self.queue = QueueView(
             self.store, self.reads, self.pipeline, max_queue_size=self.settings.max_queue_size
         )

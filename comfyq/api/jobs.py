@@ -139,7 +139,12 @@ async def output_file(request: web.Request) -> web.StreamResponse:
         raise missing from None
     path = Path(row["local_path"]).resolve()
     if folder not in path.parents or not path.is_file():
-        raise missing
+        # Several instances: the file is on the instance that post-processed the job.
+        job = await api.reads.job(job_id)
+        proxied = None if job is None else await api.services.outputs.proxy(request, job, filename)
+        if proxied is None:
+            raise missing
+        return proxied
     return web.FileResponse(
         path,
         headers={

@@ -88,6 +88,8 @@ class BackendPool:
             for u in unique
         ]
         self._by_url = {b.url: b for b in self._backends}
+        self._client_kwargs = kwargs
+        self._foreign: dict[str, ComfyClient] = {}
         self._picks = itertools.count(1)
         self._wake: asyncio.Future[None] | None = None
         self._probe_now = asyncio.Event()
@@ -127,12 +129,26 @@ class BackendPool:
                 await t
         self._tasks = []
         await asyncio.gather(*(b.client.close() for b in self._backends))
+        await asyncio.gather(*(c.close() for c in self._foreign.values()))
+        self._foreign.clear()
 
     # --- slots ------------------------------------------------------------------------------------
 
     def get(self, url: str) -> Backend | None:
         """The backend with this URL, if configured."""
         return self._by_url.get(url.strip().rstrip("/"))
+
+    def client_for(self, url: str) -> ComfyClient:
+        """A client for ``url``: the pool's own, or (several instances: a backend another instance
+        used for this job) an HTTP-only one, for lookups and downloads, never for slots."""
+        url = url.strip().rstrip("/")
+        b = self._by_url.get(url)
+        if b is not None:
+            return b.client
+        client = self._foreign.get(url)
+        if client is None:
+            client = self._foreign[url] = ComfyClient(url, **self._client_kwargs)
+        return client
 
     def any_healthy(self) -> bool:
         return any(b.healthy for b in self._backends)

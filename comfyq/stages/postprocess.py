@@ -47,9 +47,11 @@ class Postprocess:
                 f"upload of {len(warnings)} of {len(rows)} output(s) failed: {first['filename']}: {first['message']}",
                 details={"upload_errors": warnings},
             )
+        # Several instances: the files are on this one; the others ask it for them.
+        result["held_by"] = ctx.store.owner
         # The output rows are written in the same commit that completes the job.
         if not warnings:
-            return StageDone("Processing complete.", outputs=rows)
+            return StageDone("Processing complete.", fields={"result": result}, outputs=rows)
         result["warnings"] = [*(result.get("warnings") or []), *warnings]
         return StageDone(
             f"Processing complete with {len(warnings)} warning(s).",
@@ -60,7 +62,8 @@ class Postprocess:
     async def _collect(self, job: Job, result: dict[str, Any]) -> list[dict[str, Any]]:
         items = list_outputs(result.get("outputs") or {})
         folder = job_dir(self.output_dir, job.id)  # created by the first download or text write
-        be = self.pool.get(job.comfy_backend or "")
+        # Several instances: the backend may be another instance's; its files are fetched all the same.
+        client = self.pool.client_for(job.comfy_backend) if job.comfy_backend else None
         used: set[str] = set()
         rows: list[dict[str, Any]] = []
         for item in items:
@@ -69,11 +72,9 @@ class Postprocess:
             if item.text is not None:
                 await asyncio.to_thread(_write_text, dest, item.text)
             else:
-                if be is None:
-                    raise ComfyUIUnreachable(
-                        f"backend {job.comfy_backend} is not configured any more"
-                    )
-                await be.client.download(item.filename, item.subfolder, item.comfy_type, dest)
+                if client is None:
+                    raise ComfyUIUnreachable("the job records no backend to fetch its outputs from")
+                await client.download(item.filename, item.subfolder, item.comfy_type, dest)
             sha, size, mime = await describe(dest)
             rows.append(
                 {
