@@ -1,4 +1,4 @@
-"""The ``comfyq`` command: serve | migrate | config | jobs ls/show/cancel/retry | prune."""
+"""The ``comfyq`` command: serve | migrate | config | jobs ls/show/cancel/retry | instances | prune."""
 
 from __future__ import annotations
 
@@ -64,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
         c = jsub.add_parser(name, help=text)
         c.add_argument("id")
 
+    ins = sub.add_parser("instances", help="the instances registered on the database")
+    ins.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
     pr = sub.add_parser("prune", help="delete finished jobs and their files")
     pr.add_argument("--older-than", required=True, help="age such as 3600, 90m, 12h, 7d")
     return p
@@ -113,6 +116,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.cmd == "jobs":
             return _jobs(settings, args)
+        if args.cmd == "instances":
+            from comfyq.cluster.cli import main as instances
+
+            return instances(settings, args.json)
         if args.cmd == "prune":
             return _prune(settings, parse_age(args.older_than))
     except (ConfigError, DatabaseLocked, migrate.MigrationError) as exc:
@@ -177,10 +184,16 @@ async def serve(settings: Settings) -> int:
             "listening on %s without API keys: anyone who can reach it can submit jobs",
             settings.api_host,
         )
+    port = settings.api_port
+    for addr in runner.addresses:  # the port actually bound (api_port 0 picks a free one)
+        if isinstance(addr, tuple) and len(addr) >= 2:
+            port = int(addr[1])
+            break
+    await services.cluster.listening_at(settings.api_host, port)
     log.info(
         "comfyq listening on http://%s:%s (database %s, backends %s)",
         settings.api_host,
-        settings.api_port,
+        port,
         settings.database,
         ", ".join(services.backend_urls),
     )

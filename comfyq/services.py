@@ -105,7 +105,7 @@ class Services:
                 idle_poll=settings.claim_poll_interval,
             ),
         )
-        self.link: ClusterLink = link or LocalLink()
+        self.link: ClusterLink = link or _link_for(settings.database, self.store.owner)
         self.cluster = Membership(
             settings,
             self.link,
@@ -204,6 +204,15 @@ class Services:
         # Cached inputs are referenced by waiting jobs: keep them at least twice the job deadline.
         await self.downloader.prune(max(age, 2 * self.settings.job_timeout))
         return n
+
+
+def _link_for(database: str, owner: str) -> ClusterLink:
+    """The store's link to other instances: Postgres is shared, a SQLite file is not."""
+    if database.startswith(("postgresql://", "postgres://")):
+        from comfyq.cluster.pg import PgLink
+
+        return PgLink(database, app_name=owner)
+    return LocalLink()
 
 
 async def prune_jobs(store: JobStore, output_dir: Path, older_than: float) -> int:

@@ -87,13 +87,20 @@ class Membership:
         self.bus.transport = None
         await self.link.close(self.me)
 
-    def listening_at(self, host: str, port: int) -> None:
-        """Learn the bound address once the API listens (port 0 picks one)."""
+    async def listening_at(self, host: str, port: int) -> None:
+        """Learn the bound address once the API listens (port 0 picks one) and tell the others."""
         if self.settings.instance_name == "":
             self.me.name = f"{self.me.host}:{port}"
         if not self.settings.advertise_url:
             shown = self.me.host if host in ("0.0.0.0", "::", "") else host
+            if ":" in shown:
+                shown = f"[{shown}]"
             self.me.url = f"http://{shown}:{port}"
+        if self.started:
+            try:
+                await self.link.heartbeat(self.me)
+            except Exception as exc:  # noqa: BLE001 - the next heartbeat tells them
+                log.warning("instance address not registered yet: %s", exc)
 
     def _remote_transitions(self, trs: list[Transition]) -> None:
         for fn in self.wake:

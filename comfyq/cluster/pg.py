@@ -117,7 +117,7 @@ class PgLink:
         self._on_transitions: OnTransitions = lambda trs: None
         self._on_live: OnLive = lambda *a: None
         self._pending_live: list[list[Any]] = []
-        self._pending_progress: dict[str, list[Any]] = {}
+        self._pending_progress: dict[str, int] = {}  # job id -> index of its tick in the list
         self._live_ready = asyncio.Event()
         self._max_seen = 0
         self.connected = False
@@ -168,6 +168,12 @@ class PgLink:
             await self._talk.close()
             self._talk = None
 
+    async def close_connection(self) -> None:
+        """Close the talker of a link used only to read (``comfyq instances``)."""
+        if self._talk is not None:
+            await self._talk.close()
+            self._talk = None
+
     # --- talker ---------------------------------------------------------------------------------
 
     async def _talker(self) -> psycopg.AsyncConnection[dict[str, Any]]:
@@ -214,8 +220,9 @@ class PgLink:
 
     async def heartbeat(self, me: Instance) -> None:
         n = await self._exec(
-            "UPDATE instances SET heartbeat_at = now(), url = %s, stopped_at = NULL WHERE id = %s",
-            (me.url, me.id),
+            "UPDATE instances SET heartbeat_at = now(), url = %s, name = %s, stopped_at = NULL"
+            " WHERE id = %s",
+            (me.url, me.name, me.id),
         )
         if n == 0:  # someone pruned the row (or the database was restored): register again
             await self._register(me)
@@ -262,16 +269,20 @@ class PgLink:
     def send_live(self, job_id: str, kind: str, event_id: str, data: dict[str, Any]) -> None:
         ev = [job_id, kind, event_id, data]
         if kind == "progress":
-            self._pending_progress[job_id] = ev  # only the newest tick of a job is worth sending
-        else:
-            self._pending_live.append(ev)
+            # Only the newest tick of a job is worth sending: it takes the place of an older one.
+            at = self._pending_progress.get(job_id)
+            if at is not None:
+                self._pending_live[at] = ev
+                return
+            self._pending_progress[job_id] = len(self._pending_live)
+        self._pending_live.append(ev)
         self._live_ready.set()
 
     async def _send_forever(self) -> None:
         while True:
             await self._live_ready.wait()
             self._live_ready.clear()
-            events = self._pending_live + list(self._pending_progress.values())
+            events = self._pending_live
             self._pending_live, self._pending_progress = [], {}
             try:
                 for payload in live_payloads(self.app_name, events):
