@@ -18,9 +18,9 @@ async def registered(settings: Settings) -> list[dict[str, Any]]:
     """Every instance of the store the settings name, most recently heard first."""
     db = settings.database
     if db.startswith(("postgresql://", "postgres://")):
-        from comfyq.cluster.pg import PgLink
-
         import psycopg
+
+        from comfyq.cluster.pg import PgLink
 
         link = PgLink(db, app_name="comfyq-cli")
         try:
