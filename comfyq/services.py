@@ -76,15 +76,16 @@ class Services:
         self.uploader = S3Uploader.from_settings(settings, self.guard)
         self.webhooks = WebhookSender(self.store, self.guard, WebhookConfig.from_settings(settings))
         self.generate = Generate(self.pool, failover_after=settings.backend_failover_after)
+        self.postprocess = Postprocess(
+            self.pool,
+            self.output_dir,
+            uploader=self.uploader,
+            fail_on_upload_error=settings.s3_fail_job_on_upload_error,
+        )
         handlers: dict[str, StageHandler] = {
             "preprocess": Preprocess(self.registry, self.downloader),
             "generate": self.generate,
-            "postprocess": Postprocess(
-                self.pool,
-                self.output_dir,
-                uploader=self.uploader,
-                fail_on_upload_error=settings.s3_fail_job_on_upload_error,
-            ),
+            "postprocess": self.postprocess,
         }
         workers = {
             "preprocess": settings.preprocess_workers,
@@ -115,6 +116,7 @@ class Services:
             pool=self.pool if "generate" in self.roles else None,
             backends=self.backend_urls,
         )
+        self.postprocess.holder = lambda: self.cluster.me.name
         self.outputs = OutputRouter(
             self.cluster, api_key=settings.api_keys[0] if settings.api_keys else None
         )

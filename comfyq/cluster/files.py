@@ -1,7 +1,8 @@
 """Output files from any instance.
 
 Each job's files are written by the instance that post-processed it, into its own output folder;
-the job's result records that instance (``held_by``). ``GET /outputs/{id}/{file}`` on another
+the job's result records that instance's name (``held_by``: a box keeps its name, and its files,
+across restarts, while its instance id is new at every start). ``GET /outputs/{id}/{file}`` on another
 instance finds the file missing locally (unless the output folder is shared storage) and streams
 it from the holder's API, whose address the registry keeps. With S3 the Result's URLs point at
 S3 already and no instance is involved. A request that already went one hop is never passed on
@@ -39,7 +40,7 @@ URL_TTL = 5.0  # seconds an instance's registered URL is reused without reading 
 
 
 def holder_of(job: Job) -> str | None:
-    """The instance that holds the job's output files (None: recorded before several instances)."""
+    """The name of the instance holding the job's files (None: recorded before several instances)."""
     held = (job.result or {}).get("held_by")
     return held if isinstance(held, str) and held else None
 
@@ -73,16 +74,22 @@ class OutputRouter:
     async def holder_url(self, job: Job) -> str | None:
         """The API base URL of the instance holding ``job``'s files, when that is another one."""
         held = holder_of(job)
-        if held is None or held == self.cluster.me.id or not self.cluster.shared:
+        if held is None or held == self.cluster.me.name or not self.cluster.shared:
             return None
         hit = self._urls.get(held)
         if hit is not None and time.monotonic() - hit[0] < URL_TTL:
             return hit[1]
-        for inst in await self.cluster.link.instances():
-            if inst.url:
-                self._urls[inst.id] = (time.monotonic(), inst.url)
+        beat = self.cluster.settings.instance_heartbeat
+        # Most recently heard first: the newest start of that name, alive ones before dead ones.
+        for inst in sorted(await self.cluster.link.instances(), key=lambda i: not i.alive(beat)):
+            if inst.url and inst.name not in self._fresh():
+                self._urls[inst.name] = (time.monotonic(), inst.url)
         hit = self._urls.get(held)
         return hit[1] if hit is not None else None
+
+    def _fresh(self) -> set[str]:
+        now = time.monotonic()
+        return {n for n, (at, _) in self._urls.items() if now - at < URL_TTL}
 
     async def proxy(
         self, request: web.Request, job: Job, filename: str
@@ -90,9 +97,19 @@ class OutputRouter:
         """Stream the file from its holder; None when no other instance can be asked."""
         if request.headers.get(HOP):
             return None
-        base = await self.holder_url(job)
-        if base is None:
-            return None
+        for _ in range(2):  # a cached address may be stale (the holder restarted elsewhere)
+            base = await self.holder_url(job)
+            if base is None:
+                return None
+            resp = await self._proxy_from(request, job, filename, base)
+            if resp is not None:
+                return resp
+            self._urls.pop(holder_of(job) or "", None)
+        return None
+
+    async def _proxy_from(
+        self, request: web.Request, job: Job, filename: str, base: str
+    ) -> web.StreamResponse | None:
         headers = {HOP: self.cluster.me.id, **self._auth}
         url = f"{base}{request.rel_url.raw_path}"
         try:

@@ -9,6 +9,7 @@ An upload failure never loses the file: the output keeps its local URL and carri
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,8 @@ class Postprocess:
         self.output_dir = output_dir
         self.uploader = uploader
         self.fail_on_upload_error = fail_on_upload_error
+        # Several instances: the name of this instance, recorded with the job as its files' holder.
+        self.holder: Callable[[], str] = lambda: ""
 
     async def __call__(self, job: Job, ctx: JobContext) -> StageDone:
         result = dict(job.result or {})
@@ -48,7 +51,7 @@ class Postprocess:
                 details={"upload_errors": warnings},
             )
         # Several instances: the files are on this one; the others ask it for them.
-        result["held_by"] = ctx.store.owner
+        result["held_by"] = self.holder()
         # The output rows are written in the same commit that completes the job.
         if not warnings:
             return StageDone("Processing complete.", fields={"result": result}, outputs=rows)
