@@ -119,7 +119,9 @@ async def throughput(svc: Services, jobs: int, offset: int) -> float:
     )
     await done.wait()
     elapsed = time.perf_counter() - t0
-    failed = sum(1 for j in await svc.store.list(states=["failed"], limit=100000) if j.id in ids)
+    failed = sum(
+        1 for j in await svc.store.list_jobs(states=["failed"], limit=100000) if j.id in ids
+    )
     if failed:
         print(f"    ({failed} failed)")
     return jobs / elapsed

@@ -17,7 +17,7 @@ from typing import Any
 
 from bench.common import add_json_arg, pct, summary_ms, write_json
 from comfyq.store import JobStore, NewJob
-from comfyq.store.writer import connect
+from comfyq.store.sqlite.writer import connect
 
 STAGES = ("preprocess", "generate", "postprocess")
 

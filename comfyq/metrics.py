@@ -237,27 +237,11 @@ class Metrics:
     async def refresh(self) -> None:
         """Read the levels (jobs by state, queues, workers, backends) for the next scrape."""
         svc = self.services
-        jobs: dict[str, int] = {
-            s: 0 for s in ("pending", "running", "completed", "failed", "cancelled")
-        }
-        for state, n in await svc.store.reader.execute_fetchall(
-            "SELECT state, count(*) FROM jobs GROUP BY state"
-        ):
-            jobs[state] = n
-        deliveries = {s: 0 for s in ("pending", "sending", "delivered", "failed")}
-        for state, n in await svc.store.reader.execute_fetchall(
-            "SELECT state, count(*) FROM webhook_deliveries GROUP BY state"
-        ):
-            deliveries[state] = n
-        attempts = {s: 0 for s in ("delivered", "retry", "gave_up")}
-        for outcome, n in await svc.store.reader.execute_fetchall(
-            "SELECT outcome, count(*) FROM webhook_attempts GROUP BY outcome"
-        ):
-            attempts[outcome] = n
+        stats = await svc.store.stats()
         self.levels = {
-            "jobs": jobs,
-            "webhook_deliveries": deliveries,
-            "webhook_attempts": attempts,
+            "jobs": stats.jobs,
+            "webhook_deliveries": stats.webhook_deliveries,
+            "webhook_attempts": stats.webhook_attempts,
             "queues": await svc.store.counts(),
             "stages": svc.pipeline.health(),
             "backends": svc.pool.snapshot(),

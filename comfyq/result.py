@@ -185,7 +185,7 @@ class Results:
         cache_size: int = 512,
         webhook_history: Callable[[str], Awaitable[list[dict[str, Any]]]] | None = None,
     ) -> None:
-        self.reads = reads  # comfyq.api.reads.Reads: fresh reads
+        self.reads = reads  # comfyq.store.JobReads: fresh reads
         self.webhook_history = webhook_history
         self.bus = bus
         self.base64_max_bytes = base64_max_bytes

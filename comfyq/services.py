@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 import shutil
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +26,7 @@ from comfyq.stages.generate import Generate
 from comfyq.stages.postprocess import Postprocess
 from comfyq.stages.preprocess import Preprocess
 from comfyq.stages.runner import Pipeline, RunnerConfig, StageHandler
-from comfyq.store import JobStore
-from comfyq.store.jobs import FileLock
+from comfyq.store import JobStore, open_store
 from comfyq.webhooks import WebhookConfig, WebhookSender
 from modifiers import ModifierRegistry
 
@@ -47,12 +48,12 @@ class Services:
         self.roles = settings.active_roles
         self.clock = clock or Clock()
         self.backend_urls = backends or settings.backends
-        self.db_path = Path(settings.database)
+        self.db_path = Path(settings.database)  # the SQLite file (meaningless for a server URL)
         self.output_dir = Path(settings.output_dir).absolute()
-        self.lock = FileLock(self.db_path)
-        self.store = JobStore(self.db_path, clock=self.clock)
+        self.store = open_store(settings.database, clock=self.clock)
         self.bus = EventBus()
         self.store.listen(self.bus.on_transitions)
+        self.link: ClusterLink = link or _link_for(settings.database, self.store.owner)
         self.guard = AddressGuard(settings.url_allowlist)
         self.downloader = Downloader(
             Path(settings.cache_dir),
@@ -106,7 +107,6 @@ class Services:
                 idle_poll=settings.claim_poll_interval,
             ),
         )
-        self.link: ClusterLink = link or _link_for(settings.database, self.store.owner)
         self.cluster = Membership(
             settings,
             self.link,
@@ -124,16 +124,20 @@ class Services:
         self.started = False
 
     def _client_id(self, url: str) -> str:
-        """Stable per (database file, backend): one server per file, so never shared while alive."""
-        return hashlib.sha256(f"comfyq|{self.db_path.resolve()}|{url}".encode()).hexdigest()[:32]
+        """Stable per (database, backend), and per instance when the database is shared: ComfyUI
+        sends a prompt's messages to one websocket per client id, so instances sharing a backend
+        must not share an id, while a restarted instance must get its old one back."""
+        key = f"comfyq|{self.store.identity}|{url}"
+        if self.link.shared:
+            s = self.settings
+            key += "|" + (s.instance_name or f"{socket.gethostname()}:{s.api_port or os.getpid()}")
+        return hashlib.sha256(key.encode()).hexdigest()[:32]
 
     async def start(self) -> None:
         """Take the database lock, migrate, connect to ComfyUI, resume jobs, start workers."""
-        self.db_path.parent.mkdir(parents=True, exist_ok=True)
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.lock.acquire()
+        await self.store.open(exclusive=True)
         try:
-            await self.store.open()
             # Before the workers start: a job admitted elsewhere must wake them from the first one.
             await self.cluster.start()
             if "generate" in self.roles:
@@ -148,7 +152,6 @@ class Services:
             await self.pool.close()
             await self.cluster.stop()
             await self.store.close()
-            self.lock.release()
             raise
         self._tasks.append(
             asyncio.create_task(self._every(self.settings.wal_checkpoint_interval, self.checkpoint))
@@ -174,7 +177,6 @@ class Services:
         await self._step("output router", self.outputs.close(), 5)
         # Last and unbounded: the writer finishes every write already asked for, then closes.
         await self.store.close()
-        self.lock.release()
         self.started = False
 
     @staticmethod
@@ -196,8 +198,7 @@ class Services:
                 log.exception("periodic task %s failed", getattr(fn, "__name__", fn))
 
     async def checkpoint(self) -> None:
-        busy, frames, done = await self.store.checkpoint()
-        log.debug("WAL checkpoint: busy=%d frames=%d checkpointed=%d", busy, frames, done)
+        log.debug("%s", await self.store.maintain())
 
     async def prune(self, older_than: float | None = None) -> int:
         """Delete finished jobs (and their files) older than the retention age."""

@@ -25,14 +25,14 @@ from typing import Any
 import aiohttp
 import msgspec
 
-from comfyq.clock import iso, parse_iso
+from comfyq.clock import parse_iso
 from comfyq.errors import ComfyqError
 from comfyq.logs import job_context
 from comfyq.netguard import AddressGuard, BlockedAddress, redact_url
 from comfyq.outputs.inline import inline_outputs
-from comfyq.store import Job, JobStore, Transition
+from comfyq.store import Attempt, Job, JobStore, Transition
 from comfyq.store.model import TERMINAL
-from comfyq.webhook_outbox import Attempt, claim, history, record, recover
+from comfyq.webhook_outbox import history
 
 __all__ = [
     "Attempt",
@@ -213,9 +213,7 @@ class WebhookSender:
     async def start(self) -> None:
         """Requeue what a dead process left mid-attempt, then start sending."""
         self._open_session()
-        n = await self.store.write(
-            recover, self.store.owner, self.clock.now(), self.cfg.max_attempts
-        )
+        n = await self.store.outbox_recover(self.cfg.max_attempts)
         if n:
             log.info("requeued %d webhook delivery(ies) interrupted by a previous stop", n)
         self._loop_task = asyncio.create_task(self._run(), name="webhook-sender")
@@ -268,9 +266,8 @@ class WebhookSender:
                 pass
 
     async def _claim(self, n: int) -> list[dict[str, Any]]:
-        now = self.clock.now()
-        rows: list[dict[str, Any]] = await self.store.write(
-            claim, self.store.owner, now, n, self.cfg.per_host, self._lease(), self.cfg.per_endpoint
+        rows = await self.store.outbox_claim(
+            n, self.cfg.per_host, self._lease(), self.cfg.per_endpoint
         )
         for row in rows:
             task = asyncio.create_task(self._deliver(row), name=f"webhook:{row['id']}")
@@ -288,16 +285,10 @@ class WebhookSender:
 
     async def _until_next_due(self) -> float:
         now = self.clock.now()
-        rows = list(
-            await self.store.reader.execute_fetchall(
-                "SELECT min(next_attempt_at) FROM webhook_deliveries WHERE state = 'pending' AND next_attempt_at > ?",
-                (iso(now),),
-            )
-        )
-        row = rows[0] if rows else None
-        if row is None or row[0] is None:
+        due = await self.store.outbox_next_due()
+        if due is None:
             return self.cfg.poll_interval
-        return max(0.001, min(self.cfg.poll_interval, parse_iso(row[0]) - now + 0.001))
+        return max(0.001, min(self.cfg.poll_interval, parse_iso(due) - now + 0.001))
 
     async def deliver_due(self) -> int:
         """Burst mode: deliver every delivery due now (without the background loop); return how many.
@@ -353,7 +344,7 @@ class WebhookSender:
             else:
                 delay = backoff(delivery["attempts"], self.cfg.retry_base, self.cfg.retry_max)
                 attempt.next_at = min(now + delay, deadline)
-        ok = await self.store.write(record, delivery, self.store.owner, now, attempt)
+        ok = await self.store.outbox_record(delivery, attempt)
         if not ok:
             log.warning(
                 "webhook %s: lease lost before its attempt could be recorded",

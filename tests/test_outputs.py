@@ -22,7 +22,7 @@ from test_webhooks_support import Receiver, deliveries, delivery_ended, wait_unt
 from comfyq.outputs.local import job_dir, safe_name
 from comfyq.outputs.s3 import S3Uploader
 from comfyq.stages.postprocess import Postprocess
-from comfyq.store.writer import connect
+from comfyq.store.sqlite.writer import connect
 from comfyq.webhooks import WebhookSender
 
 _colors = itertools.count(5000)

@@ -11,7 +11,7 @@ import pytest
 from comfyq.clock import ManualClock
 from comfyq.errors import Conflict, IllegalTransition, LeaseLost, NotFound, QueueFull
 from comfyq.store import JobStore, NewJob
-from comfyq.store.writer import connect
+from comfyq.store.sqlite.writer import connect
 
 
 def new(i: int | str, priority: int = 0, timeout: float = 3600.0, max_attempts: int = 3) -> NewJob:
@@ -105,7 +105,7 @@ async def test_claim_order_priority_then_age(store: JobStore) -> None:
         store.clock.advance(0.001)  # type: ignore[attr-defined]
     got = await store.claim("preprocess", 4, 30, "p")
     assert [j.id for j in got] == ["2", "4", "1", "3"]
-    (job,) = [j for j in await store.list() if j.id == "3"]
+    (job,) = [j for j in await store.list_jobs() if j.id == "3"]
     assert job.state == "running"
 
 
@@ -113,7 +113,7 @@ async def test_queue_position(store: JobStore) -> None:
     for i, prio in ((1, 0), (2, 0), (3, 9)):
         await store.create(new(i, priority=prio), 10)
         store.clock.advance(0.001)  # type: ignore[attr-defined]
-    positions = {j.id: await store.position(j) for j in await store.list()}
+    positions = {j.id: await store.position(j) for j in await store.list_jobs()}
     assert positions == {"3": (1, 3), "1": (2, 3), "2": (3, 3)}
 
 
@@ -266,7 +266,7 @@ async def test_a_failing_write_does_not_undo_its_neighbours(store: JobStore) -> 
         return_exceptions=True,
     )
     assert isinstance(results[1], Conflict)
-    assert {j.id for j in await store.list()} == {"1", "2", "3"}
+    assert {j.id for j in await store.list_jobs()} == {"1", "2", "3"}
 
 
 async def test_checkpoint_truncates_wal(store: JobStore) -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from comfyq.store import JobStore, NewJob
 from comfyq.store.model import Job
-from comfyq.store.writer import connect
+from comfyq.store.sqlite.writer import connect
 
 
 @pytest.fixture

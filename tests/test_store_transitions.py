@@ -15,7 +15,7 @@ import pytest
 from comfyq.clock import ManualClock, iso
 from comfyq.errors import Conflict, LeaseLost, NotFound, QueueFull
 from comfyq.store import JobStore, NewJob
-from comfyq.store.journal import stamp
+from comfyq.store.sqlite.journal import stamp
 
 T0 = 1_800_000_000.0
 GEN_RESULT = {

@@ -12,6 +12,7 @@ from typing import Any
 from aiohttp import web
 
 from comfyq.store import JobStore, NewJob
+from comfyq.store.sqlite import SqliteStore, connect
 
 
 @dataclass
@@ -112,15 +113,21 @@ async def deliveries(store: JobStore, job_id: str | None = None) -> list[dict[st
         + (" WHERE job_id = ?" if job_id else "")
         + " ORDER BY created_at, id"
     )
-    async with store.reader.execute(sql, (job_id,) if job_id else ()) as cur:
-        return [dict(r) for r in await cur.fetchall()]
+    return _rows(store, sql, (job_id,) if job_id else ())
 
 
 async def attempts(store: JobStore, job_id: str) -> list[dict[str, Any]]:
-    async with store.reader.execute(
-        "SELECT * FROM webhook_attempts WHERE job_id = ? ORDER BY id", (job_id,)
-    ) as cur:
-        return [dict(r) for r in await cur.fetchall()]
+    return _rows(store, "SELECT * FROM webhook_attempts WHERE job_id = ? ORDER BY id", (job_id,))
+
+
+def _rows(store: JobStore, sql: str, params: tuple[Any, ...]) -> list[dict[str, Any]]:
+    """The rows as the database holds them, read on a connection of the test's own."""
+    assert isinstance(store, SqliteStore)
+    conn = connect(store.path, readonly=True)
+    try:
+        return [dict(r) for r in conn.execute(sql, params)]
+    finally:
+        conn.close()
 
 
 async def delivery_ended(store: JobStore, job_id: str) -> dict[str, Any] | None:

@@ -12,7 +12,6 @@ import msgspec
 from aiohttp import web
 
 from comfyq.api.queue import QueueView
-from comfyq.api.reads import Reads
 from comfyq.metrics import Metrics
 from comfyq.result import Results
 from comfyq.schemas import ErrorBody, ErrorInfo
@@ -43,7 +42,7 @@ class Api:
         self.bus = services.bus
         self.pipeline = services.pipeline
         self.options = options
-        self.reads = Reads(self.store.path)
+        self.reads = self.store.reads()
         self.results = Results(
             self.reads,
             self.bus,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import binascii
 from pathlib import Path
-from typing import Any
 
 import msgspec
 from aiohttp import web
@@ -14,20 +13,11 @@ from comfyq.api.context import get_api, json_response
 from comfyq.errors import BadRequest, ComfyqError, NotFound
 from comfyq.outputs.local import job_dir
 from comfyq.schemas import JobList
+from comfyq.store.base import STATUS_FILTERS
 from comfyq.store.model import Job
 
-# Result statuses (and the raw states) a listing can filter on, as SQL over (state, stage).
-STATUS_SQL = {
-    "queued": "(state = 'pending' AND stage = 'preprocess')",
-    "processing": "((state = 'running' AND stage = 'preprocess') OR (state = 'pending' AND stage = 'generate'))",
-    "generating": "(state = 'running' AND stage = 'generate')",
-    "postprocessing": "(state IN ('pending', 'running') AND stage = 'postprocess')",
-    "completed": "state = 'completed'",
-    "failed": "state = 'failed'",
-    "cancelled": "state = 'cancelled'",
-    "pending": "state = 'pending'",
-    "running": "state = 'running'",
-}
+# Result statuses (and the raw states) a listing can filter on.
+STATUS_SQL = STATUS_FILTERS
 MAX_LIMIT = 500
 
 
@@ -102,16 +92,9 @@ async def list_jobs(request: web.Request) -> web.Response:
     """GET /jobs?status=&limit=&cursor=: newest first, one page."""
     api = get_api(request)
     statuses, limit = _statuses(request), _limit(request)
-    where: list[str] = []
-    params: list[Any] = []
-    if statuses:
-        where.append("(" + " OR ".join(STATUS_SQL[s] for s in statuses) + ")")
-    if request.query.get("cursor"):
-        where.append("(created_at, id) < (?, ?)")
-        params.extend(decode_cursor(request.query["cursor"]))
-    sql = "SELECT * FROM jobs" + (" WHERE " + " AND ".join(where) if where else "")
-    sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
-    jobs = [Job.from_row(r) for r in await api.reads.rows(sql, (*params, limit + 1))]
+    raw_cursor = request.query.get("cursor")
+    cursor = decode_cursor(raw_cursor) if raw_cursor else None
+    jobs = await api.reads.page(statuses, limit + 1, cursor)
     more = len(jobs) > limit
     jobs = jobs[:limit]
     return json_response(
@@ -123,11 +106,7 @@ async def output_file(request: web.Request) -> web.StreamResponse:
     """GET /outputs/{id}/{filename}: a file recorded as an output of that job, nothing else."""
     api = get_api(request)
     job_id, filename = request.match_info["id"], request.match_info["filename"]
-    rows = await api.reads.rows(
-        "SELECT local_path, mimetype FROM outputs WHERE job_id = ? AND filename = ?",
-        (job_id, filename),
-    )
-    row = rows[0] if rows else None
+    row = await api.reads.output_file(job_id, filename)
     missing = NotFound(
         f"job {job_id} has no output {filename!r}", details={"job_id": job_id, "filename": filename}
     )

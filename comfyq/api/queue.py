@@ -28,16 +28,6 @@ QUEUE_NAMES: dict[str, QueueName] = {
 }
 
 
-# Two halves, one per partial index (jobs_claim for pending, in claim order, and jobs_leases for
-# running): ``state IN ('pending', 'running')`` can use neither, so it scanned and sorted the whole
-# table, finished jobs included, on every change (4 ms at 20,000 jobs; 0.01 ms this way).
-_SNAPSHOT_SQL = (
-    "SELECT id, stage, 'pending', row_number() OVER (PARTITION BY stage ORDER BY priority DESC,"
-    " created_at, id) FROM jobs WHERE state = 'pending'"
-    " UNION ALL SELECT id, stage, 'running', 0 FROM jobs WHERE state = 'running'"
-)
-
-
 @dataclass
 class Snapshot:
     """Where every unfinished job stands, at one moment."""
@@ -122,7 +112,7 @@ class QueueView:
             waiting={s: 0 for s in STAGES},
             running={s: 0 for s in STAGES},
         )
-        for job_id, stage, state, pos in await self.reads.rows(_SNAPSHOT_SQL):
+        for job_id, stage, state, pos in await self.reads.queue_snapshot():
             if state == "pending":
                 fresh.positions[job_id] = pos
                 fresh.waiting[stage] += 1

@@ -1,5 +1,26 @@
-"""The SQLite store: the queue, the job log and the outbox in one file."""
+"""The store: one interface (``JobStore``), the shared model, and two adapters (sqlite, postgres).
 
-from comfyq.store.jobs import Job, JobStore, NewJob, Transition
+``JobStore(database)`` returns the adapter that the database setting names.
+"""
 
-__all__ = ["Job", "JobStore", "NewJob", "Transition"]
+from comfyq.store.base import (
+    Attempt,
+    JobReads,
+    JobStore,
+    StoreError,
+    StoreUnavailable,
+    open_store,
+)
+from comfyq.store.model import Job, NewJob, Transition
+
+__all__ = [
+    "Attempt",
+    "Job",
+    "JobReads",
+    "JobStore",
+    "NewJob",
+    "StoreError",
+    "StoreUnavailable",
+    "Transition",
+    "open_store",
+]

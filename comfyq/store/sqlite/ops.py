@@ -14,11 +14,19 @@ from typing import Any
 
 from comfyq.clock import parse_iso
 from comfyq.errors import Conflict, IllegalTransition, LeaseLost, NotFound, QueueFull
-from comfyq.store.journal import event as _event
-from comfyq.store.journal import events as _events
-from comfyq.store.journal import stamp as _iso
 from comfyq.store.model import NEXT_STAGE, Job, NewJob, Transition, dumps
-from comfyq.store.sql import ADVANCE, HAND_OFF, HELD, STAGE_KEY, add_timing, claim_sql, ms_since
+from comfyq.store.sqlite.journal import event as _event
+from comfyq.store.sqlite.journal import events as _events
+from comfyq.store.sqlite.journal import stamp as _iso
+from comfyq.store.sqlite.sql import (
+    ADVANCE,
+    HAND_OFF,
+    HELD,
+    STAGE_KEY,
+    add_timing,
+    claim_sql,
+    ms_since,
+)
 
 CANCELLED = {"type": "cancelled", "message": "Request cancelled by client"}
 

@@ -1,4 +1,4 @@
-"""The API's reads, on a connection of its own, each one statement run to completion in one step.
+"""The SQLite adapter's JobReads: the API's reads, on a connection of its own, each one statement run to completion in one step.
 
 Why not the store's shared read connection: there a read is several thread hops (execute, fetch,
 close) and the reads of many tasks interleave, so the connection can stay inside one read
@@ -17,6 +17,7 @@ from typing import Any
 
 import aiosqlite
 
+from comfyq.store.base import STATUS_FILTERS, JobReads
 from comfyq.store.model import Job, loads
 
 HEAD_COLUMNS = (
@@ -25,7 +26,7 @@ HEAD_COLUMNS = (
 )
 
 
-class Reads:
+class Reads(JobReads):
     """Fresh reads for request handlers and streams."""
 
     def __init__(self, path: str | Path) -> None:
@@ -80,3 +81,60 @@ class Reads:
             for r in await self.rows(sql, job_ids):
                 out.setdefault(r["job_id"], []).append(dict(r))
         return out
+
+    async def output_file(self, job_id: str, filename: str) -> dict[str, Any] | None:
+        rows = await self.rows(
+            "SELECT local_path, mimetype FROM outputs WHERE job_id = ? AND filename = ?",
+            (job_id, filename),
+        )
+        return dict(rows[0]) if rows else None
+
+    async def page(
+        self, statuses: list[str], limit: int, cursor: tuple[str, str] | None
+    ) -> list[Job]:
+        where: list[str] = []
+        params: list[Any] = []
+        if statuses:
+            where.append("(" + " OR ".join(status_sql(s, params) for s in statuses) + ")")
+        if cursor:
+            where.append("(created_at, id) < (?, ?)")
+            params.extend(cursor)
+        sql = "SELECT * FROM jobs" + (" WHERE " + " AND ".join(where) if where else "")
+        sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
+        return [Job.from_row(r) for r in await self.rows(sql, (*params, limit))]
+
+    async def queue_snapshot(self) -> list[tuple[str, str, str, int]]:
+        return [(r[0], r[1], r[2], r[3]) for r in await self.rows(SNAPSHOT_SQL)]
+
+    async def completed_timings(self, limit: int) -> list[tuple[str, dict[str, Any]]]:
+        # ``finished_at IS NOT NULL`` (always true of a completed job) lets it walk the
+        # jobs_finished index newest first and stop at the limit, instead of scanning and sorting.
+        rows = await self.rows(
+            "SELECT kind, timings FROM jobs WHERE state = 'completed' AND finished_at IS NOT NULL"
+            " ORDER BY finished_at DESC LIMIT ?",
+            (limit,),
+        )
+        return [(kind, loads(timings)) for kind, timings in rows]
+
+
+def status_sql(status: str, params: list[Any]) -> str:
+    """A WHERE term for one client status (STATUS_FILTERS), its values appended to ``params``."""
+    terms = []
+    for state, stage in STATUS_FILTERS[status]:
+        if stage is None:
+            terms.append("state = ?")
+            params.append(state)
+        else:
+            terms.append("(state = ? AND stage = ?)")
+            params.extend((state, stage))
+    return "(" + " OR ".join(terms) + ")"
+
+
+# Two halves, one per partial index (jobs_claim for pending, in claim order, and jobs_leases for
+# running): ``state IN ('pending', 'running')`` can use neither, so it scanned and sorted the whole
+# table, finished jobs included, on every change (4 ms at 20,000 jobs; 0.01 ms this way).
+SNAPSHOT_SQL = (
+    "SELECT id, stage, 'pending', row_number() OVER (PARTITION BY stage ORDER BY priority DESC,"
+    " created_at, id) FROM jobs WHERE state = 'pending'"
+    " UNION ALL SELECT id, stage, 'running', 0 FROM jobs WHERE state = 'running'"
+)

@@ -1,4 +1,4 @@
-"""Schema migrations: numbered SQL files in ``migrations/``, applied in order, recorded in a table.
+"""SQLite schema migrations: numbered SQL files in ``migrations/``, applied in order, recorded in a table.
 
 A landed file is never edited; a change to the schema is a new file. The runner refuses to start
 when a recorded migration's checksum no longer matches its file, so an edited one is caught.
@@ -14,13 +14,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from comfyq.clock import Clock, iso
+from comfyq.store.base import MigrationError
+
+__all__ = ["Migration", "MigrationError", "apply", "load", "migrations_dir"]
 
 _NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
 
 def migrations_dir() -> Path:
     """Where the SQL files are: the source tree, or the installed data files."""
-    here = Path(__file__).resolve().parents[2] / "migrations"
+    here = Path(__file__).resolve().parents[3] / "migrations"
     if here.is_dir():
         return here
     return Path(sys.prefix) / "share" / "comfyq" / "migrations"
@@ -35,10 +38,6 @@ class Migration:
     @property
     def checksum(self) -> str:
         return hashlib.sha256(self.sql.encode()).hexdigest()
-
-
-class MigrationError(Exception):
-    """The database and the migration files disagree."""
 
 
 def load(directory: Path | None = None) -> list[Migration]:
