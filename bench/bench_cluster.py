@@ -1,0 +1,201 @@
+"""Several instances: end to end jobs/s with 1, 2 and 3 ``comfyq serve`` processes on one
+PostgreSQL database beside one process on SQLite, comfyq CPU ms per job for each, and the
+cross-instance event delay (transition committed on one instance -> SSE event read from another).
+
+Every instance is a real process with its own zero-time simulator process; jobs go in over HTTP
+(round robin over the instances) and the run ends when the database says every job completed.
+CPU is the user+system time of the comfyq processes (not the simulators, not this client).
+
+    .venv/bin/python -m bench.bench_cluster [--jobs 600] [--event-jobs 200] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sqlite3
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import psycopg
+
+from bench.common import add_json_arg, summary_ms, write_json
+from comfyq.clock import parse_iso
+from comfyq.cluster.harness import Cluster, create_database, drop_database
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def workflow(i: int) -> dict[str, Any]:
+    return {
+        "1": {
+            "class_type": "EmptyImage",
+            "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": i % 16777216},
+        },
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "b"}},
+    }
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / TICK  # utime + stime
+
+
+def completed(database: str) -> int:
+    if database.startswith("postgresql://"):
+        with psycopg.connect(database) as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM jobs WHERE state IN ('completed', 'failed', 'cancelled')"
+            ).fetchone()
+            return int(row[0]) if row else 0
+    conn2 = sqlite3.connect(database)
+    try:
+        return int(
+            conn2.execute(
+                "SELECT count(*) FROM jobs WHERE state IN ('completed', 'failed', 'cancelled')"
+            ).fetchone()[0]
+        )
+    finally:
+        conn2.close()
+
+
+async def submit(urls: list[str], first: int, n: int, concurrency: int = 32) -> None:
+    sem = asyncio.Semaphore(concurrency)
+    async with aiohttp.ClientSession() as http:
+
+        async def one(i: int) -> None:
+            async with sem:
+                body = {"input": {"workflow_json": workflow(i)}}
+                async with http.post(f"{urls[i % len(urls)]}/generate", json=body) as r:
+                    if r.status != 202:
+                        raise RuntimeError(f"admission {r.status}: {await r.text()}")
+
+        await asyncio.gather(*(one(first + i) for i in range(n)))
+
+
+def wait_done(database: str, total: int, timeout: float = 600) -> None:
+    end = time.monotonic() + timeout
+    while completed(database) < total:
+        if time.monotonic() > end:
+            raise RuntimeError(f"only {completed(database)}/{total} jobs finished in {timeout}s")
+        time.sleep(0.02)
+
+
+def e2e(root: Path, database: str, n: int, jobs: int, engine: str) -> dict[str, Any]:
+    c = Cluster(root, database, env={"COMFYQ_CLAIM_POLL_INTERVAL": "2"})
+    try:
+        sims = [c.start_sim(f"s{i}", node_duration=0.0, progress_steps=0) for i in range(n)]
+        urls = [c.start_instance(f"i{i}", [sims[i]], generation_workers="4") for i in range(n)]
+        warm = 30
+        asyncio.run(submit(urls, 0, warm))
+        wait_done(database, warm)
+        pids = [p.popen.pid for p in c.instances.values() if p.popen is not None]
+        cpu0 = sum(cpu_seconds(p) for p in pids)
+        t0 = time.perf_counter()
+        asyncio.run(submit(urls, warm, jobs))
+        wait_done(database, warm + jobs)
+        wall = time.perf_counter() - t0
+        cpu = sum(cpu_seconds(p) for p in pids) - cpu0
+        out = {
+            "engine": engine,
+            "instances": n,
+            "jobs": jobs,
+            "seconds": wall,
+            "jobs_per_s": jobs / wall,
+            "cpu_ms_per_job": cpu * 1000 / jobs,
+        }
+        print(
+            f"  e2e {engine:8s} x{n}: {out['jobs_per_s']:7.1f} jobs/s,"
+            f" comfyq CPU {out['cpu_ms_per_job']:.2f} ms/job",
+            flush=True,
+        )
+        return out
+    finally:
+        c.close()
+
+
+async def _event_delays(api: str, jobs: int) -> tuple[list[float], int]:
+    delays: list[float] = []
+    finals = 0
+    async with aiohttp.ClientSession() as http:
+
+        async def one(i: int) -> None:
+            nonlocal finals
+            body = {"input": {"workflow_json": workflow(50_000 + i)}}
+            async with http.post(f"{api}/generate", json=body) as r:
+                job_id = (await r.json())["id"]
+            async with http.get(f"{api}/jobs/{job_id}/events") as r:
+                async for line in r.content:
+                    if not line.startswith(b"data: "):
+                        continue
+                    now = time.time()
+                    ev = json.loads(line[6:])
+                    if ev["event"] == "final_result":
+                        finals += 1
+                        return
+                    # Every state change after admission was committed by the other instance.
+                    if ev["event"] == "state" and ev.get("status") != "queued":
+                        delays.append(now - parse_iso(ev["timestamp"]))
+
+        for i in range(0, jobs, 4):  # four at a time: a light load, so the delay is the link's
+            await asyncio.gather(*(one(i + k) for k in range(min(4, jobs - i))))
+    return delays, finals
+
+
+def event_delay(root: Path, database: str, jobs: int) -> dict[str, Any]:
+    c = Cluster(root, database)
+    try:
+        sim = c.start_sim("ev", node_duration=0.0, progress_steps=0)
+        api = c.start_instance("api", [], roles="api")
+        c.start_instance("worker", [sim])
+        delays, finals = asyncio.run(_event_delays(api, jobs))
+        s = summary_ms(delays)
+        print(
+            f"  cross-instance event delay: p50 {s['p50']:.2f} ms, p99 {s['p99']:.2f} ms"
+            f" ({s['n']} events, {finals} final results)",
+            flush=True,
+        )
+        return {"delay_ms": s, "final_results": finals, "jobs": jobs}
+    finally:
+        c.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--jobs", type=int, default=600)
+    ap.add_argument("--event-jobs", type=int, default=200)
+    ap.add_argument("--instances", default="1,2,3")
+    add_json_arg(ap)
+    args = ap.parse_args()
+    base = Path(os.environ.get("BENCH_TMP") or tempfile.gettempdir())
+    figures: dict[str, Any] = {"e2e": [], "machine_cores": os.cpu_count()}
+    with tempfile.TemporaryDirectory(dir=base) as tmp:
+        root = Path(tmp)
+        sq = root / "sqlite"
+        sq.mkdir()
+        figures["e2e"].append(e2e(sq, str(sq / "q.db"), 1, args.jobs, "sqlite"))
+        for n in [int(x) for x in args.instances.split(",")]:
+            url = create_database("comfyq_bench")
+            try:
+                d = root / f"pg{n}"
+                d.mkdir()
+                figures["e2e"].append(e2e(d, url, n, args.jobs, "postgres"))
+            finally:
+                drop_database(url)
+        url = create_database("comfyq_bench")
+        try:
+            d = root / "events"
+            d.mkdir()
+            figures["events"] = event_delay(d, url, args.event_jobs)
+        finally:
+            drop_database(url)
+    write_json(args.json, figures)
+
+
+if __name__ == "__main__":
+    main()
