@@ -51,7 +51,7 @@ def start_simulators(n: int, root: Path) -> tuple[list[subprocess.Popen[bytes]],
                 [
                     sys.executable,
                     "-m",
-                    "comfyq.comfy.simulator",
+                    "comfyq.sim",
                     "--port",
                     str(port),
                     "--data-dir",

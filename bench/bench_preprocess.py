@@ -104,9 +104,9 @@ async def rate(n: int, concurrency: int, job: Callable[[int], Awaitable[Any]]) -
 
 async def main(args: argparse.Namespace) -> None:
     from bench.common import write_json
-    from comfyq.assets import Downloader
+    from comfyq.inputs import Downloader
+    from comfyq.inputs.prepare import prepare_job
     from comfyq.netguard import AddressGuard
-    from comfyq.prepare import prepare_job
     from modifiers import ModifierRegistry
 
     server = await asyncio.create_subprocess_exec(

@@ -253,7 +253,7 @@ async def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             "simulator",
             python(
                 "-m",
-                "comfyq.comfy.simulator",
+                "comfyq.sim",
                 "--port",
                 str(sim_port),
                 "--data-dir",

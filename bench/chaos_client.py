@@ -22,7 +22,7 @@ import aiohttp
 
 from bench.chaos_procs import Child
 from bench.chaos_report import TERMINAL
-from comfyq.comfy.sim_png import encode_png
+from comfyq.sim.png import encode_png
 
 BUCKET = "bench-outputs"  # made by bench_outputs.start_moto
 

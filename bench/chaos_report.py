@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from comfyq.clock import parse_iso
-from comfyq.comfy.sim_promptlog import read_prompt_log
+from comfyq.sim.promptlog import read_prompt_log
 
 TERMINAL = ("completed", "failed", "cancelled")
 _IDS = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|\b[0-9a-f]{16,}\b")
@@ -149,7 +149,7 @@ def check_s3(inp: Inputs, db: DbView, completed: list[str]) -> dict[str, Any]:
     import hashlib
 
     import boto3  # type: ignore[import-untyped]
-    from botocore.exceptions import ClientError  # type: ignore[import-untyped]
+    from botocore.exceptions import ClientError
 
     url, bucket = inp.s3_url, inp.bucket
     s3 = boto3.client(

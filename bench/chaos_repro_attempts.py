@@ -70,7 +70,7 @@ async def reproduce(root: Path) -> int:
             "simulator",
             python(
                 "-m",
-                "comfyq.comfy.simulator",
+                "comfyq.sim",
                 "--port",
                 str(sim_port),
                 "--data-dir",

@@ -346,3 +346,41 @@ def chaos(f: dict[str, Any], step: dict[str, Any]) -> list[str]:
         "```",
     ]
     return out
+
+
+def profile(f: dict[str, Any], charts: Charts) -> list[str]:
+    """The profiled burst: CPU per job by thread and by layer, system calls per job."""
+    out = [
+        (
+            f"{f['jobs']} trivial jobs (POST /generate, SSE to final_result, output downloaded),"
+            f" {f['in_flight']} in flight, against the zero-time simulator, with comfyq's event-loop"
+            " thread sampled by pyinstrument (overhead included: read the split, not the totals)."
+            " Call tree: [`bench/results/profile.html`](bench/results/profile.html)"
+            " ([text](bench/results/profile.txt))."
+        ),
+        "",
+    ]
+    out += table(
+        ["figure", "value"],
+        [
+            ["server CPU per job", ms(f["cpu_ms_per_job"])],
+            ["event-loop thread", ms(f["loop_thread_cpu_ms_per_job"])],
+            ["other threads (SQLite writer, file hops)", ms(f["other_threads_cpu_ms_per_job"])],
+            ["jobs/s while profiled", num(f["jobs_per_s"])],
+            ["socket sends per job", num(f.get("socket_sends_per_job"))],
+            ["fsyncs per job (≈ commits)", num(f.get("fsyncs_per_job"))],
+            ["system calls per job", num(f.get("syscalls_per_job"))],
+        ],
+        numeric=False,
+    )
+    out += ["", "The event-loop thread's CPU per job, by layer:", ""]
+    out += table(
+        ["layer", "ms per job"],
+        [[name, ms(v)] for name, v in f["loop_ms_per_job_by_layer"].items()],
+        numeric=False,
+    )
+    top = f.get("top_syscalls_per_job") or {}
+    if top:
+        out += ["", "System calls per job, most frequent first (strace -c, a separate burst):", ""]
+        out += table(["call", "per job"], [[k, num(v)] for k, v in top.items()], numeric=False)
+    return out

@@ -20,7 +20,7 @@ import msgspec
 from yarl import URL
 
 from comfyq.errors import BadRequest, ComfyqError, UnsupportedMediaType
-from comfyq.prepare import check_input_urls
+from comfyq.inputs.prepare import check_input_urls
 from comfyq.schemas import GenerateRequest, Input
 from comfyq.store.model import Job, NewJob
 
@@ -284,9 +284,16 @@ async def prepare(services: Any, body: bytes, headers: Mapping[str, str]) -> Adm
     inp, raw_input = parse(body, headers)
     if may_hold_urls(body):
         check_urls(inp, raw_input, services.guard)
+    settings = services.settings
+    # As in the original wrapper: the header decides when present (any value but a true one opts
+    # out), else the operator's default.
+    header = headers.get("X-Include-ComfyUI-Response")
+    if header is not None:
+        inp.include_comfyui_response = header.strip().lower() in TRUE_VALUES
+    elif getattr(settings, "include_comfyui_response", False):
+        inp.include_comfyui_response = True
     if inp.modifier:
         await services.registry.check(inp.modifier, inp.modifications)
-    settings = services.settings
     return build(
         inp,
         raw_input,

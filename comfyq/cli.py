@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -124,6 +125,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 # --- serve -----------------------------------------------------------------------------------
 
 
+async def _until_accepting(host: str, port: int) -> None:
+    """Return once a TCP connection to the listener succeeds (a few tries; never raises)."""
+    target = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
+    for delay in (0.0, 0.01, 0.05, 0.1, 0.25, 0.5):
+        await asyncio.sleep(delay)
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(target, port), 2)
+        except (OSError, TimeoutError):
+            continue
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        return
+    log.warning("listener on %s:%s did not accept a test connection", target, port)
+
+
 async def serve(settings: Settings) -> int:
     """Run until SIGTERM/SIGINT; then stop claiming, let in-flight work finish, exit 0."""
     from aiohttp import web
@@ -134,7 +151,7 @@ async def serve(settings: Settings) -> int:
     sim = None
     backends = None
     if settings.simulate:
-        from comfyq.comfy.simulator import Simulator
+        from comfyq.sim import Simulator
 
         sim = Simulator(
             data_dir=Path(settings.database).parent / "simulator",
@@ -146,10 +163,18 @@ async def serve(settings: Settings) -> int:
         log.info("simulate: built-in ComfyUI simulator at %s", sim.url)
     services = Services(settings, backends=backends)
     logs.attach(services)  # one line per job state change
+    # Watchers (Vast's worker) connect the moment they read BACKENDS_READY: hold it back until the
+    # listener below accepts connections.
+    services.pool.hold_ready_line()
     try:
         await services.start()
     except Exception as exc:
-        log.error("Application startup failed: %s", exc, exc_info=not isinstance(exc, StoreError))
+        log.error(
+            "Application startup failed: %s",
+            exc,
+            exc_info=not isinstance(exc, StoreError),
+            extra=logs.SIGNAL,
+        )
         if sim:
             await sim.stop()
         return 2
@@ -162,22 +187,26 @@ async def serve(settings: Settings) -> int:
         site = web.TCPSite(runner, settings.api_host, settings.api_port)
         await site.start()
     except BaseException as exc:
-        log.error("Application startup failed: %s", exc, exc_info=not isinstance(exc, OSError))
+        log.error(
+            "Application startup failed: %s",
+            exc,
+            exc_info=not isinstance(exc, OSError),
+            extra=logs.SIGNAL,
+        )
         await services.stop()
         if sim:
             await sim.stop()
         return 2
-    if settings.api_host not in ("127.0.0.1", "localhost", "::1") and not settings.api_keys:
+    if settings.api_host not in ("127.0.0.1", "localhost", "::1") and not (
+        settings.api_keys or settings.api_keys_file
+    ):
         log.warning(
             "listening on %s without API keys: anyone who can reach it can submit jobs",
             settings.api_host,
         )
-    port = settings.api_port
-    for addr in runner.addresses:  # the port actually bound (api_port 0 picks a free one)
-        if isinstance(addr, tuple) and len(addr) >= 2:
-            port = int(addr[1])
-            break
-    await services.cluster.listening_at(settings.api_host, port)
+    bound = runner.addresses
+    port = bound[0][1] if bound else settings.api_port
+    await services.cluster.listening_at(settings.api_host, int(port))
     log.info(
         "comfyq listening on http://%s:%s (database %s, backends %s)",
         settings.api_host,
@@ -185,10 +214,15 @@ async def serve(settings: Settings) -> int:
         services.store.describe(),
         ", ".join(services.backend_urls),
     )
+    await _until_accepting(settings.api_host, port)
+    services.pool.release_ready_line()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    from comfyq.api.context import API
+
+    loop.add_signal_handler(signal.SIGHUP, app[API].keys.reload)  # COMFYQ_API_KEYS_FILE again
     await stop.wait()
     log.info("shutting down (grace %.0fs)", settings.shutdown_grace)
     await runner.cleanup()  # stops the site, then the app's cleanup stops the services

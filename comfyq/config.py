@@ -75,8 +75,16 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     log_format: Annotated[Literal["text", "json"], _d("log line format")] = "text"
     api_keys: Annotated[
         list[str],
-        _d("bearer keys (comma separated); empty means no authentication", extra={"secret": True}),
+        _d(
+            "bearer keys (comma separated), each KEY or ROLE:KEY with ROLE admin or client (no role:"
+            " admin); empty, with no api_keys_file, means no authentication",
+            extra={"secret": True},
+        ),
     ] = msgspec.field(default_factory=list)
+    api_keys_file: Annotated[
+        str,
+        _d("file of more API keys, one KEY or ROLE:KEY per line (# comments); re-read on SIGHUP"),
+    ] = ""
     cors_origins: Annotated[
         list[str], _d("origins allowed by CORS (comma separated; * for any)")
     ] = msgspec.field(default_factory=list)
@@ -154,6 +162,12 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
     # --- outputs, S3, webhooks ---------------------------------------------------------------
     output_base64_max_bytes: Annotated[int, _d("largest output inlined as base64", ge=0)] = 10 * MiB
+    include_comfyui_response: Annotated[
+        bool,
+        _d(
+            "Results carry ComfyUI's history body (comfyui_response) unless a request's header says no"
+        ),
+    ] = False
     s3_access_key_id: Annotated[str, _d("operator S3 access key", extra={"secret": True})] = ""
     s3_secret_access_key: Annotated[str, _d("operator S3 secret key", extra={"secret": True})] = ""
     s3_bucket_name: Annotated[str, _d("operator S3 bucket")] = ""
@@ -224,6 +238,7 @@ _LEGACY_ENV = {
     "webhook_secret": "WEBHOOK_SECRET",
     "webhook_timeout": "WEBHOOK_TIMEOUT",
     "output_base64_max_bytes": "OUTPUT_BASE64_MAX_BYTES",
+    "include_comfyui_response": "INCLUDE_COMFYUI_RESPONSE",
 }
 
 
@@ -319,7 +334,7 @@ def _explain(msg: str) -> str:
 
 def masked(settings: Settings) -> dict[str, Any]:
     """The settings as a plain dict with every secret replaced by ``***``."""
-    raw = msgspec.to_builtins(settings)
+    raw: dict[str, Any] = msgspec.to_builtins(settings)
     for f in fields():
         if is_secret(f) and raw.get(f.name):
             raw[f.name] = ["***"] * len(raw[f.name]) if isinstance(raw[f.name], list) else "***"

@@ -60,6 +60,11 @@ class Unauthorized(ComfyqError):
     http_status = 401
 
 
+class Forbidden(ComfyqError):
+    type = "forbidden"
+    http_status = 403
+
+
 class NotFound(ComfyqError):
     type = "not_found"
     http_status = 404

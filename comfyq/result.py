@@ -139,7 +139,13 @@ def to_result(
         timings=timings(job.timings),
         finished_at=job.finished_at,
         warnings=[w for w in warnings if isinstance(w, dict)],
+        comfyui_response=_comfyui_response(job),
     )
+
+
+def _comfyui_response(job: Job) -> dict[str, Any]:
+    body = (job.result or {}).get("comfyui_response")
+    return body if isinstance(body, dict) else {}
 
 
 def wants_base64(job: Job) -> bool:

@@ -91,6 +91,13 @@ class Input(Struct, forbid_unknown_fields=True, omit_defaults=True):
     return_outputs_as_base64: Annotated[
         bool, _d("inline output files as base64 (`output[i].data`)")
     ] = False
+    include_comfyui_response: Annotated[
+        bool,
+        _d(
+            "put ComfyUI's history body in the Result's comfyui_response (header"
+            " X-Include-ComfyUI-Response; default INCLUDE_COMFYUI_RESPONSE)"
+        ),
+    ] = False
     priority: Annotated[int, _d("higher runs first", ge=-1000, le=1000)] = 0
     timeout: (
         Annotated[float, _d("job deadline in seconds (default: the server's)", gt=0, le=30 * 86400)]
@@ -160,19 +167,20 @@ class Progress(Struct, omit_defaults=True):
     percent: float = 0.0
 
 
-class OutputFile(Struct, omit_defaults=True):
+class OutputFile(Struct, omit_defaults=True, kw_only=True):
+    """One output file. The fields CONTRACT.md documents are always present (no default, so never
+    omitted: ``"subfolder": ""`` included, as the original wrapper sent it); the rest only when set."""
+
     filename: str
+    local_path: Annotated[str | None, _d("the file on the comfyq host")]
     url: Annotated[str, _d("S3 URL when uploaded, else /outputs/{id}/{filename}")]
-    type: Annotated[str, _d("ComfyUI's folder type: output or temp")] = "output"
-    subfolder: str = ""
-    node_id: str = ""
-    output_type: Annotated[
-        str, _d("ComfyUI's output key: images, gifs, video, audio, text, ...")
-    ] = "images"
-    mimetype: str = "application/octet-stream"
-    size: int = 0
+    type: Annotated[str, _d("ComfyUI's folder type: output or temp")]
+    subfolder: Annotated[str, _d("ComfyUI's subfolder (empty string for none)")]
+    node_id: str
+    output_type: Annotated[str, _d("ComfyUI's output key: images, gifs, video, audio, text, ...")]
+    mimetype: str
+    size: int
     sha256: str | None = None
-    local_path: str | None = None
     data: Annotated[str | None, _d("base64 of the file, only when asked for")] = None
     upload_error: str | None = None
     error: str | None = None
@@ -233,6 +241,13 @@ class Result(Struct):
     webhooks: Annotated[
         list[WebhookDelivery], _d("deliveries of the job's webhook (single-job reads only)")
     ] = field(default_factory=list)
+    comfyui_response: Annotated[
+        dict[str, Any],
+        _d(
+            "ComfyUI's /history body for the prompt plus execution_details; {} unless asked for"
+            " (X-Include-ComfyUI-Response or INCLUDE_COMFYUI_RESPONSE)"
+        ),
+    ] = field(default_factory=dict)
 
 
 class JobList(Struct):
@@ -310,8 +325,18 @@ class BackendHealth(Struct, omit_defaults=True):
     in_flight: int = 0
     slots: int = 0
     last_error: str | None = None
-    comfyui_version: str | None = None
+    comfyui_version: Annotated[
+        str | None, _d("system.comfyui_version of /system_stats (shown, never acted on)")
+    ] = None
     queue_remaining: int | None = None
+    capabilities: Annotated[
+        list[str] | None,
+        _d(
+            "what the last probe found: jobs_api, atomic_cancel, assets, node_replacements,"
+            " preview_metadata; null until probed (probed again after a backend restart)"
+        ),
+    ] = None
+    capabilities_probed_at: str | None = None
 
 
 class StoreHealth(Struct):

@@ -11,14 +11,15 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from comfyq.assets import Downloader
 from comfyq.clock import Clock
 from comfyq.cluster.files import OutputRouter
 from comfyq.cluster.link import ClusterLink, LocalLink
 from comfyq.cluster.member import Membership
 from comfyq.comfy.backends import BackendPool
 from comfyq.config import Settings
+from comfyq.errors import OutputError
 from comfyq.events import EventBus
+from comfyq.inputs import Downloader
 from comfyq.netguard import AddressGuard
 from comfyq.outputs.local import job_dir
 from comfyq.outputs.s3 import S3Uploader
@@ -225,7 +226,7 @@ async def prune_jobs(store: JobStore, output_dir: Path, older_than: float) -> in
         for job_id in ids:
             try:
                 folder = job_dir(output_dir, job_id)
-            except Exception:
+            except OutputError:  # an id that cannot name a folder has none to remove
                 continue
             await asyncio.to_thread(shutil.rmtree, folder, True)
         total += len(ids)

@@ -18,12 +18,13 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from moto.server import ThreadedMotoServer
 
 from comfyq.api.context import ApiOptions
 from comfyq.app import create_app
-from comfyq.comfy.simulator import Simulator
 from comfyq.config import Settings
 from comfyq.services import Services
+from comfyq.sim import Simulator
 
 # EmptyImage -> ImageInvert -> SaveImage: the recorded ComfyUI run (20_run_success_invert.json).
 INVERT_WORKFLOW: dict[str, Any] = {
@@ -112,8 +113,7 @@ async def start_server(
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    assert site._server is not None and site._server.sockets
-    port = site._server.sockets[0].getsockname()[1]
+    port = runner.addresses[0][1]
     return Server(f"http://127.0.0.1:{port}", services, runner, aiohttp.ClientSession())
 
 
@@ -252,3 +252,13 @@ def thread_server(tmp_path: Path) -> Iterator[ThreadServer]:
         yield srv
     finally:
         srv.stop()
+
+
+# A real S3-protocol server for the whole session (buckets are named per test).
+@pytest.fixture(scope="session")
+def moto_url() -> Iterator[str]:
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()

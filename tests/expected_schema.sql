@@ -13,6 +13,12 @@ CREATE INDEX jobs_finished ON jobs (finished_at) WHERE finished_at IS NOT NULL;
 -- index jobs_leases
 CREATE INDEX jobs_leases ON jobs (lease_expires_at) WHERE state = 'running';
 
+-- index jobs_owner_created
+CREATE INDEX jobs_owner_created ON jobs (owner, created_at DESC, id DESC);
+
+-- index jobs_state_created
+CREATE INDEX jobs_state_created ON jobs (state, created_at DESC, id DESC);
+
 -- index webhook_attempts_delivery
 CREATE INDEX webhook_attempts_delivery ON webhook_attempts (delivery_id);
 
@@ -88,7 +94,7 @@ CREATE TABLE jobs (
     created_at       TEXT NOT NULL,
     updated_at       TEXT NOT NULL,
     stage_entered_at TEXT NOT NULL,                     -- when the job entered its current stage/state
-    finished_at      TEXT,
+    finished_at      TEXT, owner TEXT,
     CHECK ((state = 'running') = (lease_owner IS NOT NULL AND lease_expires_at IS NOT NULL)),
     CHECK ((state IN ('completed', 'failed', 'cancelled')) = (finished_at IS NOT NULL)),
     CHECK (attempts <= max_attempts)

@@ -16,8 +16,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from comfyq.api import ROUTES
 from comfyq.api.context import ApiOptions
 from comfyq.api.openapi import document
-from comfyq.comfy.simulator import Simulator
 from comfyq.schemas import GenerateRequest
+from comfyq.sim import Simulator
 
 _colors = itertools.count(9000)
 PUBLIC = {"/health", "/docs/assets/{name}"}
@@ -166,7 +166,7 @@ async def test_openapi_is_generated_from_the_types_and_matches_the_routes(server
     assert doc["openapi"] == "3.1.0"
     registered = {
         (r.method, r.resource.canonical)
-        for r in server.runner.app.router.routes()  # type: ignore[union-attr]
+        for r in server.runner.app.router.routes()
         if r.method != "HEAD" and r.resource is not None
     }
     documented = {(m.upper(), p) for p, ops in doc["paths"].items() for m in ops}

@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 from conftest import MakeServer, Server, pause, resume, wait_healthy, workflow
 
-from comfyq.comfy.simulator import Simulator
+from comfyq.sim import Simulator
 
 _colors = itertools.count(1000)
 

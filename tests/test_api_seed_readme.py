@@ -11,6 +11,7 @@ import contextlib
 import io
 import re
 from pathlib import Path
+from typing import Any
 
 from conftest import ThreadServer
 
@@ -88,7 +89,7 @@ def test_seed_readme_examples_run_as_written(thread_server: ThreadServer) -> Non
     thread_server.sim.node_durations = {"ImageBlur": 0.6}
     import requests
 
-    ahead = {
+    ahead: dict[str, Any] = {
         "input": {
             "modifier": "ImageEffects",
             "modifications": {"width": 16, "height": 16, "blur_radius": 2},

@@ -15,7 +15,7 @@ import aiohttp
 from conftest import MakeServer, Server, pause, wait_healthy, workflow
 
 from comfyq.api.context import ApiOptions
-from comfyq.comfy.simulator import Simulator
+from comfyq.sim import Simulator
 
 _colors = itertools.count(5000)
 

@@ -22,6 +22,7 @@ def cq(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
         [sys.executable, "-m", "comfyq", *args],
         capture_output=True,
         text=True,
+        check=False,
         env=env,
         cwd=tmp_path,
         timeout=60,

@@ -23,7 +23,6 @@ from test_client_support import (
 
 from comfyq.comfy.client import ComfyClient
 from comfyq.comfy.protocol import LiveEvent
-from comfyq.comfy.simulator import Simulator
 from comfyq.errors import (
     ComfyUIUnreachable,
     Interrupted,
@@ -32,7 +31,10 @@ from comfyq.errors import (
     PromptLost,
     ValidationError,
 )
+from comfyq.sim import Simulator
 
+# ``details.kind`` where it differs from ComfyUI's own error type (the same in every generation).
+KINDS = {"unknown_class_type": "unknown_node", "node_without_class_type": "missing_class_type"}
 GUARD = 15.0  # hang guard only; nothing below depends on how fast things run
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -172,9 +174,19 @@ async def test_validation_errors_are_kept_whole(
     with pytest.raises(ValidationError) as info:
         await client.submit(wf, pid)
     err = info.value
-    assert err.details == {"error": expected["error"], "node_errors": expected["node_errors"]}
+    assert err.details == {
+        "error": expected["error"],
+        "node_errors": expected["node_errors"],
+        "kind": KINDS.get(case, error_type),
+    }
     assert err.details["error"]["type"] == error_type
-    assert err.message == expected["error"]["message"]
+    if case == "unknown_class_type":
+        assert (err.node_id, err.node_type) == ("1", "NoSuchNodeXYZ")
+        assert "NoSuchNodeXYZ" in err.message and "#1" in err.message
+    elif case == "node_without_class_type":
+        assert err.node_id == "1" and "class_type" in err.message
+    else:
+        assert err.message == expected["error"]["message"]
     assert pid not in sim.prompts_received
     assert await client.locate(pid) == ("unknown", None)
 

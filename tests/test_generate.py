@@ -7,9 +7,9 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-from comfyq.comfy.simulator import Simulator
 from comfyq.config import Settings
 from comfyq.services import Services
+from comfyq.sim import Simulator
 from comfyq.store import Job, NewJob
 
 
@@ -111,7 +111,8 @@ async def test_success_records_outputs_and_progress(tmp_path: Path, sim: Simulat
         assert (await final(svc, "b")).state == "completed"
         (out_b,) = await svc.store.outputs("b")
         assert out_b["sha256"] == out["sha256"]
-        assert (await svc.store.get("b")).result["cached_nodes"]  # type: ignore[union-attr]
+        job_b = await svc.store.get("b")
+        assert job_b is not None and job_b.result is not None and job_b.result["cached_nodes"]
     finally:
         await svc.stop()
 
@@ -125,7 +126,7 @@ async def test_validation_error_is_kept_whole(tmp_path: Path, sim: Simulator) ->
         await submit(svc, "v", bad)
         job = await final(svc, "v")
         assert job.state == "failed" and job.attempts == 1
-        assert job.error["type"] == "validation_error"
+        assert job.error is not None and job.error["type"] == "validation_error"
         details = job.error["details"]
         assert details["error"]["type"] == "prompt_outputs_failed_validation"
         assert details["node_errors"]["1"]["errors"][0]["type"] == "invalid_input_type"
@@ -142,6 +143,7 @@ async def test_runtime_error_names_the_node(tmp_path: Path, sim: Simulator) -> N
         job = await final(svc, "e")
         assert job.state == "failed" and job.attempts == 1
         err = job.error
+        assert err is not None
         assert (err["type"], err["node_id"], err["node_type"]) == ("node_error", "2", "ImageInvert")
         assert err["details"]["exception_type"] == "PIL.UnidentifiedImageError"
         assert err["details"]["traceback"]
@@ -200,7 +202,7 @@ async def test_cancel_running_interrupts_that_prompt_only(tmp_path: Path, sim: S
         await started(svc, "c", sim)
         await svc.pipeline.cancel("c")
         job = await final(svc, "c")
-        assert job.state == "cancelled" and job.error["type"] == "cancelled"
+        assert job.state == "cancelled" and (job.error or {}).get("type") == "cancelled"
         # The next job runs at once: the interrupt stopped ComfyUI's work on the cancelled prompt.
         await submit(svc, "d", wf(6))
         assert (await final(svc, "d", timeout=5)).state == "completed"
@@ -217,7 +219,7 @@ async def test_deadline_fails_with_timeout_and_stops_the_prompt(
     try:
         await submit(svc, "t", wf(7, blur=True), timeout=1.0)
         job = await final(svc, "t")
-        assert job.state == "failed" and job.error["type"] == "timeout"
+        assert job.state == "failed" and (job.error or {}).get("type") == "timeout"
     finally:
         await svc.stop()
 

@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 from conftest import MakeServer, Server, wait_healthy, workflow
-from test_s3_support import FaultyProxy, make_bucket, moto_url  # noqa: F401 - moto_url is a fixture
+from test_s3_support import FaultyProxy, make_bucket
 from test_webhooks_support import Receiver, deliveries, delivery_ended, wait_until
 
 from comfyq.outputs.local import job_dir, safe_name
@@ -54,7 +54,7 @@ async def receiver() -> AsyncIterator[Receiver]:
 
 
 @pytest.fixture
-async def proxy(moto_url: str) -> AsyncIterator[FaultyProxy]:  # noqa: F811
+async def proxy(moto_url: str) -> AsyncIterator[FaultyProxy]:
     p = await FaultyProxy(moto_url).start()
     yield p
     await p.stop()
@@ -104,7 +104,7 @@ async def test_request_s3_and_webhook_end_to_end_without_leaking_secrets(
     make_server: MakeServer,
     proxy: FaultyProxy,
     moto_url: str,
-    receiver: Receiver,  # noqa: F811
+    receiver: Receiver,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.DEBUG)
@@ -168,7 +168,7 @@ async def test_request_s3_and_webhook_end_to_end_without_leaking_secrets(
 async def test_operator_s3_with_prefix_and_no_request_block(
     make_server: MakeServer,
     proxy: FaultyProxy,
-    moto_url: str,  # noqa: F811
+    moto_url: str,
 ) -> None:
     make_bucket(moto_url, "operator-bucket")
     srv, sender = await started(

@@ -32,7 +32,7 @@ import requests
 from conftest import ThreadServer
 
 from comfyq.api.context import ApiOptions
-from comfyq.comfy.sim_testing import decode_png
+from comfyq.sim.testing import decode_png
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]

@@ -17,9 +17,9 @@ from typing import Any
 
 import aiohttp
 
-from comfyq.comfy.sim_png import encode_png, encode_webp_solid, sniff_image
-from comfyq.comfy.sim_testing import WsRecorder, wait_history
-from comfyq.comfy.simulator import Simulator
+from comfyq.sim import Simulator
+from comfyq.sim.png import encode_png, encode_webp_solid, sniff_image
+from comfyq.sim.testing import WsRecorder, wait_history
 
 Workflow = dict[str, dict[str, Any]]
 
@@ -420,7 +420,7 @@ async def test_cli_ready_line_and_sigterm(tmp_path: Path, http: aiohttp.ClientSe
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "comfyq.comfy.simulator",
+        "comfyq.sim",
         "--host",
         "127.0.0.1",
         "--port",

@@ -11,8 +11,8 @@ from typing import Any
 
 import aiohttp
 
-from comfyq.comfy.sim_promptlog import read_prompt_log
-from comfyq.comfy.simulator import Simulator
+from comfyq.sim import Simulator
+from comfyq.sim.promptlog import read_prompt_log
 
 
 def invert(prefix: str, color: int) -> dict[str, Any]:
@@ -73,7 +73,7 @@ async def test_cli_prompt_log_survives_kill_9(tmp_path: Path) -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "comfyq.comfy.simulator",
+        "comfyq.sim",
         "--port",
         "0",
         "--data-dir",

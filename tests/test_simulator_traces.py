@@ -13,16 +13,16 @@ import aiohttp
 import pytest
 from sim_trace_support import TRACES, post_prompt, recorded_types, run_traced, trace
 
-from comfyq.comfy.sim_png import encode_png
-from comfyq.comfy.sim_testing import (
+from comfyq.sim import Simulator
+from comfyq.sim.png import encode_png
+from comfyq.sim.testing import (
     WsRecorder,
     data_of,
     shape,
     upload_image,
     wait_history,
 )
-from comfyq.comfy.sim_testing import decode_png as png_pixels
-from comfyq.comfy.simulator import Simulator
+from comfyq.sim.testing import decode_png as png_pixels
 
 # ---------------------------------------------------------------- plain GETs (00, 01, 02, 03)
 

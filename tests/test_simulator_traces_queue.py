@@ -11,7 +11,8 @@ import aiohttp
 import pytest
 from sim_trace_support import post_prompt, recorded_types, run_traced, trace
 
-from comfyq.comfy.sim_testing import (
+from comfyq.sim import Simulator
+from comfyq.sim.testing import (
     Frame,
     WsRecorder,
     data_of,
@@ -19,7 +20,6 @@ from comfyq.comfy.sim_testing import (
     upload_image,
     wait_history,
 )
-from comfyq.comfy.simulator import Simulator
 
 # ---------------------------------------------------------------- runtime error (40)
 

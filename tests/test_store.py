@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,7 @@ def new(i: int | str, priority: int = 0, timeout: float = 3600.0, max_attempts: 
 
 
 @pytest.fixture
-async def store(tmp_path: Path):
+async def store(tmp_path: Path) -> AsyncIterator[JobStore]:
     s = JobStore(tmp_path / "q.db", clock=ManualClock(), owner="w1")
     await s.open()
     yield s
@@ -156,7 +157,9 @@ async def test_expired_lease_is_requeued_then_failed_when_attempts_spent(store: 
     store.clock.advance(31)  # type: ignore[attr-defined]
     (tr,) = await store.reap(grace=30)
     assert (
-        tr.to_state == "failed" and tr.job is not None and tr.job.error["type"] == "lease_expired"
+        tr.to_state == "failed"
+        and tr.job is not None
+        and (tr.job.error or {}).get("type") == "lease_expired"
     )
 
 
@@ -180,7 +183,11 @@ async def test_deadline_fails_waiting_job_with_timeout(store: JobStore) -> None:
     assert await store.reap(grace=5) == []
     store.clock.advance(5)  # type: ignore[attr-defined]
     (tr,) = await store.reap(grace=5)
-    assert tr.to_state == "failed" and tr.job is not None and tr.job.error["type"] == "timeout"
+    assert (
+        tr.to_state == "failed"
+        and tr.job is not None
+        and (tr.job.error or {}).get("type") == "timeout"
+    )
 
 
 async def test_cancel_in_every_state(store: JobStore) -> None:

@@ -7,6 +7,7 @@ import asyncio
 import math
 import random
 import sqlite3
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,7 @@ def new(job_id: str, **kw: Any) -> NewJob:
 
 
 @pytest.fixture
-async def store(tmp_path: Path):
+async def store(tmp_path: Path) -> AsyncIterator[JobStore]:
     s = JobStore(tmp_path / "q.db", clock=ManualClock(T0), owner="w1")
     await s.open()
     yield s
@@ -239,7 +240,7 @@ async def test_an_operation_outside_transactions_keeps_its_place_in_the_turn(
         store.writer.run_outside(mark, "b"),
         store.writer.run(mark, "c"),
     )
-    assert got == ["a", "b", "c"] and order == ["a:txn", "b:alone", "c:txn"]
+    assert list(got) == ["a", "b", "c"] and order == ["a:txn", "b:alone", "c:txn"]
     assert store.writer.commits - before == 2
 
 

@@ -33,7 +33,7 @@ from comfyq.store import JobStore, NewJob
 from comfyq.webhooks import WebhookConfig, WebhookSender, history, sign
 
 SECRET = "whsec_" + base64.b64encode(b"a 24-byte secret for hmac").decode()
-FAST = {"timeout": 5.0, "retry_base": 0.02, "retry_max": 0.1, "poll_interval": 0.2}
+FAST: dict[str, Any] = {"timeout": 5.0, "retry_base": 0.02, "retry_max": 0.1, "poll_interval": 0.2}
 
 
 @pytest.fixture

@@ -41,8 +41,10 @@ _ID = {"type": "string"}
 
 async def metrics(request: web.Request) -> web.Response:
     """GET /metrics: Prometheus text format."""
+    from comfyq.api.auth import require_admin
     from comfyq.api.context import get_api
 
+    require_admin(request)
     body = await get_api(request).metrics.render()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
@@ -212,7 +214,8 @@ ROUTES: list[Route] = [
         "Prometheus metrics",
         "ops",
         replies={
-            200: Reply("text exposition format", media="text/plain", schema={"type": "string"})
+            200: Reply("text exposition format", media="text/plain", schema={"type": "string"}),
+            403: Reply("a client key: metrics are for admin keys", ErrorBody),
         },
     ),
     Route(
@@ -272,6 +275,6 @@ def setup_routes(app: web.Application) -> None:
     api = app[API]
     for r in ROUTES:
         app.router.add_route(r.method, r.path, r.handler)
-    app[OPENAPI] = msgspec.json.encode(document(ROUTES, api_keys=bool(api.settings.api_keys)))
+    app[OPENAPI] = msgspec.json.encode(document(ROUTES, api_keys=api.keys.enabled))
     app[README] = docs.render_readme(api.options.readme)
     app.on_response_prepare.append(cors_headers)

@@ -11,11 +11,13 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
+from comfyq.api.auth import Keys
 from comfyq.api.queue import QueueView
 from comfyq.metrics import Metrics
 from comfyq.result import Results
 from comfyq.schemas import ErrorBody, ErrorInfo
-from comfyq.webhook_outbox import history
+from comfyq.store import JobReads
+from comfyq.webhooks.outbox import history
 
 _encode = msgspec.json.Encoder().encode
 
@@ -42,7 +44,8 @@ class Api:
         self.bus = services.bus
         self.pipeline = services.pipeline
         self.options = options
-        self.reads = self.store.reads()
+        self.keys = Keys(self.settings.api_keys, self.settings.api_keys_file)
+        self.reads: JobReads = self.store.reads()
         self.results = Results(
             self.reads,
             self.bus,

@@ -15,7 +15,6 @@ from aiohttp import web
 from markdown_it import MarkdownIt
 
 from comfyq.api.context import get_api
-from comfyq.api.middleware import key_ok
 
 ASSETS_ROUTE = "/docs/assets/{name}"
 
@@ -53,10 +52,10 @@ def _js_string(value: str | None) -> str:
 
 async def docs_page(request: web.Request) -> web.Response:
     """GET /docs: interactive documentation."""
-    keys = get_api(request).settings.api_keys
+    keys = get_api(request).keys
     token = request.query.get("access_token")
     # Only a key that was checked goes into the page: /docs?access_token=KEY lets a browser try calls.
-    shown = token if keys and key_ok(token, keys) else None
+    shown = token if keys.enabled and keys.principal(token) is not None else None
     return web.Response(
         text=_PAGE.replace("__TOKEN__", _js_string(shown)), content_type="text/html"
     )
@@ -117,7 +116,7 @@ def render_readme(path: Path | None) -> str:
     else:
         # HTML comments (the generated-table markers) are for editors, not readers; any other raw
         # HTML stays escaped.
-        text = re.sub(r"<!--.*?-->\n?", "", text, flags=re.S)
+        text = re.sub(r"<!--.*?-->\n?", "", text, flags=re.DOTALL)
         body = MarkdownIt("commonmark", {"html": False}).enable("table").render(text)
     return (
         f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>comfyq</title>'

@@ -13,6 +13,7 @@ import math
 from aiohttp import web
 
 from comfyq import admission
+from comfyq.api.auth import principal
 from comfyq.api.context import Api, get_api, json_response
 from comfyq.api.sse import stream_job
 from comfyq.errors import BadRequest, ComfyqError
@@ -53,7 +54,9 @@ def _location(job_id: str) -> dict[str, str]:
 async def _admit(request: web.Request) -> tuple[Api, admission.Admitted]:
     api = get_api(request)
     body = await request.read()
-    return api, await admission.prepare(api.services, body, request.headers)
+    adm = await admission.prepare(api.services, body, request.headers)
+    adm.new.owner = principal(request).owner
+    return api, adm
 
 
 async def generate(request: web.Request) -> web.Response:

@@ -9,7 +9,8 @@ from pathlib import Path
 import msgspec
 from aiohttp import web
 
-from comfyq.api.context import get_api, json_response
+from comfyq.api.auth import principal, visible
+from comfyq.api.context import Api, get_api, json_response
 from comfyq.errors import BadRequest, ComfyqError, NotFound
 from comfyq.outputs.local import job_dir
 from comfyq.schemas import JobList
@@ -21,19 +22,33 @@ STATUS_SQL = STATUS_FILTERS
 MAX_LIMIT = 500
 
 
+def not_found(job_id: str) -> NotFound:
+    return NotFound(f"job {job_id} not found", details={"job_id": job_id})
+
+
+async def visible_head(api: Api, request: web.Request, job_id: str) -> Job:
+    """The job's few stream columns, or 404 when it does not exist or is another client's."""
+    job = await api.reads.head(job_id)
+    if job is None or not visible(request, job.owner):
+        raise not_found(job_id)
+    return job
+
+
 async def result(request: web.Request) -> web.Response:
     """GET /result/{id} and GET /jobs/{id}: the Result in every state."""
+    api = get_api(request)
     job_id = request.match_info["id"]
-    res = await get_api(request).results.get(job_id)
-    if res is None:
-        raise NotFound(f"job {job_id} not found", details={"job_id": job_id})
-    return json_response(res)
+    job = await api.reads.job(job_id)
+    if job is None or not visible(request, job.owner):
+        raise not_found(job_id)
+    return json_response(await api.results.of(job))
 
 
 async def cancel(request: web.Request) -> web.Response:
     """POST /cancel/{id} and DELETE /jobs/{id}: cancel; a running job gets a moment to stop."""
     api = get_api(request)
     job_id = request.match_info["id"]
+    await visible_head(api, request, job_id)
     with api.bus.subscribe(job_id, maxsize=4) as sub:
         job = await api.pipeline.cancel(job_id)  # NotFound -> 404
         if job.state == "running":
@@ -94,7 +109,7 @@ async def list_jobs(request: web.Request) -> web.Response:
     statuses, limit = _statuses(request), _limit(request)
     raw_cursor = request.query.get("cursor")
     cursor = decode_cursor(raw_cursor) if raw_cursor else None
-    jobs = await api.reads.page(statuses, limit + 1, cursor)
+    jobs = await api.reads.page(statuses, limit + 1, cursor, principal(request).visible_owners())
     more = len(jobs) > limit
     jobs = jobs[:limit]
     return json_response(
@@ -107,6 +122,8 @@ async def output_file(request: web.Request) -> web.StreamResponse:
     api = get_api(request)
     job_id, filename = request.match_info["id"], request.match_info["filename"]
     row = await api.reads.output_file(job_id, filename)
+    if row is not None and not visible(request, row["owner"]):
+        row = None
     missing = NotFound(
         f"job {job_id} has no output {filename!r}", details={"job_id": job_id, "filename": filename}
     )

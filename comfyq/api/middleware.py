@@ -8,14 +8,15 @@ streams included, by an ``on_response_prepare`` hook.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextvars
-import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from comfyq.api.auth import NOBODY, set_principal
 from comfyq.api.context import get_api, json_response
 from comfyq.errors import ComfyqError, QueueFull, Unauthorized
 from comfyq.logs import job_context
@@ -176,6 +177,11 @@ def _token(request: web.Request) -> str | None:
     scheme, _, value = auth.partition(" ")
     if scheme.lower() == "bearer" and value.strip():
         return value.strip()
+    # A browser's WebSocket cannot set headers either, but it can offer subprotocols: the
+    # dashboard offers "comfyq.bearer.<base64url key>" (kept out of URLs and access logs).
+    ws_key = ws_protocol_key(request.headers.get("Sec-WebSocket-Protocol", ""))
+    if ws_key is not None:
+        return ws_key
     # Browsers cannot add headers to EventSource, websockets, <img> or the docs page: GETs may
     # carry the key as ?access_token=.
     if request.method == "GET" and request.query.get("access_token"):
@@ -183,22 +189,32 @@ def _token(request: web.Request) -> str | None:
     return None
 
 
-def key_ok(token: str | None, keys: list[str]) -> bool:
-    """Constant-time check of ``token`` against every configured key."""
-    if token is None:
-        return False
-    found = False
-    for key in keys:
-        found |= hmac.compare_digest(token.encode(), key.encode())
-    return found
+WS_KEY_PREFIX = "comfyq.bearer."
+
+
+def ws_protocol_key(header: str) -> str | None:
+    """The key a browser offered as a ``comfyq.bearer.<base64url>`` websocket subprotocol."""
+    for proto in header.split(","):
+        proto = proto.strip()
+        if proto.startswith(WS_KEY_PREFIX):
+            raw = proto[len(WS_KEY_PREFIX) :]
+            try:
+                return base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).decode()
+            except (ValueError, UnicodeDecodeError):
+                return None
+    return None
 
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    keys = get_api(request).settings.api_keys
+    keys = get_api(request).keys
     public = request.path in PUBLIC_PATHS or request.path.startswith(PUBLIC_PREFIXES)
-    if keys and not public and not key_ok(_token(request), keys):
-        raise Unauthorized("missing or wrong API key: send Authorization: Bearer <key>")
+    who = keys.principal(_token(request))
+    if who is None:
+        if not public:
+            raise Unauthorized("missing or wrong API key: send Authorization: Bearer <key>")
+        who = NOBODY
+    set_principal(request, who)
     return await handler(request)
 
 

@@ -12,6 +12,7 @@ import logging
 
 from aiohttp import web
 
+from comfyq.api.auth import visible
 from comfyq.api.context import Api, get_api
 from comfyq.api.stream import JobFeed, row_of
 from comfyq.errors import NotFound
@@ -53,8 +54,8 @@ async def stream_job(
     try:
         async with api.stream_setup:
             job = await api.reads.head(job_id)
-            if job is None:
-                raise NotFound(f"job {job_id} not found")
+            if job is None or not visible(request, job.owner):
+                raise NotFound(f"job {job_id} not found", details={"job_id": job_id})
             feed = JobFeed(api, job)
             del job
             first, done = await feed.replay(after or 0)

@@ -19,6 +19,7 @@ from typing import Any
 import msgspec
 from aiohttp import WSMsgType, web
 
+from comfyq.api.auth import Principal, principal
 from comfyq.api.context import Api, get_api
 from comfyq.api.stream import JobFeed
 from comfyq.events import Event, Subscription
@@ -48,11 +49,14 @@ def _error(message: str, path: str = "$") -> bytes:
 
 
 class _Conn:
-    def __init__(self, api: Api, ws: web.WebSocketResponse) -> None:
+    def __init__(self, api: Api, ws: web.WebSocketResponse, who: Principal) -> None:
         self.api = api
         self.ws = ws
+        self.who = who
         self.sub: Subscription = api.bus.subscribe(maxsize=api.options.stream_buffer)
         self.feeds: dict[str, JobFeed] = {}
+        # Jobs of other clients seen on "*": remembered so that their events cost no read each.
+        self.hidden: set[str] = set()
 
     async def on_text(self, text: str) -> None:
         try:
@@ -74,7 +78,7 @@ class _Conn:
 
     async def _snapshot(self, job_id: str) -> None:
         job = await self.api.reads.head(job_id)
-        if job is None:
+        if job is None or not self.who.can_see(job.owner):
             body = ErrorBody(
                 ErrorInfo("not_found", f"job {job_id} not found", details={"job_id": job_id})
             )
@@ -95,8 +99,15 @@ class _Conn:
         feed = self.feeds.get(job_id)
         if feed is not None or (job_id not in self.sub.keys and "*" not in self.sub.keys):
             return feed
+        if job_id in self.hidden:
+            return None
         job = await self.api.reads.head(job_id)
         if job is None:
+            return None
+        if not self.who.can_see(job.owner):
+            if len(self.hidden) >= MAX_FEEDS:
+                self.hidden.clear()
+            self.hidden.add(job_id)
             return None
         feed = JobFeed(self.api, job)
         if len(self.feeds) >= MAX_FEEDS:
@@ -106,7 +117,8 @@ class _Conn:
 
     async def on_event(self, ev: Event) -> None:
         if ev.kind == "preview":
-            await self.ws.send_bytes(preview_frame(ev))
+            if self.who.is_admin or await self._feed(ev.job_id) is not None:
+                await self.ws.send_bytes(preview_frame(ev))
             return
         feed = await self._feed(ev.job_id)
         if feed is None:
@@ -155,10 +167,12 @@ class _Conn:
 async def websocket(request: web.Request) -> web.WebSocketResponse:
     """GET /ws"""
     api = get_api(request)
-    ws = web.WebSocketResponse(heartbeat=api.options.ws_heartbeat, max_msg_size=1 << 20)
+    ws = web.WebSocketResponse(
+        heartbeat=api.options.ws_heartbeat, max_msg_size=1 << 20, protocols=("comfyq",)
+    )
     await ws.prepare(request)
     try:
-        await _Conn(api, ws).run()
+        await _Conn(api, ws, principal(request)).run()
     except (ConnectionError, RuntimeError):
         log.debug("websocket client went away")
     return ws

@@ -11,12 +11,14 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from collections.abc import Callable, AsyncIterator, Collection
+from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
+from comfyq.clock import iso
 from comfyq.comfy.client import ComfyClient, redact_url
 from comfyq.errors import ComfyUIUnreachable
+from comfyq.logs import SIGNAL
 
 _log = logging.getLogger("comfyq.comfy.backends")
 
@@ -74,17 +76,16 @@ class BackendPool:
         self._log = logger or _log
         kwargs = dict(client_kwargs or {})
         kwargs.setdefault("logger", self._log)
+
         # A client id that stays the same across restarts lets a restarted comfyq get the messages
         # of prompts it submitted before it died (ComfyUI routes them by client id).
+        def client(url: str) -> ComfyClient:
+            if client_id_for:
+                return ComfyClient(url, **kwargs, client_id=client_id_for(url))
+            return ComfyClient(url, **kwargs)
+
         self._backends = [
-            Backend(
-                u,
-                ComfyClient(
-                    u, **kwargs, **({"client_id": client_id_for(u)} if client_id_for else {})
-                ),
-                slots_per_backend,
-                require_websocket=require_websocket,
-            )
+            Backend(u, client(u), slots_per_backend, require_websocket=require_websocket)
             for u in unique
         ]
         self._by_url = {b.url: b for b in self._backends}
@@ -98,10 +99,37 @@ class BackendPool:
         # Autoscalers read these tokens from the log: exactly one of them, and only when true.
         self._ready_logged = False
         self._ready_timed_out = False
+        # While held (comfyq serve holds it until its listener accepts connections), BACKENDS_READY
+        # waits: a watcher that connects the moment it reads the line must not be refused.
+        self._ready_held = False
 
     @property
     def backends(self) -> list[Backend]:
         return list(self._backends)
+
+    def hold_ready_line(self) -> None:
+        """Keep BACKENDS_READY back until :meth:`release_ready_line`."""
+        self._ready_held = True
+
+    def release_ready_line(self) -> None:
+        """Let BACKENDS_READY out (now, if every backend is already ready)."""
+        self._ready_held = False
+        self._maybe_announce()
+
+    def _maybe_announce(self) -> None:
+        if (
+            not self._ready_held
+            and not self._ready_logged
+            and not self._ready_timed_out
+            and not self._closed
+            and all(x.healthy for x in self._backends)
+        ):
+            self._ready_logged = True
+            self._log.info(
+                "BACKENDS_READY: %d backend(s) reachable, ready to serve",
+                len(self._backends),
+                extra=SIGNAL,
+            )
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -228,6 +256,7 @@ class BackendPool:
         out = []
         for b in self._backends:
             system = (b.system_stats or {}).get("system") or {}
+            found = b.client.capabilities
             out.append(
                 {
                     "url": b.display_url,
@@ -240,6 +269,8 @@ class BackendPool:
                     "last_error": b.last_error,
                     "comfyui_version": system.get("comfyui_version"),
                     "queue_remaining": b.client.queue_remaining,
+                    "capabilities": found.names() if found is not None else None,
+                    "capabilities_probed_at": iso(found.probed_at) if found is not None else None,
                 }
             )
         return out
@@ -269,26 +300,20 @@ class BackendPool:
                 self._log.warning(
                     "backend %s is unhealthy: %s", b.display_url, b.last_error or "unknown reason"
                 )
-        if (
-            now
-            and not self._ready_logged
-            and not self._ready_timed_out
-            and not self._closed
-            and all(x.healthy for x in self._backends)
-        ):
-            self._ready_logged = True
-            self._log.info(
-                "BACKENDS_READY: %d backend(s) reachable, ready to serve", len(self._backends)
-            )
+        if now:
+            self._maybe_announce()
         self._notify()
 
     async def _probe(self, b: Backend) -> None:
         try:
             b.system_stats = await b.client.system_stats(timeout=self.probe_timeout)
+            if b.client.capabilities_stale:  # first time, or the socket came back: restarted?
+                await b.client.probe(b.system_stats)
             b.http_ok = True
         except ComfyUIUnreachable as exc:
             b.http_ok = False
             b.last_error = exc.message
+            b.client.invalidate_capabilities()
         b.ws_ok = b.client.ws_connected
         if b.http_ok and not b.healthy:
             b.last_error = b.client.ws_error or "websocket not connected"
@@ -319,4 +344,5 @@ class BackendPool:
             n,
             self.ready_timeout,
             ", ".join(down),
+            extra=SIGNAL,
         )

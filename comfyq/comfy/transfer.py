@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import IO, Any
 
-import aiofiles
+import aiofiles  # type: ignore[import-untyped]  # no stubs; aiofiles goes in issue 21 step 5
 import aiohttp
 import msgspec
 

@@ -18,13 +18,16 @@ import math
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import aiofiles
+import aiofiles  # type: ignore[import-untyped]  # no stubs; aiofiles goes in issue 21 step 5
 from yarl import URL
 
 from comfyq.errors import ComfyqError, OutputError
 from comfyq.netguard import AddressGuard
+
+if TYPE_CHECKING:
+    from botocore.exceptions import BotoCoreError, ClientError
 
 log = logging.getLogger("comfyq.outputs")
 
@@ -364,9 +367,9 @@ class S3Uploader:
         )
 
 
-def _boto_errors() -> tuple[type[Exception], type[Exception]]:
+def _boto_errors() -> tuple[type[BotoCoreError], type[ClientError]]:
     """(BotoCoreError, ClientError), imported when first needed."""
-    from botocore.exceptions import BotoCoreError, ClientError  # type: ignore[import-untyped]
+    from botocore.exceptions import BotoCoreError, ClientError
 
     return BotoCoreError, ClientError
 

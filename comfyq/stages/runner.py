@@ -15,7 +15,7 @@ import asyncio
 import logging
 import random
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -219,8 +219,8 @@ class Pipeline:
         self,
         store: JobStore,
         bus: EventBus,
-        handlers: dict[str, StageHandler],
-        workers: dict[str, int],
+        handlers: Mapping[str, StageHandler],
+        workers: Mapping[str, int],
         cfg: RunnerConfig | None = None,
     ) -> None:
         self.store = store
@@ -329,7 +329,8 @@ class Pipeline:
                     raise
                 await self._settle(job, ctx, inner, stage)
                 return
-            except BaseException:
+            # Whatever the handler raised (a bug included) fails this job only; _settle records it.
+            except BaseException:  # noqa: BLE001
                 await self._settle(job, ctx, inner, stage)
                 return
             await self._advance(job, done)
@@ -442,7 +443,7 @@ class Pipeline:
 
     def backoff(self, attempt: int) -> float:
         """Capped exponential backoff with jitter for retry number ``attempt``."""
-        base = min(self.cfg.retry_max, self.cfg.retry_base * 2 ** max(0, attempt - 1))
+        base = min(self.cfg.retry_max, self.cfg.retry_base * 2.0 ** max(0, attempt - 1))
         return base * random.uniform(0.5, 1.0)
 
     # --- housekeeping ------------------------------------------------------------------------

@@ -106,14 +106,19 @@ class JobReads(abc.ABC):
 
     @abc.abstractmethod
     async def output_file(self, job_id: str, filename: str) -> dict[str, Any] | None:
-        """``local_path`` and ``mimetype`` of one recorded output, or None."""
+        """``local_path``, ``mimetype`` and the job's ``owner`` of one recorded output, or None."""
 
     @abc.abstractmethod
     async def page(
-        self, statuses: list[str], limit: int, cursor: tuple[str, str] | None
+        self,
+        statuses: list[str],
+        limit: int,
+        cursor: tuple[str, str] | None,
+        owners: list[str] | None = None,
     ) -> list[Job]:
         """Jobs newest first, filtered by client statuses (keys of STATUS_FILTERS); ``cursor`` is
-        (created_at, id) of the last job of the previous page."""
+        (created_at, id) of the last job of the previous page; ``owners``: only jobs created by
+        these API key ids (None: every job)."""
 
     @abc.abstractmethod
     async def queue_snapshot(self) -> list[tuple[str, str, str, int]]:

@@ -58,6 +58,7 @@ _PLAIN_COLS = (
     "updated_at",
     "stage_entered_at",
     "finished_at",
+    "owner",
 )
 # Where from_row puts each column: plain columns in their own slot, JSON columns (decoded on first
 # use) and cancel_requested (a bool on read) in a private one behind a property.
@@ -125,6 +126,7 @@ class Job:
     updated_at: str
     stage_entered_at: str
     finished_at: str | None
+    owner: str | None  # the creating API key's id (comfyq.api.auth), never the key
 
     def __init__(self, row: sqlite3.Row | dict[str, Any]) -> None:
         if isinstance(row, dict):
@@ -202,6 +204,7 @@ class NewJob:
     timeout: float = 3600.0
     kind: str = ""
     secrets: dict[str, Any] | None = None
+    owner: str | None = None  # the creating API key's id (comfyq.api.auth.key_id)
 
 
 @dataclass

@@ -50,8 +50,10 @@ def load(directory: Path | None = None) -> list[Migration]:
             raise MigrationError(f"migration file {path.name} is not named NNNN_name.sql")
         out.append(Migration(int(m.group(1)), m.group(2), path.read_text()))
     versions = [m.version for m in out]
-    if versions != list(range(1, len(out) + 1)):
-        raise MigrationError(f"migration versions must be 1..n without gaps, got {versions}")
+    # Gaps are allowed: numbers are reserved per branch and may land in any order (a database
+    # gets each missing file applied when it arrives). Duplicates are not.
+    if len(set(versions)) != len(versions) or (versions and versions[0] < 1):
+        raise MigrationError(f"migration versions must be distinct and >= 1, got {versions}")
     return out
 
 

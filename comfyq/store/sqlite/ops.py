@@ -43,6 +43,12 @@ def get(conn: sqlite3.Connection, job_id: str) -> Job | None:
 
 def _existing(conn: sqlite3.Connection, new: NewJob) -> Job | None:
     existing = get(conn, new.id)
+    if existing is not None and existing.owner != new.owner:
+        # Another key's job: a conflict, whatever its payload (never that key's job itself).
+        raise Conflict(
+            f"request_id {new.id!r} is already used",
+            fields=[{"path": "$.input.request_id", "message": "already used"}],
+        )
     if existing is not None and existing.payload_hash != new.payload_hash:
         raise Conflict(
             f"request_id {new.id!r} was already used with a different payload",
@@ -63,9 +69,9 @@ def create(
     job = _one(
         conn,
         "INSERT INTO jobs (id, priority, max_attempts, kind, payload, payload_hash, message, run_after,"
-        " deadline_at, created_at, updated_at, stage_entered_at)"
+        " deadline_at, created_at, updated_at, stage_entered_at, owner)"
         " SELECT :id, :priority, :max_attempts, :kind, :payload, :hash, 'Request accepted', :now,"
-        " :deadline, :now, :now, :now WHERE (SELECT unfinished FROM queue_stats WHERE id = 1) < :max"
+        " :deadline, :now, :now, :now, :owner WHERE (SELECT unfinished FROM queue_stats WHERE id = 1) < :max"
         " ON CONFLICT (id) DO NOTHING RETURNING *",
         {
             "id": new.id,
@@ -77,6 +83,7 @@ def create(
             "now": t,
             "deadline": _iso(now + new.timeout),
             "max": max_queue,
+            "owner": new.owner,
         },
     )
     if job is None:

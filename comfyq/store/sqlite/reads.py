@@ -22,7 +22,7 @@ from comfyq.store.model import Job, loads
 
 HEAD_COLUMNS = (
     "id, state, stage, message, attempts, kind, priority, created_at, updated_at,"
-    " stage_entered_at, finished_at"
+    " stage_entered_at, finished_at, owner"
 )
 
 
@@ -84,13 +84,18 @@ class Reads(JobReads):
 
     async def output_file(self, job_id: str, filename: str) -> dict[str, Any] | None:
         rows = await self.rows(
-            "SELECT local_path, mimetype FROM outputs WHERE job_id = ? AND filename = ?",
+            "SELECT o.local_path, o.mimetype, j.owner FROM outputs o JOIN jobs j ON j.id = o.job_id"
+            " WHERE o.job_id = ? AND o.filename = ?",
             (job_id, filename),
         )
         return dict(rows[0]) if rows else None
 
     async def page(
-        self, statuses: list[str], limit: int, cursor: tuple[str, str] | None
+        self,
+        statuses: list[str],
+        limit: int,
+        cursor: tuple[str, str] | None,
+        owners: list[str] | None = None,
     ) -> list[Job]:
         where: list[str] = []
         params: list[Any] = []
@@ -99,6 +104,9 @@ class Reads(JobReads):
         if cursor:
             where.append("(created_at, id) < (?, ?)")
             params.extend(cursor)
+        if owners is not None:
+            where.append(f"owner IN ({','.join('?' * len(owners))})" if owners else "0")
+            params.extend(owners)
         sql = "SELECT * FROM jobs" + (" WHERE " + " AND ".join(where) if where else "")
         sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
         return [Job.from_row(r) for r in await self.rows(sql, (*params, limit))]

@@ -11,13 +11,13 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from . import sim_files
-from .sim_nodedefs import NODES, object_info
-from .sim_validate import ServerCrash, validate_prompt
-from .sim_ws import SERVER_FEATURES
+from . import files as sim_files
+from .nodedefs import NODES, object_info
+from .validate import ServerCrash, validate_prompt
+from .ws import SERVER_FEATURES
 
 if TYPE_CHECKING:
-    from .simulator import SimProcess
+    from .process import SimProcess
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 CRASH_TEXT = "500 Internal Server Error\n\nServer got itself in trouble"

@@ -6,7 +6,7 @@ import hashlib
 from collections.abc import Callable
 from typing import Any
 
-from .sim_nodedefs import NODES
+from .nodedefs import NODES
 
 
 def is_link(value: Any) -> bool:

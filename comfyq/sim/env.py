@@ -9,7 +9,7 @@ import shutil
 import time
 from pathlib import Path
 
-from .sim_types import NodeFailure
+from .types import NodeFailure
 
 DEFAULT_CHECKPOINTS = ("sd_xl_base_1.0.safetensors", "v1-5-pruned-emaonly.safetensors")
 _BIG_FILE = 1 << 20

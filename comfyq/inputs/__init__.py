@@ -1,4 +1,7 @@
-"""Input assets: safe URL downloads and inline (base64) inputs, kept in a content-hash cache.
+"""How a request becomes a ComfyUI prompt: ``prepare`` builds the workflow (modifier or raw) and
+places its inputs; ``downloader``, ``filetypes`` and ``storage`` fetch URL and base64 inputs safely.
+
+Input assets: safe URL downloads and inline (base64) inputs, kept in a content-hash cache.
 
 Every file lands in ``cache_dir/{sha256}{ext}``: it is streamed to a private temp file, hashed on
 the way, typed by libmagic from its first bytes and renamed into place atomically, so readers
@@ -9,8 +12,8 @@ revalidated with the server's ETag / Last-Modified, so changed content is picked
 
 from __future__ import annotations
 
-from comfyq.assets.downloader import Downloader, DownloaderStats
-from comfyq.assets.filetypes import (
+from comfyq.inputs.downloader import Downloader, DownloaderStats
+from comfyq.inputs.filetypes import (
     DEFAULT_ALLOWED_TYPES,
     SNIFF_BYTES,
     Asset,

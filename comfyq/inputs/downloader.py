@@ -13,12 +13,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-import aiofiles
-import aiofiles.os
+import aiofiles  # type: ignore[import-untyped]  # no stubs; aiofiles goes in issue 21 step 5
+import aiofiles.os  # type: ignore[import-untyped]  # no stubs; aiofiles goes in issue 21 step 5
 import aiohttp
 from yarl import URL
 
-from comfyq.assets.filetypes import (
+from comfyq.errors import InputError
+from comfyq.inputs.filetypes import (
     DEFAULT_ALLOWED_TYPES,
     SNIFF_BYTES,
     Asset,
@@ -27,7 +28,7 @@ from comfyq.assets.filetypes import (
     sniff_type,
     type_allowed,
 )
-from comfyq.assets.storage import (
+from comfyq.inputs.storage import (
     PARTIAL_DIR,
     discard,
     inline_candidate,
@@ -35,11 +36,10 @@ from comfyq.assets.storage import (
     touch,
     write_and_hash,
 )
-from comfyq.errors import InputError
 from comfyq.logs import detached
 from comfyq.netguard import AddressGuard, redact_url
 
-log = logging.getLogger("comfyq.assets")
+log = logging.getLogger("comfyq.inputs")
 
 _WRITE_BATCH = 1 * MiB
 _REDIRECT_CODES = frozenset({301, 302, 303, 307, 308})

@@ -7,12 +7,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .sim_env import SimEnv
-from .sim_graph import ExecList, _Unequal, is_link, signatures
-from .sim_nodedefs import NODES
-from .sim_queue import PromptQueue, QueueItem
-from .sim_types import NodeFailure, NodeSpec
-from .sim_ws import Hub, preview_frame, preview_meta_frame, text_frame
+from .env import SimEnv
+from .graph import ExecList, _Unequal, is_link, signatures
+from .nodedefs import NODES
+from .queue import PromptQueue, QueueItem
+from .types import NodeFailure, NodeSpec
+from .ws import Hub, preview_frame, preview_meta_frame, text_frame
 
 # Frames ComfyUI's tracebacks start with for a failing node (paths as recorded in the traces).
 _TB_EXECUTE = [

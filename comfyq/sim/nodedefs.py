@@ -6,9 +6,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from . import sim_nodes as n
-from .sim_env import SimEnv
-from .sim_types import InputSpec, NodeSpec
+from . import nodes as n
+from .env import SimEnv
+from .types import InputSpec, NodeSpec
 
 MAX_RES = 16384
 

@@ -18,8 +18,8 @@ from typing import Any
 
 import msgspec
 
-from comfyq.assets import Asset, Downloader
 from comfyq.errors import BadRequest, ComfyqError, InputError, ModifierError
+from comfyq.inputs import Asset, Downloader
 from comfyq.netguard import AddressGuard
 from modifiers.basemodifier import (
     BaseModifier,
@@ -31,7 +31,7 @@ from modifiers.basemodifier import (
 )
 from modifiers.registry import ModifierRegistry
 
-log = logging.getLogger("comfyq.prepare")
+log = logging.getLogger("comfyq.inputs.prepare")
 
 _MAX_MESSAGE = 500
 

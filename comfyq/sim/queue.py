@@ -6,7 +6,7 @@ import asyncio
 import heapq
 from typing import Any
 
-from .sim_ws import Hub
+from .ws import Hub
 
 SENSITIVE_EXTRA_DATA_KEYS = ("auth_token_comfy_org", "api_key_comfy_org")
 QueueItem = list[Any]  # [number, prompt_id, prompt, extra_data, outputs_to_execute]

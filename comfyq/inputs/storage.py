@@ -10,11 +10,11 @@ import os
 from pathlib import Path
 from urllib.parse import unquote_to_bytes
 
-import aiofiles.os
-from aiofiles.threadpool.binary import AsyncBufferedIOBase
+import aiofiles.os  # type: ignore[import-untyped]  # no stubs; aiofiles goes in issue 21 step 5
+from aiofiles.threadpool.binary import AsyncBufferedIOBase  # type: ignore[import-untyped]  # no stubs; aiofiles goes in issue 21 step 5
 
-from comfyq.assets.filetypes import SNIFF_BYTES, extension_for, sniff_type
 from comfyq.errors import InputError
+from comfyq.inputs.filetypes import SNIFF_BYTES, extension_for, sniff_type
 
 PARTIAL_DIR = ".partial"
 

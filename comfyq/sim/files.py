@@ -11,8 +11,8 @@ from typing import Any
 
 from aiohttp import web
 
-from .sim_env import SimEnv, write_file
-from .sim_png import UnidentifiedImageError, encode_webp_solid, sniff_image
+from .env import SimEnv, write_file
+from .png import UnidentifiedImageError, encode_webp_solid, sniff_image
 
 _UNSAFE_TYPES = {
     "text/html",

@@ -1,6 +1,6 @@
 """A protocol-faithful ComfyUI simulator (HTTP + websocket), built from recorded ComfyUI traffic.
 
-Run standalone: python -m comfyq.comfy.simulator --host 127.0.0.1 --port 8188
+Run standalone: python -m comfyq.sim --host 127.0.0.1 --port 8188
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import shutil
 import signal
-import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,46 +17,13 @@ from typing import Any, Self
 
 from aiohttp import web
 
-from .sim_env import SimEnv
-from .sim_exec import Executor, Faults, Timing
-from .sim_http import build_app
-from .sim_promptlog import PromptLog
-from .sim_queue import PromptQueue
-from .sim_ws import Hub
+from .env import SimEnv
+from .exec import Faults, Timing
+from .http import build_app
+from .process import SimProcess
+from .promptlog import PromptLog
 
 __all__ = ["Simulator", "main"]
-
-
-class SimProcess:
-    """Everything a real ComfyUI process keeps in memory; a crash throws it away."""
-
-    def __init__(
-        self,
-        env: SimEnv,
-        faults: Faults,
-        timing: Timing,
-        max_history: int,
-        prompts_received: list[str],
-        host: str,
-        port: int,
-        prompt_log: PromptLog | None = None,
-    ) -> None:
-        self.env, self.faults, self.host, self.port = env, faults, host, port
-        self.prompts_received = prompts_received
-        self.prompt_log = prompt_log  # outlives this process's memory (see sim_promptlog)
-        self.hub = Hub(lambda: faults.stall_ws)
-        self.queue = PromptQueue(self.hub, max_history)
-        self.executor = Executor(self.queue, self.hub, env, faults, timing)
-        self.number = 0
-        self.alive = True  # False once stopped or crashed: late handlers must not count prompts
-        self.app = build_app(self)
-
-    async def on_ws_connect(self, sid: str) -> None:
-        """First messages of a socket: status with sid; the running node if it is its prompt."""
-        await self.hub.send_json("status", {"status": self.queue.queue_info(), "sid": sid}, sid)
-        ex = self.executor
-        if ex.client_id == sid and ex.last_node_id is not None:
-            await self.hub.send_json("executing", {"node": ex.last_node_id}, sid)
 
 
 class Simulator:
@@ -186,7 +152,7 @@ class Simulator:
             self.port,
             self.prompt_log,
         )
-        runner = web.AppRunner(proc.app, access_log=None, shutdown_timeout=1.0)
+        runner = web.AppRunner(build_app(proc), access_log=None, shutdown_timeout=1.0)
         await runner.setup()
         loop = asyncio.get_running_loop()
         try:
@@ -265,7 +231,7 @@ class Simulator:
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
-        prog="python -m comfyq.comfy.simulator", description="Simulated ComfyUI server"
+        prog="python -m comfyq.sim", description="Simulated ComfyUI server"
     )
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8188)
@@ -317,7 +283,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point: serve until SIGINT/SIGTERM."""
     asyncio.run(_serve(_parse(argv)))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

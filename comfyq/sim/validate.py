@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from .sim_env import SimEnv
-from .sim_nodedefs import NODES, resolve_input
-from .sim_types import NodeSpec
+from .env import SimEnv
+from .nodedefs import NODES, resolve_input
+from .types import NodeSpec
 
 Error = dict[str, Any]
 Verdict = tuple[bool, list[Error], str]

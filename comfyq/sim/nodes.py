@@ -10,9 +10,9 @@ import random
 import zlib
 from typing import Any
 
-from .sim_env import SimEnv, read_file, write_file
-from .sim_png import UnidentifiedImageError, encode_png, sniff_image
-from .sim_types import (
+from .env import SimEnv, read_file, write_file
+from .png import UnidentifiedImageError, encode_png, sniff_image
+from .types import (
     NodeFailure,
     RunContext,
     RunResult,
