@@ -56,7 +56,9 @@ class OwnPostgres:
 
     @staticmethod
     def available() -> bool:
-        return (PG_BIN / "initdb").exists() and (os.geteuid() != 0 or shutil.which("runuser"))
+        return (PG_BIN / "initdb").exists() and (
+            os.geteuid() != 0 or shutil.which("runuser") is not None
+        )
 
     def _run(self, *argv: str) -> None:
         subprocess.run([*self.as_user, *argv], check=True, capture_output=True, timeout=120)
@@ -223,13 +225,13 @@ def account(url: str, run: Run, receiver_log: Path, deadline: float) -> dict[str
             r[0]: r[1:]
             for r in conn.execute("SELECT id, state, attempts, max_attempts FROM jobs").fetchall()
         }
-        terminal = dict(
+        terminal: dict[str, int] = dict(
             conn.execute(
                 "SELECT job_id, count(*) FROM job_events WHERE to_state IN"
                 " ('completed', 'failed', 'cancelled') GROUP BY job_id"
             ).fetchall()
         )
-        hook_ids = dict(
+        hook_ids: dict[str, int] = dict(
             conn.execute("SELECT job_id, count(DISTINCT id) FROM webhook_deliveries GROUP BY 1")
         )
     delivered: dict[str, set[str]] = {}
