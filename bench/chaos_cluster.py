@@ -39,53 +39,9 @@ import aiohttp
 import psycopg
 
 from bench.common import free_port, write_json
-from comfyq.cluster.harness import Cluster, create_database, drop_database
+from comfyq.cluster.harness import Cluster, OwnPostgres, create_database, drop_database
 
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
 SECRET = "whsec_" + "Y2hhb3MtY2x1c3Rlci1zZWNyZXQtMDEyMzQ1"
-
-
-class OwnPostgres:
-    """A throwaway PostgreSQL cluster (initdb) that the run may stop and start."""
-
-    def __init__(self, root: Path) -> None:
-        self.data = root / "pgdata"
-        self.port = free_port()
-        self.log = root / "postgres.log"
-        self.as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-
-    @staticmethod
-    def available() -> bool:
-        return (PG_BIN / "initdb").exists() and (
-            os.geteuid() != 0 or shutil.which("runuser") is not None
-        )
-
-    def _run(self, *argv: str) -> None:
-        subprocess.run([*self.as_user, *argv], check=True, capture_output=True, timeout=120)
-
-    def start(self) -> str:
-        self.data.parent.mkdir(parents=True, exist_ok=True)
-        if self.as_user:
-            shutil.chown(self.data.parent, "postgres")
-        self._run(str(PG_BIN / "initdb"), "-D", str(self.data), "-U", "postgres", "-A", "trust")
-        with (self.data / "postgresql.conf").open("a") as f:
-            f.write(
-                f"port = {self.port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = ''\n"
-                "max_connections = 200\nfsync = on\n"
-            )
-        self.up()
-        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
-
-    def up(self) -> None:
-        self._run(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-w", "start")
-
-    def down(self) -> None:
-        self._run(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop")
-
-    def destroy(self) -> None:
-        with contextlib.suppress(Exception):
-            self.down()
-        shutil.rmtree(self.data, ignore_errors=True)
 
 
 def workflow(i: int) -> dict[str, Any]:

@@ -8,10 +8,13 @@ killed with SIGKILL and started again under the same name.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -23,6 +26,7 @@ from typing import Any
 
 import psycopg
 
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
 DEFAULT_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 _LISTENING = re.compile(rb"comfyq listening on (http://[0-9.]+:\d+)")
 _SIM_READY = re.compile(rb"SIMULATOR_READY (http://[0-9.]+:\d+)")
@@ -191,6 +195,56 @@ class Cluster:
             for p in self.instances.values()
             if p.log.exists()
         )
+
+
+class OwnPostgres:
+    """A throwaway PostgreSQL cluster (initdb) that the run may stop and start."""
+
+    def __init__(self, root: Path, *, settings: str = "") -> None:
+        self.data = root / "pgdata"
+        self.port = free_port()
+        self.settings = settings  # extra postgresql.conf lines
+        self.log = root / "postgres.log"
+        self.as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+
+    @staticmethod
+    def available() -> bool:
+        return (PG_BIN / "initdb").exists() and (
+            os.geteuid() != 0 or shutil.which("runuser") is not None
+        )
+
+    def _run(self, *argv: str) -> None:
+        subprocess.run([*self.as_user, *argv], check=True, capture_output=True, timeout=120)
+
+    def start(self) -> str:
+        self.data.parent.mkdir(parents=True, exist_ok=True)
+        if self.as_user:
+            shutil.chown(self.data.parent, "postgres")
+        self._run(str(PG_BIN / "initdb"), "-D", str(self.data), "-U", "postgres", "-A", "trust")
+        with (self.data / "postgresql.conf").open("a") as f:
+            f.write(
+                f"port = {self.port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = ''\n"
+                "max_connections = 200\nfsync = on\n" + self.settings
+            )
+        self.up()
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def up(self) -> None:
+        self._run(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-w", "start")
+
+    def down(self) -> None:
+        self._run(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+    def destroy(self) -> None:
+        with contextlib.suppress(Exception):
+            self.down()
+        shutil.rmtree(self.data, ignore_errors=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def get_json(url: str, timeout: float = 30.0) -> Any:
