@@ -27,7 +27,8 @@ from comfyq.stages.generate import Generate
 from comfyq.stages.postprocess import Postprocess
 from comfyq.stages.preprocess import Preprocess
 from comfyq.stages.runner import Pipeline, RunnerConfig, StageHandler
-from comfyq.store import JobStore, open_store
+from comfyq.store import JobStore, Transition, open_store
+from comfyq.store.model import TERMINAL
 from comfyq.webhooks import WebhookConfig, WebhookSender
 from modifiers import ModifierRegistry
 
@@ -113,7 +114,7 @@ class Services:
             self.link,
             instance_id=self.store.owner,
             bus=self.bus,
-            wake=[self.bus.on_transitions, self.pipeline.wake],
+            wake=[self.bus.on_transitions, self.pipeline.wake, self._wake_webhooks],
             pool=self.pool if "generate" in self.roles else None,
             backends=self.backend_urls,
         )
@@ -123,6 +124,11 @@ class Services:
         )
         self._tasks: list[asyncio.Task[Any]] = []
         self.started = False
+
+    def _wake_webhooks(self, trs: list[Transition]) -> None:
+        # A job that ended on another instance queued its webhook: any sender may take it.
+        if "webhooks" in self.roles and any(t.to_state in TERMINAL for t in trs):
+            self.webhooks.wake()
 
     def _client_id(self, url: str) -> str:
         """Stable per (database, backend), and per instance when the database is shared: ComfyUI

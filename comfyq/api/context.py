@@ -56,6 +56,8 @@ class Api:
         self.queue = QueueView(
             self.store, self.reads, self.pipeline, max_queue_size=self.settings.max_queue_size
         )
+        # Other instances' state changes move this instance's queue positions too.
+        services.cluster.wake.append(self.queue.on_transitions)
         self.metrics = Metrics(services)
         # Bounds the reads of a connection burst, and with them the server's memory high-water mark.
         self.stream_setup = asyncio.Semaphore(options.stream_setups)
