@@ -117,6 +117,7 @@ class Services:
             wake=[self.bus.on_transitions, self.pipeline.wake, self._wake_webhooks],
             pool=self.pool if "generate" in self.roles else None,
             backends=self.backend_urls,
+            rescue=self.store.recover,
         )
         self.postprocess.holder = lambda: self.cluster.me.name
         self.outputs = OutputRouter(

@@ -39,6 +39,10 @@ class ClusterLink(Protocol):
         """Prompts in flight per ComfyUI URL on the other instances (generate jobs they hold)."""
         ...
 
+    async def dead_owners(self, me: str, heartbeat: float) -> list[str]:
+        """Lease owners of running jobs that are no live instance (their jobs may be rescued)."""
+        ...
+
     def send_live(self, job_id: str, kind: str, event_id: str, data: dict[str, Any]) -> None:
         """Queue one live event for the other instances."""
         ...
@@ -75,6 +79,9 @@ class LocalLink:
 
     async def backend_load(self, me: str) -> dict[str, int]:
         return {}
+
+    async def dead_owners(self, me: str, heartbeat: float) -> list[str]:
+        return []  # one process per file: the store's recover() knows every other owner is dead
 
     def send_live(self, job_id: str, kind: str, event_id: str, data: dict[str, Any]) -> None:
         return None

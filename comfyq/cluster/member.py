@@ -12,7 +12,7 @@ import asyncio
 import logging
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from comfyq import __version__
@@ -42,12 +42,14 @@ class Membership:
         wake: list[Callable[[list[Transition]], None]],
         pool: BackendPool | None,
         backends: list[str],
+        rescue: Callable[[], Awaitable[list[Transition]]] | None = None,
     ) -> None:
         self.settings = settings
         self.link = link
         self.bus = bus
         self.wake = wake
         self.pool = pool
+        self.rescue = rescue
         host = socket.gethostname()
         self.me = Instance(
             id=instance_id,
@@ -75,6 +77,8 @@ class Membership:
         self._tasks.append(asyncio.create_task(self._heartbeat(), name="cluster-heartbeat"))
         if self.link.shared and self.pool is not None:
             self._tasks.append(asyncio.create_task(self._backend_load(), name="cluster-load"))
+        if self.link.shared and self.rescue is not None:
+            self._tasks.append(asyncio.create_task(self._rescue(), name="cluster-rescue"))
 
     async def stop(self) -> None:
         if not self.started:
@@ -115,6 +119,27 @@ class Membership:
             except Exception as exc:  # noqa: BLE001 - the database may be away: keep trying
                 self.heartbeat_failures += 1
                 log.warning("instance heartbeat failed: %s", exc)
+
+    async def dead_owners(self) -> list[str]:
+        """Lease owners that are no live instance (the store's recover() rescues their jobs)."""
+        return await self.link.dead_owners(self.me.id, self.settings.instance_heartbeat)
+
+    async def _rescue(self) -> None:
+        # A dead instance's jobs go back to their queues as soon as its heartbeat has stopped
+        # for three beats, not only when their leases expire (the reaper's job, which also runs).
+        assert self.rescue is not None
+        while True:
+            await asyncio.sleep(self.settings.instance_heartbeat)
+            try:
+                if await self.dead_owners():
+                    rescued = await self.rescue()
+                    if rescued:
+                        log.warning(
+                            "rescued %d job(s) of instance(s) that stopped answering",
+                            len(rescued),
+                        )
+            except Exception as exc:  # noqa: BLE001 - the reaper still rescues by lease expiry
+                log.debug("rescue of dead instances' jobs skipped: %s", exc)
 
     async def _backend_load(self) -> None:
         assert self.pool is not None

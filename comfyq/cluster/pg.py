@@ -255,6 +255,17 @@ class PgLink:
             for r in rows
         ]
 
+    async def dead_owners(self, me: str, heartbeat: float) -> list[str]:
+        """Lease owners of running jobs that are not live instances (stopped, silent for three
+        heartbeats, or never registered): their jobs can be rescued before their leases expire."""
+        rows = await self._rows(
+            "SELECT DISTINCT lease_owner AS owner FROM jobs WHERE state = 'running'"
+            " AND lease_owner <> %s AND lease_owner NOT IN (SELECT id FROM instances"
+            " WHERE stopped_at IS NULL AND heartbeat_at > now() - make_interval(secs => %s))",
+            (me, 3 * heartbeat),
+        )
+        return [r["owner"] for r in rows]
+
     async def backend_load(self, me: str) -> dict[str, int]:
         rows = await self._rows(
             "SELECT comfy_backend AS url, count(*) AS n FROM jobs"
