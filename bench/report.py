@@ -9,6 +9,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from bench import report_cluster
 from bench import report_sections as sec
 from bench.report_fmt import (
     PATH_LABELS,
@@ -230,6 +231,9 @@ SECTIONS = [
     ("preprocess", "Preprocess and inputs (#5)", sec.preprocess),
     ("outputs", "Outputs, S3 and webhooks (#6)", sec.outputs),
     ("profile", "Where a job's CPU goes (#13, `--profile`)", sec.profile),
+    ("pgstore", "PostgreSQL store alone (#12)", report_cluster.pgstore),
+    ("cluster", "Several instances end to end (#12)", report_cluster.cluster),
+    ("chaos_cluster", "Multi-instance chaos run (#12)", report_cluster.chaos),
 ]
 
 
