@@ -140,7 +140,9 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     ] = 5.0
 
     # --- storage -----------------------------------------------------------------------------
-    database: Annotated[str, _d("the SQLite file: queue, jobs, events, outbox")] = "data/comfyq.db"
+    database: Annotated[
+        str, _d("the SQLite file, or a postgresql:// URL: queue, jobs, events, outbox")
+    ] = "data/comfyq.db"
     output_dir: Annotated[str, _d("where output files are kept, one folder per job")] = (
         "data/outputs"
     )

@@ -29,6 +29,7 @@ from comfyq.stages.preprocess import Preprocess
 from comfyq.stages.runner import Pipeline, RunnerConfig, StageHandler
 from comfyq.store import JobStore, Transition, open_store
 from comfyq.store.model import TERMINAL
+from comfyq.store.postgres import PostgresStore
 from comfyq.webhooks import WebhookConfig, WebhookSender
 from modifiers import ModifierRegistry
 
@@ -120,6 +121,9 @@ class Services:
             rescue=self.store.recover,
         )
         self.postprocess.holder = lambda: self.cluster.me.name
+        if isinstance(self.store, PostgresStore):
+            # recover() at start and the cluster's rescue take the jobs of dead instances only.
+            self.store.dead_owners = self.cluster.dead_owners
         self.outputs = OutputRouter(
             self.cluster, api_key=settings.api_keys[0] if settings.api_keys else None
         )

@@ -19,6 +19,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from moto.server import ThreadedMotoServer
+from store_support import pg_database, pg_server, pg_url  # noqa: F401 - fixtures
 
 from comfyq.api.context import ApiOptions
 from comfyq.app import create_app

@@ -138,9 +138,9 @@ async def test_two_clients_and_an_admin_over_every_route(make_server: MakeServer
     await _job(srv, CB, "own-b")
     await _job(srv, ADMIN, "own-admin")
     fa = ja["output"][0]["filename"]
-    owners = {r[0]: r[1] for r in await srv.services.store._rows("SELECT id, owner FROM jobs")}
+    owners = {j.id: j.owner for j in await srv.services.store.list_jobs(limit=100)}
     assert owners == {"own-a": key_id(CA), "own-b": key_id(CB), "own-admin": key_id(ADMIN)}
-    raw = Path(srv.services.store.path).read_bytes()
+    raw = Path(srv.services.db_path).read_bytes()
     assert CA.encode() not in raw and ADMIN.encode() not in raw
 
     # Reads of one job: the owner and the admin, never the other client (404, like a missing job).

@@ -25,7 +25,7 @@ sys.path.insert(
 from bench.chaos_client import workflow
 from bench.chaos_report import Inputs, account, charged_lookups, lost_anything, render
 from comfyq.clock import parse_iso
-from comfyq.store import JobStore, NewJob
+from comfyq.store import JobStore, NewJob, open_store
 
 PNG = b"\x89PNG\r\n\x1a\n not really, but bytes with a hash"
 
@@ -63,7 +63,7 @@ def jsonl(path: Path, records: list[dict[str, Any]]) -> None:
 
 
 async def test_accounting_finds_every_kind_of_loss(tmp_path: Path, moto_url: str) -> None:
-    store = JobStore(tmp_path / "q.db")
+    store = open_store(tmp_path / "q.db")
     await store.open()
     for job_id in ("ok", "cancelled", "stuck"):
         await store.create(new_job(job_id), 100)

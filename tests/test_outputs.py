@@ -146,7 +146,7 @@ async def test_request_s3_and_webhook_end_to_end_without_leaking_secrets(
             listing = await r.text()
         async with srv.session.get(srv.u("/result/e2e-1")) as r:
             result = await r.text()
-        conn = connect(srv.services.store.path, readonly=True)
+        conn = connect(srv.services.db_path, readonly=True)
         try:
             dump = "\n".join(conn.iterdump())
         finally:

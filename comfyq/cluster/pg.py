@@ -109,7 +109,7 @@ class PgLink:
 
     def __init__(self, conninfo: str, *, app_name: str, reconnect_max: float = 5.0) -> None:
         self.conninfo = conninfo
-        self.app_name = app_name  # application_name of the store's connections: the origin
+        self.app_name = app_name[:63]  # application_name of the store's connections: the origin
         self.reconnect_max = reconnect_max
         self._talk: psycopg.AsyncConnection[dict[str, Any]] | None = None
         self._talk_lock = asyncio.Lock()

@@ -391,7 +391,9 @@ def open_store(
 
 def _adapter_for(database: str | os.PathLike[str]) -> type[JobStore]:
     if is_postgres_url(database):
-        raise StoreError("this comfyq has no PostgreSQL adapter yet; use a SQLite file")
+        from comfyq.store.postgres import PostgresStore
+
+        return PostgresStore
     from comfyq.store.sqlite import SqliteStore
 
     return SqliteStore

@@ -1,0 +1,117 @@
+"""Reads on PostgreSQL, on the pool: each one statement in autocommit, so each sees every commit
+made before it was issued, whichever instance made it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from psycopg_pool import AsyncConnectionPool
+
+from comfyq.store.base import STATUS_FILTERS, JobReads
+from comfyq.store.model import Job, loads
+from comfyq.store.postgres.connect import Conn, wrapped
+
+HEAD_COLUMNS = (
+    "id, state, stage, message, attempts, kind, priority, created_at, updated_at,"
+    " stage_entered_at, finished_at, owner"
+)
+# Waiting jobs in claim order per stage (the jobs_claim index), then the running ones.
+SNAPSHOT_SQL = (
+    "SELECT id, stage, 'pending' AS state, row_number() OVER (PARTITION BY stage"
+    " ORDER BY priority DESC, created_at, id) AS pos FROM jobs WHERE state = 'pending'"
+    " UNION ALL SELECT id, stage, 'running', 0 FROM jobs WHERE state = 'running'"
+)
+
+
+def status_sql(status: str, params: list[Any]) -> str:
+    """A WHERE term for one client status (STATUS_FILTERS), its values appended to ``params``."""
+    terms = []
+    for state, stage in STATUS_FILTERS[status]:
+        if stage is None:
+            terms.append("state = %s")
+            params.append(state)
+        else:
+            terms.append("(state = %s AND stage = %s)")
+            params.extend((state, stage))
+    return "(" + " OR ".join(terms) + ")"
+
+
+class PgReads(JobReads):
+    """Fresh reads for request handlers, streams and the store's own read methods."""
+
+    def __init__(self, pool: AsyncConnectionPool[Conn], where: str) -> None:
+        self.pool = pool
+        self.where = where
+
+    async def rows(self, sql: str, params: Any = ()) -> list[dict[str, Any]]:
+        """All rows of one statement."""
+        async with wrapped(self.where), self.pool.connection() as conn:
+            cur = await conn.execute(sql, params)
+            return await cur.fetchall()
+
+    async def close(self) -> None:
+        """Nothing of its own to release: the pool is the store's."""
+
+    async def job(self, job_id: str) -> Job | None:
+        rows = await self.rows("SELECT * FROM jobs WHERE id = %s", (job_id,))
+        return Job(rows[0]) if rows else None
+
+    async def head(self, job_id: str) -> Job | None:
+        rows = await self.rows(f"SELECT {HEAD_COLUMNS} FROM jobs WHERE id = %s", (job_id,))
+        return Job(rows[0]) if rows else None
+
+    async def events(self, job_id: str, after: int = 0) -> list[dict[str, Any]]:
+        rows = await self.rows(
+            "SELECT * FROM job_events WHERE job_id = %s AND id > %s ORDER BY id", (job_id, after)
+        )
+        for r in rows:
+            r["data"] = loads(r["data"])
+        return rows
+
+    async def outputs(self, job_ids: list[str]) -> dict[str, list[dict[str, Any]]]:
+        out: dict[str, list[dict[str, Any]]] = {}
+        if job_ids:
+            sql = "SELECT * FROM outputs WHERE job_id = ANY(%s) ORDER BY id"
+            for r in await self.rows(sql, (job_ids,)):
+                out.setdefault(r["job_id"], []).append(r)
+        return out
+
+    async def output_file(self, job_id: str, filename: str) -> dict[str, Any] | None:
+        rows = await self.rows(
+            "SELECT o.local_path, o.mimetype, j.owner FROM outputs o JOIN jobs j ON j.id = o.job_id"
+            " WHERE o.job_id = %s AND o.filename = %s",
+            (job_id, filename),
+        )
+        return rows[0] if rows else None
+
+    async def page(
+        self,
+        statuses: list[str],
+        limit: int,
+        cursor: tuple[str, str] | None,
+        owners: list[str] | None = None,
+    ) -> list[Job]:
+        where: list[str] = []
+        params: list[Any] = []
+        if statuses:
+            where.append("(" + " OR ".join(status_sql(s, params) for s in statuses) + ")")
+        if cursor:
+            where.append("(created_at, id) < (%s::timestamptz, %s)")
+            params.extend(cursor)
+        if owners is not None:
+            where.append("owner = ANY(%s)")
+            params.append(owners)
+        sql = "SELECT * FROM jobs" + (" WHERE " + " AND ".join(where) if where else "")
+        sql += " ORDER BY created_at DESC, id DESC LIMIT %s"
+        return [Job(r) for r in await self.rows(sql, (*params, limit))]
+
+    async def queue_snapshot(self) -> list[tuple[str, str, str, int]]:
+        return [(r["id"], r["stage"], r["state"], r["pos"]) for r in await self.rows(SNAPSHOT_SQL)]
+
+    async def completed_timings(self, limit: int) -> list[tuple[str, dict[str, Any]]]:
+        rows = await self.rows(
+            "SELECT kind, timings FROM jobs WHERE state = 'completed' AND finished_at IS NOT NULL"
+            " ORDER BY finished_at DESC LIMIT %s",
+            (limit,),
+        )
+        return [(r["kind"], loads(r["timings"])) for r in rows]
