@@ -1,7 +1,8 @@
 """The store alone on PostgreSQL: complete jobs/s through claim -> every transition -> completed
 with 1, 2 and 4 instances (processes) x 16 workers, claim p50/p99 with 10k and 1M rows in the
 jobs table, and database round trips per job (statements the server executed, counted by
-pg_stat_statements, BEGIN and COMMIT included).
+pg_stat_statements, BEGIN and COMMIT included). The cluster's NOTIFY trigger is installed, as on
+any database several instances share, so its cost is in the figures.
 
 A PostgreSQL cluster of its own is started (initdb, with pg_stat_statements preloaded) when the
 server binaries are installed; otherwise the shared server is used and round trips are not
@@ -30,6 +31,7 @@ import psycopg
 
 from bench.common import add_json_arg, summary_ms, write_json
 from comfyq.cluster.harness import OwnPostgres, create_database, drop_database
+from comfyq.cluster.migrate import apply_cluster_migrations
 from comfyq.store import NewJob, open_store
 
 LEASE = 60.0
@@ -127,8 +129,15 @@ def stat_calls(url: str) -> tuple[int, list[tuple[str, int]]]:
     return sum(int(r[1]) for r in rows), [(str(r[0])[:90], int(r[1])) for r in rows[:12]]
 
 
+async def cluster_schema(url: str) -> None:
+    """The cluster's tables and the NOTIFY trigger, as every instance of a cluster has them."""
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        await apply_cluster_migrations(conn)
+
+
 def throughput(url: str, instances: int, workers: int, jobs: int) -> dict[str, Any]:
     asyncio.run(admit(url, 0, "warm"))  # migrations
+    asyncio.run(cluster_schema(url))  # each state change NOTIFYs, as in a running cluster
     counting = stat_reset(url)
     admit_s = asyncio.run(admit(url, jobs, f"n{instances}"))
     admit_calls = stat_calls(url)[0] if counting else None
