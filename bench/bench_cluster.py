@@ -147,6 +147,43 @@ async def _event_delays(api: str, jobs: int) -> tuple[list[float], int]:
     return delays, finals
 
 
+async def _link_delays(database: str, jobs: int) -> list[float]:
+    """The link alone: a state change committed by one store -> handed to another instance's
+    listeners (the bus and the stage runners) by its PgLink."""
+    from comfyq.cluster.model import Instance
+    from comfyq.cluster.pg import PgLink
+    from comfyq.store import NewJob, open_store
+
+    store = open_store(database, owner="writer-instance")
+    await store.open()
+    link = PgLink(database, app_name="reader-instance")
+    got: dict[str, float] = {}
+    arrived = asyncio.Event()
+
+    def on_transitions(trs: list[Any]) -> None:
+        for t in trs:
+            got.setdefault(t.job_id, time.perf_counter())
+        arrived.set()
+
+    me = Instance(id="reader-instance", name="reader")
+    await link.open(me, on_transitions, lambda *a: None)
+    delays = []
+    try:
+        for i in range(jobs):
+            job_id = f"link-{i}"
+            new = NewJob(id=job_id, payload={"input": {}}, payload_hash=job_id)
+            await store.create(new, 1_000_000)
+            committed = time.perf_counter()  # create() returns after the commit
+            while job_id not in got:
+                arrived.clear()
+                await asyncio.wait_for(arrived.wait(), 10)
+            delays.append(got[job_id] - committed)
+    finally:
+        await link.close(me)
+        await store.close()
+    return delays
+
+
 def event_delay(root: Path, database: str, jobs: int) -> dict[str, Any]:
     c = Cluster(root, database)
     try:
@@ -160,9 +197,15 @@ def event_delay(root: Path, database: str, jobs: int) -> dict[str, Any]:
             f" ({s['n']} events, {finals} final results)",
             flush=True,
         )
-        return {"delay_ms": s, "final_results": finals, "jobs": jobs}
     finally:
         c.close()
+    link = summary_ms(asyncio.run(_link_delays(database, jobs)))
+    print(
+        f"  link alone (commit returned on one -> listeners called on the other):"
+        f" p50 {link['p50']:.2f} ms, p99 {link['p99']:.2f} ms",
+        flush=True,
+    )
+    return {"delay_ms": s, "final_results": finals, "jobs": jobs, "link_delay_ms": link}
 
 
 def main() -> None:

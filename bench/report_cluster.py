@@ -60,9 +60,20 @@ def cluster(f: dict[str, Any], charts: Charts) -> list[str]:
             "",
             (
                 "Cross-instance event delay (committed on one instance → SSE event read on"
-                f" another): p50 {ms(d['p50'])}, p99 {ms(d['p99'])} over {num(d['n'])} state events."
+                f" another): p50 {ms(d['p50'])}, p99 {ms(d['p99'])} over {num(d['n'])} state events,"
+                " measured from the transition's own timestamp (taken before its transaction)"
+                " to the client's read; the SSE writer also reads queue positions first."
             ),
         ]
+        link = ev.get("link_delay_ms")
+        if link:
+            out += [
+                "",
+                (
+                    "The link alone (the writer's commit returned → the other instance's listeners"
+                    f" called): p50 {ms(link['p50'])}, p99 {ms(link['p99'])}."
+                ),
+            ]
     return out
 
 
