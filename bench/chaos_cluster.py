@@ -61,6 +61,8 @@ class Run:
         self.hook_url = hook_url
         self.rng = rng
         self.accepted: dict[str, str] = {}  # job id -> instance that admitted it
+        self.admitted_at: dict[str, float] = {}
+        self.kill_times: dict[str, list[float]] = {}  # instance -> when it was killed
         self.finals: dict[str, str] = {}  # job id -> instance whose stream gave the final result
         self.unbroken: set[str] = set()  # jobs whose first stream saw the end
         self.resumes = 0
@@ -90,6 +92,7 @@ class Run:
                     if r.status in (200, 202):
                         job_id = str((await r.json())["id"])
                         self.accepted.setdefault(job_id, name)
+                        self.admitted_at.setdefault(job_id, time.monotonic())
                         return job_id
                     if r.status < 500:
                         raise RuntimeError(f"admission refused {r.status}: {await r.text()}")
@@ -155,6 +158,7 @@ async def drive(
             name = rng.choice(list(c.instances))
             c.kill(name)
             run.killed_admitters.add(name)
+            run.kill_times.setdefault(name, []).append(time.monotonic())
             kills.append({"round": k, "instance": name, "at_jobs": len(run.accepted)})
             if pg is not None and k == args.kills // 2:
                 pg.down()  # the database goes away while two instances run and hold work
@@ -221,12 +225,18 @@ def account(url: str, run: Run, receiver_log: Path, deadline: float) -> dict[str
         "accepted": len(run.accepted),
         "states": states,
         "webhook_posts": posts,
-        "webhook_duplicates": posts - len(delivered),
+        "webhook_posts_beyond_one_per_job": posts - len(delivered),  # 503 retries, kills
         "admission_retries": run.admission_retries,
         "stream_resumes": run.resumes,
         "streams_unbroken": len(run.unbroken),
+        # Jobs admitted through an instance that was killed afterwards, whose final result a
+        # stream on a surviving instance saw.
         "finals_of_jobs_admitted_by_a_killed_instance": sum(
-            1 for j, n in run.accepted.items() if n in run.killed_admitters and j in run.finals
+            1
+            for j, n in run.accepted.items()
+            if j in run.finals
+            and run.finals[j] != n
+            and any(t > run.admitted_at[j] for t in run.kill_times.get(n, []))
         ),
         "problems": {k: v[:20] for k, v in problems.items()},
         "problem_counts": {k: len(v) for k, v in problems.items()},

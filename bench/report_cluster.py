@@ -90,7 +90,14 @@ def chaos(f: dict[str, Any], charts: Charts) -> list[str]:
         ["measure", "value"],
         [
             ["final states", ", ".join(f"{k} {v}" for k, v in sorted(f["states"].items()))],
-            ["webhook posts (duplicates)", f"{f['webhook_posts']} ({f['webhook_duplicates']})"],
+            [
+                "webhook posts (beyond one per job: 503 retries, posts cut by kills)",
+                f"{f['webhook_posts']} ({f['webhook_posts_beyond_one_per_job']})",
+            ],
+            [
+                "finals seen on a survivor for jobs admitted through an instance killed later",
+                str(f["finals_of_jobs_admitted_by_a_killed_instance"]),
+            ],
             ["admission retries (same request_id)", str(f["admission_retries"])],
             ["stream resumes on another instance", str(f["stream_resumes"])],
             ["problems", ", ".join(f"{k} {v}" for k, v in bad.items()) or "none"],
