@@ -32,7 +32,7 @@ import psycopg
 from bench.common import add_json_arg, summary_ms, write_json
 from comfyq.cluster.harness import OwnPostgres, create_database, drop_database
 from comfyq.cluster.migrate import apply_cluster_migrations
-from comfyq.store import NewJob, open_store
+from comfyq.store import NewJob, Stage, open_store
 
 LEASE = 60.0
 
@@ -82,7 +82,7 @@ async def worker_process(url: str, workers: int, owner: str) -> dict[str, Any]:
     async def work() -> None:
         nonlocal done
         while True:
-            jobs = await store.claim("preprocess", 1, LEASE, "Preprocessing")
+            jobs = await store.claim(Stage.PREPROCESS, 1, LEASE, "Preprocessing")
             if not jobs:
                 return
             job = jobs[0]
@@ -199,7 +199,7 @@ async def claim_latency(url: str, rows: int, samples: int) -> dict[str, Any]:
         times = []
         for _ in range(samples):
             t0 = time.perf_counter()
-            got = await store.claim("preprocess", 1, LEASE, "Preprocessing")
+            got = await store.claim(Stage.PREPROCESS, 1, LEASE, "Preprocessing")
             times.append(time.perf_counter() - t0)
             assert got, "ran out of jobs to claim"
         s = summary_ms(times)

@@ -1,6 +1,7 @@
 """Preprocess benchmark: prepare_job throughput, and memory while downloading a huge input.
 
-    .venv/bin/python -m bench.bench_preprocess [--jobs 2000] [--concurrency 32] [--big-mib 1024] [--json PATH]
+    .venv/bin/python -m bench.bench_preprocess [--jobs 2000] [--concurrency 32] [--big-mib 1024]
+        [--json PATH]
 
 The file server runs in a child process (this same file with --serve) on 127.0.0.1, so the
 measured process holds only comfyq's side. Prints figures; never passes or fails on time.

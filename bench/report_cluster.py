@@ -60,7 +60,8 @@ def cluster(f: dict[str, Any], charts: Charts) -> list[str]:
             "",
             (
                 "Cross-instance event delay (committed on one instance → SSE event read on"
-                f" another): p50 {ms(d['p50'])}, p99 {ms(d['p99'])} over {num(d['n'])} state events,"
+                f" another): p50 {ms(d['p50'])}, p99 {ms(d['p99'])} over {num(d['n'])} state"
+                " events,"
                 " measured from the transition's own timestamp (taken before its transaction)"
                 " to the client's read; the SSE writer also reads queue positions first."
             ),

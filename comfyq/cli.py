@@ -1,4 +1,5 @@
-"""The ``comfyq`` command: serve | migrate | config | jobs ls/show/cancel/retry | instances | prune."""
+"""The ``comfyq`` command: serve | migrate | config | jobs ls/show/cancel/retry | instances |
+prune."""
 
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ T = TypeVar("T")
 
 
 def _parser() -> argparse.ArgumentParser:
+    from comfyq.sim.generation import VERSIONS
+
     p = argparse.ArgumentParser(
         prog="comfyq", description="A durable API server in front of ComfyUI."
     )
@@ -43,6 +46,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, help="listen port (setting: api_port)")
     s.add_argument(
         "--simulate", action="store_true", help="run against the built-in ComfyUI simulator"
+    )
+    s.add_argument(
+        "--comfyui-version",
+        choices=VERSIONS,
+        default=None,
+        help="with --simulate: which ComfyUI protocol the simulator speaks (default: the newest)",
     )
 
     sub.add_parser("migrate", help="create the database or apply pending migrations")
@@ -92,6 +101,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 overrides["api_port"] = str(args.port)
             if args.simulate:
                 overrides["simulate"] = "true"
+            elif args.comfyui_version:
+                print("comfyq: --comfyui-version needs --simulate", file=sys.stderr)
+                return 2
         settings = load_settings(config_path=args.config, overrides=overrides)
     except ConfigError as exc:
         print(f"comfyq: configuration error: {exc}", file=sys.stderr)
@@ -99,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.configure(settings)
     try:
         if args.cmd == "serve":
-            return asyncio.run(serve(settings))
+            return asyncio.run(serve(settings, comfyui_version=args.comfyui_version))
         if args.cmd == "migrate":
             return _migrate(settings)
         if args.cmd == "config":
@@ -141,10 +153,14 @@ async def _until_accepting(host: str, port: int) -> None:
     log.warning("listener on %s:%s did not accept a test connection", target, port)
 
 
-async def serve(settings: Settings) -> int:
-    """Run until SIGTERM/SIGINT; then stop claiming, let in-flight work finish, exit 0."""
+async def serve(settings: Settings, *, comfyui_version: str | None = None) -> int:
+    """Run until SIGTERM/SIGINT; then stop claiming, let in-flight work finish, exit 0.
+
+    ``comfyui_version``: the simulator's ComfyUI generation (``--simulate`` only; None = newest).
+    """
     from aiohttp import web
 
+    from comfyq.api.server import Runner
     from comfyq.app import create_app
     from comfyq.services import Services
 
@@ -152,20 +168,27 @@ async def serve(settings: Settings) -> int:
     backends = None
     if settings.simulate:
         from comfyq.sim import Simulator
+        from comfyq.sim.generation import NEWEST
 
         sim = Simulator(
             data_dir=Path(settings.database).parent / "simulator",
             node_duration=0.2,
             progress_steps=5,
+            comfyui_version=comfyui_version or NEWEST,
         )
         await sim.start()
         backends = [sim.url]
-        log.info("simulate: built-in ComfyUI simulator at %s", sim.url)
+        log.info(
+            "simulate: built-in ComfyUI simulator (ComfyUI %s) at %s",
+            sim.generation.comfyui_version,
+            sim.url,
+        )
     services = Services(settings, backends=backends)
     logs.attach(services)  # one line per job state change
     # Watchers (Vast's worker) connect the moment they read BACKENDS_READY: hold it back until the
     # listener below accepts connections.
     services.pool.hold_ready_line()
+    services.listening = False
     try:
         await services.start()
     except Exception as exc:
@@ -182,7 +205,7 @@ async def serve(settings: Settings) -> int:
         app = create_app(services)
         # aiohttp's own access log would print query strings (?access_token=): the API's
         # middleware logs each request instead (comfyq.access).
-        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5)
+        runner = Runner(app, settings, access_log=None, handle_signals=False, shutdown_timeout=5)
         await runner.setup()
         site = web.TCPSite(runner, settings.api_host, settings.api_port)
         await site.start()
@@ -215,6 +238,7 @@ async def serve(settings: Settings) -> int:
         ", ".join(services.backend_urls),
     )
     await _until_accepting(settings.api_host, port)
+    services.listening = True
     services.pool.release_ready_line()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -324,7 +348,8 @@ async def _show(store: JobStore, job_id: str) -> int:
     print(f"job       {job.id}")
     print(f"status    {job.status} (state {job.state}, stage {job.stage})")
     print(
-        f"attempts  {job.attempts}/{job.max_attempts}   priority {job.priority}   kind {job.kind or '-'}"
+        f"attempts  {job.attempts}/{job.max_attempts}   priority {job.priority}"
+        f"   kind {job.kind or '-'}"
     )
     print(f"created   {job.created_at}   finished {job.finished_at or '-'}")
     print(f"comfyui   backend {job.comfy_backend or '-'}   prompt {job.comfy_prompt_id or '-'}")

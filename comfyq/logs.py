@@ -8,7 +8,7 @@ a job starts carries its id; shared work started on a job's behalf uses ``detach
 Secrets: call sites log URLs through ``netguard.redact_url`` and never log keys. As a safety net
 every finished line goes through :class:`Redactor`: the configured secret values, URL userinfo and
 query strings, ``Bearer`` tokens, ``whsec_`` secrets, sensitive query parameters and AWS
-``Credential=``/``Signature=`` values are replaced. It cannot know a job's own secrets in free-form text.
+``Credential=``/``Signature=`` values are replaced. It cannot know a job's own secrets in free text.
 
 Client text: every finished line, whichever logger wrote it (the access log, aiohttp, the
 simulator), passes through :func:`clean`'s two rules in the formatter: control characters are
@@ -35,6 +35,7 @@ from types import TracebackType
 from typing import IO, Any
 
 from comfyq.clock import parse_iso
+from comfyq.store.model import TERMINAL, State
 
 _STD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
     "message",
@@ -307,7 +308,7 @@ def setup(
 
 
 def configure(settings: Any, *, stream: IO[str] | None = None) -> logging.Handler:
-    """``setup`` from the settings: ``api_log_level``, ``log_format``, the secret settings' values."""
+    """``setup`` from the settings: ``api_log_level``, ``log_format``, the secret settings."""
     return setup(
         settings.api_log_level, settings.log_format, secrets=secret_values(settings), stream=stream
     )
@@ -332,9 +333,9 @@ def log_transitions(transitions: Iterable[Any]) -> None:
 
 
 def _log_transition(tr: Any) -> None:
-    end = tr.to_state in ("completed", "failed", "cancelled")
+    end = tr.to_state in TERMINAL
     level = logging.INFO if tr.from_state is None or end else logging.DEBUG
-    if tr.to_state == "failed":
+    if tr.to_state == State.FAILED:
         level = logging.WARNING
     if not _jobs_log.isEnabledFor(level):
         return  # this runs after every commit: nothing is built for a line nobody reads
@@ -349,9 +350,9 @@ def _log_transition(tr: Any) -> None:
         text = "queued"
         if job is not None:
             extra.update(kind=job.kind or "workflow", priority=job.priority)
-    elif tr.to_state == "running":
+    elif tr.to_state == State.RUNNING:
         text = f"{tr.stage} started (attempt {tr.attempt})"
-    elif tr.to_state == "pending":
+    elif tr.to_state == State.PENDING:
         text = f"waiting for {tr.stage}: {tr.message}"
     elif end:
         text = tr.to_state
@@ -364,9 +365,9 @@ def _log_transition(tr: Any) -> None:
                 timings["total_ms"] = round(total)
                 text += f" after {total / 1000:.2f}s"
             extra["timings"] = timings
-            if tr.to_state == "failed" and (job.error or {}).get("type"):
+            if tr.to_state == State.FAILED and (job.error or {}).get("type"):
                 extra["error_type"] = (job.error or {})["type"]
-        if tr.to_state != "completed":
+        if tr.to_state != State.COMPLETED:
             text += f" in {tr.stage}: {tr.message}"
     else:
         text = f"{tr.to_state}: {tr.message}"

@@ -23,7 +23,8 @@ REQUEST_ID_PATTERN = r"^(?:[A-Za-z0-9_-][A-Za-z0-9._-]{0,127})?$"
 RequestId = Annotated[
     str,
     _d(
-        "client id of the job (idempotency key): 1-128 of A-Z a-z 0-9 . _ -, not starting with a dot;"
+        "client id of the job (idempotency key): 1-128 of A-Z a-z 0-9 . _ -,"
+        " not starting with a dot;"
         " empty or absent: the server makes one",
         pattern=REQUEST_ID_PATTERN,
         max_length=128,
@@ -169,7 +170,8 @@ class Progress(Struct, omit_defaults=True):
 
 class OutputFile(Struct, omit_defaults=True, kw_only=True):
     """One output file. The fields CONTRACT.md documents are always present (no default, so never
-    omitted: ``"subfolder": ""`` included, as the original wrapper sent it); the rest only when set."""
+    omitted: ``"subfolder": ""`` included, as the original wrapper sent it); the rest only when
+    set."""
 
     filename: str
     local_path: Annotated[str | None, _d("the file on the comfyq host")]
@@ -317,6 +319,21 @@ class StageHealth(Struct):
     crashes: int
 
 
+class SupervisedProcess(Struct):
+    state: Annotated[str, _d("starting, running, backoff (waiting to restart) or stopped")]
+    pid: int | None = None
+    starts: int = 0
+    restarts: int = 0
+    last_exit: Annotated[str | None, _d("how the last run ended: exit code N, killed by SIGX")] = (
+        None
+    )
+    reason: Annotated[
+        str | None,
+        _d("why it is not running: the exit, or ASSETS_STARTUP_FAILED with what to do about it"),
+    ] = None
+    next_start_in: Annotated[float | None, _d("seconds until the next start (backoff)")] = None
+
+
 class BackendHealth(Struct, omit_defaults=True):
     url: str
     healthy: bool
@@ -337,6 +354,24 @@ class BackendHealth(Struct, omit_defaults=True):
         ),
     ] = None
     capabilities_probed_at: str | None = None
+    reachable: Annotated[bool, _d("answers HTTP and websocket (warm or not)")] = False
+    warm: Annotated[
+        bool, _d("the warm-up workflow has run since the last (re)start (true without one)")
+    ] = True
+    warmups: Annotated[int, _d("warm-up runs so far")] = 0
+    warmup_error: str | None = None
+    process: Annotated[
+        SupervisedProcess | None, _d("the ComfyUI child comfyq supervises (COMFYUI_COMMAND)")
+    ] = None
+
+
+class Ready(Struct, omit_defaults=True):
+    """``GET /ready``: whether this box should get traffic now."""
+
+    ready: bool
+    backends_warm: Annotated[str, _d("warm/configured backends")]
+    queues: QueueInfo
+    reason: str | None = None
 
 
 class StoreHealth(Struct):

@@ -1,4 +1,5 @@
-"""Services: everything a running comfyq holds, built from the settings, started and stopped in order."""
+"""Services: everything a running comfyq holds, built from the settings, started and stopped in
+order."""
 
 from __future__ import annotations
 
@@ -11,12 +12,16 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from yarl import URL
+
 from comfyq.clock import Clock
 from comfyq.cluster.files import OutputRouter
 from comfyq.cluster.link import ClusterLink, LocalLink
 from comfyq.cluster.member import Membership
 from comfyq.comfy.backends import BackendPool
-from comfyq.config import Settings
+from comfyq.comfy.supervisor import Supervisor, command_for
+from comfyq.comfy.warmup import Warmup, WarmupFileError, load_workflow
+from comfyq.config import ConfigError, Settings
 from comfyq.errors import OutputError
 from comfyq.events import EventBus
 from comfyq.inputs import Downloader
@@ -27,11 +32,14 @@ from comfyq.stages.generate import Generate
 from comfyq.stages.postprocess import Postprocess
 from comfyq.stages.preprocess import Preprocess
 from comfyq.stages.runner import Pipeline, RunnerConfig, StageHandler
-from comfyq.store import JobStore, Transition, open_store
+from comfyq.store import JobStore, Stage, Transition, open_store
+from comfyq.store.assets import AssetStore
 from comfyq.store.model import TERMINAL
 from comfyq.store.postgres import PostgresStore
+from comfyq.v2.resolve import AssetResolver
 from comfyq.webhooks import WebhookConfig, WebhookSender
 from modifiers import ModifierRegistry
+from modifiers.registry import BUILTIN_MODIFIERS_DIR
 
 log = logging.getLogger("comfyq")
 
@@ -65,6 +73,11 @@ class Services:
             total_timeout=settings.download_timeout,
         )
         extra = [Path(settings.modifiers_dir)] if settings.modifiers_dir else []
+        local = Path("modifiers")
+        if not extra and local.is_dir() and local.resolve() != BUILTIN_MODIFIERS_DIR:
+            extra = [
+                local
+            ]  # a user's modifiers/ folder where comfyq runs is found without a setting
         self.registry = ModifierRegistry(extra)
         self.pool = BackendPool(
             self.backend_urls,
@@ -76,25 +89,32 @@ class Services:
                 "ws_quiet_timeout": settings.comfyui_ws_quiet_timeout,
             },
             client_id_for=self._client_id,
+            warmup=_warmup(settings),
         )
+        self.supervisors = _supervisors(settings, self.backend_urls)
+        for sup in self.supervisors:
+            self.pool.process_info[sup.url] = sup.snapshot
+        # False between `comfyq serve`'s start and its listener accepting connections (/ready).
+        self.listening = True
         self.uploader = S3Uploader.from_settings(settings, self.guard)
         self.webhooks = WebhookSender(self.store, self.guard, WebhookConfig.from_settings(settings))
         self.generate = Generate(self.pool, failover_after=settings.backend_failover_after)
+        self.asset_resolver = AssetResolver(self.store)  # Comfy API v2 assets (comfyq/v2)
         self.postprocess = Postprocess(
             self.pool,
             self.output_dir,
             uploader=self.uploader,
             fail_on_upload_error=settings.s3_fail_job_on_upload_error,
         )
-        handlers: dict[str, StageHandler] = {
-            "preprocess": Preprocess(self.registry, self.downloader),
-            "generate": self.generate,
-            "postprocess": self.postprocess,
+        handlers: dict[Stage, StageHandler] = {
+            Stage.PREPROCESS: Preprocess(self.registry, self.downloader, self.asset_resolver),
+            Stage.GENERATE: self.generate,
+            Stage.POSTPROCESS: self.postprocess,
         }
         workers = {
-            "preprocess": settings.preprocess_workers,
-            "generate": settings.generation_workers * len(self.backend_urls),
-            "postprocess": settings.postprocess_workers,
+            Stage.PREPROCESS: settings.preprocess_workers,
+            Stage.GENERATE: settings.generation_workers * len(self.backend_urls),
+            Stage.POSTPROCESS: settings.postprocess_workers,
         }
         # COMFYQ_ROLES: an instance runs only the stages it has the role of (its workers claim
         # only those); the others' jobs wait in the shared queue for the instances that do.
@@ -153,7 +173,9 @@ class Services:
             # Before the workers start: a job admitted elsewhere must wake them from the first one.
             await self.cluster.start()
             if "generate" in self.roles:
-                # Only a generate instance talks to ComfyUI (and logs BACKENDS_READY).
+                # Only a generate instance runs and talks to ComfyUI (and logs BACKENDS_READY).
+                for sup in self.supervisors:
+                    await sup.start()
                 for be in self.pool.backends:
                     be.client.on_preview = self.generate.on_preview
                 await self.pool.start()
@@ -162,6 +184,8 @@ class Services:
                 await self.webhooks.start()
         except BaseException:
             await self.pool.close()
+            for sup in self.supervisors:
+                await sup.stop()
             await self.cluster.stop()
             await self.store.close()
             raise
@@ -175,7 +199,7 @@ class Services:
         self.started = True
 
     async def stop(self) -> None:
-        """Graceful: stop claiming, give in-flight work the grace period, leave the rest resumable."""
+        """Graceful: stop claiming, give work in flight the grace period, the rest resumes later."""
         for t in self._tasks:
             t.cancel()
         await self._step("periodic tasks", asyncio.gather(*self._tasks, return_exceptions=True), 10)
@@ -184,6 +208,8 @@ class Services:
         await self._step("pipeline", self.pipeline.stop(grace), grace + 30)
         await self._step("webhooks", self.webhooks.stop(grace=min(5.0, grace)), 20)
         await self._step("backends", self.pool.close(), 20)
+        for sup in self.supervisors:  # after comfyq's own shutdown: nothing uses ComfyUI any more
+            await self._step(f"ComfyUI {sup.label}", sup.stop(), sup.stop_timeout + 10)
         await self._step("downloader", self.downloader.close(), 10)
         await self._step("cluster", self.cluster.stop(), 10)
         await self._step("output router", self.outputs.close(), 5)
@@ -216,6 +242,7 @@ class Services:
         """Delete finished jobs (and their files) older than the retention age."""
         age = self.settings.retention_seconds if older_than is None else older_than
         n = await prune_jobs(self.store, self.output_dir, age)
+        await prune_assets(self.asset_resolver.assets, Path(self.settings.assets_dir).absolute())
         # Cached inputs are referenced by waiting jobs: keep them at least twice the job deadline.
         await self.downloader.prune(max(age, 2 * self.settings.job_timeout))
         return n
@@ -246,3 +273,47 @@ async def prune_jobs(store: JobStore, output_dir: Path, older_than: float) -> in
     if total:
         log.info("pruned %d finished job(s) older than %.0fs", total, older_than)
     return total
+
+
+def _warmup(settings: Settings) -> Warmup | None:
+    if not settings.comfyui_warmup_workflow:
+        return None
+    try:
+        workflow = load_workflow(settings.comfyui_warmup_workflow)
+    except WarmupFileError as exc:
+        raise ConfigError(f"COMFYUI_WARMUP_WORKFLOW: {exc}") from None
+    return Warmup(workflow, settings.comfyui_warmup_timeout)
+
+
+def _supervisors(settings: Settings, urls: list[str]) -> list[Supervisor]:
+    """One supervised ComfyUI per loopback backend when COMFYUI_COMMAND is set."""
+    if not settings.comfyui_command.strip() or settings.simulate:
+        return []
+    local = [u for u in urls if URL(u).host in ("127.0.0.1", "localhost", "::1")]
+    if not local:
+        log.warning("COMFYUI_COMMAND is set but no backend is on this host: nothing supervised")
+        return []
+    if len(local) > 1 and "{port}" not in settings.comfyui_command:
+        raise ConfigError(
+            "COMFYUI_COMMAND must contain {port} to start one ComfyUI per local backend"
+            f" ({', '.join(local)})"
+        )
+    return [
+        Supervisor(
+            url,
+            command_for(settings.comfyui_command, url),
+            workdir=settings.comfyui_workdir or None,
+            restart_delay=settings.comfyui_restart_delay,
+            restart_max_delay=settings.comfyui_restart_max_delay,
+            stop_timeout=settings.comfyui_stop_timeout,
+        )
+        for url in local
+    ]
+
+
+async def prune_assets(assets: AssetStore, root: Path) -> None:
+    """Remove Comfy API v2 assets past their expires_at, and the blob files left unused."""
+    for path in await assets.prune_assets():
+        p = Path(path)
+        if p.parent.parent == root:  # only ever a blob file of ours
+            await asyncio.to_thread(p.unlink, True)

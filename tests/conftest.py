@@ -22,10 +22,13 @@ from moto.server import ThreadedMotoServer
 from store_support import pg_database, pg_server, pg_url  # noqa: F401 - fixtures
 
 from comfyq.api.context import ApiOptions
+from comfyq.api.server import Runner
 from comfyq.app import create_app
 from comfyq.config import Settings
 from comfyq.services import Services
 from comfyq.sim import Simulator
+from comfyq.sim.generation import NEWEST
+from comfyq.store.model import Stage
 
 # EmptyImage -> ImageInvert -> SaveImage: the recorded ComfyUI run (20_run_success_invert.json).
 INVERT_WORKFLOW: dict[str, Any] = {
@@ -80,6 +83,7 @@ def settings_for(root: Path, backend: str, **overrides: Any) -> Settings:
         "database": str(root / "q.db"),
         "output_dir": str(root / "out"),
         "cache_dir": str(root / "cache"),
+        "assets_dir": str(root / "assets"),
         "comfyui_api_base": backend,
         **FAST,
         **overrides,
@@ -110,7 +114,8 @@ async def start_server(
 ) -> Server:
     """Start Services and the app on a free loopback port."""
     services = Services(settings, backends=backends)
-    runner = web.AppRunner(create_app(services, options), access_log=None, shutdown_timeout=2)
+    # The runner comfyq serve uses: the slow-client deadlines are part of what tests exercise.
+    runner = Runner(create_app(services, options), settings, access_log=None, shutdown_timeout=2)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
@@ -119,8 +124,16 @@ async def start_server(
 
 
 @pytest.fixture
-async def simulator(tmp_path: Path) -> AsyncIterator[Simulator]:
-    sim = Simulator(port=0, data_dir=tmp_path / "sim")
+def comfyui_version() -> str:
+    """The ComfyUI generation the simulator speaks: the newest, unless a module overrides this
+    fixture (``0.3.64`` for the recorded-traffic tests) or parametrizes it over both
+    (``@pytest.fixture(params=comfyq.sim.generation.VERSIONS)``)."""
+    return NEWEST
+
+
+@pytest.fixture
+async def simulator(tmp_path: Path, comfyui_version: str) -> AsyncIterator[Simulator]:
+    sim = Simulator(port=0, data_dir=tmp_path / "sim", comfyui_version=comfyui_version)
     await sim.start()
     yield sim
     await sim.stop()
@@ -144,7 +157,8 @@ MakeServer = Callable[..., Awaitable[Server]]
 
 @pytest.fixture
 async def make_server(tmp_path: Path, simulator: Simulator) -> AsyncIterator[MakeServer]:
-    """``await make_server(options=ApiOptions(...), **settings)``: more servers, each with its own files."""
+    """``await make_server(options=ApiOptions(...), **settings)``: more servers, each with its own
+    files."""
     servers: list[Server] = []
 
     async def make(*, options: ApiOptions | None = None, **overrides: Any) -> Server:
@@ -163,12 +177,12 @@ async def server(make_server: MakeServer) -> Server:
     return await make_server(options=ApiOptions(heartbeat=0.5, ws_heartbeat=1.0))
 
 
-def pause(srv: Server, stage: str) -> None:
+def pause(srv: Server, stage: Stage) -> None:
     """Stop ``stage`` from claiming jobs, so that they wait in its queue."""
     srv.services.pipeline.stages[stage].pause()
 
 
-def resume(srv: Server, stage: str) -> None:
+def resume(srv: Server, stage: Stage) -> None:
     """Let ``stage`` claim again (its claimer sleeps until a waiter or new work wakes it)."""
     srv.services.pipeline.stages[stage].resume()
 

@@ -148,7 +148,8 @@ def _url(server: str, dbname: str, schema: str | None = None) -> str:
     user = quote(str(parts.get("user") or "postgres"))
     password = parts.get("password")
     auth = f"{user}:{quote(str(password))}" if password else user
-    url = f"postgresql://{auth}@{parts.get('host') or '127.0.0.1'}:{parts.get('port') or 5432}/{dbname}"
+    host, port = parts.get("host") or "127.0.0.1", parts.get("port") or 5432
+    url = f"postgresql://{auth}@{host}:{port}/{dbname}"
     if schema:
         url += "?options=" + quote(f"-c search_path={schema}")
     return url

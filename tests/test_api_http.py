@@ -13,14 +13,14 @@ import pytest
 from conftest import MakeServer, Server, wait_healthy, workflow
 from prometheus_client.parser import text_string_to_metric_families
 
-from comfyq.api import ROUTES
+from comfyq.api import ROUTES, build_document
 from comfyq.api.context import ApiOptions
 from comfyq.api.openapi import document
 from comfyq.schemas import GenerateRequest
 from comfyq.sim import Simulator
 
 _colors = itertools.count(9000)
-PUBLIC = {"/health", "/docs/assets/{name}"}
+PUBLIC = {"/health", "/ready", "/docs/assets/{name}", "/api/v2/health"}
 
 
 def body(**extra: Any) -> dict[str, Any]:
@@ -31,6 +31,8 @@ def assert_envelope(status: int, ctype: str, data: bytes, expect: int) -> dict[s
     assert status == expect, (status, data[:300])
     assert ctype == "application/json"
     err = json.loads(data)["error"]
+    if "code" in err:  # the Comfy API v2 envelope (/api/v2): {"code", "message", "details"}
+        err["type"] = err["code"]
     assert set(err) >= {"type", "message"} and isinstance(err["type"], str) and err["message"]
     assert set(json.loads(data)) == {"error"}
     return err  # type: ignore[no-any-return]
@@ -68,6 +70,9 @@ async def test_every_route_answers_errors_in_one_envelope(make_server: MakeServe
         if route.path in PUBLIC and expect == 401:
             continue  # nothing to fail on: checked below with unmatched paths and methods
         async with srv.session.request(method, srv.u(path), headers=headers, **kw) as r:
+            if method == "HEAD":  # no body, by definition
+                assert r.status == expect
+                continue
             assert_envelope(r.status, r.content_type, await r.read(), expect)
     for method, path, expect in (
         ("GET", "/nope", 404),
@@ -93,6 +98,8 @@ async def test_api_keys_guard_every_route_but_health(make_server: MakeServer) ->
             async with srv.session.request(route.method, srv.u(path), headers=headers) as r:
                 if route.path in PUBLIC:
                     assert r.status != 401, route.path
+                elif route.method == "HEAD":
+                    assert r.status == 401
                 else:
                     err = assert_envelope(r.status, r.content_type, await r.read(), 401)
                     assert err["type"] == "unauthorized" and r.headers[
@@ -162,7 +169,11 @@ async def test_openapi_is_generated_from_the_types_and_matches_the_routes(server
     async with server.session.get(server.u("/openapi.json")) as r:
         assert r.status == 200
         doc = await r.json()
-    assert doc == json.loads(msgspec.json.encode(document(ROUTES, api_keys=False)))
+    built = build_document(server.services.registry, api_keys=False)
+    assert doc == json.loads(msgspec.json.encode(built))
+    assert json.loads(msgspec.json.encode(document(ROUTES, api_keys=False)))["paths"].items() <= (
+        doc["paths"].items()
+    )
     assert doc["openapi"] == "3.1.0"
     registered = {
         (r.method, r.resource.canonical)
@@ -170,12 +181,21 @@ async def test_openapi_is_generated_from_the_types_and_matches_the_routes(server
         if r.method != "HEAD" and r.resource is not None
     }
     documented = {(m.upper(), p) for p, ops in doc["paths"].items() for m in ops}
-    assert documented == registered - {("GET", "/docs/assets/{name}")}
+    heads = {(m, p) for m, p in documented if m == "HEAD"}  # a route of its own (v2 by-hash)
+    assert heads <= {
+        (r.method, r.resource.canonical)
+        for r in server.runner.app.router.routes()
+        if r.resource is not None
+    }
+    assert documented - heads == registered - {("GET", "/docs/assets/{name}")}
     (ref,), components = msgspec.json.schema_components(
         [GenerateRequest], ref_template="#/components/schemas/{name}"
     )
     for name, schema in components.items():
-        assert doc["components"]["schemas"][name] == json.loads(json.dumps(schema))
+        served = dict(doc["components"]["schemas"][name])
+        if name == "Input":  # plus the typed modifiers' tagged union (test_peers_typed checks it)
+            assert served.pop("anyOf")[0] == {"$ref": "#/components/schemas/ModifierCall"}
+        assert served == json.loads(json.dumps(schema))
     body_ref = doc["paths"]["/generate"]["post"]["requestBody"]["content"]["application/json"][
         "schema"
     ]

@@ -55,10 +55,13 @@ for event in client.events():
             pos = data.get("queue_position", {})
             if pos.get("position"):
                 print(f"Position {pos['position']} of {pos['queue_size']} in {pos['current_queue']}")
-"""
+"""  # noqa: E501 - the seed README's code, verbatim (a test checks the two are equal)
 
 PLACEHOLDER = '"modifier": "YourModifier",\n        "modifications": {"param": "value"}'
-REAL = '"modifier": "ImageEffects",\n        "modifications": {"width": 32, "height": 32, "blur_radius": 1}'
+REAL = (
+    '"modifier": "ImageEffects",\n'
+    '        "modifications": {"width": 32, "height": 32, "blur_radius": 1}'
+)
 
 
 def python_blocks(markdown: str) -> list[str]:

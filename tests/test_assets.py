@@ -1,4 +1,4 @@
-"""Downloader against a real loopback HTTP server: caching, coalescing, limits, types, inline data."""
+"""Downloader against a real loopback HTTP server: caching, coalescing, limits, types, inline."""
 
 from __future__ import annotations
 

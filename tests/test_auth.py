@@ -123,7 +123,25 @@ COVERED = {
     ("GET", "/"),
     ("GET", "/docs/assets/{name}"),
 }
-EXTRA_COVERED: set[tuple[str, str]] = set()  # routes whose checks live in other test files
+# Routes whose checks live in other test files: /ready is public like /health (test_api_http's
+# PUBLIC walk, test_peers_ready); the v2 routes: a client key sees only its own jobs and assets,
+# an admin all (test_v2_api::test_client_keys_see_only_their_own_jobs_and_assets).
+EXTRA_COVERED: set[tuple[str, str]] = {
+    ("GET", "/ready"),
+    ("GET", "/api/v2/health"),
+    ("POST", "/api/v2/jobs"),
+    ("GET", "/api/v2/jobs"),
+    ("GET", "/api/v2/jobs/{id}"),
+    ("GET", "/api/v2/jobs/{id}/workflow"),
+    ("POST", "/api/v2/jobs/{id}/cancel"),
+    ("GET", "/api/v2/jobs/{id}/events"),
+    ("POST", "/api/v2/assets"),
+    ("POST", "/api/v2/assets/from-hash"),
+    ("HEAD", "/api/v2/assets/by-hash/{hash}"),
+    ("GET", "/api/v2/assets/{id}"),
+    ("GET", "/api/v2/assets/{id}/content"),
+    ("DELETE", "/api/v2/assets/{id}"),
+}
 
 
 def test_every_route_is_covered() -> None:

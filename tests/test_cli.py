@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from comfyq.store import NewJob, open_store
+from comfyq.store.model import Stage, State
 
 
 def cq(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -35,14 +36,14 @@ async def _seed(db: Path) -> None:
     try:
         for i in range(3):
             await s.create(NewJob(id=f"job{i}", payload={"input": {}}, payload_hash=str(i)), 10)
-        await s.claim("preprocess", 1, 30, "Preprocessing")  # job0 running
+        await s.claim(Stage.PREPROCESS, 1, 30, "Preprocessing")  # job0 running
         await s.finish(
             "job0",
-            "failed",
+            State.FAILED,
             "Generation failed: boom",
             error={"type": "node_error", "message": "boom", "node_id": "5"},
         )
-        await s.claim("preprocess", 1, 30, "Preprocessing")  # job1 running
+        await s.claim(Stage.PREPROCESS, 1, 30, "Preprocessing")  # job1 running
     finally:
         await s.close()
 

@@ -15,7 +15,7 @@ from comfyq.comfy.backends import BackendPool
 from comfyq.config import ConfigError, load_settings
 from comfyq.events import EventBus
 from comfyq.sim import Simulator
-from comfyq.store.model import Transition
+from comfyq.store.model import Stage, State, Transition
 
 
 class Loopback:
@@ -31,7 +31,16 @@ class Loopback:
 
 
 def tr(event_id: int, job_id: str, to_state: str, stage: str = "generate") -> Transition:
-    return Transition(event_id, job_id, "pending", to_state, stage, 1, "", "2026-12-07T00:00:00Z")
+    return Transition(
+        event_id,
+        job_id,
+        State.PENDING,
+        State(to_state),
+        Stage(stage),
+        1,
+        "",
+        "2026-12-07T00:00:00Z",
+    )
 
 
 async def test_live_events_reach_the_other_instance_with_their_ids() -> None:

@@ -169,7 +169,8 @@ def test_kill_9_at_random_moments_loses_nothing(tmp_path: Path, simulator: str) 
     assert all(a <= m for _, a, m in rows.values())
     terminal_events = dict(
         conn.execute(
-            "SELECT job_id, count(*) FROM job_events WHERE to_state IN ('completed', 'failed', 'cancelled')"
+            "SELECT job_id, count(*) FROM job_events WHERE to_state IN ('completed',"
+            " 'failed', 'cancelled')"
             " GROUP BY job_id"
         )
     )

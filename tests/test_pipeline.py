@@ -1,4 +1,4 @@
-"""The stage runner on a real store: claiming, wake-ups, retries, deadlines, cancel, crash, shutdown.
+"""The stage runner on a real store: claims, wake-ups, retries, deadlines, cancel, crash, shutdown.
 
 Stage handlers here are small test stages plugged into the real runner (the runner's contract is a
 handler per stage); the full ComfyUI path is exercised in the API and crash tests.
@@ -18,8 +18,7 @@ from comfyq.errors import ComfyUIUnreachable, NodeError
 from comfyq.events import EventBus
 from comfyq.stages.runner import JobContext, Pipeline, RunnerConfig, StageDone
 from comfyq.store import Job, JobStore, NewJob, open_store
-
-STAGES = ("preprocess", "generate", "postprocess")
+from comfyq.store.model import STAGES, Stage
 
 
 class Recorder:
@@ -51,7 +50,7 @@ class Recorder:
         return StageDone(f"{self.name} done")
 
 
-Rig = tuple[JobStore, EventBus, Pipeline, dict[str, Recorder]]
+Rig = tuple[JobStore, EventBus, Pipeline, dict[Stage, Recorder]]
 
 
 def job(i: int, **plan: Any) -> NewJob:
@@ -71,7 +70,7 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
         store,
         bus,
         handlers,
-        {"preprocess": 2, "generate": 2, "postprocess": 2},
+        {s: 2 for s in STAGES},
         RunnerConfig(lease=3.0, retry_base=0.05, retry_max=0.2, idle_poll=30.0),
     )
     await pipe.start()
@@ -112,7 +111,7 @@ async def test_retryable_error_retries_with_backoff_then_succeeds(rig: Rig) -> N
     store, bus, _, handlers = rig
     await store.create(job(1, generate={"fail_retryable": 2}), 10)
     j = await wait_final(bus, store, "j1")
-    assert j.state == "completed" and j.attempts == 3 and handlers["generate"].runs["j1"] == 3
+    assert j.state == "completed" and j.attempts == 3 and handlers[Stage.GENERATE].runs["j1"] == 3
     msgs = [e["message"] for e in await store.events("j1")]
     assert sum("retrying" in m for m in msgs) == 2
 
@@ -132,7 +131,7 @@ async def test_non_retryable_error_fails_at_once_with_typed_error(rig: Rig) -> N
     store, bus, _, handlers = rig
     await store.create(job(1, generate={"fail": True}), 10)
     j = await wait_final(bus, store, "j1")
-    assert j.state == "failed" and handlers["generate"].runs["j1"] == 1
+    assert j.state == "failed" and handlers[Stage.GENERATE].runs["j1"] == 1
     assert j.error == {
         "type": "node_error",
         "message": "boom",
@@ -156,18 +155,18 @@ async def test_deadline_fails_a_running_job_with_timeout(rig: Rig) -> None:
     await store.create(job(1, timeout=0.5, generate={"sleep": 30}), 10)
     j = await wait_final(bus, store, "j1")
     assert j.state == "failed" and (j.error or {}).get("type") == "timeout"
-    assert handlers["generate"].cleaned == [("j1", "timeout")]
+    assert handlers[Stage.GENERATE].cleaned == [("j1", "timeout")]
 
 
 async def test_cancel_waiting_and_running_jobs(rig: Rig) -> None:
     store, bus, pipe, handlers = rig
     await store.create(job(1, generate={"sleep": 30}), 10)
-    started = handlers["generate"].started.setdefault("j1", asyncio.Event())
+    started = handlers[Stage.GENERATE].started.setdefault("j1", asyncio.Event())
     await asyncio.wait_for(started.wait(), 5)
     j = await pipe.cancel("j1")
     assert j.state == "running"
     j = await wait_final(bus, store, "j1")
-    assert j.state == "cancelled" and handlers["generate"].cleaned == [("j1", "cancel")]
+    assert j.state == "cancelled" and handlers[Stage.GENERATE].cleaned == [("j1", "cancel")]
     # A waiting job (run_after far away keeps it waiting) is cancelled at once.
     await store.create(job(2), 10)
     j2 = await pipe.cancel("j2")
@@ -184,10 +183,10 @@ async def test_shutdown_releases_running_jobs_for_the_next_start(tmp_path: Path)
     pipe = Pipeline(store, EventBus(), handlers, {s: 1 for s in STAGES}, RunnerConfig(lease=3.0))
     await pipe.start()
     await store.create(job(1, generate={"sleep": 30}), 10)
-    started = handlers["generate"].started.setdefault("j1", asyncio.Event())
+    started = handlers[Stage.GENERATE].started.setdefault("j1", asyncio.Event())
     await asyncio.wait_for(started.wait(), 5)
     await pipe.stop(grace=0.2)
     j = await store.get("j1")
     assert j is not None and (j.state, j.stage, j.attempts) == ("pending", "generate", 1)
-    assert handlers["generate"].cleaned == [("j1", "shutdown")]
+    assert handlers[Stage.GENERATE].cleaned == [("j1", "shutdown")]
     await store.close()

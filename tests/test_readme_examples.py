@@ -315,7 +315,7 @@ def sqlite_commands(block: Block) -> list[list[str]]:
 def test_sqlite_recipes_run_on_a_real_database(srv: ThreadServer, tmp_path: Path) -> None:
     first = examples("sh")[0][0]
     body = next(a for a in shlex.split(first.code) if a.startswith('{"input"'))
-    # The recipes look at the README's first job: make sure it exists (the curl test may be skipped).
+    # The recipes look at the README's first job: make sure it exists (the curl test may skip).
     requests.post(
         srv.url + "/generate", data=body, headers={"content-type": "application/json"}, timeout=10
     )

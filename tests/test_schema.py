@@ -16,7 +16,8 @@ EXPECTED = Path(__file__).with_name("expected_schema.sql")
 
 def dump(conn: sqlite3.Connection) -> str:
     rows = conn.execute(
-        "SELECT type, name, sql FROM sqlite_master WHERE name NOT LIKE 'sqlite_%' ORDER BY type, name"
+        "SELECT type, name,"
+        " sql FROM sqlite_master WHERE name NOT LIKE 'sqlite_%' ORDER BY type, name"
     ).fetchall()
     return "\n\n".join(f"-- {t} {n}\n{sql};" for t, n, sql in rows) + "\n"
 
@@ -58,11 +59,15 @@ def test_state_checks_hold(tmp_path: Path) -> None:
     migrate.apply(conn)
     with pytest.raises(sqlite3.IntegrityError):
         conn.execute(
-            "INSERT INTO jobs (id, state, payload, payload_hash, run_after, deadline_at, created_at,"
-            " updated_at, stage_entered_at) VALUES ('x', 'exploded', '{}', 'h', 'a', 'b', 'c', 'd', 'e')"
+            "INSERT INTO jobs (id, state, payload, payload_hash, run_after,"
+            " deadline_at, created_at,"
+            " updated_at, stage_entered_at) VALUES ('x', 'exploded', '{}', 'h', 'a',"
+            " 'b', 'c', 'd', 'e')"
         )
     with pytest.raises(sqlite3.IntegrityError):  # running without a lease
         conn.execute(
-            "INSERT INTO jobs (id, state, payload, payload_hash, run_after, deadline_at, created_at,"
-            " updated_at, stage_entered_at) VALUES ('x', 'running', '{}', 'h', 'a', 'b', 'c', 'd', 'e')"
+            "INSERT INTO jobs (id, state, payload, payload_hash, run_after,"
+            " deadline_at, created_at,"
+            " updated_at, stage_entered_at) VALUES ('x', 'running', '{}', 'h', 'a',"
+            " 'b', 'c', 'd', 'e')"
         )

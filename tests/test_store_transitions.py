@@ -17,6 +17,7 @@ from store_support import StoreFactory, database, engine, make_store, rows
 from comfyq.clock import ManualClock, iso
 from comfyq.errors import Conflict, LeaseLost, NotFound, QueueFull
 from comfyq.store import JobStore, NewJob
+from comfyq.store.model import Stage
 from comfyq.store.sqlite import SqliteStore
 from comfyq.store.sqlite.journal import stamp
 
@@ -63,7 +64,7 @@ async def _to_generate_with_a_retry(store: JobStore, job_id: str, hand_off: bool
     clock: ManualClock = store.clock  # type: ignore[assignment]
     await store.create(new(job_id), 100)
     clock.advance(0.25)
-    await store.claim("preprocess", 1, 30, "Preprocessing")
+    await store.claim(Stage.PREPROCESS, 1, 30, "Preprocessing")
     clock.advance(1.5)
     if hand_off:
         await store.advance_and_claim(
@@ -71,11 +72,11 @@ async def _to_generate_with_a_retry(store: JobStore, job_id: str, hand_off: bool
         )
     else:
         await store.advance(job_id, "pre done", {"prepared": {"workflow": {}}})
-        await store.claim("generate", 1, 30, "Waiting")
+        await store.claim(Stage.GENERATE, 1, 30, "Waiting")
     clock.advance(0.5)
     await store.retry_later(job_id, 1.0, {"type": "comfyui_unreachable", "message": "down"})
     clock.advance(2.0)
-    await store.claim("generate", 1, 30, "Waiting")
+    await store.claim(Stage.GENERATE, 1, 30, "Waiting")
     clock.advance(0.75)
 
 
@@ -101,7 +102,7 @@ async def test_hand_off_writes_what_advance_then_claim_writes(store: JobStore) -
             assert trs[0].event_id + 1 == trs[1].event_id
         else:
             await store.advance(job_id, "gen done", {"result": GEN_RESULT})
-            await store.claim("postprocess", 1, 30, "Post-processing")
+            await store.claim(Stage.POSTPROCESS, 1, 30, "Post-processing")
         clock.advance(0.5)
         done = await store.advance(job_id, "Processing complete.", None, [OUTPUT])
         assert done.to_state == "completed"
@@ -131,7 +132,7 @@ async def test_hand_off_refuses_what_advance_refuses(
     await other.open()
     for job_id in ("held", "cancelled", "waiting"):
         await store.create(new(job_id), 100)
-    await store.claim("preprocess", 2, 30, "p")
+    await store.claim(Stage.PREPROCESS, 2, 30, "p")
     before = rows(store, "SELECT count(*) AS n FROM job_events")[0]["n"]
     with pytest.raises(LeaseLost):
         await other.advance_and_claim("held", "done", None, 30, "g")
@@ -153,7 +154,7 @@ async def test_completion_erases_secrets_and_queues_the_webhook_in_its_commit(
     await store.create(
         new("j", inp=inp, secrets={"webhook_secret": "whsec", "s3": {"k": "v"}}), 100
     )
-    for stage in ("preprocess", "generate", "postprocess"):
+    for stage in Stage:
         await store.claim(stage, 1, 30, stage)
         store.clock.advance(1.0)  # type: ignore[attr-defined]
         if stage != "postprocess":
@@ -177,7 +178,7 @@ async def test_update_sets_columns_of_a_held_job_only(
     await store.create(new("j"), 100)
     with pytest.raises(LeaseLost, match="pending, not running"):
         await store.update("j", {"comfy_prompt_id": "p"})
-    await store.claim("preprocess", 1, 30, "p")
+    await store.claim(Stage.PREPROCESS, 1, 30, "p")
     job = await store.update(
         "j", {"comfy_prompt_id": "p1", "comfy_backend": "http://b", "message": "started"}
     )

@@ -1,5 +1,5 @@
-"""Webhooks: the outbox trigger, signing as a Standard Webhooks receiver checks it, retries against a
-real receiver that fails, hangs or drops the connection, limits, the address guard, and secrets."""
+"""Webhooks: the outbox trigger, signing as a Standard Webhooks receiver checks it, retries against
+a real receiver that fails, hangs or drops the connection, limits, the address guard, secrets."""
 
 from __future__ import annotations
 

@@ -12,6 +12,7 @@ from typing import Any
 from aiohttp import web
 
 from comfyq.store import JobStore, NewJob
+from comfyq.store.model import Stage
 from comfyq.store.sqlite import SqliteStore, connect
 
 
@@ -167,7 +168,7 @@ async def complete(
     store: JobStore, job_id: str, files: list[tuple[str, Path]] | None = None
 ) -> None:
     """Walk a pending job through the three stages to completed, recording ``files`` as outputs."""
-    for stage in ("preprocess", "generate", "postprocess"):
+    for stage in Stage:
         claimed = await store.claim(stage, 1, 30, stage)
         assert [j.id for j in claimed] == [job_id]
         if stage == "postprocess":

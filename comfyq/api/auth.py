@@ -152,7 +152,8 @@ class Keys:
         return self.current.enabled
 
     def reload(self) -> bool:
-        """Read the keys file again; on failure keep the keys in force and log why. True if reloaded."""
+        """Read the keys file again; on failure keep the keys in force and log why. True if
+        reloaded."""
         if self.file is None:
             return False
         try:

@@ -11,11 +11,12 @@ from aiohttp import web
 
 from comfyq.api.auth import principal, visible
 from comfyq.api.context import Api, get_api, json_response
+from comfyq.cluster.files import OutputRouter
 from comfyq.errors import BadRequest, ComfyqError, NotFound
 from comfyq.outputs.local import job_dir
 from comfyq.schemas import JobList
 from comfyq.store.base import STATUS_FILTERS
-from comfyq.store.model import Job
+from comfyq.store.model import Job, State
 
 # Result statuses (and the raw states) a listing can filter on.
 STATUS_SQL = STATUS_FILTERS
@@ -51,7 +52,7 @@ async def cancel(request: web.Request) -> web.Response:
     await visible_head(api, request, job_id)
     with api.bus.subscribe(job_id, maxsize=4) as sub:
         job = await api.pipeline.cancel(job_id)  # NotFound -> 404
-        if job.state == "running":
+        if job.state == State.RUNNING:
             from comfyq.api.generate import wait_final
 
             job = await wait_final(api, sub, job, api.options.cancel_wait)
@@ -137,7 +138,8 @@ async def output_file(request: web.Request) -> web.StreamResponse:
     if folder not in path.parents or not path.is_file():
         # Several instances: the file is on the instance that post-processed the job.
         job = await api.reads.job(job_id)
-        proxied = None if job is None else await api.services.outputs.proxy(request, job, filename)
+        router: OutputRouter = api.services.outputs
+        proxied = None if job is None else await router.proxy(request, job, filename)
         if proxied is None:
             raise missing
         return proxied

@@ -2,7 +2,8 @@
 
 Each job's files are written by the instance that post-processed it, into its own output folder;
 the job's result records that instance's name (``held_by``: a box keeps its name, and its files,
-across restarts, while its instance id is new at every start). ``GET /outputs/{id}/{file}`` on another
+across restarts, while its instance id is new at every start). ``GET /outputs/{id}/{file}`` on
+another
 instance finds the file missing locally (unless the output folder is shared storage) and streams
 it from the holder's API, whose address the registry keeps. With S3 the Result's URLs point at
 S3 already and no instance is involved. A request that already went one hop is never passed on
@@ -40,7 +41,7 @@ URL_TTL = 5.0  # seconds an instance's registered URL is reused without reading 
 
 
 def holder_of(job: Job) -> str | None:
-    """The name of the instance holding the job's files (None: recorded before several instances)."""
+    """The name of the instance holding the job's files (None: recorded by a single instance)."""
     held = (job.result or {}).get("held_by")
     return held if isinstance(held, str) and held else None
 
@@ -146,10 +147,8 @@ class OutputRouter:
                 if up.status != 200:
                     return None, f"the instance holding this file answered {up.status}"
                 if (up.content_length or 0) > limit:
-                    return (
-                        None,
-                        f"not inlined as base64: {up.content_length} bytes is over the {limit}-byte limit",
-                    )
+                    over = f"{up.content_length} bytes is over the {limit}-byte limit"
+                    return None, f"not inlined as base64: {over}"
                 data = await up.content.read(limit + 1)
                 if len(data) > limit:
                     return None, f"not inlined as base64: over the {limit}-byte limit"

@@ -72,7 +72,8 @@ def _wait_line(
             return m.group(1).decode()
         if proc.poll() is not None:
             raise RuntimeError(
-                f"{log.name}: exited with {proc.returncode}:\n{data[-3000:].decode(errors='replace')}"
+                f"{log.name}: exited with {proc.returncode}:\n"
+                + data[-3000:].decode(errors="replace")
             )
         time.sleep(0.05)
     raise RuntimeError(f"{log.name}: not ready within {timeout}s")
@@ -223,8 +224,8 @@ class OwnPostgres:
         self._run(str(PG_BIN / "initdb"), "-D", str(self.data), "-U", "postgres", "-A", "trust")
         with (self.data / "postgresql.conf").open("a") as f:
             f.write(
-                f"port = {self.port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = ''\n"
-                "max_connections = 200\nfsync = on\n" + self.settings
+                f"port = {self.port}\nlisten_addresses = '127.0.0.1'\n"
+                "unix_socket_directories = ''\nmax_connections = 200\nfsync = on\n" + self.settings
             )
         self.up()
         return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"

@@ -70,7 +70,8 @@ async def apply_cluster_migrations(
             if version in done:
                 if done[version] != checksum:
                     raise ClusterMigrationError(
-                        f"cluster migration {version:04d}_{name}.sql was edited after it was applied"
+                        f"cluster migration {version:04d}_{name}.sql was edited after it was"
+                        " applied"
                     )
                 continue
             await conn.execute(sql.encode())

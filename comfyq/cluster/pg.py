@@ -32,7 +32,7 @@ from comfyq.clock import iso
 from comfyq.cluster.link import OnLive, OnTransitions
 from comfyq.cluster.migrate import apply_cluster_migrations
 from comfyq.cluster.model import Instance
-from comfyq.store.model import Transition, loads
+from comfyq.store.model import Stage, State, Transition, loads
 
 log = logging.getLogger("comfyq.cluster")
 
@@ -58,9 +58,9 @@ def _transition(row: dict[str, Any]) -> Transition:
     return Transition(
         event_id=int(row["id"]),
         job_id=row["job_id"],
-        from_state=row["from_state"],
-        to_state=row["to_state"],
-        stage=row["stage"],
+        from_state=State(row["from_state"]) if row["from_state"] else None,
+        to_state=State(row["to_state"]),
+        stage=Stage(row["stage"]),
         attempt=int(row["attempt"]),
         message=row["message"] or "",
         at=_text_time(row["at"]),

@@ -1,1 +1,2 @@
-"""ComfyUI client side: the HTTP/websocket client, its protocol types, backends and file transfer."""
+"""ComfyUI client side: the HTTP/websocket client, its protocol types, backends and file
+transfer."""

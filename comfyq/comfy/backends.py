@@ -17,6 +17,7 @@ from typing import Any
 
 from comfyq.clock import iso
 from comfyq.comfy.client import ComfyClient, redact_url
+from comfyq.comfy.warmup import Warmup
 from comfyq.errors import ComfyUIUnreachable
 from comfyq.logs import SIGNAL
 
@@ -37,12 +38,23 @@ class Backend:
     elsewhere: int = 0  # prompts other instances sharing this backend have in flight on it
     system_stats: dict[str, Any] | None = None
     require_websocket: bool = True
+    # Warm-up (comfyq.comfy.warmup): cold after every (re)start until the warm-up prompt ended.
+    warm: bool = True
+    warming: bool = False
+    warmups: int = 0
+    warmup_error: str | None = None
     _last_pick: int = field(default=0, repr=False)
     _was_healthy: bool = field(default=False, repr=False)
 
     @property
-    def healthy(self) -> bool:
+    def reachable(self) -> bool:
+        """HTTP answers and the websocket is up (warm or not)."""
         return self.http_ok and (self.ws_ok or not self.require_websocket)
+
+    @property
+    def healthy(self) -> bool:
+        """Reachable and warm: takes jobs."""
+        return self.reachable and self.warm
 
     @property
     def display_url(self) -> str:
@@ -64,6 +76,7 @@ class BackendPool:
         probe_timeout: float = 5.0,
         require_websocket: bool = True,
         client_id_for: Callable[[str], str] | None = None,
+        warmup: Warmup | None = None,
     ) -> None:
         unique = list(dict.fromkeys(u.strip().rstrip("/") for u in urls if u.strip()))
         if not unique:
@@ -91,6 +104,12 @@ class BackendPool:
         self._by_url = {b.url: b for b in self._backends}
         self._client_kwargs = kwargs
         self._foreign: dict[str, ComfyClient] = {}
+        self.warmup = warmup
+        # url -> what the supervisor of that backend's process says (comfyq.comfy.supervisor)
+        self.process_info: dict[str, Callable[[], dict[str, Any]]] = {}
+        if warmup is not None:
+            for b in self._backends:
+                b.warm = False
         self._picks = itertools.count(1)
         self._wake: asyncio.Future[None] | None = None
         self._probe_now = asyncio.Event()
@@ -219,7 +238,7 @@ class BackendPool:
             self._notify()
 
     def set_elsewhere(self, load: dict[str, int]) -> None:
-        """Prompts in flight per URL on other instances sharing the backends (cluster-wide slots)."""
+        """Prompts in flight per URL on other instances sharing these backends (cluster-wide)."""
         freed = False
         for b in self._backends:
             n = load.get(b.url, 0)
@@ -271,11 +290,16 @@ class BackendPool:
                     "queue_remaining": b.client.queue_remaining,
                     "capabilities": found.names() if found is not None else None,
                     "capabilities_probed_at": iso(found.probed_at) if found is not None else None,
+                    "warm": b.warm,
+                    "warmups": b.warmups,
+                    "warmup_error": b.warmup_error,
+                    "reachable": b.reachable,
+                    "process": info() if (info := self.process_info.get(b.url)) else None,
                 }
             )
         return out
 
-    # --- health -------------------------------------------------------------------------------------
+    # --- health ---------------------------------------------------------------------------------
 
     def _ws_listener(self, b: Backend) -> Any:
         def changed(up: bool) -> None:
@@ -289,6 +313,14 @@ class BackendPool:
         return changed
 
     def _update(self, b: Backend) -> None:
+        if self.warmup is not None and not self._closed:
+            if not b.reachable:
+                b.warm = False  # it may restart: warm it again once it is back
+            elif not b.warm and not b.warming:
+                b.warming = True
+                self._tasks.append(
+                    asyncio.create_task(self._warm(b), name=f"comfy-warmup {b.display_url}")
+                )
         now, was = b.healthy, b._was_healthy
         b._was_healthy = now
         if now:
@@ -304,6 +336,25 @@ class BackendPool:
             self._maybe_announce()
         self._notify()
 
+    async def _warm(self, b: Backend) -> None:
+        assert self.warmup is not None
+        self._log.info("backend %s is reachable: running the warm-up workflow", b.display_url)
+        try:
+            b.warmup_error = await self.warmup.run(b)
+        except ComfyUIUnreachable as exc:
+            self._log.warning("backend %s: warm-up interrupted: %s", b.display_url, exc.message)
+            b.warming = False
+            self._probe_now.set()  # retried once the backend is reachable again
+            return
+        finally:
+            self._tasks = [t for t in self._tasks if not t.done()]
+        if b.warmup_error:
+            self._log.error("backend %s: %s; taking jobs anyway", b.display_url, b.warmup_error)
+        b.warmups += 1
+        b.warming = False
+        b.warm = b.reachable
+        self._update(b)
+
     async def _probe(self, b: Backend) -> None:
         try:
             b.system_stats = await b.client.system_stats(timeout=self.probe_timeout)
@@ -315,7 +366,7 @@ class BackendPool:
             b.last_error = exc.message
             b.client.invalidate_capabilities()
         b.ws_ok = b.client.ws_connected
-        if b.http_ok and not b.healthy:
+        if b.http_ok and not b.reachable:
             b.last_error = b.client.ws_error or "websocket not connected"
         self._update(b)
 

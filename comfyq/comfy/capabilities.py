@@ -4,7 +4,8 @@ ComfyUI's version string is shown and logged only: intermediate releases carry p
 sets, so every capability comfyq acts on is probed (``shared/comfyui-protocol/NEWER.md`` §18):
 
 * ``jobs_api``: ``GET /api/jobs?limit=1`` answers 200 with ``jobs`` and ``pagination``; then
-  ``locate`` asks ``GET /api/jobs/{id}`` (one consistent answer) instead of ``/queue`` + ``/history``.
+  ``locate`` asks ``GET /api/jobs/{id}`` (one consistent answer) instead of ``/queue`` +
+  ``/history``.
 * ``atomic_cancel``: ``POST /api/jobs/cancel {"job_ids": []}`` answers 200 ``{"cancelled": false}``
   (an empty list acts on nothing); then ``cancel`` is one ``POST /api/jobs/{id}/cancel`` instead of
   ``/queue delete`` + ``/interrupt``.

@@ -9,7 +9,8 @@ ComfyUI does not answer, it keeps trying with backoff; the caller's deadline bou
 
 Newer ComfyUI (0.38+) adds a jobs API and an atomic cancel route; ``probe`` finds out which
 routes a server has (``capabilities.py``), and ``locate``/``cancel`` use them where present. The
-probe is repeated after the websocket came back, since ComfyUI may have restarted as another version.
+probe is repeated after the websocket came back, since ComfyUI may have restarted as another
+version.
 """
 
 from __future__ import annotations
@@ -227,7 +228,8 @@ class ComfyClient:
 
     @property
     def capabilities_stale(self) -> bool:
-        """True until probed, and again once the websocket came back (ComfyUI may have restarted)."""
+        """True until probed, and again once the websocket came back (ComfyUI may have
+        restarted)."""
         return self._caps is None or self._caps_epoch != self._feed.connects
 
     def invalidate_capabilities(self) -> None:
@@ -302,7 +304,7 @@ class ComfyClient:
         return ("done", entry) if entry is not None else ("unknown", None)
 
     async def _locate_job(self, prompt_id: str) -> tuple[Location, dict[str, Any] | None] | None:
-        """``GET /api/jobs/{id}``; None when the answer does not settle it (then ask the old way)."""
+        """``GET /api/jobs/{id}``; None when the answer does not settle it (then ask as before)."""
         path = f"/api/jobs/{quote(prompt_id, safe='')}"
         status, ctype, raw = await self._request("GET", path)
         body = self._decode_answer(raw) if ctype == "application/json" else None

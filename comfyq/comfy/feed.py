@@ -1,4 +1,4 @@
-"""The long-lived ComfyUI websocket: reconnects with backoff and routes messages to per-prompt watches.
+"""The long-lived ComfyUI websocket: reconnects with backoff, routes messages to per-prompt watches.
 
 ComfyUI sends a prompt's execution messages only to the socket whose clientId equals the prompt's
 ``client_id``, and drops them when that socket is not connected (they are never replayed). So one

@@ -305,7 +305,7 @@ class LiveEvent:
 
 @dataclass(slots=True)
 class SubmitResult:
-    """ComfyUI's answer to ``POST /prompt``; non-empty ``node_errors`` means only some outputs run."""
+    """ComfyUI's answer to ``POST /prompt``; non-empty ``node_errors``: only some outputs run."""
 
     prompt_id: str
     number: float

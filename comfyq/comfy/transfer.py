@@ -147,7 +147,8 @@ async def download_file(
                 data = await resp.read()
                 if len(data) != expected:
                     raise ComfyUIUnreachable(
-                        f"download of {label} from {backend} stopped after {len(data)} of {expected} bytes",
+                        f"download of {label} from {backend} stopped after {len(data)} of"
+                        f" {expected} bytes",
                         details={"backend": backend},
                     )
                 try:

@@ -1,4 +1,4 @@
-"""Downloader: URL inputs fetched safely into the content-hash cache, inline inputs decoded into it."""
+"""Downloader: URL inputs fetched safely into the content-hash cache, inline ones decoded there."""
 
 from __future__ import annotations
 

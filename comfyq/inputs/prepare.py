@@ -210,6 +210,11 @@ async def prepare_job(
             modifier = registry.create(name, job_input.get("modifications"))
         except BadRequest as exc:
             raise ModifierError(exc.message, fields=exc.fields, details=exc.details) from None
+        except ModificationError as exc:  # typed parameters that do not convert
+            raise ModifierError(
+                f"modifier {name}: {exc.message}",
+                fields=[{"path": f"$.input.modifications.{exc.key}", "message": exc.message}],
+            ) from None
         except (Exception, SystemExit) as exc:  # noqa: BLE001 - user code must not kill us
             raise ModifierError(
                 _short(f"modifier {name} could not be created: {type(exc).__name__}: {exc}")

@@ -1,4 +1,4 @@
-"""Cache-file helpers: inline decoding, hashing writes, touch, prune (blocking ones run in threads)."""
+"""Cache-file helpers: inline decoding, hashing writes, touch, prune (blocking ones in threads)."""
 
 from __future__ import annotations
 

@@ -92,7 +92,7 @@ def _norm_endpoint(url: Any) -> str:
 def resolve(
     request: dict[str, Any] | None, keys: dict[str, Any] | None, op: S3Settings
 ) -> S3Target | None:
-    """The S3 target of a job (its payload's ``s3`` block, its secret keys), or None for no upload."""
+    """The S3 target of a job (its payload's ``s3`` block, its secret keys), or None: no upload."""
     req = request if isinstance(request, dict) else {}
     keys = keys if isinstance(keys, dict) else {}
     ak, sk = str(keys.get("access_key_id") or ""), str(keys.get("secret_access_key") or "")
@@ -118,8 +118,10 @@ def resolve(
             foreign.append("endpoint_url")
         if foreign:
             raise S3ConfigError(
-                f"s3: {' and '.join(foreign)} differ from the server's own, so the request must bring its"
-                " own access_key_id and secret_access_key (the server's keys are only used with its own"
+                f"s3: {' and '.join(foreign)} differ from the server's own,"
+                " so the request must bring its"
+                " own access_key_id and secret_access_key (the server's keys are only"
+                " used with its own"
                 " bucket and endpoint)"
             )
         ak, sk = op.access_key_id, op.secret_access_key

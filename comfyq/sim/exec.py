@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 from .env import SimEnv
+from .generation import INTERMEDIATE_OUTPUT, Generation, generation
 from .graph import ExecList, _Unequal, is_link, signatures
 from .nodedefs import NODES
 from .queue import PromptQueue, QueueItem
@@ -47,6 +50,12 @@ class Faults:
     reject_next: list[tuple[int, Any]] = field(default_factory=list)
     view_delay: float = 0.0
     fail_nodes: dict[str, tuple[str, str]] = field(default_factory=dict)
+    # While set, a prompt taken off the queue (already "running") waits here before it executes;
+    # ``held`` lists the prompt ids that reached it. Tests use it to act during that handover.
+    start_gate: asyncio.Event | None = None
+    held: list[str] = field(default_factory=list)
+    # "METHOD /path" of the latest requests (any process of this simulator), oldest first.
+    requests: deque[str] = field(default_factory=lambda: deque(maxlen=10000))
 
 
 @dataclass
@@ -128,13 +137,24 @@ class Executor:
     """ComfyUI's prompt worker plus PromptExecutor, on the event loop."""
 
     def __init__(
-        self, queue: PromptQueue, hub: Hub, env: SimEnv, faults: Faults, timing: Timing
+        self,
+        queue: PromptQueue,
+        hub: Hub,
+        env: SimEnv,
+        faults: Faults,
+        timing: Timing,
+        gen: Generation | None = None,
     ) -> None:
         self.queue, self.hub, self.env = queue, hub, env
         self.faults, self.timing = faults, timing
+        self.gen = gen or generation()
         self.client_id: str | None = None
         self.last_node_id: str | None = None
         self.interrupted = False
+        # Prompts cancelled through POST /api/jobs/{id}/cancel: unlike the global flag, which
+        # execute() clears when a prompt starts, this one survives the pending -> running handover.
+        self.cancelled: set[str] = set()
+        self._sent_ui: dict[str, Any] = {}  # node -> the executed output this prompt sent
         self.out_cache: dict[Any, tuple[Any, ...]] = {}
         self.ui_cache: dict[Any, dict[str, Any]] = {}
         self._prompt_id = ""
@@ -145,12 +165,18 @@ class Executor:
         """Take prompts in number order, forever."""
         while True:
             item, task_id = await self.queue.get()
+            gate = self.faults.start_gate
+            if gate is not None:
+                self.faults.held.append(item[1])
+                await gate.wait()
             outputs, meta, status = await self.execute(item)
             await self.queue.task_done(task_id, outputs, meta, status)
             if self.client_id is not None:
                 await self.hub.send_json(
                     "executing", {"node": None, "prompt_id": item[1]}, self.client_id
                 )
+            if self.gen.assets:  # the asset scanner runs after prompts and tells everyone
+                await self._asset_scan()
             self.apply_flags()
             await asyncio.sleep(0)  # let HTTP handlers in between back-to-back prompts
 
@@ -163,8 +189,39 @@ class Executor:
 
     def check_interrupt(self) -> None:
         """Raise if /interrupt was called (checked at node start and at progress ticks)."""
-        if self.interrupted:
+        if self.interrupted or self._prompt_id in self.cancelled:
             raise _Interrupted()
+
+    def cancel(self, prompt_id: str) -> None:
+        """Interrupt ``prompt_id`` only (the atomic cancel of a running job)."""
+        self.cancelled.add(prompt_id)
+
+    async def _asset_scan(self) -> None:
+        roots = ["output"]
+        await self.hub.send_json("assets.seed.started", {"roots": roots, "phase": "fast"})
+        done = {"phase": "fast", "total": 0, "created": 0, "enriched": 0, "skipped": 0}
+        await self.hub.send_json("assets.seed.completed", {**done, "elapsed": 0.0})
+
+    def _register(self, nid: str, output: Any) -> Any:
+        """An executed output as this generation sends it: newer ComfyUI adds ``metadata`` to
+        file entries and, with assets on, a fresh asset ``id``/``preview_id`` per prompt."""
+        if not self.gen.rich_executed or not isinstance(output, dict):
+            return output
+        shown: dict[str, Any] = {}
+        for key, items in output.items():
+            if not isinstance(items, list):
+                shown[key] = items
+                continue
+            shown[key] = []
+            for item in items:
+                if isinstance(item, dict) and "filename" in item:
+                    clean = {k: v for k, v in item.items() if k not in ("id", "preview_id")}
+                    item = {**clean, "metadata": {}}
+                    if self.gen.assets:
+                        item["id"] = item["preview_id"] = str(uuid.uuid4())
+                shown[key].append(item)
+        self._sent_ui[nid] = shown
+        return shown
 
     def _deliverable(self, sid: str | None) -> bool:
         if self.faults.stall_ws:
@@ -189,6 +246,9 @@ class Executor:
             for nid, st in self._progress.items()
             if st["state"] != "pending"
         }
+        for nid, st in self._progress.items():
+            if "activity" in st and nid in nodes:
+                nodes[nid]["activity"] = st["activity"]
         await self.hub.send_json(
             "progress_state", {"prompt_id": pid, "nodes": nodes}, self.client_id
         )
@@ -237,6 +297,7 @@ class Executor:
         _, pid, prompt, extra, to_execute = item
         extra = extra if isinstance(extra, dict) else {}
         self.interrupted = False
+        self._sent_ui = {}
         self.client_id = extra.get("client_id")
         self._prompt_id = pid
         self._progress = {}
@@ -295,21 +356,43 @@ class Executor:
                 break
             xlist.complete(nid)
         if success:
+            await self._reemit_intermediate(prompt, pid, cached)
             await self._add_message("execution_success", {"prompt_id": pid}, False, messages)
         outputs: dict[str, Any] = {}
         meta: dict[str, Any] = {}
         for nid in prompt:
             ui = self.ui_cache.get(keys[nid])
             if ui is not None:
-                outputs[nid] = ui["output"]
+                outputs[nid] = self._sent_ui.get(nid, ui["output"])
                 meta[nid] = ui["meta"]
         self.last_node_id = None
+        self.cancelled.discard(pid)
         status = {
             "status_str": "success" if success else "error",
             "completed": success,
             "messages": messages,
         }
         return outputs, meta, status
+
+    async def _reemit_intermediate(
+        self, prompt: dict[str, Any], pid: str, cached: list[str]
+    ) -> None:
+        """Newer ComfyUI: cached has_intermediate_output nodes send ``executed`` again (with the
+        UI re-registered for this prompt) just before execution_success."""
+        if not self.gen.rich_executed or self.client_id is None:
+            return
+        for nid in cached:
+            if prompt[nid].get("class_type") not in INTERMEDIATE_OUTPUT:
+                continue
+            ui = self.ui_cache.get(self._keys.get(nid))
+            if ui is None or ui.get("output") is None:
+                continue
+            shown = self._register(nid, ui["output"])
+            await self.hub.send_json(
+                "executed",
+                {"node": nid, "display_node": nid, "output": shown, "prompt_id": pid},
+                self.client_id,
+            )
 
     async def _error(
         self,
@@ -376,16 +459,12 @@ class Executor:
         spec = NODES[node["class_type"]]
         cid = self.client_id
         if key in self.out_cache:
+            ui = self.ui_cache.get(key) or {}
+            shown = self._register(nid, ui.get("output"))
             if cid is not None:
-                ui = self.ui_cache.get(key) or {}
                 await self.hub.send_json(
                     "executed",
-                    {
-                        "node": nid,
-                        "display_node": nid,
-                        "output": ui.get("output"),
-                        "prompt_id": pid,
-                    },
+                    {"node": nid, "display_node": nid, "output": shown, "prompt_id": pid},
                     cid,
                 )
             await self._finish(nid)
@@ -399,6 +478,10 @@ class Executor:
             await self.hub.send_json(
                 "executing", {"node": nid, "display_node": nid, "prompt_id": pid}, cid
             )
+        if self.gen.rich_executed and spec.category == "loaders":
+            entry["activity"] = "loading"  # newer ComfyUI: a progress_state saying what it does
+            await self._progress_send()
+            del entry["activity"]
         t = self.timing
         duration = t.node_durations.get(spec.name, t.node_duration)
         ctx = _Ctx(self, nid, pid, duration, prompt, extra)
@@ -446,10 +529,11 @@ class Executor:
                 },
                 "output": ui,
             }
+            shown = self._register(nid, ui)
             if cid is not None:
                 await self.hub.send_json(
                     "executed",
-                    {"node": nid, "display_node": nid, "output": ui, "prompt_id": pid},
+                    {"node": nid, "display_node": nid, "output": shown, "prompt_id": pid},
                     cid,
                 )
         self.out_cache[key] = outputs

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -12,7 +13,16 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from . import files as sim_files
+from .generation import (
+    INVALID_PROMPT_ID,
+    dependency_cycles,
+    is_canonical_uuid,
+    modern_error,
+    modern_object_info,
+)
+from .jobs import JobRoutes
 from .nodedefs import NODES, object_info
+from .queue import SENSITIVE_EXTRA_DATA_KEYS
 from .validate import ServerCrash, validate_prompt
 from .ws import SERVER_FEATURES
 
@@ -81,45 +91,49 @@ class Routes:
     async def system_stats(self, request: web.Request) -> web.Response:
         """GET /system_stats (shape of ComfyUI 0.3.64 on CPU)."""
         total, free = _memory()
+        cpu = {
+            "name": "cpu",
+            "type": "cpu",
+            "index": None,
+            "vram_total": total,
+            "vram_free": free,
+            "torch_vram_total": total,
+            "torch_vram_free": free,
+        }
+        # Newer ComfyUI lists every torch device, the primary first.
+        modern = self.p.gen.modern_stats
+        devices = [cpu, {**cpu, "name": "meta", "type": "meta"}] if modern else [cpu]
         return web.json_response(
             {
-                "system": {
-                    "os": os.name,
-                    "ram_total": total,
-                    "ram_free": free,
-                    "comfyui_version": "0.3.64",
-                    "required_frontend_version": "1.27.10",
-                    "installed_templates_version": "0.1.95",
-                    "required_templates_version": "0.1.95",
-                    "python_version": sys.version,
-                    "pytorch_version": "2.13.0+cpu",
-                    "embedded_python": False,
-                    "argv": [
-                        "main.py",
-                        "--cpu",
-                        "--listen",
-                        self.p.host,
-                        "--port",
-                        str(self.p.port),
-                    ],
-                },
-                "devices": [
+                "system": self.p.gen.system(
                     {
-                        "name": "cpu",
-                        "type": "cpu",
-                        "index": None,
-                        "vram_total": total,
-                        "vram_free": free,
-                        "torch_vram_total": total,
-                        "torch_vram_free": free,
+                        "os": os.name,
+                        "ram_total": total,
+                        "ram_free": free,
+                        "comfyui_version": "0.3.64",
+                        "required_frontend_version": "1.27.10",
+                        "installed_templates_version": "0.1.95",
+                        "required_templates_version": "0.1.95",
+                        "python_version": sys.version,
+                        "pytorch_version": "2.13.0+cpu",
+                        "embedded_python": False,
+                        "argv": [
+                            "main.py",
+                            "--cpu",
+                            "--listen",
+                            self.p.host,
+                            "--port",
+                            str(self.p.port),
+                        ],
                     }
-                ],
+                ),
+                "devices": devices,
             }
         )
 
     async def features(self, request: web.Request) -> web.Response:
         """GET /features."""
-        return web.json_response(dict(SERVER_FEATURES))
+        return web.json_response(self.p.gen.features)
 
     async def get_prompt(self, request: web.Request) -> web.Response:
         """GET /prompt."""
@@ -128,14 +142,19 @@ class Routes:
     async def object_info_all(self, request: web.Request) -> web.Response:
         """GET /object_info."""
         return web.json_response(
-            {name: object_info(spec, self.p.env) for name, spec in NODES.items()}
+            {name: self._info(name, object_info(spec, self.p.env)) for name, spec in NODES.items()}
         )
+
+    def _info(self, name: str, info: dict[str, Any]) -> dict[str, Any]:
+        return modern_object_info(name, info) if self.p.gen.rich_executed else info
 
     async def object_info_one(self, request: web.Request) -> web.Response:
         """GET /object_info/{node_class}; unknown classes give {}."""
         name = request.match_info["node_class"]
         spec = NODES.get(name)
-        return web.json_response({} if spec is None else {name: object_info(spec, self.p.env)})
+        if spec is None:
+            return web.json_response({})
+        return web.json_response({name: self._info(name, object_info(spec, self.p.env))})
 
     async def embeddings(self, request: web.Request) -> web.Response:
         """GET /embeddings."""
@@ -198,14 +217,33 @@ class Routes:
         if "prompt" not in data:
             return _no_prompt()
         prompt = data["prompt"]
-        prompt_id = str(data.get("prompt_id", uuid.uuid4()))
+        gen = p.gen
+        if not gen.strict_prompt_ids:
+            prompt_id = str(data.get("prompt_id", uuid.uuid4()))  # any string; null -> "None"
+        elif data.get("prompt_id") is None:
+            prompt_id = str(uuid.uuid4())
+        elif is_canonical_uuid(data["prompt_id"]):
+            prompt_id = data["prompt_id"]
+        else:
+            return web.json_response(INVALID_PROMPT_ID, status=400)
         partial = data.get("partial_execution_targets")
         ok, error, outputs, node_errors = validate_prompt(prompt, partial, p.env)
+        if gen.dependency_cycle and isinstance(prompt, dict):
+            ok, error, outputs = _refuse_cycles(prompt, partial, ok, error, outputs, node_errors)
+        if gen.missing_node_type and error is not None:
+            error = modern_error(error, prompt)
         extra = data.get("extra_data", {})
         if "client_id" in data:
             extra["client_id"] = data["client_id"]
+        usage = request.headers.get("Comfy-Usage-Source")
+        if gen.create_time and usage and isinstance(extra, dict):
+            extra.setdefault("comfy_usage_source", usage)
         if not ok:
             return web.json_response({"error": error, "node_errors": node_errors}, status=400)
+        if gen.hide_secrets_in_queue and isinstance(extra, dict):
+            extra = {k: v for k, v in extra.items() if k not in SENSITIVE_EXTRA_DATA_KEYS}
+        if gen.create_time and isinstance(extra, dict):
+            extra["create_time"] = int(time.time() * 1000)  # overwrites a client's value
         if not p.alive:
             raise ConnectionResetError("simulated server is gone")
         await p.queue.put([number, prompt_id, prompt, extra, outputs])
@@ -261,15 +299,15 @@ class Routes:
 
     async def upload_image(self, request: web.Request) -> web.Response:
         """POST /upload/image."""
-        return await sim_files.upload(request, self.p.env)
+        return await sim_files.upload(request, self.p.env, assets=self.p.gen.assets)
 
     async def upload_mask(self, request: web.Request) -> web.Response:
         """POST /upload/mask."""
-        return await sim_files.upload(request, self.p.env, mask=True)
+        return await sim_files.upload(request, self.p.env, mask=True, assets=self.p.gen.assets)
 
     async def view(self, request: web.Request) -> web.StreamResponse:
         """GET /view."""
-        return await sim_files.view(request, self.p.env, self.p.faults.view_delay)
+        return await sim_files.view(request, self.p.env, self.p.faults.view_delay, self.p.gen)
 
     async def not_found(self, request: web.Request) -> web.StreamResponse:
         """Unknown GET paths: ComfyUI's static route answers an empty octet-stream 404."""
@@ -306,11 +344,63 @@ def build_app(proc: SimProcess) -> web.Application:
         ("POST", "/upload/mask", r.upload_mask),
         ("GET", "/view", r.view),
     ]
+    if proc.gen.jobs_api:
+        jobs = JobRoutes(proc)
+        table += [
+            # Registered with a literal /api: served at /api/jobs and /api/api/jobs, not /jobs.
+            ("GET", "/api/jobs", jobs.list),
+            ("POST", "/api/jobs/cancel", jobs.cancel_many),
+            ("GET", "/api/jobs/{job_id}", jobs.one),
+            ("POST", "/api/jobs/{job_id}/cancel", jobs.cancel_one),
+            ("GET", "/node_replacements", jobs.node_replacements),
+        ]
+    log = proc.faults.requests
+
+    @web.middleware
+    async def _log_request(request: web.Request, handler: Handler) -> web.StreamResponse:
+        log.append(f"{request.method} {request.path}")  # what the client asked, for tests
+        return await handler(request)
+
     app = web.Application(
-        client_max_size=SERVER_FEATURES["max_upload_size"], middlewares=[_crash_middleware]
+        client_max_size=SERVER_FEATURES["max_upload_size"],
+        middlewares=[_log_request, _crash_middleware],
     )
     for prefix in ("/api", ""):
         for method, path, handler in table:
             app.router.add_route(method, prefix + path, handler)
     app.router.add_get("/{tail:.*}", r.not_found)
     return app
+
+
+def _refuse_cycles(
+    prompt: dict[str, Any],
+    partial: Any,
+    ok: bool,
+    error: Any,
+    outputs: list[str],
+    node_errors: dict[str, Any],
+) -> tuple[bool, Any, list[str]]:
+    """Newer ComfyUI refuses link cycles at validation (``dependency_cycle`` node errors)."""
+    candidates = [
+        nid
+        for nid, node in prompt.items()
+        if isinstance(node, dict)
+        and isinstance(node.get("class_type"), str)
+        and getattr(NODES.get(node["class_type"]), "output_node", False)
+        and (partial is None or nid in partial)
+    ]
+    cycles = dependency_cycles(prompt, candidates)
+    if not cycles:
+        return ok, error, outputs
+    node_errors.update(cycles)
+    blocked = {o for e in cycles.values() for o in e["dependent_outputs"]}
+    outputs = [o for o in outputs if o not in blocked]
+    if ok and not outputs:
+        ok = False
+        error = {
+            "type": "prompt_outputs_failed_validation",
+            "message": "Prompt outputs failed validation",
+            "details": "",
+            "extra_info": {},
+        }
+    return ok, error, outputs

@@ -1,4 +1,4 @@
-"""The simulated node classes and their /object_info descriptions (shapes as ComfyUI 0.3.64 sends)."""
+"""The simulated node classes and their /object_info descriptions (as ComfyUI 0.3.64 sends them)."""
 
 from __future__ import annotations
 

@@ -189,7 +189,7 @@ class _BitWriter:
 
 
 def encode_webp_solid(width: int, height: int, rgb: tuple[int, int, int]) -> bytes:
-    """Encode a solid-colour lossless (VP8L) WebP: five one-symbol prefix codes, zero bits per pixel."""
+    """Encode a solid-colour lossless (VP8L) WebP: five one-symbol prefix codes, 0 bits a pixel."""
     if not (1 <= width <= 16384 and 1 <= height <= 16384):
         raise ValueError("WebP dimensions must be 1..16384")
     bw = _BitWriter()

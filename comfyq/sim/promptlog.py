@@ -19,7 +19,7 @@ __all__ = ["PromptLog", "read_prompt_log"]
 
 
 class PromptLog:
-    """Appends one line per accepted prompt to a file; ``boot`` tells simulator incarnations apart."""
+    """Appends a line per accepted prompt to a file; ``boot`` tells simulator incarnations apart."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)

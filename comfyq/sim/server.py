@@ -19,6 +19,7 @@ from aiohttp import web
 
 from .env import SimEnv
 from .exec import Faults, Timing
+from .generation import NEWEST, VERSIONS, Generation, generation
 from .http import build_app
 from .process import SimProcess
 from .promptlog import PromptLog
@@ -40,7 +41,14 @@ class Simulator:
         progress_steps: int = 0,
         max_history: int = 10000,
         prompt_log: Path | None = None,
+        comfyui_version: str = NEWEST,
+        assets: bool = True,
+        replacements: dict[str, Any] | None = None,
     ) -> None:
+        # Which ComfyUI to speak (generation.py): "0.3.64" or "0.38"; a restart keeps it, and
+        # ``comfyui_version`` may be changed between a stop and a start (an upgrade).
+        self.generation: Generation = generation(comfyui_version, assets=assets)
+        self.replacements = dict(replacements or {})
         self.host = host
         self.port = port
         self.url = ""
@@ -151,6 +159,8 @@ class Simulator:
             self.host,
             self.port,
             self.prompt_log,
+            self.generation,
+            self.replacements,
         )
         runner = web.AppRunner(build_app(proc), access_log=None, shutdown_timeout=1.0)
         await runner.setup()
@@ -216,6 +226,34 @@ class Simulator:
             await self._halt(graceful=True)
         await self.start()
 
+    @property
+    def comfyui_version(self) -> str:
+        """The generation spoken: "0.3.64" or "0.38"."""
+        return self.generation.name
+
+    def switch_version(self, name: str, *, assets: bool = True) -> None:
+        """Speak another generation from the next start (restart to "upgrade" ComfyUI)."""
+        self.generation = generation(name, assets=assets)
+
+    def hold_starts(self) -> None:
+        """From now on a prompt taken off the queue (so already "running") waits before it
+        executes, until ``release_starts``; ``held`` lists the prompt ids that got there."""
+        self.faults.start_gate = asyncio.Event()
+
+    def release_starts(self) -> None:
+        gate, self.faults.start_gate = self.faults.start_gate, None
+        if gate is not None:
+            gate.set()
+
+    @property
+    def held(self) -> list[str]:
+        return self.faults.held
+
+    @property
+    def requests(self) -> list[str]:
+        """ "METHOD /path" of the requests served (the latest 10000), oldest first."""
+        return list(self.faults.requests)
+
     def drop_websockets(self) -> None:
         """Cut every websocket connection abruptly; the server stays up."""
         if self._proc is not None:
@@ -243,6 +281,18 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--data-dir", type=Path, default=None)
     ap.add_argument("--max-history", type=int, default=10000)
     ap.add_argument(
+        "--comfyui-version",
+        choices=VERSIONS,
+        default=NEWEST,
+        help="which ComfyUI protocol to speak (default: the newest, %(default)s)",
+    )
+    ap.add_argument(
+        "--disable-assets",
+        action="store_true",
+        help="newest generation only: run without the assets system"
+        " (no asset ids, no blake3: views)",
+    )
+    ap.add_argument(
         "--prompt-log",
         type=Path,
         default=None,
@@ -265,6 +315,8 @@ async def _serve(args: argparse.Namespace) -> None:
         progress_steps=args.progress_steps,
         max_history=args.max_history,
         prompt_log=args.prompt_log,
+        comfyui_version=args.comfyui_version,
+        assets=not args.disable_assets,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

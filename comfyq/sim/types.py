@@ -1,4 +1,4 @@
-"""Shared value types of the ComfyUI simulator: graph values, node specs, the per-node run context."""
+"""Value types of the ComfyUI simulator: graph values, node specs, the per-node run context."""
 
 from __future__ import annotations
 

@@ -92,7 +92,9 @@ class _Validator:
                     errors.append(
                         {
                             "type": "bad_linked_input",
-                            "message": "Bad linked input, must be a length-2 list of [node_id, slot_index]",
+                            "message": (
+                                "Bad linked input, must be a length-2 list of [node_id, slot_index]"
+                            ),
                             "details": f"{x}",
                             "extra_info": {
                                 "input_name": x,
@@ -113,7 +115,9 @@ class _Validator:
                         {
                             "type": "return_type_mismatch",
                             "message": "Return type mismatch between linked nodes",
-                            "details": f"{x}, received_type({received}) mismatch input_type({input_type})",
+                            "details": (
+                                f"{x}, received_type({received}) mismatch input_type({input_type})"
+                            ),
                             "extra_info": {
                                 "input_name": x,
                                 "input_config": info,

@@ -37,7 +37,8 @@ def preview_meta_frame(png: bytes, metadata: dict[str, Any]) -> bytes:
 class Hub:
     """Connected sockets keyed by sid, with ComfyUI's routing: sid None means everyone."""
 
-    def __init__(self, stalled: Callable[[], bool]) -> None:
+    def __init__(self, stalled: Callable[[], bool], features: dict[str, Any] | None = None) -> None:
+        self.features = dict(SERVER_FEATURES if features is None else features)
         self.sockets: dict[str, web.WebSocketResponse] = {}
         self.flags: dict[str, dict[str, Any]] = {}
         self._stalled = stalled
@@ -122,7 +123,7 @@ class Hub:
                 if first and data.get("type") == "feature_flags":
                     if sid in self.flags:
                         self.flags[sid]["feature_flags"] = data.get("data", {})
-                    await self.send_json("feature_flags", dict(SERVER_FEATURES), sid)
+                    await self.send_json("feature_flags", dict(self.features), sid)
                 first = False
         finally:
             # Like ComfyUI this drops whatever socket is registered under sid now, even if a

@@ -1,1 +1,2 @@
-"""Pipeline stages (preprocess, generate, postprocess) and the runner: workers, leases, retries, reaper."""
+"""Pipeline stages (preprocess, generate, postprocess) and the runner: workers, leases, retries,
+reaper."""

@@ -29,6 +29,8 @@ class Generate:
         self.pool = pool
         self.failover_after = failover_after
         self._prompts: dict[str, JobContext] = {}  # prompt id -> job, for previews
+        # Per-prompt extra_data by job id (a v2 partner-node key): memory only, never stored.
+        self.extra_data: dict[str, dict[str, Any]] = {}
 
     def on_preview(self, ev: LiveEvent) -> None:
         """Route a backend's preview frames to the job whose prompt produced them."""
@@ -49,14 +51,17 @@ class Generate:
             for item in prepared.get("inputs", []):
                 await be.client.upload(Path(item["path"]), item["name"], overwrite=True)
             prompt_id = str(uuid.uuid4())
-            # Durable before the request goes out: a crash from here on reconciles, never re-runs blindly.
+            # Durable before the request goes out: a crash from here on reconciles, never re-runs
+            # blindly.
             await ctx.update(
                 comfy_prompt_id=prompt_id,
                 comfy_backend=be.url,
                 message=f"Generation started (ComfyUI job: {prompt_id})",
             )
             try:
-                submitted = await be.client.submit(workflow, prompt_id)
+                submitted = await be.client.submit(
+                    workflow, prompt_id, extra_data=self.extra_data.get(job.id)
+                )
             except asyncio.CancelledError:
                 await self._stop_prompt(be, prompt_id, ctx)
                 raise
@@ -178,7 +183,8 @@ class Generate:
             return  # shutdown: leave it running; the next start reconciles it
         try:
             await asyncio.wait_for(asyncio.shield(be.client.cancel(prompt_id)), 10)
-        # Best effort, whatever goes wrong: the job ends either way; say why ComfyUI may still run it.
+        # Best effort whatever goes wrong: the job ends either way; say why ComfyUI may still run
+        # it.
         except Exception as exc:  # noqa: BLE001
             log.warning("job %s: could not stop prompt %s: %s", ctx.job.id, prompt_id, exc)
 

@@ -9,13 +9,14 @@ An upload failure never loses the file: the output keeps its local URL and carri
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from comfyq.comfy.backends import BackendPool
 from comfyq.errors import ComfyUIUnreachable, OutputError
-from comfyq.outputs.local import describe, job_dir, list_outputs, safe_name
+from comfyq.outputs.local import describe_all, job_dir, list_outputs, safe_name
 from comfyq.outputs.s3 import LocalFile, S3Uploader
 from comfyq.stages.runner import JobContext, StageDone
 from comfyq.store import Job
@@ -46,7 +47,8 @@ class Postprocess:
                 await ctx.store.put_output(job.id, row)
             first = warnings[0]
             raise OutputError(
-                f"upload of {len(warnings)} of {len(rows)} output(s) failed: {first['filename']}: {first['message']}",
+                f"upload of {len(warnings)} of {len(rows)} output(s) failed:"
+                f" {first['filename']}: {first['message']}",
                 details={"upload_errors": warnings},
             )
         # Several instances: the files are on this one; the others ask it for them.
@@ -64,7 +66,7 @@ class Postprocess:
     async def _collect(self, job: Job, result: dict[str, Any]) -> list[dict[str, Any]]:
         items = list_outputs(result.get("outputs") or {})
         folder = job_dir(self.output_dir, job.id)  # created by the first download or text write
-        # Several instances: the backend may be another instance's; its files are fetched all the same.
+        # Several instances: the backend may be another instance's; its files are fetched as well.
         client = self.pool.client_for(job.comfy_backend) if job.comfy_backend else None
         used: set[str] = set()
         rows: list[dict[str, Any]] = []
@@ -77,7 +79,7 @@ class Postprocess:
                 if client is None:
                     raise ComfyUIUnreachable("the job records no backend to fetch its outputs from")
                 await client.download(item.filename, item.subfolder, item.comfy_type, dest)
-            sha, size, mime = await describe(dest)
+            sha, b3, size, mime = await describe_all(dest)
             rows.append(
                 {
                     "filename": name,
@@ -91,6 +93,8 @@ class Postprocess:
                     "local_path": str(dest),
                     "url": f"/outputs/{job.id}/{name}",
                     "upload_error": None,
+                    "asset_id": str(uuid.uuid4()),  # the output as a Comfy API v2 asset
+                    "blake3": b3,
                 }
             )
         return rows
@@ -98,7 +102,7 @@ class Postprocess:
     async def _upload(
         self, job: Job, ctx: JobContext, rows: list[dict[str, Any]]
     ) -> list[dict[str, Any]]:
-        """Upload the rows' files; set url or upload_error on each; return one warning per failure."""
+        """Upload the rows' files; set url or upload_error on each; one warning per failure."""
         assert self.uploader is not None
         inp = (job.payload or {}).get("input") or {}
         if not inp.get("s3") and not self.uploader.settings.configured:

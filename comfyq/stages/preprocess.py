@@ -13,19 +13,26 @@ from modifiers import ModifierRegistry
 
 
 class Preprocess:
-    def __init__(self, registry: ModifierRegistry, downloader: Downloader) -> None:
+    def __init__(
+        self, registry: ModifierRegistry, downloader: Downloader, assets: Any = None
+    ) -> None:
         self.registry = registry
         self.downloader = downloader
+        self.assets = assets  # comfyq.v2.resolve.AssetResolver: core/ASSET refs of v2 jobs
 
     async def __call__(self, job: Job, ctx: JobContext) -> StageDone:
+        job_input = job.payload.get("input", job.payload)
+        files = []
+        if self.assets is not None and "v2" in job.payload:
+            job_input, files = await self.assets.resolve(job_input)
         prepared = await prepare_job(
-            job.payload.get("input", job.payload),
+            job_input,
             job.id,
             registry=self.registry,
             downloader=self.downloader,
         )
         inputs: list[dict[str, Any]] = []
-        for item in prepared.inputs:
+        for item in [*prepared.inputs, *files]:
             d = asdict(item)
             d["path"] = str(item.path)
             inputs.append(d)

@@ -11,7 +11,7 @@ from comfyq.store.base import (
     StoreUnavailable,
     open_store,
 )
-from comfyq.store.model import Job, NewJob, Transition
+from comfyq.store.model import Job, NewJob, Stage, State, Transition
 
 __all__ = [
     "Attempt",
@@ -19,6 +19,8 @@ __all__ = [
     "JobReads",
     "JobStore",
     "NewJob",
+    "Stage",
+    "State",
     "StoreError",
     "StoreUnavailable",
     "Transition",

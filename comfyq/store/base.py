@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any, Self, cast
 
 from comfyq.clock import Clock, iso
-from comfyq.store.model import Job, NewJob, Transition
+from comfyq.store.assets import AssetStore
+from comfyq.store.model import Job, NewJob, Stage, State, Transition
 
 log = logging.getLogger("comfyq.store")
 
@@ -121,6 +122,27 @@ class JobReads(abc.ABC):
         these API key ids (None: every job)."""
 
     @abc.abstractmethod
+    async def summary(self, job_id: str) -> Job | None:
+        """The job without its documents (payload, prepared, result), plus ``v2_metadata`` (the
+        payload's ``v2.metadata`` as JSON text) and ``nodes_total`` (nodes in its workflow)."""
+
+    @abc.abstractmethod
+    async def summaries(
+        self,
+        states: list[str] | None,
+        owners: list[str] | None,
+        cursor: tuple[str, str] | None,
+        limit: int,
+    ) -> list[Job]:
+        """``summary`` of jobs newest first, in some states (None: any), created by some API key
+        ids (None: anyone's), after ``cursor`` (created_at, id)."""
+
+    @abc.abstractmethod
+    async def workflow(self, job_id: str) -> dict[str, Any] | None:
+        """The API-format graph that ran (assets resolved) or, before it is prepared, the one
+        submitted; None for a job that does not exist."""
+
+    @abc.abstractmethod
     async def queue_snapshot(self) -> list[tuple[str, str, str, int]]:
         """(id, stage, state, position) of every unfinished job; position 1-based among the
         waiting jobs of its stage in claim order, 0 for running ones."""
@@ -170,7 +192,8 @@ class JobStore(abc.ABC):
 
     @abc.abstractmethod
     async def migrate(self) -> list[int]:
-        """Apply pending migrations (``open`` does too; this needs no ``open``); the versions applied."""
+        """Apply pending migrations (``open`` does too; this needs no ``open``); the versions
+        applied."""
 
     def listen(self, fn: Listener) -> None:
         """Call ``fn(transitions)`` after every commit that changed job states."""
@@ -209,6 +232,10 @@ class JobStore(abc.ABC):
     def reads(self) -> JobReads:
         """A reader for request handlers and streams (close it when done)."""
 
+    @abc.abstractmethod
+    def assets(self) -> AssetStore:
+        """The Comfy API v2 assets, blobs and idempotency keys kept in this store."""
+
     # --- job writes --------------------------------------------------------------------------
 
     @abc.abstractmethod
@@ -219,7 +246,7 @@ class JobStore(abc.ABC):
         payload differs."""
 
     @abc.abstractmethod
-    async def claim(self, stage: str, n: int, lease: float, message: str) -> list[Job]:
+    async def claim(self, stage: Stage, n: int, lease: float, message: str) -> list[Job]:
         """Claim up to ``n`` waiting jobs of ``stage`` for this process, by priority then age."""
 
     @abc.abstractmethod
@@ -248,7 +275,7 @@ class JobStore(abc.ABC):
     async def finish(
         self,
         job_id: str,
-        state: str,
+        state: State,
         message: str,
         *,
         error: dict[str, Any] | None = None,
@@ -267,7 +294,7 @@ class JobStore(abc.ABC):
 
     @abc.abstractmethod
     async def update(self, job_id: str, fields: dict[str, Any]) -> Job:
-        """Set columns of a job this process holds (e.g. the ComfyUI prompt id before submitting)."""
+        """Set columns of a job this process holds (the ComfyUI prompt id before submitting)."""
 
     @abc.abstractmethod
     async def renew(self, lease: float) -> int:
@@ -322,7 +349,7 @@ class JobStore(abc.ABC):
         """Rows of the ``jobs_overview`` view (newest first), filtered by state or status."""
 
     @abc.abstractmethod
-    async def counts(self) -> dict[str, dict[str, int]]:
+    async def counts(self) -> dict[Stage, dict[str, int]]:
         """Waiting and running jobs per stage."""
 
     @abc.abstractmethod
@@ -341,14 +368,14 @@ class JobStore(abc.ABC):
 
     @abc.abstractmethod
     async def secrets(self, job_id: str) -> dict[str, Any]:
-        """The job's per-request secrets (webhook secret, S3 keys); {} once it no longer needs them."""
+        """The job's per-request secrets (webhook secret, S3 keys); {} once it has ended."""
 
     @abc.abstractmethod
     async def cancel_requested(self) -> list[str]:
         """Ids of jobs this process runs that someone asked to cancel."""
 
     @abc.abstractmethod
-    async def next_run_after(self, stage: str) -> str | None:
+    async def next_run_after(self, stage: Stage) -> str | None:
         """The earliest ``run_after`` among waiting jobs of ``stage`` (for retry timers)."""
 
     @abc.abstractmethod

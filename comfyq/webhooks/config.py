@@ -1,4 +1,5 @@
-"""How the webhook sender behaves: limits, timeouts and retry policy, mapped from comfyq's settings."""
+"""How the webhook sender behaves: limits, timeouts and retry policy, mapped from comfyq's
+settings."""
 
 from __future__ import annotations
 

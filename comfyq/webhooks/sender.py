@@ -83,7 +83,8 @@ class WebhookSender:
             self.poster.session = self.guard.session(headers={"User-Agent": self.cfg.user_agent})
 
     async def stop(self, grace: float = 5.0) -> None:
-        """Stop claiming; give posts in flight ``grace`` seconds, then interrupt them (they resume)."""
+        """Stop claiming; give posts in flight ``grace`` seconds, then interrupt them (they
+        resume)."""
         if self._loop_task is not None:
             # Not cancelled: a claim cut short would leave rows leased with no task to send them.
             self._stopping = True
@@ -112,7 +113,8 @@ class WebhookSender:
                     log.exception("claiming webhook deliveries failed")
                     claimed = []
                 if claimed and len(claimed) == free or self._stopping:
-                    continue  # there may be more; a finishing post wakes the loop when slots are full
+                    # there may be more; a finishing post wakes the loop when slots are full
+                    continue
             try:
                 delay = self.cfg.poll_interval if free <= 0 else await self._until_next_due()
             except Exception:
@@ -140,7 +142,8 @@ class WebhookSender:
         self._wake.set()
 
     def _lease(self) -> float:
-        # The longest an attempt can take (the per-request timeout is capped at 300 s) plus a margin.
+        # The longest an attempt can take (the per-request timeout is capped at 300 s) plus a
+        # margin.
         return max(self.cfg.timeout, 300.0) + self.cfg.lease_margin
 
     async def _until_next_due(self) -> float:
@@ -151,7 +154,8 @@ class WebhookSender:
         return max(0.001, min(self.cfg.poll_interval, parse_iso(due) - now + 0.001))
 
     async def deliver_due(self) -> int:
-        """Burst mode: deliver every delivery due now (without the background loop); return how many.
+        """Burst mode: deliver every delivery due now (without the background loop); return how
+        many.
 
         Opens the HTTP session if needed; ``stop()`` closes it."""
         self._open_session()

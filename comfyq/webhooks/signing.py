@@ -10,7 +10,8 @@ __all__ = ["legacy_signature", "sign", "signing_key"]
 
 
 def signing_key(secret: str) -> bytes:
-    """The HMAC key: a ``whsec_`` secret is base64 (Standard Webhooks); any other is its UTF-8 bytes."""
+    """The HMAC key: a ``whsec_`` secret is base64 (Standard Webhooks); any other is its UTF-8
+    bytes."""
     if secret.startswith("whsec_"):
         return base64.b64decode(secret[len("whsec_") :] + "==")
     return secret.encode()
@@ -23,5 +24,6 @@ def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
 
 
 def legacy_signature(secret: str, body: bytes) -> str:
-    """The original wrapper's ``X-Webhook-Signature`` (hex HMAC of the body), kept for old receivers."""
+    """The original wrapper's ``X-Webhook-Signature`` (hex HMAC of the body), kept for old
+    receivers."""
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()

@@ -14,7 +14,7 @@ from typing import Any
 
 from comfyq.clock import iso, parse_iso
 from comfyq.errors import Conflict, IllegalTransition, LeaseLost, NotFound, QueueFull
-from comfyq.store.model import NEXT_STAGE, Job, NewJob, Transition, dumps
+from comfyq.store.model import NEXT_STAGE, STAGE_MS, Job, NewJob, Stage, State, Transition, dumps
 from comfyq.store.postgres.connect import Conn
 from comfyq.store.postgres.sql import (
     ADMIT,
@@ -25,8 +25,9 @@ from comfyq.store.postgres.sql import (
     HAND_OFF,
     HELD,
     NOW,
-    STAGE_KEY,
+    OUTPUT_COLS,
     add_timing,
+    keep_asset_id,
     ms_since,
     outputs_cte,
     with_events,
@@ -43,7 +44,7 @@ def _job(row: dict[str, Any]) -> tuple[Job, list[int]]:
 
 
 def _tr(
-    job: Job, event_id: int, from_state: str | None, message: str, data: Any = None
+    job: Job, event_id: int, from_state: State | None, message: str, data: Any = None
 ) -> Transition:
     return Transition(
         event_id,
@@ -123,7 +124,7 @@ async def create(
 
 
 async def claim(
-    conn: Conn, stage: str, owner: str, n: int, now: float, lease: float, message: str
+    conn: Conn, stage: Stage, owner: str, n: int, now: float, lease: float, message: str
 ) -> list[Transition]:
     """Claim up to ``n`` claimable jobs of ``stage`` in one statement, by priority then age."""
     rows = await _rows(
@@ -134,7 +135,7 @@ async def claim(
     out = []
     for row in rows:
         job, (event_id,) = _job(row)
-        out.append(_tr(job, event_id, "pending", message))
+        out.append(_tr(job, event_id, State.PENDING, message))
     out.sort(key=lambda t: (-t.job.priority, t.job.created_at, t.job.id))  # type: ignore[union-attr]
     return out
 
@@ -226,7 +227,7 @@ async def advance(
         )
         if rows:
             job, (event_id,) = _job(rows[0])
-            return _tr(job, event_id, "running", message)
+            return _tr(job, event_id, State.RUNNING, message)
     async with conn.transaction():
         current = await get(conn, job_id, lock=True)
         if current is None:
@@ -247,7 +248,7 @@ async def advance(
             owner,
             "state = 'pending', stage = %(next)s, lease_owner = NULL, lease_expires_at = NULL,"
             f" message = %(message)s, updated_at = {NOW}, run_after = {NOW},"
-            f" timings = {add_timing(STAGE_KEY[current.stage])}, stage_entered_at = {NOW}" + extra,
+            f" timings = {add_timing(STAGE_MS[current.stage])}, stage_entered_at = {NOW}" + extra,
             params,
             message,
         )
@@ -293,11 +294,11 @@ async def advance_and_claim(
         if rows:
             claimed, (wait_id, claim_id) = _job(rows[0])
             waiting = Job(rows[0])
-            waiting.state, waiting.lease_owner, waiting.lease_expires_at = "pending", None, None
+            waiting.state, waiting.lease_owner, waiting.lease_expires_at = State.PENDING, None, None
             waiting.message = message
             return [
-                _tr(waiting, wait_id, "running", message),
-                _tr(claimed, claim_id, "pending", claim_message),
+                _tr(waiting, wait_id, State.RUNNING, message),
+                _tr(claimed, claim_id, State.PENDING, claim_message),
             ]
     done = await advance(conn, job_id, owner, now, message, fields, outputs)
     if done.to_state != "pending":
@@ -316,7 +317,7 @@ async def advance_and_claim(
     if not rows:
         return [done]
     job, (event_id,) = _job(rows[0])
-    return [done, _tr(job, event_id, "pending", claim_message)]
+    return [done, _tr(job, event_id, State.PENDING, claim_message)]
 
 
 async def _finish(
@@ -335,7 +336,7 @@ async def _finish(
     params.update(
         now=iso(now), message=message, state=state, error=None if error is None else dumps(error)
     )
-    timing = add_timing(STAGE_KEY[current.stage]) if current.state == "running" else "timings"
+    timing = add_timing(STAGE_MS[current.stage]) if current.state == "running" else "timings"
     tr = await _guarded(
         conn,
         current,
@@ -389,7 +390,7 @@ async def _cancel_running(conn: Conn, job: Job, now: float) -> Transition:
 async def retry_later(
     conn: Conn, job_id: str, owner: str, now: float, delay: float, error: dict[str, Any]
 ) -> Transition:
-    """A retryable failure: back to pending in the same stage after ``delay``, or failed when spent."""
+    """A retryable failure: pending again in its stage after ``delay``, or failed when spent."""
     async with conn.transaction():
         current = await get(conn, job_id, lock=True)
         if current is None:
@@ -409,7 +410,7 @@ async def retry_later(
             "state = 'pending', lease_owner = NULL, lease_expires_at = NULL,"
             " attempts = attempts + 1, message = %(message)s,"
             f" updated_at = {NOW}, run_after = %(run_after)s::timestamptz,"
-            f" timings = {add_timing(STAGE_KEY[current.stage])}, stage_entered_at = {NOW}",
+            f" timings = {add_timing(STAGE_MS[current.stage])}, stage_entered_at = {NOW}",
             {"now": iso(now), "message": msg, "run_after": iso(now + delay)},
             msg,
             data={"error": error},
@@ -428,7 +429,7 @@ async def release(conn: Conn, job_id: str, owner: str, now: float, message: str)
             owner,
             "state = 'pending', lease_owner = NULL, lease_expires_at = NULL,"
             f" message = %(message)s, updated_at = {NOW}, run_after = {NOW},"
-            f" timings = {add_timing(STAGE_KEY[current.stage])}, stage_entered_at = {NOW}",
+            f" timings = {add_timing(STAGE_MS[current.stage])}, stage_entered_at = {NOW}",
             {"now": iso(now), "message": message},
             message,
         )
@@ -520,7 +521,7 @@ async def _rescue(conn: Conn, job: Job, now: float, *, counts_attempt: bool) -> 
         job.lease_owner,
         f"state = 'pending', lease_owner = NULL, lease_expires_at = NULL, {bump}"
         f" message = %(message)s, updated_at = {NOW}, run_after = {NOW},"
-        f" timings = {add_timing(STAGE_KEY[job.stage])}, stage_entered_at = {NOW}",
+        f" timings = {add_timing(STAGE_MS[job.stage])}, stage_entered_at = {NOW}",
         {"now": iso(now), "message": msg},
         msg,
     )
@@ -626,29 +627,13 @@ async def prune(conn: Conn, before: float, limit: int = 500) -> list[str]:
     return [r["id"] for r in rows]
 
 
-_OUTPUT_COLS = (
-    "filename",
-    "node_id",
-    "output_type",
-    "comfy_type",
-    "subfolder",
-    "mimetype",
-    "size",
-    "sha256",
-    "local_path",
-    "url",
-    "upload_error",
-    "error",
-)
-
-
 async def put_output(conn: Conn, job_id: str, now: float, row: dict[str, Any]) -> None:
     """Record (or replace, when a stage runs again) one output file of a job."""
-    cols = [c for c in _OUTPUT_COLS if c in row]
+    cols = [c for c in OUTPUT_COLS if c in row]
     await conn.execute(
         f"INSERT INTO outputs (job_id, created_at, {', '.join(cols)})"
         f" VALUES (%s, %s::timestamptz, {', '.join(['%s'] * len(cols))})"
         f" ON CONFLICT (job_id, filename) DO UPDATE SET"
-        f" {', '.join(f'{c} = excluded.{c}' for c in cols)}",
+        f" {', '.join(map(keep_asset_id, cols))}",
         (job_id, iso(now), *(row[c] for c in cols)),
     )

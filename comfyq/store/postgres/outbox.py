@@ -32,7 +32,8 @@ endpoint_ok AS (
     SELECT id, host, next_attempt_at,
            row_number() OVER (PARTITION BY host ORDER BY next_attempt_at, id) AS rn
     FROM due d
-    WHERE d.rn + (SELECT count(*) FROM sending s WHERE s.endpoint = d.endpoint) <= %(per_endpoint)s),
+    WHERE d.rn + (SELECT count(*) FROM sending s WHERE s.endpoint = d.endpoint)
+          <= %(per_endpoint)s),
 candidates AS (
     SELECT e.id FROM endpoint_ok e
     WHERE e.rn + (SELECT count(*) FROM sending s WHERE s.host = e.host) <= %(per_host)s

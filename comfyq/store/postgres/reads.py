@@ -15,6 +15,19 @@ HEAD_COLUMNS = (
     "id, state, stage, message, attempts, kind, priority, created_at, updated_at,"
     " stage_entered_at, finished_at, owner"
 )
+# A job without its documents, plus the two facts Postgres takes out of them (JobReads.summary).
+_GRAPH = (
+    "CASE WHEN prepared IS NULL THEN payload #> '{input,workflow_json}'"
+    " ELSE prepared -> 'workflow' END"
+)
+SUMMARY_COLUMNS = (
+    "id, state, stage, priority, attempts, max_attempts, message, kind, error, timings, owner,"
+    " cancel_requested, comfy_prompt_id, created_at, updated_at, stage_entered_at, finished_at,"
+    " deadline_at, payload #> '{v2,metadata}' AS v2_metadata,"
+    f" CASE json_typeof({_GRAPH})"
+    f" WHEN 'object' THEN (SELECT count(*) FROM json_object_keys({_GRAPH}))"
+    f" WHEN 'array' THEN json_array_length({_GRAPH}) ELSE 0 END AS nodes_total"
+)
 # Waiting jobs in claim order per stage (the jobs_claim index), then the running ones.
 SNAPSHOT_SQL = (
     "SELECT id, stage, 'pending' AS state, row_number() OVER (PARTITION BY stage"
@@ -104,6 +117,43 @@ class PgReads(JobReads):
         sql = "SELECT * FROM jobs" + (" WHERE " + " AND ".join(where) if where else "")
         sql += " ORDER BY created_at DESC, id DESC LIMIT %s"
         return [Job(r) for r in await self.rows(sql, (*params, limit))]
+
+    async def summary(self, job_id: str) -> Job | None:
+        rows = await self.rows(f"SELECT {SUMMARY_COLUMNS} FROM jobs WHERE id = %s", (job_id,))
+        return Job(rows[0]) if rows else None
+
+    async def summaries(
+        self,
+        states: list[str] | None,
+        owners: list[str] | None,
+        cursor: tuple[str, str] | None,
+        limit: int,
+    ) -> list[Job]:
+        where: list[str] = []
+        params: list[Any] = []
+        if owners is not None:
+            where.append("owner = ANY(%s)")
+            params.append(owners)
+        if states:
+            where.append("state = ANY(%s)")
+            params.append(states)
+        if cursor:
+            where.append("(created_at, id) < (%s::timestamptz, %s)")
+            params.extend(cursor)
+        sql = f"SELECT {SUMMARY_COLUMNS} FROM jobs"
+        sql += (" WHERE " + " AND ".join(where) if where else "") + (
+            " ORDER BY created_at DESC, id DESC LIMIT %s"
+        )
+        return [Job(r) for r in await self.rows(sql, (*params, limit))]
+
+    async def workflow(self, job_id: str) -> dict[str, Any] | None:
+        rows = await self.rows(
+            "SELECT coalesce(prepared -> 'workflow', payload #> '{input,workflow_json}') AS w"
+            " FROM jobs WHERE id = %s",
+            (job_id,),
+        )
+        graph = loads(rows[0]["w"]) if rows and rows[0]["w"] else None
+        return graph if isinstance(graph, dict) else None
 
     async def queue_snapshot(self) -> list[tuple[str, str, str, int]]:
         return [(r["id"], r["stage"], r["state"], r["pos"]) for r in await self.rows(SNAPSHOT_SQL)]

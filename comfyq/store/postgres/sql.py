@@ -10,13 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from comfyq.store.model import STAGES
+from comfyq.store.model import STAGES, Stage
 
-STAGE_KEY = {
-    "preprocess": "preprocess_ms",
-    "generate": "generation_ms",
-    "postprocess": "postprocess_ms",
-}
 NOW = "%(now)s::timestamptz"
 
 
@@ -114,7 +109,17 @@ OUTPUT_COLS = {
     "url": "text",
     "upload_error": "text",
     "error": "text",
+    "asset_id": "text",
+    "blake3": "text",
 }
+
+
+def keep_asset_id(col: str) -> str:
+    """The ON CONFLICT assignment of ``col``: a file recorded again (its stage ran again) keeps
+    the asset id clients may already hold."""
+    if col == "asset_id":
+        return "asset_id = coalesce(outputs.asset_id, excluded.asset_id)"
+    return f"{col} = excluded.{col}"
 
 
 def outputs_cte(rows: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
@@ -136,12 +141,12 @@ def outputs_cte(rows: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
             f", o{g} AS (INSERT INTO outputs (job_id, created_at, {names})"
             f" SELECT j.id, {NOW}, v.* FROM j, (VALUES {', '.join(values)}) AS v ({names})"
             f" ON CONFLICT (job_id, filename) DO UPDATE SET"
-            f" {', '.join(f'{c} = excluded.{c}' for c in cols)})"
+            f" {', '.join(map(keep_asset_id, cols))})"
         )
     return sql, params
 
 
-def claim_sql(stage: str) -> str:
+def claim_sql(stage: Stage) -> str:
     """Claim up to %(n)s waiting jobs of ``stage`` in one statement: the partial index gives them
     by priority then age, SKIP LOCKED passes over rows another instance is claiming."""
     wait_key = "queued_ms" if stage == "preprocess" else f"{stage}_wait_ms"

@@ -14,9 +14,11 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from comfyq.clock import Clock, iso
+from comfyq.store.assets import AssetStore
 from comfyq.store.base import JobReads, JobStore, Stats, StoreError
-from comfyq.store.model import STAGES, Job, NewJob, Transition, loads
+from comfyq.store.model import STAGES, Job, NewJob, Stage, State, Transition, loads
 from comfyq.store.postgres import migrate, ops, outbox
+from comfyq.store.postgres.assets import PgAssets
 from comfyq.store.postgres.connect import Conn, connect_once, make_pool, redact, wrapped
 from comfyq.store.postgres.reads import PgReads
 
@@ -35,6 +37,7 @@ class PostgresStore(JobStore):
         self.url = str(database)
         self.pool = make_pool(self.url, app_name=self.owner)
         self._reads = PgReads(self.pool, self.describe())
+        self._assets = PgAssets(self)
         # Lease owners known to be dead (the instance registry's answer); recover() rescues their
         # running jobs at once. Without it, they wait for their leases to expire (the reaper).
         self.dead_owners: Callable[[], Awaitable[list[str]]] | None = None
@@ -70,7 +73,8 @@ class PostgresStore(JobStore):
             parts = conninfo_to_dict(self.url)
         except psycopg.ProgrammingError:
             return self.describe()
-        return f"postgresql://{parts.get('host', '')}:{parts.get('port', 5432)}/{parts.get('dbname', '')}"
+        host, port, db = parts.get("host", ""), parts.get("port", 5432), parts.get("dbname", "")
+        return f"postgresql://{host}:{port}/{db}"
 
     async def _run(self, op: Callable[[Conn], Awaitable[T]]) -> T:
         async with wrapped(self.describe()), self.pool.connection() as conn:
@@ -91,6 +95,9 @@ class PostgresStore(JobStore):
     def reads(self) -> JobReads:
         return self._reads
 
+    def assets(self) -> AssetStore:
+        return self._assets
+
     # --- writes ------------------------------------------------------------------------------
 
     async def create(self, new: NewJob, max_queue: int) -> tuple[Job, bool]:
@@ -100,7 +107,7 @@ class PostgresStore(JobStore):
             self._notify([tr])
         return job, tr is not None
 
-    async def claim(self, stage: str, n: int, lease: float, message: str) -> list[Job]:
+    async def claim(self, stage: Stage, n: int, lease: float, message: str) -> list[Job]:
         now = self.clock.now()
         trs = await self._run(lambda c: ops.claim(c, stage, self.owner, n, now, lease, message))
         self._notify(trs)
@@ -147,7 +154,7 @@ class PostgresStore(JobStore):
     async def finish(
         self,
         job_id: str,
-        state: str,
+        state: State,
         message: str,
         *,
         error: dict[str, Any] | None = None,
@@ -230,7 +237,7 @@ class PostgresStore(JobStore):
             )
         return await self._reads.rows("SELECT * FROM jobs_overview LIMIT %s", (limit,))
 
-    async def counts(self) -> dict[str, dict[str, int]]:
+    async def counts(self) -> dict[Stage, dict[str, int]]:
         out = {s: {"waiting": 0, "running": 0} for s in STAGES}
         for r in await self._reads.rows(
             "SELECT stage, state, count(*) AS n FROM jobs WHERE state IN ('pending', 'running')"
@@ -274,7 +281,7 @@ class PostgresStore(JobStore):
         )
         return [r["id"] for r in rows]
 
-    async def next_run_after(self, stage: str) -> str | None:
+    async def next_run_after(self, stage: Stage) -> str | None:
         rows = await self._reads.rows(
             "SELECT min(run_after) AS t FROM jobs WHERE state = 'pending' AND stage = %s", (stage,)
         )

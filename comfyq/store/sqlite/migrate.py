@@ -1,4 +1,5 @@
-"""SQLite schema migrations: numbered SQL files in ``migrations/``, applied in order, recorded in a table.
+"""SQLite schema migrations: numbered SQL files in ``migrations/``, applied in order, recorded
+in a table.
 
 A landed file is never edited; a change to the schema is a new file. The runner refuses to start
 when a recorded migration's checksum no longer matches its file, so an edited one is caught.
@@ -46,7 +47,8 @@ def apply(
     for version in done:
         if version not in known:
             raise MigrationError(
-                f"database has migration {version}, which this comfyq does not know (newer database?)"
+                f"database has migration {version},"
+                " which this comfyq does not know (newer database?)"
             )
     applied = []
     for m in files:
@@ -62,7 +64,8 @@ def apply(
             for stmt in _statements(m.sql):
                 conn.execute(stmt)
             conn.execute(
-                "INSERT INTO schema_migrations (version, name, checksum, applied_at) VALUES (?, ?, ?, ?)",
+                "INSERT INTO schema_migrations (version, name, checksum, applied_at)"
+                " VALUES (?, ?, ?, ?)",
                 (m.version, m.name, m.checksum, iso(clock.now())),
             )
             conn.execute("COMMIT")

@@ -35,7 +35,8 @@ WHERE id IN (
         SELECT id, host, next_attempt_at,
                row_number() OVER (PARTITION BY host ORDER BY next_attempt_at, id) AS rn
         FROM due d
-        WHERE d.rn + (SELECT count(*) FROM sending s WHERE s.endpoint = d.endpoint) <= :per_endpoint)
+        WHERE d.rn + (SELECT count(*) FROM sending s WHERE s.endpoint = d.endpoint)
+              <= :per_endpoint)
     SELECT e.id FROM endpoint_ok e
     WHERE e.rn + (SELECT count(*) FROM sending s WHERE s.host = e.host) <= :per_host
     ORDER BY e.next_attempt_at, e.id LIMIT :n)
@@ -80,15 +81,18 @@ def record(
     }
     if attempt.outcome == "retry":
         sql = (
-            "UPDATE webhook_deliveries SET state = 'pending', lease_owner = NULL, lease_expires_at = NULL,"
-            " next_attempt_at = :next, last_status = :status, last_error = :error, updated_at = :now"
+            "UPDATE webhook_deliveries SET state = 'pending', lease_owner = NULL,"
+            " lease_expires_at = NULL,"
+            " next_attempt_at = :next, last_status = :status,"
+            " last_error = :error, updated_at = :now"
             " WHERE id = :id AND state = 'sending' AND lease_owner = :owner"
         )
         common["next"] = iso(attempt.next_at if attempt.next_at is not None else now)
     else:
         # The delivery has ended: its secret is no longer needed, so it goes now.
         sql = (
-            "UPDATE webhook_deliveries SET state = :state, lease_owner = NULL, lease_expires_at = NULL,"
+            "UPDATE webhook_deliveries SET state = :state, lease_owner = NULL,"
+            " lease_expires_at = NULL,"
             " secret = NULL, finished_at = :now, last_status = :status, last_error = :error,"
             " updated_at = :now WHERE id = :id AND state = 'sending' AND lease_owner = :owner"
         )
@@ -96,7 +100,8 @@ def record(
     if conn.execute(sql, common).rowcount != 1:
         return False
     conn.execute(
-        "INSERT INTO webhook_attempts (job_id, delivery_id, attempt, at, duration_ms, status_code, error, outcome)"
+        "INSERT INTO webhook_attempts (job_id, delivery_id, attempt, at, duration_ms,"
+        " status_code, error, outcome)"
         " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         (
             delivery["job_id"],
@@ -115,7 +120,8 @@ def record(
 def recover(conn: sqlite3.Connection, owner: str, now: float, max_attempts: int) -> int:
     """Deliveries left mid-attempt by a dead process (or an expired lease) are due again."""
     rows = conn.execute(
-        "SELECT * FROM webhook_deliveries WHERE state = 'sending' AND (lease_owner <> ? OR lease_expires_at < ?)",
+        "SELECT * FROM webhook_deliveries WHERE state = 'sending' AND (lease_owner <> ? OR"
+        " lease_expires_at < ?)",
         (owner, iso(now)),
     ).fetchall()
     for r in rows:

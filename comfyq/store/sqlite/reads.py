@@ -1,4 +1,5 @@
-"""The SQLite adapter's JobReads: the API's reads, on a connection of its own, each one statement run to completion in one step.
+"""The SQLite adapter's JobReads: the API's reads, on a connection of its own, each one statement
+run to completion in one step.
 
 Why not the store's shared read connection: there a read is several thread hops (execute, fetch,
 close) and the reads of many tasks interleave, so the connection can stay inside one read
@@ -62,7 +63,7 @@ class Reads(JobReads):
         return Job.from_row(rows[0]) if rows else None
 
     async def head(self, job_id: str) -> Job | None:
-        """The few columns a stream needs (not the payload or workflow: a thousand streams add up)."""
+        """The few columns a stream needs (not payload or workflow: a thousand streams add up)."""
         rows = await self.rows(f"SELECT {HEAD_COLUMNS} FROM jobs WHERE id = ?", (job_id,))
         return Job.from_row(rows[0]) if rows else None
 
@@ -77,7 +78,8 @@ class Reads(JobReads):
         """Output rows of some jobs, in the order they were recorded."""
         out: dict[str, list[dict[str, Any]]] = {}
         if job_ids:
-            sql = f"SELECT * FROM outputs WHERE job_id IN ({','.join('?' * len(job_ids))}) ORDER BY id"
+            marks = ",".join("?" * len(job_ids))
+            sql = f"SELECT * FROM outputs WHERE job_id IN ({marks}) ORDER BY id"
             for r in await self.rows(sql, job_ids):
                 out.setdefault(r["job_id"], []).append(dict(r))
         return out
@@ -111,6 +113,42 @@ class Reads(JobReads):
         sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
         return [Job.from_row(r) for r in await self.rows(sql, (*params, limit))]
 
+    async def summary(self, job_id: str) -> Job | None:
+        rows = await self.rows(f"SELECT {SUMMARY_COLUMNS} FROM jobs WHERE id = ?", (job_id,))
+        return Job.from_row(rows[0]) if rows else None
+
+    async def summaries(
+        self,
+        states: list[str] | None,
+        owners: list[str] | None,
+        cursor: tuple[str, str] | None,
+        limit: int,
+    ) -> list[Job]:
+        where: list[str] = []
+        params: list[Any] = []
+        if owners is not None:
+            where.append(f"owner IN ({','.join('?' * len(owners))})" if owners else "0")
+            params.extend(owners)
+        if states:
+            where.append(f"state IN ({','.join('?' * len(states))})")
+            params.extend(states)
+        if cursor:
+            where.append("(created_at, id) < (?, ?)")
+            params.extend(cursor)
+        sql = f"SELECT {SUMMARY_COLUMNS} FROM jobs"
+        sql += (" WHERE " + " AND ".join(where) if where else "") + (
+            " ORDER BY created_at DESC, id DESC LIMIT ?"
+        )
+        return [Job.from_row(r) for r in await self.rows(sql, (*params, limit))]
+
+    async def workflow(self, job_id: str) -> dict[str, Any] | None:
+        rows = await self.rows(
+            "SELECT coalesce(json_extract(prepared, '$.workflow'),"
+            " json_extract(payload, '$.input.workflow_json')) FROM jobs WHERE id = ?",
+            (job_id,),
+        )
+        return loads(rows[0][0]) if rows and rows[0][0] else None
+
     async def queue_snapshot(self) -> list[tuple[str, str, str, int]]:
         return [(r[0], r[1], r[2], r[3]) for r in await self.rows(SNAPSHOT_SQL)]
 
@@ -123,6 +161,17 @@ class Reads(JobReads):
             (limit,),
         )
         return [(kind, loads(timings)) for kind, timings in rows]
+
+
+# A job without its documents, plus the two facts SQLite takes out of them (JobReads.summary).
+SUMMARY_COLUMNS = (
+    "id, state, stage, priority, attempts, max_attempts, message, kind, error, timings, owner,"
+    " cancel_requested, comfy_prompt_id, created_at, updated_at, stage_entered_at, finished_at,"
+    " deadline_at, json_extract(payload, '$.v2.metadata') AS v2_metadata,"
+    " (SELECT count(*) FROM json_each(coalesce(prepared, payload),"
+    "   CASE WHEN prepared IS NULL THEN '$.input.workflow_json' ELSE '$.workflow' END))"
+    " AS nodes_total"
+)
 
 
 def status_sql(status: str, params: list[Any]) -> str:

@@ -17,9 +17,11 @@ from typing import Any
 import aiosqlite
 
 from comfyq.clock import Clock
+from comfyq.store.assets import AssetStore
 from comfyq.store.base import Attempt, DatabaseLocked, JobReads, JobStore, Stats
-from comfyq.store.model import STAGES, Job, NewJob, Transition, loads
+from comfyq.store.model import STAGES, Job, NewJob, Stage, State, Transition, loads
 from comfyq.store.sqlite import migrate, ops, outbox
+from comfyq.store.sqlite.assets import SqliteAssets
 from comfyq.store.sqlite.reads import Reads
 from comfyq.store.sqlite.writer import Writer, connect
 
@@ -43,7 +45,8 @@ class FileLock:
             holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
             os.close(fd)
             raise DatabaseLocked(
-                f"another comfyq server (pid {holder}) is already using {self.path.with_suffix('')};"
+                f"another comfyq server (pid {holder})"
+                f" is already using {self.path.with_suffix('')};"
                 " stop it first or point COMFYQ_DATABASE at another file"
             ) from None
         os.ftruncate(fd, 0)
@@ -82,6 +85,7 @@ class SqliteStore(JobStore):
         self.lock = FileLock(self.path)
         self._locked = False
         self._reader: aiosqlite.Connection | None = None
+        self._assets: AssetStore | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -132,6 +136,11 @@ class SqliteStore(JobStore):
     def reads(self) -> JobReads:
         return Reads(self.path)
 
+    def assets(self) -> AssetStore:
+        if self._assets is None:
+            self._assets = SqliteAssets(self)
+        return self._assets
+
     async def _write(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await self.writer.run(fn, *args)
 
@@ -144,7 +153,7 @@ class SqliteStore(JobStore):
             self._notify([tr])
         return job, tr is not None
 
-    async def claim(self, stage: str, n: int, lease: float, message: str) -> list[Job]:
+    async def claim(self, stage: Stage, n: int, lease: float, message: str) -> list[Job]:
         """Claim up to ``n`` jobs of ``stage`` for this process."""
         trs: list[Transition] = await self._write(
             ops.claim, stage, self.owner, n, self.clock.now(), lease, message
@@ -178,7 +187,7 @@ class SqliteStore(JobStore):
         claim_message: str,
         outputs: list[dict[str, Any]] | None = None,
     ) -> list[Transition]:
-        """Advance a job and claim it for its next stage in one commit (see ops.advance_and_claim)."""
+        """Advance a job and claim it for its next stage in one commit (ops.advance_and_claim)."""
         trs: list[Transition] = await self._write(
             ops.advance_and_claim,
             job_id,
@@ -196,7 +205,7 @@ class SqliteStore(JobStore):
     async def finish(
         self,
         job_id: str,
-        state: str,
+        state: State,
         message: str,
         *,
         error: dict[str, Any] | None = None,
@@ -301,15 +310,17 @@ class SqliteStore(JobStore):
         sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
         return [Job.from_row(r) for r in await self._rows(sql, (*params, limit))]
 
-    async def counts(self) -> dict[str, dict[str, int]]:
+    async def counts(self) -> dict[Stage, dict[str, int]]:
         """Waiting and running jobs per stage."""
         out = {s: {"waiting": 0, "running": 0} for s in STAGES}
         for stage, state, n in await self._rows(
-            # One query per state so each reads its partial index, not the whole (mostly finished) table.
+            # One query per state, so each reads its partial index and not the whole (mostly
+            # finished) table.
             "SELECT stage, 'pending', count(*) FROM jobs WHERE state = 'pending' GROUP BY stage"
-            " UNION ALL SELECT stage, 'running', count(*) FROM jobs WHERE state = 'running' GROUP BY stage"
+            " UNION ALL SELECT stage, 'running', count(*)"
+            " FROM jobs WHERE state = 'running' GROUP BY stage"
         ):
-            out[stage]["waiting" if state == "pending" else "running"] = n
+            out[stage]["waiting" if state == State.PENDING else "running"] = n
         return out
 
     async def position(self, job: Job) -> tuple[int, int]:
@@ -353,12 +364,13 @@ class SqliteStore(JobStore):
     async def cancel_requested(self) -> list[str]:
         """Ids of jobs this process runs that someone (CLI, another connection) asked to cancel."""
         rows = await self._rows(
-            "SELECT id FROM jobs WHERE state = 'running' AND lease_owner = ? AND cancel_requested = 1",
+            "SELECT id FROM jobs WHERE state = 'running' AND lease_owner = ? AND"
+            " cancel_requested = 1",
             (self.owner,),
         )
         return [r[0] for r in rows]
 
-    async def next_run_after(self, stage: str) -> str | None:
+    async def next_run_after(self, stage: Stage) -> str | None:
         """The earliest ``run_after`` among waiting jobs of ``stage`` (for retry timers)."""
         rows = await self._rows(
             "SELECT min(run_after) FROM jobs WHERE state = 'pending' AND stage = ?", (stage,)
@@ -419,8 +431,8 @@ class SqliteStore(JobStore):
         self, job_id: str
     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         deliveries = await self._rows(
-            "SELECT id, url, event, state, host, attempts, next_attempt_at, last_status, last_error,"
-            " created_at, finished_at FROM webhook_deliveries WHERE job_id = ?"
+            "SELECT id, url, event, state, host, attempts, next_attempt_at, last_status,"
+            " last_error, created_at, finished_at FROM webhook_deliveries WHERE job_id = ?"
             " ORDER BY created_at, id",
             (job_id,),
         )
