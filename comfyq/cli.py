@@ -295,6 +295,15 @@ def _migrate(settings: Settings) -> int:
     applied = asyncio.run(store.migrate())
     where = store.describe()
     print(f"{where}: applied {applied}" if applied else f"{where}: up to date")
+    if store.engine == "postgres":
+        from comfyq.cluster.migrate import migrate_url
+
+        cluster = asyncio.run(migrate_url(settings.database))
+        print(
+            f"{where}: cluster tables: applied {cluster}"
+            if cluster
+            else f"{where}: cluster tables: up to date"
+        )
     return 0
 
 

@@ -4,12 +4,19 @@ payloads, roles, and backend slots shared with other instances."""
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import msgspec
+import psycopg
 import pytest
 
+from comfyq.cluster.harness import create_database, drop_database
+from comfyq.cluster.migrate import ClusterMigrationError, apply_cluster_migrations, migrations_dir
 from comfyq.cluster.pg import MAX_PAYLOAD, live_payloads, parse_events_payload
 from comfyq.comfy.backends import BackendPool
 from comfyq.config import ConfigError, load_settings
@@ -137,3 +144,59 @@ async def test_prompts_of_other_instances_take_slots_of_a_shared_backend(tmp_pat
     finally:
         await pool.close()
         await sim.stop()
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    url = create_database("comfyq_c2_parts")
+    try:
+        yield url
+    finally:
+        drop_database(url)
+
+
+def comfyq(*argv: str, database: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "COMFYQ_DATABASE": database}
+    return subprocess.run(
+        [sys.executable, "-m", "comfyq", *argv],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=Path(__file__).parent,
+    )
+
+
+def test_migrate_creates_the_cluster_tables_once_and_instances_lists_none(pg_url: str) -> None:
+    first = comfyq("migrate", database=pg_url)
+    assert first.returncode == 0, first.stderr
+    assert "cluster tables: applied [1]" in first.stdout
+    again = comfyq("migrate", database=pg_url)
+    assert "cluster tables: up to date" in again.stdout
+    listed = comfyq("instances", database=pg_url)
+    assert listed.returncode == 0 and listed.stdout.strip() == "no instance registered"
+
+
+async def test_a_cluster_migration_edited_or_unknown_is_refused(
+    pg_url: str, tmp_path: Path
+) -> None:
+    edited = tmp_path / "edited"
+    edited.mkdir()
+    for f in migrations_dir().glob("*.sql"):
+        (edited / f.name).write_text(f.read_text())
+    async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as conn:
+        # The jobs tables first: the trigger is on job_events.
+        await conn.execute("CREATE TABLE job_events (id bigint PRIMARY KEY)")
+        await conn.execute("CREATE TABLE jobs (id text PRIMARY KEY)")
+        assert await apply_cluster_migrations(conn) == [1]
+        assert await apply_cluster_migrations(conn) == []
+        first = min(edited.glob("*.sql"))
+        first.write_text(first.read_text() + "\n-- edited\n")
+        with pytest.raises(ClusterMigrationError, match="edited"):
+            await apply_cluster_migrations(conn, edited)
+        await conn.execute(
+            "INSERT INTO cluster_migrations (version, name, checksum) VALUES (99, 'future', 'x')"
+        )
+        with pytest.raises(ClusterMigrationError, match="newer"):
+            await apply_cluster_migrations(conn)

@@ -83,6 +83,12 @@ async def apply_cluster_migrations(
     return applied
 
 
+async def migrate_url(url: str) -> list[int]:
+    """``comfyq migrate``: apply the cluster migrations on the database at ``url``."""
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        return await apply_cluster_migrations(conn)
+
+
 def _checksum_of(row: Any) -> str:
     return str(row[1] if isinstance(row, tuple) else row["checksum"])
 
