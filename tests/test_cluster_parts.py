@@ -11,9 +11,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import msgspec
 import psycopg
 import pytest
+from conftest import MakeServer, wait_healthy, workflow
+from test_s3_support import make_bucket
 
 from comfyq.cluster.harness import create_database, drop_database
 from comfyq.cluster.migrate import ClusterMigrationError, apply_cluster_migrations, migrations_dir
@@ -200,3 +203,31 @@ async def test_a_cluster_migration_edited_or_unknown_is_refused(
         )
         with pytest.raises(ClusterMigrationError, match="newer"):
             await apply_cluster_migrations(conn)
+
+
+async def test_an_output_uploaded_to_s3_but_not_on_this_disk_is_redirected_there(
+    make_server: MakeServer, moto_url: str
+) -> None:
+    make_bucket(moto_url, "cluster-outs")
+    srv = await make_server(
+        url_allowlist=["127.0.0.1"],
+        s3_access_key_id="AKID",
+        s3_secret_access_key="secret",
+        s3_bucket_name="cluster-outs",
+        s3_endpoint_url=moto_url,
+    )
+    await wait_healthy(srv)
+    body = {"input": {"workflow_json": workflow(4242), "request_id": "s3-redirect"}}
+    async with srv.session.post(srv.u("/generate/sync"), json=body) as r:
+        res = await r.json()
+    assert res["status"] == "completed", res
+    [out] = res["output"]
+    assert out["url"].startswith(moto_url)
+    # As on an instance that did not post-process the job: the file is not on this disk.
+    Path(out["local_path"]).unlink()
+    async with srv.session.get(
+        srv.u(f"/outputs/{res['id']}/{out['filename']}"), allow_redirects=False
+    ) as r:
+        assert r.status == 302 and r.headers["Location"] == out["url"]
+    async with aiohttp.ClientSession() as s, s.get(out["url"]) as r:
+        assert r.status == 200 and len(await r.read()) == out["size"]

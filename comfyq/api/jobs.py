@@ -136,7 +136,12 @@ async def output_file(request: web.Request) -> web.StreamResponse:
         raise missing from None
     path = Path(row["local_path"]).resolve()
     if folder not in path.parents or not path.is_file():
-        # Several instances: the file is on the instance that post-processed the job.
+        # Several instances: uploaded to S3, it is there; otherwise on the instance that
+        # post-processed the job, which streams it through this one.
+        rows = (await api.reads.outputs([job_id])).get(job_id, [])
+        uploaded = next((str(o["url"]) for o in rows if o["filename"] == filename), "")
+        if uploaded.startswith(("https://", "http://")):
+            return web.Response(status=302, headers={"Location": uploaded})
         job = await api.reads.job(job_id)
         router: OutputRouter = api.services.outputs
         proxied = None if job is None else await router.proxy(request, job, filename)
