@@ -268,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     c: Cluster | None = None
     receiver: subprocess.Popen[bytes] | None = None
     t0 = time.monotonic()
+    saved_admin = os.environ.get("COMFYQ_TEST_POSTGRES")
     try:
         if pg is not None:
             admin = pg.start()
@@ -346,6 +347,10 @@ def main(argv: list[str] | None = None) -> int:
                 drop_database(url)
         if pg is not None:
             pg.destroy()
+            if saved_admin is None:
+                os.environ.pop("COMFYQ_TEST_POSTGRES", None)
+            else:
+                os.environ["COMFYQ_TEST_POSTGRES"] = saved_admin
         if args.keep:
             shutil.copytree(
                 root, args.keep, dirs_exist_ok=True, ignore=shutil.ignore_patterns("pgdata")
