@@ -13,7 +13,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench/ is a folder, not a package
 
-from bench.chaos_cluster import main as chaos  # noqa: E402
+from bench.chaos_cluster import main as chaos
 
 
 @pytest.mark.slow
