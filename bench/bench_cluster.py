@@ -1,6 +1,7 @@
 """Several instances: end to end jobs/s with 1, 2 and 3 ``comfyq serve`` processes on one
 PostgreSQL database beside one process on SQLite, comfyq CPU ms per job for each, and the
-cross-instance event delay (transition committed on one instance -> SSE event read from another).
+cross-instance event delay (transition committed on one instance -> SSE event read from another),
+and the cost of the output proxy (a file fetched from its holder vs through another instance).
 
 Every instance is a real process with its own zero-time simulator process; jobs go in over HTTP
 (round robin over the instances) and the run ends when the database says every job completed.
@@ -208,11 +209,62 @@ def event_delay(root: Path, database: str, jobs: int) -> dict[str, Any]:
     return {"delay_ms": s, "final_results": finals, "jobs": jobs, "link_delay_ms": link}
 
 
+async def _downloads(a: str, b: str, job_id: str, name: str, n: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    async with aiohttp.ClientSession() as http:
+        for label, base in (("direct", a), ("proxied", b)):
+            times = []
+            size = 0
+            for _ in range(n):
+                t0 = time.perf_counter()
+                async with http.get(f"{base}/outputs/{job_id}/{name}") as r:
+                    assert r.status == 200, await r.text()
+                    size = len(await r.read())
+                times.append(time.perf_counter() - t0)
+            out[label] = {"ms": summary_ms(times), "bytes": size}
+    return out
+
+
+def outputs(root: Path, database: str, big_mb: int) -> dict[str, Any]:
+    """A file held by one instance, fetched from it and through another (the proxy hop)."""
+    c = Cluster(root, database)
+    try:
+        sim = c.start_sim("out", node_duration=0.0, progress_steps=0)
+        holder = c.start_instance("holder", [sim])
+        api = c.start_instance("api", [], roles="api")
+
+        async def one() -> dict[str, Any]:
+            async with aiohttp.ClientSession() as http:
+                body = {"input": {"workflow_json": workflow(777)}}
+                async with http.post(f"{api}/generate/sync", json=body) as r:
+                    return dict(await r.json())
+
+        res = asyncio.run(one())
+        out = res["output"][0]
+        small = asyncio.run(_downloads(holder, api, res["id"], out["filename"], 100))
+        # The same route with a big file: the holder's copy replaced by random bytes.
+        Path(out["local_path"]).write_bytes(os.urandom(big_mb << 20))
+        big = asyncio.run(_downloads(holder, api, res["id"], out["filename"], 5))
+        fig = {"small": small, "big": big, "big_mb": big_mb}
+        for label in ("direct", "proxied"):
+            mbps = big_mb / (big[label]["ms"]["p50"] / 1000)
+            fig[f"{label}_mb_per_s"] = mbps
+            print(
+                f"  output {label:8s}: small file p50 {small[label]['ms']['p50']:.2f} ms,"
+                f" p99 {small[label]['ms']['p99']:.2f} ms; {big_mb} MB at {mbps:.0f} MB/s",
+                flush=True,
+            )
+        return fig
+    finally:
+        c.close()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--jobs", type=int, default=600)
     ap.add_argument("--event-jobs", type=int, default=200)
     ap.add_argument("--instances", default="1,2,3")
+    ap.add_argument("--big-mb", type=int, default=64, help="size of the proxied big file")
     add_json_arg(ap)
     args = ap.parse_args()
     base = Path(os.environ.get("BENCH_TMP") or tempfile.gettempdir())
@@ -235,6 +287,13 @@ def main() -> None:
             d = root / "events"
             d.mkdir()
             figures["events"] = event_delay(d, url, args.event_jobs)
+        finally:
+            drop_database(url)
+        url = create_database("comfyq_bench")
+        try:
+            d = root / "outputs"
+            d.mkdir()
+            figures["outputs"] = outputs(d, url, args.big_mb)
         finally:
             drop_database(url)
     write_json(args.json, figures)
