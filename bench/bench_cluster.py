@@ -27,7 +27,7 @@ import psycopg
 
 from bench.common import add_json_arg, summary_ms, write_json
 from comfyq.clock import parse_iso
-from comfyq.cluster.harness import Cluster, create_database, drop_database
+from comfyq.cluster.harness import Cluster, OwnPostgres, create_database, drop_database
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -87,7 +87,36 @@ def wait_done(database: str, total: int, timeout: float = 600) -> None:
         time.sleep(0.02)
 
 
-def e2e(root: Path, database: str, n: int, jobs: int, engine: str) -> dict[str, Any]:
+POLLER = "SELECT count(*) FROM jobs WHERE state IN"  # this bench's own progress query
+
+
+def stat_reset(url: str) -> bool:
+    """Clear pg_stat_statements (False when the server does not have it loaded)."""
+    try:
+        with psycopg.connect(url, autocommit=True) as c:
+            c.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+            c.execute("SELECT pg_stat_statements_reset()")
+        return True
+    except psycopg.Error:
+        return False
+
+
+def stat_calls(url: str) -> tuple[int, list[tuple[str, int]]]:
+    """Statements the server ran for this database since the reset (not this bench's own)."""
+    name = url.partition("?")[0].rpartition("/")[2]
+    with psycopg.connect(url) as c:
+        rows = c.execute(
+            "SELECT query, calls FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid"
+            " WHERE d.datname = %s AND query NOT ILIKE '%%pg_stat_statements%%'"
+            " AND query NOT LIKE %s ORDER BY calls DESC",
+            (name, POLLER + "%"),
+        ).fetchall()
+    return sum(int(r[1]) for r in rows), [(str(r[0])[:100], int(r[1])) for r in rows[:15]]
+
+
+def e2e(
+    root: Path, database: str, n: int, jobs: int, engine: str, pg: OwnPostgres | None = None
+) -> dict[str, Any]:
     c = Cluster(root, database, env={"COMFYQ_CLAIM_POLL_INTERVAL": "2"})
     try:
         sims = [c.start_sim(f"s{i}", node_duration=0.0, progress_steps=0) for i in range(n)]
@@ -96,13 +125,15 @@ def e2e(root: Path, database: str, n: int, jobs: int, engine: str) -> dict[str, 
         asyncio.run(submit(urls, 0, warm))
         wait_done(database, warm)
         pids = [p.popen.pid for p in c.instances.values() if p.popen is not None]
+        counting = engine == "postgres" and stat_reset(database)
+        db_cpu0 = pg.cpu_seconds() if pg is not None else 0.0
         cpu0 = sum(cpu_seconds(p) for p in pids)
         t0 = time.perf_counter()
         asyncio.run(submit(urls, warm, jobs))
         wait_done(database, warm + jobs)
         wall = time.perf_counter() - t0
         cpu = sum(cpu_seconds(p) for p in pids) - cpu0
-        out = {
+        out: dict[str, Any] = {
             "engine": engine,
             "instances": n,
             "jobs": jobs,
@@ -110,9 +141,21 @@ def e2e(root: Path, database: str, n: int, jobs: int, engine: str) -> dict[str, 
             "jobs_per_s": jobs / wall,
             "cpu_ms_per_job": cpu * 1000 / jobs,
         }
+        if pg is not None and engine == "postgres":
+            out["db_cpu_ms_per_job"] = (pg.cpu_seconds() - db_cpu0) * 1000 / jobs
+        if counting:
+            calls, top = stat_calls(database)
+            out["statements_per_job"] = calls / jobs
+            out["top_statements"] = top
         print(
             f"  e2e {engine:8s} x{n}: {out['jobs_per_s']:7.1f} jobs/s,"
-            f" comfyq CPU {out['cpu_ms_per_job']:.2f} ms/job",
+            f" comfyq CPU {out['cpu_ms_per_job']:.2f} ms/job"
+            + (
+                f", database CPU {out['db_cpu_ms_per_job']:.2f} ms/job"
+                if "db_cpu_ms_per_job" in out
+                else ""
+            )
+            + (f", {out['statements_per_job']:.1f} statements/job" if counting else ""),
             flush=True,
         )
         return out
@@ -271,32 +314,51 @@ def main() -> None:
     figures: dict[str, Any] = {"e2e": [], "machine_cores": os.cpu_count()}
     with tempfile.TemporaryDirectory(dir=base) as tmp:
         root = Path(tmp)
-        sq = root / "sqlite"
-        sq.mkdir()
-        figures["e2e"].append(e2e(sq, str(sq / "q.db"), 1, args.jobs, "sqlite"))
-        for n in [int(x) for x in args.instances.split(",")]:
-            url = create_database("comfyq_bench")
-            try:
-                d = root / f"pg{n}"
-                d.mkdir()
-                figures["e2e"].append(e2e(d, url, n, args.jobs, "postgres"))
-            finally:
-                drop_database(url)
-        url = create_database("comfyq_bench")
+        # A cluster of its own (pg_stat_statements loaded, its CPU measurable) when possible.
+        pg = (
+            OwnPostgres(root, settings="shared_preload_libraries = 'pg_stat_statements'\n")
+            if OwnPostgres.available()
+            else None
+        )
+        if pg is not None:
+            os.environ["COMFYQ_TEST_POSTGRES"] = pg.start()
+        figures["own_cluster"] = pg is not None
         try:
-            d = root / "events"
-            d.mkdir()
-            figures["events"] = event_delay(d, url, args.event_jobs)
+            run_all(args, root, pg, figures)
         finally:
-            drop_database(url)
-        url = create_database("comfyq_bench")
-        try:
-            d = root / "outputs"
-            d.mkdir()
-            figures["outputs"] = outputs(d, url, args.big_mb)
-        finally:
-            drop_database(url)
+            if pg is not None:
+                pg.destroy()
     write_json(args.json, figures)
+
+
+def run_all(
+    args: argparse.Namespace, root: Path, pg: OwnPostgres | None, figures: dict[str, Any]
+) -> None:
+    sq = root / "sqlite"
+    sq.mkdir()
+    figures["e2e"].append(e2e(sq, str(sq / "q.db"), 1, args.jobs, "sqlite"))
+    for n in [int(x) for x in args.instances.split(",")]:
+        url = create_database("comfyq_bench")
+        try:
+            d = root / f"pg{n}"
+            d.mkdir()
+            figures["e2e"].append(e2e(d, url, n, args.jobs, "postgres", pg))
+        finally:
+            drop_database(url)
+    url = create_database("comfyq_bench")
+    try:
+        d = root / "events"
+        d.mkdir()
+        figures["events"] = event_delay(d, url, args.event_jobs)
+    finally:
+        drop_database(url)
+    url = create_database("comfyq_bench")
+    try:
+        d = root / "outputs"
+        d.mkdir()
+        figures["outputs"] = outputs(d, url, args.big_mb)
+    finally:
+        drop_database(url)
 
 
 if __name__ == "__main__":

@@ -32,9 +32,8 @@ from comfyq.stages.generate import Generate
 from comfyq.stages.postprocess import Postprocess
 from comfyq.stages.preprocess import Preprocess
 from comfyq.stages.runner import Pipeline, RunnerConfig, StageHandler
-from comfyq.store import JobStore, Stage, Transition, open_store
+from comfyq.store import JobStore, Stage, open_store
 from comfyq.store.assets import AssetStore
-from comfyq.store.model import TERMINAL
 from comfyq.store.postgres import PostgresStore
 from comfyq.v2.resolve import AssetResolver
 from comfyq.webhooks import WebhookConfig, WebhookSender
@@ -135,12 +134,15 @@ class Services:
             self.link,
             instance_id=self.store.owner,
             bus=self.bus,
-            wake=[self.bus.on_transitions, self.pipeline.wake, self._wake_webhooks],
+            wake=[self.bus.on_transitions, self.pipeline.wake],
             pool=self.pool if "generate" in self.roles else None,
             backends=self.backend_urls,
             rescue=self.store.recover,
         )
         self.postprocess.holder = lambda: self.cluster.me.name
+        if "webhooks" in self.roles:
+            # A job that ended on another instance queued its webhook: any sender may take it.
+            self.cluster.on_outbox = self.webhooks.wake
         if isinstance(self.store, PostgresStore):
             # recover() at start and the cluster's rescue take the jobs of dead instances only.
             self.store.dead_owners = self.cluster.dead_owners
@@ -149,11 +151,6 @@ class Services:
         )
         self._tasks: list[asyncio.Task[Any]] = []
         self.started = False
-
-    def _wake_webhooks(self, trs: list[Transition]) -> None:
-        # A job that ended on another instance queued its webhook: any sender may take it.
-        if "webhooks" in self.roles and any(t.to_state in TERMINAL for t in trs):
-            self.webhooks.wake()
 
     def _client_id(self, url: str) -> str:
         """Stable per (database, backend), and per instance when the database is shared: ComfyUI

@@ -174,7 +174,7 @@ def comfyq(*argv: str, database: str) -> subprocess.CompletedProcess[str]:
 def test_migrate_creates_the_cluster_tables_once_and_instances_lists_none(pg_url: str) -> None:
     first = comfyq("migrate", database=pg_url)
     assert first.returncode == 0, first.stderr
-    assert "cluster tables: applied [1]" in first.stdout
+    assert "cluster tables: applied [1, 2]" in first.stdout
     again = comfyq("migrate", database=pg_url)
     assert "cluster tables: up to date" in again.stdout
     listed = comfyq("instances", database=pg_url)
@@ -192,7 +192,8 @@ async def test_a_cluster_migration_edited_or_unknown_is_refused(
         # The jobs tables first: the trigger is on job_events.
         await conn.execute("CREATE TABLE job_events (id bigint PRIMARY KEY)")
         await conn.execute("CREATE TABLE jobs (id text PRIMARY KEY)")
-        assert await apply_cluster_migrations(conn) == [1]
+        await conn.execute("CREATE TABLE webhook_deliveries (id text PRIMARY KEY)")
+        assert await apply_cluster_migrations(conn) == [1, 2]
         assert await apply_cluster_migrations(conn) == []
         first = min(edited.glob("*.sql"))
         first.write_text(first.read_text() + "\n-- edited\n")

@@ -236,6 +236,24 @@ class OwnPostgres:
     def down(self) -> None:
         self._run(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop")
 
+    def cpu_seconds(self) -> float:
+        """CPU time the server has used: the postmaster, its live children, and (reaped into the
+        postmaster's counters) the children that have exited."""
+        tick = os.sysconf("SC_CLK_TCK")
+        head = (self.data / "postmaster.pid").read_text().split()[0]
+        total = 0
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rpartition(")")[2].split()
+            except OSError:
+                continue
+            pid, ppid = stat.parent.name, fields[1]
+            if pid == head:
+                total += sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+            elif ppid == head:
+                total += int(fields[11]) + int(fields[12])
+        return total / tick
+
     def destroy(self) -> None:
         with contextlib.suppress(Exception):
             self.down()

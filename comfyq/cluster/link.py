@@ -23,8 +23,15 @@ class ClusterLink(Protocol):
 
     shared: bool  # other instances may use the same store
 
-    async def open(self, me: Instance, on_transitions: OnTransitions, on_live: OnLive) -> None:
-        """Register ``me`` and start hearing the others' state changes and live events."""
+    async def open(
+        self,
+        me: Instance,
+        on_transitions: OnTransitions,
+        on_live: OnLive,
+        on_outbox: Callable[[], None] = ...,
+    ) -> None:
+        """Register ``me`` and start hearing the others' state changes, live events and queued
+        webhook deliveries."""
         ...
 
     async def heartbeat(self, me: Instance) -> None:
@@ -64,7 +71,13 @@ class LocalLink:
     def __init__(self) -> None:
         self._me: Instance | None = None
 
-    async def open(self, me: Instance, on_transitions: OnTransitions, on_live: OnLive) -> None:
+    async def open(
+        self,
+        me: Instance,
+        on_transitions: OnTransitions,
+        on_live: OnLive,
+        on_outbox: Callable[[], None] = lambda: None,
+    ) -> None:
         me.started_at = me.heartbeat_at = time.time()
         self._me = me
 

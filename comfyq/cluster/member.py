@@ -50,6 +50,7 @@ class Membership:
         self.wake = wake
         self.pool = pool
         self.rescue = rescue
+        self.on_outbox: Callable[[], None] = lambda: None  # deliveries queued by another instance
         host = socket.gethostname()
         self.me = Instance(
             id=instance_id,
@@ -70,7 +71,7 @@ class Membership:
         return self.link.shared
 
     async def start(self) -> None:
-        await self.link.open(self.me, self._remote_transitions, self.bus.receive)
+        await self.link.open(self.me, self._remote_transitions, self.bus.receive, self.on_outbox)
         self.started = True
         if self.link.shared:
             self.bus.transport = self.link

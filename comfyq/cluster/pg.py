@@ -7,6 +7,8 @@ Two connections of its own, beside the store's pool:
   cluster, so payloads stay a few bytes); the listener reads the rows back in one query per batch
   of notifications and hands them to the bus and the stage runners as if they had been written
   here. Its own changes (same application_name) are skipped: they were published locally.
+- webhook deliveries queued elsewhere (``comfyq_outbox``, a trigger on ``webhook_deliveries``)
+  wake this instance's webhook sender.
 - the talker: heartbeats, registry reads, and live events (progress, text) as ``pg_notify`` on
   ``comfyq_live``; progress of one job is coalesced while a send is on its way, so a burst of
   ticks costs one round trip.
@@ -21,6 +23,7 @@ import asyncio
 import logging
 import os
 import random
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -38,6 +41,7 @@ log = logging.getLogger("comfyq.cluster")
 
 EVENTS = "comfyq_events"
 LIVE = "comfyq_live"
+OUTBOX = "comfyq_outbox"
 MAX_PAYLOAD = 7900  # Postgres refuses NOTIFY payloads of 8000 bytes and more
 REPLAY_LIMIT = 10000  # event rows replayed after the listener reconnects
 
@@ -116,6 +120,7 @@ class PgLink:
         self._tasks: list[asyncio.Task[None]] = []
         self._on_transitions: OnTransitions = lambda trs: None
         self._on_live: OnLive = lambda *a: None
+        self._on_outbox: Callable[[], None] = lambda: None
         self._pending_live: list[list[Any]] = []
         self._pending_progress: dict[str, int] = {}  # job id -> index of its tick in the list
         self._live_ready = asyncio.Event()
@@ -139,9 +144,16 @@ class PgLink:
             connect_timeout=10,
         )
 
-    async def open(self, me: Instance, on_transitions: OnTransitions, on_live: OnLive) -> None:
+    async def open(
+        self,
+        me: Instance,
+        on_transitions: OnTransitions,
+        on_live: OnLive,
+        on_outbox: Callable[[], None] = lambda: None,
+    ) -> None:
         self._on_transitions = on_transitions
         self._on_live = on_live
+        self._on_outbox = on_outbox
         talk = await self._connect("link")
         await apply_cluster_migrations(talk)
         self._talk = talk
@@ -322,6 +334,7 @@ class PgLink:
             try:
                 await conn.execute(f"LISTEN {EVENTS}")
                 await conn.execute(f"LISTEN {LIVE}")
+                await conn.execute(f"LISTEN {OUTBOX}")
                 self.connected = True
                 delay = 0.1
                 if first:
@@ -354,6 +367,10 @@ class PgLink:
             for n in batch:
                 if n.channel == LIVE:
                     self._live(n.payload)
+                    continue
+                if n.channel == OUTBOX:
+                    if n.payload != self.app_name:
+                        self._on_outbox()
                     continue
                 origin, i, r = parse_events_payload(n.payload)
                 if origin == self.app_name:
