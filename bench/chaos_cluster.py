@@ -66,6 +66,7 @@ class Run:
         self.finals: dict[str, str] = {}  # job id -> instance whose stream gave the final result
         self.unbroken: set[str] = set()  # jobs whose first stream saw the end
         self.resumes = 0
+        self.following: dict[str, str] = {}  # job id -> instance its stream is open on
         self.admission_retries = 0
         self.killed_admitters: set[str] = set()
 
@@ -110,6 +111,7 @@ class Run:
                 await asyncio.sleep(0.1)
                 continue
             name = self.rng.choice(names)
+            self.following[job_id] = f"{name} after {last}"
             headers = {"Last-Event-ID": last} if last else {}
             try:
                 async with http.get(
@@ -148,7 +150,7 @@ async def drive(
         async def submitter() -> None:
             for i in range(args.jobs):
                 job_id = await run.submit(http, i)
-                followers.append(asyncio.create_task(run.follow(http, job_id)))
+                followers.append(asyncio.create_task(run.follow(http, job_id), name=job_id))
                 await asyncio.sleep(rng.expovariate(1 / args.submit_every))
 
         sub = asyncio.create_task(submitter())
@@ -168,7 +170,10 @@ async def drive(
             await asyncio.sleep(args.pause)
             await asyncio.to_thread(c.restart, name)
         await sub
-        await asyncio.wait_for(asyncio.gather(*followers), args.timeout)
+        _, stuck = await asyncio.wait(followers, timeout=args.timeout)
+        for t in stuck:  # counted as final_not_seen; where they hang is in the log
+            print(f"follower of {t.get_name()} still waiting on {run.following.get(t.get_name())}")
+            t.cancel()
     return {"run": run, "kills": kills, "db_restarted_at": db_restarted_at}
 
 

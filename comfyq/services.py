@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 import socket
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +139,11 @@ class Services:
             pool=self.pool if "generate" in self.roles else None,
             backends=self.backend_urls,
             rescue=self.store.recover,
+            outbox_rescue=(
+                partial(self.store.outbox_recover, settings.webhook_max_attempts)
+                if "webhooks" in self.roles
+                else None
+            ),
         )
         self.postprocess.holder = lambda: self.cluster.me.name
         if "webhooks" in self.roles:

@@ -50,6 +50,10 @@ class ClusterLink(Protocol):
         """Lease owners of running jobs that are no live instance (their jobs may be rescued)."""
         ...
 
+    async def expire_deliveries(self, owners: list[str]) -> int:
+        """End the leases of webhook posts that dead owners had in flight; how many."""
+        ...
+
     def send_live(self, job_id: str, kind: str, event_id: str, data: dict[str, Any]) -> None:
         """Queue one live event for the other instances."""
         ...
@@ -95,6 +99,9 @@ class LocalLink:
 
     async def dead_owners(self, me: str, heartbeat: float) -> list[str]:
         return []  # one process per file: the store's recover() knows every other owner is dead
+
+    async def expire_deliveries(self, owners: list[str]) -> int:
+        return 0
 
     def send_live(self, job_id: str, kind: str, event_id: str, data: dict[str, Any]) -> None:
         return None

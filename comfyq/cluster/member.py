@@ -43,6 +43,7 @@ class Membership:
         pool: BackendPool | None,
         backends: list[str],
         rescue: Callable[[], Awaitable[list[Transition]]] | None = None,
+        outbox_rescue: Callable[[], Awaitable[int]] | None = None,
     ) -> None:
         self.settings = settings
         self.link = link
@@ -50,6 +51,7 @@ class Membership:
         self.wake = wake
         self.pool = pool
         self.rescue = rescue
+        self.outbox_rescue = outbox_rescue  # the outbox's recovery of expired delivery leases
         self.on_outbox: Callable[[], None] = lambda: None  # deliveries queued by another instance
         host = socket.gethostname()
         self.me = Instance(
@@ -132,13 +134,22 @@ class Membership:
         while True:
             await asyncio.sleep(self.settings.instance_heartbeat)
             try:
-                if await self.dead_owners():
+                dead = await self.dead_owners()
+                if dead:
                     rescued = await self.rescue()
                     if rescued:
                         log.warning(
                             "rescued %d job(s) of instance(s) that stopped answering",
                             len(rescued),
                         )
+                    if self.outbox_rescue is not None and await self.link.expire_deliveries(dead):
+                        n = await self.outbox_rescue()
+                        if n:
+                            log.warning(
+                                "requeued %d webhook post(s) of instance(s) that stopped answering",
+                                n,
+                            )
+                            self.on_outbox()
             except Exception as exc:  # noqa: BLE001 - the reaper still rescues by lease expiry
                 log.debug("rescue of dead instances' jobs skipped: %s", exc)
 

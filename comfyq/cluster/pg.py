@@ -23,6 +23,7 @@ import asyncio
 import logging
 import os
 import random
+import time
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
@@ -42,6 +43,9 @@ log = logging.getLogger("comfyq.cluster")
 EVENTS = "comfyq_events"
 LIVE = "comfyq_live"
 OUTBOX = "comfyq_outbox"
+PING = "comfyq_ping"  # each instance pings itself: a listener that stopped hearing is replaced
+PING_EVERY = 2.0  # seconds
+PING_LOST = 10.0  # seconds without hearing its own ping before the listener is reconnected
 MAX_PAYLOAD = 7900  # Postgres refuses NOTIFY payloads of 8000 bytes and more
 REPLAY_LIMIT = 10000  # event rows replayed after the listener reconnects
 
@@ -125,6 +129,7 @@ class PgLink:
         self._pending_progress: dict[str, int] = {}  # job id -> index of its tick in the list
         self._live_ready = asyncio.Event()
         self._max_seen = 0
+        self._heard = time.monotonic()
         self.connected = False
         self.reconnects = 0
         self.received_events = 0
@@ -164,6 +169,7 @@ class PgLink:
         self._tasks = [
             asyncio.create_task(self._listen_forever(listening), name="cluster-listen"),
             asyncio.create_task(self._send_forever(), name="cluster-live"),
+            asyncio.create_task(self._ping_forever(), name="cluster-ping"),
         ]
         await listening.wait()
 
@@ -271,12 +277,22 @@ class PgLink:
         """Lease owners of running jobs that are not live instances (stopped, silent for three
         heartbeats, or never registered): their jobs can be rescued before their leases expire."""
         rows = await self._rows(
-            "SELECT DISTINCT lease_owner AS owner FROM jobs WHERE state = 'running'"
-            " AND lease_owner <> %s AND lease_owner NOT IN (SELECT id FROM instances"
+            "SELECT owner FROM (SELECT lease_owner AS owner FROM jobs WHERE state = 'running'"
+            " UNION SELECT lease_owner FROM webhook_deliveries WHERE state = 'sending') o"
+            " WHERE owner <> %s AND owner NOT IN (SELECT id FROM instances"
             " WHERE stopped_at IS NULL AND heartbeat_at > now() - make_interval(secs => %s))",
             (me, 3 * heartbeat),
         )
-        return [r["owner"] for r in rows]
+        return [r["owner"] for r in rows if r["owner"]]
+
+    async def expire_deliveries(self, owners: list[str]) -> int:
+        """End the leases of webhook posts the given dead owners had in flight (a delivery lease
+        outlasts the longest post, minutes), so that the outbox's recovery takes them now."""
+        return await self._exec(
+            "UPDATE webhook_deliveries SET lease_expires_at = now() - interval '1 second'"
+            " WHERE state = 'sending' AND lease_owner = ANY(%s)",
+            (owners,),
+        )
 
     async def backend_load(self, me: str) -> dict[str, int]:
         rows = await self._rows(
@@ -317,6 +333,14 @@ class PgLink:
                 log.debug("live events not sent: %s", exc)
                 await asyncio.sleep(0.5)
 
+    async def _ping_forever(self) -> None:
+        while True:
+            await asyncio.sleep(PING_EVERY)
+            try:
+                await self._exec("SELECT pg_notify(%s, %s)", (PING, self.app_name))
+            except Exception as exc:  # noqa: BLE001 - the database is away: the listener knows
+                log.debug("cluster ping not sent: %s", exc)
+
     # --- listener -------------------------------------------------------------------------------
 
     async def _listen_forever(self, listening: asyncio.Event) -> None:
@@ -335,6 +359,8 @@ class PgLink:
                 await conn.execute(f"LISTEN {EVENTS}")
                 await conn.execute(f"LISTEN {LIVE}")
                 await conn.execute(f"LISTEN {OUTBOX}")
+                await conn.execute(f"LISTEN {PING}")
+                self._heard = time.monotonic()
                 self.connected = True
                 delay = 0.1
                 if first:
@@ -359,7 +385,10 @@ class PgLink:
 
     async def _listen(self, conn: psycopg.AsyncConnection[dict[str, Any]]) -> None:
         while True:
-            batch = [n async for n in conn.notifies(stop_after=1)]
+            batch = [n async for n in conn.notifies(stop_after=1, timeout=PING_LOST)]
+            if time.monotonic() - self._heard > PING_LOST:
+                # Not even our own pings arrive: this connection hears nothing any more.
+                raise ConnectionError(f"no notification heard for {PING_LOST:.0f}s")
             # Everything already arrived joins the batch: one read for the lot.
             batch += [n async for n in conn.notifies(timeout=0)]
             ids: list[int] = []
@@ -367,6 +396,10 @@ class PgLink:
             for n in batch:
                 if n.channel == LIVE:
                     self._live(n.payload)
+                    continue
+                if n.channel == PING:
+                    if n.payload == self.app_name:
+                        self._heard = time.monotonic()
                     continue
                 if n.channel == OUTBOX:
                     if n.payload != self.app_name:
