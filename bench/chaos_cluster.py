@@ -142,7 +142,8 @@ async def drive(
 ) -> dict[str, Any]:
     rng = random.Random(args.seed)
     run = Run(c, hook, rng)
-    timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=60)
+    # sock_read above the SSE heartbeat (15 s): a stream that sends nothing at all is retried.
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=25)
     db_restarted_at = None
     async with aiohttp.ClientSession(timeout=timeout) as http:
         followers: list[asyncio.Task[None]] = []
