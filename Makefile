@@ -1,6 +1,7 @@
 # Two commands take a fresh machine (Python 3.11 and make) to a running server or a green suite:
 #   make serve   - creates .venv, installs comfyq, starts it against ComfyUI at 127.0.0.1:8188
 #   make test    - creates .venv, installs comfyq with its test tools, runs the whole suite
+#   make lint    - ruff (lint, format) and mypy --strict, as CI runs them before the tests
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
 BIN     = $(VENV)/bin
@@ -20,6 +21,11 @@ sysdeps:
 	  { echo "libmagic missing: installing libmagic1"; \
 	    if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq libmagic1; \
 	    else sudo apt-get update -qq && sudo apt-get install -y -qq libmagic1; fi; }
+	@# The Postgres store's tests start a throwaway cluster when no server answers: its binaries.
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
+	  { echo "PostgreSQL server binaries missing: installing postgresql"; \
+	    if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq postgresql; \
+	    else sudo apt-get update -qq && sudo apt-get install -y -qq postgresql; fi; }
 
 serve: $(BIN)/.installed
 	$(BIN)/comfyq serve

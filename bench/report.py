@@ -9,7 +9,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from bench import report_cluster
+from bench import report_cluster, report_v2
 from bench import report_sections as sec
 from bench.report_fmt import (
     PATH_LABELS,
@@ -238,6 +238,7 @@ SECTIONS = [
     ("pgstore", "PostgreSQL store alone (#12)", report_cluster.pgstore),
     ("cluster", "Several instances end to end (#12)", report_cluster.cluster),
     ("chaos_cluster", "Multi-instance chaos run (#12)", report_cluster.chaos),
+    ("v2", "Comfy API v2: direct vs the official proxy vs comfyq (#18)", report_v2.v2),
 ]
 
 

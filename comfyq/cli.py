@@ -18,15 +18,18 @@ from typing import Any, TypeVar
 from comfyq import logs
 from comfyq.config import ConfigError, Settings, load_settings, masked, parse_set_flags
 from comfyq.errors import ComfyqError
-from comfyq.store import JobStore, StoreError, open_store
+from comfyq.store import JobStore, State, StoreError, open_store
 
 log = logging.getLogger("comfyq")
 T = TypeVar("T")
 
 
-def _parser() -> argparse.ArgumentParser:
-    from comfyq.sim.generation import VERSIONS
+# comfyq.sim.generation.VERSIONS, spelled out so that every command does not import the
+# simulator (a test keeps the two equal).
+SIM_VERSIONS = ("0.3.64", "0.38")
 
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="comfyq", description="A durable API server in front of ComfyUI."
     )
@@ -49,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--comfyui-version",
-        choices=VERSIONS,
+        choices=SIM_VERSIONS,
         default=None,
         help="with --simulate: which ComfyUI protocol the simulator speaks (default: the newest)",
     )
@@ -337,7 +340,7 @@ async def _jobs_cmd(store: JobStore, args: argparse.Namespace) -> int:
         job, tr = await store.request_cancel(args.id)
         if tr is not None:
             print(f"{args.id}: cancelled")
-        elif job.state == "running":
+        elif job.state == State.RUNNING:
             print(f"{args.id}: cancel requested; the server stops it within a few seconds")
         else:
             print(f"{args.id}: already {job.state}")

@@ -144,9 +144,13 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     http_keepalive_timeout: Annotated[
         float, _d("seconds an idle keep-alive connection stays open", gt=0)
     ] = 75.0
+    # 10,000, from bench/bench_queue_depth.py: up to there admission, /result (position and ETA)
+    # and /queue-info stay within a few ms p50 and the server under ~80 MB; at 50,000 waiting
+    # jobs /queue-info and the streams' shared ranking cost tens of ms each. The original
+    # wrapper's 100 was a cap on in-memory queues; this queue is a database.
     max_queue_size: Annotated[
         PosInt, _d("jobs not yet finished (all stages) beyond which new jobs get 503")
-    ] = 100
+    ] = 10000
 
     # --- pipeline ----------------------------------------------------------------------------
     preprocess_workers: Annotated[PosInt, _d("concurrent preprocess workers")] = 3
@@ -225,10 +229,39 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         str, _d("extra folder searched for user modifiers (empty: ./modifiers when present)")
     ] = ""
     download_max_bytes: Annotated[int, _d("largest input download in bytes", ge=1)] = 512 * MiB
+    comfyui_models_dir: Annotated[
+        str,
+        _d(
+            "the local ComfyUI's models folder, where input.models downloads go (empty: models"
+            " by URL are refused)"
+        ),
+    ] = ""
+    model_cache_gb: Annotated[
+        float,
+        _d(
+            "budget in GB for models comfyq downloaded; beyond it the least recently used are"
+            " deleted (never files comfyq did not download)",
+            ge=0,
+        ),
+    ] = 50.0
+    model_max_bytes: Annotated[int, _d("largest model download in bytes", ge=1)] = 64 * 1024 * MiB
+    model_download_timeout: Annotated[PosFloat, _d("total seconds for one model download")] = 3600.0
     download_timeout: Annotated[PosFloat, _d("total seconds for one input download")] = 600.0
 
     # --- outputs, S3, webhooks ---------------------------------------------------------------
     output_base64_max_bytes: Annotated[int, _d("largest output inlined as base64", ge=0)] = 10 * MiB
+    output_convert_format: Annotated[
+        Literal["", "png", "jpeg", "webp"],
+        _d(
+            "convert image outputs to this format by default (empty: keep them; input.convert wins)"
+        ),
+    ] = ""
+    output_convert_quality: Annotated[
+        int, _d("default JPEG/WebP quality of converted outputs", ge=1, le=100)
+    ] = 90
+    output_convert_max_side: Annotated[
+        int, _d("default longest side of converted outputs in pixels (0: keep the size)", ge=0)
+    ] = 0
     include_comfyui_response: Annotated[
         bool,
         _d(
@@ -310,6 +343,7 @@ _LEGACY_ENV = {
     "comfyui_command": "COMFYUI_COMMAND",
     "comfyui_workdir": "COMFYUI_WORKDIR",
     "comfyui_warmup_workflow": "COMFYUI_WARMUP_WORKFLOW",
+    "comfyui_models_dir": "COMFYUI_MODELS_DIR",
 }
 
 

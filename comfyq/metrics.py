@@ -22,7 +22,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from comfyq.result import epoch
+from comfyq.clock import parse_iso
 from comfyq.store.model import STAGES, TERMINAL, State, Transition
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -107,6 +107,28 @@ class _Levels(Collector):
                 restarts.add_metric([b["url"]], proc.get("restarts") or 0)
                 running.add_metric([b["url"]], float(proc.get("state") == "running"))
         yield from (up, http, ws, inflight, warm, restarts, running)
+        models = lv.get("models")
+        if models:
+            yield GaugeMetricFamily(
+                "comfyq_model_cache_bytes",
+                "Bytes of the models comfyq downloaded into COMFYUI_MODELS_DIR (input.models)",
+                value=models["bytes"],
+            )
+            yield GaugeMetricFamily(
+                "comfyq_model_cache_budget_bytes",
+                "COMFYQ_MODEL_CACHE_GB in bytes",
+                value=models["budget"],
+            )
+            yield CounterMetricFamily(
+                "comfyq_model_downloads",
+                "Models downloaded (shared downloads count once)",
+                value=models["downloads"],
+            )
+            yield CounterMetricFamily(
+                "comfyq_model_evictions",
+                "Downloaded models deleted to stay in the budget",
+                value=models["evictions"],
+            )
         g = GaugeMetricFamily(
             "comfyq_webhook_deliveries",
             "Webhook deliveries in the outbox by state",
@@ -216,7 +238,7 @@ class Metrics:
     def on_transitions(self, trs: list[Transition]) -> None:
         """Store listener: observe stage run and wait times, count finished jobs."""
         for tr in trs:
-            at = epoch(tr.at)
+            at = parse_iso(tr.at)
             if tr.from_state is None:
                 self.jobs_created.inc()
             ran = self._running.pop(tr.job_id, None)
@@ -266,6 +288,7 @@ class Metrics:
             "queues": await svc.store.counts(),
             "stages": svc.pipeline.health(),
             "backends": svc.pool.snapshot(),
+            "models": svc.models.stats() if getattr(svc, "models", None) is not None else None,
             "subscribers": svc.bus.subscribers(),
             "published": svc.bus.published,
             "instances": await _instances(svc),

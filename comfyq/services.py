@@ -26,7 +26,9 @@ from comfyq.config import ConfigError, Settings
 from comfyq.errors import OutputError
 from comfyq.events import EventBus
 from comfyq.inputs import Downloader
+from comfyq.inputs.models import GiB, ModelStore
 from comfyq.netguard import AddressGuard
+from comfyq.outputs.convert import ConvertSpec
 from comfyq.outputs.local import job_dir
 from comfyq.outputs.s3 import S3Uploader
 from comfyq.stages.generate import Generate
@@ -91,6 +93,17 @@ class Services:
             client_id_for=self._client_id,
             warmup=_warmup(settings),
         )
+        self.models = (
+            ModelStore(
+                Path(settings.comfyui_models_dir),
+                self.guard,
+                budget_bytes=int(settings.model_cache_gb * GiB),
+                max_bytes=settings.model_max_bytes,
+                total_timeout=settings.model_download_timeout,
+            )
+            if settings.comfyui_models_dir
+            else None
+        )
         self.supervisors = _supervisors(settings, self.backend_urls)
         for sup in self.supervisors:
             self.pool.process_info[sup.url] = sup.snapshot
@@ -105,9 +118,20 @@ class Services:
             self.output_dir,
             uploader=self.uploader,
             fail_on_upload_error=settings.s3_fail_job_on_upload_error,
+            convert_default=(
+                ConvertSpec(
+                    settings.output_convert_format,
+                    settings.output_convert_quality,
+                    settings.output_convert_max_side,
+                )
+                if settings.output_convert_format
+                else None
+            ),
         )
         handlers: dict[Stage, StageHandler] = {
-            Stage.PREPROCESS: Preprocess(self.registry, self.downloader, self.asset_resolver),
+            Stage.PREPROCESS: Preprocess(
+                self.registry, self.downloader, self.asset_resolver, models=self.models
+            ),
             Stage.GENERATE: self.generate,
             Stage.POSTPROCESS: self.postprocess,
         }
@@ -214,6 +238,8 @@ class Services:
         for sup in self.supervisors:  # after comfyq's own shutdown: nothing uses ComfyUI any more
             await self._step(f"ComfyUI {sup.label}", sup.stop(), sup.stop_timeout + 10)
         await self._step("downloader", self.downloader.close(), 10)
+        if self.models is not None:
+            await self._step("model downloads", self.models.close(), 10)
         await self._step("cluster", self.cluster.stop(), 10)
         await self._step("output router", self.outputs.close(), 5)
         # Last and unbounded: the writer finishes every write already asked for, then closes.

@@ -24,8 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-import aiofiles  # type: ignore[import-untyped]  # no stubs; aiofiles goes in issue 21 step 5
-import aiofiles.os  # type: ignore[import-untyped]  # no stubs; aiofiles goes in issue 21 step 5
 import msgspec
 
 UrlResolver = Callable[[str], Awaitable[str]]
@@ -176,6 +174,14 @@ def replace_random_ints(
             container[key] = pattern.sub(lambda _m: str(random.randint(lo, hi)), value)
 
 
+def _read_if_changed(path: Path, cached: _CachedFile | None) -> tuple[int, int, str | None]:
+    """(mtime_ns, size, text), the text None when ``cached`` still holds it (blocking)."""
+    st = path.stat()
+    if cached is not None and (cached.mtime_ns, cached.size) == (st.st_mtime_ns, st.st_size):
+        return st.st_mtime_ns, st.st_size, None
+    return st.st_mtime_ns, st.st_size, path.read_text(encoding="utf-8")
+
+
 async def read_workflow_file(path: Path) -> dict[str, Any]:
     """Load an API-format workflow JSON file (cached by mtime; a fresh object every call)."""
     now = time.monotonic()
@@ -185,13 +191,14 @@ async def read_workflow_file(path: Path) -> dict[str, Any]:
     else:
         if cached is not None:
             cached.checked_at = now  # concurrent loads keep using the text meanwhile
-        st = await aiofiles.os.stat(path)
-        if cached is not None and (cached.mtime_ns, cached.size) == (st.st_mtime_ns, st.st_size):
+        # One thread hop: the stat, and the read only when the file changed.
+        mtime_ns, size, fresh = await asyncio.to_thread(_read_if_changed, path, cached)
+        if fresh is None:
+            assert cached is not None  # None only when the cached stat matched
             text = cached.text
         else:
-            async with aiofiles.open(path, encoding="utf-8") as f:
-                text = await f.read()
-        _workflow_cache[path] = _CachedFile(st.st_mtime_ns, st.st_size, text, now)
+            text = fresh
+        _workflow_cache[path] = _CachedFile(mtime_ns, size, text, now)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:

@@ -10,8 +10,9 @@ from typing import Any
 
 import msgspec
 import pytest
-from conftest import MakeServer, Server, wait_healthy, workflow
 from prometheus_client.parser import text_string_to_metric_families
+from support.servers import MakeServer, Server, wait_healthy
+from support.workflows import workflow
 
 from comfyq.api import ROUTES, build_document
 from comfyq.api.context import ApiOptions
@@ -332,7 +333,7 @@ async def test_nothing_leaks_secrets(make_server: MakeServer, path: str) -> None
 
 
 async def test_server_with_no_backend_answer_still_serves_the_api(tmp_path: Any) -> None:
-    from conftest import settings_for, start_server
+    from support.servers import settings_for, start_server
 
     srv = await start_server(settings_for(tmp_path, "http://127.0.0.1:9"), ApiOptions())
     try:

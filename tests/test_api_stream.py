@@ -12,9 +12,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
-from conftest import MakeServer, Server, pause, wait_healthy, workflow
+from support.servers import MakeServer, Server, pause, wait_healthy
+from support.workflows import workflow
 
 from comfyq.api.context import ApiOptions
+from comfyq.config import Settings
 from comfyq.sim import Simulator
 from comfyq.store.model import Stage
 
@@ -100,7 +102,8 @@ async def test_generate_stream_tells_the_whole_story(server: Server, simulator: 
     statuses = [e["status"] for e in got.events if e["event"] == "state"]
     assert statuses.index("generating") < statuses.index("postprocessing")
     waiting = [e for e in got.events if e.get("queue_position")]
-    assert waiting and all(e["queue_info"]["max_queue_size"] == 100 for e in waiting)
+    limit = Settings().max_queue_size  # the default, as the server runs with it
+    assert waiting and all(e["queue_info"]["max_queue_size"] == limit for e in waiting)
 
 
 async def test_heartbeat_comments_while_nothing_happens(

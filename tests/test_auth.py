@@ -20,7 +20,8 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import MakeServer, Server, wait_healthy, workflow
+from support.servers import MakeServer, Server, wait_healthy
+from support.workflows import workflow
 
 from comfyq.api import ROUTES
 from comfyq.api.auth import ANONYMOUS, KeyFileError, Keys, Principal, key_id, parse_key

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import boto3  # type: ignore[import-untyped]  # boto3 ships no types
-from test_s3_support import make_bucket
+from support.s3 import make_bucket
 
 sys.path.insert(
     0, str(Path(__file__).resolve().parent.parent)

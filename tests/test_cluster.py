@@ -21,9 +21,9 @@ from typing import Any
 import aiohttp
 import psycopg
 import pytest
+from support.workflows import workflow
 
 from comfyq.cluster.harness import Cluster, create_database, drop_database
-from tests.conftest import workflow
 
 pytestmark = pytest.mark.timeout(300)
 

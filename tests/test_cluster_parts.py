@@ -15,8 +15,9 @@ import aiohttp
 import msgspec
 import psycopg
 import pytest
-from conftest import MakeServer, wait_healthy, workflow
-from test_s3_support import make_bucket
+from support.s3 import make_bucket
+from support.servers import MakeServer, wait_healthy
+from support.workflows import workflow
 
 from comfyq.cluster.harness import create_database, drop_database
 from comfyq.cluster.migrate import ClusterMigrationError, apply_cluster_migrations, migrations_dir

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Server, pause, resume, settings_for, start_server, wait_healthy, workflow
+from support.servers import Server, pause, resume, settings_for, start_server, wait_healthy
+from support.workflows import workflow
 
 from comfyq.api.context import ApiOptions
 from comfyq.sim import Simulator

@@ -14,10 +14,11 @@ from typing import Any
 import aiohttp
 import blake3
 import pytest
+from support.sim import WsRecorder, wait_history
 
+from comfyq.cli import SIM_VERSIONS
 from comfyq.sim import Simulator
-from comfyq.sim.generation import NEW, OLD
-from comfyq.sim.testing import WsRecorder, wait_history
+from comfyq.sim.generation import NEW, NEWEST, OLD, VERSIONS
 
 SVG = b'<svg xmlns="http://www.w3.org/2000/svg" width="2" height="2"/>\n'
 
@@ -59,7 +60,8 @@ async def old(tmp_path: Path) -> Any:
 
 
 async def test_default_is_the_newest(sim: Simulator, http: aiohttp.ClientSession) -> None:
-    assert sim.comfyui_version == NEW
+    assert sim.comfyui_version == NEW and NEWEST == NEW
+    assert SIM_VERSIONS == VERSIONS  # comfyq serve --comfyui-version offers exactly these
     _, stats = await get(http, sim.url + "/system_stats")
     system = stats["system"]
     assert system["comfyui_version"] == "0.38.1" and system["os"] == sys.platform
@@ -340,3 +342,33 @@ async def test_executed_entries_and_history(sim: Simulator, http: aiohttp.Client
         assert second["filename"] == image["filename"] and second["id"] != image["id"]
     finally:
         await rec.close()
+
+
+async def test_node_replacement(
+    tmp_path: Path, old: Simulator, http: aiohttp.ClientSession
+) -> None:
+    table = {
+        "OldInvert": [
+            {
+                "new_node_id": "ImageInvert",
+                "input_mapping": [{"new_id": "image", "old_id": "picture"}],
+                "output_mapping": [{"old_idx": 1, "new_idx": 0}],
+            }
+        ]
+    }
+    wf = invert("r", 7)
+    wf["2"] = {"class_type": "OldInvert", "inputs": {"picture": ["1", 0]}}
+    wf["3"]["inputs"]["images"] = ["2", 1]
+    async with Simulator(data_dir=tmp_path / "r", replacements=table) as sim:
+        assert await get(http, sim.url + "/node_replacements") == (200, table)
+        pid = await run(http, sim, wf)
+        entry = await wait_history(http, sim.url, pid)
+        # The queue, history and jobs show the replaced graph.
+        assert entry["prompt"][2]["2"] == {
+            "class_type": "ImageInvert",
+            "inputs": {"image": ["1", 0]},
+        }
+        assert entry["prompt"][2]["3"]["inputs"]["images"] == ["2", 0]
+        assert entry["status"]["status_str"] == "success"
+    status, body = await post(http, old, {"prompt": wf})
+    assert status == 400 and body["error"]["type"] == "invalid_prompt"

@@ -7,11 +7,13 @@ import asyncio
 from pathlib import Path
 
 import pytest
-from store_support import DB_ERRORS, StoreFactory, database, engine, make_store, raw, store
+from support.store import DB_ERRORS, StoreFactory, database, engine, make_store, raw, store
 
 from comfyq.errors import Conflict, IllegalTransition, LeaseLost, NotFound, QueueFull
 from comfyq.store import JobStore, NewJob
 from comfyq.store.model import Stage, State
+from comfyq.store.postgres import PostgresStore
+from comfyq.store.postgres.ops import PRUNE_LOCK
 from comfyq.store.sqlite import SqliteStore
 
 __all__ = ["database", "engine", "make_store", "store"]  # fixtures
@@ -288,3 +290,20 @@ async def test_checkpoint_truncates_wal(store: JobStore) -> None:
     assert busy == 0
     wal = Path(str(store.path) + "-wal")
     assert not wal.exists() or wal.stat().st_size == 0
+
+
+@pytest.mark.parametrize("engine", ["postgres"])  # one database, several instances
+async def test_one_instance_prunes_at_a_time(store: JobStore, make_store: StoreFactory) -> None:
+    for i in range(3):
+        await store.create(new(i), 10)
+        await store.request_cancel(str(i))
+    store.clock.advance(61)  # type: ignore[attr-defined]
+    assert isinstance(store, PostgresStore)
+    other = make_store(clock=store.clock, owner="w2")
+    await other.open()
+    assert isinstance(other, PostgresStore)
+    # While one instance holds the pruning lock, another's prune passes without deleting.
+    async with other.pool.connection() as conn, conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (PRUNE_LOCK,))
+        assert await store.prune(older_than=60) == []
+    assert sorted(await store.prune(older_than=60)) == ["0", "1", "2"]

@@ -6,13 +6,14 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import random
 import sqlite3
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from store_support import StoreFactory, database, engine, make_store, rows
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+from support.store import StoreFactory, database, engine, make_store, rows
 
 from comfyq.clock import ManualClock, iso
 from comfyq.errors import Conflict, LeaseLost, NotFound, QueueFull
@@ -250,9 +251,19 @@ async def test_stop_finishes_writes_not_yet_handed_over(make_store: StoreFactory
     assert rows(s, "SELECT id FROM jobs") == [{"id": "late"}]
 
 
-def test_the_stores_timestamp_text_is_clock_iso() -> None:
-    rng = random.Random(7)
-    values = [rng.uniform(0, 4e9) for _ in range(20000)]
-    values += [T0 + k / 1e6 + 5e-7 for k in range(-500, 500)]  # half-microsecond ties
-    values += [T0 + 0.9999995, T0 + 0.99999949, 0.0, 5e-7, 1.5e-6, math.nextafter(T0 + 5e-7, 0)]
-    assert [stamp(v) for v in values] == [iso(v) for v in values]
+@settings(max_examples=3000, deadline=None)
+@given(st.floats(min_value=0, max_value=4e9))
+@example(T0 + 0.9999995)
+@example(T0 + 0.99999949)
+@example(0.0)
+@example(5e-7)
+@example(1.5e-6)
+@example(math.nextafter(T0 + 5e-7, 0))
+def test_the_stores_timestamp_text_is_clock_iso(t: float) -> None:
+    assert stamp(t) == iso(t)
+
+
+@given(st.integers(min_value=-500_000, max_value=500_000))
+def test_half_microsecond_ties_round_as_clock_iso(k: int) -> None:
+    t = T0 + k / 1e6 + 5e-7  # exactly between two microseconds, as nearly as a float gets
+    assert stamp(t) == iso(t)

@@ -5,15 +5,18 @@ concurrency, and v2 and comfyq's own API agreeing about the same jobs."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import itertools
 from typing import Any
 
 import aiohttp
-from conftest import MakeServer, Server, pause, resume, wait_healthy, workflow
-from v2_support import check, check_error, check_events, parse_sse
+from support.servers import MakeServer, Server, pause, resume, wait_healthy
+from support.v2 import check, check_error, check_events, parse_sse
+from support.workflows import workflow
 
 from comfyq.sim import Simulator
 from comfyq.store.model import Stage
+from comfyq.v2.context import V2_KEY
 
 _colors = itertools.count(7000)
 
@@ -382,3 +385,92 @@ async def until_status_as(srv: Server, job_id: str, headers: dict[str, str]) -> 
             return job
         await asyncio.sleep(0.02)
     raise AssertionError("job did not finish")
+
+
+async def test_events_carry_previews_and_the_latest_on_connect(
+    server: Server, simulator: Simulator
+) -> None:
+    simulator.node_durations = {"SaveImageWebsocket": 4.5}  # 1.5 s per image
+    await wait_healthy(server)
+    wf = {
+        "1": {
+            "class_type": "EmptyImage",
+            "inputs": {"width": 8, "height": 8, "batch_size": 3, "color": next(_colors)},
+        },
+        "2": {"class_type": "SaveImageWebsocket", "inputs": {"images": ["1", 0]}},
+    }
+    status, job, _ = await submit(server, {"workflow": wf})
+    assert status == 201
+
+    async def frames() -> list[tuple[str, dict[str, Any]]]:
+        async with server.session.get(server.u(job["urls"]["events"])) as r:
+            return parse_sse((await r.read()).decode())
+
+    first = asyncio.create_task(frames())
+    tracker = server.runner.app[V2_KEY].tracker
+    for _ in range(1000):  # the first preview has arrived: a stream opened now gets it at once
+        live = tracker.live(job["id"])
+        if live is not None and live.preview is not None:
+            break
+        await asyncio.sleep(0.01)
+    late = await frames()
+    early = await first
+    for got in (early, late):
+        check_events(got)
+        previews = [d for e, d in got if e == "preview"]
+        assert previews and previews[0]["content_type"].startswith("image/")
+        assert base64.b64decode(previews[0]["data_base64"])[:4] == b"\x89PNG"
+    assert [e for e, _ in late][:3] == ["status", "progress", "preview"]  # the snapshot on connect
+
+
+async def test_hostile_submissions_are_4xx(make_server: MakeServer) -> None:
+    srv = await make_server(max_json_bytes=4096, max_workflow_nodes=5)
+    big = {"workflow": {str(i): {"class_type": "X", "inputs": {"s": "y" * 100}} for i in range(60)}}
+    status, resp, _ = await submit(srv, big)
+    assert status == 413 and check_error(resp, "payload_too_large")
+    many = {"workflow": {str(i): {"class_type": "EmptyImage", "inputs": {}} for i in range(6)}}
+    status, resp, _ = await submit(srv, many)
+    assert status == 422 and check_error(resp, "invalid_workflow")
+    assert "max_workflow_nodes" in resp["error"]["message"]
+    cycle = {
+        "workflow": {
+            "1": {"class_type": "ImageInvert", "inputs": {"image": ["2", 0]}},
+            "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+        }
+    }
+    status, resp, _ = await submit(srv, cycle)
+    assert status == 422 and check_error(resp, "invalid_workflow")
+    deep: Any = 1
+    for _ in range(150):
+        deep = [deep]
+    status, resp, _ = await submit(
+        srv, {"workflow": {"1": {"class_type": "X", "inputs": {"a": deep}}}}
+    )
+    assert status == 422 and check_error(resp, "invalid_request")
+    bad_name = {"workflow": {"1": {"class_type": "Save\x00Image", "inputs": {}}}}
+    status, resp, _ = await submit(srv, bad_name)
+    assert status == 422 and check_error(resp, "invalid_workflow")
+
+
+async def test_listing_pages_and_label_filters(server: Server) -> None:
+    await wait_healthy(server)
+    ids = []
+    for i in range(3):
+        body = {"workflow": graph(), "metadata": {"run": str(i % 2), "team": "a"}}
+        status, job, _ = await submit(server, body)
+        assert status == 201 and job["metadata"] == body["metadata"]
+        ids.append(job["id"])
+    status, page, _ = await call(server, "GET", "/api/v2/jobs?limit=2")
+    assert status == 200 and [j["id"] for j in page["jobs"]] == ids[::-1][:2]
+    status, rest, _ = await call(
+        server, "GET", f"/api/v2/jobs?limit=2&cursor={page['next_cursor']}"
+    )
+    assert status == 200 and [j["id"] for j in rest["jobs"]] == [ids[0]]
+    assert "next_cursor" not in rest
+    status, got, _ = await call(server, "GET", "/api/v2/jobs?metadata[run]=0&metadata[team]=a")
+    assert status == 200 and [j["id"] for j in got["jobs"]] == [ids[2], ids[0]]
+    assert all(check("Job", j)["metadata"]["run"] == "0" for j in got["jobs"])
+    status, resp, _ = await call(server, "GET", "/api/v2/jobs?cursor=nope!")
+    assert status == 422 and check_error(resp, "invalid_request")
+    status, resp, _ = await submit(server, {"workflow": graph(), "metadata": {"k": 5}})
+    assert status == 422 and check_error(resp, "metadata_invalid")

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import ThreadServer
+from support.servers import ThreadServer
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "v2_sdk.py"

@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 from comfy_sdk import AsyncComfy, Comfy, IdempotencyKeyReuse, MissingAsset, WorkflowFormatUi
 from comfy_sdk.events import Progress, StatusChange
-from conftest import MakeServer, ThreadServer, wait_healthy
 from PIL import Image
-from v2_support import check
+from support.servers import MakeServer, ThreadServer, wait_healthy
+from support.v2 import check
 
 from comfyq.store.model import Stage
 

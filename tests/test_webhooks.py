@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 from standardwebhooks import Webhook
-from test_webhooks_support import (
+from support.webhooks import (
     Receiver,
     attempts,
     complete,

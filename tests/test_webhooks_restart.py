@@ -11,7 +11,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from test_webhooks_support import Receiver, attempts, delivery_ended, hook_job, wait_until
+from support.webhooks import Receiver, attempts, delivery_ended, hook_job, wait_until
 
 from comfyq.netguard import AddressGuard
 from comfyq.store import open_store

@@ -222,6 +222,14 @@ ROUTES: list[Route] = [
         jobs.output_file,
         "Download an output file of a job",
         "jobs",
+        params=[
+            Param(
+                "thumb",
+                "query",
+                {"type": "integer", "minimum": 16, "maximum": 1024},
+                "a WebP thumbnail of an image output, longer side at most this many pixels",
+            )
+        ],
         replies={
             200: Reply(
                 "the file",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 from pathlib import Path
@@ -13,6 +14,7 @@ from comfyq.api.auth import principal, visible
 from comfyq.api.context import Api, get_api, json_response
 from comfyq.cluster.files import OutputRouter
 from comfyq.errors import BadRequest, ComfyqError, NotFound
+from comfyq.outputs.convert import ConversionError, thumbnail
 from comfyq.outputs.local import job_dir
 from comfyq.schemas import JobList
 from comfyq.store.base import STATUS_FILTERS
@@ -148,11 +150,42 @@ async def output_file(request: web.Request) -> web.StreamResponse:
         if proxied is None:
             raise missing
         return proxied
+    if "thumb" in request.query:
+        return await _thumbnail(request.query["thumb"], path, folder, row["mimetype"] or "")
     return web.FileResponse(
         path,
         headers={
             "Content-Type": row["mimetype"] or "application/octet-stream",
             "Content-Disposition": f'inline; filename="{path.name}"',
+            "X-Content-Type-Options": "nosniff",
+        },
+    )
+
+
+THUMB_SIDES = (16, 1024)
+
+
+async def _thumbnail(raw: str, path: Path, folder: Path, mime: str) -> web.StreamResponse:
+    """``?thumb=N``: a WebP of the image output whose longer side is at most N pixels (made
+    once with Pillow, kept in the job's folder)."""
+    lo, hi = THUMB_SIDES
+    if not raw.isdigit() or not lo <= int(raw) <= hi:
+        msg = f"must be a whole number of pixels from {lo} to {hi}"
+        raise BadRequest(f"thumb {msg}", fields=[{"path": "$.query.thumb", "message": msg}])
+    if not mime.startswith("image/"):
+        msg = f"only image outputs have thumbnails (this one is {mime})"
+        raise BadRequest(msg, fields=[{"path": "$.query.thumb", "message": msg}])
+    dest = folder / ".thumbs" / f"{path.name}.{int(raw)}.webp"
+    try:
+        await asyncio.to_thread(thumbnail, path, dest, int(raw))
+    except ConversionError as exc:
+        msg = f"no thumbnail: {exc}"
+        raise BadRequest(msg, fields=[{"path": "$.query.thumb", "message": msg}]) from None
+    return web.FileResponse(
+        dest,
+        headers={
+            "Content-Type": "image/webp",
+            "Cache-Control": "private, max-age=3600",
             "X-Content-Type-Options": "nosniff",
         },
     )

@@ -22,6 +22,7 @@ from comfyq.errors import BadRequest, ComfyqError, QueueFull, Unauthorized
 from comfyq.limits import CONTROL
 from comfyq.logs import job_context
 from comfyq.schemas import ErrorBody, ErrorInfo
+from comfyq.store.base import StoreUnavailable
 from comfyq.v2.errors import guard as v2_guard
 
 log = logging.getLogger("comfyq.api")
@@ -154,11 +155,14 @@ def _note_error(request: web.Request, type_: str, message: str) -> None:
 
 def error_body(exc: ComfyqError) -> web.Response:
     headers = {}
-    if isinstance(exc, QueueFull):
+    if isinstance(exc, QueueFull | StoreUnavailable):
         headers["Retry-After"] = "5"
     if isinstance(exc, Unauthorized):
         headers["WWW-Authenticate"] = 'Bearer realm="comfyq"'
     info = exc.to_dict()
+    if isinstance(exc, StoreUnavailable):  # the details (hosts, driver words) go to the log only
+        log.warning("store unavailable: %s", exc.message)
+        info = {"type": exc.type, "message": "the database is unavailable; retry shortly"}
     return json_response({"error": info}, exc.http_status, headers)
 
 

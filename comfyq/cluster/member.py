@@ -19,9 +19,9 @@ from comfyq import __version__
 from comfyq.cluster.link import ClusterLink
 from comfyq.cluster.model import Instance
 from comfyq.comfy.backends import BackendPool
-from comfyq.comfy.client import redact_url
 from comfyq.config import Settings
 from comfyq.events import EventBus
+from comfyq.netguard import redact_url
 from comfyq.store.model import Transition
 
 log = logging.getLogger("comfyq.cluster")

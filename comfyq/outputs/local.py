@@ -17,6 +17,7 @@ from typing import Any
 from blake3 import blake3
 
 from comfyq.errors import OutputError
+from comfyq.inputs.filetypes import magic_type
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -102,17 +103,14 @@ def hashes_and_type(path: Path) -> tuple[str, str, int, str]:
             h.update(chunk)
             b.update(chunk)
             size += len(chunk)
-    mime = _magic(head) or mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    mime = _content_type(head) or mimetypes.guess_type(path.name)[0] or "application/octet-stream"
     return h.hexdigest(), b.hexdigest(), size, mime
 
 
-def _magic(head: bytes) -> str | None:
-    try:
-        import magic
-
-        found: str = magic.from_buffer(head, mime=True)
-    except Exception:  # noqa: BLE001 - libmagic missing or confused: fall back to the extension
-        return None
+def _content_type(head: bytes) -> str | None:
+    """libmagic's type, unless it failed or saw only a RIFF/Matroska container it could not name
+    (the extension tells those apart better)."""
+    found = magic_type(head)
     if found in ("application/octet-stream", "text/plain") and head[:4] in (
         b"RIFF",
         b"\x1aE\xdf\xa3",

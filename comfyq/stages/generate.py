@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from comfyq.comfy.backends import Backend, BackendPool
-from comfyq.comfy.client import redact_url
 from comfyq.comfy.protocol import LiveEvent
 from comfyq.errors import ComfyUIUnreachable, Interrupted, PromptLost
+from comfyq.netguard import redact_url
 from comfyq.stages.runner import JobContext, StageDone
 from comfyq.store import Job
 

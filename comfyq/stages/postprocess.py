@@ -16,6 +16,13 @@ from typing import Any
 
 from comfyq.comfy.backends import BackendPool
 from comfyq.errors import ComfyUIUnreachable, OutputError
+from comfyq.outputs.convert import (
+    ConversionError,
+    ConvertSpec,
+    convert_file,
+    converted_name,
+    wants,
+)
 from comfyq.outputs.local import describe_all, job_dir, list_outputs, safe_name
 from comfyq.outputs.s3 import LocalFile, S3Uploader
 from comfyq.stages.runner import JobContext, StageDone
@@ -30,6 +37,7 @@ class Postprocess:
         *,
         uploader: S3Uploader | None = None,
         fail_on_upload_error: bool = False,
+        convert_default: ConvertSpec | None = None,
     ) -> None:
         self.pool = pool
         self.output_dir = output_dir
@@ -37,11 +45,14 @@ class Postprocess:
         self.fail_on_upload_error = fail_on_upload_error
         # Several instances: the name of this instance, recorded with the job as its files' holder.
         self.holder: Callable[[], str] = lambda: ""
+        self.convert_default = convert_default
 
     async def __call__(self, job: Job, ctx: JobContext) -> StageDone:
         result = dict(job.result or {})
         rows = await self._collect(job, result)
+        converted = await self._convert(job, rows, result)
         warnings = await self._upload(job, ctx, rows) if self.uploader is not None and rows else []
+        warnings = converted + warnings
         if warnings and self.fail_on_upload_error:
             for row in rows:  # kept for inspection although the job fails
                 await ctx.store.put_output(job.id, row)
@@ -98,6 +109,57 @@ class Postprocess:
                 }
             )
         return rows
+
+    async def _convert(
+        self, job: Job, rows: list[dict[str, Any]], result: dict[str, Any]
+    ) -> list[dict[str, Any]]:
+        """Convert image rows as the job asks (input.convert, else the default); records each
+        original under result["converted"]; one warning per failed conversion (original kept)."""
+        inp = (job.payload or {}).get("input") or {}
+        spec = ConvertSpec.of(inp.get("convert"), self.convert_default)
+        if spec is None:
+            return []
+        warnings: list[dict[str, Any]] = []
+        originals: dict[str, Any] = dict(result.get("converted") or {})
+        used = {r["filename"] for r in rows}
+        for row in rows:
+            if not wants(spec, row["mimetype"]):
+                continue
+            old_name, src = row["filename"], Path(row["local_path"])
+            used.discard(old_name)
+            name = _unique(converted_name(old_name, spec), used)
+            dest = src.with_name(name)
+            try:
+                await asyncio.to_thread(convert_file, src, dest, spec)
+            except ConversionError as exc:
+                used.add(old_name)
+                used.discard(name)
+                warnings.append(
+                    {
+                        "type": "conversion_failed",
+                        "filename": old_name,
+                        "message": f"kept as {row['mimetype']}: {exc}",
+                    }
+                )
+                continue
+            sha, b3, size, mime = await describe_all(dest)
+            originals[name] = {
+                "filename": old_name,
+                "mimetype": row["mimetype"],
+                "size": row["size"],
+            }
+            row.update(
+                filename=name,
+                mimetype=mime,
+                size=size,
+                sha256=sha,
+                blake3=b3,
+                local_path=str(dest),
+                url=f"/outputs/{job.id}/{name}",
+            )
+        if originals:
+            result["converted"] = originals
+        return warnings
 
     async def _upload(
         self, job: Job, ctx: JobContext, rows: list[dict[str, Any]]

@@ -16,12 +16,13 @@ from __future__ import annotations
 import abc
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self, cast
 
 from comfyq.clock import Clock, iso
+from comfyq.errors import ComfyqError
 from comfyq.store.assets import AssetStore
 from comfyq.store.model import Job, NewJob, Stage, State, Transition
 
@@ -52,8 +53,13 @@ class StoreError(Exception):
     """The store failed for a reason of its own (not the job's): connection, schema, lock."""
 
 
-class StoreUnavailable(StoreError):
-    """The database cannot be reached right now; the operation may succeed when it returns."""
+class StoreUnavailable(StoreError, ComfyqError):
+    """The database cannot be reached right now; the operation may succeed when it returns.
+    A request that hits it is answered 503 with Retry-After; stage workers wait and retry."""
+
+    type = "store_unavailable"
+    http_status = 503
+    retryable = True
 
 
 class MigrationError(StoreError):
@@ -129,7 +135,7 @@ class JobReads(abc.ABC):
     @abc.abstractmethod
     async def summaries(
         self,
-        states: list[str] | None,
+        states: Sequence[State] | None,
         owners: list[str] | None,
         cursor: tuple[str, str] | None,
         limit: int,
@@ -164,6 +170,8 @@ class JobStore(abc.ABC):
     """
 
     engine: str = ""
+    # Whether several servers use the database at once (Postgres) or one owns it (SQLite).
+    shared: bool = False
 
     def __new__(
         cls, database: str | os.PathLike[str], *, clock: Clock | None = None, owner: str = ""
@@ -338,7 +346,7 @@ class JobStore(abc.ABC):
     async def list_jobs(
         self,
         *,
-        states: list[str] | None = None,
+        states: Sequence[State] | None = None,
         limit: int = 50,
         cursor: tuple[str, str] | None = None,
     ) -> list[Job]:
@@ -355,12 +363,6 @@ class JobStore(abc.ABC):
     @abc.abstractmethod
     async def position(self, job: Job) -> tuple[int, int]:
         """(1-based position among waiting jobs of its stage, waiting jobs in that stage)."""
-
-    @abc.abstractmethod
-    async def recent_timings(
-        self, kind: str | None = None, limit: int = 50
-    ) -> list[dict[str, Any]]:
-        """Timings of recently completed jobs (of one kind when given), newest first."""
 
     @abc.abstractmethod
     async def outputs(self, job_id: str) -> list[dict[str, Any]]:

@@ -10,7 +10,7 @@ from aiohttp import web
 
 from comfyq.api.auth import principal
 from comfyq.api.context import API, Api
-from comfyq.store.model import Job
+from comfyq.store.model import Job, Stage, State
 from comfyq.v2 import mapping
 from comfyq.v2.blobs import BlobDir
 from comfyq.v2.progress import Tracker
@@ -34,8 +34,8 @@ class V2:
 
     async def queue_position(self, job: Job) -> int | None:
         """1-based place among the jobs waiting in the job's stage; None unless it waits."""
-        if job.state != "pending":
-            return 0 if job.stage == "preprocess" else None
+        if job.state != State.PENDING:
+            return 0 if job.stage == Stage.PREPROCESS else None
         snap = await self.api.queue.snapshot()
         pos = snap.positions.get(job.id)
         return pos if pos is not None else snap.waiting[job.stage] + 1
@@ -62,7 +62,9 @@ class V2:
         self, request: web.Request, job: Job, outputs: list[dict[str, Any]] | None = None
     ) -> dict[str, Any]:
         """The v2 Job object of ``job`` (its outputs read unless given)."""
-        if outputs is None:
+        if outputs is None and not job.terminal:
+            outputs = []  # outputs are recorded in the commit that ends the job: nothing to read
+        elif outputs is None:
             outputs = (await self.assets.job_outputs([job.id])).get(job.id, [])
         st = mapping.status(job)
         return mapping.job(

@@ -13,10 +13,11 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import msgspec
 from aiohttp import web
 
-from comfyq.api.context import json_response
 from comfyq.errors import BadRequest, ComfyqError, QueueFull, Unauthorized
+from comfyq.store.base import StoreUnavailable
 
 log = logging.getLogger("comfyq.v2")
 
@@ -64,6 +65,9 @@ _HTTP_CODES = {
 }
 
 
+_encode = msgspec.json.Encoder().encode
+
+
 def envelope(
     status: int,
     code: str,
@@ -71,8 +75,9 @@ def envelope(
     details: dict[str, Any] | None = None,
     headers: dict[str, str] | None = None,
 ) -> web.Response:
-    return json_response(
-        {"error": {"code": code, "message": message, "details": details or None}}, status, headers
+    body = {"error": {"code": code, "message": message, "details": details or None}}
+    return web.Response(
+        body=_encode(body), status=status, headers=headers, content_type="application/json"
     )
 
 
@@ -85,6 +90,11 @@ def from_comfyq(exc: ComfyqError) -> web.Response:
         details["fields"] = exc.fields
     if isinstance(exc, QueueFull):
         return envelope(429, "queue_full", exc.message, details, {"Retry-After": "5"})
+    if isinstance(exc, StoreUnavailable):
+        log.warning("store unavailable: %s", exc.message)
+        return envelope(
+            503, exc.type, "the database is unavailable; retry shortly", None, {"Retry-After": "5"}
+        )
     if isinstance(exc, Unauthorized):
         return envelope(
             401, "unauthorized", exc.message, None, {"WWW-Authenticate": 'Bearer realm="comfyq"'}

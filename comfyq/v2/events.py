@@ -20,7 +20,7 @@ import msgspec
 from aiohttp import web
 
 from comfyq.api.sse import HEADERS
-from comfyq.store.model import Job
+from comfyq.store.model import Job, State
 from comfyq.v2 import mapping
 from comfyq.v2.context import V2, get_v2, owner_of
 from comfyq.v2.errors import V2Error, not_found
@@ -44,6 +44,7 @@ class _Stream:
         self.v2 = v2
         self.request = request
         self.job = job
+        self.read_at = job.updated_at  # bus events up to this commit are in the row already
         self.sent_status: tuple[str, int | None] | None = None
         self.progress_seq = -1
         self.progress_at = -1e9
@@ -147,7 +148,7 @@ async def _run(s: _Stream, sub: Any, resp: web.StreamResponse) -> None:
     now = clock()
     first += s.progress(now) + s.preview_frame(s.v2.tracker.live(s.job.id), now)
     await resp.write(first)
-    if s.job.state == "pending":
+    if s.job.state == State.PENDING:
         api.queue.watch(sub, s.job.id)
     heartbeat = api.options.heartbeat
     quiet_since = clock()
@@ -162,16 +163,20 @@ async def _run(s: _Stream, sub: Any, resp: web.StreamResponse) -> None:
             out = s.progress(now)
             if not out and now - quiet_since >= heartbeat:
                 out = b": keepalive\n\n"
-        elif ev.kind == "state":
-            fresh = await s.v2.read_job(s.job.id)
+        elif ev.kind == "state" and ev.final:
+            fresh = await s.v2.read_job(s.job.id)  # the end: the whole job, with its outputs
             if fresh is None:
                 return  # pruned under us: nothing more will happen
             s.job = fresh
-            if fresh.terminal:
-                await resp.write(await s.final())
-                return
-            if fresh.state == "pending":
-                api.queue.watch(sub, fresh.id)
+            await resp.write(await s.final())
+            return
+        elif ev.kind == "state":
+            if ev.data["at"] <= s.read_at:
+                continue  # committed before the job was read: already in what was sent
+            # A committed transition carries what the status needs (state and stage): no read.
+            s.job.state, s.job.stage = ev.data["state"], ev.data["stage"]
+            if s.job.state == State.PENDING:
+                api.queue.watch(sub, s.job.id)
             else:
                 api.queue.unwatch(sub)
             out = await s.status()

@@ -6,6 +6,7 @@ admit it and present it through ``comfyq.v2.mapping``.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 from typing import Any
@@ -13,15 +14,17 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from comfyq.admission import canonical_hash, new_job_id
+from comfyq.admission import THREAD_ABOVE, canonical_hash, new_job_id
 from comfyq.api.auth import principal
+from comfyq.api.body import read_json_body
 from comfyq.api.context import get_api, json_response
 from comfyq.api.health import health as comfyq_health
-from comfyq.store.model import Job, NewJob
+from comfyq.limits import BodyLimits
+from comfyq.store.model import Job, NewJob, State, loads
 from comfyq.v2 import mapping
 from comfyq.v2.context import get_v2, owner_of, scope_of
 from comfyq.v2.errors import V2Error, invalid, not_found
-from comfyq.v2.submit import check_key, parse
+from comfyq.v2.submit import MAX_METADATA, check_key, parse
 
 MAX_LIMIT = 100
 DEFAULT_LIMIT = 50
@@ -30,13 +33,13 @@ MAX_SCAN = 2000
 
 # v2 status -> the store states that can show it (the mapping decides the rest).
 _STATES = {
-    "queued": ("pending", "running"),
-    "running": ("pending", "running"),
-    "canceling": ("pending", "running"),
-    "succeeded": ("completed",),
-    "failed": ("failed",),
-    "expired": ("failed",),
-    "canceled": ("cancelled",),
+    "queued": (State.PENDING, State.RUNNING),
+    "running": (State.PENDING, State.RUNNING),
+    "canceling": (State.PENDING, State.RUNNING),
+    "succeeded": (State.COMPLETED,),
+    "failed": (State.FAILED,),
+    "expired": (State.FAILED,),
+    "canceled": (State.CANCELLED,),
 }
 
 
@@ -45,7 +48,13 @@ async def submit(request: web.Request) -> web.Response:
     v2 = get_v2(request)
     settings = v2.settings
     key = check_key(request.headers.get("Idempotency-Key"))
-    sub = parse(await request.read(), request.headers.get("Content-Type"))
+    body = await read_json_body(request, settings)
+    limits = BodyLimits.from_settings(settings)
+    ctype = request.headers.get("Content-Type")
+    if len(body) > THREAD_ABOVE:  # a big body is checked off the event loop
+        sub = await asyncio.to_thread(parse, body, ctype, limits)
+    else:
+        sub = parse(body, ctype, limits)
     owner = owner_of(request)
     if sub.asset_ids:
         found = await v2.assets.assets(sub.asset_ids)
@@ -92,8 +101,11 @@ async def submit(request: web.Request) -> web.Response:
     except BaseException:
         v2.extra_data.pop(new.id, None)
         raise
-    fresh = await v2.read_job(job.id) or job
-    return json_response(await v2.body(request, fresh, []), 201)
+    # The row the INSERT returned is the job: no read back (a new job has no outputs or progress).
+    answer = await v2.body(request, job, [])
+    if sub.metadata:
+        answer["metadata"] = sub.metadata
+    return json_response(answer, 201)
 
 
 async def _job_or_404(request: web.Request) -> Job:
@@ -151,6 +163,23 @@ def _limit(raw: str | None) -> int:
     return n
 
 
+def _labels(request: web.Request) -> dict[str, str]:
+    """``metadata[key]=value`` filters (the SDK's list_jobs sends them in that form)."""
+    out: dict[str, str] = {}
+    for k, v in request.query.items():
+        if k.startswith("metadata[") and k.endswith("]"):
+            out[k[len("metadata[") : -1]] = v
+    if len(out) > MAX_METADATA:
+        raise invalid("$.query.metadata", f"at most {MAX_METADATA} label filters")
+    return out
+
+
+def _has_labels(job: Job, labels: dict[str, str]) -> bool:
+    raw = getattr(job, "v2_metadata", None)
+    meta = loads(raw) if isinstance(raw, str) and raw else raw
+    return isinstance(meta, dict) and all(meta.get(k) == v for k, v in labels.items())
+
+
 async def list_jobs(request: web.Request) -> web.Response:
     """GET /api/v2/jobs?status=&limit=&cursor=: newest first, ``{"jobs", "truncated"}``."""
     v2 = get_v2(request)
@@ -163,6 +192,7 @@ async def list_jobs(request: web.Request) -> web.Response:
             raise invalid("$.query.status", f"unknown status {bad[0]!r}")
     states = sorted({st for s in wanted for st in _STATES[s]}) if wanted else None
     cursor = _cursor(request.query.get("cursor"))
+    labels = _labels(request)
     owners = principal(request).visible_owners()
     picked: list[Job] = []
     scanned = 0
@@ -173,6 +203,8 @@ async def list_jobs(request: web.Request) -> web.Response:
             scanned += 1
             cursor = (job.created_at, job.id)
             if v2.expired(job) or (wanted and mapping.status(job) not in wanted):
+                continue
+            if labels and not _has_labels(job, labels):
                 continue
             picked.append(job)
             if len(picked) >= limit:

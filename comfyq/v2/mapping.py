@@ -11,7 +11,7 @@ from typing import Any
 from urllib.parse import quote
 
 from comfyq.store.assets import AssetRecord
-from comfyq.store.model import Job
+from comfyq.store.model import Job, Stage, State
 from comfyq.v2.progress import Live
 
 PREFIX = "/api/v2"
@@ -50,11 +50,11 @@ def parse(ts: str) -> datetime:
 def status(job: Job) -> str:
     """The v2 status of a job (see ../shared/spec/comfy-api-v2.md, 'Mapping')."""
     state = job.state
-    if state == "completed":
+    if state == State.COMPLETED:
         return "succeeded"
-    if state == "cancelled":
+    if state == State.CANCELLED:
         return "canceled"
-    if state == "failed":
+    if state == State.FAILED:
         err = job.error or {}
         # The per-job deadline passed before ComfyUI ever ran it: expired, not failed.
         if err.get("type") in _TIMEOUTS and not job.comfy_prompt_id:
@@ -62,7 +62,7 @@ def status(job: Job) -> str:
         return "failed"
     if job.cancel_requested:
         return "canceling"
-    if job.stage == "preprocess" or (job.stage == "generate" and state == "pending"):
+    if job.stage == Stage.PREPROCESS or (job.stage == Stage.GENERATE and state == State.PENDING):
         return "queued"
     return "running"
 
@@ -83,9 +83,9 @@ def _ms(timings: dict[str, Any], *keys: str) -> int | None:
 
 def started_at(job: Job) -> str | None:
     """When the job reached ComfyUI: it entered generation and claimed a slot."""
-    if job.stage == "generate" and job.state == "running":
+    if job.stage == Stage.GENERATE and job.state == State.RUNNING:
         return job.stage_entered_at
-    if job.stage == "postprocess" or (job.state == "completed"):
+    if job.stage == Stage.POSTPROCESS or (job.state == State.COMPLETED):
         before = _ms(job.timings, "queued_ms", "preprocess_ms", "generate_wait_ms") or 0
         return iso(parse(job.created_at) + timedelta(milliseconds=before))
     if job.terminal and job.comfy_prompt_id:
@@ -110,7 +110,7 @@ def metrics(job: Job) -> dict[str, int | None]:
 def progress(job: Job, live: Live | None, v2_status: str) -> dict[str, Any] | None:
     """A complete Progress snapshot, weighted by nodes and the running node's sampler steps."""
     total = int(getattr(job, "nodes_total", 0) or 0)
-    if v2_status == "succeeded" or (job.stage == "postprocess" and not job.terminal):
+    if v2_status == "succeeded" or (job.stage == Stage.POSTPROCESS and not job.terminal):
         # Every node has run; postprocess only fetches the files.
         return {"value": 1.0, "nodes_done": total, "nodes_total": total, "message": "done"}
     if live is None:
@@ -141,7 +141,7 @@ def _zero(total: int) -> dict[str, Any]:
 
 def error(job: Job) -> dict[str, Any] | None:
     err = job.error
-    if not err or job.state == "completed":
+    if not err or job.state == State.COMPLETED:
         return None
     details = err.get("details") if isinstance(err.get("details"), dict) else {}
     tb = details.get("traceback") if details else None

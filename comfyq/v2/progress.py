@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from comfyq.events import ALL, Event, EventBus, Subscription
+from comfyq.store.model import State
 
 
 @dataclass
@@ -40,7 +41,7 @@ class Tracker(Subscription):
     def push(self, ev: Event) -> None:
         kind = ev.kind
         if kind == "state":
-            if ev.final or ev.data.get("state") == "pending":
+            if ev.final or ev.data.get("state") == State.PENDING:
                 self.jobs.pop(ev.job_id, None)  # a retry starts its count again
             if ev.final:
                 self.ended.pop(ev.job_id, None)

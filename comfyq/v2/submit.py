@@ -15,6 +15,7 @@ from typing import Any
 
 import msgspec
 
+from comfyq import limits as lim
 from comfyq.admission import MAX_DEPTH, check_media_type
 from comfyq.v2.errors import V2Error, invalid
 
@@ -23,7 +24,6 @@ RESERVED = ("webhook_url", "inputs")
 FIELDS = frozenset({"workflow", "extra_data", "priority", "metadata"})
 EXTRA_DATA = frozenset({"api_key_comfy_org"})
 MAX_METADATA = 16
-MAX_NODES = 10_000
 
 
 @dataclass
@@ -103,7 +103,7 @@ def _node_errors(workflow: dict[str, Any]) -> dict[str, list[dict[str, str]]]:
     return errors
 
 
-def _workflow(raw: Any) -> dict[str, Any]:
+def _workflow(raw: Any, limits: lim.BodyLimits) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise invalid("$.workflow", "must be an object: the API-format graph", "invalid_workflow")
     if isinstance(raw.get("nodes"), list) and ("links" in raw or "last_node_id" in raw):
@@ -114,8 +114,19 @@ def _workflow(raw: Any) -> dict[str, Any]:
         )
     if not raw:
         raise V2Error(422, "invalid_workflow", "the workflow has no nodes", {"node_errors": {}})
-    if len(raw) > MAX_NODES:
-        raise invalid("$.workflow", f"more than {MAX_NODES} nodes", "invalid_workflow")
+    # comfyq's own limits and checks (node count, printable names, output paths, no cycles).
+    fields = [
+        {**e, "path": e["path"].replace("$.input.workflow_json", "$.workflow")}
+        for e in lim.workflow_errors(raw, limits)
+    ]
+    if fields:
+        more = f" (and {len(fields) - 1} more)" if len(fields) > 1 else ""
+        raise V2Error(
+            422,
+            "invalid_workflow",
+            f"{fields[0]['path']}: {fields[0]['message']}{more}",
+            {"fields": fields},
+        )
     errors = _node_errors(raw)
     if errors:
         first = next(iter(errors))
@@ -187,9 +198,13 @@ def _priority(raw: Any) -> int:
     return raw
 
 
-def parse(body: bytes, content_type: str | None) -> Submission:
-    """A checked submission, or the 4xx that says what to fix."""
+def parse(
+    body: bytes, content_type: str | None, limits: lim.BodyLimits = lim.DEFAULT
+) -> Submission:
+    """A checked submission, or the 4xx that says what to fix (run it in a thread for big
+    bodies)."""
     check_media_type(content_type)
+    lim.check_json_body(body, limits)
     try:
         raw = msgspec.json.decode(body)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
@@ -208,7 +223,7 @@ def parse(body: bytes, content_type: str | None) -> Submission:
         raise invalid(f"$.{unknown[0]}", "unknown field")
     if "workflow" not in raw:
         raise invalid("$.workflow", "required field is missing")
-    workflow = _workflow(raw["workflow"])
+    workflow = _workflow(raw["workflow"], limits)
     return Submission(
         workflow=workflow,
         asset_ids=_asset_ids(workflow),

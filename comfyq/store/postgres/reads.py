@@ -3,12 +3,13 @@ made before it was issued, whichever instance made it."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from psycopg_pool import AsyncConnectionPool
 
-from comfyq.store.base import STATUS_FILTERS, JobReads
-from comfyq.store.model import Job, loads
+from comfyq.store.base import STATUS_FILTERS, JobReads, StoreUnavailable
+from comfyq.store.model import Job, State, loads
 from comfyq.store.postgres.connect import Conn, wrapped
 
 HEAD_COLUMNS = (
@@ -52,15 +53,22 @@ def status_sql(status: str, params: list[Any]) -> str:
 class PgReads(JobReads):
     """Fresh reads for request handlers, streams and the store's own read methods."""
 
-    def __init__(self, pool: AsyncConnectionPool[Conn], where: str) -> None:
+    def __init__(
+        self, pool: AsyncConnectionPool[Conn], where: str, on_lost: Callable[[], None]
+    ) -> None:
         self.pool = pool
         self.where = where
+        self.on_lost = on_lost
 
     async def rows(self, sql: str, params: Any = ()) -> list[dict[str, Any]]:
         """All rows of one statement."""
-        async with wrapped(self.where), self.pool.connection() as conn:
-            cur = await conn.execute(sql, params)
-            return await cur.fetchall()
+        try:
+            async with wrapped(self.where), self.pool.connection() as conn:
+                cur = await conn.execute(sql, params)
+                return await cur.fetchall()
+        except StoreUnavailable:
+            self.on_lost()
+            raise
 
     async def close(self) -> None:
         """Nothing of its own to release: the pool is the store's."""
@@ -99,7 +107,7 @@ class PgReads(JobReads):
 
     async def page(
         self,
-        statuses: list[str],
+        statuses: Sequence[str],
         limit: int,
         cursor: tuple[str, str] | None,
         owners: list[str] | None = None,
@@ -124,7 +132,7 @@ class PgReads(JobReads):
 
     async def summaries(
         self,
-        states: list[str] | None,
+        states: Sequence[State] | None,
         owners: list[str] | None,
         cursor: tuple[str, str] | None,
         limit: int,

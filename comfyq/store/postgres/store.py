@@ -6,8 +6,9 @@ and instances share nothing but the database. Listeners are told after the commi
 
 from __future__ import annotations
 
+import asyncio
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import psycopg
@@ -15,7 +16,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from comfyq.clock import Clock, iso
 from comfyq.store.assets import AssetStore
-from comfyq.store.base import JobReads, JobStore, Stats, StoreError
+from comfyq.store.base import JobReads, JobStore, Stats, StoreError, StoreUnavailable
 from comfyq.store.model import STAGES, Job, NewJob, Stage, State, Transition, loads
 from comfyq.store.postgres import migrate, ops, outbox
 from comfyq.store.postgres.assets import PgAssets
@@ -29,6 +30,7 @@ class PostgresStore(JobStore):
     """Jobs, events, outputs and the webhook outbox in a PostgreSQL database."""
 
     engine = "postgres"
+    shared = True
 
     def __init__(
         self, database: str | os.PathLike[str], *, clock: Clock | None = None, owner: str = ""
@@ -36,8 +38,9 @@ class PostgresStore(JobStore):
         super().__init__(database, clock=clock, owner=owner)
         self.url = str(database)
         self.pool = make_pool(self.url, app_name=self.owner)
-        self._reads = PgReads(self.pool, self.describe())
+        self._reads = PgReads(self.pool, self.describe(), self._purge)
         self._assets = PgAssets(self)
+        self._checking: asyncio.Future[None] | None = None
         # Lease owners known to be dead (the instance registry's answer); recover() rescues their
         # running jobs at once. Without it, they wait for their leases to expire (the reaper).
         self.dead_owners: Callable[[], Awaitable[list[str]]] | None = None
@@ -77,8 +80,18 @@ class PostgresStore(JobStore):
         return f"postgresql://{host}:{port}/{db}"
 
     async def _run(self, op: Callable[[Conn], Awaitable[T]]) -> T:
-        async with wrapped(self.describe()), self.pool.connection() as conn:
-            return await op(conn)
+        try:
+            async with wrapped(self.describe()), self.pool.connection() as conn:
+                return await op(conn)
+        except StoreUnavailable:
+            self._purge()
+            raise
+
+    def _purge(self) -> None:
+        """After a lost connection: drop every pooled connection that no longer works (a server
+        restart breaks them all), in the background, so the next calls get fresh ones."""
+        if self._checking is None or self._checking.done():
+            self._checking = asyncio.ensure_future(self.pool.check())
 
     async def ping(self) -> None:
         async def check(conn: Conn) -> None:
@@ -223,7 +236,7 @@ class PostgresStore(JobStore):
     async def list_jobs(
         self,
         *,
-        states: list[str] | None = None,
+        states: Sequence[State] | None = None,
         limit: int = 50,
         cursor: tuple[str, str] | None = None,
     ) -> list[Job]:
@@ -255,17 +268,6 @@ class PostgresStore(JobStore):
             {"stage": job.stage, "p": job.priority, "c": job.created_at, "id": job.id},
         )
         return row["ahead"] + 1, row["size"]
-
-    async def recent_timings(
-        self, kind: str | None = None, limit: int = 50
-    ) -> list[dict[str, Any]]:
-        sql = "SELECT timings FROM jobs WHERE state = 'completed'"
-        params: list[Any] = []
-        if kind is not None:
-            sql += " AND kind = %s"
-            params.append(kind)
-        sql += " ORDER BY finished_at DESC LIMIT %s"
-        return [loads(r["timings"]) for r in await self._reads.rows(sql, (*params, limit))]
 
     async def outputs(self, job_id: str) -> list[dict[str, Any]]:
         return (await self._reads.outputs([job_id])).get(job_id, [])

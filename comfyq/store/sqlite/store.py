@@ -10,7 +10,7 @@ import fcntl
 import logging
 import os
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -294,12 +294,13 @@ class SqliteStore(JobStore):
     async def list_jobs(
         self,
         *,
-        states: list[str] | None = None,
+        states: Sequence[State] | None = None,
         limit: int = 50,
         cursor: tuple[str, str] | None = None,
     ) -> list[Job]:
         """Jobs newest first; ``cursor`` = (created_at, id) of the last job of the previous page."""
-        where, params = [], []
+        where: list[str] = []
+        params: list[Any] = []
         if states:
             where.append(f"state IN ({','.join('?' * len(states))})")
             params.extend(states)
@@ -315,8 +316,10 @@ class SqliteStore(JobStore):
         out = {s: {"waiting": 0, "running": 0} for s in STAGES}
         for stage, state, n in await self._rows(
             # One query per state, so each reads its partial index and not the whole (mostly
-            # finished) table.
-            "SELECT stage, 'pending', count(*) FROM jobs WHERE state = 'pending' GROUP BY stage"
+            # finished) table. INDEXED BY: the planner would pick jobs_state_created (state, ...)
+            # and read every waiting row for its stage (20 ms at 10k waiting jobs, 1.2 ms so).
+            "SELECT stage, 'pending', count(*) FROM jobs INDEXED BY jobs_claim"
+            " WHERE state = 'pending' GROUP BY stage"
             " UNION ALL SELECT stage, 'running', count(*)"
             " FROM jobs WHERE state = 'running' GROUP BY stage"
         ):
@@ -332,18 +335,6 @@ class SqliteStore(JobStore):
             {"stage": job.stage, "p": job.priority, "c": job.created_at, "id": job.id},
         )
         return ahead + 1, size
-
-    async def recent_timings(
-        self, kind: str | None = None, limit: int = 50
-    ) -> list[dict[str, Any]]:
-        """Timings of recently completed jobs (of one kind when given), newest first."""
-        sql = "SELECT timings FROM jobs WHERE state = 'completed'"
-        params: list[Any] = []
-        if kind is not None:
-            sql += " AND kind = ?"
-            params.append(kind)
-        sql += " ORDER BY finished_at DESC LIMIT ?"
-        return [loads(r[0]) for r in await self._rows(sql, (*params, limit))]
 
     async def put_output(self, job_id: str, row: dict[str, Any]) -> None:
         await self._write(ops.put_output, job_id, self.clock.now(), row)

@@ -1,30 +1,59 @@
 """A real S3-protocol server (moto's ThreadedMotoServer) and a loopback proxy in front of it that
-records which access key signed each request and can fail requests on demand (no tests here).
-The server itself is the ``moto_url`` fixture in conftest."""
+records which access key signed each request and can fail requests on demand."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 import boto3  # type: ignore[import-untyped]  # boto3 ships no types
+import pytest
 from aiohttp import web
+from aiohttp.test_utils import TestServer
+from moto.server import ThreadedMotoServer
+
+from support import serve
+
+
+# A real S3-protocol server for the whole session (buckets are named per test).
+@pytest.fixture(scope="session")
+def moto_url() -> Iterator[str]:
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
 
 _CREDENTIAL = re.compile(r"Credential=([^/]+)/")
 
 
-def make_bucket(moto_url: str, name: str) -> None:
-    """Create a bucket on the moto server (blocking; boto3 is fine in setup)."""
-    s3 = boto3.client(
+def _admin(moto_url: str) -> Any:
+    return boto3.client(
         "s3",
         endpoint_url=moto_url,
         region_name="us-east-1",
         aws_access_key_id="setup",
         aws_secret_access_key="setup",
     )
-    s3.create_bucket(Bucket=name)
+
+
+def make_bucket(moto_url: str, name: str) -> None:
+    """Create a bucket on the moto server (blocking; boto3 is fine in setup)."""
+    _admin(moto_url).create_bucket(Bucket=name)
+
+
+def open_multipart_uploads(moto_url: str, bucket: str) -> list[dict[str, Any]]:
+    """Multipart uploads begun in ``bucket`` and neither completed nor aborted (blocking)."""
+    found: list[dict[str, Any]] = (
+        _admin(moto_url).list_multipart_uploads(Bucket=bucket).get("Uploads", [])
+    )
+    return found
 
 
 @dataclass
@@ -40,7 +69,8 @@ class FaultyProxy:
     """Forwards every request to moto, except those the ``faults`` queue says to fail.
 
     A fault applies to the next request whose method is in ``fault_methods``: ``"503"`` answers
-    503 SlowDown, ``"drop"`` closes the connection without an answer.
+    503 SlowDown, ``"drop"`` closes the connection without an answer, ``"hang"`` never answers
+    (``hung`` is set once one hangs; the client gives up or ``stop()`` ends it).
     """
 
     def __init__(self, upstream: str) -> None:
@@ -48,26 +78,26 @@ class FaultyProxy:
         self.faults: deque[str] = deque()
         self.fault_methods = {"PUT", "POST"}
         self.seen: list[Seen] = []
-        self._runner: web.AppRunner | None = None
+        self.hung = asyncio.Event()
+        self._release = asyncio.Event()
+        self._server: TestServer | None = None
         self._client: aiohttp.ClientSession | None = None
         self.url = ""
 
     async def start(self) -> FaultyProxy:
         app = web.Application(client_max_size=1 << 30)
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
+        self._server = await serve.start(app)
+        self.url = serve.base_url(self._server)
         self._client = aiohttp.ClientSession(auto_decompress=False)
         return self
 
     async def stop(self) -> None:
+        self._release.set()
         if self._client is not None:
             await self._client.close()
-        if self._runner is not None:
-            await self._runner.cleanup()
+        if self._server is not None:
+            await self._server.close()
 
     def keys_used(self) -> set[str]:
         return {s.access_key for s in self.seen if s.access_key}
@@ -82,6 +112,10 @@ class FaultyProxy:
         if self.faults and request.method in self.fault_methods:
             fault = self.faults.popleft()
             self.seen.append(Seen(request.method, request.path, request.query_string, key, fault))
+            if fault == "hang":
+                self.hung.set()
+                await self._release.wait()
+                return web.Response(status=503)
             if fault == "drop":
                 assert request.transport is not None
                 request.transport.abort()

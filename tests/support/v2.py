@@ -16,7 +16,7 @@ import jsonschema
 import yaml
 
 _HERE = Path(__file__).resolve()
-CANDIDATES = [p / "shared" / "spec" / "comfy-api-v2.yaml" for p in _HERE.parents[1:4]]
+CANDIDATES = [p / "shared" / "spec" / "comfy-api-v2.yaml" for p in _HERE.parents[2:5]]
 
 
 def spec_path() -> Path:
