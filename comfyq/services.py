@@ -223,6 +223,10 @@ class Services:
             self._tasks.append(
                 asyncio.create_task(self._every(self.settings.prune_interval, self.prune))
             )
+        else:  # jobs are kept, but an upload given expires_in still goes when it expires
+            self._tasks.append(
+                asyncio.create_task(self._every(self.settings.prune_interval, self.prune_uploads))
+            )
         self.started = True
 
     async def stop(self) -> None:
@@ -271,10 +275,14 @@ class Services:
         """Delete finished jobs (and their files) older than the retention age."""
         age = self.settings.retention_seconds if older_than is None else older_than
         n = await prune_jobs(self.store, self.output_dir, age)
-        await prune_assets(self.asset_resolver.assets, Path(self.settings.assets_dir).absolute())
+        await self.prune_uploads()
         # Cached inputs are referenced by waiting jobs: keep them at least twice the job deadline.
         await self.downloader.prune(max(age, 2 * self.settings.job_timeout))
         return n
+
+    async def prune_uploads(self) -> None:
+        """Comfy API v2 uploads past their expires_at, and the blob files no asset uses."""
+        await prune_assets(self.asset_resolver.assets, Path(self.settings.assets_dir).absolute())
 
 
 def _link_for(database: str, owner: str) -> ClusterLink:

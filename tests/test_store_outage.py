@@ -22,6 +22,7 @@ import psycopg
 from support.servers import MakeServer, Server, wait_healthy
 from support.workflows import workflow
 
+from comfyq.store.model import State
 from comfyq.store.postgres.migrate import files
 
 
@@ -140,7 +141,7 @@ async def _completed(srv: Server, job_id: str, timeout: float = 30.0) -> None:
         while True:
             job = await srv.services.store.get(job_id)
             if job is not None and job.terminal:
-                assert job.state == "completed", (job.state, job.message)
+                assert job.state == State.COMPLETED, (job.state, job.message)
                 return
             await asyncio.sleep(0.05)
 

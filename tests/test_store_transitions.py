@@ -18,7 +18,7 @@ from support.store import StoreFactory, database, engine, make_store, rows
 from comfyq.clock import ManualClock, iso
 from comfyq.errors import Conflict, LeaseLost, NotFound, QueueFull
 from comfyq.store import JobStore, NewJob
-from comfyq.store.model import Stage
+from comfyq.store.model import Stage, State
 from comfyq.store.sqlite import SqliteStore
 from comfyq.store.sqlite.journal import stamp
 
@@ -96,7 +96,7 @@ async def test_hand_off_writes_what_advance_then_claim_writes(store: JobStore) -
             ]
             assert (
                 trs[0].job is not None
-                and trs[0].job.state == "pending"
+                and trs[0].job.state == State.PENDING
                 and trs[0].job.lease_owner is None
             )
             assert trs[1].job is not None and trs[1].job.lease_owner == "w1"
@@ -106,7 +106,7 @@ async def test_hand_off_writes_what_advance_then_claim_writes(store: JobStore) -
             await store.claim(Stage.POSTPROCESS, 1, 30, "Post-processing")
         clock.advance(0.5)
         done = await store.advance(job_id, "Processing complete.", None, [OUTPUT])
-        assert done.to_state == "completed"
+        assert done.to_state == State.COMPLETED
     a, b = rows(store, "SELECT * FROM jobs WHERE id IN ('steps', 'merged') ORDER BY id DESC")
     for r in (a, b):
         r.pop("id")
@@ -144,7 +144,7 @@ async def test_hand_off_refuses_what_advance_refuses(
     assert rows(store, "SELECT count(*) AS n FROM job_events")[0]["n"] == before
     await store.request_cancel("cancelled")
     (tr,) = await store.advance_and_claim("cancelled", "done", {"prepared": {}}, 30, "g")
-    assert tr.to_state == "cancelled"
+    assert tr.to_state == State.CANCELLED
     assert rows(store, "SELECT prepared FROM jobs WHERE id = 'cancelled'") == [{"prepared": None}]
 
 
@@ -161,7 +161,7 @@ async def test_completion_erases_secrets_and_queues_the_webhook_in_its_commit(
         if stage != "postprocess":
             await store.advance("j", f"{stage} done")
     tr = await store.advance("j", "Processing complete.", {"result": {"warnings": []}}, [OUTPUT])
-    assert tr.to_state == "completed" and tr.job is not None
+    assert tr.to_state == State.COMPLETED and tr.job is not None
     assert tr.job.timings["postprocess_ms"] == 1000 and tr.job.timings["total_ms"] == 3000
     assert tr.job.finished_at == tr.at and tr.job.result == {"warnings": []}
     assert rows(store, "SELECT count(*) AS n FROM job_secrets") == [{"n": 0}]

@@ -215,8 +215,14 @@ async def list_jobs(request: web.Request) -> web.Response:
         more = True
     more = more or len(picked) >= limit
     outputs = await v2.assets.job_outputs([j.id for j in picked])
+    items = []
+    for j in picked:
+        item = await v2.body(request, j, outputs.get(j.id, []))
+        # The list item fields the SDK's JobSummary reads besides id and status.
+        item["create_time"], item["update_time"] = j.created_at, j.updated_at
+        items.append(item)
     body: dict[str, Any] = {
-        "jobs": [await v2.body(request, j, outputs.get(j.id, [])) for j in picked],
+        "jobs": items,
         "truncated": scanned >= MAX_SCAN and len(picked) < limit,
     }
     if more and cursor is not None:
