@@ -129,6 +129,29 @@ STEPS = [
         opt_in=True,
     ),
 ]
+STEPS += [
+    Step(
+        "pgstore",
+        "bench.bench_pgstore",
+        ["--jobs", "4000", "--big", "1000000"],
+        ["--jobs", "400", "--big", "50000", "--samples", "200", "--instances", "1,2"],
+        "PostgreSQL store alone (#12)",
+    ),
+    Step(
+        "cluster",
+        "bench.bench_cluster",
+        ["--jobs", "600", "--event-jobs", "200"],
+        ["--jobs", "100", "--event-jobs", "40", "--instances", "1,2"],
+        "several instances end to end (#12)",
+    ),
+    Step(
+        "chaos_cluster",
+        "bench.chaos_cluster",
+        [],
+        ["--jobs", "60", "--kills", "3"],
+        "multi-instance chaos (#12)",
+    ),
+]
 NAMES = [s.name for s in STEPS]
 
 
