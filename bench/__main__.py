@@ -128,6 +128,13 @@ STEPS = [
         "where the CPU of a job goes, profiled (#13)",
         opt_in=True,
     ),
+    Step(
+        "queue_depth",
+        "bench.bench_queue_depth",
+        ["--depths", "0,1000,10000,50000", "--samples", "200"],
+        ["--depths", "0,1000,5000", "--samples", "40"],
+        "answers with a deep queue: the MAX_QUEUE_SIZE default (#13)",
+    ),
 ]
 STEPS += [
     Step(

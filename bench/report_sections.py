@@ -455,3 +455,46 @@ def hostile(f: dict[str, Any], charts: Charts) -> list[str]:
             numeric=False,
         ),
     ]
+
+
+def queue_depth(f: dict[str, Any], charts: Charts) -> list[str]:
+    """Latency of the answers a client gets as the queue deepens, RSS and database size."""
+    out = [
+        (
+            "comfyq in front of a ComfyUI address where nothing listens, so admitted jobs stay"
+            " queued and the queue only grows; at each depth, sequential requests (p50 / p99)."
+            " MAX_QUEUE_SIZE defaults to 10,000 from these figures."
+        ),
+        "",
+    ]
+    rows = []
+    for d in f["depths"]:
+
+        def pp(name: str, d: dict[str, Any] = d) -> str:
+            return f"{ms(d[name]['p50'])} / {ms(d[name]['p99'])}"
+
+        rows.append(
+            [
+                num(d["depth"]),
+                pp("admit"),
+                pp("result_with_position"),
+                pp("queue_info"),
+                pp("jobs_page"),
+                f"{num(d['rss_mb'])} MB",
+                f"{num(d['db_mb'], 1)} MB",
+            ]
+        )
+    out += table(
+        [
+            "jobs waiting",
+            "POST /generate",
+            "GET /result (position, ETA)",
+            "GET /queue-info",
+            "GET /jobs",
+            "server RSS",
+            "database",
+        ],
+        rows,
+        numeric=False,
+    )
+    return out
