@@ -420,3 +420,81 @@ def profile(f: dict[str, Any], charts: Charts) -> list[str]:
         out += ["", "System calls per job, most frequent first (strace -c, a separate burst):", ""]
         out += table(["call", "per job"], [[k, num(v)] for k, v in top.items()], numeric=False)
     return out
+
+
+def hostile(f: dict[str, Any], charts: Charts) -> list[str]:
+    """Hostile bodies (#19): loop lag, /health and RSS while the largest allowed bodies run."""
+    rows = []
+    for kind, k in f["kinds"].items():
+        rows.append(
+            [
+                f"{kind} ({num(k['body_mb'], 1)} MB, {'/'.join(str(s) for s in k['statuses'])})",
+                f"{num(k['loop_lag_max_ms'], 1)} / ≤{num(k['loop_lag_p99_bucket_ms'])} ms",
+                " / ".join(num(k[f"health_{q}_ms"], 1) for q in ("p50", "p99", "max")) + " ms",
+                f"{num(k['other_requests'])} ({num(k['other_requests_per_s'])}/s)",
+                " → ".join(num(k[f"rss_{q}_mb"]) for q in ("idle", "after_burst", "settled"))
+                + " MB",
+            ]
+        )
+    intro = (
+        f"{f['bodies']} bodies of each kind, one after another, on a fresh server; targets:"
+        " loop lag max ≤ 50 ms, /health p99 ≤ 100 ms, RSS back within 20% of idle."
+    )
+    return [
+        intro,
+        "",
+        *table(
+            [
+                "body kind (status)",
+                "loop lag max / p99",
+                "/health p50 / p99 / max",
+                "other requests served",
+                "RSS idle → burst → settled",
+            ],
+            rows,
+            numeric=False,
+        ),
+    ]
+
+
+def queue_depth(f: dict[str, Any], charts: Charts) -> list[str]:
+    """Latency of the answers a client gets as the queue deepens, RSS and database size."""
+    out = [
+        (
+            "comfyq in front of a ComfyUI address where nothing listens, so admitted jobs stay"
+            " queued and the queue only grows; at each depth, sequential requests (p50 / p99)."
+            " MAX_QUEUE_SIZE defaults to 10,000 from these figures."
+        ),
+        "",
+    ]
+    rows = []
+    for d in f["depths"]:
+
+        def pp(name: str, d: dict[str, Any] = d) -> str:
+            return f"{ms(d[name]['p50'])} / {ms(d[name]['p99'])}"
+
+        rows.append(
+            [
+                num(d["depth"]),
+                pp("admit"),
+                pp("result_with_position"),
+                pp("queue_info"),
+                pp("jobs_page"),
+                f"{num(d['rss_mb'])} MB",
+                f"{num(d['db_mb'], 1)} MB",
+            ]
+        )
+    out += table(
+        [
+            "jobs waiting",
+            "POST /generate",
+            "GET /result (position, ETA)",
+            "GET /queue-info",
+            "GET /jobs",
+            "server RSS",
+            "database",
+        ],
+        rows,
+        numeric=False,
+    )
+    return out

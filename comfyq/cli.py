@@ -1,4 +1,5 @@
-"""The ``comfyq`` command: serve | migrate | config | jobs ls/show/cancel/retry | prune."""
+"""The ``comfyq`` command: serve | migrate | config | jobs ls/show/cancel/retry | instances |
+prune."""
 
 from __future__ import annotations
 
@@ -72,6 +73,9 @@ def _parser() -> argparse.ArgumentParser:
         c = jsub.add_parser(name, help=text)
         c.add_argument("id")
 
+    ins = sub.add_parser("instances", help="the instances registered on the database")
+    ins.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
     pr = sub.add_parser("prune", help="delete finished jobs and their files")
     pr.add_argument("--older-than", required=True, help="age such as 3600, 90m, 12h, 7d")
     return p
@@ -118,6 +122,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.cmd == "jobs":
             return _jobs(settings, args)
+        if args.cmd == "instances":
+            from comfyq.cluster.cli import main as instances
+
+            return instances(settings, args.json)
         if args.cmd == "prune":
             return _prune(settings, parse_age(args.older_than))
     except (ConfigError, StoreError) as exc:
@@ -157,8 +165,10 @@ async def serve(settings: Settings, *, comfyui_version: str | None = None) -> in
 
     from comfyq.api.server import Runner
     from comfyq.app import create_app
+    from comfyq.limits import fixed_mmap_threshold
     from comfyq.services import Services
 
+    fixed_mmap_threshold()  # large bodies' memory is returned after they are done
     sim = None
     backends = None
     if settings.simulate:
@@ -224,6 +234,7 @@ async def serve(settings: Settings, *, comfyui_version: str | None = None) -> in
         )
     bound = runner.addresses
     port = bound[0][1] if bound else settings.api_port
+    await services.cluster.listening_at(settings.api_host, int(port))
     log.info(
         "comfyq listening on http://%s:%s (database %s, backends %s)",
         settings.api_host,
@@ -289,6 +300,15 @@ def _migrate(settings: Settings) -> int:
     applied = asyncio.run(store.migrate())
     where = store.describe()
     print(f"{where}: applied {applied}" if applied else f"{where}: up to date")
+    if store.engine == "postgres":
+        from comfyq.cluster.migrate import migrate_url
+
+        cluster = asyncio.run(migrate_url(settings.database))
+        print(
+            f"{where}: cluster tables: applied {cluster}"
+            if cluster
+            else f"{where}: cluster tables: up to date"
+        )
     return 0
 
 

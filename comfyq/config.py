@@ -24,6 +24,8 @@ def _d(text: str, **kw: Any) -> msgspec.Meta:
 PosInt = Annotated[int, msgspec.Meta(ge=1)]
 NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
 PosFloat = Annotated[float, msgspec.Meta(gt=0)]
+Role = Literal["all", "api", "preprocess", "generate", "postprocess", "webhooks"]
+ROLES = ("api", "preprocess", "generate", "postprocess", "webhooks")
 
 
 class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -174,6 +176,29 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         float, _d("seconds in-flight work gets on SIGTERM before it is left to resume", ge=0)
     ] = 20.0
 
+    # --- several instances -------------------------------------------------------------------
+    roles: Annotated[
+        list[Role],
+        _d(
+            "what this instance runs (comma separated): api, preprocess, generate, postprocess,"
+            " webhooks, or all"
+        ),
+    ] = msgspec.field(default_factory=lambda: ["all"])
+    instance_name: Annotated[
+        str,
+        _d("this instance's name in the registry (empty: host name and API port)"),
+    ] = ""
+    advertise_url: Annotated[
+        str,
+        _d(
+            "base URL other instances reach this one's API at, to fetch the output files it holds"
+            " (empty: http://<host name or api_host>:<port>)"
+        ),
+    ] = ""
+    instance_heartbeat: Annotated[
+        PosFloat, _d("seconds between an instance's heartbeats in the registry")
+    ] = 5.0
+
     # --- storage -----------------------------------------------------------------------------
     database: Annotated[
         str, _d("the SQLite file, or a postgresql:// URL: queue, jobs, events, outbox")
@@ -276,6 +301,11 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     webhook_max_age: Annotated[
         PosFloat, _d("seconds after which an undelivered webhook is given up")
     ] = 24 * 3600.0
+
+    @property
+    def active_roles(self) -> frozenset[str]:
+        """The roles this instance runs ("all" stands for every one of them)."""
+        return frozenset(ROLES) if "all" in self.roles or not self.roles else frozenset(self.roles)
 
     @property
     def backends(self) -> list[str]:

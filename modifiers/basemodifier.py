@@ -127,6 +127,19 @@ def looks_like_url(value: object) -> bool:
     return not any(c.isspace() for c in value)
 
 
+_URL_START = re.compile(rb"(?i)https?://")
+_JSON_ESCAPED = re.compile(rb'["\\\x00-\x1f]')
+
+
+def _json_text(workflow: Any) -> bytes | None:
+    """The workflow as JSON, to look for a string in it at C speed instead of walking every value
+    in Python (5,000 nodes: ~50 ms per walk); None when it cannot be encoded (then walk)."""
+    try:
+        return msgspec.json.encode(workflow)
+    except (msgspec.EncodeError, TypeError, ValueError):
+        return None
+
+
 def string_slots(obj: Any) -> Iterator[tuple[dict[Any, Any] | list[Any], Any, str]]:
     """Every (container, key, string value) in a nested dict/list structure."""
     stack: list[Any] = [obj]
@@ -142,6 +155,9 @@ def string_slots(obj: Any) -> Iterator[tuple[dict[Any, Any] | list[Any], Any, st
 
 async def replace_urls(workflow: Any, resolve: UrlResolver) -> None:
     """Replace every whole-string http(s) URL in ``workflow`` by ``await resolve(url)``."""
+    text = _json_text(workflow)
+    if text is not None and not _URL_START.search(text):
+        return
     slots = [(c, k, v) for c, k, v in string_slots(workflow) if looks_like_url(v)]
     if not slots:
         return
@@ -167,6 +183,10 @@ def replace_random_ints(
 ) -> None:
     """Replace ``placeholder`` values: whole strings become ints, embedded ones are substituted."""
     pattern = re.compile(re.escape(placeholder))
+    literal = placeholder.encode()
+    text = _json_text(workflow)
+    if text is not None and not _JSON_ESCAPED.search(literal) and literal not in text:
+        return  # (a placeholder JSON would escape is looked for the slow way)
     for container, key, value in list(string_slots(workflow)):
         if value == placeholder:
             container[key] = random.randint(lo, hi)

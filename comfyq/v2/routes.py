@@ -95,7 +95,15 @@ ROUTES: list[Route] = [
             200: Reply(
                 "`event: status|progress|preview|output` frames; ends after the terminal status",
                 media="text/event-stream",
-                schema={"type": "string"},
+                # Open API 3.1: the schema of a text/event-stream describes one event.
+                schema={
+                    "type": "object",
+                    "properties": {
+                        "event": {"type": "string"},
+                        "id": {"type": "string"},
+                        "data": {"type": "string"},
+                    },
+                },
             ),
             429: Reply("too_many_streams", schema=ENVELOPE, headers={"Retry-After": "seconds"}),
         },
@@ -195,6 +203,15 @@ def _with_envelopes(route: Route) -> Route:
 
 
 ROUTES = [_with_envelopes(r) for r in ROUTES]
+
+
+_V2_ERROR = Reply(
+    'the v2 error envelope `{"error": {"code", "message", "details"}}`', schema=ENVELOPE
+)
+for _route in ROUTES:
+    # Also every other client error status a v2 route can answer (400/408/422 on any route, 404 on
+    # a path parameter), in the v2 envelope: comfyq's generic ones would name comfyq's shape.
+    _route.error_reply = _V2_ERROR
 
 
 def setup(app: web.Application) -> None:

@@ -37,7 +37,7 @@ class PostgresStore(JobStore):
     ) -> None:
         super().__init__(database, clock=clock, owner=owner)
         self.url = str(database)
-        self.pool = make_pool(self.url)
+        self.pool = make_pool(self.url, app_name=self.owner)
         self._reads = PgReads(self.pool, self.describe(), self._purge)
         self._assets = PgAssets(self)
         self._checking: asyncio.Future[None] | None = None
