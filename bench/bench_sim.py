@@ -26,6 +26,7 @@ async def sim_cost(url: str, out: Path, jobs: int, in_flight: int) -> dict[str, 
     """Drive ``jobs`` trivial jobs through the simulator at ``url``; its CPU per job."""
     pid = SIM_PIDS[url]
     client = ComfyClient(url)
+    await client.start()  # the websocket, as comfyq's pool keeps it
     colours = iter(range(1, jobs + 1))
 
     async def worker() -> None:
