@@ -135,6 +135,13 @@ STEPS = [
         ["--depths", "0,1000,5000", "--samples", "40"],
         "answers with a deep queue: the MAX_QUEUE_SIZE default (#13)",
     ),
+    Step(
+        "sim",
+        "bench.bench_sim",
+        ["--jobs", "1000"],
+        ["--jobs", "200"],
+        "the ComfyUI simulator's own CPU per trivial job (#13)",
+    ),
 ]
 STEPS += [
     Step(

@@ -237,6 +237,7 @@ SECTIONS = [
     ("hostile", "Hostile bodies (#19)", sec.hostile),
     ("profile", "Where a job's CPU goes (#13, `--profile`)", sec.profile),
     ("queue_depth", "A deep queue and the MAX_QUEUE_SIZE default (#13)", sec.queue_depth),
+    ("sim", "The simulator's own cost (#13)", sec.sim),
     ("pgstore", "PostgreSQL store alone (#12)", report_cluster.pgstore),
     ("cluster", "Several instances end to end (#12)", report_cluster.cluster),
     ("chaos_cluster", "Multi-instance chaos run (#12)", report_cluster.chaos),

@@ -498,3 +498,29 @@ def queue_depth(f: dict[str, Any], charts: Charts) -> list[str]:
         numeric=False,
     )
     return out
+
+
+def sim(f: dict[str, Any], charts: Charts) -> list[str]:
+    """CPU of the zero-time simulator process per trivial job, driven straight by ComfyClient."""
+    out = [
+        (
+            "The zero-time ComfyUI simulator driven straight by comfyq's ComfyClient (websocket"
+            " up, POST /prompt, follow, GET /view), EmptyImage 16x16 -> ImageInvert -> SaveImage,"
+            " a new colour per job: the part of every end-to-end figure on the simulator that is"
+            " not comfyq's (issue 13 asks for at most 0.7 ms)."
+        ),
+        "",
+    ]
+    out += table(
+        ["jobs", "in flight", "simulator CPU per job", "jobs/s"],
+        [
+            [
+                num(f["jobs"]),
+                num(f["in_flight"]),
+                ms(f["sim_cpu_ms_per_job"]),
+                num(f["jobs_per_s"]),
+            ]
+        ],
+        numeric=False,
+    )
+    return out
