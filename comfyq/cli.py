@@ -141,8 +141,8 @@ async def serve(settings: Settings) -> int:
 
         sim = Simulator(
             data_dir=Path(settings.database).parent / "simulator",
-            node_duration=0.2,
-            progress_steps=5,
+            node_duration=settings.simulate_node_duration,
+            progress_steps=settings.simulate_progress_steps,
         )
         await sim.start()
         backends = [sim.url]

@@ -20,7 +20,7 @@ from comfyq.comfy.simulator import Simulator
 from comfyq.schemas import GenerateRequest
 
 _colors = itertools.count(9000)
-PUBLIC = {"/health", "/docs/assets/{name}"}
+PUBLIC = {"/health", "/docs/assets/{name}", "/ui", "/ui/static/{name}"}
 
 
 def body(**extra: Any) -> dict[str, Any]:
@@ -170,7 +170,7 @@ async def test_openapi_is_generated_from_the_types_and_matches_the_routes(server
         if r.method != "HEAD" and r.resource is not None
     }
     documented = {(m.upper(), p) for p, ops in doc["paths"].items() for m in ops}
-    assert documented == registered - {("GET", "/docs/assets/{name}")}
+    assert documented == registered - {("GET", "/docs/assets/{name}"), ("GET", "/ui/static/{name}")}
     (ref,), components = msgspec.json.schema_components(
         [GenerateRequest], ref_template="#/components/schemas/{name}"
     )

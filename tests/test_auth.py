@@ -122,6 +122,15 @@ COVERED = {
     ("GET", "/openapi.json"),
     ("GET", "/"),
     ("GET", "/docs/assets/{name}"),
+    ("POST", "/jobs/{id}/retry"),
+    ("POST", "/jobs/{id}/delete"),
+    ("GET", "/ui"),
+    ("GET", "/ui/static/{name}"),
+    ("GET", "/ui/api/jobs"),
+    ("GET", "/ui/api/counts"),
+    ("GET", "/ui/api/jobs/{id}"),
+    ("GET", "/ui/api/stats"),
+    ("GET", "/ui/api/modifiers"),
 }
 EXTRA_COVERED: set[tuple[str, str]] = set()  # routes whose checks live in other test files
 
@@ -195,6 +204,38 @@ async def test_two_clients_and_an_admin_over_every_route(make_server: MakeServer
     assert await _status(srv, "GET", "/docs/assets/swagger-ui.css", CA) == 200
     for key in ("wrong", ""):
         assert await _status(srv, "GET", "/jobs", key) == 401
+
+    # The dashboard's reads and actions follow the same rule.
+    for key, ids in ((CA, {"own-a", "own-a-stream", "own-a-2"}), (CB, {"own-b"})):
+        async with srv.session.get(srv.u("/ui/api/jobs"), headers=h(key)) as r:
+            assert {j["id"] for j in (await r.json())["jobs"]} == ids
+        async with srv.session.get(srv.u("/ui/api/counts"), headers=h(key)) as r:
+            assert (await r.json())["total"] == len(ids)
+    async with srv.session.get(srv.u("/ui/api/jobs?q=own-"), headers=h(ADMIN)) as r:
+        assert len((await r.json())["jobs"]) == 5
+    async with srv.session.get(srv.u("/ui/api/counts"), headers=h(ADMIN)) as r:
+        assert (await r.json())["total"] == 5
+    assert await _status(srv, "GET", "/ui/api/jobs/own-a", CA) == 200
+    assert await _status(srv, "GET", "/ui/api/jobs/own-a", ADMIN) == 200
+    assert await _status(srv, "GET", "/ui/api/jobs/own-a", CB) == 404
+    assert await _status(srv, "POST", "/jobs/own-b/retry", CA) == 404
+    assert await _status(srv, "POST", "/jobs/own-b/delete", CA) == 404
+    assert await _status(srv, "POST", "/jobs/own-b/retry", CB) == 409  # completed: no retry
+    bad = {"input": {"request_id": "own-b-bad", "workflow_json": {"1": {"class_type": "Nope"}}}}
+    assert await _status(srv, "POST", "/generate/sync", CB, json=bad) == 400  # failed
+    assert await _status(srv, "POST", "/jobs/own-b-bad/retry", CA) == 404
+    assert await _status(srv, "POST", "/jobs/own-b-bad/retry", CB) == 200
+    assert await _status(srv, "POST", "/jobs/own-a/retry", CA) == 409  # completed: no retry
+    assert await _status(srv, "POST", "/jobs/own-a/delete", CB) == 404
+    assert await _status(srv, "POST", "/jobs/own-a/delete", CA) == 200
+    assert await _status(srv, "GET", "/jobs/own-a", ADMIN) == 404
+    assert await _status(srv, "GET", "/ui/api/stats", ADMIN) == 200
+    assert await _status(srv, "GET", "/ui/api/stats", CA) == 403
+    for path in ("/ui/api/modifiers", "/ui", "/ui/static/app.js"):
+        for key in (ADMIN, CA):
+            assert await _status(srv, "GET", path, key) == 200, path
+    assert await _status(srv, "GET", "/ui", "wrong") == 200  # the page asks for a key itself
+    assert await _status(srv, "GET", "/ui/api/jobs", "wrong") == 401
 
 
 async def _ws(srv: Server, key: str, *, protocol: bool = False) -> aiohttp.ClientWebSocketResponse:

@@ -26,8 +26,9 @@ log = logging.getLogger("comfyq.api")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-PUBLIC_PATHS = frozenset({"/health"})
-PUBLIC_PREFIXES = ("/docs/assets/",)  # Swagger UI's own static files: nothing of ours in them
+PUBLIC_PATHS = frozenset({"/health", "/ui"})  # the dashboard page asks for the key itself
+# Swagger UI's own static files and the dashboard's: code, no data.
+PUBLIC_PREFIXES = ("/docs/assets/", "/ui/static/")
 ALLOW_HEADERS = "Authorization, Content-Type, Last-Event-ID, X-Return-Outputs-As-Base64"
 EXPOSE_HEADERS = "Location, Retry-After, Content-Disposition"
 _HTTP_TYPES = {
