@@ -157,9 +157,9 @@ def test_submit_form_runs_image_effects_with_live_progress_and_output(
     )
     assert img.evaluate("i => i.naturalWidth") == 96
     expect(page.locator(".timeline li")).not_to_have_count(0)
+    shot(page, tmp_path, "ui-job")
     page.locator("summary", has_text="Workflow JSON").click()
     expect(page.locator("pre.json").first).to_contain_text("ImageBlur")
-    shot(page, tmp_path, "ui-job")
     no_sideways_scroll(page)
     watch.clean()
 

@@ -26,12 +26,10 @@ export function mount(root, { arg: id, navigate }) {
       head,
       actions,
       note,
-      live,
-      errorBox,
-      el("section", { class: "card" }, el("h3", { text: "Outputs" }), outputs),
-      el("section", { class: "card" }, el("h3", { text: "Timeline" }), timeline),
-      timings,
-      hooks,
+      el("div", { class: "job-grid" },
+        el("div", {}, live, errorBox, el("section", { class: "card" }, el("h3", { text: "Outputs" }), outputs)),
+        el("div", {}, el("section", { class: "card" }, el("h3", { text: "Timeline" }), timeline), timings, hooks),
+      ),
       workflow,
     ),
   );
@@ -128,8 +126,7 @@ export function mount(root, { arg: id, navigate }) {
       el("li", {},
         el("time", { text: time(at), datetime: at }),
         badge(status),
-        el("span", { text: msg || "" }),
-        attempt ? el("span", { class: "muted", text: ` (try ${attempt})` }) : null,
+        el("span", {}, msg || "", attempt ? el("span", { class: "muted", text: ` (try ${attempt})` }) : null),
       ),
     );
   }

@@ -37,6 +37,9 @@ function chart(title, series, { bars = false, unit = "" } = {}) {
         d += `${d ? "L" : "M"}${x.toFixed(1)},${y.toFixed(1)}`;
       });
       if (d) root.append(svg("path", { d, class: `line ${s.cls}` }));
+      s.values.forEach((v, i) => {
+        if (v !== null) root.append(svg("circle", { cx: i * step + step / 2, cy: h - (h * v) / max, r: 2.5, class: `dot ${s.cls}` }));
+      });
     }
   }
   const label = svg("text", { x: 2, y: h + 12, class: "chart-label" });
@@ -64,7 +67,7 @@ export function mount(root) {
       ["postprocess", "postprocess_queue_size", "postprocess_in_flight"],
     ];
     stages.replaceChildren(
-      el("h3", {}, "Stages ", el("span", { class: `badge ${hl.status === "healthy" ? "s-completed" : "s-failed"}`, text: hl.status })),
+      ...[el("h3", {}, "Stages ", el("span", { class: `badge ${hl.status === "healthy" ? "s-completed" : "s-failed"}`, text: hl.status })),
       hl.reason ? message("error", hl.reason) : null,
       el("table", { class: "small" },
         el("thead", {}, el("tr", {}, ["stage", "waiting", "in flight", "workers", "alive", "busy", "crashes"].map((t) => el("th", { text: t })))),
@@ -73,7 +76,7 @@ export function mount(root) {
           return el("tr", {}, [s, q[wk] ?? "", q[fk] ?? "", h.workers ?? "", h.alive ?? "", h.busy ?? "", h.crashes ?? ""].map((v) => el("td", { text: String(v) })));
         })),
       ),
-      el("p", { class: "muted", text: `unfinished ${q.unfinished ?? "?"} of at most ${q.max_queue_size ?? "?"}` }),
+      el("p", { class: "muted", text: `unfinished ${q.unfinished ?? "?"} of at most ${q.max_queue_size ?? "?"}` })].filter(Boolean),
     );
     backends.replaceChildren(
       el("h3", { text: `ComfyUI backends (${hl.backends_healthy})` }),
