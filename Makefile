@@ -39,6 +39,12 @@ test: $(BIN)/.installed
 test-all: $(BIN)/.installed
 	$(BIN)/pytest -q
 
+# ruff (lint + format) and mypy --strict; the files mypy checks are listed in pyproject.toml.
+lint: $(BIN)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
 bench: $(BIN)/.installed
 	$(BIN)/pip install -q -e '.[test,bench]'
 	$(BIN)/python -m bench

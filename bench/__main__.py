@@ -4,7 +4,8 @@ collect their ``--json`` figures into one results file, and render BENCHMARKS.md
     .venv/bin/python -m bench [--quick] [--only a,b] [--skip a,b] [--out BENCHMARKS.md]
     .venv/bin/python -m bench --render-only bench/results/latest.json
 
-Steps: store, e2e, api, preprocess, outputs, sidebyside, chaos (when bench/chaos.py exists).
+Steps: store, e2e, api, preprocess, outputs, sidebyside, chaos (when bench/chaos.py exists);
+profile with --profile (CPU per job by layer, call tree in bench/results/profile.{html,txt}).
 With COMFYUI_TEST_URL set, the side-by-side run also measures that real ComfyUI.
 """
 
@@ -41,6 +42,7 @@ class Step:
     quick: list[str]
     title: str
     needs: str | None = None  # a file that must exist for the step to run (written by someone else)
+    opt_in: bool = False  # runs only when asked for (--profile, or --only NAME)
 
 
 STEPS = [
@@ -102,6 +104,14 @@ STEPS = [
         ["--jobs", "30", "--kills", "3", "--sim-crashes", "1"],
         "chaos run (#7)",
         needs="bench/chaos.py",
+    ),
+    Step(
+        "profile",
+        "bench.bench_profile",
+        ["--jobs", "600"],
+        ["--jobs", "150", "--warmup", "20"],
+        "where the CPU of a job goes, profiled (#13)",
+        opt_in=True,
     ),
 ]
 NAMES = [s.name for s in STEPS]
@@ -202,6 +212,13 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-run-", dir=data_dir) as work:
         for step in STEPS:
+            if step.opt_in and not (args.profile or step.name in (args.only or [])):
+                results["steps"][step.name] = {
+                    "status": "skipped",
+                    "reason": "opt-in: --profile",
+                    "title": step.title,
+                }
+                continue
             if step.name not in chosen or step.name in (args.skip or []):
                 why = "--skip" if step.name in (args.skip or []) else "--only"
                 results["steps"][step.name] = {
@@ -233,6 +250,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--only", type=_names, help=f"comma-separated steps to run ({','.join(NAMES)})")
     ap.add_argument("--skip", type=_names, help="comma-separated steps not to run")
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="also profile comfyq's server for a burst of trivial jobs (pyinstrument, strace): "
+        "CPU per job by layer, socket sends and fsyncs per job, call tree in bench/results/",
+    )
     ap.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md", help="the Markdown report")
     ap.add_argument(
         "--results", type=Path, default=RESULTS, help="where the raw JSON of the run goes"

@@ -1,11 +1,12 @@
-"""HTTP API: admissions/s (each one durable before its 202) and 1,000 SSE subscribers on running jobs
-(server RSS, event delay p50/p99), plus the idle RSS of a fresh server.
+"""HTTP API: admissions/s (each one durable before its 202) and 1,000 SSE subscribers on running
+jobs (server RSS, event delay p50/p99), plus the idle RSS of a fresh server.
 
 The server is ``comfyq serve`` in a subprocess, the simulator another; this process is the client.
 Targets (issue 4): >= 3,000 admissions/s; 1,000 subscribers under 150 MB RSS with p99 delay under
 50 ms; idle RSS under 60 MB. Figures are printed, never judged.
 
-    .venv/bin/python -m bench.bench_api [--admissions 20000] [--concurrency 64] [--subscribers 1000] [--jobs 20]
+    .venv/bin/python -m bench.bench_api [--admissions 20000] [--concurrency 64]
+        [--subscribers 1000] [--jobs 20]
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def workflow(color: int, blur: bool) -> dict[str, Any]:
     return wf
 
 
-# --- admissions ------------------------------------------------------------------------------------
+# --- admissions ----------------------------------------------------------------------------------
 
 
 async def admissions(
@@ -91,7 +92,7 @@ async def admissions(
     return n / elapsed, latencies, statuses
 
 
-# --- subscribers -----------------------------------------------------------------------------------
+# --- subscribers ---------------------------------------------------------------------------------
 
 
 def _at(ts: str) -> float:
@@ -192,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(1.0)
             out["idle_rss_mb"] = rss_mb(pid)
             print(
-                f"idle RSS of a fresh server:         {out['idle_rss_mb']:7.1f} MB   (target < 60 MB)"
+                "idle RSS of a fresh server:"
+                f"         {out['idle_rss_mb']:7.1f} MB   (target < 60 MB)"
             )
             asyncio.run(admissions(url, 500, args.concurrency))  # warm-up
             s0, c0, t0 = cpu_seconds(pid), cpu_seconds(), time.perf_counter()
@@ -200,14 +202,17 @@ def main(argv: list[str] | None = None) -> int:
             wall = time.perf_counter() - t0
             server_cpu, client_cpu = (cpu_seconds(pid) - s0) / wall, (cpu_seconds() - c0) / wall
             print(
-                f"POST /generate admissions/s:        {rate:7.0f}      (target >= 3000; {args.admissions} requests,"
+                f"POST /generate admissions/s:        {rate:7.0f}      (target >= 3000;"
+                f" {args.admissions} requests,"
                 f" {args.concurrency} concurrent, statuses {statuses})"
             )
             print(
-                f"  latency p50/p99:                  {pct(lat, 0.5) * 1000:7.1f} / {pct(lat, 0.99) * 1000:.1f} ms"
+                "  latency p50/p99:"
+                f"                  {pct(lat, 0.5) * 1000:7.1f} / {pct(lat, 0.99) * 1000:.1f} ms"
             )
             print(
-                f"  CPU busy: server / this client:   {server_cpu * 100:5.0f}% / {client_cpu * 100:.0f}%"
+                "  CPU busy: server / this client:"
+                f"   {server_cpu * 100:5.0f}% / {client_cpu * 100:.0f}%"
                 f"   (of one core each; {os.cpu_count()} cores)"
             )
             rss_after = rss_mb(pid)
@@ -232,17 +237,21 @@ def main(argv: list[str] | None = None) -> int:
             d = r["delays"]
             print(f"{args.subscribers} SSE subscribers on {args.jobs} running jobs:")
             print(
-                f"  server RSS idle / connected / peak: {idle:.1f} / {r['rss_connected']:.1f} / {r['rss_peak']:.1f} MB"
+                "  server RSS idle / connected / peak:"
+                f" {idle:.1f} / {r['rss_connected']:.1f} / {r['rss_peak']:.1f} MB"
                 "   (target < 150 MB)"
             )
             print(f"  all connected in:                 {r['connect_s']:7.2f} s")
             print(
-                f"  events received:                  {r['received']:7d}  ({r['finals']} final_result,"
+                f"  events received:                  {r['received']:7d}"
+                f"  ({r['finals']} final_result,"
                 f" {r['received'] / r['elapsed']:.0f} events/s)"
             )
             print(
-                f"  live state-event delay p50/p99:   {pct(d, 0.5) * 1000:7.1f} / {pct(d, 0.99) * 1000:.1f} ms"
-                f"   (target p99 < 50 ms; {len(d)} samples, from the commit's timestamp to the client)"
+                "  live state-event delay p50/p99:"
+                f"   {pct(d, 0.5) * 1000:7.1f} / {pct(d, 0.99) * 1000:.1f} ms"
+                f"   (target p99 < 50 ms; {len(d)} samples,"
+                " from the commit's timestamp to the client)"
             )
             out["subscribers"] = {
                 "rss_idle_mb": idle,

@@ -51,7 +51,7 @@ def start_simulators(n: int, root: Path) -> tuple[list[subprocess.Popen[bytes]],
                 [
                     sys.executable,
                     "-m",
-                    "comfyq.comfy.simulator",
+                    "comfyq.sim",
                     "--port",
                     str(port),
                     "--data-dir",
@@ -119,7 +119,9 @@ async def throughput(svc: Services, jobs: int, offset: int) -> float:
     )
     await done.wait()
     elapsed = time.perf_counter() - t0
-    failed = sum(1 for j in await svc.store.list(states=["failed"], limit=100000) if j.id in ids)
+    failed = sum(
+        1 for j in await svc.store.list_jobs(states=["failed"], limit=100000) if j.id in ids
+    )
     if failed:
         print(f"    ({failed} failed)")
     return jobs / elapsed
@@ -150,7 +152,7 @@ async def one_direct(client: ComfyClient, i: int, out: Path) -> float:
 
 
 async def run_direct(client: ComfyClient, wf: dict[str, Any], out: Path) -> float:
-    """Seconds for one prompt straight to ComfyUI: submit, follow to the end, download every image."""
+    """Seconds for one prompt straight to ComfyUI: submit, follow to the end, fetch every image."""
     t0 = time.perf_counter()
     pid = str(uuid.uuid4())
     await client.submit(wf, pid)
@@ -181,7 +183,8 @@ async def main() -> None:
         "throughput": {},
     }
     print(
-        f"end-to-end benchmark: simulator with zero-time nodes in separate processes, {os.cpu_count()} cores"
+        "end-to-end benchmark: simulator with zero-time nodes in separate processes,"
+        f" {os.cpu_count()} cores"
     )
     for n in (1, 4):
         with tempfile.TemporaryDirectory() as d:
@@ -205,14 +208,17 @@ async def main() -> None:
                     added = [a - b for a, b in zip(cq, direct, strict=True)]
                     print(f"  sequential latency, {args.latency_jobs} jobs each, alternating:")
                     print(
-                        f"    direct client : p50 {1000 * pct(direct, 0.5):6.2f} ms  p99 {1000 * pct(direct, 0.99):6.2f} ms"
+                        f"    direct client : p50 {1000 * pct(direct, 0.5):6.2f} ms"
+                        f"  p99 {1000 * pct(direct, 0.99):6.2f} ms"
                     )
                     print(
-                        f"    through comfyq: p50 {1000 * pct(cq, 0.5):6.2f} ms  p99 {1000 * pct(cq, 0.99):6.2f} ms"
+                        f"    through comfyq: p50 {1000 * pct(cq, 0.5):6.2f} ms"
+                        f"  p99 {1000 * pct(cq, 0.99):6.2f} ms"
                     )
                     print(
                         f"    added by comfyq: p50 {statistics.median(added) * 1000:6.2f} ms"
-                        f"  p99 {1000 * pct(added, 0.99):6.2f} ms  ratio p50 x{pct(cq, 0.5) / pct(direct, 0.5):.2f}"
+                        f"  p99 {1000 * pct(added, 0.99):6.2f} ms"
+                        f"  ratio p50 x{pct(cq, 0.5) / pct(direct, 0.5):.2f}"
                     )
                     out["latency"] = {
                         "direct": summary_ms(direct),

@@ -5,7 +5,8 @@ other jobs and of their webhooks (the target is: nothing).
 The S3 server (moto) and the fast receiver run in processes of their own, so their memory and CPU
 are not counted as comfyq's. Moto is a Python server: upload rates are bounded by it, not by S3.
 
-    .venv/bin/python -m bench.bench_outputs [--size-mb 500] [--deliveries 2000] [--jobs 60] [--json PATH]
+    .venv/bin/python -m bench.bench_outputs [--size-mb 500] [--deliveries 2000] [--jobs 60]
+        [--json PATH]
 """
 
 from __future__ import annotations
@@ -125,7 +126,8 @@ async def bench_upload(size_mb: int, root: Path) -> dict[str, Any]:
         target = up.target(None, None)
         assert target is not None
         print(
-            f"S3 upload to moto (separate process); multipart {up.settings.part_size // MiB} MiB parts,"
+            "S3 upload to moto (separate process);"
+            f" multipart {up.settings.part_size // MiB} MiB parts,"
             f" {up.settings.part_concurrency} in flight"
         )
         small = make_file(root / "warm.mp4", 20 * MiB)
@@ -139,7 +141,8 @@ async def bench_upload(size_mb: int, root: Path) -> dict[str, Any]:
             assert res.error is None, res.error
             print(
                 f"  streaming {label:>7s}: {lf.size / MiB / elapsed:7.1f} MB/s  ({elapsed:5.1f} s)"
-                f"  RSS {mem.base / MiB:6.0f} MiB -> peak {mem.peak / MiB:6.0f} MiB  (+{(mem.peak - mem.base) / MiB:.0f} MiB)"
+                f"  RSS {mem.base / MiB:6.0f} MiB -> peak {mem.peak / MiB:6.0f} MiB"
+                f"  (+{(mem.peak - mem.base) / MiB:.0f} MiB)"
             )
             out["streaming"].append(_upload_figures(lf.size, elapsed, mem))
 
@@ -152,8 +155,10 @@ async def bench_upload(size_mb: int, root: Path) -> dict[str, Any]:
                 del body
                 elapsed = time.perf_counter() - t0
         print(
-            f"  whole-file {size_mb:>4d} MB: {size_mb / elapsed:7.1f} MB/s  ({elapsed:5.1f} s)  RSS {mem.base / MiB:6.0f} MiB"
-            f" -> peak {mem.peak / MiB:6.0f} MiB  (+{(mem.peak - mem.base) / MiB:.0f} MiB)  [seed wrapper style]"
+            f"  whole-file {size_mb:>4d} MB: {size_mb / elapsed:7.1f} MB/s  ({elapsed:5.1f} s)"
+            f"  RSS {mem.base / MiB:6.0f} MiB"
+            f" -> peak {mem.peak / MiB:6.0f} MiB  (+{(mem.peak - mem.base) / MiB:.0f} MiB)"
+            "  [seed wrapper style]"
         )
         out["whole_file"] = _upload_figures(f.size, elapsed, mem)
     finally:
@@ -205,7 +210,8 @@ async def bench_delivery_rate(n: int, root: Path) -> list[dict[str, float]]:
     out = []
     try:
         print(
-            f"webhook deliveries to a fast receiver (separate process), {n} deliveries queued, signed"
+            "webhook deliveries to a fast receiver (separate process),"
+            f" {n} deliveries queued, signed"
         )
         for per_host, concurrency in ((8, 16), (16, 16), (64, 64)):
             store = JobStore(root / f"wh-{per_host}-{concurrency}.db")
@@ -293,8 +299,10 @@ async def bench_hanging_receiver(jobs: int, root: Path) -> list[dict[str, Any]]:
     try:
         await svc.pool.wait_ready(10)
         print(
-            f"a receiver that hangs vs. other jobs: {jobs} sequential jobs with a fast webhook each;"
-            f" posts in flight capped at {sender.cfg.per_endpoint}/endpoint, {sender.cfg.per_host}/host,"
+            "a receiver that hangs vs. other jobs:"
+            f" {jobs} sequential jobs with a fast webhook each;"
+            f" posts in flight capped at {sender.cfg.per_endpoint}/endpoint,"
+            f" {sender.cfg.per_host}/host,"
             f" {sender.cfg.concurrency} total"
         )
         scenarios = (
@@ -321,8 +329,10 @@ async def bench_hanging_receiver(jobs: int, root: Path) -> list[dict[str, Any]]:
                 assert job is not None and job.finished_at is not None
                 hook.append(cw.arrived.get(job_id, time.time()) - parse_iso(job.finished_at))
             print(
-                f"  {label:20s}: job p50 {1000 * pct(lat, 0.5):6.1f} ms  p95 {1000 * pct(lat, 0.95):6.1f} ms | "
-                f"webhook after job end p50 {1000 * pct(hook, 0.5):6.1f} ms  p95 {1000 * pct(hook, 0.95):6.1f} ms"
+                f"  {label:20s}: job p50 {1000 * pct(lat, 0.5):6.1f} ms"
+                f"  p95 {1000 * pct(lat, 0.95):6.1f} ms | "
+                f"webhook after job end p50 {1000 * pct(hook, 0.5):6.1f} ms"
+                f"  p95 {1000 * pct(hook, 0.95):6.1f} ms"
                 f"  (posts hanging: {sender.in_flight})"
             )
             out.append(

@@ -1,6 +1,7 @@
 """Preprocess benchmark: prepare_job throughput, and memory while downloading a huge input.
 
-    .venv/bin/python -m bench.bench_preprocess [--jobs 2000] [--concurrency 32] [--big-mib 1024] [--json PATH]
+    .venv/bin/python -m bench.bench_preprocess [--jobs 2000] [--concurrency 32] [--big-mib 1024]
+        [--json PATH]
 
 The file server runs in a child process (this same file with --serve) on 127.0.0.1, so the
 measured process holds only comfyq's side. Prints figures; never passes or fails on time.
@@ -104,9 +105,9 @@ async def rate(n: int, concurrency: int, job: Callable[[int], Awaitable[Any]]) -
 
 async def main(args: argparse.Namespace) -> None:
     from bench.common import write_json
-    from comfyq.assets import Downloader
+    from comfyq.inputs import Downloader
+    from comfyq.inputs.prepare import prepare_job
     from comfyq.netguard import AddressGuard
-    from comfyq.prepare import prepare_job
     from modifiers import ModifierRegistry
 
     server = await asyncio.create_subprocess_exec(

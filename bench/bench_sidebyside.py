@@ -180,7 +180,10 @@ async def side_by_side(
             print(f"  one at a time, paths in turn, {latency_jobs} jobs per path:")
             for name, got in lat.items():
                 f = figures[name] = {**summary_ms(got), "samples_ms": [x * 1000 for x in got]}
-                line = f"    {name:12s} p50 {f['p50']:7.2f} ms  p90 {f['p90']:7.2f} ms  p99 {f['p99']:7.2f} ms"
+                line = (
+                    f"    {name:12s} p50 {f['p50']:7.2f} ms  p90 {f['p90']:7.2f} ms"
+                    f"  p99 {f['p99']:7.2f} ms"
+                )
                 if name != "direct":
                     f["added"] = summary_ms([y - x for x, y in zip(base_lat, got, strict=True)])
                     f["ratio_p50"] = f["p50"] / figures["direct"]["p50"]

@@ -1,7 +1,8 @@
 """Store alone: complete jobs/s through claim -> every transition -> done, at synchronous=FULL,
 with 1, 4 and 16 concurrent workers; and claim latency p50/p99 with 10k and 1M rows in the table.
 
-    .venv/bin/python -m bench.bench_store [--jobs 4000] [--big 1000000] [--samples 1000] [--json PATH]
+    .venv/bin/python -m bench.bench_store [--jobs 4000] [--big 1000000] [--samples 1000]
+        [--json PATH]
 """
 
 from __future__ import annotations
@@ -17,9 +18,8 @@ from typing import Any
 
 from bench.common import add_json_arg, pct, summary_ms, write_json
 from comfyq.store import JobStore, NewJob
+from comfyq.store.model import STAGES, Stage
 from comfyq.store.writer import connect
-
-STAGES = ("preprocess", "generate", "postprocess")
 
 
 def _new(i: int) -> NewJob:
@@ -113,20 +113,27 @@ def fill(path: Path, rows: int) -> None:
     conn.execute("BEGIN")
     conn.execute(
         "WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < ?)"
-        " INSERT INTO jobs (id, state, stage, payload, payload_hash, run_after, deadline_at, created_at,"
+        " INSERT INTO jobs (id, state, stage, payload, payload_hash, run_after,"
+        " deadline_at, created_at,"
         " updated_at, stage_entered_at, finished_at, attempts)"
-        " SELECT printf('done-%09d', i), 'completed', 'postprocess', '{}', 'h', '2026-01-01T00:00:00.000000Z',"
-        " '2027-01-01T00:00:00.000000Z', printf('2026-01-01T00:00:%02d.%06dZ', i / 1000000 % 60, i % 1000000),"
-        " '2026-01-01T00:00:00.000000Z', '2026-01-01T00:00:00.000000Z', '2026-01-01T00:00:01.000000Z', 1"
+        " SELECT printf('done-%09d', i), 'completed', 'postprocess', '{}', 'h',"
+        " '2026-01-01T00:00:00.000000Z',"
+        " '2027-01-01T00:00:00.000000Z', printf('2026-01-01T00:00:%02d.%06dZ',"
+        " i / 1000000 % 60, i % 1000000),"
+        " '2026-01-01T00:00:00.000000Z', '2026-01-01T00:00:00.000000Z',"
+        " '2026-01-01T00:00:01.000000Z', 1"
         " FROM n",
         (rows - 1,),
     )
     conn.execute(
         "WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < 1999)"
-        " INSERT INTO jobs (id, state, stage, payload, payload_hash, run_after, deadline_at, created_at,"
+        " INSERT INTO jobs (id, state, stage, payload, payload_hash, run_after,"
+        " deadline_at, created_at,"
         " updated_at, stage_entered_at, priority)"
-        " SELECT printf('wait-%09d', i), 'pending', 'generate', '{}', 'h', '2026-01-01T00:00:00.000000Z',"
-        " '2099-01-01T00:00:00.000000Z', printf('2026-06-01T00:00:00.%06dZ', i), '2026-01-01T00:00:00.000000Z',"
+        " SELECT printf('wait-%09d', i), 'pending', 'generate', '{}', 'h',"
+        " '2026-01-01T00:00:00.000000Z',"
+        " '2099-01-01T00:00:00.000000Z', printf('2026-06-01T00:00:00.%06dZ', i),"
+        " '2026-01-01T00:00:00.000000Z',"
         " '2026-01-01T00:00:00.000000Z', i % 3 FROM n"
     )
     conn.execute("COMMIT")
@@ -142,7 +149,7 @@ async def claim_latency(path: Path, samples: int = 1000) -> list[float]:
         lat = []
         for _ in range(samples):
             t0 = time.perf_counter()
-            got = await store.claim("generate", 1, 30.0, "g")
+            got = await store.claim(Stage.GENERATE, 1, 30.0, "g")
             lat.append(time.perf_counter() - t0)
             await store.release(got[0].id, "back")
         return lat
@@ -180,13 +187,15 @@ async def main() -> None:
                 out["writes_per_commit"].setdefault(key, {})[str(w)] = writes / max(commits, 1)
                 print(
                     f"  {label:32s} workers={w:2d}: {rate:8.0f} complete jobs/s"
-                    f"  ({writes} writes in {commits} commits, {writes / max(commits, 1):.1f}/fsync)"
+                    f"  ({writes} writes in {commits} commits,"
+                    f" {writes / max(commits, 1):.1f}/fsync)"
                 )
         for w in (1, 4, 16):
             rate = await through_runner(Path(d) / f"r{w}.db", args.jobs, w)
             out["throughput"].setdefault("stage_runner", {})[str(w)] = rate
             print(
-                f"  {'stage runner, no-op stages':32s} workers={w:2d}/stage: {rate:8.0f} complete jobs/s"
+                f"  {'stage runner, no-op stages':32s} workers={w:2d}/stage:"
+                f" {rate:8.0f} complete jobs/s"
             )
         results = {}
         for rows in (10_000, args.big):

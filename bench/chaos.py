@@ -11,9 +11,9 @@ key), so a job is accepted exactly once; a 2xx is the only acceptance.
 
 Chaos events fire at random points of the work (after a random share of the jobs has ended, plus a
 random delay), so they land while jobs are in flight whatever the machine's speed. A share of the
-comfyq kills (``--startup-kill-share``) come in pairs: the second hits the restarted comfyq before it
-answers /health (while it migrates, recovers, reconnects). The receiver answers some posts 503 and
-takes a moment with each, so webhook posts are in flight (and retried) when comfyq dies.
+comfyq kills (``--startup-kill-share``) come in pairs: the second hits the restarted comfyq before
+it answers /health (while it migrates, recovers, reconnects). The receiver answers some posts 503
+and takes a moment with each, so webhook posts are in flight (and retried) when comfyq dies.
 Optionally some jobs carry a workflow ComfyUI rejects (``--bad-share``) or are cancelled
 (``--cancel-share``), so every way a job can end is exercised under the same chaos.
 
@@ -127,7 +127,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 async def chaos(w: World, rng: random.Random) -> None:
-    """Fire the kills and crashes, each after a random share of the jobs has ended (and a random delay)."""
+    """Fire the kills and crashes, each once a random share of the jobs has ended (and a delay)."""
     twice = (
         int(w.args.kills * w.args.startup_kill_share) // 2
     )  # events of two kills, the second mid-start
@@ -253,7 +253,7 @@ async def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             "simulator",
             python(
                 "-m",
-                "comfyq.comfy.simulator",
+                "comfyq.sim",
                 "--port",
                 str(sim_port),
                 "--data-dir",
@@ -323,7 +323,8 @@ async def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
                     else None,
                 }
             print(
-                f"chaos run in {root}: {args.jobs} jobs over ~{arrivals[-1]:.0f} s, {args.kills} comfyq kills,"
+                f"chaos run in {root}: {args.jobs} jobs over ~{arrivals[-1]:.0f} s,"
+                f" {args.kills} comfyq kills,"
                 f" {args.sim_crashes} simulator crashes, seed {args.seed}",
                 flush=True,
             )

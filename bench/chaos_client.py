@@ -22,14 +22,14 @@ import aiohttp
 
 from bench.chaos_procs import Child
 from bench.chaos_report import TERMINAL
-from comfyq.comfy.sim_png import encode_png
+from comfyq.sim.png import encode_png
 
 BUCKET = "bench-outputs"  # made by bench_outputs.start_moto
 
 
 def workflow(job_id: str, n: int, bad: bool = False, image: str | None = None) -> dict[str, Any]:
-    """The job's workflow: from an input ``image`` or an empty one; a ``bad`` one links to a node that
-    does not exist (ComfyUI answers 400)."""
+    """The job's workflow: from an input ``image`` or an empty one; a ``bad`` one links to a node
+    that does not exist (ComfyUI answers 400)."""
     # The SaveImage prefix names the job, so the simulator's prompt log maps each prompt to its job;
     # a colour per job keeps ComfyUI's cache from skipping the work.
     first = (
@@ -132,7 +132,7 @@ def finished(c: dict[str, int]) -> int:
 
 
 async def submit(w: World, http: aiohttp.ClientSession, n: int, at: float) -> None:
-    """Submit job ``n`` at ``at`` seconds into the run; retry with the same request_id until a 2xx."""
+    """Submit job ``n`` at ``at`` seconds into the run; retry with one request_id until a 2xx."""
     await asyncio.sleep(max(0.0, at - w.now()))
     job_id = f"chaos-{w.args.seed}-{n:04d}"
     plan = w.plan[job_id]

@@ -58,7 +58,8 @@ class Child:
         self.starts += 1
         with self.log.open("ab") as out:
             out.write(
-                f"\n===== chaos: {self.name} start #{self.starts} at {time.time():.3f} =====\n".encode()
+                f"\n===== chaos: {self.name} start #{self.starts} at {time.time():.3f} =====\n"
+                "".encode()
             )
             out.flush()
             self.proc = subprocess.Popen(
@@ -109,7 +110,7 @@ class Child:
             self.proc.send_signal(signal.SIGSTOP if on else signal.SIGCONT)
 
     async def stop(self, timeout: float = 60.0) -> int | None:
-        """SIGTERM and wait; SIGKILL after ``timeout``. The exit code (None if it had to be killed)."""
+        """SIGTERM and wait; SIGKILL after ``timeout``. The exit code (None if it was killed)."""
         if self.proc is None or self.proc.poll() is not None:
             return self.proc.returncode if self.proc is not None else None
         self.proc.send_signal(signal.SIGTERM)

@@ -4,7 +4,7 @@ Each POST is verified (Standard Webhooks signature) and appended to a JSON-lines
 answered, so the record survives whatever happens to the process that reads it later. With
 ``--error-rate`` some deliveries are answered 503 (recorded as such) to make comfyq retry; with
 ``--delay`` each answer takes up to that many seconds, so posts are in flight when comfyq is killed.
-A post whose sender hung up meanwhile is recorded as ``answered: "disconnected"``: no 2xx reached it.
+A post whose sender hung up meanwhile is recorded as ``answered: "disconnected"`` (no 2xx got out).
 
     python -m bench.chaos_receiver --port P --log FILE --secret whsec_... [--error-rate 0.05]
                                    [--delay 0.3] [--seed 1]

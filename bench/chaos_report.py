@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from comfyq.clock import parse_iso
-from comfyq.comfy.sim_promptlog import read_prompt_log
+from comfyq.sim.promptlog import read_prompt_log
 
 TERMINAL = ("completed", "failed", "cancelled")
 _IDS = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|\b[0-9a-f]{16,}\b")
@@ -63,7 +63,8 @@ def read_db(path: Path) -> DbView:
         jobs = {
             r["id"]: dict(r)
             for r in conn.execute(
-                "SELECT id, state, stage, attempts, max_attempts, error, comfy_prompt_id, finished_at FROM jobs"
+                "SELECT id, state, stage, attempts, max_attempts, error, comfy_prompt_id,"
+                " finished_at FROM jobs"
             )
         }
         for j in jobs.values():
@@ -129,7 +130,8 @@ def _why_extra_prompts(
     same_boot = len(boots) - len(set(boots))
     if same_boot:
         notes.append(
-            f"{same_boot} resubmission(s) to the same simulator incarnation (it still knew the prompt)"
+            f"{same_boot} resubmission(s)"
+            " to the same simulator incarnation (it still knew the prompt)"
         )
     for a, b in itertools.pairwise(prompts):
         between = [e["kind"] for e in timeline if a["at"] <= e["t_abs"] <= b["at"]]
@@ -145,11 +147,11 @@ def _why_extra_prompts(
 
 
 def check_s3(inp: Inputs, db: DbView, completed: list[str]) -> dict[str, Any]:
-    """Every output of a completed job must be in the bucket under ``{job}/{file}``, byte for byte."""
+    """Every output of a completed job must be in the bucket as ``{job}/{file}``, byte for byte."""
     import hashlib
 
     import boto3  # type: ignore[import-untyped]
-    from botocore.exceptions import ClientError  # type: ignore[import-untyped]
+    from botocore.exceptions import ClientError
 
     url, bucket = inp.s3_url, inp.bucket
     s3 = boto3.client(
@@ -203,9 +205,9 @@ def _story(events: list[dict[str, Any]]) -> str:
 
 
 def charged_lookups(events: list[dict[str, Any]], prompts: list[dict[str, Any]]) -> tuple[int, int]:
-    """Generate runs that submitted nothing yet were charged an attempt for prompt_lost (the run only
-    looked up the prompt id an earlier run left, and ComfyUI did not know it): how many, and how many
-    of them came right after a run that had already been charged (one prompt, two attempts)."""
+    """Generate runs that submitted nothing yet were charged an attempt for prompt_lost (the run
+    only looked up the prompt id an earlier run left, and ComfyUI did not know it): how many, and
+    how many of them came right after a run already charged (one prompt, two attempts)."""
     sent = [p["at"] for p in prompts]
     lookups = doubles = 0
     start: float | None = None
@@ -300,7 +302,8 @@ def account(db_path: Path, receiver_log: Path, prompt_log: Path, inp: Inputs) ->
             "story": _story(db.events.get(j, []))
             + ("; charged twice for one failed submission" if lookups[j][1] else ""),
         }
-        # One attempt and no prompt: a job that ended before it needed one (cancelled, or refused by ComfyUI).
+        # One attempt and no prompt: a job that ended before it needed one (cancelled, or refused
+        # by ComfyUI).
         for j, row in sorted(known.items())
         if len(prompts_by_job.get(j, [])) < row["attempts"] > 1
     ]
@@ -407,17 +410,22 @@ def render(r: dict[str, Any]) -> str:
     s3 = r["s3"]
     out = [
         (
-            f"chaos run: {r['jobs']} jobs, seed {r.get('seed')}, {r['comfyq_kills']} comfyq kill -9,"
-            f" {r['simulator_crashes']} simulator kill -9 + restart, wall time {r['duration_s']:.0f} s"
+            f"chaos run: {r['jobs']} jobs, seed {r.get('seed')},"
+            f" {r['comfyq_kills']} comfyq kill -9,"
+            f" {r['simulator_crashes']} simulator kill -9 + restart,"
+            f" wall time {r['duration_s']:.0f} s"
         ),
         (
-            f"  (3 simulated nodes of {r.get('node_duration')} s a job; the webhook receiver answers 503 to"
-            f" {100 * r.get('webhook_error_rate', 0):.0f}% of posts and takes up to {r.get('webhook_delay')} s)"
+            f"  (3 simulated nodes of {r.get('node_duration')} s a job;"
+            " the webhook receiver answers 503 to"
+            f" {100 * r.get('webhook_error_rate', 0):.0f}% of posts and takes up to"
+            f" {r.get('webhook_delay')} s)"
         ),
         "",
         "jobs",
         (
-            f"  accepted   {r['accepted']:5d}   ({r['accepted_by_retry_200']} of them answered 200 on a retry:"
+            f"  accepted   {r['accepted']:5d}"
+            f"   ({r['accepted_by_retry_200']} of them answered 200 on a retry:"
             f" the first POST was committed but its answer was lost to a kill)"
         ),
         f"  completed  {r['completed']:5d}",
@@ -435,11 +443,13 @@ def render(r: dict[str, Any]) -> str:
         out.append(f"  ended twice: {r['jobs_ended_twice']}")
     if r["unacknowledged_jobs_in_db"]:
         out.append(
-            f"  in the database but never acknowledged to the client: {r['unacknowledged_jobs_in_db']}"
+            "  in the database but never acknowledged to the client:"
+            f" {r['unacknowledged_jobs_in_db']}"
         )
     sub = r["submit"]
     out.append(
-        f"  submission: {sub.get('posts', 0)} POSTs, {sub.get('connection_errors', 0)} connection errors,"
+        f"  submission: {sub.get('posts', 0)} POSTs,"
+        f" {sub.get('connection_errors', 0)} connection errors,"
         f" {sub.get('http_5xx', 0)} 5xx ({sub.get('queue_full', 0)} queue full)"
     )
     out += [
@@ -451,14 +461,18 @@ def render(r: dict[str, Any]) -> str:
             f" {r['webhooks_delivered_ids']} distinct webhook-ids)"
         ),
         (
-            f"  duplicates {r['webhooks_duplicate']:5d}   (same webhook-id answered 2xx again: allowed by the"
-            " at-least-once design, e.g. comfyq killed after the receiver answered but before it recorded it)"
+            f"  duplicates {r['webhooks_duplicate']:5d}"
+            "   (same webhook-id answered 2xx again: allowed by the"
+            " at-least-once design,"
+            " e.g. comfyq killed after the receiver answered but before it recorded it)"
         ),
         f"  LOST       {r['webhooks_lost']:5d}"
         + (f"   {r['webhooks_lost_jobs']}" if r["webhooks_lost"] else ""),
         (
-            f"  posts received {r['webhooks_posts_received']}, answered non-2xx {r['webhooks_answered_non_2xx']},"
-            f" bad signatures {r['webhooks_bad_signature']}, delivery rows {r['webhook_delivery_states']}"
+            f"  posts received {r['webhooks_posts_received']},"
+            f" answered non-2xx {r['webhooks_answered_non_2xx']},"
+            f" bad signatures {r['webhooks_bad_signature']},"
+            f" delivery rows {r['webhook_delivery_states']}"
         ),
     ]
     for key, label in (
@@ -472,8 +486,10 @@ def render(r: dict[str, Any]) -> str:
         "",
         "S3",
         (
-            f"  objects expected {s3.get('expected', 0)} (outputs of completed jobs), present {s3.get('present', 0)},"
-            f" missing {len(s3.get('missing', []))}, content mismatches {len(s3.get('mismatch', []))},"
+            f"  objects expected {s3.get('expected', 0)} (outputs of completed jobs),"
+            f" present {s3.get('present', 0)},"
+            f" missing {len(s3.get('missing', []))},"
+            f" content mismatches {len(s3.get('mismatch', []))},"
             f" completed jobs without an S3 URL {len(s3.get('no_s3_url', []))},"
             f" completed jobs without outputs {len(s3.get('completed_without_outputs', []))}"
         ),
@@ -487,41 +503,52 @@ def render(r: dict[str, Any]) -> str:
         f"  jobs with prompts > attempts: {r['jobs_prompts_gt_attempts']}",
     ]
     out += [
-        f"      {g['job']}: {g['prompts']} prompts, {g['attempts']} attempts ({g['state']}): {g['why']}"
+        f"      {g['job']}: {g['prompts']} prompts,"
+        f" {g['attempts']} attempts ({g['state']}): {g['why']}"
         for g in r["jobs_prompts_gt_attempts_list"]
     ]
     out.append(
         f"  jobs with prompts < attempts: {len(r['jobs_prompts_lt_attempts'])}"
-        " (an attempt that never reached ComfyUI: e.g. comfyq killed between recording the prompt id and"
+        " (an attempt that never reached ComfyUI:"
+        " e.g. comfyq killed between recording the prompt id and"
         " sending it, or ComfyUI down when it was sent)"
     )
     out += [
-        f"      {g['job']}: {g['prompts']} prompts, {g['attempts']} attempts ({g['state']}): {g['story']}"
+        f"      {g['job']}: {g['prompts']} prompts,"
+        f" {g['attempts']} attempts ({g['state']}): {g['story']}"
         for g in r["jobs_prompts_lt_attempts"]
     ]
     out.append(
-        f"  attempts charged for a lookup only (a run that submitted nothing; ComfyUI did not know the"
-        f" prompt id an earlier run left): {r['attempts_charged_for_lookup_only']}, of which right after"
+        "  attempts charged for a lookup only (a run that submitted nothing;"
+        " ComfyUI did not know the"
+        f" prompt id an earlier run left): {r['attempts_charged_for_lookup_only']},"
+        " of which right after"
         f" an attempt already charged for the same failure: {r['attempts_charged_twice']}"
         + (" [bench/chaos_repro_attempts.py]" if r["attempts_charged_twice"] else "")
     )
     out.append(f"  jobs that used all their attempts: {r['jobs_on_last_attempt']}")
     if r["completed_without_logged_prompt"]:
         out.append(
-            f"  completed jobs whose final prompt is not in the log: {r['completed_without_logged_prompt']}"
+            "  completed jobs whose final prompt is not in the log:"
+            f" {r['completed_without_logged_prompt']}"
         )
     out += [
         "",
         (
-            f"chaos: comfyq kill -9 {r['comfyq_kills']} ({r['comfyq_kills_with_work_in_flight']} with jobs or"
-            f" webhooks in flight, {r['comfyq_kills_during_start']} while it was starting, before /health;"
+            "chaos:"
+            f" comfyq kill -9 {r['comfyq_kills']}"
+            f" ({r['comfyq_kills_with_work_in_flight']} with jobs or"
+            " webhooks in flight,"
+            f" {r['comfyq_kills_during_start']} while it was starting, before /health;"
             f" restart to /health: median {r.get('restart_median_s', 0):.1f} s),"
-            f" simulator kill -9 {r['simulator_crashes']} ({r['simulator_crashes_with_work_in_flight']} with work"
+            f" simulator kill -9 {r['simulator_crashes']}"
+            f" ({r['simulator_crashes_with_work_in_flight']} with work"
             f" in flight), simulator SIGSTOP {r['simulator_freezes']}"
         ),
         (
             f"  comfyq starts that died before /health:"
-            f" {r.get('comfyq_failed_starts', 0)}; final graceful stop exit code {r.get('comfyq_exit_code')}"
+            f" {r.get('comfyq_failed_starts', 0)};"
+            f" final graceful stop exit code {r.get('comfyq_exit_code')}"
         ),
         f"wall time {r['duration_s']:.1f} s",
         "",

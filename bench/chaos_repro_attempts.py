@@ -1,6 +1,6 @@
-"""A finding of the chaos run, reproduced on purpose: one POST /prompt that fails ambiguously (ComfyUI
-hung or died while the request was in flight) costs a job two attempts, so two ComfyUI incidents fail
-a job with the default max_attempts=3 although ComfyUI accepted a single prompt of it.
+"""A finding of the chaos run, reproduced on purpose: one POST /prompt that fails ambiguously
+(ComfyUI hung or died while the request was in flight) costs a job two attempts, so two ComfyUI
+incidents fail a job with the default max_attempts=3 although ComfyUI accepted one prompt of it.
 
 Why: Generate stores the prompt id before POST /prompt (right: the request may have got in). The
 failed POST is a retryable comfyui_unreachable: attempt 2, prompt id kept. Attempt 2 reconciles that
@@ -62,7 +62,7 @@ async def _until(
 
 
 async def reproduce(root: Path) -> int:
-    """Run the scenario in ``root``; print what happened; 1 if the job failed for lack of attempts."""
+    """Run the scenario in ``root``; print what happened; 1 if the job ran out of attempts."""
     sim_port, api_port = free_port(), free_port()
     db = root / "q.db"
     async with aiohttp.ClientSession() as http:
@@ -70,7 +70,7 @@ async def reproduce(root: Path) -> int:
             "simulator",
             python(
                 "-m",
-                "comfyq.comfy.simulator",
+                "comfyq.sim",
                 "--port",
                 str(sim_port),
                 "--data-dir",

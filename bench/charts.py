@@ -174,7 +174,7 @@ def api_delay(f: dict[str, Any], path: Path) -> Path | None:
 
 
 def memory(results: dict[str, Any], path: Path) -> Path | None:
-    """Peak RSS growth while moving big files: streamed S3 uploads, whole-file upload, a download."""
+    """Peak RSS growth while moving big files: streamed S3 uploads, whole-file upload, download."""
     bars: list[tuple[str, float, float]] = []
     out = _ok(results["steps"].get("outputs"))
     if out and out.get("upload"):

@@ -111,7 +111,7 @@ def simulator(root: Path, durations: str = "", steps: int = 0) -> Iterator[str]:
     cmd = [
         sys.executable,
         "-m",
-        "comfyq.comfy.simulator",
+        "comfyq.sim",
         "--port",
         str(port),
         "--data-dir",
@@ -132,8 +132,12 @@ def simulator(root: Path, durations: str = "", steps: int = 0) -> Iterator[str]:
 
 
 @contextmanager
-def server(root: Path, backend: str, **env: str) -> Iterator[tuple[str, int]]:
-    """``comfyq serve`` in a subprocess with its files under ``root``; yields (URL, pid)."""
+def server(
+    root: Path, backend: str, argv: list[str] | None = None, **env: str
+) -> Iterator[tuple[str, int]]:
+    """``comfyq serve`` in a subprocess with its files under ``root``; yields (URL, pid).
+
+    ``argv`` replaces the command (e.g. the profiling launcher); the environment is the same."""
     port = free_port()
     full = {
         **os.environ,
@@ -149,7 +153,7 @@ def server(root: Path, backend: str, **env: str) -> Iterator[tuple[str, int]]:
     }
     log = (root / "server.log").open("ab")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "comfyq", "serve"],
+        argv or [sys.executable, "-m", "comfyq", "serve"],
         env=full,
         cwd=root,
         stdout=log,

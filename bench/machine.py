@@ -58,7 +58,7 @@ def _mount_of(path: Path) -> dict[str, str]:
 
 
 def _rotational(device: str) -> str | None:
-    """sysfs's rotational flag ('0' or '1') of a block device named in /proc/mounts, when it has one."""
+    """sysfs's rotational flag ('0' or '1') of a block device named in /proc/mounts, if any."""
     name = Path(device).name
     for cand in (
         name,

@@ -1,4 +1,4 @@
-"""BENCHMARKS.md from a results document (``python -m bench`` writes one; ``--render-only`` reads one).
+"""BENCHMARKS.md from a results document (``python -m bench`` writes one, ``--render-only`` reads).
 
 Rendering never measures anything, so the report can be re-rendered from stored figures."""
 
@@ -167,7 +167,8 @@ def targets(steps: dict[str, Any]) -> list[Row]:
             base = hang[0]["job_ms"]["p50"]
             for h in hang[1:]:
                 p = h["job_ms"]["p50"]
-                # "None" judged as: job p50 within 20 % (+1 ms of timer noise) of the run without hangs.
+                # "None" judged as: job p50 within 20 % (+1 ms of timer noise) of the run without
+                # hangs.
                 rows.append(
                     [
                         "#6 outputs",
@@ -198,7 +199,10 @@ def targets(steps: dict[str, Any]) -> list[Row]:
 def machine(m: dict[str, Any]) -> list[str]:
     """The machine section."""
     disk = m.get("data_disk") or {}
-    where = f"{m.get('data_dir')}: {disk.get('fstype', '?')} on {disk.get('device', '?')} (mounted at {disk.get('mount', '?')}"
+    where = (
+        f"{m.get('data_dir')}: {disk.get('fstype', '?')} on {disk.get('device', '?')}"
+        f" (mounted at {disk.get('mount', '?')}"
+    )
     where += f", sysfs rotational={disk['rotational']}" if "rotational" in disk else ""
     where += f", {disk.get('free_gib', '?')} GiB free)"
     load = m.get("load_avg_at_start") or []
@@ -229,6 +233,7 @@ SECTIONS = [
     ("api", "HTTP API (#4)", sec.api),
     ("preprocess", "Preprocess and inputs (#5)", sec.preprocess),
     ("outputs", "Outputs, S3 and webhooks (#6)", sec.outputs),
+    ("profile", "Where a job's CPU goes (#13, `--profile`)", sec.profile),
 ]
 
 
@@ -256,7 +261,8 @@ def build(
     if quick:
         out += [
             (
-                "**This run used `--quick`: small sizes that check the plumbing, not the issues' sizes."
+                "**This run used `--quick`: small sizes that check the plumbing,"
+                " not the issues' sizes."
                 " Its figures are not the project's benchmark figures.**"
             ),
             "",
@@ -266,7 +272,8 @@ def build(
     if load > cores / 2:  # others' work on the machine skews every figure; say so up front
         out += [
             (
-                f"**The machine was busy when this run started (load average {load:.2f} on {cores} cores):"
+                f"**The machine was busy when this run started (load average {load:.2f} on"
+                f" {cores} cores):"
                 " treat every figure as noisy.**"
             ),
             "",
@@ -274,7 +281,8 @@ def build(
     out += [
         (
             f"One run, {when:%Y-%m-%d}, {num(results.get('duration_s', 0) / 60, 1)} minutes in all."
-            " Every benchmark runs in a process of its own; figures come from a shared machine unless"
+            " Every benchmark runs in a process of its own;"
+            " figures come from a shared machine unless"
             " the load average below says otherwise. Nothing here is a pass/fail test."
         ),
         "",
@@ -289,7 +297,8 @@ def build(
     out += [
         "",
         (
-            "“Flat” memory has no figure in the issues: it is judged met when the peak RSS growth stays under"
+            "“Flat” memory has no figure in the issues:"
+            " it is judged met when the peak RSS growth stays under"
             f" a fifth of the bytes moved, and not judged (n/a) for bodies under {FLAT_MIN_MB} MB."
             " “None” for hanging receivers is judged met when the job p50 stays within 20 % (+1 ms)"
             " of the run without them."

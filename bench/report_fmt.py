@@ -32,10 +32,11 @@ def verdict(ok: bool | None) -> str:
 
 
 def sized_verdict(ok: bool, measured_at: int, target_at: int, unit: str) -> str:
-    """The verdict when measured at the target's size, else n/a saying what the smaller run showed."""
+    """The verdict when measured at the target's size, else n/a with what the smaller run shows."""
     if measured_at >= target_at:
         return verdict(ok)
-    return f"n/a: {'met' if ok else 'missed'} with {measured_at:,} {unit}, the target names {target_at:,}"
+    how = "met" if ok else "missed"
+    return f"n/a: {how} with {measured_at:,} {unit}, the target names {target_at:,}"
 
 
 def table(head: list[str], rows: list[list[str]], numeric: bool = True) -> list[str]:

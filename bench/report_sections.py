@@ -34,8 +34,10 @@ def sidebyside_run(run: dict[str, Any], charts: Charts, suffix: str = "") -> lis
         )
     out = [
         (
-            f"One job at a time, {n:,} jobs per path, the paths taken in turn job by job. Latency is from the"
-            " request to the output bytes in the client's hands. *Added* is the paired difference with the"
+            f"One job at a time, {n:,} jobs per path,"
+            " the paths taken in turn job by job. Latency is from the"
+            " request to the output bytes in the client's hands. *Added* is the paired"
+            " difference with the"
             " direct job next to it."
         ),
         "",
@@ -45,7 +47,8 @@ def sidebyside_run(run: dict[str, Any], charts: Charts, suffix: str = "") -> lis
         "",
         (
             f"comfyq server CPU per job: {num(run.get('comfyq_cpu_ms_per_job'), 1)} ms;"
-            f" its RSS after the run: {num(run.get('comfyq_rss_mb'), 1)} MB; comfyq settings: defaults"
+            f" its RSS after the run: {num(run.get('comfyq_rss_mb'), 1)} MB;"
+            " comfyq settings: defaults"
             f" (GENERATION_WORKERS={run.get('generation_workers')} prompts in flight per backend)."
         ),
     ]
@@ -62,7 +65,8 @@ def sidebyside_run(run: dict[str, Any], charts: Charts, suffix: str = "") -> lis
         out += [
             "",
             (
-                "Throughput: each path runs its jobs with N in flight (comfyq SSE = POST /generate + SSE,"
+                "Throughput:"
+                " each path runs its jobs with N in flight (comfyq SSE = POST /generate + SSE,"
                 " comfyq sync = POST /generate/sync); rounds alternate which path goes first."
             ),
             "",
@@ -77,10 +81,14 @@ def sidebyside(f: dict[str, Any], charts: Charts) -> list[str]:
     """Side by side: simulator, then the real ComfyUI (or why not)."""
     out = [
         (
-            "The user-visible comparison: the same workflow (EmptyImage → ImageInvert → SaveImage, a new colour"
-            " per job so ComfyUI's cache never skips it) sent straight to ComfyUI with comfyq's own ComfyClient"
-            " (POST /prompt, follow its websocket to the end, GET /view) and through `comfyq serve` over HTTP"
-            " (POST /generate then the job's SSE stream to `final_result`, or POST /generate/sync; then GET"
+            "The user-visible comparison:"
+            " the same workflow (EmptyImage → ImageInvert → SaveImage, a new colour"
+            " per job so ComfyUI's cache never skips it)"
+            " sent straight to ComfyUI with comfyq's own ComfyClient"
+            " (POST /prompt, follow its websocket to the end, GET /view)"
+            " and through `comfyq serve` over HTTP"
+            " (POST /generate then the job's SSE stream to `final_result`,"
+            " or POST /generate/sync; then GET"
             " /outputs/…). Client, comfyq and ComfyUI are three processes on the same machine."
         ),
         "",
@@ -102,7 +110,8 @@ def sidebyside(f: dict[str, Any], charts: Charts) -> list[str]:
     else:
         out += [
             (
-                f"*Not measured: {real.get('skipped', 'no figures')}. Set COMFYUI_TEST_URL to a ComfyUI"
+                "*Not measured:"
+                f" {real.get('skipped', 'no figures')}. Set COMFYUI_TEST_URL to a ComfyUI"
                 " (CPU is enough) and run again.*"
             )
         ]
@@ -141,7 +150,10 @@ def store(f: dict[str, Any], charts: Charts) -> list[str]:
     ]
     out += [
         "",
-        "Claim latency (one claim of the oldest, highest-priority job with 2,000 waiting, then released):",
+        (
+            "Claim latency (one claim of the oldest,"
+            " highest-priority job with 2,000 waiting, then released):"
+        ),
         "",
     ]
     out += table(["finished jobs in the table", "p50", "p99", "claims", "fill time"], rows)
@@ -158,7 +170,8 @@ def e2e(f: dict[str, Any], charts: Charts) -> list[str]:
     """End to end through the in-process services (issue 3's measurement)."""
     out = [
         (
-            f"Simulator(s) with zero-time nodes in their own processes; comfyq's services in the benchmark's"
+            "Simulator(s) with zero-time nodes in their own processes;"
+            " comfyq's services in the benchmark's"
             f" process, {f['args']['generation_workers']} generation workers per backend;"
             f" {num(f['args']['jobs'])} jobs per run."
         ),
@@ -172,7 +185,8 @@ def e2e(f: dict[str, Any], charts: Charts) -> list[str]:
         out += [
             "",
             (
-                f"Sequential latency, {lat['direct']['n']} jobs each, alternating comfyq and a direct client"
+                f"Sequential latency, {lat['direct']['n']} jobs each,"
+                " alternating comfyq and a direct client"
                 " (job submitted in-process, no HTTP in front):"
             ),
             "",
@@ -197,7 +211,10 @@ def api(f: dict[str, Any], charts: Charts) -> list[str]:
         [
             ["idle RSS of a fresh `comfyq serve`", f"{num(f['idle_rss_mb'], 1)} MB"],
             [
-                f"POST /generate admissions/s ({num(args['admissions'])} requests, {args['concurrency']} concurrent)",
+                (
+                    f"POST /generate admissions/s ({num(args['admissions'])} requests,"
+                    f" {args['concurrency']} concurrent)"
+                ),
                 num(a["rate"]),
             ],
             [
@@ -209,12 +226,21 @@ def api(f: dict[str, Any], charts: Charts) -> list[str]:
                 f"{a['server_cpu'] * 100:.0f}% / {a['client_cpu'] * 100:.0f}%",
             ],
             [
-                f"{num(args['subscribers'])} SSE subscribers on {args['jobs']} running jobs: RSS idle / connected / peak",
-                f"{num(s['rss_idle_mb'], 1)} / {num(s['rss_connected_mb'], 1)} / {num(s['rss_peak_mb'], 1)} MB",
+                (
+                    f"{num(args['subscribers'])} SSE subscribers on {args['jobs']} running jobs:"
+                    " RSS idle / connected / peak"
+                ),
+                (
+                    f"{num(s['rss_idle_mb'], 1)} / {num(s['rss_connected_mb'], 1)} /"
+                    f" {num(s['rss_peak_mb'], 1)} MB"
+                ),
             ],
             [
                 "state event delay p50 / p99 (commit to client)",
-                f"{ms(s['delay_ms']['p50'])} / {ms(s['delay_ms']['p99'])} ({num(s['delay_ms']['n'])} samples)",
+                (
+                    f"{ms(s['delay_ms']['p50'])} / {ms(s['delay_ms']['p99'])}"
+                    f" ({num(s['delay_ms']['n'])} samples)"
+                ),
             ],
             ["all subscribers connected in", f"{s['connect_s']:.2f} s"],
             ["events received", f"{num(s['received'])} ({num(s['events_per_s'])} events/s)"],
@@ -228,7 +254,8 @@ def preprocess(f: dict[str, Any], charts: Charts) -> list[str]:
     """Preprocess throughput per scenario and the big download."""
     out = [
         (
-            f"`prepare_job` with {num(f['args']['jobs'])} jobs per scenario, {f['args']['concurrency']} concurrent;"
+            f"`prepare_job` with {num(f['args']['jobs'])} jobs per scenario,"
+            f" {f['args']['concurrency']} concurrent;"
             " the file server is a child process."
         ),
         "",
@@ -255,7 +282,10 @@ def outputs(f: dict[str, Any], charts: Charts) -> list[str]:
         [
             f"streamed multipart, {num(u['mb'])} MB",
             f"{num(u['mb_per_s'], 1)} MB/s",
-            f"{num(u['rss_base_mib'])} → {num(u['rss_peak_mib'])} MiB (+{num(u['rss_growth_mib'])})",
+            (
+                f"{num(u['rss_base_mib'])} → {num(u['rss_peak_mib'])} MiB"
+                f" (+{num(u['rss_growth_mib'])})"
+            ),
         ]
         for u in up.get("streaming", [])
     ]
@@ -265,7 +295,10 @@ def outputs(f: dict[str, Any], charts: Charts) -> list[str]:
             [
                 f"whole file in memory (the seed wrapper's way), {num(u['mb'])} MB",
                 f"{num(u['mb_per_s'], 1)} MB/s",
-                f"{num(u['rss_base_mib'])} → {num(u['rss_peak_mib'])} MiB (+{num(u['rss_growth_mib'])})",
+                (
+                    f"{num(u['rss_base_mib'])} → {num(u['rss_peak_mib'])} MiB"
+                    f" (+{num(u['rss_growth_mib'])})"
+                ),
             ]
         )
     out = [
@@ -284,7 +317,8 @@ def outputs(f: dict[str, Any], charts: Charts) -> list[str]:
     out += [
         "",
         (
-            f"A receiver that hangs vs other jobs ({f['args']['jobs']} sequential jobs per scenario, each with a"
+            f"A receiver that hangs vs other jobs ({f['args']['jobs']} sequential jobs per"
+            " scenario, each with a"
             " webhook to a fast receiver):"
         ),
         "",
@@ -336,7 +370,8 @@ def chaos(f: dict[str, Any], step: dict[str, Any]) -> list[str]:
         ]
     out += [
         "",
-        f"Wall time {num(f.get('duration_s'), 0)} s. `{step.get('command', 'python -m bench.chaos')}`"
+        f"Wall time {num(f.get('duration_s'), 0)} s."
+        f" `{step.get('command', 'python -m bench.chaos')}`"
         + (f" ended with {step['reason']}." if step.get("reason") else " exited 0."),
         "",
         "Its printed report:",
@@ -345,4 +380,43 @@ def chaos(f: dict[str, Any], step: dict[str, Any]) -> list[str]:
         step.get("output", "").rstrip(),
         "```",
     ]
+    return out
+
+
+def profile(f: dict[str, Any], charts: Charts) -> list[str]:
+    """The profiled burst: CPU per job by thread and by layer, system calls per job."""
+    out = [
+        (
+            f"{f['jobs']} trivial jobs (POST /generate, SSE to final_result, output downloaded),"
+            f" {f['in_flight']} in flight, against the zero-time simulator, with comfyq's "
+            f"event-loop"
+            " thread sampled by pyinstrument (overhead included: read the split, not the totals)."
+            " Call tree: [`bench/results/profile.html`](bench/results/profile.html)"
+            " ([text](bench/results/profile.txt))."
+        ),
+        "",
+    ]
+    out += table(
+        ["figure", "value"],
+        [
+            ["server CPU per job", ms(f["cpu_ms_per_job"])],
+            ["event-loop thread", ms(f["loop_thread_cpu_ms_per_job"])],
+            ["other threads (SQLite writer, file hops)", ms(f["other_threads_cpu_ms_per_job"])],
+            ["jobs/s while profiled", num(f["jobs_per_s"])],
+            ["socket sends per job", num(f.get("socket_sends_per_job"))],
+            ["fsyncs per job (≈ commits)", num(f.get("fsyncs_per_job"))],
+            ["system calls per job", num(f.get("syscalls_per_job"))],
+        ],
+        numeric=False,
+    )
+    out += ["", "The event-loop thread's CPU per job, by layer:", ""]
+    out += table(
+        ["layer", "ms per job"],
+        [[name, ms(v)] for name, v in f["loop_ms_per_job_by_layer"].items()],
+        numeric=False,
+    )
+    top = f.get("top_syscalls_per_job") or {}
+    if top:
+        out += ["", "System calls per job, most frequent first (strace -c, a separate burst):", ""]
+        out += table(["call", "per job"], [[k, num(v)] for k, v in top.items()], numeric=False)
     return out

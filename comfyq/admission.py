@@ -8,6 +8,7 @@ the job written, in one transaction, and the caller answers 202 after the commit
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import re
@@ -19,13 +20,18 @@ from typing import Any
 import msgspec
 from yarl import URL
 
+from comfyq import limits as lim
 from comfyq.errors import BadRequest, ComfyqError, UnsupportedMediaType
-from comfyq.prepare import check_input_urls
+from comfyq.inputs.prepare import check_input_urls
+from comfyq.outputs.s3 import S3ConfigError
 from comfyq.schemas import GenerateRequest, Input
 from comfyq.store.model import Job, NewJob
 
 TRUE_VALUES = frozenset({"1", "true", "yes", "on"})
-MAX_DEPTH = 100  # deeper JSON is no workflow; refusing it keeps encoders and SQLite's JSON safe
+MAX_DEPTH = lim.MAX_DEPTH
+# Bodies above this are validated in a worker thread: the Python-level walks then share the GIL
+# with the event loop (switched every 5 ms) instead of holding it for their whole length.
+THREAD_ABOVE = 256 * 1024
 
 _INPUT_FIELDS = frozenset(f.name for f in msgspec.structs.fields(Input))
 _HOLD: Any = {"": None}  # see build()
@@ -158,13 +164,16 @@ def _cross_field(inp: Input) -> list[dict[str, str]]:
 
 
 def may_hold_urls(body: bytes) -> bool:
-    """False when no string in the JSON can be a URL (no "://", escaped or not): nothing to check."""
+    """False when no string in the JSON can be a URL (no "://", escaped or not): nothing to do."""
     return b"://" in body or b":\\/" in body or b"\\u" in body
 
 
-def parse(body: bytes, headers: Mapping[str, str]) -> tuple[Input, dict[str, Any]]:
+def parse(
+    body: bytes, headers: Mapping[str, str], limits: lim.BodyLimits = lim.DEFAULT
+) -> tuple[Input, dict[str, Any]]:
     """Validate a generate body; returns the typed input and the raw input object."""
     check_media_type(headers.get("Content-Type"))
+    lim.check_json_body(body, limits)
     if not body.strip():
         raise bad("$", 'the body is empty; send {"input": {...}}')
     try:
@@ -181,6 +190,9 @@ def parse(body: bytes, headers: Mapping[str, str]) -> tuple[Input, dict[str, Any
     if not isinstance(raw, dict):
         raise bad("$", 'must be an object: {"input": {...}}')
     raw_input = raw.get("input")
+    workflow = raw_input.get("workflow_json") if isinstance(raw_input, dict) else None
+    if isinstance(workflow, dict) and len(workflow) > limits.workflow_nodes:
+        raise _bad_many(lim.workflow_errors(workflow, limits))  # before converting all of it
     try:
         req = msgspec.convert(raw, GenerateRequest)
     except msgspec.ValidationError as exc:
@@ -196,10 +208,10 @@ def parse(body: bytes, headers: Mapping[str, str]) -> tuple[Input, dict[str, Any
     inp = req.input
     if headers.get("X-Return-Outputs-As-Base64", "").strip().lower() in TRUE_VALUES:
         inp.return_outputs_as_base64 = True
-    errors = _cross_field(inp)
+    assert isinstance(raw_input, dict)
+    errors = _cross_field(inp) + lim.input_errors(raw_input, limits)
     if errors:
         raise _bad_many(errors)
-    assert isinstance(raw_input, dict)
     return inp, raw_input
 
 
@@ -279,25 +291,61 @@ def check_urls(inp: Input, raw_input: dict[str, Any], guard: Any) -> None:
             raise bad("$.input.webhook.url", exc.message) from None
 
 
+async def check_s3(services: Any, inp: Input) -> None:
+    """Refuse, before the job exists, an S3 block its upload would refuse: keys that do not go
+    together, another bucket without keys, an endpoint the address guard refuses."""
+    if inp.s3 is None:
+        return
+    req = msgspec.to_builtins(inp.s3)
+    keys = {k: req.pop(k) for k in ("access_key_id", "secret_access_key") if k in req}
+    try:
+        target = services.uploader.target(req, keys)
+        if target is not None:
+            await services.uploader.check_endpoint(target)
+    except S3ConfigError as exc:
+        where = "endpoint_url" if "endpoint_url refused" in exc.message else ""
+        path = f"$.input.s3.{where}" if where else "$.input.s3"
+        raise bad(path, exc.message.removeprefix("s3: "), exc.message) from None
+
+
 async def prepare(services: Any, body: bytes, headers: Mapping[str, str]) -> Admitted:
     """Validate a body and check its modifier: the job to write, or a 4xx."""
-    inp, raw_input = parse(body, headers)
-    if may_hold_urls(body):
-        check_urls(inp, raw_input, services.guard)
+    settings = services.settings
+    limits = lim.BodyLimits.from_settings(settings)
+
+    def validate() -> tuple[Input, dict[str, Any]]:
+        inp, raw_input = parse(body, headers, limits)
+        if may_hold_urls(body):
+            check_urls(inp, raw_input, services.guard)
+        return inp, raw_input
+
+    threaded = len(body) > THREAD_ABOVE
+    inp, raw_input = await asyncio.to_thread(validate) if threaded else validate()
+    # As in the original wrapper: the header decides when present (any value but a true one opts
+    # out), else the operator's default.
+    header = headers.get("X-Include-ComfyUI-Response")
+    if header is not None:
+        inp.include_comfyui_response = header.strip().lower() in TRUE_VALUES
+    elif getattr(settings, "include_comfyui_response", False):
+        inp.include_comfyui_response = True
+    await check_s3(services, inp)
     if inp.modifier:
         await services.registry.check(inp.modifier, inp.modifications)
-    settings = services.settings
-    return build(
-        inp,
-        raw_input,
-        max_attempts=settings.max_attempts,
-        default_timeout=settings.job_timeout,
-        default_webhook_url=settings.webhook_url,
-    )
+
+    def make() -> Admitted:
+        return build(
+            inp,
+            raw_input,
+            max_attempts=settings.max_attempts,
+            default_timeout=settings.job_timeout,
+            default_webhook_url=settings.webhook_url,
+        )
+
+    return await asyncio.to_thread(make) if threaded else make()
 
 
 async def commit(services: Any, adm: Admitted) -> tuple[Job, bool]:
-    """Durably create the job: ``(job, created)``; 409 for a reused id, 503 when the queue is full."""
+    """Durably create the job: ``(job, created)``; 409 for a reused id, 503 for a full queue."""
     result: tuple[Job, bool] = await services.store.create(
         adm.new, services.settings.max_queue_size
     )

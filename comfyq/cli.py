@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -20,13 +21,15 @@ from comfyq.config import ConfigError, Settings, load_settings, masked, parse_se
 from comfyq.errors import ComfyqError
 from comfyq.store import migrate, ops
 from comfyq.store.jobs import DatabaseLocked, open_migrated
-from comfyq.store.model import Job
+from comfyq.store.model import Job, State
 from comfyq.store.writer import Writer, connect
 
 log = logging.getLogger("comfyq")
 
 
 def _parser() -> argparse.ArgumentParser:
+    from comfyq.sim.generation import VERSIONS
+
     p = argparse.ArgumentParser(
         prog="comfyq", description="A durable API server in front of ComfyUI."
     )
@@ -46,6 +49,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, help="listen port (setting: api_port)")
     s.add_argument(
         "--simulate", action="store_true", help="run against the built-in ComfyUI simulator"
+    )
+    s.add_argument(
+        "--comfyui-version",
+        choices=VERSIONS,
+        default=None,
+        help="with --simulate: which ComfyUI protocol the simulator speaks (default: the newest)",
     )
 
     sub.add_parser("migrate", help="create the database or apply pending migrations")
@@ -92,6 +101,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 overrides["api_port"] = str(args.port)
             if args.simulate:
                 overrides["simulate"] = "true"
+            elif args.comfyui_version:
+                print("comfyq: --comfyui-version needs --simulate", file=sys.stderr)
+                return 2
         settings = load_settings(config_path=args.config, overrides=overrides)
     except ConfigError as exc:
         print(f"comfyq: configuration error: {exc}", file=sys.stderr)
@@ -99,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.configure(settings)
     try:
         if args.cmd == "serve":
-            return asyncio.run(serve(settings))
+            return asyncio.run(serve(settings, comfyui_version=args.comfyui_version))
         if args.cmd == "migrate":
             applied = open_migrated(settings.database)
             print(
@@ -127,33 +139,66 @@ def main(argv: Sequence[str] | None = None) -> int:
 # --- serve -----------------------------------------------------------------------------------
 
 
-async def serve(settings: Settings) -> int:
-    """Run until SIGTERM/SIGINT; then stop claiming, let in-flight work finish, exit 0."""
+async def _until_accepting(host: str, port: int) -> None:
+    """Return once a TCP connection to the listener succeeds (a few tries; never raises)."""
+    target = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
+    for delay in (0.0, 0.01, 0.05, 0.1, 0.25, 0.5):
+        await asyncio.sleep(delay)
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(target, port), 2)
+        except (OSError, TimeoutError):
+            continue
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        return
+    log.warning("listener on %s:%s did not accept a test connection", target, port)
+
+
+async def serve(settings: Settings, *, comfyui_version: str | None = None) -> int:
+    """Run until SIGTERM/SIGINT; then stop claiming, let in-flight work finish, exit 0.
+
+    ``comfyui_version``: the simulator's ComfyUI generation (``--simulate`` only; None = newest).
+    """
     from aiohttp import web
 
+    from comfyq.api.server import Runner
     from comfyq.app import create_app
     from comfyq.services import Services
 
     sim = None
     backends = None
     if settings.simulate:
-        from comfyq.comfy.simulator import Simulator
+        from comfyq.sim import Simulator
+        from comfyq.sim.generation import NEWEST
 
         sim = Simulator(
             data_dir=Path(settings.database).parent / "simulator",
             node_duration=settings.simulate_node_duration,
             progress_steps=settings.simulate_progress_steps,
+            comfyui_version=comfyui_version or NEWEST,
         )
         await sim.start()
         backends = [sim.url]
-        log.info("simulate: built-in ComfyUI simulator at %s", sim.url)
+        log.info(
+            "simulate: built-in ComfyUI simulator (ComfyUI %s) at %s",
+            sim.generation.comfyui_version,
+            sim.url,
+        )
     services = Services(settings, backends=backends)
     logs.attach(services)  # one line per job state change
+    # Watchers (Vast's worker) connect the moment they read BACKENDS_READY: hold it back until the
+    # listener below accepts connections.
+    services.pool.hold_ready_line()
+    services.listening = False
     try:
         await services.start()
     except Exception as exc:
         log.error(
-            "Application startup failed: %s", exc, exc_info=not isinstance(exc, DatabaseLocked)
+            "Application startup failed: %s",
+            exc,
+            exc_info=not isinstance(exc, DatabaseLocked),
+            extra=logs.SIGNAL,
         )
         if sim:
             await sim.stop()
@@ -162,12 +207,17 @@ async def serve(settings: Settings) -> int:
         app = create_app(services)
         # aiohttp's own access log would print query strings (?access_token=): the API's
         # middleware logs each request instead (comfyq.access).
-        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5)
+        runner = Runner(app, settings, access_log=None, handle_signals=False, shutdown_timeout=5)
         await runner.setup()
         site = web.TCPSite(runner, settings.api_host, settings.api_port)
         await site.start()
     except BaseException as exc:
-        log.error("Application startup failed: %s", exc, exc_info=not isinstance(exc, OSError))
+        log.error(
+            "Application startup failed: %s",
+            exc,
+            exc_info=not isinstance(exc, OSError),
+            extra=logs.SIGNAL,
+        )
         await services.stop()
         if sim:
             await sim.stop()
@@ -179,13 +229,18 @@ async def serve(settings: Settings) -> int:
             "listening on %s without API keys: anyone who can reach it can submit jobs",
             settings.api_host,
         )
+    bound = runner.addresses
+    port = bound[0][1] if bound else settings.api_port
     log.info(
         "comfyq listening on http://%s:%s (database %s, backends %s)",
         settings.api_host,
-        settings.api_port,
+        port,
         settings.database,
         ", ".join(services.backend_urls),
     )
+    await _until_accepting(settings.api_host, port)
+    services.listening = True
+    services.pool.release_ready_line()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -234,7 +289,8 @@ def _jobs(settings: Settings, args: argparse.Namespace) -> int:
             sql = "SELECT * FROM jobs_overview"
             params: list[Any] = []
             if args.status:
-                sql += f" WHERE state IN ({','.join('?' * len(args.status))}) OR status IN ({','.join('?' * len(args.status))})"
+                marks = ",".join("?" * len(args.status))
+                sql += f" WHERE state IN ({marks}) OR status IN ({marks})"
                 params = [*args.status, *args.status]
             sql += " LIMIT ?"
             rows = [dict(r) for r in conn.execute(sql, (*params, args.limit))]
@@ -263,7 +319,7 @@ def _jobs(settings: Settings, args: argparse.Namespace) -> int:
             job, tr = writer.run_sync(ops.request_cancel, args.id, now)
             if tr is not None:
                 print(f"{args.id}: cancelled")
-            elif job.state == "running":
+            elif job.state == State.RUNNING:
                 print(f"{args.id}: cancel requested; the server stops it within a few seconds")
             else:
                 print(f"{args.id}: already {job.state}")
@@ -286,7 +342,8 @@ def _show(conn: sqlite3.Connection, job_id: str) -> int:
     print(f"job       {job.id}")
     print(f"status    {job.status} (state {job.state}, stage {job.stage})")
     print(
-        f"attempts  {job.attempts}/{job.max_attempts}   priority {job.priority}   kind {job.kind or '-'}"
+        f"attempts  {job.attempts}/{job.max_attempts}   priority {job.priority}"
+        f"   kind {job.kind or '-'}"
     )
     print(f"created   {job.created_at}   finished {job.finished_at or '-'}")
     print(f"comfyui   backend {job.comfy_backend or '-'}   prompt {job.comfy_prompt_id or '-'}")

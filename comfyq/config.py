@@ -1,4 +1,4 @@
-"""Settings: one typed object, read from ``comfyq.toml``, then environment variables, then CLI flags.
+"""Settings: one typed object, read from ``comfyq.toml``, then environment variables, then flags.
 
 Nothing else in comfyq reads ``os.environ``. Every field documents itself (``description``); the
 README's settings table is generated from this type and a test checks that none is undocumented.
@@ -49,7 +49,8 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     comfyui_ws_quiet_timeout: Annotated[
         float,
         _d(
-            "seconds of websocket silence before a running prompt is checked through /history and /queue",
+            "seconds of websocket silence before a running prompt is checked through"
+            " /history and /queue",
             gt=0,
         ),
     ] = 30.0
@@ -60,6 +61,33 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             gt=0,
         ),
     ] = 120.0
+    comfyui_command: Annotated[
+        str,
+        _d(
+            "start and supervise the local ComfyUI: its command line, e.g. 'python main.py --listen"
+            " 127.0.0.1 --port {port}' ({port}: each loopback backend's port; several processes of"
+            " one ComfyUI >= 0.38 install need their own --database-url or --disable-assets); empty:"
+            " ComfyUI is started by someone else"
+        ),
+    ] = ""
+    comfyui_workdir: Annotated[str, _d("working directory of the supervised ComfyUI")] = ""
+    comfyui_restart_delay: Annotated[
+        float, _d("seconds before a supervised ComfyUI that died is started again (doubles)", gt=0)
+    ] = 1.0
+    comfyui_restart_max_delay: Annotated[
+        float, _d("cap on the supervised ComfyUI's restart delay in seconds", gt=0)
+    ] = 60.0
+    comfyui_stop_timeout: Annotated[
+        float, _d("seconds the supervised ComfyUI gets after SIGTERM before SIGKILL", gt=0)
+    ] = 20.0
+    comfyui_warmup_workflow: Annotated[
+        str,
+        _d(
+            "API-format workflow file run on each backend after every (re)start, before it takes"
+            " jobs (empty: none)"
+        ),
+    ] = ""
+    comfyui_warmup_timeout: Annotated[float, _d("seconds one warm-up run may take", gt=0)] = 600.0
     simulate: Annotated[
         bool, _d("run against the built-in ComfyUI simulator instead of a real ComfyUI")
     ] = False
@@ -81,7 +109,8 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     api_keys: Annotated[
         list[str],
         _d(
-            "bearer keys (comma separated), each KEY or ROLE:KEY with ROLE admin or client (no role:"
+            "bearer keys (comma separated), each KEY or ROLE:KEY with ROLE admin or client (no "
+            "role:"
             " admin); empty, with no api_keys_file, means no authentication",
             extra={"secret": True},
         ),
@@ -93,7 +122,33 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     cors_origins: Annotated[
         list[str], _d("origins allowed by CORS (comma separated; * for any)")
     ] = msgspec.field(default_factory=list)
-    max_body_bytes: Annotated[int, _d("largest accepted request body in bytes", ge=1024)] = 64 * MiB
+    max_body_bytes: Annotated[
+        int, _d("largest accepted request body in bytes (file uploads, multipart)", ge=1024)
+    ] = 64 * MiB
+    max_json_bytes: Annotated[
+        int,
+        _d("largest JSON request body in bytes (413 beyond; uploads use max_body_bytes)", ge=1024),
+    ] = 16 * MiB
+    max_json_items: Annotated[
+        int,
+        _d(
+            "most values (keys and elements) a JSON request body may hold (413 beyond): bounds"
+            " the time one body holds the server",
+            ge=100,
+        ),
+    ] = 100_000
+    max_workflow_nodes: Annotated[int, _d("most nodes a workflow may have (400 beyond)", ge=1)] = (
+        5_000
+    )
+    http_header_timeout: Annotated[
+        float, _d("seconds a client has to send a request's headers once it starts", gt=0)
+    ] = 10.0
+    http_body_timeout: Annotated[
+        float, _d("seconds a client has to send a request's body once its headers are in", gt=0)
+    ] = 60.0
+    http_keepalive_timeout: Annotated[
+        float, _d("seconds an idle keep-alive connection stays open", gt=0)
+    ] = 75.0
     max_queue_size: Annotated[
         PosInt, _d("jobs not yet finished (all stages) beyond which new jobs get 503")
     ] = 100
@@ -114,7 +169,8 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     claim_poll_interval: Annotated[
         PosFloat,
         _d(
-            "seconds between looks for work written by another process (new work in this one wakes workers at once)"
+            "seconds between looks for work written by another process (new work in this one wakes"
+            " workers at once)"
         ),
     ] = 2.0
     shutdown_grace: Annotated[
@@ -138,12 +194,21 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         list[str],
         _d("hosts or CIDRs downloads and webhooks may reach although private or loopback"),
     ] = msgspec.field(default_factory=list)
-    modifiers_dir: Annotated[str, _d("extra folder searched for user modifiers (empty: none)")] = ""
+    modifiers_dir: Annotated[
+        str, _d("extra folder searched for user modifiers (empty: ./modifiers when present)")
+    ] = ""
     download_max_bytes: Annotated[int, _d("largest input download in bytes", ge=1)] = 512 * MiB
     download_timeout: Annotated[PosFloat, _d("total seconds for one input download")] = 600.0
 
     # --- outputs, S3, webhooks ---------------------------------------------------------------
     output_base64_max_bytes: Annotated[int, _d("largest output inlined as base64", ge=0)] = 10 * MiB
+    include_comfyui_response: Annotated[
+        bool,
+        _d(
+            "Results carry ComfyUI's history body (comfyui_response) unless a request's header "
+            "says no"
+        ),
+    ] = False
     s3_access_key_id: Annotated[str, _d("operator S3 access key", extra={"secret": True})] = ""
     s3_secret_access_key: Annotated[str, _d("operator S3 secret key", extra={"secret": True})] = ""
     s3_bucket_name: Annotated[str, _d("operator S3 bucket")] = ""
@@ -209,6 +274,10 @@ _LEGACY_ENV = {
     "webhook_secret": "WEBHOOK_SECRET",
     "webhook_timeout": "WEBHOOK_TIMEOUT",
     "output_base64_max_bytes": "OUTPUT_BASE64_MAX_BYTES",
+    "include_comfyui_response": "INCLUDE_COMFYUI_RESPONSE",
+    "comfyui_command": "COMFYUI_COMMAND",
+    "comfyui_workdir": "COMFYUI_WORKDIR",
+    "comfyui_warmup_workflow": "COMFYUI_WARMUP_WORKFLOW",
 }
 
 
@@ -304,7 +373,7 @@ def _explain(msg: str) -> str:
 
 def masked(settings: Settings) -> dict[str, Any]:
     """The settings as a plain dict with every secret replaced by ``***``."""
-    raw = msgspec.to_builtins(settings)
+    raw: dict[str, Any] = msgspec.to_builtins(settings)
     for f in fields():
         if is_secret(f) and raw.get(f.name):
             raw[f.name] = ["***"] * len(raw[f.name]) if isinstance(raw[f.name], list) else "***"

@@ -27,7 +27,7 @@ def update_readme(path: Path) -> bool:
         re.escape(BEGIN) + ".*?" + re.escape(END),
         f"{BEGIN}\n{settings_table()}\n{END}",
         text,
-        flags=re.S,
+        flags=re.DOTALL,
     )
     if new != text:
         path.write_text(new)

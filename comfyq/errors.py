@@ -75,6 +75,13 @@ class MethodNotAllowed(ComfyqError):
     http_status = 405
 
 
+class RequestTimeout(ComfyqError):
+    """The client did not send its request body in time (``http_body_timeout``)."""
+
+    type = "request_timeout"
+    http_status = 408
+
+
 class Conflict(ComfyqError):
     type = "conflict"
     http_status = 409

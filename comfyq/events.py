@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Self
 
-from comfyq.store.model import TERMINAL, Transition
+from comfyq.store.model import TERMINAL, State, Transition
 
 ALL = "*"
 
@@ -139,7 +139,7 @@ class EventBus:
         for tr in transitions:
             self._last_row[tr.job_id] = tr.event_id
             final = tr.to_state in TERMINAL
-            if final or tr.to_state == "pending":
+            if final or tr.to_state == State.PENDING:
                 self.progress.pop(tr.job_id, None)
             if final:
                 self._last_row.pop(tr.job_id, None)

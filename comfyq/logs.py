@@ -8,7 +8,13 @@ a job starts carries its id; shared work started on a job's behalf uses ``detach
 Secrets: call sites log URLs through ``netguard.redact_url`` and never log keys. As a safety net
 every finished line goes through :class:`Redactor`: the configured secret values, URL userinfo and
 query strings, ``Bearer`` tokens, ``whsec_`` secrets, sensitive query parameters and AWS
-``Credential=``/``Signature=`` values are replaced. It cannot know a job's own secrets in free-form text.
+``Credential=``/``Signature=`` values are replaced. It cannot know a job's own secrets in free text.
+
+Client text: every finished line, whichever logger wrote it (the access log, aiohttp, the
+simulator), passes through :func:`clean`'s two rules in the formatter: control characters are
+escaped (``\x00``, ``\n``, ``\u2028``), and the tokens log watchers act on (``WATCHED_TOKENS``)
+are neutralised (``\x42ACKENDS_READY``). Only comfyq's own signal lines (``extra=SIGNAL``, the
+message starting with the token) keep theirs.
 
 Text format: the event on one line; a traceback follows on lines indented by two spaces, so a
 line starting at column 0 is always a new event. JSON format: exactly one object per line,
@@ -29,6 +35,7 @@ from types import TracebackType
 from typing import IO, Any
 
 from comfyq.clock import parse_iso
+from comfyq.store.model import TERMINAL, State
 
 _STD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
     "message",
@@ -124,6 +131,77 @@ def secret_values(settings: Any) -> list[str]:
     return [v for v in out if v]
 
 
+# --- client text: control characters and watched tokens ---------------------------------------
+
+# Log watchers (Vast.ai's worker, supervisors) take these for comfyq's own state; client text
+# (a request_id, a URL path, ComfyUI's echo of a class_type) must never carry them into a line.
+WATCHED_TOKENS = (
+    "BACKENDS_READY_TIMEOUT",
+    "BACKENDS_READY",
+    "BACKEND_UNRECOVERABLE",
+    "Application startup failed",
+)
+_WATCHED = re.compile(
+    r"BACKENDS_READY|BACKEND_UNRECOVERABLE|Application startup failed", re.IGNORECASE
+)
+# Only comfyq's own signal lines pass ``extra=SIGNAL``: their message starts with the token,
+# which is kept there; any other occurrence in the line is neutralised like client text.
+SIGNAL: dict[str, Any] = {"signal": True}
+
+
+def _neutral(m: re.Match[str]) -> str:
+    text = m.group(0)
+    return f"\\x{ord(text[0]):02x}{text[1:]}"  # "\x42ACKENDS_READY": readable, no longer the token
+
+
+def _neutral_json(m: re.Match[str]) -> str:
+    text = m.group(0)
+    return f"\\\\x{ord(text[0]):02x}{text[1:]}"  # the same, inside a JSON string
+
+
+def _escapes(keep_newline: bool) -> dict[int, str]:
+    table = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0))}
+    table |= {0x09: "\\t", 0x0A: "\\n", 0x0D: "\\r", 0x2028: "\\u2028", 0x2029: "\\u2029"}
+    if keep_newline:
+        del table[0x0A]
+    return table
+
+
+_ESCAPE = _escapes(keep_newline=False)
+_ESCAPE_MULTILINE = _escapes(keep_newline=True)  # a traceback: its newlines are indented
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def clean(text: str, *, multiline: bool = False) -> str:
+    """``text`` safe for a log line: control characters escaped, watched tokens neutralised."""
+    if _CONTROL.search(text):
+        text = text.translate(_ESCAPE_MULTILINE if multiline else _ESCAPE)
+    return _WATCHED.sub(_neutral, text)
+
+
+def neutralise(line: str, *, json_text: bool = False) -> str:
+    """A finished line with every watched token neutralised."""
+    return _WATCHED.sub(_neutral_json if json_text else _neutral, line)
+
+
+def _signal_token(record: logging.LogRecord) -> str | None:
+    if getattr(record, "signal", False) and isinstance(record.msg, str):
+        m = _WATCHED.match(record.msg)
+        if m is not None:
+            return m.group(0)
+    return None
+
+
+def _restore_signal(line: str, record: logging.LogRecord, json_text: bool) -> str:
+    """A signal line gets its own token back (the first occurrence: its message starts with it)."""
+    token = _signal_token(record)
+    if token is None:
+        return line
+    m = _WATCHED.search(token)
+    assert m is not None
+    return line.replace((_neutral_json if json_text else _neutral)(m), token, 1)
+
+
 # --- formatters ------------------------------------------------------------------------------
 
 
@@ -153,7 +231,8 @@ class JsonFormatter(logging.Formatter):
             out["exc"] = self.formatException(record.exc_info)
         if record.stack_info:
             out["stack"] = record.stack_info
-        return self.redact(json.dumps(out, default=str))
+        line = self.redact(json.dumps(out, default=str).replace("\x7f", "\\u007f"))
+        return _restore_signal(neutralise(line, json_text=True), record, json_text=True)
 
 
 class TextFormatter(logging.Formatter):
@@ -164,18 +243,21 @@ class TextFormatter(logging.Formatter):
         self.redact = redact or Redactor()
 
     def formatMessage(self, record: logging.LogRecord) -> str:
-        line = super().formatMessage(record).replace("\r", "\\r").replace("\n", "\\n")
+        line = super().formatMessage(record)
         job = getattr(record, "job_id", None)
-        return f"{line} job={job}" if job and str(job) not in record.message else line
+        if job and str(job) not in record.message:
+            line = f"{line} job={job}"
+        return line.translate(_ESCAPE)  # the event stays on one line, whatever a client sent
 
     def formatException(self, ei: Any) -> str:
-        return "  " + super().formatException(ei).replace("\n", "\n  ")
+        return "  " + super().formatException(ei).translate(_ESCAPE_MULTILINE).replace("\n", "\n  ")
 
     def formatStack(self, stack_info: str) -> str:
-        return "  " + stack_info.replace("\n", "\n  ")
+        return "  " + stack_info.translate(_ESCAPE_MULTILINE).replace("\n", "\n  ")
 
     def format(self, record: logging.LogRecord) -> str:
-        return self.redact(super().format(record))
+        line = self.redact(super().format(record))
+        return _restore_signal(neutralise(line), record, json_text=False)
 
 
 # --- setup -----------------------------------------------------------------------------------
@@ -226,7 +308,7 @@ def setup(
 
 
 def configure(settings: Any, *, stream: IO[str] | None = None) -> logging.Handler:
-    """``setup`` from the settings: ``api_log_level``, ``log_format``, the secret settings' values."""
+    """``setup`` from the settings: ``api_log_level``, ``log_format``, the secret settings."""
     return setup(
         settings.api_log_level, settings.log_format, secrets=secret_values(settings), stream=stream
     )
@@ -251,9 +333,9 @@ def log_transitions(transitions: Iterable[Any]) -> None:
 
 
 def _log_transition(tr: Any) -> None:
-    end = tr.to_state in ("completed", "failed", "cancelled")
+    end = tr.to_state in TERMINAL
     level = logging.INFO if tr.from_state is None or end else logging.DEBUG
-    if tr.to_state == "failed":
+    if tr.to_state == State.FAILED:
         level = logging.WARNING
     if not _jobs_log.isEnabledFor(level):
         return  # this runs after every commit: nothing is built for a line nobody reads
@@ -268,9 +350,9 @@ def _log_transition(tr: Any) -> None:
         text = "queued"
         if job is not None:
             extra.update(kind=job.kind or "workflow", priority=job.priority)
-    elif tr.to_state == "running":
+    elif tr.to_state == State.RUNNING:
         text = f"{tr.stage} started (attempt {tr.attempt})"
-    elif tr.to_state == "pending":
+    elif tr.to_state == State.PENDING:
         text = f"waiting for {tr.stage}: {tr.message}"
     elif end:
         text = tr.to_state
@@ -283,9 +365,9 @@ def _log_transition(tr: Any) -> None:
                 timings["total_ms"] = round(total)
                 text += f" after {total / 1000:.2f}s"
             extra["timings"] = timings
-            if tr.to_state == "failed" and (job.error or {}).get("type"):
+            if tr.to_state == State.FAILED and (job.error or {}).get("type"):
                 extra["error_type"] = (job.error or {})["type"]
-        if tr.to_state != "completed":
+        if tr.to_state != State.COMPLETED:
             text += f" in {tr.stage}: {tr.message}"
     else:
         text = f"{tr.to_state}: {tr.message}"

@@ -23,7 +23,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from comfyq.result import epoch
-from comfyq.store.model import STAGES, TERMINAL, Transition
+from comfyq.store.model import STAGES, TERMINAL, State, Transition
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -85,7 +85,28 @@ class _Levels(Collector):
             http.add_metric([b["url"]], float(bool(b.get("http_ok"))))
             ws.add_metric([b["url"]], float(bool(b.get("websocket_ok"))))
             inflight.add_metric([b["url"]], b.get("in_flight") or 0)
-        yield from (up, http, ws, inflight)
+        warm = GaugeMetricFamily(
+            "comfyq_backend_warm",
+            "The backend's warm-up has run since its last (re)start (1 without a warm-up)",
+            labels=["backend"],
+        )
+        restarts = CounterMetricFamily(
+            "comfyq_comfyui_restarts",
+            "Restarts of the ComfyUI child comfyq supervises (COMFYUI_COMMAND)",
+            labels=["backend"],
+        )
+        running = GaugeMetricFamily(
+            "comfyq_comfyui_process_running",
+            "The supervised ComfyUI child is running",
+            labels=["backend"],
+        )
+        for b in lv.get("backends", []):
+            warm.add_metric([b["url"]], float(bool(b.get("warm", True))))
+            proc = b.get("process")
+            if proc:
+                restarts.add_metric([b["url"]], proc.get("restarts") or 0)
+                running.add_metric([b["url"]], float(proc.get("state") == "running"))
+        yield from (up, http, ws, inflight, warm, restarts, running)
         g = GaugeMetricFamily(
             "comfyq_webhook_deliveries",
             "Webhook deliveries in the outbox by state",
@@ -174,19 +195,19 @@ class Metrics:
             if tr.from_state is None:
                 self.jobs_created.inc()
             ran = self._running.pop(tr.job_id, None)
-            if ran is not None and tr.from_state == "running":
+            if ran is not None and tr.from_state == State.RUNNING:
                 stage, since = ran
-                if tr.to_state == "pending":
+                if tr.to_state == State.PENDING:
                     outcome = "retried" if tr.stage == stage else "ok"
                 else:
-                    outcome = "ok" if tr.to_state == "completed" else tr.to_state
+                    outcome = "ok" if tr.to_state == State.COMPLETED else tr.to_state
                 self.stage_duration.labels(stage, outcome).observe(max(0.0, at - since))
             waited = self._waiting.pop(tr.job_id, None)
-            if tr.to_state == "running":
+            if tr.to_state == State.RUNNING:
                 self._running[tr.job_id] = (tr.stage, at)
                 if waited is not None:
                     self.stage_wait.labels(waited[0]).observe(max(0.0, at - waited[1]))
-            elif tr.to_state == "pending":
+            elif tr.to_state == State.PENDING:
                 self._waiting[tr.job_id] = (tr.stage, at)
             elif tr.to_state in TERMINAL:
                 self.jobs_finished.labels(tr.to_state).inc()
@@ -195,7 +216,7 @@ class Metrics:
                     self.job_duration.labels(tr.to_state).observe(total / 1000.0)
 
     def http(self, route: str, method: str, status: int, seconds: float) -> None:
-        """Count one request; labelled children are cached (labels() takes a lock and builds keys)."""
+        """Count one request; labelled children are cached (labels() takes a lock, builds keys)."""
         if method not in _METHODS:
             method = "other"  # methods are client-chosen: keep the label set bounded
         key = (route, method, status)
@@ -212,9 +233,7 @@ class Metrics:
     async def refresh(self) -> None:
         """Read the levels (jobs by state, queues, workers, backends) for the next scrape."""
         svc = self.services
-        jobs: dict[str, int] = {
-            s: 0 for s in ("pending", "running", "completed", "failed", "cancelled")
-        }
+        jobs: dict[str, int] = {s: 0 for s in State}
         for state, n in await svc.store.reader.execute_fetchall(
             "SELECT state, count(*) FROM jobs GROUP BY state"
         ):

@@ -26,7 +26,7 @@ from comfyq.schemas import (
     Timings,
     WebhookDelivery,
 )
-from comfyq.store.model import Job
+from comfyq.store.model import Job, Stage, State
 
 
 def epoch(ts: str) -> float:
@@ -132,14 +132,20 @@ def to_result(
         max_attempts=job.max_attempts,
         priority=job.priority,
         progress=progress_of(progress)
-        if job.state == "running" and job.stage == "generate"
+        if job.state == State.RUNNING and job.stage == Stage.GENERATE
         else None,
         output=[output_file(job.id, r) for r in outputs],
         error=error_info(job.error),
         timings=timings(job.timings),
         finished_at=job.finished_at,
         warnings=[w for w in warnings if isinstance(w, dict)],
+        comfyui_response=_comfyui_response(job),
     )
+
+
+def _comfyui_response(job: Job) -> dict[str, Any]:
+    body = (job.result or {}).get("comfyui_response")
+    return body if isinstance(body, dict) else {}
 
 
 def wants_base64(job: Job) -> bool:
@@ -152,7 +158,7 @@ def has_webhook(job: Job) -> bool:
 
 
 def deliveries(rows: list[dict[str, Any]]) -> list[WebhookDelivery]:
-    """The outbox's history rows as Result entries (rows that do not fit are left out, not fatal)."""
+    """The outbox's history rows as Result entries (a row that does not fit is left out)."""
     out = []
     for row in rows:
         try:

@@ -23,7 +23,8 @@ REQUEST_ID_PATTERN = r"^(?:[A-Za-z0-9_-][A-Za-z0-9._-]{0,127})?$"
 RequestId = Annotated[
     str,
     _d(
-        "client id of the job (idempotency key): 1-128 of A-Z a-z 0-9 . _ -, not starting with a dot;"
+        "client id of the job (idempotency key): 1-128 of A-Z a-z 0-9 . _ -,"
+        " not starting with a dot;"
         " empty or absent: the server makes one",
         pattern=REQUEST_ID_PATTERN,
         max_length=128,
@@ -90,6 +91,13 @@ class Input(Struct, forbid_unknown_fields=True, omit_defaults=True):
     webhook: Webhook | None = None
     return_outputs_as_base64: Annotated[
         bool, _d("inline output files as base64 (`output[i].data`)")
+    ] = False
+    include_comfyui_response: Annotated[
+        bool,
+        _d(
+            "put ComfyUI's history body in the Result's comfyui_response (header"
+            " X-Include-ComfyUI-Response; default INCLUDE_COMFYUI_RESPONSE)"
+        ),
     ] = False
     priority: Annotated[int, _d("higher runs first", ge=-1000, le=1000)] = 0
     timeout: (
@@ -160,19 +168,21 @@ class Progress(Struct, omit_defaults=True):
     percent: float = 0.0
 
 
-class OutputFile(Struct, omit_defaults=True):
+class OutputFile(Struct, omit_defaults=True, kw_only=True):
+    """One output file. The fields CONTRACT.md documents are always present (no default, so never
+    omitted: ``"subfolder": ""`` included, as the original wrapper sent it); the rest only when
+    set."""
+
     filename: str
+    local_path: Annotated[str | None, _d("the file on the comfyq host")]
     url: Annotated[str, _d("S3 URL when uploaded, else /outputs/{id}/{filename}")]
-    type: Annotated[str, _d("ComfyUI's folder type: output or temp")] = "output"
-    subfolder: str = ""
-    node_id: str = ""
-    output_type: Annotated[
-        str, _d("ComfyUI's output key: images, gifs, video, audio, text, ...")
-    ] = "images"
-    mimetype: str = "application/octet-stream"
-    size: int = 0
+    type: Annotated[str, _d("ComfyUI's folder type: output or temp")]
+    subfolder: Annotated[str, _d("ComfyUI's subfolder (empty string for none)")]
+    node_id: str
+    output_type: Annotated[str, _d("ComfyUI's output key: images, gifs, video, audio, text, ...")]
+    mimetype: str
+    size: int
     sha256: str | None = None
-    local_path: str | None = None
     data: Annotated[str | None, _d("base64 of the file, only when asked for")] = None
     upload_error: str | None = None
     error: str | None = None
@@ -233,6 +243,13 @@ class Result(Struct):
     webhooks: Annotated[
         list[WebhookDelivery], _d("deliveries of the job's webhook (single-job reads only)")
     ] = field(default_factory=list)
+    comfyui_response: Annotated[
+        dict[str, Any],
+        _d(
+            "ComfyUI's /history body for the prompt plus execution_details; {} unless asked for"
+            " (X-Include-ComfyUI-Response or INCLUDE_COMFYUI_RESPONSE)"
+        ),
+    ] = field(default_factory=dict)
 
 
 class JobList(Struct):
@@ -302,6 +319,21 @@ class StageHealth(Struct):
     crashes: int
 
 
+class SupervisedProcess(Struct):
+    state: Annotated[str, _d("starting, running, backoff (waiting to restart) or stopped")]
+    pid: int | None = None
+    starts: int = 0
+    restarts: int = 0
+    last_exit: Annotated[str | None, _d("how the last run ended: exit code N, killed by SIGX")] = (
+        None
+    )
+    reason: Annotated[
+        str | None,
+        _d("why it is not running: the exit, or ASSETS_STARTUP_FAILED with what to do about it"),
+    ] = None
+    next_start_in: Annotated[float | None, _d("seconds until the next start (backoff)")] = None
+
+
 class BackendHealth(Struct, omit_defaults=True):
     url: str
     healthy: bool
@@ -310,8 +342,36 @@ class BackendHealth(Struct, omit_defaults=True):
     in_flight: int = 0
     slots: int = 0
     last_error: str | None = None
-    comfyui_version: str | None = None
+    comfyui_version: Annotated[
+        str | None, _d("system.comfyui_version of /system_stats (shown, never acted on)")
+    ] = None
     queue_remaining: int | None = None
+    capabilities: Annotated[
+        list[str] | None,
+        _d(
+            "what the last probe found: jobs_api, atomic_cancel, assets, node_replacements,"
+            " preview_metadata; null until probed (probed again after a backend restart)"
+        ),
+    ] = None
+    capabilities_probed_at: str | None = None
+    reachable: Annotated[bool, _d("answers HTTP and websocket (warm or not)")] = False
+    warm: Annotated[
+        bool, _d("the warm-up workflow has run since the last (re)start (true without one)")
+    ] = True
+    warmups: Annotated[int, _d("warm-up runs so far")] = 0
+    warmup_error: str | None = None
+    process: Annotated[
+        SupervisedProcess | None, _d("the ComfyUI child comfyq supervises (COMFYUI_COMMAND)")
+    ] = None
+
+
+class Ready(Struct, omit_defaults=True):
+    """``GET /ready``: whether this box should get traffic now."""
+
+    ready: bool
+    backends_warm: Annotated[str, _d("warm/configured backends")]
+    queues: QueueInfo
+    reason: str | None = None
 
 
 class StoreHealth(Struct):

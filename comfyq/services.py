@@ -1,4 +1,5 @@
-"""Services: everything a running comfyq holds, built from the settings, started and stopped in order."""
+"""Services: everything a running comfyq holds, built from the settings, started and stopped in
+order."""
 
 from __future__ import annotations
 
@@ -9,11 +10,16 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from comfyq.assets import Downloader
+from yarl import URL
+
 from comfyq.clock import Clock
 from comfyq.comfy.backends import BackendPool
-from comfyq.config import Settings
+from comfyq.comfy.supervisor import Supervisor, command_for
+from comfyq.comfy.warmup import Warmup, WarmupFileError, load_workflow
+from comfyq.config import ConfigError, Settings
+from comfyq.errors import OutputError
 from comfyq.events import EventBus
+from comfyq.inputs import Downloader
 from comfyq.netguard import AddressGuard
 from comfyq.outputs.local import job_dir
 from comfyq.outputs.s3 import S3Uploader
@@ -21,10 +27,11 @@ from comfyq.stages.generate import Generate
 from comfyq.stages.postprocess import Postprocess
 from comfyq.stages.preprocess import Preprocess
 from comfyq.stages.runner import Pipeline, RunnerConfig
-from comfyq.store import JobStore
+from comfyq.store import JobStore, Stage
 from comfyq.store.jobs import FileLock
 from comfyq.webhooks import WebhookConfig, WebhookSender
 from modifiers import ModifierRegistry
+from modifiers.registry import BUILTIN_MODIFIERS_DIR
 
 log = logging.getLogger("comfyq")
 
@@ -52,6 +59,11 @@ class Services:
             total_timeout=settings.download_timeout,
         )
         extra = [Path(settings.modifiers_dir)] if settings.modifiers_dir else []
+        local = Path("modifiers")
+        if not extra and local.is_dir() and local.resolve() != BUILTIN_MODIFIERS_DIR:
+            extra = [
+                local
+            ]  # a user's modifiers/ folder where comfyq runs is found without a setting
         self.registry = ModifierRegistry(extra)
         self.pool = BackendPool(
             self.backend_urls,
@@ -63,7 +75,13 @@ class Services:
                 "ws_quiet_timeout": settings.comfyui_ws_quiet_timeout,
             },
             client_id_for=self._client_id,
+            warmup=_warmup(settings),
         )
+        self.supervisors = _supervisors(settings, self.backend_urls)
+        for sup in self.supervisors:
+            self.pool.process_info[sup.url] = sup.snapshot
+        # False between `comfyq serve`'s start and its listener accepting connections (/ready).
+        self.listening = True
         self.uploader = S3Uploader.from_settings(settings, self.guard)
         self.webhooks = WebhookSender(self.store, self.guard, WebhookConfig.from_settings(settings))
         self.generate = Generate(self.pool, failover_after=settings.backend_failover_after)
@@ -71,9 +89,9 @@ class Services:
             self.store,
             self.bus,
             {
-                "preprocess": Preprocess(self.registry, self.downloader),
-                "generate": self.generate,
-                "postprocess": Postprocess(
+                Stage.PREPROCESS: Preprocess(self.registry, self.downloader),
+                Stage.GENERATE: self.generate,
+                Stage.POSTPROCESS: Postprocess(
                     self.pool,
                     self.output_dir,
                     uploader=self.uploader,
@@ -81,9 +99,9 @@ class Services:
                 ),
             },
             {
-                "preprocess": settings.preprocess_workers,
-                "generate": settings.generation_workers * len(self.backend_urls),
-                "postprocess": settings.postprocess_workers,
+                Stage.PREPROCESS: settings.preprocess_workers,
+                Stage.GENERATE: settings.generation_workers * len(self.backend_urls),
+                Stage.POSTPROCESS: settings.postprocess_workers,
             },
             RunnerConfig(
                 lease=settings.lease_seconds,
@@ -106,6 +124,8 @@ class Services:
         self.lock.acquire()
         try:
             await self.store.open()
+            for sup in self.supervisors:
+                await sup.start()
             for be in self.pool.backends:
                 be.client.on_preview = self.generate.on_preview
             await self.pool.start()
@@ -113,6 +133,8 @@ class Services:
             await self.webhooks.start()
         except BaseException:
             await self.pool.close()
+            for sup in self.supervisors:
+                await sup.stop()
             await self.store.close()
             self.lock.release()
             raise
@@ -126,7 +148,7 @@ class Services:
         self.started = True
 
     async def stop(self) -> None:
-        """Graceful: stop claiming, give in-flight work the grace period, leave the rest resumable."""
+        """Graceful: stop claiming, give work in flight the grace period, the rest resumes later."""
         for t in self._tasks:
             t.cancel()
         await self._step("periodic tasks", asyncio.gather(*self._tasks, return_exceptions=True), 10)
@@ -135,6 +157,8 @@ class Services:
         await self._step("pipeline", self.pipeline.stop(grace), grace + 30)
         await self._step("webhooks", self.webhooks.stop(grace=min(5.0, grace)), 20)
         await self._step("backends", self.pool.close(), 20)
+        for sup in self.supervisors:  # after comfyq's own shutdown: nothing uses ComfyUI any more
+            await self._step(f"ComfyUI {sup.label}", sup.stop(), sup.stop_timeout + 10)
         await self._step("downloader", self.downloader.close(), 10)
         # Last and unbounded: the writer finishes every write already asked for, then closes.
         await self.store.close()
@@ -179,7 +203,7 @@ async def prune_jobs(store: JobStore, output_dir: Path, older_than: float) -> in
         for job_id in ids:
             try:
                 folder = job_dir(output_dir, job_id)
-            except Exception:
+            except OutputError:  # an id that cannot name a folder has none to remove
                 continue
             await asyncio.to_thread(shutil.rmtree, folder, True)
         total += len(ids)
@@ -188,3 +212,39 @@ async def prune_jobs(store: JobStore, output_dir: Path, older_than: float) -> in
     if total:
         log.info("pruned %d finished job(s) older than %.0fs", total, older_than)
     return total
+
+
+def _warmup(settings: Settings) -> Warmup | None:
+    if not settings.comfyui_warmup_workflow:
+        return None
+    try:
+        workflow = load_workflow(settings.comfyui_warmup_workflow)
+    except WarmupFileError as exc:
+        raise ConfigError(f"COMFYUI_WARMUP_WORKFLOW: {exc}") from None
+    return Warmup(workflow, settings.comfyui_warmup_timeout)
+
+
+def _supervisors(settings: Settings, urls: list[str]) -> list[Supervisor]:
+    """One supervised ComfyUI per loopback backend when COMFYUI_COMMAND is set."""
+    if not settings.comfyui_command.strip() or settings.simulate:
+        return []
+    local = [u for u in urls if URL(u).host in ("127.0.0.1", "localhost", "::1")]
+    if not local:
+        log.warning("COMFYUI_COMMAND is set but no backend is on this host: nothing supervised")
+        return []
+    if len(local) > 1 and "{port}" not in settings.comfyui_command:
+        raise ConfigError(
+            "COMFYUI_COMMAND must contain {port} to start one ComfyUI per local backend"
+            f" ({', '.join(local)})"
+        )
+    return [
+        Supervisor(
+            url,
+            command_for(settings.comfyui_command, url),
+            workdir=settings.comfyui_workdir or None,
+            restart_delay=settings.comfyui_restart_delay,
+            restart_max_delay=settings.comfyui_restart_max_delay,
+            stop_timeout=settings.comfyui_stop_timeout,
+        )
+        for url in local
+    ]

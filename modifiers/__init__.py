@@ -10,7 +10,9 @@ from modifiers.basemodifier import (
     BaseModifier,
     MissingModification,
     ModificationError,
+    ParamsError,
     WorkflowFileError,
+    parse_params,
 )
 from modifiers.registry import ModifierRegistry
 
@@ -19,5 +21,7 @@ __all__ = [
     "MissingModification",
     "ModificationError",
     "ModifierRegistry",
+    "ParamsError",
     "WorkflowFileError",
+    "parse_params",
 ]

@@ -24,8 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-import aiofiles
-import aiofiles.os
+import aiofiles  # type: ignore[import-untyped]  # no stubs; aiofiles goes in issue 21 step 5
+import aiofiles.os  # type: ignore[import-untyped]  # no stubs; aiofiles goes in issue 21 step 5
+import msgspec
 
 UrlResolver = Callable[[str], Awaitable[str]]
 
@@ -200,8 +201,47 @@ async def read_workflow_file(path: Path) -> dict[str, Any]:
     return data
 
 
+_AT = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTALL)
+_NAMED = re.compile(r"`([^`]*)`")
+
+
+class ParamsError(ModificationError):
+    """A typed parameter is unknown, missing, of the wrong type or out of range.
+
+    ``key`` is the JSONPath tail below the parameters object (``width``, ``loras[0].url``)."""
+
+
+def parse_params(params_type: type[Any], modifications: dict[str, Any]) -> Any:
+    """``modifications`` converted to the modifier's ``Params`` Struct, or ParamsError naming the
+    field. Numbers and booleans sent as strings are accepted, as the untyped helpers did."""
+    try:
+        return msgspec.convert(modifications, params_type, strict=False)
+    except msgspec.ValidationError as exc:
+        m = _AT.match(str(exc))
+        assert m is not None  # the pattern matches any text
+        msg, tail = m.group("msg"), (m.group("path") or "").lstrip(".")
+        named = _NAMED.search(msg)
+        if msg.startswith("Object contains unknown field") and named:
+            key = ".".join(p for p in (tail, named.group(1)) if p)
+            raise ParamsError(key, f"unknown parameter '{key}'") from None
+        if msg.startswith("Object missing required field") and named:
+            key = ".".join(p for p in (tail, named.group(1)) if p)
+            raise ParamsError(key, f"parameter '{key}' is required") from None
+        raise ParamsError(tail, f"parameter '{tail or '$'}': {msg}") from None
+
+
 class BaseModifier:
-    """Loads a workflow, applies request values, downloads URLs and fills random ints."""
+    """Loads a workflow, applies request values, downloads URLs and fills random ints.
+
+    A typed modifier declares ``Params``, a msgspec Struct of its parameters (types, defaults,
+    bounds, enums, descriptions): requests are checked against it before any job is created, the
+    OpenAPI document shows it, and ``self.params`` holds the converted values.
+    """
+
+    # The modifier's parameters (a msgspec Struct, ``forbid_unknown_fields=True``); None = untyped.
+    Params: ClassVar[type[Any] | None] = None
+    # A complete, valid parameters object: the example /docs shows and "Try it out" sends.
+    EXAMPLE: ClassVar[dict[str, Any] | None] = None
 
     WORKFLOW_JSON: ClassVar[str] = ""
     RANDOM_INT_PLACEHOLDER: ClassVar[str] = RANDOM_INT_PLACEHOLDER
@@ -212,6 +252,11 @@ class BaseModifier:
 
     def __init__(self, modifications: dict[str, Any] | None = None) -> None:
         self.modifications: TrackingDict = TrackingDict(modifications or {})
+        self.params: Any = (
+            parse_params(self.Params, dict(modifications or {}))
+            if self.Params is not None
+            else None
+        )
         self.workflow: dict[str, Any] = {}
         self.workflow_dirs: tuple[Path, ...] = (DEFAULT_WORKFLOWS_DIR,)
         self._url_resolver: UrlResolver | None = None
@@ -383,6 +428,17 @@ class BaseModifier:
         if isinstance(v, str) and v.strip().lower() in ("true", "false", "yes", "no", "1", "0"):
             return v.strip().lower() in ("true", "yes", "1")
         raise ModificationError(key, f"modification '{key}' must be true or false")
+
+    @staticmethod
+    def check_prefix(value: str, key: str = "filename_prefix") -> str:
+        """``value`` if it is a safe SaveImage ``filename_prefix``, else ModificationError."""
+        if not _PREFIX_RE.fullmatch(value) or ".." in value.split("/"):
+            raise ModificationError(
+                key,
+                f"modification '{key}' must be 1-128 characters of letters, digits, '.', '_', '-' "
+                "and '/' (no leading '/', no '..')",
+            )
+        return value
 
     async def filename_prefix_value(
         self, key: str = "filename_prefix", default: Any = "ComfyUI"

@@ -13,21 +13,26 @@ import importlib.util
 import logging
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
+
+import msgspec
 
 from comfyq.errors import BadRequest, ComfyqError, ModifierError
 from modifiers.basemodifier import (
     DEFAULT_WORKFLOWS_DIR,
     BaseModifier,
     ModificationError,
+    ParamsError,
     WorkflowFileError,
 )
 
 log = logging.getLogger("comfyq.modifiers")
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
+BUILTIN_MODIFIERS_DIR = _PACKAGE_DIR
 _NOT_MODIFIER_MODULES = frozenset({"__init__", "basemodifier", "registry"})
 _MAX_MESSAGE = 500
 
@@ -40,6 +45,16 @@ def _field_path(key: str) -> str:
 
 def _short(text: str) -> str:
     return text if len(text) <= _MAX_MESSAGE else text[: _MAX_MESSAGE - 3] + "..."
+
+
+@dataclass(frozen=True)
+class ModifierInfo:
+    """A typed modifier as the API documents it."""
+
+    name: str
+    params: type[Any]
+    description: str
+    example: dict[str, Any] | None
 
 
 class ModifierRegistry:
@@ -111,6 +126,16 @@ class ModifierRegistry:
 
     # --- lookup ----------------------------------------------------------------------------
 
+    def typed(self) -> list[ModifierInfo]:
+        """The modifiers that declare ``Params`` (those get a schema and a /workflows route)."""
+        out = []
+        for name in self.names():
+            cls = self._classes[name]
+            if cls.Params is not None:
+                doc = (cls.__doc__ or "").strip() or f"Run the {name} workflow"
+                out.append(ModifierInfo(name, cls.Params, doc, cls.EXAMPLE))
+        return out
+
     def names(self) -> list[str]:
         """The available modifier class names, sorted."""
         return sorted(self._classes)
@@ -151,9 +176,17 @@ class ModifierRegistry:
                 "modifications must be an object",
                 fields=[{"path": "$.input.modifications", "message": "must be an object"}],
             )
+        if cls.Params is not None:
+            # Typed: every unknown key at once, then types and ranges (the Struct), all before any
+            # workflow is built; the dry run below then only checks rules across parameters.
+            fields = {f.encode_name for f in msgspec.structs.fields(cls.Params)}
+            self._refuse_unknown(name, [k for k in modifications if k not in fields], fields)
         try:
             modifier = self.create(name, modifications)
             await modifier.get_modified_workflow()
+        except ParamsError as exc:
+            path = "$.input.modifications" + (f".{exc.key}" if exc.key else "")
+            raise BadRequest(exc.message, fields=[{"path": path, "message": exc.message}]) from None
         except ModificationError as exc:
             raise BadRequest(
                 exc.message, fields=[{"path": _field_path(exc.key), "message": exc.message}]
@@ -170,8 +203,13 @@ class ModifierRegistry:
             raise BadRequest(
                 message, fields=[{"path": "$.input.modifications", "message": message}]
             ) from None
+        if cls.Params is not None:
+            return
         accepted = set(cls.ACCEPTS) if cls.ACCEPTS is not None else modifier.modifications.accessed
-        unknown = [k for k in modifications if k not in accepted]
+        self._refuse_unknown(name, [k for k in modifications if k not in accepted], accepted)
+
+    @staticmethod
+    def _refuse_unknown(name: str, unknown: list[str], accepted: set[str]) -> None:
         if unknown:
             known = ", ".join(sorted(accepted)) or "none"
             message = (

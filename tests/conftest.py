@@ -18,12 +18,16 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from moto.server import ThreadedMotoServer
 
 from comfyq.api.context import ApiOptions
+from comfyq.api.server import Runner
 from comfyq.app import create_app
-from comfyq.comfy.simulator import Simulator
 from comfyq.config import Settings
 from comfyq.services import Services
+from comfyq.sim import Simulator
+from comfyq.sim.generation import NEWEST
+from comfyq.store.model import Stage
 
 # EmptyImage -> ImageInvert -> SaveImage: the recorded ComfyUI run (20_run_success_invert.json).
 INVERT_WORKFLOW: dict[str, Any] = {
@@ -108,18 +112,26 @@ async def start_server(
 ) -> Server:
     """Start Services and the app on a free loopback port."""
     services = Services(settings, backends=backends)
-    runner = web.AppRunner(create_app(services, options), access_log=None, shutdown_timeout=2)
+    # The runner comfyq serve uses: the slow-client deadlines are part of what tests exercise.
+    runner = Runner(create_app(services, options), settings, access_log=None, shutdown_timeout=2)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    assert site._server is not None and site._server.sockets
-    port = site._server.sockets[0].getsockname()[1]
+    port = runner.addresses[0][1]
     return Server(f"http://127.0.0.1:{port}", services, runner, aiohttp.ClientSession())
 
 
 @pytest.fixture
-async def simulator(tmp_path: Path) -> AsyncIterator[Simulator]:
-    sim = Simulator(port=0, data_dir=tmp_path / "sim")
+def comfyui_version() -> str:
+    """The ComfyUI generation the simulator speaks: the newest, unless a module overrides this
+    fixture (``0.3.64`` for the recorded-traffic tests) or parametrizes it over both
+    (``@pytest.fixture(params=comfyq.sim.generation.VERSIONS)``)."""
+    return NEWEST
+
+
+@pytest.fixture
+async def simulator(tmp_path: Path, comfyui_version: str) -> AsyncIterator[Simulator]:
+    sim = Simulator(port=0, data_dir=tmp_path / "sim", comfyui_version=comfyui_version)
     await sim.start()
     yield sim
     await sim.stop()
@@ -143,7 +155,8 @@ MakeServer = Callable[..., Awaitable[Server]]
 
 @pytest.fixture
 async def make_server(tmp_path: Path, simulator: Simulator) -> AsyncIterator[MakeServer]:
-    """``await make_server(options=ApiOptions(...), **settings)``: more servers, each with its own files."""
+    """``await make_server(options=ApiOptions(...), **settings)``: more servers, each with its own
+    files."""
     servers: list[Server] = []
 
     async def make(*, options: ApiOptions | None = None, **overrides: Any) -> Server:
@@ -162,12 +175,12 @@ async def server(make_server: MakeServer) -> Server:
     return await make_server(options=ApiOptions(heartbeat=0.5, ws_heartbeat=1.0))
 
 
-def pause(srv: Server, stage: str) -> None:
+def pause(srv: Server, stage: Stage) -> None:
     """Stop ``stage`` from claiming jobs, so that they wait in its queue."""
     srv.services.pipeline.stages[stage].pause()
 
 
-def resume(srv: Server, stage: str) -> None:
+def resume(srv: Server, stage: Stage) -> None:
     """Let ``stage`` claim again (its claimer sleeps until a waiter or new work wakes it)."""
     srv.services.pipeline.stages[stage].resume()
 
@@ -252,3 +265,13 @@ def thread_server(tmp_path: Path) -> Iterator[ThreadServer]:
         yield srv
     finally:
         srv.stop()
+
+
+# A real S3-protocol server for the whole session (buckets are named per test).
+@pytest.fixture(scope="session")
+def moto_url() -> Iterator[str]:
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()

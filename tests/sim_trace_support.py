@@ -9,18 +9,19 @@ from typing import Any
 import aiohttp
 import pytest
 
-from comfyq.comfy.sim_testing import WsRecorder, find_traces, run_workflow
-from comfyq.comfy.sim_testing import post_prompt as sim_post_prompt
-from comfyq.comfy.simulator import Simulator
+from comfyq.sim import Simulator
+from comfyq.sim.testing import WsRecorder, find_traces, run_workflow
+from comfyq.sim.testing import post_prompt as sim_post_prompt
 
-TRACES = find_traces(Path(__file__).resolve().parent)
-if TRACES is None:  # pragma: no cover - CI has shared/ beside the clone
+_found = find_traces(Path(__file__).resolve().parent)
+if _found is None:  # pragma: no cover - CI has shared/ beside the clone
     pytest.skip("recorded traces (shared/comfyui-protocol) not found", allow_module_level=True)
+TRACES: Path = _found
 
 
 def trace(name: str) -> dict[str, Any]:
-    assert TRACES is not None
-    return json.loads((TRACES / name).read_text())  # type: ignore[no-any-return]
+    loaded: dict[str, Any] = json.loads((TRACES / name).read_text())
+    return loaded
 
 
 def recorded_types(t: dict[str, Any]) -> list[str]:

@@ -16,6 +16,7 @@ from conftest import INVERT_WORKFLOW, MakeServer, Server, pause
 
 from comfyq import admission
 from comfyq.errors import BadRequest, UnsupportedMediaType
+from comfyq.store.model import Stage
 
 JSON = {"Content-Type": "application/json"}
 
@@ -367,7 +368,7 @@ async def test_secrets_never_stored_with_the_job(server: Server) -> None:
 
 async def test_queue_full_is_503_with_retry_after(make_server: MakeServer) -> None:
     srv = await make_server(max_queue_size=2)
-    pause(srv, "preprocess")  # nothing drains: the queue stays full
+    pause(srv, Stage.PREPROCESS)  # nothing drains: the queue stays full
     for i in range(2):
         status, _, _ = await post(srv, "/generate", wf_input(request_id=f"q{i}"))
         assert status == 202

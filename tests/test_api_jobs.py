@@ -14,7 +14,8 @@ import aiohttp
 import pytest
 from conftest import MakeServer, Server, pause, resume, wait_healthy, workflow
 
-from comfyq.comfy.simulator import Simulator
+from comfyq.sim import Simulator
+from comfyq.store.model import Stage
 
 _colors = itertools.count(1000)
 
@@ -199,12 +200,12 @@ async def test_cancel_waiting_running_finished(server: Server, simulator: Simula
     status, res, _ = await sync
     assert status == 499 and res["status"] == "cancelled"
     # Waiting: cancelled at once.
-    pause(server, "preprocess")
+    pause(server, Stage.PREPROCESS)
     await call(server, "POST", "/generate", body(request_id="wait"))
     status, res, _ = await call(server, "DELETE", "/jobs/wait")
     assert status == 200 and res["status"] == "cancelled"
     # Finished: left as it is.
-    resume(server, "preprocess")
+    resume(server, Stage.PREPROCESS)
     slow(simulator, 0.0)
     status, res, _ = await call(server, "POST", "/generate/sync", body(request_id="done"))
     assert status == 200
@@ -227,7 +228,7 @@ async def _stage(srv: Server, job_id: str, stage: str) -> bool:
 
 
 async def test_queue_info_counts_waiting_and_in_flight(server: Server) -> None:
-    pause(server, "preprocess")
+    pause(server, Stage.PREPROCESS)
     for i in range(3):
         await call(server, "POST", "/generate", body(request_id=f"w{i}"))
     status, info, _ = await call(server, "GET", "/queue-info")
@@ -247,7 +248,7 @@ async def test_queue_info_counts_waiting_and_in_flight(server: Server) -> None:
 async def test_list_jobs_pages_and_filters(server: Server) -> None:
     await wait_healthy(server)
     await call(server, "POST", "/generate/sync", body(request_id="listed-done"))
-    pause(server, "preprocess")
+    pause(server, Stage.PREPROCESS)
     for i in range(5):
         await call(server, "POST", "/generate", body(request_id=f"listed-{i}"))
     ids: list[str] = []
@@ -299,7 +300,7 @@ async def test_positions_follow_priority_then_age_and_eta_uses_measurements(
 ) -> None:
     await wait_healthy(server)
     ev = None
-    pause(server, "generate")
+    pause(server, Stage.GENERATE)
     await call(server, "POST", "/generate", body(request_id="first"))
     await until(state_is(server, "first", "pending"))
     await until(lambda: _waiting_in(server, "first", "generate"))
@@ -320,13 +321,13 @@ async def test_positions_follow_priority_then_age_and_eta_uses_measurements(
         )
     assert positions == {"urgent": 1, "first": 2, "second": 3, "third": 4}
     # Measure: one job whose generation takes ~0.3 s; then estimates grow with the position.
-    resume(server, "generate")
+    resume(server, Stage.GENERATE)
     for rid in ("urgent", "first", "second", "third"):
         await until(state_is(server, rid, "completed"))
     slow(simulator, 0.3)
     status, _, _ = await call(server, "POST", "/generate/sync", body(blur=True))
     assert status == 200
-    pause(server, "generate")
+    pause(server, Stage.GENERATE)
     for rid in ("e1", "e2", "e3"):
         await call(server, "POST", "/generate", body(request_id=rid))
         await until(lambda rid=rid: _waiting_in(server, rid, "generate"))
@@ -336,7 +337,7 @@ async def test_positions_follow_priority_then_age_and_eta_uses_measurements(
     ]
     assert all(isinstance(e, float) for e in etas) and etas[0] > 0
     assert etas[0] <= etas[1] <= etas[2] and etas[0] < etas[2]
-    resume(server, "generate")
+    resume(server, Stage.GENERATE)
 
 
 async def _waiting_in(srv: Server, job_id: str, stage: str) -> bool:

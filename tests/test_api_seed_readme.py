@@ -11,6 +11,7 @@ import contextlib
 import io
 import re
 from pathlib import Path
+from typing import Any
 
 from conftest import ThreadServer
 
@@ -54,10 +55,13 @@ for event in client.events():
             pos = data.get("queue_position", {})
             if pos.get("position"):
                 print(f"Position {pos['position']} of {pos['queue_size']} in {pos['current_queue']}")
-"""
+"""  # noqa: E501 - the seed README's code, verbatim (a test checks the two are equal)
 
 PLACEHOLDER = '"modifier": "YourModifier",\n        "modifications": {"param": "value"}'
-REAL = '"modifier": "ImageEffects",\n        "modifications": {"width": 32, "height": 32, "blur_radius": 1}'
+REAL = (
+    '"modifier": "ImageEffects",\n'
+    '        "modifications": {"width": 32, "height": 32, "blur_radius": 1}'
+)
 
 
 def python_blocks(markdown: str) -> list[str]:
@@ -88,7 +92,7 @@ def test_seed_readme_examples_run_as_written(thread_server: ThreadServer) -> Non
     thread_server.sim.node_durations = {"ImageBlur": 0.6}
     import requests
 
-    ahead = {
+    ahead: dict[str, Any] = {
         "input": {
             "modifier": "ImageEffects",
             "modifications": {"width": 16, "height": 16, "blur_radius": 2},

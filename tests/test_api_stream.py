@@ -15,7 +15,8 @@ import aiohttp
 from conftest import MakeServer, Server, pause, wait_healthy, workflow
 
 from comfyq.api.context import ApiOptions
-from comfyq.comfy.simulator import Simulator
+from comfyq.sim import Simulator
+from comfyq.store.model import Stage
 
 _colors = itertools.count(5000)
 
@@ -198,7 +199,7 @@ async def test_slow_subscriber_loses_progress_not_the_final_and_slows_no_one(
 
 async def test_waiting_job_hears_when_the_queue_moves(server: Server) -> None:
     await wait_healthy(server)
-    pause(server, "generate")
+    pause(server, Stage.GENERATE)
     for rid in ("ahead", "behind"):
         await server.session.post(server.u("/generate"), json=body(request_id=rid))
     for _ in range(500):

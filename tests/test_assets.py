@@ -1,4 +1,4 @@
-"""Downloader against a real loopback HTTP server: caching, coalescing, limits, types, inline data."""
+"""Downloader against a real loopback HTTP server: caching, coalescing, limits, types, inline."""
 
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from comfyq.assets import Downloader, sniff_type
 from comfyq.errors import InputError
+from comfyq.inputs import Downloader, sniff_type
 from comfyq.netguard import AddressGuard
 
 KiB = 1024
@@ -397,7 +397,7 @@ async def test_query_strings_never_reach_messages_or_logs(
     await downloader.fetch(f"{origin.base}/img.png?{secret}")
     # The test server's own access log shows the query; every client-side record must not.
     ours = [r for r in caplog.records if r.name != "aiohttp.access"]
-    assert any(r.name == "comfyq.assets" for r in ours)
+    assert any(r.name == "comfyq.inputs" for r in ours)
     assert not [r for r in ours if "deadbeefsecret" in r.getMessage()]
 
 

@@ -15,8 +15,8 @@ import pytest
 from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
 
-from comfyq.assets import Downloader
 from comfyq.errors import InputError
+from comfyq.inputs import Downloader
 from comfyq.netguard import AddressGuard, BlockedAddress
 
 

@@ -22,8 +22,9 @@ import aiohttp
 import pytest
 from conftest import MakeServer, Server, wait_healthy, workflow
 
-from comfyq.api import ROUTES
+from comfyq.api import app_routes
 from comfyq.api.auth import ANONYMOUS, KeyFileError, Keys, Principal, key_id, parse_key
+from modifiers.registry import ModifierRegistry
 
 ADMIN, CA, CB = "admin-key-1", "client-key-a", "client-key-b"
 KEYS = [ADMIN, f"client:{CA}", f"client:{CB}"]
@@ -111,6 +112,7 @@ COVERED = {
     ("POST", "/cancel/{id}"),
     ("GET", "/queue-info"),
     ("GET", "/health"),
+    ("GET", "/ready"),
     ("GET", "/jobs"),
     ("GET", "/jobs/{id}"),
     ("DELETE", "/jobs/{id}"),
@@ -136,7 +138,9 @@ EXTRA_COVERED: set[tuple[str, str]] = set()  # routes whose checks live in other
 
 
 def test_every_route_is_covered() -> None:
-    routes = {(r.method, r.path) for r in ROUTES}
+    routes = {(r.method, r.path) for r in app_routes(ModifierRegistry())}
+    # /workflows/{name}[/sync]: one pair per typed modifier, checked below with ImageEffects.
+    routes = {(m, p) for m, p in routes if not p.startswith("/workflows/")}
     assert routes - COVERED - EXTRA_COVERED == set(), "decide who may call the new route(s)"
 
 
@@ -198,7 +202,16 @@ async def test_two_clients_and_an_admin_over_every_route(make_server: MakeServer
     assert await _status(srv, "GET", "/metrics", ADMIN) == 200
     async with srv.session.get(srv.u("/metrics"), headers=h(CA)) as r:
         assert r.status == 403 and (await r.json())["error"]["type"] == "forbidden"
-    for path in ("/queue-info", "/docs", "/openapi.json", "/", "/health"):
+    # The typed workflow routes record the owner like /generate.
+    wf = "/workflows/ImageEffects/sync?request_id=own-a-wf"
+    assert await _status(srv, "POST", wf, CA, json={"width": 16, "height": 16}) == 200
+    assert await _status(srv, "GET", "/jobs/own-a-wf", CB) == 404
+    assert await _status(srv, "GET", "/jobs/own-a-wf", CA) == 200
+    async with srv.session.post(
+        srv.u("/workflows/ImageEffects?request_id=own-a-wf"), json={"width": 16}, headers=h(CB)
+    ) as r:
+        assert r.status == 409
+    for path in ("/queue-info", "/docs", "/openapi.json", "/", "/health", "/ready"):
         for key in (ADMIN, CA, CB):
             assert await _status(srv, "GET", path, key) == 200, (path, key)
     assert await _status(srv, "GET", "/docs/assets/swagger-ui.css", CA) == 200
@@ -206,15 +219,15 @@ async def test_two_clients_and_an_admin_over_every_route(make_server: MakeServer
         assert await _status(srv, "GET", "/jobs", key) == 401
 
     # The dashboard's reads and actions follow the same rule.
-    for key, ids in ((CA, {"own-a", "own-a-stream", "own-a-2"}), (CB, {"own-b"})):
+    for key, ids in ((CA, {"own-a", "own-a-stream", "own-a-2", "own-a-wf"}), (CB, {"own-b"})):
         async with srv.session.get(srv.u("/ui/api/jobs"), headers=h(key)) as r:
             assert {j["id"] for j in (await r.json())["jobs"]} == ids
         async with srv.session.get(srv.u("/ui/api/counts"), headers=h(key)) as r:
             assert (await r.json())["total"] == len(ids)
     async with srv.session.get(srv.u("/ui/api/jobs?q=own-"), headers=h(ADMIN)) as r:
-        assert len((await r.json())["jobs"]) == 5
+        assert len((await r.json())["jobs"]) == 6
     async with srv.session.get(srv.u("/ui/api/counts"), headers=h(ADMIN)) as r:
-        assert (await r.json())["total"] == 5
+        assert (await r.json())["total"] == 6
     assert await _status(srv, "GET", "/ui/api/jobs/own-a", CA) == 200
     assert await _status(srv, "GET", "/ui/api/jobs/own-a", ADMIN) == 200
     assert await _status(srv, "GET", "/ui/api/jobs/own-a", CB) == 404

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from comfyq.comfy.backends import Backend, BackendPool
-from comfyq.comfy.simulator import Simulator
 from comfyq.errors import ComfyUIUnreachable
+from comfyq.sim import Simulator
 
 GUARD = 15.0  # hang guard only
 FAST = {"request_timeout": 5.0, "poll_interval": 0.05, "reconnect_min": 0.02, "reconnect_max": 0.2}

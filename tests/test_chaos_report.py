@@ -1,5 +1,5 @@
 """The chaos run's accounting finds what is missing: a lost job, a job that never ended, an owed
-webhook that never arrived, a duplicate delivery, an extra prompt, an object missing from the bucket.
+webhook that never arrived, a duplicate delivery, an extra prompt, an object the bucket lacks.
 
 The records are real: a comfyq database written through JobStore, JSON-lines files like the ones
 the receiver and the simulator write, and moto's S3 server.
@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import boto3
-from test_s3_support import make_bucket, moto_url  # noqa: F401 - moto_url is a fixture
+import boto3  # type: ignore[import-untyped]  # boto3 ships no types
+from test_s3_support import make_bucket
 
 sys.path.insert(
     0, str(Path(__file__).resolve().parent.parent)
@@ -26,6 +26,7 @@ from bench.chaos_client import workflow
 from bench.chaos_report import Inputs, account, charged_lookups, lost_anything, render
 from comfyq.clock import parse_iso
 from comfyq.store import JobStore, NewJob
+from comfyq.store.model import Stage
 
 PNG = b"\x89PNG\r\n\x1a\n not really, but bytes with a hash"
 
@@ -41,7 +42,7 @@ def new_job(job_id: str) -> NewJob:
 
 
 async def complete(store: JobStore, job_id: str) -> None:
-    for stage in ("preprocess", "generate", "postprocess"):
+    for stage in Stage:
         [job] = await store.claim(stage, 1, 30.0, "test")
         assert job.id == job_id
         outputs = None
@@ -62,7 +63,7 @@ def jsonl(path: Path, records: list[dict[str, Any]]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
-async def test_accounting_finds_every_kind_of_loss(tmp_path: Path, moto_url: str) -> None:  # noqa: F811
+async def test_accounting_finds_every_kind_of_loss(tmp_path: Path, moto_url: str) -> None:
     store = JobStore(tmp_path / "q.db")
     await store.open()
     for job_id in ("ok", "cancelled", "stuck"):
@@ -76,7 +77,8 @@ async def test_accounting_finds_every_kind_of_loss(tmp_path: Path, moto_url: str
     conn.close()
     assert set(hooks) == {"ok", "cancelled"}  # the outbox owes one delivery per ended job
     now = time.time()
-    receiver = [  # "ok" delivered twice under one id (a duplicate), "cancelled" only answered 503: lost
+    # "ok" delivered twice under one id (a duplicate), "cancelled" only answered 503: lost
+    receiver = [
         {
             "at": now,
             "webhook_id": hooks["ok"],

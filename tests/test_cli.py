@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from comfyq.store import JobStore, NewJob
+from comfyq.store.model import Stage, State
 
 
 def cq(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -22,6 +23,7 @@ def cq(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
         [sys.executable, "-m", "comfyq", *args],
         capture_output=True,
         text=True,
+        check=False,
         env=env,
         cwd=tmp_path,
         timeout=60,
@@ -34,14 +36,14 @@ async def _seed(db: Path) -> None:
     try:
         for i in range(3):
             await s.create(NewJob(id=f"job{i}", payload={"input": {}}, payload_hash=str(i)), 10)
-        await s.claim("preprocess", 1, 30, "Preprocessing")  # job0 running
+        await s.claim(Stage.PREPROCESS, 1, 30, "Preprocessing")  # job0 running
         await s.finish(
             "job0",
-            "failed",
+            State.FAILED,
             "Generation failed: boom",
             error={"type": "node_error", "message": "boom", "node_id": "5"},
         )
-        await s.claim("preprocess", 1, 30, "Preprocessing")  # job1 running
+        await s.claim(Stage.PREPROCESS, 1, 30, "Preprocessing")  # job1 running
     finally:
         await s.close()
 

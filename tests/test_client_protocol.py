@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+from typing import Any
 
 import pytest
 
@@ -116,7 +117,7 @@ EXECUTION_ERROR = {
 }
 
 
-def _history(status_str: str, messages: list[object], outputs: dict[str, object]) -> dict:
+def _history(status_str: str, messages: list[object], outputs: dict[str, object]) -> dict[str, Any]:
     return {
         "prompt": [25, PID, {}, {"client_id": "x"}, ["2"]],
         "outputs": outputs,
@@ -198,7 +199,7 @@ def test_queue_pending_is_sorted_by_number() -> None:
 
 
 def test_merge_output_extends_without_duplicates() -> None:
-    out: dict[str, dict] = {}
+    out: dict[str, dict[str, Any]] = {}
     img = {"filename": "a.png", "subfolder": "", "type": "output"}
     merge_output(out, "9", {"images": [img]})
     merge_output(out, "9", {"images": [img, {**img, "filename": "b.png"}], "animated": [False]})

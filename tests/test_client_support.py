@@ -296,6 +296,6 @@ class EventLog:
 def first_image(outputs: dict[str, dict[str, Any]], node: str) -> dict[str, Any]:
     images = outputs[node]["images"]
     assert isinstance(images, list) and images
-    image = images[0]
+    image: dict[str, Any] = images[0]
     assert set(image) >= {"filename", "subfolder", "type"}
     return image

@@ -89,6 +89,7 @@ def test_cli_stops_with_nonzero_exit_and_names_the_key(tmp_path: Path) -> None:
         [sys.executable, "-m", "comfyq", "--config", str(f), "config"],
         capture_output=True,
         text=True,
+        check=False,
         cwd=tmp_path,
     )
     assert p.returncode == 2 and "nonsense_key" in p.stderr
@@ -96,6 +97,7 @@ def test_cli_stops_with_nonzero_exit_and_names_the_key(tmp_path: Path) -> None:
         [sys.executable, "-m", "comfyq", "config"],
         capture_output=True,
         text=True,
+        check=False,
         cwd=tmp_path,
         env={"PATH": "/usr/bin", "COMFYQ_API_KEYS": "topsecret"},
     )

@@ -8,6 +8,7 @@ survives comfyq's deaths, as ComfyUI would.
 from __future__ import annotations
 
 import asyncio
+import http.client
 import os
 import random
 import signal
@@ -55,7 +56,7 @@ def wait_http(url: str, timeout: float = 20.0, proc: subprocess.Popen[bytes] | N
         try:
             with urllib.request.urlopen(url, timeout=1):
                 return
-        except Exception:
+        except (OSError, http.client.HTTPException):  # not listening yet, or cut off mid-start
             time.sleep(0.05)
     raise AssertionError(f"{url} did not answer in {timeout}s")
 
@@ -67,7 +68,7 @@ def simulator(tmp_path: Path) -> Iterator[str]:
         [
             sys.executable,
             "-m",
-            "comfyq.comfy.simulator",
+            "comfyq.sim",
             "--port",
             str(port),
             "--node-duration",
@@ -168,7 +169,8 @@ def test_kill_9_at_random_moments_loses_nothing(tmp_path: Path, simulator: str) 
     assert all(a <= m for _, a, m in rows.values())
     terminal_events = dict(
         conn.execute(
-            "SELECT job_id, count(*) FROM job_events WHERE to_state IN ('completed', 'failed', 'cancelled')"
+            "SELECT job_id, count(*) FROM job_events WHERE to_state IN ('completed',"
+            " 'failed', 'cancelled')"
             " GROUP BY job_id"
         )
     )

@@ -153,7 +153,8 @@ def test_submit_form_runs_image_effects_with_live_progress_and_output(
     img = page.locator("img.output-img").first
     expect(img).to_be_visible()
     page.wait_for_function(
-        "() => { const i = document.querySelector('img.output-img'); return i && i.complete && i.naturalWidth > 0; }"
+        "() => { const i = document.querySelector('img.output-img');"
+        " return i && i.complete && i.naturalWidth > 0; }"
     )
     assert img.evaluate("i => i.naturalWidth") == 96
     expect(page.locator(".timeline li")).not_to_have_count(0)

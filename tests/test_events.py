@@ -4,14 +4,14 @@ subscribers and Results rely on (latest progress, last event row) is still kept.
 from __future__ import annotations
 
 from comfyq.events import ALL, EventBus
-from comfyq.store.model import Transition
+from comfyq.store.model import Stage, State, Transition
 
 
-def tr(event_id: int, job_id: str, to_state: str, stage: str = "generate") -> Transition:
+def tr(event_id: int, job_id: str, to_state: State, stage: Stage = Stage.GENERATE) -> Transition:
     return Transition(
         event_id,
         job_id,
-        "pending",
+        State.PENDING,
         to_state,
         stage,
         1,
@@ -22,7 +22,7 @@ def tr(event_id: int, job_id: str, to_state: str, stage: str = "generate") -> Tr
 
 async def test_unwatched_jobs_keep_progress_and_row_ids_for_later_subscribers() -> None:
     bus = EventBus()
-    bus.on_transitions([tr(7, "a", "running")])
+    bus.on_transitions([tr(7, "a", State.RUNNING)])
     bus.live("a", "progress", {"value": 1, "max": 4})
     assert bus.progress["a"] == {"value": 1, "max": 4} and bus.published == 2
     sub = bus.subscribe("a")
@@ -34,7 +34,7 @@ async def test_unwatched_jobs_keep_progress_and_row_ids_for_later_subscribers() 
         and ev.id.startswith("7.")
         and ev.data["value"] == 2
     )
-    bus.on_transitions([tr(8, "a", "pending", "postprocess")])
+    bus.on_transitions([tr(8, "a", State.PENDING, Stage.POSTPROCESS)])
     ev = await sub.get(1)
     assert ev is not None and (ev.id, ev.kind, ev.data["state"], ev.final) == (
         "8",
@@ -44,7 +44,7 @@ async def test_unwatched_jobs_keep_progress_and_row_ids_for_later_subscribers() 
     )
     assert "a" not in bus.progress  # a job back in a queue has no live progress
     sub.close()
-    bus.on_transitions([tr(9, "a", "completed", "postprocess")])
+    bus.on_transitions([tr(9, "a", State.COMPLETED, Stage.POSTPROCESS)])
     assert bus.published == 5 and "a" not in bus._last_row
 
 
@@ -52,7 +52,7 @@ async def test_a_subscriber_to_every_job_gets_everything_in_order() -> None:
     bus = EventBus()
     other = bus.subscribe("b")
     every = bus.subscribe(ALL)
-    bus.on_transitions([tr(1, "a", "running"), tr(2, "b", "running")])
+    bus.on_transitions([tr(1, "a", State.RUNNING), tr(2, "b", State.RUNNING)])
     bus.live("a", "preview", {"node": "3"}, b"png")
     got = [await every.get(1) for _ in range(3)]
     assert [(e.job_id, e.kind) for e in got if e is not None] == [

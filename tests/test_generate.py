@@ -7,10 +7,21 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-from comfyq.comfy.simulator import Simulator
+import aiohttp
+import pytest
+
 from comfyq.config import Settings
 from comfyq.services import Services
+from comfyq.sim import Simulator
+from comfyq.sim.generation import OLD, VERSIONS
+from comfyq.sim.testing import wait_history
 from comfyq.store import Job, NewJob
+
+
+@pytest.fixture(params=VERSIONS)
+def comfyui_version(request: pytest.FixtureRequest) -> str:
+    """Every test here runs against both ComfyUI generations (the conftest ``sim`` uses this)."""
+    return str(request.param)
 
 
 def wf(color: int, *, blur: bool = False) -> dict[str, Any]:
@@ -106,12 +117,13 @@ async def test_success_records_outputs_and_progress(tmp_path: Path, sim: Simulat
             out["mimetype"] == "image/png"
             and Path(out["local_path"]).read_bytes()[:4] == b"\x89PNG"
         )
-        # Same workflow again: ComfyUI answers from its cache with the old file name; we still get it.
+        # Same workflow again: ComfyUI answers from its cache with the old file name; we get it.
         await submit(svc, "b", wf(1, blur=True))
         assert (await final(svc, "b")).state == "completed"
         (out_b,) = await svc.store.outputs("b")
         assert out_b["sha256"] == out["sha256"]
-        assert (await svc.store.get("b")).result["cached_nodes"]  # type: ignore[union-attr]
+        job_b = await svc.store.get("b")
+        assert job_b is not None and job_b.result is not None and job_b.result["cached_nodes"]
     finally:
         await svc.stop()
 
@@ -125,7 +137,7 @@ async def test_validation_error_is_kept_whole(tmp_path: Path, sim: Simulator) ->
         await submit(svc, "v", bad)
         job = await final(svc, "v")
         assert job.state == "failed" and job.attempts == 1
-        assert job.error["type"] == "validation_error"
+        assert job.error is not None and job.error["type"] == "validation_error"
         details = job.error["details"]
         assert details["error"]["type"] == "prompt_outputs_failed_validation"
         assert details["node_errors"]["1"]["errors"][0]["type"] == "invalid_input_type"
@@ -142,6 +154,7 @@ async def test_runtime_error_names_the_node(tmp_path: Path, sim: Simulator) -> N
         job = await final(svc, "e")
         assert job.state == "failed" and job.attempts == 1
         err = job.error
+        assert err is not None
         assert (err["type"], err["node_id"], err["node_type"]) == ("node_error", "2", "ImageInvert")
         assert err["details"]["exception_type"] == "PIL.UnidentifiedImageError"
         assert err["details"]["traceback"]
@@ -200,7 +213,7 @@ async def test_cancel_running_interrupts_that_prompt_only(tmp_path: Path, sim: S
         await started(svc, "c", sim)
         await svc.pipeline.cancel("c")
         job = await final(svc, "c")
-        assert job.state == "cancelled" and job.error["type"] == "cancelled"
+        assert job.state == "cancelled" and (job.error or {}).get("type") == "cancelled"
         # The next job runs at once: the interrupt stopped ComfyUI's work on the cancelled prompt.
         await submit(svc, "d", wf(6))
         assert (await final(svc, "d", timeout=5)).state == "completed"
@@ -217,13 +230,13 @@ async def test_deadline_fails_with_timeout_and_stops_the_prompt(
     try:
         await submit(svc, "t", wf(7, blur=True), timeout=1.0)
         job = await final(svc, "t")
-        assert job.state == "failed" and job.error["type"] == "timeout"
+        assert job.state == "failed" and (job.error or {}).get("type") == "timeout"
     finally:
         await svc.stop()
 
 
 async def test_two_backends_one_dies(tmp_path: Path, sim: Simulator) -> None:
-    other = Simulator(port=0, data_dir=tmp_path / "sim2")
+    other = Simulator(port=0, data_dir=tmp_path / "sim2", comfyui_version=sim.comfyui_version)
     await other.start()
     svc = make(tmp_path, [sim.url, other.url])
     await svc.start()
@@ -254,5 +267,72 @@ async def test_all_backends_down_jobs_wait_then_run(tmp_path: Path, sim: Simulat
         assert not svc.pool.any_healthy()
         await sim.restart()
         assert (await final(svc, "w")).state == "completed"
+    finally:
+        await svc.stop()
+
+
+async def _restarted(tmp_path: Path, svc: Services, sim: Simulator) -> Services:
+    await svc.stop()  # a shutdown leaves ComfyUI's prompt alone; the next start reconciles it
+    svc = make(tmp_path, [sim.url])
+    await svc.start()
+    return svc
+
+
+async def test_comfyq_restart_follows_a_prompt_still_running(
+    tmp_path: Path, sim: Simulator
+) -> None:
+    # The prompt is taken off ComfyUI's queue and held there (running) while comfyq restarts;
+    # the new comfyq asks where it is (the jobs API on the newer generation, /queue + /history
+    # on 0.3.64), finds it running and follows it instead of submitting it again.
+    sim.hold_starts()
+    svc = make(tmp_path, [sim.url])
+    await svc.start()
+    try:
+        await submit(svc, "k", wf(30))
+        await started(svc, "k", sim)
+        async with asyncio.timeout(10):
+            while not sim.held:
+                await asyncio.sleep(0.01)
+        svc = await _restarted(tmp_path, svc, sim)
+        backend = svc.pool.get(sim.url)
+        assert backend is not None
+        async with asyncio.timeout(10):  # the new comfyq follows it (it watches its messages)
+            while sim.held[0] not in backend.client._feed.watches:
+                await asyncio.sleep(0.01)
+        sim.release_starts()
+        job = await final(svc, "k")
+        assert job.state == "completed" and job.attempts == 1
+        assert len(sim.prompts_received) == 1  # followed, never submitted again
+        assert job.result is not None and job.result["outputs"]["3"]["images"]
+        timing = job.result["comfy_timing"]
+        assert timing["ended_at"] >= timing["started_at"]
+    finally:
+        await svc.stop()
+
+
+async def test_comfyq_restart_takes_a_finished_prompts_outcome(
+    tmp_path: Path, sim: Simulator, http: aiohttp.ClientSession
+) -> None:
+    sim.hold_starts()
+    svc = make(tmp_path, [sim.url])
+    await svc.start()
+    try:
+        await submit(svc, "h", wf(31))
+        await started(svc, "h", sim)
+        await svc.stop()
+        sim.release_starts()  # it finishes while comfyq is down
+        pid = sim.prompts_received[0]
+        await wait_history(http, sim.url, pid)
+        svc = make(tmp_path, [sim.url])
+        await svc.start()
+        job = await final(svc, "h")
+        assert job.state == "completed" and job.attempts == 1
+        assert len(sim.prompts_received) == 1
+        timing = job.result["comfy_timing"]  # type: ignore[index]
+        assert timing["ended_at"] >= timing["started_at"]
+        if sim.comfyui_version != OLD:  # the server's create_time (jobs API / history)
+            assert timing["started_at"] >= timing["queued_at"]
+        else:
+            assert "queued_at" not in timing
     finally:
         await svc.stop()

@@ -18,15 +18,15 @@ import aiohttp
 import pytest
 from aiohttp import web
 from conftest import settings_for, start_server
-from test_s3_support import make_bucket, moto_url  # noqa: F401 - moto_url is a fixture
+from test_s3_support import make_bucket
 from test_webhooks_support import Receiver
 
 from comfyq import logs
 from comfyq.cli import main
-from comfyq.comfy.sim_png import encode_png
-from comfyq.comfy.simulator import Simulator
 from comfyq.config import load_settings
 from comfyq.logs import JsonFormatter, Redactor, TextFormatter, detached, job_context, job_id_var
+from comfyq.sim import Simulator
+from comfyq.sim.png import encode_png
 
 API_KEY = "logs-api-key-0123456789"
 OP_ACCESS, OP_SECRET = "AKIALOGSOPERATOR01", "op-s3-secret-logs-abcdef"
@@ -247,7 +247,7 @@ async def test_a_job_end_to_end_in_json_at_debug(
     simulator: Simulator,
     origin: str,
     receiver: Receiver,
-    moto_url: str,  # noqa: F811
+    moto_url: str,
     restore_logging: None,
 ) -> None:
     make_bucket(moto_url, "logs-op")
@@ -354,8 +354,8 @@ async def test_a_job_end_to_end_in_json_at_debug(
     wanted = {
         "comfyq.access",
         "comfyq.jobs",
-        "comfyq.prepare",
-        "comfyq.assets",
+        "comfyq.inputs.prepare",
+        "comfyq.inputs",
         "comfyq.generate",
         "comfyq.comfy.backends",
         "comfyq.outputs",

@@ -1,4 +1,4 @@
-"""The stage runner on a real store: claiming, wake-ups, retries, deadlines, cancel, crash, shutdown.
+"""The stage runner on a real store: claims, wake-ups, retries, deadlines, cancel, crash, shutdown.
 
 Stage handlers here are small test stages plugged into the real runner (the runner's contract is a
 handler per stage); the full ComfyUI path is exercised in the API and crash tests.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +18,7 @@ from comfyq.errors import ComfyUIUnreachable, NodeError
 from comfyq.events import EventBus
 from comfyq.stages.runner import JobContext, Pipeline, RunnerConfig, StageDone
 from comfyq.store import Job, JobStore, NewJob
-
-STAGES = ("preprocess", "generate", "postprocess")
+from comfyq.store.model import STAGES, Stage
 
 
 class Recorder:
@@ -50,6 +50,9 @@ class Recorder:
         return StageDone(f"{self.name} done")
 
 
+Rig = tuple[JobStore, EventBus, Pipeline, dict[Stage, Recorder]]
+
+
 def job(i: int, **plan: Any) -> NewJob:
     return NewJob(
         id=f"j{i}", payload=plan, payload_hash=str(i), timeout=plan.pop("timeout", 3600.0)
@@ -57,7 +60,7 @@ def job(i: int, **plan: Any) -> NewJob:
 
 
 @pytest.fixture
-async def rig(tmp_path: Path):
+async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
     store = JobStore(tmp_path / "q.db")
     await store.open()
     bus = EventBus()
@@ -67,7 +70,7 @@ async def rig(tmp_path: Path):
         store,
         bus,
         handlers,
-        {"preprocess": 2, "generate": 2, "postprocess": 2},  # type: ignore[arg-type]
+        {s: 2 for s in STAGES},
         RunnerConfig(lease=3.0, retry_base=0.05, retry_max=0.2, idle_poll=30.0),
     )
     await pipe.start()
@@ -90,8 +93,8 @@ async def wait_final(bus: EventBus, store: JobStore, job_id: str, timeout: float
         sub.close()
 
 
-async def test_jobs_flow_through_every_stage_without_polling_delay(rig) -> None:
-    store, bus, pipe, handlers = rig
+async def test_jobs_flow_through_every_stage_without_polling_delay(rig: Rig) -> None:
+    store, bus, _, handlers = rig
     loop = asyncio.get_running_loop()
     t0 = loop.time()
     for i in range(20):
@@ -104,27 +107,31 @@ async def test_jobs_flow_through_every_stage_without_polling_delay(rig) -> None:
         assert sum(h.runs.values()) == 20
 
 
-async def test_retryable_error_retries_with_backoff_then_succeeds(rig) -> None:
+async def test_retryable_error_retries_with_backoff_then_succeeds(rig: Rig) -> None:
     store, bus, _, handlers = rig
     await store.create(job(1, generate={"fail_retryable": 2}), 10)
     j = await wait_final(bus, store, "j1")
-    assert j.state == "completed" and j.attempts == 3 and handlers["generate"].runs["j1"] == 3
+    assert j.state == "completed" and j.attempts == 3 and handlers[Stage.GENERATE].runs["j1"] == 3
     msgs = [e["message"] for e in await store.events("j1")]
     assert sum("retrying" in m for m in msgs) == 2
 
 
-async def test_retryable_error_fails_once_attempts_are_spent(rig) -> None:
+async def test_retryable_error_fails_once_attempts_are_spent(rig: Rig) -> None:
     store, bus, _, _ = rig
     await store.create(job(1, generate={"fail_retryable": 99}), 10)
     j = await wait_final(bus, store, "j1")
-    assert j.state == "failed" and j.attempts == 3 and j.error["type"] == "comfyui_unreachable"
+    assert (
+        j.state == "failed"
+        and j.attempts == 3
+        and (j.error or {}).get("type") == "comfyui_unreachable"
+    )
 
 
-async def test_non_retryable_error_fails_at_once_with_typed_error(rig) -> None:
+async def test_non_retryable_error_fails_at_once_with_typed_error(rig: Rig) -> None:
     store, bus, _, handlers = rig
     await store.create(job(1, generate={"fail": True}), 10)
     j = await wait_final(bus, store, "j1")
-    assert j.state == "failed" and handlers["generate"].runs["j1"] == 1
+    assert j.state == "failed" and handlers[Stage.GENERATE].runs["j1"] == 1
     assert j.error == {
         "type": "node_error",
         "message": "boom",
@@ -134,32 +141,32 @@ async def test_non_retryable_error_fails_at_once_with_typed_error(rig) -> None:
     assert j.message.startswith("Generation failed")
 
 
-async def test_a_bug_in_a_stage_fails_that_job_only(rig) -> None:
+async def test_a_bug_in_a_stage_fails_that_job_only(rig: Rig) -> None:
     store, bus, pipe, _ = rig
     await store.create(job(1, preprocess={"crash": True}), 10)
     await store.create(job(2), 10)
-    assert (await wait_final(bus, store, "j1")).error["type"] == "internal_error"
+    assert ((await wait_final(bus, store, "j1")).error or {}).get("type") == "internal_error"
     assert (await wait_final(bus, store, "j2")).state == "completed"
     assert all(s["alive"] == 2 for s in pipe.health().values())
 
 
-async def test_deadline_fails_a_running_job_with_timeout(rig) -> None:
+async def test_deadline_fails_a_running_job_with_timeout(rig: Rig) -> None:
     store, bus, _, handlers = rig
     await store.create(job(1, timeout=0.5, generate={"sleep": 30}), 10)
     j = await wait_final(bus, store, "j1")
-    assert j.state == "failed" and j.error["type"] == "timeout"
-    assert handlers["generate"].cleaned == [("j1", "timeout")]
+    assert j.state == "failed" and (j.error or {}).get("type") == "timeout"
+    assert handlers[Stage.GENERATE].cleaned == [("j1", "timeout")]
 
 
-async def test_cancel_waiting_and_running_jobs(rig) -> None:
+async def test_cancel_waiting_and_running_jobs(rig: Rig) -> None:
     store, bus, pipe, handlers = rig
     await store.create(job(1, generate={"sleep": 30}), 10)
-    started = handlers["generate"].started.setdefault("j1", asyncio.Event())
+    started = handlers[Stage.GENERATE].started.setdefault("j1", asyncio.Event())
     await asyncio.wait_for(started.wait(), 5)
     j = await pipe.cancel("j1")
     assert j.state == "running"
     j = await wait_final(bus, store, "j1")
-    assert j.state == "cancelled" and handlers["generate"].cleaned == [("j1", "cancel")]
+    assert j.state == "cancelled" and handlers[Stage.GENERATE].cleaned == [("j1", "cancel")]
     # A waiting job (run_after far away keeps it waiting) is cancelled at once.
     await store.create(job(2), 10)
     j2 = await pipe.cancel("j2")
@@ -173,13 +180,13 @@ async def test_shutdown_releases_running_jobs_for_the_next_start(tmp_path: Path)
     store = JobStore(tmp_path / "q.db")
     await store.open()
     handlers = {s: Recorder(s) for s in STAGES}
-    pipe = Pipeline(store, EventBus(), handlers, {s: 1 for s in STAGES}, RunnerConfig(lease=3.0))  # type: ignore[arg-type]
+    pipe = Pipeline(store, EventBus(), handlers, {s: 1 for s in STAGES}, RunnerConfig(lease=3.0))
     await pipe.start()
     await store.create(job(1, generate={"sleep": 30}), 10)
-    started = handlers["generate"].started.setdefault("j1", asyncio.Event())
+    started = handlers[Stage.GENERATE].started.setdefault("j1", asyncio.Event())
     await asyncio.wait_for(started.wait(), 5)
     await pipe.stop(grace=0.2)
     j = await store.get("j1")
     assert j is not None and (j.state, j.stage, j.attempts) == ("pending", "generate", 1)
-    assert handlers["generate"].cleaned == [("j1", "shutdown")]
+    assert handlers[Stage.GENERATE].cleaned == [("j1", "shutdown")]
     await store.close()

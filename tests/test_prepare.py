@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from comfyq.assets import Downloader
 from comfyq.errors import BadRequest, InputError, ModifierError
+from comfyq.inputs import Downloader
+from comfyq.inputs.prepare import Prepared, check_input_urls, input_name, prepare_job
 from comfyq.netguard import AddressGuard
-from comfyq.prepare import Prepared, check_input_urls, input_name, prepare_job
 from modifiers import ModifierRegistry
 
 
@@ -199,7 +199,7 @@ async def test_input_images_base64_data_uri_and_url(env: Env) -> None:
 
 
 async def test_input_images_with_a_modifier(env: Env) -> None:
-    job = {
+    job: dict[str, Any] = {
         "modifier": "ImageEffects",
         "modifications": {"input_image": "photo.png", "width": 32, "blur_radius": 2},
         "images": [{"name": "photo.png", "image": base64.b64encode(RED).decode()}],

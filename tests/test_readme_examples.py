@@ -32,7 +32,7 @@ import requests
 from conftest import ThreadServer
 
 from comfyq.api.context import ApiOptions
-from comfyq.comfy.sim_testing import decode_png
+from comfyq.sim.testing import decode_png
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -315,7 +315,7 @@ def sqlite_commands(block: Block) -> list[list[str]]:
 def test_sqlite_recipes_run_on_a_real_database(srv: ThreadServer, tmp_path: Path) -> None:
     first = examples("sh")[0][0]
     body = next(a for a in shlex.split(first.code) if a.startswith('{"input"'))
-    # The recipes look at the README's first job: make sure it exists (the curl test may be skipped).
+    # The recipes look at the README's first job: make sure it exists (the curl test may skip).
     requests.post(
         srv.url + "/generate", data=body, headers={"content-type": "application/json"}, timeout=10
     )

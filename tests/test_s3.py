@@ -11,7 +11,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from test_s3_support import FaultyProxy, make_bucket, moto_url  # noqa: F401 - moto_url is a fixture
+from test_s3_support import FaultyProxy, make_bucket
 
 from comfyq.netguard import AddressGuard
 from comfyq.outputs.s3 import LocalFile, S3ConfigError, S3Settings, S3Uploader, resolve
@@ -99,7 +99,7 @@ def test_keys_stay_out_of_repr() -> None:
 
 
 @pytest.fixture
-async def proxy(moto_url: str) -> AsyncIterator[FaultyProxy]:  # noqa: F811
+async def proxy(moto_url: str) -> AsyncIterator[FaultyProxy]:
     p = await FaultyProxy(moto_url).start()
     yield p
     await p.stop()
@@ -132,7 +132,7 @@ def uploader(endpoint: str, bucket: str, **kw: Any) -> S3Uploader:
 async def test_upload_sets_type_key_and_a_working_presigned_url(
     proxy: FaultyProxy,
     moto_url: str,
-    tmp_path: Path,  # noqa: F811
+    tmp_path: Path,
 ) -> None:
     make_bucket(moto_url, "outs-a")
     up = uploader(proxy.url, "outs-a", prefix="/renders/", presign_expiry=600)
@@ -154,7 +154,7 @@ async def test_upload_sets_type_key_and_a_working_presigned_url(
 async def test_large_files_go_up_in_parts_and_reruns_are_skipped(
     proxy: FaultyProxy,
     moto_url: str,
-    tmp_path: Path,  # noqa: F811
+    tmp_path: Path,
 ) -> None:
     make_bucket(moto_url, "outs-b")
     up = uploader(
@@ -179,7 +179,7 @@ async def test_large_files_go_up_in_parts_and_reruns_are_skipped(
 
 async def test_transient_errors_are_retried(
     proxy: FaultyProxy, moto_url: str, tmp_path: Path
-) -> None:  # noqa: F811
+) -> None:
     make_bucket(moto_url, "outs-c")
     up = uploader(proxy.url, "outs-c", multipart_threshold=5 * MiB, part_size=5 * MiB)
     target = up.target(None, None)
@@ -198,7 +198,7 @@ async def test_transient_errors_are_retried(
 
 async def test_failures_become_upload_errors(
     proxy: FaultyProxy, moto_url: str, tmp_path: Path
-) -> None:  # noqa: F811
+) -> None:
     f = file_of(tmp_path, "a.png", b"abc")
     missing = uploader(proxy.url, "no-such-bucket")
     [res] = await missing.upload_all(missing.target(None, None), "j", [f])  # type: ignore[arg-type]
@@ -220,7 +220,7 @@ async def test_failures_become_upload_errors(
 async def test_request_endpoints_pass_the_address_guard(
     proxy: FaultyProxy,
     moto_url: str,
-    tmp_path: Path,  # noqa: F811
+    tmp_path: Path,
 ) -> None:
     make_bucket(moto_url, "theirs")
     keys = {"access_key_id": "THEIRKEY", "secret_access_key": "theirsecret"}

@@ -1,29 +1,18 @@
 """A real S3-protocol server (moto's ThreadedMotoServer) and a loopback proxy in front of it that
-records which access key signed each request and can fail requests on demand (no tests here)."""
+records which access key signed each request and can fail requests on demand (no tests here).
+The server itself is the ``moto_url`` fixture in conftest."""
 
 from __future__ import annotations
 
 import re
 from collections import deque
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import aiohttp
-import boto3
-import pytest
+import boto3  # type: ignore[import-untyped]  # boto3 ships no types
 from aiohttp import web
-from moto.server import ThreadedMotoServer
 
 _CREDENTIAL = re.compile(r"Credential=([^/]+)/")
-
-
-@pytest.fixture(scope="session")
-def moto_url() -> Iterator[str]:
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
 
 
 def make_bucket(moto_url: str, name: str) -> None:
@@ -70,8 +59,7 @@ class FaultyProxy:
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
-        assert site._server is not None
-        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
         self._client = aiohttp.ClientSession(auto_decompress=False)
         return self
 

@@ -16,7 +16,8 @@ EXPECTED = Path(__file__).with_name("expected_schema.sql")
 
 def dump(conn: sqlite3.Connection) -> str:
     rows = conn.execute(
-        "SELECT type, name, sql FROM sqlite_master WHERE name NOT LIKE 'sqlite_%' ORDER BY type, name"
+        "SELECT type, name,"
+        " sql FROM sqlite_master WHERE name NOT LIKE 'sqlite_%' ORDER BY type, name"
     ).fetchall()
     return "\n\n".join(f"-- {t} {n}\n{sql};" for t, n, sql in rows) + "\n"
 
@@ -47,7 +48,7 @@ def test_an_edited_migration_is_refused(tmp_path: Path) -> None:
     shutil.copytree(migrate.migrations_dir(), copy)
     conn = connect(tmp_path / "s.db")
     migrate.apply(conn, directory=copy)
-    first = sorted(copy.glob("*.sql"))[0]
+    first = min(copy.glob("*.sql"))
     first.write_text(first.read_text() + "\n-- edited\n")
     with pytest.raises(migrate.MigrationError, match="edited"):
         migrate.apply(conn, directory=copy)
@@ -58,11 +59,15 @@ def test_state_checks_hold(tmp_path: Path) -> None:
     migrate.apply(conn)
     with pytest.raises(sqlite3.IntegrityError):
         conn.execute(
-            "INSERT INTO jobs (id, state, payload, payload_hash, run_after, deadline_at, created_at,"
-            " updated_at, stage_entered_at) VALUES ('x', 'exploded', '{}', 'h', 'a', 'b', 'c', 'd', 'e')"
+            "INSERT INTO jobs (id, state, payload, payload_hash, run_after,"
+            " deadline_at, created_at,"
+            " updated_at, stage_entered_at) VALUES ('x', 'exploded', '{}', 'h', 'a',"
+            " 'b', 'c', 'd', 'e')"
         )
     with pytest.raises(sqlite3.IntegrityError):  # running without a lease
         conn.execute(
-            "INSERT INTO jobs (id, state, payload, payload_hash, run_after, deadline_at, created_at,"
-            " updated_at, stage_entered_at) VALUES ('x', 'running', '{}', 'h', 'a', 'b', 'c', 'd', 'e')"
+            "INSERT INTO jobs (id, state, payload, payload_hash, run_after,"
+            " deadline_at, created_at,"
+            " updated_at, stage_entered_at) VALUES ('x', 'running', '{}', 'h', 'a',"
+            " 'b', 'c', 'd', 'e')"
         )

@@ -1,4 +1,4 @@
-"""Simulator features beyond the recorded traces: fault injection, checkpoint pipeline, files, CLI."""
+"""Simulator features beyond the recorded traces: faults, checkpoint pipeline, files, CLI."""
 
 from __future__ import annotations
 
@@ -16,10 +16,19 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 
-from comfyq.comfy.sim_png import encode_png, encode_webp_solid, sniff_image
-from comfyq.comfy.sim_testing import WsRecorder, wait_history
-from comfyq.comfy.simulator import Simulator
+from comfyq.sim import Simulator
+from comfyq.sim.generation import OLD
+from comfyq.sim.png import encode_png, encode_webp_solid, sniff_image
+from comfyq.sim.testing import WsRecorder, wait_history
+
+
+@pytest.fixture
+def comfyui_version() -> str:
+    """The recorded 0.3.64 traffic is this file's reference (see test_simulator_newer for 0.38)."""
+    return OLD
+
 
 Workflow = dict[str, dict[str, Any]]
 
@@ -262,7 +271,7 @@ async def test_progress_steps_for_slow_nodes(tmp_path: Path, http: aiohttp.Clien
         },
         "3": {"class_type": "PreviewImage", "inputs": {"images": ["2", 0]}},
     }
-    async with Simulator(data_dir=tmp_path / "c", progress_steps=3) as sim:
+    async with Simulator(comfyui_version=OLD, data_dir=tmp_path / "c", progress_steps=3) as sim:
         rec, entry = await run(http, sim, wf)
     assert [(f.data["value"], f.data["max"]) for f in rec.of_type("progress")] == [
         (1, 3),
@@ -281,7 +290,9 @@ async def test_progress_steps_for_slow_nodes(tmp_path: Path, http: aiohttp.Clien
 async def test_node_durations_and_interrupt_at_progress_tick(
     tmp_path: Path, http: aiohttp.ClientSession
 ) -> None:
-    async with Simulator(data_dir=tmp_path / "c", node_durations={"KSampler": 5.0}) as sim:
+    async with Simulator(
+        comfyui_version=OLD, data_dir=tmp_path / "c", node_durations={"KSampler": 5.0}
+    ) as sim:
         rec = await WsRecorder(http, sim.url, "ks").connect()
         body = await submit(http, sim, text2image(steps=50), "ks")
         await rec.wait_for(lambda fs: bool(rec.of_type("progress")))
@@ -376,7 +387,7 @@ async def test_webp_preview_decodes(sim: Simulator, http: aiohttp.ClientSession)
 async def test_free_memory_empties_cache_and_max_history(
     tmp_path: Path, http: aiohttp.ClientSession
 ) -> None:
-    async with Simulator(data_dir=tmp_path / "c", max_history=3) as sim:
+    async with Simulator(comfyui_version=OLD, data_dir=tmp_path / "c", max_history=3) as sim:
         ids = []
         for i in range(5):
             _, entry = await run(http, sim, invert(f"h{i}"))
@@ -420,7 +431,7 @@ async def test_cli_ready_line_and_sigterm(tmp_path: Path, http: aiohttp.ClientSe
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "comfyq.comfy.simulator",
+        "comfyq.sim",
         "--host",
         "127.0.0.1",
         "--port",
@@ -429,6 +440,8 @@ async def test_cli_ready_line_and_sigterm(tmp_path: Path, http: aiohttp.ClientSe
         "0",
         "--progress-steps",
         "2",
+        "--comfyui-version",
+        OLD,
         "--data-dir",
         str(tmp_path / "d"),
         stdout=asyncio.subprocess.PIPE,

@@ -10,9 +10,17 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 
-from comfyq.comfy.sim_promptlog import read_prompt_log
-from comfyq.comfy.simulator import Simulator
+from comfyq.sim import Simulator
+from comfyq.sim.generation import OLD
+from comfyq.sim.promptlog import read_prompt_log
+
+
+@pytest.fixture
+def comfyui_version() -> str:
+    """The recorded 0.3.64 traffic is this file's reference (see test_simulator_newer for 0.38)."""
+    return OLD
 
 
 def invert(prefix: str, color: int) -> dict[str, Any]:
@@ -35,7 +43,7 @@ async def post(
 
 async def test_accepted_prompts_are_logged_across_a_crash(tmp_path: Path) -> None:
     log = tmp_path / "prompts.jsonl"
-    sim = Simulator(data_dir=tmp_path / "c", prompt_log=log)
+    sim = Simulator(comfyui_version=OLD, data_dir=tmp_path / "c", prompt_log=log)
     await sim.start()
     try:
         async with aiohttp.ClientSession() as http:
@@ -61,7 +69,10 @@ async def test_accepted_prompts_are_logged_across_a_crash(tmp_path: Path) -> Non
 
 
 async def test_no_log_without_the_option(tmp_path: Path) -> None:
-    async with Simulator(data_dir=tmp_path / "c") as sim, aiohttp.ClientSession() as http:
+    async with (
+        Simulator(comfyui_version=OLD, data_dir=tmp_path / "c") as sim,
+        aiohttp.ClientSession() as http,
+    ):
         status, _ = await post(http, sim.url, {"prompt": invert("a", 1)})
     assert status == 200
     assert not list(tmp_path.rglob("*.jsonl"))
@@ -73,7 +84,7 @@ async def test_cli_prompt_log_survives_kill_9(tmp_path: Path) -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "comfyq.comfy.simulator",
+        "comfyq.sim",
         "--port",
         "0",
         "--data-dir",

@@ -13,16 +13,24 @@ import aiohttp
 import pytest
 from sim_trace_support import TRACES, post_prompt, recorded_types, run_traced, trace
 
-from comfyq.comfy.sim_png import encode_png
-from comfyq.comfy.sim_testing import (
+from comfyq.sim import Simulator
+from comfyq.sim.generation import OLD
+from comfyq.sim.png import encode_png
+from comfyq.sim.testing import (
     WsRecorder,
     data_of,
     shape,
     upload_image,
     wait_history,
 )
-from comfyq.comfy.sim_testing import decode_png as png_pixels
-from comfyq.comfy.simulator import Simulator
+from comfyq.sim.testing import decode_png as png_pixels
+
+
+@pytest.fixture
+def comfyui_version() -> str:
+    """The recorded 0.3.64 traffic is this file's reference (see test_simulator_newer for 0.38)."""
+    return OLD
+
 
 # ---------------------------------------------------------------- plain GETs (00, 01, 02, 03)
 

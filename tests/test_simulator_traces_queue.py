@@ -11,7 +11,9 @@ import aiohttp
 import pytest
 from sim_trace_support import post_prompt, recorded_types, run_traced, trace
 
-from comfyq.comfy.sim_testing import (
+from comfyq.sim import Simulator
+from comfyq.sim.generation import OLD
+from comfyq.sim.testing import (
     Frame,
     WsRecorder,
     data_of,
@@ -19,7 +21,13 @@ from comfyq.comfy.sim_testing import (
     upload_image,
     wait_history,
 )
-from comfyq.comfy.simulator import Simulator
+
+
+@pytest.fixture
+def comfyui_version() -> str:
+    """The recorded 0.3.64 traffic is this file's reference (see test_simulator_newer for 0.38)."""
+    return OLD
+
 
 # ---------------------------------------------------------------- runtime error (40)
 
@@ -78,7 +86,7 @@ async def test_queue_delete_front_and_interrupt(
 ) -> None:
     t = trace("50_queue_interrupt_delete.json")
     ex = t["exchanges"]
-    async with Simulator(data_dir=tmp_path / "c", node_durations=SLOW) as sim:
+    async with Simulator(comfyui_version=OLD, data_dir=tmp_path / "c", node_durations=SLOW) as sim:
         rec = await WsRecorder(http, sim.url, "cid-50").connect()
         await rec.wait_for(lambda fs: len(fs) >= 1)
 
@@ -174,7 +182,7 @@ async def test_queue_delete_front_and_interrupt(
 @pytest.mark.parametrize("case", ["case1_with_client_id_A", "case2_without_client_id"])
 async def test_interrupt_routing(case: str, tmp_path: Path, http: aiohttp.ClientSession) -> None:
     t = trace("51_interrupt_who_receives.json")[case]
-    async with Simulator(data_dir=tmp_path / "c", node_durations=SLOW) as sim:
+    async with Simulator(comfyui_version=OLD, data_dir=tmp_path / "c", node_durations=SLOW) as sim:
         a = await WsRecorder(http, sim.url, "client-a").connect()
         b = await WsRecorder(http, sim.url, "client-b").connect()
         await a.wait_for(lambda fs: len(fs) >= 1)
@@ -233,7 +241,7 @@ async def test_history_endpoints(sim: Simulator, http: aiohttp.ClientSession) ->
 
 async def test_crash_and_restart(tmp_path: Path, http: aiohttp.ClientSession) -> None:
     t = trace("70_kill9_restart.json")
-    async with Simulator(data_dir=tmp_path / "c", node_durations=SLOW) as sim:
+    async with Simulator(comfyui_version=OLD, data_dir=tmp_path / "c", node_durations=SLOW) as sim:
         url = sim.url
         a = await WsRecorder(http, url, "client-A").connect()
         b = await WsRecorder(http, url, "observer-B").connect()
@@ -301,7 +309,7 @@ async def test_crash_and_restart(tmp_path: Path, http: aiohttp.ClientSession) ->
 
 async def test_reconnect_mid_run_and_corners(tmp_path: Path, http: aiohttp.ClientSession) -> None:
     t = trace("90_extra_reconnect_and_corners.json")
-    async with Simulator(data_dir=tmp_path / "c", node_durations=SLOW) as sim:
+    async with Simulator(comfyui_version=OLD, data_dir=tmp_path / "c", node_durations=SLOW) as sim:
         anon = await WsRecorder(http, sim.url).connect()
         await anon.wait_for(lambda fs: len(fs) >= 1)
         assert re.fullmatch(r"[0-9a-f]{32}", anon.frames[0].data["sid"])

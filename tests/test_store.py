@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import pytest
 from comfyq.clock import ManualClock
 from comfyq.errors import Conflict, IllegalTransition, LeaseLost, NotFound, QueueFull
 from comfyq.store import JobStore, NewJob
+from comfyq.store.model import Stage, State
 from comfyq.store.writer import connect
 
 
@@ -27,7 +29,7 @@ def new(i: int | str, priority: int = 0, timeout: float = 3600.0, max_attempts: 
 
 
 @pytest.fixture
-async def store(tmp_path: Path):
+async def store(tmp_path: Path) -> AsyncIterator[JobStore]:
     s = JobStore(tmp_path / "q.db", clock=ManualClock(), owner="w1")
     await s.open()
     yield s
@@ -37,7 +39,7 @@ async def store(tmp_path: Path):
 async def test_full_lifecycle_writes_every_event(store: JobStore) -> None:
     job, created = await store.create(new(1), 10)
     assert created and job.status == "queued" and job.attempts == 0
-    for stage, msg in (("preprocess", "p"), ("generate", "g"), ("postprocess", "pp")):
+    for stage, msg in ((Stage.PREPROCESS, "p"), (Stage.GENERATE, "g"), (Stage.POSTPROCESS, "pp")):
         (claimed,) = await store.claim(stage, 1, 30, msg)
         assert claimed.stage == stage and claimed.state == "running" and claimed.lease_owner == "w1"
         store.clock.advance(1.5)  # type: ignore[attr-defined]
@@ -73,7 +75,7 @@ async def test_idempotent_create_and_conflict(store: JobStore) -> None:
 async def test_queue_limit_counts_every_unfinished_job(store: JobStore) -> None:
     await store.create(new(1), 2)
     await store.create(new(2), 2)
-    await store.claim("preprocess", 1, 30, "p")
+    await store.claim(Stage.PREPROCESS, 1, 30, "p")
     await store.advance("1", "to generate")
     with pytest.raises(QueueFull):
         await store.create(new(3), 2)
@@ -86,8 +88,8 @@ async def test_illegal_transitions_are_refused(store: JobStore) -> None:
         conn.execute("UPDATE jobs SET state = 'completed', finished_at = 'x' WHERE id = '1'")
     with pytest.raises(LeaseLost):
         await store.advance("1", "not running")  # pending job: nobody holds it
-    await store.claim("preprocess", 1, 30, "p")
-    await store.finish("1", "completed", "done")
+    await store.claim(Stage.PREPROCESS, 1, 30, "p")
+    await store.finish("1", State.COMPLETED, "done")
     with pytest.raises(sqlite3.IntegrityError, match="illegal job transition"):
         conn.execute(
             "UPDATE jobs SET state = 'running', lease_owner = 'x', lease_expires_at = 'y',"
@@ -103,9 +105,9 @@ async def test_claim_order_priority_then_age(store: JobStore) -> None:
     for i, prio in ((1, 0), (2, 5), (3, 0), (4, 5)):
         await store.create(new(i, priority=prio), 10)
         store.clock.advance(0.001)  # type: ignore[attr-defined]
-    got = await store.claim("preprocess", 4, 30, "p")
+    got = await store.claim(Stage.PREPROCESS, 4, 30, "p")
     assert [j.id for j in got] == ["2", "4", "1", "3"]
-    (job,) = [j for j in await store.list() if j.id == "3"]
+    (job,) = [j for j in await store.list_jobs() if j.id == "3"]
     assert job.state == "running"
 
 
@@ -113,7 +115,7 @@ async def test_queue_position(store: JobStore) -> None:
     for i, prio in ((1, 0), (2, 0), (3, 9)):
         await store.create(new(i, priority=prio), 10)
         store.clock.advance(0.001)  # type: ignore[attr-defined]
-    positions = {j.id: await store.position(j) for j in await store.list()}
+    positions = {j.id: await store.position(j) for j in await store.list_jobs()}
     assert positions == {"3": (1, 3), "1": (2, 3), "2": (3, 3)}
 
 
@@ -130,7 +132,7 @@ async def test_concurrent_claims_never_share_a_job(tmp_path: Path) -> None:
 
         async def claimer(s: JobStore) -> None:
             while True:
-                got = await s.claim("preprocess", 3, 30, "p")
+                got = await s.claim(Stage.PREPROCESS, 3, 30, "p")
                 if not got:
                     return
                 seen.extend(j.id for j in got)
@@ -144,7 +146,7 @@ async def test_concurrent_claims_never_share_a_job(tmp_path: Path) -> None:
 
 async def test_expired_lease_is_requeued_then_failed_when_attempts_spent(store: JobStore) -> None:
     await store.create(new(1, max_attempts=2), 10)
-    await store.claim("preprocess", 1, 30, "p")
+    await store.claim(Stage.PREPROCESS, 1, 30, "p")
     store.clock.advance(10)  # type: ignore[attr-defined]
     await store.renew(30)  # a live owner keeps its lease
     store.clock.advance(25)  # type: ignore[attr-defined]  # past the first lease, not the renewed one
@@ -152,23 +154,25 @@ async def test_expired_lease_is_requeued_then_failed_when_attempts_spent(store: 
     store.clock.advance(6)  # type: ignore[attr-defined]  # now past the renewed lease
     (tr,) = await store.reap(grace=30)
     assert (tr.to_state, tr.stage, tr.attempt) == ("pending", "preprocess", 2)
-    await store.claim("preprocess", 1, 30, "p")
+    await store.claim(Stage.PREPROCESS, 1, 30, "p")
     store.clock.advance(31)  # type: ignore[attr-defined]
     (tr,) = await store.reap(grace=30)
     assert (
-        tr.to_state == "failed" and tr.job is not None and tr.job.error["type"] == "lease_expired"
+        tr.to_state == "failed"
+        and tr.job is not None
+        and (tr.job.error or {}).get("type") == "lease_expired"
     )
 
 
 async def test_retry_with_backoff_then_failure(store: JobStore) -> None:
     await store.create(new(1, max_attempts=2), 10)
-    await store.claim("preprocess", 1, 30, "p")
+    await store.claim(Stage.PREPROCESS, 1, 30, "p")
     err = {"type": "comfyui_unreachable", "message": "down"}
     tr = await store.retry_later("1", 5.0, err)
     assert tr.to_state == "pending" and tr.attempt == 2 and tr.data == {"error": err}
-    assert await store.claim("preprocess", 1, 30, "p") == []  # not before run_after
+    assert await store.claim(Stage.PREPROCESS, 1, 30, "p") == []  # not before run_after
     store.clock.advance(5)  # type: ignore[attr-defined]
-    (job,) = await store.claim("preprocess", 1, 30, "p")
+    (job,) = await store.claim(Stage.PREPROCESS, 1, 30, "p")
     assert job.attempts == 2
     tr = await store.retry_later("1", 5.0, err)
     assert tr.to_state == "failed" and tr.job is not None and tr.job.error == err
@@ -180,7 +184,11 @@ async def test_deadline_fails_waiting_job_with_timeout(store: JobStore) -> None:
     assert await store.reap(grace=5) == []
     store.clock.advance(5)  # type: ignore[attr-defined]
     (tr,) = await store.reap(grace=5)
-    assert tr.to_state == "failed" and tr.job is not None and tr.job.error["type"] == "timeout"
+    assert (
+        tr.to_state == "failed"
+        and tr.job is not None
+        and (tr.job.error or {}).get("type") == "timeout"
+    )
 
 
 async def test_cancel_in_every_state(store: JobStore) -> None:
@@ -190,7 +198,7 @@ async def test_cancel_in_every_state(store: JobStore) -> None:
     job, tr = await store.request_cancel("0")
     assert tr is not None and job.state == "cancelled"
     # running -> marked; the worker's next step turns it into cancelled
-    await store.claim("preprocess", 3, 30, "p")
+    await store.claim(Stage.PREPROCESS, 3, 30, "p")
     job, tr = await store.request_cancel("1")
     assert tr is None and job.state == "running" and job.cancel_requested
     tr = await store.advance("1", "preprocess done")
@@ -211,7 +219,7 @@ async def test_recover_resumes_dead_owners_jobs_without_counting_attempts(tmp_pa
     dead = JobStore(tmp_path / "q.db", owner="dead")
     await dead.open()
     await dead.create(new(1), 10)
-    await dead.claim("preprocess", 1, 30, "p")
+    await dead.claim(Stage.PREPROCESS, 1, 30, "p")
     await dead.close()
     alive = JobStore(tmp_path / "q.db", owner="alive")
     await alive.open()
@@ -225,12 +233,12 @@ async def test_recover_resumes_dead_owners_jobs_without_counting_attempts(tmp_pa
 
 async def test_retry_job_and_prune(store: JobStore) -> None:
     await store.create(new(1), 10)
-    await store.claim("preprocess", 1, 30, "p")
-    await store.finish("1", "failed", "boom", error={"type": "node_error", "message": "boom"})
+    await store.claim(Stage.PREPROCESS, 1, 30, "p")
+    await store.finish("1", State.FAILED, "boom", error={"type": "node_error", "message": "boom"})
     tr = await store.retry_job("1")
     assert tr.to_state == "pending" and tr.job is not None and tr.job.error is None
-    await store.claim("preprocess", 1, 30, "p")
-    await store.finish("1", "completed", "ok")
+    await store.claim(Stage.PREPROCESS, 1, 30, "p")
+    await store.finish("1", State.COMPLETED, "ok")
     assert await store.prune(older_than=60) == []
     store.clock.advance(61)  # type: ignore[attr-defined]
     assert await store.prune(older_than=60) == ["1"]
@@ -266,7 +274,7 @@ async def test_a_failing_write_does_not_undo_its_neighbours(store: JobStore) -> 
         return_exceptions=True,
     )
     assert isinstance(results[1], Conflict)
-    assert {j.id for j in await store.list()} == {"1", "2", "3"}
+    assert {j.id for j in await store.list_jobs()} == {"1", "2", "3"}
 
 
 async def test_checkpoint_truncates_wal(store: JobStore) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from comfyq.store import JobStore, NewJob
-from comfyq.store.model import Job
+from comfyq.store.model import Job, State
 from comfyq.store.writer import connect
 
 
@@ -38,7 +38,7 @@ def test_a_full_row_reads_like_its_columns(db: Path) -> None:
         assert getattr(job, key) == want, key
     assert job.cancel_requested is False and job.status == "queued" and not job.terminal
     job.cancel_requested = True
-    job.state = "running"
+    job.state = State.RUNNING
     assert job.cancel_requested is True and job.status == "processing"
 
 

@@ -7,6 +7,7 @@ import asyncio
 import math
 import random
 import sqlite3
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from comfyq.clock import ManualClock, iso
 from comfyq.errors import Conflict, LeaseLost, NotFound, QueueFull
 from comfyq.store import JobStore, NewJob
 from comfyq.store.journal import stamp
+from comfyq.store.model import Stage
 
 T0 = 1_800_000_000.0
 GEN_RESULT = {
@@ -47,7 +49,7 @@ def new(job_id: str, **kw: Any) -> NewJob:
 
 
 @pytest.fixture
-async def store(tmp_path: Path):
+async def store(tmp_path: Path) -> AsyncIterator[JobStore]:
     s = JobStore(tmp_path / "q.db", clock=ManualClock(T0), owner="w1")
     await s.open()
     yield s
@@ -68,7 +70,7 @@ async def _to_generate_with_a_retry(store: JobStore, job_id: str, hand_off: bool
     clock: ManualClock = store.clock  # type: ignore[assignment]
     await store.create(new(job_id), 100)
     clock.advance(0.25)
-    await store.claim("preprocess", 1, 30, "Preprocessing")
+    await store.claim(Stage.PREPROCESS, 1, 30, "Preprocessing")
     clock.advance(1.5)
     if hand_off:
         await store.advance_and_claim(
@@ -76,11 +78,11 @@ async def _to_generate_with_a_retry(store: JobStore, job_id: str, hand_off: bool
         )
     else:
         await store.advance(job_id, "pre done", {"prepared": {"workflow": {}}})
-        await store.claim("generate", 1, 30, "Waiting")
+        await store.claim(Stage.GENERATE, 1, 30, "Waiting")
     clock.advance(0.5)
     await store.retry_later(job_id, 1.0, {"type": "comfyui_unreachable", "message": "down"})
     clock.advance(2.0)
-    await store.claim("generate", 1, 30, "Waiting")
+    await store.claim(Stage.GENERATE, 1, 30, "Waiting")
     clock.advance(0.75)
 
 
@@ -106,7 +108,7 @@ async def test_hand_off_writes_what_advance_then_claim_writes(store: JobStore) -
             assert trs[0].event_id + 1 == trs[1].event_id
         else:
             await store.advance(job_id, "gen done", {"result": GEN_RESULT})
-            await store.claim("postprocess", 1, 30, "Post-processing")
+            await store.claim(Stage.POSTPROCESS, 1, 30, "Post-processing")
         clock.advance(0.5)
         done = await store.advance(job_id, "Processing complete.", None, [OUTPUT])
         assert done.to_state == "completed"
@@ -136,7 +138,7 @@ async def test_hand_off_refuses_what_advance_refuses(store: JobStore, tmp_path: 
     try:
         for job_id in ("held", "cancelled", "waiting"):
             await store.create(new(job_id), 100)
-        await store.claim("preprocess", 2, 30, "p")
+        await store.claim(Stage.PREPROCESS, 2, 30, "p")
         before = rows(store, "SELECT count(*) AS n FROM job_events")[0]["n"]
         with pytest.raises(LeaseLost):
             await other.advance_and_claim("held", "done", None, 30, "g")
@@ -162,7 +164,7 @@ async def test_completion_erases_secrets_and_queues_the_webhook_in_its_commit(
     await store.create(
         new("j", inp=inp, secrets={"webhook_secret": "whsec", "s3": {"k": "v"}}), 100
     )
-    for stage in ("preprocess", "generate", "postprocess"):
+    for stage in Stage:
         await store.claim(stage, 1, 30, stage)
         store.clock.advance(1.0)  # type: ignore[attr-defined]
         if stage != "postprocess":
@@ -184,7 +186,7 @@ async def test_update_sets_columns_of_a_held_job_only(store: JobStore, tmp_path:
     await store.create(new("j"), 100)
     with pytest.raises(LeaseLost, match="pending, not running"):
         await store.update("j", {"comfy_prompt_id": "p"})
-    await store.claim("preprocess", 1, 30, "p")
+    await store.claim(Stage.PREPROCESS, 1, 30, "p")
     job = await store.update(
         "j", {"comfy_prompt_id": "p1", "comfy_backend": "http://b", "message": "started"}
     )
@@ -239,7 +241,7 @@ async def test_an_operation_outside_transactions_keeps_its_place_in_the_turn(
         store.writer.run_outside(mark, "b"),
         store.writer.run(mark, "c"),
     )
-    assert got == ["a", "b", "c"] and order == ["a:txn", "b:alone", "c:txn"]
+    assert list(got) == ["a", "b", "c"] and order == ["a:txn", "b:alone", "c:txn"]
     assert store.writer.commits - before == 2
 
 

@@ -1,5 +1,5 @@
-"""Webhooks: the outbox trigger, signing as a Standard Webhooks receiver checks it, retries against a
-real receiver that fails, hangs or drops the connection, limits, the address guard, and secrets."""
+"""Webhooks: the outbox trigger, signing as a Standard Webhooks receiver checks it, retries against
+a real receiver that fails, hangs or drops the connection, limits, the address guard, secrets."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from comfyq.store import JobStore, NewJob
 from comfyq.webhooks import WebhookConfig, WebhookSender, history, sign
 
 SECRET = "whsec_" + base64.b64encode(b"a 24-byte secret for hmac").decode()
-FAST = {"timeout": 5.0, "retry_base": 0.02, "retry_max": 0.1, "poll_interval": 0.2}
+FAST: dict[str, Any] = {"timeout": 5.0, "retry_base": 0.02, "retry_max": 0.1, "poll_interval": 0.2}
 
 
 @pytest.fixture

@@ -62,7 +62,9 @@ SENDER_SCRIPT = textwrap.dedent("""
     async def main():
         store = JobStore(sys.argv[1])
         await store.open()
-        sender = WebhookSender(store, AddressGuard(["127.0.0.1"]), WebhookConfig(timeout=60, poll_interval=0.2))
+        sender = WebhookSender(
+            store, AddressGuard(["127.0.0.1"]), WebhookConfig(timeout=60, poll_interval=0.2)
+        )
         await sender.start()
         await asyncio.sleep(120)
 

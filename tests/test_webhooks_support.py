@@ -12,6 +12,7 @@ from typing import Any
 from aiohttp import web
 
 from comfyq.store import JobStore, NewJob
+from comfyq.store.model import Stage
 
 
 @dataclass
@@ -53,8 +54,7 @@ class Receiver:
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", port)
         await site.start()
-        assert site._server is not None
-        self.port = site._server.sockets[0].getsockname()[1]
+        self.port = self._runner.addresses[0][1]
         return self
 
     async def stop(self) -> None:
@@ -161,7 +161,7 @@ async def complete(
     store: JobStore, job_id: str, files: list[tuple[str, Path]] | None = None
 ) -> None:
     """Walk a pending job through the three stages to completed, recording ``files`` as outputs."""
-    for stage in ("preprocess", "generate", "postprocess"):
+    for stage in Stage:
         claimed = await store.claim(stage, 1, 30, stage)
         assert [j.id for j in claimed] == [job_id]
         if stage == "postprocess":

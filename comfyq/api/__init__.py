@@ -6,17 +6,27 @@ document, so the two cannot drift apart (a test checks both ways).
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
 from aiohttp import web
 
 from comfyq import ui
-from comfyq.api import dashboard, docs, generate, jobs, sse, ws
-from comfyq.api.health import health
+from comfyq.api import dashboard, docs, generate, jobs, sse, workflows, ws
+from comfyq.api.health import health, ready
 from comfyq.api.jobs import MAX_LIMIT, STATUS_SQL
 from comfyq.api.middleware import cors_headers
 from comfyq.api.openapi import Param, Reply, Route, document
 from comfyq.metrics import CONTENT_TYPE
-from comfyq.schemas import ErrorBody, GenerateRequest, Health, JobList, QueueInfo, Result
+from comfyq.schemas import (
+    ErrorBody,
+    GenerateRequest,
+    Health,
+    JobList,
+    QueueInfo,
+    Ready,
+    Result,
+)
 
 OPENAPI: web.AppKey[bytes] = web.AppKey("openapi", bytes)
 README: web.AppKey[str] = web.AppKey("readme", str)
@@ -148,6 +158,18 @@ ROUTES: list[Route] = [
     ),
     Route(
         "GET",
+        "/ready",
+        ready,
+        "Readiness: listener bound, workers alive, a backend warm, queue not full",
+        "ops",
+        public=True,
+        replies={
+            200: Reply("ready for traffic", Ready),
+            503: Reply("not ready (starting, warming up, or the queue is full)", Ready),
+        },
+    ),
+    Route(
+        "GET",
         "/jobs",
         jobs.list_jobs,
         "List jobs, newest first",
@@ -226,7 +248,8 @@ ROUTES: list[Route] = [
         ws.websocket,
         "Job events over a websocket",
         "jobs",
-        description='Send {"subscribe": ["<id>", ...]} or {"subscribe": "*"}; receive StreamEvents as JSON'
+        description='Send {"subscribe": ["<id>", ...]} or {"subscribe": "*"}; receive StreamEvents'
+        " as JSON"
         " text frames and preview images as binary frames (4-byte big-endian header length,"
         " JSON header with job_id, then the image).",
         replies={
@@ -369,14 +392,27 @@ ROUTES: list[Route] = [
 ]
 
 
+def app_routes(registry: Any) -> list[Route]:
+    """``ROUTES`` plus the typed workflow routes of ``registry``'s modifiers."""
+    return ROUTES + workflows.routes(registry)
+
+
+def build_document(registry: Any, *, api_keys: bool) -> dict[str, Any]:
+    """The OpenAPI document an app with this modifier registry serves."""
+    doc = document(app_routes(registry), api_keys=api_keys)
+    workflows.annotate(doc, registry.typed())
+    return doc
+
+
 def setup_routes(app: web.Application) -> None:
     """Register every route on ``app``, with the OpenAPI document and the rendered README."""
     from comfyq.api.context import API
 
     api = app[API]
-    for r in ROUTES:
+    registry = api.services.registry
+    for r in app_routes(registry):
         app.router.add_route(r.method, r.path, r.handler)
-    app[OPENAPI] = msgspec.json.encode(document(ROUTES, api_keys=api.keys.enabled))
+    app[OPENAPI] = msgspec.json.encode(build_document(registry, api_keys=api.keys.enabled))
     app[README] = docs.render_readme(api.options.readme)
     app.on_response_prepare.append(cors_headers)
     dashboard.setup(app)

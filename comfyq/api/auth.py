@@ -62,7 +62,8 @@ class Principal:
         return self.is_admin or (owner is not None and owner == self.key_id)
 
     def where(self, column: str = "owner") -> tuple[str, tuple[Any, ...]]:
-        """An SQL condition (with its parameters) selecting the visible jobs; ``("", ())`` for all."""
+        """An SQL condition (with its parameters) selecting the visible jobs; ``("", ())`` for
+        all."""
         if self.is_admin:
             return "", ()
         return f"{column} = ?", (self.key_id,)
@@ -152,7 +153,8 @@ class Keys:
         return self.current.enabled
 
     def reload(self) -> bool:
-        """Read the keys file again; on failure keep the keys in force and log why. True if reloaded."""
+        """Read the keys file again; on failure keep the keys in force and log why. True if
+        reloaded."""
         if self.file is None:
             return False
         try:

@@ -17,7 +17,7 @@ from comfyq.api.reads import Reads
 from comfyq.metrics import Metrics
 from comfyq.result import Results
 from comfyq.schemas import ErrorBody, ErrorInfo
-from comfyq.webhook_outbox import history
+from comfyq.webhooks.outbox import history
 
 _encode = msgspec.json.Encoder().encode
 

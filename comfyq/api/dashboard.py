@@ -25,7 +25,7 @@ from comfyq.errors import ComfyqError, Conflict
 from comfyq.outputs.local import job_dir
 from comfyq.result import progress_of
 from comfyq.schemas import Progress, Result
-from comfyq.store.model import TERMINAL, Job, status_of
+from comfyq.store.model import TERMINAL, Job, Stage, status_of
 
 ROW_COLUMNS = (
     "id, state, stage, kind, comfy_backend, attempts, max_attempts, priority, message,"
@@ -213,10 +213,11 @@ async def _count(api: Api, who: Principal) -> Counts:
         # Unfinished jobs from the queue snapshot (shared, partial indexes); finished ones one
         # covering count per state on the (state, created_at, id) index.
         snap = await api.queue.snapshot()
-        out["queued"] = snap.waiting["preprocess"]
-        out["processing"] = snap.running["preprocess"] + snap.waiting["generate"]
-        out["generating"] = snap.running["generate"]
-        out["postprocessing"] = snap.waiting["postprocess"] + snap.running["postprocess"]
+        pre, gen, post = Stage.PREPROCESS, Stage.GENERATE, Stage.POSTPROCESS
+        out["queued"] = snap.waiting[pre]
+        out["processing"] = snap.running[pre] + snap.waiting[gen]
+        out["generating"] = snap.running[gen]
+        out["postprocessing"] = snap.waiting[post] + snap.running[post]
         rows = await api.reads.rows(
             "SELECT 'completed', count(*) FROM jobs WHERE state = 'completed'"
             " UNION ALL SELECT 'failed', count(*) FROM jobs WHERE state = 'failed'"

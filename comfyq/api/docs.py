@@ -21,11 +21,19 @@ ASSETS_ROUTE = "/docs/assets/{name}"
 
 @lru_cache(maxsize=1)
 def assets_dir() -> Path:
-    """Swagger UI's static files, found without importing the package (it pulls in web frameworks)."""
+    """Swagger UI's static files, found without importing the package (it pulls in web servers)."""
     spec = importlib.util.find_spec("swagger_ui")
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError("the swagger-ui-py package is not installed")
     return Path(next(iter(spec.submodule_search_locations))) / "static"
+
+
+@lru_cache(maxsize=1)
+def asset_files() -> dict[str, Path]:
+    """The servable files by name: a request's name is looked up, never joined into a path."""
+    return {
+        p.name: p for p in assets_dir().iterdir() if p.is_file() and not p.name.endswith(".map")
+    }
 
 
 _PAGE = """<!DOCTYPE html>
@@ -39,7 +47,10 @@ const token = __TOKEN__;
 window.ui = SwaggerUIBundle({
   url: "/openapi.json", dom_id: "#swagger-ui", deepLinking: true, persistAuthorization: true,
   presets: [SwaggerUIBundle.presets.apis], layout: "BaseLayout",
-  requestInterceptor: (req) => { if (token && !req.headers.Authorization) req.headers.Authorization = "Bearer " + token; return req; },
+  requestInterceptor: (req) => {
+    if (token && !req.headers.Authorization) req.headers.Authorization = "Bearer " + token;
+    return req;
+  },
 });
 </script></body></html>
 """
@@ -54,7 +65,8 @@ async def docs_page(request: web.Request) -> web.Response:
     """GET /docs: interactive documentation."""
     keys = get_api(request).keys
     token = request.query.get("access_token")
-    # Only a key that was checked goes into the page: /docs?access_token=KEY lets a browser try calls.
+    # Only a key that was checked goes into the page: /docs?access_token=KEY lets a browser try
+    # calls.
     shown = token if keys.enabled and keys.principal(token) is not None else None
     return web.Response(
         text=_PAGE.replace("__TOKEN__", _js_string(shown)), content_type="text/html"
@@ -64,9 +76,8 @@ async def docs_page(request: web.Request) -> web.Response:
 async def docs_asset(request: web.Request) -> web.StreamResponse:
     """GET /docs/assets/{name}: Swagger UI's own files (public: nothing of ours is in them)."""
     name = request.match_info["name"]
-    folder = assets_dir()
-    path = (folder / name).resolve()
-    if path.parent != folder.resolve() or not path.is_file() or name.endswith(".map"):
+    path = asset_files().get(name)
+    if path is None:
         raise web.HTTPNotFound(text=f"no asset {name!r}")
     ctype = mimetypes.guess_type(name)[0] or "application/octet-stream"
     return web.FileResponse(
@@ -95,7 +106,8 @@ def readme_text(path: Path | None) -> str | None:
 
 
 _STYLE = (
-    "body{font:16px/1.5 system-ui,sans-serif;max-width:52rem;margin:2rem auto;padding:0 1rem;color:#222}"
+    "body{font:16px/1.5 system-ui,sans-serif;max-width:52rem;margin:2rem auto;padding:0"
+    " 1rem;color:#222}"
     "pre{background:#f5f5f5;padding:.8rem;overflow:auto}code{background:#f5f5f5;padding:0 .2rem}"
     "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.3rem .6rem}"
     "nav{margin-bottom:1.5rem}"
@@ -106,7 +118,8 @@ def render_readme(path: Path | None) -> str:
     """The README as a whole HTML page (raw HTML in the Markdown is escaped, not passed through)."""
     text = readme_text(path)
     nav = (
-        '<nav><a href="/ui">Dashboard</a> · <a href="/docs">Interactive API docs</a> · <a href="/openapi.json">OpenAPI</a> · '
+        '<nav><a href="/ui">Dashboard</a> · <a href="/docs">Interactive API docs</a> · '
+        '<a href="/openapi.json">OpenAPI</a> · '
         '<a href="/health">Health</a></nav>'
     )
     if text is None:
@@ -116,7 +129,7 @@ def render_readme(path: Path | None) -> str:
     else:
         # HTML comments (the generated-table markers) are for editors, not readers; any other raw
         # HTML stays escaped.
-        text = re.sub(r"<!--.*?-->\n?", "", text, flags=re.S)
+        text = re.sub(r"<!--.*?-->\n?", "", text, flags=re.DOTALL)
         body = MarkdownIt("commonmark", {"html": False}).enable("table").render(text)
     return (
         f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>comfyq</title>'

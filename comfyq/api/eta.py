@@ -7,13 +7,8 @@ import asyncio
 from collections import deque
 from typing import Any
 
-from comfyq.store.model import STAGES, Transition, loads
+from comfyq.store.model import STAGE_MS, STAGES, Stage, State, Transition, loads
 
-STAGE_MS = {
-    "preprocess": "preprocess_ms",
-    "generate": "generation_ms",
-    "postprocess": "postprocess_ms",
-}
 MIN_SAMPLES = 3  # fewer jobs of a kind than this: estimate from all kinds
 
 
@@ -23,9 +18,9 @@ class Durations:
     def __init__(self, store: Any, reads: Any, samples: int = 50) -> None:
         self.reads = reads
         self.samples = samples
-        self._by_kind: dict[str, deque[dict[str, float]]] = {}
-        self._all: deque[dict[str, float]] = deque(maxlen=samples)
-        self._means: dict[str | None, dict[str, float] | None] = {}
+        self._by_kind: dict[str, deque[dict[Stage, float]]] = {}
+        self._all: deque[dict[Stage, float]] = deque(maxlen=samples)
+        self._means: dict[str | None, dict[Stage, float] | None] = {}
         self._loading: asyncio.Future[None] | None = None
         self._loaded = False
         store.listen(self.on_transitions)
@@ -35,7 +30,7 @@ class Durations:
         if not self._loaded:
             return  # the first read will see it
         for tr in trs:
-            if tr.to_state == "completed" and tr.job is not None:
+            if tr.to_state == State.COMPLETED and tr.job is not None:
                 self._add(tr.job.kind, tr.job.timings)
 
     def _add(self, kind: str, timings: Any) -> None:
@@ -52,8 +47,9 @@ class Durations:
         self._means.pop(None, None)
 
     async def _load(self) -> None:
-        # ``finished_at IS NOT NULL`` (always true of a completed job) lets it walk the jobs_finished
-        # index newest first and stop at the limit, instead of scanning and sorting every job.
+        # ``finished_at IS NOT NULL`` (always true of a completed job) lets it walk the
+        # jobs_finished index newest first and stop at the limit, instead of scanning and sorting
+        # every job.
         sql = (
             "SELECT kind, timings FROM jobs WHERE state = 'completed' AND finished_at IS NOT NULL"
             " ORDER BY finished_at DESC LIMIT ?"
@@ -63,7 +59,7 @@ class Durations:
             self._add(kind, loads(timings))
         self._loaded = True
 
-    async def means(self, kind: str | None) -> dict[str, float] | None:
+    async def means(self, kind: str | None) -> dict[Stage, float] | None:
         """Mean seconds per stage for ``kind`` (None: all kinds); None before any job completed."""
         if not self._loaded:
             if self._loading is None:

@@ -14,13 +14,14 @@ from aiohttp import web
 
 from comfyq import admission
 from comfyq.api.auth import principal
+from comfyq.api.body import read_json_body
 from comfyq.api.context import Api, get_api, json_response
 from comfyq.api.sse import stream_job
 from comfyq.errors import BadRequest, ComfyqError
 from comfyq.events import Subscription
 from comfyq.result import to_result
 from comfyq.schemas import Result
-from comfyq.store.model import Job
+from comfyq.store.model import Job, State
 
 
 def _status_by_type() -> dict[str, int]:
@@ -38,9 +39,9 @@ _ERROR_STATUS = _status_by_type()
 
 def final_status(job: Job) -> int:
     """HTTP status of a job's final state: 200, 499 (cancelled), 400 (rejected), 502 or 500."""
-    if job.state == "completed":
+    if job.state == State.COMPLETED:
         return 200
-    if job.state == "cancelled":
+    if job.state == State.CANCELLED:
         return 499
     status = _ERROR_STATUS.get(str((job.error or {}).get("type")), 500)
     # The client's own fault (workflow rejected, bad input) is a 400; ComfyUI trouble a 502.
@@ -53,7 +54,7 @@ def _location(job_id: str) -> dict[str, str]:
 
 async def _admit(request: web.Request) -> tuple[Api, admission.Admitted]:
     api = get_api(request)
-    body = await request.read()
+    body = await read_json_body(request, api.settings)
     adm = await admission.prepare(api.services, body, request.headers)
     adm.new.owner = principal(request).owner
     return api, adm

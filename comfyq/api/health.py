@@ -11,7 +11,7 @@ import msgspec
 from aiohttp import web
 
 from comfyq.api.context import get_api, json_response
-from comfyq.schemas import BackendHealth, Health, StageHealth, StoreHealth
+from comfyq.schemas import BackendHealth, Health, Ready, StageHealth, StoreHealth
 
 
 def _backend(raw: dict[str, Any]) -> BackendHealth:
@@ -36,7 +36,8 @@ async def health(request: web.Request) -> web.Response:
     stages = {name: StageHealth(**h) for name, h in svc.pipeline.health().items()}
     backends = [_backend(b) for b in svc.pool.snapshot()]
     stages_ok = all(s.alive >= 1 for s in stages.values())
-    any_backend = any(b.healthy for b in backends)
+    # Alive, not ready: a backend that answers but is still warming up counts here (/ready waits).
+    any_backend = any(b.healthy or b.reachable for b in backends)
     ok = store.writable and stages_ok and any_backend
     reasons = []
     if not store.writable:
@@ -48,6 +49,9 @@ async def health(request: web.Request) -> web.Response:
         )
     if not any_backend:
         reasons.append("no ComfyUI backend answers; jobs wait until one does")
+    for b in backends:
+        if b.process is not None and b.process.state != "running" and b.process.reason:
+            reasons.append(f"ComfyUI {b.url} is {b.process.state}: {b.process.reason}")
     queues = None
     if store.writable:
         try:
@@ -64,3 +68,38 @@ async def health(request: web.Request) -> web.Response:
         reason="; ".join(reasons) or None,
     )
     return json_response(body, 200 if ok else 503)
+
+
+async def ready(request: web.Request) -> web.Response:
+    """GET /ready: 200 only when the listener is bound, every stage has workers, at least one
+    backend is warm and the queue is under MAX_QUEUE_SIZE; 503 otherwise (load balancers drain)."""
+    api = get_api(request)
+    svc = api.services
+    reasons = []
+    if not svc.listening:
+        reasons.append("the HTTP listener is not accepting connections yet")
+    stages = svc.pipeline.health()
+    idle = [n for n, h in stages.items() if h["alive"] < 1]
+    if idle:
+        reasons.append("stage(s) without live workers: " + ", ".join(idle))
+    backends = svc.pool.snapshot()
+    if not any(b["healthy"] for b in backends):
+        warming = [b["url"] for b in backends if b.get("reachable") and not b.get("warm")]
+        reasons.append(
+            "no backend is warm yet (warming up: " + ", ".join(warming) + ")"
+            if warming
+            else "no ComfyUI backend answers"
+        )
+    queues = await api.queue.info()
+    if queues.unfinished >= queues.max_queue_size:
+        reasons.append(
+            f"the queue is full ({queues.unfinished} unfinished jobs, MAX_QUEUE_SIZE"
+            f" {queues.max_queue_size})"
+        )
+    body = Ready(
+        ready=not reasons,
+        reason="; ".join(reasons) or None,
+        backends_warm=f"{sum(bool(b['healthy']) for b in backends)}/{len(backends)}",
+        queues=queues,
+    )
+    return json_response(body, 503 if reasons else 200)

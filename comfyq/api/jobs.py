@@ -15,12 +15,13 @@ from comfyq.api.context import Api, get_api, json_response
 from comfyq.errors import BadRequest, ComfyqError, NotFound
 from comfyq.outputs.local import job_dir
 from comfyq.schemas import JobList
-from comfyq.store.model import Job
+from comfyq.store.model import Job, State
 
 # Result statuses (and the raw states) a listing can filter on, as SQL over (state, stage).
 STATUS_SQL = {
     "queued": "(state = 'pending' AND stage = 'preprocess')",
-    "processing": "((state = 'running' AND stage = 'preprocess') OR (state = 'pending' AND stage = 'generate'))",
+    "processing": "((state = 'running' AND stage = 'preprocess')"
+    " OR (state = 'pending' AND stage = 'generate'))",
     "generating": "(state = 'running' AND stage = 'generate')",
     "postprocessing": "(state IN ('pending', 'running') AND stage = 'postprocess')",
     "completed": "state = 'completed'",
@@ -61,7 +62,7 @@ async def cancel(request: web.Request) -> web.Response:
     await visible_head(api, request, job_id)
     with api.bus.subscribe(job_id, maxsize=4) as sub:
         job = await api.pipeline.cancel(job_id)  # NotFound -> 404
-        if job.state == "running":
+        if job.state == State.RUNNING:
             from comfyq.api.generate import wait_final
 
             job = await wait_final(api, sub, job, api.options.cancel_wait)

@@ -1,8 +1,8 @@
-"""Cross-cutting HTTP behaviour: one error envelope, bearer-key auth, CORS, request metrics and logs.
+"""Cross-cutting HTTP behaviour: one error envelope, bearer-key auth, CORS, request metrics, logs.
 
-Order (outermost first): the access log, metrics (sees the final status of everything), CORS preflight, errors
-(every failure becomes ``{"error": {...}}``), auth. CORS headers are added to every response,
-streams included, by an ``on_response_prepare`` hook.
+Order (outermost first): the access log, metrics (sees the final status of everything), CORS
+preflight, errors (every failure becomes ``{"error": {...}}``), auth. CORS headers are added to
+every response, streams included, by an ``on_response_prepare`` hook.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from aiohttp import web
 
 from comfyq.api.auth import NOBODY, set_principal
 from comfyq.api.context import get_api, json_response
-from comfyq.errors import ComfyqError, QueueFull, Unauthorized
+from comfyq.errors import BadRequest, ComfyqError, QueueFull, Unauthorized
+from comfyq.limits import CONTROL
 from comfyq.logs import job_context
 from comfyq.schemas import ErrorBody, ErrorInfo
 
@@ -26,7 +27,7 @@ log = logging.getLogger("comfyq.api")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-PUBLIC_PATHS = frozenset({"/health", "/ui"})  # the dashboard page asks for the key itself
+PUBLIC_PATHS = frozenset({"/health", "/ready", "/ui"})  # the dashboard page asks for a key itself
 # Swagger UI's own static files and the dashboard's: code, no data.
 PUBLIC_PREFIXES = ("/docs/assets/", "/ui/static/")
 ALLOW_HEADERS = "Authorization, Content-Type, Last-Event-ID, X-Return-Outputs-As-Base64"
@@ -50,7 +51,7 @@ def route_name(request: web.Request) -> str:
 
 # Probes and scrapes would drown the requests that matter: they are logged at debug (a 503 from
 # /health too: the backend's own line says what went wrong, once).
-_QUIET_ROUTES = frozenset({"/health", "/metrics"})
+_QUIET_ROUTES = frozenset({"/health", "/ready", "/metrics"})
 access_log = logging.getLogger("comfyq.access")
 # Why a request was refused, filled by errors_middleware for the access line (one dict per request).
 _error_note: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar(
@@ -90,6 +91,16 @@ async def access_log_middleware(request: web.Request, handler: Handler) -> web.S
         except asyncio.CancelledError:
             status = 499  # the client went away first
             raise
+        except ConnectionError:
+            if not client_gone(request):
+                raise
+            # The client hung up mid-request (often while its body was read): its doing, not
+            # a server error. Nobody will read an answer; returning one keeps aiohttp quiet.
+            status = 499
+            note.setdefault("error_type", "client_disconnected")
+            note.setdefault("error", "the client closed the connection before the answer")
+            response = web.Response(status=499)
+            return response
         finally:
             _error_note.reset(token)
             ms = (time.perf_counter() - t0) * 1000
@@ -127,6 +138,12 @@ async def access_log_middleware(request: web.Request, handler: Handler) -> web.S
                 )
 
 
+def client_gone(request: web.Request) -> bool:
+    """Whether the client's connection is closed (or closing)."""
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
 def _note_error(request: web.Request, type_: str, message: str) -> None:
     note = _error_note.get()
     if note is not None:
@@ -162,8 +179,17 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         info = ErrorInfo(_HTTP_TYPES.get(exc.status, f"http_{exc.status}"), message or exc.reason)
         _note_error(request, info.type, info.message)
         return json_response(ErrorBody(info), exc.status, headers)
-    except (asyncio.CancelledError, ConnectionError):
+    except asyncio.CancelledError:
         raise
+    except ConnectionError:
+        if client_gone(request):
+            raise  # the access log notes it; there is nobody to answer
+        log.exception("%s %s failed", request.method, route_name(request))
+        info = ErrorInfo(
+            "internal_error", "internal server error; the details are in the server log"
+        )
+        _note_error(request, info.type, info.message)
+        return json_response(ErrorBody(info), 500)
     except Exception:
         log.exception("%s %s failed", request.method, route_name(request))
         info = ErrorInfo(
@@ -219,6 +245,19 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     return await handler(request)
 
 
+@web.middleware
+async def params_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """400 naming the parameter when a path parameter holds a control character (%00, %0A...):
+    such a value is no job id or file name, and must not reach a header, a path or a log field."""
+    for name, value in request.match_info.items():
+        if CONTROL.search(value):
+            msg = "must not contain control characters"
+            raise BadRequest(
+                f"path parameter {name} {msg}", fields=[{"path": f"$.path.{name}", "message": msg}]
+            )
+    return await handler(request)
+
+
 def _allowed_origin(request: web.Request) -> str | None:
     origin = request.headers.get("Origin")
     allowed = get_api(request).settings.cors_origins
@@ -259,4 +298,10 @@ async def cors_headers(request: web.Request, response: web.StreamResponse) -> No
             response.headers.add("Vary", "Origin")
 
 
-MIDDLEWARES = [access_log_middleware, cors_middleware, errors_middleware, auth_middleware]
+MIDDLEWARES = [
+    access_log_middleware,
+    cors_middleware,
+    errors_middleware,
+    auth_middleware,
+    params_middleware,
+]

@@ -57,9 +57,11 @@ def _errors(route: Route, keys: bool) -> dict[int, Reply]:
     out: dict[int, Reply] = {}
     if route.body is not None:
         out[400] = Reply("invalid request: `error.fields` names each failing field", ErrorBody)
+        out[408] = Reply("the body did not arrive within http_body_timeout", ErrorBody)
         out[413] = Reply("body over the configured limit", ErrorBody)
         out[415] = Reply("body is not JSON", ErrorBody)
     if "{" in route.path:
+        out[400] = Reply("a path parameter holds a control character", ErrorBody)
         out[404] = Reply("no such job (or file)", ErrorBody)
     if keys and not route.public:
         out[401] = Reply("missing or wrong API key", ErrorBody)
@@ -143,7 +145,8 @@ def document(routes: list[Route], *, api_keys: bool) -> dict[str, Any]:
         "info": {
             "title": "comfyq",
             "version": comfyq.__version__,
-            "description": "A durable, restart-safe job API in front of ComfyUI. Jobs are committed to SQLite"
+            "description": "A durable, restart-safe job API in front of ComfyUI."
+            " Jobs are committed to SQLite"
             " before they are acknowledged; progress streams over SSE and websockets.",
         },
         "paths": paths,

@@ -18,13 +18,13 @@ from comfyq.api.eta import Durations
 from comfyq.events import Event, Subscription
 from comfyq.result import epoch
 from comfyq.schemas import QueueInfo, QueuePosition
-from comfyq.store.model import STAGES, Job, Transition
+from comfyq.store.model import STAGES, Job, Stage, State, Transition
 
 QueueName = Literal["preprocessing", "generation", "postprocessing"]
-QUEUE_NAMES: dict[str, QueueName] = {
-    "preprocess": "preprocessing",
-    "generate": "generation",
-    "postprocess": "postprocessing",
+QUEUE_NAMES: dict[Stage, QueueName] = {
+    Stage.PREPROCESS: "preprocessing",
+    Stage.GENERATE: "generation",
+    Stage.POSTPROCESS: "postprocessing",
 }
 
 
@@ -45,8 +45,8 @@ class Snapshot:
     version: int
     taken: float
     positions: dict[str, int] = field(default_factory=dict)  # waiting job id -> 1-based position
-    waiting: dict[str, int] = field(default_factory=dict)
-    running: dict[str, int] = field(default_factory=dict)
+    waiting: dict[Stage, int] = field(default_factory=dict)
+    running: dict[Stage, int] = field(default_factory=dict)
 
 
 class QueueView:
@@ -123,7 +123,7 @@ class QueueView:
             running={s: 0 for s in STAGES},
         )
         for job_id, stage, state, pos in await self.reads.rows(_SNAPSHOT_SQL):
-            if state == "pending":
+            if state == State.PENDING:
                 fresh.positions[job_id] = pos
                 fresh.waiting[stage] += 1
             else:
@@ -136,12 +136,12 @@ class QueueView:
         """Queue sizes for /queue-info and stream events."""
         s = await self.snapshot()
         return QueueInfo(
-            preprocess_queue_size=s.waiting["preprocess"],
-            generation_queue_size=s.waiting["generate"],
-            postprocess_queue_size=s.waiting["postprocess"],
-            preprocess_in_flight=s.running["preprocess"],
-            generation_in_flight=s.running["generate"],
-            postprocess_in_flight=s.running["postprocess"],
+            preprocess_queue_size=s.waiting[Stage.PREPROCESS],
+            generation_queue_size=s.waiting[Stage.GENERATE],
+            postprocess_queue_size=s.waiting[Stage.POSTPROCESS],
+            preprocess_in_flight=s.running[Stage.PREPROCESS],
+            generation_in_flight=s.running[Stage.GENERATE],
+            postprocess_in_flight=s.running[Stage.POSTPROCESS],
             unfinished=sum(s.waiting.values()) + sum(s.running.values()),
             max_queue_size=self.max_queue_size,
         )
@@ -151,15 +151,15 @@ class QueueView:
         return await self.place(job.id, job.state, job.stage, job.kind, job.stage_entered_at)
 
     async def place(
-        self, job_id: str, state: str, stage: str, kind: str, entered_at: str
+        self, job_id: str, state: State, stage: Stage, kind: str, entered_at: str
     ) -> QueuePosition | None:
         """Like :meth:`position`, from what a stream already knows (no job read)."""
-        if state not in ("pending", "running"):
+        if state not in (State.PENDING, State.RUNNING):
             return None
         s = await self.snapshot()
-        pos = s.positions.get(job_id, 0) if state == "pending" else 0
+        pos = s.positions.get(job_id, 0) if state == State.PENDING else 0
         size = s.waiting[stage]
-        if state == "pending" and pos == 0:
+        if state == State.PENDING and pos == 0:
             # Committed after the snapshot: it is at the back, and the queue holds it too.
             size += 1
             pos = size
@@ -167,7 +167,7 @@ class QueueView:
         return QueuePosition(QUEUE_NAMES[stage], pos, size, eta)
 
     async def estimate(
-        self, state: str, stage: str, kind: str, entered_at: str, pos: int, snap: Snapshot
+        self, state: State, stage: Stage, kind: str, entered_at: str, pos: int, snap: Snapshot
     ) -> float | None:
         """Seconds until the job should be finished, or None with no measurements yet."""
         means = await self.durations.means(kind)
@@ -175,7 +175,7 @@ class QueueView:
             return None
         rest = sum(means[s] for s in STAGES[STAGES.index(stage) + 1 :])
         own = means[stage]
-        if state == "running":
+        if state == State.RUNNING:
             spent = max(0.0, float(self.store.clock.now()) - epoch(entered_at))
             return round(max(0.0, own - spent) + rest, 1)
         slots = max(1, int(self.pipeline.health().get(stage, {}).get("workers", 1)))

@@ -61,7 +61,7 @@ class Reads:
         return Job.from_row(rows[0]) if rows else None
 
     async def head(self, job_id: str) -> Job | None:
-        """The few columns a stream needs (not the payload or workflow: a thousand streams add up)."""
+        """The few columns a stream needs (not payload or workflow: a thousand streams add up)."""
         rows = await self.rows(f"SELECT {HEAD_COLUMNS} FROM jobs WHERE id = ?", (job_id,))
         return Job.from_row(rows[0]) if rows else None
 
@@ -76,7 +76,8 @@ class Reads:
         """Output rows of some jobs, in the order they were recorded."""
         out: dict[str, list[dict[str, Any]]] = {}
         if job_ids:
-            sql = f"SELECT * FROM outputs WHERE job_id IN ({','.join('?' * len(job_ids))}) ORDER BY id"
+            marks = ",".join("?" * len(job_ids))
+            sql = f"SELECT * FROM outputs WHERE job_id IN ({marks}) ORDER BY id"
             for r in await self.rows(sql, job_ids):
                 out.setdefault(r["job_id"], []).append(dict(r))
         return out

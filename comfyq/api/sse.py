@@ -18,6 +18,7 @@ from comfyq.api.stream import JobFeed, row_of
 from comfyq.errors import NotFound
 from comfyq.events import Subscription
 from comfyq.schemas import StreamEvent, encoder
+from comfyq.store.model import State
 
 log = logging.getLogger("comfyq.api")
 
@@ -36,7 +37,7 @@ def frame(se: StreamEvent) -> bytes:
 
 
 def last_event_id(request: web.Request) -> int | None:
-    """Where a client resumes: the Last-Event-ID header, or ``?last_event_id=`` for plain clients."""
+    """Where a client resumes: the Last-Event-ID header, or ``?last_event_id=`` (plain clients)."""
     return row_of(request.headers.get("Last-Event-ID") or request.query.get("last_event_id"))
 
 
@@ -84,7 +85,7 @@ def _backlog(sub: Subscription) -> int:
 
 
 async def _live(api: Api, feed: JobFeed, sub: Subscription, resp: web.StreamResponse) -> None:
-    if feed.state == "pending":
+    if feed.state == State.PENDING:
         api.queue.watch(sub, feed.job_id)
     out: list[bytes] = []
     while True:
@@ -104,7 +105,7 @@ async def _live(api: Api, feed: JobFeed, sub: Subscription, resp: web.StreamResp
             continue
         if se.event == "state":
             await feed.decorate(se)
-            if feed.state == "pending":
+            if feed.state == State.PENDING:
                 api.queue.watch(sub, feed.job_id)
             else:
                 api.queue.unwatch(sub)

@@ -17,7 +17,7 @@ from comfyq.errors import NotFound
 from comfyq.events import Event
 from comfyq.result import epoch, progress_of
 from comfyq.schemas import StreamEvent
-from comfyq.store.model import TERMINAL, Job, status_of
+from comfyq.store.model import TERMINAL, Job, Stage, State, status_of
 
 
 def row_of(event_id: str | None) -> int | None:
@@ -53,9 +53,10 @@ class JobFeed:
         self, row: int, to_state: str, stage: str, message: str, attempt: int, at: str
     ) -> StreamEvent:
         self.last_row = max(self.last_row, row)
-        self.state, self.stage, self.message, self.attempt = to_state, stage, message, attempt
-        self.entered_at = at
-        self.status = status_of(to_state, stage)
+        # A stored row holds text; a bus event the members (State(member) is the member).
+        self.state, self.stage = State(to_state), Stage(stage)
+        self.message, self.attempt, self.entered_at = message, attempt, at
+        self.status = status_of(self.state, self.stage)
         return StreamEvent(
             request_id=self.job_id,
             status=self.status,
@@ -64,7 +65,7 @@ class JobFeed:
             elapsed_time=self._elapsed(epoch(at)),
             timestamp=at,
             id=str(row),
-            stage=stage,
+            stage=self.stage,
             attempt=attempt,
         )
 
@@ -124,7 +125,7 @@ class JobFeed:
 
     async def queue_moved(self) -> StreamEvent | None:
         """An event when the job's place in the queue changed since the last one sent."""
-        if self.state != "pending":
+        if self.state != State.PENDING:
             return None
         qp = await self._place()
         if qp is None or (self.state, self.stage, qp.position, qp.queue_size) == self._queue_key:

@@ -1,1 +1,2 @@
-"""ComfyUI side of comfyq: client, protocol types and the simulator."""
+"""ComfyUI client side: the HTTP/websocket client, its protocol types, backends and file
+transfer."""

@@ -11,12 +11,15 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from collections.abc import Callable, AsyncIterator, Collection
+from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
+from comfyq.clock import iso
 from comfyq.comfy.client import ComfyClient, redact_url
+from comfyq.comfy.warmup import Warmup
 from comfyq.errors import ComfyUIUnreachable
+from comfyq.logs import SIGNAL
 
 _log = logging.getLogger("comfyq.comfy.backends")
 
@@ -34,12 +37,23 @@ class Backend:
     in_flight: int = 0
     system_stats: dict[str, Any] | None = None
     require_websocket: bool = True
+    # Warm-up (comfyq.comfy.warmup): cold after every (re)start until the warm-up prompt ended.
+    warm: bool = True
+    warming: bool = False
+    warmups: int = 0
+    warmup_error: str | None = None
     _last_pick: int = field(default=0, repr=False)
     _was_healthy: bool = field(default=False, repr=False)
 
     @property
-    def healthy(self) -> bool:
+    def reachable(self) -> bool:
+        """HTTP answers and the websocket is up (warm or not)."""
         return self.http_ok and (self.ws_ok or not self.require_websocket)
+
+    @property
+    def healthy(self) -> bool:
+        """Reachable and warm: takes jobs."""
+        return self.reachable and self.warm
 
     @property
     def display_url(self) -> str:
@@ -61,6 +75,7 @@ class BackendPool:
         probe_timeout: float = 5.0,
         require_websocket: bool = True,
         client_id_for: Callable[[str], str] | None = None,
+        warmup: Warmup | None = None,
     ) -> None:
         unique = list(dict.fromkeys(u.strip().rstrip("/") for u in urls if u.strip()))
         if not unique:
@@ -73,20 +88,25 @@ class BackendPool:
         self._log = logger or _log
         kwargs = dict(client_kwargs or {})
         kwargs.setdefault("logger", self._log)
+
         # A client id that stays the same across restarts lets a restarted comfyq get the messages
         # of prompts it submitted before it died (ComfyUI routes them by client id).
+        def client(url: str) -> ComfyClient:
+            if client_id_for:
+                return ComfyClient(url, **kwargs, client_id=client_id_for(url))
+            return ComfyClient(url, **kwargs)
+
         self._backends = [
-            Backend(
-                u,
-                ComfyClient(
-                    u, **kwargs, **({"client_id": client_id_for(u)} if client_id_for else {})
-                ),
-                slots_per_backend,
-                require_websocket=require_websocket,
-            )
+            Backend(u, client(u), slots_per_backend, require_websocket=require_websocket)
             for u in unique
         ]
         self._by_url = {b.url: b for b in self._backends}
+        self.warmup = warmup
+        # url -> what the supervisor of that backend's process says (comfyq.comfy.supervisor)
+        self.process_info: dict[str, Callable[[], dict[str, Any]]] = {}
+        if warmup is not None:
+            for b in self._backends:
+                b.warm = False
         self._picks = itertools.count(1)
         self._wake: asyncio.Future[None] | None = None
         self._probe_now = asyncio.Event()
@@ -95,10 +115,37 @@ class BackendPool:
         # Autoscalers read these tokens from the log: exactly one of them, and only when true.
         self._ready_logged = False
         self._ready_timed_out = False
+        # While held (comfyq serve holds it until its listener accepts connections), BACKENDS_READY
+        # waits: a watcher that connects the moment it reads the line must not be refused.
+        self._ready_held = False
 
     @property
     def backends(self) -> list[Backend]:
         return list(self._backends)
+
+    def hold_ready_line(self) -> None:
+        """Keep BACKENDS_READY back until :meth:`release_ready_line`."""
+        self._ready_held = True
+
+    def release_ready_line(self) -> None:
+        """Let BACKENDS_READY out (now, if every backend is already ready)."""
+        self._ready_held = False
+        self._maybe_announce()
+
+    def _maybe_announce(self) -> None:
+        if (
+            not self._ready_held
+            and not self._ready_logged
+            and not self._ready_timed_out
+            and not self._closed
+            and all(x.healthy for x in self._backends)
+        ):
+            self._ready_logged = True
+            self._log.info(
+                "BACKENDS_READY: %d backend(s) reachable, ready to serve",
+                len(self._backends),
+                extra=SIGNAL,
+            )
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -201,6 +248,7 @@ class BackendPool:
         out = []
         for b in self._backends:
             system = (b.system_stats or {}).get("system") or {}
+            found = b.client.capabilities
             out.append(
                 {
                     "url": b.display_url,
@@ -212,11 +260,18 @@ class BackendPool:
                     "last_error": b.last_error,
                     "comfyui_version": system.get("comfyui_version"),
                     "queue_remaining": b.client.queue_remaining,
+                    "capabilities": found.names() if found is not None else None,
+                    "capabilities_probed_at": iso(found.probed_at) if found is not None else None,
+                    "warm": b.warm,
+                    "warmups": b.warmups,
+                    "warmup_error": b.warmup_error,
+                    "reachable": b.reachable,
+                    "process": info() if (info := self.process_info.get(b.url)) else None,
                 }
             )
         return out
 
-    # --- health -------------------------------------------------------------------------------------
+    # --- health ---------------------------------------------------------------------------------
 
     def _ws_listener(self, b: Backend) -> Any:
         def changed(up: bool) -> None:
@@ -230,6 +285,14 @@ class BackendPool:
         return changed
 
     def _update(self, b: Backend) -> None:
+        if self.warmup is not None and not self._closed:
+            if not b.reachable:
+                b.warm = False  # it may restart: warm it again once it is back
+            elif not b.warm and not b.warming:
+                b.warming = True
+                self._tasks.append(
+                    asyncio.create_task(self._warm(b), name=f"comfy-warmup {b.display_url}")
+                )
         now, was = b.healthy, b._was_healthy
         b._was_healthy = now
         if now:
@@ -241,28 +304,41 @@ class BackendPool:
                 self._log.warning(
                     "backend %s is unhealthy: %s", b.display_url, b.last_error or "unknown reason"
                 )
-        if (
-            now
-            and not self._ready_logged
-            and not self._ready_timed_out
-            and not self._closed
-            and all(x.healthy for x in self._backends)
-        ):
-            self._ready_logged = True
-            self._log.info(
-                "BACKENDS_READY: %d backend(s) reachable, ready to serve", len(self._backends)
-            )
+        if now:
+            self._maybe_announce()
         self._notify()
+
+    async def _warm(self, b: Backend) -> None:
+        assert self.warmup is not None
+        self._log.info("backend %s is reachable: running the warm-up workflow", b.display_url)
+        try:
+            b.warmup_error = await self.warmup.run(b)
+        except ComfyUIUnreachable as exc:
+            self._log.warning("backend %s: warm-up interrupted: %s", b.display_url, exc.message)
+            b.warming = False
+            self._probe_now.set()  # retried once the backend is reachable again
+            return
+        finally:
+            self._tasks = [t for t in self._tasks if not t.done()]
+        if b.warmup_error:
+            self._log.error("backend %s: %s; taking jobs anyway", b.display_url, b.warmup_error)
+        b.warmups += 1
+        b.warming = False
+        b.warm = b.reachable
+        self._update(b)
 
     async def _probe(self, b: Backend) -> None:
         try:
             b.system_stats = await b.client.system_stats(timeout=self.probe_timeout)
+            if b.client.capabilities_stale:  # first time, or the socket came back: restarted?
+                await b.client.probe(b.system_stats)
             b.http_ok = True
         except ComfyUIUnreachable as exc:
             b.http_ok = False
             b.last_error = exc.message
+            b.client.invalidate_capabilities()
         b.ws_ok = b.client.ws_connected
-        if b.http_ok and not b.healthy:
+        if b.http_ok and not b.reachable:
             b.last_error = b.client.ws_error or "websocket not connected"
         self._update(b)
 
@@ -291,4 +367,5 @@ class BackendPool:
             n,
             self.ready_timeout,
             ", ".join(down),
+            extra=SIGNAL,
         )

@@ -6,35 +6,45 @@ may have been missed (socket down or reconnected, socket quiet for ``ws_quiet_ti
 ``GET /queue`` and ``GET /history/{id}``: done means the outcome comes from history, pending or
 running means keep waiting, and neither (twice) means ComfyUI lost it (``PromptLost``). While
 ComfyUI does not answer, it keeps trying with backoff; the caller's deadline bounds the wait.
+
+Newer ComfyUI (0.38+) adds a jobs API and an atomic cancel route; ``probe`` finds out which
+routes a server has (``capabilities.py``), and ``locate``/``cancel`` use them where present. The
+probe is repeated after the websocket came back, since ComfyUI may have restarted as another
+version.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import math
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import quote
 
 import aiohttp
 import msgspec
 from yarl import URL
 
+from comfyq.comfy import capabilities as caps
+from comfyq.comfy.capabilities import Capabilities
 from comfyq.comfy.feed import Item, Watch, WsFeed
-from comfyq.comfy.follow import Follower
+from comfyq.comfy.follow import Follower, Location
+from comfyq.comfy.jobsapi import location_of_job
 from comfyq.comfy.protocol import (
     LiveEvent,
     RunResult,
     SubmitResult,
+    canonical_prompt_id,
     queue_ids,
     run_result_from_history,
 )
+from comfyq.comfy.rejection import validation_error
 from comfyq.comfy.transfer import download_file, upload_file
-from comfyq.errors import ComfyUIUnreachable, ValidationError
-
-Location = Literal["pending", "running", "done", "unknown"]
+from comfyq.errors import ComfyUIUnreachable
 
 _log = logging.getLogger("comfyq.comfy.client")
 
@@ -89,6 +99,9 @@ class ComfyClient:
             label=self.display_url,
             preview_metadata=preview_metadata,
         )
+        self._caps: Capabilities | None = None
+        self._caps_epoch = -1  # the feed's ``connects`` when the probe started
+        self._probing: asyncio.Task[Capabilities] | None = None
 
     # --- lifecycle and state ------------------------------------------------------------------
 
@@ -100,9 +113,18 @@ class ComfyClient:
     async def close(self) -> None:
         """Close the websocket and, if this client created it, the HTTP session."""
         await self._feed.close()
+        if self._probing is not None and not self._probing.done():
+            self._probing.cancel()
+            with contextlib.suppress(BaseException):
+                await self._probing
         if self._own_session and self._session is not None:
             await self._session.close()
             self._session = None
+
+    @property
+    def log(self) -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
+        """This client's logger (a backend's adapter names the backend)."""
+        return self._log
 
     @property
     def ws_connected(self) -> bool:
@@ -197,6 +219,63 @@ class ComfyClient:
             raise ComfyUIUnreachable(f"unexpected /system_stats answer from {self.display_url}")
         return body
 
+    # --- capabilities --------------------------------------------------------------------------
+
+    @property
+    def capabilities(self) -> Capabilities | None:
+        """What the last probe found (None before the first one)."""
+        return self._caps
+
+    @property
+    def capabilities_stale(self) -> bool:
+        """True until probed, and again once the websocket came back (ComfyUI may have
+        restarted)."""
+        return self._caps is None or self._caps_epoch != self._feed.connects
+
+    def invalidate_capabilities(self) -> None:
+        """Probe again before the next use (ComfyUI did not answer, or a route went missing)."""
+        self._caps_epoch = -1
+
+    async def ensure_capabilities(self) -> Capabilities:
+        """The capabilities, probed first if stale; raises ComfyUIUnreachable."""
+        if not self.capabilities_stale and self._caps is not None:
+            return self._caps
+        return await self.probe()
+
+    async def probe(self, stats: dict[str, Any] | None = None) -> Capabilities:
+        """Ask ComfyUI what it can do (``stats``: a ``/system_stats`` answer already in hand).
+
+        Concurrent callers share one probe. Raises ComfyUIUnreachable if ComfyUI does not answer.
+        """
+        task = self._probing
+        if task is None or task.done():
+            task = self._probing = asyncio.create_task(self._probe(stats))
+        return await asyncio.shield(task)
+
+    async def _probe(self, stats: dict[str, Any] | None) -> Capabilities:
+        epoch = self._feed.connects
+        if stats is None:
+            stats = await self.system_stats()
+        features, jobs, cancel = await asyncio.gather(
+            self._request("GET", "/features"),
+            self._request("GET", caps.JOBS_PROBE),
+            # An empty list acts on nothing: 200 {"cancelled": false} where the route exists.
+            self._request("POST", caps.CANCEL_PROBE, json={"job_ids": []}),
+        )
+        found = caps.build(
+            stats,
+            self._json_of(features) if features[0] == 200 else None,
+            (jobs[0], self._json_of(jobs)),
+            (cancel[0], self._json_of(cancel)),
+        )
+        old, self._caps, self._caps_epoch = self._caps, found, epoch
+        if old is None or (old.version, old.names()) != (found.version, found.names()):
+            self._log.info("backend %s: %s", self.display_url, found.describe())
+        return found
+
+    def _json_of(self, answer: tuple[int, str, bytes]) -> Any:
+        return self._decode_answer(answer[2]) if answer[1] == "application/json" else None
+
     async def queue(self) -> tuple[list[str], list[str]]:
         """Prompt ids in ComfyUI's queue: (running, pending in run order)."""
         body = await self._get_json("/queue")
@@ -209,7 +288,11 @@ class ComfyClient:
         return entry if isinstance(entry, dict) else None
 
     async def locate(self, prompt_id: str) -> tuple[Location, dict[str, Any] | None]:
-        """Where ComfyUI has the prompt; the history entry when it is done."""
+        """Where ComfyUI has the prompt; the history entry (or its jobs-API equal) when done."""
+        if (await self.ensure_capabilities()).jobs_api:
+            found = await self._locate_job(prompt_id)
+            if found is not None:
+                return found
         # Queue first: a prompt that leaves the queue is already in history (ComfyUI moves it
         # under one lock), so this order cannot miss a prompt that finishes in between.
         running, pending = await self.queue()
@@ -219,6 +302,22 @@ class ComfyClient:
             return "pending", None
         entry = await self.history_entry(prompt_id)
         return ("done", entry) if entry is not None else ("unknown", None)
+
+    async def _locate_job(self, prompt_id: str) -> tuple[Location, dict[str, Any] | None] | None:
+        """``GET /api/jobs/{id}``; None when the answer does not settle it (then ask as before)."""
+        path = f"/api/jobs/{quote(prompt_id, safe='')}"
+        status, ctype, raw = await self._request("GET", path)
+        body = self._decode_answer(raw) if ctype == "application/json" else None
+        if status == 404 and isinstance(body, dict) and "error" in body:
+            # "Job not found": neither queued nor in history. A pending job removed by cancel
+            # or /queue delete also vanishes this way (it never shows as cancelled).
+            return "unknown", None
+        if status == 200:
+            return location_of_job(body)
+        if status in (404, 405):  # the route is gone: ComfyUI restarted as an older version
+            self.invalidate_capabilities()
+            return None
+        raise self._http_error("GET", path, status, raw)
 
     async def result_from_history(self, entry: dict[str, Any]) -> RunResult:
         """RunResult of a history entry, or raise NodeError / Interrupted."""
@@ -251,7 +350,11 @@ class ComfyClient:
         ComfyUIUnreachable after the request went out (timeout, connection cut) does not prove
         that ComfyUI refused it: ``locate(prompt_id)`` before submitting the same job again.
         Use a fresh prompt id per attempt, so an old history entry is never mistaken for it.
+        The id must be a UUID; it is sent (and returned) in canonical lowercase form, the only
+        form newer ComfyUI accepts. A rejection of either generation maps to the same
+        ValidationError (``rejection.py``).
         """
+        prompt_id = canonical_prompt_id(prompt_id)
         body: dict[str, Any] = {
             "prompt": workflow,
             "client_id": self.client_id,
@@ -266,7 +369,7 @@ class ComfyClient:
             if status == 200 and isinstance(answer, dict):
                 return self._accepted(answer, prompt_id, workflow, watch)
             if status in (400, 413, 422):
-                raise self._rejected(status, answer, raw)
+                raise validation_error(status, answer, raw, workflow)
             raise self._http_error("POST", "/prompt", status, raw)
         except BaseException:
             self._feed.forget(prompt_id, watch)
@@ -302,34 +405,49 @@ class ComfyClient:
             node_errors=node_errors if isinstance(node_errors, dict) else {},
         )
 
-    def _rejected(self, status: int, answer: Any, raw: bytes) -> ValidationError:
-        if isinstance(answer, dict) and isinstance(answer.get("error"), dict):
-            error = answer["error"]
-            message = str(error.get("message") or "ComfyUI rejected the workflow")
-            details = {"error": error, "node_errors": answer.get("node_errors") or {}}
-            return ValidationError(message, details=details)
-        text = raw[:2000].decode(errors="replace")
-        return ValidationError(
-            f"ComfyUI rejected the workflow (HTTP {status})",
-            details={"status": status, "body": text},
-        )
-
     async def cancel(self, prompt_id: str) -> None:
-        """Remove the prompt if pending and interrupt it if running (never anything else)."""
+        """Remove the prompt if pending and interrupt it if running (never anything else).
+
+        Where ComfyUI has ``POST /api/jobs/{id}/cancel`` that is one atomic call: it interrupts the
+        running prompt only while it is still this one, or dequeues it. Otherwise ``/queue delete``
+        then a targeted ``/interrupt``, which leaves ComfyUI's check-then-interrupt race open.
+        """
         watch = self._feed.watches.get(prompt_id)
         if watch is not None:
             watch.cancelled = True
-        # Delete before interrupt: a prompt that starts in between is still caught by the
-        # targeted interrupt, while the other order could miss it.
-        for path, body in (
-            ("/queue", {"delete": [prompt_id]}),
-            ("/interrupt", {"prompt_id": prompt_id}),
+        if not (await self.ensure_capabilities()).atomic_cancel or not await self._cancel_job(
+            prompt_id
         ):
-            status, _, raw = await self._request("POST", path, json=body)
-            if status != 200:
-                raise self._http_error("POST", path, status, raw)
+            # Delete before interrupt: a prompt that starts in between is still caught by the
+            # targeted interrupt, while the other order could miss it.
+            for path, body in (
+                ("/queue", {"delete": [prompt_id]}),
+                ("/interrupt", {"prompt_id": prompt_id}),
+            ):
+                status, _, raw = await self._request("POST", path, json=body)
+                if status != 200:
+                    raise self._http_error("POST", path, status, raw)
         if watch is not None:
             watch.push(Item("poke"))
+
+    async def _cancel_job(self, prompt_id: str) -> bool:
+        """``POST /api/jobs/{id}/cancel``; False when the route is missing (use the old way)."""
+        path = f"/api/jobs/{quote(prompt_id, safe='')}/cancel"
+        status, ctype, raw = await self._request("POST", path)
+        if status == 200:
+            answer = self._decode_answer(raw) if ctype == "application/json" else None
+            acted = answer.get("cancelled") if isinstance(answer, dict) else None
+            self._log.debug(
+                "ComfyUI at %s: cancel of %s %s",
+                self.display_url,
+                prompt_id,
+                "took effect" if acted else "found nothing to stop (finished or unknown)",
+            )
+            return True
+        if status in (404, 405):  # ComfyUI restarted as a version without the route
+            self.invalidate_capabilities()
+            return False
+        raise self._http_error("POST", path, status, raw)
 
     async def follow(
         self,

@@ -1,4 +1,4 @@
-"""The long-lived ComfyUI websocket: reconnects with backoff and routes messages to per-prompt watches.
+"""The long-lived ComfyUI websocket: reconnects with backoff, routes messages to per-prompt watches.
 
 ComfyUI sends a prompt's execution messages only to the socket whose clientId equals the prompt's
 ``client_id``, and drops them when that socket is not connected (they are never replayed). So one
@@ -170,6 +170,8 @@ class WsFeed:
         self._closing = False
         self.watches: dict[str, Watch] = {}
         self.connected = False
+        # Times the socket came up; a change means ComfyUI may have restarted (maybe upgraded).
+        self.connects = 0
         self.last_error: str | None = None
         self.server_features: dict[str, Any] = {}
         self.queue_remaining: int | None = None
@@ -234,6 +236,8 @@ class WsFeed:
         if value == self.connected:
             return
         self.connected = value
+        if value:
+            self.connects += 1
         self._broadcast("ws_up" if value else "ws_down")
         if self.on_state is not None:
             try:

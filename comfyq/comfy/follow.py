@@ -9,9 +9,10 @@ means backoff, never a busy loop; every wait is bounded, so it never hangs witho
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Literal, Protocol
 
 from comfyq.comfy.feed import Watch
 from comfyq.comfy.protocol import (
@@ -30,15 +31,40 @@ from comfyq.comfy.protocol import (
 )
 from comfyq.errors import ComfyUIUnreachable, Interrupted, PromptLost
 
-if TYPE_CHECKING:
-    from comfyq.comfy.client import ComfyClient
+Location = Literal["pending", "running", "done", "unknown"]
+
+
+class PromptSource(Protocol):
+    """What a follower needs of its client (``ComfyClient`` is one); keeps follow below client."""
+
+    display_url: str
+    poll_interval: float
+    reconnect_max: float
+    ws_quiet_timeout: float
+
+    @property
+    def ws_connected(self) -> bool: ...
+
+    @property
+    def log(self) -> logging.Logger | logging.LoggerAdapter[logging.Logger]: ...
+
+    async def locate(self, prompt_id: str) -> tuple[Location, dict[str, Any] | None]: ...
+
+
+# Messages whose ``timestamp`` (ComfyUI's clock, epoch ms) goes into RunResult.timing.
+_TIMED = {
+    "execution_start": "started_at",
+    "execution_success": "ended_at",
+    "execution_error": "ended_at",
+    "execution_interrupted": "ended_at",
+}
 
 
 class Follower:
     """The state of one ``follow`` call."""
 
     def __init__(
-        self, client: ComfyClient, watch: Watch, on_event: Callable[[LiveEvent], None] | None
+        self, client: PromptSource, watch: Watch, on_event: Callable[[LiveEvent], None] | None
     ) -> None:
         self.c = client
         self.w = watch
@@ -47,12 +73,19 @@ class Follower:
         self.outputs: dict[str, dict[str, Any]] = {}
         self.cached: list[str] = []
         self.messages: list[Any] = []
+        self.timing: dict[str, int] = {}
         self.succeeded = False
         self.loop = asyncio.get_running_loop()
 
     def result(self) -> RunResult:
         return RunResult(
-            self.pid, self.outputs, self.cached, "success", self.messages, source="websocket"
+            self.pid,
+            self.outputs,
+            self.cached,
+            "success",
+            self.messages,
+            source="websocket",
+            timing=self.timing,
         )
 
     async def run(self, *, check_now: bool) -> RunResult:
@@ -65,7 +98,7 @@ class Follower:
                 try:
                     where, entry = await self.locate_twice()
                 except ComfyUIUnreachable as exc:
-                    c._log.debug("following %s: %s", self.pid, exc.message)
+                    c.log.debug("following %s: %s", self.pid, exc.message)
                     next_poll = quiet_base = now() + backoff
                     backoff = min(backoff * 2, max(c.reconnect_max, c.poll_interval))
                     continue
@@ -126,6 +159,9 @@ class Follower:
     def handle(self, msg: WsMessage) -> RunResult | None:
         """Apply one message; returns the result on success seen without gaps."""
         t, p = msg.type, msg.parsed
+        stamp = getattr(p, "timestamp", None)
+        if isinstance(stamp, int) and t in _TIMED:
+            self.timing[_TIMED[t]] = stamp
         if t in TERMINAL_TYPES:
             self.messages.append([t, msg.data])
             if t == "execution_error":
@@ -176,5 +212,5 @@ class Follower:
             ev.node_type = self.w.node_type(ev.node)
         try:
             self.on_event(ev)
-        except Exception:  # noqa: BLE001 - a listener bug must not lose the job
-            self.c._log.exception("progress listener failed for prompt %s", self.pid)
+        except Exception:
+            self.c.log.exception("progress listener failed for prompt %s", self.pid)

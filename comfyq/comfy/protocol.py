@@ -8,6 +8,7 @@ servers that add fields keep working.
 from __future__ import annotations
 
 import struct
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +42,15 @@ TERMINAL_TYPES = frozenset({"execution_success", "execution_error", "execution_i
 
 class ProtocolError(ValueError):
     """A frame that does not follow ComfyUI's protocol."""
+
+
+def canonical_prompt_id(value: str) -> str:
+    """``value`` as a canonical lowercase hyphenated UUID; ValueError if it is no UUID.
+
+    Newer ComfyUI refuses any other form with 400 ``invalid_prompt_id`` (0.3.64 took any string),
+    and echoes ids in this form, so an id must be canonical before it is stored or watched.
+    """
+    return str(uuid.UUID(value))
 
 
 # --- JSON text frames ---------------------------------------------------------------------
@@ -295,7 +305,7 @@ class LiveEvent:
 
 @dataclass(slots=True)
 class SubmitResult:
-    """ComfyUI's answer to ``POST /prompt``; non-empty ``node_errors`` means only some outputs run."""
+    """ComfyUI's answer to ``POST /prompt``; non-empty ``node_errors``: only some outputs run."""
 
     prompt_id: str
     number: float
@@ -312,20 +322,41 @@ class RunResult:
     status: str = "success"
     messages: list[Any] = field(default_factory=list)
     source: str = "websocket"  # or "history": where the outcome was read
+    # ComfyUI's own clock, epoch ms: queued_at (the server's create_time; newer ComfyUI only),
+    # started_at and ended_at (execution_start and the final message).
+    timing: dict[str, int] = field(default_factory=dict)
+
+
+def _file_key(item: Any) -> Any:
+    """What makes two output entries the same file: newer ComfyUI re-sends ``executed`` for
+    cached nodes with fresh ``id``/``preview_id``/``metadata``, so whole-dict equality is not it."""
+    if isinstance(item, dict) and isinstance(item.get("filename"), str):
+        return ("file", item["filename"], item.get("subfolder") or "", item.get("type") or "")
+    return ("value", msgspec.json.encode(item))
 
 
 def merge_output(outputs: dict[str, dict[str, Any]], node: str, output: dict[str, Any]) -> None:
-    """Merge one ``executed`` output into ``outputs`` (lists are extended, without duplicates)."""
+    """Merge one ``executed`` output into ``outputs`` (lists are extended, without duplicates).
+
+    An entry naming a file already listed replaces it in place (the later one carries the ids
+    ComfyUI registered for this prompt), so a re-sent ``executed`` never adds a second copy.
+    """
     target = outputs.setdefault(node, {})
     for key, value in output.items():
-        if isinstance(value, list) and isinstance(target.get(key), list):
-            for item in value:
-                if item not in target[key]:
-                    target[key].append(item)
-        elif isinstance(value, list):
-            target[key] = list(value)
-        else:
+        if not isinstance(value, list):
             target[key] = value
+            continue
+        current = target.get(key)
+        if not isinstance(current, list):
+            current = target[key] = []
+        index = {_file_key(item): i for i, item in enumerate(current)}
+        for item in value:
+            k = _file_key(item)
+            if k in index:
+                current[index[k]] = item
+            else:
+                index[k] = len(current)
+                current.append(item)
 
 
 def node_error_from(data: dict[str, Any], prompt_id: str | None = None) -> NodeError:
@@ -398,7 +429,30 @@ def run_result_from_history(prompt_id: str, entry: dict[str, Any]) -> RunResult:
         status="success",
         messages=list(messages),
         source="history",
+        timing=timing_from_history(entry),
     )
+
+
+def timing_from_history(entry: dict[str, Any]) -> dict[str, int]:
+    """``RunResult.timing`` of a history entry (or of a jobs-API detail in that shape)."""
+    timing: dict[str, int] = {}
+    prompt = entry.get("prompt")
+    extra = prompt[3] if isinstance(prompt, list) and len(prompt) > 3 else None
+    created = extra.get("create_time") if isinstance(extra, dict) else None
+    if isinstance(created, int) and not isinstance(created, bool):
+        timing["queued_at"] = created
+    status = entry.get("status")
+    for item in (status.get("messages") or []) if isinstance(status, dict) else []:
+        if not (isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[1], dict)):
+            continue
+        stamp = item[1].get("timestamp")
+        if not isinstance(stamp, int) or isinstance(stamp, bool):
+            continue
+        if item[0] == "execution_start":
+            timing["started_at"] = stamp
+        elif item[0] in TERMINAL_TYPES:
+            timing["ended_at"] = stamp
+    return timing
 
 
 def queue_ids(body: dict[str, Any]) -> tuple[list[str], list[str]]:

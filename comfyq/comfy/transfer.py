@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import IO, Any
 
-import aiofiles
+import aiofiles  # type: ignore[import-untyped]  # no stubs; aiofiles goes in issue 21 step 5
 import aiohttp
 import msgspec
 
@@ -147,7 +147,8 @@ async def download_file(
                 data = await resp.read()
                 if len(data) != expected:
                     raise ComfyUIUnreachable(
-                        f"download of {label} from {backend} stopped after {len(data)} of {expected} bytes",
+                        f"download of {label} from {backend} stopped after {len(data)} of"
+                        f" {expected} bytes",
                         details={"backend": backend},
                     )
                 try:

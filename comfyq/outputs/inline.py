@@ -44,7 +44,7 @@ async def inline_file(path: str | Path, max_bytes: int) -> tuple[str | None, str
 
 
 async def inline_outputs(outputs: Iterable[dict[str, Any]], max_bytes: int) -> list[dict[str, Any]]:
-    """Copies of output dicts (``local_path`` read, not kept) with ``data`` or an ``error`` added."""
+    """Copies of output dicts (``local_path`` read, not kept) plus ``data`` or an ``error``."""
     out: list[dict[str, Any]] = []
     for o in outputs:
         item = dict(o)

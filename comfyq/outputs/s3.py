@@ -18,13 +18,16 @@ import math
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import aiofiles
+import aiofiles  # type: ignore[import-untyped]  # no stubs; aiofiles goes in issue 21 step 5
 from yarl import URL
 
 from comfyq.errors import ComfyqError, OutputError
 from comfyq.netguard import AddressGuard
+
+if TYPE_CHECKING:
+    from botocore.exceptions import BotoCoreError, ClientError
 
 log = logging.getLogger("comfyq.outputs")
 
@@ -89,7 +92,7 @@ def _norm_endpoint(url: Any) -> str:
 def resolve(
     request: dict[str, Any] | None, keys: dict[str, Any] | None, op: S3Settings
 ) -> S3Target | None:
-    """The S3 target of a job (its payload's ``s3`` block, its secret keys), or None for no upload."""
+    """The S3 target of a job (its payload's ``s3`` block, its secret keys), or None: no upload."""
     req = request if isinstance(request, dict) else {}
     keys = keys if isinstance(keys, dict) else {}
     ak, sk = str(keys.get("access_key_id") or ""), str(keys.get("secret_access_key") or "")
@@ -115,8 +118,10 @@ def resolve(
             foreign.append("endpoint_url")
         if foreign:
             raise S3ConfigError(
-                f"s3: {' and '.join(foreign)} differ from the server's own, so the request must bring its"
-                " own access_key_id and secret_access_key (the server's keys are only used with its own"
+                f"s3: {' and '.join(foreign)} differ from the server's own,"
+                " so the request must bring its"
+                " own access_key_id and secret_access_key (the server's keys are only"
+                " used with its own"
                 " bucket and endpoint)"
             )
         ak, sk = op.access_key_id, op.secret_access_key
@@ -364,9 +369,9 @@ class S3Uploader:
         )
 
 
-def _boto_errors() -> tuple[type[Exception], type[Exception]]:
+def _boto_errors() -> tuple[type[BotoCoreError], type[ClientError]]:
     """(BotoCoreError, ClientError), imported when first needed."""
-    from botocore.exceptions import BotoCoreError, ClientError  # type: ignore[import-untyped]
+    from botocore.exceptions import BotoCoreError, ClientError
 
     return BotoCoreError, ClientError
 

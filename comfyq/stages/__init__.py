@@ -1,0 +1,2 @@
+"""Pipeline stages (preprocess, generate, postprocess) and the runner: workers, leases, retries,
+reaper."""

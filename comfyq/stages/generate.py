@@ -42,12 +42,15 @@ class Generate:
         if job.comfy_prompt_id and job.comfy_backend:
             run = await self._reconcile(job, ctx, workflow)
             if run is not None:
-                return _done(run, ctx.job)
+                be = self.pool.get(job.comfy_backend or "")
+                history = await _history_if_asked(be, job, run) if be is not None else None
+                return _done(run, ctx.job, history)
         async with self.pool.slot() as be:
             for item in prepared.get("inputs", []):
                 await be.client.upload(Path(item["path"]), item["name"], overwrite=True)
             prompt_id = str(uuid.uuid4())
-            # Durable before the request goes out: a crash from here on reconciles, never re-runs blindly.
+            # Durable before the request goes out: a crash from here on reconciles, never re-runs
+            # blindly.
             await ctx.update(
                 comfy_prompt_id=prompt_id,
                 comfy_backend=be.url,
@@ -76,7 +79,8 @@ class Generate:
                 }
                 await ctx.update(result={"warnings": [warn]})
             run = await self._follow(be, prompt_id, workflow, ctx)
-        return _done(run, ctx.job)
+            history = await _history_if_asked(be, job, run)
+        return _done(run, ctx.job, history)
 
     async def _reconcile(self, job: Job, ctx: JobContext, workflow: dict[str, Any]) -> Any:
         assert job.comfy_prompt_id and job.comfy_backend
@@ -87,10 +91,7 @@ class Generate:
             log.warning("job %s: backend %s gone; submitting elsewhere", job.id, shown)
             await ctx.update(comfy_prompt_id=None, comfy_backend=None)
             raise PromptLost(f"backend {shown} did not come back within {self.failover_after:.0f}s")
-        try:
-            where, entry = await be.client.locate(prompt_id)
-        except ComfyUIUnreachable:
-            raise
+        where, entry = await be.client.locate(prompt_id)
         log.info(
             "job %s: prompt %s is %s on %s",
             job.id,
@@ -140,7 +141,9 @@ class Generate:
             return  # shutdown: leave it running; the next start reconciles it
         try:
             await asyncio.wait_for(asyncio.shield(be.client.cancel(prompt_id)), 10)
-        except Exception as exc:  # the job ends either way; say why ComfyUI may still run it
+        # Best effort whatever goes wrong: the job ends either way; say why ComfyUI may still run
+        # it.
+        except Exception as exc:  # noqa: BLE001
             log.warning("job %s: could not stop prompt %s: %s", ctx.job.id, prompt_id, exc)
 
     async def _follow(
@@ -196,9 +199,36 @@ def _progress(ctx: JobContext, ev: LiveEvent) -> None:
         ctx.live(ev.kind, {"nodes": (ev.data or {}).get("nodes", [])})
 
 
-def _done(run: Any, job: Job) -> StageDone:
+async def _history_if_asked(be: Backend, job: Job, run: Any) -> dict[str, Any] | None:
+    """ComfyUI's history body for the prompt (the original wrapper's ``comfyui_response``), read
+    only for jobs that asked for it; a failed read is a missing extra, never a failed job."""
+    if not ((job.payload or {}).get("input") or {}).get("include_comfyui_response"):
+        return None
+    try:
+        entry = await be.client.history_entry(run.prompt_id)
+    except ComfyUIUnreachable as exc:
+        log.warning("job %s: history of prompt %s not read: %s", job.id, run.prompt_id, exc)
+        entry = None
+    body: dict[str, Any] = dict(entry or {})
+    raw_status = body.get("status")
+    status: dict[str, Any] = raw_status if isinstance(raw_status, dict) else {}
+    body["execution_details"] = {
+        "prompt_id": run.prompt_id,
+        "nodes_executed": list((run.outputs or {}).keys()),
+        "cached": list(run.cached_nodes or ()),
+        "completed": bool(status.get("completed", run.status == "success")),
+        "error": None,
+    }
+    return body
+
+
+def _done(run: Any, job: Job, history: dict[str, Any] | None = None) -> StageDone:
     result = dict(job.result or {})
     result.update(
         {"outputs": run.outputs, "cached_nodes": list(run.cached_nodes), "prompt_id": run.prompt_id}
     )
+    if history is not None:
+        result["comfyui_response"] = history
+    if run.timing:  # ComfyUI's clock: queued (newer ComfyUI's create_time), started, ended
+        result["comfy_timing"] = dict(run.timing)
     return StageDone("Generation complete. Queued for post-processing.", {"result": result})

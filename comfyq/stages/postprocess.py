@@ -12,7 +12,6 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-
 from comfyq.comfy.backends import BackendPool
 from comfyq.errors import ComfyUIUnreachable, OutputError
 from comfyq.outputs.local import describe, job_dir, list_outputs, safe_name
@@ -44,7 +43,8 @@ class Postprocess:
                 await ctx.store.put_output(job.id, row)
             first = warnings[0]
             raise OutputError(
-                f"upload of {len(warnings)} of {len(rows)} output(s) failed: {first['filename']}: {first['message']}",
+                f"upload of {len(warnings)} of {len(rows)} output(s) failed:"
+                f" {first['filename']}: {first['message']}",
                 details={"upload_errors": warnings},
             )
         # The output rows are written in the same commit that completes the job.
@@ -95,7 +95,7 @@ class Postprocess:
     async def _upload(
         self, job: Job, ctx: JobContext, rows: list[dict[str, Any]]
     ) -> list[dict[str, Any]]:
-        """Upload the rows' files; set url or upload_error on each; return one warning per failure."""
+        """Upload the rows' files; set url or upload_error on each; one warning per failure."""
         assert self.uploader is not None
         inp = (job.payload or {}).get("input") or {}
         if not inp.get("s3") and not self.uploader.settings.configured:

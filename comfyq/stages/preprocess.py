@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
-from comfyq.assets import Downloader
-from comfyq.prepare import prepare_job
+from comfyq.inputs import Downloader
+from comfyq.inputs.prepare import prepare_job
 from comfyq.stages.runner import JobContext, StageDone
 from comfyq.store import Job
 from modifiers import ModifierRegistry

@@ -15,7 +15,7 @@ import asyncio
 import logging
 import random
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -23,15 +23,15 @@ from comfyq.clock import parse_iso
 from comfyq.errors import ComfyqError, JobError, LeaseLost
 from comfyq.events import EventBus
 from comfyq.logs import job_context
-from comfyq.store import Job, JobStore, Transition
+from comfyq.store import Job, JobStore, Stage, State, Transition
 from comfyq.store.model import NEXT_STAGE
 
 log = logging.getLogger("comfyq.pipeline")
 
 CLAIM_MESSAGES = {
-    "preprocess": "Preprocessing",
-    "generate": "Waiting for ComfyUI",
-    "postprocess": "Post-processing",
+    Stage.PREPROCESS: "Preprocessing",
+    Stage.GENERATE: "Waiting for ComfyUI",
+    Stage.POSTPROCESS: "Post-processing",
 }
 
 
@@ -91,7 +91,9 @@ class RunnerConfig:
 class StageRunner:
     """Workers and the claimer of one stage."""
 
-    def __init__(self, name: str, workers: int, handler: StageHandler, pipeline: Pipeline) -> None:
+    def __init__(
+        self, name: Stage, workers: int, handler: StageHandler, pipeline: Pipeline
+    ) -> None:
         self.name = name
         self.size = workers
         self.handler = handler
@@ -117,7 +119,7 @@ class StageRunner:
         self._work.set()
 
     def take_waiter(self) -> asyncio.Future[Job] | None:
-        """An idle worker of this stage, taken out of the claimer's hands (for a direct hand-off)."""
+        """An idle worker of this stage, taken from the claimer's hands (for a direct hand-off)."""
         if not self.claiming:
             return None
         while self._waiters:
@@ -219,8 +221,8 @@ class Pipeline:
         self,
         store: JobStore,
         bus: EventBus,
-        handlers: dict[str, StageHandler],
-        workers: dict[str, int],
+        handlers: Mapping[Stage, StageHandler],
+        workers: Mapping[Stage, int],
         cfg: RunnerConfig | None = None,
     ) -> None:
         self.store = store
@@ -237,7 +239,7 @@ class Pipeline:
 
     def _on_transitions(self, trs: list[Transition]) -> None:
         for tr in trs:
-            if tr.to_state == "pending" and tr.stage in self.stages:
+            if tr.to_state == State.PENDING and tr.stage in self.stages:
                 self.stages[tr.stage].notify()
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -286,7 +288,7 @@ class Pipeline:
     async def cancel(self, job_id: str) -> Job:
         """Cancel a job in any state; a running one is interrupted by its worker."""
         job, _ = await self.store.request_cancel(job_id)
-        if job.state == "running":
+        if job.state == State.RUNNING:
             self._cancel_local(job_id, "cancel")
         return job
 
@@ -328,7 +330,8 @@ class Pipeline:
                     raise
                 await self._settle(job, ctx, inner, stage)
                 return
-            except BaseException:
+            # Whatever the handler raised (a bug included) fails this job only; _settle records it.
+            except BaseException:  # noqa: BLE001
                 await self._settle(job, ctx, inner, stage)
                 return
             await self._advance(job, done)
@@ -339,7 +342,8 @@ class Pipeline:
             entry.settled.set()
 
     async def _advance(self, job: Job, done: StageDone) -> None:
-        nxt = self.stages.get(NEXT_STAGE.get(job.stage) or "")
+        next_stage = NEXT_STAGE[job.stage]
+        nxt = self.stages.get(next_stage) if next_stage is not None else None
         waiter = nxt.take_waiter() if nxt is not None else None
         try:
             if waiter is None:
@@ -390,14 +394,14 @@ class Pipeline:
             elif exc is None and reason == "cancel":
                 await self.store.finish(
                     job.id,
-                    "cancelled",
+                    State.CANCELLED,
                     "Request cancelled by client",
                     error={"type": "cancelled", "message": "Request cancelled by client"},
                 )
             elif exc is None and reason == "timeout":
                 await self.store.finish(
                     job.id,
-                    "failed",
+                    State.FAILED,
                     "Job timed out",
                     error={"type": "timeout", "message": "job deadline passed"},
                 )
@@ -415,7 +419,7 @@ class Pipeline:
                 await self.store.retry_later(job.id, delay, exc.to_dict())
             elif isinstance(exc, ComfyqError):
                 await self.store.finish(
-                    job.id, "failed", _fail_message(job.stage, exc.message), error=exc.to_dict()
+                    job.id, State.FAILED, _fail_message(job.stage, exc.message), error=exc.to_dict()
                 )
             elif exc is not None:
                 log.error(
@@ -427,7 +431,7 @@ class Pipeline:
                 )
                 err = {"type": "internal_error", "message": f"{type(exc).__name__}: {exc}"}
                 await self.store.finish(
-                    job.id, "failed", _fail_message(job.stage, err["message"]), error=err
+                    job.id, State.FAILED, _fail_message(job.stage, err["message"]), error=err
                 )
         except LeaseLost:
             log.warning(
@@ -441,7 +445,7 @@ class Pipeline:
 
     def backoff(self, attempt: int) -> float:
         """Capped exponential backoff with jitter for retry number ``attempt``."""
-        base = min(self.cfg.retry_max, self.cfg.retry_base * 2 ** max(0, attempt - 1))
+        base = min(self.cfg.retry_max, self.cfg.retry_base * 2.0 ** max(0, attempt - 1))
         return base * random.uniform(0.5, 1.0)
 
     # --- housekeeping ------------------------------------------------------------------------
@@ -461,15 +465,17 @@ class Pipeline:
         reaped = await self.store.reap(grace=self.cfg.lease)
         for tr in reaped:
             log.warning("job %s: %s", tr.job_id, tr.message, extra={"job_id": tr.job_id})
-            self._cancel_local(tr.job_id, "cancel" if tr.to_state == "cancelled" else "timeout")
+            self._cancel_local(tr.job_id, "cancel" if tr.to_state == State.CANCELLED else "timeout")
         for job_id in await self.store.cancel_requested():
             self._cancel_local(job_id, "cancel")
 
 
-def _fail_message(stage: str, message: str) -> str:
-    what = {
-        "preprocess": "Preprocessing",
-        "generate": "Generation",
-        "postprocess": "Post-processing",
-    }
-    return f"{what.get(stage, stage)} failed: {message}"
+_FAILED_IN = {
+    Stage.PREPROCESS: "Preprocessing",
+    Stage.GENERATE: "Generation",
+    Stage.POSTPROCESS: "Post-processing",
+}
+
+
+def _fail_message(stage: Stage, message: str) -> str:
+    return f"{_FAILED_IN[stage]} failed: {message}"

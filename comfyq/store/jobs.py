@@ -17,7 +17,7 @@ import aiosqlite
 
 from comfyq.clock import Clock, iso
 from comfyq.store import migrate, ops
-from comfyq.store.model import STAGES, Job, NewJob, Transition, loads
+from comfyq.store.model import STAGES, Job, NewJob, Stage, State, Transition, loads
 from comfyq.store.writer import Writer, connect
 
 log = logging.getLogger("comfyq.store")
@@ -44,7 +44,8 @@ class FileLock:
             holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
             os.close(fd)
             raise DatabaseLocked(
-                f"another comfyq server (pid {holder}) is already using {self.path.with_suffix('')};"
+                f"another comfyq server (pid {holder})"
+                f" is already using {self.path.with_suffix('')};"
                 " stop it first or point COMFYQ_DATABASE at another file"
             ) from None
         os.ftruncate(fd, 0)
@@ -122,7 +123,7 @@ class JobStore:
             self._notify([tr])
         return job, tr is not None
 
-    async def claim(self, stage: str, n: int, lease: float, message: str) -> list[Job]:
+    async def claim(self, stage: Stage, n: int, lease: float, message: str) -> list[Job]:
         """Claim up to ``n`` jobs of ``stage`` for this process."""
         trs: list[Transition] = await self._write(
             ops.claim, stage, self.owner, n, self.clock.now(), lease, message
@@ -156,7 +157,7 @@ class JobStore:
         claim_message: str,
         outputs: list[dict[str, Any]] | None = None,
     ) -> list[Transition]:
-        """Advance a job and claim it for its next stage in one commit (see ops.advance_and_claim)."""
+        """Advance a job and claim it for its next stage in one commit (ops.advance_and_claim)."""
         trs: list[Transition] = await self._write(
             ops.advance_and_claim,
             job_id,
@@ -174,7 +175,7 @@ class JobStore:
     async def finish(
         self,
         job_id: str,
-        state: str,
+        state: State,
         message: str,
         *,
         error: dict[str, Any] | None = None,
@@ -264,7 +265,7 @@ class JobStore:
         )
         return [{**dict(r), "data": loads(r["data"])} for r in rows]
 
-    async def list(
+    async def list_jobs(
         self,
         *,
         states: list[str] | None = None,
@@ -283,15 +284,17 @@ class JobStore:
         sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
         return [Job.from_row(r) for r in await self._rows(sql, (*params, limit))]
 
-    async def counts(self) -> dict[str, dict[str, int]]:
+    async def counts(self) -> dict[Stage, dict[str, int]]:
         """Waiting and running jobs per stage."""
         out = {s: {"waiting": 0, "running": 0} for s in STAGES}
         for stage, state, n in await self._rows(
-            # One query per state so each reads its partial index, not the whole (mostly finished) table.
+            # One query per state, so each reads its partial index and not the whole (mostly
+            # finished) table.
             "SELECT stage, 'pending', count(*) FROM jobs WHERE state = 'pending' GROUP BY stage"
-            " UNION ALL SELECT stage, 'running', count(*) FROM jobs WHERE state = 'running' GROUP BY stage"
+            " UNION ALL SELECT stage, 'running', count(*)"
+            " FROM jobs WHERE state = 'running' GROUP BY stage"
         ):
-            out[stage]["waiting" if state == "pending" else "running"] = n
+            out[stage]["waiting" if state == State.PENDING else "running"] = n
         return out
 
     async def position(self, job: Job) -> tuple[int, int]:
@@ -335,12 +338,13 @@ class JobStore:
     async def cancel_requested(self) -> list[str]:
         """Ids of jobs this process runs that someone (CLI, another connection) asked to cancel."""
         rows = await self._rows(
-            "SELECT id FROM jobs WHERE state = 'running' AND lease_owner = ? AND cancel_requested = 1",
+            "SELECT id FROM jobs WHERE state = 'running' AND lease_owner = ? AND"
+            " cancel_requested = 1",
             (self.owner,),
         )
         return [r[0] for r in rows]
 
-    async def next_run_after(self, stage: str) -> str | None:
+    async def next_run_after(self, stage: Stage) -> str | None:
         """The earliest ``run_after`` among waiting jobs of ``stage`` (for retry timers)."""
         rows = await self._rows(
             "SELECT min(run_after) FROM jobs WHERE state = 'pending' AND stage = ?", (stage,)

@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 from comfyq.clock import iso
-from comfyq.store.model import Job, Transition, dumps
+from comfyq.store.model import Job, State, Transition, dumps
 
 _second: tuple[int, str] = (-1, "")
 
@@ -34,11 +34,12 @@ def stamp(t: float) -> str:
 def event(
     conn: sqlite3.Connection,
     job: Job,
-    from_state: str | None,
+    from_state: State | None,
     message: str,
     data: dict[str, Any] | None = None,
 ) -> Transition:
-    """Write the ``job_events`` row of ``job``'s change from ``from_state``; the Transition to publish."""
+    """Write the ``job_events`` row of ``job``'s change from ``from_state``; the Transition to
+    publish."""
     at = job.updated_at
     state, stage, attempts = job.state, job.stage, job.attempts
     cur = conn.execute(
@@ -60,7 +61,9 @@ def event(
     )
 
 
-def events(conn: sqlite3.Connection, items: list[tuple[Job, str | None, str]]) -> list[Transition]:
+def events(
+    conn: sqlite3.Connection, items: list[tuple[Job, State | None, str]]
+) -> list[Transition]:
     """``event`` for several (job, from_state, message) at once: one INSERT for all their rows."""
     if len(items) == 1:
         job, from_state, message = items[0]

@@ -77,7 +77,8 @@ def apply(
     for version in done:
         if version not in known:
             raise MigrationError(
-                f"database has migration {version}, which this comfyq does not know (newer database?)"
+                f"database has migration {version},"
+                " which this comfyq does not know (newer database?)"
             )
     applied = []
     for m in files:
@@ -93,7 +94,8 @@ def apply(
             for stmt in _statements(m.sql):
                 conn.execute(stmt)
             conn.execute(
-                "INSERT INTO schema_migrations (version, name, checksum, applied_at) VALUES (?, ?, ?, ?)",
+                "INSERT INTO schema_migrations (version, name, checksum, applied_at)"
+                " VALUES (?, ?, ?, ?)",
                 (m.version, m.name, m.checksum, iso(clock.now())),
             )
             conn.execute("COMMIT")

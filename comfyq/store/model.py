@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -9,9 +10,41 @@ from typing import Any
 
 import msgspec
 
-STAGES = ("preprocess", "generate", "postprocess")
-TERMINAL = frozenset({"completed", "failed", "cancelled"})
-NEXT_STAGE = {"preprocess": "generate", "generate": "postprocess", "postprocess": None}
+
+class State(enum.StrEnum):
+    """A job's state (the ``jobs.state`` column; the schema's CHECK lists the same values)."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class Stage(enum.StrEnum):
+    """The stage a job is in or waits for (the ``jobs.stage`` column), in pipeline order."""
+
+    PREPROCESS = "preprocess"
+    GENERATE = "generate"
+    POSTPROCESS = "postprocess"
+
+
+STAGES = tuple(Stage)
+TERMINAL = frozenset({State.COMPLETED, State.FAILED, State.CANCELLED})
+NEXT_STAGE: dict[Stage, Stage | None] = {
+    Stage.PREPROCESS: Stage.GENERATE,
+    Stage.GENERATE: Stage.POSTPROCESS,
+    Stage.POSTPROCESS: None,
+}
+# The key of each stage's duration (milliseconds) in a job's ``timings``.
+STAGE_MS = {
+    Stage.PREPROCESS: "preprocess_ms",
+    Stage.GENERATE: "generation_ms",
+    Stage.POSTPROCESS: "postprocess_ms",
+}
+# Column text to member: a dict lookup, several times cheaper than ``State(text)`` (every row read).
+_STATE_OF = {s.value: s for s in State}
+_STAGE_OF = {s.value: s for s in Stage}
 
 _json_decode = msgspec.json.Decoder().decode
 _json_encode = msgspec.json.Encoder().encode
@@ -26,14 +59,14 @@ def loads(text: str | bytes | None) -> Any:
     return None if text is None else _json_decode(text)
 
 
-def status_of(state: str, stage: str) -> str:
-    """The Result ``status`` a client sees for a (state, stage) pair (same rule as jobs_overview)."""
+def status_of(state: State, stage: Stage) -> str:
+    """The Result ``status`` a client sees for a (state, stage) pair (the rule of jobs_overview)."""
     if state in TERMINAL:
-        return state
-    if stage == "preprocess":
-        return "queued" if state == "pending" else "processing"
-    if stage == "generate":
-        return "processing" if state == "pending" else "generating"
+        return str(state)
+    if stage == Stage.PREPROCESS:
+        return "queued" if state == State.PENDING else "processing"
+    if stage == Stage.GENERATE:
+        return "processing" if state == State.PENDING else "generating"
     return "postprocessing"
 
 
@@ -77,6 +110,7 @@ def _builder(keys: tuple[str, ...]) -> _Builder:
     """A function that copies a row with these columns into a Job's slots in one unpacking.
 
     Generated once per column list (a query's shape; a handful exist), like dataclasses does.
+    ``state`` and ``stage`` become their enum members.
     """
     fn = _BUILDERS.get(keys)
     if fn is None:
@@ -85,7 +119,11 @@ def _builder(keys: tuple[str, ...]) -> _Builder:
         body = ["extra = {}" if extra else "extra = None", "job._extra = extra"]
         if targets:
             body.append(", ".join(targets) + (", = values" if len(targets) == 1 else " = values"))
-        namespace: dict[str, Any] = {}
+        if "state" in keys:
+            body.append("job.state = _STATE_OF[job.state]")
+        if "stage" in keys:
+            body.append("job.stage = _STAGE_OF[job.stage]")
+        namespace: dict[str, Any] = {"_STATE_OF": _STATE_OF, "_STAGE_OF": _STAGE_OF}
         exec("def build(job, values):\n    " + "\n    ".join(body), namespace)  # noqa: S102 - our text
         fn = namespace["build"]
         if len(_BUILDERS) < 256:
@@ -108,8 +146,8 @@ class Job:
     )
 
     id: str
-    state: str
-    stage: str
+    state: State
+    stage: Stage
     priority: int
     attempts: int
     max_attempts: int
@@ -189,7 +227,10 @@ class Job:
         return self.state in TERMINAL
 
     def __repr__(self) -> str:
-        return f"Job(id={self.id!r}, state={self.state!r}, stage={self.stage!r}, attempts={self.attempts})"
+        return (
+            f"Job(id={self.id!r}, state={self.state.value!r}, stage={self.stage.value!r},"
+            f" attempts={self.attempts})"
+        )
 
 
 @dataclass
@@ -213,9 +254,9 @@ class Transition:
 
     event_id: int
     job_id: str
-    from_state: str | None
-    to_state: str
-    stage: str
+    from_state: State | None
+    to_state: State
+    stage: Stage
     attempt: int
     message: str
     at: str

@@ -17,8 +17,17 @@ from comfyq.errors import Conflict, IllegalTransition, LeaseLost, NotFound, Queu
 from comfyq.store.journal import event as _event
 from comfyq.store.journal import events as _events
 from comfyq.store.journal import stamp as _iso
-from comfyq.store.model import NEXT_STAGE, Job, NewJob, Transition, dumps
-from comfyq.store.sql import ADVANCE, HAND_OFF, HELD, STAGE_KEY, add_timing, claim_sql, ms_since
+from comfyq.store.model import (
+    NEXT_STAGE,
+    STAGE_MS,
+    Job,
+    NewJob,
+    Stage,
+    State,
+    Transition,
+    dumps,
+)
+from comfyq.store.sql import ADVANCE, HAND_OFF, HELD, add_timing, claim_sql, ms_since
 
 CANCELLED = {"type": "cancelled", "message": "Request cancelled by client"}
 
@@ -60,10 +69,11 @@ def create(
     # inserted means a full queue or a repeated id; both are told apart below.
     job = _one(
         conn,
-        "INSERT INTO jobs (id, priority, max_attempts, kind, payload, payload_hash, message, run_after,"
-        " deadline_at, created_at, updated_at, stage_entered_at, owner)"
+        "INSERT INTO jobs (id, priority, max_attempts, kind, payload, payload_hash,"
+        " message, run_after, deadline_at, created_at, updated_at, stage_entered_at, owner)"
         " SELECT :id, :priority, :max_attempts, :kind, :payload, :hash, 'Request accepted', :now,"
-        " :deadline, :now, :now, :now, :owner WHERE (SELECT unfinished FROM queue_stats WHERE id = 1) < :max"
+        " :deadline, :now, :now, :now, :owner"
+        " WHERE (SELECT unfinished FROM queue_stats WHERE id = 1) < :max"
         " ON CONFLICT (id) DO NOTHING RETURNING *",
         {
             "id": new.id,
@@ -96,7 +106,13 @@ def create(
 
 
 def claim(
-    conn: sqlite3.Connection, stage: str, owner: str, n: int, now: float, lease: float, message: str
+    conn: sqlite3.Connection,
+    stage: Stage,
+    owner: str,
+    n: int,
+    now: float,
+    lease: float,
+    message: str,
 ) -> list[Transition]:
     """Claim up to ``n`` claimable jobs of ``stage`` in one statement, by priority then age."""
     rows = conn.execute(
@@ -115,7 +131,7 @@ def claim(
         },
     ).fetchall()
     jobs = sorted((Job.from_row(r) for r in rows), key=lambda j: (-j.priority, j.created_at, j.id))
-    return _events(conn, [(j, "pending", message) for j in jobs]) if jobs else []
+    return _events(conn, [(j, State.PENDING, message) for j in jobs]) if jobs else []
 
 
 def _guarded(
@@ -125,17 +141,17 @@ def _guarded(
     sets: str,
     params: dict[str, Any],
     *,
-    from_states: tuple[str, ...] = ("running",),
+    from_states: tuple[State, ...] = (State.RUNNING,),
     before: Job | None = None,
-) -> tuple[Job, str]:
-    """Run a guarded UPDATE of one job; raise LeaseLost/IllegalTransition when it matched nothing."""
+) -> tuple[Job, State]:
+    """Run a guarded UPDATE of one job; raise LeaseLost/IllegalTransition if it matches nothing."""
     before = before or get(conn, job_id)
     if before is None:
         raise NotFound(f"job {job_id} not found")
     if before.state not in from_states or (owner is not None and before.lease_owner != owner):
-        if before.state == "running" and owner is not None and before.lease_owner != owner:
+        if before.state == State.RUNNING and owner is not None and before.lease_owner != owner:
             raise LeaseLost(f"job {job_id} is no longer held by this worker")
-        if "running" in from_states and owner is not None:
+        if State.RUNNING in from_states and owner is not None:
             raise LeaseLost(f"job {job_id} is {before.state}, not running")
         raise IllegalTransition(f"job {job_id} is {before.state}")
     where = "id = :id AND state = :from_state" + (" AND lease_owner = :owner" if owner else "")
@@ -170,9 +186,9 @@ def advance(
         row = conn.execute(ADVANCE + extra + HELD + " RETURNING *", params).fetchone()
         if row is not None:
             job = Job.from_row(row)
-            if job.state == "completed":
+            if job.state == State.COMPLETED:
                 conn.execute("DELETE FROM job_secrets WHERE job_id = ?", (job_id,))
-            return _event(conn, job, "running", message)
+            return _event(conn, job, State.RUNNING, message)
     current = get(conn, job_id)
     if current is None:
         raise NotFound(f"job {job_id} not found")
@@ -183,7 +199,7 @@ def advance(
     params.update(now=_iso(now), message=message)
     if nxt is None:
         return finish(
-            conn, job_id, owner, now, "completed", message, fields=fields, current=current
+            conn, job_id, owner, now, State.COMPLETED, message, fields=fields, current=current
         )
     params["next"] = nxt
     job, prev = _guarded(
@@ -192,7 +208,7 @@ def advance(
         owner,
         "state = 'pending', stage = :next, lease_owner = NULL, lease_expires_at = NULL,"
         f" message = :message, updated_at = :now, run_after = :now,"
-        f" timings = {add_timing(STAGE_KEY[current.stage])}, stage_entered_at = :now" + extra,
+        f" timings = {add_timing(STAGE_MS[current.stage])}, stage_entered_at = :now" + extra,
         params,
         before=current,
     )
@@ -227,14 +243,14 @@ def advance_and_claim(
         if row is not None:
             claimed = Job.from_row(row)
             waiting = Job.from_row(row)
-            waiting.state, waiting.lease_owner, waiting.lease_expires_at = "pending", None, None
+            waiting.state, waiting.lease_owner, waiting.lease_expires_at = State.PENDING, None, None
             waiting.message = message
             return _events(
-                conn, [(waiting, "running", message), (claimed, "pending", claim_message)]
+                conn, [(waiting, State.RUNNING, message), (claimed, State.PENDING, claim_message)]
             )
         outputs = None  # already written above
     done = advance(conn, job_id, owner, now, message, fields, outputs)
-    if done.to_state != "pending":
+    if done.to_state != State.PENDING:
         return [done]
     row = conn.execute(
         claim_sql(
@@ -251,7 +267,7 @@ def advance_and_claim(
     ).fetchone()
     if row is None:
         return [done]
-    return [done, _event(conn, Job.from_row(row), "pending", claim_message)]
+    return [done, _event(conn, Job.from_row(row), State.PENDING, claim_message)]
 
 
 def finish(
@@ -259,12 +275,12 @@ def finish(
     job_id: str,
     owner: str | None,
     now: float,
-    state: str,
+    state: State,
     message: str,
     *,
     error: dict[str, Any] | None = None,
     fields: dict[str, Any] | None = None,
-    from_states: tuple[str, ...] = ("running",),
+    from_states: tuple[State, ...] = (State.RUNNING,),
     current: Job | None = None,
 ) -> Transition:
     """Move the job to a terminal state (completed, failed, cancelled)."""
@@ -275,7 +291,7 @@ def finish(
     params.update(
         now=_iso(now), message=message, state=state, error=None if error is None else dumps(error)
     )
-    timing = add_timing(STAGE_KEY[current.stage]) if current.state == "running" else "timings"
+    timing = add_timing(STAGE_MS[current.stage]) if current.state == State.RUNNING else "timings"
     job, prev = _guarded(
         conn,
         job_id,
@@ -300,7 +316,7 @@ def retry_later(
     delay: float,
     error: dict[str, Any],
 ) -> Transition:
-    """A retryable failure: back to pending in the same stage after ``delay``, or failed when spent."""
+    """A retryable failure: pending again in its stage after ``delay``, or failed when spent."""
     current = get(conn, job_id)
     if current is None:
         raise NotFound(f"job {job_id} not found")
@@ -308,7 +324,7 @@ def retry_later(
         return _cancel_running(conn, current, now)
     if current.attempts >= current.max_attempts:
         msg = f"Failed after {current.attempts} attempt(s): {error.get('message', '')}"
-        return finish(conn, job_id, owner, now, "failed", msg, error=error)
+        return finish(conn, job_id, owner, now, State.FAILED, msg, error=error)
     msg = f"Attempt {current.attempts} failed ({error.get('type')}); retrying in {delay:.1f}s"
     job, prev = _guarded(
         conn,
@@ -316,7 +332,7 @@ def retry_later(
         owner,
         "state = 'pending', lease_owner = NULL, lease_expires_at = NULL, attempts = attempts + 1,"
         " message = :message, updated_at = :now, run_after = :run_after,"
-        f" timings = {add_timing(STAGE_KEY[current.stage])}, stage_entered_at = :now",
+        f" timings = {add_timing(STAGE_MS[current.stage])}, stage_entered_at = :now",
         {"now": _iso(now), "message": msg, "run_after": _iso(now + delay)},
         before=current,
     )
@@ -335,7 +351,7 @@ def release(
         job_id,
         owner,
         "state = 'pending', lease_owner = NULL, lease_expires_at = NULL, message = :message,"
-        f" updated_at = :now, run_after = :now, timings = {add_timing(STAGE_KEY[current.stage])},"
+        f" updated_at = :now, run_after = :now, timings = {add_timing(STAGE_MS[current.stage])},"
         " stage_entered_at = :now",
         {"now": _iso(now), "message": message},
         before=current,
@@ -395,18 +411,18 @@ def request_cancel(
     job = get(conn, job_id)
     if job is None:
         raise NotFound(f"job {job_id} not found")
-    if job.state == "pending":
+    if job.state == State.PENDING:
         return job, finish(
             conn,
             job_id,
             None,
             now,
-            "cancelled",
+            State.CANCELLED,
             CANCELLED["message"],
             error=CANCELLED,
-            from_states=("pending",),
+            from_states=(State.PENDING,),
         )
-    if job.state == "running" and not job.cancel_requested:
+    if job.state == State.RUNNING and not job.cancel_requested:
         conn.execute(
             "UPDATE jobs SET cancel_requested = 1, updated_at = ? WHERE id = ?", (_iso(now), job_id)
         )
@@ -427,7 +443,8 @@ def reap(conn: sqlite3.Connection, now: float, owner: str, grace: float) -> list
     cutoff = _iso(now - grace)
     overdue = conn.execute(
         "SELECT id, state, lease_owner FROM jobs WHERE state = 'pending' AND deadline_at < ?"
-        " UNION ALL SELECT id, state, lease_owner FROM jobs WHERE state = 'running' AND deadline_at < ?",
+        " UNION ALL SELECT id, state,"
+        " lease_owner FROM jobs WHERE state = 'running' AND deadline_at < ?",
         (cutoff, cutoff),
     ).fetchall()
     for job_id, state, lease_owner in overdue:
@@ -438,10 +455,10 @@ def reap(conn: sqlite3.Connection, now: float, owner: str, grace: float) -> list
                 job_id,
                 lease_owner,
                 now,
-                "failed",
+                State.FAILED,
                 "Job timed out",
                 error=err,
-                from_states=(state,),
+                from_states=(State(state),),
             )
         )
     return out
@@ -457,7 +474,7 @@ def recover(conn: sqlite3.Connection, owner: str, now: float) -> list[Transition
 
 def _cancel_running(conn: sqlite3.Connection, job: Job, now: float) -> Transition:
     return finish(
-        conn, job.id, job.lease_owner, now, "cancelled", CANCELLED["message"], error=CANCELLED
+        conn, job.id, job.lease_owner, now, State.CANCELLED, CANCELLED["message"], error=CANCELLED
     )
 
 
@@ -469,7 +486,7 @@ def _rescue(conn: sqlite3.Connection, job: Job, now: float, *, counts_attempt: b
             "type": "lease_expired",
             "message": f"worker lost the job in {job.stage} {job.attempts} time(s)",
         }
-        return finish(conn, job.id, job.lease_owner, now, "failed", err["message"], error=err)
+        return finish(conn, job.id, job.lease_owner, now, State.FAILED, err["message"], error=err)
     msg = (
         f"Lease expired in {job.stage}; requeued"
         if counts_attempt
@@ -480,8 +497,9 @@ def _rescue(conn: sqlite3.Connection, job: Job, now: float, *, counts_attempt: b
         conn,
         job.id,
         job.lease_owner,
-        f"state = 'pending', lease_owner = NULL, lease_expires_at = NULL, {bump} message = :message,"
-        f" updated_at = :now, run_after = :now, timings = {add_timing(STAGE_KEY[job.stage])},"
+        "state = 'pending', lease_owner = NULL, lease_expires_at = NULL,"
+        f" {bump} message = :message,"
+        f" updated_at = :now, run_after = :now, timings = {add_timing(STAGE_MS[job.stage])},"
         " stage_entered_at = :now",
         {"now": _iso(now), "message": msg},
         before=job,
@@ -494,7 +512,7 @@ def retry_job(conn: sqlite3.Connection, job_id: str, now: float) -> Transition:
     job = get(conn, job_id)
     if job is None:
         raise NotFound(f"job {job_id} not found")
-    if job.state not in ("failed", "cancelled"):
+    if job.state not in (State.FAILED, State.CANCELLED):
         raise IllegalTransition(
             f"job {job_id} is {job.state}; only failed or cancelled jobs can be retried"
         )
@@ -505,7 +523,8 @@ def retry_job(conn: sqlite3.Connection, job_id: str, now: float) -> Transition:
         "UPDATE jobs SET state = 'pending', stage = 'preprocess', attempts = 0, error = NULL,"
         " finished_at = NULL, comfy_prompt_id = NULL, comfy_backend = NULL, prepared = NULL,"
         " result = NULL, message = 'Retry requested', updated_at = :now, run_after = :now,"
-        " stage_entered_at = :now, deadline_at = :deadline, timings = '{}' WHERE id = :id RETURNING *",
+        " stage_entered_at = :now, deadline_at = :deadline,"
+        " timings = '{}' WHERE id = :id RETURNING *",
         {"now": t, "deadline": _iso(deadline), "id": job_id},
     )
     assert row is not None
@@ -547,7 +566,9 @@ def put_output(conn: sqlite3.Connection, job_id: str, now: float, row: dict[str,
     """Record (or replace, when a stage runs again) one output file of a job."""
     cols = [c for c in _OUTPUT_COLS if c in row]
     conn.execute(
-        f"INSERT INTO outputs (job_id, created_at, {', '.join(cols)}) VALUES (?, ?, {', '.join('?' * len(cols))})"
-        f" ON CONFLICT (job_id, filename) DO UPDATE SET {', '.join(f'{c} = excluded.{c}' for c in cols)}",
+        f"INSERT INTO outputs (job_id, created_at, {', '.join(cols)}) VALUES (?, ?,"
+        f" {', '.join('?' * len(cols))})"
+        " ON CONFLICT (job_id, filename)"
+        f" DO UPDATE SET {', '.join(f'{c} = excluded.{c}' for c in cols)}",
         (job_id, _iso(now), *(row[c] for c in cols)),
     )

@@ -7,11 +7,7 @@ nothing, to say why (lease lost, cancelled, not found).
 
 from __future__ import annotations
 
-STAGE_KEY = {
-    "preprocess": "preprocess_ms",
-    "generate": "generation_ms",
-    "postprocess": "postprocess_ms",
-}
+from comfyq.store.model import Stage
 
 
 def ms_since(col: str, now_param: str) -> str:
@@ -56,14 +52,15 @@ _WAIT_KEY_SQL = (
 HAND_OFF = (
     "UPDATE jobs SET state = 'running',"
     " stage = CASE stage WHEN 'preprocess' THEN 'generate' ELSE 'postprocess' END,"
-    " lease_owner = :owner, lease_expires_at = :exp, attempts = max(attempts, 1), message = :message,"
+    " lease_owner = :owner, lease_expires_at = :exp, attempts = max(attempts, 1),"
+    " message = :message,"
     f" updated_at = :now, run_after = :now, timings = json_set({_STAGE_DONE}, {_WAIT_KEY_SQL},"
     f" coalesce(json_extract({_STAGE_DONE}, {_WAIT_KEY_SQL}), 0) + 0.0), stage_entered_at = :now"
 )
 
 
-def claim_sql(stage: str, which: str) -> str:
-    wait_key = "queued_ms" if stage == "preprocess" else f"{stage}_wait_ms"
+def claim_sql(stage: Stage, which: str) -> str:
+    wait_key = "queued_ms" if stage == Stage.PREPROCESS else f"{stage}_wait_ms"
     return (
         "UPDATE jobs SET state = 'running', lease_owner = :owner, lease_expires_at = :exp,"
         " attempts = max(attempts, 1), updated_at = :now, message = :message,"

@@ -11,14 +11,18 @@ function resolve(schema, root) {
     return root.$defs[name] || schema;
   }
   if (schema && Array.isArray(schema.anyOf)) {
-    const real = schema.anyOf.find((s) => s.type !== "null");
-    return real ? { ...schema, ...resolve(real, root) } : schema;
+    const real = schema.anyOf.filter((s) => s.type !== "null");
+    // One real alternative (x | null): that one. Several (an integer or a '#rrggbb' string):
+    // a text field whose value is read as JSON when it parses.
+    if (real.length === 1) return { ...schema, ...resolve(real[0], root), anyOf: undefined };
+    return { ...schema, anyOf: undefined, type: undefined, mixed: true };
   }
   return schema || {};
 }
 
 function fieldFor(name, raw, root, required) {
   const schema = resolve(raw, root);
+  if (schema.default === null) delete schema.default;
   const id = `f-${name}`;
   const path = `$.input.modifications.${name}`;
   let input;

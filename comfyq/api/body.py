@@ -1,0 +1,46 @@
+"""Reading a JSON request body within the route's limit and the body timeout.
+
+``max_body_bytes`` (aiohttp's ``client_max_size``) is the cap for uploads; a JSON body has its own,
+much lower limit (``max_json_bytes``): a declared ``Content-Length`` over it is refused before a
+byte is read, and a chunked (or lying) body is read only up to it. A body that does not arrive
+within ``http_body_timeout`` is a 408.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from aiohttp import web
+
+from comfyq.errors import RequestTimeout
+from comfyq.limits import json_limit, too_large
+
+CHUNK = 256 * 1024
+
+
+async def read_json_body(request: web.Request, settings: Any) -> bytes:
+    """The whole body, at most the JSON limit (413 beyond), within ``http_body_timeout`` (408)."""
+    limit, setting = json_limit(settings)
+    timeout = settings.http_body_timeout
+    declared = request.content_length
+    if declared is not None and declared > limit:
+        raise too_large(declared, limit, setting)
+    parts: list[bytes] = []
+    size = 0
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                chunk = await request.content.read(CHUNK)
+                if not chunk:
+                    break
+                size += len(chunk)
+                if size > limit:
+                    raise too_large(None, limit, setting)
+                parts.append(chunk)
+    except TimeoutError:
+        raise RequestTimeout(
+            f"the request body did not arrive within {timeout:g}s (setting http_body_timeout)",
+            details={"limit": timeout, "setting": "http_body_timeout"},
+        ) from None
+    return b"".join(parts)

@@ -1,0 +1,139 @@
+"""The HTTP server's runner, with deadlines for slow clients.
+
+aiohttp closes a connection that stays idle (``keepalive_timeout``), but a client that sends its
+headers or its body a byte at a time holds a connection (and its buffers) for as long as it likes.
+Here each connection gets two more deadlines:
+
+- headers: from the first byte of a request until its headers are parsed, ``http_header_timeout``;
+  past it the client gets ``408`` and the connection is closed;
+- body: from the headers until the whole body is in, ``http_body_timeout`` (plus a second, so the
+  handler that reads a JSON body answers its own 408 first); past it the connection is closed.
+
+The idle keep-alive time is ``http_keepalive_timeout``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
+from aiohttp.web_server import Server
+
+log = logging.getLogger("comfyq.api")
+
+_408 = b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+BODY_GRACE = 1.0  # seconds the protocol's body deadline waits after the handler's own
+
+
+class GuardedHandler(RequestHandler):
+    """aiohttp's connection handler with a header deadline and a body deadline."""
+
+    def __init__(
+        self, manager: Server, *, header_timeout: float, body_timeout: float, **kwargs: Any
+    ) -> None:
+        super().__init__(manager, **kwargs)
+        self._header_timeout = header_timeout
+        self._body_timeout = body_timeout
+        self._deadline: asyncio.TimerHandle | None = None
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def data_received(self, data: bytes) -> None:
+        if data and self._deadline is None and not self._request_in_progress:
+            # The first bytes of a request: its headers must be complete in time.
+            self._deadline = self._loop.call_later(self._header_timeout, self._headers_late)
+        super().data_received(data)
+
+    def _peer(self) -> str:
+        transport = self.transport
+        peer = transport.get_extra_info("peername") if transport is not None else None
+        return str(peer[0]) if isinstance(peer, tuple) else "?"
+
+    def _headers_late(self) -> None:
+        self._deadline = None
+        if self._request_in_progress or self.transport is None:
+            return
+        log.info(
+            "closed a connection from %s: request headers not complete after %gs"
+            " (setting http_header_timeout)",
+            self._peer(),
+            self._header_timeout,
+        )
+        self.transport.write(_408)
+        self.force_close()
+
+    def _body_late(self, request: BaseRequest) -> None:
+        self._deadline = None
+        if request.content.is_eof() or self.transport is None:
+            return
+        log.info(
+            "closed a connection from %s: request body not complete after %gs"
+            " (setting http_body_timeout)",
+            self._peer(),
+            self._body_timeout,
+        )
+        self.force_close()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._cancel_deadline()
+        super().connection_lost(exc)
+
+    async def _handle_request(
+        self,
+        request: BaseRequest,
+        start_time: float | None,
+        request_handler: Callable[[BaseRequest], Awaitable[web.StreamResponse]],
+    ) -> tuple[web.StreamResponse, bool]:
+        self._cancel_deadline()  # the headers are in
+        if request.body_exists and not request.content.is_eof():
+            self._deadline = self._loop.call_later(
+                self._body_timeout + BODY_GRACE, self._body_late, request
+            )
+        try:
+            return await super()._handle_request(request, start_time, request_handler)
+        finally:
+            self._cancel_deadline()
+
+
+class GuardedServer(Server):
+    """aiohttp's Server making :class:`GuardedHandler` connections."""
+
+    header_timeout = 10.0
+    body_timeout = 60.0
+
+    def __call__(self) -> RequestHandler:
+        return GuardedHandler(
+            self,
+            loop=self._loop,
+            header_timeout=self.header_timeout,
+            body_timeout=self.body_timeout,
+            **self._kwargs,
+        )
+
+
+class Runner(web.AppRunner):
+    """``web.AppRunner`` whose connections have the slow-client deadlines of ``settings``."""
+
+    def __init__(self, app: web.Application, settings: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("keepalive_timeout", settings.http_keepalive_timeout)
+        super().__init__(app, **kwargs)
+        self._header_timeout = float(settings.http_header_timeout)
+        self._body_timeout = float(settings.http_body_timeout)
+
+    async def _make_server(self) -> Server:
+        server = await super()._make_server()
+        # The app builds a plain Server (with its request factory and handler); only the kind of
+        # connection it makes changes, so the instance is turned into the subclass.
+        server.__class__ = GuardedServer
+        assert isinstance(server, GuardedServer)
+        server.header_timeout = self._header_timeout
+        server.body_timeout = self._body_timeout
+        return server

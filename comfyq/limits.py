@@ -1,0 +1,214 @@
+"""What one request may hold, and the names in it that must be whole and printable.
+
+Bounded work: a JSON body is at most ``max_json_bytes`` and ``max_json_items`` values, a
+workflow at most ``max_workflow_nodes`` nodes, 100 levels deep. Decoding a body is one C call that
+holds the GIL, so moving it to a thread would not free the event loop: the item count is what
+bounds it, and is measured before decoding by counting separators (a few ms for the largest body).
+
+Names: a field that becomes a header, a path, a file name or a log field (the request_id, the
+modifier, image names, S3 fields, node ids, class types, ``filename_prefix``) is checked whole
+(``fullmatch``: no trailing newline) and may hold no control character.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from comfyq.errors import PayloadTooLarge
+
+MiB = 1024 * 1024
+MAX_DEPTH = 100  # deeper JSON is no workflow; refusing it keeps encoders and SQLite's JSON safe
+CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+# The same rule as the schema's pattern, checked whole: re's "$" also matches before a final "\n".
+REQUEST_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
+# Keys whose string value ComfyUI uses as (part of) a file path of its output.
+_PATH_INPUTS = frozenset({"filename_prefix"})
+
+FieldErrors = list[dict[str, str]]
+
+
+@dataclass(frozen=True)
+class BodyLimits:
+    """The per-request limits of JSON bodies (from the ``max_json_*`` settings)."""
+
+    json_bytes: int = 16 * MiB
+    json_items: int = 100_000
+    workflow_nodes: int = 5_000
+    depth: int = MAX_DEPTH
+    json_setting: str = "max_json_bytes"
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> BodyLimits:
+        json_bytes, setting = json_limit(settings)
+        return cls(
+            json_bytes=json_bytes,
+            json_setting=setting,
+            json_items=settings.max_json_items,
+            workflow_nodes=settings.max_workflow_nodes,
+        )
+
+
+DEFAULT = BodyLimits()
+
+
+def check_json_body(body: bytes, limits: BodyLimits) -> None:
+    """413 naming the limit when ``body`` is over ``json_bytes`` or holds over ``json_items``
+    values."""
+    if len(body) > limits.json_bytes:
+        raise too_large(len(body), limits.json_bytes, limits.json_setting)
+    # Every value after the first is preceded by "," or ":" (a key's value): their count bounds
+    # the values. Strings may hold them too, so this over-counts text, never under-counts values.
+    if len(body) > limits.json_items and body.count(b",") + body.count(b":") > limits.json_items:
+        raise PayloadTooLarge(
+            f"the JSON body holds more than {limits.json_items} values (setting max_json_items)",
+            details={"limit": limits.json_items, "setting": "max_json_items"},
+        )
+
+
+def too_large(size: int | None, limit: int, setting: str = "max_json_bytes") -> PayloadTooLarge:
+    shown = f"{size} bytes" if size is not None else "the body"
+    return PayloadTooLarge(
+        f"{shown} is over the JSON body limit of {limit} bytes (setting {setting}); send"
+        " files as multipart or by URL",
+        details={"limit": limit, "setting": setting},
+    )
+
+
+def json_limit(settings: Any) -> tuple[int, str]:
+    """The byte limit of a JSON body and the setting it comes from (the lower of the two)."""
+    if settings.max_body_bytes < settings.max_json_bytes:
+        return settings.max_body_bytes, "max_body_bytes"
+    return settings.max_json_bytes, "max_json_bytes"
+
+
+def printable(value: Any, path: str, errors: FieldErrors) -> None:
+    """Adds an error for ``path`` when ``value`` is a string holding a control character."""
+    if isinstance(value, str) and CONTROL.search(value):
+        errors.append({"path": path, "message": "must not contain control characters"})
+
+
+def request_id_errors(request_id: str) -> FieldErrors:
+    if request_id and not REQUEST_ID.fullmatch(request_id):
+        return [
+            {
+                "path": "$.input.request_id",
+                "message": "must be 1-128 of A-Z a-z 0-9 . _ -, not starting with a dot",
+            }
+        ]
+    return []
+
+
+def _path_value_error(value: str) -> str | None:
+    if CONTROL.search(value):
+        return "must not contain control characters"
+    if value.startswith(("/", "\\")) or ".." in re.split(r"[/\\]", value):
+        return "must stay inside the output folder (no leading /, no ..)"
+    return None
+
+
+def workflow_errors(workflow: dict[str, Any], limits: BodyLimits) -> FieldErrors:
+    """Size, names and links of a workflow: node count, printable ids and class types, output
+    paths, and no dependency cycle (ComfyUI would refuse each, after the job was accepted)."""
+    if len(workflow) > limits.workflow_nodes:
+        return [
+            {
+                "path": "$.input.workflow_json",
+                "message": f"has {len(workflow)} nodes; the limit is {limits.workflow_nodes}"
+                " (setting max_workflow_nodes)",
+            }
+        ]
+    errors: FieldErrors = []
+    links: dict[str, list[str]] = {}
+    for key, node in workflow.items():
+        path = f"$.input.workflow_json['{key}']"
+        if CONTROL.search(key):
+            errors.append(
+                {"path": "$.input.workflow_json", "message": "a node id holds a control character"}
+            )
+            continue
+        if not isinstance(node, dict):
+            continue  # the typed conversion reports it
+        printable(node.get("class_type"), f"{path}.class_type", errors)
+        inputs = node.get("inputs")
+        if not isinstance(inputs, dict):
+            continue
+        out: list[str] = []
+        for name, value in inputs.items():
+            if isinstance(value, str) and name in _PATH_INPUTS:
+                why = _path_value_error(value)
+                if why:
+                    errors.append({"path": f"{path}.inputs.{name}", "message": why})
+            elif (
+                isinstance(value, list)
+                and len(value) == 2
+                and isinstance(value[0], str)
+                and isinstance(value[1], int)
+            ):
+                out.append(value[0])
+        links[key] = out
+    if not errors:
+        cycle = find_cycle(links)
+        if cycle is not None:
+            errors.append(
+                {
+                    "path": f"$.input.workflow_json['{cycle}']",
+                    "message": "the node's inputs link back to itself (a dependency cycle)",
+                }
+            )
+    return errors
+
+
+def find_cycle(links: dict[str, list[str]]) -> str | None:
+    """A node on a dependency cycle of ``links`` (node -> the nodes it reads from), or None.
+
+    Iterative three-colour depth-first search: linear in nodes and links, no recursion limit."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    for root in links:
+        if root in state:
+            continue
+        stack: list[tuple[str, int]] = [(root, 0)]
+        state[root] = 1
+        while stack:
+            node, i = stack[-1]
+            deps = links.get(node, ())
+            if i < len(deps):
+                stack[-1] = (node, i + 1)
+                nxt = deps[i]
+                seen = state.get(nxt)
+                if seen == 1:
+                    return nxt
+                if seen is None and nxt in links:
+                    state[nxt] = 1
+                    stack.append((nxt, 0))
+            else:
+                state[node] = 2
+                stack.pop()
+    return None
+
+
+def input_errors(raw_input: dict[str, Any], limits: BodyLimits) -> FieldErrors:
+    """Every name of a (typed-valid) input that is not whole and printable, and the workflow's
+    limits."""
+    errors = request_id_errors(str(raw_input.get("request_id") or ""))
+    printable(raw_input.get("modifier"), "$.input.modifier", errors)
+    mods = raw_input.get("modifications")
+    if isinstance(mods, dict):
+        for key in mods:
+            printable(key, "$.input.modifications", errors)
+    for i, img in enumerate(raw_input.get("images") or ()):
+        if isinstance(img, dict):
+            printable(img.get("name"), f"$.input.images[{i}].name", errors)
+    for block, names in (
+        ("s3", ("endpoint_url", "bucket_name", "region", "access_key_id")),
+        ("webhook", ("url",)),
+    ):
+        obj = raw_input.get(block)
+        if isinstance(obj, dict):
+            for name in names:
+                printable(obj.get(name), f"$.input.{block}.{name}", errors)
+    workflow = raw_input.get("workflow_json")
+    if isinstance(workflow, dict) and workflow:
+        errors += workflow_errors(workflow, limits)
+    return errors
