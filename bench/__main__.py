@@ -98,6 +98,13 @@ STEPS = [
         "side by side over HTTP (#7)",
     ),
     Step(
+        "ui",
+        "bench.bench_ui",
+        ["--jobs", "200", "--big", "100000", "--rate", "50", "--seconds", "20"],
+        ["--jobs", "40", "--big", "20000", "--rate", "50", "--seconds", "4", "--rounds", "1"],
+        "dashboard (#14)",
+    ),
+    Step(
         "chaos",
         "bench.chaos",
         [],

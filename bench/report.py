@@ -233,6 +233,7 @@ SECTIONS = [
     ("api", "HTTP API (#4)", sec.api),
     ("preprocess", "Preprocess and inputs (#5)", sec.preprocess),
     ("outputs", "Outputs, S3 and webhooks (#6)", sec.outputs),
+    ("ui", "Dashboard (#14)", sec.ui),
     ("profile", "Where a job's CPU goes (#13, `--profile`)", sec.profile),
 ]
 
