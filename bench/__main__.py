@@ -101,7 +101,7 @@ STEPS = [
         "ui",
         "bench.bench_ui",
         ["--jobs", "200", "--big", "100000", "--rate", "50", "--seconds", "20"],
-        ["--jobs", "40", "--big", "20000", "--rate", "50", "--seconds", "4", "--rounds", "1"],
+        ["--jobs", "40", "--big", "20000", "--seconds", "4", "--rounds", "1", "--emulated", "5"],
         "dashboard (#14)",
     ),
     Step(

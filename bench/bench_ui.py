@@ -248,6 +248,73 @@ async def cpu(
     }
 
 
+async def _emulated(url: str, stop: asyncio.Event) -> None:
+    """What one open jobs page asks of the server: /ws subscribed to "*" (every frame read), the
+    page of rows at most once a second and the counts every 1.5 s while jobs change."""
+    async with aiohttp.ClientSession() as s, s.ws_connect(url + "/ws", protocols=("comfyq",)) as ws:
+        await ws.send_json({"subscribe": "*"})
+
+        async def poll() -> None:
+            n = 0
+            while not stop.is_set():
+                async with s.get(url + "/ui/api/jobs?limit=50") as r:
+                    await r.read()
+                if n % 3 == 0:
+                    async with s.get(url + "/ui/api/counts") as r:
+                        await r.read()
+                n += 2
+                try:
+                    await asyncio.wait_for(stop.wait(), 1.0)
+                except TimeoutError:
+                    pass
+
+        poller = asyncio.ensure_future(poll())
+        while not stop.is_set():
+            try:
+                await ws.receive(0.5)
+            except TimeoutError:
+                continue
+        await poller
+
+
+async def cpu_emulated(
+    url: str, pid: int, rate: float, seconds: float, clients: int
+) -> dict[str, Any]:
+    """The server's cost of ``clients`` emulated dashboards (no browser competing for the CPU):
+    the same job flow without and with them, interleaved twice."""
+    n = int(rate * seconds)
+
+    async def run(with_clients: bool) -> float:
+        await _until_done(url)
+        stop = asyncio.Event()
+        tasks = [
+            asyncio.ensure_future(_emulated(url, stop))
+            for _ in range(clients if with_clients else 0)
+        ]
+        await asyncio.sleep(0.5)
+        c0, t0 = cpu_seconds(pid), time.perf_counter()
+        await _feed(url, n, rate)
+        await _until_done(url)
+        used = (cpu_seconds(pid) - c0) / (time.perf_counter() - t0)
+        stop.set()
+        await asyncio.gather(*tasks)
+        return used
+
+    without, with_ = [], []
+    for _ in range(2):
+        without.append(await run(False))
+        with_.append(await run(True))
+    base, loaded = sum(without) / 2, sum(with_) / 2
+    return {
+        "clients": clients,
+        "server_cores_without": base,
+        "server_cores_with": loaded,
+        "runs_without": without,
+        "runs_with": with_,
+        "per_dashboard_core_pct": (loaded - base) / clients * 100,
+    }
+
+
 async def amain(args: argparse.Namespace) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="bench-ui-", dir=os.environ.get("BENCH_TMP")))
     out: dict[str, Any] = {"args": vars(args) | {"json": None}}
@@ -280,6 +347,14 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
         server(root / "c", sim, COMFYQ_GENERATION_WORKERS=workers) as (url, pid),
     ):
         out["cpu"] = await cpu(url, pid, args.rate, args.seconds, args.dashboards, args.rounds)
+        out["cpu_emulated"] = await cpu_emulated(url, pid, args.rate, args.seconds, args.emulated)
+    e = out["cpu_emulated"]
+    print(
+        f"cpu: {args.emulated} emulated dashboards (ws '*' + the page's reads, no browser):"
+        f" server {e['server_cores_without'] * 100:.1f}% -> {e['server_cores_with'] * 100:.1f}%"
+        f" of a core: {e['per_dashboard_core_pct']:.2f}% per dashboard",
+        flush=True,
+    )
     c = out["cpu"]
     print(
         f"cpu: {args.rate} jobs/s: server {c['server_cores_without'] * 100:.1f}% of a core without"
@@ -300,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=20.0, help="length of each CPU run")
     ap.add_argument("--dashboards", type=int, default=3, help="dashboards connected")
     ap.add_argument("--rounds", type=int, default=3, help="runs without and with, alternated")
+    ap.add_argument("--emulated", type=int, default=20, help="emulated dashboards (no browser)")
     add_json_arg(ap)
     args = ap.parse_args(argv)
     out = asyncio.run(amain(args))

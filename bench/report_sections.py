@@ -464,8 +464,23 @@ def ui(f: dict[str, Any], charts: Charts) -> list[str]:
     )
     rows.append(
         [
-            "server CPU per connected dashboard",
+            "server CPU per connected dashboard (browsers on the same 2 cores)",
             f"{c['per_dashboard_core_pct']:.2f}% of a core (target <= 5 %)",
         ]
     )
+    e = f.get("cpu_emulated")
+    if e:
+        rows.append(
+            [
+                (
+                    f"server CPU per dashboard, {e['clients']} emulated ones (/ws '*' and the"
+                    " page's reads, no browser competing)"
+                ),
+                (
+                    f"{e['per_dashboard_core_pct']:.2f}% of a core"
+                    f" ({e['server_cores_without'] * 100:.1f}% ->"
+                    f" {e['server_cores_with'] * 100:.1f}%)"
+                ),
+            ]
+        )
     return table(["measurement", "figure"], rows)

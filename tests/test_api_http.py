@@ -20,7 +20,7 @@ from comfyq.schemas import GenerateRequest
 from comfyq.sim import Simulator
 
 _colors = itertools.count(9000)
-PUBLIC = {"/health", "/ready", "/docs/assets/{name}", "/ui", "/ui/static/{name}"}
+PUBLIC = {"/health", "/ready", "/docs/assets/{name}", "/ui", "/ui/static/{name}", "/ui/api/session"}
 
 
 def body(**extra: Any) -> dict[str, Any]:

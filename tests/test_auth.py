@@ -133,6 +133,7 @@ COVERED = {
     ("GET", "/ui/api/jobs/{id}"),
     ("GET", "/ui/api/stats"),
     ("GET", "/ui/api/modifiers"),
+    ("GET", "/ui/api/session"),
 }
 EXTRA_COVERED: set[tuple[str, str]] = set()  # routes whose checks live in other test files
 
@@ -248,6 +249,24 @@ async def test_two_clients_and_an_admin_over_every_route(make_server: MakeServer
         for key in (ADMIN, CA):
             assert await _status(srv, "GET", path, key) == 200, path
     assert await _status(srv, "GET", "/ui", "wrong") == 200  # the page asks for a key itself
+    for key, who in (
+        ("wrong", {"keys_required": True, "authenticated": False, "role": None, "key_id": None}),
+        (
+            CA,
+            {"keys_required": True, "authenticated": True, "role": "client", "key_id": key_id(CA)},
+        ),
+        (
+            ADMIN,
+            {
+                "keys_required": True,
+                "authenticated": True,
+                "role": "admin",
+                "key_id": key_id(ADMIN),
+            },
+        ),
+    ):
+        async with srv.session.get(srv.u("/ui/api/session"), headers=h(key)) as r:
+            assert r.status == 200 and await r.json() == who
     assert await _status(srv, "GET", "/ui/api/jobs", "wrong") == 401
 
 

@@ -323,6 +323,15 @@ ROUTES: list[Route] = [
     ),
     Route(
         "GET",
+        "/ui/api/session",
+        dashboard.session,
+        "Whether a key is needed, and whether the one sent is good (and its role)",
+        "dashboard",
+        public=True,
+        replies={200: Reply("the caller", dashboard.Session)},
+    ),
+    Route(
+        "GET",
         "/ui/api/jobs",
         dashboard.list_rows,
         "The dashboard's jobs table: one page of rows, newest first",

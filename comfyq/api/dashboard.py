@@ -17,7 +17,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from comfyq.api.auth import Principal, principal, require_admin, visible
+from comfyq.api.auth import NOBODY, Principal, principal, require_admin, visible
 from comfyq.api.context import Api, get_api, json_response
 from comfyq.api.jobs import STATUS_SQL, _bad, _limit, _statuses, decode_cursor, not_found
 from comfyq.clock import iso, parse_iso
@@ -242,6 +242,31 @@ async def counts(request: web.Request) -> web.Response:
     """GET /ui/api/counts: jobs per status (the filter chips)."""
     cache = request.app[_COUNTS]
     return json_response(await cache.get(get_api(request), principal(request)))
+
+
+class Session(msgspec.Struct):
+    """What the page needs to know about its key before it reads anything."""
+
+    keys_required: bool
+    authenticated: bool
+    role: str | None = None
+    key_id: str | None = None
+
+
+async def session(request: web.Request) -> web.Response:
+    """GET /ui/api/session (public): whether this server needs a key and whether the one sent is
+    good, with its role. Lets the page ask for a key without provoking a 401 first."""
+    api = get_api(request)
+    who = principal(request)
+    ok = who is not NOBODY
+    return json_response(
+        Session(
+            keys_required=api.keys.enabled,
+            authenticated=ok,
+            role=who.role if ok else None,
+            key_id=who.key_id if ok else None,
+        )
+    )
 
 
 def setup(app: web.Application) -> None:

@@ -27,7 +27,9 @@ log = logging.getLogger("comfyq.api")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-PUBLIC_PATHS = frozenset({"/health", "/ready", "/ui"})  # the dashboard page asks for a key itself
+PUBLIC_PATHS = frozenset(
+    {"/health", "/ready", "/ui", "/ui/api/session"}
+)  # the dashboard page asks for a key itself
 # Swagger UI's own static files and the dashboard's: code, no data.
 PUBLIC_PREFIXES = ("/docs/assets/", "/ui/static/")
 ALLOW_HEADERS = "Authorization, Content-Type, Last-Event-ID, X-Return-Outputs-As-Base64"
