@@ -310,3 +310,25 @@ def test_phone_width_has_no_sideways_scroll(
     expect(page.locator(".charts")).to_contain_text("completed")
     shot(page, tmp_path, "ui-queue")
     watch.clean()
+
+
+def test_a_failed_job_shows_its_whole_error(
+    browser: Browser, server: Serve, tmp_path: Path
+) -> None:
+    wf = {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": "wide"}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0]}},
+    }
+    status, res = server.call("POST", "/generate/sync", {"input": {"workflow_json": wf}})
+    assert status == 400 and res["status"] == "failed"
+    page, watch = new_page(browser)
+    page.goto(f"{server.url}/ui#/job/{res['id']}")
+    card = page.locator(".error-card")
+    expect(card).to_be_visible()
+    expect(card).to_contain_text("validation_error")
+    expect(card.locator("pre").first).to_contain_text("invalid_input_type")  # ComfyUI's node_errors
+    expect(card.locator("pre").first).to_contain_text("received_value")
+    expect(page.get_by_role("button", name="Retry")).to_be_visible()
+    expect(page.get_by_role("button", name="Cancel")).to_have_count(0)
+    shot(page, tmp_path, "ui-job-failed")
+    watch.clean()
