@@ -7,6 +7,7 @@ COMFYQ_UPDATE_SCREENSHOTS=1 (how the README's pictures are made).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -331,4 +332,33 @@ def test_a_failed_job_shows_its_whole_error(
     expect(page.get_by_role("button", name="Retry")).to_be_visible()
     expect(page.get_by_role("button", name="Cancel")).to_have_count(0)
     shot(page, tmp_path, "ui-job-failed")
+    watch.clean()
+
+
+def test_workflow_json_submit_shows_the_live_preview(
+    browser: Browser, server: Serve, tmp_path: Path
+) -> None:
+    # EmptyImage (0.6 s) -> SaveImageWebsocket: ComfyUI's preview frames, one per image; then
+    # SaveImage for the output.
+    wf = {
+        "1": {
+            "class_type": "EmptyImage",
+            "inputs": {"width": 40, "height": 24, "batch_size": 4, "color": 0x33AA55},
+        },
+        "2": {"class_type": "SaveImageWebsocket", "inputs": {"images": ["1", 0]}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "p"}},
+    }
+    page, watch = new_page(browser)
+    page.goto(server.url + "/ui#/submit")
+    page.locator("#mode-wf").check()
+    page.locator("#workflow").fill(json.dumps(wf))
+    page.get_by_role("button", name="Submit").click()
+    expect(page).to_have_url(re.compile(r"#/job/"))
+    page.wait_for_function(
+        "() => { const i = document.querySelector('img.preview');"
+        " return i && !i.hidden && i.complete && i.naturalWidth === 40; }",
+        timeout=60_000,
+    )
+    expect(page.locator(".job-head")).to_have_attribute("data-status", "completed", timeout=60_000)
+    expect(page.locator("img.output-img")).to_have_count(4)
     watch.clean()

@@ -12,6 +12,8 @@ const live = new Live();
 const $ = (id) => document.getElementById(id);
 let current = null;
 let needsKey = false;
+// The latest preview of recent jobs: a job page opened a moment after its frame still shows it.
+const previews = new Map();
 
 function route() {
   const hash = location.hash || "#/";
@@ -32,7 +34,7 @@ function render() {
     a.classList.toggle("active", a.dataset.nav === r.nav);
   }
   try {
-    current = r.view.mount(root, { live, arg: r.arg, navigate });
+    current = r.view.mount(root, { live, arg: r.arg, navigate, previews });
   } catch (e) {
     root.append(message("error", `This view failed to open: ${e.message}`));
   }
@@ -124,7 +126,12 @@ async function start() {
     if (e.detail.reconnected && current && current.catchUp) current.catchUp();
   });
   live.addEventListener("event", (e) => current && current.onEvent && current.onEvent(e.detail));
-  live.addEventListener("preview", (e) => current && current.onPreview && current.onPreview(e.detail));
+  live.addEventListener("preview", (e) => {
+    previews.delete(e.detail.job_id);
+    previews.set(e.detail.job_id, e.detail);
+    if (previews.size > 20) previews.delete(previews.keys().next().value);
+    if (current && current.onPreview) current.onPreview(e.detail);
+  });
   window.addEventListener("hashchange", render);
   window.addEventListener("unhandledrejection", (e) => {
     e.preventDefault();

@@ -4,7 +4,7 @@
 import { api, blobUrl } from "./api.js";
 import { FINAL, badge, bytes, clear, duration, el, message, progressBar, setBar, stamp, time } from "./util.js";
 
-export function mount(root, { arg: id, navigate }) {
+export function mount(root, { arg: id, navigate, previews }) {
   const st = { alive: true, detail: null, urls: [], preview: null, loading: false, again: false };
   const head = el("div", { class: "job-head" });
   const actions = el("div", { class: "actions" });
@@ -333,6 +333,8 @@ export function mount(root, { arg: id, navigate }) {
   }
 
   load();
+  const seen = previews && previews.get(id);
+  if (seen) onPreview(seen);
 
   return {
     onEvent,
