@@ -29,6 +29,27 @@ SLOW = {"COMFYQ_SIMULATE_NODE_DURATION": "0.6", "COMFYQ_SIMULATE_PROGRESS_STEPS"
 ADMIN, CLIENT = "admin-dash-key", "client-dash-key"
 
 
+def long_job(blurs: int = 8, width: int = 40) -> dict[str, Any]:
+    """EmptyImage -> ImageBlur x ``blurs`` -> SaveImage: seconds of running on the slow simulator,
+    time enough for a person (or a test) to act on it while it runs."""
+    wf: dict[str, Any] = {
+        "1": {
+            "class_type": "EmptyImage",
+            "inputs": {"width": width, "height": 16, "batch_size": 1, "color": 0x123456},
+        }
+    }
+    prev = "1"
+    for i in range(blurs):
+        node = str(10 + i)
+        wf[node] = {
+            "class_type": "ImageBlur",
+            "inputs": {"image": [prev, 0], "blur_radius": 1 + i % 3, "sigma": 1.0},
+        }
+        prev = node
+    wf["2"] = {"class_type": "SaveImage", "inputs": {"images": [prev, 0], "filename_prefix": "l"}}
+    return {"input": {"workflow_json": wf}}
+
+
 def effects(**mods: Any) -> dict[str, Any]:
     return {
         "input": {"modifier": "ImageEffects", "modifications": {"width": 48, "height": 32, **mods}}
@@ -170,7 +191,8 @@ def test_cancel_retry_and_run_again_from_the_job_page(
     browser: Browser, server: Serve, tmp_path: Path
 ) -> None:
     page, watch = new_page(browser)
-    status, res = server.call("POST", "/generate", effects(blur_radius=2, width=40))
+    status, res = server.call("POST", "/generate", long_job())
+    assert status == 202
     job = res["id"]
     page.goto(f"{server.url}/ui#/job/{job}")
     head = page.locator(".job-head")
@@ -189,7 +211,7 @@ def test_cancel_retry_and_run_again_from_the_job_page(
     assert again != job
     expect(page.locator(".job-head")).to_have_attribute("data-status", "completed", timeout=60_000)
     status, res2 = server.call("GET", f"/ui/api/jobs/{again}")
-    assert status == 200 and res2["input"]["modifications"]["width"] == 40
+    assert status == 200 and res2["input"]["workflow_json"]["1"]["inputs"]["width"] == 40
     # Delete needs two clicks, then the job is gone.
     page.get_by_role("button", name="Delete").click()
     page.get_by_role("button", name="Really delete?").click()
@@ -204,7 +226,7 @@ def test_page_reconnects_after_a_server_restart_and_shows_the_final_state(
     srv = Serve(tmp_path, **SLOW).start()
     try:
         page, _ = new_page(browser)
-        status, res = srv.call("POST", "/generate", effects(blur_radius=4))
+        status, res = srv.call("POST", "/generate", long_job())
         assert status == 202
         job = res["id"]
         page.goto(f"{srv.url}/ui#/job/{job}")
