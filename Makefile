@@ -20,6 +20,11 @@ sysdeps:
 	  { echo "libmagic missing: installing libmagic1"; \
 	    if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq libmagic1; \
 	    else sudo apt-get update -qq && sudo apt-get install -y -qq libmagic1; fi; }
+	@# The Postgres store's tests start a throwaway cluster when no server answers: its binaries.
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
+	  { echo "PostgreSQL server binaries missing: installing postgresql"; \
+	    if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq postgresql; \
+	    else sudo apt-get update -qq && sudo apt-get install -y -qq postgresql; fi; }
 	@# The dashboard's browser tests drive Debian's Chromium (Playwright's downloads are not used);
 	@# installed when missing and we are root (otherwise those tests skip, or fail under
 	@# COMFYQ_REQUIRE_BROWSER=1).

@@ -4,7 +4,7 @@ collect their ``--json`` figures into one results file, and render BENCHMARKS.md
     .venv/bin/python -m bench [--quick] [--only a,b] [--skip a,b] [--out BENCHMARKS.md]
     .venv/bin/python -m bench --render-only bench/results/latest.json
 
-Steps: store, e2e, api, preprocess, outputs, sidebyside, chaos (when bench/chaos.py exists);
+Steps: store, e2e, api, preprocess, outputs, sidebyside, v2, chaos (when bench/chaos.py exists);
 profile with --profile (CPU per job by layer, call tree in bench/results/profile.{html,txt}).
 With COMFYUI_TEST_URL set, the side-by-side run also measures that real ComfyUI.
 """
@@ -96,6 +96,13 @@ STEPS = [
             "8",
         ],
         "side by side over HTTP (#7)",
+    ),
+    Step(
+        "v2",
+        "bench.bench_v2",
+        ["--latency-jobs", "100", "--throughput-jobs", "64", "--streams", "100"],
+        ["--latency-jobs", "20", "--throughput-jobs", "16", "--streams", "100"],
+        "Comfy API v2: direct vs the official proxy vs comfyq (#18)",
     ),
     Step(
         "ui",

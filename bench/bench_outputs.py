@@ -35,7 +35,7 @@ from comfyq.config import load_settings
 from comfyq.netguard import AddressGuard
 from comfyq.outputs.s3 import LocalFile, S3Settings, S3Uploader
 from comfyq.services import Services
-from comfyq.store import JobStore, NewJob
+from comfyq.store import NewJob, open_store
 from comfyq.webhooks import WebhookConfig, WebhookSender
 
 MiB = 1024 * 1024
@@ -214,7 +214,7 @@ async def bench_delivery_rate(n: int, root: Path) -> list[dict[str, float]]:
             f" {n} deliveries queued, signed"
         )
         for per_host, concurrency in ((8, 16), (16, 16), (64, 64)):
-            store = JobStore(root / f"wh-{per_host}-{concurrency}.db")
+            store = open_store(root / f"wh-{per_host}-{concurrency}.db")
             await store.open()
             for i in range(n):
                 await store.create(

@@ -38,8 +38,9 @@ from bench.common import (
     summary_ms,
     write_json,
 )
-from comfyq.comfy.client import ComfyClient, redact_url
+from comfyq.comfy.client import ComfyClient
 from comfyq.config import Settings
+from comfyq.netguard import redact_url
 
 Job = Callable[[dict[str, Any]], Awaitable[float]]
 _colour = itertools.count(1)

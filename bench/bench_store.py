@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import add_json_arg, pct, summary_ms, write_json
-from comfyq.store import JobStore, NewJob
+from comfyq.store import NewJob
 from comfyq.store.model import STAGES, Stage
-from comfyq.store.writer import connect
+from comfyq.store.sqlite import SqliteStore
+from comfyq.store.sqlite.writer import connect
 
 
 def _new(i: int) -> NewJob:
@@ -34,7 +35,7 @@ def _new(i: int) -> NewJob:
 async def throughput(
     path: Path, jobs: int, workers: int, include_create: bool
 ) -> tuple[float, int]:
-    store = JobStore(path)
+    store = SqliteStore(path)
     await store.open()
     try:
         if not include_create:
@@ -74,7 +75,7 @@ async def through_runner(path: Path, jobs: int, workers: int) -> float:
     from comfyq.stages.runner import JobContext, Pipeline, RunnerConfig, StageDone
     from comfyq.store import Job
 
-    store = JobStore(path)
+    store = SqliteStore(path)
     await store.open()
     finished = asyncio.Event()
     count = 0
@@ -143,7 +144,7 @@ def fill(path: Path, rows: int) -> None:
 
 async def claim_latency(path: Path, samples: int = 1000) -> list[float]:
     """``samples`` claim round trips of one job (released again after each), in seconds."""
-    store = JobStore(path)
+    store = SqliteStore(path)
     await store.open()
     try:
         lat = []
@@ -200,7 +201,7 @@ async def main() -> None:
         results = {}
         for rows in (10_000, args.big):
             path = Path(d) / f"big{rows}.db"
-            s = JobStore(path)  # open() migrates the new file
+            s = SqliteStore(path)  # open() migrates the new file
             await s.open()
             await s.close()
             t0 = time.perf_counter()

@@ -33,7 +33,7 @@ from typing import Any
 import aiohttp
 
 from bench.common import add_json_arg, cpu_seconds, pct, server, simulator, write_json
-from comfyq.store.writer import connect
+from comfyq.store.sqlite.writer import connect
 
 CHROMIUM = os.environ.get("COMFYQ_CHROMIUM", "/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
@@ -120,7 +120,7 @@ async def latency(url: str, n: int, rate: float) -> dict[str, Any]:
 
 def fill(db: Path, n: int) -> float:
     """Bulk-insert ``n`` jobs (90% completed, 5% failed, 4% cancelled, 1% waiting); seconds."""
-    from comfyq.store.jobs import open_migrated
+    from comfyq.store.sqlite.store import open_migrated
 
     open_migrated(db)
     t0 = time.perf_counter()

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import report_sections as sec
+from bench import report_v2
 from bench.report_fmt import (
     PATH_LABELS,
     ms,
@@ -235,6 +236,7 @@ SECTIONS = [
     ("outputs", "Outputs, S3 and webhooks (#6)", sec.outputs),
     ("ui", "Dashboard (#14)", sec.ui),
     ("profile", "Where a job's CPU goes (#13, `--profile`)", sec.profile),
+    ("v2", "Comfy API v2: direct vs the official proxy vs comfyq (#18)", report_v2.v2),
 ]
 
 

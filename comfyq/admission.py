@@ -22,6 +22,7 @@ from yarl import URL
 
 from comfyq import limits as lim
 from comfyq.errors import BadRequest, ComfyqError, UnsupportedMediaType
+from comfyq.inputs.models import admission_errors
 from comfyq.inputs.prepare import check_input_urls
 from comfyq.outputs.s3 import S3ConfigError
 from comfyq.schemas import GenerateRequest, Input
@@ -329,6 +330,12 @@ async def prepare(services: Any, body: bytes, headers: Mapping[str, str]) -> Adm
     elif getattr(settings, "include_comfyui_response", False):
         inp.include_comfyui_response = True
     await check_s3(services, inp)
+    if inp.models:
+        problems = admission_errors(
+            raw_input.get("models") or [], settings.comfyui_models_dir, services.guard
+        )
+        if problems:
+            raise _bad_many(problems)
     if inp.modifier:
         await services.registry.check(inp.modifier, inp.modifications)
 

@@ -9,22 +9,18 @@ import json
 import logging
 import re
 import signal
-import sqlite3
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from comfyq import logs
-from comfyq.clock import Clock
 from comfyq.config import ConfigError, Settings, load_settings, masked, parse_set_flags
 from comfyq.errors import ComfyqError
-from comfyq.store import migrate, ops
-from comfyq.store.jobs import DatabaseLocked, open_migrated
-from comfyq.store.model import Job, State
-from comfyq.store.writer import Writer, connect
+from comfyq.store import JobStore, StoreError, open_store
 
 log = logging.getLogger("comfyq")
+T = TypeVar("T")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override any setting (repeatable), e.g. --set max_queue_size=500",
     )
-    p.add_argument("--database", help="the SQLite file (setting: database)")
+    p.add_argument("--database", help="a SQLite file or a postgresql:// URL (setting: database)")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     s = sub.add_parser("serve", help="run the API server and the pipeline")
@@ -113,13 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.cmd == "serve":
             return asyncio.run(serve(settings, comfyui_version=args.comfyui_version))
         if args.cmd == "migrate":
-            applied = open_migrated(settings.database)
-            print(
-                f"{settings.database}: applied {applied}"
-                if applied
-                else f"{settings.database}: up to date"
-            )
-            return 0
+            return _migrate(settings)
         if args.cmd == "config":
             print(json.dumps(masked(settings), indent=2))
             return 0
@@ -127,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _jobs(settings, args)
         if args.cmd == "prune":
             return _prune(settings, parse_age(args.older_than))
-    except (ConfigError, DatabaseLocked, migrate.MigrationError) as exc:
+    except (ConfigError, StoreError) as exc:
         print(f"comfyq: {exc}", file=sys.stderr)
         return 2
     except ComfyqError as exc:
@@ -197,7 +187,7 @@ async def serve(settings: Settings, *, comfyui_version: str | None = None) -> in
         log.error(
             "Application startup failed: %s",
             exc,
-            exc_info=not isinstance(exc, DatabaseLocked),
+            exc_info=not isinstance(exc, StoreError),
             extra=logs.SIGNAL,
         )
         if sim:
@@ -235,7 +225,7 @@ async def serve(settings: Settings, *, comfyui_version: str | None = None) -> in
         "comfyq listening on http://%s:%s (database %s, backends %s)",
         settings.api_host,
         port,
-        settings.database,
+        services.store.describe(),
         ", ".join(services.backend_urls),
     )
     await _until_accepting(settings.api_host, port)
@@ -277,68 +267,75 @@ def _table(rows: list[dict[str, Any]], cols: list[str]) -> str:
     return "\n".join(lines)
 
 
-def _open(settings: Settings) -> sqlite3.Connection:
-    open_migrated(settings.database)
-    return connect(settings.database)
+def _with_store(settings: Settings, fn: Callable[[JobStore], Awaitable[T]]) -> T:
+    """Open the store the settings name (migrating it), run ``fn(store)``, close it."""
+
+    async def run() -> T:
+        store = open_store(settings.database)
+        await store.open()
+        try:
+            return await fn(store)
+        finally:
+            await store.close()
+
+    return asyncio.run(run())
 
 
-def _jobs(settings: Settings, args: argparse.Namespace) -> int:
-    conn = _open(settings)
-    try:
-        if args.jobs_cmd == "ls":
-            sql = "SELECT * FROM jobs_overview"
-            params: list[Any] = []
-            if args.status:
-                marks = ",".join("?" * len(args.status))
-                sql += f" WHERE state IN ({marks}) OR status IN ({marks})"
-                params = [*args.status, *args.status]
-            sql += " LIMIT ?"
-            rows = [dict(r) for r in conn.execute(sql, (*params, args.limit))]
-            print(
-                _table(
-                    rows,
-                    [
-                        "id",
-                        "status",
-                        "stage",
-                        "tries",
-                        "priority",
-                        "created_at",
-                        "age_s",
-                        "error_type",
-                        "message",
-                    ],
-                )
-            )
-            return 0
-        if args.jobs_cmd == "show":
-            return _show(conn, args.id)
-        writer = Writer(settings.database)
-        now = Clock().now()
-        if args.jobs_cmd == "cancel":
-            job, tr = writer.run_sync(ops.request_cancel, args.id, now)
-            if tr is not None:
-                print(f"{args.id}: cancelled")
-            elif job.state == State.RUNNING:
-                print(f"{args.id}: cancel requested; the server stops it within a few seconds")
-            else:
-                print(f"{args.id}: already {job.state}")
-            return 0
-        if args.jobs_cmd == "retry":
-            writer.run_sync(ops.retry_job, args.id, now)
-            print(f"{args.id}: queued again")
-            return 0
-    finally:
-        conn.close()
+def _migrate(settings: Settings) -> int:
+    store = open_store(settings.database)
+    applied = asyncio.run(store.migrate())
+    where = store.describe()
+    print(f"{where}: applied {applied}" if applied else f"{where}: up to date")
     return 0
 
 
-def _show(conn: sqlite3.Connection, job_id: str) -> int:
-    row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-    if row is None:
+def _jobs(settings: Settings, args: argparse.Namespace) -> int:
+    return _with_store(settings, lambda store: _jobs_cmd(store, args))
+
+
+async def _jobs_cmd(store: JobStore, args: argparse.Namespace) -> int:
+    if args.jobs_cmd == "ls":
+        rows = await store.overview(args.status, args.limit)
+        print(
+            _table(
+                rows,
+                [
+                    "id",
+                    "status",
+                    "stage",
+                    "tries",
+                    "priority",
+                    "created_at",
+                    "age_s",
+                    "error_type",
+                    "message",
+                ],
+            )
+        )
+        return 0
+    if args.jobs_cmd == "show":
+        return await _show(store, args.id)
+    if args.jobs_cmd == "cancel":
+        job, tr = await store.request_cancel(args.id)
+        if tr is not None:
+            print(f"{args.id}: cancelled")
+        elif job.state == "running":
+            print(f"{args.id}: cancel requested; the server stops it within a few seconds")
+        else:
+            print(f"{args.id}: already {job.state}")
+        return 0
+    if args.jobs_cmd == "retry":
+        await store.retry_job(args.id)
+        print(f"{args.id}: queued again")
+        return 0
+    return 0
+
+
+async def _show(store: JobStore, job_id: str) -> int:
+    job = await store.get(job_id)
+    if job is None:
         print(f"comfyq: job {job_id} not found", file=sys.stderr)
         return 1
-    job = Job.from_row(row)
     print(f"job       {job.id}")
     print(f"status    {job.status} (state {job.state}, stage {job.stage})")
     print(
@@ -352,44 +349,16 @@ def _show(conn: sqlite3.Connection, job_id: str) -> int:
         print("error     " + json.dumps(job.error)[:2000])
     if job.timings:
         print("timings   " + ", ".join(f"{k}={v:.0f}" for k, v in job.timings.items()))
-    events = [
-        dict(r)
-        for r in conn.execute("SELECT * FROM job_events WHERE job_id = ? ORDER BY id", (job_id,))
-    ]
+    events = await store.events(job_id)
     for e in events:
         e["change"] = f"{e['from_state'] or '-'} -> {e['to_state']}"
     print("\nevents")
     print(_table(events, ["id", "at", "change", "stage", "attempt", "message"]))
-    outputs = [
-        dict(r)
-        for r in conn.execute("SELECT * FROM outputs WHERE job_id = ? ORDER BY id", (job_id,))
-    ]
+    outputs = await store.outputs(job_id)
     if outputs:
         print("\noutputs")
         print(_table(outputs, ["filename", "node_id", "mimetype", "size", "url", "upload_error"]))
-    _show_extra(conn, job_id)
-    return 0
-
-
-def _show_extra(conn: sqlite3.Connection, job_id: str) -> None:
-    """Sections other tables add (webhook deliveries and their attempts) when they exist."""
-    try:
-        deliveries = [
-            dict(r)
-            for r in conn.execute(
-                "SELECT id, event, state, host, attempts, next_attempt_at, last_status, last_error"
-                " FROM webhook_deliveries WHERE job_id = ? ORDER BY created_at, id",
-                (job_id,),
-            )
-        ]
-        rows = [
-            dict(r)
-            for r in conn.execute(
-                "SELECT * FROM webhook_attempts WHERE job_id = ? ORDER BY id", (job_id,)
-            )
-        ]
-    except sqlite3.OperationalError:
-        return
+    deliveries, rows = await store.webhook_history(job_id)
     if deliveries:
         for d in deliveries:
             if d["state"] != "pending":
@@ -413,21 +382,15 @@ def _show_extra(conn: sqlite3.Connection, job_id: str) -> None:
     if rows:
         print("\nwebhook attempts")
         print(_table(rows, [c for c in rows[0] if c not in ("job_id", "body")]))
+    return 0
 
 
 def _prune(settings: Settings, older_than: float) -> int:
     from comfyq.services import prune_jobs
-    from comfyq.store import JobStore
 
-    async def run() -> int:
-        store = JobStore(settings.database)
-        await store.open()
-        try:
-            return await prune_jobs(store, Path(settings.output_dir), older_than)
-        finally:
-            await store.close()
-
-    n = asyncio.run(run())
+    n = _with_store(
+        settings, lambda store: prune_jobs(store, Path(settings.output_dir), older_than)
+    )
     print(f"pruned {n} job(s)")
     return 0
 

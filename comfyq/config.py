@@ -66,8 +66,8 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         _d(
             "start and supervise the local ComfyUI: its command line, e.g. 'python main.py --listen"
             " 127.0.0.1 --port {port}' ({port}: each loopback backend's port; several processes of"
-            " one ComfyUI >= 0.38 install need their own --database-url or --disable-assets); empty:"
-            " ComfyUI is started by someone else"
+            " one ComfyUI >= 0.38 install need their own --database-url or --disable-assets);"
+            " empty: ComfyUI is started by someone else"
         ),
     ] = ""
     comfyui_workdir: Annotated[str, _d("working directory of the supervised ComfyUI")] = ""
@@ -178,11 +178,20 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     ] = 20.0
 
     # --- storage -----------------------------------------------------------------------------
-    database: Annotated[str, _d("the SQLite file: queue, jobs, events, outbox")] = "data/comfyq.db"
+    database: Annotated[
+        str, _d("the SQLite file, or a postgresql:// URL: queue, jobs, events, outbox")
+    ] = "data/comfyq.db"
     output_dir: Annotated[str, _d("where output files are kept, one folder per job")] = (
         "data/outputs"
     )
     cache_dir: Annotated[str, _d("content-hash cache of downloaded inputs")] = "data/cache"
+    assets_dir: Annotated[str, _d("Comfy API v2 uploads, one file per blake3 hash")] = "data/assets"
+    asset_max_bytes: Annotated[
+        int, _d("largest Comfy API v2 asset upload in bytes (413 beyond)", ge=1)
+    ] = 512 * MiB
+    v2_streams_per_key: Annotated[
+        PosInt, _d("open Comfy API v2 event streams per API key (429 too_many_streams beyond)")
+    ] = 1000
     retention_seconds: Annotated[
         float, _d("finished jobs and their files older than this are pruned (0 keeps them)", ge=0)
     ] = 7 * 24 * 3600.0
@@ -198,10 +207,39 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         str, _d("extra folder searched for user modifiers (empty: ./modifiers when present)")
     ] = ""
     download_max_bytes: Annotated[int, _d("largest input download in bytes", ge=1)] = 512 * MiB
+    comfyui_models_dir: Annotated[
+        str,
+        _d(
+            "the local ComfyUI's models folder, where input.models downloads go (empty: models"
+            " by URL are refused)"
+        ),
+    ] = ""
+    model_cache_gb: Annotated[
+        float,
+        _d(
+            "budget in GB for models comfyq downloaded; beyond it the least recently used are"
+            " deleted (never files comfyq did not download)",
+            ge=0,
+        ),
+    ] = 50.0
+    model_max_bytes: Annotated[int, _d("largest model download in bytes", ge=1)] = 64 * 1024 * MiB
+    model_download_timeout: Annotated[PosFloat, _d("total seconds for one model download")] = 3600.0
     download_timeout: Annotated[PosFloat, _d("total seconds for one input download")] = 600.0
 
     # --- outputs, S3, webhooks ---------------------------------------------------------------
     output_base64_max_bytes: Annotated[int, _d("largest output inlined as base64", ge=0)] = 10 * MiB
+    output_convert_format: Annotated[
+        Literal["", "png", "jpeg", "webp"],
+        _d(
+            "convert image outputs to this format by default (empty: keep them; input.convert wins)"
+        ),
+    ] = ""
+    output_convert_quality: Annotated[
+        int, _d("default JPEG/WebP quality of converted outputs", ge=1, le=100)
+    ] = 90
+    output_convert_max_side: Annotated[
+        int, _d("default longest side of converted outputs in pixels (0: keep the size)", ge=0)
+    ] = 0
     include_comfyui_response: Annotated[
         bool,
         _d(
@@ -278,6 +316,7 @@ _LEGACY_ENV = {
     "comfyui_command": "COMFYUI_COMMAND",
     "comfyui_workdir": "COMFYUI_WORKDIR",
     "comfyui_warmup_workflow": "COMFYUI_WARMUP_WORKFLOW",
+    "comfyui_models_dir": "COMFYUI_MODELS_DIR",
 }
 
 

@@ -22,7 +22,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from comfyq.result import epoch
+from comfyq.clock import parse_iso
 from comfyq.store.model import STAGES, TERMINAL, State, Transition
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -191,7 +191,7 @@ class Metrics:
     def on_transitions(self, trs: list[Transition]) -> None:
         """Store listener: observe stage run and wait times, count finished jobs."""
         for tr in trs:
-            at = epoch(tr.at)
+            at = parse_iso(tr.at)
             if tr.from_state is None:
                 self.jobs_created.inc()
             ran = self._running.pop(tr.job_id, None)
@@ -233,25 +233,11 @@ class Metrics:
     async def refresh(self) -> None:
         """Read the levels (jobs by state, queues, workers, backends) for the next scrape."""
         svc = self.services
-        jobs: dict[str, int] = {s: 0 for s in State}
-        for state, n in await svc.store.reader.execute_fetchall(
-            "SELECT state, count(*) FROM jobs GROUP BY state"
-        ):
-            jobs[state] = n
-        deliveries = {s: 0 for s in ("pending", "sending", "delivered", "failed")}
-        for state, n in await svc.store.reader.execute_fetchall(
-            "SELECT state, count(*) FROM webhook_deliveries GROUP BY state"
-        ):
-            deliveries[state] = n
-        attempts = {s: 0 for s in ("delivered", "retry", "gave_up")}
-        for outcome, n in await svc.store.reader.execute_fetchall(
-            "SELECT outcome, count(*) FROM webhook_attempts GROUP BY outcome"
-        ):
-            attempts[outcome] = n
+        stats = await svc.store.stats()
         self.levels = {
-            "jobs": jobs,
-            "webhook_deliveries": deliveries,
-            "webhook_attempts": attempts,
+            "jobs": stats.jobs,
+            "webhook_deliveries": stats.webhook_deliveries,
+            "webhook_attempts": stats.webhook_attempts,
             "queues": await svc.store.counts(),
             "stages": svc.pipeline.health(),
             "backends": svc.pool.snapshot(),

@@ -7,19 +7,18 @@ read. Output files are inlined as base64 only when the request asked for it, rea
 from __future__ import annotations
 
 import asyncio
-import base64
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from datetime import datetime
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import msgspec
 
+from comfyq.outputs.inline import inline_file
 from comfyq.schemas import (
     ErrorInfo,
     FieldError,
+    OriginalFile,
     OutputFile,
     Progress,
     Result,
@@ -27,11 +26,6 @@ from comfyq.schemas import (
     WebhookDelivery,
 )
 from comfyq.store.model import Job, Stage, State
-
-
-def epoch(ts: str) -> float:
-    """The store's ISO-8601 UTC text as epoch seconds (fromisoformat: far cheaper than strptime)."""
-    return datetime.fromisoformat(ts).timestamp()
 
 
 def output_url(job_id: str, filename: str) -> str:
@@ -100,8 +94,19 @@ def progress_of(data: dict[str, Any] | None) -> Progress | None:
         return None
 
 
-def output_file(job_id: str, row: dict[str, Any]) -> OutputFile:
+def _original(raw: Any) -> OriginalFile | None:
+    if not isinstance(raw, dict):
+        return None
+    return OriginalFile(
+        str(raw.get("filename") or ""), str(raw.get("mimetype") or ""), int(raw.get("size") or 0)
+    )
+
+
+def output_file(
+    job_id: str, row: dict[str, Any], converted: dict[str, Any] | None = None
+) -> OutputFile:
     return OutputFile(
+        original=_original((converted or {}).get(row["filename"])),
         filename=row["filename"],
         url=row.get("url") or output_url(job_id, row["filename"]),
         type=row.get("comfy_type") or "output",
@@ -134,7 +139,7 @@ def to_result(
         progress=progress_of(progress)
         if job.state == State.RUNNING and job.stage == Stage.GENERATE
         else None,
-        output=[output_file(job.id, r) for r in outputs],
+        output=[output_file(job.id, r, (job.result or {}).get("converted")) for r in outputs],
         error=error_info(job.error),
         timings=timings(job.timings),
         finished_at=job.finished_at,
@@ -168,17 +173,6 @@ def deliveries(rows: list[dict[str, Any]]) -> list[WebhookDelivery]:
     return out
 
 
-def _read_b64(path: str, limit: int) -> tuple[str | None, str | None]:
-    p = Path(path)
-    try:
-        size = p.stat().st_size
-        if size > limit:
-            return None, f"not inlined as base64: {size} bytes is over the {limit}-byte limit"
-        return base64.b64encode(p.read_bytes()).decode("ascii"), None
-    except OSError as exc:
-        return None, f"not inlined as base64: {exc.strerror or exc}"
-
-
 class Results:
     """Builds Results; caches finished ones (they no longer change) for fan-out to many streams."""
 
@@ -191,7 +185,7 @@ class Results:
         cache_size: int = 512,
         webhook_history: Callable[[str], Awaitable[list[dict[str, Any]]]] | None = None,
     ) -> None:
-        self.reads = reads  # comfyq.api.reads.Reads: fresh reads
+        self.reads = reads  # comfyq.store.JobReads: fresh reads
         self.webhook_history = webhook_history
         self.bus = bus
         self.base64_max_bytes = base64_max_bytes
@@ -245,8 +239,6 @@ class Results:
         """Fill ``output[i].data`` with base64 of the local file, size-capped."""
         for o in res.output:
             if o.local_path and o.data is None:
-                o.data, err = await asyncio.to_thread(
-                    _read_b64, o.local_path, self.base64_max_bytes
-                )
+                o.data, err = await inline_file(o.local_path, self.base64_max_bytes)
                 if err and not o.error:
                     o.error = err

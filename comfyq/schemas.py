@@ -75,6 +75,61 @@ class WorkflowNode(Struct):
     inputs: dict[str, Any] = field(default_factory=dict)
 
 
+ModelFolder = Literal[
+    "checkpoints",
+    "loras",
+    "vae",
+    "text_encoders",
+    "clip",
+    "clip_vision",
+    "controlnet",
+    "diffusion_models",
+    "unet",
+    "embeddings",
+    "upscale_models",
+    "style_models",
+    "gligen",
+    "hypernetworks",
+    "photomaker",
+    "vae_approx",
+    "model_patches",
+    "audio_encoders",
+]
+
+
+class ModelRef(Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """A model or LoRA to download into the local ComfyUI's models folder before the job runs."""
+
+    url: Annotated[
+        str, _d("http(s) URL of a .safetensors or .gguf file", min_length=1, max_length=4096)
+    ]
+    folder: Annotated[ModelFolder, _d("ComfyUI's model folder")]
+    filename: Annotated[
+        str, _d("the file name the workflow uses (default: the URL's last part)", max_length=200)
+    ] = ""
+    sha256: Annotated[
+        str,
+        _d(
+            "expected sha256 (hex): verified, the download is refused on mismatch",
+            pattern=r"^(?:[0-9a-fA-F]{64})?$",
+        ),
+    ] = ""
+
+
+class Convert(Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """Convert image outputs with Pillow before upload, base64 and /outputs."""
+
+    format: Annotated[
+        Literal["png", "jpeg", "webp", "original"],
+        _d("target format; original: no conversion (overrides the server's default)"),
+    ]
+    quality: Annotated[int, _d("JPEG/WebP quality", ge=1, le=100)] = 90
+    max_side: Annotated[
+        int,
+        _d("scale down so that the longer side is at most this (0: keep the size)", ge=0, le=65535),
+    ] = 0
+
+
 class Input(Struct, forbid_unknown_fields=True, omit_defaults=True):
     """What to run. Exactly one of ``workflow_json`` and ``modifier``."""
 
@@ -92,6 +147,16 @@ class Input(Struct, forbid_unknown_fields=True, omit_defaults=True):
     return_outputs_as_base64: Annotated[
         bool, _d("inline output files as base64 (`output[i].data`)")
     ] = False
+    models: Annotated[
+        list[ModelRef],
+        _d(
+            "models/LoRAs to fetch into COMFYUI_MODELS_DIR first (name them in the workflow)",
+            max_length=20,
+        ),
+    ] = field(default_factory=list)
+    convert: Annotated[
+        Convert | None, _d("convert image outputs (default: the server's output_convert_*)")
+    ] = None
     include_comfyui_response: Annotated[
         bool,
         _d(
@@ -168,6 +233,14 @@ class Progress(Struct, omit_defaults=True):
     percent: float = 0.0
 
 
+class OriginalFile(Struct):
+    """An output file before conversion."""
+
+    filename: str
+    mimetype: str
+    size: int
+
+
 class OutputFile(Struct, omit_defaults=True, kw_only=True):
     """One output file. The fields CONTRACT.md documents are always present (no default, so never
     omitted: ``"subfolder": ""`` included, as the original wrapper sent it); the rest only when
@@ -183,6 +256,10 @@ class OutputFile(Struct, omit_defaults=True, kw_only=True):
     mimetype: str
     size: int
     sha256: str | None = None
+    original: Annotated[
+        OriginalFile | None,
+        _d("the file as ComfyUI made it, when it was converted (input.convert)"),
+    ] = None
     data: Annotated[str | None, _d("base64 of the file, only when asked for")] = None
     upload_error: str | None = None
     error: str | None = None

@@ -20,15 +20,18 @@ from comfyq.config import ConfigError, Settings
 from comfyq.errors import OutputError
 from comfyq.events import EventBus
 from comfyq.inputs import Downloader
+from comfyq.inputs.models import GiB, ModelStore
 from comfyq.netguard import AddressGuard
+from comfyq.outputs.convert import ConvertSpec
 from comfyq.outputs.local import job_dir
 from comfyq.outputs.s3 import S3Uploader
 from comfyq.stages.generate import Generate
 from comfyq.stages.postprocess import Postprocess
 from comfyq.stages.preprocess import Preprocess
 from comfyq.stages.runner import Pipeline, RunnerConfig
-from comfyq.store import JobStore, Stage
-from comfyq.store.jobs import FileLock
+from comfyq.store import JobStore, Stage, open_store
+from comfyq.store.assets import AssetStore
+from comfyq.v2.resolve import AssetResolver
 from comfyq.webhooks import WebhookConfig, WebhookSender
 from modifiers import ModifierRegistry
 from modifiers.registry import BUILTIN_MODIFIERS_DIR
@@ -45,10 +48,9 @@ class Services:
         self.settings = settings
         self.clock = clock or Clock()
         self.backend_urls = backends or settings.backends
-        self.db_path = Path(settings.database)
+        self.db_path = Path(settings.database)  # the SQLite file (meaningless for a server URL)
         self.output_dir = Path(settings.output_dir).absolute()
-        self.lock = FileLock(self.db_path)
-        self.store = JobStore(self.db_path, clock=self.clock)
+        self.store = open_store(settings.database, clock=self.clock)
         self.bus = EventBus()
         self.store.listen(self.bus.on_transitions)
         self.guard = AddressGuard(settings.url_allowlist)
@@ -77,6 +79,17 @@ class Services:
             client_id_for=self._client_id,
             warmup=_warmup(settings),
         )
+        self.models = (
+            ModelStore(
+                Path(settings.comfyui_models_dir),
+                self.guard,
+                budget_bytes=int(settings.model_cache_gb * GiB),
+                max_bytes=settings.model_max_bytes,
+                total_timeout=settings.model_download_timeout,
+            )
+            if settings.comfyui_models_dir
+            else None
+        )
         self.supervisors = _supervisors(settings, self.backend_urls)
         for sup in self.supervisors:
             self.pool.process_info[sup.url] = sup.snapshot
@@ -85,17 +98,29 @@ class Services:
         self.uploader = S3Uploader.from_settings(settings, self.guard)
         self.webhooks = WebhookSender(self.store, self.guard, WebhookConfig.from_settings(settings))
         self.generate = Generate(self.pool, failover_after=settings.backend_failover_after)
+        self.asset_resolver = AssetResolver(self.store)  # Comfy API v2 assets (comfyq/v2)
         self.pipeline = Pipeline(
             self.store,
             self.bus,
             {
-                Stage.PREPROCESS: Preprocess(self.registry, self.downloader),
+                Stage.PREPROCESS: Preprocess(
+                    self.registry, self.downloader, self.asset_resolver, models=self.models
+                ),
                 Stage.GENERATE: self.generate,
                 Stage.POSTPROCESS: Postprocess(
                     self.pool,
                     self.output_dir,
                     uploader=self.uploader,
                     fail_on_upload_error=settings.s3_fail_job_on_upload_error,
+                    convert_default=(
+                        ConvertSpec(
+                            settings.output_convert_format,
+                            settings.output_convert_quality,
+                            settings.output_convert_max_side,
+                        )
+                        if settings.output_convert_format
+                        else None
+                    ),
                 ),
             },
             {
@@ -115,15 +140,13 @@ class Services:
 
     def _client_id(self, url: str) -> str:
         """Stable per (database file, backend): one server per file, so never shared while alive."""
-        return hashlib.sha256(f"comfyq|{self.db_path.resolve()}|{url}".encode()).hexdigest()[:32]
+        return hashlib.sha256(f"comfyq|{self.store.identity}|{url}".encode()).hexdigest()[:32]
 
     async def start(self) -> None:
         """Take the database lock, migrate, connect to ComfyUI, resume jobs, start workers."""
-        self.db_path.parent.mkdir(parents=True, exist_ok=True)
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.lock.acquire()
+        await self.store.open(exclusive=True)
         try:
-            await self.store.open()
             for sup in self.supervisors:
                 await sup.start()
             for be in self.pool.backends:
@@ -136,7 +159,6 @@ class Services:
             for sup in self.supervisors:
                 await sup.stop()
             await self.store.close()
-            self.lock.release()
             raise
         self._tasks.append(
             asyncio.create_task(self._every(self.settings.wal_checkpoint_interval, self.checkpoint))
@@ -160,9 +182,10 @@ class Services:
         for sup in self.supervisors:  # after comfyq's own shutdown: nothing uses ComfyUI any more
             await self._step(f"ComfyUI {sup.label}", sup.stop(), sup.stop_timeout + 10)
         await self._step("downloader", self.downloader.close(), 10)
+        if self.models is not None:
+            await self._step("model downloads", self.models.close(), 10)
         # Last and unbounded: the writer finishes every write already asked for, then closes.
         await self.store.close()
-        self.lock.release()
         self.started = False
 
     @staticmethod
@@ -184,13 +207,13 @@ class Services:
                 log.exception("periodic task %s failed", getattr(fn, "__name__", fn))
 
     async def checkpoint(self) -> None:
-        busy, frames, done = await self.store.checkpoint()
-        log.debug("WAL checkpoint: busy=%d frames=%d checkpointed=%d", busy, frames, done)
+        log.debug("%s", await self.store.maintain())
 
     async def prune(self, older_than: float | None = None) -> int:
         """Delete finished jobs (and their files) older than the retention age."""
         age = self.settings.retention_seconds if older_than is None else older_than
         n = await prune_jobs(self.store, self.output_dir, age)
+        await prune_assets(self.asset_resolver.assets, Path(self.settings.assets_dir).absolute())
         # Cached inputs are referenced by waiting jobs: keep them at least twice the job deadline.
         await self.downloader.prune(max(age, 2 * self.settings.job_timeout))
         return n
@@ -248,3 +271,11 @@ def _supervisors(settings: Settings, urls: list[str]) -> list[Supervisor]:
         )
         for url in local
     ]
+
+
+async def prune_assets(assets: AssetStore, root: Path) -> None:
+    """Remove Comfy API v2 assets past their expires_at, and the blob files left unused."""
+    for path in await assets.prune_assets():
+        p = Path(path)
+        if p.parent.parent == root:  # only ever a blob file of ours
+            await asyncio.to_thread(p.unlink, True)

@@ -1,3 +1,15 @@
+-- index assets_expires
+CREATE INDEX assets_expires ON assets (expires_at) WHERE expires_at IS NOT NULL;
+
+-- index assets_hash
+CREATE INDEX assets_hash ON assets (hash);
+
+-- index idempotency_keys_expires
+CREATE INDEX idempotency_keys_expires ON idempotency_keys (expires_at);
+
+-- index job_assets_asset
+CREATE INDEX job_assets_asset ON job_assets (asset_id);
+
 -- index job_events_job
 CREATE INDEX job_events_job ON job_events (job_id, id);
 
@@ -19,6 +31,9 @@ CREATE INDEX jobs_owner_created ON jobs (owner, created_at DESC, id DESC);
 -- index jobs_state_created
 CREATE INDEX jobs_state_created ON jobs (state, created_at DESC, id DESC);
 
+-- index outputs_asset
+CREATE UNIQUE INDEX outputs_asset ON outputs (asset_id) WHERE asset_id IS NOT NULL;
+
 -- index webhook_attempts_delivery
 CREATE INDEX webhook_attempts_delivery ON webhook_attempts (delivery_id);
 
@@ -33,6 +48,44 @@ CREATE INDEX webhook_deliveries_job ON webhook_deliveries (job_id);
 
 -- index webhook_deliveries_sending
 CREATE INDEX webhook_deliveries_sending ON webhook_deliveries (host) WHERE state = 'sending';
+
+-- table assets
+CREATE TABLE assets (
+    id           TEXT PRIMARY KEY,            -- a UUID
+    hash         TEXT NOT NULL REFERENCES blobs (hash),
+    owner        TEXT NOT NULL DEFAULT '',    -- who may see it ('' while keys carry no identity)
+    content_type TEXT NOT NULL,
+    file_path    TEXT,                        -- the client's name for it: shown, never used as a path
+    tags         TEXT NOT NULL DEFAULT '[]' CHECK (json_valid(tags)),
+    created_at   TEXT NOT NULL,
+    expires_at   TEXT                         -- NULL: kept until deleted
+) STRICT;
+
+-- table blobs
+CREATE TABLE blobs (
+    hash       TEXT PRIMARY KEY CHECK (hash LIKE 'blake3:%'),
+    size_bytes INTEGER NOT NULL CHECK (size_bytes >= 0),
+    path       TEXT NOT NULL,                 -- the file under the assets folder, named by its hash
+    created_at TEXT NOT NULL
+) STRICT;
+
+-- table idempotency_keys
+CREATE TABLE idempotency_keys (
+    owner      TEXT NOT NULL DEFAULT '',
+    scope      TEXT NOT NULL CHECK (scope IN ('jobs', 'assets')),
+    key        TEXT NOT NULL,
+    ref        TEXT,                          -- the job or asset it created
+    created_at TEXT NOT NULL,
+    expires_at TEXT NOT NULL,
+    PRIMARY KEY (owner, scope, key)
+) STRICT;
+
+-- table job_assets
+CREATE TABLE job_assets (
+    job_id   TEXT NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+    asset_id TEXT NOT NULL,
+    PRIMARY KEY (job_id, asset_id)
+) STRICT;
 
 -- table job_events
 CREATE TABLE job_events (
@@ -116,7 +169,7 @@ CREATE TABLE outputs (
     url          TEXT,
     upload_error TEXT,
     error        TEXT,
-    created_at   TEXT NOT NULL,
+    created_at   TEXT NOT NULL, asset_id TEXT, blake3 TEXT,
     UNIQUE (job_id, filename)
 ) STRICT;
 

@@ -12,7 +12,8 @@ from typing import Any
 
 import msgspec
 import pytest
-from conftest import INVERT_WORKFLOW, MakeServer, Server, pause
+from support.servers import MakeServer, Server, pause
+from support.workflows import INVERT_WORKFLOW
 
 from comfyq import admission
 from comfyq.errors import BadRequest, UnsupportedMediaType

@@ -16,9 +16,9 @@ from typing import Any
 import msgspec
 import pytest
 import schemathesis
-from conftest import ThreadServer
 from hypothesis import HealthCheck, Phase, settings
 from schemathesis.checks import not_a_server_error
+from support.servers import ThreadServer
 
 from comfyq.api import ROUTES
 from comfyq.api.context import ApiOptions

@@ -12,9 +12,12 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import MakeServer, Server, pause, resume, wait_healthy, workflow
+from support import serve
+from support.servers import MakeServer, Server, pause, resume, wait_healthy
+from support.workflows import workflow
 
 from comfyq.sim import Simulator
+from comfyq.sim.generation import VERSIONS
 from comfyq.store.model import Stage
 
 _colors = itertools.count(1000)
@@ -185,6 +188,7 @@ async def test_sync_client_disconnect_does_not_cancel(server: Server, simulator:
 # --- cancel -------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("comfyui_version", VERSIONS)  # the atomic route, and the 0.3.64 pair
 async def test_cancel_waiting_running_finished(server: Server, simulator: Simulator) -> None:
     await wait_healthy(server)
     slow(simulator, 5.0)
@@ -401,11 +405,8 @@ async def test_webhook_delivery_history_is_on_the_result(make_server: MakeServer
 
     app = web.Application()
     app.router.add_post("/hook", hook)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    receiver = await serve.start(app)
+    port = receiver.port
     try:
         srv = await make_server(url_allowlist=["127.0.0.1"])
         await wait_healthy(srv)
@@ -439,4 +440,4 @@ async def test_webhook_delivery_history_is_on_the_result(make_server: MakeServer
             and got[0]["headers"]["webhook-id"] == delivery["id"]
         )
     finally:
-        await runner.cleanup()
+        await receiver.close()

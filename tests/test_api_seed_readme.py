@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from conftest import ThreadServer
+from support.servers import ThreadServer
 
 SEED_README = Path(__file__).resolve().parents[2] / "shared" / "spec" / "seed-wrapper-README.md"
 

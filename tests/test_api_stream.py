@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
-from conftest import MakeServer, Server, pause, wait_healthy, workflow
+from support.servers import MakeServer, Server, pause, wait_healthy
+from support.workflows import workflow
 
 from comfyq.api.context import ApiOptions
 from comfyq.sim import Simulator

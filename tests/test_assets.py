@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
+from support import serve
 
 from comfyq.errors import InputError
 from comfyq.inputs import Downloader, sniff_type
@@ -190,14 +191,12 @@ def build_app(origin: Origin) -> web.Application:
 @pytest.fixture
 async def origin() -> AsyncIterator[Origin]:
     state = Origin()
-    runner = web.AppRunner(build_app(state), shutdown_timeout=0.2)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    state.base = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    server = await serve.start(build_app(state))
+    state.base = serve.base_url(server)
     try:
         yield state
     finally:
-        await runner.cleanup()
+        await server.close()
 
 
 class FakeClock:

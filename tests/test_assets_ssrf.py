@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.test_utils import TestServer
+from support import serve
 
 from comfyq.errors import InputError
 from comfyq.inputs import Downloader
@@ -45,7 +47,7 @@ class Site:
     hits: Counter[str] = field(default_factory=Counter)
 
 
-async def _start(host: str, site: Site) -> web.AppRunner:
+async def _start(host: str, site: Site) -> TestServer:
     async def image(request: web.Request) -> web.Response:
         site.hits[request.path] += 1
         return web.Response(body=PNG, content_type="image/png")
@@ -57,24 +59,22 @@ async def _start(host: str, site: Site) -> web.AppRunner:
     app = web.Application()
     app.router.add_get("/img.png", image)
     app.router.add_get("/redirect", redirect)
-    runner = web.AppRunner(app, shutdown_timeout=0.2)
-    await runner.setup()
-    await web.TCPSite(runner, host, 0).start()
-    site.port = runner.addresses[0][1]
-    site.base = f"http://{host}:{site.port}"
-    return runner
+    server = await serve.start(app, host=host)
+    assert server.port is not None
+    site.port, site.base = server.port, serve.base_url(server)
+    return server
 
 
 @pytest.fixture
 async def sites() -> AsyncIterator[tuple[Site, Site]]:
     """The origin on 127.0.0.1 and a trap on 127.0.0.2 (also loopback, never allowlisted)."""
     origin, trap = Site(), Site()
-    runners = [await _start("127.0.0.1", origin), await _start("127.0.0.2", trap)]
+    servers = [await _start("127.0.0.1", origin), await _start("127.0.0.2", trap)]
     try:
         yield origin, trap
     finally:
-        for r in runners:
-            await r.cleanup()
+        for s in servers:
+            await s.close()
 
 
 class TableResolver(AbstractResolver):

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import boto3  # type: ignore[import-untyped]  # boto3 ships no types
-from test_s3_support import make_bucket
+from support.s3 import make_bucket
 
 sys.path.insert(
     0, str(Path(__file__).resolve().parent.parent)
@@ -25,7 +25,7 @@ sys.path.insert(
 from bench.chaos_client import workflow
 from bench.chaos_report import Inputs, account, charged_lookups, lost_anything, render
 from comfyq.clock import parse_iso
-from comfyq.store import JobStore, NewJob
+from comfyq.store import JobStore, NewJob, open_store
 from comfyq.store.model import Stage
 
 PNG = b"\x89PNG\r\n\x1a\n not really, but bytes with a hash"
@@ -64,7 +64,7 @@ def jsonl(path: Path, records: list[dict[str, Any]]) -> None:
 
 
 async def test_accounting_finds_every_kind_of_loss(tmp_path: Path, moto_url: str) -> None:
-    store = JobStore(tmp_path / "q.db")
+    store = open_store(tmp_path / "q.db")
     await store.open()
     for job_id in ("ok", "cancelled", "stuck"):
         await store.create(new_job(job_id), 100)

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from comfyq.store import JobStore, NewJob
+from comfyq.store import NewJob, open_store
 from comfyq.store.model import Stage, State
 
 
@@ -31,7 +31,7 @@ def cq(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 async def _seed(db: Path) -> None:
-    s = JobStore(db)
+    s = open_store(db)
     await s.open()
     try:
         for i in range(3):

@@ -9,7 +9,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from test_client_support import (
+from support.client import (
     VALIDATION_CASES,
     EventLog,
     blur_chain_workflow,

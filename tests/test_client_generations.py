@@ -13,7 +13,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from test_client_support import EventLog, invert_workflow, new_id, txt2img_workflow
+from support.client import EventLog, invert_workflow, new_id, txt2img_workflow
 
 from comfyq.comfy.client import ComfyClient
 from comfyq.comfy.protocol import parse_text_frame

@@ -8,12 +8,15 @@ from typing import Any
 
 import pytest
 
+from comfyq.comfy.capabilities import build as build_capabilities
+from comfyq.comfy.jobsapi import history_entry_from_job, location_of_job
 from comfyq.comfy.protocol import (
     Executing,
     ExecutionError,
     Preview,
     ProtocolError,
     Text,
+    canonical_prompt_id,
     encode_binary_frame,
     merge_output,
     parse_binary_frame,
@@ -21,6 +24,7 @@ from comfyq.comfy.protocol import (
     queue_ids,
     run_result_from_history,
 )
+from comfyq.comfy.rejection import validation_error
 from comfyq.errors import Interrupted, NodeError
 
 PNG_MAGIC = bytes.fromhex("89504e470d0a1a0a0000000d49484452")
@@ -204,3 +208,119 @@ def test_merge_output_extends_without_duplicates() -> None:
     merge_output(out, "9", {"images": [img]})
     merge_output(out, "9", {"images": [img, {**img, "filename": "b.png"}], "animated": [False]})
     assert out == {"9": {"images": [img, {**img, "filename": "b.png"}], "animated": [False]}}
+
+
+# --- both generations: ids, merged outputs, jobs-API details, rejections ---------------------
+
+
+def test_canonical_prompt_ids() -> None:
+    assert canonical_prompt_id(PID.upper()) == PID
+    assert canonical_prompt_id("{" + PID + "}") == PID
+    assert canonical_prompt_id(PID.replace("-", "")) == PID
+    with pytest.raises(ValueError):
+        canonical_prompt_id("job-42")
+
+
+def test_reemitted_entries_replace_never_duplicate() -> None:
+    outputs: dict[str, dict[str, object]] = {}
+    first = {"filename": "a.png", "subfolder": "", "type": "output", "id": "1", "metadata": {}}
+    again = {**first, "id": "2", "preview_id": "2"}
+    other = {"filename": "b.png", "subfolder": "", "type": "output"}
+    merge_output(outputs, "9", {"images": [first]})
+    merge_output(outputs, "9", {"images": [again, other], "animated": [False]})
+    assert outputs["9"] == {"images": [again, other], "animated": [False]}
+    merge_output(outputs, "9", {"text": ["x"]})
+    merge_output(outputs, "9", {"text": ["x", "y"]})
+    assert outputs["9"]["text"] == ["x", "y"]
+
+
+def test_jobs_api_details_read_as_history() -> None:
+    assert location_of_job({"id": PID, "status": "pending"}) == ("pending", None)
+    assert location_of_job({"id": PID, "status": "in_progress"}) == ("running", None)
+    assert location_of_job({"id": PID, "status": "from_the_future"}) is None
+    image = {"filename": "x.png", "subfolder": "", "type": "output"}
+    done = {
+        "id": PID,
+        "status": "completed",
+        "priority": 3,
+        "create_time": 1000,
+        "outputs": {"9": {"images": [image]}},
+        "execution_status": {
+            "status_str": "success",
+            "completed": True,
+            "messages": [
+                ["execution_start", {"prompt_id": PID, "timestamp": 1100}],
+                ["execution_success", {"prompt_id": PID, "timestamp": 1500}],
+            ],
+        },
+        "workflow": {"prompt": {"9": {}}, "extra_data": {"create_time": 1000}},
+    }
+    where, entry = location_of_job(done) or ("?", None)
+    assert where == "done" and entry is not None
+    result = run_result_from_history(PID, entry)
+    assert result.outputs == {"9": {"images": [image]}}
+    assert result.timing == {"queued_at": 1000, "started_at": 1100, "ended_at": 1500}
+    failed = {
+        "id": PID,
+        "status": "failed",
+        "execution_error": {"node_id": "2", "node_type": "X", "exception_message": "boom"},
+    }
+    with pytest.raises(NodeError) as err:
+        run_result_from_history(PID, history_entry_from_job(failed))
+    assert err.value.node_id == "2"
+    with pytest.raises(Interrupted):
+        run_result_from_history(PID, history_entry_from_job({"id": PID, "status": "cancelled"}))
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        {
+            "type": "invalid_prompt",
+            "message": "Cannot execute because node Foo does not exist.",
+            "details": "Node ID '#3'",
+            "extra_info": {},
+        },
+        {
+            "type": "missing_node_type",
+            "message": "Node 'My Foo' not found. The custom node may not be installed.",
+            "details": "Node ID '#3'",
+            "extra_info": {"node_id": "3", "class_type": "Foo", "node_title": "My Foo"},
+        },
+    ],
+)
+def test_unknown_node_rejections_of_both_generations_are_one_error(
+    error: dict[str, object],
+) -> None:
+    workflow = {"3": {"class_type": "Foo", "inputs": {}}}
+    err = validation_error(400, {"error": error, "node_errors": {}}, b"", workflow)
+    assert (err.node_id, err.node_type, err.details["kind"]) == ("3", "Foo", "unknown_node")
+    assert err.message == (
+        "ComfyUI has no node type 'Foo' (node #3); the custom node may not be installed"
+    )
+    assert err.details["error"] == error and err.details["node_errors"] == {}
+
+
+def test_unreadable_rejection_keeps_the_body() -> None:
+    err = validation_error(413, None, b"too big", None)
+    assert err.details == {"status": 413, "body": "too big", "kind": "unreadable"}
+
+
+def test_capabilities_from_probe_answers() -> None:
+    new = build_capabilities(
+        {"system": {"comfyui_version": "0.38.1"}},
+        {"supports_preview_metadata": True, "assets": False, "node_replacements": True},
+        (200, {"jobs": [], "pagination": {}}),
+        (200, {"cancelled": False}),
+    )
+    assert new.names() == ["atomic_cancel", "jobs_api", "node_replacements", "preview_metadata"]
+    old = build_capabilities(
+        {"system": {"comfyui_version": "0.3.64"}},
+        {"supports_preview_metadata": True},
+        (404, None),
+        (405, None),
+    )
+    assert old.names() == ["preview_metadata"] and old.version == "0.3.64"
+    # A proxy answering 200 with something else is not the jobs API.
+    odd = build_capabilities(None, None, (200, {"jobs": []}), (200, {"cancelled": "yes"}))
+    assert not odd.jobs_api and not odd.atomic_cancel and odd.version is None

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from comfyq.store import JobStore, NewJob
+from comfyq.store import NewJob, open_store
 
 
 def workflow(n: int) -> dict[str, object]:
@@ -113,7 +113,7 @@ def start_server(tmp_path: Path, sim_url: str, port: int, log: Path) -> subproce
 
 
 async def submit(db: Path, ids: list[str]) -> None:
-    store = JobStore(db, owner="test-client")
+    store = open_store(db, owner="test-client")
     await store.open()
     try:
         for job_id in ids:

@@ -3,10 +3,12 @@ counts, a job's detail, stats, modifier schemas, retry and delete."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from typing import Any
 
-from conftest import MakeServer, Server, pause, resume, wait_healthy, workflow
+from support.servers import MakeServer, Server, pause, resume, wait_healthy
+from support.workflows import workflow
 
 from comfyq.store.model import Stage
 
@@ -91,11 +93,11 @@ async def test_detail_retry_delete_and_stats(make_server: MakeServer) -> None:
     srv = await make_server()
     await wait_healthy(srv)
     status, res = await post(srv, "/generate/sync", body(request_id="d-ok"))
-    assert status == 200
+    assert status == 200 and res["status"] == "completed"
     status, d = await get(srv, "/ui/api/jobs/d-ok")
     assert status == 200
     assert d["job"]["status"] == "completed" and d["result"]["output"]
-    assert [e["status"] for e in d["events"]][0] == "queued"
+    assert d["events"][0]["status"] == "queued"
     assert d["events"][-1]["status"] == "completed"
     assert d["workflow"]["3"]["class_type"] == "SaveImage"
     assert "workflow_json" in d["input"] and d["timings"] is not None and d["prompt_id"]
@@ -126,12 +128,15 @@ async def test_detail_retry_delete_and_stats(make_server: MakeServer) -> None:
     assert (await post(srv, "/jobs/d-ok/delete"))[0] == 404
     resume(srv, Stage.PREPROCESS)
 
+    for name in ("d-bad", "d-wait"):  # both end (again) before the figures are read
+        while (await get(srv, f"/result/{name}"))[1]["status"] not in ("failed", "completed"):
+            await asyncio.sleep(0.02)
     status, stats = await get(srv, "/ui/api/stats")
     assert status == 200 and len(stats["minutes"]) == 60
-    states = [r[0] for r in await srv.services.store._rows("SELECT state FROM jobs")]
+    _, counts = await get(srv, "/ui/api/counts")
     # d-ok was deleted: it counts no more; d-wait completed once preprocess resumed.
-    assert stats["completed"] == states.count("completed") and "d-ok" not in str(stats)
-    assert stats["failed"] == states.count("failed") == 1
+    assert stats["completed"] == counts["counts"]["completed"] and "d-ok" not in str(stats)
+    assert stats["failed"] == counts["counts"]["failed"] == 1
     assert sum(m["failed"] for m in stats["minutes"]) == stats["failed"]
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dashboard_support import CHROMIUM, CHROMIUM_ARGS, ROOT, Serve, browser_or_skip
+from support.dashboard import CHROMIUM, CHROMIUM_ARGS, ROOT, Serve, browser_or_skip
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -9,12 +9,12 @@ from typing import Any
 
 import aiohttp
 import pytest
+from support.sim import wait_history
 
 from comfyq.config import Settings
 from comfyq.services import Services
 from comfyq.sim import Simulator
 from comfyq.sim.generation import OLD, VERSIONS
-from comfyq.sim.testing import wait_history
 from comfyq.store import Job, NewJob
 
 

@@ -17,9 +17,10 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from conftest import settings_for, start_server
-from test_s3_support import make_bucket
-from test_webhooks_support import Receiver
+from support import serve
+from support.s3 import make_bucket
+from support.servers import settings_for, start_server
+from support.webhooks import Receiver
 
 from comfyq import logs
 from comfyq.cli import main
@@ -187,12 +188,9 @@ async def origin() -> AsyncIterator[str]:
 
     app = web.Application()
     app.router.add_get("/{name}.png", image)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.2)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    await runner.cleanup()
+    server = await serve.start(app)
+    yield serve.base_url(server)
+    await server.close()
 
 
 @pytest.fixture

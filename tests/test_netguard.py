@@ -14,6 +14,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
+from support import serve
 
 from comfyq.errors import InputError
 from comfyq.netguard import AddressGuard, BlockedAddress, redact_url
@@ -187,13 +188,6 @@ class Server:
     hits: list[str]
 
 
-async def _start(host: str, app: web.Application) -> tuple[web.AppRunner, int]:
-    runner = web.AppRunner(app, shutdown_timeout=0.5)
-    await runner.setup()
-    await web.TCPSite(runner, host, 0).start()
-    return runner, runner.addresses[0][1]
-
-
 @pytest.fixture
 async def servers() -> AsyncIterator[tuple[Server, Server]]:
     """A server on 127.0.0.1 and a trap on 127.0.0.2 (it must never be hit)."""
@@ -217,15 +211,14 @@ async def servers() -> AsyncIterator[tuple[Server, Server]]:
     app = web.Application()
     app.router.add_get("/ok", ok)
     app.router.add_get("/to-trap", to_trap)
-    trap_runner, trap_port = await _start("127.0.0.2", trap_app)
-    runner, port = await _start("127.0.0.1", app)
-    trap.url = f"http://127.0.0.2:{trap_port}"
-    main.url = f"http://127.0.0.1:{port}"
+    trap_server = await serve.start(trap_app, host="127.0.0.2")
+    server = await serve.start(app)
+    trap.url, main.url = serve.base_url(trap_server), serve.base_url(server)
     try:
         yield main, trap
     finally:
-        await runner.cleanup()
-        await trap_runner.cleanup()
+        await server.close()
+        await trap_server.close()
 
 
 async def test_session_refuses_loopback_by_name_without_allowlist(

@@ -15,15 +15,16 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import MakeServer, Server, wait_healthy, workflow
-from test_s3_support import FaultyProxy, make_bucket
-from test_webhooks_support import Receiver, deliveries, delivery_ended, wait_until
+from support.s3 import FaultyProxy, make_bucket
+from support.servers import MakeServer, Server, wait_healthy
+from support.webhooks import Receiver, deliveries, delivery_ended, wait_until
+from support.workflows import workflow
 
 from comfyq.outputs.local import job_dir, safe_name
 from comfyq.outputs.s3 import S3Uploader
 from comfyq.stages.postprocess import Postprocess
 from comfyq.store.model import Stage
-from comfyq.store.writer import connect
+from comfyq.store.sqlite.writer import connect
 from comfyq.webhooks import WebhookSender
 
 _colors = itertools.count(5000)
@@ -147,7 +148,7 @@ async def test_request_s3_and_webhook_end_to_end_without_leaking_secrets(
             listing = await r.text()
         async with srv.session.get(srv.u("/result/e2e-1")) as r:
             result = await r.text()
-        conn = connect(srv.services.store.path, readonly=True)
+        conn = connect(srv.services.db_path, readonly=True)
         try:
             dump = "\n".join(conn.iterdump())
         finally:

@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 import requests
-from conftest import INVERT_WORKFLOW, MakeServer, wait_healthy
+from support.servers import MakeServer, wait_healthy
+from support.workflows import INVERT_WORKFLOW
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCUMENTED = {

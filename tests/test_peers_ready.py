@@ -11,11 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Server, pause, resume, settings_for, start_server, wait_healthy, workflow
+from support.servers import Server, pause, resume, settings_for, start_server, wait_healthy
+from support.workflows import workflow
 
 from comfyq.api.context import ApiOptions
 from comfyq.sim import Simulator
 from comfyq.sim.promptlog import read_prompt_log
+from comfyq.store.model import Stage
 
 WARMUP = {
     "1": {
@@ -134,7 +136,7 @@ async def test_ready_is_503_while_the_queue_is_full_and_health_stays_200(
     try:
         await wait_healthy(srv)
         assert (await _get(srv, "/ready"))[0] == 200
-        pause(srv, "preprocess")
+        pause(srv, Stage.PREPROCESS)
         async with srv.session.post(
             srv.u("/generate"), json={"input": {"workflow_json": workflow(14)}}
         ) as r:
@@ -143,7 +145,7 @@ async def test_ready_is_503_while_the_queue_is_full_and_health_stays_200(
         assert status == 503 and "queue is full" in ready["reason"]
         assert ready["queues"]["unfinished"] == 1
         assert (await _get(srv, "/health"))[0] == 200  # alive, just not taking more
-        resume(srv, "preprocess")
+        resume(srv, Stage.PREPROCESS)
 
         async def drained() -> bool:
             return (await _get(srv, "/ready"))[0] == 200

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Server, settings_for, start_server, workflow
+from support.servers import Server, settings_for, start_server
+from support.workflows import workflow
 
 from comfyq.api.context import ApiOptions
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import MakeServer, Server, settings_for, start_server, wait_healthy
+from support.servers import MakeServer, Server, settings_for, start_server, wait_healthy
 
 from comfyq.api.context import ApiOptions
 

@@ -17,7 +17,7 @@ import pytest
 from comfyq.errors import ComfyUIUnreachable, NodeError
 from comfyq.events import EventBus
 from comfyq.stages.runner import JobContext, Pipeline, RunnerConfig, StageDone
-from comfyq.store import Job, JobStore, NewJob
+from comfyq.store import Job, JobStore, NewJob, open_store
 from comfyq.store.model import STAGES, Stage
 
 
@@ -61,7 +61,7 @@ def job(i: int, **plan: Any) -> NewJob:
 
 @pytest.fixture
 async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
-    store = JobStore(tmp_path / "q.db")
+    store = open_store(tmp_path / "q.db")
     await store.open()
     bus = EventBus()
     store.listen(bus.on_transitions)
@@ -177,7 +177,7 @@ async def test_cancel_waiting_and_running_jobs(rig: Rig) -> None:
 
 
 async def test_shutdown_releases_running_jobs_for_the_next_start(tmp_path: Path) -> None:
-    store = JobStore(tmp_path / "q.db")
+    store = open_store(tmp_path / "q.db")
     await store.open()
     handlers = {s: Recorder(s) for s in STAGES}
     pipe = Pipeline(store, EventBus(), handlers, {s: 1 for s in STAGES}, RunnerConfig(lease=3.0))

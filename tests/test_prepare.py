@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from support import serve
 
 from comfyq.errors import BadRequest, InputError, ModifierError
 from comfyq.inputs import Downloader
@@ -105,19 +106,17 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
     app.router.add_get("/red.png", image)
     app.router.add_get("/blue.png", image)
     app.router.add_get("/page", page)
-    runner = web.AppRunner(app, shutdown_timeout=0.2)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    server = await serve.start(app)
     user = tmp_path / "user_modifiers"
     user.mkdir()
     (user / "testmods.py").write_text(textwrap.dedent(USER_MODIFIERS))
     registry = ModifierRegistry([user])
     downloader = Downloader(tmp_path / "cache", AddressGuard(["127.0.0.1"]), max_bytes=1 << 20)
     try:
-        yield Env(f"http://127.0.0.1:{runner.addresses[0][1]}", hits, registry, downloader)
+        yield Env(serve.base_url(server), hits, registry, downloader)
     finally:
         await downloader.close()
-        await runner.cleanup()
+        await server.close()
 
 
 def raw_workflow(image: str) -> dict[str, Any]:

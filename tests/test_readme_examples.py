@@ -29,10 +29,11 @@ from typing import Any
 
 import pytest
 import requests
-from conftest import ThreadServer
+from support.servers import ThreadServer
+from support.sim import decode_png
 
 from comfyq.api.context import ApiOptions
-from comfyq.sim.testing import decode_png
+from comfyq.sim.generation import VERSIONS
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -177,12 +178,16 @@ def lines_mismatch(doc: str, printed: str) -> list[str]:
 # --- the server the examples talk to ---------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThreadServer]:
-    # Settings as `comfyq serve --simulate` has them where the examples depend on them.
+@pytest.fixture(scope="module", params=VERSIONS)
+def srv(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[ThreadServer]:
+    # Settings as `comfyq serve --simulate` has them where the examples depend on them; the
+    # examples run against each ComfyUI generation (--comfyui-version 0.3.64 and the newest).
     server = ThreadServer(
         tmp_path_factory.mktemp("readme"),
         ApiOptions(heartbeat=0.5),
+        comfyui_version=str(request.param),
         generation_workers=2,
         preprocess_workers=3,
         postprocess_workers=3,

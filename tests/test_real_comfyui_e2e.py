@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from support import serve
 
 from comfyq.config import Settings
 from comfyq.services import Services
@@ -50,13 +51,9 @@ async def image_server() -> AsyncIterator[str]:
 
     app = web.Application()
     app.router.add_get("/cat.png", cat)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    yield f"http://127.0.0.1:{port}/cat.png"
-    await runner.cleanup()
+    server = await serve.start(app)
+    yield serve.base_url(server) + "/cat.png"
+    await server.close()
 
 
 @pytest.fixture

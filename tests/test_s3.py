@@ -11,7 +11,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from test_s3_support import FaultyProxy, make_bucket
+from support.s3 import FaultyProxy, make_bucket
 
 from comfyq.netguard import AddressGuard
 from comfyq.outputs.s3 import LocalFile, S3ConfigError, S3Settings, S3Uploader, resolve

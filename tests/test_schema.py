@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from comfyq.store import migrate
-from comfyq.store.writer import connect
+from comfyq.store.sqlite import migrate
+from comfyq.store.sqlite.writer import connect
 
 EXPECTED = Path(__file__).with_name("expected_schema.sql")
 

@@ -17,11 +17,11 @@ from typing import Any
 
 import aiohttp
 import pytest
+from support.sim import WsRecorder, wait_history
 
 from comfyq.sim import Simulator
 from comfyq.sim.generation import OLD
 from comfyq.sim.png import encode_png, encode_webp_solid, sniff_image
-from comfyq.sim.testing import WsRecorder, wait_history
 
 
 @pytest.fixture

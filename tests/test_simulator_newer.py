@@ -14,10 +14,10 @@ from typing import Any
 import aiohttp
 import blake3
 import pytest
+from support.sim import WsRecorder, wait_history
 
 from comfyq.sim import Simulator
 from comfyq.sim.generation import NEW, OLD
-from comfyq.sim.testing import WsRecorder, wait_history
 
 SVG = b'<svg xmlns="http://www.w3.org/2000/svg" width="2" height="2"/>\n'
 
@@ -340,3 +340,33 @@ async def test_executed_entries_and_history(sim: Simulator, http: aiohttp.Client
         assert second["filename"] == image["filename"] and second["id"] != image["id"]
     finally:
         await rec.close()
+
+
+async def test_node_replacement(
+    tmp_path: Path, old: Simulator, http: aiohttp.ClientSession
+) -> None:
+    table = {
+        "OldInvert": [
+            {
+                "new_node_id": "ImageInvert",
+                "input_mapping": [{"new_id": "image", "old_id": "picture"}],
+                "output_mapping": [{"old_idx": 1, "new_idx": 0}],
+            }
+        ]
+    }
+    wf = invert("r", 7)
+    wf["2"] = {"class_type": "OldInvert", "inputs": {"picture": ["1", 0]}}
+    wf["3"]["inputs"]["images"] = ["2", 1]
+    async with Simulator(data_dir=tmp_path / "r", replacements=table) as sim:
+        assert await get(http, sim.url + "/node_replacements") == (200, table)
+        pid = await run(http, sim, wf)
+        entry = await wait_history(http, sim.url, pid)
+        # The queue, history and jobs show the replaced graph.
+        assert entry["prompt"][2]["2"] == {
+            "class_type": "ImageInvert",
+            "inputs": {"image": ["1", 0]},
+        }
+        assert entry["prompt"][2]["3"]["inputs"]["images"] == ["2", 0]
+        assert entry["status"]["status_str"] == "success"
+    status, body = await post(http, old, {"prompt": wf})
+    assert status == 400 and body["error"]["type"] == "invalid_prompt"

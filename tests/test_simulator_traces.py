@@ -11,19 +11,19 @@ from typing import Any
 
 import aiohttp
 import pytest
-from sim_trace_support import TRACES, post_prompt, recorded_types, run_traced, trace
-
-from comfyq.sim import Simulator
-from comfyq.sim.generation import OLD
-from comfyq.sim.png import encode_png
-from comfyq.sim.testing import (
+from support.sim import (
     WsRecorder,
     data_of,
     shape,
     upload_image,
     wait_history,
 )
-from comfyq.sim.testing import decode_png as png_pixels
+from support.sim import decode_png as png_pixels
+from support.traces import TRACES, post_prompt, recorded_types, run_traced, trace
+
+from comfyq.sim import Simulator
+from comfyq.sim.generation import OLD
+from comfyq.sim.png import encode_png
 
 
 @pytest.fixture

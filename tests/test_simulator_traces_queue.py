@@ -9,11 +9,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from sim_trace_support import post_prompt, recorded_types, run_traced, trace
-
-from comfyq.sim import Simulator
-from comfyq.sim.generation import OLD
-from comfyq.sim.testing import (
+from support.sim import (
     Frame,
     WsRecorder,
     data_of,
@@ -21,6 +17,10 @@ from comfyq.sim.testing import (
     upload_image,
     wait_history,
 )
+from support.traces import post_prompt, recorded_types, run_traced, trace
+
+from comfyq.sim import Simulator
+from comfyq.sim.generation import OLD
 
 
 @pytest.fixture

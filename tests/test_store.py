@@ -1,19 +1,22 @@
-"""The store on real SQLite files: state machine, claims, leases, retries, cancel, prune."""
+"""The store contract, on both adapters (real SQLite files, a real PostgreSQL server): state
+machine, claims, leases, retries, cancel, prune."""
 
 from __future__ import annotations
 
 import asyncio
-import sqlite3
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from support.store import DB_ERRORS, StoreFactory, database, engine, make_store, raw, store
 
-from comfyq.clock import ManualClock
 from comfyq.errors import Conflict, IllegalTransition, LeaseLost, NotFound, QueueFull
 from comfyq.store import JobStore, NewJob
 from comfyq.store.model import Stage, State
-from comfyq.store.writer import connect
+from comfyq.store.postgres import PostgresStore
+from comfyq.store.postgres.ops import PRUNE_LOCK
+from comfyq.store.sqlite import SqliteStore
+
+__all__ = ["database", "engine", "make_store", "store"]  # fixtures
 
 
 def new(i: int | str, priority: int = 0, timeout: float = 3600.0, max_attempts: int = 3) -> NewJob:
@@ -26,14 +29,6 @@ def new(i: int | str, priority: int = 0, timeout: float = 3600.0, max_attempts: 
         max_attempts=max_attempts,
         kind="workflow",
     )
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[JobStore]:
-    s = JobStore(tmp_path / "q.db", clock=ManualClock(), owner="w1")
-    await s.open()
-    yield s
-    await s.close()
 
 
 async def test_full_lifecycle_writes_every_event(store: JobStore) -> None:
@@ -56,9 +51,8 @@ async def test_full_lifecycle_writes_every_event(store: JobStore) -> None:
         ("pending", "running", "postprocess"),
         ("running", "completed", "postprocess"),
     ]
-    # The same story is in the file for an operator with the sqlite3 shell.
-    conn = sqlite3.connect(store.path)
-    row = conn.execute("SELECT status, tries, events FROM jobs_overview WHERE id = '1'").fetchone()
+    # The same story is in the database for an operator with the sqlite3 shell or psql.
+    (row,) = raw(store, "SELECT status, tries, events FROM jobs_overview WHERE id = '1'")
     assert row == ("completed", "1/3", 7)
 
 
@@ -83,17 +77,17 @@ async def test_queue_limit_counts_every_unfinished_job(store: JobStore) -> None:
 
 async def test_illegal_transitions_are_refused(store: JobStore) -> None:
     await store.create(new(1), 10)
-    conn = connect(store.path)
-    with pytest.raises(sqlite3.IntegrityError, match="illegal job transition"):
-        conn.execute("UPDATE jobs SET state = 'completed', finished_at = 'x' WHERE id = '1'")
+    with pytest.raises(DB_ERRORS, match="illegal job transition"):
+        raw(store, "UPDATE jobs SET state = 'completed', finished_at = updated_at WHERE id = '1'")
     with pytest.raises(LeaseLost):
         await store.advance("1", "not running")  # pending job: nobody holds it
     await store.claim(Stage.PREPROCESS, 1, 30, "p")
     await store.finish("1", State.COMPLETED, "done")
-    with pytest.raises(sqlite3.IntegrityError, match="illegal job transition"):
-        conn.execute(
-            "UPDATE jobs SET state = 'running', lease_owner = 'x', lease_expires_at = 'y',"
-            " finished_at = NULL WHERE id = '1'"
+    with pytest.raises(DB_ERRORS, match="illegal job transition"):
+        raw(
+            store,
+            "UPDATE jobs SET state = 'running', lease_owner = 'x', lease_expires_at = updated_at,"
+            " finished_at = NULL WHERE id = '1'",
         )
     with pytest.raises(IllegalTransition):
         await store.retry_job("1")  # completed jobs are not retried
@@ -119,29 +113,25 @@ async def test_queue_position(store: JobStore) -> None:
     assert positions == {"3": (1, 3), "1": (2, 3), "2": (3, 3)}
 
 
-async def test_concurrent_claims_never_share_a_job(tmp_path: Path) -> None:
-    # Two stores (two writers, two connections) on one file, many claimers each.
-    a = JobStore(tmp_path / "q.db", owner="a")
-    b = JobStore(tmp_path / "q.db", owner="b")
+async def test_concurrent_claims_never_share_a_job(make_store: StoreFactory) -> None:
+    # Two stores (two processes or instances) on one database, many claimers each.
+    a = make_store(owner="a")
+    b = make_store(owner="b")
     await a.open()
     await b.open()
-    try:
-        for i in range(300):
-            await a.create(new(i), 1000)
-        seen: list[str] = []
+    for i in range(300):
+        await a.create(new(i), 1000)
+    seen: list[str] = []
 
-        async def claimer(s: JobStore) -> None:
-            while True:
-                got = await s.claim(Stage.PREPROCESS, 3, 30, "p")
-                if not got:
-                    return
-                seen.extend(j.id for j in got)
+    async def claimer(s: JobStore) -> None:
+        while True:
+            got = await s.claim(Stage.PREPROCESS, 3, 30, "p")
+            if not got:
+                return
+            seen.extend(j.id for j in got)
 
-        await asyncio.gather(*(claimer(s) for s in (a, b) for _ in range(8)))
-        assert len(seen) == 300 and len(set(seen)) == 300
-    finally:
-        await a.close()
-        await b.close()
+    await asyncio.gather(*(claimer(s) for s in (a, b) for _ in range(8)))
+    assert len(seen) == 300 and len(set(seen)) == 300
 
 
 async def test_expired_lease_is_requeued_then_failed_when_attempts_spent(store: JobStore) -> None:
@@ -215,20 +205,33 @@ async def test_cancel_in_every_state(store: JobStore) -> None:
         await store.request_cancel("missing")
 
 
-async def test_recover_resumes_dead_owners_jobs_without_counting_attempts(tmp_path: Path) -> None:
-    dead = JobStore(tmp_path / "q.db", owner="dead")
+async def test_recover_resumes_dead_owners_jobs_without_counting_attempts(
+    make_store: StoreFactory,
+) -> None:
+    dead = make_store(owner="dead")
     await dead.open()
     await dead.create(new(1), 10)
+    await dead.create(new(2), 10)
     await dead.claim(Stage.PREPROCESS, 1, 30, "p")
     await dead.close()
-    alive = JobStore(tmp_path / "q.db", owner="alive")
+    alive = make_store(owner="alive")
+    if not isinstance(alive, SqliteStore):
+        # A shared database cannot tell dead owners from live ones (the instance registry can):
+        # another instance's job is left alone, and so is the dead one's until it is named.
+        live = make_store(owner="live")
+        await live.open()
+        await live.claim(Stage.PREPROCESS, 1, 30, "p")
+        await alive.open()
+        assert await alive.recover() == []
+
+        async def dead_owners() -> list[str]:
+            return ["dead"]
+
+        alive.dead_owners = dead_owners  # type: ignore[attr-defined]
     await alive.open()
-    try:
-        (tr,) = await alive.recover()
-        assert (tr.to_state, tr.stage, tr.attempt) == ("pending", "preprocess", 1)
-        assert "restart" in tr.message
-    finally:
-        await alive.close()
+    (tr,) = await alive.recover()
+    assert (tr.job_id, tr.to_state, tr.stage, tr.attempt) == ("1", "pending", "preprocess", 1)
+    assert "restart" in tr.message
 
 
 async def test_retry_job_and_prune(store: JobStore) -> None:
@@ -252,11 +255,12 @@ async def test_secrets_are_erased_when_the_job_ends(store: JobStore) -> None:
     assert (await store.secrets("1"))["s3"]["secret_access_key"] == "SECRET"
     await store.request_cancel("1")
     assert await store.secrets("1") == {}
-    conn = sqlite3.connect(store.path)
-    assert conn.execute("SELECT count(*) FROM job_secrets").fetchone() == (0,)
+    assert raw(store, "SELECT count(*) FROM job_secrets") == [(0,)]
 
 
+@pytest.mark.parametrize("engine", ["sqlite"])  # the SQLite adapter's writer thread
 async def test_group_commit_batches_concurrent_writes(store: JobStore) -> None:
+    assert isinstance(store, SqliteStore)
     before = store.writer.commits
     await asyncio.gather(*(store.create(new(i), 1000) for i in range(200)))
     commits = store.writer.commits - before
@@ -277,10 +281,67 @@ async def test_a_failing_write_does_not_undo_its_neighbours(store: JobStore) -> 
     assert {j.id for j in await store.list_jobs()} == {"1", "2", "3"}
 
 
+@pytest.mark.parametrize("engine", ["sqlite"])  # SQLite's WAL
 async def test_checkpoint_truncates_wal(store: JobStore) -> None:
+    assert isinstance(store, SqliteStore)
     for i in range(50):
         await store.create(new(i), 1000)
     busy, _, _ = await store.checkpoint()
     assert busy == 0
     wal = Path(str(store.path) + "-wal")
     assert not wal.exists() or wal.stat().st_size == 0
+
+
+@pytest.mark.parametrize("engine", ["postgres"])  # one database, several instances
+async def test_one_instance_prunes_at_a_time(store: JobStore, make_store: StoreFactory) -> None:
+    for i in range(3):
+        await store.create(new(i), 10)
+        await store.request_cancel(str(i))
+    store.clock.advance(61)  # type: ignore[attr-defined]
+    assert isinstance(store, PostgresStore)
+    other = make_store(clock=store.clock, owner="w2")
+    await other.open()
+    assert isinstance(other, PostgresStore)
+    # While one instance holds the pruning lock, another's prune passes without deleting.
+    async with other.pool.connection() as conn, conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (PRUNE_LOCK,))
+        assert await store.prune(older_than=60) == []
+    assert sorted(await store.prune(older_than=60)) == ["0", "1", "2"]
+
+
+async def test_dashboard_reads_counts_search_window_and_delete(store: JobStore) -> None:
+    """What the dashboard asks of a store: counts per (state, stage) (per owner too), an id
+    prefix search, the jobs that finished in a time window, and deleting one finished job."""
+    for i, owner in (("a1", "k_a"), ("a2", "k_a"), ("b1", "k_b"), ("c1", None)):
+        job = new(i)
+        job.owner = owner
+        await store.create(job, 10)
+    await store.claim(Stage.PREPROCESS, 1, 30, "p")  # a1 runs
+    t0 = store.clock.now()
+    store.clock.advance(2.0)  # type: ignore[attr-defined]
+    await store.finish("a1", State.COMPLETED, "ok")
+    await store.request_cancel("b1")
+    reads = store.reads()
+    counts = await reads.status_counts(None)
+    assert counts == {
+        ("completed", ""): 1,
+        ("cancelled", ""): 1,
+        ("pending", "preprocess"): 2,
+    }
+    assert await reads.status_counts(["k_a"]) == {
+        ("completed", ""): 1,
+        ("pending", "preprocess"): 1,
+    }
+    assert await reads.status_counts([]) == {}
+    assert [j.id for j in await reads.page([], 10, None, None, id_prefix="a")] == ["a2", "a1"]
+    assert [j.id for j in await reads.page([], 10, None, ["k_b"], id_prefix="a")] == []
+    assert [j.id for j in await reads.page(["cancelled"], 10, None, None, id_prefix="b")] == ["b1"]
+    window = await reads.finished_between(t0 - 1, t0 + 10, 100)
+    assert sorted(s for s, _ in window) == ["cancelled", "completed"]
+    assert dict(window)["completed"] == pytest.approx(2.0, abs=0.01)
+    assert await reads.finished_between(t0 + 10, t0 + 20, 100) == []
+    assert await reads.finished_between(t0 - 1, t0 + 10, 1) != []
+    assert not await store.delete_finished("a2")  # still waiting
+    assert not await store.delete_finished("nope")
+    assert await store.delete_finished("a1")
+    assert await store.get("a1") is None and await store.events("a1") == []

@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from comfyq.store import JobStore, NewJob
+from comfyq.store import NewJob, open_store
 from comfyq.store.model import Job, State
-from comfyq.store.writer import connect
+from comfyq.store.sqlite.writer import connect
 
 
 @pytest.fixture
 async def db(tmp_path: Path) -> Path:
-    s = JobStore(tmp_path / "q.db", owner="w1")
+    s = open_store(tmp_path / "q.db", owner="w1")
     await s.open()
     await s.create(
         NewJob(id="a", payload={"input": {"n": 1}}, payload_hash="h", kind="workflow"), 10

@@ -4,20 +4,24 @@ step-by-step paths write, and refuse what those refuse."""
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import random
 import sqlite3
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
+from support.store import StoreFactory, database, engine, make_store, rows
 
 from comfyq.clock import ManualClock, iso
 from comfyq.errors import Conflict, LeaseLost, NotFound, QueueFull
 from comfyq.store import JobStore, NewJob
-from comfyq.store.journal import stamp
 from comfyq.store.model import Stage
+from comfyq.store.sqlite import SqliteStore
+from comfyq.store.sqlite.journal import stamp
+
+__all__ = ["database", "engine", "make_store"]  # fixtures
 
 T0 = 1_800_000_000.0
 GEN_RESULT = {
@@ -49,20 +53,10 @@ def new(job_id: str, **kw: Any) -> NewJob:
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[JobStore]:
-    s = JobStore(tmp_path / "q.db", clock=ManualClock(T0), owner="w1")
+async def store(make_store: StoreFactory) -> AsyncIterator[JobStore]:
+    s = make_store(clock=ManualClock(T0), owner="w1")
     await s.open()
     yield s
-    await s.close()
-
-
-def rows(store: JobStore, sql: str, *params: Any) -> list[dict[str, Any]]:
-    conn = sqlite3.connect(store.path)
-    conn.row_factory = sqlite3.Row
-    try:
-        return [dict(r) for r in conn.execute(sql, params)]
-    finally:
-        conn.close()
 
 
 async def _to_generate_with_a_retry(store: JobStore, job_id: str, hand_off: bool) -> None:
@@ -117,9 +111,8 @@ async def test_hand_off_writes_what_advance_then_claim_writes(store: JobStore) -
         r.pop("id")
         r.pop("payload")
     assert a == b
-    assert (
-        '"generate_wait_ms":2000.0' in a["timings"] and '"postprocess_wait_ms":0.0' in a["timings"]
-    )
+    timings = json.loads(a["timings"])
+    assert timings["generate_wait_ms"] == 2000 and timings["postprocess_wait_ms"] == 0
     ev = [
         rows(
             store,
@@ -132,29 +125,26 @@ async def test_hand_off_writes_what_advance_then_claim_writes(store: JobStore) -
     assert ev[0] == ev[1] and len(ev[0]) == 9
 
 
-async def test_hand_off_refuses_what_advance_refuses(store: JobStore, tmp_path: Path) -> None:
-    other = JobStore(tmp_path / "q.db", clock=store.clock, owner="w2")
+async def test_hand_off_refuses_what_advance_refuses(
+    store: JobStore, make_store: StoreFactory
+) -> None:
+    other = make_store(clock=store.clock, owner="w2")
     await other.open()
-    try:
-        for job_id in ("held", "cancelled", "waiting"):
-            await store.create(new(job_id), 100)
-        await store.claim(Stage.PREPROCESS, 2, 30, "p")
-        before = rows(store, "SELECT count(*) AS n FROM job_events")[0]["n"]
-        with pytest.raises(LeaseLost):
-            await other.advance_and_claim("held", "done", None, 30, "g")
-        with pytest.raises(LeaseLost):
-            await store.advance_and_claim("waiting", "done", None, 30, "g")
-        with pytest.raises(NotFound):
-            await store.advance_and_claim("nope", "done", None, 30, "g")
-        assert rows(store, "SELECT count(*) AS n FROM job_events")[0]["n"] == before
-        await store.request_cancel("cancelled")
-        (tr,) = await store.advance_and_claim("cancelled", "done", {"prepared": {}}, 30, "g")
-        assert tr.to_state == "cancelled"
-        assert rows(store, "SELECT prepared FROM jobs WHERE id = 'cancelled'") == [
-            {"prepared": None}
-        ]
-    finally:
-        await other.close()
+    for job_id in ("held", "cancelled", "waiting"):
+        await store.create(new(job_id), 100)
+    await store.claim(Stage.PREPROCESS, 2, 30, "p")
+    before = rows(store, "SELECT count(*) AS n FROM job_events")[0]["n"]
+    with pytest.raises(LeaseLost):
+        await other.advance_and_claim("held", "done", None, 30, "g")
+    with pytest.raises(LeaseLost):
+        await store.advance_and_claim("waiting", "done", None, 30, "g")
+    with pytest.raises(NotFound):
+        await store.advance_and_claim("nope", "done", None, 30, "g")
+    assert rows(store, "SELECT count(*) AS n FROM job_events")[0]["n"] == before
+    await store.request_cancel("cancelled")
+    (tr,) = await store.advance_and_claim("cancelled", "done", {"prepared": {}}, 30, "g")
+    assert tr.to_state == "cancelled"
+    assert rows(store, "SELECT prepared FROM jobs WHERE id = 'cancelled'") == [{"prepared": None}]
 
 
 async def test_completion_erases_secrets_and_queues_the_webhook_in_its_commit(
@@ -182,7 +172,9 @@ async def test_completion_erases_secrets_and_queues_the_webhook_in_its_commit(
         await store.advance("j", "again")
 
 
-async def test_update_sets_columns_of_a_held_job_only(store: JobStore, tmp_path: Path) -> None:
+async def test_update_sets_columns_of_a_held_job_only(
+    store: JobStore, make_store: StoreFactory
+) -> None:
     await store.create(new("j"), 100)
     with pytest.raises(LeaseLost, match="pending, not running"):
         await store.update("j", {"comfy_prompt_id": "p"})
@@ -191,13 +183,10 @@ async def test_update_sets_columns_of_a_held_job_only(store: JobStore, tmp_path:
         "j", {"comfy_prompt_id": "p1", "comfy_backend": "http://b", "message": "started"}
     )
     assert (job.comfy_prompt_id, job.comfy_backend, job.message) == ("p1", "http://b", "started")
-    other = JobStore(tmp_path / "q.db", clock=store.clock, owner="w2")
+    other = make_store(clock=store.clock, owner="w2")
     await other.open()
-    try:
-        with pytest.raises(LeaseLost, match="no longer held"):
-            await other.update("j", {"comfy_prompt_id": "p2"})
-    finally:
-        await other.close()
+    with pytest.raises(LeaseLost, match="no longer held"):
+        await other.update("j", {"comfy_prompt_id": "p2"})
     with pytest.raises(NotFound):
         await store.update("nope", {"comfy_prompt_id": "p"})
     assert (await store.get("j")).comfy_prompt_id == "p1"  # type: ignore[union-attr]
@@ -219,16 +208,20 @@ async def test_a_full_queue_still_answers_repeated_requests(store: JobStore) -> 
     assert rows(store, "SELECT count(*) AS n FROM job_events") == [{"n": 3}]
 
 
+@pytest.mark.parametrize("engine", ["sqlite"])  # the SQLite adapter's writer thread
 async def test_writes_asked_for_in_one_loop_turn_share_one_commit(store: JobStore) -> None:
+    assert isinstance(store, SqliteStore)
     before = store.writer.commits
     created = await asyncio.gather(*(store.create(new(f"g{i}"), 1000) for i in range(50)))
     assert all(c for _, c in created)
     assert store.writer.commits - before == 1  # handed to the writer thread together
 
 
+@pytest.mark.parametrize("engine", ["sqlite"])
 async def test_an_operation_outside_transactions_keeps_its_place_in_the_turn(
     store: JobStore,
 ) -> None:
+    assert isinstance(store, SqliteStore)
     order: list[str] = []
 
     def mark(conn: sqlite3.Connection, name: str) -> str:
@@ -245,8 +238,9 @@ async def test_an_operation_outside_transactions_keeps_its_place_in_the_turn(
     assert store.writer.commits - before == 2
 
 
-async def test_stop_finishes_writes_not_yet_handed_over(tmp_path: Path) -> None:
-    s = JobStore(tmp_path / "q.db", clock=ManualClock(T0), owner="w1")
+@pytest.mark.parametrize("engine", ["sqlite"])
+async def test_stop_finishes_writes_not_yet_handed_over(make_store: StoreFactory) -> None:
+    s = make_store(clock=ManualClock(T0), owner="w1")
     await s.open()
     pending = asyncio.ensure_future(s.create(new("late"), 10))
     await asyncio.sleep(0)  # submitted, not yet handed to the thread

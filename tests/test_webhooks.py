@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 from standardwebhooks import Webhook
-from test_webhooks_support import (
+from support.webhooks import (
     Receiver,
     attempts,
     complete,
@@ -29,7 +29,7 @@ from test_webhooks_support import (
 )
 
 from comfyq.netguard import AddressGuard
-from comfyq.store import JobStore, NewJob
+from comfyq.store import JobStore, NewJob, open_store
 from comfyq.webhooks import WebhookConfig, WebhookSender, history, sign
 
 SECRET = "whsec_" + base64.b64encode(b"a 24-byte secret for hmac").decode()
@@ -38,7 +38,7 @@ FAST: dict[str, Any] = {"timeout": 5.0, "retry_base": 0.02, "retry_max": 0.1, "p
 
 @pytest.fixture
 async def store(tmp_path: Path) -> AsyncIterator[JobStore]:
-    s = JobStore(tmp_path / "q.db")
+    s = open_store(tmp_path / "q.db")
     await s.open()
     yield s
     await s.close()
@@ -403,7 +403,7 @@ async def test_history_and_cli_show_every_attempt(
     ]
 
     env = {
-        "COMFYQ_DATABASE": str(store.path),
+        "COMFYQ_DATABASE": store.describe(),
         "COMFYQ_CONFIG": str(tmp_path / "absent.toml"),
         "PATH": "/usr/bin:/bin",
     }

@@ -11,10 +11,10 @@ import sys
 import textwrap
 from pathlib import Path
 
-from test_webhooks_support import Receiver, attempts, delivery_ended, hook_job, wait_until
+from support.webhooks import Receiver, attempts, delivery_ended, hook_job, wait_until
 
 from comfyq.netguard import AddressGuard
-from comfyq.store import JobStore
+from comfyq.store import open_store
 from comfyq.webhooks import WebhookConfig, WebhookSender
 
 CFG = WebhookConfig(timeout=5.0, retry_base=0.02, retry_max=0.05, poll_interval=0.2)
@@ -24,7 +24,7 @@ async def test_a_pending_delivery_is_sent_after_a_graceful_restart(tmp_path: Pat
     db = tmp_path / "q.db"
     receiver = await Receiver("500").start()
     try:
-        store = JobStore(db)
+        store = open_store(db)
         await store.open()
         await store.create(hook_job("j1", receiver.url, secret="s"), 10)
         await store.request_cancel("j1")
@@ -35,7 +35,7 @@ async def test_a_pending_delivery_is_sent_after_a_graceful_restart(tmp_path: Pat
         await store.close()
 
         receiver.default = "ok"
-        store = JobStore(db)  # comfyq starts again on the same file
+        store = open_store(db)  # comfyq starts again on the same file
         await store.open()
         sender = WebhookSender(store, AddressGuard(["127.0.0.1"]), CFG)
         await sender.start()
@@ -56,11 +56,11 @@ async def test_a_pending_delivery_is_sent_after_a_graceful_restart(tmp_path: Pat
 SENDER_SCRIPT = textwrap.dedent("""
     import asyncio, sys
     from comfyq.netguard import AddressGuard
-    from comfyq.store import JobStore
+    from comfyq.store import open_store
     from comfyq.webhooks import WebhookConfig, WebhookSender
 
     async def main():
-        store = JobStore(sys.argv[1])
+        store = open_store(sys.argv[1])
         await store.open()
         sender = WebhookSender(
             store, AddressGuard(["127.0.0.1"]), WebhookConfig(timeout=60, poll_interval=0.2)
@@ -76,7 +76,7 @@ async def test_a_sender_killed_mid_post_resends_after_restart(tmp_path: Path) ->
     db = tmp_path / "q.db"
     receiver = await Receiver().start()
     receiver.plan.append("hang")  # the first post never gets an answer: the sender dies waiting
-    store = JobStore(db)
+    store = open_store(db)
     await store.open()
     proc: asyncio.subprocess.Process | None = None
     try:
@@ -91,7 +91,7 @@ async def test_a_sender_killed_mid_post_resends_after_restart(tmp_path: Path) ->
         proc.send_signal(signal.SIGKILL)
         await asyncio.wait_for(proc.wait(), 10)
 
-        store = JobStore(db)
+        store = open_store(db)
         await store.open()
         sender = WebhookSender(store, AddressGuard(["127.0.0.1"]), CFG)
         await sender.start()

@@ -27,6 +27,7 @@ from comfyq.schemas import (
     Ready,
     Result,
 )
+from comfyq.v2 import routes as v2_routes
 
 OPENAPI: web.AppKey[bytes] = web.AppKey("openapi", bytes)
 README: web.AppKey[str] = web.AppKey("readme", str)
@@ -223,6 +224,14 @@ ROUTES: list[Route] = [
         jobs.output_file,
         "Download an output file of a job",
         "jobs",
+        params=[
+            Param(
+                "thumb",
+                "query",
+                {"type": "integer", "minimum": 16, "maximum": 1024},
+                "a WebP thumbnail of an image output, longer side at most this many pixels",
+            )
+        ],
         replies={
             200: Reply(
                 "the file",
@@ -401,6 +410,9 @@ ROUTES: list[Route] = [
 ]
 
 
+ROUTES += v2_routes.ROUTES  # the Comfy API v2 surface, on the same port (comfyq/v2)
+
+
 def app_routes(registry: Any) -> list[Route]:
     """``ROUTES`` plus the typed workflow routes of ``registry``'s modifiers."""
     return ROUTES + workflows.routes(registry)
@@ -418,6 +430,7 @@ def setup_routes(app: web.Application) -> None:
     from comfyq.api.context import API
 
     api = app[API]
+    v2_routes.setup(app)
     registry = api.services.registry
     for r in app_routes(registry):
         app.router.add_route(r.method, r.path, r.handler)

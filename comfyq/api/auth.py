@@ -26,7 +26,7 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from aiohttp import web
 
@@ -61,12 +61,11 @@ class Principal:
         """Whether a job whose ``owner`` column holds ``owner`` is visible to this caller."""
         return self.is_admin or (owner is not None and owner == self.key_id)
 
-    def where(self, column: str = "owner") -> tuple[str, tuple[Any, ...]]:
-        """An SQL condition (with its parameters) selecting the visible jobs; ``("", ())`` for
-        all."""
+    def visible_owners(self) -> list[str] | None:
+        """The ``jobs.owner`` values of the jobs this caller may see; None: every job."""
         if self.is_admin:
-            return "", ()
-        return f"{column} = ?", (self.key_id,)
+            return None
+        return [] if self.key_id is None else [self.key_id]
 
 
 # Authentication off: everyone is the operator. NOBODY: a request the middleware let through

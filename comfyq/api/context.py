@@ -13,10 +13,10 @@ from aiohttp import web
 
 from comfyq.api.auth import Keys
 from comfyq.api.queue import QueueView
-from comfyq.api.reads import Reads
 from comfyq.metrics import Metrics
 from comfyq.result import Results
 from comfyq.schemas import ErrorBody, ErrorInfo
+from comfyq.store import JobReads
 from comfyq.webhooks.outbox import history
 
 _encode = msgspec.json.Encoder().encode
@@ -45,7 +45,7 @@ class Api:
         self.pipeline = services.pipeline
         self.options = options
         self.keys = Keys(self.settings.api_keys, self.settings.api_keys_file)
-        self.reads = Reads(self.store.path)
+        self.reads: JobReads = self.store.reads()
         self.results = Results(
             self.reads,
             self.bus,

@@ -19,13 +19,13 @@ from aiohttp import web
 
 from comfyq.api.auth import NOBODY, Principal, principal, require_admin, visible
 from comfyq.api.context import Api, get_api, json_response
-from comfyq.api.jobs import STATUS_SQL, _bad, _limit, _statuses, decode_cursor, not_found
-from comfyq.clock import iso, parse_iso
+from comfyq.api.jobs import _bad, _limit, _statuses, decode_cursor, encode_cursor, not_found
+from comfyq.clock import iso
 from comfyq.errors import ComfyqError, Conflict
 from comfyq.outputs.local import job_dir
 from comfyq.result import progress_of
 from comfyq.schemas import Progress, Result
-from comfyq.store.model import TERMINAL, Job, Stage, status_of
+from comfyq.store.model import TERMINAL, Job, Stage, State, status_of
 
 ROW_COLUMNS = (
     "id, state, stage, kind, comfy_backend, attempts, max_attempts, priority, message,"
@@ -158,28 +158,12 @@ def _search(request: web.Request) -> str:
 
 async def list_rows(request: web.Request) -> web.Response:
     """GET /ui/api/jobs?status=&q=&limit=&cursor=: one page of table rows, newest first."""
-    from comfyq.api.jobs import encode_cursor
-
     api = get_api(request)
     statuses, limit, q = _statuses(request), _limit(request), _search(request)
-    where: list[str] = []
-    params: list[Any] = []
-    if statuses:
-        where.append("(" + " OR ".join(STATUS_SQL[s] for s in statuses) + ")")
-    if q:
-        # An id or request_id (they are the same column), or its beginning: a primary-key range.
-        where.append("id >= ? AND id < ?")
-        params.extend((q, q + "\U0010ffff"))
-    if request.query.get("cursor"):
-        where.append("(created_at, id) < (?, ?)")
-        params.extend(decode_cursor(request.query["cursor"]))
-    mine, mine_params = principal(request).where()
-    if mine:
-        where.append(mine)
-        params.extend(mine_params)
-    sql = f"SELECT {ROW_COLUMNS} FROM jobs" + (" WHERE " + " AND ".join(where) if where else "")
-    sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
-    jobs = [Job.from_row(r) for r in await api.reads.rows(sql, (*params, limit + 1))]
+    raw_cursor = request.query.get("cursor")
+    cursor = decode_cursor(raw_cursor) if raw_cursor else None
+    owners = principal(request).visible_owners()
+    jobs = await api.reads.page(statuses, limit + 1, cursor, owners, id_prefix=q)
     more = len(jobs) > limit
     jobs = jobs[:limit]
     progress = api.bus.progress
@@ -209,29 +193,10 @@ class _CountsCache:
 
 async def _count(api: Api, who: Principal) -> Counts:
     out = dict.fromkeys(STATUSES, 0)
-    if who.is_admin:
-        # Unfinished jobs from the queue snapshot (shared, partial indexes); finished ones one
-        # covering count per state on the (state, created_at, id) index.
-        snap = await api.queue.snapshot()
-        pre, gen, post = Stage.PREPROCESS, Stage.GENERATE, Stage.POSTPROCESS
-        out["queued"] = snap.waiting[pre]
-        out["processing"] = snap.running[pre] + snap.waiting[gen]
-        out["generating"] = snap.running[gen]
-        out["postprocessing"] = snap.waiting[post] + snap.running[post]
-        rows = await api.reads.rows(
-            "SELECT 'completed', count(*) FROM jobs WHERE state = 'completed'"
-            " UNION ALL SELECT 'failed', count(*) FROM jobs WHERE state = 'failed'"
-            " UNION ALL SELECT 'cancelled', count(*) FROM jobs WHERE state = 'cancelled'"
-        )
-        for state, n in rows:
-            out[state] = n
-    else:
-        rows = await api.reads.rows(
-            "SELECT state, stage, count(*) FROM jobs WHERE owner = ? GROUP BY state, stage",
-            (who.key_id,),
-        )
-        for state, stage, n in rows:
-            out[status_of(state, stage)] += n
+    for (state, stage), n in (await api.reads.status_counts(who.visible_owners())).items():
+        status = status_of(State(state), Stage(stage)) if stage else state
+        if status in out:
+            out[status] += n
     return Counts(out, sum(out.values()))
 
 
@@ -338,13 +303,6 @@ async def retry(request: web.Request) -> web.Response:
     return json_response(await api.results.of(fresh))
 
 
-def _delete_finished(conn: Any, job_id: str) -> bool:
-    row = conn.execute(
-        "DELETE FROM jobs WHERE id = ? AND finished_at IS NOT NULL RETURNING id", (job_id,)
-    ).fetchone()
-    return row is not None
-
-
 async def delete(request: web.Request) -> web.Response:
     """POST /jobs/{id}/delete: forget a finished job: its row, events, outputs and files."""
     api = get_api(request)
@@ -357,7 +315,7 @@ async def delete(request: web.Request) -> web.Response:
             f"job {job_id} is {job.status}; cancel it first, then delete it",
             details={"job_id": job_id, "status": job.status},
         )
-    if not await api.store.write(_delete_finished, job_id):
+    if not await api.store.delete_finished(job_id):
         raise Conflict(f"job {job_id} changed meanwhile; look again", details={"job_id": job_id})
     try:
         folder = job_dir(api.services.output_dir, job_id)
@@ -420,19 +378,14 @@ class _StatsCache:
 
 
 async def _minute(api: Api, minute: int) -> tuple[Minute, list[float], bool]:
-    start, end = iso(minute * 60.0), iso(minute * 60.0 + 60.0)
-    rows = await api.reads.rows(
-        "SELECT state, created_at, finished_at FROM jobs"
-        " WHERE finished_at >= ? AND finished_at < ? LIMIT ?",
-        (start, end, MINUTE_CAP + 1),
-    )
+    rows = await api.reads.finished_between(minute * 60.0, minute * 60.0 + 60.0, MINUTE_CAP + 1)
     capped = len(rows) > MINUTE_CAP
-    out = Minute(minute=start)
+    out = Minute(minute=iso(minute * 60.0))
     durations: list[float] = []
-    for state, created_at, finished_at in rows[:MINUTE_CAP]:
+    for state, seconds in rows[:MINUTE_CAP]:
         if state == "completed":
             out.completed += 1
-            durations.append((parse_iso(finished_at) - parse_iso(created_at)) * 1000)
+            durations.append(seconds * 1000)
         elif state == "failed":
             out.failed += 1
         elif state == "cancelled":

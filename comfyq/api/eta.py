@@ -7,7 +7,7 @@ import asyncio
 from collections import deque
 from typing import Any
 
-from comfyq.store.model import STAGE_MS, STAGES, Stage, State, Transition, loads
+from comfyq.store.model import STAGE_MS, STAGES, Stage, State, Transition
 
 MIN_SAMPLES = 3  # fewer jobs of a kind than this: estimate from all kinds
 
@@ -47,16 +47,9 @@ class Durations:
         self._means.pop(None, None)
 
     async def _load(self) -> None:
-        # ``finished_at IS NOT NULL`` (always true of a completed job) lets it walk the
-        # jobs_finished index newest first and stop at the limit, instead of scanning and sorting
-        # every job.
-        sql = (
-            "SELECT kind, timings FROM jobs WHERE state = 'completed' AND finished_at IS NOT NULL"
-            " ORDER BY finished_at DESC LIMIT ?"
-        )
-        rows = await self.reads.rows(sql, (self.samples * 20,))
+        rows = await self.reads.completed_timings(self.samples * 20)
         for kind, timings in reversed(rows):  # oldest first, so the deques keep the newest
-            self._add(kind, loads(timings))
+            self._add(kind, timings)
         self._loaded = True
 
     async def means(self, kind: str | None) -> dict[Stage, float] | None:

@@ -13,12 +13,14 @@ import math
 from aiohttp import web
 
 from comfyq import admission
+from comfyq.api import multipart
 from comfyq.api.auth import principal
 from comfyq.api.body import read_json_body
 from comfyq.api.context import Api, get_api, json_response
 from comfyq.api.sse import stream_job
 from comfyq.errors import BadRequest, ComfyqError
 from comfyq.events import Subscription
+from comfyq.inputs import uploads
 from comfyq.result import to_result
 from comfyq.schemas import Result
 from comfyq.store.model import Job, State
@@ -54,8 +56,18 @@ def _location(job_id: str) -> dict[str, str]:
 
 async def _admit(request: web.Request) -> tuple[Api, admission.Admitted]:
     api = get_api(request)
-    body = await read_json_body(request, api.settings)
-    adm = await admission.prepare(api.services, body, request.headers)
+    if not multipart.is_multipart(request):
+        body = await read_json_body(request, api.settings)
+        adm = await admission.prepare(api.services, body, request.headers)
+    else:  # a "request" JSON part and file parts, streamed to disk
+        body, stored = await multipart.generate_body(request, api.services)
+        try:
+            adm = await admission.prepare(
+                api.services, body, multipart.json_headers(request.headers)
+            )
+        except BaseException:
+            await uploads.discard(stored)
+            raise
     adm.new.owner = principal(request).owner
     return api, adm
 

@@ -25,14 +25,12 @@ async def health(request: web.Request) -> web.Response:
     """GET /health"""
     api = get_api(request)
     svc = api.services
-    store = StoreHealth(writable=True, path=str(svc.db_path))
+    where = svc.store.describe()
+    store = StoreHealth(writable=True, path=where)
     try:
-        # Through the writer, like every real write: proves the writer thread and the file work.
-        await svc.store.write(lambda c: c.execute("SELECT 1").fetchone())
+        await svc.store.ping()
     except Exception as exc:  # noqa: BLE001 - any failure means "not writable", and says why
-        store = StoreHealth(
-            writable=False, path=str(svc.db_path), error=f"{type(exc).__name__}: {exc}"
-        )
+        store = StoreHealth(writable=False, path=where, error=f"{type(exc).__name__}: {exc}")
     stages = {name: StageHealth(**h) for name, h in svc.pipeline.health().items()}
     backends = [_backend(b) for b in svc.pool.snapshot()]
     stages_ok = all(s.alive >= 1 for s in stages.values())

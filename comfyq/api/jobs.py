@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 from pathlib import Path
-from typing import Any
 
 import msgspec
 from aiohttp import web
@@ -13,23 +13,14 @@ from aiohttp import web
 from comfyq.api.auth import principal, visible
 from comfyq.api.context import Api, get_api, json_response
 from comfyq.errors import BadRequest, ComfyqError, NotFound
+from comfyq.outputs.convert import ConversionError, thumbnail
 from comfyq.outputs.local import job_dir
 from comfyq.schemas import JobList
+from comfyq.store.base import STATUS_FILTERS
 from comfyq.store.model import Job, State
 
-# Result statuses (and the raw states) a listing can filter on, as SQL over (state, stage).
-STATUS_SQL = {
-    "queued": "(state = 'pending' AND stage = 'preprocess')",
-    "processing": "((state = 'running' AND stage = 'preprocess')"
-    " OR (state = 'pending' AND stage = 'generate'))",
-    "generating": "(state = 'running' AND stage = 'generate')",
-    "postprocessing": "(state IN ('pending', 'running') AND stage = 'postprocess')",
-    "completed": "state = 'completed'",
-    "failed": "state = 'failed'",
-    "cancelled": "state = 'cancelled'",
-    "pending": "state = 'pending'",
-    "running": "state = 'running'",
-}
+# Result statuses (and the raw states) a listing can filter on.
+STATUS_SQL = STATUS_FILTERS
 MAX_LIMIT = 500
 
 
@@ -118,20 +109,9 @@ async def list_jobs(request: web.Request) -> web.Response:
     """GET /jobs?status=&limit=&cursor=: newest first, one page."""
     api = get_api(request)
     statuses, limit = _statuses(request), _limit(request)
-    where: list[str] = []
-    params: list[Any] = []
-    if statuses:
-        where.append("(" + " OR ".join(STATUS_SQL[s] for s in statuses) + ")")
-    if request.query.get("cursor"):
-        where.append("(created_at, id) < (?, ?)")
-        params.extend(decode_cursor(request.query["cursor"]))
-    mine, mine_params = principal(request).where()
-    if mine:
-        where.append(mine)
-        params.extend(mine_params)
-    sql = "SELECT * FROM jobs" + (" WHERE " + " AND ".join(where) if where else "")
-    sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
-    jobs = [Job.from_row(r) for r in await api.reads.rows(sql, (*params, limit + 1))]
+    raw_cursor = request.query.get("cursor")
+    cursor = decode_cursor(raw_cursor) if raw_cursor else None
+    jobs = await api.reads.page(statuses, limit + 1, cursor, principal(request).visible_owners())
     more = len(jobs) > limit
     jobs = jobs[:limit]
     return json_response(
@@ -143,12 +123,9 @@ async def output_file(request: web.Request) -> web.StreamResponse:
     """GET /outputs/{id}/{filename}: a file recorded as an output of that job, nothing else."""
     api = get_api(request)
     job_id, filename = request.match_info["id"], request.match_info["filename"]
-    rows = await api.reads.rows(
-        "SELECT o.local_path, o.mimetype, j.owner FROM outputs o JOIN jobs j ON j.id = o.job_id"
-        " WHERE o.job_id = ? AND o.filename = ?",
-        (job_id, filename),
-    )
-    row = rows[0] if rows and visible(request, rows[0]["owner"]) else None
+    row = await api.reads.output_file(job_id, filename)
+    if row is not None and not visible(request, row["owner"]):
+        row = None
     missing = NotFound(
         f"job {job_id} has no output {filename!r}", details={"job_id": job_id, "filename": filename}
     )
@@ -161,11 +138,42 @@ async def output_file(request: web.Request) -> web.StreamResponse:
     path = Path(row["local_path"]).resolve()
     if folder not in path.parents or not path.is_file():
         raise missing
+    if "thumb" in request.query:
+        return await _thumbnail(request.query["thumb"], path, folder, row["mimetype"] or "")
     return web.FileResponse(
         path,
         headers={
             "Content-Type": row["mimetype"] or "application/octet-stream",
             "Content-Disposition": f'inline; filename="{path.name}"',
+            "X-Content-Type-Options": "nosniff",
+        },
+    )
+
+
+THUMB_SIDES = (16, 1024)
+
+
+async def _thumbnail(raw: str, path: Path, folder: Path, mime: str) -> web.StreamResponse:
+    """``?thumb=N``: a WebP of the image output whose longer side is at most N pixels (made
+    once with Pillow, kept in the job's folder)."""
+    lo, hi = THUMB_SIDES
+    if not raw.isdigit() or not lo <= int(raw) <= hi:
+        msg = f"must be a whole number of pixels from {lo} to {hi}"
+        raise BadRequest(f"thumb {msg}", fields=[{"path": "$.query.thumb", "message": msg}])
+    if not mime.startswith("image/"):
+        msg = f"only image outputs have thumbnails (this one is {mime})"
+        raise BadRequest(msg, fields=[{"path": "$.query.thumb", "message": msg}])
+    dest = folder / ".thumbs" / f"{path.name}.{int(raw)}.webp"
+    try:
+        await asyncio.to_thread(thumbnail, path, dest, int(raw))
+    except ConversionError as exc:
+        msg = f"no thumbnail: {exc}"
+        raise BadRequest(msg, fields=[{"path": "$.query.thumb", "message": msg}]) from None
+    return web.FileResponse(
+        dest,
+        headers={
+            "Content-Type": "image/webp",
+            "Cache-Control": "private, max-age=3600",
             "X-Content-Type-Options": "nosniff",
         },
     )

@@ -22,17 +22,20 @@ from comfyq.errors import BadRequest, ComfyqError, QueueFull, Unauthorized
 from comfyq.limits import CONTROL
 from comfyq.logs import job_context
 from comfyq.schemas import ErrorBody, ErrorInfo
+from comfyq.store.base import StoreUnavailable
+from comfyq.v2.errors import guard as v2_guard
 
 log = logging.getLogger("comfyq.api")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-PUBLIC_PATHS = frozenset(
-    {"/health", "/ready", "/ui", "/ui/api/session"}
-)  # the dashboard page asks for a key itself
+# /ui and /ui/api/session: the dashboard page asks for a key itself.
+PUBLIC_PATHS = frozenset({"/health", "/ready", "/api/v2/health", "/ui", "/ui/api/session"})
 # Swagger UI's own static files and the dashboard's: code, no data.
 PUBLIC_PREFIXES = ("/docs/assets/", "/ui/static/")
-ALLOW_HEADERS = "Authorization, Content-Type, Last-Event-ID, X-Return-Outputs-As-Base64"
+ALLOW_HEADERS = (
+    "Authorization, Content-Type, Last-Event-ID, X-Return-Outputs-As-Base64, Idempotency-Key, Range"
+)
 EXPOSE_HEADERS = "Location, Retry-After, Content-Disposition"
 _HTTP_TYPES = {
     400: "invalid_request",
@@ -154,7 +157,7 @@ def _note_error(request: web.Request, type_: str, message: str) -> None:
 
 def error_body(exc: ComfyqError) -> web.Response:
     headers = {}
-    if isinstance(exc, QueueFull):
+    if isinstance(exc, QueueFull | StoreUnavailable):
         headers["Retry-After"] = "5"
     if isinstance(exc, Unauthorized):
         headers["WWW-Authenticate"] = 'Bearer realm="comfyq"'
@@ -164,6 +167,8 @@ def error_body(exc: ComfyqError) -> web.Response:
 
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.path.startswith("/api/v2/"):
+        return await v2_guard(request, handler)  # the Comfy API v2 error envelope
     try:
         return await handler(request)
     except ComfyqError as exc:

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from comfyq.api.eta import Durations
+from comfyq.clock import parse_iso
 from comfyq.events import Event, Subscription
-from comfyq.result import epoch
 from comfyq.schemas import QueueInfo, QueuePosition
 from comfyq.store.model import STAGES, Job, Stage, State, Transition
 
@@ -26,16 +26,6 @@ QUEUE_NAMES: dict[Stage, QueueName] = {
     Stage.GENERATE: "generation",
     Stage.POSTPROCESS: "postprocessing",
 }
-
-
-# Two halves, one per partial index (jobs_claim for pending, in claim order, and jobs_leases for
-# running): ``state IN ('pending', 'running')`` can use neither, so it scanned and sorted the whole
-# table, finished jobs included, on every change (4 ms at 20,000 jobs; 0.01 ms this way).
-_SNAPSHOT_SQL = (
-    "SELECT id, stage, 'pending', row_number() OVER (PARTITION BY stage ORDER BY priority DESC,"
-    " created_at, id) FROM jobs WHERE state = 'pending'"
-    " UNION ALL SELECT id, stage, 'running', 0 FROM jobs WHERE state = 'running'"
-)
 
 
 @dataclass
@@ -122,7 +112,7 @@ class QueueView:
             waiting={s: 0 for s in STAGES},
             running={s: 0 for s in STAGES},
         )
-        for job_id, stage, state, pos in await self.reads.rows(_SNAPSHOT_SQL):
+        for job_id, stage, state, pos in await self.reads.queue_snapshot():
             if state == State.PENDING:
                 fresh.positions[job_id] = pos
                 fresh.waiting[stage] += 1
@@ -176,7 +166,7 @@ class QueueView:
         rest = sum(means[s] for s in STAGES[STAGES.index(stage) + 1 :])
         own = means[stage]
         if state == State.RUNNING:
-            spent = max(0.0, float(self.store.clock.now()) - epoch(entered_at))
+            spent = max(0.0, float(self.store.clock.now()) - parse_iso(entered_at))
             return round(max(0.0, own - spent) + rest, 1)
         slots = max(1, int(self.pipeline.health().get(stage, {}).get("workers", 1)))
         # Jobs ahead plus those running must pass through ``slots`` workers before this one starts.

@@ -12,10 +12,10 @@ import time
 from typing import Any
 
 from comfyq.api.context import Api
-from comfyq.clock import iso
+from comfyq.clock import iso, parse_iso
 from comfyq.errors import NotFound
 from comfyq.events import Event
-from comfyq.result import epoch, progress_of
+from comfyq.result import progress_of
 from comfyq.schemas import StreamEvent
 from comfyq.store.model import TERMINAL, Job, Stage, State, status_of
 
@@ -34,7 +34,7 @@ class JobFeed:
     def __init__(self, api: Api, job: Job) -> None:
         self.api = api
         self.job_id = job.id
-        self.created = epoch(job.created_at)
+        self.created = parse_iso(job.created_at)
         self.status = job.status
         self.message = job.message
         self.stage = job.stage
@@ -62,7 +62,7 @@ class JobFeed:
             status=self.status,
             event="state",
             message=message,
-            elapsed_time=self._elapsed(epoch(at)),
+            elapsed_time=self._elapsed(parse_iso(at)),
             timestamp=at,
             id=str(row),
             stage=self.stage,
@@ -157,7 +157,7 @@ class JobFeed:
             status="final_result",
             event="final_result",
             message=job.message,
-            elapsed_time=self._elapsed(epoch(job.finished_at or job.updated_at)),
+            elapsed_time=self._elapsed(parse_iso(job.finished_at or job.updated_at)),
             timestamp=job.finished_at or job.updated_at,
             id=str(self.last_row),
             result=result,

@@ -16,12 +16,14 @@ import msgspec
 from aiohttp import web
 
 from comfyq import admission
+from comfyq.api import multipart
 from comfyq.api.auth import principal
 from comfyq.api.body import read_json_body
 from comfyq.api.context import get_api, json_response
 from comfyq.api.generate import _timeout, final_status, wait_final
 from comfyq.api.openapi import Param, Reply, Route
 from comfyq.errors import BadRequest
+from comfyq.inputs import uploads
 from comfyq.result import to_result
 from comfyq.schemas import ErrorBody, Result
 from modifiers.registry import ModifierInfo, ModifierRegistry
@@ -34,7 +36,6 @@ _QUERY_PATHS = {
     "$.input.webhook": "$.query.webhook_url",
 }
 _PARAMS = "$.input.modifications"
-_JSON = {"Content-Type": "application/json"}
 
 
 def _rebase_path(path: str) -> str:
@@ -73,25 +74,40 @@ def _query_options(query: Mapping[str, str]) -> dict[str, Any]:
 
 async def _admit(request: web.Request, name: str) -> Any:
     api = get_api(request)
-    admission.check_media_type(request.headers.get("Content-Type"))
-    raw = await read_json_body(request, api.settings)
     params: Any = {}
-    if raw.strip():
-        try:
-            params = msgspec.json.decode(raw)
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            raise admission.bad("$", "invalid JSON: the body is the parameters object") from None
-        except RecursionError:
-            raise admission.bad("$", "JSON nested too deeply") from None
-    if not isinstance(params, dict):
-        raise admission.bad("$", f"must be an object: the parameters of {name}")
-    body = {"input": {"modifier": name, "modifications": params, **_query_options(request.query)}}
-    headers = {k: v for k, v in request.headers.items() if k.lower() != "content-type"}
+    images: list[dict[str, str]] = []
+    stored: list[Any] = []
+    if multipart.is_multipart(request):  # text parameters and files, streamed to disk
+        params, images, stored = await multipart.workflow_params(request, api.services)
+    else:
+        admission.check_media_type(request.headers.get("Content-Type"))
+        raw = await read_json_body(request, api.settings)
+        if raw.strip():
+            try:
+                params = msgspec.json.decode(raw)
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                raise admission.bad(
+                    "$", "invalid JSON: the body is the parameters object"
+                ) from None
+            except RecursionError:
+                raise admission.bad("$", "JSON nested too deeply") from None
+        if not isinstance(params, dict):
+            raise admission.bad("$", f"must be an object: the parameters of {name}")
+    inp: dict[str, Any] = {"modifier": name, "modifications": params}
+    if images:
+        inp["images"] = images
+    body = {"input": {**inp, **_query_options(request.query)}}
     try:
         encoded = msgspec.json.encode(body)
-        adm = await admission.prepare(api.services, encoded, {**headers, **_JSON})
+        adm = await admission.prepare(
+            api.services, encoded, multipart.json_headers(request.headers)
+        )
     except BadRequest as exc:
+        await uploads.discard(stored)
         raise _rebase(exc) from None
+    except BaseException:
+        await uploads.discard(stored)
+        raise
     adm.new.owner = principal(request).owner
     return api, adm
 

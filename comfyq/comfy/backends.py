@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from comfyq.clock import iso
-from comfyq.comfy.client import ComfyClient, redact_url
+from comfyq.comfy.client import ComfyClient
 from comfyq.comfy.warmup import Warmup
 from comfyq.errors import ComfyUIUnreachable
 from comfyq.logs import SIGNAL
+from comfyq.netguard import redact_url
 
 _log = logging.getLogger("comfyq.comfy.backends")
 

@@ -45,14 +45,9 @@ from comfyq.comfy.protocol import (
 from comfyq.comfy.rejection import validation_error
 from comfyq.comfy.transfer import download_file, upload_file
 from comfyq.errors import ComfyUIUnreachable
+from comfyq.netguard import redact_url
 
 _log = logging.getLogger("comfyq.comfy.client")
-
-
-def redact_url(url: str) -> str:
-    """``url`` without user:password, for logs and /health."""
-    u = URL(url)
-    return str(u.with_user(None)) if u.user or u.password else url
 
 
 class ComfyClient:

@@ -105,6 +105,11 @@ class Downloader:
 
     # --- public API ------------------------------------------------------------------------
 
+    @property
+    def allowed_types(self) -> frozenset[str]:
+        """The input types accepted (uploads are checked against the same list)."""
+        return self._allowed
+
     async def fetch(self, url: str) -> Asset:
         """Download ``url`` (or reuse the cached copy) and return the stored file."""
         u = self._guard.check_url_syntax(url)

@@ -67,8 +67,17 @@ class Asset:
     size: int
 
 
+def magic_type(head: bytes) -> str | None:
+    """libmagic's MIME type for a file's first bytes; None when libmagic fails on them. The one
+    place comfyq calls libmagic (inputs and outputs alike); blocking, run it in a thread."""
+    try:
+        return str(magic.from_buffer(head, mime=True))
+    except magic.MagicException:
+        return None
+
+
 def sniff_type(head: bytes) -> str:
-    """The MIME type of a file from its first bytes (blocking: run it in a thread)."""
+    """The MIME type of an input file from its first bytes (blocking: run it in a thread)."""
     if head[:4] == b"GGUF":
         return "application/x-gguf"
     if len(head) >= 10:
@@ -76,7 +85,7 @@ def sniff_type(head: bytes) -> str:
         n = int.from_bytes(head[:8], "little")
         if 2 <= n <= 100 * MiB and head[8:9] == b"{":
             return "application/x-safetensors"
-    return str(magic.from_buffer(head, mime=True))
+    return magic_type(head) or "application/octet-stream"
 
 
 def extension_for(mime: str) -> str:

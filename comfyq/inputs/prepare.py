@@ -19,7 +19,7 @@ from typing import Any
 import msgspec
 
 from comfyq.errors import BadRequest, ComfyqError, InputError, ModifierError
-from comfyq.inputs import Asset, Downloader
+from comfyq.inputs import Asset, Downloader, uploads
 from comfyq.netguard import AddressGuard
 from modifiers.basemodifier import (
     BaseModifier,
@@ -92,6 +92,9 @@ class _JobInputs:
     async def from_inline(self, data: str) -> str:
         return self.add(await self._downloader.decode(data))
 
+    async def from_upload(self, ref: str) -> str:
+        return self.add(await asyncio.to_thread(uploads.resolve, ref, self._downloader.cache_dir))
+
     @property
     def names(self) -> set[str]:
         return set(self._by_name)
@@ -149,6 +152,8 @@ async def _prepare_images(images: Any, inputs: _JobInputs) -> dict[str, str]:
         try:
             if looks_like_url(data):
                 return name, await inputs.from_url(data)
+            if uploads.is_ref(data):  # a multipart file part, already stored
+                return name, await inputs.from_upload(data)
             return name, await inputs.from_inline(data)
         except InputError as exc:
             path = f"$.input.images[{i}].image"

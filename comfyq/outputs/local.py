@@ -14,7 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from blake3 import blake3
+
 from comfyq.errors import OutputError
+from comfyq.inputs.filetypes import magic_type
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -82,26 +85,32 @@ def list_outputs(outputs: dict[str, Any]) -> list[OutputItem]:
 
 def hash_and_type(path: Path) -> tuple[str, int, str]:
     """(sha256, size, MIME type) of a file; run it in a thread."""
+    sha, _, size, mime = hashes_and_type(path)
+    return sha, size, mime
+
+
+def hashes_and_type(path: Path) -> tuple[str, str, int, str]:
+    """(sha256, blake3, size, MIME type) of a file, read once; run it in a thread."""
     h = hashlib.sha256()
+    b = blake3()
     size = 0
     with path.open("rb") as f:
         head = f.read(8192)
         h.update(head)
+        b.update(head)
         size += len(head)
         while chunk := f.read(1 << 20):
             h.update(chunk)
+            b.update(chunk)
             size += len(chunk)
-    mime = _magic(head) or mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-    return h.hexdigest(), size, mime
+    mime = _content_type(head) or mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    return h.hexdigest(), b.hexdigest(), size, mime
 
 
-def _magic(head: bytes) -> str | None:
-    try:
-        import magic
-
-        found: str = magic.from_buffer(head, mime=True)
-    except Exception:  # noqa: BLE001 - libmagic missing or confused: fall back to the extension
-        return None
+def _content_type(head: bytes) -> str | None:
+    """libmagic's type, unless it failed or saw only a RIFF/Matroska container it could not name
+    (the extension tells those apart better)."""
+    found = magic_type(head)
     if found in ("application/octet-stream", "text/plain") and head[:4] in (
         b"RIFF",
         b"\x1aE\xdf\xa3",
@@ -112,3 +121,8 @@ def _magic(head: bytes) -> str | None:
 
 async def describe(path: Path) -> tuple[str, int, str]:
     return await asyncio.to_thread(hash_and_type, path)
+
+
+async def describe_all(path: Path) -> tuple[str, str, int, str]:
+    """(sha256, blake3, size, MIME type): an output is also a Comfy API v2 asset."""
+    return await asyncio.to_thread(hashes_and_type, path)

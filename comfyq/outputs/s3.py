@@ -218,7 +218,7 @@ class S3Uploader:
 
     def _client(self, target: S3Target) -> Any:
         import aioboto3  # type: ignore[import-untyped]
-        from aiobotocore.config import AioConfig  # type: ignore[import-untyped]
+        from aiobotocore.config import AioConfig
 
         if self._session is None:
             self._session = aioboto3.Session()

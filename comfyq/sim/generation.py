@@ -214,3 +214,49 @@ def dependency_cycles(prompt: dict[str, Any], outputs: list[str]) -> dict[str, A
         for nid in seen & set(errors):
             errors[nid]["dependent_outputs"].append(out)
     return errors
+
+
+def replace_nodes(prompt: Any, table: dict[str, Any], installed: Any) -> None:
+    """Newer ComfyUI's node replacement, in place: a node whose class is not installed but has a
+    registered replacement gets the new class, inputs rebuilt from ``input_mapping``
+    (``{new_id, old_id}`` or ``{new_id, set_value}``), and the links out of it re-indexed by
+    ``output_mapping`` (``{old_idx, new_idx}``); node ids are kept.
+
+    ``table`` maps an old class to its replacements: ``[{"new_node_id": class, "input_mapping":
+    [...], "output_mapping": [...]}]`` (the first whose class is installed is used)."""
+    if not isinstance(prompt, dict) or not table:
+        return
+    moved: dict[str, dict[int, int]] = {}
+    for nid, node in prompt.items():
+        old = node.get("class_type") if isinstance(node, dict) else None
+        if not isinstance(old, str) or old in installed or old not in table:
+            continue
+        choice = next(
+            (r for r in table[old] if isinstance(r, dict) and r.get("new_node_id") in installed),
+            None,
+        )
+        if choice is None:
+            continue
+        inputs = node.get("inputs") if isinstance(node.get("inputs"), dict) else {}
+        rebuilt: dict[str, Any] = {}
+        for m in choice.get("input_mapping") or []:
+            if "set_value" in m:
+                rebuilt[m["new_id"]] = m["set_value"]
+            elif m.get("old_id") in inputs:
+                rebuilt[m["new_id"]] = inputs[m["old_id"]]
+        node["class_type"], node["inputs"] = choice["new_node_id"], rebuilt
+        moved[str(nid)] = {
+            int(m["old_idx"]): int(m["new_idx"]) for m in choice.get("output_mapping") or []
+        }
+    for node in prompt.values():
+        inputs = node.get("inputs") if isinstance(node, dict) else None
+        if not isinstance(inputs, dict):
+            continue
+        for name, value in inputs.items():
+            if (
+                isinstance(value, list)
+                and len(value) == 2
+                and str(value[0]) in moved
+                and isinstance(value[1], int)
+            ):
+                inputs[name] = [value[0], moved[str(value[0])].get(value[1], value[1])]

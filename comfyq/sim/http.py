@@ -19,6 +19,7 @@ from .generation import (
     is_canonical_uuid,
     modern_error,
     modern_object_info,
+    replace_nodes,
 )
 from .jobs import JobRoutes
 from .nodedefs import NODES, object_info
@@ -226,6 +227,8 @@ class Routes:
             prompt_id = data["prompt_id"]
         else:
             return web.json_response(INVALID_PROMPT_ID, status=400)
+        if gen.jobs_api:  # node replacement came with the same server generation
+            replace_nodes(prompt, p.replacements, NODES)
         partial = data.get("partial_execution_targets")
         ok, error, outputs, node_errors = validate_prompt(prompt, partial, p.env)
         if gen.dependency_cycle and isinstance(prompt, dict):

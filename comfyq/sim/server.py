@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import shutil
 import signal
 import tempfile
@@ -283,8 +284,10 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--comfyui-version",
         choices=VERSIONS,
-        default=NEWEST,
-        help="which ComfyUI protocol to speak (default: the newest, %(default)s)",
+        # The environment lets a harness that starts simulators (bench) pick one unchanged.
+        default=os.environ.get("COMFYQ_SIM_COMFYUI_VERSION") or NEWEST,
+        help="which ComfyUI protocol to speak (default: $COMFYQ_SIM_COMFYUI_VERSION, else the"
+        " newest, %(default)s)",
     )
     ap.add_argument(
         "--disable-assets",

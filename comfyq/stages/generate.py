@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from comfyq.comfy.backends import Backend, BackendPool
-from comfyq.comfy.client import redact_url
 from comfyq.comfy.protocol import LiveEvent
 from comfyq.errors import ComfyUIUnreachable, Interrupted, PromptLost
+from comfyq.netguard import redact_url
 from comfyq.stages.runner import JobContext, StageDone
 from comfyq.store import Job
 
@@ -29,6 +29,8 @@ class Generate:
         self.pool = pool
         self.failover_after = failover_after
         self._prompts: dict[str, JobContext] = {}  # prompt id -> job, for previews
+        # Per-prompt extra_data by job id (a v2 partner-node key): memory only, never stored.
+        self.extra_data: dict[str, dict[str, Any]] = {}
 
     def on_preview(self, ev: LiveEvent) -> None:
         """Route a backend's preview frames to the job whose prompt produced them."""
@@ -57,7 +59,9 @@ class Generate:
                 message=f"Generation started (ComfyUI job: {prompt_id})",
             )
             try:
-                submitted = await be.client.submit(workflow, prompt_id)
+                submitted = await be.client.submit(
+                    workflow, prompt_id, extra_data=self.extra_data.get(job.id)
+                )
             except asyncio.CancelledError:
                 await self._stop_prompt(be, prompt_id, ctx)
                 raise

@@ -9,12 +9,20 @@ An upload failure never loses the file: the output keeps its local URL and carri
 from __future__ import annotations
 
 import asyncio
+import uuid
 from pathlib import Path
 from typing import Any
 
 from comfyq.comfy.backends import BackendPool
 from comfyq.errors import ComfyUIUnreachable, OutputError
-from comfyq.outputs.local import describe, job_dir, list_outputs, safe_name
+from comfyq.outputs.convert import (
+    ConversionError,
+    ConvertSpec,
+    convert_file,
+    converted_name,
+    wants,
+)
+from comfyq.outputs.local import describe_all, job_dir, list_outputs, safe_name
 from comfyq.outputs.s3 import LocalFile, S3Uploader
 from comfyq.stages.runner import JobContext, StageDone
 from comfyq.store import Job
@@ -28,16 +36,20 @@ class Postprocess:
         *,
         uploader: S3Uploader | None = None,
         fail_on_upload_error: bool = False,
+        convert_default: ConvertSpec | None = None,
     ) -> None:
         self.pool = pool
         self.output_dir = output_dir
         self.uploader = uploader
         self.fail_on_upload_error = fail_on_upload_error
+        self.convert_default = convert_default
 
     async def __call__(self, job: Job, ctx: JobContext) -> StageDone:
         result = dict(job.result or {})
         rows = await self._collect(job, result)
+        converted = await self._convert(job, rows, result)
         warnings = await self._upload(job, ctx, rows) if self.uploader is not None and rows else []
+        warnings = converted + warnings
         if warnings and self.fail_on_upload_error:
             for row in rows:  # kept for inspection although the job fails
                 await ctx.store.put_output(job.id, row)
@@ -48,8 +60,10 @@ class Postprocess:
                 details={"upload_errors": warnings},
             )
         # The output rows are written in the same commit that completes the job.
-        if not warnings:
+        if not warnings and "converted" not in result:
             return StageDone("Processing complete.", outputs=rows)
+        if not warnings:
+            return StageDone("Processing complete.", fields={"result": result}, outputs=rows)
         result["warnings"] = [*(result.get("warnings") or []), *warnings]
         return StageDone(
             f"Processing complete with {len(warnings)} warning(s).",
@@ -74,7 +88,7 @@ class Postprocess:
                         f"backend {job.comfy_backend} is not configured any more"
                     )
                 await be.client.download(item.filename, item.subfolder, item.comfy_type, dest)
-            sha, size, mime = await describe(dest)
+            sha, b3, size, mime = await describe_all(dest)
             rows.append(
                 {
                     "filename": name,
@@ -88,9 +102,62 @@ class Postprocess:
                     "local_path": str(dest),
                     "url": f"/outputs/{job.id}/{name}",
                     "upload_error": None,
+                    "asset_id": str(uuid.uuid4()),  # the output as a Comfy API v2 asset
+                    "blake3": b3,
                 }
             )
         return rows
+
+    async def _convert(
+        self, job: Job, rows: list[dict[str, Any]], result: dict[str, Any]
+    ) -> list[dict[str, Any]]:
+        """Convert image rows as the job asks (input.convert, else the default); records each
+        original under result["converted"]; one warning per failed conversion (original kept)."""
+        inp = (job.payload or {}).get("input") or {}
+        spec = ConvertSpec.of(inp.get("convert"), self.convert_default)
+        if spec is None:
+            return []
+        warnings: list[dict[str, Any]] = []
+        originals: dict[str, Any] = dict(result.get("converted") or {})
+        used = {r["filename"] for r in rows}
+        for row in rows:
+            if not wants(spec, row["mimetype"]):
+                continue
+            old_name, src = row["filename"], Path(row["local_path"])
+            used.discard(old_name)
+            name = _unique(converted_name(old_name, spec), used)
+            dest = src.with_name(name)
+            try:
+                await asyncio.to_thread(convert_file, src, dest, spec)
+            except ConversionError as exc:
+                used.add(old_name)
+                used.discard(name)
+                warnings.append(
+                    {
+                        "type": "conversion_failed",
+                        "filename": old_name,
+                        "message": f"kept as {row['mimetype']}: {exc}",
+                    }
+                )
+                continue
+            sha, b3, size, mime = await describe_all(dest)
+            originals[name] = {
+                "filename": old_name,
+                "mimetype": row["mimetype"],
+                "size": row["size"],
+            }
+            row.update(
+                filename=name,
+                mimetype=mime,
+                size=size,
+                sha256=sha,
+                blake3=b3,
+                local_path=str(dest),
+                url=f"/outputs/{job.id}/{name}",
+            )
+        if originals:
+            result["converted"] = originals
+        return warnings
 
     async def _upload(
         self, job: Job, ctx: JobContext, rows: list[dict[str, Any]]

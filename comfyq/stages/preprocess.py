@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
+from comfyq.errors import InputError
 from comfyq.inputs import Downloader
+from comfyq.inputs.models import ModelStore
 from comfyq.inputs.prepare import prepare_job
 from comfyq.stages.runner import JobContext, StageDone
 from comfyq.store import Job
@@ -13,19 +15,40 @@ from modifiers import ModifierRegistry
 
 
 class Preprocess:
-    def __init__(self, registry: ModifierRegistry, downloader: Downloader) -> None:
+    def __init__(
+        self,
+        registry: ModifierRegistry,
+        downloader: Downloader,
+        assets: Any = None,
+        *,
+        models: ModelStore | None = None,
+    ) -> None:
         self.registry = registry
         self.downloader = downloader
+        self.assets = assets  # comfyq.v2.resolve.AssetResolver: core/ASSET refs of v2 jobs
+        self.models = models  # input.models: fetched into COMFYUI_MODELS_DIR before the workflow
 
     async def __call__(self, job: Job, ctx: JobContext) -> StageDone:
+        job_input = job.payload.get("input", job.payload)
+        files = []
+        if self.assets is not None and "v2" in job.payload:
+            job_input, files = await self.assets.resolve(job_input)
+        refs = job_input.get("models") if isinstance(job_input, dict) else None
+        if refs:
+            if self.models is None:  # admission refuses these; a job from before a config change
+                raise InputError(
+                    "input.models needs a local models directory (COMFYUI_MODELS_DIR)",
+                    fields=[{"path": "$.input.models", "message": "no models directory"}],
+                )
+            await self.models.ensure_all(refs)
         prepared = await prepare_job(
-            job.payload.get("input", job.payload),
+            job_input,
             job.id,
             registry=self.registry,
             downloader=self.downloader,
         )
         inputs: list[dict[str, Any]] = []
-        for item in prepared.inputs:
+        for item in [*prepared.inputs, *files]:
             d = asdict(item)
             d["path"] = str(item.path)
             inputs.append(d)

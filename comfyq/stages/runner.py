@@ -13,19 +13,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
+from comfyq.backoff import backoff
 from comfyq.clock import parse_iso
 from comfyq.errors import ComfyqError, JobError, LeaseLost
 from comfyq.events import EventBus
 from comfyq.logs import job_context
 from comfyq.store import Job, JobStore, Stage, State, Transition
+from comfyq.store.base import StoreUnavailable
 from comfyq.store.model import NEXT_STAGE
 
+T = TypeVar("T")
 log = logging.getLogger("comfyq.pipeline")
 
 CLAIM_MESSAGES = {
@@ -150,10 +152,12 @@ class StageRunner:
             want = len(taken)
             if not want:
                 continue
+            jobs: list[Job] = []
             try:
                 jobs = await self.p.store.claim(
                     self.name, want, self.p.cfg.lease, CLAIM_MESSAGES[self.name]
                 )
+                self.p.store_back()
                 for job in jobs:
                     while taken and taken[0].done():
                         taken.popleft()
@@ -162,11 +166,17 @@ class StageRunner:
                         await self.p.store.release(job.id, "Returned to the queue")
                         continue
                     taken.popleft().set_result(job)
+            except StoreUnavailable as exc:
+                await self.p.store_lost(exc)  # claims pause until the database answers again
+                continue
             finally:
                 for fut in reversed(taken):
                     self.return_waiter(fut)
             if len(jobs) < want:
-                await self._sleep_until_work()
+                try:
+                    await self._sleep_until_work()
+                except StoreUnavailable as exc:
+                    await self.p.store_lost(exc)
 
     async def _sleep_until_work(self) -> None:
         timeout = self.p.cfg.idle_poll
@@ -235,7 +245,34 @@ class Pipeline:
         self.running: dict[str, _Running] = {}
         self._tasks: list[asyncio.Task[Any]] = []
         self.on_cleanup: list[Callable[[Job, str], Awaitable[None]]] = []
+        self._store_down = 0  # consecutive StoreUnavailable waits (0: the store answers)
         store.listen(self._on_transitions)
+
+    # --- a database that went away -----------------------------------------------------------
+
+    async def store_lost(self, exc: StoreUnavailable) -> None:
+        """Wait before trying the store again: capped exponential backoff with jitter."""
+        if self._store_down == 0:
+            log.warning("store unavailable, workers pause and retry: %s", exc.message)
+        self._store_down += 1
+        await asyncio.sleep(backoff(self._store_down, 0.5, 10.0))
+
+    def store_back(self) -> None:
+        if self._store_down:
+            log.warning("store available again after %d retries", self._store_down)
+            self._store_down = 0
+
+    async def durably(self, fn: Callable[[], Awaitable[T]]) -> T:
+        """``await fn()`` (a store write whose outcome is known only here), retried until the
+        store answers: a job's result is never dropped because the database was away."""
+        while True:
+            try:
+                result = await fn()
+            except StoreUnavailable as exc:
+                await self.store_lost(exc)
+                continue
+            self.store_back()
+            return result
 
     def _on_transitions(self, trs: list[Transition]) -> None:
         for tr in trs:
@@ -347,16 +384,20 @@ class Pipeline:
         waiter = nxt.take_waiter() if nxt is not None else None
         try:
             if waiter is None:
-                await self.store.advance(job.id, done.message, done.fields, done.outputs)
+                await self.durably(
+                    lambda: self.store.advance(job.id, done.message, done.fields, done.outputs)
+                )
                 return
             assert nxt is not None
-            trs = await self.store.advance_and_claim(
-                job.id,
-                done.message,
-                done.fields,
-                self.cfg.lease,
-                CLAIM_MESSAGES[nxt.name],
-                done.outputs,
+            trs = await self.durably(
+                lambda: self.store.advance_and_claim(
+                    job.id,
+                    done.message,
+                    done.fields,
+                    self.cfg.lease,
+                    CLAIM_MESSAGES[nxt.name],
+                    done.outputs,
+                )
             )
         except LeaseLost:
             log.warning(
@@ -385,8 +426,12 @@ class Pipeline:
         """Record how a handler that did not return normally ended."""
         exc = None if inner.cancelled() or not inner.done() else inner.exception()
         reason = ctx.cancel_reason
-        try:
-            if exc is None and reason in (
+
+        async def record() -> None:
+            if isinstance(exc, StoreUnavailable) and reason is None:
+                # The handler lost the database, not the job: back to its queue, no attempt.
+                await self.store.release(job.id, "Store unavailable; will resume")
+            elif exc is None and reason in (
                 "shutdown",
                 None,
             ):  # cancelled by shutdown, or from outside
@@ -406,7 +451,7 @@ class Pipeline:
                     error={"type": "timeout", "message": "job deadline passed"},
                 )
             elif isinstance(exc, JobError) and exc.retryable and reason is None:
-                delay = self.backoff(job.attempts)
+                delay = backoff(job.attempts, self.cfg.retry_base, self.cfg.retry_max)
                 log.info(
                     "job %s: %s in %s (attempt %d): %s",
                     job.id,
@@ -433,6 +478,9 @@ class Pipeline:
                 await self.store.finish(
                     job.id, State.FAILED, _fail_message(job.stage, err["message"]), error=err
                 )
+
+        try:
+            await self.durably(record)
         except LeaseLost:
             log.warning(
                 "job %s: lease lost while recording its outcome", job.id, extra={"job_id": job.id}
@@ -443,11 +491,6 @@ class Pipeline:
             except Exception:
                 log.exception("cleanup hook failed for job %s", job.id)
 
-    def backoff(self, attempt: int) -> float:
-        """Capped exponential backoff with jitter for retry number ``attempt``."""
-        base = min(self.cfg.retry_max, self.cfg.retry_base * 2.0 ** max(0, attempt - 1))
-        return base * random.uniform(0.5, 1.0)
-
     # --- housekeeping ------------------------------------------------------------------------
 
     async def _housekeeping(self) -> None:
@@ -456,6 +499,8 @@ class Pipeline:
             await asyncio.sleep(period)
             try:
                 await self.housekeep()
+            except StoreUnavailable:
+                pass  # the claimers say so, and everything is retried when it returns
             except Exception:
                 log.exception("housekeeping failed")
 

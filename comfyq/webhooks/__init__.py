@@ -3,7 +3,6 @@
 
 from comfyq.webhooks.body import build_body
 from comfyq.webhooks.config import WebhookConfig
-from comfyq.webhooks.delivery import backoff
 from comfyq.webhooks.outbox import Attempt, history
 from comfyq.webhooks.sender import WebhookSender
 from comfyq.webhooks.signing import legacy_signature, sign, signing_key
@@ -12,7 +11,6 @@ __all__ = [
     "Attempt",
     "WebhookConfig",
     "WebhookSender",
-    "backoff",
     "build_body",
     "history",
     "legacy_signature",

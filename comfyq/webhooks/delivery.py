@@ -7,11 +7,11 @@ Nothing here touches the outbox's rows: the sender records the returned ``Attemp
 from __future__ import annotations
 
 import logging
-import random
 from typing import Any
 
 import aiohttp
 
+from comfyq.backoff import backoff
 from comfyq.clock import Clock, parse_iso
 from comfyq.errors import ComfyqError
 from comfyq.netguard import BlockedAddress, redact_url
@@ -22,12 +22,6 @@ from comfyq.webhooks.outbox import Attempt
 from comfyq.webhooks.signing import legacy_signature, sign
 
 log = logging.getLogger("comfyq.webhooks")
-
-
-def backoff(attempt: int, base: float, cap: float) -> float:
-    """Capped exponential delay after attempt number ``attempt``, with jitter (50-100 %)."""
-    exp: float = base * 2.0 ** max(0, attempt - 1)
-    return min(cap, exp) * random.uniform(0.5, 1.0)
 
 
 def _scrub(text: str, url: str) -> str:

@@ -17,13 +17,13 @@ import asyncio
 import logging
 from typing import Any
 
+from comfyq.clock import parse_iso
 from comfyq.logs import job_context
 from comfyq.netguard import AddressGuard
-from comfyq.store import JobStore, Transition
+from comfyq.store import Attempt, JobStore, Transition
 from comfyq.store.model import TERMINAL
 from comfyq.webhooks.config import WebhookConfig
 from comfyq.webhooks.delivery import Poster, log_attempt, schedule
-from comfyq.webhooks.outbox import Attempt, claim, next_due, record, recover
 
 log = logging.getLogger("comfyq.webhooks")
 
@@ -73,9 +73,7 @@ class WebhookSender:
     async def start(self) -> None:
         """Requeue what a dead process left mid-attempt, then start sending."""
         self._open_session()
-        n = await self.store.write(
-            recover, self.store.owner, self.clock.now(), self.cfg.max_attempts
-        )
+        n = await self.store.outbox_recover(self.cfg.max_attempts)
         if n:
             log.info("requeued %d webhook delivery(ies) interrupted by a previous stop", n)
         self._loop_task = asyncio.create_task(self._run(), name="webhook-sender")
@@ -130,9 +128,8 @@ class WebhookSender:
                 pass
 
     async def _claim(self, n: int) -> list[dict[str, Any]]:
-        now = self.clock.now()
-        rows: list[dict[str, Any]] = await self.store.write(
-            claim, self.store.owner, now, n, self.cfg.per_host, self._lease(), self.cfg.per_endpoint
+        rows = await self.store.outbox_claim(
+            n, self.cfg.per_host, self._lease(), self.cfg.per_endpoint
         )
         for row in rows:
             task = asyncio.create_task(self._deliver(row), name=f"webhook:{row['id']}")
@@ -151,10 +148,10 @@ class WebhookSender:
 
     async def _until_next_due(self) -> float:
         now = self.clock.now()
-        due = await next_due(self.store, now)
+        due = await self.store.outbox_next_due()
         if due is None:
             return self.cfg.poll_interval
-        return max(0.001, min(self.cfg.poll_interval, due - now + 0.001))
+        return max(0.001, min(self.cfg.poll_interval, parse_iso(due) - now + 0.001))
 
     async def deliver_due(self) -> int:
         """Burst mode: deliver every delivery due now (without the background loop); return how
@@ -201,7 +198,7 @@ class WebhookSender:
         now = self.clock.now()
         attempt.duration_ms = int((asyncio.get_running_loop().time() - t0) * 1000)
         schedule(attempt, delivery, self.cfg, now)
-        ok = await self.store.write(record, delivery, self.store.owner, now, attempt)
+        ok = await self.store.outbox_record(delivery, attempt)
         if not ok:
             log.warning(
                 "webhook %s: lease lost before its attempt could be recorded",

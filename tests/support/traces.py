@@ -1,4 +1,7 @@
-"""Shared by the trace-replay tests: the recorded traces, and fixtures for the simulator."""
+"""The recorded ComfyUI traffic (shared/comfyui-protocol) for the trace-replay tests.
+
+Imported by those test modules only (not a plugin): without the recordings, importing it skips
+the module that asked."""
 
 from __future__ import annotations
 
@@ -10,8 +13,8 @@ import aiohttp
 import pytest
 
 from comfyq.sim import Simulator
-from comfyq.sim.testing import WsRecorder, find_traces, run_workflow
-from comfyq.sim.testing import post_prompt as sim_post_prompt
+from support.sim import WsRecorder, find_traces, run_workflow
+from support.sim import post_prompt as sim_post_prompt
 
 _found = find_traces(Path(__file__).resolve().parent)
 if _found is None:  # pragma: no cover - CI has shared/ beside the clone

@@ -1,4 +1,4 @@
-"""Workflows and helpers shared by the client tests (no tests here; named to sit with them)."""
+"""Workflows and helpers shared by the ComfyUI client tests."""
 
 from __future__ import annotations
 

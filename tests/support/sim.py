@@ -1,4 +1,4 @@
-"""Test support for code that talks to the simulator: a websocket recorder and shape helpers."""
+"""The ComfyUI simulator in tests: its fixtures, a websocket recorder and shape helpers."""
 
 from __future__ import annotations
 
@@ -7,12 +7,16 @@ import contextlib
 import json
 import struct
 import zlib
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
+
+from comfyq.sim import Simulator
+from comfyq.sim.generation import NEWEST
 
 
 @dataclass
@@ -220,3 +224,32 @@ def decode_png(data: bytes) -> tuple[int, int, bytes]:
     raw = zlib.decompress(idat)
     assert len(raw) == height * (1 + 3 * width)
     return width, height, raw
+
+
+@pytest.fixture
+def comfyui_version() -> str:
+    """The ComfyUI generation the simulator speaks: the newest, unless a module overrides this
+    fixture (``0.3.64`` for the recorded-traffic tests) or parametrizes it over both
+    (``@pytest.fixture(params=comfyq.sim.generation.VERSIONS)``)."""
+    return NEWEST
+
+
+@pytest.fixture
+async def simulator(tmp_path: Path, comfyui_version: str) -> AsyncIterator[Simulator]:
+    sim = Simulator(port=0, data_dir=tmp_path / "sim", comfyui_version=comfyui_version)
+    await sim.start()
+    yield sim
+    await sim.stop()
+
+
+@pytest.fixture
+async def sim(simulator: Simulator) -> Simulator:
+    """The simulator under its short name (the ComfyUI-side tests' habit)."""
+    return simulator
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    """A client session for talking to the simulator or a server directly."""
+    async with aiohttp.ClientSession() as s:
+        yield s

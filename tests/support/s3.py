@@ -1,16 +1,32 @@
 """A real S3-protocol server (moto's ThreadedMotoServer) and a loopback proxy in front of it that
-records which access key signed each request and can fail requests on demand (no tests here).
-The server itself is the ``moto_url`` fixture in conftest."""
+records which access key signed each request and can fail requests on demand."""
 
 from __future__ import annotations
 
 import re
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import aiohttp
 import boto3  # type: ignore[import-untyped]  # boto3 ships no types
+import pytest
 from aiohttp import web
+from aiohttp.test_utils import TestServer
+from moto.server import ThreadedMotoServer
+
+from support import serve
+
+
+# A real S3-protocol server for the whole session (buckets are named per test).
+@pytest.fixture(scope="session")
+def moto_url() -> Iterator[str]:
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
 
 _CREDENTIAL = re.compile(r"Credential=([^/]+)/")
 
@@ -48,26 +64,23 @@ class FaultyProxy:
         self.faults: deque[str] = deque()
         self.fault_methods = {"PUT", "POST"}
         self.seen: list[Seen] = []
-        self._runner: web.AppRunner | None = None
+        self._server: TestServer | None = None
         self._client: aiohttp.ClientSession | None = None
         self.url = ""
 
     async def start(self) -> FaultyProxy:
         app = web.Application(client_max_size=1 << 30)
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
+        self._server = await serve.start(app)
+        self.url = serve.base_url(self._server)
         self._client = aiohttp.ClientSession(auto_decompress=False)
         return self
 
     async def stop(self) -> None:
         if self._client is not None:
             await self._client.close()
-        if self._runner is not None:
-            await self._runner.cleanup()
+        if self._server is not None:
+            await self._server.close()
 
     def keys_used(self) -> set[str]:
         return {s.access_key for s in self.seen if s.access_key}

@@ -26,7 +26,7 @@ import pytest
 
 CHROMIUM = os.environ.get("COMFYQ_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def browser_or_skip() -> None:

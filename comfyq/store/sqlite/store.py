@@ -1,6 +1,7 @@
-"""JobStore: the async face of the store. Writes go through the one writer; reads use their own
-connection. After each commit the store tells its listeners (event bus, stage wake-ups) what
-changed, so nothing downstream ever sees a change that is not durable.
+"""SqliteStore: the SQLite adapter of the store interface. Writes go through the one writer thread
+(group commit, FULL sync); reads use their own connection. After each commit the store tells its
+listeners (event bus, stage wake-ups) what changed, so nothing downstream ever sees a change that
+is not durable.
 """
 
 from __future__ import annotations
@@ -15,18 +16,18 @@ from typing import Any
 
 import aiosqlite
 
-from comfyq.clock import Clock, iso
-from comfyq.store import migrate, ops
+from comfyq.clock import Clock
+from comfyq.store.assets import AssetStore
+from comfyq.store.base import Attempt, DatabaseLocked, JobReads, JobStore, Stats
 from comfyq.store.model import STAGES, Job, NewJob, Stage, State, Transition, loads
-from comfyq.store.writer import Writer, connect
+from comfyq.store.sqlite import migrate, ops, outbox
+from comfyq.store.sqlite.assets import SqliteAssets
+from comfyq.store.sqlite.reads import Reads
+from comfyq.store.sqlite.writer import Writer, connect
 
 log = logging.getLogger("comfyq.store")
 
-Listener = Callable[[list[Transition]], None]
-
-
-class DatabaseLocked(Exception):
-    """Another comfyq server holds this database file."""
+__all__ = ["DatabaseLocked", "FileLock", "SqliteStore", "open_migrated"]
 
 
 class FileLock:
@@ -70,46 +71,75 @@ def open_migrated(path: str | Path, clock: Clock | None = None) -> list[int]:
         conn.close()
 
 
-class JobStore:
+class SqliteStore(JobStore):
     """Jobs, events and outputs in one SQLite file."""
 
-    def __init__(self, path: str | Path, *, clock: Clock | None = None, owner: str = "") -> None:
-        self.path = Path(path)
-        self.clock = clock or Clock()
-        self.owner = owner or f"{os.uname().nodename}:{os.getpid()}:{os.urandom(3).hex()}"
+    engine = "sqlite"
+
+    def __init__(
+        self, database: str | os.PathLike[str], *, clock: Clock | None = None, owner: str = ""
+    ) -> None:
+        super().__init__(database, clock=clock, owner=owner)
+        self.path = Path(database)
         self.writer = Writer(self.path)
+        self.lock = FileLock(self.path)
+        self._locked = False
         self._reader: aiosqlite.Connection | None = None
-        self._listeners: list[Listener] = []
+        self._assets: AssetStore | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------
 
-    async def open(self) -> None:
-        """Migrate, start the writer, open the read connection."""
-        open_migrated(self.path, self.clock)
-        self.writer.start()
-        self._reader = await aiosqlite.connect(self.path, isolation_level=None)
-        self._reader.row_factory = sqlite3.Row
-        await self._reader.execute("PRAGMA busy_timeout = 10000")
-        await self._reader.execute("PRAGMA foreign_keys = ON")
+    async def open(self, *, exclusive: bool = False) -> None:
+        """Take the file lock (a server), migrate, start the writer, open the read connection."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if exclusive:
+            self.lock.acquire()
+            self._locked = True
+        try:
+            open_migrated(self.path, self.clock)
+            self.writer.start()
+            self._reader = await aiosqlite.connect(self.path, isolation_level=None)
+            self._reader.row_factory = sqlite3.Row
+            await self._reader.execute("PRAGMA busy_timeout = 10000")
+            await self._reader.execute("PRAGMA foreign_keys = ON")
+        except BaseException:
+            await self.close()
+            raise
 
     async def close(self) -> None:
         await self.writer.stop()
         if self._reader is not None:
             await self._reader.close()
             self._reader = None
+        if self._locked:
+            self.lock.release()
+            self._locked = False
 
-    def listen(self, fn: Listener) -> None:
-        """Call ``fn(transitions)`` after every commit that changed job states."""
-        self._listeners.append(fn)
+    async def migrate(self) -> list[int]:
+        return open_migrated(self.path, self.clock)
 
-    def _notify(self, transitions: list[Transition]) -> None:
-        if not transitions:
-            return
-        for fn in self._listeners:
-            try:
-                fn(transitions)
-            except Exception:  # a listener bug must not undo a committed write
-                log.exception("store listener failed")
+    def describe(self) -> str:
+        return str(self.path)
+
+    @property
+    def identity(self) -> str:
+        return str(self.path.resolve())
+
+    async def ping(self) -> None:
+        # Through the writer, like every real write: proves the writer thread and the file work.
+        await self._write(lambda c: c.execute("SELECT 1").fetchone())
+
+    async def maintain(self) -> str:
+        busy, frames, done = await self.checkpoint()
+        return f"WAL checkpoint: busy={busy} frames={frames} checkpointed={done}"
+
+    def reads(self) -> JobReads:
+        return Reads(self.path)
+
+    def assets(self) -> AssetStore:
+        if self._assets is None:
+            self._assets = SqliteAssets(self)
+        return self._assets
 
     async def _write(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await self.writer.run(fn, *args)
@@ -223,6 +253,10 @@ class JobStore:
     async def retry_job(self, job_id: str) -> Transition:
         return await self._one(ops.retry_job, job_id, self.clock.now())
 
+    async def delete_finished(self, job_id: str) -> bool:
+        gone: bool = await self._write(ops.delete_finished, job_id)
+        return gone
+
     async def prune(self, older_than: float, limit: int = 500) -> list[str]:
         ids: list[str] = await self._write(ops.prune, self.clock.now() - older_than, limit)
         return ids
@@ -237,14 +271,10 @@ class JobStore:
         result: tuple[int, int, int] = await self.writer.run_outside(run)
         return result
 
-    async def write(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run another module's write function ``fn(conn, *args)`` through the writer."""
-        return await self._write(fn, *args)
-
     # --- reads -------------------------------------------------------------------------------
 
     @property
-    def reader(self) -> aiosqlite.Connection:
+    def _conn(self) -> aiosqlite.Connection:
         if self._reader is None:
             raise RuntimeError("store not open")
         return self._reader
@@ -252,7 +282,7 @@ class JobStore:
     async def _rows(self, sql: str, params: Any = ()) -> list[sqlite3.Row]:
         # One thread hop per read (execute + fetch + close together): a cursor left open across
         # awaits would keep the connection in an old read transaction and return stale rows.
-        return list(await self.reader.execute_fetchall(sql, params))
+        return list(await self._conn.execute_fetchall(sql, params))
 
     async def get(self, job_id: str) -> Job | None:
         rows = await self._rows("SELECT * FROM jobs WHERE id = ?", (job_id,))
@@ -307,18 +337,6 @@ class JobStore:
         )
         return ahead + 1, size
 
-    async def recent_timings(
-        self, kind: str | None = None, limit: int = 50
-    ) -> list[dict[str, Any]]:
-        """Timings of recently completed jobs (of one kind when given), newest first."""
-        sql = "SELECT timings FROM jobs WHERE state = 'completed'"
-        params: list[Any] = []
-        if kind is not None:
-            sql += " AND kind = ?"
-            params.append(kind)
-        sql += " ORDER BY finished_at DESC LIMIT ?"
-        return [loads(r[0]) for r in await self._rows(sql, (*params, limit))]
-
     async def put_output(self, job_id: str, row: dict[str, Any]) -> None:
         await self._write(ops.put_output, job_id, self.clock.now(), row)
 
@@ -351,5 +369,68 @@ class JobStore:
         )
         return rows[0][0] if rows else None
 
-    def now_iso(self) -> str:
-        return iso(self.clock.now())
+    async def overview(self, statuses: list[str] | None, limit: int) -> list[dict[str, Any]]:
+        sql = "SELECT * FROM jobs_overview"
+        params: list[Any] = []
+        if statuses:
+            marks = ",".join("?" * len(statuses))
+            sql += f" WHERE state IN ({marks}) OR status IN ({marks})"
+            params = [*statuses, *statuses]
+        return [dict(r) for r in await self._rows(sql + " LIMIT ?", (*params, limit))]
+
+    async def stats(self) -> Stats:
+        out = Stats(
+            jobs={s: 0 for s in ("pending", "running", "completed", "failed", "cancelled")},
+            webhook_deliveries={s: 0 for s in ("pending", "sending", "delivered", "failed")},
+            webhook_attempts={s: 0 for s in ("delivered", "retry", "gave_up")},
+        )
+        for table, col, into in (
+            ("jobs", "state", out.jobs),
+            ("webhook_deliveries", "state", out.webhook_deliveries),
+            ("webhook_attempts", "outcome", out.webhook_attempts),
+        ):
+            for key, n in await self._rows(f"SELECT {col}, count(*) FROM {table} GROUP BY {col}"):
+                into[key] = n
+        return out
+
+    # --- webhook outbox ----------------------------------------------------------------------
+
+    async def outbox_claim(
+        self, n: int, per_host: int, lease: float, per_endpoint: int | None = None
+    ) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = await self._write(
+            outbox.claim, self.owner, self.clock.now(), n, per_host, lease, per_endpoint
+        )
+        return rows
+
+    async def outbox_record(self, delivery: dict[str, Any], attempt: Attempt) -> bool:
+        ok: bool = await self._write(outbox.record, delivery, self.owner, self.clock.now(), attempt)
+        return ok
+
+    async def outbox_recover(self, max_attempts: int) -> int:
+        n: int = await self._write(outbox.recover, self.owner, self.clock.now(), max_attempts)
+        return n
+
+    async def outbox_next_due(self) -> str | None:
+        rows = await self._rows(
+            "SELECT min(next_attempt_at) FROM webhook_deliveries"
+            " WHERE state = 'pending' AND next_attempt_at > ?",
+            (self.now_iso(),),
+        )
+        return rows[0][0] if rows else None
+
+    async def webhook_history(
+        self, job_id: str
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        deliveries = await self._rows(
+            "SELECT id, url, event, state, host, attempts, next_attempt_at, last_status,"
+            " last_error, created_at, finished_at FROM webhook_deliveries WHERE job_id = ?"
+            " ORDER BY created_at, id",
+            (job_id,),
+        )
+        attempts = await self._rows(
+            "SELECT delivery_id, attempt, at, duration_ms, status_code, error, outcome"
+            " FROM webhook_attempts WHERE job_id = ? ORDER BY id",
+            (job_id,),
+        )
+        return [dict(r) for r in deliveries], [dict(r) for r in attempts]

@@ -1,4 +1,5 @@
-"""Schema migrations: numbered SQL files in ``migrations/``, applied in order, recorded in a table.
+"""SQLite schema migrations: numbered SQL files in ``migrations/``, applied in order, recorded
+in a table.
 
 A landed file is never edited; a change to the schema is a new file. The runner refuses to start
 when a recorded migration's checksum no longer matches its file, so an edited one is caught.
@@ -6,56 +7,25 @@ when a recorded migration's checksum no longer matches its file, so an edited on
 
 from __future__ import annotations
 
-import hashlib
-import re
 import sqlite3
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 from comfyq.clock import Clock, iso
+from comfyq.store.base import MigrationError
+from comfyq.store.migrations import Migration, migrations_root
+from comfyq.store.migrations import load as load_dir
 
-_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
-
-
-def migrations_dir() -> Path:
-    """Where the SQL files are: the source tree, or the installed data files."""
-    here = Path(__file__).resolve().parents[2] / "migrations"
-    if here.is_dir():
-        return here
-    return Path(sys.prefix) / "share" / "comfyq" / "migrations"
-
-
-@dataclass(frozen=True)
-class Migration:
-    version: int
-    name: str
-    sql: str
-
-    @property
-    def checksum(self) -> str:
-        return hashlib.sha256(self.sql.encode()).hexdigest()
-
-
-class MigrationError(Exception):
-    """The database and the migration files disagree."""
+__all__ = ["Migration", "MigrationError", "apply", "load", "migrations_dir"]
 
 
 def load(directory: Path | None = None) -> list[Migration]:
-    """Every migration file, in version order."""
-    directory = directory or migrations_dir()
-    out = []
-    for path in sorted(directory.glob("*.sql")):
-        m = _NAME.match(path.name)
-        if not m:
-            raise MigrationError(f"migration file {path.name} is not named NNNN_name.sql")
-        out.append(Migration(int(m.group(1)), m.group(2), path.read_text()))
-    versions = [m.version for m in out]
-    # Gaps are allowed: numbers are reserved per branch and may land in any order (a database
-    # gets each missing file applied when it arrives). Duplicates are not.
-    if len(set(versions)) != len(versions) or (versions and versions[0] < 1):
-        raise MigrationError(f"migration versions must be distinct and >= 1, got {versions}")
-    return out
+    """Every SQLite migration file, in version order."""
+    return load_dir(directory or migrations_dir())
+
+
+def migrations_dir() -> Path:
+    """Where the SQLite files are: ``migrations/`` of the source tree or of the installed data."""
+    return migrations_root()
 
 
 def apply(

@@ -1,5 +1,5 @@
-"""A real webhook receiver on loopback and store helpers shared by the webhook and output tests
-(no tests here; named to sit with them)."""
+"""A real webhook receiver on loopback (aiohttp's TestServer) and the outbox helpers shared by
+the webhook and output tests."""
 
 from __future__ import annotations
 
@@ -10,9 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from comfyq.store import JobStore, NewJob
 from comfyq.store.model import Stage
+from comfyq.store.sqlite import SqliteStore, connect
+from support import serve
 
 
 @dataclass
@@ -39,7 +42,7 @@ class Receiver:
         self.hits: list[Hit] = []
         self.hanging = 0
         self._changed = asyncio.Event()
-        self._runner: web.AppRunner | None = None
+        self._server: TestServer | None = None
         self.port = 0
 
     @property
@@ -50,17 +53,15 @@ class Receiver:
         app = web.Application()
         app.router.add_post("/hook", self._handle)
         app.router.add_post("/hook/{name}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", port)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
+        self._server = await serve.start(app, port=port)
+        assert self._server.port is not None
+        self.port = self._server.port
         return self
 
     async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        if self._server is not None:
+            await self._server.close()
+            self._server = None
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
@@ -112,15 +113,21 @@ async def deliveries(store: JobStore, job_id: str | None = None) -> list[dict[st
         + (" WHERE job_id = ?" if job_id else "")
         + " ORDER BY created_at, id"
     )
-    async with store.reader.execute(sql, (job_id,) if job_id else ()) as cur:
-        return [dict(r) for r in await cur.fetchall()]
+    return _rows(store, sql, (job_id,) if job_id else ())
 
 
 async def attempts(store: JobStore, job_id: str) -> list[dict[str, Any]]:
-    async with store.reader.execute(
-        "SELECT * FROM webhook_attempts WHERE job_id = ? ORDER BY id", (job_id,)
-    ) as cur:
-        return [dict(r) for r in await cur.fetchall()]
+    return _rows(store, "SELECT * FROM webhook_attempts WHERE job_id = ? ORDER BY id", (job_id,))
+
+
+def _rows(store: JobStore, sql: str, params: tuple[Any, ...]) -> list[dict[str, Any]]:
+    """The rows as the database holds them, read on a connection of the test's own."""
+    assert isinstance(store, SqliteStore)
+    conn = connect(store.path, readonly=True)
+    try:
+        return [dict(r) for r in conn.execute(sql, params)]
+    finally:
+        conn.close()
 
 
 async def delivery_ended(store: JobStore, job_id: str) -> dict[str, Any] | None:

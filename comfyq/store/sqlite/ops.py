@@ -14,9 +14,6 @@ from typing import Any
 
 from comfyq.clock import parse_iso
 from comfyq.errors import Conflict, IllegalTransition, LeaseLost, NotFound, QueueFull
-from comfyq.store.journal import event as _event
-from comfyq.store.journal import events as _events
-from comfyq.store.journal import stamp as _iso
 from comfyq.store.model import (
     NEXT_STAGE,
     STAGE_MS,
@@ -27,7 +24,10 @@ from comfyq.store.model import (
     Transition,
     dumps,
 )
-from comfyq.store.sql import ADVANCE, HAND_OFF, HELD, add_timing, claim_sql, ms_since
+from comfyq.store.sqlite.journal import event as _event
+from comfyq.store.sqlite.journal import events as _events
+from comfyq.store.sqlite.journal import stamp as _iso
+from comfyq.store.sqlite.sql import ADVANCE, HAND_OFF, HELD, add_timing, claim_sql, ms_since
 
 CANCELLED = {"type": "cancelled", "message": "Request cancelled by client"}
 
@@ -536,6 +536,14 @@ def _deadline_span(job: Job) -> float:
     return parse_iso(job.deadline_at) - parse_iso(job.created_at)
 
 
+def delete_finished(conn: sqlite3.Connection, job_id: str) -> bool:
+    """Delete one finished job (its events, outputs and deliveries go with it by cascade)."""
+    row = conn.execute(
+        "DELETE FROM jobs WHERE id = ? AND finished_at IS NOT NULL RETURNING id", (job_id,)
+    ).fetchone()
+    return row is not None
+
+
 def prune(conn: sqlite3.Connection, before: float, limit: int = 500) -> list[str]:
     """Delete up to ``limit`` jobs that finished before ``before``; return their ids."""
     rows = conn.execute(
@@ -559,7 +567,16 @@ _OUTPUT_COLS = (
     "url",
     "upload_error",
     "error",
+    "asset_id",
+    "blake3",
 )
+
+
+def _keep_asset_id(col: str) -> str:
+    # A file recorded again (the stage ran again) keeps the asset id clients may already hold.
+    if col == "asset_id":
+        return "asset_id = coalesce(outputs.asset_id, excluded.asset_id)"
+    return f"{col} = excluded.{col}"
 
 
 def put_output(conn: sqlite3.Connection, job_id: str, now: float, row: dict[str, Any]) -> None:
@@ -569,6 +586,6 @@ def put_output(conn: sqlite3.Connection, job_id: str, now: float, row: dict[str,
         f"INSERT INTO outputs (job_id, created_at, {', '.join(cols)}) VALUES (?, ?,"
         f" {', '.join('?' * len(cols))})"
         " ON CONFLICT (job_id, filename)"
-        f" DO UPDATE SET {', '.join(f'{c} = excluded.{c}' for c in cols)}",
+        f" DO UPDATE SET {', '.join(map(_keep_asset_id, cols))}",
         (job_id, _iso(now), *(row[c] for c in cols)),
     )

@@ -1,0 +1,199 @@
+"""Comfy API v2 assets over HTTP: streamed multipart uploads hashed with blake3, dedup, the size
+cap, hash mismatches, from-hash and by-hash, Range downloads, deletes and what holds them, and a
+core/ASSET reference placed on the backend that runs the job."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from typing import Any
+
+import aiohttp
+from blake3 import blake3
+from PIL import Image
+from support.servers import MakeServer, Server, pause, resume, wait_healthy
+from support.v2 import check, check_error
+
+from comfyq.store.model import Stage
+
+
+def png(color: tuple[int, int, int], size: int = 20) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def b3(data: bytes) -> str:
+    return "blake3:" + blake3(data).hexdigest()
+
+
+def form(data: bytes, **fields: str | list[str]) -> aiohttp.FormData:
+    f = aiohttp.FormData()
+    base: dict[str, Any] = {"content_type": "image/png", "file_path": "photo.png", **fields}
+    for name, value in base.items():
+        for v in value if isinstance(value, list) else [value]:
+            f.add_field(name, v)
+    f.add_field("file", data, filename="photo.png", content_type="image/png")
+    return f
+
+
+async def upload(srv: Server, data: bytes, headers: Any = None, **fields: Any) -> tuple[int, Any]:
+    async with srv.session.post(
+        srv.u("/api/v2/assets"), data=form(data, **fields), headers=headers
+    ) as r:
+        return r.status, await r.json()
+
+
+def blob_files(srv: Server) -> list[str]:
+    root = srv.services.settings.assets_dir
+    from pathlib import Path
+
+    return sorted(p.name for p in Path(root).rglob("*") if p.is_file() and p.parent.name != "tmp")
+
+
+async def test_upload_dedup_and_mismatch(server: Server) -> None:
+    data = png((10, 20, 30))
+    status, asset = await upload(server, data, tags=["input", "x"], expires_in="3600")
+    assert status == 201, asset
+    check("Asset", asset)
+    assert asset["hash"] == b3(data) and asset["size_bytes"] == len(data) and asset["created_new"]
+    assert asset["file_path"] == "photo.png" and asset["job_id"] is None
+    status, again = await upload(server, data, expected_hash=b3(data))
+    assert status == 200 and check("Asset", again)["created_new"] is False
+    assert again["id"] != asset["id"] and again["hash"] == asset["hash"]
+    assert len(blob_files(server)) == 1  # the bytes are kept once
+    other = png((1, 1, 1))
+    status, err = await upload(server, other, expected_hash=b3(data))
+    assert status == 409 and check_error(err, "hash_mismatch")
+    assert len(blob_files(server)) == 1  # nothing of it kept
+    status, err = await upload(server, other, expected_hash="sha256:abc")
+    assert status == 422 and check_error(err, "invalid_request")
+    status, err = await upload(server, other, expires_in="5")
+    assert status == 422 and check_error(err, "invalid_request")
+    async with server.session.post(
+        server.u("/api/v2/assets"),
+        data=aiohttp.FormData({"file_path": "a"}, default_to_multipart=True),
+    ) as r:
+        assert r.status == 422 and check_error(await r.json(), "invalid_request")
+    async with server.session.post(server.u("/api/v2/assets"), json={"file": "x"}) as r:
+        assert r.status == 415 and check_error(await r.json(), "unsupported_media_type")
+    # File names are never paths: a hostile name is only shown back.
+    status, odd = await upload(server, png((9, 9, 9)), file_path="../../etc/passwd")
+    assert status == 201 and odd["file_path"] == "../../etc/passwd"
+    assert all(len(n) == 64 for n in blob_files(server))
+    # Idempotency-Key on uploads is single-use too.
+    status, _ = await upload(server, png((3, 3, 3)), headers={"Idempotency-Key": "up-1"})
+    assert status == 201
+    status, err = await upload(server, png((4, 4, 4)), headers={"Idempotency-Key": "up-1"})
+    assert status == 422 and check_error(err, "idempotency_key_reuse")
+
+
+async def test_size_cap_is_413_and_keeps_nothing(make_server: MakeServer) -> None:
+    srv = await make_server(asset_max_bytes=2048)
+    status, err = await upload(srv, b"\0" * 4096)
+    assert status == 413 and check_error(err, "payload_too_large")
+
+    async def chunks() -> Any:  # no Content-Length: the cap is enforced while streaming
+        for _ in range(8):
+            yield b"\1" * 1024
+
+    f = aiohttp.FormData()
+    f.add_field("content_type", "application/octet-stream")
+    f.add_field("file_path", "big.bin")
+    f.add_field("file", chunks(), filename="big.bin")
+    async with srv.session.post(srv.u("/api/v2/assets"), data=f) as r:
+        assert r.status == 413 and check_error(await r.json(), "payload_too_large")
+    assert blob_files(srv) == []
+
+
+async def test_from_hash_by_hash_content_and_delete(server: Server) -> None:
+    data = png((200, 100, 50), size=64)
+    status, asset = await upload(server, data)
+    assert status == 201
+    h = asset["hash"]
+    async with server.session.head(server.u(f"/api/v2/assets/by-hash/{h}")) as r:
+        assert r.status == 200
+    async with server.session.head(server.u(f"/api/v2/assets/by-hash/blake3:{'0' * 64}")) as r:
+        assert r.status == 404
+    async with server.session.head(server.u("/api/v2/assets/by-hash/junk")) as r:
+        assert r.status == 404
+    async with server.session.post(
+        server.u("/api/v2/assets/from-hash"), json={"hash": h, "file_path": "b.png"}
+    ) as r:
+        minted = await r.json()
+        assert (
+            r.status == 201
+            and check("Asset", minted)["hash"] == h
+            and minted["file_path"] == "b.png"
+        )
+    async with server.session.post(
+        server.u("/api/v2/assets/from-hash"), json={"hash": f"blake3:{'1' * 64}"}
+    ) as r:
+        assert r.status == 404 and check_error(await r.json(), "blob_not_found")
+    async with server.session.post(server.u("/api/v2/assets/from-hash"), json={"hash": 5}) as r:
+        assert r.status == 422 and check_error(await r.json(), "invalid_request")
+    async with server.session.get(server.u(f"/api/v2/assets/{asset['id']}")) as r:
+        assert r.status == 200 and check("Asset", await r.json())["id"] == asset["id"]
+    url = asset["url"]
+    async with server.session.get(url) as r:
+        assert r.status == 200 and await r.read() == data
+    async with server.session.get(url, headers={"Range": "bytes=0-9"}) as r:
+        assert r.status == 206 and await r.read() == data[:10]
+        assert r.headers["Content-Range"] == f"bytes 0-9/{len(data)}"
+    async with server.session.get(url, headers={"Range": "bytes=10-"}) as r:
+        assert r.status == 206 and await r.read() == data[10:]
+    async with server.session.get(url, headers={"Range": f"bytes={len(data) + 5}-"}) as r:
+        assert r.status == 416
+    # Delete: the minted asset first; the bytes stay for the other one.
+    async with server.session.delete(server.u(f"/api/v2/assets/{minted['id']}")) as r:
+        assert r.status == 204
+    async with server.session.delete(server.u(f"/api/v2/assets/{minted['id']}")) as r:
+        assert r.status == 404 and check_error(await r.json(), "not_found")
+    async with server.session.get(url) as r:
+        assert r.status == 200 and await r.read() == data
+    async with server.session.delete(server.u(f"/api/v2/assets/{asset['id']}")) as r:
+        assert r.status == 204
+    assert blob_files(server) == []  # the last reference gone: the bytes too
+    async with server.session.get(url) as r:
+        assert r.status == 404
+
+
+async def test_asset_job_placement_and_holds(server: Server) -> None:
+    await wait_healthy(server)
+    data = png((0, 128, 255), size=32)
+    _, asset = await upload(server, data)
+    ref = {"__type": "core/ASSET", "info": {"id": asset["id"], "file_path": "photo.png"}}
+    wf = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": ref}},
+        "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+        "3": {
+            "class_type": "SaveImage",
+            "inputs": {"images": ["2", 0], "filename_prefix": "asset_job"},
+        },
+    }
+    pause(server, Stage.PREPROCESS)
+    async with server.session.post(server.u("/api/v2/jobs"), json={"workflow": wf}) as r:
+        job = await r.json()
+        assert r.status == 201, job
+    # A waiting job holds the asset it uses.
+    async with server.session.delete(server.u(f"/api/v2/assets/{asset['id']}")) as r:
+        assert r.status == 409 and check_error(await r.json(), "asset_in_use")
+    resume(server, Stage.PREPROCESS)
+    for _ in range(500):
+        async with server.session.get(server.u(f"/api/v2/jobs/{job['id']}")) as r:
+            body = await r.json()
+        if body["status"] in ("succeeded", "failed"):
+            break
+        await asyncio.sleep(0.02)
+    assert body["status"] == "succeeded", body
+    (out,) = body["outputs"]
+    async with server.session.get(out["url"]) as r:
+        result = await r.read()
+    with Image.open(io.BytesIO(result)) as img:
+        assert img.convert("RGB").getpixel((1, 1)) == (255, 127, 0)  # the uploaded image, inverted
+    assert out["hash"] == b3(result) and out["size_bytes"] == len(result)
+    # An output is held by its job; the finished job no longer holds the uploaded asset.
+    async with server.session.delete(server.u(f"/api/v2/assets/{out['id']}")) as r:
+        assert r.status == 409 and check_error(await r.json(), "asset_in_use")
+    async with server.session.delete(server.u(f"/api/v2/assets/{asset['id']}")) as r:
+        assert r.status == 204
