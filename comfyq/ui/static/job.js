@@ -297,7 +297,12 @@ export function mount(root, { arg: id, navigate, previews }) {
   }
 
   function onEvent(ev) {
-    if (ev.request_id !== id || !st.detail) return;
+    if (ev.request_id !== id) return;
+    if (st.loading || !st.detail) {
+      // The read in flight may predate this change: read once more when it is done.
+      if (st.loading) st.again = true;
+      return;
+    }
     const j = st.detail.job;
     if (ev.event === "progress") {
       j.progress = ev.progress;

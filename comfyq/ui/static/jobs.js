@@ -24,6 +24,8 @@ export function mount(root, { live, navigate }) {
     cursors: [null], // the cursor of each page shown so far; the last is the current page's
     next: null,
     rows: new Map(), // id -> {data, tr}
+    again: false, // a change arrived while a page read was in flight
+    trailTimer: null,
     alive: true,
     refetchTimer: null,
     countsTimer: null,
@@ -171,10 +173,12 @@ export function mount(root, { live, navigate }) {
       page = await api(`/ui/api/jobs?${params}`);
     } catch (e) {
       if (!state.alive || state.loading !== ticket) return;
+      state.loading = null;
       note.replaceChildren(message("error", e.message));
       return;
     }
     if (!state.alive || state.loading !== ticket) return;
+    state.loading = null;
     note.replaceChildren();
     state.next = page.next_cursor;
     state.rows.clear();
@@ -195,6 +199,10 @@ export function mount(root, { live, navigate }) {
     newer.disabled = state.cursors.length === 1;
     pageInfo.textContent = `page ${state.cursors.length}`;
     loadCounts();
+    if (state.again) {
+      state.again = false;
+      later("refetch", 1000); // what changed during the read is read again
+    }
   }
 
   async function loadCounts() {
@@ -228,6 +236,11 @@ export function mount(root, { live, navigate }) {
 
   function onEvent(ev) {
     const isFinal = ev.event === "final_result";
+    if (state.loading && ev.event !== "progress") state.again = true;
+    // The server may answer counts up to 2 s old while jobs change: one more read once things
+    // have been quiet for longer than that shows the settled figures.
+    clearTimeout(state.trailTimer);
+    state.trailTimer = setTimeout(() => state.alive && loadCounts(), 2600);
     if (ev.event === "progress") {
       const row = state.rows.get(ev.request_id);
       if (row && ev.progress) {
@@ -296,6 +309,7 @@ export function mount(root, { live, navigate }) {
       clearInterval(ticker);
       clearTimeout(state.refetchTimer);
       clearTimeout(state.countsTimer);
+      clearTimeout(state.trailTimer);
       clearTimeout(searchTimer);
     },
   };
