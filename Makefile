@@ -1,6 +1,7 @@
 # Two commands take a fresh machine (Python 3.11 and make) to a running server or a green suite:
 #   make serve   - creates .venv, installs comfyq, starts it against ComfyUI at 127.0.0.1:8188
 #   make test    - creates .venv, installs comfyq with its test tools, runs the whole suite
+#   make lint    - ruff (lint, format) and mypy --strict, as CI runs them before the tests
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
 BIN     = $(VENV)/bin

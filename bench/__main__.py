@@ -4,7 +4,8 @@ collect their ``--json`` figures into one results file, and render BENCHMARKS.md
     .venv/bin/python -m bench [--quick] [--only a,b] [--skip a,b] [--out BENCHMARKS.md]
     .venv/bin/python -m bench --render-only bench/results/latest.json
 
-Steps: store, e2e, api, preprocess, outputs, sidebyside, v2, chaos (when bench/chaos.py exists);
+Steps: store, e2e, api, preprocess, outputs, sidebyside, v2, chaos (when bench/chaos.py exists),
+hostile;
 profile with --profile (CPU per job by layer, call tree in bench/results/profile.{html,txt}).
 With COMFYUI_TEST_URL set, the side-by-side run also measures that real ComfyUI.
 """
@@ -120,12 +121,42 @@ STEPS = [
         needs="bench/chaos.py",
     ),
     Step(
+        "hostile",
+        "bench.bench_hostile",
+        ["--bodies", "10"],
+        ["--bodies", "3"],
+        "hostile bodies: loop lag, /health and RSS under the largest allowed bodies (#19)",
+    ),
+    Step(
         "profile",
         "bench.bench_profile",
         ["--jobs", "600"],
         ["--jobs", "150", "--warmup", "20"],
         "where the CPU of a job goes, profiled (#13)",
         opt_in=True,
+    ),
+]
+STEPS += [
+    Step(
+        "pgstore",
+        "bench.bench_pgstore",
+        ["--jobs", "4000", "--big", "1000000"],
+        ["--jobs", "400", "--big", "50000", "--samples", "200", "--instances", "1,2"],
+        "PostgreSQL store alone (#12)",
+    ),
+    Step(
+        "cluster",
+        "bench.bench_cluster",
+        ["--jobs", "600", "--event-jobs", "200"],
+        ["--jobs", "100", "--event-jobs", "40", "--instances", "1,2"],
+        "several instances end to end (#12)",
+    ),
+    Step(
+        "chaos_cluster",
+        "bench.chaos_cluster",
+        [],
+        ["--jobs", "60", "--kills", "3"],
+        "multi-instance chaos (#12)",
     ),
 ]
 NAMES = [s.name for s in STEPS]

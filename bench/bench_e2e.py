@@ -26,6 +26,7 @@ from comfyq.comfy.client import ComfyClient
 from comfyq.config import load_settings
 from comfyq.services import Services
 from comfyq.store import NewJob
+from comfyq.store.model import State
 
 
 def workflow(i: int) -> dict[str, Any]:
@@ -120,7 +121,7 @@ async def throughput(svc: Services, jobs: int, offset: int) -> float:
     await done.wait()
     elapsed = time.perf_counter() - t0
     failed = sum(
-        1 for j in await svc.store.list_jobs(states=["failed"], limit=100000) if j.id in ids
+        1 for j in await svc.store.list_jobs(states=[State.FAILED], limit=100000) if j.id in ids
     )
     if failed:
         print(f"    ({failed} failed)")

@@ -18,7 +18,7 @@ from typing import Any
 
 from bench.common import add_json_arg, pct, summary_ms, write_json
 from comfyq.store import NewJob
-from comfyq.store.model import STAGES, Stage
+from comfyq.store.model import STAGES, Stage, State
 from comfyq.store.sqlite import SqliteStore
 from comfyq.store.sqlite.writer import connect
 
@@ -82,7 +82,7 @@ async def through_runner(path: Path, jobs: int, workers: int) -> float:
 
     def on_tr(trs: list) -> None:  # type: ignore[type-arg]
         nonlocal count
-        count += sum(1 for t in trs if t.to_state == "completed")
+        count += sum(1 for t in trs if t.to_state == State.COMPLETED)
         if count >= jobs:
             finished.set()
 

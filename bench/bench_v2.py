@@ -270,12 +270,19 @@ async def many_streams(client: V2Client, n: int, timeout: float = 30.0) -> dict[
 
 
 async def side_by_side(
-    comfy_url: str, root: Path, latency_jobs: int, throughput_jobs: int, streams: int, poll: float
+    comfy_url: str,
+    root: Path,
+    latency_jobs: int,
+    throughput_jobs: int,
+    streams: int,
+    poll: float,
+    workers: int = 0,
 ) -> dict[str, Any]:
     (root / "direct").mkdir(parents=True)
     (root / "comfyq").mkdir()
+    env = {"GENERATION_WORKERS": str(workers)} if workers else {}
     with (
-        server(root / "comfyq", comfy_url) as (cq_base, cq_pid),
+        server(root / "comfyq", comfy_url, None, **env) as (cq_base, cq_pid),
         official_proxy(root / "proxy", comfy_url) as (px_base, px_pid),
     ):
         client = ComfyClient(comfy_url)
@@ -355,6 +362,7 @@ async def side_by_side(
                 "failed_jobs": {"comfyq": cq.failed, "proxy": px.failed},
                 "rss_mb": {"comfyq": rss_mb(cq_pid), "proxy": rss_mb(px_pid)},
                 "poll_ms": poll * 1000,
+                "generation_workers": workers or "default",
             }
         finally:
             await cq.close()
@@ -369,6 +377,12 @@ def main() -> None:
     ap.add_argument("--throughput-jobs", type=int, default=64, help="jobs per path and round")
     ap.add_argument("--streams", type=int, default=100, help="event streams opened at once")
     ap.add_argument("--poll-ms", type=float, default=10.0, help="poll interval of the poll paths")
+    ap.add_argument(
+        "--generation-workers",
+        type=int,
+        default=0,
+        help="comfyq's GENERATION_WORKERS (prompts in flight per backend; 0: its default)",
+    )
     ap.add_argument("--real-latency-jobs", type=int, default=50)
     ap.add_argument("--real-throughput-jobs", type=int, default=32)
     add_json_arg(ap)
@@ -382,7 +396,13 @@ def main() -> None:
             print("Comfy API v2 side by side against the simulator (zero-time nodes):")
             out["simulator"] = asyncio.run(
                 side_by_side(
-                    sim, root / "a", args.latency_jobs, args.throughput_jobs, args.streams, poll
+                    sim,
+                    root / "a",
+                    args.latency_jobs,
+                    args.throughput_jobs,
+                    args.streams,
+                    poll,
+                    args.generation_workers,
                 )
             )
         if real:
@@ -395,6 +415,7 @@ def main() -> None:
                     args.real_throughput_jobs,
                     args.streams,
                     poll,
+                    args.generation_workers,
                 )
             )
         else:

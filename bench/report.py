@@ -9,8 +9,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from bench import report_cluster, report_v2
 from bench import report_sections as sec
-from bench import report_v2
 from bench.report_fmt import (
     PATH_LABELS,
     ms,
@@ -235,7 +235,11 @@ SECTIONS = [
     ("preprocess", "Preprocess and inputs (#5)", sec.preprocess),
     ("outputs", "Outputs, S3 and webhooks (#6)", sec.outputs),
     ("ui", "Dashboard (#14)", sec.ui),
+    ("hostile", "Hostile bodies (#19)", sec.hostile),
     ("profile", "Where a job's CPU goes (#13, `--profile`)", sec.profile),
+    ("pgstore", "PostgreSQL store alone (#12)", report_cluster.pgstore),
+    ("cluster", "Several instances end to end (#12)", report_cluster.cluster),
+    ("chaos_cluster", "Multi-instance chaos run (#12)", report_cluster.chaos),
     ("v2", "Comfy API v2: direct vs the official proxy vs comfyq (#18)", report_v2.v2),
 ]
 

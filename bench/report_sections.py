@@ -484,3 +484,38 @@ def ui(f: dict[str, Any], charts: Charts) -> list[str]:
             ]
         )
     return table(["measurement", "figure"], rows)
+
+
+def hostile(f: dict[str, Any], charts: Charts) -> list[str]:
+    """Hostile bodies (#19): loop lag, /health and RSS while the largest allowed bodies run."""
+    rows = []
+    for kind, k in f["kinds"].items():
+        rows.append(
+            [
+                f"{kind} ({num(k['body_mb'], 1)} MB, {'/'.join(str(s) for s in k['statuses'])})",
+                f"{num(k['loop_lag_max_ms'], 1)} / ≤{num(k['loop_lag_p99_bucket_ms'])} ms",
+                " / ".join(num(k[f"health_{q}_ms"], 1) for q in ("p50", "p99", "max")) + " ms",
+                f"{num(k['other_requests'])} ({num(k['other_requests_per_s'])}/s)",
+                " → ".join(num(k[f"rss_{q}_mb"]) for q in ("idle", "after_burst", "settled"))
+                + " MB",
+            ]
+        )
+    intro = (
+        f"{f['bodies']} bodies of each kind, one after another, on a fresh server; targets:"
+        " loop lag max ≤ 50 ms, /health p99 ≤ 100 ms, RSS back within 20% of idle."
+    )
+    return [
+        intro,
+        "",
+        *table(
+            [
+                "body kind (status)",
+                "loop lag max / p99",
+                "/health p50 / p99 / max",
+                "other requests served",
+                "RSS idle → burst → settled",
+            ],
+            rows,
+            numeric=False,
+        ),
+    ]

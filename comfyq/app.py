@@ -24,7 +24,9 @@ def create_app(services: Services, options: ApiOptions | None = None) -> web.App
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         if not services.started:
             await services.start()
+        app[API].loop_lag.start()
         yield
+        await app[API].loop_lag.stop()
         if services.started:
             await services.stop()
 

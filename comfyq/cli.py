@@ -1,4 +1,5 @@
-"""The ``comfyq`` command: serve | migrate | config | jobs ls/show/cancel/retry | prune."""
+"""The ``comfyq`` command: serve | migrate | config | jobs ls/show/cancel/retry | instances |
+prune."""
 
 from __future__ import annotations
 
@@ -17,15 +18,18 @@ from typing import Any, TypeVar
 from comfyq import logs
 from comfyq.config import ConfigError, Settings, load_settings, masked, parse_set_flags
 from comfyq.errors import ComfyqError
-from comfyq.store import JobStore, StoreError, open_store
+from comfyq.store import JobStore, State, StoreError, open_store
 
 log = logging.getLogger("comfyq")
 T = TypeVar("T")
 
 
-def _parser() -> argparse.ArgumentParser:
-    from comfyq.sim.generation import VERSIONS
+# comfyq.sim.generation.VERSIONS, spelled out so that every command does not import the
+# simulator (a test keeps the two equal).
+SIM_VERSIONS = ("0.3.64", "0.38")
 
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="comfyq", description="A durable API server in front of ComfyUI."
     )
@@ -48,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--comfyui-version",
-        choices=VERSIONS,
+        choices=SIM_VERSIONS,
         default=None,
         help="with --simulate: which ComfyUI protocol the simulator speaks (default: the newest)",
     )
@@ -68,6 +72,9 @@ def _parser() -> argparse.ArgumentParser:
     ):
         c = jsub.add_parser(name, help=text)
         c.add_argument("id")
+
+    ins = sub.add_parser("instances", help="the instances registered on the database")
+    ins.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     pr = sub.add_parser("prune", help="delete finished jobs and their files")
     pr.add_argument("--older-than", required=True, help="age such as 3600, 90m, 12h, 7d")
@@ -115,6 +122,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.cmd == "jobs":
             return _jobs(settings, args)
+        if args.cmd == "instances":
+            from comfyq.cluster.cli import main as instances
+
+            return instances(settings, args.json)
         if args.cmd == "prune":
             return _prune(settings, parse_age(args.older_than))
     except (ConfigError, StoreError) as exc:
@@ -154,8 +165,10 @@ async def serve(settings: Settings, *, comfyui_version: str | None = None) -> in
 
     from comfyq.api.server import Runner
     from comfyq.app import create_app
+    from comfyq.limits import fixed_mmap_threshold
     from comfyq.services import Services
 
+    fixed_mmap_threshold()  # large bodies' memory is returned after they are done
     sim = None
     backends = None
     if settings.simulate:
@@ -221,6 +234,7 @@ async def serve(settings: Settings, *, comfyui_version: str | None = None) -> in
         )
     bound = runner.addresses
     port = bound[0][1] if bound else settings.api_port
+    await services.cluster.listening_at(settings.api_host, int(port))
     log.info(
         "comfyq listening on http://%s:%s (database %s, backends %s)",
         settings.api_host,
@@ -286,6 +300,15 @@ def _migrate(settings: Settings) -> int:
     applied = asyncio.run(store.migrate())
     where = store.describe()
     print(f"{where}: applied {applied}" if applied else f"{where}: up to date")
+    if store.engine == "postgres":
+        from comfyq.cluster.migrate import migrate_url
+
+        cluster = asyncio.run(migrate_url(settings.database))
+        print(
+            f"{where}: cluster tables: applied {cluster}"
+            if cluster
+            else f"{where}: cluster tables: up to date"
+        )
     return 0
 
 
@@ -319,7 +342,7 @@ async def _jobs_cmd(store: JobStore, args: argparse.Namespace) -> int:
         job, tr = await store.request_cancel(args.id)
         if tr is not None:
             print(f"{args.id}: cancelled")
-        elif job.state == "running":
+        elif job.state == State.RUNNING:
             print(f"{args.id}: cancel requested; the server stops it within a few seconds")
         else:
             print(f"{args.id}: already {job.state}")

@@ -24,6 +24,8 @@ def _d(text: str, **kw: Any) -> msgspec.Meta:
 PosInt = Annotated[int, msgspec.Meta(ge=1)]
 NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
 PosFloat = Annotated[float, msgspec.Meta(gt=0)]
+Role = Literal["all", "api", "preprocess", "generate", "postprocess", "webhooks"]
+ROLES = ("api", "preprocess", "generate", "postprocess", "webhooks")
 
 
 class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -149,9 +151,13 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     http_keepalive_timeout: Annotated[
         float, _d("seconds an idle keep-alive connection stays open", gt=0)
     ] = 75.0
+    # 10,000, from bench/bench_queue_depth.py: up to there admission, /result (position and ETA)
+    # and /queue-info stay within a few ms p50 and the server under ~80 MB; at 50,000 waiting
+    # jobs /queue-info and the streams' shared ranking cost tens of ms each. The original
+    # wrapper's 100 was a cap on in-memory queues; this queue is a database.
     max_queue_size: Annotated[
         PosInt, _d("jobs not yet finished (all stages) beyond which new jobs get 503")
-    ] = 100
+    ] = 10000
 
     # --- pipeline ----------------------------------------------------------------------------
     preprocess_workers: Annotated[PosInt, _d("concurrent preprocess workers")] = 3
@@ -176,6 +182,29 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     shutdown_grace: Annotated[
         float, _d("seconds in-flight work gets on SIGTERM before it is left to resume", ge=0)
     ] = 20.0
+
+    # --- several instances -------------------------------------------------------------------
+    roles: Annotated[
+        list[Role],
+        _d(
+            "what this instance runs (comma separated): api, preprocess, generate, postprocess,"
+            " webhooks, or all"
+        ),
+    ] = msgspec.field(default_factory=lambda: ["all"])
+    instance_name: Annotated[
+        str,
+        _d("this instance's name in the registry (empty: host name and API port)"),
+    ] = ""
+    advertise_url: Annotated[
+        str,
+        _d(
+            "base URL other instances reach this one's API at, to fetch the output files it holds"
+            " (empty: http://<host name or api_host>:<port>)"
+        ),
+    ] = ""
+    instance_heartbeat: Annotated[
+        PosFloat, _d("seconds between an instance's heartbeats in the registry")
+    ] = 5.0
 
     # --- storage -----------------------------------------------------------------------------
     database: Annotated[
@@ -279,6 +308,11 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     webhook_max_age: Annotated[
         PosFloat, _d("seconds after which an undelivered webhook is given up")
     ] = 24 * 3600.0
+
+    @property
+    def active_roles(self) -> frozenset[str]:
+        """The roles this instance runs ("all" stands for every one of them)."""
+        return frozenset(ROLES) if "all" in self.roles or not self.roles else frozenset(self.roles)
 
     @property
     def backends(self) -> list[str]:

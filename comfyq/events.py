@@ -5,16 +5,22 @@ client can resume with Last-Event-ID from the table. Progress and previews live 
 subscriber has a bounded buffer: when it is full, progress and previews for it are dropped (and
 counted), never state changes and never the final event, and a slow subscriber never delays the
 publisher or anyone else.
+
+Several instances on one database: a store adapter that serves more than one instance provides a
+``Transport`` (SQLite needs none). The bus sends its live events through it and takes the other
+instances' live events from it (``receive``); their committed state changes reach the bus like
+local ones, through ``on_transitions``, after the adapter has read them from the shared table.
+Preview images stay on the instance whose ComfyUI produced them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, Self
+from typing import Any, Protocol, Self
 
 from comfyq.store.model import TERMINAL, State, Transition
 
@@ -35,6 +41,14 @@ class Event:
     @property
     def droppable(self) -> bool:
         return self.kind != "state"
+
+
+class Transport(Protocol):
+    """Carries live events to the other instances that share the store."""
+
+    def send_live(self, job_id: str, kind: str, event_id: str, data: dict[str, Any]) -> None:
+        """Queue one live event for the other instances; never blocks, may coalesce progress."""
+        ...
 
 
 class Subscription:
@@ -109,6 +123,11 @@ class EventBus:
         self._seq = itertools.count(1)
         self.progress: dict[str, dict[str, Any]] = {}  # latest live progress of running jobs
         self.published = 0
+        self.transport: Transport | None = None
+        self.received = 0  # live events that came from other instances
+        self._ended: OrderedDict[str, None] = (
+            OrderedDict()
+        )  # recently ended jobs (with a transport)
 
     def subscribe(self, *keys: str, maxsize: int | None = None) -> Subscription:
         sub = Subscription(self, set(), maxsize or self._buffer)
@@ -143,6 +162,10 @@ class EventBus:
                 self.progress.pop(tr.job_id, None)
             if final:
                 self._last_row.pop(tr.job_id, None)
+                if self.transport is not None:
+                    self._ended[tr.job_id] = None
+                    if len(self._ended) > 4096:
+                        self._ended.popitem(last=False)
             if tr.job_id not in subs and ALL not in subs:
                 self.published += 1  # nobody listens: the event is not even built
                 continue
@@ -172,8 +195,34 @@ class EventBus:
         if kind == "progress":
             self.progress[job_id] = data
         seq = next(self._seq)
+        row = self._last_row.get(job_id, 0)
+        if self.transport is not None and payload is None:
+            # Subscribers elsewhere are not known here: every live event goes out (the transport
+            # coalesces progress); previews (image bytes) stay on this instance.
+            self.transport.send_live(job_id, kind, f"{row}.{seq}", data)
         if job_id not in self._subs and ALL not in self._subs:
             self.published += 1
             return
-        row = self._last_row.get(job_id, 0)
         self.publish(Event(job_id, f"{row}.{seq}", kind, data, payload=payload))
+
+    def receive(self, job_id: str, kind: str, event_id: str, data: dict[str, Any]) -> None:
+        """A live event of another instance (its id already made there), for local subscribers."""
+        self.received += 1
+        row = row_of(event_id)
+        if row is None:
+            return
+        if row < self._last_row.get(job_id, 0):
+            return  # from before a state change already published here
+        if job_id in self._ended:
+            return  # a late progress tick of a job that has ended meanwhile
+        if kind == "progress":
+            self.progress[job_id] = data
+        if job_id not in self._subs and ALL not in self._subs:
+            return
+        self.publish(Event(job_id, event_id, kind, data))
+
+
+def row_of(event_id: str) -> int | None:
+    """The events-table row a live event id ``"<row>.<n>"`` refers to; None if unreadable."""
+    head = event_id.split(".", 1)[0]
+    return int(head) if head.isdigit() and len(head) < 19 else None

@@ -212,3 +212,26 @@ def input_errors(raw_input: dict[str, Any], limits: BodyLimits) -> FieldErrors:
     if isinstance(workflow, dict) and workflow:
         errors += workflow_errors(workflow, limits)
     return errors
+
+
+def fixed_mmap_threshold(threshold: int = 256 * 1024) -> bool:
+    """Keep large buffers (request bodies, decoded inputs) in their own mappings, so that memory
+    freed after a burst of large bodies goes back to the system.
+
+    glibc raises its mmap threshold each time a mapped block is freed (up to 32 MiB); after the
+    first 16 MiB body, later ones come from the heap, whose free space stays resident (measured:
+    RSS 50 -> 363 MB after three 16 MiB bodies, and it stayed there). Setting the threshold
+    turns that adjustment off. False where there is no glibc (the default behaviour stays)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_mmap_threshold = -3  # from malloc.h
+    return bool(mallopt(ctypes.c_int(m_mmap_threshold), ctypes.c_int(threshold)))

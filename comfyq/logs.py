@@ -265,7 +265,7 @@ class TextFormatter(logging.Formatter):
 # Loggers whose debug output is noise or carries job payloads (SQL parameters): never below WARNING.
 QUIET_ALWAYS = ("aiosqlite", "markdown_it", "charset_normalizer", "multipart", "PIL")
 # Wire-level chatter of the S3 and HTTP libraries: WARNING unless comfyq runs at debug.
-QUIET_UNLESS_DEBUG = ("botocore", "aiobotocore", "boto3", "s3transfer", "urllib3", "aioboto3")
+QUIET_UNLESS_DEBUG = ("botocore", "aiobotocore", "boto3", "s3transfer", "urllib3")
 
 
 def setup(

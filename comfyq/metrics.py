@@ -107,6 +107,28 @@ class _Levels(Collector):
                 restarts.add_metric([b["url"]], proc.get("restarts") or 0)
                 running.add_metric([b["url"]], float(proc.get("state") == "running"))
         yield from (up, http, ws, inflight, warm, restarts, running)
+        models = lv.get("models")
+        if models:
+            yield GaugeMetricFamily(
+                "comfyq_model_cache_bytes",
+                "Bytes of the models comfyq downloaded into COMFYUI_MODELS_DIR (input.models)",
+                value=models["bytes"],
+            )
+            yield GaugeMetricFamily(
+                "comfyq_model_cache_budget_bytes",
+                "COMFYQ_MODEL_CACHE_GB in bytes",
+                value=models["budget"],
+            )
+            yield CounterMetricFamily(
+                "comfyq_model_downloads",
+                "Models downloaded (shared downloads count once)",
+                value=models["downloads"],
+            )
+            yield CounterMetricFamily(
+                "comfyq_model_evictions",
+                "Downloaded models deleted to stay in the budget",
+                value=models["evictions"],
+            )
         g = GaugeMetricFamily(
             "comfyq_webhook_deliveries",
             "Webhook deliveries in the outbox by state",
@@ -130,6 +152,31 @@ class _Levels(Collector):
         )
         yield CounterMetricFamily(
             "comfyq_events_published", "Events published on the bus", value=lv.get("published", 0)
+        )
+        inst = GaugeMetricFamily(
+            "comfyq_instance_up",
+            "Instances registered on the store: 1 alive (heard within three heartbeats), 0 not",
+            labels=["instance", "name", "roles"],
+        )
+        heard = GaugeMetricFamily(
+            "comfyq_instance_heartbeat_age_seconds",
+            "Seconds since each registered instance's last heartbeat",
+            labels=["instance", "name"],
+        )
+        for i in lv.get("instances", []):
+            inst.add_metric([i["id"], i["name"], ",".join(i["roles"])], float(bool(i["alive"])))
+            heard.add_metric([i["id"], i["name"]], i["heartbeat_age"])
+        yield from (inst, heard)
+        link = lv.get("cluster", {})
+        yield CounterMetricFamily(
+            "comfyq_cluster_events_received",
+            "State changes of other instances received through the store",
+            value=link.get("received_events", 0),
+        )
+        yield CounterMetricFamily(
+            "comfyq_cluster_live_received",
+            "Live events (progress, text) of other instances received",
+            value=link.get("received_live", 0),
         )
 
 
@@ -241,11 +288,21 @@ class Metrics:
             "queues": await svc.store.counts(),
             "stages": svc.pipeline.health(),
             "backends": svc.pool.snapshot(),
+            "models": svc.models.stats() if getattr(svc, "models", None) is not None else None,
             "subscribers": svc.bus.subscribers(),
             "published": svc.bus.published,
+            "instances": await _instances(svc),
+            "cluster": svc.cluster.health(),
             "at": time.time(),
         }
 
     async def render(self) -> bytes:
         await self.refresh()
         return generate_latest(self.registry)
+
+
+async def _instances(svc: Any) -> list[dict[str, Any]]:
+    try:
+        return list(await svc.cluster.instances())
+    except Exception:  # noqa: BLE001 - a scrape must not fail because the registry is away
+        return []

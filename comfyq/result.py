@@ -7,6 +7,7 @@ read. Output files are inlined as base64 only when the request asked for it, rea
 from __future__ import annotations
 
 import asyncio
+import base64
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -192,6 +193,10 @@ class Results:
         self._cache: OrderedDict[tuple[str, str], Result] = OrderedDict()
         self._cache_size = cache_size
         self._loading: dict[str, asyncio.Future[tuple[Job, Result] | None]] = {}
+        # Several instances: fetches (bytes, error) of a file another instance holds.
+        self.remote: (
+            Callable[[Job, str, int], Awaitable[tuple[bytes | None, str | None]]] | None
+        ) = None
 
     async def shared(self, job_id: str) -> tuple[Job, Result] | None:
         """Job and Result, one load shared by every concurrent caller (a final event fans out)."""
@@ -223,7 +228,7 @@ class Results:
         if hooked:
             res.webhooks = deliveries(await self.webhook_history(job.id))  # type: ignore[misc]
         if wants_base64(job) and res.output:
-            await self.inline(res)
+            await self.inline(res, job)
         elif job.terminal and not hooked:  # deliveries go on changing after the job's end
             self._cache[key] = res
             if len(self._cache) > self._cache_size:
@@ -235,10 +240,17 @@ class Results:
         rows = await self.reads.outputs([j.id for j in jobs])
         return [to_result(j, rows.get(j.id, []), self.bus.progress.get(j.id)) for j in jobs]
 
-    async def inline(self, res: Result) -> None:
-        """Fill ``output[i].data`` with base64 of the local file, size-capped."""
+    async def inline(self, res: Result, job: Job | None = None) -> None:
+        """Fill ``output[i].data`` with base64 of the local file, size-capped (a file another
+        instance holds is fetched from it)."""
         for o in res.output:
             if o.local_path and o.data is None:
                 o.data, err = await inline_file(o.local_path, self.base64_max_bytes)
+                if err and job is not None and self.remote is not None:
+                    raw, remote_err = await self.remote(job, o.filename, self.base64_max_bytes)
+                    if raw is not None:
+                        o.data, err = base64.b64encode(raw).decode("ascii"), None
+                    elif remote_err:
+                        err = f"{err}; {remote_err}"
                 if err and not o.error:
                     o.error = err

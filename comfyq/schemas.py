@@ -457,6 +457,22 @@ class StoreHealth(Struct):
     error: str | None = None
 
 
+class InstanceHealth(Struct):
+    id: Annotated[str, _d("the lease owner it writes on the jobs it claims")]
+    name: str
+    url: Annotated[str, _d("where the other instances reach its API")]
+    roles: list[str]
+    backends: list[str]
+    host: str
+    pid: int
+    version: str
+    started_at: Annotated[float, _d("epoch seconds")]
+    heartbeat_age: Annotated[float, _d("seconds since its last heartbeat")]
+    alive: Annotated[bool, _d("not stopped and heard from within three heartbeats")]
+    stopped: bool
+    self: Annotated[bool, _d("this is the instance that answered")] = False
+
+
 class Health(Struct, omit_defaults=True):
     status: Literal["healthy", "unhealthy"]
     store: StoreHealth
@@ -465,6 +481,10 @@ class Health(Struct, omit_defaults=True):
     backends: list[BackendHealth]
     queues: QueueInfo | None = None
     reason: str | None = None
+    roles: Annotated[list[str] | None, _d("what this instance runs (COMFYQ_ROLES)")] = None
+    instances: Annotated[
+        list[InstanceHealth] | None, _d("every instance registered on the store")
+    ] = None
 
 
 encoder = msgspec.json.Encoder()

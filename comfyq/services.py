@@ -6,13 +6,19 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 import shutil
+import socket
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from yarl import URL
 
 from comfyq.clock import Clock
+from comfyq.cluster.files import OutputRouter
+from comfyq.cluster.link import ClusterLink, LocalLink
+from comfyq.cluster.member import Membership
 from comfyq.comfy.backends import BackendPool
 from comfyq.comfy.supervisor import Supervisor, command_for
 from comfyq.comfy.warmup import Warmup, WarmupFileError, load_workflow
@@ -28,9 +34,10 @@ from comfyq.outputs.s3 import S3Uploader
 from comfyq.stages.generate import Generate
 from comfyq.stages.postprocess import Postprocess
 from comfyq.stages.preprocess import Preprocess
-from comfyq.stages.runner import Pipeline, RunnerConfig
+from comfyq.stages.runner import Pipeline, RunnerConfig, StageHandler
 from comfyq.store import JobStore, Stage, open_store
 from comfyq.store.assets import AssetStore
+from comfyq.store.postgres import PostgresStore
 from comfyq.v2.resolve import AssetResolver
 from comfyq.webhooks import WebhookConfig, WebhookSender
 from modifiers import ModifierRegistry
@@ -43,9 +50,15 @@ class Services:
     """The store, the bus, the backends, the pipeline and the maintenance tasks of one server."""
 
     def __init__(
-        self, settings: Settings, *, clock: Clock | None = None, backends: list[str] | None = None
+        self,
+        settings: Settings,
+        *,
+        clock: Clock | None = None,
+        backends: list[str] | None = None,
+        link: ClusterLink | None = None,
     ) -> None:
         self.settings = settings
+        self.roles = settings.active_roles
         self.clock = clock or Clock()
         self.backend_urls = backends or settings.backends
         self.db_path = Path(settings.database)  # the SQLite file (meaningless for a server URL)
@@ -53,6 +66,7 @@ class Services:
         self.store = open_store(settings.database, clock=self.clock)
         self.bus = EventBus()
         self.store.listen(self.bus.on_transitions)
+        self.link: ClusterLink = link or _link_for(settings.database, self.store.owner)
         self.guard = AddressGuard(settings.url_allowlist)
         self.downloader = Downloader(
             Path(settings.cache_dir),
@@ -99,35 +113,40 @@ class Services:
         self.webhooks = WebhookSender(self.store, self.guard, WebhookConfig.from_settings(settings))
         self.generate = Generate(self.pool, failover_after=settings.backend_failover_after)
         self.asset_resolver = AssetResolver(self.store)  # Comfy API v2 assets (comfyq/v2)
+        self.postprocess = Postprocess(
+            self.pool,
+            self.output_dir,
+            uploader=self.uploader,
+            fail_on_upload_error=settings.s3_fail_job_on_upload_error,
+            convert_default=(
+                ConvertSpec(
+                    settings.output_convert_format,
+                    settings.output_convert_quality,
+                    settings.output_convert_max_side,
+                )
+                if settings.output_convert_format
+                else None
+            ),
+        )
+        handlers: dict[Stage, StageHandler] = {
+            Stage.PREPROCESS: Preprocess(
+                self.registry, self.downloader, self.asset_resolver, models=self.models
+            ),
+            Stage.GENERATE: self.generate,
+            Stage.POSTPROCESS: self.postprocess,
+        }
+        workers = {
+            Stage.PREPROCESS: settings.preprocess_workers,
+            Stage.GENERATE: settings.generation_workers * len(self.backend_urls),
+            Stage.POSTPROCESS: settings.postprocess_workers,
+        }
+        # COMFYQ_ROLES: an instance runs only the stages it has the role of (its workers claim
+        # only those); the others' jobs wait in the shared queue for the instances that do.
         self.pipeline = Pipeline(
             self.store,
             self.bus,
-            {
-                Stage.PREPROCESS: Preprocess(
-                    self.registry, self.downloader, self.asset_resolver, models=self.models
-                ),
-                Stage.GENERATE: self.generate,
-                Stage.POSTPROCESS: Postprocess(
-                    self.pool,
-                    self.output_dir,
-                    uploader=self.uploader,
-                    fail_on_upload_error=settings.s3_fail_job_on_upload_error,
-                    convert_default=(
-                        ConvertSpec(
-                            settings.output_convert_format,
-                            settings.output_convert_quality,
-                            settings.output_convert_max_side,
-                        )
-                        if settings.output_convert_format
-                        else None
-                    ),
-                ),
-            },
-            {
-                Stage.PREPROCESS: settings.preprocess_workers,
-                Stage.GENERATE: settings.generation_workers * len(self.backend_urls),
-                Stage.POSTPROCESS: settings.postprocess_workers,
-            },
+            {n: h for n, h in handlers.items() if n in self.roles},
+            workers,
             RunnerConfig(
                 lease=settings.lease_seconds,
                 retry_base=settings.retry_base_delay,
@@ -135,29 +154,66 @@ class Services:
                 idle_poll=settings.claim_poll_interval,
             ),
         )
+        self.cluster = Membership(
+            settings,
+            self.link,
+            instance_id=self.store.owner,
+            bus=self.bus,
+            wake=[self.bus.on_transitions, self.pipeline.wake],
+            pool=self.pool if "generate" in self.roles else None,
+            backends=self.backend_urls,
+            rescue=self.store.recover,
+            outbox_rescue=(
+                partial(self.store.outbox_recover, settings.webhook_max_attempts)
+                if "webhooks" in self.roles
+                else None
+            ),
+        )
+        self.postprocess.holder = lambda: self.cluster.me.name
+        if "webhooks" in self.roles:
+            # A job that ended on another instance queued its webhook: any sender may take it.
+            self.cluster.on_outbox = self.webhooks.wake
+        if isinstance(self.store, PostgresStore):
+            # recover() at start and the cluster's rescue take the jobs of dead instances only.
+            self.store.dead_owners = self.cluster.dead_owners
+        self.outputs = OutputRouter(
+            self.cluster, api_key=settings.api_keys[0] if settings.api_keys else None
+        )
         self._tasks: list[asyncio.Task[Any]] = []
         self.started = False
 
     def _client_id(self, url: str) -> str:
-        """Stable per (database file, backend): one server per file, so never shared while alive."""
-        return hashlib.sha256(f"comfyq|{self.store.identity}|{url}".encode()).hexdigest()[:32]
+        """Stable per (database, backend), and per instance when the database is shared: ComfyUI
+        sends a prompt's messages to one websocket per client id, so instances sharing a backend
+        must not share an id, while a restarted instance must get its old one back."""
+        key = f"comfyq|{self.store.identity}|{url}"
+        if self.link.shared:
+            s = self.settings
+            key += "|" + (s.instance_name or f"{socket.gethostname()}:{s.api_port or os.getpid()}")
+        return hashlib.sha256(key.encode()).hexdigest()[:32]
 
     async def start(self) -> None:
         """Take the database lock, migrate, connect to ComfyUI, resume jobs, start workers."""
         self.output_dir.mkdir(parents=True, exist_ok=True)
         await self.store.open(exclusive=True)
         try:
-            for sup in self.supervisors:
-                await sup.start()
-            for be in self.pool.backends:
-                be.client.on_preview = self.generate.on_preview
-            await self.pool.start()
+            # Before the workers start: a job admitted elsewhere must wake them from the first one.
+            await self.cluster.start()
+            if "generate" in self.roles:
+                # Only a generate instance runs and talks to ComfyUI (and logs BACKENDS_READY).
+                for sup in self.supervisors:
+                    await sup.start()
+                for be in self.pool.backends:
+                    be.client.on_preview = self.generate.on_preview
+                await self.pool.start()
             await self.pipeline.start()
-            await self.webhooks.start()
+            if "webhooks" in self.roles:
+                await self.webhooks.start()
         except BaseException:
             await self.pool.close()
             for sup in self.supervisors:
                 await sup.stop()
+            await self.cluster.stop()
             await self.store.close()
             raise
         self._tasks.append(
@@ -166,6 +222,10 @@ class Services:
         if self.settings.retention_seconds > 0:
             self._tasks.append(
                 asyncio.create_task(self._every(self.settings.prune_interval, self.prune))
+            )
+        else:  # jobs are kept, but an upload given expires_in still goes when it expires
+            self._tasks.append(
+                asyncio.create_task(self._every(self.settings.prune_interval, self.prune_uploads))
             )
         self.started = True
 
@@ -184,6 +244,8 @@ class Services:
         await self._step("downloader", self.downloader.close(), 10)
         if self.models is not None:
             await self._step("model downloads", self.models.close(), 10)
+        await self._step("cluster", self.cluster.stop(), 10)
+        await self._step("output router", self.outputs.close(), 5)
         # Last and unbounded: the writer finishes every write already asked for, then closes.
         await self.store.close()
         self.started = False
@@ -213,10 +275,23 @@ class Services:
         """Delete finished jobs (and their files) older than the retention age."""
         age = self.settings.retention_seconds if older_than is None else older_than
         n = await prune_jobs(self.store, self.output_dir, age)
-        await prune_assets(self.asset_resolver.assets, Path(self.settings.assets_dir).absolute())
+        await self.prune_uploads()
         # Cached inputs are referenced by waiting jobs: keep them at least twice the job deadline.
         await self.downloader.prune(max(age, 2 * self.settings.job_timeout))
         return n
+
+    async def prune_uploads(self) -> None:
+        """Comfy API v2 uploads past their expires_at, and the blob files no asset uses."""
+        await prune_assets(self.asset_resolver.assets, Path(self.settings.assets_dir).absolute())
+
+
+def _link_for(database: str, owner: str) -> ClusterLink:
+    """The store's link to other instances: Postgres is shared, a SQLite file is not."""
+    if database.startswith(("postgresql://", "postgres://")):
+        from comfyq.cluster.pg import PgLink
+
+        return PgLink(database, app_name=owner)
+    return LocalLink()
 
 
 async def prune_jobs(store: JobStore, output_dir: Path, older_than: float) -> int:

@@ -24,8 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-import aiofiles  # type: ignore[import-untyped]  # no stubs; aiofiles goes in issue 21 step 5
-import aiofiles.os  # type: ignore[import-untyped]  # no stubs; aiofiles goes in issue 21 step 5
 import msgspec
 
 UrlResolver = Callable[[str], Awaitable[str]]
@@ -129,6 +127,19 @@ def looks_like_url(value: object) -> bool:
     return not any(c.isspace() for c in value)
 
 
+_URL_START = re.compile(rb"(?i)https?://")
+_JSON_ESCAPED = re.compile(rb'["\\\x00-\x1f]')
+
+
+def _json_text(workflow: Any) -> bytes | None:
+    """The workflow as JSON, to look for a string in it at C speed instead of walking every value
+    in Python (5,000 nodes: ~50 ms per walk); None when it cannot be encoded (then walk)."""
+    try:
+        return msgspec.json.encode(workflow)
+    except (msgspec.EncodeError, TypeError, ValueError):
+        return None
+
+
 def string_slots(obj: Any) -> Iterator[tuple[dict[Any, Any] | list[Any], Any, str]]:
     """Every (container, key, string value) in a nested dict/list structure."""
     stack: list[Any] = [obj]
@@ -144,6 +155,9 @@ def string_slots(obj: Any) -> Iterator[tuple[dict[Any, Any] | list[Any], Any, st
 
 async def replace_urls(workflow: Any, resolve: UrlResolver) -> None:
     """Replace every whole-string http(s) URL in ``workflow`` by ``await resolve(url)``."""
+    text = _json_text(workflow)
+    if text is not None and not _URL_START.search(text):
+        return
     slots = [(c, k, v) for c, k, v in string_slots(workflow) if looks_like_url(v)]
     if not slots:
         return
@@ -169,11 +183,23 @@ def replace_random_ints(
 ) -> None:
     """Replace ``placeholder`` values: whole strings become ints, embedded ones are substituted."""
     pattern = re.compile(re.escape(placeholder))
+    literal = placeholder.encode()
+    text = _json_text(workflow)
+    if text is not None and not _JSON_ESCAPED.search(literal) and literal not in text:
+        return  # (a placeholder JSON would escape is looked for the slow way)
     for container, key, value in list(string_slots(workflow)):
         if value == placeholder:
             container[key] = random.randint(lo, hi)
         elif placeholder in value:
             container[key] = pattern.sub(lambda _m: str(random.randint(lo, hi)), value)
+
+
+def _read_if_changed(path: Path, cached: _CachedFile | None) -> tuple[int, int, str | None]:
+    """(mtime_ns, size, text), the text None when ``cached`` still holds it (blocking)."""
+    st = path.stat()
+    if cached is not None and (cached.mtime_ns, cached.size) == (st.st_mtime_ns, st.st_size):
+        return st.st_mtime_ns, st.st_size, None
+    return st.st_mtime_ns, st.st_size, path.read_text(encoding="utf-8")
 
 
 async def read_workflow_file(path: Path) -> dict[str, Any]:
@@ -185,13 +211,14 @@ async def read_workflow_file(path: Path) -> dict[str, Any]:
     else:
         if cached is not None:
             cached.checked_at = now  # concurrent loads keep using the text meanwhile
-        st = await aiofiles.os.stat(path)
-        if cached is not None and (cached.mtime_ns, cached.size) == (st.st_mtime_ns, st.st_size):
+        # One thread hop: the stat, and the read only when the file changed.
+        mtime_ns, size, fresh = await asyncio.to_thread(_read_if_changed, path, cached)
+        if fresh is None:
+            assert cached is not None  # None only when the cached stat matched
             text = cached.text
         else:
-            async with aiofiles.open(path, encoding="utf-8") as f:
-                text = await f.read()
-        _workflow_cache[path] = _CachedFile(st.st_mtime_ns, st.st_size, text, now)
+            text = fresh
+        _workflow_cache[path] = _CachedFile(mtime_ns, size, text, now)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:

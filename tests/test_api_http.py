@@ -207,6 +207,11 @@ async def test_openapi_is_generated_from_the_types_and_matches_the_routes(server
         served = dict(doc["components"]["schemas"][name])
         if name == "Input":  # plus the typed modifiers' tagged union (test_peers_typed checks it)
             assert served.pop("anyOf")[0] == {"$ref": "#/components/schemas/ModifierCall"}
+            # and the one rule msgspec cannot state: exactly one of workflow_json and modifier
+            assert [alt["required"] for alt in served.pop("oneOf")] == [
+                ["workflow_json"],
+                ["modifier"],
+            ]
         assert served == json.loads(json.dumps(schema))
     body_ref = doc["paths"]["/generate"]["post"]["requestBody"]["content"]["application/json"][
         "schema"

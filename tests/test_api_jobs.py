@@ -16,9 +16,10 @@ from support import serve
 from support.servers import MakeServer, Server, pause, resume, wait_healthy
 from support.workflows import workflow
 
+from comfyq.config import Settings
 from comfyq.sim import Simulator
 from comfyq.sim.generation import VERSIONS
-from comfyq.store.model import Stage
+from comfyq.store.model import Stage, State
 
 _colors = itertools.count(1000)
 
@@ -182,7 +183,7 @@ async def test_sync_client_disconnect_does_not_cancel(server: Server, simulator:
             await r.read()
     await until(state_is(server, "gone", "completed", "failed", "cancelled"))
     job = await server.services.store.get("gone")
-    assert job is not None and job.state == "completed"
+    assert job is not None and job.state == State.COMPLETED
 
 
 # --- cancel -------------------------------------------------------------------------------------
@@ -223,7 +224,7 @@ async def _stage(srv: Server, job_id: str, stage: str) -> bool:
     return (
         job is not None
         and job.stage == stage
-        and job.state == "running"
+        and job.state == State.RUNNING
         and bool(job.comfy_prompt_id)
     )
 
@@ -245,7 +246,7 @@ async def test_queue_info_counts_waiting_and_in_flight(server: Server) -> None:
     assert (
         info["preprocess_in_flight"] == 0
         and info["unfinished"] == 3
-        and info["max_queue_size"] == 100
+        and info["max_queue_size"] == Settings().max_queue_size
     )
 
 
@@ -346,7 +347,7 @@ async def test_positions_follow_priority_then_age_and_eta_uses_measurements(
 
 async def _waiting_in(srv: Server, job_id: str, stage: str) -> bool:
     job = await srv.services.store.get(job_id)
-    return job is not None and job.state == "pending" and job.stage == stage
+    return job is not None and job.state == State.PENDING and job.stage == stage
 
 
 # --- outputs and base64 ---------------------------------------------------------------------------

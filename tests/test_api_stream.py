@@ -16,8 +16,9 @@ from support.servers import MakeServer, Server, pause, wait_healthy
 from support.workflows import workflow
 
 from comfyq.api.context import ApiOptions
+from comfyq.config import Settings
 from comfyq.sim import Simulator
-from comfyq.store.model import Stage
+from comfyq.store.model import Stage, State
 
 _colors = itertools.count(5000)
 
@@ -101,7 +102,8 @@ async def test_generate_stream_tells_the_whole_story(server: Server, simulator: 
     statuses = [e["status"] for e in got.events if e["event"] == "state"]
     assert statuses.index("generating") < statuses.index("postprocessing")
     waiting = [e for e in got.events if e.get("queue_position")]
-    assert waiting and all(e["queue_info"]["max_queue_size"] == 100 for e in waiting)
+    limit = Settings().max_queue_size  # the default, as the server runs with it
+    assert waiting and all(e["queue_info"]["max_queue_size"] == limit for e in waiting)
 
 
 async def test_heartbeat_comments_while_nothing_happens(
@@ -169,7 +171,7 @@ async def test_slow_subscriber_loses_progress_not_the_final_and_slows_no_one(
     await srv.session.post(srv.u("/generate"), json=body(request_id="busy", blur=True))
     for _ in range(500):
         job = await srv.services.store.get("busy")
-        if job is not None and job.stage == "generate" and job.state == "running":
+        if job is not None and job.stage == Stage.GENERATE and job.state == State.RUNNING:
             break
         await asyncio.sleep(0.01)
     lazy = aiohttp.ClientSession()
@@ -205,7 +207,7 @@ async def test_waiting_job_hears_when_the_queue_moves(server: Server) -> None:
         await server.session.post(server.u("/generate"), json=body(request_id=rid))
     for _ in range(500):
         job = await server.services.store.get("behind")
-        if job is not None and job.stage == "generate" and job.state == "pending":
+        if job is not None and job.stage == Stage.GENERATE and job.state == State.PENDING:
             break
         await asyncio.sleep(0.01)
     async with server.session.get(server.u("/jobs/behind/events")) as r:
@@ -233,7 +235,7 @@ async def test_stream_client_disconnect_does_not_cancel(
         if job is not None and job.terminal:
             break
         await asyncio.sleep(0.02)
-    assert job is not None and job.state == "completed"
+    assert job is not None and job.state == State.COMPLETED
 
 
 # --- websocket ------------------------------------------------------------------------------------

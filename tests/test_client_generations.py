@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import pytest
 from support.client import EventLog, invert_workflow, new_id, txt2img_workflow
 
 from comfyq.comfy.client import ComfyClient
+from comfyq.comfy.jobsapi import GONE, cancel_job, locate_job
 from comfyq.comfy.protocol import parse_text_frame
 from comfyq.errors import Interrupted, ValidationError
 from comfyq.outputs.local import hash_and_type
@@ -108,6 +110,19 @@ async def test_capabilities_are_probed_not_assumed(
         bare = await make_sim(NEW, assets=False)
         other = await make_client(bare.url)
         assert "assets" not in (await other.probe()).names()
+
+
+async def test_probed_once_when_the_probe_comes_before_the_socket(make_sim: MakeSim) -> None:
+    sim = await make_sim(NEW)
+    client = ComfyClient(sim.url, request_timeout=5.0, reconnect_min=0.02)
+    try:
+        await client.probe()  # as the pool may: before the websocket ever connected
+        await client.start()
+        assert client.ws_connected and not client.capabilities_stale
+        sim.drop_websockets()  # a later reconnect may be another server: probe again
+        await wait_until(lambda: client.ws_connected and client.capabilities_stale)
+    finally:
+        await client.close()
 
 
 async def test_a_restart_as_another_version_is_probed_again(
@@ -398,3 +413,23 @@ async def test_svg_and_xml_outputs_are_typed_by_their_bytes(
         await client.download(name, "", "input", dest)
         assert dest.read_bytes() == data
         assert hash_and_type(dest)[2] == mime  # what comfyq records for the output
+
+
+async def test_jobs_routes_gone_after_a_downgrade_fall_back(
+    make_sim: MakeSim, make_client: MakeClient
+) -> None:
+    # Capabilities say jobs API, but the server behind the URL is a 0.3.64 now (restarted between
+    # two probes): the routes answer 404/405, the client falls back and probes again.
+    sim = await make_sim(OLD)
+    client = await make_client(sim.url)
+    assert await locate_job(client._request, client._http_error, new_id()) == GONE
+    assert await cancel_job(client._request, client._http_error, new_id()) == GONE
+    pid = new_id()
+    await client.submit(invert_workflow("down", 71), pid)
+    async with asyncio.timeout(GUARD):
+        await client.follow(pid)
+    client._caps = replace(await client.probe(), jobs_api=True, atomic_cancel=True)  # stale view
+    assert (await client.locate(pid))[0] == "done"  # answered the old way
+    assert client.capabilities_stale  # and the next use probes again
+    await client.cancel(new_id())
+    assert not (await client.ensure_capabilities()).jobs_api

@@ -16,6 +16,7 @@ from comfyq.services import Services
 from comfyq.sim import Simulator
 from comfyq.sim.generation import OLD, VERSIONS
 from comfyq.store import Job, NewJob
+from comfyq.store.model import State
 
 
 @pytest.fixture(params=VERSIONS)
@@ -107,7 +108,7 @@ async def test_success_records_outputs_and_progress(tmp_path: Path, sim: Simulat
         sub = svc.bus.subscribe("a")
         await submit(svc, "a", wf(1, blur=True))
         job = await final(svc, "a")
-        assert job.state == "completed" and job.attempts == 1
+        assert job.state == State.COMPLETED and job.attempts == 1
         kinds = []
         while (ev := await sub.get(0)) is not None:
             kinds.append((ev.kind, ev.data.get("node_type")))
@@ -119,7 +120,7 @@ async def test_success_records_outputs_and_progress(tmp_path: Path, sim: Simulat
         )
         # Same workflow again: ComfyUI answers from its cache with the old file name; we get it.
         await submit(svc, "b", wf(1, blur=True))
-        assert (await final(svc, "b")).state == "completed"
+        assert (await final(svc, "b")).state == State.COMPLETED
         (out_b,) = await svc.store.outputs("b")
         assert out_b["sha256"] == out["sha256"]
         job_b = await svc.store.get("b")
@@ -136,7 +137,7 @@ async def test_validation_error_is_kept_whole(tmp_path: Path, sim: Simulator) ->
         bad["1"]["inputs"]["width"] = "abc"
         await submit(svc, "v", bad)
         job = await final(svc, "v")
-        assert job.state == "failed" and job.attempts == 1
+        assert job.state == State.FAILED and job.attempts == 1
         assert job.error is not None and job.error["type"] == "validation_error"
         details = job.error["details"]
         assert details["error"]["type"] == "prompt_outputs_failed_validation"
@@ -152,7 +153,7 @@ async def test_runtime_error_names_the_node(tmp_path: Path, sim: Simulator) -> N
     try:
         await submit(svc, "e", wf(3))
         job = await final(svc, "e")
-        assert job.state == "failed" and job.attempts == 1
+        assert job.state == State.FAILED and job.attempts == 1
         err = job.error
         assert err is not None
         assert (err["type"], err["node_id"], err["node_type"]) == ("node_error", "2", "ImageInvert")
@@ -175,7 +176,7 @@ async def test_comfyui_restart_mid_job_resubmits_and_completes(
         await asyncio.sleep(0.5)
         await sim.restart()
         job = await final(svc, "r", timeout=30)
-        assert job.state == "completed" and job.attempts == 2
+        assert job.state == State.COMPLETED and job.attempts == 2
         assert len(sim.prompts_received) == 2  # the lost prompt, and its one resubmission
         msgs = [e["message"] for e in await svc.store.events("r")]
         assert any("prompt_lost" in m or "comfyui" in m.lower() for m in msgs)
@@ -193,7 +194,7 @@ async def test_failed_submission_costs_one_attempt_not_two(tmp_path: Path, sim: 
     try:
         await submit(svc, "f", wf(5))
         job = await final(svc, "f")
-        assert job.state == "completed" and job.attempts == 2
+        assert job.state == State.COMPLETED and job.attempts == 2
         assert len(sim.prompts_received) == 1
         msgs = [e["message"] for e in await svc.store.events("f")]
         assert not any("prompt_lost" in m for m in msgs), msgs
@@ -213,10 +214,10 @@ async def test_cancel_running_interrupts_that_prompt_only(tmp_path: Path, sim: S
         await started(svc, "c", sim)
         await svc.pipeline.cancel("c")
         job = await final(svc, "c")
-        assert job.state == "cancelled" and (job.error or {}).get("type") == "cancelled"
+        assert job.state == State.CANCELLED and (job.error or {}).get("type") == "cancelled"
         # The next job runs at once: the interrupt stopped ComfyUI's work on the cancelled prompt.
         await submit(svc, "d", wf(6))
-        assert (await final(svc, "d", timeout=5)).state == "completed"
+        assert (await final(svc, "d", timeout=5)).state == State.COMPLETED
     finally:
         await svc.stop()
 
@@ -230,7 +231,7 @@ async def test_deadline_fails_with_timeout_and_stops_the_prompt(
     try:
         await submit(svc, "t", wf(7, blur=True), timeout=1.0)
         job = await final(svc, "t")
-        assert job.state == "failed" and (job.error or {}).get("type") == "timeout"
+        assert job.state == State.FAILED and (job.error or {}).get("type") == "timeout"
     finally:
         await svc.stop()
 
@@ -266,7 +267,7 @@ async def test_all_backends_down_jobs_wait_then_run(tmp_path: Path, sim: Simulat
         assert job is not None and not job.terminal  # waiting, not failed
         assert not svc.pool.any_healthy()
         await sim.restart()
-        assert (await final(svc, "w")).state == "completed"
+        assert (await final(svc, "w")).state == State.COMPLETED
     finally:
         await svc.stop()
 
@@ -301,7 +302,7 @@ async def test_comfyq_restart_follows_a_prompt_still_running(
                 await asyncio.sleep(0.01)
         sim.release_starts()
         job = await final(svc, "k")
-        assert job.state == "completed" and job.attempts == 1
+        assert job.state == State.COMPLETED and job.attempts == 1
         assert len(sim.prompts_received) == 1  # followed, never submitted again
         assert job.result is not None and job.result["outputs"]["3"]["images"]
         timing = job.result["comfy_timing"]
@@ -326,7 +327,7 @@ async def test_comfyq_restart_takes_a_finished_prompts_outcome(
         svc = make(tmp_path, [sim.url])
         await svc.start()
         job = await final(svc, "h")
-        assert job.state == "completed" and job.attempts == 1
+        assert job.state == State.COMPLETED and job.attempts == 1
         assert len(sim.prompts_received) == 1
         timing = job.result["comfy_timing"]  # type: ignore[index]
         assert timing["ended_at"] >= timing["started_at"]

@@ -15,11 +15,14 @@ from typing import Any
 
 import aiohttp
 import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 from support.s3 import FaultyProxy, make_bucket
 from support.servers import MakeServer, Server, wait_healthy
 from support.webhooks import Receiver, deliveries, delivery_ended, wait_until
 from support.workflows import workflow
 
+from comfyq.errors import OutputError
 from comfyq.outputs.local import job_dir, safe_name
 from comfyq.outputs.s3 import S3Uploader
 from comfyq.stages.postprocess import Postprocess
@@ -86,20 +89,39 @@ async def get(url: str) -> tuple[int, bytes]:
         return r.status, await r.read()
 
 
-def test_file_names_cannot_escape_the_job_folder(tmp_path: Path) -> None:
-    for evil in (
-        "../../etc/passwd",
-        "/etc/cron.d/x",
-        "..\\..\\boot.ini",
-        "a/../../b.png",
-        ".hidden",
-    ):
-        name = safe_name(evil, "../../sub")
-        assert "/" not in name and "\\" not in name and not name.startswith(".")
-        assert (job_dir(tmp_path, "job1") / name).resolve().parent == (tmp_path / "job1").resolve()
-    for bad_id in ("..", "../x", "/abs", "a/b", ""):
-        with pytest.raises(Exception, match="job id"):
-            job_dir(tmp_path, bad_id)
+@settings(max_examples=500, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(filename=st.text(), subfolder=st.text())
+@example("../../etc/passwd", "../../sub")
+@example("/etc/cron.d/x", "../../sub")
+@example("..\\..\\boot.ini", "../../sub")
+@example("a/../../b.png", "../../sub")
+@example(".hidden", "../../sub")
+def test_file_names_cannot_escape_the_job_folder(
+    tmp_path: Path, filename: str, subfolder: str
+) -> None:
+    try:
+        name = safe_name(filename, subfolder)
+    except OutputError:
+        return  # nothing usable left of it: refused, never guessed
+    assert name and len(name) <= 200 and not name.startswith(".")
+    assert "/" not in name and "\\" not in name and "\x00" not in name
+    assert (job_dir(tmp_path, "job1") / name).resolve().parent == (tmp_path / "job1").resolve()
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(job_id=st.text())
+@example("..")
+@example("../x")
+@example("/abs")
+@example("a/b")
+@example("")
+def test_a_job_id_names_one_folder_below_the_root_or_none(tmp_path: Path, job_id: str) -> None:
+    try:
+        folder = job_dir(tmp_path, job_id)
+    except OutputError as exc:
+        assert "job id" in exc.message
+        return
+    assert folder.parent == tmp_path and folder.name == job_id
 
 
 async def test_request_s3_and_webhook_end_to_end_without_leaking_secrets(

@@ -202,6 +202,11 @@ async def test_lru_budget_evicts_only_what_comfyq_downloaded(
     assert srv.services.models is not None and srv.services.models.evicted == [
         "loras/m2.safetensors"
     ]
+    async with srv.session.get(srv.u("/metrics")) as r:
+        metrics = await r.text()
+    assert "comfyq_model_evictions_total 1.0" in metrics
+    assert "comfyq_model_downloads_total 3.0" in metrics
+    assert f"comfyq_model_cache_bytes {2 * len(files.files['m1.safetensors'])}.0" in metrics
 
 
 async def test_models_are_refused_at_admission_without_a_models_dir_or_with_bad_names(

@@ -18,7 +18,7 @@ from comfyq.errors import ComfyUIUnreachable, NodeError
 from comfyq.events import EventBus
 from comfyq.stages.runner import JobContext, Pipeline, RunnerConfig, StageDone
 from comfyq.store import Job, JobStore, NewJob, open_store
-from comfyq.store.model import STAGES, Stage
+from comfyq.store.model import STAGES, Stage, State
 
 
 class Recorder:
@@ -111,7 +111,9 @@ async def test_retryable_error_retries_with_backoff_then_succeeds(rig: Rig) -> N
     store, bus, _, handlers = rig
     await store.create(job(1, generate={"fail_retryable": 2}), 10)
     j = await wait_final(bus, store, "j1")
-    assert j.state == "completed" and j.attempts == 3 and handlers[Stage.GENERATE].runs["j1"] == 3
+    assert (
+        j.state == State.COMPLETED and j.attempts == 3 and handlers[Stage.GENERATE].runs["j1"] == 3
+    )
     msgs = [e["message"] for e in await store.events("j1")]
     assert sum("retrying" in m for m in msgs) == 2
 
@@ -121,7 +123,7 @@ async def test_retryable_error_fails_once_attempts_are_spent(rig: Rig) -> None:
     await store.create(job(1, generate={"fail_retryable": 99}), 10)
     j = await wait_final(bus, store, "j1")
     assert (
-        j.state == "failed"
+        j.state == State.FAILED
         and j.attempts == 3
         and (j.error or {}).get("type") == "comfyui_unreachable"
     )
@@ -131,7 +133,7 @@ async def test_non_retryable_error_fails_at_once_with_typed_error(rig: Rig) -> N
     store, bus, _, handlers = rig
     await store.create(job(1, generate={"fail": True}), 10)
     j = await wait_final(bus, store, "j1")
-    assert j.state == "failed" and handlers[Stage.GENERATE].runs["j1"] == 1
+    assert j.state == State.FAILED and handlers[Stage.GENERATE].runs["j1"] == 1
     assert j.error == {
         "type": "node_error",
         "message": "boom",
@@ -146,7 +148,7 @@ async def test_a_bug_in_a_stage_fails_that_job_only(rig: Rig) -> None:
     await store.create(job(1, preprocess={"crash": True}), 10)
     await store.create(job(2), 10)
     assert ((await wait_final(bus, store, "j1")).error or {}).get("type") == "internal_error"
-    assert (await wait_final(bus, store, "j2")).state == "completed"
+    assert (await wait_final(bus, store, "j2")).state == State.COMPLETED
     assert all(s["alive"] == 2 for s in pipe.health().values())
 
 
@@ -154,7 +156,7 @@ async def test_deadline_fails_a_running_job_with_timeout(rig: Rig) -> None:
     store, bus, _, handlers = rig
     await store.create(job(1, timeout=0.5, generate={"sleep": 30}), 10)
     j = await wait_final(bus, store, "j1")
-    assert j.state == "failed" and (j.error or {}).get("type") == "timeout"
+    assert j.state == State.FAILED and (j.error or {}).get("type") == "timeout"
     assert handlers[Stage.GENERATE].cleaned == [("j1", "timeout")]
 
 
@@ -164,16 +166,16 @@ async def test_cancel_waiting_and_running_jobs(rig: Rig) -> None:
     started = handlers[Stage.GENERATE].started.setdefault("j1", asyncio.Event())
     await asyncio.wait_for(started.wait(), 5)
     j = await pipe.cancel("j1")
-    assert j.state == "running"
+    assert j.state == State.RUNNING
     j = await wait_final(bus, store, "j1")
-    assert j.state == "cancelled" and handlers[Stage.GENERATE].cleaned == [("j1", "cancel")]
+    assert j.state == State.CANCELLED and handlers[Stage.GENERATE].cleaned == [("j1", "cancel")]
     # A waiting job (run_after far away keeps it waiting) is cancelled at once.
     await store.create(job(2), 10)
     j2 = await pipe.cancel("j2")
     assert j2.state in ("cancelled", "running")
     assert (await wait_final(bus, store, "j2")).state in ("cancelled", "completed")
     # Finished: unchanged.
-    assert (await pipe.cancel("j1")).state == "cancelled"
+    assert (await pipe.cancel("j1")).state == State.CANCELLED
 
 
 async def test_shutdown_releases_running_jobs_for_the_next_start(tmp_path: Path) -> None:

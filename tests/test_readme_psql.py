@@ -14,6 +14,8 @@ import psycopg
 from support.servers import MakeServer, wait_healthy
 from support.workflows import workflow
 
+from comfyq.store.model import State
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
@@ -38,7 +40,7 @@ async def test_psql_recipes_run_on_a_real_database(make_server: MakeServer, pg_u
     async with asyncio.timeout(30):  # hang guard only
         while (job := await srv.services.store.get("my-first-job")) is None or not job.terminal:
             await asyncio.sleep(0.05)
-    assert job.state == "completed"
+    assert job.state == State.COMPLETED
     sqls = recipes()
     assert len(sqls) >= 15
     binary = shutil.which("psql")

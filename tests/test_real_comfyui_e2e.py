@@ -20,6 +20,7 @@ from support import serve
 from comfyq.config import Settings
 from comfyq.services import Services
 from comfyq.store import Job, NewJob
+from comfyq.store.model import State
 
 URL = os.environ.get("COMFYUI_TEST_URL", "")
 pytestmark = [
@@ -109,7 +110,7 @@ async def test_raw_workflow_runs_with_progress_and_output(svc: Services) -> None
         },
     }
     job, kinds = await run(svc, "real-raw", {"workflow_json": wf})
-    assert job.state == "completed", job.error
+    assert job.state == State.COMPLETED, job.error
     assert "progress" in kinds
     (out,) = await svc.store.outputs("real-raw")
     assert out["mimetype"] == "image/png" and Path(out["local_path"]).read_bytes()[:4] == b"\x89PNG"
@@ -125,7 +126,7 @@ async def test_raw_workflow_with_an_image_url(svc: Services, image_server: str) 
         },
     }
     job, _ = await run(svc, "real-url", {"workflow_json": wf})
-    assert job.state == "completed", job.error
+    assert job.state == State.COMPLETED, job.error
     assert job.prepared is not None and job.prepared["inputs"][0]["name"].startswith("cq_")
     assert len(await svc.store.outputs("real-url")) == 1
 
@@ -145,5 +146,5 @@ async def test_modifier_with_modifications(svc: Services, image_server: str) -> 
             },
         },
     )
-    assert job.state == "completed", job.error
+    assert job.state == State.COMPLETED, job.error
     assert len(await svc.store.outputs("real-mod")) == 1

@@ -3,6 +3,7 @@ deterministic keys, presigned URLs, multipart, idempotent re-runs, transient err
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 from collections.abc import AsyncIterator
@@ -11,7 +12,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from support.s3 import FaultyProxy, make_bucket
+from support.s3 import FaultyProxy, make_bucket, open_multipart_uploads
 
 from comfyq.netguard import AddressGuard
 from comfyq.outputs.s3 import LocalFile, S3ConfigError, S3Settings, S3Uploader, resolve
@@ -175,6 +176,28 @@ async def test_large_files_go_up_in_parts_and_reruns_are_skipped(
     before = len(proxy.writes())
     [again] = await up.upload_all(target, "job-2", [f])
     assert again.skipped and again.url is not None and len(proxy.writes()) == before
+
+
+async def test_a_cancelled_multipart_upload_is_aborted(
+    proxy: FaultyProxy, moto_url: str, tmp_path: Path
+) -> None:
+    make_bucket(moto_url, "outs-e")
+    up = uploader(
+        proxy.url, "outs-e", multipart_threshold=5 * MiB, part_size=5 * MiB, part_concurrency=1
+    )
+    target = up.target(None, None)
+    assert target is not None
+    f = file_of(tmp_path, "big.bin", os.urandom(11 * MiB), "application/octet-stream")
+    proxy.fault_methods = {"PUT"}  # the upload is created (POST ?uploads); its first part hangs
+    proxy.faults.append("hang")
+    task = asyncio.create_task(up.upload_all(target, "job-5", [f]))
+    await asyncio.wait_for(proxy.hung.wait(), 30)
+    assert await asyncio.to_thread(open_multipart_uploads, moto_url, "outs-e")  # begun
+    task.cancel()  # e.g. the job's deadline, or a shutdown
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert [s.method for s in proxy.seen if "uploadId=" in s.query][-1] == "DELETE"
+    assert await asyncio.to_thread(open_multipart_uploads, moto_url, "outs-e") == []
 
 
 async def test_transient_errors_are_retried(

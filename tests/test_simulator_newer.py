@@ -16,8 +16,9 @@ import blake3
 import pytest
 from support.sim import WsRecorder, wait_history
 
+from comfyq.cli import SIM_VERSIONS
 from comfyq.sim import Simulator
-from comfyq.sim.generation import NEW, OLD
+from comfyq.sim.generation import NEW, NEWEST, OLD, VERSIONS
 
 SVG = b'<svg xmlns="http://www.w3.org/2000/svg" width="2" height="2"/>\n'
 
@@ -59,7 +60,8 @@ async def old(tmp_path: Path) -> Any:
 
 
 async def test_default_is_the_newest(sim: Simulator, http: aiohttp.ClientSession) -> None:
-    assert sim.comfyui_version == NEW
+    assert sim.comfyui_version == NEW and NEWEST == NEW
+    assert SIM_VERSIONS == VERSIONS  # comfyq serve --comfyui-version offers exactly these
     _, stats = await get(http, sim.url + "/system_stats")
     system = stats["system"]
     assert system["comfyui_version"] == "0.38.1" and system["os"] == sys.platform

@@ -36,10 +36,14 @@ async def test_full_lifecycle_writes_every_event(store: JobStore) -> None:
     assert created and job.status == "queued" and job.attempts == 0
     for stage, msg in ((Stage.PREPROCESS, "p"), (Stage.GENERATE, "g"), (Stage.POSTPROCESS, "pp")):
         (claimed,) = await store.claim(stage, 1, 30, msg)
-        assert claimed.stage == stage and claimed.state == "running" and claimed.lease_owner == "w1"
+        assert (
+            claimed.stage == stage
+            and claimed.state == State.RUNNING
+            and claimed.lease_owner == "w1"
+        )
         store.clock.advance(1.5)  # type: ignore[attr-defined]
         tr = await store.advance("1", f"{stage} done")
-    assert tr.to_state == "completed" and tr.job is not None
+    assert tr.to_state == State.COMPLETED and tr.job is not None
     assert tr.job.timings["preprocess_ms"] == 1500 and tr.job.timings["total_ms"] == 4500
     events = await store.events("1")
     assert [(e["from_state"], e["to_state"], e["stage"]) for e in events] == [
@@ -102,7 +106,7 @@ async def test_claim_order_priority_then_age(store: JobStore) -> None:
     got = await store.claim(Stage.PREPROCESS, 4, 30, "p")
     assert [j.id for j in got] == ["2", "4", "1", "3"]
     (job,) = [j for j in await store.list_jobs() if j.id == "3"]
-    assert job.state == "running"
+    assert job.state == State.RUNNING
 
 
 async def test_queue_position(store: JobStore) -> None:
@@ -148,7 +152,7 @@ async def test_expired_lease_is_requeued_then_failed_when_attempts_spent(store: 
     store.clock.advance(31)  # type: ignore[attr-defined]
     (tr,) = await store.reap(grace=30)
     assert (
-        tr.to_state == "failed"
+        tr.to_state == State.FAILED
         and tr.job is not None
         and (tr.job.error or {}).get("type") == "lease_expired"
     )
@@ -159,13 +163,13 @@ async def test_retry_with_backoff_then_failure(store: JobStore) -> None:
     await store.claim(Stage.PREPROCESS, 1, 30, "p")
     err = {"type": "comfyui_unreachable", "message": "down"}
     tr = await store.retry_later("1", 5.0, err)
-    assert tr.to_state == "pending" and tr.attempt == 2 and tr.data == {"error": err}
+    assert tr.to_state == State.PENDING and tr.attempt == 2 and tr.data == {"error": err}
     assert await store.claim(Stage.PREPROCESS, 1, 30, "p") == []  # not before run_after
     store.clock.advance(5)  # type: ignore[attr-defined]
     (job,) = await store.claim(Stage.PREPROCESS, 1, 30, "p")
     assert job.attempts == 2
     tr = await store.retry_later("1", 5.0, err)
-    assert tr.to_state == "failed" and tr.job is not None and tr.job.error == err
+    assert tr.to_state == State.FAILED and tr.job is not None and tr.job.error == err
 
 
 async def test_deadline_fails_waiting_job_with_timeout(store: JobStore) -> None:
@@ -175,7 +179,7 @@ async def test_deadline_fails_waiting_job_with_timeout(store: JobStore) -> None:
     store.clock.advance(5)  # type: ignore[attr-defined]
     (tr,) = await store.reap(grace=5)
     assert (
-        tr.to_state == "failed"
+        tr.to_state == State.FAILED
         and tr.job is not None
         and (tr.job.error or {}).get("type") == "timeout"
     )
@@ -186,13 +190,13 @@ async def test_cancel_in_every_state(store: JobStore) -> None:
         await store.create(new(i), 10)
     # pending -> cancelled at once
     job, tr = await store.request_cancel("0")
-    assert tr is not None and job.state == "cancelled"
+    assert tr is not None and job.state == State.CANCELLED
     # running -> marked; the worker's next step turns it into cancelled
     await store.claim(Stage.PREPROCESS, 3, 30, "p")
     job, tr = await store.request_cancel("1")
-    assert tr is None and job.state == "running" and job.cancel_requested
+    assert tr is None and job.state == State.RUNNING and job.cancel_requested
     tr = await store.advance("1", "preprocess done")
-    assert tr.to_state == "cancelled"
+    assert tr.to_state == State.CANCELLED
     # running, worker dies: reaper cancels instead of requeueing
     await store.request_cancel("2")
     store.clock.advance(31)  # type: ignore[attr-defined]
@@ -200,7 +204,7 @@ async def test_cancel_in_every_state(store: JobStore) -> None:
     assert {t.job_id: t.to_state for t in trs}["2"] == "cancelled"
     # terminal -> unchanged
     job, tr = await store.request_cancel("0")
-    assert tr is None and job.state == "cancelled"
+    assert tr is None and job.state == State.CANCELLED
     with pytest.raises(NotFound):
         await store.request_cancel("missing")
 
@@ -239,7 +243,7 @@ async def test_retry_job_and_prune(store: JobStore) -> None:
     await store.claim(Stage.PREPROCESS, 1, 30, "p")
     await store.finish("1", State.FAILED, "boom", error={"type": "node_error", "message": "boom"})
     tr = await store.retry_job("1")
-    assert tr.to_state == "pending" and tr.job is not None and tr.job.error is None
+    assert tr.to_state == State.PENDING and tr.job is not None and tr.job.error is None
     await store.claim(Stage.PREPROCESS, 1, 30, "p")
     await store.finish("1", State.COMPLETED, "ok")
     assert await store.prune(older_than=60) == []

@@ -22,6 +22,7 @@ import psycopg
 from support.servers import MakeServer, Server, wait_healthy
 from support.workflows import workflow
 
+from comfyq.store.model import State
 from comfyq.store.postgres.migrate import files
 
 
@@ -140,7 +141,7 @@ async def _completed(srv: Server, job_id: str, timeout: float = 30.0) -> None:
         while True:
             job = await srv.services.store.get(job_id)
             if job is not None and job.terminal:
-                assert job.state == "completed", (job.state, job.message)
+                assert job.state == State.COMPLETED, (job.state, job.message)
                 return
             await asyncio.sleep(0.05)
 
@@ -161,7 +162,10 @@ async def test_a_lost_database_pauses_the_queue_and_it_resumes(
     await relay.cut()
     status, body, headers = await _post(srv, 2, "during")
     assert status == 503 and body["error"]["type"] == "store_unavailable"
-    assert headers["Retry-After"].isdigit()
+    assert headers["Retry-After"].isdigit() and "127.0.0.1" not in body["error"]["message"]
+    async with srv.session.get(srv.u("/api/v2/jobs")) as r:  # the v2 surface too
+        assert r.status == 503 and r.headers["Retry-After"].isdigit()
+        assert (await r.json())["error"]["code"] == "store_unavailable"
     status, health = await _health(srv)
     assert status == 503 and health["store"]["writable"] is False
     assert f"127.0.0.1:{relay.port}" in health["store"]["path"] and health["store"]["error"]

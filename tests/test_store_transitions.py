@@ -6,18 +6,19 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import random
 import sqlite3
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 from support.store import StoreFactory, database, engine, make_store, rows
 
 from comfyq.clock import ManualClock, iso
 from comfyq.errors import Conflict, LeaseLost, NotFound, QueueFull
 from comfyq.store import JobStore, NewJob
-from comfyq.store.model import Stage
+from comfyq.store.model import Stage, State
 from comfyq.store.sqlite import SqliteStore
 from comfyq.store.sqlite.journal import stamp
 
@@ -95,7 +96,7 @@ async def test_hand_off_writes_what_advance_then_claim_writes(store: JobStore) -
             ]
             assert (
                 trs[0].job is not None
-                and trs[0].job.state == "pending"
+                and trs[0].job.state == State.PENDING
                 and trs[0].job.lease_owner is None
             )
             assert trs[1].job is not None and trs[1].job.lease_owner == "w1"
@@ -105,7 +106,7 @@ async def test_hand_off_writes_what_advance_then_claim_writes(store: JobStore) -
             await store.claim(Stage.POSTPROCESS, 1, 30, "Post-processing")
         clock.advance(0.5)
         done = await store.advance(job_id, "Processing complete.", None, [OUTPUT])
-        assert done.to_state == "completed"
+        assert done.to_state == State.COMPLETED
     a, b = rows(store, "SELECT * FROM jobs WHERE id IN ('steps', 'merged') ORDER BY id DESC")
     for r in (a, b):
         r.pop("id")
@@ -143,7 +144,7 @@ async def test_hand_off_refuses_what_advance_refuses(
     assert rows(store, "SELECT count(*) AS n FROM job_events")[0]["n"] == before
     await store.request_cancel("cancelled")
     (tr,) = await store.advance_and_claim("cancelled", "done", {"prepared": {}}, 30, "g")
-    assert tr.to_state == "cancelled"
+    assert tr.to_state == State.CANCELLED
     assert rows(store, "SELECT prepared FROM jobs WHERE id = 'cancelled'") == [{"prepared": None}]
 
 
@@ -160,7 +161,7 @@ async def test_completion_erases_secrets_and_queues_the_webhook_in_its_commit(
         if stage != "postprocess":
             await store.advance("j", f"{stage} done")
     tr = await store.advance("j", "Processing complete.", {"result": {"warnings": []}}, [OUTPUT])
-    assert tr.to_state == "completed" and tr.job is not None
+    assert tr.to_state == State.COMPLETED and tr.job is not None
     assert tr.job.timings["postprocess_ms"] == 1000 and tr.job.timings["total_ms"] == 3000
     assert tr.job.finished_at == tr.at and tr.job.result == {"warnings": []}
     assert rows(store, "SELECT count(*) AS n FROM job_secrets") == [{"n": 0}]
@@ -250,9 +251,19 @@ async def test_stop_finishes_writes_not_yet_handed_over(make_store: StoreFactory
     assert rows(s, "SELECT id FROM jobs") == [{"id": "late"}]
 
 
-def test_the_stores_timestamp_text_is_clock_iso() -> None:
-    rng = random.Random(7)
-    values = [rng.uniform(0, 4e9) for _ in range(20000)]
-    values += [T0 + k / 1e6 + 5e-7 for k in range(-500, 500)]  # half-microsecond ties
-    values += [T0 + 0.9999995, T0 + 0.99999949, 0.0, 5e-7, 1.5e-6, math.nextafter(T0 + 5e-7, 0)]
-    assert [stamp(v) for v in values] == [iso(v) for v in values]
+@settings(max_examples=3000, deadline=None)
+@given(st.floats(min_value=0, max_value=4e9))
+@example(T0 + 0.9999995)
+@example(T0 + 0.99999949)
+@example(0.0)
+@example(5e-7)
+@example(1.5e-6)
+@example(math.nextafter(T0 + 5e-7, 0))
+def test_the_stores_timestamp_text_is_clock_iso(t: float) -> None:
+    assert stamp(t) == iso(t)
+
+
+@given(st.integers(min_value=-500_000, max_value=500_000))
+def test_half_microsecond_ties_round_as_clock_iso(k: int) -> None:
+    t = T0 + k / 1e6 + 5e-7  # exactly between two microseconds, as nearly as a float gets
+    assert stamp(t) == iso(t)

@@ -450,3 +450,27 @@ async def test_hostile_submissions_are_4xx(make_server: MakeServer) -> None:
     bad_name = {"workflow": {"1": {"class_type": "Save\x00Image", "inputs": {}}}}
     status, resp, _ = await submit(srv, bad_name)
     assert status == 422 and check_error(resp, "invalid_workflow")
+
+
+async def test_listing_pages_and_label_filters(server: Server) -> None:
+    await wait_healthy(server)
+    ids = []
+    for i in range(3):
+        body = {"workflow": graph(), "metadata": {"run": str(i % 2), "team": "a"}}
+        status, job, _ = await submit(server, body)
+        assert status == 201 and job["metadata"] == body["metadata"]
+        ids.append(job["id"])
+    status, page, _ = await call(server, "GET", "/api/v2/jobs?limit=2")
+    assert status == 200 and [j["id"] for j in page["jobs"]] == ids[::-1][:2]
+    status, rest, _ = await call(
+        server, "GET", f"/api/v2/jobs?limit=2&cursor={page['next_cursor']}"
+    )
+    assert status == 200 and [j["id"] for j in rest["jobs"]] == [ids[0]]
+    assert "next_cursor" not in rest
+    status, got, _ = await call(server, "GET", "/api/v2/jobs?metadata[run]=0&metadata[team]=a")
+    assert status == 200 and [j["id"] for j in got["jobs"]] == [ids[2], ids[0]]
+    assert all(check("Job", j)["metadata"]["run"] == "0" for j in got["jobs"])
+    status, resp, _ = await call(server, "GET", "/api/v2/jobs?cursor=nope!")
+    assert status == 422 and check_error(resp, "invalid_request")
+    status, resp, _ = await submit(server, {"workflow": graph(), "metadata": {"k": 5}})
+    assert status == 422 and check_error(resp, "metadata_invalid")

@@ -11,6 +11,7 @@ from typing import Any
 import aiohttp
 from blake3 import blake3
 from PIL import Image
+from support.s3 import make_bucket
 from support.servers import MakeServer, Server, pause, resume, wait_healthy
 from support.v2 import check, check_error
 
@@ -197,3 +198,128 @@ async def test_asset_job_placement_and_holds(server: Server) -> None:
         assert r.status == 409 and check_error(await r.json(), "asset_in_use")
     async with server.session.delete(server.u(f"/api/v2/assets/{asset['id']}")) as r:
         assert r.status == 204
+
+
+async def test_an_output_kept_in_s3_redirects_to_its_presigned_url(
+    make_server: MakeServer, moto_url: str
+) -> None:
+    make_bucket(moto_url, "v2-outs")
+    srv = await make_server(
+        s3_access_key_id="OPKEY",
+        s3_secret_access_key="opsecret",
+        s3_bucket_name="v2-outs",
+        s3_endpoint_url=moto_url,
+        s3_region="us-east-1",
+    )
+    await wait_healthy(srv)
+    wf = {
+        "1": {
+            "class_type": "EmptyImage",
+            "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 4242},
+        },
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "s3"}},
+    }
+    async with srv.session.post(srv.u("/api/v2/jobs"), json={"workflow": wf}) as r:
+        job = await r.json()
+    for _ in range(1000):
+        async with srv.session.get(srv.u(job["urls"]["self"])) as r:
+            body = await r.json()
+        if body["status"] in ("succeeded", "failed"):
+            break
+        await asyncio.sleep(0.02)
+    assert body["status"] == "succeeded", body
+    (out,) = check("Job", body)["outputs"]
+    async with srv.session.get(out["url"], allow_redirects=False) as r:
+        assert r.status == 302
+        location = r.headers["Location"]
+    assert "/v2-outs/" in location and "X-Amz-Signature=" in location
+    async with aiohttp.ClientSession() as s, s.get(location) as r:
+        data = await r.read()
+    assert r.status == 200 and len(data) == out["size_bytes"] and b3(data) == out["hash"]
+
+
+async def test_malformed_multipart_is_4xx(server: Server) -> None:
+    cases: list[tuple[str, bytes]] = [
+        ("multipart/form-data", b"--x\r\n"),
+        ("multipart/form-data; boundary=xyz", b"garbage without any boundary"),
+        ("multipart/form-data; boundary=xyz", b"--xyz\r\nContent-Disposition: form-data\r\n\r\n"),
+        (
+            "multipart/form-data; boundary=xyz",
+            b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="a"\r\n\r\nabc',
+        ),
+        (
+            "multipart/form-data; boundary=xyz",
+            b"--xyz\r\nbroken header line\r\n\r\nv\r\n--xyz--\r\n",
+        ),
+        ("multipart/mixed; boundary=xyz", b"--xyz--\r\n"),
+    ]
+    for ctype, body in cases:
+        async with server.session.post(
+            server.u("/api/v2/assets"), data=body, headers={"Content-Type": ctype}
+        ) as r:
+            assert 400 <= r.status < 500, (ctype, body, r.status, await r.text())
+            check("ErrorEnvelope", await r.json())
+    assert blob_files(server) == []
+
+
+async def test_odd_ranges_never_fail_the_server(server: Server) -> None:
+    data = png((5, 6, 7))
+    _, asset = await upload(server, data)
+    for value in (
+        "bytes=abc",
+        "bytes=5-2",
+        "items=0-1",
+        "bytes=0-1,3-4",
+        "bytes=-5",
+        "bytes=",
+        "x",
+    ):
+        async with server.session.get(asset["url"], headers={"Range": value}) as r:
+            body = await r.read()
+            assert r.status in (200, 206, 400, 416), (value, r.status)
+            if r.status == 206:
+                assert body and len(body) <= len(data)
+
+
+async def test_the_v2_surface_on_postgres(make_server: MakeServer, pg_url: str) -> None:
+    """The same routes over the PostgreSQL store: upload, a job using the asset, its output,
+    concurrent duplicates of one Idempotency-Key, deletes and holds."""
+    srv = await make_server(database=pg_url)
+    await wait_healthy(srv)
+    data = png((90, 80, 70), size=24)
+    status, asset = await upload(srv, data)
+    assert status == 201 and check("Asset", asset)["hash"] == b3(data)
+    status, again = await upload(srv, data)
+    assert status == 200 and again["created_new"] is False
+    ref = {"__type": "core/ASSET", "info": {"id": asset["id"]}}
+    wf = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": ref}},
+        "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "pg"}},
+    }
+
+    async def post(key: str) -> tuple[int, Any]:
+        async with srv.session.post(
+            srv.u("/api/v2/jobs"), json={"workflow": wf}, headers={"Idempotency-Key": key}
+        ) as r:
+            return r.status, await r.json()
+
+    results = await asyncio.gather(*(post("pg-dup") for _ in range(6)))
+    assert sorted(s for s, _ in results) == [201] + [422] * 5
+    job = next(b for s, b in results if s == 201)
+    for _ in range(1000):
+        async with srv.session.get(srv.u(job["urls"]["self"])) as r:
+            body = await r.json()
+        if body["status"] in ("succeeded", "failed"):
+            break
+        await asyncio.sleep(0.02)
+    assert check("Job", body)["status"] == "succeeded", body
+    (out,) = body["outputs"]
+    async with srv.session.get(out["url"], headers={"Range": "bytes=0-3"}) as r:
+        assert r.status == 206 and await r.read() == b"\x89PNG"
+    async with srv.session.delete(srv.u(f"/api/v2/assets/{out['id']}")) as r:
+        assert r.status == 409
+    async with srv.session.delete(srv.u(f"/api/v2/assets/{again['id']}")) as r:
+        assert r.status == 204
+    async with srv.session.get(srv.u("/api/v2/jobs?limit=5")) as r:
+        assert [j["id"] for j in (await r.json())["jobs"]] == [job["id"]]

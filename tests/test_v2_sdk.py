@@ -17,7 +17,7 @@ from PIL import Image
 from support.servers import MakeServer, ThreadServer, wait_healthy
 from support.v2 import check
 
-from comfyq.store.model import Stage
+from comfyq.store.model import Stage, State
 
 _colors = itertools.count(40)
 
@@ -79,8 +79,9 @@ def test_sync_sdk_runs_a_workflow_with_an_uploaded_asset(
         wf_back = job.get_workflow()
         assert wf_back.format == "api"
         assert wf_back.graph["1"]["inputs"]["image"].startswith("v2_")
-        listed = [s.id for s in client.list_jobs(limit=10)]
-        assert job.id in listed
+        listed = {s.id: s for s in client.list_jobs(limit=10)}
+        assert job.id in listed and listed[job.id].status == "succeeded"
+        assert listed[job.id].create_time is not None and listed[job.id].update_time is not None
 
 
 def test_sync_sdk_events_and_errors(sdk_server: ThreadServer) -> None:
@@ -160,13 +161,13 @@ async def test_async_sdk_run_cancel_and_missing_asset(
         assert held.status == "queued"
         for _ in range(500):  # through preprocess, then held before generation
             row = await srv.services.store.get(held.id)
-            if row is not None and row.stage == "generate":
+            if row is not None and row.stage == Stage.GENERATE:
                 break
             await asyncio.sleep(0.01)
         await held.cancel()
         assert held.status == "canceled"
         stored = await srv.services.store.get(held.id)
-        assert stored is not None and stored.state == "cancelled"
+        assert stored is not None and stored.state == State.CANCELLED
         srv.services.pipeline.stages[Stage.GENERATE].resume()
         check("Job", (await _raw_job(srv, job.id)))
 

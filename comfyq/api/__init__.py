@@ -26,6 +26,7 @@ from comfyq.schemas import (
     QueueInfo,
     Ready,
     Result,
+    StreamEvent,
 )
 from comfyq.v2 import routes as v2_routes
 
@@ -36,7 +37,21 @@ _SSE = Reply(
     "text/event-stream: one `data:` JSON StreamEvent per state change or progress step, each"
     " with an `id:`; comment heartbeats; the last event has status final_result and the Result",
     media="text/event-stream",
-    schema={"type": "string"},
+    # Open API 3.1: the schema of a text/event-stream describes one event.
+    schema={
+        "type": "object",
+        "properties": {
+            "id": {"type": "string"},
+            "event": {"type": "string"},
+            "retry": {"type": "integer"},
+            "data": {
+                "type": "string",
+                "contentMediaType": "application/json",
+                "contentSchema": {"$ref": "#/components/schemas/StreamEvent"},
+            },
+        },
+    },
+    components=(StreamEvent,),
 )
 _LOC = {"Location": "/result/{id}"}
 _QUEUE_FULL = Reply(
@@ -101,10 +116,13 @@ ROUTES: list[Route] = [
         replies={
             200: Reply("completed", Result),
             202: Reply("timeout elapsed; the job goes on", Result),
-            400: Reply("invalid request, or ComfyUI rejected the workflow (Result)", Result),
+            400: Reply(
+                "invalid request (error envelope), or ComfyUI rejected the workflow (Result)",
+                (ErrorBody, Result),
+            ),
             409: _CONFLICT,
             499: Reply("cancelled", Result),
-            500: Reply("the job failed", Result),
+            500: Reply("the job failed (Result)", (ErrorBody, Result)),
             502: Reply("ComfyUI was unreachable", Result),
             503: _QUEUE_FULL,
         },
@@ -234,8 +252,8 @@ ROUTES: list[Route] = [
         ],
         replies={
             200: Reply(
-                "the file",
-                media="application/octet-stream",
+                "the file, with its own media type (image/png, video/mp4, ...)",
+                media="*/*",
                 schema={"type": "string", "format": "binary"},
             )
         },

@@ -13,6 +13,7 @@ from aiohttp import web
 
 from comfyq.api.auth import Keys
 from comfyq.api.queue import QueueView
+from comfyq.looplag import LoopLag
 from comfyq.metrics import Metrics
 from comfyq.result import Results
 from comfyq.schemas import ErrorBody, ErrorInfo
@@ -52,10 +53,14 @@ class Api:
             base64_max_bytes=self.settings.output_base64_max_bytes,
             webhook_history=partial(history, self.store),
         )
+        self.results.remote = services.outputs.fetch
         self.queue = QueueView(
             self.store, self.reads, self.pipeline, max_queue_size=self.settings.max_queue_size
         )
+        # Other instances' state changes move this instance's queue positions too.
+        services.cluster.wake.append(self.queue.on_transitions)
         self.metrics = Metrics(services)
+        self.loop_lag = LoopLag(self.metrics.registry)  # started with the app (needs its loop)
         # Bounds the reads of a connection burst, and with them the server's memory high-water mark.
         self.stream_setup = asyncio.Semaphore(options.stream_setups)
 

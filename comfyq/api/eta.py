@@ -55,9 +55,11 @@ class Durations:
     async def means(self, kind: str | None) -> dict[Stage, float] | None:
         """Mean seconds per stage for ``kind`` (None: all kinds); None before any job completed."""
         if not self._loaded:
-            if self._loading is None:
-                self._loading = asyncio.ensure_future(self._load())
-            await asyncio.shield(self._loading)
+            fut = self._loading
+            if fut is None or (fut.done() and (fut.cancelled() or fut.exception() is not None)):
+                # A load that failed (the database was away) is tried again, not re-raised forever.
+                self._loading = fut = asyncio.ensure_future(self._load())
+            await asyncio.shield(fut)
         if kind in self._means:
             return self._means[kind]
         samples = self._by_kind.get(kind) if kind is not None else self._all

@@ -11,7 +11,14 @@ import msgspec
 from aiohttp import web
 
 from comfyq.api.context import get_api, json_response
-from comfyq.schemas import BackendHealth, Health, Ready, StageHealth, StoreHealth
+from comfyq.schemas import (
+    BackendHealth,
+    Health,
+    InstanceHealth,
+    Ready,
+    StageHealth,
+    StoreHealth,
+)
 
 
 def _backend(raw: dict[str, Any]) -> BackendHealth:
@@ -35,7 +42,8 @@ async def health(request: web.Request) -> web.Response:
     backends = [_backend(b) for b in svc.pool.snapshot()]
     stages_ok = all(s.alive >= 1 for s in stages.values())
     # Alive, not ready: a backend that answers but is still warming up counts here (/ready waits).
-    any_backend = any(b.healthy or b.reachable for b in backends)
+    # Only an instance that generates needs a ComfyUI; an API or postprocess box does not.
+    any_backend = "generate" not in svc.roles or any(b.healthy or b.reachable for b in backends)
     ok = store.writable and stages_ok and any_backend
     reasons = []
     if not store.writable:
@@ -64,8 +72,17 @@ async def health(request: web.Request) -> web.Response:
         backends=backends,
         queues=queues,
         reason="; ".join(reasons) or None,
+        roles=sorted(svc.roles),
+        instances=await _instances(svc),
     )
     return json_response(body, 200 if ok else 503)
+
+
+async def _instances(svc: Any) -> list[InstanceHealth] | None:
+    try:
+        return [msgspec.convert(i, InstanceHealth) for i in await svc.cluster.instances()]
+    except Exception:  # noqa: BLE001 - the registry is extra; the store's state says the rest
+        return None
 
 
 async def ready(request: web.Request) -> web.Response:
@@ -81,7 +98,7 @@ async def ready(request: web.Request) -> web.Response:
     if idle:
         reasons.append("stage(s) without live workers: " + ", ".join(idle))
     backends = svc.pool.snapshot()
-    if not any(b["healthy"] for b in backends):
+    if "generate" in svc.roles and not any(b["healthy"] for b in backends):
         warming = [b["url"] for b in backends if b.get("reachable") and not b.get("warm")]
         reasons.append(
             "no backend is warm yet (warming up: " + ", ".join(warming) + ")"

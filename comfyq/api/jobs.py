@@ -12,6 +12,7 @@ from aiohttp import web
 
 from comfyq.api.auth import principal, visible
 from comfyq.api.context import Api, get_api, json_response
+from comfyq.cluster.files import OutputRouter
 from comfyq.errors import BadRequest, ComfyqError, NotFound
 from comfyq.outputs.convert import ConversionError, thumbnail
 from comfyq.outputs.local import job_dir
@@ -137,7 +138,18 @@ async def output_file(request: web.Request) -> web.StreamResponse:
         raise missing from None
     path = Path(row["local_path"]).resolve()
     if folder not in path.parents or not path.is_file():
-        raise missing
+        # Several instances: uploaded to S3, it is there; otherwise on the instance that
+        # post-processed the job, which streams it through this one.
+        rows = (await api.reads.outputs([job_id])).get(job_id, [])
+        uploaded = next((str(o["url"]) for o in rows if o["filename"] == filename), "")
+        if uploaded.startswith(("https://", "http://")):
+            return web.Response(status=302, headers={"Location": uploaded})
+        job = await api.reads.job(job_id)
+        router: OutputRouter = api.services.outputs
+        proxied = None if job is None else await router.proxy(request, job, filename)
+        if proxied is None:
+            raise missing
+        return proxied
     if "thumb" in request.query:
         return await _thumbnail(request.query["thumb"], path, folder, row["mimetype"] or "")
     return web.FileResponse(

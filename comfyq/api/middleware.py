@@ -162,6 +162,9 @@ def error_body(exc: ComfyqError) -> web.Response:
     if isinstance(exc, Unauthorized):
         headers["WWW-Authenticate"] = 'Bearer realm="comfyq"'
     info = exc.to_dict()
+    if isinstance(exc, StoreUnavailable):  # the details (hosts, driver words) go to the log only
+        log.warning("store unavailable: %s", exc.message)
+        info = {"type": exc.type, "message": "the database is unavailable; retry shortly"}
     return json_response({"error": info}, exc.http_status, headers)
 
 

@@ -30,10 +30,11 @@ class Reply:
     """One documented response: a msgspec type (JSON), or a media type with a plain schema."""
 
     description: str
-    type: Any = None
+    type: Any = None  # a msgspec type, or a tuple of them (the body is any one of them)
     media: str = "application/json"
     schema: dict[str, Any] | None = None
     headers: dict[str, str] = field(default_factory=dict)
+    components: tuple[Any, ...] = ()  # types the plain ``schema`` refers to by $ref
 
 
 @dataclass
@@ -51,9 +52,16 @@ class Route:
     public: bool = False
     in_schema: bool = True
     description: str = ""
+    # The shape of this route's errors when it is not comfyq's ErrorBody (the v2 envelope); such a
+    # route documents every client error status its surface uses with it.
+    error_reply: Reply | None = None
 
 
 def _errors(route: Route, keys: bool) -> dict[int, Reply]:
+    if route.error_reply is not None:
+        codes = [400, 408, 413, 415, 422] + ([404] if "{" in route.path else [])
+        codes += [401] if keys and not route.public else []
+        return dict.fromkeys(codes, route.error_reply)
     out: dict[int, Reply] = {}
     if route.body is not None:
         out[400] = Reply("invalid request: `error.fields` names each failing field", ErrorBody)
@@ -68,9 +76,36 @@ def _errors(route: Route, keys: bool) -> dict[int, Reply]:
     return out
 
 
+def _types(reply: Reply) -> list[Any]:
+    shapes = reply.type if isinstance(reply.type, tuple) else (reply.type,)
+    return [t for t in (*shapes, *reply.components) if t is not None]
+
+
 def _content(reply: Reply, refs: dict[Any, dict[str, Any]]) -> dict[str, Any]:
-    schema = refs[reply.type] if reply.type is not None else (reply.schema or {})
+    if isinstance(reply.type, tuple):
+        schema: dict[str, Any] = {"anyOf": [refs[t] for t in reply.type]}
+    elif reply.type is not None:
+        schema = refs[reply.type]
+    else:
+        schema = reply.schema or {}
     return {reply.media: {"schema": schema}}
+
+
+def _exactly_one(components: dict[str, Any]) -> None:
+    """The Input rule msgspec cannot express: exactly one of workflow_json and modifier."""
+    inp = components.get("Input")
+    if not isinstance(inp, dict):
+        return
+    inp["oneOf"] = [
+        {
+            "required": ["workflow_json"],
+            "properties": {"workflow_json": {"minProperties": 1}, "modifier": {"maxLength": 0}},
+        },
+        {
+            "required": ["modifier"],
+            "properties": {"modifier": {"minLength": 1}, "workflow_json": {"maxProperties": 0}},
+        },
+    ]
 
 
 def document(routes: list[Route], *, api_keys: bool) -> dict[str, Any]:
@@ -79,9 +114,11 @@ def document(routes: list[Route], *, api_keys: bool) -> dict[str, Any]:
     for r in routes:
         if r.body is not None:
             types.append(r.body)
-        types.extend(rep.type for rep in r.replies.values() if rep.type is not None)
+        for rep in r.replies.values():
+            types.extend(_types(rep))
     unique = list(dict.fromkeys(types))
     refs_list, components = msgspec.json.schema_components(unique, ref_template=REF)
+    _exactly_one(components)
     refs = dict(zip(unique, refs_list, strict=True))
     paths: dict[str, dict[str, Any]] = {}
     for r in routes:

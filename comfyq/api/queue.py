@@ -1,10 +1,14 @@
 """Queue positions and wait estimates, shared by every stream.
 
-One query ranks every waiting job of every stage (priority, then age: the claim order) and the
-answer is reused until the next state change commits, so a thousand streams woken by one change
-cost one query, not a thousand. Streams of waiting jobs are woken when the queue moves, at most
-every ``min_interval`` seconds. Estimates come from the measured stage durations
-of recently completed jobs of the same kind (``comfyq.api.eta``).
+Streams: one query ranks every waiting job of every stage (priority, then age: the claim order)
+and the answer is reused until the next state change commits, so a thousand streams woken by one
+change cost one query, not a thousand. Everything else asks for less: ``info`` (/queue-info,
+/health) needs only the counts per stage (two indexed counts, shared the same way), and the
+position of one job (GET /result) is one indexed count of the jobs ahead of it; neither ranks a
+deep queue (at 10,000 waiting jobs a ranking costs ~100 ms, a count a few ms). Streams of
+waiting jobs are woken when the queue moves, at most every ``min_interval`` seconds. Estimates
+come from the measured stage durations of recently completed jobs of the same kind
+(``comfyq.api.eta``).
 """
 
 from __future__ import annotations
@@ -26,6 +30,15 @@ QUEUE_NAMES: dict[Stage, QueueName] = {
     Stage.GENERATE: "generation",
     Stage.POSTPROCESS: "postprocessing",
 }
+
+
+@dataclass
+class Counts:
+    """Waiting and running jobs per stage, at one moment."""
+
+    version: int
+    waiting: dict[Stage, int]
+    running: dict[Stage, int]
 
 
 @dataclass
@@ -59,6 +72,8 @@ class QueueView:
         self.version = 0
         self._snap: Snapshot | None = None
         self._refreshing: dict[int, asyncio.Future[Snapshot]] = {}
+        self._counts: Counts | None = None
+        self._counting: dict[int, asyncio.Future[Counts]] = {}
         self.durations = Durations(store, reads)
         self._watchers: dict[Subscription, str] = {}
         self._poke: asyncio.TimerHandle | None = None
@@ -122,9 +137,35 @@ class QueueView:
             self._snap = fresh
         return fresh
 
+    async def counts(self) -> Counts:
+        """Jobs waiting and running per stage, as of the last committed change (or later)."""
+        version = self.version
+        snap, have = self._snap, self._counts
+        if snap is not None and snap.version >= version:
+            return Counts(snap.version, snap.waiting, snap.running)
+        if have is not None and have.version >= version:
+            return have
+        fut = self._counting.get(version)
+        if fut is None:
+            fut = asyncio.ensure_future(self._count(version))
+            self._counting[version] = fut
+            fut.add_done_callback(lambda _: self._counting.pop(version, None))
+        return await asyncio.shield(fut)
+
+    async def _count(self, version: int) -> Counts:
+        raw = await self.store.counts()
+        fresh = Counts(
+            version,
+            waiting={s: raw.get(s, {}).get("waiting", 0) for s in STAGES},
+            running={s: raw.get(s, {}).get("running", 0) for s in STAGES},
+        )
+        if self._counts is None or self._counts.version <= version:
+            self._counts = fresh
+        return fresh
+
     async def info(self) -> QueueInfo:
         """Queue sizes for /queue-info and stream events."""
-        s = await self.snapshot()
+        s = await self.counts()
         return QueueInfo(
             preprocess_queue_size=s.waiting[Stage.PREPROCESS],
             generation_queue_size=s.waiting[Stage.GENERATE],
@@ -137,8 +178,24 @@ class QueueView:
         )
 
     async def position(self, job: Job) -> QueuePosition | None:
-        """The job's place in its stage, with an ETA; None once it has finished."""
-        return await self.place(job.id, job.state, job.stage, job.kind, job.stage_entered_at)
+        """The job's place in its stage, with an ETA; None once it has finished.
+
+        From the shared ranking when it is current (streams keep it so), else from one indexed
+        count of the jobs ahead of this one: a lone GET /result never ranks the whole queue."""
+        if job.state not in (State.PENDING, State.RUNNING):
+            return None
+        snap = self._snap
+        if snap is not None and snap.version >= self.version:
+            return await self.place(job.id, job.state, job.stage, job.kind, job.stage_entered_at)
+        c = await self.counts()
+        if job.state == State.PENDING:
+            pos, size = await self.store.position(job)
+        else:
+            pos, size = 0, c.waiting[job.stage]
+        eta = await self.estimate(
+            job.state, job.stage, job.kind, job.stage_entered_at, pos, c.running[job.stage]
+        )
+        return QueuePosition(QUEUE_NAMES[job.stage], pos, size, eta)
 
     async def place(
         self, job_id: str, state: State, stage: Stage, kind: str, entered_at: str
@@ -153,11 +210,11 @@ class QueueView:
             # Committed after the snapshot: it is at the back, and the queue holds it too.
             size += 1
             pos = size
-        eta = await self.estimate(state, stage, kind, entered_at, pos, s)
+        eta = await self.estimate(state, stage, kind, entered_at, pos, s.running[stage])
         return QueuePosition(QUEUE_NAMES[stage], pos, size, eta)
 
     async def estimate(
-        self, state: State, stage: Stage, kind: str, entered_at: str, pos: int, snap: Snapshot
+        self, state: State, stage: Stage, kind: str, entered_at: str, pos: int, running: int
     ) -> float | None:
         """Seconds until the job should be finished, or None with no measurements yet."""
         means = await self.durations.means(kind)
@@ -170,5 +227,5 @@ class QueueView:
             return round(max(0.0, own - spent) + rest, 1)
         slots = max(1, int(self.pipeline.health().get(stage, {}).get("workers", 1)))
         # Jobs ahead plus those running must pass through ``slots`` workers before this one starts.
-        ahead = max(0, pos - 1 + snap.running[stage] - slots + 1)
+        ahead = max(0, pos - 1 + running - slots + 1)
         return round(ahead * own / slots + own + rest, 1)

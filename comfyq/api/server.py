@@ -19,15 +19,68 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import msgspec
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_server import Server
 
+from comfyq.schemas import ErrorBody, ErrorInfo
+
 log = logging.getLogger("comfyq.api")
 
 _408 = b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
 BODY_GRACE = 1.0  # seconds the protocol's body deadline waits after the handler's own
+
+
+class MaskedFramesOnly:
+    """Sits in front of aiohttp's websocket reader and refuses unmasked client frames.
+
+    RFC 6455 5.1: a server must close the connection when a client frame is not masked; aiohttp
+    reads it anyway. Only frame headers are looked at (payload bytes are skipped by count), so
+    the cost is a few byte operations per frame."""
+
+    def __init__(self, inner: Any, on_unmasked: Callable[[], None]) -> None:
+        self._inner = inner
+        self._on_unmasked = on_unmasked
+        self._head = bytearray()
+        self._skip = 0
+        self._failed = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def feed_eof(self) -> None:
+        self._inner.feed_eof()
+
+    def feed_data(self, data: bytes | bytearray | memoryview) -> tuple[bool, bytes]:
+        if self._failed:
+            return False, b""
+        view = memoryview(data)
+        i, n = 0, len(view)
+        while i < n:
+            if self._skip:
+                step = min(self._skip, n - i)
+                self._skip -= step
+                i += step
+                continue
+            self._head.append(view[i])
+            i += 1
+            head = self._head
+            if len(head) < 2:
+                continue
+            if not head[1] & 0x80:
+                self._failed = True
+                self._on_unmasked()
+                return False, b""
+            short = head[1] & 0x7F
+            ext = 2 if short == 126 else 8 if short == 127 else 0
+            if len(head) < 2 + ext + 4:
+                continue
+            self._skip = int.from_bytes(head[2 : 2 + ext], "big") if ext else short
+            head.clear()
+        result: tuple[bool, bytes] = self._inner.feed_data(data)
+        return result
 
 
 class GuardedHandler(RequestHandler):
@@ -82,6 +135,17 @@ class GuardedHandler(RequestHandler):
         )
         self.force_close()
 
+    def set_parser(self, parser: Any, data_received_cb: Callable[[], None] | None = None) -> None:
+        if type(parser).__name__ == "WebSocketReader":
+            parser = MaskedFramesOnly(parser, self._unmasked_frame)
+        super().set_parser(parser, data_received_cb)
+
+    def _unmasked_frame(self) -> None:
+        log.info("closed a websocket from %s: unmasked client frame (RFC 6455 5.1)", self._peer())
+        if self.transport is not None:
+            self.transport.write(b"\x88\x02" + (1002).to_bytes(2, "big"))  # close: protocol error
+        self.force_close()
+
     def connection_lost(self, exc: BaseException | None) -> None:
         self._cancel_deadline()
         super().connection_lost(exc)
@@ -101,6 +165,27 @@ class GuardedHandler(RequestHandler):
             return await super()._handle_request(request, start_time, request_handler)
         finally:
             self._cancel_deadline()
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """aiohttp's answer to a request it could not parse (bad header, bad request line...):
+        a client's doing, so one INFO line and a 4xx with the error envelope, no traceback."""
+        if status >= 500 or request.writer.output_size > 0:
+            return super().handle_error(request, status, exc, message)
+        text = getattr(exc, "message", None) or message or "malformed HTTP request"
+        text = " ".join(str(text).split())  # aiohttp's message spans lines (a caret under the byte)
+        log.info("bad HTTP request from %s: %s", request.remote, text)
+        body = ErrorBody(ErrorInfo("invalid_request", f"malformed HTTP request: {text}"[:500]))
+        resp = web.Response(
+            status=status, body=msgspec.json.encode(body), content_type="application/json"
+        )
+        resp.force_close()
+        return resp
 
 
 class GuardedServer(Server):

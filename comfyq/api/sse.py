@@ -18,7 +18,7 @@ from comfyq.api.stream import JobFeed, row_of
 from comfyq.errors import NotFound
 from comfyq.events import Subscription
 from comfyq.schemas import StreamEvent, encoder
-from comfyq.store.model import State
+from comfyq.store.model import TERMINAL, State
 
 log = logging.getLogger("comfyq.api")
 
@@ -94,6 +94,8 @@ async def _live(api: Api, feed: JobFeed, sub: Subscription, resp: web.StreamResp
             out.clear()
         ev = await sub.get(api.options.heartbeat)
         if ev is None:
+            if api.bus.transport is not None and await _caught_up(api, feed, resp):
+                return
             await resp.write(HEARTBEAT)
             continue
         if feed.is_final(ev):
@@ -110,6 +112,17 @@ async def _live(api: Api, feed: JobFeed, sub: Subscription, resp: web.StreamResp
             else:
                 api.queue.unwatch(sub)
         out.append(frame(se))
+
+
+async def _caught_up(api: Api, feed: JobFeed, resp: web.StreamResponse) -> bool:
+    """Several instances: state changes reach this one by NOTIFY, which a lost connection can
+    miss; a quiet stream looks at the table once per heartbeat. True when the job has ended."""
+    for row in await api.reads.events(feed.job_id, feed.last_row):
+        if row["to_state"] in TERMINAL:
+            await resp.write(frame(await feed.final(row["id"])))
+            return True
+        await resp.write(frame(feed.from_row(row)))
+    return False
 
 
 async def job_events(request: web.Request) -> web.StreamResponse:

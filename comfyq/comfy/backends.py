@@ -36,6 +36,7 @@ class Backend:
     ws_ok: bool = False
     last_error: str | None = None
     in_flight: int = 0
+    elsewhere: int = 0  # prompts other instances sharing this backend have in flight on it
     system_stats: dict[str, Any] | None = None
     require_websocket: bool = True
     # Warm-up (comfyq.comfy.warmup): cold after every (re)start until the warm-up prompt ended.
@@ -102,6 +103,8 @@ class BackendPool:
             for u in unique
         ]
         self._by_url = {b.url: b for b in self._backends}
+        self._client_kwargs = kwargs
+        self._foreign: dict[str, ComfyClient] = {}
         self.warmup = warmup
         # url -> what the supervisor of that backend's process says (comfyq.comfy.supervisor)
         self.process_info: dict[str, Callable[[], dict[str, Any]]] = {}
@@ -174,12 +177,26 @@ class BackendPool:
                 await t
         self._tasks = []
         await asyncio.gather(*(b.client.close() for b in self._backends))
+        await asyncio.gather(*(c.close() for c in self._foreign.values()))
+        self._foreign.clear()
 
     # --- slots ------------------------------------------------------------------------------------
 
     def get(self, url: str) -> Backend | None:
         """The backend with this URL, if configured."""
         return self._by_url.get(url.strip().rstrip("/"))
+
+    def client_for(self, url: str) -> ComfyClient:
+        """A client for ``url``: the pool's own, or (several instances: a backend another instance
+        used for this job) an HTTP-only one, for lookups and downloads, never for slots."""
+        url = url.strip().rstrip("/")
+        b = self._by_url.get(url)
+        if b is not None:
+            return b.client
+        client = self._foreign.get(url)
+        if client is None:
+            client = self._foreign[url] = ComfyClient(url, **self._client_kwargs)
+        return client
 
     def any_healthy(self) -> bool:
         return any(b.healthy for b in self._backends)
@@ -191,7 +208,7 @@ class BackendPool:
         free = [
             b
             for b in self._backends
-            if b.healthy and b.in_flight < b.slots and b.url not in excluded
+            if b.healthy and b.in_flight + b.elsewhere < b.slots and b.url not in excluded
         ]
         if not free:
             return None
@@ -219,6 +236,16 @@ class BackendPool:
             yield backend
         finally:
             backend.in_flight -= 1
+            self._notify()
+
+    def set_elsewhere(self, load: dict[str, int]) -> None:
+        """Prompts in flight per URL on other instances sharing these backends (cluster-wide)."""
+        freed = False
+        for b in self._backends:
+            n = load.get(b.url, 0)
+            freed = freed or n < b.elsewhere
+            b.elsewhere = n
+        if freed:
             self._notify()
 
     def _wake_future(self) -> asyncio.Future[None]:
@@ -257,6 +284,7 @@ class BackendPool:
                     "http_ok": b.http_ok,
                     "websocket_ok": b.ws_ok,
                     "in_flight": b.in_flight,
+                    "in_flight_elsewhere": b.elsewhere,
                     "slots": b.slots,
                     "last_error": b.last_error,
                     "comfyui_version": system.get("comfyui_version"),

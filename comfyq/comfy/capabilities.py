@@ -17,13 +17,20 @@ A ComfyUI 0.3.64 answers both probes with 404/405, so it gets the old paths.
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+import msgspec
 
 # Probes, in the order the client sends them (concurrently).
 JOBS_PROBE = "/api/jobs?limit=1"
 CANCEL_PROBE = "/api/jobs/cancel"
+
+Answer = tuple[int, str, bytes]  # status, content type, body
+Request = Callable[..., Awaitable[Answer]]  # (method, path, json=...) -> Answer
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,4 +103,30 @@ def build(
         atomic_cancel=atomic_cancel_from(*cancel),
         features=dict(features) if isinstance(features, dict) else {},
         probed_at=time.time(),
+    )
+
+
+def json_of(answer: Answer) -> Any:
+    """The decoded JSON body of an answer, or None (not JSON, or not decodable)."""
+    if answer[1] != "application/json":
+        return None
+    try:
+        return msgspec.json.decode(answer[2])
+    except msgspec.DecodeError:
+        return None
+
+
+async def probe(request: Request, stats: dict[str, Any] | None) -> Capabilities:
+    """Ask the server (``stats``: its ``/system_stats`` answer); raises what ``request`` raises."""
+    features, jobs, cancel = await asyncio.gather(
+        request("GET", "/features"),
+        request("GET", JOBS_PROBE),
+        # An empty list acts on nothing: 200 {"cancelled": false} where the route exists.
+        request("POST", CANCEL_PROBE, json={"job_ids": []}),
+    )
+    return build(
+        stats,
+        json_of(features) if features[0] == 200 else None,
+        (jobs[0], json_of(jobs)),
+        (cancel[0], json_of(cancel)),
     )

@@ -33,7 +33,7 @@ from comfyq.comfy import capabilities as caps
 from comfyq.comfy.capabilities import Capabilities
 from comfyq.comfy.feed import Item, Watch, WsFeed
 from comfyq.comfy.follow import Follower, Location
-from comfyq.comfy.jobsapi import location_of_job
+from comfyq.comfy.jobsapi import GONE, cancel_job, locate_job
 from comfyq.comfy.protocol import (
     LiveEvent,
     RunResult,
@@ -248,28 +248,16 @@ class ComfyClient:
         return await asyncio.shield(task)
 
     async def _probe(self, stats: dict[str, Any] | None) -> Capabilities:
-        epoch = self._feed.connects
+        # Probed before the socket ever came up (the pool starts both at once): its first
+        # connection reaches this same server, so only later ones call for another probe.
+        epoch = self._feed.connects or 1
         if stats is None:
             stats = await self.system_stats()
-        features, jobs, cancel = await asyncio.gather(
-            self._request("GET", "/features"),
-            self._request("GET", caps.JOBS_PROBE),
-            # An empty list acts on nothing: 200 {"cancelled": false} where the route exists.
-            self._request("POST", caps.CANCEL_PROBE, json={"job_ids": []}),
-        )
-        found = caps.build(
-            stats,
-            self._json_of(features) if features[0] == 200 else None,
-            (jobs[0], self._json_of(jobs)),
-            (cancel[0], self._json_of(cancel)),
-        )
+        found = await caps.probe(self._request, stats)
         old, self._caps, self._caps_epoch = self._caps, found, epoch
         if old is None or (old.version, old.names()) != (found.version, found.names()):
             self._log.info("backend %s: %s", self.display_url, found.describe())
         return found
-
-    def _json_of(self, answer: tuple[int, str, bytes]) -> Any:
-        return self._decode_answer(answer[2]) if answer[1] == "application/json" else None
 
     async def queue(self) -> tuple[list[str], list[str]]:
         """Prompt ids in ComfyUI's queue: (running, pending in run order)."""
@@ -285,8 +273,10 @@ class ComfyClient:
     async def locate(self, prompt_id: str) -> tuple[Location, dict[str, Any] | None]:
         """Where ComfyUI has the prompt; the history entry (or its jobs-API equal) when done."""
         if (await self.ensure_capabilities()).jobs_api:
-            found = await self._locate_job(prompt_id)
-            if found is not None:
+            found = await locate_job(self._request, self._http_error, prompt_id)
+            if found == GONE:  # ComfyUI restarted as an older version
+                self.invalidate_capabilities()
+            elif isinstance(found, tuple):
                 return found
         # Queue first: a prompt that leaves the queue is already in history (ComfyUI moves it
         # under one lock), so this order cannot miss a prompt that finishes in between.
@@ -297,22 +287,6 @@ class ComfyClient:
             return "pending", None
         entry = await self.history_entry(prompt_id)
         return ("done", entry) if entry is not None else ("unknown", None)
-
-    async def _locate_job(self, prompt_id: str) -> tuple[Location, dict[str, Any] | None] | None:
-        """``GET /api/jobs/{id}``; None when the answer does not settle it (then ask as before)."""
-        path = f"/api/jobs/{quote(prompt_id, safe='')}"
-        status, ctype, raw = await self._request("GET", path)
-        body = self._decode_answer(raw) if ctype == "application/json" else None
-        if status == 404 and isinstance(body, dict) and "error" in body:
-            # "Job not found": neither queued nor in history. A pending job removed by cancel
-            # or /queue delete also vanishes this way (it never shows as cancelled).
-            return "unknown", None
-        if status == 200:
-            return location_of_job(body)
-        if status in (404, 405):  # the route is gone: ComfyUI restarted as an older version
-            self.invalidate_capabilities()
-            return None
-        raise self._http_error("GET", path, status, raw)
 
     async def result_from_history(self, entry: dict[str, Any]) -> RunResult:
         """RunResult of a history entry, or raise NodeError / Interrupted."""
@@ -410,9 +384,20 @@ class ComfyClient:
         watch = self._feed.watches.get(prompt_id)
         if watch is not None:
             watch.cancelled = True
-        if not (await self.ensure_capabilities()).atomic_cancel or not await self._cancel_job(
-            prompt_id
-        ):
+        done = False
+        if (await self.ensure_capabilities()).atomic_cancel:
+            acted = await cancel_job(self._request, self._http_error, prompt_id)
+            if acted == GONE:  # ComfyUI restarted as a version without the route
+                self.invalidate_capabilities()
+            else:
+                done = True
+                self._log.debug(
+                    "ComfyUI at %s: cancel of %s %s",
+                    self.display_url,
+                    prompt_id,
+                    "took effect" if acted else "found nothing to stop (finished or unknown)",
+                )
+        if not done:
             # Delete before interrupt: a prompt that starts in between is still caught by the
             # targeted interrupt, while the other order could miss it.
             for path, body in (
@@ -424,25 +409,6 @@ class ComfyClient:
                     raise self._http_error("POST", path, status, raw)
         if watch is not None:
             watch.push(Item("poke"))
-
-    async def _cancel_job(self, prompt_id: str) -> bool:
-        """``POST /api/jobs/{id}/cancel``; False when the route is missing (use the old way)."""
-        path = f"/api/jobs/{quote(prompt_id, safe='')}/cancel"
-        status, ctype, raw = await self._request("POST", path)
-        if status == 200:
-            answer = self._decode_answer(raw) if ctype == "application/json" else None
-            acted = answer.get("cancelled") if isinstance(answer, dict) else None
-            self._log.debug(
-                "ComfyUI at %s: cancel of %s %s",
-                self.display_url,
-                prompt_id,
-                "took effect" if acted else "found nothing to stop (finished or unknown)",
-            )
-            return True
-        if status in (404, 405):  # ComfyUI restarted as a version without the route
-            self.invalidate_capabilities()
-            return False
-        raise self._http_error("POST", path, status, raw)
 
     async def follow(
         self,

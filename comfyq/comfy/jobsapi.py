@@ -8,9 +8,48 @@ job's detail is turned into the shape of a ``/history`` entry, so one function
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Literal
+from urllib.parse import quote
 
+from comfyq.comfy.capabilities import Request, json_of
 from comfyq.comfy.follow import Location
+
+# The route answered 404/405 without the jobs API's JSON: ComfyUI restarted as an older version.
+GONE: Literal["gone"] = "gone"
+ErrorFor = Callable[[str, str, int, bytes], Exception]  # (method, path, status, body)
+Located = tuple[Location, dict[str, Any] | None]
+
+
+async def locate_job(request: Request, error: ErrorFor, prompt_id: str) -> Located | None | str:
+    """``GET /api/jobs/{id}``: the location, None when the answer does not settle it (ask
+    ``/queue`` and ``/history``), or GONE; other answers raise ``error(...)``."""
+    path = f"/api/jobs/{quote(prompt_id, safe='')}"
+    answer = await request("GET", path)
+    status, body = answer[0], json_of(answer)
+    if status == 404 and isinstance(body, dict) and "error" in body:
+        # "Job not found": neither queued nor in history. A pending job removed by cancel or
+        # /queue delete also vanishes this way (it never shows as cancelled).
+        return "unknown", None
+    if status == 200:
+        return location_of_job(body)
+    if status in (404, 405):
+        return GONE
+    raise error("GET", path, status, answer[2])
+
+
+async def cancel_job(request: Request, error: ErrorFor, prompt_id: str) -> bool | str:
+    """``POST /api/jobs/{id}/cancel``: whether it acted (a running job interrupted or a pending
+    one removed; False for a finished or unknown id), or GONE; other answers raise."""
+    path = f"/api/jobs/{quote(prompt_id, safe='')}/cancel"
+    answer = await request("POST", path)
+    if answer[0] == 200:
+        body = json_of(answer)
+        return isinstance(body, dict) and body.get("cancelled") is True
+    if answer[0] in (404, 405):
+        return GONE
+    raise error("POST", path, answer[0], answer[2])
+
 
 _DONE = frozenset({"completed", "failed", "cancelled"})
 

@@ -30,6 +30,8 @@ from typing import Any
 
 from yarl import URL
 
+from comfyq.backoff import backoff
+
 log = logging.getLogger("comfyq.comfyui")
 
 _ASSETS = re.compile(r"ASSETS_STARTUP_FAILED:?\s*(?P<kind>[A-Za-z_]*)")
@@ -189,7 +191,7 @@ class Supervisor:
                 self.reason = self._assets_failure or f"ComfyUI exited ({self.last_exit})"
             ran = time.monotonic() - began
             failures = 1 if ran >= self.stable_after else failures + 1
-            delay = min(self.restart_max_delay, self.restart_delay * 2 ** (failures - 1))
+            delay = backoff(failures, self.restart_delay, self.restart_max_delay, jitter=False)
             if self._assets_failure:
                 delay = self.restart_max_delay  # another process holds the lock: no tight loop
             self.restarts += 1

@@ -10,11 +10,11 @@ import os
 from pathlib import Path
 from typing import IO, Any
 
-import aiofiles  # type: ignore[import-untyped]  # no stubs; aiofiles goes in issue 21 step 5
 import aiohttp
 import msgspec
 
 from comfyq.errors import ComfyUIUnreachable, InputError, OutputError
+from comfyq.fileio import BatchedWriter, write_file
 
 _CHUNK = 1 << 16
 _NETWORK_ERRORS = (aiohttp.ClientError, TimeoutError)
@@ -108,13 +108,6 @@ async def upload_file(
 _SMALL = 4 * 1024 * 1024
 
 
-def _write_small(part: Path, dest: Path, data: bytes) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with open(part, "wb") as f:
-        f.write(data)
-    os.replace(part, dest)
-
-
 async def download_file(
     session: aiohttp.ClientSession,
     url: str,
@@ -152,17 +145,17 @@ async def download_file(
                         details={"backend": backend},
                     )
                 try:
-                    await asyncio.to_thread(_write_small, part, dest, data)
+                    await asyncio.to_thread(write_file, part, data, replace=dest)
                 except OSError as exc:
                     raise OutputError(f"cannot write {dest.name}: {exc.strerror or exc}") from exc
                 done = True
                 return len(data)
-            await asyncio.to_thread(dest.parent.mkdir, parents=True, exist_ok=True)
             try:
-                async with aiofiles.open(part, "wb") as out:
+                # One thread hop per MiB (the first one creates the folder and opens the file).
+                async with BatchedWriter(part) as out:
                     async for chunk in resp.content.iter_chunked(_CHUNK):
                         await out.write(chunk)
-                        size += len(chunk)
+                size = out.size
             except _NETWORK_ERRORS:
                 raise
             except OSError as exc:

@@ -6,6 +6,7 @@ import asyncio
 import functools
 import hashlib
 import logging
+import os
 import time
 import uuid
 from collections import OrderedDict
@@ -13,12 +14,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-import aiofiles  # type: ignore[import-untyped]  # no stubs; aiofiles goes in issue 21 step 5
-import aiofiles.os  # type: ignore[import-untyped]  # no stubs; aiofiles goes in issue 21 step 5
 import aiohttp
 from yarl import URL
 
 from comfyq.errors import InputError
+from comfyq.fileio import BatchedWriter, write_file
 from comfyq.inputs.filetypes import (
     DEFAULT_ALLOWED_TYPES,
     SNIFF_BYTES,
@@ -34,7 +34,6 @@ from comfyq.inputs.storage import (
     inline_candidate,
     prune_dir,
     touch,
-    write_and_hash,
 )
 from comfyq.logs import detached
 from comfyq.netguard import AddressGuard, redact_url
@@ -170,11 +169,9 @@ class Downloader:
         ext = extension_for(mime)
         final = self.cache_dir / f"{sha}{ext}"
         if not exists:
-            tmp = await self._new_partial()
+            tmp = self._new_partial()
             try:
-                async with aiofiles.open(tmp, "wb") as f:
-                    await f.write(raw)
-                await aiofiles.os.replace(tmp, final)
+                await asyncio.to_thread(write_file, tmp, raw, replace=final)
             except BaseException:
                 await discard(tmp)
                 raise
@@ -304,14 +301,13 @@ class Downloader:
         declared = resp.content_length
         if declared is not None and declared > self._max_bytes:
             raise InputError(f"{shown} is {declared} bytes, over the {self._max_bytes} byte limit")
-        tmp = await self._new_partial()
+        tmp = self._new_partial()
         digest = hashlib.sha256()
         size, mime = 0, ""
         head = bytearray()
-        batch: list[bytes] = []
-        batched = 0
         try:
-            async with aiofiles.open(tmp, "wb") as f:
+            # One thread hop per MiB writes and hashes it (the first also opens the file).
+            async with BatchedWriter(tmp, batch=_WRITE_BATCH, digest=digest) as f:
                 async for chunk in resp.content.iter_chunked(256 * 1024):
                     size += len(chunk)
                     if size > self._max_bytes:
@@ -321,13 +317,7 @@ class Downloader:
                         if len(head) >= SNIFF_BYTES:
                             mime = await self._check_type(bytes(head[:SNIFF_BYTES]), shown)
                             head = bytearray()
-                    batch.append(chunk)
-                    batched += len(chunk)
-                    if batched >= _WRITE_BATCH:
-                        await write_and_hash(f, digest, b"".join(batch))
-                        batch, batched = [], 0
-                if batch:
-                    await write_and_hash(f, digest, b"".join(batch))
+                    await f.write(chunk)
             if size == 0:
                 raise InputError(f"{shown} returned an empty body")
             if not mime:
@@ -337,7 +327,7 @@ class Downloader:
             ext = extension_for(mime)
             final = self.cache_dir / f"{sha}{ext}"
             # Atomic: a concurrent writer of the same content replaces identical bytes.
-            await aiofiles.os.replace(tmp, final)
+            await asyncio.to_thread(os.replace, tmp, final)
         except BaseException:
             await discard(tmp)
             raise
@@ -353,10 +343,9 @@ class Downloader:
             )
         return mime
 
-    async def _new_partial(self) -> Path:
-        partial = self.cache_dir / PARTIAL_DIR
-        await aiofiles.os.makedirs(partial, exist_ok=True)
-        return partial / f"{uuid.uuid4().hex}.part"
+    def _new_partial(self) -> Path:
+        """A fresh name in the partial-downloads folder (the write's first hop creates it)."""
+        return self.cache_dir / PARTIAL_DIR / f"{uuid.uuid4().hex}.part"
 
     def _remember(self, key: str, entry: _IndexEntry) -> None:
         self._index[key] = entry

@@ -155,6 +155,15 @@ class ModelStore:
             t.cancel()
         await self.downloader.close()
 
+    def stats(self) -> dict[str, int]:
+        """For /metrics: bytes kept, the budget, downloads and evictions so far."""
+        return {
+            "bytes": self.usage(),
+            "budget": self.budget_bytes,
+            "downloads": self.downloads,
+            "evictions": len(self.evicted),
+        }
+
     def usage(self) -> int:
         """Bytes of the models comfyq downloaded and still keeps."""
         return sum(e.size for e in self._entries.values())

@@ -10,10 +10,8 @@ import os
 from pathlib import Path
 from urllib.parse import unquote_to_bytes
 
-import aiofiles.os  # type: ignore[import-untyped]  # no stubs; aiofiles goes in issue 21 step 5
-from aiofiles.threadpool.binary import AsyncBufferedIOBase  # type: ignore[import-untyped]  # no stubs; aiofiles goes in issue 21 step 5
-
 from comfyq.errors import InputError
+from comfyq.fileio import remove_if_present
 from comfyq.inputs.filetypes import SNIFF_BYTES, extension_for, sniff_type
 
 PARTIAL_DIR = ".partial"
@@ -55,12 +53,6 @@ def inline_candidate(data: str, max_bytes: int, cache_dir: Path) -> tuple[bytes,
     return raw, mime, sha, touch(cache_dir / f"{sha}{extension_for(mime)}")
 
 
-async def write_and_hash(f: AsyncBufferedIOBase, digest: hashlib._Hash, data: bytes) -> None:
-    """Append ``data`` to ``f`` and to ``digest``, both in threads, concurrently."""
-    # hashlib releases the GIL on big buffers, so hashing overlaps the write's thread.
-    await asyncio.gather(f.write(data), asyncio.to_thread(digest.update, data))
-
-
 def touch(path: Path) -> bool:
     """Mark a cached file as used (for pruning); False when it no longer exists."""
     try:
@@ -72,10 +64,7 @@ def touch(path: Path) -> bool:
 
 async def discard(path: Path) -> None:
     """Remove a file that may already be gone."""
-    try:
-        await aiofiles.os.remove(path)
-    except FileNotFoundError:
-        pass
+    await asyncio.to_thread(remove_if_present, path)
 
 
 def prune_dir(cache_dir: Path, cutoff: float) -> list[Path]:

@@ -20,14 +20,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import aiofiles  # type: ignore[import-untyped]  # no stubs; aiofiles goes in issue 21 step 5
 from yarl import URL
 
 from comfyq.errors import ComfyqError, OutputError
+from comfyq.fileio import read_range
 from comfyq.netguard import AddressGuard
 
 if TYPE_CHECKING:
+    from aiobotocore.session import AioSession, ClientCreatorContext
     from botocore.exceptions import BotoCoreError, ClientError
+    from types_aiobotocore_s3 import S3Client
+    from types_aiobotocore_s3.type_defs import CompletedPartTypeDef
 
 log = logging.getLogger("comfyq.outputs")
 
@@ -175,9 +178,8 @@ class S3Uploader:
     def __init__(self, settings: S3Settings, guard: AddressGuard | None = None) -> None:
         self.settings = settings
         self.guard = guard or AddressGuard()
-        self._session: Any = (
-            None  # aioboto3 is imported on first use: it adds ~15 MB to an idle server
-        )
+        # aiobotocore is imported on first use: it adds ~15 MB to an idle server.
+        self._session: AioSession | None = None
 
     @classmethod
     def from_settings(cls, settings: Any, guard: AddressGuard | None = None) -> S3Uploader:
@@ -216,12 +218,12 @@ class S3Uploader:
         except ComfyqError as exc:
             raise S3ConfigError(f"s3: endpoint_url refused: {exc.message}") from None
 
-    def _client(self, target: S3Target) -> Any:
-        import aioboto3  # type: ignore[import-untyped]
+    def _client(self, target: S3Target) -> ClientCreatorContext[S3Client]:
         from aiobotocore.config import AioConfig
+        from aiobotocore.session import get_session
 
         if self._session is None:
-            self._session = aioboto3.Session()
+            self._session = get_session()
         cfg = AioConfig(
             connect_timeout=target.connect_timeout,
             read_timeout=self.settings.read_timeout,
@@ -232,7 +234,7 @@ class S3Uploader:
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
         )
-        return self._session.client(
+        return self._session.create_client(
             "s3",
             endpoint_url=target.endpoint_url or None,
             region_name=target.region or None,
@@ -294,7 +296,7 @@ class S3Uploader:
             log.warning("job %s: no upload to S3: %s", job_id, results[0].error)
         return results
 
-    async def _upload(self, client: Any, bucket: str, key: str, f: LocalFile) -> bool:
+    async def _upload(self, client: S3Client, bucket: str, key: str, f: LocalFile) -> bool:
         """Put one file; True when an identical object was already there."""
         if await self._same_object(client, bucket, key, f):
             return True
@@ -321,10 +323,10 @@ class S3Uploader:
         return False
 
     async def _parts(
-        self, client: Any, bucket: str, key: str, upload_id: str, f: LocalFile
-    ) -> list[dict[str, Any]]:
+        self, client: S3Client, bucket: str, key: str, upload_id: str, f: LocalFile
+    ) -> list[CompletedPartTypeDef]:
         part_size = max(self.settings.part_size, math.ceil(f.size / MAX_PARTS))
-        done: list[dict[str, Any]] = []
+        done: list[CompletedPartTypeDef] = []
         inflight: set[asyncio.Task[None]] = set()
 
         async def send(number: int, chunk: bytes) -> None:
@@ -334,19 +336,21 @@ class S3Uploader:
             done.append({"PartNumber": number, "ETag": r["ETag"]})
 
         try:
-            async with aiofiles.open(f.path, "rb") as fh:
-                number = 0
-                while chunk := await fh.read(part_size):
-                    number += 1
-                    # At most part_concurrency parts in memory besides the one just read.
-                    while len(inflight) >= self.settings.part_concurrency:
-                        finished, inflight = await asyncio.wait(
-                            inflight, return_when=asyncio.FIRST_COMPLETED
-                        )
-                        for t in finished:
-                            t.result()
-                    inflight.add(asyncio.create_task(send(number, chunk)))
-                    del chunk
+            number = 0
+            # One thread hop per part reads it (open, seek, read, close): no handle across awaits.
+            while chunk := await asyncio.to_thread(
+                read_range, f.path, number * part_size, part_size
+            ):
+                number += 1
+                # At most part_concurrency parts in memory besides the one just read.
+                while len(inflight) >= self.settings.part_concurrency:
+                    finished, inflight = await asyncio.wait(
+                        inflight, return_when=asyncio.FIRST_COMPLETED
+                    )
+                    for t in finished:
+                        t.result()
+                inflight.add(asyncio.create_task(send(number, chunk)))
+                del chunk
             for outcome in await asyncio.gather(*inflight, return_exceptions=True):
                 if isinstance(outcome, BaseException):
                     raise outcome
@@ -358,7 +362,7 @@ class S3Uploader:
                 await asyncio.gather(*inflight, return_exceptions=True)
         return sorted(done, key=lambda p: p["PartNumber"])
 
-    async def _same_object(self, client: Any, bucket: str, key: str, f: LocalFile) -> bool:
+    async def _same_object(self, client: S3Client, bucket: str, key: str, f: LocalFile) -> bool:
         try:
             head = await client.head_object(Bucket=bucket, Key=key)
         except _boto_errors()[1]:

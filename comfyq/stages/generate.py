@@ -91,7 +91,9 @@ class Generate:
         prompt_id, url = job.comfy_prompt_id, job.comfy_backend
         be = self.pool.get(url)
         shown = redact_url(url)
-        if be is None or not await self._wait_healthy(be):
+        if be is None:
+            return await self._reconcile_foreign(job, ctx, prompt_id, url)
+        if not await self._wait_healthy(be):
             log.warning("job %s: backend %s gone; submitting elsewhere", job.id, shown)
             await ctx.update(comfy_prompt_id=None, comfy_backend=None)
             raise PromptLost(f"backend {shown} did not come back within {self.failover_after:.0f}s")
@@ -122,6 +124,42 @@ class Generate:
             prompt_id,
             extra={"prompt_id": prompt_id},
         )
+        await ctx.update(comfy_prompt_id=None, comfy_backend=None)
+        return None
+
+    async def _reconcile_foreign(self, job: Job, ctx: JobContext, prompt_id: str, url: str) -> Any:
+        """Several instances: the prompt went to a backend of another instance (which died or let
+        go of the job). Finished there: take its outcome. Queued or running there: stop it and
+        run it here within this attempt. Unknown or unreachable: run it here."""
+        shown = redact_url(url)
+        client = self.pool.client_for(url)
+        where: str
+        entry: dict[str, Any] | None
+        try:
+            where, entry = await client.locate(prompt_id)
+        except ComfyUIUnreachable as exc:
+            where, entry = "unreachable", None
+            log.warning("job %s: backend %s of another instance: %s", job.id, shown, exc)
+        log.info(
+            "job %s: prompt %s is %s on %s (another instance's backend)",
+            job.id,
+            prompt_id,
+            where,
+            shown,
+            extra={"prompt_id": prompt_id, "backend": shown},
+        )
+        if where == "done" and entry is not None:
+            try:
+                return await client.result_from_history(entry)
+            except Interrupted:
+                pass
+        elif where in ("pending", "running"):
+            try:
+                await client.cancel(prompt_id)
+            except Exception as exc:  # noqa: BLE001 - it may still run there; ours goes on anyway
+                log.warning(
+                    "job %s: could not stop prompt %s on %s: %s", job.id, prompt_id, shown, exc
+                )
         await ctx.update(comfy_prompt_id=None, comfy_backend=None)
         return None
 

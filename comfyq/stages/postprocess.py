@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,8 @@ class Postprocess:
         self.output_dir = output_dir
         self.uploader = uploader
         self.fail_on_upload_error = fail_on_upload_error
+        # Several instances: the name of this instance, recorded with the job as its files' holder.
+        self.holder: Callable[[], str] = lambda: ""
         self.convert_default = convert_default
 
     async def __call__(self, job: Job, ctx: JobContext) -> StageDone:
@@ -59,9 +62,9 @@ class Postprocess:
                 f" {first['filename']}: {first['message']}",
                 details={"upload_errors": warnings},
             )
+        # Several instances: the files are on this one; the others ask it for them.
+        result["held_by"] = self.holder()
         # The output rows are written in the same commit that completes the job.
-        if not warnings and "converted" not in result:
-            return StageDone("Processing complete.", outputs=rows)
         if not warnings:
             return StageDone("Processing complete.", fields={"result": result}, outputs=rows)
         result["warnings"] = [*(result.get("warnings") or []), *warnings]
@@ -74,7 +77,8 @@ class Postprocess:
     async def _collect(self, job: Job, result: dict[str, Any]) -> list[dict[str, Any]]:
         items = list_outputs(result.get("outputs") or {})
         folder = job_dir(self.output_dir, job.id)  # created by the first download or text write
-        be = self.pool.get(job.comfy_backend or "")
+        # Several instances: the backend may be another instance's; its files are fetched as well.
+        client = self.pool.client_for(job.comfy_backend) if job.comfy_backend else None
         used: set[str] = set()
         rows: list[dict[str, Any]] = []
         for item in items:
@@ -83,11 +87,9 @@ class Postprocess:
             if item.text is not None:
                 await asyncio.to_thread(_write_text, dest, item.text)
             else:
-                if be is None:
-                    raise ComfyUIUnreachable(
-                        f"backend {job.comfy_backend} is not configured any more"
-                    )
-                await be.client.download(item.filename, item.subfolder, item.comfy_type, dest)
+                if client is None:
+                    raise ComfyUIUnreachable("the job records no backend to fetch its outputs from")
+                await client.download(item.filename, item.subfolder, item.comfy_type, dest)
             sha, b3, size, mime = await describe_all(dest)
             rows.append(
                 {

@@ -246,7 +246,7 @@ class Pipeline:
         self._tasks: list[asyncio.Task[Any]] = []
         self.on_cleanup: list[Callable[[Job, str], Awaitable[None]]] = []
         self._store_down = 0  # consecutive StoreUnavailable waits (0: the store answers)
-        store.listen(self._on_transitions)
+        store.listen(self.wake)
 
     # --- a database that went away -----------------------------------------------------------
 
@@ -274,7 +274,8 @@ class Pipeline:
             self.store_back()
             return result
 
-    def _on_transitions(self, trs: list[Transition]) -> None:
+    def wake(self, trs: list[Transition]) -> None:
+        """Wake the claimer of every stage a committed change left a job pending in."""
         for tr in trs:
             if tr.to_state == State.PENDING and tr.stage in self.stages:
                 self.stages[tr.stage].notify()

@@ -148,7 +148,7 @@ class JobReads(abc.ABC):
     @abc.abstractmethod
     async def summaries(
         self,
-        states: Sequence[str] | None,
+        states: Sequence[State] | None,
         owners: list[str] | None,
         cursor: tuple[str, str] | None,
         limit: int,
@@ -183,6 +183,8 @@ class JobStore(abc.ABC):
     """
 
     engine: str = ""
+    # Whether several servers use the database at once (Postgres) or one owns it (SQLite).
+    shared: bool = False
 
     def __new__(
         cls, database: str | os.PathLike[str], *, clock: Clock | None = None, owner: str = ""
@@ -362,7 +364,7 @@ class JobStore(abc.ABC):
     async def list_jobs(
         self,
         *,
-        states: list[str] | None = None,
+        states: Sequence[State] | None = None,
         limit: int = 50,
         cursor: tuple[str, str] | None = None,
     ) -> list[Job]:

@@ -15,6 +15,7 @@ from typing import Any
 
 import msgspec
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from comfyq.api.body import read_json_body
 from comfyq.store.assets import AssetRecord, Blob, NewAsset
@@ -102,6 +103,13 @@ async def _read_form(request: web.Request, v2: V2) -> tuple[Received | None, dic
             except UnicodeDecodeError:
                 raise invalid(f"$.{name}", "must be UTF-8 text") from None
             fields.setdefault(name, []).append(text)
+    except (ValueError, AssertionError, LookupError, HttpProcessingError) as exc:
+        # aiohttp's multipart reader says so for a body that is not what its header declares.
+        if received is not None:
+            await v2.blobs.discard(received)
+        raise V2Error(
+            422, "invalid_request", f"the multipart body cannot be read: {str(exc)[:200]}"
+        ) from None
     except BaseException:
         if received is not None:
             await v2.blobs.discard(received)
@@ -260,8 +268,8 @@ async def get_asset(request: web.Request) -> web.Response:
 async def content(request: web.Request) -> web.StreamResponse:
     """GET /api/v2/assets/{id}/content: the bytes (Range: 206, 416), or 302 to S3."""
     rec, _ = await _visible(request)
-    if rec.url is not None and (rec.path is None or not Path(rec.path).is_file()):
-        raise web.HTTPFound(rec.url)
+    if rec.url is not None:
+        raise web.HTTPFound(rec.url)  # the output went to S3: its presigned URL
     if rec.path is None or not Path(rec.path).is_file():
         raise V2Error(404, "not_found", "the asset's bytes are no longer here")
     # FileResponse serves Range (206), an unsatisfiable range (416) and HEAD, from a file opened

@@ -43,7 +43,7 @@ def parse_hash(value: str) -> str | None:
     """The hex of a ``blake3:<64 hex>`` string, or None when it is not one."""
     algo, sep, hexdigest = value.strip().partition(":")
     hexdigest = hexdigest.lower()
-    if sep and algo.lower() == "blake3" and _HEX.match(hexdigest):
+    if sep and algo.lower() == "blake3" and _HEX.fullmatch(hexdigest):
         return hexdigest
     return None
 

@@ -62,7 +62,9 @@ class V2:
         self, request: web.Request, job: Job, outputs: list[dict[str, Any]] | None = None
     ) -> dict[str, Any]:
         """The v2 Job object of ``job`` (its outputs read unless given)."""
-        if outputs is None:
+        if outputs is None and not job.terminal:
+            outputs = []  # outputs are recorded in the commit that ends the job: nothing to read
+        elif outputs is None:
             outputs = (await self.assets.job_outputs([job.id])).get(job.id, [])
         st = mapping.status(job)
         return mapping.job(

@@ -17,6 +17,7 @@ import msgspec
 from aiohttp import web
 
 from comfyq.errors import BadRequest, ComfyqError, QueueFull, Unauthorized
+from comfyq.store.base import StoreUnavailable
 
 log = logging.getLogger("comfyq.v2")
 
@@ -89,6 +90,11 @@ def from_comfyq(exc: ComfyqError) -> web.Response:
         details["fields"] = exc.fields
     if isinstance(exc, QueueFull):
         return envelope(429, "queue_full", exc.message, details, {"Retry-After": "5"})
+    if isinstance(exc, StoreUnavailable):
+        log.warning("store unavailable: %s", exc.message)
+        return envelope(
+            503, exc.type, "the database is unavailable; retry shortly", None, {"Retry-After": "5"}
+        )
     if isinstance(exc, Unauthorized):
         return envelope(
             401, "unauthorized", exc.message, None, {"WWW-Authenticate": 'Bearer realm="comfyq"'}

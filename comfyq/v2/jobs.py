@@ -20,11 +20,11 @@ from comfyq.api.body import read_json_body
 from comfyq.api.context import get_api, json_response
 from comfyq.api.health import health as comfyq_health
 from comfyq.limits import BodyLimits
-from comfyq.store.model import Job, NewJob, State
+from comfyq.store.model import Job, NewJob, State, loads
 from comfyq.v2 import mapping
 from comfyq.v2.context import get_v2, owner_of, scope_of
 from comfyq.v2.errors import V2Error, invalid, not_found
-from comfyq.v2.submit import check_key, parse
+from comfyq.v2.submit import MAX_METADATA, check_key, parse
 
 MAX_LIMIT = 100
 DEFAULT_LIMIT = 50
@@ -163,6 +163,23 @@ def _limit(raw: str | None) -> int:
     return n
 
 
+def _labels(request: web.Request) -> dict[str, str]:
+    """``metadata[key]=value`` filters (the SDK's list_jobs sends them in that form)."""
+    out: dict[str, str] = {}
+    for k, v in request.query.items():
+        if k.startswith("metadata[") and k.endswith("]"):
+            out[k[len("metadata[") : -1]] = v
+    if len(out) > MAX_METADATA:
+        raise invalid("$.query.metadata", f"at most {MAX_METADATA} label filters")
+    return out
+
+
+def _has_labels(job: Job, labels: dict[str, str]) -> bool:
+    raw = getattr(job, "v2_metadata", None)
+    meta = loads(raw) if isinstance(raw, str) and raw else raw
+    return isinstance(meta, dict) and all(meta.get(k) == v for k, v in labels.items())
+
+
 async def list_jobs(request: web.Request) -> web.Response:
     """GET /api/v2/jobs?status=&limit=&cursor=: newest first, ``{"jobs", "truncated"}``."""
     v2 = get_v2(request)
@@ -175,6 +192,7 @@ async def list_jobs(request: web.Request) -> web.Response:
             raise invalid("$.query.status", f"unknown status {bad[0]!r}")
     states = sorted({st for s in wanted for st in _STATES[s]}) if wanted else None
     cursor = _cursor(request.query.get("cursor"))
+    labels = _labels(request)
     owners = principal(request).visible_owners()
     picked: list[Job] = []
     scanned = 0
@@ -186,6 +204,8 @@ async def list_jobs(request: web.Request) -> web.Response:
             cursor = (job.created_at, job.id)
             if v2.expired(job) or (wanted and mapping.status(job) not in wanted):
                 continue
+            if labels and not _has_labels(job, labels):
+                continue
             picked.append(job)
             if len(picked) >= limit:
                 break
@@ -195,8 +215,14 @@ async def list_jobs(request: web.Request) -> web.Response:
         more = True
     more = more or len(picked) >= limit
     outputs = await v2.assets.job_outputs([j.id for j in picked])
+    items = []
+    for j in picked:
+        item = await v2.body(request, j, outputs.get(j.id, []))
+        # The list item fields the SDK's JobSummary reads besides id and status.
+        item["create_time"], item["update_time"] = j.created_at, j.updated_at
+        items.append(item)
     body: dict[str, Any] = {
-        "jobs": [await v2.body(request, j, outputs.get(j.id, [])) for j in picked],
+        "jobs": items,
         "truncated": scanned >= MAX_SCAN and len(picked) < limit,
     }
     if more and cursor is not None:

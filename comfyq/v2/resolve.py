@@ -26,7 +26,7 @@ def input_name(rec: AssetRecord) -> str:
     """The file name a v2 asset gets in ComfyUI's input folder."""
     digest = (rec.hash or "").split(":", 1)[-1][:24] or rec.id.replace("-", "")
     ext = Path(rec.file_path or "").suffix
-    if not _EXT.match(ext):
+    if not _EXT.fullmatch(ext):
         ext = mimetypes.guess_extension(rec.content_type or "") or ".bin"
     return f"v2_{digest}{ext.lower()}"
 

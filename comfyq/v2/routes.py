@@ -12,7 +12,22 @@ from comfyq.v2.context import attach
 _SPEC = " (schema: the Comfy API v2 contract, version 2.0.0)"
 _JOB = Reply("the Job" + _SPEC, schema={"type": "object"})
 _ASSET = Reply("the Asset" + _SPEC, schema={"type": "object"})
-_ERR = Reply('`{"error": {"code", "message", "details"}}`', schema={"type": "object"})
+ENVELOPE = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["code", "message"],
+            "properties": {
+                "code": {"type": "string"},
+                "message": {"type": "string"},
+                "details": {"type": ["object", "null"]},
+            },
+        }
+    },
+}
+_ERR = Reply('`{"error": {"code", "message", "details"}}`', schema=ENVELOPE)
 _KEY = Param("Idempotency-Key", "header", {"type": "string"}, "single use; reuse is 422")
 _BIN = {"type": "string", "format": "binary"}
 
@@ -28,9 +43,9 @@ ROUTES: list[Route] = [
             201: Reply("the job is committed and queued", schema={"type": "object"}),
             422: Reply(
                 "invalid_workflow, workflow_format_ui, missing_asset, idempotency_key_reuse",
-                schema={"type": "object"},
+                schema=ENVELOPE,
             ),
-            429: Reply("queue_full", schema={"type": "object"}, headers={"Retry-After": "seconds"}),
+            429: Reply("queue_full", schema=ENVELOPE, headers={"Retry-After": "seconds"}),
         },
     ),
     Route(
@@ -80,11 +95,17 @@ ROUTES: list[Route] = [
             200: Reply(
                 "`event: status|progress|preview|output` frames; ends after the terminal status",
                 media="text/event-stream",
-                schema={"type": "string"},
+                # Open API 3.1: the schema of a text/event-stream describes one event.
+                schema={
+                    "type": "object",
+                    "properties": {
+                        "event": {"type": "string"},
+                        "id": {"type": "string"},
+                        "data": {"type": "string"},
+                    },
+                },
             ),
-            429: Reply(
-                "too_many_streams", schema={"type": "object"}, headers={"Retry-After": "seconds"}
-            ),
+            429: Reply("too_many_streams", schema=ENVELOPE, headers={"Retry-After": "seconds"}),
         },
     ),
     Route(
@@ -97,8 +118,8 @@ ROUTES: list[Route] = [
         replies={
             201: Reply("new bytes stored, asset minted" + _SPEC, schema={"type": "object"}),
             200: Reply("bytes already held, asset minted over them", schema={"type": "object"}),
-            409: Reply("hash_mismatch", schema={"type": "object"}),
-            413: Reply("over ASSET_MAX_BYTES", schema={"type": "object"}),
+            409: Reply("hash_mismatch", schema=ENVELOPE),
+            413: Reply("over ASSET_MAX_BYTES", schema=ENVELOPE),
             422: _ERR,
         },
     ),
@@ -108,7 +129,7 @@ ROUTES: list[Route] = [
         assets.from_hash,
         "Mint an asset over bytes already held (Comfy API v2)",
         "v2",
-        replies={201: _ASSET, 404: Reply("blob_not_found", schema={"type": "object"})},
+        replies={201: _ASSET, 404: Reply("blob_not_found", schema=ENVELOPE)},
     ),
     Route(
         "HEAD",
@@ -146,7 +167,7 @@ ROUTES: list[Route] = [
         assets.delete,
         "Delete an asset record (Comfy API v2)",
         "v2",
-        replies={204: Reply("deleted"), 409: Reply("asset_in_use", schema={"type": "object"})},
+        replies={204: Reply("deleted"), 409: Reply("asset_in_use", schema=ENVELOPE)},
     ),
     Route(
         "GET",
@@ -161,6 +182,36 @@ ROUTES: list[Route] = [
         },
     ),
 ]
+
+
+def _with_envelopes(route: Route) -> Route:
+    """Every v2 route documents the v2 error envelope (not comfyq's) for what it may answer."""
+    errors = {
+        401: Reply("unauthorized", schema=ENVELOPE),
+        500: Reply("upstream_error", schema=ENVELOPE),
+    }
+    if "{" in route.path and route.method != "HEAD":
+        errors[404] = Reply("not_found (or not yours)", schema=ENVELOPE)
+    if route.method == "POST":
+        errors[413] = Reply("payload_too_large", schema=ENVELOPE)
+        errors[415] = Reply("unsupported_media_type", schema=ENVELOPE)
+        errors[422] = _ERR
+    if route.public:
+        errors.pop(401)
+    route.replies = {**errors, **route.replies}
+    return route
+
+
+ROUTES = [_with_envelopes(r) for r in ROUTES]
+
+
+_V2_ERROR = Reply(
+    'the v2 error envelope `{"error": {"code", "message", "details"}}`', schema=ENVELOPE
+)
+for _route in ROUTES:
+    # Also every other client error status a v2 route can answer (400/408/422 on any route, 404 on
+    # a path parameter), in the v2 envelope: comfyq's generic ones would name comfyq's shape.
+    _route.error_reply = _V2_ERROR
 
 
 def setup(app: web.Application) -> None:

@@ -3,10 +3,12 @@ records which access key signed each request and can fail requests on demand."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 import boto3  # type: ignore[import-untyped]  # boto3 ships no types
@@ -31,16 +33,27 @@ def moto_url() -> Iterator[str]:
 _CREDENTIAL = re.compile(r"Credential=([^/]+)/")
 
 
-def make_bucket(moto_url: str, name: str) -> None:
-    """Create a bucket on the moto server (blocking; boto3 is fine in setup)."""
-    s3 = boto3.client(
+def _admin(moto_url: str) -> Any:
+    return boto3.client(
         "s3",
         endpoint_url=moto_url,
         region_name="us-east-1",
         aws_access_key_id="setup",
         aws_secret_access_key="setup",
     )
-    s3.create_bucket(Bucket=name)
+
+
+def make_bucket(moto_url: str, name: str) -> None:
+    """Create a bucket on the moto server (blocking; boto3 is fine in setup)."""
+    _admin(moto_url).create_bucket(Bucket=name)
+
+
+def open_multipart_uploads(moto_url: str, bucket: str) -> list[dict[str, Any]]:
+    """Multipart uploads begun in ``bucket`` and neither completed nor aborted (blocking)."""
+    found: list[dict[str, Any]] = (
+        _admin(moto_url).list_multipart_uploads(Bucket=bucket).get("Uploads", [])
+    )
+    return found
 
 
 @dataclass
@@ -56,7 +69,8 @@ class FaultyProxy:
     """Forwards every request to moto, except those the ``faults`` queue says to fail.
 
     A fault applies to the next request whose method is in ``fault_methods``: ``"503"`` answers
-    503 SlowDown, ``"drop"`` closes the connection without an answer.
+    503 SlowDown, ``"drop"`` closes the connection without an answer, ``"hang"`` never answers
+    (``hung`` is set once one hangs; the client gives up or ``stop()`` ends it).
     """
 
     def __init__(self, upstream: str) -> None:
@@ -64,6 +78,8 @@ class FaultyProxy:
         self.faults: deque[str] = deque()
         self.fault_methods = {"PUT", "POST"}
         self.seen: list[Seen] = []
+        self.hung = asyncio.Event()
+        self._release = asyncio.Event()
         self._server: TestServer | None = None
         self._client: aiohttp.ClientSession | None = None
         self.url = ""
@@ -77,6 +93,7 @@ class FaultyProxy:
         return self
 
     async def stop(self) -> None:
+        self._release.set()
         if self._client is not None:
             await self._client.close()
         if self._server is not None:
@@ -95,6 +112,10 @@ class FaultyProxy:
         if self.faults and request.method in self.fault_methods:
             fault = self.faults.popleft()
             self.seen.append(Seen(request.method, request.path, request.query_string, key, fault))
+            if fault == "hang":
+                self.hung.set()
+                await self._release.wait()
+                return web.Response(status=503)
             if fault == "drop":
                 assert request.transport is not None
                 request.transport.abort()

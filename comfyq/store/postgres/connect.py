@@ -83,12 +83,21 @@ async def connect_once(url: str, timeout: float = 10.0) -> Conn:
     return conn
 
 
-def make_pool(url: str, *, min_size: int = 2, max_size: int = 16) -> AsyncConnectionPool[Conn]:
+def make_pool(
+    url: str, *, min_size: int = 2, max_size: int = 16, app_name: str = "comfyq"
+) -> AsyncConnectionPool[Conn]:
+    # application_name is the instance id: the job_events NOTIFY trigger sends it as the origin,
+    # so an instance skips its own state changes (already published) when they come back.
     return AsyncConnectionPool(
         url,
         min_size=min_size,
         max_size=max_size,
-        kwargs={"autocommit": True, "row_factory": dict_row, "options": session_options(url)},
+        kwargs={
+            "autocommit": True,
+            "row_factory": dict_row,
+            "options": session_options(url),
+            "application_name": app_name[:63],
+        },
         configure=configure,
         open=False,
         timeout=10.0,

@@ -163,16 +163,16 @@ async def _guarded(
     params: dict[str, Any],
     message: str,
     *,
-    from_states: tuple[str, ...] = ("running",),
+    from_states: tuple[State, ...] = (State.RUNNING,),
     data: Any = None,
 ) -> Transition:
     """Inside a transaction that locked ``before``'s row: its guarded UPDATE and event, or the
     reason it may not happen."""
     job_id = before.id
     if before.state not in from_states or (owner is not None and before.lease_owner != owner):
-        if before.state == "running" and owner is not None and before.lease_owner != owner:
+        if before.state == State.RUNNING and owner is not None and before.lease_owner != owner:
             raise LeaseLost(f"job {job_id} is no longer held by this worker")
-        if "running" in from_states and owner is not None:
+        if State.RUNNING in from_states and owner is not None:
             raise LeaseLost(f"job {job_id} is {before.state}, not running")
         raise IllegalTransition(f"job {job_id} is {before.state}")
     where = " WHERE id = %(id)s AND state = %(from_state)s" + (
@@ -232,13 +232,13 @@ async def advance(
         current = await get(conn, job_id, lock=True)
         if current is None:
             raise NotFound(f"job {job_id} not found")
-        if current.cancel_requested and current.state == "running":
+        if current.cancel_requested and current.state == State.RUNNING:
             return await _cancel_running(conn, current, now)
         await _put_outputs(conn, job_id, now, outputs)
         nxt = NEXT_STAGE[current.stage]
         if nxt is None:
             return await _finish(
-                conn, current, owner, now, "completed", message, None, fields, ("running",)
+                conn, current, owner, now, State.COMPLETED, message, None, fields, (State.RUNNING,)
             )
         extra, params = _field_sets(fields)
         params.update(now=iso(now), message=message, next=nxt)
@@ -301,7 +301,7 @@ async def advance_and_claim(
                 _tr(claimed, claim_id, State.PENDING, claim_message),
             ]
     done = await advance(conn, job_id, owner, now, message, fields, outputs)
-    if done.to_state != "pending":
+    if done.to_state != State.PENDING:
         return [done]
     rows = await _rows(
         conn,
@@ -325,18 +325,18 @@ async def _finish(
     current: Job,
     owner: str | None,
     now: float,
-    state: str,
+    state: State,
     message: str,
     error: dict[str, Any] | None,
     fields: dict[str, Any] | None,
-    from_states: tuple[str, ...],
+    from_states: tuple[State, ...],
 ) -> Transition:
     """Inside a transaction that locked ``current``: move it to a terminal state."""
     extra, params = _field_sets(fields)
     params.update(
         now=iso(now), message=message, state=state, error=None if error is None else dumps(error)
     )
-    timing = add_timing(STAGE_MS[current.stage]) if current.state == "running" else "timings"
+    timing = add_timing(STAGE_MS[current.stage]) if current.state == State.RUNNING else "timings"
     tr = await _guarded(
         conn,
         current,
@@ -358,12 +358,12 @@ async def finish(
     job_id: str,
     owner: str | None,
     now: float,
-    state: str,
+    state: State,
     message: str,
     *,
     error: dict[str, Any] | None = None,
     fields: dict[str, Any] | None = None,
-    from_states: tuple[str, ...] = ("running",),
+    from_states: tuple[State, ...] = (State.RUNNING,),
 ) -> Transition:
     """Move the job to a terminal state (completed, failed, cancelled)."""
     async with conn.transaction():
@@ -379,11 +379,11 @@ async def _cancel_running(conn: Conn, job: Job, now: float) -> Transition:
         job,
         job.lease_owner,
         now,
-        "cancelled",
+        State.CANCELLED,
         CANCELLED["message"],
         CANCELLED,
         None,
-        ("running",),
+        (State.RUNNING,),
     )
 
 
@@ -395,12 +395,12 @@ async def retry_later(
         current = await get(conn, job_id, lock=True)
         if current is None:
             raise NotFound(f"job {job_id} not found")
-        if current.cancel_requested and current.state == "running":
+        if current.cancel_requested and current.state == State.RUNNING:
             return await _cancel_running(conn, current, now)
         if current.attempts >= current.max_attempts:
             msg = f"Failed after {current.attempts} attempt(s): {error.get('message', '')}"
             return await _finish(
-                conn, current, owner, now, "failed", msg, error, None, ("running",)
+                conn, current, owner, now, State.FAILED, msg, error, None, (State.RUNNING,)
             )
         msg = f"Attempt {current.attempts} failed ({error.get('type')}); retrying in {delay:.1f}s"
         return await _guarded(
@@ -451,7 +451,7 @@ async def update(conn: Conn, job_id: str, owner: str, now: float, fields: dict[s
     current = await get(conn, job_id)
     if current is None:
         raise NotFound(f"job {job_id} not found")
-    if current.state == "running":
+    if current.state == State.RUNNING:
         raise LeaseLost(f"job {job_id} is no longer held by this worker")
     raise LeaseLost(f"job {job_id} is {current.state}, not running")
 
@@ -472,20 +472,20 @@ async def request_cancel(conn: Conn, job_id: str, now: float) -> tuple[Job, Tran
         job = await get(conn, job_id, lock=True)
         if job is None:
             raise NotFound(f"job {job_id} not found")
-        if job.state == "pending":
+        if job.state == State.PENDING:
             tr = await _finish(
                 conn,
                 job,
                 None,
                 now,
-                "cancelled",
+                State.CANCELLED,
                 CANCELLED["message"],
                 CANCELLED,
                 None,
-                ("pending",),
+                (State.PENDING,),
             )
             return job, tr
-        if job.state == "running" and not job.cancel_requested:
+        if job.state == State.RUNNING and not job.cancel_requested:
             await conn.execute(
                 "UPDATE jobs SET cancel_requested = true, updated_at = %s::timestamptz"
                 " WHERE id = %s",
@@ -507,7 +507,15 @@ async def _rescue(conn: Conn, job: Job, now: float, *, counts_attempt: bool) -> 
             "message": f"worker lost the job in {job.stage} {job.attempts} time(s)",
         }
         return await _finish(
-            conn, job, job.lease_owner, now, "failed", err["message"], err, None, ("running",)
+            conn,
+            job,
+            job.lease_owner,
+            now,
+            State.FAILED,
+            err["message"],
+            err,
+            None,
+            (State.RUNNING,),
         )
     msg = (
         f"Lease expired in {job.stage}; requeued"
@@ -555,7 +563,7 @@ async def reap(conn: Conn, now: float, grace: float, limit: int = 500) -> list[T
                     job,
                     job.lease_owner,
                     now,
-                    "failed",
+                    State.FAILED,
                     "Job timed out",
                     err,
                     None,
@@ -588,7 +596,7 @@ async def retry_job(conn: Conn, job_id: str, now: float) -> Transition:
         job = await get(conn, job_id, lock=True)
         if job is None:
             raise NotFound(f"job {job_id} not found")
-        if job.state not in ("failed", "cancelled"):
+        if job.state not in (State.FAILED, State.CANCELLED):
             raise IllegalTransition(
                 f"job {job_id} is {job.state}; only failed or cancelled jobs can be retried"
             )

@@ -9,7 +9,7 @@ from typing import Any
 from psycopg_pool import AsyncConnectionPool
 
 from comfyq.store.base import STATUS_FILTERS, JobReads, StoreUnavailable
-from comfyq.store.model import Job, loads
+from comfyq.store.model import Job, State, loads
 from comfyq.store.postgres.connect import Conn, wrapped
 
 HEAD_COLUMNS = (
@@ -107,7 +107,7 @@ class PgReads(JobReads):
 
     async def page(
         self,
-        statuses: list[str],
+        statuses: Sequence[str],
         limit: int,
         cursor: tuple[str, str] | None,
         owners: list[str] | None = None,
@@ -136,7 +136,7 @@ class PgReads(JobReads):
 
     async def summaries(
         self,
-        states: Sequence[str] | None,
+        states: Sequence[State] | None,
         owners: list[str] | None,
         cursor: tuple[str, str] | None,
         limit: int,

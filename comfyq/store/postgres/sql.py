@@ -149,7 +149,7 @@ def outputs_cte(rows: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
 def claim_sql(stage: Stage) -> str:
     """Claim up to %(n)s waiting jobs of ``stage`` in one statement: the partial index gives them
     by priority then age, SKIP LOCKED passes over rows another instance is claiming."""
-    wait_key = "queued_ms" if stage == "preprocess" else f"{stage}_wait_ms"
+    wait_key = "queued_ms" if stage == Stage.PREPROCESS else f"{stage}_wait_ms"
     return with_events(
         "UPDATE jobs SET state = 'running', lease_owner = %(owner)s,"
         " lease_expires_at = %(exp)s::timestamptz, attempts = greatest(attempts, 1),"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import psycopg
@@ -30,13 +30,14 @@ class PostgresStore(JobStore):
     """Jobs, events, outputs and the webhook outbox in a PostgreSQL database."""
 
     engine = "postgres"
+    shared = True
 
     def __init__(
         self, database: str | os.PathLike[str], *, clock: Clock | None = None, owner: str = ""
     ) -> None:
         super().__init__(database, clock=clock, owner=owner)
         self.url = str(database)
-        self.pool = make_pool(self.url)
+        self.pool = make_pool(self.url, app_name=self.owner)
         self._reads = PgReads(self.pool, self.describe(), self._purge)
         self._assets = PgAssets(self)
         self._checking: asyncio.Future[None] | None = None
@@ -238,7 +239,7 @@ class PostgresStore(JobStore):
     async def list_jobs(
         self,
         *,
-        states: list[str] | None = None,
+        states: Sequence[State] | None = None,
         limit: int = 50,
         cursor: tuple[str, str] | None = None,
     ) -> list[Job]:

@@ -20,7 +20,7 @@ import aiosqlite
 
 from comfyq.clock import iso
 from comfyq.store.base import STATUS_FILTERS, JobReads
-from comfyq.store.model import Job, loads
+from comfyq.store.model import Job, State, loads
 
 HEAD_COLUMNS = (
     "id, state, stage, message, attempts, kind, priority, created_at, updated_at,"
@@ -125,7 +125,7 @@ class Reads(JobReads):
 
     async def summaries(
         self,
-        states: Sequence[str] | None,
+        states: Sequence[State] | None,
         owners: list[str] | None,
         cursor: tuple[str, str] | None,
         limit: int,
@@ -227,8 +227,9 @@ def status_sql(status: str, params: list[Any]) -> str:
 # Two halves, one per partial index (jobs_claim for pending, in claim order, and jobs_leases for
 # running): ``state IN ('pending', 'running')`` can use neither, so it scanned and sorted the whole
 # table, finished jobs included, on every change (4 ms at 20,000 jobs; 0.01 ms this way).
+# INDEXED BY: the claim index is already in rank order (no sort) and holds every column read.
 SNAPSHOT_SQL = (
     "SELECT id, stage, 'pending', row_number() OVER (PARTITION BY stage ORDER BY priority DESC,"
-    " created_at, id) FROM jobs WHERE state = 'pending'"
+    " created_at, id) FROM jobs INDEXED BY jobs_claim WHERE state = 'pending'"
     " UNION ALL SELECT id, stage, 'running', 0 FROM jobs WHERE state = 'running'"
 )

@@ -10,7 +10,7 @@ import fcntl
 import logging
 import os
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -298,12 +298,13 @@ class SqliteStore(JobStore):
     async def list_jobs(
         self,
         *,
-        states: list[str] | None = None,
+        states: Sequence[State] | None = None,
         limit: int = 50,
         cursor: tuple[str, str] | None = None,
     ) -> list[Job]:
         """Jobs newest first; ``cursor`` = (created_at, id) of the last job of the previous page."""
-        where, params = [], []
+        where: list[str] = []
+        params: list[Any] = []
         if states:
             where.append(f"state IN ({','.join('?' * len(states))})")
             params.extend(states)
@@ -319,8 +320,10 @@ class SqliteStore(JobStore):
         out = {s: {"waiting": 0, "running": 0} for s in STAGES}
         for stage, state, n in await self._rows(
             # One query per state, so each reads its partial index and not the whole (mostly
-            # finished) table.
-            "SELECT stage, 'pending', count(*) FROM jobs WHERE state = 'pending' GROUP BY stage"
+            # finished) table. INDEXED BY: the planner would pick jobs_state_created (state, ...)
+            # and read every waiting row for its stage (20 ms at 10k waiting jobs, 1.2 ms so).
+            "SELECT stage, 'pending', count(*) FROM jobs INDEXED BY jobs_claim"
+            " WHERE state = 'pending' GROUP BY stage"
             " UNION ALL SELECT stage, 'running', count(*)"
             " FROM jobs WHERE state = 'running' GROUP BY stage"
         ):
