@@ -26,6 +26,12 @@ sysdeps:
 	  { echo "PostgreSQL server binaries missing: installing postgresql"; \
 	    if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq postgresql; \
 	    else sudo apt-get update -qq && sudo apt-get install -y -qq postgresql; fi; }
+	@# The dashboard's browser tests drive Debian's Chromium (Playwright's downloads are not used);
+	@# installed when missing and we are root (otherwise those tests skip, or fail under
+	@# COMFYQ_REQUIRE_BROWSER=1).
+	@command -v chromium >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || \
+	  { echo "chromium missing: installing it for the dashboard tests"; \
+	    apt-get update -qq && apt-get install -y -qq chromium; }
 
 serve: $(BIN)/.installed
 	$(BIN)/comfyq serve

@@ -106,6 +106,13 @@ STEPS = [
         "Comfy API v2: direct vs the official proxy vs comfyq (#18)",
     ),
     Step(
+        "ui",
+        "bench.bench_ui",
+        ["--jobs", "200", "--big", "100000", "--rate", "50", "--seconds", "20"],
+        ["--jobs", "40", "--big", "20000", "--seconds", "4", "--rounds", "1", "--emulated", "5"],
+        "dashboard (#14)",
+    ),
+    Step(
         "chaos",
         "bench.chaos",
         [],

@@ -234,6 +234,7 @@ SECTIONS = [
     ("api", "HTTP API (#4)", sec.api),
     ("preprocess", "Preprocess and inputs (#5)", sec.preprocess),
     ("outputs", "Outputs, S3 and webhooks (#6)", sec.outputs),
+    ("ui", "Dashboard (#14)", sec.ui),
     ("hostile", "Hostile bodies (#19)", sec.hostile),
     ("profile", "Where a job's CPU goes (#13, `--profile`)", sec.profile),
     ("queue_depth", "A deep queue and the MAX_QUEUE_SIZE default (#13)", sec.queue_depth),

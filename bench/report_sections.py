@@ -422,6 +422,70 @@ def profile(f: dict[str, Any], charts: Charts) -> list[str]:
     return out
 
 
+def ui(f: dict[str, Any], charts: Charts) -> list[str]:
+    """The dashboard: commit -> DOM latency, jobs-page reads at many jobs, CPU per dashboard."""
+    lat, pages, c = f["latency"], f["pages"], f["cpu"]
+    rows = [
+        [
+            (
+                f"state change committed -> DOM updated in the browser, p50 / p99"
+                f" ({num(lat['jobs'])} jobs at {num(lat['rate'])}/s, {num(lat['stamps'])} changes)"
+            ),
+            f"{ms(lat['p50_ms'])} / {ms(lat['p99_ms'])} (target p99 <= 250 ms)",
+        ],
+    ]
+    names = {
+        "first_page": "first page of 50",
+        "filter_failed": "status filter: failed",
+        "filter_queued": "status filter: queued",
+        "deep_page_200": "keyset page 200 (10,000 rows deep)",
+        "search_id_prefix": "search by id prefix",
+        "counts_cold": "status counts (uncached)",
+        "v1_jobs_first_page": "GET /jobs first page (Results)",
+    }
+    for key, label in names.items():
+        v = pages.get(key)
+        if v:
+            rows.append(
+                [
+                    f"{label}, {num(pages['jobs_in_db'])} jobs in the database, p50 / p99",
+                    f"{ms(v['p50_ms'])} / {ms(v['p99_ms'])}"
+                    + (" (target first page <= 50 ms)" if key == "first_page" else ""),
+                ]
+            )
+    rows.append(
+        [
+            (
+                f"server CPU at {num(c['rate'])} jobs/s without / with {c['dashboards']}"
+                " dashboards (share of one core)"
+            ),
+            f"{c['server_cores_without'] * 100:.1f}% / {c['server_cores_with'] * 100:.1f}%",
+        ]
+    )
+    rows.append(
+        [
+            "server CPU per connected dashboard (browsers on the same 2 cores)",
+            f"{c['per_dashboard_core_pct']:.2f}% of a core (target <= 5 %)",
+        ]
+    )
+    e = f.get("cpu_emulated")
+    if e:
+        rows.append(
+            [
+                (
+                    f"server CPU per dashboard, {e['clients']} emulated ones (/ws '*' and the"
+                    " page's reads, no browser competing)"
+                ),
+                (
+                    f"{e['per_dashboard_core_pct']:.2f}% of a core"
+                    f" ({e['server_cores_without'] * 100:.1f}% ->"
+                    f" {e['server_cores_with'] * 100:.1f}%)"
+                ),
+            ]
+        )
+    return table(["measurement", "figure"], rows)
+
+
 def hostile(f: dict[str, Any], charts: Charts) -> list[str]:
     """Hostile bodies (#19): loop lag, /health and RSS while the largest allowed bodies run."""
     rows = []

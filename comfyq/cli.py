@@ -177,8 +177,8 @@ async def serve(settings: Settings, *, comfyui_version: str | None = None) -> in
 
         sim = Simulator(
             data_dir=Path(settings.database).parent / "simulator",
-            node_duration=0.2,
-            progress_steps=5,
+            node_duration=settings.simulate_node_duration,
+            progress_steps=settings.simulate_progress_steps,
             comfyui_version=comfyui_version or NEWEST,
         )
         await sim.start()

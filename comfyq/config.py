@@ -93,6 +93,13 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     simulate: Annotated[
         bool, _d("run against the built-in ComfyUI simulator instead of a real ComfyUI")
     ] = False
+    simulate_node_duration: Annotated[
+        float,
+        _d("with simulate: seconds each simulated node takes (slow ones tick progress)", ge=0),
+    ] = 0.2
+    simulate_progress_steps: Annotated[
+        int, _d("with simulate: progress ticks of each slow simulated node", ge=0, le=1000)
+    ] = 5
 
     # --- HTTP API ----------------------------------------------------------------------------
     api_host: Annotated[str, _d("address the API listens on")] = "127.0.0.1"

@@ -21,7 +21,15 @@ from comfyq.schemas import GenerateRequest
 from comfyq.sim import Simulator
 
 _colors = itertools.count(9000)
-PUBLIC = {"/health", "/ready", "/docs/assets/{name}", "/api/v2/health"}
+PUBLIC = {
+    "/health",
+    "/ready",
+    "/docs/assets/{name}",
+    "/api/v2/health",
+    "/ui",
+    "/ui/static/{name}",
+    "/ui/api/session",
+}
 
 
 def body(**extra: Any) -> dict[str, Any]:
@@ -188,7 +196,10 @@ async def test_openapi_is_generated_from_the_types_and_matches_the_routes(server
         for r in server.runner.app.router.routes()
         if r.resource is not None
     }
-    assert documented - heads == registered - {("GET", "/docs/assets/{name}")}
+    assert documented - heads == registered - {
+        ("GET", "/docs/assets/{name}"),
+        ("GET", "/ui/static/{name}"),
+    }
     (ref,), components = msgspec.json.schema_components(
         [GenerateRequest], ref_template="#/components/schemas/{name}"
     )

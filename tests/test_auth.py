@@ -23,8 +23,9 @@ import pytest
 from support.servers import MakeServer, Server, wait_healthy
 from support.workflows import workflow
 
-from comfyq.api import ROUTES
+from comfyq.api import app_routes
 from comfyq.api.auth import ANONYMOUS, KeyFileError, Keys, Principal, key_id, parse_key
+from modifiers.registry import ModifierRegistry
 
 ADMIN, CA, CB = "admin-key-1", "client-key-a", "client-key-b"
 KEYS = [ADMIN, f"client:{CA}", f"client:{CB}"]
@@ -112,6 +113,7 @@ COVERED = {
     ("POST", "/cancel/{id}"),
     ("GET", "/queue-info"),
     ("GET", "/health"),
+    ("GET", "/ready"),
     ("GET", "/jobs"),
     ("GET", "/jobs/{id}"),
     ("DELETE", "/jobs/{id}"),
@@ -123,6 +125,16 @@ COVERED = {
     ("GET", "/openapi.json"),
     ("GET", "/"),
     ("GET", "/docs/assets/{name}"),
+    ("POST", "/jobs/{id}/retry"),
+    ("POST", "/jobs/{id}/delete"),
+    ("GET", "/ui"),
+    ("GET", "/ui/static/{name}"),
+    ("GET", "/ui/api/jobs"),
+    ("GET", "/ui/api/counts"),
+    ("GET", "/ui/api/jobs/{id}"),
+    ("GET", "/ui/api/stats"),
+    ("GET", "/ui/api/modifiers"),
+    ("GET", "/ui/api/session"),
 }
 # Routes whose checks live in other test files: /ready is public like /health (test_api_http's
 # PUBLIC walk, test_peers_ready); the v2 routes: a client key sees only its own jobs and assets,
@@ -146,7 +158,9 @@ EXTRA_COVERED: set[tuple[str, str]] = {
 
 
 def test_every_route_is_covered() -> None:
-    routes = {(r.method, r.path) for r in ROUTES}
+    routes = {(r.method, r.path) for r in app_routes(ModifierRegistry())}
+    # /workflows/{name}[/sync]: one pair per typed modifier, checked below with ImageEffects.
+    routes = {(m, p) for m, p in routes if not p.startswith("/workflows/")}
     assert routes - COVERED - EXTRA_COVERED == set(), "decide who may call the new route(s)"
 
 
@@ -208,12 +222,71 @@ async def test_two_clients_and_an_admin_over_every_route(make_server: MakeServer
     assert await _status(srv, "GET", "/metrics", ADMIN) == 200
     async with srv.session.get(srv.u("/metrics"), headers=h(CA)) as r:
         assert r.status == 403 and (await r.json())["error"]["type"] == "forbidden"
-    for path in ("/queue-info", "/docs", "/openapi.json", "/", "/health"):
+    # The typed workflow routes record the owner like /generate.
+    wf = "/workflows/ImageEffects/sync?request_id=own-a-wf"
+    assert await _status(srv, "POST", wf, CA, json={"width": 16, "height": 16}) == 200
+    assert await _status(srv, "GET", "/jobs/own-a-wf", CB) == 404
+    assert await _status(srv, "GET", "/jobs/own-a-wf", CA) == 200
+    async with srv.session.post(
+        srv.u("/workflows/ImageEffects?request_id=own-a-wf"), json={"width": 16}, headers=h(CB)
+    ) as r:
+        assert r.status == 409
+    for path in ("/queue-info", "/docs", "/openapi.json", "/", "/health", "/ready"):
         for key in (ADMIN, CA, CB):
             assert await _status(srv, "GET", path, key) == 200, (path, key)
     assert await _status(srv, "GET", "/docs/assets/swagger-ui.css", CA) == 200
     for key in ("wrong", ""):
         assert await _status(srv, "GET", "/jobs", key) == 401
+
+    # The dashboard's reads and actions follow the same rule.
+    for key, ids in ((CA, {"own-a", "own-a-stream", "own-a-2", "own-a-wf"}), (CB, {"own-b"})):
+        async with srv.session.get(srv.u("/ui/api/jobs"), headers=h(key)) as r:
+            assert {j["id"] for j in (await r.json())["jobs"]} == ids
+        async with srv.session.get(srv.u("/ui/api/counts"), headers=h(key)) as r:
+            assert (await r.json())["total"] == len(ids)
+    async with srv.session.get(srv.u("/ui/api/jobs?q=own-"), headers=h(ADMIN)) as r:
+        assert len((await r.json())["jobs"]) == 6
+    async with srv.session.get(srv.u("/ui/api/counts"), headers=h(ADMIN)) as r:
+        assert (await r.json())["total"] == 6
+    assert await _status(srv, "GET", "/ui/api/jobs/own-a", CA) == 200
+    assert await _status(srv, "GET", "/ui/api/jobs/own-a", ADMIN) == 200
+    assert await _status(srv, "GET", "/ui/api/jobs/own-a", CB) == 404
+    assert await _status(srv, "POST", "/jobs/own-b/retry", CA) == 404
+    assert await _status(srv, "POST", "/jobs/own-b/delete", CA) == 404
+    assert await _status(srv, "POST", "/jobs/own-b/retry", CB) == 409  # completed: no retry
+    bad = {"input": {"request_id": "own-b-bad", "workflow_json": {"1": {"class_type": "Nope"}}}}
+    assert await _status(srv, "POST", "/generate/sync", CB, json=bad) == 400  # failed
+    assert await _status(srv, "POST", "/jobs/own-b-bad/retry", CA) == 404
+    assert await _status(srv, "POST", "/jobs/own-b-bad/retry", CB) == 200
+    assert await _status(srv, "POST", "/jobs/own-a/retry", CA) == 409  # completed: no retry
+    assert await _status(srv, "POST", "/jobs/own-a/delete", CB) == 404
+    assert await _status(srv, "POST", "/jobs/own-a/delete", CA) == 200
+    assert await _status(srv, "GET", "/jobs/own-a", ADMIN) == 404
+    assert await _status(srv, "GET", "/ui/api/stats", ADMIN) == 200
+    assert await _status(srv, "GET", "/ui/api/stats", CA) == 403
+    for path in ("/ui/api/modifiers", "/ui", "/ui/static/app.js"):
+        for key in (ADMIN, CA):
+            assert await _status(srv, "GET", path, key) == 200, path
+    assert await _status(srv, "GET", "/ui", "wrong") == 200  # the page asks for a key itself
+    for key, who in (
+        ("wrong", {"keys_required": True, "authenticated": False, "role": None, "key_id": None}),
+        (
+            CA,
+            {"keys_required": True, "authenticated": True, "role": "client", "key_id": key_id(CA)},
+        ),
+        (
+            ADMIN,
+            {
+                "keys_required": True,
+                "authenticated": True,
+                "role": "admin",
+                "key_id": key_id(ADMIN),
+            },
+        ),
+    ):
+        async with srv.session.get(srv.u("/ui/api/session"), headers=h(key)) as r:
+            assert r.status == 200 and await r.json() == who
+    assert await _status(srv, "GET", "/ui/api/jobs", "wrong") == 401
 
 
 async def _ws(srv: Server, key: str, *, protocol: bool = False) -> aiohttp.ClientWebSocketResponse:

@@ -11,8 +11,10 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from comfyq.api import docs, generate, jobs, sse, workflows, ws
+from comfyq import ui
+from comfyq.api import dashboard, docs, generate, jobs, sse, workflows, ws
 from comfyq.api.health import health, ready
+from comfyq.api.jobs import MAX_LIMIT, STATUS_SQL
 from comfyq.api.middleware import cors_headers
 from comfyq.api.openapi import Param, Reply, Route, document
 from comfyq.metrics import CONTENT_TYPE
@@ -307,6 +309,114 @@ ROUTES: list[Route] = [
         replies={200: Reply("HTML", media="text/html", schema={"type": "string"})},
     ),
     Route(
+        "POST",
+        "/jobs/{id}/retry",
+        dashboard.retry,
+        "Run a failed or cancelled job again from the start",
+        "jobs",
+        replies={
+            200: Reply("the Result, waiting again", Result),
+            409: Reply("the job is not failed or cancelled", ErrorBody),
+        },
+    ),
+    Route(
+        "POST",
+        "/jobs/{id}/delete",
+        dashboard.delete,
+        "Delete a finished job: its row, events, outputs and files",
+        "jobs",
+        replies={
+            200: Reply("deleted", media="application/json", schema={"type": "object"}),
+            409: Reply("the job has not finished: cancel it first", ErrorBody),
+        },
+    ),
+    Route(
+        "GET",
+        "/ui",
+        ui.page,
+        "The dashboard (asks for an API key itself)",
+        "dashboard",
+        public=True,
+        replies={200: Reply("HTML", media="text/html", schema={"type": "string"})},
+    ),
+    Route(
+        "GET",
+        ui.STATIC_ROUTE,
+        ui.asset,
+        "The dashboard's files",
+        "dashboard",
+        public=True,
+        in_schema=False,
+    ),
+    Route(
+        "GET",
+        "/ui/api/session",
+        dashboard.session,
+        "Whether a key is needed, and whether the one sent is good (and its role)",
+        "dashboard",
+        public=True,
+        replies={200: Reply("the caller", dashboard.Session)},
+    ),
+    Route(
+        "GET",
+        "/ui/api/jobs",
+        dashboard.list_rows,
+        "The dashboard's jobs table: one page of rows, newest first",
+        "dashboard",
+        params=[
+            Param(
+                "status", "query", {"type": "string"}, "comma separated: " + ", ".join(STATUS_SQL)
+            ),
+            Param(
+                "q",
+                "query",
+                {"type": "string", "maxLength": 128},
+                "an id or request_id, or its start",
+            ),
+            Param("limit", "query", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT}),
+            Param("cursor", "query", {"type": "string"}, "next_cursor of the previous page"),
+        ],
+        replies={
+            200: Reply("one page", dashboard.JobRows),
+            400: Reply("bad filter, search, limit or cursor", ErrorBody),
+        },
+    ),
+    Route(
+        "GET",
+        "/ui/api/counts",
+        dashboard.counts,
+        "Jobs per status (the caller's own, for a client key)",
+        "dashboard",
+        replies={200: Reply("counts", dashboard.Counts)},
+    ),
+    Route(
+        "GET",
+        "/ui/api/jobs/{id}",
+        dashboard.job_detail,
+        "Everything the job page shows: row, Result, events, input, workflow, error, timings",
+        "dashboard",
+        replies={200: Reply("the job", dashboard.JobDetail)},
+    ),
+    Route(
+        "GET",
+        "/ui/api/stats",
+        dashboard.stats,
+        "The last hour per minute: completed, failed, p50/p95 duration (admin keys)",
+        "dashboard",
+        replies={
+            200: Reply("per-minute figures", dashboard.Stats),
+            403: Reply("a client key", ErrorBody),
+        },
+    ),
+    Route(
+        "GET",
+        "/ui/api/modifiers",
+        dashboard.modifiers,
+        "The modifiers with their parameters as JSON Schema (for the submit form)",
+        "dashboard",
+        replies={200: Reply("modifiers", media="application/json", schema={"type": "object"})},
+    ),
+    Route(
         "GET",
         docs.ASSETS_ROUTE,
         docs.docs_asset,
@@ -345,3 +455,4 @@ def setup_routes(app: web.Application) -> None:
     app[OPENAPI] = msgspec.json.encode(build_document(registry, api_keys=api.keys.enabled))
     app[README] = docs.render_readme(api.options.readme)
     app.on_response_prepare.append(cors_headers)
+    dashboard.setup(app)

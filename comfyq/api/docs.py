@@ -118,7 +118,8 @@ def render_readme(path: Path | None) -> str:
     """The README as a whole HTML page (raw HTML in the Markdown is escaped, not passed through)."""
     text = readme_text(path)
     nav = (
-        '<nav><a href="/docs">Interactive API docs</a> · <a href="/openapi.json">OpenAPI</a> · '
+        '<nav><a href="/ui">Dashboard</a> · <a href="/docs">Interactive API docs</a> · '
+        '<a href="/openapi.json">OpenAPI</a> · '
         '<a href="/health">Health</a></nav>'
     )
     if text is None:

@@ -29,8 +29,10 @@ log = logging.getLogger("comfyq.api")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-PUBLIC_PATHS = frozenset({"/health", "/ready", "/api/v2/health"})
-PUBLIC_PREFIXES = ("/docs/assets/",)  # Swagger UI's own static files: nothing of ours in them
+# /ui and /ui/api/session: the dashboard page asks for a key itself.
+PUBLIC_PATHS = frozenset({"/health", "/ready", "/api/v2/health", "/ui", "/ui/api/session"})
+# Swagger UI's own static files and the dashboard's: code, no data.
+PUBLIC_PREFIXES = ("/docs/assets/", "/ui/static/")
 ALLOW_HEADERS = (
     "Authorization, Content-Type, Last-Event-ID, X-Return-Outputs-As-Base64, Idempotency-Key, Range"
 )

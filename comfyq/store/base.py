@@ -122,10 +122,23 @@ class JobReads(abc.ABC):
         limit: int,
         cursor: tuple[str, str] | None,
         owners: list[str] | None = None,
+        id_prefix: str = "",
     ) -> list[Job]:
         """Jobs newest first, filtered by client statuses (keys of STATUS_FILTERS); ``cursor`` is
         (created_at, id) of the last job of the previous page; ``owners``: only jobs created by
-        these API key ids (None: every job)."""
+        these API key ids (None: every job); ``id_prefix``: only ids starting with it."""
+
+    @abc.abstractmethod
+    async def status_counts(self, owners: list[str] | None) -> dict[tuple[str, str], int]:
+        """Jobs per (state, stage), stage '' for finished jobs, only those created by ``owners``
+        (None: every job); cheap on a big table (indexes, not a pass over finished rows)."""
+
+    @abc.abstractmethod
+    async def finished_between(
+        self, start: float, end: float, limit: int
+    ) -> list[tuple[str, float]]:
+        """(state, seconds from admission to the end) of at most ``limit`` jobs that finished in
+        [start, end) (epoch seconds)."""
 
     @abc.abstractmethod
     async def summary(self, job_id: str) -> Job | None:
@@ -323,6 +336,11 @@ class JobStore(abc.ABC):
     @abc.abstractmethod
     async def retry_job(self, job_id: str) -> Transition:
         """Run a failed or cancelled job again from the start."""
+
+    @abc.abstractmethod
+    async def delete_finished(self, job_id: str) -> bool:
+        """Delete one finished job with its events, outputs and deliveries; False when it does
+        not exist or has not finished."""
 
     @abc.abstractmethod
     async def prune(self, older_than: float, limit: int = 500) -> list[str]:

@@ -627,6 +627,17 @@ async def retry_job(conn: Conn, job_id: str, now: float) -> Transition:
 PRUNE_LOCK = 0x6371_7072
 
 
+async def delete_finished(conn: Conn, job_id: str) -> bool:
+    """Delete one finished job (its events, outputs and deliveries go with it by cascade)."""
+    async with conn.transaction():
+        rows = await _rows(
+            conn,
+            "DELETE FROM jobs WHERE id = %(id)s AND finished_at IS NOT NULL RETURNING id",
+            {"id": job_id},
+        )
+    return bool(rows)
+
+
 async def prune(conn: Conn, before: float, limit: int = 500) -> list[str]:
     """Delete up to ``limit`` jobs that finished before ``before``; return their ids (none when
     another instance is pruning right now)."""

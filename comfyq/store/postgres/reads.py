@@ -111,11 +111,15 @@ class PgReads(JobReads):
         limit: int,
         cursor: tuple[str, str] | None,
         owners: list[str] | None = None,
+        id_prefix: str = "",
     ) -> list[Job]:
         where: list[str] = []
         params: list[Any] = []
         if statuses:
             where.append("(" + " OR ".join(status_sql(s, params) for s in statuses) + ")")
+        if id_prefix:
+            where.append("starts_with(id, %s)")
+            params.append(id_prefix)
         if cursor:
             where.append("(created_at, id) < (%s::timestamptz, %s)")
             params.extend(cursor)
@@ -165,6 +169,28 @@ class PgReads(JobReads):
 
     async def queue_snapshot(self) -> list[tuple[str, str, str, int]]:
         return [(r["id"], r["stage"], r["state"], r["pos"]) for r in await self.rows(SNAPSHOT_SQL)]
+
+    async def status_counts(self, owners: list[str] | None) -> dict[tuple[str, str], int]:
+        if owners is not None and not owners:
+            return {}
+        sql = (
+            "SELECT state, CASE WHEN finished_at IS NULL THEN stage ELSE '' END AS stage,"
+            " count(*) AS n FROM jobs"
+            + (" WHERE owner = ANY(%s)" if owners is not None else "")
+            + " GROUP BY 1, 2"
+        )
+        rows = await self.rows(sql, (owners,) if owners is not None else ())
+        return {(r["state"], r["stage"]): r["n"] for r in rows}
+
+    async def finished_between(
+        self, start: float, end: float, limit: int
+    ) -> list[tuple[str, float]]:
+        rows = await self.rows(
+            "SELECT state, extract(epoch FROM finished_at - created_at)::float8 AS secs FROM jobs"
+            " WHERE finished_at >= to_timestamp(%s) AND finished_at < to_timestamp(%s) LIMIT %s",
+            (start, end, limit),
+        )
+        return [(r["state"], float(r["secs"])) for r in rows]
 
     async def completed_timings(self, limit: int) -> list[tuple[str, dict[str, Any]]]:
         rows = await self.rows(

@@ -217,6 +217,9 @@ class PostgresStore(JobStore):
         now = self.clock.now()
         return await self._one(lambda c: ops.retry_job(c, job_id, now))
 
+    async def delete_finished(self, job_id: str) -> bool:
+        return await self._run(lambda c: ops.delete_finished(c, job_id))
+
     async def prune(self, older_than: float, limit: int = 500) -> list[str]:
         before = self.clock.now() - older_than
         return await self._run(lambda c: ops.prune(c, before, limit))

@@ -536,6 +536,14 @@ def _deadline_span(job: Job) -> float:
     return parse_iso(job.deadline_at) - parse_iso(job.created_at)
 
 
+def delete_finished(conn: sqlite3.Connection, job_id: str) -> bool:
+    """Delete one finished job (its events, outputs and deliveries go with it by cascade)."""
+    row = conn.execute(
+        "DELETE FROM jobs WHERE id = ? AND finished_at IS NOT NULL RETURNING id", (job_id,)
+    ).fetchone()
+    return row is not None
+
+
 def prune(conn: sqlite3.Connection, before: float, limit: int = 500) -> list[str]:
     """Delete up to ``limit`` jobs that finished before ``before``; return their ids."""
     rows = conn.execute(

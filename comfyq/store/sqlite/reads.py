@@ -18,6 +18,7 @@ from typing import Any
 
 import aiosqlite
 
+from comfyq.clock import iso
 from comfyq.store.base import STATUS_FILTERS, JobReads
 from comfyq.store.model import Job, State, loads
 
@@ -98,11 +99,16 @@ class Reads(JobReads):
         limit: int,
         cursor: tuple[str, str] | None,
         owners: list[str] | None = None,
+        id_prefix: str = "",
     ) -> list[Job]:
         where: list[str] = []
         params: list[Any] = []
         if statuses:
             where.append("(" + " OR ".join(status_sql(s, params) for s in statuses) + ")")
+        if id_prefix:
+            # A primary-key range, not LIKE (whose wildcards and case rules do not fit ids).
+            where.append("id >= ? AND id < ?")
+            params.extend((id_prefix, id_prefix + "\U0010ffff"))
         if cursor:
             where.append("(created_at, id) < (?, ?)")
             params.extend(cursor)
@@ -151,6 +157,37 @@ class Reads(JobReads):
 
     async def queue_snapshot(self) -> list[tuple[str, str, str, int]]:
         return [(r[0], r[1], r[2], r[3]) for r in await self.rows(SNAPSHOT_SQL)]
+
+    async def status_counts(self, owners: list[str] | None) -> dict[tuple[str, str], int]:
+        if owners is not None:
+            if not owners:
+                return {}
+            sql = (
+                "SELECT state, CASE WHEN finished_at IS NULL THEN stage ELSE '' END, count(*)"
+                f" FROM jobs WHERE owner IN ({','.join('?' * len(owners))}) GROUP BY 1, 2"
+            )
+            return {(r[0], r[1]): r[2] for r in await self.rows(sql, owners)}
+        # Unfinished jobs through their partial indexes; finished ones one count per state on
+        # the (state, created_at, id) index: no pass over the finished rows themselves.
+        rows = await self.rows(
+            "SELECT state, stage, count(*) FROM jobs WHERE state = 'pending' GROUP BY stage"
+            " UNION ALL SELECT state, stage, count(*) FROM jobs WHERE state = 'running'"
+            " GROUP BY stage"
+            " UNION ALL SELECT 'completed', '', count(*) FROM jobs WHERE state = 'completed'"
+            " UNION ALL SELECT 'failed', '', count(*) FROM jobs WHERE state = 'failed'"
+            " UNION ALL SELECT 'cancelled', '', count(*) FROM jobs WHERE state = 'cancelled'"
+        )
+        return {(r[0], r[1]): r[2] for r in rows if r[2]}
+
+    async def finished_between(
+        self, start: float, end: float, limit: int
+    ) -> list[tuple[str, float]]:
+        rows = await self.rows(
+            "SELECT state, (julianday(finished_at) - julianday(created_at)) * 86400.0 FROM jobs"
+            " WHERE finished_at >= ? AND finished_at < ? LIMIT ?",
+            (iso(start), iso(end), limit),
+        )
+        return [(r[0], float(r[1])) for r in rows]
 
     async def completed_timings(self, limit: int) -> list[tuple[str, dict[str, Any]]]:
         # ``finished_at IS NOT NULL`` (always true of a completed job) lets it walk the

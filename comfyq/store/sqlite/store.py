@@ -253,6 +253,10 @@ class SqliteStore(JobStore):
     async def retry_job(self, job_id: str) -> Transition:
         return await self._one(ops.retry_job, job_id, self.clock.now())
 
+    async def delete_finished(self, job_id: str) -> bool:
+        gone: bool = await self._write(ops.delete_finished, job_id)
+        return gone
+
     async def prune(self, older_than: float, limit: int = 500) -> list[str]:
         ids: list[str] = await self._write(ops.prune, self.clock.now() - older_than, limit)
         return ids
