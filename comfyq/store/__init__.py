@@ -1,6 +1,6 @@
 """The store: one interface (``JobStore``), the shared model, and two adapters (sqlite, postgres).
 
-``JobStore(database)`` returns the adapter that the database setting names.
+``open_store(database)`` returns the adapter that the database setting names.
 """
 
 from comfyq.store.base import (
@@ -9,8 +9,8 @@ from comfyq.store.base import (
     JobStore,
     StoreError,
     StoreUnavailable,
-    open_store,
 )
+from comfyq.store.factory import open_store
 from comfyq.store.model import Job, NewJob, Stage, State, Transition
 
 __all__ = [

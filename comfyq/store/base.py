@@ -3,8 +3,8 @@
 It speaks the domain (admit, claim, advance, finish, rescue, cancel, renew, list, outbox claim and
 record, prune), never SQL. Two adapters implement it, each owning its SQL and its migrations:
 ``comfyq.store.sqlite`` (one file, one writer thread with group commit; the default) and
-``comfyq.store.postgres`` (many instances on one database). ``JobStore(database)`` picks the
-adapter from the database setting: a ``postgresql://`` URL or a file path.
+``comfyq.store.postgres`` (many instances on one database). ``open_store(database)``
+(``factory.py``) picks the adapter from the database setting: a ``postgresql://`` URL or a path.
 
 Every state change commits its ``job_events`` row in the same transaction, and the listeners are
 told only after the commit, so nothing downstream acts on a change that is not durable. Time is a
@@ -19,7 +19,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Self, cast
+from typing import Any
 
 from comfyq.clock import Clock, iso
 from comfyq.errors import ComfyqError
@@ -178,19 +178,13 @@ class JobReads(abc.ABC):
 class JobStore(abc.ABC):
     """Jobs, their events, outputs, secrets and webhook deliveries, behind one interface.
 
-    ``JobStore(database, clock=..., owner=...)`` returns the adapter the database setting names
-    (as ``pathlib.Path(...)`` returns a PosixPath); adapters may also be built directly.
+    ``open_store(database, clock=..., owner=...)`` returns the adapter the database setting
+    names; adapters may also be built directly.
     """
 
     engine: str = ""
     # Whether several servers use the database at once (Postgres) or one owns it (SQLite).
     shared: bool = False
-
-    def __new__(
-        cls, database: str | os.PathLike[str], *, clock: Clock | None = None, owner: str = ""
-    ) -> Self:
-        adapter = _adapter_for(database) if cls is JobStore else cls
-        return cast(Self, super().__new__(adapter))
 
     def __init__(
         self, database: str | os.PathLike[str], *, clock: Clock | None = None, owner: str = ""
@@ -427,23 +421,6 @@ class JobStore(abc.ABC):
         self, job_id: str
     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """A job's deliveries (with URLs, without secrets) and all their attempts, oldest first."""
-
-
-def open_store(
-    database: str | os.PathLike[str], *, clock: Clock | None = None, owner: str = ""
-) -> JobStore:
-    """The adapter the database setting names, not yet opened (``await store.open()``)."""
-    return _adapter_for(database)(database, clock=clock, owner=owner)
-
-
-def _adapter_for(database: str | os.PathLike[str]) -> type[JobStore]:
-    if is_postgres_url(database):
-        from comfyq.store.postgres import PostgresStore
-
-        return PostgresStore
-    from comfyq.store.sqlite import SqliteStore
-
-    return SqliteStore
 
 
 def database_path(database: str | os.PathLike[str]) -> Path | None:
