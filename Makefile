@@ -12,7 +12,8 @@ $(BIN)/.installed: setup.cfg pyproject.toml
 	@$(MAKE) --no-print-directory sysdeps
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
+	@# bench too: mypy checks bench/, and the v2 tests run the official comfy-api-proxy beside comfyq
+	$(BIN)/pip install -q -e '.[test,bench]'
 	@touch $@
 
 # python-magic needs the libmagic shared library; install it when it is missing and we may.
