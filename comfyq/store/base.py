@@ -44,6 +44,20 @@ STATUS_FILTERS: dict[str, tuple[tuple[str, str | None], ...]] = {
 }
 
 
+def status_sql(status: str, params: list[Any], mark: str) -> str:
+    """A WHERE term for one client status (STATUS_FILTERS), its values appended to ``params``;
+    ``mark`` is the adapter's placeholder (``?`` or ``%s``)."""
+    terms = []
+    for state, stage in STATUS_FILTERS[status]:
+        if stage is None:
+            terms.append(f"state = {mark}")
+            params.append(state)
+        else:
+            terms.append(f"(state = {mark} AND stage = {mark})")
+            params.extend((state, stage))
+    return "(" + " OR ".join(terms) + ")"
+
+
 def is_postgres_url(database: str | os.PathLike[str]) -> bool:
     """True when the database setting names a PostgreSQL server rather than a file."""
     return isinstance(database, str) and database.startswith(("postgresql://", "postgres://"))

@@ -8,7 +8,7 @@ from typing import Any
 
 from psycopg_pool import AsyncConnectionPool
 
-from comfyq.store.base import STATUS_FILTERS, JobReads, StoreUnavailable
+from comfyq.store.base import JobReads, StoreUnavailable, status_sql
 from comfyq.store.model import Job, State, loads
 from comfyq.store.postgres.connect import Conn, wrapped
 
@@ -35,19 +35,6 @@ SNAPSHOT_SQL = (
     " ORDER BY priority DESC, created_at, id) AS pos FROM jobs WHERE state = 'pending'"
     " UNION ALL SELECT id, stage, 'running', 0 FROM jobs WHERE state = 'running'"
 )
-
-
-def status_sql(status: str, params: list[Any]) -> str:
-    """A WHERE term for one client status (STATUS_FILTERS), its values appended to ``params``."""
-    terms = []
-    for state, stage in STATUS_FILTERS[status]:
-        if stage is None:
-            terms.append("state = %s")
-            params.append(state)
-        else:
-            terms.append("(state = %s AND stage = %s)")
-            params.extend((state, stage))
-    return "(" + " OR ".join(terms) + ")"
 
 
 class PgReads(JobReads):
@@ -116,7 +103,7 @@ class PgReads(JobReads):
         where: list[str] = []
         params: list[Any] = []
         if statuses:
-            where.append("(" + " OR ".join(status_sql(s, params) for s in statuses) + ")")
+            where.append("(" + " OR ".join(status_sql(s, params, "%s") for s in statuses) + ")")
         if id_prefix:
             where.append("starts_with(id, %s)")
             params.append(id_prefix)

@@ -19,7 +19,7 @@ from typing import Any
 import aiosqlite
 
 from comfyq.clock import iso
-from comfyq.store.base import STATUS_FILTERS, JobReads
+from comfyq.store.base import JobReads, status_sql
 from comfyq.store.model import Job, State, loads
 
 HEAD_COLUMNS = (
@@ -104,7 +104,7 @@ class Reads(JobReads):
         where: list[str] = []
         params: list[Any] = []
         if statuses:
-            where.append("(" + " OR ".join(status_sql(s, params) for s in statuses) + ")")
+            where.append("(" + " OR ".join(status_sql(s, params, "?") for s in statuses) + ")")
         if id_prefix:
             # A primary-key range, not LIKE (whose wildcards and case rules do not fit ids).
             where.append("id >= ? AND id < ?")
@@ -209,19 +209,6 @@ SUMMARY_COLUMNS = (
     "   CASE WHEN prepared IS NULL THEN '$.input.workflow_json' ELSE '$.workflow' END))"
     " AS nodes_total"
 )
-
-
-def status_sql(status: str, params: list[Any]) -> str:
-    """A WHERE term for one client status (STATUS_FILTERS), its values appended to ``params``."""
-    terms = []
-    for state, stage in STATUS_FILTERS[status]:
-        if stage is None:
-            terms.append("state = ?")
-            params.append(state)
-        else:
-            terms.append("(state = ? AND stage = ?)")
-            params.extend((state, stage))
-    return "(" + " OR ".join(terms) + ")"
 
 
 # Two halves, one per partial index (jobs_claim for pending, in claim order, and jobs_leases for
