@@ -56,6 +56,19 @@ def thread_cpu(pid: int) -> tuple[float, float]:
     return main, other
 
 
+def machine_free(text: str, tmp: Path) -> str:
+    """The call tree without this machine's paths (checkout, venv, interpreter, temp folder)."""
+    for path, name in (
+        (str(ROOT) + "/", ""),
+        (str(ROOT), "."),
+        (sys.prefix, "<venv>"),
+        (sys.base_prefix, "<python>"),
+        (str(tmp), "<tmp>"),
+    ):
+        text = text.replace(path, name)
+    return text
+
+
 def parse_strace(text: str) -> dict[str, int]:
     """Calls per syscall from ``strace -c`` output."""
     calls: dict[str, int] = {}
@@ -118,7 +131,8 @@ async def run(jobs: int, in_flight: int, warmup: int) -> dict[str, Any]:
         prof = json.loads(prefix.with_suffix(".layers.json").read_text())
         RESULTS.mkdir(parents=True, exist_ok=True)
         for ext in (".html", ".txt"):
-            shutil.copy(prefix.with_suffix(ext), RESULTS / f"profile{ext}")
+            text = prefix.with_suffix(ext).read_text()
+            (RESULTS / f"profile{ext}").write_text(machine_free(text, root))
     loop_ms = (main1 - main0) * 1000 / jobs
     other_ms = (other1 - other0) * 1000 / jobs
     sampled = sum(prof["layers_s"].values()) or 1.0

@@ -9,7 +9,6 @@ killed with SIGKILL and started again under the same name.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import re
 import shutil
@@ -55,10 +54,6 @@ def drop_database(url: str) -> None:
     name = url.partition("?")[0].rpartition("/")[2]
     with psycopg.connect(admin_url(), autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-def _sim_module() -> str:
-    return "comfyq.sim" if importlib.util.find_spec("comfyq.sim") else "comfyq.comfy.simulator"
 
 
 def _wait_line(
@@ -109,7 +104,7 @@ class Cluster:
         argv = [
             sys.executable,
             "-m",
-            _sim_module(),
+            "comfyq.sim",
             "--port",
             "0",
             "--node-duration",
