@@ -8,6 +8,7 @@ sent for ``heartbeat`` seconds. A client going away ends only its stream, never 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from aiohttp import web
@@ -66,9 +67,12 @@ async def stream_job(
         resp = web.StreamResponse(status=status, headers={**HEADERS, **(headers or {})})
         await resp.prepare(request)
         try:
-            await resp.write(b"retry: 3000\n\n" + b"".join(frame(se) for se in first))
+            head = b"retry: 3000\n\n" + b"".join(frame(se) for se in first)
             del first
-            if not done:
+            if done:
+                await resp.write_eof(head)  # the stream's end in the same send
+            else:
+                await resp.write(head)
                 await _live(api, feed, sub, resp)
         except (ConnectionError, RuntimeError):
             log.debug("stream of job %s: client went away", job_id)  # the job goes on
@@ -87,20 +91,31 @@ def _backlog(sub: Subscription) -> int:
 async def _live(api: Api, feed: JobFeed, sub: Subscription, resp: web.StreamResponse) -> None:
     if feed.state == State.PENDING:
         api.queue.watch(sub, feed.job_id)
+    loop = asyncio.get_running_loop()
     out: list[bytes] = []
+    # Events other than the last are held up to ``stream_coalesce`` seconds and leave together:
+    # a short job's whole story goes out in one or two sends instead of one per event (each send
+    # wakes the client and costs the server a syscall); the final event never waits.
+    flush_at = 0.0
     while True:
+        wait = api.options.heartbeat
         if out and not _backlog(sub):
-            await resp.write(b"".join(out))
-            out.clear()
-        ev = await sub.get(api.options.heartbeat)
+            wait = flush_at - loop.time()
+            if wait <= 0:
+                await resp.write(b"".join(out))
+                out.clear()
+                wait = api.options.heartbeat
+        ev = await sub.get(wait)
         if ev is None:
+            if out:
+                continue  # time to send what is held
             if api.bus.transport is not None and await _caught_up(api, feed, resp):
                 return
             await resp.write(HEARTBEAT)
             continue
         if feed.is_final(ev):
             out.append(frame(await feed.final(row_of(ev.id))))
-            await resp.write(b"".join(out))
+            await resp.write_eof(b"".join(out))  # the stream's end in the same send
             return
         se = await feed.queue_moved() if ev.kind == "queue" else feed.from_bus(ev)
         if se is None:
@@ -111,6 +126,8 @@ async def _live(api: Api, feed: JobFeed, sub: Subscription, resp: web.StreamResp
                 api.queue.watch(sub, feed.job_id)
             else:
                 api.queue.unwatch(sub)
+        if not out:
+            flush_at = loop.time() + api.options.stream_coalesce
         out.append(frame(se))
 
 
@@ -119,7 +136,7 @@ async def _caught_up(api: Api, feed: JobFeed, resp: web.StreamResponse) -> bool:
     miss; a quiet stream looks at the table once per heartbeat. True when the job has ended."""
     for row in await api.reads.events(feed.job_id, feed.last_row):
         if row["to_state"] in TERMINAL:
-            await resp.write(frame(await feed.final(row["id"])))
+            await resp.write_eof(frame(await feed.final(row["id"])))
             return True
         await resp.write(frame(feed.from_row(row)))
     return False

@@ -166,6 +166,7 @@ class JobFeed:
     async def replay(self, after: int) -> tuple[list[StreamEvent], bool]:
         """Stored state changes after row ``after`` (then the final event if the job ended)."""
         self.last_row = after
+        ended = self.state in TERMINAL  # as of the job read this feed was made from
         rows = await self.api.reads.events(self.job_id, after)
         out: list[StreamEvent] = []
         for row in rows:
@@ -173,6 +174,14 @@ class JobFeed:
                 out.append(await self.final(row["id"]))
                 return out, True
             out.append(self.from_row(row))
+        if self.api.bus.transport is None and not ended:
+            # One instance: every commit is announced on this loop after it is visible, and the
+            # subscription (opened before the job was read) has any end that came after it.
+            if out:
+                await self.decorate(out[-1])
+            return out, False
+        # The job had ended (the client resumes after its end), or several instances: another
+        # instance's end reaches this one by NOTIFY, which can be missed; look once more.
         job = await self.api.reads.head(self.job_id)
         if job is not None and job.terminal:
             # Ended between the two reads, or the client resumes after the end: look once more.

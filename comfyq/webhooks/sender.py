@@ -54,7 +54,7 @@ class WebhookSender:
         store.listen(self._on_transitions)
 
     def _on_transitions(self, trs: list[Transition]) -> None:
-        if self._loop_task is not None and any(t.to_state in TERMINAL for t in trs):
+        if self._loop_task is not None and any(_may_notify(t) for t in trs):
             self._wake.set()
 
     def wake(self) -> None:
@@ -216,3 +216,20 @@ class WebhookSender:
                 self.on_attempt(attempt.outcome)
             except Exception:
                 log.exception("webhook metrics callback failed")
+
+
+def _may_notify(tr: Transition) -> bool:
+    """Whether a committed change may have queued a delivery (the outbox trigger's condition: a
+    job ending with a webhook URL). A job without one wakes nobody: waking claimed (a write) and
+    read the outbox once per finished job for nothing. Unknown payload: wake, to be safe."""
+    if tr.to_state not in TERMINAL:
+        return False
+    try:
+        payload = tr.job.payload if tr.job is not None else None
+    except AttributeError:  # a job row read without its payload
+        payload = None
+    if not isinstance(payload, dict):
+        return True
+    hook = (payload.get("input") or {}).get("webhook")
+    url = hook.get("url") if isinstance(hook, dict) else None
+    return isinstance(url, str) and url != ""

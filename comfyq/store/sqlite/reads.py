@@ -248,8 +248,8 @@ SNAPSHOT_SQL = (
 
 
 class InlineReader:
-    """A plain connection, only read from, used on the caller's thread; None from :meth:`rows` when the
-    database is busy (the caller then reads on a thread, where waiting does not stall the loop)."""
+    """A plain connection, only read from, used on the caller's thread. :meth:`rows` answers None
+    when the database is busy (the caller then reads on a thread, where waiting stalls no loop)."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
