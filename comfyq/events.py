@@ -59,7 +59,8 @@ class Subscription:
         self.keys = keys
         self._maxsize = maxsize
         self._items: deque[Event] = deque()
-        self._ready = asyncio.Event()
+        self._waiter: asyncio.Future[None] | None = None
+        self._urgent_only = False
         self.dropped = 0
         self.closed = False
 
@@ -70,24 +71,41 @@ class Subscription:
             self.dropped += 1
             return
         self._items.append(ev)
-        self._ready.set()
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            if self._urgent_only and not ev.final and len(self._items) < self._maxsize // 2:
+                return  # the reader holds what it has until its timeout; this can wait too
+            waiter.set_result(None)
 
     @property
     def buffered(self) -> int:
         """Events buffered and not yet taken."""
         return len(self._items)
 
-    async def get(self, timeout: float | None = None) -> Event | None:
-        """The next event, or None when ``timeout`` passes first."""
-        while not self._items:
-            self._ready.clear()
-            if timeout is None:
-                await self._ready.wait()
-            else:
-                try:
-                    await asyncio.wait_for(self._ready.wait(), timeout)
-                except TimeoutError:
-                    return None
+    async def get(self, timeout: float | None = None, *, urgent: bool = False) -> Event | None:
+        """The next event, or None when ``timeout`` passes first. ``urgent``: only a job's final
+        event (or a buffer half full) ends the wait early; the others are returned after
+        ``timeout``, all at once (a reader that holds its output wakes once, not per event)."""
+        # A bare future and a timer handle: asyncio.wait_for would wrap every wait in a task of
+        # its own, and a stream waits once per event.
+        if not self._items:
+            loop = asyncio.get_running_loop()
+            waiter = self._waiter = loop.create_future()
+            self._urgent_only = urgent and timeout is not None
+            timer = None if timeout is None else loop.call_later(timeout, _expire, waiter)
+            try:
+                while not self._items:
+                    await waiter
+                    if timeout is not None or self._items:
+                        break
+                    waiter = self._waiter = loop.create_future()
+            finally:
+                self._waiter = None
+                self._urgent_only = False
+                if timer is not None:
+                    timer.cancel()
+            if not self._items:
+                return None
         return self._items.popleft()
 
     def add(self, key: str) -> None:
@@ -111,6 +129,11 @@ class Subscription:
             ev = await self.get()
             if ev is not None:
                 yield ev
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 class EventBus:

@@ -228,6 +228,7 @@ class Metrics:
         self.jobs_created = Counter("comfyq_jobs_created", "Jobs admitted", registry=r)
         self.levels: dict[str, Any] = {}
         self._http_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        self._children: dict[tuple[Any, ...], Any] = {}
         r.register(_Levels(self))
         self._running: dict[str, tuple[str, float]] = {}  # job id -> (stage, claimed at)
         self._waiting: dict[str, tuple[str, float]] = {}  # job id -> (stage, pending since)
@@ -248,19 +249,28 @@ class Metrics:
                     outcome = "retried" if tr.stage == stage else "ok"
                 else:
                     outcome = "ok" if tr.to_state == State.COMPLETED else tr.to_state
-                self.stage_duration.labels(stage, outcome).observe(max(0.0, at - since))
+                self._child(self.stage_duration, stage, outcome).observe(max(0.0, at - since))
             waited = self._waiting.pop(tr.job_id, None)
             if tr.to_state == State.RUNNING:
                 self._running[tr.job_id] = (tr.stage, at)
                 if waited is not None:
-                    self.stage_wait.labels(waited[0]).observe(max(0.0, at - waited[1]))
+                    self._child(self.stage_wait, waited[0]).observe(max(0.0, at - waited[1]))
             elif tr.to_state == State.PENDING:
                 self._waiting[tr.job_id] = (tr.stage, at)
             elif tr.to_state in TERMINAL:
-                self.jobs_finished.labels(tr.to_state).inc()
+                self._child(self.jobs_finished, tr.to_state).inc()
                 total = ((tr.job.timings if tr.job else None) or {}).get("total_ms")
                 if isinstance(total, int | float):
-                    self.job_duration.labels(tr.to_state).observe(total / 1000.0)
+                    self._child(self.job_duration, tr.to_state).observe(total / 1000.0)
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, cached (labels() takes a lock and builds its key each time;
+        the stage and state labels are a handful)."""
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def http(self, route: str, method: str, status: int, seconds: float) -> None:
         """Count one request; labelled children are cached (labels() takes a lock, builds keys)."""

@@ -174,6 +174,9 @@ def deliveries(rows: list[dict[str, Any]]) -> list[WebhookDelivery]:
     return out
 
 
+_RETRY = object()  # Results.shared: the first caller's load failed; load again
+
+
 class Results:
     """Builds Results; caches finished ones (they no longer change) for fan-out to many streams."""
 
@@ -192,20 +195,32 @@ class Results:
         self.base64_max_bytes = base64_max_bytes
         self._cache: OrderedDict[tuple[str, str], Result] = OrderedDict()
         self._cache_size = cache_size
-        self._loading: dict[str, asyncio.Future[tuple[Job, Result] | None]] = {}
+        self._loading: dict[str, asyncio.Future[Any]] = {}
         # Several instances: fetches (bytes, error) of a file another instance holds.
         self.remote: (
             Callable[[Job, str, int], Awaitable[tuple[bytes | None, str | None]]] | None
         ) = None
 
     async def shared(self, job_id: str) -> tuple[Job, Result] | None:
-        """Job and Result, one load shared by every concurrent caller (a final event fans out)."""
-        fut = self._loading.get(job_id)
-        if fut is None:
-            fut = asyncio.ensure_future(self._load(job_id))
-            self._loading[job_id] = fut
-            fut.add_done_callback(lambda _: self._loading.pop(job_id, None))
-        return await asyncio.shield(fut)
+        """Job and Result, one load shared by every concurrent caller (a final event fans out).
+
+        The first caller loads in its own task (no task of its own per load: its reads are
+        usually answered without waiting); callers that come meanwhile wait for its outcome, and
+        load for themselves if it failed or was cancelled."""
+        while (fut := self._loading.get(job_id)) is not None:
+            got = await asyncio.shield(fut)
+            if got is not _RETRY:
+                return got  # type: ignore[no-any-return]
+        fut = self._loading[job_id] = asyncio.get_running_loop().create_future()
+        try:
+            value = await self._load(job_id)
+        except BaseException:
+            fut.set_result(_RETRY)
+            raise
+        finally:
+            self._loading.pop(job_id, None)
+        fut.set_result(value)
+        return value
 
     async def _load(self, job_id: str) -> tuple[Job, Result] | None:
         job = await self.reads.job(job_id)

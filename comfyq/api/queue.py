@@ -111,6 +111,9 @@ class QueueView:
         snap = self._snap
         if snap is not None and snap.version >= version:
             return snap
+        now = self.reads.queue_snapshot_now()
+        if now is not None:  # a cheap local read: no task, no wait
+            return self._build(version, now)
         # Everyone woken by one change shares one read (a future, not a lock: a lock hands over
         # to its waiters one loop turn at a time, and a thousand waiters make a convoy).
         fut = self._refreshing.get(version)
@@ -121,13 +124,16 @@ class QueueView:
         return await asyncio.shield(fut)
 
     async def _take(self, version: int) -> Snapshot:
+        return self._build(version, await self.reads.queue_snapshot())
+
+    def _build(self, version: int, rows: list[Any]) -> Snapshot:
         fresh = Snapshot(
             version,
             time.monotonic(),
             waiting={s: 0 for s in STAGES},
             running={s: 0 for s in STAGES},
         )
-        for job_id, stage, state, pos in await self.reads.queue_snapshot():
+        for job_id, stage, state, pos in rows:
             if state == State.PENDING:
                 fresh.positions[job_id] = pos
                 fresh.waiting[stage] += 1

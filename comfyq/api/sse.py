@@ -105,7 +105,8 @@ async def _live(api: Api, feed: JobFeed, sub: Subscription, resp: web.StreamResp
                 await resp.write(b"".join(out))
                 out.clear()
                 wait = api.options.heartbeat
-        ev = await sub.get(wait)
+        # While holding, only the final event wakes the stream early; the rest wait their turn.
+        ev = await sub.get(wait, urgent=bool(out))
         if ev is None:
             if out:
                 continue  # time to send what is held

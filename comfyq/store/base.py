@@ -180,6 +180,11 @@ class JobReads(abc.ABC):
         """(id, stage, state, position) of every unfinished job; position 1-based among the
         waiting jobs of its stage in claim order, 0 for running ones."""
 
+    def queue_snapshot_now(self) -> list[tuple[str, str, str, int]] | None:
+        """:meth:`queue_snapshot` answered right away on the caller's thread when that is cheap
+        (an adapter with local reads and a short queue); None: await :meth:`queue_snapshot`."""
+        return None
+
     @abc.abstractmethod
     async def completed_timings(self, limit: int) -> list[tuple[str, dict[str, Any]]]:
         """(kind, timings) of the most recently completed jobs, newest first."""

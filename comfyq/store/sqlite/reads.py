@@ -177,9 +177,20 @@ class Reads(JobReads):
         return loads(rows[0][0]) if rows and rows[0][0] else None
 
     async def queue_snapshot(self) -> list[tuple[str, str, str, int]]:
+        got = self.queue_snapshot_now()
+        if got is not None:
+            return got
+        rows = await self.rows(SNAPSHOT_SQL)
+        self._snapshot_rows = len(rows)
+        return [(r[0], r[1], r[2], r[3]) for r in rows]
+
+    def queue_snapshot_now(self) -> list[tuple[str, str, str, int]] | None:
         # Its cost grows with the unfinished jobs: inline while the last one was short.
-        small = self._snapshot_rows < INLINE_SNAPSHOT_ROWS
-        rows = await (self.now(SNAPSHOT_SQL) if small else self.rows(SNAPSHOT_SQL))
+        if self._snapshot_rows >= INLINE_SNAPSHOT_ROWS:
+            return None
+        rows = self._inline.rows(SNAPSHOT_SQL)
+        if rows is None:
+            return None
         self._snapshot_rows = len(rows)
         return [(r[0], r[1], r[2], r[3]) for r in rows]
 
