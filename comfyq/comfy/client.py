@@ -22,7 +22,7 @@ import math
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import aiohttp
@@ -43,9 +43,11 @@ from comfyq.comfy.protocol import (
     run_result_from_history,
 )
 from comfyq.comfy.rejection import validation_error
-from comfyq.comfy.transfer import download_file, upload_file
+from comfyq.comfy.transfer import download_then, upload_file
 from comfyq.errors import ComfyUIUnreachable
 from comfyq.netguard import redact_url
+
+T = TypeVar("T")
 
 _log = logging.getLogger("comfyq.comfy.client")
 
@@ -469,16 +471,29 @@ class ComfyClient:
 
     async def download(self, filename: str, subfolder: str, type: str, dest: Path) -> int:
         """Stream ``/view`` into ``dest`` (via ``dest.part``); returns bytes; 404 -> OutputError."""
+        size, _ = await self.download_then(filename, subfolder, type, dest, None)
+        return size
+
+    async def download_then(
+        self,
+        filename: str,
+        subfolder: str,
+        type: str,
+        dest: Path,
+        after: Callable[[Path], T] | None,
+    ) -> tuple[int, T | None]:
+        """:meth:`download`, then ``after(dest)`` in the thread that wrote the file."""
         label = f"{subfolder}/{filename}".lstrip("/") + f" ({type})"
-        size = await download_file(
+        size, value = await download_then(
             self._get_session(),
             self.view_url(filename, subfolder, type),
             self.display_url,
             label,
             dest,
             timeout=self.request_timeout,
+            after=after,
         )
         self._log.debug(
             "fetched output %s from ComfyUI at %s (%d bytes)", label, self.display_url, size
         )
-        return size
+        return size, value

@@ -23,7 +23,13 @@ from comfyq.outputs.convert import (
     converted_name,
     wants,
 )
-from comfyq.outputs.local import describe_all, job_dir, list_outputs, safe_name
+from comfyq.outputs.local import (
+    describe_all,
+    hashes_and_type,
+    job_dir,
+    list_outputs,
+    safe_name,
+)
 from comfyq.outputs.s3 import LocalFile, S3Uploader
 from comfyq.stages.runner import JobContext, StageDone
 from comfyq.store import Job
@@ -86,11 +92,16 @@ class Postprocess:
             dest = folder / name
             if item.text is not None:
                 await asyncio.to_thread(_write_text, dest, item.text)
+                sha, b3, size, mime = await describe_all(dest)
             else:
                 if client is None:
                     raise ComfyUIUnreachable("the job records no backend to fetch its outputs from")
-                await client.download(item.filename, item.subfolder, item.comfy_type, dest)
-            sha, b3, size, mime = await describe_all(dest)
+                # Written and described (hashes, type) in one thread hop.
+                _, described = await client.download_then(
+                    item.filename, item.subfolder, item.comfy_type, dest, hashes_and_type
+                )
+                assert described is not None
+                sha, b3, size, mime = described
             rows.append(
                 {
                     "filename": name,
