@@ -184,7 +184,10 @@ class StageRunner:
         if nxt is not None:
             timeout = max(0.0, min(timeout, parse_iso(nxt) - self.p.clock.now()) + 0.001)
         try:
-            await asyncio.wait_for(self._work.wait(), timeout)
+            # asyncio.timeout, not wait_for: wait_for (3.11) runs the wait in a task of its own,
+            # and a claimer sleeps here after nearly every claim.
+            async with asyncio.timeout(timeout):
+                await self._work.wait()
         except TimeoutError:
             pass
 
