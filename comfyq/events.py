@@ -54,8 +54,11 @@ class Transport(Protocol):
 class Subscription:
     """A subscriber's buffer; iterate it, or ``await get()``."""
 
-    def __init__(self, bus: EventBus, keys: set[str], maxsize: int) -> None:
+    def __init__(
+        self, bus: EventBus, keys: set[str], maxsize: int, *, finals_only: bool = False
+    ) -> None:
         self._bus = bus
+        self.finals_only = finals_only  # a waiter for the end only (sync): nothing else is kept
         self.keys = keys
         self._maxsize = maxsize
         self._items: deque[Event] = deque()
@@ -65,7 +68,7 @@ class Subscription:
         self.closed = False
 
     def push(self, ev: Event) -> None:
-        if self.closed:
+        if self.closed or (self.finals_only and not ev.final):
             return
         if len(self._items) >= self._maxsize and ev.droppable:
             self.dropped += 1
@@ -152,8 +155,10 @@ class EventBus:
             OrderedDict()
         )  # recently ended jobs (with a transport)
 
-    def subscribe(self, *keys: str, maxsize: int | None = None) -> Subscription:
-        sub = Subscription(self, set(), maxsize or self._buffer)
+    def subscribe(
+        self, *keys: str, maxsize: int | None = None, finals_only: bool = False
+    ) -> Subscription:
+        sub = Subscription(self, set(), maxsize or self._buffer, finals_only=finals_only)
         for key in keys:
             sub.add(key)
         return sub

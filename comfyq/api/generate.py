@@ -117,7 +117,7 @@ async def generate_sync(request: web.Request) -> web.Response:
     """POST /generate/sync?timeout=S: the final Result, or 202 with the current one on timeout."""
     timeout = _timeout(request)
     api, adm = await _admit(request)
-    with api.bus.subscribe(adm.new.id, maxsize=4) as sub:
+    with api.bus.subscribe(adm.new.id, maxsize=4, finals_only=True) as sub:
         job, _ = await admission.commit(api.services, adm)
         job = await wait_final(api, sub, job, timeout)
     res: Result = await api.results.of(job)

@@ -52,7 +52,7 @@ async def cancel(request: web.Request) -> web.Response:
     api = get_api(request)
     job_id = request.match_info["id"]
     await visible_head(api, request, job_id)
-    with api.bus.subscribe(job_id, maxsize=4) as sub:
+    with api.bus.subscribe(job_id, maxsize=4, finals_only=True) as sub:
         job = await api.pipeline.cancel(job_id)  # NotFound -> 404
         if job.state == State.RUNNING:
             from comfyq.api.generate import wait_final

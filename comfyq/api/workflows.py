@@ -126,7 +126,7 @@ def _handler(name: str, sync: bool) -> Callable[[web.Request], Awaitable[web.Str
             return json_response(await api.results.of(job), 200, _location(job.id))
         timeout = _timeout(request)
         api, adm = await _admit(request, name)
-        with api.bus.subscribe(adm.new.id, maxsize=4) as sub:
+        with api.bus.subscribe(adm.new.id, maxsize=4, finals_only=True) as sub:
             job, _ = await admission.commit(api.services, adm)
             job = await wait_final(api, sub, job, timeout)
         res: Result = await api.results.of(job)
