@@ -11,9 +11,13 @@ read them.
 from __future__ import annotations
 
 import asyncio
+from bisect import bisect_left
 from collections import deque
+from collections.abc import Iterable
 
-from prometheus_client import CollectorRegistry, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client.core import HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
@@ -26,15 +30,14 @@ class LoopLag:
         self.max = 0.0
         self.recent: deque[float] = deque(maxlen=1_000)
         self._timer: asyncio.TimerHandle | None = None
-        self._hist: Histogram | None = None
+        # The histogram's counts, kept here as plain numbers and exported by a collector: a
+        # prometheus Histogram takes a lock and walks its buckets on every one of the 100
+        # samples a second (most of the probe's cost).
+        self._counts = [0] * (len(BUCKETS) + 1)
+        self._sum = 0.0
         self._gauge: Gauge | None = None
         if registry is not None:
-            self._hist = Histogram(
-                "comfyq_event_loop_lag_seconds",
-                "How late the event loop ran a timer (sampled every 10 ms)",
-                buckets=BUCKETS,
-                registry=registry,
-            )
+            registry.register(_LagCollector(self))
             self._gauge = Gauge(
                 "comfyq_event_loop_lag_max_seconds",
                 "Largest event-loop lag since the server started",
@@ -67,8 +70,8 @@ class LoopLag:
             self.max = lag
             if self._gauge is not None:
                 self._gauge.set(lag)
-        if self._hist is not None:
-            self._hist.observe(lag)
+        self._counts[bisect_left(BUCKETS, lag)] += 1
+        self._sum += lag
 
     def _tick(self, loop: asyncio.AbstractEventLoop, due: float) -> None:
         # A timer callback, not a task that sleeps: 100 wake-ups a second, each a plain call.
@@ -77,6 +80,27 @@ class LoopLag:
         if self._timer is not None:
             nxt = now + self.interval
             self._timer = loop.call_at(nxt, self._tick, loop, nxt)
+
+
+class _LagCollector(Collector):
+    """``comfyq_event_loop_lag_seconds``: the probe's counts as a histogram (cumulative buckets,
+    as prometheus_client's Histogram exports them)."""
+
+    def __init__(self, lag: LoopLag) -> None:
+        self.lag = lag
+
+    def collect(self) -> Iterable[Metric]:
+        bounds = [*BUCKETS, float("inf")]
+        total, buckets = 0, []
+        for bound, n in zip(bounds, list(self.lag._counts), strict=True):
+            total += n
+            buckets.append(("+Inf" if bound == float("inf") else repr(float(bound)), total))
+        yield HistogramMetricFamily(
+            "comfyq_event_loop_lag_seconds",
+            "How late the event loop ran a timer (sampled every 10 ms)",
+            buckets=buckets,
+            sum_value=self.lag._sum,
+        )
 
 
 def percentile(values: list[float], q: float) -> float:
