@@ -226,7 +226,7 @@ def _may_notify(tr: Transition) -> bool:
         return False
     try:
         payload = tr.job.payload if tr.job is not None else None
-    except AttributeError:  # a job row read without its payload
+    except Exception:  # noqa: BLE001 - a row read without its payload, or unreadable: wake
         payload = None
     if not isinstance(payload, dict):
         return True
