@@ -39,7 +39,11 @@ import aiohttp
 import psycopg
 
 from bench.common import free_port, write_json
-from comfyq.cluster.harness import Cluster, OwnPostgres, create_database, drop_database
+
+# The harness is test code (tests/support), not part of the package.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from support.cluster_harness import Cluster, OwnPostgres, create_database, drop_database
 
 SECRET = "whsec_" + "Y2hhb3MtY2x1c3Rlci1zZWNyZXQtMDEyMzQ1"
 

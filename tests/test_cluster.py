@@ -21,9 +21,8 @@ from typing import Any
 import aiohttp
 import psycopg
 import pytest
+from support.cluster_harness import Cluster, create_database, drop_database
 from support.workflows import workflow
-
-from comfyq.cluster.harness import Cluster, create_database, drop_database
 
 pytestmark = pytest.mark.timeout(300)
 
