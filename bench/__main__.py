@@ -169,7 +169,9 @@ STEPS += [
         "chaos_cluster",
         "bench.chaos_cluster",
         [],
-        ["--jobs", "60", "--kills", "3"],
+        # --timeout bounds each of the two waits at the end (streams, then jobs and webhooks),
+        # so that a run that loses something reports it within the 240 s step limit.
+        ["--jobs", "60", "--kills", "3", "--timeout", "60"],
         "multi-instance chaos (#12)",
     ),
 ]

@@ -280,7 +280,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--node-duration", type=float, default=0.05)
     ap.add_argument("--submit-every", type=float, default=0.03, help="mean seconds between jobs")
     ap.add_argument("--pause", type=float, default=1.0, help="seconds a killed instance stays down")
-    ap.add_argument("--timeout", type=float, default=300.0)
+    ap.add_argument(
+        "--timeout",
+        type=float,
+        default=300.0,
+        help="seconds to wait at the end for the streams, then again for jobs and webhooks",
+    )
     ap.add_argument(
         "--shared-db",
         action="store_true",
