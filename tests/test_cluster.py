@@ -364,6 +364,27 @@ async def test_streams_open_across_a_database_restart_all_get_their_final_result
         streams = [
             asyncio.create_task(follow_resuming(http, api, j, o)) for j, o in zip(ids, opened)
         ]
+        ws_closes: list[int | None] = []
+
+        async def ws_finals() -> dict[str, str]:
+            # One websocket subscribed to every job; closed while the database is away, it
+            # subscribes again to the jobs it has not seen end.
+            finals: dict[str, str] = {}
+            while len(finals) < len(ids):
+                async with http.ws_connect(f"{api}/ws") as ws:
+                    await ws.send_json({"subscribe": [j for j in ids if j not in finals]})
+                    async for msg in ws:
+                        ev = json.loads(msg.data)
+                        if ev.get("event") == "final_result":
+                            finals[ev["request_id"]] = ev["result"]["status"]
+                            if len(finals) == len(ids):
+                                return finals
+                    ws_closes.append(ws.close_code)
+                    assert ws.close_code == 1013, ws.close_code  # try again later
+                await asyncio.sleep(0.2)
+            return finals
+
+        on_ws = asyncio.create_task(ws_finals())
         await asyncio.gather(*(o.wait() for o in opened))
         await asyncio.to_thread(pg.down)
         # Longer than the SSE heartbeat (15 s): every stream still open, quiet since the database
@@ -373,6 +394,7 @@ async def test_streams_open_across_a_database_restart_all_get_their_final_result
         got = await asyncio.gather(*streams)
         assert [ev["result"]["status"] for ev, _ in got] == ["completed"] * len(ids)
         assert [ev["request_id"] for ev, _ in got] == ids
+        assert await on_ws == dict.fromkeys(ids, "completed"), ws_closes
         assert "cluster listener reconnected" in c.instances["api"].log.read_text()
     finally:
         c.close()

@@ -24,7 +24,7 @@ from comfyq.cluster.migrate import ClusterMigrationError, apply_cluster_migratio
 from comfyq.cluster.pg import MAX_PAYLOAD, live_payloads, parse_events_payload
 from comfyq.comfy.backends import BackendPool
 from comfyq.config import ConfigError, load_settings
-from comfyq.events import EventBus
+from comfyq.events import ALL, GAP, EventBus, Subscription
 from comfyq.sim import Simulator
 from comfyq.store import open_store
 from comfyq.store.model import Stage, State, Transition
@@ -84,6 +84,31 @@ async def test_a_late_progress_tick_of_an_ended_job_is_dropped() -> None:
         b.receive("j2", "progress", "7.3", {"value": 3})
         assert sub.buffered == 0
     assert "j2" not in b.progress
+
+
+async def test_a_gap_reaches_every_subscriber_once_even_with_a_full_buffer() -> None:
+    bus = EventBus()
+    full = bus.subscribe("j1", maxsize=1)
+    both = bus.subscribe("j1", "j2")
+    every = bus.subscribe(ALL)
+    bus.live("j1", "progress", {"value": 1})  # fills `full`'s one slot
+    bus.live("j1", "progress", {"value": 2})  # dropped for `full`: progress is droppable
+    assert full.dropped == 1
+    bus.gap()
+
+    async def kinds(sub: Subscription) -> list[str]:
+        out = []
+        while (ev := await sub.get(0)) is not None:
+            out.append(ev.kind)
+        return out
+
+    assert await kinds(full) == ["progress", GAP]  # a gap is never dropped
+    assert await kinds(both) == ["progress", "progress", GAP]  # once, not once per key
+    assert await kinds(every) == ["progress", "progress", GAP]
+    for sub in (full, both, every):
+        sub.close()
+    bus.gap()  # nobody left: nothing to do
+    assert bus.subscribers() == 0
 
 
 def test_events_payload_round_trip() -> None:
