@@ -35,13 +35,18 @@ def imports(path: Path, module: str) -> set[str]:
 
 
 def package_graph() -> dict[str, set[str]]:
-    graph: dict[str, set[str]] = {}
+    """Package (or top-level module) -> the others it imports."""
+    modules: dict[Path, str] = {}
     for path in ROOT.rglob("*.py"):
         rel = path.relative_to(ROOT.parent).with_suffix("")
-        module = ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
+        modules[path] = ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
+    units = {unit(m) for m in modules.values()} - {"comfyq"}
+    graph: dict[str, set[str]] = {u: set() for u in units}
+    for path, module in modules.items():
         here = unit(module)
-        edges = graph.setdefault(here, set())
-        edges.update(unit(m) for m in imports(path, module) if unit(m) not in (here, "comfyq"))
+        # ``from comfyq import __version__`` names no package: only packages and modules count.
+        found = {unit(m) for m in imports(path, module)} & units
+        graph.setdefault(here, set()).update(found - {here})
     return graph
 
 
