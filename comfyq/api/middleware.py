@@ -23,11 +23,15 @@ from comfyq.limits import CONTROL
 from comfyq.logs import job_context
 from comfyq.schemas import ErrorBody, ErrorInfo
 from comfyq.store.base import StoreUnavailable
-from comfyq.v2.errors import guard as v2_guard
 
 log = logging.getLogger("comfyq.api")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Guard = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
+
+# Another API surface on the same port answers its own failures, in its own envelope: path prefix
+# -> that surface's guard, run in place of comfyq's (the Comfy API v2 adds "/api/v2/" at setup).
+ERROR_GUARDS: web.AppKey[dict[str, Guard]] = web.AppKey("error_guards", dict)
 
 # /ui and /ui/api/session: the dashboard page asks for a key itself.
 PUBLIC_PATHS = frozenset({"/health", "/ready", "/api/v2/health", "/ui", "/ui/api/session"})
@@ -178,8 +182,9 @@ def _answered(request: web.Request) -> bool:
 
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if request.path.startswith("/api/v2/"):
-        return await v2_guard(request, handler)  # the Comfy API v2 error envelope
+    for prefix, guard in request.app.get(ERROR_GUARDS, {}).items():
+        if request.path.startswith(prefix):
+            return await guard(request, handler)
     try:
         return await handler(request)
     except ComfyqError as exc:
