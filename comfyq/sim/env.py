@@ -28,6 +28,8 @@ class SimEnv:
         self.temp_dir = str(data_dir / "temp")
         self.checkpoints_dir = str(data_dir / "models" / "checkpoints")
         self._counters: dict[tuple[str, str], int] = {}
+        # (prefix, base dir) -> (folder, file stem, subfolder, counter key) of a checked prefix
+        self._resolved: dict[tuple[str, str], tuple[str, str, str, tuple[str, str]]] = {}
         # PreviewImage keeps one random suffix per node id, like ComfyUI's cached node objects.
         self.preview_suffixes: dict[str, str] = {}
         for d in (self.input_dir, self.output_dir, self.temp_dir):
@@ -104,6 +106,13 @@ class SimEnv:
         """Resolve a filename prefix like ComfyUI: (folder, file stem, next counter, subfolder)."""
         if "%" in prefix:
             prefix = _compute_vars(prefix, width, height)
+        else:  # a fixed prefix resolves the same every time: only the counter moves
+            hit = self._resolved.get((prefix, base_dir))
+            if hit is not None:
+                folder, filename, subfolder, key = hit
+                counter = self._counters.get(key)
+                if counter is not None:
+                    return folder, filename, counter, subfolder
         norm = os.path.normpath(prefix)
         subfolder = os.path.dirname(norm)
         filename = os.path.basename(norm)
@@ -125,6 +134,8 @@ class SimEnv:
             # Scan once per prefix, then count in memory: a listdir per save would make
             # benchmarks with thousands of outputs quadratic.
             counter = _scan_counter(folder, filename)
+        if "%" not in prefix:
+            self._resolved[(prefix, base_dir)] = (folder, filename, subfolder, key)
         return folder, filename, counter, subfolder
 
     def advance_counter(self, folder: str, filename: str, next_counter: int) -> None:
