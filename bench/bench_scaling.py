@@ -86,9 +86,12 @@ def slow_workflow(colour: int) -> dict[str, Any]:
 # --- seeding --------------------------------------------------------------------------------------
 
 
-def seed(db: Path, finished: int, queued: int) -> dict[str, Any]:
+def seed(
+    db: Path, finished: int, queued: int, rebuild_indexes: bool | None = None
+) -> dict[str, Any]:
     """Copy the one job the server ran ``finished`` times as finished jobs and ``queued`` times as
-    waiting ones, straight into the SQLite file, in one transaction."""
+    waiting ones, straight into the SQLite file, in one transaction. ``rebuild_indexes`` (default:
+    from 50,000 rows) drops the three tables' indexes first and builds them again at the end."""
     t0 = time.perf_counter()
     con = sqlite3.connect(db, isolation_level=None)
     try:
@@ -119,7 +122,9 @@ def seed(db: Path, finished: int, queued: int) -> dict[str, Any]:
             "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL"
             " AND tbl_name IN ('jobs', 'job_events', 'outputs')"
         ).fetchall()
-        if finished + queued >= 50_000:
+        if rebuild_indexes is None:
+            rebuild_indexes = finished + queued >= 50_000
+        if rebuild_indexes:
             for name, _sql in indexes:
                 con.execute(f'DROP INDEX "{name}"')
         else:
