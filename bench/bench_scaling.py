@@ -129,21 +129,26 @@ def seed(
                 con.execute(f'DROP INDEX "{name}"')
         else:
             indexes = []
-        con.execute("CREATE TEMP TABLE seq (n INTEGER PRIMARY KEY)")
-        total = max(finished, queued)
-        con.execute(
-            "WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM c WHERE n < ?)"
-            " INSERT INTO temp.seq SELECT n FROM c",
-            (total,),
-        )
-        # Each copy: a time-ordered id like comfyq's own (12 hex ms + 20 random hex digits).
-        ts = "(:start + n * :step)"
-        iso = f"strftime('%Y-%m-%dT%H:%M:%f', {ts} / 1000.0, 'unixepoch') || '000Z'"
-        new_id = f"printf('%012x', {ts}) || lower(hex(randomblob(10)))"
+
+        def numbered(count: int, start: int, step: int) -> None:
+            # temp.seq: each copy's time-ordered id like comfyq's own (12 hex digits of ms, 20
+            # random ones) and its timestamp, computed once per row rather than once per column.
+            con.execute("DROP TABLE IF EXISTS temp.seq")
+            con.execute("CREATE TEMP TABLE seq (n INTEGER PRIMARY KEY, id TEXT, at TEXT)")
+            con.execute(
+                "WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM c WHERE n < :count)"
+                " INSERT INTO temp.seq SELECT n,"
+                " printf('%012x', :start + n * :step) || lower(hex(randomblob(10))),"
+                " strftime('%Y-%m-%dT%H:%M:%f', (:start + n * :step) / 1000.0, 'unixepoch')"
+                " || '000Z' FROM c",
+                {"count": count, "start": start, "step": step},
+            )
+
+        iso = "s.at"
         if finished:
-            step = max(1, span_ms // finished)
+            numbered(finished, now_ms - span_ms, max(1, span_ms // finished))
             over = {
-                "id": new_id,
+                "id": "s.id",
                 "created_at": iso,
                 "updated_at": iso,
                 "stage_entered_at": iso,
@@ -154,8 +159,8 @@ def seed(
             con.execute(
                 f"INSERT INTO jobs ({', '.join(cols)})"
                 f" SELECT {', '.join(over.get(c, 'j.' + c) for c in cols)}"
-                " FROM temp.seq, jobs j WHERE j.id = :tid AND n <= :count ORDER BY n",
-                {"start": now_ms - span_ms, "step": step, "tid": tid, "count": finished},
+                " FROM temp.seq s, jobs j WHERE j.id = :tid ORDER BY s.n",
+                {"tid": tid},
             )
             done("finished_jobs")
             # Events and outputs of each copy, in id order (appends to their indexes).
@@ -187,8 +192,9 @@ def seed(
         if queued:
             # Waiting jobs admitted in the last minute (ahead of every new job in the queue),
             # not claimable before FAR: they stay queued for the whole measurement.
+            numbered(queued, now_ms - 60_000, 1)
             pending = {
-                "id": new_id,
+                "id": "s.id",
                 "state": "'pending'",
                 "stage": "'preprocess'",
                 "attempts": "0",
@@ -211,8 +217,8 @@ def seed(
             con.execute(
                 f"INSERT INTO jobs ({', '.join(cols)})"
                 f" SELECT {', '.join(pending.get(c, 'j.' + c) for c in cols)}"
-                " FROM temp.seq, jobs j WHERE j.id = :tid AND n <= :count ORDER BY n",
-                {"start": now_ms - 60_000, "step": 1, "tid": tid, "count": queued},
+                " FROM temp.seq s, jobs j WHERE j.id = :tid ORDER BY s.n",
+                {"tid": tid},
             )
             first = con.execute(
                 "SELECT * FROM job_events WHERE job_id = ? ORDER BY id LIMIT 1", (tid,)
@@ -225,7 +231,7 @@ def seed(
                 " WHERE c.state = 'pending' AND c.run_after = :far AND e.id = :eid ORDER BY c.id",
                 {"far": FAR, "eid": first[0]},
             )
-        con.execute("DROP TABLE temp.seq")
+        con.execute("DROP TABLE IF EXISTS temp.seq")
         for _name, sql in indexes:
             con.execute(sql)
         done("indexes")
