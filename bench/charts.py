@@ -232,6 +232,8 @@ def scaling(f: dict[str, Any], path: Path) -> Path | None:
             color=COLOURS[name],
         )
     ax.set_xticks(list(xs), labels, fontsize=8)
+    top = max([r[n]["added"]["p50"] for r in db for n in ("comfyq_sync", "comfyq_sse")], default=1)
+    ax.set_ylim(0, top * 1.35)  # room for the legends
     ax.set_ylabel("added latency p50 vs direct (ms)")
     ax.set_title("jobs in the database (one job at a time)")
     cpu_ax = ax.twinx()
