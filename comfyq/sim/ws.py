@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import struct
 import uuid
 from collections.abc import Awaitable, Callable
@@ -120,6 +121,19 @@ class Hub:
                 text = _dumps({"type": event, "data": data})
                 await self._send_text(target, text, _text_frame(text))
 
+    async def send_encoded(self, text: str, sid: str | None = None) -> None:
+        """Like send_json, for a message already encoded as JSON text (as json.dumps writes it)."""
+        if self._stalled():
+            return
+        if sid is None:
+            frame = _text_frame(text)
+            for ws in list(self.sockets.values()):
+                await self._send_text(ws, text, frame)
+        else:
+            target = self.sockets.get(sid)
+            if target is not None:
+                await self._send_text(target, text, _text_frame(text))
+
     async def _send_text(self, ws: web.WebSocketResponse, text: str, frame: bytes) -> None:
         # Straight into the socket's coalescing buffer: aiohttp's send_str costs several
         # calls per frame (header packing, checks) and the frame is the same for all sockets.
@@ -223,6 +237,18 @@ def _make_dumps() -> Callable[[Any], str]:
 
 
 _dumps = _make_dumps()
+json_str: Callable[[str], str] = json.encoder.encode_basestring_ascii  # "..." as dumps writes it
+
+
+def json_num(x: Any) -> str:
+    """A JSON number (or any value) exactly as json.dumps writes it. The floats progress messages
+    carry most are spelled out: float.__repr__ is the dearest part of encoding them."""
+    if type(x) is float:
+        if x == 1.0:
+            return "1.0"
+        if x == 0.0 and math.copysign(1.0, x) > 0:  # -0.0 == 0.0 but is written "-0.0"
+            return "0.0"
+    return _dumps(x)
 
 
 def _text_frame(text: str) -> bytes:
