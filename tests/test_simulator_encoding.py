@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from comfyq.sim.exec import progress_state_text
+from comfyq.sim.exec import executing_text, progress_state_text
+from comfyq.sim.queue import status_text
 from comfyq.sim.ws import _dumps, _text_frame, json_num, json_str
 
 
@@ -90,3 +91,18 @@ def test_text_frame_is_an_unmasked_websocket_text_frame(size: int) -> None:
         head = 10
         assert int.from_bytes(frame[2:10], "big") == len(payload) and len(payload) >= 65536
     assert frame[head:] == payload
+
+
+@pytest.mark.parametrize("nid", [None, "1", "12:3", 'q"uote', "é"])
+def test_executing_text_is_json_dumps(nid: str | None) -> None:
+    pid = "8f4c0a1e-2b3d-4e5f-8a9b-0c1d2e3f4a5b"
+    data: dict[str, Any] = {"node": None, "prompt_id": pid}
+    if nid is not None:
+        data = {"node": nid, "display_node": nid, "prompt_id": pid}
+    assert executing_text(nid, pid) == json.dumps({"type": "executing", "data": data})
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 12345])
+def test_status_text_is_json_dumps(n: int) -> None:
+    data = {"status": {"exec_info": {"queue_remaining": n}}}
+    assert status_text(n) == json.dumps({"type": "status", "data": data})

@@ -172,9 +172,7 @@ class Executor:
             outputs, meta, status = await self.execute(item)
             await self.queue.task_done(task_id, outputs, meta, status)
             if self.client_id is not None:
-                await self.hub.send_json(
-                    "executing", {"node": None, "prompt_id": item[1]}, self.client_id
-                )
+                await self.hub.send_encoded(executing_text(None, item[1]), self.client_id)
             if self.gen.assets:  # the asset scanner runs after prompts and tells everyone
                 await self._asset_scan()
             self.apply_flags()
@@ -458,9 +456,7 @@ class Executor:
         values = self._inputs(spec, node, nid)
         if cid is not None:
             self.last_node_id = nid
-            await self.hub.send_json(
-                "executing", {"node": nid, "display_node": nid, "prompt_id": pid}, cid
-            )
+            await self.hub.send_encoded(executing_text(nid, pid), cid)
         if self.gen.rich_executed and spec.category == "loaders":
             entry["activity"] = "loading"  # newer ComfyUI: a progress_state saying what it does
             await self._progress_send()
@@ -529,6 +525,18 @@ class Executor:
         entry["state"] = "finished"
         entry["value"] = entry["max"]
         await self._progress_send()
+
+
+def executing_text(nid: str | None, pid: str) -> str:
+    """json.dumps of {"type": "executing", "data": {"node": nid, "display_node": nid,
+    "prompt_id": pid}}, or {"node": null, "prompt_id": pid} once the prompt is done."""
+    if nid is None:
+        return f'{{"type": "executing", "data": {{"node": null, "prompt_id": {json_str(pid)}}}}}'
+    n = json_str(nid)
+    return (
+        f'{{"type": "executing", "data": {{"node": {n}, "display_node": {n},'
+        f' "prompt_id": {json_str(pid)}}}}}'
+    )
 
 
 def progress_state_text(pid: str, progress: dict[str, dict[str, Any]]) -> str:

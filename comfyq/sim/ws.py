@@ -126,6 +126,8 @@ class Hub:
         if self._stalled():
             return
         if sid is None:
+            if not self.sockets:
+                return
             frame = _text_frame(text)
             for ws in list(self.sockets.values()):
                 await self._send_text(ws, text, frame)
