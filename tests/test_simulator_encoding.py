@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import json
 import math
+import zlib
 from typing import Any
 
 import pytest
 
 from comfyq.sim.exec import executing_text, progress_state_text
+from comfyq.sim.png import encode_png, sniff_image
 from comfyq.sim.queue import status_text
 from comfyq.sim.ws import _dumps, _text_frame, json_num, json_str
 
@@ -106,3 +108,20 @@ def test_executing_text_is_json_dumps(nid: str | None) -> None:
 def test_status_text_is_json_dumps(n: int) -> None:
     data = {"status": {"exec_info": {"queue_remaining": n}}}
     assert status_text(n) == json.dumps({"type": "status", "data": data})
+
+
+@pytest.mark.parametrize("size", [(1, 1), (16, 16), (300, 7), (1024, 1024)])
+@pytest.mark.parametrize("level", [1, 4])
+def test_png_idat_is_the_streamed_compression(size: tuple[int, int], level: int) -> None:
+    # One-block images take zlib.compress; the bytes must be those of the streamed compressobj
+    # (so a file's bytes, hashes and sizes do not depend on the path taken).
+    width, height = size
+    rgb = (12, 200, 7)
+    png = encode_png(width, height, rgb, {"prompt": "{}"}, level)
+    row = b"\x00" + bytes(rgb) * width
+    comp = zlib.compressobj(level)
+    idat = comp.compress(row * height) + comp.flush()
+    at = png.index(b"IDAT")
+    assert int.from_bytes(png[at - 4 : at], "big") == len(idat)
+    assert png[at + 4 : at + 4 + len(idat)] == idat
+    assert sniff_image(png).rgb == rgb
