@@ -5,7 +5,7 @@ collect their ``--json`` figures into one results file, and render BENCHMARKS.md
     .venv/bin/python -m bench --render-only bench/results/latest.json
 
 Steps: store, e2e, api, preprocess, outputs, sidebyside, v2, chaos (when bench/chaos.py exists),
-hostile;
+hostile, scaling;
 profile with --profile (CPU per job by layer, call tree in bench/results/profile.{html,txt}).
 With COMFYUI_TEST_URL set, the side-by-side run also measures that real ComfyUI.
 """
@@ -141,6 +141,13 @@ STEPS = [
         ["--depths", "0,1000,10000,50000", "--samples", "200"],
         ["--depths", "0,1000,5000", "--samples", "40"],
         "answers with a deep queue: the MAX_QUEUE_SIZE default (#13)",
+    ),
+    Step(
+        "scaling",
+        "bench.bench_scaling",
+        [],
+        ["--quick"],
+        "how the cost per job grows: database size, jobs in flight, SSE subscribers (#13)",
     ),
     Step(
         "sim",
