@@ -36,6 +36,7 @@ MiB = 1024 * 1024
 JSON_BYTES = 16 * MiB  # the defaults of max_json_bytes, max_json_items, max_workflow_nodes
 JSON_ITEMS = 100_000
 NODES = 5_000
+PNG_HEAD = bytes.fromhex("89504e470d0a1a0a0000000d49484452000001000000010008060000005c72a866")
 
 
 def _base() -> dict[str, Any]:
@@ -49,8 +50,10 @@ def _base() -> dict[str, Any]:
 
 
 def body_bytes(i: int) -> bytes:
-    """Just under max_json_bytes: one input image as base64 (the JSON way to send a file)."""
-    raw = os.urandom(int((JSON_BYTES - 4096) * 3 / 4))
+    """Just under max_json_bytes: one input image as base64 (the JSON way to send a file); a PNG
+    signature and header, then random bytes, so that it is typed as an image (an accepted input)
+    and the job is admitted."""
+    raw = PNG_HEAD + os.urandom(int((JSON_BYTES - 4096) * 3 / 4) - len(PNG_HEAD))
     doc = {
         "input": {
             "request_id": f"bytes-{i}-{time.time_ns()}",

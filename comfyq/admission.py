@@ -22,6 +22,7 @@ from yarl import URL
 
 from comfyq import limits as lim
 from comfyq.errors import BadRequest, ComfyqError, UnsupportedMediaType
+from comfyq.inputs import uploads
 from comfyq.inputs.models import admission_errors
 from comfyq.inputs.prepare import check_input_urls
 from comfyq.outputs.s3 import S3ConfigError
@@ -338,6 +339,16 @@ async def prepare(services: Any, body: bytes, headers: Mapping[str, str]) -> Adm
             raise _bad_many(problems)
     if inp.modifier:
         await services.registry.check(inp.modifier, inp.modifications)
+    if inp.images and not services.cluster.shared:
+        # Large base64 inputs become files, the job's row a reference (a shared store keeps them
+        # inline: another instance may run the job's preprocess).
+        downloader = services.downloader
+        await uploads.spool_images(
+            inp.images,
+            downloader.cache_dir,
+            max_bytes=downloader.max_bytes,
+            allowed=downloader.allowed_types,
+        )
 
     def make() -> Admitted:
         return build(
