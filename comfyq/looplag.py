@@ -18,8 +18,8 @@ from prometheus_client import CollectorRegistry, Gauge, Histogram
 
 # Fine around the 50 ms target (issue 19), so that a burst's p99 and max can be read from the
 # difference of two scrapes.
-BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1)
-BUCKETS += (2.5, 5, 10)
+BUCKETS: tuple[float, ...] = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1)
+BUCKETS += (0.15, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
 class LoopLag:
