@@ -322,6 +322,8 @@ async def prepare(services: Any, body: bytes, headers: Mapping[str, str]) -> Adm
         return inp, raw_input
 
     threaded = len(body) > THREAD_ABOVE
+    if threaded:
+        lim.HEAP_TRIM.soon()  # what the body decodes into is returned to the system afterwards
     inp, raw_input = await asyncio.to_thread(validate) if threaded else validate()
     # As in the original wrapper: the header decides when present (any value but a true one opts
     # out), else the operator's default.

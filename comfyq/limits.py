@@ -12,6 +12,7 @@ modifier, image names, S3 fields, node ids, class types, ``filename_prefix``) is
 
 from __future__ import annotations
 
+import asyncio
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -212,6 +213,63 @@ def input_errors(raw_input: dict[str, Any], limits: BodyLimits) -> FieldErrors:
     if isinstance(workflow, dict) and workflow:
         errors += workflow_errors(workflow, limits)
     return errors
+
+
+def _libc() -> Any:
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name:
+        return None
+    try:
+        return ctypes.CDLL(name)
+    except OSError:
+        return None
+
+
+class HeapTrim:
+    """Gives the heap's free pages back to the system a while after large bodies were handled.
+
+    A large workflow decodes into tens of thousands of small objects; once its job has moved on
+    they are freed, but glibc keeps the pages (free chunks between live ones are never returned
+    by itself): measured RSS 67 -> 97 MB after three 5,000-node bodies, and it stayed.
+    ``malloc_trim(0)`` returns them; it runs in a thread (ctypes drops the GIL), at most once per
+    ``delay`` seconds, ``delay`` seconds after the last large body. A no-op without glibc."""
+
+    def __init__(self, delay: float = 2.0) -> None:
+        self.delay = delay
+        self.trims = 0
+        self._handle: Any = None
+        libc = _libc()
+        self._trim = getattr(libc, "malloc_trim", None) if libc is not None else None
+
+    def soon(self) -> None:
+        """Note a large body: trim ``delay`` seconds from now (later large bodies push it on)."""
+        if self._trim is None:
+            return
+        loop = asyncio.get_running_loop()
+        if self._handle is not None:
+            self._handle.cancel()
+        self._handle = loop.call_later(self.delay, self._start)
+
+    def _start(self) -> None:
+        self._handle = None
+        task = asyncio.get_running_loop().run_in_executor(None, self.trim)
+        _PENDING.add(task)
+        task.add_done_callback(_PENDING.discard)
+
+    def trim(self) -> bool:
+        """Return free heap pages to the system now (blocking); False without glibc."""
+        if self._trim is None:
+            return False
+        self._trim(0)
+        self.trims += 1
+        return True
+
+
+_PENDING: set[Any] = set()
+HEAP_TRIM = HeapTrim()
 
 
 def fixed_mmap_threshold(threshold: int = 256 * 1024) -> bool:
