@@ -167,7 +167,7 @@ def _cross_field(inp: Input) -> list[dict[str, str]]:
 
 def may_hold_urls(body: bytes) -> bool:
     """False when no string in the JSON can be a URL (no "://", escaped or not): nothing to do."""
-    return b"://" in body or b":\\/" in body or b"\\u" in body
+    return lim.contains(body, b"://") or lim.contains(body, b":\\/") or lim.contains(body, b"\\u")
 
 
 def parse(
@@ -187,7 +187,7 @@ def parse(
     except RecursionError:
         raise bad("$", f"JSON nested deeper than {MAX_DEPTH} levels") from None
     # Nesting cannot exceed the number of brackets: count them (fast) before walking the tree.
-    if body.count(b"{") + body.count(b"[") > MAX_DEPTH and not _depth_ok(raw):
+    if lim.count(body, b"{", b"[", over=MAX_DEPTH) > MAX_DEPTH and not _depth_ok(raw):
         raise bad("$", f"JSON nested deeper than {MAX_DEPTH} levels")
     if not isinstance(raw, dict):
         raise bad("$", 'must be an object: {"input": {...}}')

@@ -49,9 +49,10 @@ CHUNK = 256 * 1024
 # Base64 inputs longer than this are spooled to a file at admission (``spool_inline``), so the
 # job's row holds a short reference instead of megabytes that every transition rewrites.
 SPOOL_ABOVE = 64 * 1024
-# Characters of base64 decoded per step: each step holds the GIL ~1 ms, so a 16 MiB input never
-# holds the event loop's thread off for longer (one b64decode of it held it ~40 ms).
-SPOOL_STEP = 1 << 20
+# Characters of base64 decoded per step: each step (a few C calls) holds the GIL well under a
+# millisecond, so a 16 MiB input never holds the event loop's thread off for longer (one
+# b64decode of it held it ~40 ms).
+SPOOL_STEP = 256 * 1024
 _B64 = re.compile(r"[A-Za-z0-9+/]*")
 _URLSAFE = str.maketrans("-_", "+/")
 _REF = re.compile(r"upload:([0-9a-f]{32})_([0-9a-f]{64})(\.[a-z0-9]{1,12})")
