@@ -5,7 +5,7 @@ collect their ``--json`` figures into one results file, and render BENCHMARKS.md
     .venv/bin/python -m bench --render-only bench/results/latest.json
 
 Steps: store, e2e, api, preprocess, outputs, sidebyside, v2, chaos (when bench/chaos.py exists),
-hostile;
+hostile, scaling;
 profile with --profile (CPU per job by layer, call tree in bench/results/profile.{html,txt}).
 With COMFYUI_TEST_URL set, the side-by-side run also measures that real ComfyUI.
 """
@@ -143,6 +143,13 @@ STEPS = [
         "answers with a deep queue: the MAX_QUEUE_SIZE default (#13)",
     ),
     Step(
+        "scaling",
+        "bench.bench_scaling",
+        [],
+        ["--quick"],
+        "how the cost per job grows: database size, jobs in flight, SSE subscribers (#13)",
+    ),
+    Step(
         "sim",
         "bench.bench_sim",
         ["--jobs", "1000"],
@@ -169,7 +176,9 @@ STEPS += [
         "chaos_cluster",
         "bench.chaos_cluster",
         [],
-        ["--jobs", "60", "--kills", "3"],
+        # --timeout bounds each of the two waits at the end (streams, then jobs and webhooks),
+        # so that a run that loses something reports it within the 240 s step limit.
+        ["--jobs", "60", "--kills", "3", "--timeout", "60"],
         "multi-instance chaos (#12)",
     ),
 ]

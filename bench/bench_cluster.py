@@ -17,6 +17,7 @@ import asyncio
 import json
 import os
 import sqlite3
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,7 +28,11 @@ import psycopg
 
 from bench.common import add_json_arg, summary_ms, write_json
 from comfyq.clock import parse_iso
-from comfyq.cluster.harness import Cluster, OwnPostgres, create_database, drop_database
+
+# The harness is test code (tests/support), not part of the package.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from support.cluster_harness import Cluster, OwnPostgres, create_database, drop_database
 
 TICK = os.sysconf("SC_CLK_TCK")
 

@@ -36,6 +36,7 @@ MiB = 1024 * 1024
 JSON_BYTES = 16 * MiB  # the defaults of max_json_bytes, max_json_items, max_workflow_nodes
 JSON_ITEMS = 100_000
 NODES = 5_000
+PNG_HEAD = bytes.fromhex("89504e470d0a1a0a0000000d49484452000001000000010008060000005c72a866")
 
 
 def _base() -> dict[str, Any]:
@@ -49,8 +50,10 @@ def _base() -> dict[str, Any]:
 
 
 def body_bytes(i: int) -> bytes:
-    """Just under max_json_bytes: one input image as base64 (the JSON way to send a file)."""
-    raw = os.urandom(int((JSON_BYTES - 4096) * 3 / 4))
+    """Just under max_json_bytes: one input image as base64 (the JSON way to send a file); a PNG
+    signature and header, then random bytes, so that it is typed as an image (an accepted input)
+    and the job is admitted."""
+    raw = PNG_HEAD + os.urandom(int((JSON_BYTES - 4096) * 3 / 4) - len(PNG_HEAD))
     doc = {
         "input": {
             "request_id": f"bytes-{i}-{time.time_ns()}",
@@ -112,6 +115,31 @@ def _lag(metrics: str) -> dict[str, float]:
         elif line.startswith("comfyq_event_loop_lag_recent_max_seconds"):
             lag_max = float(line.split()[-1])
     return {"max": lag_max, "count": count, **{f"le_{le}": c for le, c in buckets}}
+
+
+def _burst_max(before: dict[str, float], after: dict[str, float]) -> tuple[float, bool]:
+    """The largest loop lag (s) of the burst alone, and whether it is exact.
+
+    The server's recent maximum covers its last ~1,000 samples, which may reach back before the
+    burst (warm-up, start); the histogram's difference of two scrapes covers the burst only. When
+    the recent maximum lies in the highest bucket the burst touched, it is the burst's; otherwise
+    that bucket's upper bound is given (not exact)."""
+    edges = sorted(float(k[3:]) for k in after if k.startswith("le_"))
+    lo = 0.0
+    top: tuple[float, float] | None = None
+    for le in edges:
+        key = f"le_{le}"
+        below = f"le_{lo}" if lo else None
+        n = after[key] - before.get(key, 0.0)
+        n_below = (after[below] - before.get(below, 0.0)) if below else 0.0
+        if n - n_below > 0:
+            top = (lo, le)
+        lo = le
+    if top is None:
+        return 0.0, True
+    if top[0] < after["max"] <= top[1]:
+        return after["max"], True
+    return top[1], False
 
 
 def _p99_bucket(before: dict[str, float], after: dict[str, float]) -> float:
@@ -181,12 +209,14 @@ async def run_kind(kind: str, bodies: int, backend: str, root: Path) -> dict[str
                 lag1 = _lag(await r.text())
             await asyncio.sleep(3.0)
             settled = rss_mb(pid)
+    burst_max, exact = _burst_max(lag0, lag1)
     figures = {
         "body_mb": sum(len(p) for p in payloads) / len(payloads) / MiB,
         "statuses": sorted(set(statuses)),
         "per_body_ms_p50": pct(per_body, 0.5) * 1000,
         "per_body_ms_max": max(per_body) * 1000,
-        "loop_lag_max_ms": lag1["max"] * 1000,
+        "loop_lag_max_ms": burst_max * 1000,
+        "loop_lag_max_exact": exact,
         "loop_lag_p99_bucket_ms": _p99_bucket(lag0, lag1) * 1000,
         "loop_lag_samples": lag1["count"] - lag0["count"],
         "health_n": len(health),
@@ -202,7 +232,7 @@ async def run_kind(kind: str, bodies: int, backend: str, root: Path) -> dict[str
     }
     print(
         f"{kind:>6}: {figures['body_mb']:.1f} MB x {bodies} -> {figures['statuses']};"
-        f" loop lag max {figures['loop_lag_max_ms']:.1f} ms,"
+        f" loop lag max {'' if exact else '<= '}{figures['loop_lag_max_ms']:.1f} ms,"
         f" p99 <= {figures['loop_lag_p99_bucket_ms']:.0f} ms;"
         f" /health p50 {figures['health_p50_ms']:.1f} / p99 {figures['health_p99_ms']:.1f}"
         f" / max {figures['health_max_ms']:.1f} ms over {len(health)} polls;"

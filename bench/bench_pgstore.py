@@ -30,9 +30,13 @@ from typing import Any
 import psycopg
 
 from bench.common import add_json_arg, summary_ms, write_json
-from comfyq.cluster.harness import OwnPostgres, create_database, drop_database
 from comfyq.cluster.migrate import apply_cluster_migrations
 from comfyq.store import NewJob, Stage, open_store
+
+# The harness is test code (tests/support), not part of the package.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from support.cluster_harness import OwnPostgres, create_database, drop_database
 
 LEASE = 60.0
 

@@ -39,7 +39,11 @@ import aiohttp
 import psycopg
 
 from bench.common import free_port, write_json
-from comfyq.cluster.harness import Cluster, OwnPostgres, create_database, drop_database
+
+# The harness is test code (tests/support), not part of the package.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from support.cluster_harness import Cluster, OwnPostgres, create_database, drop_database
 
 SECRET = "whsec_" + "Y2hhb3MtY2x1c3Rlci1zZWNyZXQtMDEyMzQ1"
 
@@ -111,12 +115,16 @@ class Run:
                 await asyncio.sleep(0.1)
                 continue
             name = self.rng.choice(names)
-            self.following[job_id] = f"{name} after {last}"
+            where = f"{name} after {last}"
+            self.following[job_id] = f"{where}: requesting"
             headers = {"Last-Event-ID": last} if last else {}
             try:
                 async with http.get(
-                    f"{self.c.instances[name].url}/jobs/{job_id}/events", headers=headers
+                    f"{self.c.instances[name].url}/jobs/{job_id}/events",
+                    headers=headers,
+                    trace_request_ctx={"job_id": job_id, "where": where},
                 ) as r:
+                    self.following[job_id] = f"{where}: answered {r.status}, reading"
                     if r.status == 204:  # nothing after last: it had already ended
                         self.finals[job_id] = name
                         return
@@ -145,7 +153,20 @@ async def drive(
     # sock_read above the SSE heartbeat (15 s): a stream that sends nothing at all is retried.
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=25)
     db_restarted_at = None
-    async with aiohttp.ClientSession(timeout=timeout) as http:
+    trace = aiohttp.TraceConfig()
+
+    def phase(text: str) -> Any:
+        async def note(_s: Any, ctx: Any, _p: Any) -> None:
+            info = ctx.trace_request_ctx or {}
+            if "job_id" in info:
+                run.following[info["job_id"]] = f"{info['where']}: {text}"
+
+        return note
+
+    trace.on_connection_queued_start.append(phase("waiting for a client connection slot"))
+    trace.on_connection_create_start.append(phase("connecting"))
+    trace.on_request_headers_sent.append(phase("request sent"))
+    async with aiohttp.ClientSession(timeout=timeout, trace_configs=[trace]) as http:
         followers: list[asyncio.Task[None]] = []
 
         async def submitter() -> None:
@@ -259,7 +280,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--node-duration", type=float, default=0.05)
     ap.add_argument("--submit-every", type=float, default=0.03, help="mean seconds between jobs")
     ap.add_argument("--pause", type=float, default=1.0, help="seconds a killed instance stays down")
-    ap.add_argument("--timeout", type=float, default=300.0)
+    ap.add_argument(
+        "--timeout",
+        type=float,
+        default=300.0,
+        help="seconds to wait at the end for the streams, then again for jobs and webhooks",
+    )
     ap.add_argument(
         "--shared-db",
         action="store_true",

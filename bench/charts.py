@@ -214,6 +214,78 @@ def memory(results: dict[str, Any], path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def scaling(f: dict[str, Any], path: Path) -> Path | None:
+    """How comfyq's cost per job grows: database size, jobs in flight, SSE subscribers."""
+    db, levels, subs = f.get("database") or [], f.get("in_flight") or [], f.get("subscribers") or []
+    if not (db or levels or subs):
+        return None
+    fig, axes = plt.subplots(1, 3, figsize=(16.5, 4.4))
+    ax = axes[0]
+    labels = [f"{r['count']:,}\n{r['kind']}" for r in db]
+    xs = range(len(db))
+    for k, (name, key) in enumerate((("comfyq_sync", "sync"), ("comfyq_sse", "SSE"))):
+        ax.bar(
+            [x + (k - 0.5) * 0.38 for x in xs],
+            [r[name]["added"]["p50"] for r in db],
+            0.38,
+            label=f"added p50, {key}",
+            color=COLOURS[name],
+        )
+    ax.set_xticks(list(xs), labels, fontsize=8)
+    top = max([r[n]["added"]["p50"] for r in db for n in ("comfyq_sync", "comfyq_sse")], default=1)
+    ax.set_ylim(0, top * 1.35)  # room for the legends
+    ax.set_ylabel("added latency p50 vs direct (ms)")
+    ax.set_title("jobs in the database (one job at a time)")
+    cpu_ax = ax.twinx()
+    cpu_ax.plot(list(xs), [r["cpu_ms_per_job"] for r in db], "k-o", label="server CPU / job")
+    cpu_ax.set_ylabel("comfyq server CPU per job (ms)")
+    cpu_ax.set_ylim(0, max([r["cpu_ms_per_job"] for r in db], default=1) * 1.4)
+    ax.legend(fontsize=8, loc="upper left")
+    cpu_ax.legend(fontsize=8, loc="upper right")
+    ax.grid(axis="y", alpha=0.3)
+    ax = axes[1]
+    cs = [r["in_flight"] for r in levels]
+    for name in ("direct", "comfyq_sync"):
+        ax.plot(
+            cs,
+            [r["rate"][name] for r in levels],
+            marker="o",
+            color=COLOURS[name],
+            label=f"{PATH_LABELS[name]} jobs/s",
+        )
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(cs, [str(c) for c in cs])
+    ax.set_xlabel("jobs in flight")
+    ax.set_ylabel("jobs/s")
+    ax.set_ylim(0, None)
+    ax.set_title("jobs in flight")
+    cpu_ax = ax.twinx()
+    cpu_ax.plot(cs, [r["cpu_ms_per_job"] for r in levels], "k--s", label="server CPU / job")
+    cpu_ax.set_ylabel("comfyq server CPU per job (ms)")
+    cpu_ax.set_ylim(0, max([r["cpu_ms_per_job"] for r in levels], default=1) * 1.4)
+    ax.legend(fontsize=8, loc="upper left")
+    cpu_ax.legend(fontsize=8, loc="upper right")
+    ax.grid(alpha=0.3)
+    ax = axes[2]
+    ns = [r["subscribers"] for r in subs]
+    ax.plot(ns, [r["cpu_ms_per_job"] for r in subs], "k-o", label="server CPU per job")
+    ax.plot(
+        ns,
+        [r["final_delay_ms"]["p99"] for r in subs],
+        marker="s",
+        color=COLOURS["comfyq_sse"],
+        label="final_result delay p99 (ms)",
+    )
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("SSE subscribers on one 0.4 s job")
+    ax.set_ylabel("ms")
+    ax.set_title("SSE subscribers")
+    ax.legend(fontsize=8, loc="upper left")
+    ax.grid(alpha=0.3, which="both")
+    return _save(fig, path)
+
+
 def make_all(results: dict[str, Any], folder: Path) -> dict[str, Path]:
     """Draw every chart the results allow; {name: PNG path}."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -224,6 +296,7 @@ def make_all(results: dict[str, Any], folder: Path) -> dict[str, Path]:
         ("store_throughput", "store", store_throughput),
         ("store_claim", "store", store_claim),
         ("api_delay", "api", api_delay),
+        ("scaling", "scaling", scaling),
     ]
     made: dict[str, Path] = {}
     for name, step, draw in jobs:

@@ -9,7 +9,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from bench import report_cluster, report_v2
+from bench import report_cluster, report_scaling, report_v2
 from bench import report_sections as sec
 from bench.report_fmt import (
     PATH_LABELS,
@@ -238,6 +238,7 @@ SECTIONS = [
     ("hostile", "Hostile bodies (#19)", sec.hostile),
     ("profile", "Where a job's CPU goes (#13, `--profile`)", sec.profile),
     ("queue_depth", "A deep queue and the MAX_QUEUE_SIZE default (#13)", sec.queue_depth),
+    ("scaling", "How the cost per job grows (#13)", report_scaling.scaling),
     ("sim", "The simulator's own cost (#13)", sec.sim),
     ("pgstore", "PostgreSQL store alone (#12)", report_cluster.pgstore),
     ("cluster", "Several instances end to end (#12)", report_cluster.cluster),

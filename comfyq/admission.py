@@ -22,6 +22,7 @@ from yarl import URL
 
 from comfyq import limits as lim
 from comfyq.errors import BadRequest, ComfyqError, UnsupportedMediaType
+from comfyq.inputs import uploads
 from comfyq.inputs.models import admission_errors
 from comfyq.inputs.prepare import check_input_urls
 from comfyq.outputs.s3 import S3ConfigError
@@ -166,7 +167,7 @@ def _cross_field(inp: Input) -> list[dict[str, str]]:
 
 def may_hold_urls(body: bytes) -> bool:
     """False when no string in the JSON can be a URL (no "://", escaped or not): nothing to do."""
-    return b"://" in body or b":\\/" in body or b"\\u" in body
+    return lim.contains(body, b"://") or lim.contains(body, b":\\/") or lim.contains(body, b"\\u")
 
 
 def parse(
@@ -186,7 +187,7 @@ def parse(
     except RecursionError:
         raise bad("$", f"JSON nested deeper than {MAX_DEPTH} levels") from None
     # Nesting cannot exceed the number of brackets: count them (fast) before walking the tree.
-    if body.count(b"{") + body.count(b"[") > MAX_DEPTH and not _depth_ok(raw):
+    if lim.count(body, b"{", b"[", over=MAX_DEPTH) > MAX_DEPTH and not _depth_ok(raw):
         raise bad("$", f"JSON nested deeper than {MAX_DEPTH} levels")
     if not isinstance(raw, dict):
         raise bad("$", 'must be an object: {"input": {...}}')
@@ -321,6 +322,8 @@ async def prepare(services: Any, body: bytes, headers: Mapping[str, str]) -> Adm
         return inp, raw_input
 
     threaded = len(body) > THREAD_ABOVE
+    if threaded:
+        lim.HEAP_TRIM.soon()  # what the body decodes into is returned to the system afterwards
     inp, raw_input = await asyncio.to_thread(validate) if threaded else validate()
     # As in the original wrapper: the header decides when present (any value but a true one opts
     # out), else the operator's default.
@@ -338,6 +341,16 @@ async def prepare(services: Any, body: bytes, headers: Mapping[str, str]) -> Adm
             raise _bad_many(problems)
     if inp.modifier:
         await services.registry.check(inp.modifier, inp.modifications)
+    if inp.images and not services.cluster.shared:
+        # Large base64 inputs become files, the job's row a reference (a shared store keeps them
+        # inline: another instance may run the job's preprocess).
+        downloader = services.downloader
+        await uploads.spool_images(
+            inp.images,
+            downloader.cache_dir,
+            max_bytes=downloader.max_bytes,
+            allowed=downloader.allowed_types,
+        )
 
     def make() -> Admitted:
         return build(

@@ -205,6 +205,14 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     instance_heartbeat: Annotated[
         PosFloat, _d("seconds between an instance's heartbeats in the registry")
     ] = 5.0
+    database_pool_size: Annotated[
+        int,
+        _d(
+            "most PostgreSQL connections this instance opens (0: one per worker its roles run,"
+            " plus 8 for the API, webhooks and upkeep); SQLite ignores it",
+            ge=0,
+        ),
+    ] = 0
 
     # --- storage -----------------------------------------------------------------------------
     database: Annotated[
@@ -313,6 +321,22 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     def active_roles(self) -> frozenset[str]:
         """The roles this instance runs ("all" stands for every one of them)."""
         return frozenset(ROLES) if "all" in self.roles or not self.roles else frozenset(self.roles)
+
+    def database_pool(self, backends: int | None = None) -> int:
+        """The PostgreSQL pool's size: ``database_pool_size``, or (0) one connection per worker
+        this instance's roles run (``backends`` generate backends, default: those configured)
+        plus 8 for API requests, the webhook sender and upkeep. A worker holds a connection for
+        one statement at a time, so this is the most it can need at once; 16 by default."""
+        if self.database_pool_size:
+            return self.database_pool_size
+        roles = self.active_roles
+        n = len(self.backends) if backends is None else backends
+        workers = (
+            (self.preprocess_workers if "preprocess" in roles else 0)
+            + (self.generation_workers * n if "generate" in roles else 0)
+            + (self.postprocess_workers if "postprocess" in roles else 0)
+        )
+        return workers + 8
 
     @property
     def backends(self) -> list[str]:

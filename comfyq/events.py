@@ -10,7 +10,9 @@ Several instances on one database: a store adapter that serves more than one ins
 ``Transport`` (SQLite needs none). The bus sends its live events through it and takes the other
 instances' live events from it (``receive``); their committed state changes reach the bus like
 local ones, through ``on_transitions``, after the adapter has read them from the shared table.
-Preview images stay on the instance whose ComfyUI produced them.
+Preview images stay on the instance whose ComfyUI produced them. When the transport may have
+missed some (its connection was lost and made again), ``gap`` sends every subscriber a ``gap``
+event: it reads its jobs' stored events after the last one it saw.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any, Protocol, Self
 from comfyq.store.model import TERMINAL, State, Transition
 
 ALL = "*"
+GAP = "gap"  # the kind of the event that tells subscribers state changes may have been missed
 
 
 @dataclass(slots=True)
@@ -33,14 +36,14 @@ class Event:
 
     job_id: str
     id: str  # SSE id: "<event row id>" for state changes, "<last row id>.<n>" for live events
-    kind: str  # "state" | "progress" | "preview" | "text"
+    kind: str  # "state" | "progress" | "preview" | "text" | "gap"
     data: dict[str, Any] = field(default_factory=dict)
     final: bool = False
     payload: bytes | None = None  # preview image bytes
 
     @property
     def droppable(self) -> bool:
-        return self.kind != "state"
+        return self.kind != "state" and self.kind != GAP
 
 
 class Transport(Protocol):
@@ -232,6 +235,13 @@ class EventBus:
             self.published += 1
             return
         self.publish(Event(job_id, f"{row}.{seq}", kind, data, payload=payload))
+
+    def gap(self) -> None:
+        """The other instances' state changes may have been missed for a while (the transport
+        lost its connection): every subscriber gets one ``gap`` event and reads its jobs' event
+        rows after the last one it has seen, so that none is missed."""
+        for sub in {s for subs in self._subs.values() for s in subs}:
+            sub.push(Event("", "", GAP))
 
     def receive(self, job_id: str, kind: str, event_id: str, data: dict[str, Any]) -> None:
         """A live event of another instance (its id already made there), for local subscribers."""

@@ -12,6 +12,7 @@ modifier, image names, S3 fields, node ids, class types, ``filename_prefix``) is
 
 from __future__ import annotations
 
+import asyncio
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -53,6 +54,33 @@ class BodyLimits:
 DEFAULT = BodyLimits()
 
 
+# Bytes scanned per C call by ``count`` and ``contains``: a 16 MiB body is scanned in steps of
+# well under a millisecond, between which another thread (the event loop's) can take the GIL;
+# one call over the whole body held it 6-15 ms per pass, and validation makes several.
+SCAN_STEP = 1 << 20
+
+
+def count(body: bytes, *needles: bytes, over: int | None = None) -> int:
+    """How often the one-byte ``needles`` occur in ``body``, scanned in ``SCAN_STEP`` steps; stops
+    early once the total is over ``over``."""
+    total = 0
+    for at in range(0, len(body), SCAN_STEP):
+        end = at + SCAN_STEP
+        total += sum(body.count(n, at, end) for n in needles)
+        if over is not None and total > over:
+            break
+    return total
+
+
+def contains(body: bytes, needle: bytes) -> bool:
+    """``needle in body``, scanned in ``SCAN_STEP`` steps (overlapping by the needle's length)."""
+    overlap = len(needle) - 1
+    return any(
+        body.find(needle, max(0, at - overlap), at + SCAN_STEP) >= 0
+        for at in range(0, max(len(body), 1), SCAN_STEP)
+    )
+
+
 def check_json_body(body: bytes, limits: BodyLimits) -> None:
     """413 naming the limit when ``body`` is over ``json_bytes`` or holds over ``json_items``
     values."""
@@ -60,7 +88,9 @@ def check_json_body(body: bytes, limits: BodyLimits) -> None:
         raise too_large(len(body), limits.json_bytes, limits.json_setting)
     # Every value after the first is preceded by "," or ":" (a key's value): their count bounds
     # the values. Strings may hold them too, so this over-counts text, never under-counts values.
-    if len(body) > limits.json_items and body.count(b",") + body.count(b":") > limits.json_items:
+    if len(body) > limits.json_items and count(body, b",", b":", over=limits.json_items) > (
+        limits.json_items
+    ):
         raise PayloadTooLarge(
             f"the JSON body holds more than {limits.json_items} values (setting max_json_items)",
             details={"limit": limits.json_items, "setting": "max_json_items"},
@@ -212,6 +242,63 @@ def input_errors(raw_input: dict[str, Any], limits: BodyLimits) -> FieldErrors:
     if isinstance(workflow, dict) and workflow:
         errors += workflow_errors(workflow, limits)
     return errors
+
+
+def _libc() -> Any:
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name:
+        return None
+    try:
+        return ctypes.CDLL(name)
+    except OSError:
+        return None
+
+
+class HeapTrim:
+    """Gives the heap's free pages back to the system a while after large bodies were handled.
+
+    A large workflow decodes into tens of thousands of small objects; once its job has moved on
+    they are freed, but glibc keeps the pages (free chunks between live ones are never returned
+    by itself): measured RSS 67 -> 97 MB after three 5,000-node bodies, and it stayed.
+    ``malloc_trim(0)`` returns them; it runs in a thread (ctypes drops the GIL), at most once per
+    ``delay`` seconds, ``delay`` seconds after the last large body. A no-op without glibc."""
+
+    def __init__(self, delay: float = 2.0) -> None:
+        self.delay = delay
+        self.trims = 0
+        self._handle: Any = None
+        libc = _libc()
+        self._trim = getattr(libc, "malloc_trim", None) if libc is not None else None
+
+    def soon(self) -> None:
+        """Note a large body: trim ``delay`` seconds from now (later large bodies push it on)."""
+        if self._trim is None:
+            return
+        loop = asyncio.get_running_loop()
+        if self._handle is not None:
+            self._handle.cancel()
+        self._handle = loop.call_later(self.delay, self._start)
+
+    def _start(self) -> None:
+        self._handle = None
+        task = asyncio.get_running_loop().run_in_executor(None, self.trim)
+        _PENDING.add(task)
+        task.add_done_callback(_PENDING.discard)
+
+    def trim(self) -> bool:
+        """Return free heap pages to the system now (blocking); False without glibc."""
+        if self._trim is None:
+            return False
+        self._trim(0)
+        self.trims += 1
+        return True
+
+
+_PENDING: set[Any] = set()
+HEAP_TRIM = HeapTrim()
 
 
 def fixed_mmap_threshold(threshold: int = 256 * 1024) -> bool:

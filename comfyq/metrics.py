@@ -178,6 +178,12 @@ class _Levels(Collector):
             "Live events (progress, text) of other instances received",
             value=link.get("received_live", 0),
         )
+        yield CounterMetricFamily(
+            "comfyq_cluster_listener_reconnects",
+            "Times the LISTEN connection was lost and made again (open streams then read the"
+            " event rows they may have missed)",
+            value=link.get("reconnects", 0),
+        )
 
 
 class Metrics:

@@ -63,7 +63,11 @@ class Services:
         self.backend_urls = backends or settings.backends
         self.db_path = Path(settings.database)  # the SQLite file (meaningless for a server URL)
         self.output_dir = Path(settings.output_dir).absolute()
-        self.store = open_store(settings.database, clock=self.clock)
+        self.store = open_store(
+            settings.database,
+            clock=self.clock,
+            pool_size=settings.database_pool(len(self.backend_urls)),
+        )
         self.bus = EventBus()
         self.store.listen(self.bus.on_transitions)
         self.link: ClusterLink = link or _link_for(settings.database, self.store.owner)

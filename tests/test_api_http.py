@@ -14,9 +14,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from support.servers import MakeServer, Server, wait_healthy
 from support.workflows import workflow
 
-from comfyq.api import ROUTES, build_document
 from comfyq.api.context import ApiOptions
 from comfyq.api.openapi import document
+from comfyq.app import ROUTES, build_document
 from comfyq.schemas import GenerateRequest
 from comfyq.sim import Simulator
 

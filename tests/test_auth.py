@@ -23,8 +23,8 @@ import pytest
 from support.servers import MakeServer, Server, wait_healthy
 from support.workflows import workflow
 
-from comfyq.api import app_routes
 from comfyq.api.auth import ANONYMOUS, KeyFileError, Keys, Principal, key_id, parse_key
+from comfyq.app import app_routes
 from modifiers.registry import ModifierRegistry
 
 ADMIN, CA, CB = "admin-key-1", "client-key-a", "client-key-b"

@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -21,9 +23,8 @@ from typing import Any
 import aiohttp
 import psycopg
 import pytest
+from support.cluster_harness import Cluster, OwnPostgres, create_database, drop_database
 from support.workflows import workflow
-
-from comfyq.cluster.harness import Cluster, create_database, drop_database
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -243,3 +244,161 @@ async def test_kill_9_an_instance_and_its_jobs_finish_on_the_other(
             data = await download(http, urls["b"], job_id, out["filename"])
             assert hashlib.sha256(data).hexdigest() == out["sha256"]
     assert cluster.stop("a") == 0 and cluster.stop("b") == 0
+
+
+async def test_streams_miss_no_final_result_while_the_listener_connection_is_cut(
+    cluster: Cluster, http: aiohttp.ClientSession, pg_url: str
+) -> None:
+    """The API instance's LISTEN connection is terminated again and again (as a database
+    restart does) while the other instance runs the jobs: notifications committed while it
+    reconnects are never heard, yet every SSE stream, every /ws subscription and a
+    /generate/sync held on the API instance get the job's end, from the event rows."""
+    sim = cluster.start_sim("gpu", node_duration=0.05, progress_steps=2)
+    api = cluster.start_instance("api", [], roles="api")
+    cluster.start_instance("gpu", [sim], generation_workers="3")
+    api_pid = cluster.instances["api"].popen.pid  # type: ignore[union-attr]
+    cuts = 0
+    done = asyncio.Event()
+
+    async def cut_the_listener() -> None:
+        nonlocal cuts
+        async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as conn:
+            while not done.is_set():
+                cur = await conn.execute(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                    " WHERE application_name LIKE %s",
+                    (f"%:{api_pid}:%/listen",),
+                )
+                row = await cur.fetchone()
+                cuts += int(row[0]) if row else 0
+                await asyncio.sleep(0.15)
+
+    async def ws_finals(ids: list[str]) -> dict[str, str]:
+        finals: dict[str, str] = {}
+        async with http.ws_connect(f"{api}/ws") as ws:
+            await ws.send_json({"subscribe": ids})
+            async for msg in ws:
+                ev = json.loads(msg.data)
+                if ev.get("event") == "final_result":
+                    finals[ev["request_id"]] = ev["result"]["status"]
+                    if len(finals) == len(ids):
+                        return finals
+        raise AssertionError(f"/ws closed with {len(finals)} of {len(ids)} final results")
+
+    async def sync() -> dict[str, Any]:
+        async with http.post(
+            f"{api}/generate/sync?timeout=100", json={"input": {"workflow_json": workflow(5999)}}
+        ) as r:
+            body: dict[str, Any] = await r.json()
+            return body
+
+    cutter = asyncio.create_task(cut_the_listener())
+    try:
+        # Each job followed from its admission on (they queue behind three generate slots).
+        ids: list[str] = []
+        streams: list[asyncio.Task[dict[str, Any]]] = []
+        for i in range(24):
+            ids.append(await post(http, api, 5000 + i))
+            streams.append(asyncio.create_task(final(http, api, ids[-1])))
+        results, ws, synced = await asyncio.gather(asyncio.gather(*streams), ws_finals(ids), sync())
+    finally:
+        done.set()
+        await cutter
+    assert [r["status"] for r in results] == ["completed"] * len(ids)
+    assert ws == dict.fromkeys(ids, "completed")
+    assert synced["status"] == "completed", synced
+    # The connection was cut while the streams were open, and the instance made it again.
+    async with http.get(f"{api}/metrics") as r:
+        metrics = await r.text()
+    [line] = [ln for ln in metrics.splitlines() if ln.startswith("comfyq_cluster_listener_recon")]
+    assert cuts > 0 and float(line.split()[-1]) >= 1, (cuts, line)
+
+
+async def follow_resuming(
+    http: aiohttp.ClientSession, base: str, job_id: str, opened: asyncio.Event
+) -> tuple[dict[str, Any], int]:
+    """As an EventSource does: follow the job, and when the stream ends or breaks before the
+    final result, open it again with Last-Event-ID. The final event and how many resumes."""
+    last: str | None = None
+    resumes = 0
+    while True:
+        headers = {"Last-Event-ID": last} if last else {}
+        try:
+            async with http.get(f"{base}/jobs/{job_id}/events", headers=headers) as r:
+                if r.status == 200:
+                    async for line in r.content:
+                        if line.startswith(b"id: "):
+                            last = line[4:].strip().decode()
+                        if line.startswith(b"data: "):
+                            opened.set()
+                            ev = json.loads(line[6:])
+                            if ev["event"] == "final_result":
+                                return ev, resumes
+                else:  # 503 while the database is away
+                    assert r.status == 503, (r.status, await r.text())
+        except aiohttp.ClientPayloadError:
+            pass  # a stream cut midway: resumed below
+        resumes += 1
+        await asyncio.sleep(0.2)
+
+
+@pytest.mark.skipif(not OwnPostgres.available(), reason="needs the PostgreSQL server binaries")
+async def test_streams_open_across_a_database_restart_all_get_their_final_result(
+    tmp_path: Path, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The database is stopped (for longer than a heartbeat) and started while streams are open
+    on an API instance and a generate instance runs the jobs: no stream hangs (one that failed
+    after its head went out used to get a 503 answer written into it, which left the client
+    waiting forever), and every one gets its job's final result, resuming with Last-Event-ID
+    where it was cut."""
+    # Not under tmp_path: the server runs as the postgres user, who cannot enter pytest's
+    # folders (mode 0700).
+    pg = OwnPostgres(Path(tempfile.mkdtemp(prefix="comfyq-c2-pg-")))
+    monkeypatch.setenv("COMFYQ_TEST_POSTGRES", pg.start())
+    url = create_database("comfyq_c2_restart")
+    c = Cluster(tmp_path, url)
+    try:
+        sim = c.start_sim("gpu", node_duration=0.2, progress_steps=2)
+        api = c.start_instance("api", [], roles="api")
+        c.start_instance("gpu", [sim], generation_workers="2")
+        ids = [await post(http, api, 7000 + i) for i in range(12)]
+        opened = [asyncio.Event() for _ in ids]
+        streams = [
+            asyncio.create_task(follow_resuming(http, api, j, o)) for j, o in zip(ids, opened)
+        ]
+        ws_closes: list[int | None] = []
+
+        async def ws_finals() -> dict[str, str]:
+            # One websocket subscribed to every job; closed while the database is away, it
+            # subscribes again to the jobs it has not seen end.
+            finals: dict[str, str] = {}
+            while len(finals) < len(ids):
+                async with http.ws_connect(f"{api}/ws") as ws:
+                    await ws.send_json({"subscribe": [j for j in ids if j not in finals]})
+                    async for msg in ws:
+                        ev = json.loads(msg.data)
+                        if ev.get("event") == "final_result":
+                            finals[ev["request_id"]] = ev["result"]["status"]
+                            if len(finals) == len(ids):
+                                return finals
+                    ws_closes.append(ws.close_code)
+                    assert ws.close_code == 1013, ws.close_code  # try again later
+                await asyncio.sleep(0.2)
+            return finals
+
+        on_ws = asyncio.create_task(ws_finals())
+        await asyncio.gather(*(o.wait() for o in opened))
+        await asyncio.to_thread(pg.down)
+        # Longer than the SSE heartbeat (15 s): every stream still open, quiet since the database
+        # went away, reads its job's rows on its heartbeat and finds the database away.
+        await asyncio.sleep(17)
+        await asyncio.to_thread(pg.up)
+        got = await asyncio.gather(*streams)
+        assert [ev["result"]["status"] for ev, _ in got] == ["completed"] * len(ids)
+        assert [ev["request_id"] for ev, _ in got] == ids
+        assert await on_ws == dict.fromkeys(ids, "completed"), ws_closes
+        assert "cluster listener reconnected" in c.instances["api"].log.read_text()
+    finally:
+        c.close()
+        pg.destroy()
+        shutil.rmtree(pg.data.parent, ignore_errors=True)

@@ -15,18 +15,20 @@ import aiohttp
 import msgspec
 import psycopg
 import pytest
+from support.cluster_harness import create_database, drop_database
 from support.s3 import make_bucket
 from support.servers import MakeServer, wait_healthy
 from support.workflows import workflow
 
-from comfyq.cluster.harness import create_database, drop_database
 from comfyq.cluster.migrate import ClusterMigrationError, apply_cluster_migrations, migrations_dir
 from comfyq.cluster.pg import MAX_PAYLOAD, live_payloads, parse_events_payload
 from comfyq.comfy.backends import BackendPool
 from comfyq.config import ConfigError, load_settings
-from comfyq.events import EventBus
+from comfyq.events import ALL, GAP, EventBus, Subscription
 from comfyq.sim import Simulator
+from comfyq.store import open_store
 from comfyq.store.model import Stage, State, Transition
+from comfyq.store.postgres import PostgresStore
 
 
 class Loopback:
@@ -82,6 +84,31 @@ async def test_a_late_progress_tick_of_an_ended_job_is_dropped() -> None:
         b.receive("j2", "progress", "7.3", {"value": 3})
         assert sub.buffered == 0
     assert "j2" not in b.progress
+
+
+async def test_a_gap_reaches_every_subscriber_once_even_with_a_full_buffer() -> None:
+    bus = EventBus()
+    full = bus.subscribe("j1", maxsize=1)
+    both = bus.subscribe("j1", "j2")
+    every = bus.subscribe(ALL)
+    bus.live("j1", "progress", {"value": 1})  # fills `full`'s one slot
+    bus.live("j1", "progress", {"value": 2})  # dropped for `full`: progress is droppable
+    assert full.dropped == 1
+    bus.gap()
+
+    async def kinds(sub: Subscription) -> list[str]:
+        out = []
+        while (ev := await sub.get(0)) is not None:
+            out.append(ev.kind)
+        return out
+
+    assert await kinds(full) == ["progress", GAP]  # a gap is never dropped
+    assert await kinds(both) == ["progress", "progress", GAP]  # once, not once per key
+    assert await kinds(every) == ["progress", "progress", GAP]
+    for sub in (full, both, every):
+        sub.close()
+    bus.gap()  # nobody left: nothing to do
+    assert bus.subscribers() == 0
 
 
 def test_events_payload_round_trip() -> None:
@@ -157,6 +184,58 @@ def pg_url() -> Iterator[str]:
         yield url
     finally:
         drop_database(url)
+
+
+def test_the_pool_size_follows_the_workers_unless_set() -> None:
+    assert load_settings(env={}).database_pool() == 3 + 2 + 3 + 8  # default workers, one backend
+    two = load_settings(
+        env={"COMFYUI_BACKENDS": "http://a:1,http://b:2", "PREPROCESS_WORKERS": "5"}
+    )
+    assert two.database_pool() == 5 + 2 * 2 + 3 + 8
+    api_only = load_settings(env={"COMFYQ_ROLES": "api,webhooks"})
+    assert api_only.database_pool() == 8
+    gpu = load_settings(env={"COMFYQ_ROLES": "generate", "GENERATION_WORKERS": "4"})
+    assert gpu.database_pool(backends=3) == 4 * 3 + 8
+    assert load_settings(env={"COMFYQ_DATABASE_POOL_SIZE": "5"}).database_pool() == 5
+    with pytest.raises(ConfigError, match="database_pool_size"):
+        load_settings(env={"COMFYQ_DATABASE_POOL_SIZE": "-1"})
+
+
+async def test_the_store_opens_no_more_connections_than_its_pool_size(pg_url: str) -> None:
+    settings = load_settings(env={"COMFYQ_DATABASE": pg_url, "COMFYQ_DATABASE_POOL_SIZE": "3"})
+    store = open_store(pg_url, owner="pool-size-test", pool_size=settings.database_pool())
+    assert isinstance(store, PostgresStore)
+    await store.open()
+    seen: list[int] = []
+
+    async def watch() -> None:
+        async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as conn:
+            while True:
+                cur = await conn.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
+                    ("pool-size-test",),
+                )
+                row = await cur.fetchone()
+                seen.append(int(row[0]) if row else 0)
+                await asyncio.sleep(0.01)
+
+    async def slow_read() -> None:
+        async with store.pool.connection() as conn:
+            await conn.execute("SELECT pg_sleep(0.05)")
+
+    try:
+        watcher = asyncio.create_task(watch())
+        # Twenty slow calls at once: the pool lends at most three connections, the others wait
+        # their turn, and every one of them completes.
+        await asyncio.gather(*(slow_read() for _ in range(20)))
+        assert await store.get("no-such-job") is None
+        watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
+        stats = store.pool.get_stats()
+        assert stats["pool_max"] == 3 and stats["requests_queued"] > 0
+        assert seen and max(seen) <= 3
+    finally:
+        await store.close()
 
 
 def comfyq(*argv: str, database: str) -> subprocess.CompletedProcess[str]:

@@ -17,8 +17,8 @@ from hypothesis import HealthCheck, Phase, settings
 from schemathesis.checks import not_a_server_error
 from support.servers import ThreadServer
 
-from comfyq.api import build_document
 from comfyq.api.context import ApiOptions
+from comfyq.app import build_document
 from modifiers import ModifierRegistry
 
 MAX_EXAMPLES = 20  # per operation

@@ -326,26 +326,31 @@ async def test_dashboard_reads_counts_search_window_and_delete(store: JobStore) 
     await store.finish("a1", State.COMPLETED, "ok")
     await store.request_cancel("b1")
     reads = store.reads()
-    counts = await reads.status_counts(None)
-    assert counts == {
-        ("completed", ""): 1,
-        ("cancelled", ""): 1,
-        ("pending", "preprocess"): 2,
-    }
-    assert await reads.status_counts(["k_a"]) == {
-        ("completed", ""): 1,
-        ("pending", "preprocess"): 1,
-    }
-    assert await reads.status_counts([]) == {}
-    assert [j.id for j in await reads.page([], 10, None, None, id_prefix="a")] == ["a2", "a1"]
-    assert [j.id for j in await reads.page([], 10, None, ["k_b"], id_prefix="a")] == []
-    assert [j.id for j in await reads.page(["cancelled"], 10, None, None, id_prefix="b")] == ["b1"]
-    window = await reads.finished_between(t0 - 1, t0 + 10, 100)
-    assert sorted(s for s, _ in window) == ["cancelled", "completed"]
-    assert dict(window)["completed"] == pytest.approx(2.0, abs=0.01)
-    assert await reads.finished_between(t0 + 10, t0 + 20, 100) == []
-    assert await reads.finished_between(t0 - 1, t0 + 10, 1) != []
-    assert not await store.delete_finished("a2")  # still waiting
-    assert not await store.delete_finished("nope")
-    assert await store.delete_finished("a1")
-    assert await store.get("a1") is None and await store.events("a1") == []
+    try:
+        counts = await reads.status_counts(None)
+        assert counts == {
+            ("completed", ""): 1,
+            ("cancelled", ""): 1,
+            ("pending", "preprocess"): 2,
+        }
+        assert await reads.status_counts(["k_a"]) == {
+            ("completed", ""): 1,
+            ("pending", "preprocess"): 1,
+        }
+        assert await reads.status_counts([]) == {}
+        assert [j.id for j in await reads.page([], 10, None, None, id_prefix="a")] == ["a2", "a1"]
+        assert [j.id for j in await reads.page([], 10, None, ["k_b"], id_prefix="a")] == []
+        assert [j.id for j in await reads.page(["cancelled"], 10, None, None, id_prefix="b")] == [
+            "b1"
+        ]
+        window = await reads.finished_between(t0 - 1, t0 + 10, 100)
+        assert sorted(s for s, _ in window) == ["cancelled", "completed"]
+        assert dict(window)["completed"] == pytest.approx(2.0, abs=0.01)
+        assert await reads.finished_between(t0 + 10, t0 + 20, 100) == []
+        assert await reads.finished_between(t0 - 1, t0 + 10, 1) != []
+        assert not await store.delete_finished("a2")  # still waiting
+        assert not await store.delete_finished("nope")
+        assert await store.delete_finished("a1")
+        assert await store.get("a1") is None and await store.events("a1") == []
+    finally:
+        await reads.close()  # its connection's thread would outlive the test

@@ -1,7 +1,9 @@
 """HTTP routes (the contract in ../shared/spec/CONTRACT.md).
 
-``ROUTES`` is the one table: each entry is registered on the app and described in the OpenAPI
-document, so the two cannot drift apart (a test checks both ways).
+``ROUTES`` is comfyq's own table; ``comfyq.app`` adds the Comfy API v2 table (``comfyq.v2``) and
+the typed workflow routes, then hands the whole list to ``setup_routes``: each entry is registered
+on the app and described in the OpenAPI document, so the two cannot drift apart (a test checks both
+ways).
 """
 
 from __future__ import annotations
@@ -12,11 +14,11 @@ import msgspec
 from aiohttp import web
 
 from comfyq import ui
-from comfyq.api import dashboard, docs, generate, jobs, sse, workflows, ws
+from comfyq.api import dashboard, docs, generate, jobs, sse, ws
 from comfyq.api.health import health, ready
 from comfyq.api.jobs import MAX_LIMIT, STATUS_SQL
 from comfyq.api.middleware import cors_headers
-from comfyq.api.openapi import Param, Reply, Route, document
+from comfyq.api.openapi import Param, Reply, Route
 from comfyq.metrics import CONTENT_TYPE
 from comfyq.schemas import (
     ErrorBody,
@@ -28,7 +30,6 @@ from comfyq.schemas import (
     Result,
     StreamEvent,
 )
-from comfyq.v2 import routes as v2_routes
 
 OPENAPI: web.AppKey[bytes] = web.AppKey("openapi", bytes)
 README: web.AppKey[str] = web.AppKey("readme", str)
@@ -428,31 +429,14 @@ ROUTES: list[Route] = [
 ]
 
 
-ROUTES += v2_routes.ROUTES  # the Comfy API v2 surface, on the same port (comfyq/v2)
-
-
-def app_routes(registry: Any) -> list[Route]:
-    """``ROUTES`` plus the typed workflow routes of ``registry``'s modifiers."""
-    return ROUTES + workflows.routes(registry)
-
-
-def build_document(registry: Any, *, api_keys: bool) -> dict[str, Any]:
-    """The OpenAPI document an app with this modifier registry serves."""
-    doc = document(app_routes(registry), api_keys=api_keys)
-    workflows.annotate(doc, registry.typed())
-    return doc
-
-
-def setup_routes(app: web.Application) -> None:
-    """Register every route on ``app``, with the OpenAPI document and the rendered README."""
+def setup_routes(app: web.Application, routes: list[Route], doc: dict[str, Any]) -> None:
+    """Register ``routes`` on ``app``, with ``doc`` (their OpenAPI document) and the rendered
+    README."""
     from comfyq.api.context import API
 
-    api = app[API]
-    v2_routes.setup(app)
-    registry = api.services.registry
-    for r in app_routes(registry):
+    for r in routes:
         app.router.add_route(r.method, r.path, r.handler)
-    app[OPENAPI] = msgspec.json.encode(build_document(registry, api_keys=api.keys.enabled))
-    app[README] = docs.render_readme(api.options.readme)
+    app[OPENAPI] = msgspec.json.encode(doc)
+    app[README] = docs.render_readme(app[API].options.readme)
     app.on_response_prepare.append(cors_headers)
     dashboard.setup(app)

@@ -17,6 +17,7 @@ from comfyq.errors import RequestTimeout
 from comfyq.limits import json_limit, too_large
 
 CHUNK = 256 * 1024
+JOIN_IN_THREAD = 1024 * 1024
 
 
 async def read_json_body(request: web.Request, settings: Any) -> bytes:
@@ -43,4 +44,8 @@ async def read_json_body(request: web.Request, settings: Any) -> bytes:
             f"the request body did not arrive within {timeout:g}s (setting http_body_timeout)",
             details={"limit": timeout, "setting": "http_body_timeout"},
         ) from None
+    if size > JOIN_IN_THREAD:
+        # bytes.join releases the GIL for large results: the copy (and the page faults of a new
+        # 16 MiB buffer, ~17 ms of CPU measured) stays off the event loop.
+        return await asyncio.to_thread(b"".join, parts)
     return b"".join(parts)

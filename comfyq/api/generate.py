@@ -19,7 +19,7 @@ from comfyq.api.body import read_json_body
 from comfyq.api.context import Api, get_api, json_response
 from comfyq.api.sse import stream_job
 from comfyq.errors import BadRequest, ComfyqError
-from comfyq.events import Subscription
+from comfyq.events import GAP, Subscription
 from comfyq.inputs import uploads
 from comfyq.result import to_result
 from comfyq.schemas import Result
@@ -109,6 +109,8 @@ async def wait_final(api: Api, sub: Subscription, job: Job, timeout: float | Non
             break
         if ev.kind == "state" and ev.final:
             break
+        if ev.kind == GAP:  # another instance's end of the job may have been missed: look
+            job = await api.reads.job(job.id) or job
     fresh = await api.reads.job(job.id)
     return fresh or job
 

@@ -23,11 +23,15 @@ from comfyq.limits import CONTROL
 from comfyq.logs import job_context
 from comfyq.schemas import ErrorBody, ErrorInfo
 from comfyq.store.base import StoreUnavailable
-from comfyq.v2.errors import guard as v2_guard
 
 log = logging.getLogger("comfyq.api")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Guard = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
+
+# Another API surface on the same port answers its own failures, in its own envelope: path prefix
+# -> that surface's guard, run in place of comfyq's (the Comfy API v2 adds "/api/v2/" at setup).
+ERROR_GUARDS: web.AppKey[dict[str, Guard]] = web.AppKey("error_guards", dict)
 
 # /ui and /ui/api/session: the dashboard page asks for a key itself.
 PUBLIC_PATHS = frozenset({"/health", "/ready", "/api/v2/health", "/ui", "/ui/api/session"})
@@ -168,17 +172,28 @@ def error_body(exc: ComfyqError) -> web.Response:
     return json_response({"error": info}, exc.http_status, headers)
 
 
+def _answered(request: web.Request) -> bool:
+    """The response's head is already sent (a stream that failed midway): no error answer can
+    follow it. The error is raised on, and aiohttp logs it and closes the connection, so the
+    client sees a cut stream (and resumes) instead of a second answer inside the first."""
+    sent = getattr(request.writer, "output_size", 0)
+    return isinstance(sent, int) and sent > 0
+
+
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if request.path.startswith("/api/v2/"):
-        return await v2_guard(request, handler)  # the Comfy API v2 error envelope
+    for prefix, guard in request.app.get(ERROR_GUARDS, {}).items():
+        if request.path.startswith(prefix):
+            return await guard(request, handler)
     try:
         return await handler(request)
     except ComfyqError as exc:
         _note_error(request, exc.type, exc.message)
+        if _answered(request):
+            raise
         return error_body(exc)
     except web.HTTPException as exc:
-        if exc.status < 400:
+        if exc.status < 400 or _answered(request):
             raise
         headers = {k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")}
         message = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
@@ -192,7 +207,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     except asyncio.CancelledError:
         raise
     except ConnectionError:
-        if client_gone(request):
+        if client_gone(request) or _answered(request):
             raise  # the access log notes it; there is nobody to answer
         log.exception("%s %s failed", request.method, route_name(request))
         info = ErrorInfo(
@@ -201,6 +216,8 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         _note_error(request, info.type, info.message)
         return json_response(ErrorBody(info), 500)
     except Exception:
+        if _answered(request):
+            raise
         log.exception("%s %s failed", request.method, route_name(request))
         info = ErrorInfo(
             "internal_error", "internal server error; the details are in the server log"

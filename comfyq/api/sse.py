@@ -17,8 +17,9 @@ from comfyq.api.auth import visible
 from comfyq.api.context import Api, get_api
 from comfyq.api.stream import JobFeed, row_of
 from comfyq.errors import NotFound
-from comfyq.events import Subscription
+from comfyq.events import GAP, Subscription
 from comfyq.schemas import StreamEvent, encoder
+from comfyq.store.base import StoreUnavailable
 from comfyq.store.model import TERMINAL, State
 
 log = logging.getLogger("comfyq.api")
@@ -76,6 +77,10 @@ async def stream_job(
                 await _live(api, feed, sub, resp)
         except (ConnectionError, RuntimeError):
             log.debug("stream of job %s: client went away", job_id)  # the job goes on
+        except StoreUnavailable as exc:
+            # Its headers are sent: no 503 can follow them. The stream ends, and the client
+            # resumes with Last-Event-ID (here or on another instance) when the database is back.
+            log.warning("stream of job %s ended, the database is away: %s", job_id, exc.message)
         return resp
     finally:
         api.queue.unwatch(sub)
@@ -114,6 +119,13 @@ async def _live(api: Api, feed: JobFeed, sub: Subscription, resp: web.StreamResp
                 return
             await resp.write(HEARTBEAT)
             continue
+        if ev.kind == GAP:  # the link may have missed state changes: read them from the table
+            if out:
+                await resp.write(b"".join(out))
+                out.clear()
+            if await _caught_up(api, feed, resp):
+                return
+            continue
         if feed.is_final(ev):
             out.append(frame(await feed.final(row_of(ev.id))))
             await resp.write_eof(b"".join(out))  # the stream's end in the same send
@@ -134,7 +146,8 @@ async def _live(api: Api, feed: JobFeed, sub: Subscription, resp: web.StreamResp
 
 async def _caught_up(api: Api, feed: JobFeed, resp: web.StreamResponse) -> bool:
     """Several instances: state changes reach this one by NOTIFY, which a lost connection can
-    miss; a quiet stream looks at the table once per heartbeat. True when the job has ended."""
+    miss; a stream looks at the table when the link says it lost its connection (a ``gap``
+    event) and when quiet, once per heartbeat. True when the job has ended."""
     for row in await api.reads.events(feed.job_id, feed.last_row):
         if row["to_state"] in TERMINAL:
             await resp.write_eof(frame(await feed.final(row["id"])))

@@ -6,7 +6,9 @@ if it has ended), then the same events as SSE, as JSON text frames with an ``id`
 live preview images arrive as binary frames: a 4-byte big-endian length N, N bytes of JSON
 (``{"job_id", "node", "mime", "id"}``), then the image bytes. The server pings every
 ``ws_heartbeat`` seconds; one task per connection reads both the socket and the subscription, so
-frames never interleave.
+frames never interleave. On a shared store (several instances), the stored events of the jobs
+followed are read again when the link says notifications may have been missed, and those of
+jobs subscribed by name also when nothing came for a heartbeat, as SSE streams do.
 """
 
 from __future__ import annotations
@@ -17,13 +19,15 @@ import struct
 from typing import Any
 
 import msgspec
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 
 from comfyq.api.auth import Principal, principal
 from comfyq.api.context import Api, get_api
 from comfyq.api.stream import JobFeed
-from comfyq.events import Event, Subscription
+from comfyq.events import GAP, Event, Subscription
 from comfyq.schemas import ErrorBody, ErrorInfo, FieldError, StreamEvent, WsSubscribe, encoder
+from comfyq.store.base import StoreUnavailable
+from comfyq.store.model import TERMINAL
 
 log = logging.getLogger("comfyq.api")
 MAX_FEEDS = 10_000  # jobs followed at once by one "*" connection before old ones are forgotten
@@ -115,7 +119,27 @@ class _Conn:
         self.feeds[job_id] = feed
         return feed
 
+    async def catch_up(self, job_ids: list[str]) -> None:
+        """Several instances: state changes reach this one by NOTIFY, which a lost connection can
+        miss; the jobs' stored events after the last one sent are read and sent."""
+        for job_id in job_ids:
+            feed = self.feeds.get(job_id)
+            if feed is None:
+                continue
+            rows = await self.api.reads.events(job_id, feed.last_row)
+            if feed.last_row == 0:
+                rows = rows[-1:]  # seen on "*" by its live events only: its state now, no history
+            for row in rows:
+                if row["to_state"] in TERMINAL:
+                    await self._send(await feed.final(row["id"]))
+                    self.feeds.pop(job_id, None)
+                    break
+                await self._send(feed.from_row(row))
+
     async def on_event(self, ev: Event) -> None:
+        if ev.kind == GAP:  # the link lost its connection: every job followed is read again
+            await self.catch_up(list(self.feeds))
+            return
         if ev.kind == "preview":
             if self.who.is_admin or await self._feed(ev.job_id) is not None:
                 await self.ws.send_bytes(preview_frame(ev))
@@ -137,9 +161,15 @@ class _Conn:
     async def _send(self, se: StreamEvent) -> None:
         await self.ws.send_str(encoder.encode(se).decode())
 
+    def _next(self) -> asyncio.Task[Event | None]:
+        # On a shared store a quiet connection also reads, once per heartbeat, the jobs it was
+        # asked for by name (not every job a "*" subscription has seen: those only on a gap).
+        quiet = self.api.options.heartbeat if self.api.bus.transport is not None else None
+        return asyncio.ensure_future(self.sub.get(quiet))
+
     async def run(self) -> None:
         recv: asyncio.Task[Any] = asyncio.ensure_future(self.ws.receive())
-        get: asyncio.Task[Any] = asyncio.ensure_future(self.sub.get())
+        get: asyncio.Task[Event | None] = self._next()
         try:
             while True:
                 done, _ = await asyncio.wait({recv, get}, return_when=asyncio.FIRST_COMPLETED)
@@ -155,8 +185,12 @@ class _Conn:
                         return
                     recv = asyncio.ensure_future(self.ws.receive())
                 if get in done:
-                    await self.on_event(get.result())
-                    get = asyncio.ensure_future(self.sub.get())
+                    ev = get.result()
+                    if ev is not None:
+                        await self.on_event(ev)
+                    else:
+                        await self.catch_up([j for j in self.feeds if j in self.sub.keys])
+                    get = self._next()
         finally:
             for t in (recv, get):
                 t.cancel()
@@ -175,4 +209,9 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
         await _Conn(api, ws, principal(request)).run()
     except (ConnectionError, RuntimeError):
         log.debug("websocket client went away")
+    except StoreUnavailable as exc:
+        # The socket is open: no 503 can be sent. It is closed with 1013 (try again later);
+        # the client subscribes again, here or on another instance, when the database is back.
+        log.warning("websocket closed, the database is away: %s", exc.message)
+        await ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=b"database unavailable")
     return ws

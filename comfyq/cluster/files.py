@@ -124,8 +124,15 @@ class OutputRouter:
                     status=200, headers={k: up.headers[k] for k in _PASS if k in up.headers}
                 )
                 await resp.prepare(request)
-                async for chunk in up.content.iter_chunked(1 << 16):
-                    await resp.write(chunk)
+                try:
+                    async for chunk in up.content.iter_chunked(1 << 16):
+                        await resp.write(chunk)
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    # The head is sent: no other holder can answer now. The connection is cut
+                    # (the client sees a short download), never a second answer after the first.
+                    raise ConnectionResetError(
+                        f"output {job.id}/{filename}: holder {base} went away midway: {exc}"
+                    ) from exc
                 await resp.write_eof()
                 self.proxied += 1
                 return resp

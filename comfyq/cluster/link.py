@@ -29,9 +29,11 @@ class ClusterLink(Protocol):
         on_transitions: OnTransitions,
         on_live: OnLive,
         on_outbox: Callable[[], None] = ...,
+        on_gap: Callable[[], None] = ...,
     ) -> None:
         """Register ``me`` and start hearing the others' state changes, live events and queued
-        webhook deliveries."""
+        webhook deliveries; ``on_gap`` is called when some may have been missed (the listener
+        lost its connection), after the listener hears again."""
         ...
 
     async def heartbeat(self, me: Instance) -> None:
@@ -81,6 +83,7 @@ class LocalLink:
         on_transitions: OnTransitions,
         on_live: OnLive,
         on_outbox: Callable[[], None] = lambda: None,
+        on_gap: Callable[[], None] = lambda: None,
     ) -> None:
         me.started_at = me.heartbeat_at = time.time()
         self._me = me

@@ -73,7 +73,9 @@ class Membership:
         return self.link.shared
 
     async def start(self) -> None:
-        await self.link.open(self.me, self._remote_transitions, self.bus.receive, self.on_outbox)
+        await self.link.open(
+            self.me, self._remote_transitions, self.bus.receive, self.on_outbox, self.bus.gap
+        )
         self.started = True
         if self.link.shared:
             self.bus.transport = self.link

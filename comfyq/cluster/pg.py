@@ -13,8 +13,11 @@ Two connections of its own, beside the store's pool:
   ``comfyq_live``; progress of one job is coalesced while a send is on its way, so a burst of
   ticks costs one round trip.
 
-When the database goes away the listener reconnects with backoff and replays the event rows
-written meanwhile, so a stream held open across a database restart still sees every state change.
+When the database goes away the listener reconnects with backoff, replays the event rows written
+after the last one it heard (waking workers and publishing them), then tells the bus there was a
+gap: every open stream reads its own job's rows after the last one it sent. The replay alone
+could miss a row: ids come from a sequence and transactions commit in any order, so a row with an
+id below the last one heard may commit while the listener is away; the streams' reads cannot.
 """
 
 from __future__ import annotations
@@ -125,6 +128,7 @@ class PgLink:
         self._on_transitions: OnTransitions = lambda trs: None
         self._on_live: OnLive = lambda *a: None
         self._on_outbox: Callable[[], None] = lambda: None
+        self._on_gap: Callable[[], None] = lambda: None
         self._pending_live: list[list[Any]] = []
         self._pending_progress: dict[str, int] = {}  # job id -> index of its tick in the list
         self._live_ready = asyncio.Event()
@@ -132,6 +136,7 @@ class PgLink:
         self._heard = time.monotonic()
         self.connected = False
         self.reconnects = 0
+        self.gaps = 0  # times open streams were told to read the rows they may have missed
         self.received_events = 0
         self.received_live = 0
         self.sent_live = 0
@@ -155,10 +160,12 @@ class PgLink:
         on_transitions: OnTransitions,
         on_live: OnLive,
         on_outbox: Callable[[], None] = lambda: None,
+        on_gap: Callable[[], None] = lambda: None,
     ) -> None:
         self._on_transitions = on_transitions
         self._on_live = on_live
         self._on_outbox = on_outbox
+        self._on_gap = on_gap
         talk = await self._connect("link")
         await apply_cluster_migrations(talk)
         self._talk = talk
@@ -372,6 +379,8 @@ class PgLink:
                         "cluster listener reconnected; replaying events after %d", self._max_seen
                     )
                     await self._replay(conn)
+                    self._gap()
+                    self._on_outbox()  # deliveries queued meanwhile: look at the outbox
                 await self._listen(conn)
             except asyncio.CancelledError:
                 await conn.close()
@@ -448,6 +457,13 @@ class PgLink:
         except Exception:  # a listener bug must not stop the listener
             log.exception("cluster: transition listener failed")
 
+    def _gap(self) -> None:
+        self.gaps += 1
+        try:
+            self._on_gap()
+        except Exception:  # a listener bug must not stop the listener
+            log.exception("cluster: gap listener failed")
+
     def _live(self, payload: str) -> None:
         try:
             msg = _decode(payload)
@@ -464,6 +480,7 @@ class PgLink:
             "shared": True,
             "listening": self.connected,
             "reconnects": self.reconnects,
+            "gaps": self.gaps,
             "received_events": self.received_events,
             "received_live": self.received_live,
             "sent_live": self.sent_live,

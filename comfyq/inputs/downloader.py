@@ -105,6 +105,11 @@ class Downloader:
     # --- public API ------------------------------------------------------------------------
 
     @property
+    def max_bytes(self) -> int:
+        """The size limit of one input (download or inline)."""
+        return self._max_bytes
+
+    @property
     def allowed_types(self) -> frozenset[str]:
         """The input types accepted (uploads are checked against the same list)."""
         return self._allowed

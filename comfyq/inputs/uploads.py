@@ -14,6 +14,7 @@ Shared helper: ``receive_part`` streams one aiohttp multipart part; any route ma
 from __future__ import annotations
 
 import asyncio
+import binascii
 import hashlib
 import hmac
 import os
@@ -22,10 +23,17 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from aiohttp import BodyPartReader
 
-from comfyq.errors import InputError, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
+from comfyq.errors import (
+    BadRequest,
+    InputError,
+    PayloadTooLarge,
+    RequestTimeout,
+    UnsupportedMediaType,
+)
 from comfyq.inputs.filetypes import (
     SNIFF_BYTES,
     Asset,
@@ -34,9 +42,19 @@ from comfyq.inputs.filetypes import (
     type_allowed,
 )
 from comfyq.inputs.storage import PARTIAL_DIR
+from modifiers.basemodifier import looks_like_url
 
 PREFIX = "upload:"
 CHUNK = 256 * 1024
+# Base64 inputs longer than this are spooled to a file at admission (``spool_inline``), so the
+# job's row holds a short reference instead of megabytes that every transition rewrites.
+SPOOL_ABOVE = 64 * 1024
+# Characters of base64 decoded per step: each step (a few C calls) holds the GIL well under a
+# millisecond, so a 16 MiB input never holds the event loop's thread off for longer (one
+# b64decode of it held it ~40 ms).
+SPOOL_STEP = 256 * 1024
+_B64 = re.compile(r"[A-Za-z0-9+/]*")
+_URLSAFE = str.maketrans("-_", "+/")
 _REF = re.compile(r"upload:([0-9a-f]{32})_([0-9a-f]{64})(\.[a-z0-9]{1,12})")
 # In a subfolder: the cache prune deletes old files of the cache folder itself, never this key.
 _KEY_FILE = Path(".keys") / "upload"
@@ -168,6 +186,150 @@ def _unlink(path: Path) -> None:
         path.unlink()
     except FileNotFoundError:
         pass
+
+
+def _b64_payload(data: str) -> str | None:
+    """The base64 text of a plain base64 string or a ``data:...;base64,`` URI; None for anything
+    else (a percent-encoded data: URI stays inline: the preprocess stage decodes it)."""
+    if data[:5].lower() != "data:":
+        return data
+    header, sep, payload = data[5:].partition(",")
+    if sep and "base64" in (p.strip().lower() for p in header.split(";")):
+        return payload
+    return None
+
+
+def spool_inline(
+    data: str,
+    cache_dir: Path,
+    *,
+    max_bytes: int,
+    allowed: Iterable[str],
+    step: int = SPOOL_STEP,
+) -> Received | None:
+    """Store a base64 input (plain or a data: URI) as an upload: the same rules as the preprocess
+    stage's decoding (whitespace ignored, URL-safe alphabet and missing padding accepted, size
+    limit, type sniffed and checked), decoded in slices of ``step`` characters straight to a file
+    that is fsynced with its folder, so the reference is durable before the job that names it is.
+
+    None when ``data`` is not base64 (left inline). ``InputError`` for bad base64, an input over
+    ``max_bytes`` or a refused type. Blocking: run it in a thread."""
+    payload = _b64_payload(data)
+    if payload is None:
+        return None
+    payload = payload.rstrip()
+    if len(payload) * 3 // 4 > max_bytes + 3:
+        raise InputError(f"inline data is over the {max_bytes} byte limit")
+    partial = cache_dir / PARTIAL_DIR
+    partial.mkdir(parents=True, exist_ok=True)
+    tmp = partial / f"{uuid.uuid4().hex}.part"
+    digest = hashlib.sha256()
+    size, head, carry = 0, b"", ""
+    try:
+        with open(tmp, "wb") as f:
+            end, at, last = len(payload), 0, False
+            while not last:
+                # The last slice holds at least the final 64 characters: the padding stays whole.
+                last = at + step >= end - 64
+                text = carry + "".join((payload[at:] if last else payload[at : at + step]).split())
+                at += step
+                if "-" in text or "_" in text:
+                    text = text.translate(_URLSAFE)
+                if last:  # as the preprocess stage: padded to whole groups, at most two "="
+                    body = text.rstrip("=")
+                    text += "=" * (-len(text) % 4)
+                    if len(text) - len(body) > 2:
+                        raise _not_base64()
+                else:
+                    cut = len(text) - len(text) % 4
+                    text, carry = text[:cut], text[cut:]
+                    body = text
+                if not _B64.fullmatch(body):
+                    raise _not_base64()
+                try:
+                    raw = binascii.a2b_base64(text)
+                except binascii.Error:
+                    raise _not_base64() from None
+                size += len(raw)
+                if size > max_bytes:
+                    raise InputError(f"inline data is over the {max_bytes} byte limit")
+                if len(head) < SNIFF_BYTES:
+                    head += raw[: SNIFF_BYTES - len(head)]
+                digest.update(raw)
+                f.write(raw)
+            if size == 0:
+                raise InputError("inline data is empty")
+            mime = sniff_type(head)
+            if not type_allowed(mime, frozenset(allowed)):
+                raise InputError(
+                    f"inline data is {mime}, which is not an accepted input type "
+                    "(images, video, audio, text, safetensors/GGUF models)",
+                    details={"mimetype": mime},
+                )
+            f.flush()
+            os.fsync(f.fileno())
+        sha = digest.hexdigest()
+        ext = extension_for(mime)
+        token = _token(cache_dir, sha)
+        final = _stored_path(cache_dir, token, sha, ext)
+        fresh = not final.exists()
+        os.replace(tmp, final)
+        _fsync_dir(cache_dir)
+    except BaseException:
+        _unlink(tmp)
+        raise
+    return Received(
+        field="",
+        filename="",
+        ref=f"{PREFIX}{token}_{sha}{ext}",
+        asset=Asset(final, sha, mime, ext, size),
+        fresh=fresh,
+    )
+
+
+async def spool_images(
+    images: list[Any], cache_dir: Path, *, max_bytes: int, allowed: Iterable[str]
+) -> list[Received]:
+    """Admission: every base64 ``input.images`` entry (an object with a mutable ``image``) over
+    ``SPOOL_ABOVE`` characters is stored as an upload and replaced by its reference, one thread
+    hop each. A bad one is a 400 naming ``$.input.images[i].image``; what was stored for this
+    request is removed again then."""
+    stored: list[Received] = []
+    try:
+        for i, img in enumerate(images):
+            data = img.image
+            if len(data) <= SPOOL_ABOVE or is_ref(data) or looks_like_url(data):
+                continue
+            try:
+                got = await asyncio.to_thread(
+                    spool_inline, data, cache_dir, max_bytes=max_bytes, allowed=allowed
+                )
+            except InputError as exc:
+                path = f"$.input.images[{i}].image"
+                raise BadRequest(
+                    f"{path}: {exc.message}",
+                    details=exc.details,
+                    fields=[{"path": path, "message": exc.message}],
+                ) from None
+            if got is not None:
+                img.image = got.ref
+                stored.append(got)
+    except BaseException:
+        await discard(stored)
+        raise
+    return stored
+
+
+def _not_base64() -> InputError:
+    return InputError("inline data is neither valid base64 nor a data: URI")
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def resolve(ref: str, cache_dir: Path) -> Asset:

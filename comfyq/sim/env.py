@@ -28,6 +28,8 @@ class SimEnv:
         self.temp_dir = str(data_dir / "temp")
         self.checkpoints_dir = str(data_dir / "models" / "checkpoints")
         self._counters: dict[tuple[str, str], int] = {}
+        # (prefix, base dir) -> (folder, file stem, subfolder, counter key) of a checked prefix
+        self._resolved: dict[tuple[str, str], tuple[str, str, str, tuple[str, str]]] = {}
         # PreviewImage keeps one random suffix per node id, like ComfyUI's cached node objects.
         self.preview_suffixes: dict[str, str] = {}
         for d in (self.input_dir, self.output_dir, self.temp_dir):
@@ -104,6 +106,13 @@ class SimEnv:
         """Resolve a filename prefix like ComfyUI: (folder, file stem, next counter, subfolder)."""
         if "%" in prefix:
             prefix = _compute_vars(prefix, width, height)
+        else:  # a fixed prefix resolves the same every time: only the counter moves
+            hit = self._resolved.get((prefix, base_dir))
+            if hit is not None:
+                folder, filename, subfolder, key = hit
+                counter = self._counters.get(key)
+                if counter is not None:
+                    return folder, filename, counter, subfolder
         norm = os.path.normpath(prefix)
         subfolder = os.path.dirname(norm)
         filename = os.path.basename(norm)
@@ -125,6 +134,8 @@ class SimEnv:
             # Scan once per prefix, then count in memory: a listdir per save would make
             # benchmarks with thousands of outputs quadratic.
             counter = _scan_counter(folder, filename)
+        if "%" not in prefix:
+            self._resolved[(prefix, base_dir)] = (folder, filename, subfolder, key)
         return folder, filename, counter, subfolder
 
     def advance_counter(self, folder: str, filename: str, next_counter: int) -> None:
@@ -188,10 +199,16 @@ async def write_file(path: str, data: bytes) -> None:
 
 
 def _write_sync(path: str, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        st = os.fstat(f.fileno())
+    # os.open/os.write: what open(path, "wb") does without its buffer object and the isatty
+    # ioctl, lseek and extra fstat it makes per file (one output file per simulated job).
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o666)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
     if len(data) <= _RECENT_MAX_SIZE:
         _RECENT[path] = (st.st_mtime_ns, st.st_size, data)
         _RECENT.move_to_end(path)

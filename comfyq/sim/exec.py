@@ -15,7 +15,7 @@ from .graph import ExecList, _Unequal, is_link, signatures
 from .nodedefs import NODES
 from .queue import PromptQueue, QueueItem
 from .types import NodeFailure, NodeSpec
-from .ws import Hub, preview_frame, preview_meta_frame, text_frame
+from .ws import Hub, json_num, json_str, preview_frame, preview_meta_frame, text_frame
 
 # Frames ComfyUI's tracebacks start with for a failing node (paths as recorded in the traces).
 _TB_EXECUTE = [
@@ -172,9 +172,7 @@ class Executor:
             outputs, meta, status = await self.execute(item)
             await self.queue.task_done(task_id, outputs, meta, status)
             if self.client_id is not None:
-                await self.hub.send_json(
-                    "executing", {"node": None, "prompt_id": item[1]}, self.client_id
-                )
+                await self.hub.send_encoded(executing_text(None, item[1]), self.client_id)
             if self.gen.assets:  # the asset scanner runs after prompts and tells everyone
                 await self._asset_scan()
             self.apply_flags()
@@ -229,29 +227,12 @@ class Executor:
         return bool(self.hub.sockets) if sid is None else sid in self.hub.sockets
 
     async def _progress_send(self) -> None:
-        if not self._deliverable(self.client_id):
+        cid = self.client_id
+        if not self._deliverable(cid):
             return  # nobody would get it: skip building the (growing) node map
-        pid = self._prompt_id
-        nodes = {
-            nid: {
-                "value": st["value"],
-                "max": st["max"],
-                "state": st["state"],
-                "node_id": nid,
-                "prompt_id": pid,
-                "display_node_id": nid,
-                "parent_node_id": None,
-                "real_node_id": nid,
-            }
-            for nid, st in self._progress.items()
-            if st["state"] != "pending"
-        }
-        for nid, st in self._progress.items():
-            if "activity" in st and nid in nodes:
-                nodes[nid]["activity"] = st["activity"]
-        await self.hub.send_json(
-            "progress_state", {"prompt_id": pid, "nodes": nodes}, self.client_id
-        )
+        # {"type": "progress_state", "data": {"prompt_id", "nodes": {id: {...}}}}, written
+        # straight to text (the same text json.dumps gives; see progress_state_text).
+        await self.hub.send_encoded(progress_state_text(self._prompt_id, self._progress), cid)
 
     def _entry(self, nid: str) -> dict[str, Any]:
         entry = self._progress.get(nid)
@@ -475,9 +456,7 @@ class Executor:
         values = self._inputs(spec, node, nid)
         if cid is not None:
             self.last_node_id = nid
-            await self.hub.send_json(
-                "executing", {"node": nid, "display_node": nid, "prompt_id": pid}, cid
-            )
+            await self.hub.send_encoded(executing_text(nid, pid), cid)
         if self.gen.rich_executed and spec.category == "loaders":
             entry["activity"] = "loading"  # newer ComfyUI: a progress_state saying what it does
             await self._progress_send()
@@ -546,6 +525,44 @@ class Executor:
         entry["state"] = "finished"
         entry["value"] = entry["max"]
         await self._progress_send()
+
+
+def executing_text(nid: str | None, pid: str) -> str:
+    """json.dumps of {"type": "executing", "data": {"node": nid, "display_node": nid,
+    "prompt_id": pid}}, or {"node": null, "prompt_id": pid} once the prompt is done."""
+    if nid is None:
+        return f'{{"type": "executing", "data": {{"node": null, "prompt_id": {json_str(pid)}}}}}'
+    n = json_str(nid)
+    return (
+        f'{{"type": "executing", "data": {{"node": {n}, "display_node": {n},'
+        f' "prompt_id": {json_str(pid)}}}}}'
+    )
+
+
+def progress_state_text(pid: str, progress: dict[str, dict[str, Any]]) -> str:
+    """The progress_state message of ``progress`` (node id -> state, value, max[, activity])
+    as json.dumps writes {"type": "progress_state", "data": {"prompt_id": pid, "nodes": {...}}}
+    with nodes not "pending" in insertion order; built by hand because encoding the floats is
+    most of the cost of a message sent six times per trivial job."""
+    p = json_str(pid)
+    parts = []
+    for nid, st in progress.items():
+        if st["state"] == "pending":
+            continue
+        n = json_str(nid)
+        entry = (
+            f'{n}: {{"value": {json_num(st["value"])}, "max": {json_num(st["max"])},'
+            f' "state": {json_str(st["state"])}, "node_id": {n}, "prompt_id": {p},'
+            f' "display_node_id": {n}, "parent_node_id": null, "real_node_id": {n}'
+        )
+        if "activity" in st:
+            entry += f', "activity": {json_num(st["activity"])}'
+        parts.append(entry + "}")
+    return (
+        f'{{"type": "progress_state", "data": {{"prompt_id": {p}, "nodes": {{'
+        + ", ".join(parts)
+        + "}}}"
+    )
 
 
 def _node_frame(class_type: str) -> str:

@@ -41,16 +41,6 @@ def crash_response() -> web.Response:
     return resp
 
 
-@web.middleware
-async def _crash_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except web.HTTPException:
-        raise
-    except Exception:  # noqa: BLE001 - an escaping exception is ComfyUI's 500
-        return crash_response()
-
-
 def _injected(status: int, body: Any) -> web.Response:
     if isinstance(body, (dict, list)):
         resp = web.json_response(body, status=status)
@@ -362,11 +352,16 @@ def build_app(proc: SimProcess) -> web.Application:
     @web.middleware
     async def _log_request(request: web.Request, handler: Handler) -> web.StreamResponse:
         log.append(f"{request.method} {request.path}")  # what the client asked, for tests
-        return await handler(request)
+        # One middleware rather than two: each layer costs aiohttp a wrapper per request.
+        try:
+            return await handler(request)
+        except web.HTTPException:
+            raise
+        except Exception:  # noqa: BLE001 - an escaping exception is ComfyUI's 500
+            return crash_response()
 
     app = web.Application(
-        client_max_size=SERVER_FEATURES["max_upload_size"],
-        middlewares=[_log_request, _crash_middleware],
+        client_max_size=SERVER_FEATURES["max_upload_size"], middlewares=[_log_request]
     )
     for prefix in ("/api", ""):
         for method, path, handler in table:

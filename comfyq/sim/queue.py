@@ -12,6 +12,13 @@ SENSITIVE_EXTRA_DATA_KEYS = ("auth_token_comfy_org", "api_key_comfy_org")
 QueueItem = list[Any]  # [number, prompt_id, prompt, extra_data, outputs_to_execute]
 
 
+def status_text(remaining: int) -> str:
+    """json.dumps of {"type": "status", "data": {"status": {"exec_info": {"queue_remaining":
+    remaining}}}}, written directly."""
+    info = f'{{"exec_info": {{"queue_remaining": {int(remaining)}}}}}'
+    return f'{{"type": "status", "data": {{"status": {info}}}}}'
+
+
 class PromptQueue:
     """Pending prompts in heap order, what runs now, and finished prompts' history."""
 
@@ -38,7 +45,7 @@ class PromptQueue:
 
     async def queue_updated(self) -> None:
         """Broadcast `status` to every socket, as ComfyUI does on each queue change."""
-        await self.hub.send_json("status", {"status": self.queue_info()})
+        await self.hub.send_encoded(status_text(self.remaining()))  # three per job
 
     async def put(self, item: QueueItem) -> None:
         """Queue an accepted prompt."""

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import math
 import struct
 import uuid
 from collections.abc import Awaitable, Callable
@@ -66,6 +68,19 @@ class _Coalescing:
     def is_closing(self) -> bool:
         return bool(self.inner.is_closing())
 
+    def frame(self, writer: Any, frame: bytes) -> bool:
+        """Queue a ready-made text frame for ``writer``'s socket, as aiohttp would write it;
+        False when aiohttp must write it itself (compression negotiated). A closing socket
+        drops it, like ComfyUI's send_socket_catch_exception."""
+        if writer.compress:
+            return False
+        if writer._closing or self.inner.is_closing():
+            return True
+        if not self.buf:
+            asyncio.get_running_loop().call_soon(self.flush)
+        self.buf.append(frame)
+        return True
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
@@ -80,7 +95,8 @@ class Hub:
         self._stalled = stalled
         # Every open socket, including ones replaced by a reconnect under the same clientId.
         self._open: dict[web.WebSocketResponse, web.Request] = {}
-        self._coalescing: dict[web.WebSocketResponse, _Coalescing] = {}
+        # By id(): WebSocketResponse hashes in Python, a cost on every message.
+        self._coalescing: dict[int, _Coalescing] = {}
 
     def supports_metadata(self, sid: str | None) -> bool:
         """Whether the socket negotiated binary preview frames with metadata."""
@@ -95,13 +111,42 @@ class Hub:
         if sid is None:
             if not self.sockets:
                 return
-            text = json.dumps({"type": event, "data": data})
+            text = _dumps({"type": event, "data": data})
+            frame = _text_frame(text)  # unmasked and uncompressed: the same bytes for everyone
             for ws in list(self.sockets.values()):
-                await _send(ws.send_str, text)
+                await self._send_text(ws, text, frame)
         else:
             target = self.sockets.get(sid)
             if target is not None:
-                await _send(target.send_str, json.dumps({"type": event, "data": data}))
+                text = _dumps({"type": event, "data": data})
+                await self._send_text(target, text, _text_frame(text))
+
+    async def send_encoded(self, text: str, sid: str | None = None) -> None:
+        """Like send_json, for a message already encoded as JSON text (as json.dumps writes it)."""
+        if self._stalled():
+            return
+        if sid is None:
+            if not self.sockets:
+                return
+            frame = _text_frame(text)
+            for ws in list(self.sockets.values()):
+                await self._send_text(ws, text, frame)
+        else:
+            target = self.sockets.get(sid)
+            if target is not None:
+                await self._send_text(target, text, _text_frame(text))
+
+    async def _send_text(self, ws: web.WebSocketResponse, text: str, frame: bytes) -> None:
+        # Straight into the socket's coalescing buffer: aiohttp's send_str costs several
+        # calls per frame (header packing, checks) and the frame is the same for all sockets.
+        buffered = self._coalescing.get(id(ws))
+        writer = ws._writer
+        if buffered is not None and writer is not None and buffered.frame(writer, frame):
+            if writer.protocol._paused:  # the flow control aiohttp's writer applies
+                with contextlib.suppress(ConnectionError, RuntimeError):
+                    await writer.protocol._drain_helper()
+            return
+        await _send(ws.send_str, text)
 
     async def send_bytes(self, payload: bytes, sid: str | None = None) -> None:
         """Send a binary frame to sid, or to every socket when sid is None."""
@@ -143,7 +188,7 @@ class Hub:
         if writer is not None and writer.transport is not None:
             buffered = _Coalescing(writer.transport)
             setattr(writer, "transport", buffered)  # noqa: B010 - typed as asyncio.Transport
-            self._coalescing[ws] = buffered
+            self._coalescing[id(ws)] = buffered
         sid = request.rel_url.query.get("clientId", "")
         if sid:
             # A reconnect replaces the old socket in the routing table but leaves it open.
@@ -176,8 +221,47 @@ class Hub:
             self.sockets.pop(sid, None)
             self.flags.pop(sid, None)
             self._open.pop(ws, None)
-            self._coalescing.pop(ws, None)
+            self._coalescing.pop(id(ws), None)
         return ws
+
+
+def _make_dumps() -> Callable[[Any], str]:
+    # One C encoder for every message (json.dumps builds a new one per call), with dumps'
+    # defaults: same text, byte for byte.
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:
+        return json.dumps
+    encode = make(
+        None, json.JSONEncoder().default, json.encoder.encode_basestring_ascii,
+        None, ": ", ", ", False, False, True,
+    )  # fmt: skip
+    return lambda obj: "".join(encode(obj, 0))
+
+
+_dumps = _make_dumps()
+json_str: Callable[[str], str] = json.encoder.encode_basestring_ascii  # "..." as dumps writes it
+
+
+def json_num(x: Any) -> str:
+    """A JSON number (or any value) exactly as json.dumps writes it. The floats progress messages
+    carry most are spelled out: float.__repr__ is the dearest part of encoding them."""
+    if type(x) is float:
+        if x == 1.0:
+            return "1.0"
+        if x == 0.0 and math.copysign(1.0, x) > 0:  # -0.0 == 0.0 but is written "-0.0"
+            return "0.0"
+    return _dumps(x)
+
+
+def _text_frame(text: str) -> bytes:
+    """A server (unmasked, uncompressed) websocket TEXT frame carrying ``text``."""
+    payload = text.encode()
+    n = len(payload)
+    if n < 126:
+        return struct.pack(">BB", 0x81, n) + payload
+    if n < 65536:
+        return struct.pack(">BBH", 0x81, 126, n) + payload
+    return struct.pack(">BBQ", 0x81, 127, n) + payload
 
 
 async def _send(fn: Callable[[Any], Awaitable[None]], payload: Any) -> None:

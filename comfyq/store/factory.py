@@ -12,9 +12,18 @@ from comfyq.store.base import JobStore, is_postgres_url
 
 
 def open_store(
-    database: str | os.PathLike[str], *, clock: Clock | None = None, owner: str = ""
+    database: str | os.PathLike[str],
+    *,
+    clock: Clock | None = None,
+    owner: str = "",
+    pool_size: int | None = None,
 ) -> JobStore:
-    """The adapter the database setting names, not yet opened (``await store.open()``)."""
+    """The adapter the database setting names, not yet opened (``await store.open()``);
+    ``pool_size``: the most connections a server adapter (Postgres) opens."""
+    if pool_size is not None and is_postgres_url(database):
+        from comfyq.store.postgres import PostgresStore
+
+        return PostgresStore(database, clock=clock, owner=owner, pool_size=pool_size)
     return _adapter_for(database)(database, clock=clock, owner=owner)
 
 

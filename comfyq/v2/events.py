@@ -20,6 +20,8 @@ import msgspec
 from aiohttp import web
 
 from comfyq.api.sse import HEADERS
+from comfyq.events import GAP
+from comfyq.store.base import StoreUnavailable
 from comfyq.store.model import Job, State
 from comfyq.v2 import mapping
 from comfyq.v2.context import V2, get_v2, owner_of
@@ -129,6 +131,8 @@ async def events(request: web.Request) -> web.StreamResponse:
             await _run(s, sub, resp)
         except (ConnectionError, RuntimeError):
             log.debug("v2 stream of job %s: client went away", job_id)  # the job goes on
+        except StoreUnavailable as exc:  # headers sent, no 503 can follow: the stream ends
+            log.warning("v2 stream of job %s ended, the database is away: %s", job_id, exc)
         return resp
     finally:
         api.queue.unwatch(sub)
@@ -179,6 +183,15 @@ async def _run(s: _Stream, sub: Any, resp: web.StreamResponse) -> None:
                 api.queue.watch(sub, s.job.id)
             else:
                 api.queue.unwatch(sub)
+            out = await s.status()
+        elif ev.kind == GAP:  # another instance's state changes may have been missed: look
+            fresh = await s.v2.read_job(s.job.id)
+            if fresh is None:
+                return
+            s.job, s.read_at = fresh, fresh.updated_at
+            if fresh.terminal:
+                await resp.write(await s.final())
+                return
             out = await s.status()
         elif ev.kind == "queue":
             out = await s.status()

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from comfyq.api.middleware import ERROR_GUARDS
 from comfyq.api.openapi import Param, Reply, Route
 from comfyq.v2 import assets, events, jobs
 from comfyq.v2.context import attach
+from comfyq.v2.errors import guard
 
 _SPEC = " (schema: the Comfy API v2 contract, version 2.0.0)"
 _JOB = Reply("the Job" + _SPEC, schema={"type": "object"})
@@ -215,5 +217,7 @@ for _route in ROUTES:
 
 
 def setup(app: web.Application) -> None:
-    """Build the v2 state on ``app``; the routes are registered with comfyq's own table."""
+    """Build the v2 state on ``app`` and answer every /api/v2 failure in the v2 envelope; the
+    routes are registered with comfyq's own table (comfyq.app)."""
     attach(app)
+    app.setdefault(ERROR_GUARDS, {})["/api/v2/"] = guard

@@ -12,4 +12,6 @@ helpers from here by name (``from support.servers import Server``). Nothing in i
 - ``client``: workflows and an event log for the ComfyUI client tests
 - ``traces``: the recorded ComfyUI traffic (shared/comfyui-protocol)
 - ``v2``: the Comfy API v2 contract as JSON Schema, SSE parsing
+- ``cluster_harness``: several ``comfyq serve`` processes on one PostgreSQL database, simulators,
+  a throwaway PostgreSQL cluster (the cluster tests; bench's cluster and chaos runs import it too)
 """

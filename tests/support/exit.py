@@ -1,11 +1,17 @@
-"""The test process exits when the session is over, whatever threads a test left behind.
+"""The run fails when a test leaves a database connection thread running, and the test process
+exits when the session is over, whatever threads a test left behind.
 
-aiosqlite (0.22) runs each connection on a non-daemon thread, so one connection a test failed to
-close (a server killed mid-test, a fixture torn down by a timeout) keeps the interpreter waiting
-at exit after the last result was printed, and CI would hang until its time limit. At the very
-end of the run (after the summary and the JUnit report are written) the leftover non-daemon
-threads are named on stderr, so the leak stays visible, and the process exits with pytest's own
-status.
+aiosqlite (0.22) runs each connection on a non-daemon thread, and that thread keeps its connection
+alive (through the last call it ran), so a connection a test failed to close is never collected: its
+thread runs until the process ends, and keeps the interpreter waiting at exit after the last result
+was printed (CI would hang until its time limit). comfyq's own threads (``comfyq-*``, the SQLite
+writer) end with their store.
+
+After each test the live aiosqlite and comfyq threads are noted with the test after which each was
+first seen. Once the session's fixtures are torn down, one still running is a leak: it is named,
+with that test, in the summary, and the run fails (exit status 1) even when every test passed.
+At the very end (after the summary and the JUnit report are written) every leftover non-daemon
+thread is named on stderr and the process exits with the run's status.
 """
 
 from __future__ import annotations
@@ -13,14 +19,67 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import time
+from collections.abc import Iterator
 
 import pytest
 
+# aiosqlite's worker threads are named after their target: "Thread-7 (_connection_worker_thread)".
+AIOSQLITE_THREAD = "_connection_worker_thread"
+COMFYQ_THREAD_PREFIX = "comfyq-"
+# How long a connection closed during teardown may take to end its thread (it ends at once; a
+# leaked one never does, so this bounds nothing but the wait).
+SETTLE_SECONDS = 5.0
+
 _status: list[int] = []
+_first_seen: dict[threading.Thread, str] = {}  # watched thread -> the test after which it ran
+_leaks: list[str] = []
 
 
+def watched(t: threading.Thread) -> bool:
+    """A connection thread of aiosqlite, or one of comfyq's own."""
+    return AIOSQLITE_THREAD in t.name or t.name.startswith(COMFYQ_THREAD_PREFIX)
+
+
+def _note(where: str) -> None:
+    for t in threading.enumerate():
+        if watched(t) and t.is_alive():
+            _first_seen.setdefault(t, where)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    try:
+        return (yield)
+    finally:
+        _note(item.nodeid)
+
+
+@pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    _status.append(int(exitstatus))
+    # trylast: after the runner has torn down the session's fixtures (a session-scoped store's
+    # connection is no leak).
+    _note("the session's own fixtures")
+    deadline = time.monotonic() + SETTLE_SECONDS
+    for t, where in _first_seen.items():
+        t.join(max(0.0, deadline - time.monotonic()))
+        if t.is_alive():
+            _leaks.append(f"{t.name}: first seen running after {where}")
+    if _leaks and session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    _status.append(int(session.exitstatus))
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if not _leaks:
+        return
+    terminalreporter.section("database connection threads left running", sep="=", red=True)
+    for line in _leaks:
+        terminalreporter.line(line, red=True)
+    terminalreporter.line(
+        "a test (or a fixture, or comfyq on its path) opened a connection and never closed it;"
+        " the run fails (exit status 1)"
+    )
 
 
 @pytest.hookimpl(trylast=True)

@@ -33,11 +33,18 @@ class PostgresStore(JobStore):
     shared = True
 
     def __init__(
-        self, database: str | os.PathLike[str], *, clock: Clock | None = None, owner: str = ""
+        self,
+        database: str | os.PathLike[str],
+        *,
+        clock: Clock | None = None,
+        owner: str = "",
+        pool_size: int = 16,
     ) -> None:
         super().__init__(database, clock=clock, owner=owner)
         self.url = str(database)
-        self.pool = make_pool(self.url, app_name=self.owner)
+        self.pool = make_pool(
+            self.url, min_size=min(2, pool_size), max_size=pool_size, app_name=self.owner
+        )
         self._reads = PgReads(self.pool, self.describe(), self._purge)
         self._assets = PgAssets(self)
         self._checking: asyncio.Future[None] | None = None

@@ -25,6 +25,9 @@ from comfyq.store.sqlite.assets import SqliteAssets
 from comfyq.store.sqlite.reads import INLINE_SNAPSHOT_ROWS, InlineReader, Reads
 from comfyq.store.sqlite.writer import Writer, connect
 
+# Seconds one group of writes may run before /health calls the store unwritable.
+PING_BUSY_LIMIT = 30.0
+
 log = logging.getLogger("comfyq.store")
 
 __all__ = ["DatabaseLocked", "FileLock", "SqliteStore", "open_migrated"]
@@ -88,6 +91,7 @@ class SqliteStore(JobStore):
         self._inline = InlineReader(self.path)
         self._unfinished = INLINE_SNAPSHOT_ROWS  # as of the last counts(); unknown: large
         self._assets: AssetStore | None = None
+        self.ping_busy_limit = PING_BUSY_LIMIT
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -129,8 +133,20 @@ class SqliteStore(JobStore):
         return str(self.path.resolve())
 
     async def ping(self) -> None:
-        # Through the writer, like every real write: proves the writer thread and the file work.
-        await self._write(lambda c: c.execute("SELECT 1").fetchone())
+        """Through the writer, like every real write, when it is idle: proves the writer thread
+        and the file work. A busy writer is proof enough while its group is younger than
+        ``ping_busy_limit`` seconds and the last one committed: /health does not queue behind a
+        large transaction (it did, for seconds, behind 16 MiB job rows)."""
+        writer = self.writer
+        if not writer.alive:
+            raise sqlite3.OperationalError("the writer thread is not running")
+        busy = writer.busy()
+        if busy is None:
+            await self._write(lambda c: c.execute("SELECT 1").fetchone())
+        elif writer.failure is not None:
+            raise sqlite3.OperationalError(f"the last commit failed: {writer.failure}")
+        elif busy > self.ping_busy_limit:
+            raise sqlite3.OperationalError(f"one group of writes has run for {busy:.0f}s")
 
     async def maintain(self) -> str:
         busy, frames, done = await self.checkpoint()

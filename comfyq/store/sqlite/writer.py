@@ -14,6 +14,7 @@ import logging
 import queue
 import sqlite3
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -86,6 +87,10 @@ class Writer:
         self._conn: sqlite3.Connection | None = None
         self.commits = 0
         self.ops = 0
+        # For /health without queueing behind large writes (see ``busy``): when the running group
+        # began (monotonic; None between groups) and why the last group failed to commit.
+        self.group_started: float | None = None
+        self.failure: str | None = None
 
     def start(self) -> None:
         self._conn = connect(self.path)
@@ -117,6 +122,18 @@ class Writer:
             loop.call_soon(self._hand_over, loop)
         else:
             ops.append(op)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def busy(self) -> float | None:
+        """Seconds the writer has been working on its current group, 0.0 when writes wait for
+        it, None when it is idle."""
+        started = self.group_started
+        if started is not None:
+            return max(0.0, time.monotonic() - started)
+        return 0.0 if self._queue.qsize() else None
 
     def _hand_over(self, loop: asyncio.AbstractEventLoop) -> None:
         ops = self._turn.pop(loop, None)
@@ -171,13 +188,17 @@ class Writer:
                     stopping = True
                 else:
                     backlog.extend(ops)
-            if not backlog[0].txn:
-                self._run_alone(conn, backlog.popleft())
-                continue
-            batch: list[_Op] = []
-            while backlog and backlog[0].txn and len(batch) < MAX_GROUP:
-                batch.append(backlog.popleft())
-            self._commit_group(conn, batch)
+            self.group_started = time.monotonic()
+            try:
+                if not backlog[0].txn:
+                    self._run_alone(conn, backlog.popleft())
+                    continue
+                batch: list[_Op] = []
+                while backlog and backlog[0].txn and len(batch) < MAX_GROUP:
+                    batch.append(backlog.popleft())
+                self._commit_group(conn, batch)
+            finally:
+                self.group_started = None
 
     def _run_group(
         self, conn: sqlite3.Connection, batch: list[_Op], *, isolate: bool
@@ -206,8 +227,10 @@ class Writer:
             conn.execute("COMMIT")
             self.commits += 1
             self.ops += len(batch)
+            self.failure = None
         except sqlite3.Error as exc:
             log.error("group commit failed: %s", exc)
+            self.failure = f"{type(exc).__name__}: {exc}"
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             outcomes = [(op, False, exc) for op in batch]
