@@ -1,13 +1,14 @@
 """The SQLite adapter's JobReads: the API's reads, on connections of their own, each one statement
 run to completion in one step.
 
-Point reads (a job, its events, its outputs: one indexed lookup, tens of microseconds) run right
-on the event loop's thread, on a plain connection: a hop to a reader thread and back costs far
+Point reads (a job's head, its events, its outputs: one indexed lookup, tens of microseconds) run
+right on the event loop's thread, on a plain connection: a hop to a reader thread and back costs far
 more than the read (a queue put, a thread wake-up, two GIL hand-offs and a loop wake-up, each a
 few futex calls) and under load it dominated the API's CPU per job. In WAL mode a reader never
 waits for the writer; if SQLite still answers "busy" (recovery of a WAL left by a crash), the read
-is done on the reader thread instead. Reads whose cost grows with the table (pages, counts,
-summaries with their documents) stay on the reader thread so a big table never stalls the loop.
+is done on the reader thread instead. Reads whose cost grows with the table (pages, counts) or
+with a job's documents (the whole row, summaries) stay on the reader thread, so a big table or a
+16 MiB workflow never stalls the loop.
 
 Why not the store's shared read connection: there a read is several thread hops (execute, fetch,
 close) and the reads of many tasks interleave, so the connection can stay inside one read
@@ -81,7 +82,9 @@ class Reads(JobReads):
 
     async def job(self, job_id: str) -> Job | None:
         """The whole job row."""
-        rows = await self.now("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        # On the reader thread: the row holds the payload and prepared workflow, which may be
+        # megabytes (a 16 MiB body); reading them would hold the loop.
+        rows = await self.rows("SELECT * FROM jobs WHERE id = ?", (job_id,))
         return Job.from_row(rows[0]) if rows else None
 
     async def head(self, job_id: str) -> Job | None:
@@ -141,7 +144,8 @@ class Reads(JobReads):
         return [Job.from_row(r) for r in await self.rows(sql, (*params, limit))]
 
     async def summary(self, job_id: str) -> Job | None:
-        rows = await self.now(f"SELECT {SUMMARY_COLUMNS} FROM jobs WHERE id = ?", (job_id,))
+        # On the reader thread: SUMMARY_COLUMNS walks the job's documents.
+        rows = await self.rows(f"SELECT {SUMMARY_COLUMNS} FROM jobs WHERE id = ?", (job_id,))
         return Job.from_row(rows[0]) if rows else None
 
     async def summaries(

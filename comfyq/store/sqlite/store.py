@@ -312,7 +312,7 @@ class SqliteStore(JobStore):
         return got if got is not None else await self._rows(sql, params)
 
     async def get(self, job_id: str) -> Job | None:
-        rows = await self._now("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        rows = await self._rows("SELECT * FROM jobs WHERE id = ?", (job_id,))  # may be large
         return Job.from_row(rows[0]) if rows else None
 
     async def events(self, job_id: str, after: int = 0) -> list[dict[str, Any]]:
