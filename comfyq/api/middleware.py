@@ -172,12 +172,35 @@ def error_body(exc: ComfyqError) -> web.Response:
     return json_response({"error": info}, exc.http_status, headers)
 
 
-def _answered(request: web.Request) -> bool:
+def answered(request: web.Request) -> bool:
     """The response's head is already sent (a stream that failed midway): no error answer can
     follow it. The error is raised on, and aiohttp logs it and closes the connection, so the
     client sees a cut stream (and resumes) instead of a second answer inside the first."""
     sent = getattr(request.writer, "output_size", 0)
     return isinstance(sent, int) and sent > 0
+
+
+class StreamCut(Exception):
+    """An HTTP exception raised after the response's head was sent. aiohttp sends an
+    ``HTTPException`` that reaches it as an answer of its own, which would land inside the
+    first; raised on as this instead, it makes aiohttp close the connection."""
+
+
+def raise_cut(request: web.Request, exc: BaseException) -> None:
+    """If the response's head is already sent, raise ``exc`` on so that the connection is
+    closed (an HTTP exception as :class:`StreamCut`); otherwise return, and ``exc`` may be
+    answered. Every error handler (comfyq's, and each guard in ``ERROR_GUARDS``) calls this
+    before it writes an error answer."""
+    if not answered(request):
+        return
+    # For the access line: the status it shows is not what the client got (a cut stream).
+    _note_error(request, "stream_cut", f"{type(exc).__name__} after the response's head: {exc}")
+    if isinstance(exc, web.HTTPException):
+        raise StreamCut(
+            f"{request.method} {request.path}: {exc.status} {exc.reason} raised after the"
+            " response's head was sent; the connection is closed"
+        ) from exc
+    raise exc
 
 
 @web.middleware
@@ -189,11 +212,11 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return await handler(request)
     except ComfyqError as exc:
         _note_error(request, exc.type, exc.message)
-        if _answered(request):
-            raise
+        raise_cut(request, exc)
         return error_body(exc)
     except web.HTTPException as exc:
-        if exc.status < 400 or _answered(request):
+        raise_cut(request, exc)
+        if exc.status < 400:
             raise
         headers = {k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")}
         message = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
@@ -206,8 +229,9 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return json_response(ErrorBody(info), exc.status, headers)
     except asyncio.CancelledError:
         raise
-    except ConnectionError:
-        if client_gone(request) or _answered(request):
+    except ConnectionError as exc:
+        raise_cut(request, exc)
+        if client_gone(request):
             raise  # the access log notes it; there is nobody to answer
         log.exception("%s %s failed", request.method, route_name(request))
         info = ErrorInfo(
@@ -215,9 +239,8 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         )
         _note_error(request, info.type, info.message)
         return json_response(ErrorBody(info), 500)
-    except Exception:
-        if _answered(request):
-            raise
+    except Exception as exc:
+        raise_cut(request, exc)
         log.exception("%s %s failed", request.method, route_name(request))
         info = ErrorInfo(
             "internal_error", "internal server error; the details are in the server log"

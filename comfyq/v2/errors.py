@@ -16,6 +16,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
+from comfyq.api.middleware import client_gone, raise_cut
 from comfyq.errors import BadRequest, ComfyqError, QueueFull, Unauthorized
 from comfyq.store.base import StoreUnavailable
 
@@ -108,12 +109,19 @@ def from_comfyq(exc: ComfyqError) -> web.Response:
 
 
 async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Run a /api/v2 request (auth included) and answer every failure with the v2 envelope."""
+    """Run a /api/v2 request (auth included) and answer every failure with the v2 envelope.
+
+    A failure after the response's head was sent (an event stream that failed midway) is never
+    answered: it is raised on and the connection closed (``raise_cut``), as comfyq's own
+    errors do, so the client sees a cut stream and resumes instead of a second answer inside
+    the first."""
     try:
         return await handler(request)
     except ComfyqError as exc:
+        raise_cut(request, exc)
         return from_comfyq(exc)
     except web.HTTPException as exc:
+        raise_cut(request, exc)
         if exc.status < 400:
             raise
         headers = {k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")}
@@ -124,8 +132,15 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
                 f"{request.method} is not allowed here; allowed: {exc.headers.get('Allow', '')}"
             )
         return envelope(exc.status, code, message, None, headers)
-    except (asyncio.CancelledError, ConnectionError):
+    except asyncio.CancelledError:
         raise
-    except Exception:
+    except ConnectionError as exc:
+        raise_cut(request, exc)
+        if client_gone(request):
+            raise  # the access log notes it; there is nobody to answer
+        log.exception("%s %s failed", request.method, request.path)
+        return envelope(500, "upstream_error", "the server could not complete the request")
+    except Exception as exc:
+        raise_cut(request, exc)
         log.exception("%s %s failed", request.method, request.path)
         return envelope(500, "upstream_error", "the server could not complete the request")
