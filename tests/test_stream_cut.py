@@ -54,6 +54,10 @@ async def _stream_then_fail(request: web.Request) -> web.StreamResponse:
     raise _failure(request.match_info["kind"])
 
 
+async def _fail_at_once(request: web.Request) -> web.StreamResponse:
+    raise _failure(request.match_info["kind"])
+
+
 async def _ws_then_fail(request: web.Request) -> web.StreamResponse:
     ws = web.WebSocketResponse()
     await ws.prepare(request)
@@ -68,6 +72,7 @@ async def url(tmp_path: Path, simulator: Simulator) -> AsyncIterator[str]:
     for prefix in ("/api/v2/test", "/test"):  # the v2 guard's surface, and comfyq's own
         app.router.add_get(prefix + "/stream/{kind}", _stream_then_fail)
         app.router.add_get(prefix + "/ws/{kind}", _ws_then_fail)
+        app.router.add_get(prefix + "/plain/{kind}", _fail_at_once)
     runner = Runner(app, settings, access_log=None, shutdown_timeout=2)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -157,3 +162,33 @@ async def test_the_access_line_says_the_stream_was_cut(
     assert len(lines) == 1, [r.getMessage() for r in lines]
     assert getattr(lines[0], "error_type", None) == "stream_cut", lines[0].getMessage()
     assert "HTTPNotFound after the response's head" in lines[0].getMessage()
+
+
+# Before its head is sent a failure is still answered, in the envelope of its surface.
+ANSWERS = {
+    "comfyq": (404, "not_found", "not_found"),
+    "bad_request": (422, "invalid_request", "invalid_request"),
+    "store": (503, "store_unavailable", "store_unavailable"),
+    "http": (404, "not_found", "not_found"),
+    "bug": (500, "upstream_error", "internal_error"),
+    "connection": (500, "upstream_error", "internal_error"),
+}
+
+
+@pytest.mark.parametrize("surface", ["/api/v2/test", "/test"])
+@pytest.mark.parametrize("kind", sorted(ANSWERS))
+async def test_a_failure_before_the_head_is_answered_in_its_envelope(
+    url: str, surface: str, kind: str
+) -> None:
+    timeout = aiohttp.ClientTimeout(total=READ_TIMEOUT)
+    async with (
+        aiohttp.ClientSession(timeout=timeout) as session,
+        session.get(f"http://{url}{surface}/plain/{kind}") as r,
+    ):
+        status, v2_code, own_type = ANSWERS[kind]
+        body = await r.json()
+        if surface.startswith("/api/v2/"):
+            assert (r.status, body["error"]["code"]) == (status, v2_code), body
+        else:
+            own_status = 400 if kind == "bad_request" else status  # v2 says 422, comfyq 400
+            assert (r.status, body["error"]["type"]) == (own_status, own_type), body
