@@ -108,6 +108,51 @@ async def through_runner(path: Path, jobs: int, workers: int) -> float:
     return jobs / elapsed
 
 
+async def statement_counts(path: Path, jobs: int, hand_off: bool) -> dict[str, float]:
+    """SQL statements, trigger programs and commits per job on the writer connection, one job at
+    a time: create, then claim + advance per stage (``hand_off``: claim, two advance_and_claim
+    hand-offs and the last advance, as the stage runner does with an idle worker waiting)."""
+    store = SqliteStore(path)
+    await store.open()
+    seen: list[str] = []
+    conn = store.writer._conn
+    assert conn is not None
+    # The callback gets the expanded SQL; a trigger's program is reported with the text of the
+    # statement that fired it, so a repeat of the same text right after it is a trigger program.
+    conn.set_trace_callback(seen.append)
+    commits0 = store.writer.commits
+    try:
+        for i in range(jobs):
+            await store.create(_new(i), jobs + 1)
+            (job,) = await store.claim(Stage.PREPROCESS, 1, 30.0, "claimed")
+            if hand_off:
+                for stage in ("preprocess", "generate"):
+                    await store.advance_and_claim(job.id, f"{stage} done", None, 30.0, "claimed")
+                await store.advance(job.id, "done")
+            else:
+                await store.advance(job.id, "preprocess done")
+                for stage in (Stage.GENERATE, Stage.POSTPROCESS):
+                    (job,) = await store.claim(stage, 1, 30.0, "claimed")
+                    await store.advance(job.id, f"{stage} done")
+        commits = store.writer.commits - commits0
+    finally:
+        conn.set_trace_callback(None)
+        await store.close()
+    statements = triggers = 0
+    for prev, sql in zip(["", *seen], seen, strict=False):
+        if sql in ("BEGIN IMMEDIATE", "COMMIT") or sql.startswith(("SAVEPOINT", "RELEASE")):
+            continue
+        if sql == prev:
+            triggers += 1
+        else:
+            statements += 1
+    return {
+        "statements": statements / jobs,
+        "trigger_programs": triggers / jobs,
+        "commits": commits / jobs,
+    }
+
+
 def fill(path: Path, rows: int) -> None:
     """``rows`` finished jobs plus 2,000 waiting ones, written straight into the file."""
     conn = connect(path)
@@ -170,6 +215,7 @@ async def main() -> None:
         "throughput": {},
         "writes_per_commit": {},
         "claim_latency": {},
+        "per_job": {},
     }
     print(
         f"store benchmark: synchronous=FULL, WAL, {os.cpu_count()} cores, {args.jobs} jobs per run"
@@ -197,6 +243,18 @@ async def main() -> None:
             print(
                 f"  {'stage runner, no-op stages':32s} workers={w:2d}/stage:"
                 f" {rate:8.0f} complete jobs/s"
+            )
+        for hand_off in (False, True):
+            key = "hand_off" if hand_off else "claim_advance"
+            counts = await statement_counts(Path(d) / f"count{key}.db", 200, hand_off)
+            out["per_job"][key] = counts
+            label = (
+                "create, claim+advance x3" if not hand_off else "create, claim, 2 hand-offs, end"
+            )
+            print(
+                f"  per job, {label:32s}: {counts['statements']:.1f} SQL statements"
+                f" (+{counts['trigger_programs']:.1f} trigger programs),"
+                f" {counts['commits']:.1f} commits"
             )
         results = {}
         for rows in (10_000, args.big):
