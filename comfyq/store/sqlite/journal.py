@@ -11,24 +11,32 @@ from typing import Any
 from comfyq.clock import iso
 from comfyq.store.model import Job, State, Transition, dumps
 
-_second: tuple[int, str] = (-1, "")
+# The last two seconds formatted: a claim formats ``now`` and ``now + lease`` in turn, which a
+# single entry would miss every time.
+_seconds: tuple[tuple[int, str], tuple[int, str]] = ((-1, ""), (-1, ""))
 
 
 def stamp(t: float) -> str:
     """``clock.iso(t)``, the same text, a few times cheaper (every write formats a few instants):
     date and time of day are formatted once per second, the microseconds are rounded half-even
     from the fraction as ``datetime.fromtimestamp`` rounds them."""
-    global _second
+    global _seconds
     if t < 0:
         return iso(t)
     frac, whole = math.modf(t)
     sec, us = int(whole), round(frac * 1e6)
     if us >= 1_000_000:
         sec, us = sec + 1, us - 1_000_000
-    cached = _second  # one read: another writer thread may replace it (a tuple, never torn)
-    if cached[0] != sec:
-        cached = _second = (sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)))
-    return f"{cached[1]}.{us:06d}Z"
+    # One read: another writer thread may replace it (a tuple, never torn).
+    last, other = cached = _seconds
+    if last[0] == sec:
+        return f"{last[1]}.{us:06d}Z"
+    if other[0] == sec:
+        _seconds = (other, last)
+        return f"{other[1]}.{us:06d}Z"
+    entry = (sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)))
+    _seconds = (entry, cached[0])
+    return f"{entry[1]}.{us:06d}Z"
 
 
 def event(

@@ -130,8 +130,12 @@ def claim(
             "message": message,
         },
     ).fetchall()
-    jobs = sorted((Job.from_row(r) for r in rows), key=lambda j: (-j.priority, j.created_at, j.id))
-    return _events(conn, [(j, State.PENDING, message) for j in jobs]) if jobs else []
+    if not rows:
+        return []
+    if len(rows) == 1:
+        return [_event(conn, Job.from_row(rows[0]), State.PENDING, message)]
+    jobs = sorted(map(Job.from_row, rows), key=lambda j: (-j.priority, j.created_at, j.id))
+    return _events(conn, [(j, State.PENDING, message) for j in jobs])
 
 
 def _guarded(
