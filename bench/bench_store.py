@@ -32,9 +32,18 @@ def _new(i: int) -> NewJob:
     )
 
 
+def thread_cpu(native_id: int | None) -> float:
+    """CPU seconds a thread of this process has used (schedstat: nanoseconds, not ticks)."""
+    if native_id is None:
+        return 0.0
+    with open(f"/proc/self/task/{native_id}/schedstat") as f:
+        return int(f.read().split()[0]) / 1e9
+
+
 async def throughput(
     path: Path, jobs: int, workers: int, include_create: bool
-) -> tuple[float, int]:
+) -> tuple[float, int, float, float]:
+    """(complete jobs/s, commits, writer-thread CPU ms per job, process CPU ms per job)."""
     store = SqliteStore(path)
     await store.open()
     try:
@@ -61,10 +70,15 @@ async def throughput(
                     await asyncio.sleep(0)
 
         commits0 = store.writer.commits
+        thread = store.writer._thread
+        tid = thread.native_id if thread is not None else None
+        w0, p0 = thread_cpu(tid), time.process_time()
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(workers)))
         elapsed = time.perf_counter() - t0
-        return jobs / elapsed, store.writer.commits - commits0
+        writer_ms = (thread_cpu(tid) - w0) / jobs * 1000
+        process_ms = (time.process_time() - p0) / jobs * 1000
+        return jobs / elapsed, store.writer.commits - commits0, writer_ms, process_ms
     finally:
         await store.close()
 
@@ -228,14 +242,21 @@ async def main() -> None:
             key = "create_claim_transitions" if include_create else "claim_transitions"
             for w in (1, 4, 16):
                 path = Path(d) / f"t{w}{include_create}.db"
-                rate, commits = await throughput(path, args.jobs, w, include_create)
+                rate, commits, writer_ms, process_ms = await throughput(
+                    path, args.jobs, w, include_create
+                )
                 writes = args.jobs * (7 if include_create else 6)
                 out["throughput"].setdefault(key, {})[str(w)] = rate
                 out["writes_per_commit"].setdefault(key, {})[str(w)] = writes / max(commits, 1)
+                out.setdefault("cpu_ms_per_job", {}).setdefault(key, {})[str(w)] = {
+                    "writer_thread": writer_ms,
+                    "process": process_ms,
+                }
                 print(
                     f"  {label:32s} workers={w:2d}: {rate:8.0f} complete jobs/s"
                     f"  ({writes} writes in {commits} commits,"
-                    f" {writes / max(commits, 1):.1f}/fsync)"
+                    f" {writes / max(commits, 1):.1f}/fsync;"
+                    f" CPU/job: writer {writer_ms:.2f} ms, process {process_ms:.2f} ms)"
                 )
         for w in (1, 4, 16):
             rate = await through_runner(Path(d) / f"r{w}.db", args.jobs, w)
