@@ -143,6 +143,39 @@ def store(f: dict[str, Any], charts: Charts) -> list[str]:
             + ", ".join(f"{w} workers {wpc[w]:.1f}" for w in sorted(wpc, key=int))
             + ".",
         ]
+    cpu = f.get("cpu_ms_per_job", {})
+    if cpu:
+        out += ["", "CPU per complete job (writer thread / whole process, ms):", ""]
+        out += table(
+            ["measurement"] + [f"{w} worker{'s' if w != '1' else ''}" for w in ws],
+            [
+                [labels.get(k, k)]
+                + [
+                    f"{per[w]['writer_thread']:.2f} / {per[w]['process']:.2f}" if w in per else "–"
+                    for w in ws
+                ]
+                for k, per in cpu.items()
+            ],
+        )
+    per_job = f.get("per_job", {})
+    if per_job:
+        names = {
+            "claim_advance": "create, then claim + advance for each of 3 stages",
+            "hand_off": "the stage runner's path: create, claim, 2 hand-offs, end",
+        }
+        out += ["", "SQL on the writer connection per job (sqlite3 trace callback):", ""]
+        out += table(
+            ["path", "SQL statements", "trigger programs", "commits"],
+            [
+                [
+                    names.get(k, k),
+                    f"{c['statements']:.1f}",
+                    f"{c['trigger_programs']:.1f}",
+                    f"{c['commits']:.1f}",
+                ]
+                for k, c in per_job.items()
+            ],
+        )
     claim = f["claim_latency"]
     rows = [
         [f"{int(k):,} rows", ms(c["p50"]), ms(c["p99"]), num(c["n"]), f"{c['fill_s']:.1f} s"]
