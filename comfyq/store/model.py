@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import sqlite3
 from collections.abc import Callable
@@ -48,6 +49,9 @@ _STAGE_OF = {s.value: s for s in Stage}
 
 _json_decode = msgspec.json.Decoder().decode
 _json_encode = msgspec.json.Encoder().encode
+_TYPED: dict[Any, Callable[[str | bytes], Any]] = {}  # decoders of partial views (Job.view)
+# A column larger than this is decoded in a worker thread (Job.decode_fresh).
+DECODE_IN_THREAD = 1024 * 1024
 
 
 def dumps(value: Any) -> str:
@@ -197,6 +201,30 @@ class Job:
         except KeyError:
             value = self._decoded[key] = loads(object.__getattribute__(self, "_" + key))
             return value
+
+    def view(self, key: str, type_: Any) -> Any:
+        """JSON column ``key`` decoded as ``type_``, typically a msgspec Struct naming the few
+        fields a caller reads: the rest of the document is only scanned, never built (a
+        5,000-node payload: ~0.4 ms instead of 4-12 ms for the whole). Not cached; None for NULL.
+        Raises msgspec.ValidationError when the document does not fit ``type_``."""
+        if key in self._decoded:  # already decoded whole: reuse it
+            value = self._decoded[key]
+            return None if value is None else msgspec.convert(value, type_)
+        text = object.__getattribute__(self, "_" + key)
+        if text is None:
+            return None
+        decode = _TYPED.get(type_)
+        if decode is None:
+            decode = _TYPED[type_] = msgspec.json.Decoder(type_).decode
+        return decode(text)
+
+    async def decode_fresh(self, key: str) -> Any:
+        """JSON column ``key`` decoded into a new object the caller owns (may change), not
+        cached; in a worker thread when the column is over ``DECODE_IN_THREAD``."""
+        text = object.__getattribute__(self, "_" + key)
+        if text is not None and len(text) > DECODE_IN_THREAD:
+            return await asyncio.to_thread(loads, text)
+        return loads(text)
 
     @property
     def payload(self) -> dict[str, Any]:
