@@ -280,7 +280,8 @@ def _asks_history(job: Job) -> bool:
     try:
         view = job.view("payload", _HistoryView)
     except msgspec.ValidationError:  # not the shape admission writes: read it whole
-        return bool(((job.payload or {}).get("input") or {}).get("include_comfyui_response"))
+        inp = (job.payload or {}).get("input")
+        return isinstance(inp, dict) and bool(inp.get("include_comfyui_response"))
     return bool(view is not None and view.input is not None and view.input.include_comfyui_response)
 
 
