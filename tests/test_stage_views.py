@@ -12,7 +12,7 @@ import pytest
 from comfyq import limits as lim
 from comfyq.stages.generate import _asks_history
 from comfyq.stages.postprocess import _options
-from comfyq.store.model import DECODE_IN_THREAD, Job
+from comfyq.store.model import DECODE_IN_PIECES, Job
 
 
 def _job(payload: Any, prepared: Any = None) -> Job:
@@ -88,9 +88,14 @@ async def test_a_fresh_decode_is_the_callers_own() -> None:
     assert job.payload == payload  # neither cached nor shared
     assert await job.decode_fresh("payload") == payload
     assert await job.decode_fresh("prepared") is None
-    # Over the threshold the decode runs in a worker thread: the same document comes back.
-    big = {"input": {"workflow_json": _big_workflow(2000), "pad": "x" * DECODE_IN_THREAD}}
-    assert await _job(big).decode_fresh("payload") == big
+    # Over the threshold the decode goes in pieces: the same document (and key order) comes back.
+    big = {"input": {"workflow_json": _big_workflow(2000), "pad": "x" * DECODE_IN_PIECES}}
+    got = await _job(big).decode_fresh("payload")
+    assert got == big
+    assert json.dumps(got) == json.dumps(big)  # same key order
+    odd = {"a": [_big_workflow(500), [], {}, "x" * 70_000, [[1] * 30_000]], "b": None, "c": 1.5}
+    got = await _job(odd).decode_fresh("payload")
+    assert json.dumps(got) == json.dumps(odd)
 
 
 def _naive_cycle(links: dict[str, list[str]]) -> bool:
