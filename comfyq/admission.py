@@ -75,22 +75,21 @@ def check_media_type(content_type: str | None) -> None:
 
 def _depth_ok(value: Any, limit: int = MAX_DEPTH) -> bool:
     """Whether no value in ``value`` sits deeper than ``limit`` (the top value is at depth 1)."""
-    if not isinstance(value, (dict, list)):
-        return True
-    # Only containers are pushed (a workflow's values are mostly numbers and strings): a
-    # container's children, whatever they are, sit one level below it.
-    stack: list[tuple[Any, int]] = [(value, 1)]
-    while stack:
-        v, d = stack.pop()
-        children = v.values() if isinstance(v, dict) else v
-        if not children:
-            continue
-        if d >= limit:
+    # Level by level, each level's containers gathered by one comprehension (a workflow's values
+    # are mostly numbers and strings; only containers are kept): a container's children, whatever
+    # they are, sit one level below it.
+    level = [value] if isinstance(value, (dict, list)) else []
+    depth = 1
+    while level:
+        if depth >= limit and any(level):  # a non-empty container here has children too deep
             return False
-        d += 1
-        for x in children:
-            if isinstance(x, (dict, list)):
-                stack.append((x, d))
+        level = [
+            x
+            for v in level
+            for x in (v.values() if type(v) is dict else v)
+            if type(x) is dict or type(x) is list
+        ]
+        depth += 1
     return True
 
 

@@ -18,6 +18,7 @@ from comfyq.limits import json_limit, too_large
 
 CHUNK = 256 * 1024
 JOIN_IN_THREAD = 1024 * 1024
+FAST_BYTES = 1024 * 1024  # a declared body up to this, already received, is read in one call
 
 
 async def read_json_body(request: web.Request, settings: Any) -> bytes:
@@ -27,12 +28,20 @@ async def read_json_body(request: web.Request, settings: Any) -> bytes:
     declared = request.content_length
     if declared is not None and declared > limit:
         raise too_large(declared, limit, setting)
+    content = request.content
+    if declared is not None and declared <= FAST_BYTES and content.is_eof():
+        # A small body that has arrived whole (the common case: one packet): take it as is, with
+        # no timer and no chunked loop. Never more than Content-Length is fed to the stream.
+        body = content.read_nowait(-1)
+        if len(body) > limit:
+            raise too_large(len(body), limit, setting)
+        return body
     parts: list[bytes] = []
     size = 0
     try:
         async with asyncio.timeout(timeout):
             while True:
-                chunk = await request.content.read(CHUNK)
+                chunk = await content.read(CHUNK)
                 if not chunk:
                     break
                 size += len(chunk)

@@ -210,8 +210,12 @@ async def prepare_job(
     *,
     registry: ModifierRegistry,
     downloader: Downloader,
+    owned: bool = False,
 ) -> Prepared:
-    """Build the workflow for ``job_input`` and fetch every input file it needs."""
+    """Build the workflow for ``job_input`` and fetch every input file it needs.
+
+    ``owned``: ``job_input`` was just decoded from JSON for this call alone, so its workflow is
+    plain JSON data that may be changed in place; otherwise the modifier works on a copy."""
     if not isinstance(job_input, dict):
         raise InputError("job input must be an object")
     inputs = _JobInputs(job_id, downloader)
@@ -236,12 +240,12 @@ async def prepare_job(
             ) from None
         label = f"modifier {name}"
         # Only used by a modifier without WORKFLOW_JSON, as in the original wrapper.
-        workflow_arg = _copy(raw) if isinstance(raw, dict) else None
+        workflow_arg = (raw if owned else _copy(raw)) if isinstance(raw, dict) else None
     elif isinstance(raw, dict):
         modifier = BaseModifier()
         label = "workflow_json processing"
         try:
-            workflow_arg = _copy(raw)
+            workflow_arg = raw if owned else _copy(raw)
         except (msgspec.EncodeError, TypeError, ValueError):
             raise InputError("workflow_json is not plain JSON data") from None
     else:

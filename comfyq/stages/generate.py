@@ -14,6 +14,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from comfyq.comfy.backends import Backend, BackendPool
 from comfyq.comfy.protocol import LiveEvent
 from comfyq.errors import ComfyUIUnreachable, Interrupted, PromptLost
@@ -39,7 +41,7 @@ class Generate:
             ctx.live(ev.kind, {"node": ev.node, "mime": ev.mime, **(ev.data or {})}, ev.image)
 
     async def __call__(self, job: Job, ctx: JobContext) -> StageDone:
-        prepared = job.prepared or {}
+        prepared = await job.decode_fresh("prepared") or {}
         workflow: dict[str, Any] = prepared.get("workflow") or {}
         if job.comfy_prompt_id and job.comfy_backend:
             run = await self._reconcile(job, ctx, workflow)
@@ -244,7 +246,7 @@ def _progress(ctx: JobContext, ev: LiveEvent) -> None:
 async def _history_if_asked(be: Backend, job: Job, run: Any) -> dict[str, Any] | None:
     """ComfyUI's history body for the prompt (the original wrapper's ``comfyui_response``), read
     only for jobs that asked for it; a failed read is a missing extra, never a failed job."""
-    if not ((job.payload or {}).get("input") or {}).get("include_comfyui_response"):
+    if not _asks_history(job):
         return None
     try:
         entry = await be.client.history_entry(run.prompt_id)
@@ -262,6 +264,25 @@ async def _history_if_asked(be: Backend, job: Job, run: Any) -> dict[str, Any] |
         "error": None,
     }
     return body
+
+
+class _HistoryFlag(msgspec.Struct):
+    include_comfyui_response: Any = None
+
+
+class _HistoryView(msgspec.Struct):
+    input: _HistoryFlag | None = None
+
+
+def _asks_history(job: Job) -> bool:
+    """input.include_comfyui_response of the job's payload, read without building the rest of
+    it (the workflow: thousands of nodes)."""
+    try:
+        view = job.view("payload", _HistoryView)
+    except msgspec.ValidationError:  # not the shape admission writes: read it whole
+        inp = (job.payload or {}).get("input")
+        return isinstance(inp, dict) and bool(inp.get("include_comfyui_response"))
+    return bool(view is not None and view.input is not None and view.input.include_comfyui_response)
 
 
 def _done(run: Any, job: Job, history: dict[str, Any] | None = None) -> StageDone:

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from comfyq.comfy.backends import BackendPool
 from comfyq.errors import ComfyUIUnreachable, OutputError
 from comfyq.outputs.convert import (
@@ -55,9 +57,12 @@ class Postprocess:
 
     async def __call__(self, job: Job, ctx: JobContext) -> StageDone:
         result = dict(job.result or {})
+        inp = _options(job)
         rows = await self._collect(job, result)
-        converted = await self._convert(job, rows, result)
-        warnings = await self._upload(job, ctx, rows) if self.uploader is not None and rows else []
+        converted = await self._convert(job, inp, rows, result)
+        warnings = (
+            await self._upload(job, inp, ctx, rows) if self.uploader is not None and rows else []
+        )
         warnings = converted + warnings
         if warnings and self.fail_on_upload_error:
             for row in rows:  # kept for inspection although the job fails
@@ -122,11 +127,10 @@ class Postprocess:
         return rows
 
     async def _convert(
-        self, job: Job, rows: list[dict[str, Any]], result: dict[str, Any]
+        self, job: Job, inp: dict[str, Any], rows: list[dict[str, Any]], result: dict[str, Any]
     ) -> list[dict[str, Any]]:
         """Convert image rows as the job asks (input.convert, else the default); records each
         original under result["converted"]; one warning per failed conversion (original kept)."""
-        inp = (job.payload or {}).get("input") or {}
         spec = ConvertSpec.of(inp.get("convert"), self.convert_default)
         if spec is None:
             return []
@@ -173,11 +177,10 @@ class Postprocess:
         return warnings
 
     async def _upload(
-        self, job: Job, ctx: JobContext, rows: list[dict[str, Any]]
+        self, job: Job, inp: dict[str, Any], ctx: JobContext, rows: list[dict[str, Any]]
     ) -> list[dict[str, Any]]:
         """Upload the rows' files; set url or upload_error on each; one warning per failure."""
         assert self.uploader is not None
-        inp = (job.payload or {}).get("input") or {}
         if not inp.get("s3") and not self.uploader.settings.configured:
             return []  # nowhere to upload: no request block, no operator bucket
         try:
@@ -210,6 +213,28 @@ class Postprocess:
             for r in rows
             if r["upload_error"]
         ]
+
+
+class _Options(msgspec.Struct):
+    convert: Any = None
+    s3: Any = None
+
+
+class _OptionsView(msgspec.Struct):
+    input: _Options | None = None
+
+
+def _options(job: Job) -> dict[str, Any]:
+    """input.convert and input.s3 of the job's payload (the only parts this stage reads), decoded
+    without building the rest (the workflow: thousands of nodes)."""
+    try:
+        view = job.view("payload", _OptionsView)
+    except msgspec.ValidationError:  # not the shape admission writes: read it whole
+        inp = (job.payload or {}).get("input")
+        return inp if isinstance(inp, dict) else {}
+    if view is None or view.input is None:
+        return {}
+    return {"convert": view.input.convert, "s3": view.input.s3}
 
 
 def _write_text(dest: Path, text: str) -> None:

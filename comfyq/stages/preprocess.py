@@ -29,9 +29,11 @@ class Preprocess:
         self.models = models  # input.models: fetched into COMFYUI_MODELS_DIR before the workflow
 
     async def __call__(self, job: Job, ctx: JobContext) -> StageDone:
-        job_input = job.payload.get("input", job.payload)
+        # Decoded once, for this stage alone (the modifier changes it in place: no copy needed).
+        payload = await job.decode_fresh("payload")
+        job_input = payload.get("input", payload)
         files = []
-        if self.assets is not None and "v2" in job.payload:
+        if self.assets is not None and "v2" in payload:
             job_input, files = await self.assets.resolve(job_input)
         refs = job_input.get("models") if isinstance(job_input, dict) else None
         if refs:
@@ -46,6 +48,7 @@ class Preprocess:
             job.id,
             registry=self.registry,
             downloader=self.downloader,
+            owned=True,
         )
         inputs: list[dict[str, Any]] = []
         for item in [*prepared.inputs, *files]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import sqlite3
 from collections.abc import Callable
@@ -48,6 +49,68 @@ _STAGE_OF = {s.value: s for s in Stage}
 
 _json_decode = msgspec.json.Decoder().decode
 _json_encode = msgspec.json.Encoder().encode
+_TYPED: dict[Any, Callable[[str | bytes], Any]] = {}  # decoders of partial views (Job.view)
+# A column larger than this is decoded in pieces, yielding to the event loop between them
+# (Job.decode_fresh): one decode of a 5,000-node payload held the loop 43 ms (CPU) when the heap
+# had just been trimmed (page faults), measured in bench_hostile.
+DECODE_IN_PIECES = 64 * 1024
+_PIECE = 64 * 1024  # an object or array larger than this is split into its members
+_decode_members = msgspec.json.Decoder(dict[str, msgspec.Raw]).decode
+_decode_items = msgspec.json.Decoder(list[msgspec.Raw]).decode
+
+
+class _Pieces:
+    """Decodes a large JSON document in pieces of about ``_PIECE`` bytes (runs of an object's
+    members or an array's items, decoded together), yielding to the loop between pieces: the
+    same value as one decode, key order kept."""
+
+    async def decode(self, buf: bytes | msgspec.Raw, depth: int = 0) -> Any:
+        view = memoryview(buf)
+        if len(view) <= _PIECE or depth >= 8:
+            return _json_decode(buf)
+        head = _first(view)
+        if head == b"{":
+            members = _decode_members(buf)
+            values = await self._run(list(members.values()), depth)
+            return dict(zip(members, values, strict=True))
+        if head == b"[":
+            return await self._run(_decode_items(buf), depth)
+        return _json_decode(buf)  # one long string or number
+
+    async def _run(self, raws: list[msgspec.Raw], depth: int) -> list[Any]:
+        out: list[Any] = []
+        batch: list[msgspec.Raw] = []
+        size = 0
+        for raw in raws:
+            n = len(memoryview(raw))
+            if n > _PIECE:  # a large member: in pieces of its own
+                out += await self._flush(batch)
+                batch, size = [], 0
+                out.append(await self.decode(raw, depth + 1))
+                continue
+            batch.append(raw)
+            size += n
+            if size >= _PIECE:
+                out += await self._flush(batch)
+                batch, size = [], 0
+        out += await self._flush(batch)
+        return out
+
+    async def _flush(self, batch: list[msgspec.Raw]) -> list[Any]:
+        if not batch:
+            return []
+        await asyncio.sleep(0)  # let the loop run between two pieces
+        values: list[Any] = _json_decode(b"[" + b",".join(batch) + b"]")
+        return values
+
+
+def _first(view: memoryview) -> bytes:
+    """The first byte of a JSON document that is not white space."""
+    for i in range(min(len(view), 64)):
+        c = bytes(view[i : i + 1])
+        if c not in b" \t\r\n":
+            return c
+    return b""
 
 
 def dumps(value: Any) -> str:
@@ -197,6 +260,31 @@ class Job:
         except KeyError:
             value = self._decoded[key] = loads(object.__getattribute__(self, "_" + key))
             return value
+
+    def view(self, key: str, type_: Any) -> Any:
+        """JSON column ``key`` decoded as ``type_``, typically a msgspec Struct naming the few
+        fields a caller reads: the rest of the document is only scanned, never built (a
+        5,000-node payload: ~0.4 ms instead of 4-12 ms for the whole). Not cached; None for NULL.
+        Raises msgspec.ValidationError when the document does not fit ``type_``."""
+        if key in self._decoded:  # already decoded whole: reuse it
+            value = self._decoded[key]
+            return None if value is None else msgspec.convert(value, type_)
+        text = object.__getattribute__(self, "_" + key)
+        if text is None:
+            return None
+        decode = _TYPED.get(type_)
+        if decode is None:
+            decode = _TYPED[type_] = msgspec.json.Decoder(type_).decode
+        return decode(text)
+
+    async def decode_fresh(self, key: str) -> Any:
+        """JSON column ``key`` decoded into a new object the caller owns (may change), not
+        cached; in pieces, yielding to the event loop between them, when the column is over
+        ``DECODE_IN_PIECES``."""
+        text = object.__getattribute__(self, "_" + key)
+        if text is not None and len(text) > DECODE_IN_PIECES:
+            return await _Pieces().decode(text.encode() if isinstance(text, str) else text)
+        return loads(text)
 
     @property
     def payload(self) -> dict[str, Any]:
