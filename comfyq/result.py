@@ -154,13 +154,38 @@ def _comfyui_response(job: Job) -> dict[str, Any]:
     return body if isinstance(body, dict) else {}
 
 
+class _Delivery(msgspec.Struct):
+    return_outputs_as_base64: Any = None
+    webhook: Any = None
+
+
+class _DeliveryView(msgspec.Struct):
+    input: _Delivery | None = None
+
+
+def delivery_options(job: Job) -> tuple[bool, dict[str, Any]]:
+    """(input.return_outputs_as_base64, input.webhook) of the job's payload, decoded without
+    building the rest (the workflow: thousands of nodes); the whole payload when it is not the
+    shape admission writes."""
+    try:
+        view = job.view("payload", _DeliveryView)
+    except msgspec.ValidationError:
+        inp = (job.payload or {}).get("input")
+        inp = inp if isinstance(inp, dict) else {}
+        flag, hook = inp.get("return_outputs_as_base64"), inp.get("webhook")
+    else:
+        if view is None or view.input is None:
+            return False, {}
+        flag, hook = view.input.return_outputs_as_base64, view.input.webhook
+    return bool(flag), hook if isinstance(hook, dict) else {}
+
+
 def wants_base64(job: Job) -> bool:
-    return bool(((job.payload or {}).get("input") or {}).get("return_outputs_as_base64"))
+    return delivery_options(job)[0]
 
 
 def has_webhook(job: Job) -> bool:
-    hook = ((job.payload or {}).get("input") or {}).get("webhook")
-    return isinstance(hook, dict) and bool(hook.get("url"))
+    return bool(delivery_options(job)[1].get("url"))
 
 
 def deliveries(rows: list[dict[str, Any]]) -> list[WebhookDelivery]:

@@ -10,6 +10,7 @@ import msgspec
 import pytest
 
 from comfyq import limits as lim
+from comfyq.result import delivery_options, has_webhook, wants_base64
 from comfyq.stages.generate import _asks_history
 from comfyq.stages.postprocess import _options
 from comfyq.store.model import DECODE_IN_PIECES, Job
@@ -77,6 +78,37 @@ def test_the_postprocess_stage_reads_convert_and_s3() -> None:
     assert _options(_job({"input": None})) == {}
     assert _options(_job({"input": "odd"})) == {}
     assert _options(_job(None)) == {}
+
+
+@pytest.mark.parametrize(
+    ("payload", "expected"),
+    [
+        (
+            {
+                "input": {
+                    "workflow_json": _big_workflow(20),
+                    "return_outputs_as_base64": True,
+                    "webhook": {"url": "http://127.0.0.1:9/h", "timeout": 3},
+                }
+            },
+            (True, {"url": "http://127.0.0.1:9/h", "timeout": 3}),
+        ),
+        ({"input": {"workflow_json": {}, "webhook": "odd"}}, (False, {})),
+        ({"input": {"return_outputs_as_base64": 0}}, (False, {})),
+        ({"input": None}, (False, {})),
+        ({"input": "odd"}, (False, {})),  # not admission's shape: read whole
+        (None, (False, {})),
+    ],
+)
+def test_results_and_webhooks_read_their_two_options_as_before(
+    payload: Any, expected: tuple[bool, dict[str, Any]]
+) -> None:
+    job = _job(payload)
+    assert delivery_options(job) == expected
+    assert wants_base64(job) is expected[0]
+    assert has_webhook(job) is bool(expected[1].get("url"))
+    if isinstance(payload, dict) and isinstance(payload.get("input"), dict):
+        assert "payload" not in job._decoded  # the workflow was not built on the way
 
 
 async def test_a_fresh_decode_is_the_callers_own() -> None:

@@ -15,21 +15,21 @@ async def build_body(
 ) -> bytes | None:
     """The JSON body for a delivery, or None when its job is gone or was retried since it ended."""
     # The API's Result builder: one shape everywhere (imported here: it pulls in the API schemas).
-    from comfyq.result import to_result, wants_base64
+    from comfyq.result import delivery_options, to_result
 
     if job is None or job.finished_at != delivery["job_finished_at"]:
         return None
     rows: list[dict[str, Any]] = await store.outputs(job.id)
     result = msgspec.to_builtins(to_result(job, rows))
     outputs: list[dict[str, Any]] = result.get("output") or []
-    if wants_base64(job):
+    base64_outputs, hook = delivery_options(job)
+    if base64_outputs:
         paths = {r["filename"]: r["local_path"] for r in rows}
         outputs = await inline_outputs(
             [{**o, "local_path": paths.get(o["filename"])} for o in outputs], base64_max_bytes
         )
     for o in outputs:
         o.pop("local_path", None)  # a server path is nobody's business outside
-    hook = ((job.payload or {}).get("input") or {}).get("webhook") or {}
     body = {
         "id": job.id,
         "status": result["status"],
@@ -46,7 +46,9 @@ async def build_body(
     return msgspec.json.encode(body)
 
 
-def per_job_timeout(payload: dict[str, Any] | None, default: float) -> float:
-    hook = ((payload or {}).get("input") or {}).get("webhook") or {}
-    t = hook.get("timeout")
+def per_job_timeout(job: Job, default: float) -> float:
+    """The job's own ``input.webhook.timeout`` when it set one, else ``default``."""
+    from comfyq.result import delivery_options
+
+    t = delivery_options(job)[1].get("timeout")
     return float(t) if isinstance(t, int | float) and t > 0 else default

@@ -48,7 +48,7 @@ class Poster:
             return Attempt(
                 "gave_up", None, "not sent: the job was retried or deleted since it ended", started
             )
-        timeout = per_job_timeout(job.payload, self.cfg.timeout)
+        timeout = per_job_timeout(job, self.cfg.timeout)
         msg_id, ts = delivery["id"], int(self.clock.now())
         headers = {
             "Content-Type": "application/json",
