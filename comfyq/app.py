@@ -37,7 +37,9 @@ def create_app(services: Services, options: ApiOptions | None = None) -> web.App
     """An application whose start and stop also start and stop ``services``."""
     app = web.Application(client_max_size=services.settings.max_body_bytes, middlewares=MIDDLEWARES)
     app[SERVICES] = services
-    app[API] = Api(services, options or ApiOptions())
+    if options is None:
+        options = ApiOptions(stream_coalesce=services.settings.sse_coalesce_ms / 1000)
+    app[API] = Api(services, options)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         if not services.started:

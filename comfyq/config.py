@@ -108,6 +108,15 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         Literal["debug", "info", "warning", "error", "critical"], _d("log level")
     ] = "info"
     log_format: Annotated[Literal["text", "json"], _d("log line format")] = "text"
+    sse_coalesce_ms: Annotated[
+        int,
+        _d(
+            "milliseconds an SSE event other than the final one may wait to leave with the next"
+            " ones (fewer sends and wake-ups per job); 0 sends every event at once",
+            ge=0,
+            le=1000,
+        ),
+    ] = 20
     api_keys: Annotated[
         list[str],
         _d(

@@ -53,6 +53,8 @@ def test_choices_accept_any_case() -> None:
     [
         ({"API_PORT": "eighty"}, "api_port"),
         ({"PREPROCESS_WORKERS": "0"}, "preprocess_workers"),
+        ({"COMFYQ_SSE_COALESCE_MS": "-1"}, "sse_coalesce_ms"),
+        ({"COMFYQ_SSE_COALESCE_MS": "5000"}, "sse_coalesce_ms"),
         ({"API_LOG_LEVEL": "loud"}, "api_log_level"),
         ({"COMFYQ_MAX_ATTEMPTS": "-1"}, "max_attempts"),
     ],
@@ -109,3 +111,16 @@ def test_every_setting_is_documented() -> None:
     for key, env, _default, desc in config.describe():
         assert desc, f"setting {key} has no description"
         assert re.search(rf"`{re.escape(env)}`", readme), f"{env} ({key}) is not in README.md"
+
+
+def test_the_sse_coalescing_window_is_an_operator_setting(tmp_path: Path) -> None:
+    from comfyq.api.context import API
+    from comfyq.app import create_app
+    from comfyq.services import Services
+
+    for value, seconds in (("0", 0.0), ("250", 0.25), (None, 0.02)):
+        env = {"COMFYQ_DATABASE": str(tmp_path / f"q{value}.db")}
+        if value is not None:
+            env["COMFYQ_SSE_COALESCE_MS"] = value
+        app = create_app(Services(load_settings(env=env, config_path=None)))
+        assert app[API].options.stream_coalesce == seconds

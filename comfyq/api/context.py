@@ -30,7 +30,7 @@ class ApiOptions:
     heartbeat: float = 15.0  # SSE comment heartbeat interval, seconds
     ws_heartbeat: float = 20.0  # websocket ping interval, seconds
     stream_buffer: int = 64  # events buffered per subscriber before progress is dropped
-    stream_coalesce: float = 0.02  # seconds an SSE event may wait to leave with the next ones
+    stream_coalesce: float = 0.02  # seconds an SSE event may wait (setting sse_coalesce_ms)
     cancel_wait: float = 5.0  # how long POST /cancel waits for a running job to stop
     stream_setups: int = 16  # streams reading their replay at once (a burst of 1000 waits its turn)
     readme: Path | None = None  # the README rendered at /; None: the project's own
