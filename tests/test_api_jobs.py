@@ -442,3 +442,41 @@ async def test_webhook_delivery_history_is_on_the_result(make_server: MakeServer
         )
     finally:
         await receiver.close()
+
+
+async def test_a_long_queue_places_a_job_by_count_as_the_ranking_does(server: Server) -> None:
+    """Past the inline ranking's size, a stream places its waiting job by one indexed count of
+    the jobs ahead (no ranking of the whole queue per change); both give the same answer."""
+    from comfyq.api.context import API
+    from comfyq.store.sqlite.reads import INLINE_SNAPSHOT_ROWS
+
+    await wait_healthy(server)
+    pause(server, Stage.PREPROCESS)
+    n = INLINE_SNAPSHOT_ROWS + 20
+    for i in range(n):
+        status, _, _ = await call(
+            server, "POST", "/generate", body(request_id=f"q{i}", priority=i % 3)
+        )
+        assert status == 202
+    queue = server.runner.app[API].queue
+    ranking = await queue.snapshot()
+    assert len(ranking.positions) == n
+    assert queue.reads.queue_snapshot_now() is None  # too long to rank inline now
+    for i in range(n):
+        job = await server.services.store.get(f"q{i}")
+        assert job is not None
+        queue.version += 1  # as after a change elsewhere: the shared ranking is stale
+        counted = await queue.place(
+            job.id,
+            job.state,
+            job.stage,
+            job.kind,
+            job.stage_entered_at,
+            (job.priority, job.created_at),
+        )
+        assert counted is not None
+        assert (counted.position, counted.queue_size) == (ranking.positions[job.id], n), i
+    assert queue._snap is ranking  # placed by counts: the queue was never ranked again
+    first = min(ranking.positions, key=ranking.positions.__getitem__)
+    assert first.startswith("q") and int(first[1:]) % 3 == 2  # highest priority, oldest
+    resume(server, Stage.PREPROCESS)

@@ -24,6 +24,10 @@ from comfyq.events import Event, Subscription
 from comfyq.schemas import QueueInfo, QueuePosition
 from comfyq.store.model import STAGES, Job, Stage, State, Transition
 
+# Up to this many waiting streams, each places its job by one indexed count; beyond, they share
+# one ranking of the whole queue per change.
+RANK_FROM_WATCHERS = 32
+
 QueueName = Literal["preprocessing", "generation", "postprocessing"]
 QUEUE_NAMES: dict[Stage, QueueName] = {
     Stage.PREPROCESS: "preprocessing",
@@ -204,12 +208,34 @@ class QueueView:
         return QueuePosition(QUEUE_NAMES[job.stage], pos, size, eta)
 
     async def place(
-        self, job_id: str, state: State, stage: Stage, kind: str, entered_at: str
+        self,
+        job_id: str,
+        state: State,
+        stage: Stage,
+        kind: str,
+        entered_at: str,
+        order: tuple[int, str] | None = None,
     ) -> QueuePosition | None:
-        """Like :meth:`position`, from what a stream already knows (no job read)."""
+        """Like :meth:`position`, from what a stream already knows (no job read).
+
+        ``order`` (the job's priority and created_at) lets a waiting job be placed by one
+        indexed count instead of a ranking of the whole queue, which is cheaper while few
+        streams wait (a ranking is shared by every stream woken by one change; the counts are
+        not). A running job needs only the counts."""
         if state not in (State.PENDING, State.RUNNING):
             return None
-        s = await self.snapshot()
+        snap, version = self._snap, self.version
+        if snap is None or snap.version < version:
+            if state == State.RUNNING:
+                c = await self.counts()
+                eta = await self.estimate(state, stage, kind, entered_at, 0, c.running[stage])
+                return QueuePosition(QUEUE_NAMES[stage], 0, c.waiting[stage], eta)
+            if order is not None and len(self._watchers) <= RANK_FROM_WATCHERS:
+                now = self.reads.queue_snapshot_now()
+                if now is None:  # a long queue (or a shared store): count, don't rank
+                    return await self._counted(job_id, stage, kind, entered_at, order)
+                snap = self._build(version, now)
+        s = snap if snap is not None and snap.version >= version else await self.snapshot()
         pos = s.positions.get(job_id, 0) if state == State.PENDING else 0
         size = s.waiting[stage]
         if state == State.PENDING and pos == 0:
@@ -217,6 +243,17 @@ class QueueView:
             size += 1
             pos = size
         eta = await self.estimate(state, stage, kind, entered_at, pos, s.running[stage])
+        return QueuePosition(QUEUE_NAMES[stage], pos, size, eta)
+
+    async def _counted(
+        self, job_id: str, stage: Stage, kind: str, entered_at: str, order: tuple[int, str]
+    ) -> QueuePosition:
+        """A waiting job's place by one indexed count of the jobs ahead of it."""
+        c = await self.counts()
+        priority, created_at = order
+        ref = Job({"id": job_id, "stage": stage, "priority": priority, "created_at": created_at})
+        pos, size = await self.store.position(ref)
+        eta = await self.estimate(State.PENDING, stage, kind, entered_at, pos, c.running[stage])
         return QueuePosition(QUEUE_NAMES[stage], pos, size, eta)
 
     async def estimate(

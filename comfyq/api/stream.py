@@ -42,6 +42,9 @@ class JobFeed:
         self.attempt = job.attempts
         self.kind = job.kind
         self.entered_at = job.stage_entered_at
+        # Its place among the waiting jobs (the claim order), when the row read has the column.
+        priority = getattr(job, "priority", None)
+        self.order = None if priority is None else (priority, job.created_at)
         self.last_row = 0
         self.finished = False
         self._queue_key: tuple[Any, ...] | None = None
@@ -110,7 +113,7 @@ class JobFeed:
 
     async def _place(self) -> Any:
         return await self.api.queue.place(
-            self.job_id, self.state, self.stage, self.kind, self.entered_at
+            self.job_id, self.state, self.stage, self.kind, self.entered_at, self.order
         )
 
     async def decorate(self, se: StreamEvent) -> None:
