@@ -92,6 +92,15 @@ def write_file(path: Path, data: bytes, *, replace: Path | None = None) -> None:
         os.replace(path, replace)
 
 
+def fsync_dir(folder: Path) -> None:
+    """Make the names in ``folder`` durable (a file created or renamed there survives a crash)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def remove_if_present(path: Path) -> None:
     """Remove a file that may already be gone (blocking)."""
     try:

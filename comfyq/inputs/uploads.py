@@ -34,6 +34,7 @@ from comfyq.errors import (
     RequestTimeout,
     UnsupportedMediaType,
 )
+from comfyq.fileio import fsync_dir
 from comfyq.inputs.filetypes import (
     SNIFF_BYTES,
     Asset,
@@ -274,7 +275,7 @@ def spool_inline(
         final = _stored_path(cache_dir, token, sha, ext)
         fresh = not final.exists()
         os.replace(tmp, final)
-        _fsync_dir(cache_dir)
+        fsync_dir(cache_dir)
     except BaseException:
         _unlink(tmp)
         raise
@@ -322,14 +323,6 @@ async def spool_images(
 
 def _not_base64() -> InputError:
     return InputError("inline data is neither valid base64 nor a data: URI")
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def resolve(ref: str, cache_dir: Path) -> Asset:

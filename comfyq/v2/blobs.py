@@ -18,6 +18,8 @@ from typing import Protocol
 
 from blake3 import blake3
 
+from comfyq.fileio import fsync_dir
+
 CHUNK = 256 * 1024
 _HEX = re.compile(r"^[0-9a-f]{64}$")
 
@@ -97,7 +99,7 @@ class BlobDir:
                 rec.tmp.unlink(missing_ok=True)
             else:
                 os.replace(rec.tmp, final)
-                _fsync_dir(final.parent)
+                fsync_dir(final.parent)
 
         await asyncio.to_thread(move)
         return final
@@ -112,11 +114,3 @@ class BlobDir:
         if p.parent.parent != self.root:
             return
         await asyncio.to_thread(p.unlink, True)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
