@@ -83,11 +83,24 @@ class BatchedWriter:
                 self._file.close()
 
 
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
+
+
 def write_file(path: Path, data: bytes, *, replace: Path | None = None) -> None:
     """Write ``data`` to ``path`` (creating its folder), then move it to ``replace`` if given.
-    Blocking: one ``asyncio.to_thread`` call does it all."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
+    Blocking: one ``asyncio.to_thread`` call does it all. The folder is created only when the
+    file cannot be (a job's outputs after its first one go to a folder already there)."""
+    try:
+        fd = os.open(path, _CREATE, 0o666)
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, _CREATE, 0o666)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
     if replace is not None:
         os.replace(path, replace)
 

@@ -365,6 +365,32 @@ async def test_websocket_stall_falls_back_to_history(
     first_image(result.outputs, "3")
 
 
+async def test_messages_taken_as_they_arrive_keep_the_quiet_timer_from_firing(
+    make_sim: MakeSim, make_client: MakeClient
+) -> None:
+    # The follower takes progress messages without waking up for each: they must still count
+    # as signs of life, or a run longer than ws_quiet_timeout would ask ComfyUI needlessly.
+    sim = await make_sim(node_durations={"ImageBlur": 0.12})
+    asked: list[str] = []
+
+    async def on_start(_: Any, __: Any, params: aiohttp.TraceRequestStartParams) -> None:
+        asked.append(f"{params.method} {params.url.path}")
+
+    trace = aiohttp.TraceConfig()
+    trace.on_request_start.append(on_start)
+    async with aiohttp.ClientSession(trace_configs=[trace]) as session:
+        client = await make_client(sim.url, session=session, ws_quiet_timeout=0.4)
+        log = EventLog()
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        result = await run(client, blur_chain_workflow("lively", blurs=8), log)
+        assert loop.time() - t0 > 0.8  # twice the quiet timeout at least
+        assert result.source == "websocket"
+        assert [e.node for e in log.of("executing")][-1] == "9"
+        # No /queue, /history or jobs-API look-up (besides the socket and the prompt itself).
+        assert [a for a in asked if a != "GET /ws"] == ["POST /prompt"]
+
+
 async def test_crash_and_restart_mid_run_is_prompt_lost(
     make_sim: MakeSim, make_client: MakeClient
 ) -> None:

@@ -96,3 +96,28 @@ def test_text_frames_decode_into_their_type_and_data_on_demand() -> None:
 def test_bad_text_frames_are_protocol_errors(raw: str) -> None:
     with pytest.raises(ProtocolError):
         parse_text_frame(raw)
+
+
+async def test_a_consumer_takes_items_only_while_the_reader_waits_with_nothing_buffered() -> None:
+    w = Watch("p", None, gap=False)
+    taken: list[str] = []
+
+    def consumer(item: Item) -> bool:
+        if item.kind == "poke":
+            return False  # left to the reader
+        taken.append(item.kind)
+        return True
+
+    w.consumer = consumer
+    w.push(Item("event"))  # nobody waits: buffered, not taken
+    assert taken == []
+    assert (await w.get(1)).kind == "event"  # type: ignore[union-attr]
+    getter = asyncio.ensure_future(w.get(30))
+    await asyncio.sleep(0)
+    w.push(Item("event"))  # the reader waits: taken at once, the reader stays asleep
+    assert taken == ["event"] and not getter.done()
+    w.push(Item("poke"))  # refused: wakes the reader
+    w.push(Item("event"))  # behind a buffered item: kept in order for the reader
+    assert (await getter).kind == "poke"  # type: ignore[union-attr]
+    assert (await w.get(1)).kind == "event"  # type: ignore[union-attr]
+    assert taken == ["event"]

@@ -68,3 +68,6 @@ def test_one_shot_helpers(tmp_path: Path) -> None:
     assert not part.exists() and final.read_bytes() == b"0123456789"
     assert read_range(final, 3, 4) == b"3456" and read_range(final, 8, 4) == b"89"
     assert read_range(final, 10, 4) == b""
+    # Into the folder made by the first write, over an older file of the same name.
+    write_file(part, b"abc", replace=final)
+    assert not part.exists() and final.read_bytes() == b"abc"

@@ -23,7 +23,7 @@ from support.webhooks import Receiver, deliveries, delivery_ended, wait_until
 from support.workflows import workflow
 
 from comfyq.errors import OutputError
-from comfyq.outputs.local import job_dir, safe_name
+from comfyq.outputs.local import hashes_and_type, job_dir, safe_name
 from comfyq.outputs.s3 import S3Uploader
 from comfyq.stages.postprocess import Postprocess
 from comfyq.store.model import Stage
@@ -294,3 +294,22 @@ async def test_default_webhook_url_applies_to_jobs_that_name_none(
         }
     finally:
         await stop(sender)
+
+
+@pytest.mark.parametrize(
+    ("name", "data"),
+    [
+        ("a.png", bytes.fromhex("89504e470d0a1a0a0000000d49484452") + bytes(range(256)) * 50),
+        ("b.txt", b"plain words\n" * 3),
+        ("c.webm", b"\x1aE\xdf\xa3" + b"\x00" * 40),
+        ("empty.bin", b""),
+    ],
+)
+def test_an_output_in_hand_is_described_as_the_file_on_disk(
+    tmp_path: Path, name: str, data: bytes
+) -> None:
+    path = tmp_path / name
+    path.write_bytes(data)
+    sha, b3, size, mime = hashes_and_type(path, data)
+    assert (sha, b3, size, mime) == hashes_and_type(path)
+    assert sha == hashlib.sha256(data).hexdigest() and size == len(data)

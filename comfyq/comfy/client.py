@@ -49,6 +49,9 @@ from comfyq.netguard import redact_url
 
 T = TypeVar("T")
 
+_JSON = {"Content-Type": "application/json"}
+_FIXED_PATHS = ("/prompt", "/queue", "/system_stats", "/free", "/interrupt")
+
 _log = logging.getLogger("comfyq.comfy.client")
 
 
@@ -96,6 +99,11 @@ class ComfyClient:
             label=self.display_url,
             preview_metadata=preview_metadata,
         )
+        # Built once per client, not per request: the default timeout and the URLs of the fixed
+        # routes (aiohttp would parse a string URL on every call).
+        self._timeout = aiohttp.ClientTimeout(total=request_timeout)
+        self._urls = {p: URL(self.base_url + p) for p in _FIXED_PATHS}
+        self._view = URL(self.base_url + "/view")
         self._caps: Capabilities | None = None
         self._caps_epoch = -1  # the feed's ``connects`` when the probe started
         self._probing: asyncio.Task[Capabilities] | None = None
@@ -176,12 +184,11 @@ class ComfyClient:
         kwargs: dict[str, Any] = {}
         if json is not None:
             kwargs["data"] = msgspec.json.encode(json)
-            kwargs["headers"] = {"Content-Type": "application/json"}
-        t = aiohttp.ClientTimeout(total=timeout or self.request_timeout)
+            kwargs["headers"] = _JSON
+        t = self._timeout if not timeout else aiohttp.ClientTimeout(total=timeout)
+        url = self._urls.get(path) or self.url(path)
         try:
-            async with self._get_session().request(
-                method, self.url(path), timeout=t, **kwargs
-            ) as resp:
+            async with self._get_session().request(method, url, timeout=t, **kwargs) as resp:
                 return resp.status, resp.content_type, await resp.read()
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
@@ -465,9 +472,10 @@ class ComfyClient:
 
     def view_url(self, filename: str, subfolder: str, type: str) -> str:
         """The ``/view`` URL of an output file."""
-        return str(
-            URL(self.url("/view")).with_query(filename=filename, subfolder=subfolder, type=type)
-        )
+        return str(self._view_url(filename, subfolder, type))
+
+    def _view_url(self, filename: str, subfolder: str, type: str) -> URL:
+        return self._view.with_query(filename=filename, subfolder=subfolder, type=type)
 
     async def download(self, filename: str, subfolder: str, type: str, dest: Path) -> int:
         """Stream ``/view`` into ``dest`` (via ``dest.part``); returns bytes; 404 -> OutputError."""
@@ -480,13 +488,14 @@ class ComfyClient:
         subfolder: str,
         type: str,
         dest: Path,
-        after: Callable[[Path], T] | None,
+        after: Callable[[Path, bytes | None], T] | None,
     ) -> tuple[int, T | None]:
-        """:meth:`download`, then ``after(dest)`` in the thread that wrote the file."""
+        """:meth:`download`, then ``after(dest, data)`` in the thread that wrote the file
+        (``data``: the content, when the file was small enough to be read whole; else None)."""
         label = f"{subfolder}/{filename}".lstrip("/") + f" ({type})"
         size, value = await download_then(
             self._get_session(),
-            self.view_url(filename, subfolder, type),
+            self._view_url(filename, subfolder, type),
             self.display_url,
             label,
             dest,

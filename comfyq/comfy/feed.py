@@ -75,6 +75,9 @@ class Watch:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         self._deadline = 0.0
+        # The reader's hook while it waits: takes an item as it arrives (True) instead of the
+        # reader being woken for it, so a prompt's progress messages cost no task switch each.
+        self.consumer: Callable[[Item], bool] | None = None
 
     def node_type(self, node: str | None) -> str | None:
         """The class_type of ``node`` in the workflow, if known."""
@@ -87,6 +90,15 @@ class Watch:
     def push(self, item: Item) -> None:
         if item.kind == "ws_down":
             self.gap = True
+        # Only while the reader waits with nothing buffered: order is kept, and the reader is
+        # never changed under it while it asks ComfyUI something.
+        if (
+            self.consumer is not None
+            and self._waiter is not None
+            and not self._items
+            and self.consumer(item)
+        ):
+            return
         if item.droppable:
             if self._droppable >= MAX_DROPPABLE:
                 self.dropped += 1

@@ -14,7 +14,7 @@ import math
 from collections.abc import Callable
 from typing import Any, Literal, Protocol
 
-from comfyq.comfy.feed import Watch
+from comfyq.comfy.feed import Item, Watch
 from comfyq.comfy.protocol import (
     TERMINAL_TYPES,
     Executed,
@@ -76,6 +76,9 @@ class Follower:
         self.timing: dict[str, int] = {}
         self.succeeded = False
         self.loop = asyncio.get_running_loop()
+        # When the last message was taken while waiting (``consume``), and what it raised.
+        self.seen_at = -math.inf
+        self.failed: BaseException | None = None
 
     def result(self) -> RunResult:
         return RunResult(
@@ -89,11 +92,19 @@ class Follower:
         )
 
     async def run(self, *, check_now: bool) -> RunResult:
+        self.w.consumer = self.consume
+        try:
+            return await self._run(check_now)
+        finally:
+            self.w.consumer = None
+
+    async def _run(self, check_now: bool) -> RunResult:
         c, now = self.c, self.loop.time
         quiet_base = now()
         next_poll = now() if check_now else math.inf
         backoff = c.poll_interval
         while True:
+            quiet_base = max(quiet_base, self.seen_at)
             if now() >= min(next_poll, quiet_base + c.ws_quiet_timeout):
                 try:
                     where, entry = await self.locate_twice()
@@ -125,6 +136,8 @@ class Follower:
                     next_poll = math.inf if c.ws_connected else now() + c.poll_interval
                 continue
             item = await self.w.get(min(next_poll, quiet_base + c.ws_quiet_timeout) - now())
+            if self.failed is not None:
+                raise self.failed
             if item is None:
                 continue
             if item.kind in ("ws_down", "ws_up", "poke"):
@@ -147,6 +160,27 @@ class Follower:
             await asyncio.sleep(min(self.c.poll_interval, 0.5))
             where, entry = await self.c.locate(self.pid)
         return where, entry
+
+    def consume(self, item: Item) -> bool:
+        """Take ``item`` as it arrives while ``run`` waits (the watch's consumer): progress,
+        previews and every other message that neither ends the prompt nor calls for a look at
+        ComfyUI are applied here, without waking ``run``; False leaves the item to ``run``."""
+        kind = item.kind
+        if kind == "msg":
+            msg = item.msg
+            if msg is None or msg.type in TERMINAL_TYPES or self._ended(msg):
+                return False
+            try:
+                self.handle(msg)
+            except Exception as exc:  # noqa: BLE001 - raised by run, not into the websocket
+                self.failed = exc
+                return False  # wakes run, which raises it
+        elif kind == "event" and item.event is not None:
+            self.emit(item.event)
+        else:
+            return False
+        self.seen_at = self.loop.time()
+        return True
 
     @staticmethod
     def _ended(msg: WsMessage) -> bool:
@@ -188,21 +222,15 @@ class Follower:
         if t == "executing" and isinstance(p, Executing):
             if p.node is None:
                 return None
-            return LiveEvent(t, self.pid, node=p.node, node_type=w.node_type(p.node), data=msg.data)
+            return LiveEvent(t, self.pid, p.node, w.node_type(p.node), source=msg)
         if t == "progress" and isinstance(p, Progress):
             return LiveEvent(
-                t,
-                self.pid,
-                node=p.node,
-                node_type=w.node_type(p.node),
-                value=int(p.value),
-                max=int(p.max),
-                data=msg.data,
+                t, self.pid, p.node, w.node_type(p.node), int(p.value), int(p.max), source=msg
             )
         if t == "executed" and isinstance(p, Executed):
-            return LiveEvent(t, self.pid, node=p.node, node_type=w.node_type(p.node), data=msg.data)
+            return LiveEvent(t, self.pid, p.node, w.node_type(p.node), source=msg)
         if t in ("execution_start", "execution_cached", "progress_state"):
-            return LiveEvent(t, self.pid, data=msg.data)
+            return LiveEvent(t, self.pid, source=msg)
         return None
 
     def emit(self, ev: LiveEvent) -> None:

@@ -100,8 +100,9 @@ class Progress(msgspec.Struct):
 
 
 class ProgressState(msgspec.Struct):
+    # Only what routes it: the per-node states (every node of the workflow, in each message)
+    # are skipped by the decoder, and decoded from ``WsMessage.data`` only when read.
     prompt_id: str | None = None
-    nodes: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
 
 
 class Executed(msgspec.Struct):
@@ -288,19 +289,88 @@ def encode_binary_frame(frame: Preview | Text) -> bytes:
 # --- what callers see -----------------------------------------------------------------------
 
 
-@dataclass(slots=True)
 class LiveEvent:
-    """One progress event of a prompt, with ``node_type`` filled in from the workflow."""
+    """One progress event of a prompt, with ``node_type`` filled in from the workflow.
 
-    kind: str
-    prompt_id: str | None
-    node: str | None = None
-    node_type: str | None = None
-    value: int | None = None
-    max: int | None = None
-    data: dict[str, Any] = field(default_factory=dict)
-    image: bytes | None = None
-    mime: str | None = None
+    ``data`` is the message's data object; for an event made from a websocket message
+    (``source``) it is decoded only when read, since most listeners never read it (a
+    ``progress_state`` of a large workflow lists every node, on every change of any of them).
+    """
+
+    __slots__ = (
+        "_data",
+        "_source",
+        "image",
+        "kind",
+        "max",
+        "mime",
+        "node",
+        "node_type",
+        "prompt_id",
+        "value",
+    )
+
+    def __init__(
+        self,
+        kind: str,
+        prompt_id: str | None,
+        node: str | None = None,
+        node_type: str | None = None,
+        value: int | None = None,
+        max: int | None = None,
+        data: dict[str, Any] | None = None,
+        image: bytes | None = None,
+        mime: str | None = None,
+        *,
+        source: WsMessage | None = None,
+    ) -> None:
+        self.kind = kind
+        self.prompt_id = prompt_id
+        self.node = node
+        self.node_type = node_type
+        self.value = value
+        self.max = max
+        self._data = data if data is not None or source is not None else {}
+        self._source = source
+        self.image = image
+        self.mime = mime
+
+    @property
+    def data(self) -> dict[str, Any]:
+        if self._data is None:
+            self._data = self._source.data if self._source is not None else {}
+        return self._data
+
+    @data.setter
+    def data(self, value: dict[str, Any]) -> None:
+        self._data = value
+
+    def _fields(self) -> tuple[Any, ...]:
+        return (
+            self.kind,
+            self.prompt_id,
+            self.node,
+            self.node_type,
+            self.value,
+            self.max,
+            self.data,
+            self.image,
+            self.mime,
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, LiveEvent):
+            return NotImplemented
+        return self._fields() == other._fields()
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, like the dataclass it replaced
+
+    def __repr__(self) -> str:
+        return (
+            f"LiveEvent(kind={self.kind!r}, prompt_id={self.prompt_id!r}, node={self.node!r}, "
+            f"node_type={self.node_type!r}, value={self.value!r}, max={self.max!r}, "
+            f"data={self.data!r}, mime={self.mime!r})"
+        )
 
 
 @dataclass(slots=True)

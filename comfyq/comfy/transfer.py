@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import mimetypes
 import os
@@ -13,6 +14,7 @@ from typing import IO, Any, TypeVar
 
 import aiohttp
 import msgspec
+from yarl import URL
 
 from comfyq.errors import ComfyUIUnreachable, InputError, OutputError
 from comfyq.fileio import BatchedWriter, write_file
@@ -28,8 +30,10 @@ def _unreachable(backend: str, what: str, exc: BaseException) -> ComfyUIUnreacha
     )
 
 
+@functools.cache
 def _stream_timeout(timeout: float) -> aiohttp.ClientTimeout:
-    # No total limit (files can be large), but a stalled connection is given up on.
+    # No total limit (files can be large), but a stalled connection is given up on. One object
+    # per distinct value (a client has one), not one per request.
     return aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout)
 
 
@@ -109,44 +113,50 @@ async def upload_file(
 _SMALL = 4 * 1024 * 1024
 T = TypeVar("T")
 
+# ``after(dest, data)`` runs in the hop that wrote ``dest``; ``data`` is the file's content when
+# it was downloaded whole (a small output: hash it without reading the file back), else None.
+After = Callable[[Path, bytes | None], T]
 
-def _then(after: Callable[[Path], T] | None, dest: Path) -> tuple[T | None, BaseException | None]:
+
+def _then(
+    after: After[T] | None, dest: Path, data: bytes | None
+) -> tuple[T | None, BaseException | None]:
     # ``after``'s own failure is its caller's to see as it is, not as a failed write.
     if after is None:
         return None, None
     try:
-        return after(dest), None
+        return after(dest, data), None
     except Exception as exc:  # noqa: BLE001 - re-raised on the loop
         return None, exc
 
 
 def _write_then(
-    part: Path, data: bytes, dest: Path, after: Callable[[Path], T] | None
+    part: Path, data: bytes, dest: Path, after: After[T] | None
 ) -> tuple[T | None, BaseException | None]:
     write_file(part, data, replace=dest)
-    return _then(after, dest)
+    return _then(after, dest, data)
 
 
 def _replace_then(
-    part: Path, dest: Path, after: Callable[[Path], T] | None
+    part: Path, dest: Path, after: After[T] | None
 ) -> tuple[T | None, BaseException | None]:
     os.replace(part, dest)
-    return _then(after, dest)
+    return _then(after, dest, None)
 
 
 async def download_then(
     session: aiohttp.ClientSession,
-    url: str,
+    url: str | URL,
     backend: str,
     label: str,
     dest: Path,
     *,
     timeout: float,
-    after: Callable[[Path], T] | None = None,
+    after: After[T] | None = None,
 ) -> tuple[int, T | None]:
     """Stream ``url`` into ``dest`` through ``dest.part`` and an atomic rename, then run
-    ``after(dest)`` (e.g. hashing the file) in the thread hop of the write (one hop per small
-    output instead of two); returns (bytes, ``after``'s value or None)."""
+    ``after(dest, data)`` (e.g. hashing the file) in the thread hop of the write (one hop per
+    small output instead of two); returns (bytes, ``after``'s value or None)."""
     part = dest.with_name(dest.name + ".part")
     size, (value, exc) = await _download(session, url, backend, label, dest, part, timeout, after)
     if exc is not None:
@@ -156,13 +166,13 @@ async def download_then(
 
 async def _download(
     session: aiohttp.ClientSession,
-    url: str,
+    url: str | URL,
     backend: str,
     label: str,
     dest: Path,
     part: Path,
     timeout: float,
-    after: Callable[[Path], T] | None,
+    after: After[T] | None,
 ) -> tuple[int, tuple[T | None, BaseException | None]]:
     """Stream ``url`` into ``dest`` through ``part`` and an atomic rename, then ``after``;
     returns (bytes, (``after``'s value, its exception))."""

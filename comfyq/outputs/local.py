@@ -89,8 +89,15 @@ def hash_and_type(path: Path) -> tuple[str, int, str]:
     return sha, size, mime
 
 
-def hashes_and_type(path: Path) -> tuple[str, str, int, str]:
-    """(sha256, blake3, size, MIME type) of a file, read once; run it in a thread."""
+def hashes_and_type(path: Path, data: bytes | None = None) -> tuple[str, str, int, str]:
+    """(sha256, blake3, size, MIME type) of a file, read once; run it in a thread. ``data``: the
+    file's content already in hand (an output just downloaded whole), so it is not read back."""
+    if data is not None:
+        head = data[:8192]
+        mime = (
+            _content_type(head) or mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        )
+        return hashlib.sha256(data).hexdigest(), blake3(data).hexdigest(), len(data), mime
     h = hashlib.sha256()
     b = blake3()
     size = 0
