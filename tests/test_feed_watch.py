@@ -81,6 +81,14 @@ def test_text_frames_decode_into_their_type_and_data_on_demand() -> None:
     other = parse_text_frame('{"type": "crystools.monitor", "data": {"prompt_id": "p9", "cpu": 1}}')
     assert other.parsed is None and other.prompt_id == "p9" and other.data["cpu"] == 1
     assert parse_text_frame('{"type": "execution_start"}').data == {}
+    # Routed by its prompt id alone; the per-node states (every node of the workflow) are
+    # decoded only when read, as sent.
+    nodes = {str(i): {"value": 1.0, "max": 1.0, "state": "finished"} for i in range(50)}
+    state = parse_text_frame(
+        json.dumps({"type": "progress_state", "data": {"prompt_id": "p1", "nodes": nodes}})
+    )
+    assert state.type == "progress_state" and state.prompt_id == "p1"
+    assert state.data == {"prompt_id": "p1", "nodes": nodes}
 
 
 @pytest.mark.parametrize(

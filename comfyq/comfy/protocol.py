@@ -10,7 +10,7 @@ from __future__ import annotations
 import struct
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Union
 
 import msgspec
 
@@ -157,11 +157,35 @@ _dict_decoder = msgspec.json.Decoder(dict[str, Any])
 _NO_PROMPT_ID = object()
 
 
+def _frame_struct(name: str, kind: type[msgspec.Struct]) -> type[msgspec.Struct]:
+    """``{"type": name, "data": kind}`` as one struct, tagged by ``type``."""
+    return msgspec.defstruct(
+        f"{kind.__name__}Frame",
+        [("data", kind, msgspec.field(default_factory=kind))],
+        tag=name,
+        tag_field="type",
+    )
+
+
+# A known frame in one pass over its bytes (a progress_state of a large workflow is tens of KB):
+# the type picks the struct of its data. Anything this refuses takes the two-step path below,
+# which tells an unknown type from a malformed known one.
+_FRAMES = {_frame_struct(name, kind): name for name, kind in MESSAGE_TYPES.items()}
+_frame_decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder(Union[tuple(_FRAMES)])  # noqa: UP007
+
+
+class _FrameData(msgspec.Struct):
+    data: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+_frame_data_decoder = msgspec.json.Decoder(_FrameData)
+
+
 class WsMessage:
     """A decoded text frame: its typed form when the type is known, and the raw ``data`` dict,
     decoded only when asked for (routing and most messages need only the typed form)."""
 
-    __slots__ = ("_data", "_raw", "parsed", "type")
+    __slots__ = ("_data", "_frame", "_raw", "parsed", "type")
 
     def __init__(
         self,
@@ -169,17 +193,25 @@ class WsMessage:
         data: dict[str, Any] | None,
         parsed: msgspec.Struct | None,
         raw: msgspec.Raw | None = None,
+        *,
+        frame: str | bytes | None = None,
     ) -> None:
         self.type = type
         self.parsed = parsed
         self._data = data
-        self._raw = raw
+        self._raw = raw  # the data object's bytes
+        self._frame = frame  # or the whole frame's
 
     @property
     def data(self) -> dict[str, Any]:
         if self._data is None:
-            # The typed form decoded from these bytes, so they are a JSON object.
-            self._data = _dict_decoder.decode(self._raw) if self._raw is not None else {}
+            # The typed form decoded from these bytes, so they are (or hold) a JSON object.
+            if self._raw is not None:
+                self._data = _dict_decoder.decode(self._raw)
+            elif self._frame is not None:
+                self._data = _frame_data_decoder.decode(self._frame).data
+            else:
+                self._data = {}
         return self._data
 
     @property
@@ -195,6 +227,12 @@ class WsMessage:
 
 def parse_text_frame(raw: str | bytes) -> WsMessage:
     """Decode one JSON text frame; raises ProtocolError if it is not ``{"type", "data"}``."""
+    try:
+        frame = _frame_decoder.decode(raw)
+    except msgspec.DecodeError:  # unknown type or malformed: the two-step path says which
+        pass
+    else:
+        return WsMessage(_FRAMES[type(frame)], None, frame.data, frame=raw)
     try:
         env = _envelope_decoder.decode(raw)
     except msgspec.DecodeError as exc:
