@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import msgspec
@@ -150,17 +150,30 @@ class GuardedHandler(RequestHandler):
         self._cancel_deadline()
         super().connection_lost(exc)
 
-    async def _handle_request(
+    def _handle_request(
+        self,
+        request: BaseRequest,
+        start_time: float | None,
+        request_handler: Callable[[BaseRequest], Awaitable[web.StreamResponse]],
+    ) -> Coroutine[Any, Any, tuple[web.StreamResponse, bool]]:
+        # A plain function: a request whose body is in (most: a GET, or a small body that came
+        # with its headers) is aiohttp's own coroutine, with no frame of ours around it.
+        if self._deadline is not None:  # the headers are in
+            self._deadline.cancel()
+            self._deadline = None
+        if request.body_exists and not request.content.is_eof():
+            return self._body_in_time(request, start_time, request_handler)
+        return super()._handle_request(request, start_time, request_handler)
+
+    async def _body_in_time(
         self,
         request: BaseRequest,
         start_time: float | None,
         request_handler: Callable[[BaseRequest], Awaitable[web.StreamResponse]],
     ) -> tuple[web.StreamResponse, bool]:
-        self._cancel_deadline()  # the headers are in
-        if request.body_exists and not request.content.is_eof():
-            self._deadline = self._loop.call_later(
-                self._body_timeout + BODY_GRACE, self._body_late, request
-            )
+        self._deadline = self._loop.call_later(
+            self._body_timeout + BODY_GRACE, self._body_late, request
+        )
         try:
             return await super()._handle_request(request, start_time, request_handler)
         finally:
