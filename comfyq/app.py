@@ -11,7 +11,7 @@ from aiohttp import web
 from comfyq import api
 from comfyq.api import workflows
 from comfyq.api.context import API, Api, ApiOptions, close_api
-from comfyq.api.middleware import MIDDLEWARES
+from comfyq.api.middleware import middlewares
 from comfyq.api.openapi import Route, document
 from comfyq.services import Services
 from comfyq.v2 import routes as v2_routes
@@ -35,11 +35,14 @@ def build_document(registry: Any, *, api_keys: bool) -> dict[str, Any]:
 
 def create_app(services: Services, options: ApiOptions | None = None) -> web.Application:
     """An application whose start and stop also start and stop ``services``."""
-    app = web.Application(client_max_size=services.settings.max_body_bytes, middlewares=MIDDLEWARES)
-    app[SERVICES] = services
     if options is None:
         options = ApiOptions(stream_coalesce=services.settings.sse_coalesce_ms / 1000)
-    app[API] = Api(services, options)
+    api_state = Api(services, options)
+    app = web.Application(
+        client_max_size=services.settings.max_body_bytes, middlewares=middlewares(api_state)
+    )
+    app[SERVICES] = services
+    app[API] = api_state
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         if not services.started:

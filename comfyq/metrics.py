@@ -9,6 +9,7 @@ backends, the webhook outbox) are read when scraped, so they include work done b
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,8 +20,14 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from comfyq.clock import parse_iso
 from comfyq.store.model import STAGES, TERMINAL, State, Transition
@@ -29,6 +36,44 @@ _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _STAGE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 _HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_BOUNDS = (*(float(b) for b in _HTTP_BUCKETS), float("inf"))
+
+
+class _Http(Collector):
+    """The request counter and duration histogram, counted in plain ints on the loop thread and
+    turned into the two metric families when scraped (the same series as a prometheus_client
+    Counter and Histogram with these labels, without a lock and three method calls per
+    request)."""
+
+    _LE = (*(floatToGoString(b) for b in _HTTP_BUCKETS), "+Inf")  # type: ignore[no-untyped-call]
+
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, str, str], int] = {}  # (route, method, status) -> count
+        # (route, method) -> per-bucket counts (not cumulative; the last is +Inf), then the sum
+        self.durations: dict[tuple[str, str], tuple[list[int], list[float]]] = {}
+
+    def collect(self) -> Iterator[Metric]:
+        c = CounterMetricFamily(
+            "comfyq_http_requests",
+            "HTTP requests by route and status",
+            labels=["route", "method", "status"],
+        )
+        for labels, n in list(self.requests.items()):
+            c.add_metric(labels, n)
+        yield c
+        h = HistogramMetricFamily(
+            "comfyq_http_request_duration_seconds",
+            "HTTP request handling time",
+            labels=["route", "method"],
+        )
+        for key, (counts, total) in list(self.durations.items()):
+            acc = 0
+            buckets = []
+            for le, n in zip(self._LE, counts, strict=True):
+                acc += n
+                buckets.append((le, float(acc)))
+            h.add_metric(key, buckets, total[0])
+        yield h
 
 
 class _Levels(Collector):
@@ -194,19 +239,8 @@ class Metrics:
         disable_created_metrics()  # type: ignore[no-untyped-call]  # *_created series are noise here
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.http_requests = Counter(
-            "comfyq_http_requests",
-            "HTTP requests by route and status",
-            ["route", "method", "status"],
-            registry=r,
-        )
-        self.http_duration = Histogram(
-            "comfyq_http_request_duration_seconds",
-            "HTTP request handling time",
-            ["route", "method"],
-            buckets=_HTTP_BUCKETS,
-            registry=r,
-        )
+        self._http = _Http()
+        r.register(self._http)
         self.stage_duration = Histogram(
             "comfyq_stage_duration_seconds",
             "Run time of one stage of one job",
@@ -233,7 +267,7 @@ class Metrics:
         )
         self.jobs_created = Counter("comfyq_jobs_created", "Jobs admitted", registry=r)
         self.levels: dict[str, Any] = {}
-        self._http_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        self._http_keys: dict[tuple[str, str, int], tuple[tuple[str, str, str], Any]] = {}
         self._children: dict[tuple[Any, ...], Any] = {}
         r.register(_Levels(self))
         self._running: dict[str, tuple[str, float]] = {}  # job id -> (stage, claimed at)
@@ -279,19 +313,22 @@ class Metrics:
         return child
 
     def http(self, route: str, method: str, status: int, seconds: float) -> None:
-        """Count one request; labelled children are cached (labels() takes a lock, builds keys)."""
+        """Count one request (its route pattern, method, status and duration)."""
         if method not in _METHODS:
             method = "other"  # methods are client-chosen: keep the label set bounded
         key = (route, method, status)
-        children = self._http_children.get(key)
-        if children is None:
-            children = (
-                self.http_requests.labels(route, method, str(status)),
-                self.http_duration.labels(route, method),
-            )
-            self._http_children[key] = children
-        children[0].inc()
-        children[1].observe(seconds)
+        known = self._http_keys.get(key)
+        if known is None:
+            cell = self._http.durations.get((route, method))
+            if cell is None:
+                cell = self._http.durations[(route, method)] = ([0] * (len(_BOUNDS)), [0.0])
+            known = self._http_keys[key] = ((route, method, str(status)), cell)
+            self._http.requests[known[0]] = 0
+        labels, (counts, total) = known
+        requests = self._http.requests
+        requests[labels] += 1
+        counts[bisect_left(_BOUNDS, seconds)] += 1  # the first bucket whose bound >= seconds
+        total[0] += seconds
 
     async def refresh(self) -> None:
         """Read the levels (jobs by state, queues, workers, backends) for the next scrape."""

@@ -530,6 +530,48 @@ def test_slow_headers_are_cut_off_and_do_not_hold_the_server(conn: Conn) -> None
     assert closed == len(socks)
 
 
+def _answer(s: socket.socket) -> bytes:
+    """One whole answer with a Content-Length, read from a kept-alive connection."""
+    out = b""
+    while b"\r\n\r\n" not in out:
+        chunk = s.recv(65536)
+        assert chunk, out
+        out += chunk
+    head, _, body = out.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
+    while len(body) < length:
+        chunk = s.recv(65536)
+        assert chunk
+        body += chunk
+    return head
+
+
+def test_each_request_of_a_kept_alive_connection_has_its_own_header_deadline(
+    conn: Conn,
+) -> None:
+    """The header deadline (2 s here) runs from each request's first byte, on one timer per
+    connection kept across its requests: requests in time are never cut, however long the
+    connection lives, and slow headers after an earlier request are cut at their own deadline,
+    not the earlier request's."""
+    s = socket.create_connection((conn.host, conn.port), timeout=10)
+    try:
+        for _ in range(4):  # 3 s of requests in time on one connection
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert _answer(s).startswith(b"HTTP/1.1 200")
+            time.sleep(0.75)
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert _answer(s).startswith(b"HTTP/1.1 200")
+        time.sleep(1.0)  # the timer armed by that request is due 1 s after the slow start
+        t0 = time.monotonic()
+        s.sendall(b"GET /health HTTP/1.1\r\nHo")
+        data = s.recv(4096)
+        took = time.monotonic() - t0
+    finally:
+        s.close()
+    assert data.startswith(b"HTTP/1.1 408"), data
+    assert 1.8 <= took <= 6.0, took
+
+
 def test_a_client_that_hangs_up_mid_body_is_no_500(conn: Conn) -> None:
     head = (
         b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"

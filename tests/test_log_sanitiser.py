@@ -109,3 +109,43 @@ def test_clean_is_the_same_rule_for_other_sinks() -> None:
     assert logs.clean("a\nBACKENDS_READY\x00") == "a\\n\\x42ACKENDS_READY\\x00"
     assert logs.clean("tb\nline", multiline=True) == "tb\nline"
     assert logs.clean("plain text") == "plain text"
+
+
+def test_the_quick_token_check_misses_no_case_blind_match() -> None:
+    """``neutralise`` skips the case-blind scan when the lowered line holds neither "backend"
+    nor "tartup": every character the case-blind pattern takes for a letter of those lowers to
+    that letter (the Kelvin sign for k, ...), over all of Unicode."""
+    import sys
+
+    for word in ("backend", "tartup"):
+        for letter in set(word):
+            pattern = re.compile(re.escape(letter), re.IGNORECASE)
+            for code in range(sys.maxunicode + 1):
+                char = chr(code)
+                if pattern.fullmatch(char):
+                    assert char.lower() == letter, (letter, hex(code))
+    # and the quick check passes on to the scan what it must: each token in odd cases and spellings
+    for token in TOKENS:
+        for text in (token, token.lower(), token.swapcase(), token.replace("K", "\u212a")):
+            line = f"GET /x/{text} 404"
+            assert _ANY_TOKEN.search(line)
+            assert not _ANY_TOKEN.search(logs.neutralise(line)), text
+            assert not _ANY_TOKEN.search(logs.clean(line)), text
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_the_time_stamp_is_loggings_own_across_seconds(fmt: str) -> None:
+    """The formatters make one time stamp per second: each line's stamp is still its own."""
+    import time
+
+    formatter = logs.TextFormatter() if fmt == "text" else logs.JsonFormatter()
+    reference = logging.Formatter("%(asctime)s")
+    for created in (1700000000.0, 1700000000.999, 1700000001.5, 1700000001.001, 1699999999.25):
+        rec = logging.LogRecord("comfyq.test", logging.INFO, __file__, 1, "m", None, None)
+        rec.created, rec.msecs = created, (created - int(created)) * 1000
+        out = formatter.format(rec)
+        if fmt == "text":
+            assert out.startswith(reference.formatTime(rec) + " INFO"), out
+        else:
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created))
+            assert json.loads(out)["ts"] == f"{stamp}.{int(rec.msecs):03d}Z"

@@ -17,7 +17,7 @@ from comfyq import ui
 from comfyq.api import dashboard, docs, generate, jobs, sse, ws
 from comfyq.api.health import health, ready
 from comfyq.api.jobs import MAX_LIMIT, STATUS_SQL
-from comfyq.api.middleware import cors_headers
+from comfyq.api.middleware import cors_hook
 from comfyq.api.openapi import Param, Reply, Route
 from comfyq.metrics import CONTENT_TYPE
 from comfyq.schemas import (
@@ -438,5 +438,7 @@ def setup_routes(app: web.Application, routes: list[Route], doc: dict[str, Any])
         app.router.add_route(r.method, r.path, r.handler)
     app[OPENAPI] = msgspec.json.encode(doc)
     app[README] = docs.render_readme(app[API].options.readme)
-    app.on_response_prepare.append(cors_headers)
+    hook = cors_hook(app[API].settings)
+    if hook is not None:  # no CORS origin: no response gets CORS headers, no hook to run
+        app.on_response_prepare.append(hook)
     dashboard.setup(app)

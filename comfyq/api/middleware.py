@@ -1,28 +1,39 @@
 """Cross-cutting HTTP behaviour: one error envelope, bearer-key auth, CORS, request metrics, logs.
 
-Order (outermost first): the access log, metrics (sees the final status of everything), CORS
-preflight, errors (every failure becomes ``{"error": {...}}``), auth. CORS headers are added to
-every response, streams included, by an ``on_response_prepare`` hook.
+One middleware (:func:`http_middleware`, one coroutine frame per request) does, outermost first:
+the access log and metrics (one measurement, the final status of everything), the CORS preflight,
+the error envelope (every failure becomes ``{"error": {...}}``, or another surface's own envelope
+through ``ERROR_GUARDS``), auth, and the path-parameter check. What depends on the route only
+(its metric label, whether it is public, quiet in the log, or answered by another surface's guard)
+is worked out once per route and kept. CORS headers are added to every response, streams
+included, by an ``on_response_prepare`` hook (:func:`cors_hook`), registered only when CORS
+origins are configured.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import contextvars
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
+from aiohttp.web_urldispatcher import PlainResource, UrlMappingMatchInfo
 
-from comfyq.api.auth import NOBODY, set_principal
+from comfyq.api.auth import ANONYMOUS, NOBODY, set_principal
 from comfyq.api.context import get_api, json_response
 from comfyq.errors import BadRequest, ComfyqError, QueueFull, Unauthorized
 from comfyq.limits import CONTROL
-from comfyq.logs import job_context
+from comfyq.logs import emit, job_id_var
 from comfyq.schemas import ErrorBody, ErrorInfo
 from comfyq.store.base import StoreUnavailable
+
+if TYPE_CHECKING:
+    from comfyq.api.context import Api
 
 log = logging.getLogger("comfyq.api")
 
@@ -62,10 +73,64 @@ def route_name(request: web.Request) -> str:
 # /health too: the backend's own line says what went wrong, once).
 _QUIET_ROUTES = frozenset({"/health", "/ready", "/metrics"})
 access_log = logging.getLogger("comfyq.access")
-# Why a request was refused, filled by errors_middleware for the access line (one dict per request).
-_error_note: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar(
-    "comfyq_error", default=None
-)
+# Why a request was refused, noted by the error handling for the access line (a dict per refused
+# request, kept on the request).
+_ERROR_NOTE: web.RequestKey[dict[str, str]] = web.RequestKey("comfyq_error", dict)
+_UNAUTHORIZED = "missing or wrong API key: send Authorization: Bearer <key>"
+_CHECK = object()  # a route-level answer that depends on the path: asked per request
+
+
+def _is_public(path: str) -> bool:
+    return path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES)
+
+
+def _path_guard(request: web.Request) -> Guard | None:
+    for prefix, guard in request.app.get(ERROR_GUARDS, {}).items():
+        if request.path.startswith(prefix):
+            return guard
+    return None
+
+
+class _Route:
+    """What the middleware needs to know of a route, worked out at its first request.
+
+    ``public`` and ``guard`` are exact per route: a plain resource matches one path only, and
+    every path a dynamic resource matches starts with the literal text before its first
+    ``{``; when that literal decides nothing (it is a proper start of a public path or prefix,
+    or of a guard's prefix), the answer is ``_CHECK`` and the request's path decides, as for
+    requests that matched no route."""
+
+    __slots__ = ("guard", "name", "public", "quiet")
+
+    def __init__(self, app: web.Application, match_info: UrlMappingMatchInfo) -> None:
+        resource = match_info.route.resource
+        guards = app.get(ERROR_GUARDS, {})
+        self.public: object
+        self.guard: object
+        if resource is None:  # no route matched (404, 405): the path decides
+            self.name = "unmatched"
+            self.public = self.guard = _CHECK
+        else:
+            self.name = resource.canonical
+            if isinstance(resource, PlainResource):
+                self.public = _is_public(self.name)
+                self.guard = next((g for p, g in guards.items() if self.name.startswith(p)), None)
+            else:
+                literal = self.name.split("{", 1)[0]
+                if literal.startswith(PUBLIC_PREFIXES):
+                    self.public = True
+                elif any(p.startswith(literal) for p in (*PUBLIC_PATHS, *PUBLIC_PREFIXES)):
+                    self.public = _CHECK
+                else:
+                    self.public = False
+                self.guard = None
+                for prefix, guard in guards.items():
+                    if literal.startswith(prefix):
+                        self.guard = guard
+                        break
+                    if prefix.startswith(literal):
+                        self.guard = _CHECK
+        self.quiet = self.name in _QUIET_ROUTES or self.name.startswith(PUBLIC_PREFIXES)
 
 
 def _job_of(request: web.Request, response: web.StreamResponse | None) -> str | None:
@@ -78,20 +143,114 @@ def _job_of(request: web.Request, response: web.StreamResponse | None) -> str | 
     return job_id
 
 
-@web.middleware
-async def access_log_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """One line per request (method, path never with its query string, status, duration, remote)
-    and its metrics sample, from one measurement.
+def _access_line(
+    request: web.Request,
+    response: web.StreamResponse | None,
+    level: int,
+    status: int,
+    ms: float,
+) -> None:
+    """The access line: remote, method, path never with its query string, status, duration,
+    and why a request was refused (the formatter escapes and neutralises client text)."""
+    note = request.get(_ERROR_NOTE)
+    remote = request.remote
+    extra: dict[str, object] = {
+        "method": request.method,
+        "path": request.path,
+        "status": status,
+        "duration_ms": round(ms, 1),
+        "remote": remote,
+    }
+    job_id = _job_of(request, response)
+    if job_id is not None:
+        extra["job_id"] = job_id
+    why = ""
+    if note:
+        extra.update(note)  # why a request was refused, for the operator
+        why = f" ({note['error_type']}: {note['error']})"
+    emit(
+        access_log,
+        level,
+        "%s %s %s %d %.1fms%s",
+        (remote, request.method, request.path, status, ms, why),
+        extra,
+    )
 
-    Lines logged while a request about a job is handled carry its job id."""
-    t0 = time.perf_counter()
-    status = 500
-    response: web.StreamResponse | None = None
-    note: dict[str, str] = {}
-    token = _error_note.set(note)
-    with job_context(request.match_info.get("id")):
+
+def http_middleware(api: Api) -> Middleware:
+    """The app's one middleware (see the module's docstring), for the services of ``api``."""
+    routes: dict[object, _Route] = {}
+    metrics = api.metrics
+    keys = api.keys
+    cors = bool(api.settings.cors_origins)
+    perf_counter = time.perf_counter
+    debug, info, warning = logging.DEBUG, logging.INFO, logging.WARNING
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        t0 = perf_counter()
+        match_info = request.match_info
+        route = match_info.route
+        spec = routes.get(route)
+        if spec is None:
+            spec = _Route(request.app, match_info)
+            if route.resource is not None:  # an unmatched request's route is made per request
+                routes[route] = spec
+        status = 500
+        response: web.StreamResponse | None = None
+        # Lines logged while a request about a job is handled carry its job id.
+        token = job_id_var.set(match_info.get("id"))
         try:
-            response = await handler(request)
+            if (
+                cors
+                and request.method == "OPTIONS"
+                and "Access-Control-Request-Method" in request.headers
+            ):
+                response = _preflight(request)
+                if response is not None:
+                    status = response.status
+                    return response
+            guard = spec.guard
+            if guard is _CHECK:
+                guard = _path_guard(request)
+            if guard is not None:
+                assert callable(guard)
+                response = await guard(request, partial(_admitted, handler=handler, spec=spec))
+            else:
+                try:
+                    # auth: who is asking; then no control character in a path parameter
+                    current = keys.current
+                    if current.enabled:
+                        who = current.principal(_token(request))
+                        if who is None:
+                            public = spec.public
+                            if public is _CHECK:
+                                public = _is_public(request.path)
+                            if not public:
+                                raise Unauthorized(_UNAUTHORIZED)
+                            who = NOBODY
+                    else:
+                        who = ANONYMOUS
+                    set_principal(request, who)
+                    if match_info:
+                        _check_params(match_info)
+                    response = await handler(request)
+                except ComfyqError as exc:
+                    response = _comfyq_error(request, exc)
+                except web.HTTPException as exc:
+                    response = _http_error(request, exc)
+                except asyncio.CancelledError:
+                    raise
+                except ConnectionError as exc:
+                    raise_cut(request, exc)
+                    if client_gone(request):
+                        raise  # the access log notes it; there is nobody to answer
+                    log.exception("%s %s failed", request.method, spec.name)
+                    response = _internal_error(request)
+                except Exception as exc:
+                    raise_cut(request, exc)
+                    log.exception("%s %s failed", request.method, spec.name)
+                    response = _internal_error(request)
             status = response.status
             return response
         except web.HTTPException as exc:
@@ -106,45 +265,77 @@ async def access_log_middleware(request: web.Request, handler: Handler) -> web.S
             # The client hung up mid-request (often while its body was read): its doing, not
             # a server error. Nobody will read an answer; returning one keeps aiohttp quiet.
             status = 499
+            note = request.setdefault(_ERROR_NOTE, {})
             note.setdefault("error_type", "client_disconnected")
             note.setdefault("error", "the client closed the connection before the answer")
             response = web.Response(status=499)
             return response
         finally:
-            _error_note.reset(token)
-            ms = (time.perf_counter() - t0) * 1000
-            route = route_name(request)
-            get_api(request).metrics.http(route, request.method, status, ms / 1000)
-            quiet = (
-                route in _QUIET_ROUTES
-                or route.startswith(PUBLIC_PREFIXES)
-                or request.method == "OPTIONS"
+            job_id_var.reset(token)
+            ms = (perf_counter() - t0) * 1000
+            method = request.method
+            metrics.http(spec.name, method, status, ms / 1000)
+            level = (
+                debug if spec.quiet or method == "OPTIONS" else warning if status >= 500 else info
             )
-            level = logging.DEBUG if quiet else logging.WARNING if status >= 500 else logging.INFO
             if access_log.isEnabledFor(level):
-                extra: dict[str, object] = {
-                    "method": request.method,
-                    "path": request.path,
-                    "status": status,
-                    "duration_ms": round(ms, 1),
-                    "remote": request.remote,
-                }
-                job_id = _job_of(request, response)
-                if job_id is not None:
-                    extra["job_id"] = job_id
-                extra.update(note)  # why a request was refused, for the operator
-                why = f" ({note['error_type']}: {note['error']})" if note else ""
-                access_log.log(
-                    level,
-                    "%s %s %s %d %.1fms%s",
-                    request.remote,
-                    request.method,
-                    request.path,
-                    status,
-                    ms,
-                    why,
-                    extra=extra,
-                )
+                _access_line(request, response, level, status, ms)
+
+    return middleware
+
+
+async def _admitted(request: web.Request, handler: Handler, spec: _Route) -> web.StreamResponse:
+    """Auth and the path-parameter check, then ``handler``: what another surface's guard runs
+    (its failures are answered in that surface's envelope)."""
+    keys = get_api(request).keys
+    who = keys.principal(_token(request))
+    if who is None:
+        public = spec.public
+        if public is _CHECK:
+            public = _is_public(request.path)
+        if not public:
+            raise Unauthorized(_UNAUTHORIZED)
+        who = NOBODY
+    set_principal(request, who)
+    if request.match_info:
+        _check_params(request.match_info)
+    return await handler(request)
+
+
+def _check_params(match_info: UrlMappingMatchInfo) -> None:
+    """400 naming the parameter when a path parameter holds a control character (%00, %0A...):
+    such a value is no job id or file name, and must not reach a header, a path or a log field."""
+    for name, value in match_info.items():
+        if CONTROL.search(value):
+            msg = "must not contain control characters"
+            raise BadRequest(
+                f"path parameter {name} {msg}", fields=[{"path": f"$.path.{name}", "message": msg}]
+            )
+
+
+def _comfyq_error(request: web.Request, exc: ComfyqError) -> web.Response:
+    _note_error(request, exc.type, exc.message)
+    raise_cut(request, exc)
+    return error_body(exc)
+
+
+def _http_error(request: web.Request, exc: web.HTTPException) -> web.Response:
+    raise_cut(request, exc)
+    if exc.status < 400:
+        raise exc
+    headers = {k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")}
+    message = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
+    if exc.status == 405:
+        message = f"{request.method} is not allowed here; allowed: {exc.headers.get('Allow', '')}"
+    info = ErrorInfo(_HTTP_TYPES.get(exc.status, f"http_{exc.status}"), message or exc.reason)
+    _note_error(request, info.type, info.message)
+    return json_response(ErrorBody(info), exc.status, headers)
+
+
+def _internal_error(request: web.Request) -> web.Response:
+    info = ErrorInfo("internal_error", "internal server error; the details are in the server log")
+    _note_error(request, info.type, info.message)
+    return json_response(ErrorBody(info), 500)
 
 
 def client_gone(request: web.Request) -> bool:
@@ -154,9 +345,10 @@ def client_gone(request: web.Request) -> bool:
 
 
 def _note_error(request: web.Request, type_: str, message: str) -> None:
-    note = _error_note.get()
-    if note is not None:
-        note["error_type"], note["error"] = type_, message[:300]
+    note = request.get(_ERROR_NOTE)
+    if note is None:
+        note = request[_ERROR_NOTE] = {}
+    note["error_type"], note["error"] = type_, message[:300]
 
 
 def error_body(exc: ComfyqError) -> web.Response:
@@ -203,52 +395,6 @@ def raise_cut(request: web.Request, exc: BaseException) -> None:
     raise exc
 
 
-@web.middleware
-async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    for prefix, guard in request.app.get(ERROR_GUARDS, {}).items():
-        if request.path.startswith(prefix):
-            return await guard(request, handler)
-    try:
-        return await handler(request)
-    except ComfyqError as exc:
-        _note_error(request, exc.type, exc.message)
-        raise_cut(request, exc)
-        return error_body(exc)
-    except web.HTTPException as exc:
-        raise_cut(request, exc)
-        if exc.status < 400:
-            raise
-        headers = {k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")}
-        message = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
-        if exc.status == 405:
-            message = (
-                f"{request.method} is not allowed here; allowed: {exc.headers.get('Allow', '')}"
-            )
-        info = ErrorInfo(_HTTP_TYPES.get(exc.status, f"http_{exc.status}"), message or exc.reason)
-        _note_error(request, info.type, info.message)
-        return json_response(ErrorBody(info), exc.status, headers)
-    except asyncio.CancelledError:
-        raise
-    except ConnectionError as exc:
-        raise_cut(request, exc)
-        if client_gone(request):
-            raise  # the access log notes it; there is nobody to answer
-        log.exception("%s %s failed", request.method, route_name(request))
-        info = ErrorInfo(
-            "internal_error", "internal server error; the details are in the server log"
-        )
-        _note_error(request, info.type, info.message)
-        return json_response(ErrorBody(info), 500)
-    except Exception as exc:
-        raise_cut(request, exc)
-        log.exception("%s %s failed", request.method, route_name(request))
-        info = ErrorInfo(
-            "internal_error", "internal server error; the details are in the server log"
-        )
-        _note_error(request, info.type, info.message)
-        return json_response(ErrorBody(info), 500)
-
-
 def _token(request: web.Request) -> str | None:
     auth = request.headers.get("Authorization", "")
     scheme, _, value = auth.partition(" ")
@@ -282,35 +428,26 @@ def ws_protocol_key(header: str) -> str | None:
     return None
 
 
-@web.middleware
-async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    keys = get_api(request).keys
-    public = request.path in PUBLIC_PATHS or request.path.startswith(PUBLIC_PREFIXES)
-    who = keys.principal(_token(request))
-    if who is None:
-        if not public:
-            raise Unauthorized("missing or wrong API key: send Authorization: Bearer <key>")
-        who = NOBODY
-    set_principal(request, who)
-    return await handler(request)
+def _preflight(request: web.Request) -> web.Response | None:
+    """The answer to a CORS preflight from an allowed origin; None for any other origin."""
+    origin = _allowed_origin(request.headers.get("Origin"), get_api(request).settings.cors_origins)
+    if origin is None:
+        return None
+    return web.Response(
+        status=204,
+        headers={
+            "Access-Control-Allow-Origin": origin,
+            "Access-Control-Allow-Methods": "GET, POST, DELETE, OPTIONS",
+            "Access-Control-Allow-Headers": request.headers.get(
+                "Access-Control-Request-Headers", ALLOW_HEADERS
+            ),
+            "Access-Control-Max-Age": "600",
+            "Vary": "Origin",
+        },
+    )
 
 
-@web.middleware
-async def params_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """400 naming the parameter when a path parameter holds a control character (%00, %0A...):
-    such a value is no job id or file name, and must not reach a header, a path or a log field."""
-    for name, value in request.match_info.items():
-        if CONTROL.search(value):
-            msg = "must not contain control characters"
-            raise BadRequest(
-                f"path parameter {name} {msg}", fields=[{"path": f"$.path.{name}", "message": msg}]
-            )
-    return await handler(request)
-
-
-def _allowed_origin(request: web.Request) -> str | None:
-    origin = request.headers.get("Origin")
-    allowed = get_api(request).settings.cors_origins
+def _allowed_origin(origin: str | None, allowed: Any) -> str | None:
     if not origin or not allowed:
         return None
     if "*" in allowed:
@@ -318,40 +455,27 @@ def _allowed_origin(request: web.Request) -> str | None:
     return origin if origin in allowed else None
 
 
-@web.middleware
-async def cors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
-        origin = _allowed_origin(request)
-        if origin is not None:
-            return web.Response(
-                status=204,
-                headers={
-                    "Access-Control-Allow-Origin": origin,
-                    "Access-Control-Allow-Methods": "GET, POST, DELETE, OPTIONS",
-                    "Access-Control-Allow-Headers": request.headers.get(
-                        "Access-Control-Request-Headers", ALLOW_HEADERS
-                    ),
-                    "Access-Control-Max-Age": "600",
-                    "Vary": "Origin",
-                },
-            )
-    return await handler(request)
+ResponseHook = Callable[[web.Request, web.StreamResponse], Awaitable[None]]
 
 
-async def cors_headers(request: web.Request, response: web.StreamResponse) -> None:
-    """on_response_prepare: CORS headers on every response to an allowed origin."""
-    origin = _allowed_origin(request)
-    if origin is not None and "Access-Control-Allow-Origin" not in response.headers:
-        response.headers["Access-Control-Allow-Origin"] = origin
-        response.headers["Access-Control-Expose-Headers"] = EXPOSE_HEADERS
-        if origin != "*":
-            response.headers.add("Vary", "Origin")
+def cors_hook(settings: Any) -> ResponseHook | None:
+    """The on_response_prepare hook that puts CORS headers on every response to an allowed
+    origin (streams included); None when no origin is allowed (nothing to add to any response)."""
+    allowed = settings.cors_origins
+    if not allowed:
+        return None
+
+    async def cors_headers(request: web.Request, response: web.StreamResponse) -> None:
+        origin = _allowed_origin(request.headers.get("Origin"), allowed)
+        if origin is not None and "Access-Control-Allow-Origin" not in response.headers:
+            response.headers["Access-Control-Allow-Origin"] = origin
+            response.headers["Access-Control-Expose-Headers"] = EXPOSE_HEADERS
+            if origin != "*":
+                response.headers.add("Vary", "Origin")
+
+    return cors_headers
 
 
-MIDDLEWARES = [
-    access_log_middleware,
-    cors_middleware,
-    errors_middleware,
-    auth_middleware,
-    params_middleware,
-]
+def middlewares(api: Api) -> list[Middleware]:
+    """The app's middleware list."""
+    return [http_middleware(api)]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import msgspec
@@ -92,7 +92,13 @@ class GuardedHandler(RequestHandler):
         super().__init__(manager, **kwargs)
         self._header_timeout = header_timeout
         self._body_timeout = body_timeout
-        self._deadline: asyncio.TimerHandle | None = None
+        self._deadline: asyncio.TimerHandle | None = None  # the body's
+        # The headers' deadline: when the first bytes of the request whose headers are awaited
+        # came (None: none awaited), and one timer, left armed across the requests of a
+        # keep-alive connection (no timer made and cancelled per request): when it fires early
+        # for a later request it is armed again for that request's own deadline.
+        self._headers_since: float | None = None
+        self._headers_timer: asyncio.TimerHandle | None = None
 
     def _cancel_deadline(self) -> None:
         if self._deadline is not None:
@@ -100,10 +106,26 @@ class GuardedHandler(RequestHandler):
             self._deadline = None
 
     def data_received(self, data: bytes) -> None:
-        if data and self._deadline is None and not self._request_in_progress:
+        if data and self._headers_since is None and not self._request_in_progress:
             # The first bytes of a request: its headers must be complete in time.
-            self._deadline = self._loop.call_later(self._header_timeout, self._headers_late)
+            self._headers_since = now = self._loop.time()
+            if self._headers_timer is None:
+                self._headers_timer = self._loop.call_at(
+                    now + self._header_timeout, self._headers_due
+                )
         super().data_received(data)
+
+    def _headers_due(self) -> None:
+        self._headers_timer = None
+        since = self._headers_since
+        if since is None:  # no request's headers awaited (they came in time)
+            return
+        due = since + self._header_timeout
+        if self._loop.time() < due:  # a later request's: its own deadline
+            self._headers_timer = self._loop.call_at(due, self._headers_due)
+            return
+        self._headers_since = None
+        self._headers_late()
 
     def _peer(self) -> str:
         transport = self.transport
@@ -111,7 +133,6 @@ class GuardedHandler(RequestHandler):
         return str(peer[0]) if isinstance(peer, tuple) else "?"
 
     def _headers_late(self) -> None:
-        self._deadline = None
         if self._request_in_progress or self.transport is None:
             return
         log.info(
@@ -148,19 +169,36 @@ class GuardedHandler(RequestHandler):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._cancel_deadline()
+        self._headers_since = None
+        if self._headers_timer is not None:
+            self._headers_timer.cancel()
+            self._headers_timer = None
         super().connection_lost(exc)
 
-    async def _handle_request(
+    def _handle_request(
+        self,
+        request: BaseRequest,
+        start_time: float | None,
+        request_handler: Callable[[BaseRequest], Awaitable[web.StreamResponse]],
+    ) -> Coroutine[Any, Any, tuple[web.StreamResponse, bool]]:
+        # A plain function: a request whose body is in (most: a GET, or a small body that came
+        # with its headers) is aiohttp's own coroutine, with no frame of ours around it.
+        self._headers_since = None  # the headers are in
+        if request.body_exists and not request.content.is_eof():
+            return self._body_in_time(request, start_time, request_handler)
+        return super()._handle_request(request, start_time, request_handler)
+
+    async def _body_in_time(
         self,
         request: BaseRequest,
         start_time: float | None,
         request_handler: Callable[[BaseRequest], Awaitable[web.StreamResponse]],
     ) -> tuple[web.StreamResponse, bool]:
-        self._cancel_deadline()  # the headers are in
-        if request.body_exists and not request.content.is_eof():
-            self._deadline = self._loop.call_later(
-                self._body_timeout + BODY_GRACE, self._body_late, request
-            )
+        # Body bytes that came between the headers and this task's start are no new request's.
+        self._headers_since = None
+        self._deadline = self._loop.call_later(
+            self._body_timeout + BODY_GRACE, self._body_late, request
+        )
         try:
             return await super()._handle_request(request, start_time, request_handler)
         finally:
