@@ -19,7 +19,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from comfyq.clock import Clock, iso
 from comfyq.errors import ComfyqError
@@ -103,6 +103,26 @@ class Stats:
     jobs: dict[str, int]
     webhook_deliveries: dict[str, int]
     webhook_attempts: dict[str, int]
+
+
+class Intake(Protocol):
+    """An idle worker of the first stage (preprocess) offered to admission by the stage runner
+    (``JobStore.intake``): ``create`` then admits a job already claimed by this process, in the
+    same commit (one commit instead of two, both events written), when no claimable job of
+    equal or higher priority waits ahead of it."""
+
+    @property
+    def lease(self) -> float: ...
+
+    @property
+    def message(self) -> str: ...
+
+    def take(self) -> object | None:
+        """Reserve an idle worker: a ticket, or None when none is idle (or claims are paused)."""
+
+    def hand(self, ticket: object, job: Job | None) -> None:
+        """After the commit: give the worker the job claimed for it, or give the worker back
+        (``job`` None: the job was admitted waiting, or not at all)."""
 
 
 class JobReads(abc.ABC):
@@ -212,6 +232,8 @@ class JobStore(abc.ABC):
         # Leases name the process that holds them: host, pid and a random part (pids are reused).
         self.owner = owner or f"{os.uname().nodename}:{os.getpid()}:{os.urandom(3).hex()}"
         self._listeners: list[Listener] = []
+        # Set by the stage runner: admission may hand a new job to an idle preprocess worker.
+        self.intake: Intake | None = None
 
     # --- lifecycle and listeners -----------------------------------------------------------------
 
@@ -276,6 +298,11 @@ class JobStore(abc.ABC):
     async def create(self, new: NewJob, max_queue: int) -> tuple[Job, bool]:
         """Admit a job durably; ``(job, False)`` when an identical request already exists.
 
+        With an ``intake`` that has an idle worker and no claimable job of equal or higher
+        priority waiting, the job is written already claimed by that worker (its two events,
+        accepted and claimed, in the same commit) and handed to it after the commit; the job
+        returned is then as the acceptance event describes it (waiting in preprocess).
+
         Raises QueueFull past ``max_queue`` unfinished jobs, Conflict for a reused id whose
         payload differs."""
 
@@ -302,8 +329,13 @@ class JobStore(abc.ABC):
         lease: float,
         claim_message: str,
         outputs: list[dict[str, Any]] | None = None,
+        claim_fields: dict[str, Any] | None = None,
     ) -> list[Transition]:
-        """Advance a job and claim it for its next stage in one commit (both events written)."""
+        """Advance a job and claim it for its next stage in one commit (both events written).
+
+        ``claim_fields``: columns set only when the claim happens in that commit (the ComfyUI
+        prompt id and backend the generate stage will submit under); a ``message`` among them is
+        the job's message after the claim, while the claim event keeps ``claim_message``."""
 
     @abc.abstractmethod
     async def finish(

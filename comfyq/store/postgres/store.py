@@ -122,10 +122,25 @@ class PostgresStore(JobStore):
 
     async def create(self, new: NewJob, max_queue: int) -> tuple[Job, bool]:
         now = self.clock.now()
-        job, tr = await self._run(lambda c: ops.create(c, new, now, max_queue))
-        if tr is not None:
-            self._notify([tr])
-        return job, tr is not None
+        intake = self.intake
+        ticket = intake.take() if intake is not None else None
+        if ticket is None:
+            job, tr = await self._run(lambda c: ops.create(c, new, now, max_queue))
+            if tr is not None:
+                self._notify([tr])
+            return job, tr is not None
+        assert intake is not None
+        lease, message = intake.lease, intake.message
+        try:
+            job, trs = await self._run(
+                lambda c: ops.create_claimed(c, new, now, max_queue, self.owner, lease, message)
+            )
+        except BaseException:
+            intake.hand(ticket, None)
+            raise
+        self._notify(trs)
+        intake.hand(ticket, trs[1].job if len(trs) == 2 else None)
+        return job, bool(trs)
 
     async def claim(self, stage: Stage, n: int, lease: float, message: str) -> list[Job]:
         now = self.clock.now()
@@ -163,11 +178,21 @@ class PostgresStore(JobStore):
         lease: float,
         claim_message: str,
         outputs: list[dict[str, Any]] | None = None,
+        claim_fields: dict[str, Any] | None = None,
     ) -> list[Transition]:
         now = self.clock.now()
         return await self._many(
             lambda c: ops.advance_and_claim(
-                c, job_id, self.owner, now, message, fields, lease, claim_message, outputs
+                c,
+                job_id,
+                self.owner,
+                now,
+                message,
+                fields,
+                lease,
+                claim_message,
+                outputs,
+                claim_fields,
             )
         )
 

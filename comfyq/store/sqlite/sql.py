@@ -52,8 +52,10 @@ _WAIT_KEY_SQL = (
     "'$.' || CASE stage WHEN 'preprocess' THEN 'generate_wait_ms' ELSE 'postprocess_wait_ms' END"
 )
 # The wait key is never the stage key, so it is read from the old timings: one JSON walk less.
+# The job is running before and after (HELD): ``state`` is not assigned, so none of the triggers
+# on UPDATE OF state (legal transition, unfinished count, webhook outbox) runs.
 HAND_OFF = (
-    "UPDATE jobs SET state = 'running',"
+    "UPDATE jobs SET"
     " stage = CASE stage WHEN 'preprocess' THEN 'generate' ELSE 'postprocess' END,"
     " lease_owner = :owner, lease_expires_at = :exp, attempts = max(attempts, 1),"
     " message = :message,"

@@ -166,11 +166,32 @@ class SqliteStore(JobStore):
     # --- writes ------------------------------------------------------------------------------
 
     async def create(self, new: NewJob, max_queue: int) -> tuple[Job, bool]:
-        """Insert a job durably; ``(job, False)`` when an identical request already exists."""
-        job, tr = await self._write(ops.create, new, self.clock.now(), max_queue)
-        if tr is not None:
-            self._notify([tr])
-        return job, tr is not None
+        """Insert a job durably; ``(job, False)`` when an identical request already exists.
+        With an idle preprocess worker (``intake``), claimed for it in the same commit."""
+        intake = self.intake
+        ticket = intake.take() if intake is not None else None
+        if ticket is None:
+            job, tr = await self._write(ops.create, new, self.clock.now(), max_queue)
+            if tr is not None:
+                self._notify([tr])
+            return job, tr is not None
+        assert intake is not None
+        try:
+            job, trs = await self._write(
+                ops.create_claimed,
+                new,
+                self.clock.now(),
+                max_queue,
+                self.owner,
+                intake.lease,
+                intake.message,
+            )
+        except BaseException:
+            intake.hand(ticket, None)
+            raise
+        self._notify(trs)
+        intake.hand(ticket, trs[1].job if len(trs) == 2 else None)
+        return job, bool(trs)
 
     async def claim(self, stage: Stage, n: int, lease: float, message: str) -> list[Job]:
         """Claim up to ``n`` jobs of ``stage`` for this process."""
@@ -205,6 +226,7 @@ class SqliteStore(JobStore):
         lease: float,
         claim_message: str,
         outputs: list[dict[str, Any]] | None = None,
+        claim_fields: dict[str, Any] | None = None,
     ) -> list[Transition]:
         """Advance a job and claim it for its next stage in one commit (ops.advance_and_claim)."""
         trs: list[Transition] = await self._write(
@@ -217,6 +239,7 @@ class SqliteStore(JobStore):
             lease,
             claim_message,
             outputs,
+            claim_fields,
         )
         self._notify(trs)
         return trs
