@@ -1,15 +1,18 @@
 """The folded writes, on both adapters (real SQLite files, a real PostgreSQL server): a job
 admitted straight to an idle preprocess worker (``JobStore.intake``: create + claim in one
-commit) and a hand-off that stores the next stage's columns (``claim_fields``: the ComfyUI prompt
-id) in the same commit. The story in the database is the one the unfolded writes tell."""
+commit), a hand-off that stores the next stage's columns (``claim_fields``: the ComfyUI prompt
+id) and a generate claim that gives each job its prompt id (``prompt_backend``), in the same
+commit. The story in the database is the one the unfolded writes tell."""
 
 from __future__ import annotations
+
+import uuid
 
 from support.store import StoreFactory, database, engine, make_store, raw, store
 
 from comfyq.errors import QueueFull
 from comfyq.store import Job, JobStore, NewJob
-from comfyq.store.model import Stage, State, Transition
+from comfyq.store.model import Stage, State, Transition, prompt_message
 from comfyq.store.sqlite import SqliteStore
 
 __all__ = ["database", "engine", "make_store", "store"]  # fixtures
@@ -257,3 +260,39 @@ async def test_a_hand_off_runs_no_state_trigger(store: JobStore) -> None:
     await store.advance("1", "done")
     assert (await store.get("1")).state == State.COMPLETED  # type: ignore[union-attr]
     await store.create(new(2), 1)  # the count went back to 0: one more fits under a limit of 1
+
+
+async def test_a_generate_claim_gives_each_job_a_fresh_prompt_id(store: JobStore) -> None:
+    for i in range(4):
+        await store.create(new(i), 10)
+        await store.claim(Stage.PREPROCESS, 1, 30, "p")
+        await store.advance(str(i), "prepared")
+    # One of them already has a prompt id (its submission may have reached ComfyUI): it keeps it.
+    await store.claim(Stage.GENERATE, 1, 30, "g")
+    await store.update("0", {"comfy_prompt_id": "kept", "comfy_backend": "http://a"})
+    await store.retry_later("0", 0, {"type": "comfyui_unreachable", "message": "x"})
+    got = await store.claim(Stage.GENERATE, 4, 30, "Waiting for ComfyUI", "http://b")
+    assert sorted(j.id for j in got) == ["0", "1", "2", "3"]
+    by_id = {j.id: j for j in got}
+    assert (by_id["0"].comfy_prompt_id, by_id["0"].comfy_backend) == ("kept", "http://a")
+    assert by_id["0"].message == "Waiting for ComfyUI"
+    fresh = [by_id[i] for i in "123"]
+    ids = [j.comfy_prompt_id for j in fresh]
+    assert len(set(ids)) == 3
+    for j in fresh:
+        assert j.comfy_prompt_id is not None and j.comfy_backend == "http://b"
+        parsed = uuid.UUID(j.comfy_prompt_id)
+        assert parsed.version == 4 and str(parsed) == j.comfy_prompt_id  # canonical
+        assert j.message == prompt_message(j.comfy_prompt_id)
+        stored = await store.get(j.id)
+        assert stored is not None and stored.comfy_prompt_id == j.comfy_prompt_id
+        # The claim event is the one a claim writes.
+        assert (await store.events(j.id))[-1]["message"] == "Waiting for ComfyUI"
+
+
+async def test_a_claim_without_a_backend_assigns_nothing(store: JobStore) -> None:
+    await store.create(new(1), 10)
+    await store.claim(Stage.PREPROCESS, 1, 30, "p")
+    await store.advance("1", "prepared")
+    (job,) = await store.claim(Stage.GENERATE, 1, 30, "g")
+    assert job.comfy_prompt_id is None and job.comfy_backend is None and job.message == "g"

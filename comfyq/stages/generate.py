@@ -22,6 +22,7 @@ from comfyq.errors import ComfyUIUnreachable, Interrupted, PromptLost
 from comfyq.netguard import redact_url
 from comfyq.stages.runner import JobContext, StageDone
 from comfyq.store import Job
+from comfyq.store.model import prompt_message
 
 log = logging.getLogger("comfyq.generate")
 
@@ -34,20 +35,27 @@ class Generate:
         # Per-prompt extra_data by job id (a v2 partner-node key): memory only, never stored.
         self.extra_data: dict[str, dict[str, Any]] = {}
 
-    def assign(self, job: Job) -> dict[str, Any] | None:
-        """The prompt id (and the backend) this job will be submitted under, stored by the commit
-        that hands the job to this stage (comfyq.stages.runner), so that no write of its own
-        has to precede the submission: when a backend has a free slot now (the one ``slot``
-        would give), else None (the stage stores them itself before submitting)."""
+    def free_backend(self) -> str | None:
+        """The backend ``slot`` would give now (healthy, a free slot, the least loaded), or None:
+        a claim of generate jobs stores it with their prompt ids (comfyq.stages.runner)."""
         free = [b for b in self.pool.backends if b.healthy and b.in_flight + b.elsewhere < b.slots]
         if not free:
             return None
-        be = min(free, key=lambda b: b.in_flight / b.slots)
+        return min(free, key=lambda b: b.in_flight / b.slots).url
+
+    def assign(self, job: Job) -> dict[str, Any] | None:
+        """The prompt id (and the backend) this job will be submitted under, stored by the commit
+        that hands the job to this stage (comfyq.stages.runner), so that no write of its own
+        has to precede the submission: when a backend has a free slot now (``free_backend``),
+        else None (the stage stores them itself before submitting)."""
+        url = self.free_backend()
+        if url is None:
+            return None
         prompt_id = str(uuid.uuid4())
         return {
             "comfy_prompt_id": prompt_id,
-            "comfy_backend": be.url,
-            "message": f"Generation started (ComfyUI job: {prompt_id})",
+            "comfy_backend": url,
+            "message": prompt_message(prompt_id),
         }
 
     def on_preview(self, ev: LiveEvent) -> None:
@@ -81,7 +89,7 @@ class Generate:
                 await ctx.update(
                     comfy_prompt_id=prompt_id,
                     comfy_backend=be.url,
-                    message=f"Generation started (ComfyUI job: {prompt_id})",
+                    message=prompt_message(prompt_id),
                 )
             try:
                 submitted = await be.client.submit(

@@ -25,7 +25,7 @@ from comfyq.events import EventBus
 from comfyq.logs import job_context
 from comfyq.store import Job, JobStore, Stage, State, Transition
 from comfyq.store.base import StoreUnavailable
-from comfyq.store.model import NEXT_STAGE
+from comfyq.store.model import NEXT_STAGE, prompt_message
 
 T = TypeVar("T")
 log = logging.getLogger("comfyq.pipeline")
@@ -186,10 +186,14 @@ class StageRunner:
             if not want:
                 continue
             jobs: list[Job] = []
+            free = getattr(self.handler, "free_backend", None)
+            backend: str | None = free() if free is not None else None
             try:
                 jobs = await self.p.store.claim(
-                    self.name, want, self.p.cfg.lease, CLAIM_MESSAGES[self.name]
+                    self.name, want, self.p.cfg.lease, CLAIM_MESSAGES[self.name], backend
                 )
+                if backend is not None:
+                    self._note_assigned(jobs)
                 self.p.store_back()
                 await self._hand_out(jobs, taken)
             except StoreUnavailable as exc:
@@ -206,12 +210,24 @@ class StageRunner:
                 except StoreUnavailable as exc:
                     await self.p.store_lost(exc)
 
+    def _note_assigned(self, jobs: list[Job]) -> None:
+        """The jobs this claim gave a prompt id (the claim wrote the message that names it; a
+        job that already had one kept it and got the claim's message): ``JobContext.assigned``."""
+        for job in jobs:
+            pid = job.comfy_prompt_id
+            if pid is not None and job.message == prompt_message(pid):
+                self.p.assigned[job.id] = {
+                    "comfy_prompt_id": pid,
+                    "comfy_backend": job.comfy_backend,
+                }
+
     async def _hand_out(self, jobs: list[Job], taken: deque[asyncio.Future[Job]]) -> None:
         for job in jobs:
             while taken and taken[0].done():
                 taken.popleft()
             if not taken:
                 # The workers went away between asking and getting: give the job back.
+                self.p.assigned.pop(job.id, None)
                 await self.p.store.release(job.id, "Returned to the queue")
                 continue
             taken.popleft().set_result(job)

@@ -307,8 +307,15 @@ class JobStore(abc.ABC):
         payload differs."""
 
     @abc.abstractmethod
-    async def claim(self, stage: Stage, n: int, lease: float, message: str) -> list[Job]:
-        """Claim up to ``n`` waiting jobs of ``stage`` for this process, by priority then age."""
+    async def claim(
+        self, stage: Stage, n: int, lease: float, message: str, prompt_backend: str | None = None
+    ) -> list[Job]:
+        """Claim up to ``n`` waiting jobs of ``stage`` for this process, by priority then age.
+
+        ``prompt_backend`` (generate claims): each claimed job that has no ComfyUI prompt id gets
+        a fresh one (a UUID made by the database), this backend and the message
+        ``prompt_message(id)`` in the claim's commit, so the generate stage need not store them
+        itself before submitting; a job that has one keeps it (it may have reached ComfyUI)."""
 
     @abc.abstractmethod
     async def advance(

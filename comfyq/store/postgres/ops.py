@@ -23,6 +23,7 @@ from comfyq.store.postgres.sql import (
     ADMIT_WITH_SECRETS,
     ADVANCE,
     CLAIM,
+    CLAIM_ASSIGN,
     CLAIM_ONE,
     HAND_OFF,
     HELD,
@@ -162,14 +163,22 @@ async def _not_admitted(conn: Conn, new: NewJob, max_queue: int) -> Job:
 
 
 async def claim(
-    conn: Conn, stage: Stage, owner: str, n: int, now: float, lease: float, message: str
+    conn: Conn,
+    stage: Stage,
+    owner: str,
+    n: int,
+    now: float,
+    lease: float,
+    message: str,
+    prompt_backend: str | None = None,
 ) -> list[Transition]:
-    """Claim up to ``n`` claimable jobs of ``stage`` in one statement, by priority then age."""
-    rows = await _rows(
-        conn,
-        CLAIM[stage],
-        {"owner": owner, "exp": iso(now + lease), "now": iso(now), "n": n, "message": message},
-    )
+    """Claim up to ``n`` claimable jobs of ``stage`` in one statement, by priority then age
+    (``prompt_backend``: see ``JobStore.claim``)."""
+    params = {"owner": owner, "exp": iso(now + lease), "now": iso(now), "n": n, "message": message}
+    if prompt_backend is not None:
+        params["backend"] = prompt_backend
+    sql = CLAIM[stage] if prompt_backend is None else CLAIM_ASSIGN[stage]
+    rows = await _rows(conn, sql, params)
     out = []
     for row in rows:
         job, (event_id,) = _job(row)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from comfyq.store.model import STAGES, Stage
+from comfyq.store.model import PROMPT_MESSAGE, STAGES, Stage
 
 NOW = "%(now)s::timestamptz"
 
@@ -167,6 +167,33 @@ def claim_sql(stage: Stage) -> str:
 
 
 CLAIM = {s: claim_sql(s) for s in STAGES}
+
+_BEFORE, _AFTER = (f"'{part}'" for part in PROMPT_MESSAGE.split("{}"))
+
+
+def claim_assign_sql(stage: Stage) -> str:
+    """``claim_sql`` that also gives each claimed job without a prompt id a fresh one, the backend
+    %(backend)s and the message that names it (``JobStore.claim``). SET expressions read the row
+    as it was, so ``comfy_prompt_id IS NULL`` is the old value."""
+    wait_key = "queued_ms" if stage == Stage.PREPROCESS else f"{stage}_wait_ms"
+    fresh = "comfy_prompt_id IS NULL"
+    return with_events(
+        "UPDATE jobs SET state = 'running', lease_owner = %(owner)s,"
+        " lease_expires_at = %(exp)s::timestamptz, attempts = greatest(attempts, 1),"
+        f" updated_at = {NOW},"
+        f" message = CASE WHEN {fresh} THEN {_BEFORE} || p.pid || {_AFTER} ELSE %(message)s END,"
+        f" comfy_backend = CASE WHEN {fresh} THEN %(backend)s ELSE comfy_backend END,"
+        " comfy_prompt_id = coalesce(comfy_prompt_id, p.pid),"
+        f" timings = {add_timing(wait_key)}, stage_entered_at = {NOW}"
+        " FROM (SELECT id AS picked, gen_random_uuid()::text AS pid FROM jobs"
+        f" WHERE state = 'pending' AND stage = '{stage}' AND run_after <= {NOW}"
+        " ORDER BY priority DESC, created_at, id LIMIT %(n)s FOR UPDATE SKIP LOCKED) p"
+        " WHERE jobs.id = p.picked",
+        [("'pending'", "state", "%(message)s")],
+    )
+
+
+CLAIM_ASSIGN = {s: claim_assign_sql(s) for s in STAGES}
 # One job, when it is waiting in its stage (the second half of a slow-path hand-off).
 CLAIM_ONE = with_events(
     "UPDATE jobs SET state = 'running', lease_owner = %(owner)s,"

@@ -142,9 +142,13 @@ class PostgresStore(JobStore):
         intake.hand(ticket, trs[1].job if len(trs) == 2 else None)
         return job, bool(trs)
 
-    async def claim(self, stage: Stage, n: int, lease: float, message: str) -> list[Job]:
+    async def claim(
+        self, stage: Stage, n: int, lease: float, message: str, prompt_backend: str | None = None
+    ) -> list[Job]:
         now = self.clock.now()
-        trs = await self._run(lambda c: ops.claim(c, stage, self.owner, n, now, lease, message))
+        trs = await self._run(
+            lambda c: ops.claim(c, stage, self.owner, n, now, lease, message, prompt_backend)
+        )
         self._notify(trs)
         return [t.job for t in trs if t.job is not None]
 

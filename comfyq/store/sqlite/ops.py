@@ -27,7 +27,15 @@ from comfyq.store.model import (
 from comfyq.store.sqlite.journal import event as _event
 from comfyq.store.sqlite.journal import events as _events
 from comfyq.store.sqlite.journal import stamp as _iso
-from comfyq.store.sqlite.sql import ADVANCE, HAND_OFF, HELD, add_timing, claim_sql, ms_since
+from comfyq.store.sqlite.sql import (
+    ADVANCE,
+    HAND_OFF,
+    HELD,
+    add_timing,
+    claim_assign_sql,
+    claim_sql,
+    ms_since,
+)
 
 CANCELLED = {"type": "cancelled", "message": "Request cancelled by client"}
 
@@ -171,23 +179,28 @@ def claim(
     now: float,
     lease: float,
     message: str,
+    prompt_backend: str | None = None,
 ) -> list[Transition]:
-    """Claim up to ``n`` claimable jobs of ``stage`` in one statement, by priority then age."""
-    rows = conn.execute(
-        claim_sql(
+    """Claim up to ``n`` claimable jobs of ``stage`` in one statement, by priority then age
+    (``prompt_backend``: see ``JobStore.claim``)."""
+    params = {
+        "owner": owner,
+        "exp": _iso(now + lease),
+        "now": _iso(now),
+        "stage": stage,
+        "n": n,
+        "message": message,
+    }
+    if prompt_backend is not None:
+        params["backend"] = prompt_backend
+        sql = claim_assign_sql(stage)
+    else:
+        sql = claim_sql(
             stage,
             "id IN (SELECT id FROM jobs WHERE state = 'pending' AND stage = :stage"
             " AND run_after <= :now ORDER BY priority DESC, created_at, id LIMIT :n)",
-        ),
-        {
-            "owner": owner,
-            "exp": _iso(now + lease),
-            "now": _iso(now),
-            "stage": stage,
-            "n": n,
-            "message": message,
-        },
-    ).fetchall()
+        )
+    rows = conn.execute(sql, params).fetchall()
     if not rows:
         return []
     if len(rows) == 1:

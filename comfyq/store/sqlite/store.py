@@ -193,10 +193,12 @@ class SqliteStore(JobStore):
         intake.hand(ticket, trs[1].job if len(trs) == 2 else None)
         return job, bool(trs)
 
-    async def claim(self, stage: Stage, n: int, lease: float, message: str) -> list[Job]:
+    async def claim(
+        self, stage: Stage, n: int, lease: float, message: str, prompt_backend: str | None = None
+    ) -> list[Job]:
         """Claim up to ``n`` jobs of ``stage`` for this process."""
         trs: list[Transition] = await self._write(
-            ops.claim, stage, self.owner, n, self.clock.now(), lease, message
+            ops.claim, stage, self.owner, n, self.clock.now(), lease, message, prompt_backend
         )
         self._notify(trs)
         return [t.job for t in trs if t.job is not None]
