@@ -12,6 +12,7 @@ from support.store import StoreFactory, database, engine, make_store, raw, store
 
 from comfyq.errors import QueueFull
 from comfyq.store import Job, JobStore, NewJob
+from comfyq.store.assets import KeyReused
 from comfyq.store.model import Stage, State, Transition, prompt_message
 from comfyq.store.sqlite import SqliteStore
 
@@ -296,3 +297,23 @@ async def test_a_claim_without_a_backend_assigns_nothing(store: JobStore) -> Non
     await store.advance("1", "prepared")
     (job,) = await store.claim(Stage.GENERATE, 1, 30, "g")
     assert job.comfy_prompt_id is None and job.comfy_backend is None and job.message == "g"
+
+
+async def test_a_v2_admission_to_an_idle_worker_is_claimed_too(store: JobStore) -> None:
+    worker = Worker()
+    store.intake = worker
+    assets = store.assets()
+    job = await assets.create_job_keyed(new("v"), 10, owner="k_a", key="key-1", asset_ids=["a1"])
+    assert job.state == State.PENDING and job.message == "Request accepted"
+    ((_, claimed),) = worker.handed
+    assert claimed is not None and claimed.id == "v" and claimed.state == State.RUNNING
+    assert [e["to_state"] for e in await store.events("v")] == ["pending", "running"]
+    assert raw(store, "SELECT asset_id FROM job_assets WHERE job_id = 'v'") == [("a1",)]
+    # A reused key refuses the job and gives the worker back.
+    try:
+        await assets.create_job_keyed(new("w"), 10, owner="k_a", key="key-1", asset_ids=[])
+    except KeyReused:
+        pass
+    else:
+        raise AssertionError("a reused key admitted a job")
+    assert worker.handed[-1] == ("ticket-2", None) and await store.get("w") is None

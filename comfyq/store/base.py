@@ -16,7 +16,7 @@ from __future__ import annotations
 import abc
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -263,6 +263,30 @@ class JobStore(abc.ABC):
                 fn(transitions)
             except Exception:  # a listener bug must not undo a committed write
                 log.exception("store listener failed")
+
+    async def _admitting(
+        self,
+        plain: Callable[[], Awaitable[tuple[Job, Transition | None]]],
+        claimed: Callable[[str, float, str], Awaitable[tuple[Job, list[Transition]]]],
+    ) -> tuple[Job, bool]:
+        """An admission (``create``, a v2 keyed create): ``claimed(owner, lease, message)`` when
+        the intake has an idle worker, which is handed the job claimed for it after the commit
+        (or given back), else ``plain()``; the listeners are told first. ``(job, created)``."""
+        intake = self.intake
+        ticket = intake.take() if intake is not None else None
+        if intake is None or ticket is None:
+            job, tr = await plain()
+            trs = [] if tr is None else [tr]
+        else:
+            try:
+                job, trs = await claimed(self.owner, intake.lease, intake.message)
+            except BaseException:
+                intake.hand(ticket, None)
+                raise
+        self._notify(trs)
+        if intake is not None and ticket is not None:
+            intake.hand(ticket, trs[1].job if len(trs) == 2 else None)
+        return job, bool(trs)
 
     def now_iso(self) -> str:
         return iso(self.clock.now())

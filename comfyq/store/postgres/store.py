@@ -122,25 +122,12 @@ class PostgresStore(JobStore):
 
     async def create(self, new: NewJob, max_queue: int) -> tuple[Job, bool]:
         now = self.clock.now()
-        intake = self.intake
-        ticket = intake.take() if intake is not None else None
-        if ticket is None:
-            job, tr = await self._run(lambda c: ops.create(c, new, now, max_queue))
-            if tr is not None:
-                self._notify([tr])
-            return job, tr is not None
-        assert intake is not None
-        lease, message = intake.lease, intake.message
-        try:
-            job, trs = await self._run(
-                lambda c: ops.create_claimed(c, new, now, max_queue, self.owner, lease, message)
-            )
-        except BaseException:
-            intake.hand(ticket, None)
-            raise
-        self._notify(trs)
-        intake.hand(ticket, trs[1].job if len(trs) == 2 else None)
-        return job, bool(trs)
+        return await self._admitting(
+            lambda: self._run(lambda c: ops.create(c, new, now, max_queue)),
+            lambda owner, lease, message: self._run(
+                lambda c: ops.create_claimed(c, new, now, max_queue, owner, lease, message)
+            ),
+        )
 
     async def claim(
         self, stage: Stage, n: int, lease: float, message: str, prompt_backend: str | None = None

@@ -168,30 +168,13 @@ class SqliteStore(JobStore):
     async def create(self, new: NewJob, max_queue: int) -> tuple[Job, bool]:
         """Insert a job durably; ``(job, False)`` when an identical request already exists.
         With an idle preprocess worker (``intake``), claimed for it in the same commit."""
-        intake = self.intake
-        ticket = intake.take() if intake is not None else None
-        if ticket is None:
-            job, tr = await self._write(ops.create, new, self.clock.now(), max_queue)
-            if tr is not None:
-                self._notify([tr])
-            return job, tr is not None
-        assert intake is not None
-        try:
-            job, trs = await self._write(
-                ops.create_claimed,
-                new,
-                self.clock.now(),
-                max_queue,
-                self.owner,
-                intake.lease,
-                intake.message,
-            )
-        except BaseException:
-            intake.hand(ticket, None)
-            raise
-        self._notify(trs)
-        intake.hand(ticket, trs[1].job if len(trs) == 2 else None)
-        return job, bool(trs)
+        now = self.clock.now()
+        return await self._admitting(
+            lambda: self._write(ops.create, new, now, max_queue),
+            lambda owner, lease, message: self._write(
+                ops.create_claimed, new, now, max_queue, owner, lease, message
+            ),
+        )
 
     async def claim(
         self, stage: Stage, n: int, lease: float, message: str, prompt_backend: str | None = None
@@ -388,7 +371,10 @@ class SqliteStore(JobStore):
 
     async def position(self, job: Job) -> tuple[int, int]:
         """(1-based position among waiting jobs of its stage, waiting jobs in that stage)."""
-        ((ahead, size),) = await self._rows(
+        # Inline (no reader-thread hop) while the last count was small, as counts() does: the
+        # two counts read the waiting jobs' index entries of one stage.
+        read = self._now if self._unfinished < INLINE_SNAPSHOT_ROWS else self._rows
+        ((ahead, size),) = await read(
             "SELECT (SELECT count(*) FROM jobs WHERE state = 'pending' AND stage = :stage AND"
             "   (priority > :p OR (priority = :p AND (created_at, id) < (:c, :id)))),"
             " (SELECT count(*) FROM jobs WHERE state = 'pending' AND stage = :stage)",
