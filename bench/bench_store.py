@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import add_json_arg, pct, summary_ms, write_json
-from comfyq.store import NewJob
+from comfyq.store import Job, NewJob
 from comfyq.store.model import STAGES, Stage, State
 from comfyq.store.sqlite import SqliteStore
 from comfyq.store.sqlite.writer import connect
@@ -87,7 +87,6 @@ async def through_runner(path: Path, jobs: int, workers: int) -> float:
     """The same work through the real stage runner (batched claims, wake-ups) with no-op stages."""
     from comfyq.events import EventBus
     from comfyq.stages.runner import JobContext, Pipeline, RunnerConfig, StageDone
-    from comfyq.store import Job
 
     store = SqliteStore(path)
     await store.open()
@@ -122,12 +121,95 @@ async def through_runner(path: Path, jobs: int, workers: int) -> float:
     return jobs / elapsed
 
 
-async def statement_counts(path: Path, jobs: int, hand_off: bool) -> dict[str, float]:
-    """SQL statements, trigger programs and commits per job on the writer connection, one job at
-    a time: create, then claim + advance per stage (``hand_off``: claim, two advance_and_claim
-    hand-offs and the last advance, as the stage runner does with an idle worker waiting)."""
+async def runner_admitted(path: Path, jobs: int, clients: int, workers: int) -> dict[str, float]:
+    """The real stage runner with no-op stages while ``clients`` clients each admit a job and
+    wait for it to complete, then the next (the shape of the end-to-end benchmark): complete
+    jobs/s, writes and commits per job, writer-thread and process CPU per job."""
+    from comfyq.events import EventBus
+    from comfyq.stages.runner import JobContext, Pipeline, RunnerConfig, StageDone
+
     store = SqliteStore(path)
     await store.open()
+    waiting: dict[str, asyncio.Future[None]] = {}
+
+    def on_tr(trs: list) -> None:  # type: ignore[type-arg]
+        for t in trs:
+            if t.to_state == State.COMPLETED and t.job_id in waiting:
+                waiting.pop(t.job_id).set_result(None)
+
+    store.listen(on_tr)
+
+    async def noop(job: Job, ctx: JobContext) -> StageDone:
+        return StageDone("ok")
+
+    pipe = Pipeline(
+        store,
+        EventBus(),
+        {s: noop for s in STAGES},
+        {s: workers for s in STAGES},
+        RunnerConfig(lease=30),
+    )
+    await pipe.start()
+    loop = asyncio.get_running_loop()
+    try:
+        await asyncio.sleep(0.1)  # the workers are waiting
+
+        async def client(k: int) -> None:
+            for i in range(k, jobs, clients):
+                fut = waiting[f"job-{i:08d}"] = loop.create_future()
+                await store.create(_new(i), jobs + 1)
+                await fut
+
+        ops0, commits0 = store.writer.ops, store.writer.commits
+        thread = store.writer._thread
+        tid = thread.native_id if thread is not None else None
+        w0, p0 = thread_cpu(tid), time.process_time()
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(k) for k in range(clients)))
+        elapsed = time.perf_counter() - t0
+        return {
+            "jobs_per_s": jobs / elapsed,
+            "writes_per_job": (store.writer.ops - ops0) / jobs,
+            "commits_per_job": (store.writer.commits - commits0) / jobs,
+            "writer_ms": (thread_cpu(tid) - w0) / jobs * 1000,
+            "process_ms": (time.process_time() - p0) / jobs * 1000,
+        }
+    finally:
+        await pipe.stop(1)
+        await store.close()
+
+
+class _Intake:
+    """An always idle preprocess worker of this process (comfyq.store.base.Intake), as the stage
+    runner offers admission: the job a create claims for it is kept here."""
+
+    lease = 30.0
+    message = "claimed"
+
+    def __init__(self) -> None:
+        self.job: Job | None = None
+
+    def take(self) -> object | None:
+        return self
+
+    def hand(self, ticket: object, job: Job | None) -> None:
+        self.job = job
+
+
+PATHS = ("claim_advance", "hand_off", "hand_off_prompt", "folded")
+
+
+async def statement_counts(path: Path, jobs: int, how: str) -> dict[str, float]:
+    """SQL statements, trigger programs and commits per job on the writer connection, one job at
+    a time: ``claim_advance``: create, then claim + advance per stage; ``hand_off``: create,
+    claim, two advance_and_claim hand-offs and the last advance; ``hand_off_prompt``: the same
+    with the generate stage's write of its prompt id before submitting (the stage runner's path
+    before the folds); ``folded``: create claimed at once by an idle preprocess worker, the
+    prompt id stored by the preprocess -> generate hand-off, the second hand-off, the end (the
+    stage runner's path with idle workers)."""
+    store = SqliteStore(path)
+    await store.open()
+    intake = _Intake()
     seen: list[str] = []
     conn = store.writer._conn
     assert conn is not None
@@ -137,11 +219,29 @@ async def statement_counts(path: Path, jobs: int, hand_off: bool) -> dict[str, f
     commits0 = store.writer.commits
     try:
         for i in range(jobs):
+            if how == "folded":
+                store.intake = intake
+                await store.create(_new(i), jobs + 1)
+                store.intake = None
+                assert intake.job is not None and intake.job.state == State.RUNNING
+                job = intake.job
+                prompt = {"comfy_prompt_id": f"p-{i}", "comfy_backend": "http://127.0.0.1:8188"}
+                for stage, assign in (("preprocess", prompt), ("generate", None)):
+                    await store.advance_and_claim(
+                        job.id, f"{stage} done", None, 30.0, "claimed", claim_fields=assign
+                    )
+                await store.advance(job.id, "done")
+                continue
             await store.create(_new(i), jobs + 1)
             (job,) = await store.claim(Stage.PREPROCESS, 1, 30.0, "claimed")
-            if hand_off:
+            if how in ("hand_off", "hand_off_prompt"):
                 for stage in ("preprocess", "generate"):
                     await store.advance_and_claim(job.id, f"{stage} done", None, 30.0, "claimed")
+                    if stage == "preprocess" and how == "hand_off_prompt":
+                        await store.update(
+                            job.id,
+                            {"comfy_prompt_id": f"p-{i}", "comfy_backend": "http://127.0.0.1:8188"},
+                        )
                 await store.advance(job.id, "done")
             else:
                 await store.advance(job.id, "preprocess done")
@@ -265,13 +365,25 @@ async def main() -> None:
                 f"  {'stage runner, no-op stages':32s} workers={w:2d}/stage:"
                 f" {rate:8.0f} complete jobs/s"
             )
-        for hand_off in (False, True):
-            key = "hand_off" if hand_off else "claim_advance"
-            counts = await statement_counts(Path(d) / f"count{key}.db", 200, hand_off)
-            out["per_job"][key] = counts
-            label = (
-                "create, claim+advance x3" if not hand_off else "create, claim, 2 hand-offs, end"
+        for clients in (1, 16):
+            fig = await runner_admitted(Path(d) / f"a{clients}.db", args.jobs, clients, 16)
+            out.setdefault("runner_admitted", {})[str(clients)] = fig
+            print(
+                f"  {'stage runner, admitted while running':32s} clients={clients:2d}:"
+                f" {fig['jobs_per_s']:8.0f} complete jobs/s  ({fig['writes_per_job']:.2f} writes,"
+                f" {fig['commits_per_job']:.2f} commits per job;"
+                f" CPU/job: writer {fig['writer_ms']:.2f} ms, process {fig['process_ms']:.2f} ms)"
             )
+        labels = {
+            "claim_advance": "create, claim+advance x3",
+            "hand_off": "create, claim, 2 hand-offs, end",
+            "hand_off_prompt": "... + prompt id write (before)",
+            "folded": "create claimed, 2 hand-offs, end",
+        }
+        for key in PATHS:
+            counts = await statement_counts(Path(d) / f"count{key}.db", 200, key)
+            out["per_job"][key] = counts
+            label = labels[key]
             print(
                 f"  per job, {label:32s}: {counts['statements']:.1f} SQL statements"
                 f" (+{counts['trigger_programs']:.1f} trigger programs),"

@@ -161,7 +161,11 @@ def store(f: dict[str, Any], charts: Charts) -> list[str]:
     if per_job:
         names = {
             "claim_advance": "create, then claim + advance for each of 3 stages",
-            "hand_off": "the stage runner's path: create, claim, 2 hand-offs, end",
+            "hand_off": "create, claim, 2 hand-offs, end",
+            "hand_off_prompt": "the stage runner's path before the folds: the same + the"
+            " generate stage's prompt id write",
+            "folded": "the stage runner's path, idle workers: create claimed, 2 hand-offs (the"
+            " first storing the prompt id), end",
         }
         out += ["", "SQL on the writer connection per job (sqlite3 trace callback):", ""]
         out += table(

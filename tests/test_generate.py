@@ -129,6 +129,67 @@ async def test_success_records_outputs_and_progress(tmp_path: Path, sim: Simulat
         await svc.stop()
 
 
+async def test_the_hand_off_stores_the_prompt_id_before_submission(
+    tmp_path: Path, sim: Simulator
+) -> None:
+    """With a generate worker idle, the preprocess -> generate hand-off stores the prompt id and
+    backend in its commit: the stage submits under them without a write of its own, and the
+    prompt ComfyUI ran is the one stored."""
+    svc = make(tmp_path, [sim.url])
+    await svc.start()
+    seen: list[str] = []
+    conn = svc.store.writer._conn  # type: ignore[attr-defined]
+    try:
+        await svc.pool.wait_ready(5)
+        await asyncio.sleep(0.05)  # every worker waiting
+        conn.set_trace_callback(seen.append)
+        await submit(svc, "h", wf(2))
+        job = await final(svc, "h")
+        conn.set_trace_callback(None)
+        assert job.state == State.COMPLETED and job.attempts == 1
+        assert job.comfy_prompt_id in sim.prompts_received and len(sim.prompts_received) == 1
+        assert job.comfy_backend == sim.url
+        assert job.result is not None and job.result["prompt_id"] == job.comfy_prompt_id
+        # No UPDATE of the job outside a transition (``update``: the old write before submitting).
+        assert not [q for q in seen if q.startswith("UPDATE jobs SET updated_at")], seen
+        hand_off = [e for e in await svc.store.events("h") if e["message"] == "Waiting for ComfyUI"]
+        assert len(hand_off) == 1
+    finally:
+        conn.set_trace_callback(None)
+        await svc.stop()
+
+
+async def test_a_queued_job_gets_its_prompt_id_from_the_claim(
+    tmp_path: Path, sim: Simulator
+) -> None:
+    """A job that waited for the generate worker is claimed with its prompt id and backend in the
+    claim's commit: submitted under them, no write of the stage's own; and a job left with a
+    prompt id that may have reached ComfyUI keeps it (looked up, never overwritten)."""
+    sim.node_durations = {"ImageBlur": 0.3}
+    svc = make(tmp_path, [sim.url])
+    await svc.start()
+    seen: list[str] = []
+    conn = svc.store.writer._conn  # type: ignore[attr-defined]
+    try:
+        await svc.pool.wait_ready(5)
+        await asyncio.sleep(0.05)
+        conn.set_trace_callback(seen.append)
+        await submit(svc, "q1", wf(21, blur=True))  # holds the one generate worker
+        await submit(svc, "q2", wf(22))  # waits in generate, then claimed by the claimer
+        jobs = [await final(svc, "q1"), await final(svc, "q2")]
+        conn.set_trace_callback(None)
+        for job in jobs:
+            assert job.state == State.COMPLETED and job.attempts == 1
+            assert job.comfy_prompt_id in sim.prompts_received and job.comfy_backend == sim.url
+        assert len(sim.prompts_received) == 2
+        claims = [e for e in await svc.store.events("q2") if e["message"] == "Waiting for ComfyUI"]
+        assert len(claims) == 1
+        assert not [q for q in seen if q.startswith("UPDATE jobs SET updated_at")], seen
+    finally:
+        conn.set_trace_callback(None)
+        await svc.stop()
+
+
 async def test_validation_error_is_kept_whole(tmp_path: Path, sim: Simulator) -> None:
     svc = make(tmp_path, [sim.url])
     await svc.start()

@@ -19,6 +19,7 @@ from comfyq.events import EventBus
 from comfyq.stages.runner import JobContext, Pipeline, RunnerConfig, StageDone
 from comfyq.store import Job, JobStore, NewJob, open_store
 from comfyq.store.model import STAGES, Stage, State
+from comfyq.store.sqlite import SqliteStore
 
 
 class Recorder:
@@ -192,3 +193,66 @@ async def test_shutdown_releases_running_jobs_for_the_next_start(tmp_path: Path)
     assert j is not None and (j.state, j.stage, j.attempts) == ("pending", "generate", 1)
     assert handlers[Stage.GENERATE].cleaned == [("j1", "shutdown")]
     await store.close()
+    assert store.intake is None  # a stopped pipeline takes no admissions
+
+
+async def test_idle_workers_take_admissions_and_hand_offs_in_the_same_commits(rig: Rig) -> None:
+    """With a worker idle in every stage, a job costs four writes (admitted claimed, two
+    hand-offs, the end) and no claim of the claimers: the same seven events as ever."""
+    store, bus, _, handlers = rig
+    assert isinstance(store, SqliteStore)
+    await asyncio.sleep(0.05)  # the workers are waiting
+    writes = store.writer.ops
+    await store.create(job(1), 100)
+    done = await wait_final(bus, store, "j1")
+    assert done.state == State.COMPLETED and done.attempts == 1
+    await asyncio.sleep(0.05)  # any wake-up of a claimer would have written by now
+    assert store.writer.ops - writes == 4
+    assert [(e["from_state"], e["to_state"], e["stage"]) for e in await store.events("j1")] == [
+        (None, "pending", "preprocess"),
+        ("pending", "running", "preprocess"),
+        ("running", "pending", "generate"),
+        ("pending", "running", "generate"),
+        ("running", "pending", "postprocess"),
+        ("pending", "running", "postprocess"),
+        ("running", "completed", "postprocess"),
+    ]
+    for h in handlers.values():
+        assert h.runs["j1"] == 1
+
+
+async def test_admissions_beyond_the_idle_workers_wait_in_claim_order(tmp_path: Path) -> None:
+    store = open_store(tmp_path / "q.db")
+    await store.open()
+    order: list[str] = []
+
+    class Ordered(Recorder):
+        async def __call__(self, job: Job, ctx: JobContext) -> StageDone:
+            order.append(job.id)
+            return await super().__call__(job, ctx)
+
+    handlers = {s: Recorder(s) for s in STAGES}
+    handlers[Stage.PREPROCESS] = Ordered(Stage.PREPROCESS)
+    pipe = Pipeline(
+        store,
+        EventBus(),
+        handlers,
+        {s: 1 for s in STAGES},
+        RunnerConfig(lease=3.0, idle_poll=30.0),
+    )
+    await pipe.start()
+    try:
+        await asyncio.sleep(0.05)
+        # j0 goes to the idle worker; the rest wait, and a later, higher-priority job is run
+        # before them (claim order), never an admission past a waiting job of its priority.
+        await store.create(job(0, preprocess={"sleep": 0.3}), 100)
+        for i in range(1, 4):
+            await store.create(job(i), 100)
+        await store.create(NewJob(id="urgent", payload={}, payload_hash="u", priority=5), 100)
+        async with asyncio.timeout(10):
+            while len(order) < 5:
+                await asyncio.sleep(0.02)
+        assert order == ["j0", "urgent", "j1", "j2", "j3"]
+    finally:
+        await pipe.stop(grace=1)
+        await store.close()

@@ -22,6 +22,7 @@ from comfyq.errors import ComfyUIUnreachable, Interrupted, PromptLost
 from comfyq.netguard import redact_url
 from comfyq.stages.runner import JobContext, StageDone
 from comfyq.store import Job
+from comfyq.store.model import prompt_message
 
 log = logging.getLogger("comfyq.generate")
 
@@ -34,6 +35,29 @@ class Generate:
         # Per-prompt extra_data by job id (a v2 partner-node key): memory only, never stored.
         self.extra_data: dict[str, dict[str, Any]] = {}
 
+    def free_backend(self) -> str | None:
+        """The backend ``slot`` would give now (healthy, a free slot, the least loaded), or None:
+        a claim of generate jobs stores it with their prompt ids (comfyq.stages.runner)."""
+        free = [b for b in self.pool.backends if b.healthy and b.in_flight + b.elsewhere < b.slots]
+        if not free:
+            return None
+        return min(free, key=lambda b: b.in_flight / b.slots).url
+
+    def assign(self, job: Job) -> dict[str, Any] | None:
+        """The prompt id (and the backend) this job will be submitted under, stored by the commit
+        that hands the job to this stage (comfyq.stages.runner), so that no write of its own
+        has to precede the submission: when a backend has a free slot now (``free_backend``),
+        else None (the stage stores them itself before submitting)."""
+        url = self.free_backend()
+        if url is None:
+            return None
+        prompt_id = str(uuid.uuid4())
+        return {
+            "comfy_prompt_id": prompt_id,
+            "comfy_backend": url,
+            "message": prompt_message(prompt_id),
+        }
+
     def on_preview(self, ev: LiveEvent) -> None:
         """Route a backend's preview frames to the job whose prompt produced them."""
         ctx = self._prompts.get(ev.prompt_id or "")
@@ -43,23 +67,30 @@ class Generate:
     async def __call__(self, job: Job, ctx: JobContext) -> StageDone:
         prepared = await job.decode_fresh("prepared") or {}
         workflow: dict[str, Any] = prepared.get("workflow") or {}
-        if job.comfy_prompt_id and job.comfy_backend:
+        # Assigned by the hand-off that gave this process the job (``assign``): stored, never
+        # submitted. Any other recorded prompt id may have reached ComfyUI: reconcile it.
+        assigned = (ctx.assigned or {}).get("comfy_prompt_id")
+        fresh = assigned is not None and job.comfy_prompt_id == assigned
+        if job.comfy_prompt_id and job.comfy_backend and not fresh:
             run = await self._reconcile(job, ctx, workflow)
             if run is not None:
                 be = self.pool.get(job.comfy_backend or "")
                 history = await _history_if_asked(be, job, run) if be is not None else None
                 return _done(run, ctx.job, history)
-        async with self.pool.slot() as be:
+        async with self.pool.slot(prefer=job.comfy_backend if fresh else None) as be:
             for item in prepared.get("inputs", []):
                 await be.client.upload(Path(item["path"]), item["name"], overwrite=True)
-            prompt_id = str(uuid.uuid4())
-            # Durable before the request goes out: a crash from here on reconciles, never re-runs
-            # blindly.
-            await ctx.update(
-                comfy_prompt_id=prompt_id,
-                comfy_backend=be.url,
-                message=f"Generation started (ComfyUI job: {prompt_id})",
-            )
+            if fresh and be.url == job.comfy_backend and job.comfy_prompt_id:
+                prompt_id = job.comfy_prompt_id  # already durable, with this backend
+            else:
+                prompt_id = str(uuid.uuid4())
+                # Durable before the request goes out: a crash from here on reconciles, never
+                # re-runs blindly.
+                await ctx.update(
+                    comfy_prompt_id=prompt_id,
+                    comfy_backend=be.url,
+                    message=prompt_message(prompt_id),
+                )
             try:
                 submitted = await be.client.submit(
                     workflow, prompt_id, extra_data=self.extra_data.get(job.id)

@@ -25,7 +25,7 @@ from comfyq.events import EventBus
 from comfyq.logs import job_context
 from comfyq.store import Job, JobStore, Stage, State, Transition
 from comfyq.store.base import StoreUnavailable
-from comfyq.store.model import NEXT_STAGE
+from comfyq.store.model import NEXT_STAGE, prompt_message
 
 T = TypeVar("T")
 log = logging.getLogger("comfyq.pipeline")
@@ -55,6 +55,9 @@ class JobContext:
         self.store = pipeline.store
         self.bus = pipeline.bus
         self.cancel_reason: str | None = None  # "cancel" | "timeout" | "shutdown" once cancelled
+        # The columns this stage's ``assign`` had set in the commit that handed the job over
+        # (generate: the prompt id it submits under, not submitted yet); None otherwise.
+        self.assigned: dict[str, Any] | None = None
 
     async def update(self, **fields: Any) -> Job:
         """Durably set columns of this job (e.g. comfy_prompt_id before submitting)."""
@@ -70,6 +73,14 @@ class JobContext:
 
 class StageHandler(Protocol):
     async def __call__(self, job: Job, ctx: JobContext) -> StageDone: ...
+
+
+class Assigner(Protocol):
+    """A handler that may name columns to set in the commit that hands it a job (an optional
+    ``assign`` method): the generate stage's prompt id, stored before it submits, without a
+    write of its own."""
+
+    def assign(self, job: Job) -> dict[str, Any] | None: ...
 
 
 @dataclass
@@ -135,6 +146,28 @@ class StageRunner:
             self._waiters.appendleft(fut)
             self._waiter_added.set()
 
+    # --- admission's hand-off (comfyq.store.base.Intake; the first stage only) ----------------
+
+    @property
+    def lease(self) -> float:
+        return self.p.cfg.lease
+
+    @property
+    def message(self) -> str:
+        return CLAIM_MESSAGES[self.name]
+
+    def take(self) -> object | None:
+        return self.take_waiter()
+
+    def hand(self, ticket: object, job: Job | None) -> None:
+        fut: asyncio.Future[Job] = ticket  # type: ignore[assignment]
+        if job is None:
+            self.return_waiter(fut)
+        elif fut.done():  # the worker went away meanwhile (shutdown): back to the queue
+            self.p.spawn(self.p.store.release(job.id, "Returned to the queue"))
+        else:
+            fut.set_result(job)
+
     async def claimer(self) -> None:
         while True:
             while not self._waiters or not self.claiming:
@@ -153,10 +186,14 @@ class StageRunner:
             if not want:
                 continue
             jobs: list[Job] = []
+            free = getattr(self.handler, "free_backend", None)
+            backend: str | None = free() if free is not None else None
             try:
                 jobs = await self.p.store.claim(
-                    self.name, want, self.p.cfg.lease, CLAIM_MESSAGES[self.name]
+                    self.name, want, self.p.cfg.lease, CLAIM_MESSAGES[self.name], backend
                 )
+                if backend is not None:
+                    self._note_assigned(jobs)
                 self.p.store_back()
                 await self._hand_out(jobs, taken)
             except StoreUnavailable as exc:
@@ -173,12 +210,24 @@ class StageRunner:
                 except StoreUnavailable as exc:
                     await self.p.store_lost(exc)
 
+    def _note_assigned(self, jobs: list[Job]) -> None:
+        """The jobs this claim gave a prompt id (the claim wrote the message that names it; a
+        job that already had one kept it and got the claim's message): ``JobContext.assigned``."""
+        for job in jobs:
+            pid = job.comfy_prompt_id
+            if pid is not None and job.message == prompt_message(pid):
+                self.p.assigned[job.id] = {
+                    "comfy_prompt_id": pid,
+                    "comfy_backend": job.comfy_backend,
+                }
+
     async def _hand_out(self, jobs: list[Job], taken: deque[asyncio.Future[Job]]) -> None:
         for job in jobs:
             while taken and taken[0].done():
                 taken.popleft()
             if not taken:
                 # The workers went away between asking and getting: give the job back.
+                self.p.assigned.pop(job.id, None)
                 await self.p.store.release(job.id, "Returned to the queue")
                 continue
             taken.popleft().set_result(job)
@@ -258,7 +307,19 @@ class Pipeline:
         self._tasks: list[asyncio.Task[Any]] = []
         self.on_cleanup: list[Callable[[Job, str], Awaitable[None]]] = []
         self._store_down = 0  # consecutive StoreUnavailable waits (0: the store answers)
+        # Job id -> the columns the next stage's ``assign`` set in the hand-off (JobContext).
+        self.assigned: dict[str, dict[str, Any]] = {}
+        self._spawned: set[asyncio.Task[Any]] = set()
         store.listen(self.wake)
+        first = self.stages.get(Stage.PREPROCESS)
+        if first is not None:
+            store.intake = first  # admission hands new jobs to its idle workers
+
+    def spawn(self, aw: Awaitable[Any]) -> None:
+        """Run a store write in the background (a rare give-back), keeping a reference."""
+        task = asyncio.ensure_future(aw)
+        self._spawned.add(task)
+        task.add_done_callback(self._spawned.discard)
 
     # --- a database that went away -----------------------------------------------------------
 
@@ -287,9 +348,19 @@ class Pipeline:
             return result
 
     def wake(self, trs: list[Transition]) -> None:
-        """Wake the claimer of every stage a committed change left a job pending in."""
-        for tr in trs:
+        """Wake the claimer of every stage a committed change left a job pending in (not for a
+        job claimed in the same commit: a hand-off, or an admission to an idle worker, leaves
+        nothing for the claimer, which would otherwise claim in vain)."""
+        last = len(trs) - 1
+        for i, tr in enumerate(trs):
             if tr.to_state == State.PENDING and tr.stage in self.stages:
+                after = trs[i + 1] if i < last else None
+                if (
+                    after is not None
+                    and after.job_id == tr.job_id
+                    and after.to_state == State.RUNNING
+                ):
+                    continue  # claimed in the same commit
                 self.stages[tr.stage].notify()
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -309,6 +380,8 @@ class Pipeline:
         """Stop claiming, let in-flight jobs finish for ``grace`` seconds, release the rest."""
         for st in self.stages.values():
             st.claiming = False
+        if self.store.intake is self.stages.get(Stage.PREPROCESS):
+            self.store.intake = None
         if self.running:
             log.info("shutting down: waiting up to %.0fs for %d job(s)", grace, len(self.running))
             await self._settled(grace)
@@ -360,6 +433,7 @@ class Pipeline:
 
     async def _run_job(self, stage: StageRunner, job: Job) -> None:
         ctx = JobContext(job, self)
+        ctx.assigned = self.assigned.pop(job.id, None)
         inner = asyncio.create_task(stage.handler(job, ctx), name=f"{stage.name}:{job.id}")
         loop = asyncio.get_running_loop()
         delay = parse_iso(job.deadline_at) - self.clock.now()
@@ -395,6 +469,8 @@ class Pipeline:
         next_stage = NEXT_STAGE[job.stage]
         nxt = self.stages.get(next_stage) if next_stage is not None else None
         waiter = nxt.take_waiter() if nxt is not None else None
+        assign = getattr(nxt.handler, "assign", None) if nxt is not None and waiter else None
+        claim_fields = assign(job) if assign is not None else None
         try:
             if waiter is None:
                 await self.durably(
@@ -410,6 +486,7 @@ class Pipeline:
                     self.cfg.lease,
                     CLAIM_MESSAGES[nxt.name],
                     done.outputs,
+                    claim_fields,
                 )
             )
         except LeaseLost:
@@ -431,6 +508,8 @@ class Pipeline:
         elif waiter.done():
             await self.store.release(claimed.id, "Returned to the queue")
         else:
+            if claim_fields:
+                self.assigned[claimed.id] = claim_fields
             waiter.set_result(claimed)
 
     async def _settle(

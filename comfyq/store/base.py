@@ -16,10 +16,10 @@ from __future__ import annotations
 import abc
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from comfyq.clock import Clock, iso
 from comfyq.errors import ComfyqError
@@ -103,6 +103,26 @@ class Stats:
     jobs: dict[str, int]
     webhook_deliveries: dict[str, int]
     webhook_attempts: dict[str, int]
+
+
+class Intake(Protocol):
+    """An idle worker of the first stage (preprocess) offered to admission by the stage runner
+    (``JobStore.intake``): ``create`` then admits a job already claimed by this process, in the
+    same commit (one commit instead of two, both events written), when no claimable job of
+    equal or higher priority waits ahead of it."""
+
+    @property
+    def lease(self) -> float: ...
+
+    @property
+    def message(self) -> str: ...
+
+    def take(self) -> object | None:
+        """Reserve an idle worker: a ticket, or None when none is idle (or claims are paused)."""
+
+    def hand(self, ticket: object, job: Job | None) -> None:
+        """After the commit: give the worker the job claimed for it, or give the worker back
+        (``job`` None: the job was admitted waiting, or not at all)."""
 
 
 class JobReads(abc.ABC):
@@ -212,6 +232,8 @@ class JobStore(abc.ABC):
         # Leases name the process that holds them: host, pid and a random part (pids are reused).
         self.owner = owner or f"{os.uname().nodename}:{os.getpid()}:{os.urandom(3).hex()}"
         self._listeners: list[Listener] = []
+        # Set by the stage runner: admission may hand a new job to an idle preprocess worker.
+        self.intake: Intake | None = None
 
     # --- lifecycle and listeners -----------------------------------------------------------------
 
@@ -241,6 +263,30 @@ class JobStore(abc.ABC):
                 fn(transitions)
             except Exception:  # a listener bug must not undo a committed write
                 log.exception("store listener failed")
+
+    async def _admitting(
+        self,
+        plain: Callable[[], Awaitable[tuple[Job, Transition | None]]],
+        claimed: Callable[[str, float, str], Awaitable[tuple[Job, list[Transition]]]],
+    ) -> tuple[Job, bool]:
+        """An admission (``create``, a v2 keyed create): ``claimed(owner, lease, message)`` when
+        the intake has an idle worker, which is handed the job claimed for it after the commit
+        (or given back), else ``plain()``; the listeners are told first. ``(job, created)``."""
+        intake = self.intake
+        ticket = intake.take() if intake is not None else None
+        if intake is None or ticket is None:
+            job, tr = await plain()
+            trs = [] if tr is None else [tr]
+        else:
+            try:
+                job, trs = await claimed(self.owner, intake.lease, intake.message)
+            except BaseException:
+                intake.hand(ticket, None)
+                raise
+        self._notify(trs)
+        if intake is not None and ticket is not None:
+            intake.hand(ticket, trs[1].job if len(trs) == 2 else None)
+        return job, bool(trs)
 
     def now_iso(self) -> str:
         return iso(self.clock.now())
@@ -276,12 +322,24 @@ class JobStore(abc.ABC):
     async def create(self, new: NewJob, max_queue: int) -> tuple[Job, bool]:
         """Admit a job durably; ``(job, False)`` when an identical request already exists.
 
+        With an ``intake`` that has an idle worker and no claimable job of equal or higher
+        priority waiting, the job is written already claimed by that worker (its two events,
+        accepted and claimed, in the same commit) and handed to it after the commit; the job
+        returned is then as the acceptance event describes it (waiting in preprocess).
+
         Raises QueueFull past ``max_queue`` unfinished jobs, Conflict for a reused id whose
         payload differs."""
 
     @abc.abstractmethod
-    async def claim(self, stage: Stage, n: int, lease: float, message: str) -> list[Job]:
-        """Claim up to ``n`` waiting jobs of ``stage`` for this process, by priority then age."""
+    async def claim(
+        self, stage: Stage, n: int, lease: float, message: str, prompt_backend: str | None = None
+    ) -> list[Job]:
+        """Claim up to ``n`` waiting jobs of ``stage`` for this process, by priority then age.
+
+        ``prompt_backend`` (generate claims): each claimed job that has no ComfyUI prompt id gets
+        a fresh one (a UUID made by the database), this backend and the message
+        ``prompt_message(id)`` in the claim's commit, so the generate stage need not store them
+        itself before submitting; a job that has one keeps it (it may have reached ComfyUI)."""
 
     @abc.abstractmethod
     async def advance(
@@ -302,8 +360,13 @@ class JobStore(abc.ABC):
         lease: float,
         claim_message: str,
         outputs: list[dict[str, Any]] | None = None,
+        claim_fields: dict[str, Any] | None = None,
     ) -> list[Transition]:
-        """Advance a job and claim it for its next stage in one commit (both events written)."""
+        """Advance a job and claim it for its next stage in one commit (both events written).
+
+        ``claim_fields``: columns set only when the claim happens in that commit (the ComfyUI
+        prompt id and backend the generate stage will submit under); a ``message`` among them is
+        the job's message after the claim, while the claim event keeps ``claim_message``."""
 
     @abc.abstractmethod
     async def finish(

@@ -43,6 +43,15 @@ STAGE_MS = {
     Stage.GENERATE: "generation_ms",
     Stage.POSTPROCESS: "postprocess_ms",
 }
+# The job's message once its ComfyUI prompt id is chosen (the generate stage, or a claim or
+# hand-off that chose it for the stage: comfyq.stages.runner).
+PROMPT_MESSAGE = "Generation started (ComfyUI job: {})"
+
+
+def prompt_message(prompt_id: str) -> str:
+    return PROMPT_MESSAGE.format(prompt_id)
+
+
 # Column text to member: a dict lookup, several times cheaper than ``State(text)`` (every row read).
 _STATE_OF = {s.value: s for s in State}
 _STAGE_OF = {s.value: s for s in Stage}

@@ -17,7 +17,7 @@ from comfyq.store.assets import (
     asset_record,
     output_asset,
 )
-from comfyq.store.model import Job, NewJob, dumps
+from comfyq.store.model import Job, NewJob, Transition, dumps
 from comfyq.store.postgres import ops
 from comfyq.store.postgres.connect import Conn
 
@@ -200,25 +200,38 @@ class PgAssets(AssetStore):
     ) -> Job:
         now = self._now()
 
-        async def run(conn: Conn) -> tuple[Job, Any]:
+        async def run(conn: Conn, claim: tuple[str, float, str] | None) -> tuple[Job, Any]:
             # One transaction: concurrent duplicates of a key make one job, and a refusal (queue
-            # full) leaves the key unclaimed for a legitimate retry.
+            # full) leaves the key unclaimed for a legitimate retry. ``claim``: claimed at once
+            # by an idle preprocess worker, as ``create`` does.
             async with conn.transaction():
                 if key is not None:
                     await _claim_key(conn, owner, "jobs", key, new.id, now)
-                job, tr = await ops.create(conn, new, now, max_queue)
-                if tr is not None and asset_ids:
+                if claim is None:
+                    job, tr = await ops.create(conn, new, now, max_queue)
+                    trs = [] if tr is None else [tr]
+                else:
+                    job, trs = await ops.create_claimed(conn, new, now, max_queue, *claim)
+                if trs and asset_ids:
                     async with conn.cursor() as cur:
                         await cur.executemany(
                             "INSERT INTO job_assets (job_id, asset_id) VALUES (%s, %s)"
                             " ON CONFLICT DO NOTHING",
                             [(new.id, a) for a in asset_ids],
                         )
-            return job, tr
+            return job, trs
 
-        job, tr = await self.jobs._run(run)
-        if tr is not None:
-            self.jobs._notify([tr])  # the bus and the stage wake-ups, as create does
+        async def plain() -> tuple[Job, Transition | None]:
+            job, trs = await self.jobs._run(lambda c: run(c, None))
+            return job, trs[0] if trs else None
+
+        async def claimed(by: str, lease: float, message: str) -> tuple[Job, list[Transition]]:
+            result: tuple[Job, list[Transition]] = await self.jobs._run(
+                lambda c: run(c, (by, lease, message))
+            )
+            return result
+
+        job, _ = await self.jobs._admitting(plain, claimed)
         assert isinstance(job, Job)
         return job
 

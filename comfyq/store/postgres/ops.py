@@ -18,9 +18,12 @@ from comfyq.store.model import NEXT_STAGE, STAGE_MS, Job, NewJob, Stage, State, 
 from comfyq.store.postgres.connect import Conn
 from comfyq.store.postgres.sql import (
     ADMIT,
+    ADMIT_CLAIMED,
+    ADMIT_CLAIMED_WITH_SECRETS,
     ADMIT_WITH_SECRETS,
     ADVANCE,
     CLAIM,
+    CLAIM_ASSIGN,
     CLAIM_ONE,
     HAND_OFF,
     HELD,
@@ -76,10 +79,7 @@ async def get(conn: Conn, job_id: str, *, lock: bool = False) -> Job | None:
 # --- admission and claims ----------------------------------------------------------------------
 
 
-async def create(
-    conn: Conn, new: NewJob, now: float, max_queue: int
-) -> tuple[Job, Transition | None]:
-    """Insert a job (or return the existing one with the same id, payload and owner)."""
+def _admit_params(new: NewJob, now: float, max_queue: int) -> dict[str, Any]:
     params = {
         "id": new.id,
         "priority": new.priority,
@@ -94,10 +94,49 @@ async def create(
     }
     if new.secrets:
         params["secrets"] = dumps(new.secrets)
+    return params
+
+
+async def create(
+    conn: Conn, new: NewJob, now: float, max_queue: int
+) -> tuple[Job, Transition | None]:
+    """Insert a job (or return the existing one with the same id, payload and owner)."""
+    params = _admit_params(new, now, max_queue)
     rows = await _rows(conn, ADMIT_WITH_SECRETS if new.secrets else ADMIT, params)
     if rows:
         job, (event_id,) = _job(rows[0])
         return job, _tr(job, event_id, None, "Request accepted")
+    return await _not_admitted(conn, new, max_queue), None
+
+
+async def create_claimed(
+    conn: Conn, new: NewJob, now: float, max_queue: int, owner: str, lease: float, message: str
+) -> tuple[Job, list[Transition]]:
+    """``create``, the job claimed for preprocess by ``owner`` in the same statement when no
+    claimable job of equal or higher priority waits (as the SQLite adapter's). The job as
+    accepted (waiting) and the transitions: [accepted] or [accepted, claimed] ([] for an
+    existing job)."""
+    params = _admit_params(new, now, max_queue)
+    params.update(owner=owner, exp=iso(now + lease), message=message)
+    rows = await _rows(conn, ADMIT_CLAIMED_WITH_SECRETS if new.secrets else ADMIT_CLAIMED, params)
+    if not rows:
+        return await _not_admitted(conn, new, max_queue), []
+    row = rows[0]
+    job, event_ids = _job(row)
+    if job.state == State.PENDING:
+        return job, [_tr(job, event_ids[0], None, "Request accepted")]
+    accepted = Job(row)  # as it was the instant before the claim, for its event
+    accepted.state, accepted.lease_owner, accepted.lease_expires_at = State.PENDING, None, None
+    accepted.attempts, accepted.message = 0, "Request accepted"
+    setattr(accepted, "_timings", "{}")  # noqa: B010 - the raw column's slot: nothing timed yet
+    return accepted, [
+        _tr(accepted, event_ids[0], None, "Request accepted"),
+        _tr(job, event_ids[1], State.PENDING, message),
+    ]
+
+
+async def _not_admitted(conn: Conn, new: NewJob, max_queue: int) -> Job:
+    """Nothing inserted: a repeated id (the existing job) or a full queue (raised)."""
     existing = await get(conn, new.id)
     if existing is not None:
         if existing.owner != new.owner:
@@ -116,7 +155,7 @@ async def create(
                     }
                 ],
             )
-        return existing, None  # a repeated request is answered even when the queue is full
+        return existing  # a repeated request is answered even when the queue is full
     cur = await conn.execute("SELECT sum(unfinished) AS n FROM queue_stats")
     row = await cur.fetchone()
     waiting = int(row["n"]) if row and row["n"] is not None else 0
@@ -124,14 +163,22 @@ async def create(
 
 
 async def claim(
-    conn: Conn, stage: Stage, owner: str, n: int, now: float, lease: float, message: str
+    conn: Conn,
+    stage: Stage,
+    owner: str,
+    n: int,
+    now: float,
+    lease: float,
+    message: str,
+    prompt_backend: str | None = None,
 ) -> list[Transition]:
-    """Claim up to ``n`` claimable jobs of ``stage`` in one statement, by priority then age."""
-    rows = await _rows(
-        conn,
-        CLAIM[stage],
-        {"owner": owner, "exp": iso(now + lease), "now": iso(now), "n": n, "message": message},
-    )
+    """Claim up to ``n`` claimable jobs of ``stage`` in one statement, by priority then age
+    (``prompt_backend``: see ``JobStore.claim``)."""
+    params = {"owner": owner, "exp": iso(now + lease), "now": iso(now), "n": n, "message": message}
+    if prompt_backend is not None:
+        params["backend"] = prompt_backend
+    sql = CLAIM[stage] if prompt_backend is None else CLAIM_ASSIGN[stage]
+    rows = await _rows(conn, sql, params)
     out = []
     for row in rows:
         job, (event_id,) = _job(row)
@@ -264,23 +311,31 @@ async def advance_and_claim(
     lease: float,
     claim_message: str,
     outputs: list[dict[str, Any]] | None = None,
+    claim_fields: dict[str, Any] | None = None,
 ) -> list[Transition]:
     """Finish a stage and, in the same statement, claim the job for its next stage (both events
-    written, as two transitions would)."""
+    written, as two transitions would); ``claim_fields`` are set only by this one statement."""
     if "error" not in (fields or ()):
-        extra, params = _field_sets(fields)
+        row_message = claim_message
+        hand_fields = fields
+        if claim_fields:
+            claim_fields = dict(claim_fields)
+            row_message = claim_fields.pop("message", claim_message)
+            hand_fields = {**(fields or {}), **claim_fields}
+        extra, params = _field_sets(hand_fields)
         also, output_params = outputs_cte(outputs or [])
         params.update(
             output_params,
             now=iso(now),
             message=message,
             claim_message=claim_message,
+            row_message=row_message,
             id=job_id,
             owner=owner,
             exp=iso(now + lease),
         )
         sql = with_events(
-            HAND_OFF.replace("message = %(message)s", "message = %(claim_message)s")
+            HAND_OFF.replace("message = %(message)s", "message = %(row_message)s")
             + extra
             + HELD
             + " AND stage IN ('preprocess', 'generate')",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from comfyq.store.model import STAGES, Stage
+from comfyq.store.model import PROMPT_MESSAGE, STAGES, Stage
 
 NOW = "%(now)s::timestamptz"
 
@@ -63,8 +63,10 @@ ADVANCE = (
 )
 
 # End of a stage and claim of the next (hand-off), as ``advance`` then ``claim`` would write it.
+# The job is running before and after (HELD): ``state`` is not assigned, so none of the triggers
+# on UPDATE OF state (legal transition, unfinished count, secrets, webhook outbox) runs.
 HAND_OFF = (
-    "UPDATE jobs SET state = 'running',"
+    "UPDATE jobs SET"
     " stage = CASE stage WHEN 'preprocess' THEN 'generate' ELSE 'postprocess' END,"
     " lease_owner = %(owner)s, lease_expires_at = %(exp)s::timestamptz,"
     " attempts = greatest(attempts, 1), message = %(message)s,"
@@ -74,16 +76,18 @@ HAND_OFF = (
 
 
 def with_events(
-    update: str, events: list[tuple[str, str, str]], data: bool = False, also: str = ""
+    update: str, events: list[tuple[str, ...]], data: bool = False, also: str = ""
 ) -> str:
     """``update`` (an UPDATE or INSERT of jobs) and one event row per (from_state SQL, to_state
-    SQL, message SQL) for each row it wrote, in one statement; ``also``: more CTEs (``, x AS
-    (...)``) that may read the written rows as ``j``. The result: the rows, each with
-    ``event_ids`` (its events' ids, in the order given)."""
+    SQL, message SQL[, attempt SQL[, condition SQL]]) for each row it wrote (that meets the
+    condition), in one statement; ``also``: more CTEs (``, x AS (...)``) that may read the
+    written rows as ``j``. The result: the rows, each with ``event_ids`` (its events' ids, in the
+    order given)."""
     selects = " UNION ALL ".join(
-        f"SELECT {i} AS ord, id, updated_at, {f} AS from_state, {t} AS to_state, stage, attempts,"
-        f" {m} AS message FROM j"
-        for i, (f, t, m) in enumerate(events)
+        f"SELECT {i} AS ord, id, updated_at, {ev[0]} AS from_state, {ev[1]} AS to_state, stage,"
+        f" {ev[3] if len(ev) > 3 else 'attempts'} AS attempts, {ev[2]} AS message FROM j"
+        + (f" WHERE {ev[4]}" if len(ev) > 4 else "")
+        for i, ev in enumerate(events)
     )
     data_sql = "%(data)s::json" if data else "NULL::json"
     return (
@@ -163,6 +167,33 @@ def claim_sql(stage: Stage) -> str:
 
 
 CLAIM = {s: claim_sql(s) for s in STAGES}
+
+_BEFORE, _AFTER = (f"'{part}'" for part in PROMPT_MESSAGE.split("{}"))
+
+
+def claim_assign_sql(stage: Stage) -> str:
+    """``claim_sql`` that also gives each claimed job without a prompt id a fresh one, the backend
+    %(backend)s and the message that names it (``JobStore.claim``). SET expressions read the row
+    as it was, so ``comfy_prompt_id IS NULL`` is the old value."""
+    wait_key = "queued_ms" if stage == Stage.PREPROCESS else f"{stage}_wait_ms"
+    fresh = "comfy_prompt_id IS NULL"
+    return with_events(
+        "UPDATE jobs SET state = 'running', lease_owner = %(owner)s,"
+        " lease_expires_at = %(exp)s::timestamptz, attempts = greatest(attempts, 1),"
+        f" updated_at = {NOW},"
+        f" message = CASE WHEN {fresh} THEN {_BEFORE} || p.pid || {_AFTER} ELSE %(message)s END,"
+        f" comfy_backend = CASE WHEN {fresh} THEN %(backend)s ELSE comfy_backend END,"
+        " comfy_prompt_id = coalesce(comfy_prompt_id, p.pid),"
+        f" timings = {add_timing(wait_key)}, stage_entered_at = {NOW}"
+        " FROM (SELECT id AS picked, gen_random_uuid()::text AS pid FROM jobs"
+        f" WHERE state = 'pending' AND stage = '{stage}' AND run_after <= {NOW}"
+        " ORDER BY priority DESC, created_at, id LIMIT %(n)s FOR UPDATE SKIP LOCKED) p"
+        " WHERE jobs.id = p.picked",
+        [("'pending'", "state", "%(message)s")],
+    )
+
+
+CLAIM_ASSIGN = {s: claim_assign_sql(s) for s in STAGES}
 # One job, when it is waiting in its stage (the second half of a slow-path hand-off).
 CLAIM_ONE = with_events(
     "UPDATE jobs SET state = 'running', lease_owner = %(owner)s,"
@@ -183,9 +214,32 @@ ADMIT_SQL = (
     " ON CONFLICT (id) DO NOTHING"
 )
 ADMIT = with_events(ADMIT_SQL, [("NULL::text", "state", "'Request accepted'")])
+_SECRETS = ", s AS (INSERT INTO job_secrets (job_id, data) SELECT id, %(secrets)s::jsonb FROM j)"
 # The same, with the job's secrets written beside it.
 ADMIT_WITH_SECRETS = with_events(
-    ADMIT_SQL,
-    [("NULL::text", "state", "'Request accepted'")],
-    also=", s AS (INSERT INTO job_secrets (job_id, data) SELECT id, %(secrets)s::jsonb FROM j)",
+    ADMIT_SQL, [("NULL::text", "state", "'Request accepted'")], also=_SECRETS
 )
+# Admitted and claimed at once by an idle preprocess worker of this instance (``go``) unless a
+# claimable job of equal or higher priority waits (ahead in claim order): as a claim right
+# after would write it, 0 ms queued; the acceptance event as ADMIT writes it.
+_ADMIT_CLAIMED_SQL = (
+    "INSERT INTO jobs (id, priority, max_attempts, kind, payload, payload_hash, message, run_after,"
+    " deadline_at, created_at, updated_at, stage_entered_at, owner,"
+    " state, lease_owner, lease_expires_at, attempts, timings)"
+    " SELECT %(id)s, %(priority)s, %(max_attempts)s, %(kind)s, %(payload)s::json, %(hash)s,"
+    f" CASE WHEN go THEN %(message)s ELSE 'Request accepted' END, {NOW},"
+    f" %(deadline)s::timestamptz, {NOW}, {NOW}, {NOW}, %(job_owner)s,"
+    " CASE WHEN go THEN 'running' ELSE 'pending' END, CASE WHEN go THEN %(owner)s END,"
+    " CASE WHEN go THEN %(exp)s::timestamptz END, CASE WHEN go THEN 1 ELSE 0 END,"
+    """ CASE WHEN go THEN '{"queued_ms": 0.0}'::jsonb ELSE '{}'::jsonb END"""
+    " FROM (SELECT NOT EXISTS (SELECT 1 FROM jobs WHERE state = 'pending'"
+    f" AND stage = 'preprocess' AND priority >= %(priority)s AND run_after <= {NOW}) AS go) g"
+    " WHERE (SELECT sum(unfinished) FROM queue_stats) < %(max)s"
+    " ON CONFLICT (id) DO NOTHING"
+)
+_ADMIT_CLAIMED_EVENTS: list[tuple[str, ...]] = [
+    ("NULL::text", "'pending'", "'Request accepted'", "0"),
+    ("'pending'", "state", "%(message)s", "attempts", "state = 'running'"),
+]
+ADMIT_CLAIMED = with_events(_ADMIT_CLAIMED_SQL, _ADMIT_CLAIMED_EVENTS)
+ADMIT_CLAIMED_WITH_SECRETS = with_events(_ADMIT_CLAIMED_SQL, _ADMIT_CLAIMED_EVENTS, also=_SECRETS)

@@ -122,14 +122,20 @@ class PostgresStore(JobStore):
 
     async def create(self, new: NewJob, max_queue: int) -> tuple[Job, bool]:
         now = self.clock.now()
-        job, tr = await self._run(lambda c: ops.create(c, new, now, max_queue))
-        if tr is not None:
-            self._notify([tr])
-        return job, tr is not None
+        return await self._admitting(
+            lambda: self._run(lambda c: ops.create(c, new, now, max_queue)),
+            lambda owner, lease, message: self._run(
+                lambda c: ops.create_claimed(c, new, now, max_queue, owner, lease, message)
+            ),
+        )
 
-    async def claim(self, stage: Stage, n: int, lease: float, message: str) -> list[Job]:
+    async def claim(
+        self, stage: Stage, n: int, lease: float, message: str, prompt_backend: str | None = None
+    ) -> list[Job]:
         now = self.clock.now()
-        trs = await self._run(lambda c: ops.claim(c, stage, self.owner, n, now, lease, message))
+        trs = await self._run(
+            lambda c: ops.claim(c, stage, self.owner, n, now, lease, message, prompt_backend)
+        )
         self._notify(trs)
         return [t.job for t in trs if t.job is not None]
 
@@ -163,11 +169,21 @@ class PostgresStore(JobStore):
         lease: float,
         claim_message: str,
         outputs: list[dict[str, Any]] | None = None,
+        claim_fields: dict[str, Any] | None = None,
     ) -> list[Transition]:
         now = self.clock.now()
         return await self._many(
             lambda c: ops.advance_and_claim(
-                c, job_id, self.owner, now, message, fields, lease, claim_message, outputs
+                c,
+                job_id,
+                self.owner,
+                now,
+                message,
+                fields,
+                lease,
+                claim_message,
+                outputs,
+                claim_fields,
             )
         )
 

@@ -175,20 +175,26 @@ def create_job_keyed(
     owner: str,
     key: str | None,
     asset_ids: Sequence[str],
-) -> tuple[Job, Transition | None]:
-    """Admit a v2 job: claim its Idempotency-Key, insert the job, note the assets it uses.
+    claim: tuple[str, float, str] | None = None,
+) -> tuple[Job, list[Transition]]:
+    """Admit a v2 job: claim its Idempotency-Key, insert the job, note the assets it uses;
+    ``claim`` (lease owner, lease, message): claimed at once as ``ops.create_claimed`` does.
 
     One transaction: concurrent duplicates of a key make one job, and a refusal (queue full)
     leaves the key unclaimed for a legitimate retry."""
     if key is not None:
         _claim_key(conn, owner, "jobs", key, new.id, now)
-    job, tr = ops.create(conn, new, now, max_queue)
-    if tr is not None and asset_ids:
+    if claim is None:
+        job, tr = ops.create(conn, new, now, max_queue)
+        trs = [] if tr is None else [tr]
+    else:
+        job, trs = ops.create_claimed(conn, new, now, max_queue, *claim)
+    if trs and asset_ids:
         conn.executemany(
             "INSERT OR IGNORE INTO job_assets (job_id, asset_id) VALUES (?, ?)",
             [(new.id, a) for a in asset_ids],
         )
-    return job, tr
+    return job, trs
 
 
 def prune_assets(conn: sqlite3.Connection, now: float, limit: int = 500) -> list[str]:
@@ -260,12 +266,23 @@ class SqliteAssets(AssetStore):
         key: str | None,
         asset_ids: Sequence[str],
     ) -> Job:
-        """Durably admit a job with its Idempotency-Key and the assets it uses."""
-        job, tr = await self.jobs._write(
-            create_job_keyed, new, self._now(), max_queue, owner, key, list(asset_ids)
-        )
-        if tr is not None:
-            self.jobs._notify([tr])  # the bus and the stage wake-ups, as JobStore.create does
+        """Durably admit a job with its Idempotency-Key and the assets it uses (claimed at once
+        by an idle preprocess worker, as ``JobStore.create`` does)."""
+        now, ids = self._now(), list(asset_ids)
+
+        async def plain() -> tuple[Job, Transition | None]:
+            job, trs = await self.jobs._write(
+                create_job_keyed, new, now, max_queue, owner, key, ids
+            )
+            return job, trs[0] if trs else None
+
+        async def claimed(by: str, lease: float, message: str) -> tuple[Job, list[Transition]]:
+            result: tuple[Job, list[Transition]] = await self.jobs._write(
+                create_job_keyed, new, now, max_queue, owner, key, ids, (by, lease, message)
+            )
+            return result
+
+        job, _ = await self.jobs._admitting(plain, claimed)
         assert isinstance(job, Job)
         return job
 

@@ -27,7 +27,15 @@ from comfyq.store.model import (
 from comfyq.store.sqlite.journal import event as _event
 from comfyq.store.sqlite.journal import events as _events
 from comfyq.store.sqlite.journal import stamp as _iso
-from comfyq.store.sqlite.sql import ADVANCE, HAND_OFF, HELD, add_timing, claim_sql, ms_since
+from comfyq.store.sqlite.sql import (
+    ADVANCE,
+    HAND_OFF,
+    HELD,
+    add_timing,
+    claim_assign_sql,
+    claim_sql,
+    ms_since,
+)
 
 CANCELLED = {"type": "cancelled", "message": "Request cancelled by client"}
 
@@ -60,49 +68,107 @@ def _existing(conn: sqlite3.Connection, new: NewJob) -> Job | None:
     return existing
 
 
+_ADMIT = (
+    "INSERT INTO jobs (id, priority, max_attempts, kind, payload, payload_hash,"
+    " message, run_after, deadline_at, created_at, updated_at, stage_entered_at, owner)"
+    " SELECT :id, :priority, :max_attempts, :kind, :payload, :hash, 'Request accepted', :now,"
+    " :deadline, :now, :now, :now, :owner"
+    " WHERE (SELECT unfinished FROM queue_stats WHERE id = 1) < :max"
+    " ON CONFLICT (id) DO NOTHING RETURNING *"
+)
+# The same, claimed at once by an idle preprocess worker of this process (``go``) unless a
+# claimable job of equal or higher priority waits (it is ahead in claim order, and the claimer
+# is about to take it): as ``claim`` would write it right after, with 0 ms queued.
+_ADMIT_CLAIMED = (
+    "INSERT INTO jobs (id, priority, max_attempts, kind, payload, payload_hash,"
+    " message, run_after, deadline_at, created_at, updated_at, stage_entered_at, owner,"
+    " state, lease_owner, lease_expires_at, attempts, timings)"
+    " SELECT :id, :priority, :max_attempts, :kind, :payload, :hash,"
+    " CASE WHEN go THEN :message ELSE 'Request accepted' END, :now,"
+    " :deadline, :now, :now, :now, :owner,"
+    " CASE WHEN go THEN 'running' ELSE 'pending' END, CASE WHEN go THEN :lease_owner END,"
+    " CASE WHEN go THEN :exp END, go, CASE WHEN go THEN '{\"queued_ms\":0.0}' ELSE '{}' END"
+    " FROM (SELECT NOT EXISTS (SELECT 1 FROM jobs INDEXED BY jobs_claim WHERE state = 'pending'"
+    " AND stage = 'preprocess' AND priority >= :priority AND run_after <= :now) AS go)"
+    " WHERE (SELECT unfinished FROM queue_stats WHERE id = 1) < :max"
+    " ON CONFLICT (id) DO NOTHING RETURNING *"
+)
+
+
+def _admit_params(new: NewJob, now: float, max_queue: int) -> dict[str, Any]:
+    t = _iso(now)
+    return {
+        "id": new.id,
+        "priority": new.priority,
+        "max_attempts": new.max_attempts,
+        "kind": new.kind,
+        "payload": dumps(new.payload),
+        "hash": new.payload_hash,
+        "now": t,
+        "deadline": _iso(now + new.timeout),
+        "max": max_queue,
+        "owner": new.owner,
+    }
+
+
+def _not_admitted(conn: sqlite3.Connection, new: NewJob, max_queue: int) -> Job:
+    """Nothing inserted: a repeated id (the existing job) or a full queue (raised)."""
+    existing = _existing(conn, new)  # a repeated request is answered even when the queue is full
+    if existing is not None:
+        return existing
+    (waiting,) = conn.execute("SELECT unfinished FROM queue_stats WHERE id = 1").fetchone()
+    raise QueueFull(f"queue is full ({waiting} unfinished jobs, limit {max_queue}); retry shortly")
+
+
 def create(
     conn: sqlite3.Connection, new: NewJob, now: float, max_queue: int
 ) -> tuple[Job, Transition | None]:
     """Insert a job (or return the existing one with the same id and payload)."""
-    t = _iso(now)
     # One statement in the usual case: the queue limit is checked by the INSERT itself. Nothing
     # inserted means a full queue or a repeated id; both are told apart below.
-    job = _one(
-        conn,
-        "INSERT INTO jobs (id, priority, max_attempts, kind, payload, payload_hash,"
-        " message, run_after, deadline_at, created_at, updated_at, stage_entered_at, owner)"
-        " SELECT :id, :priority, :max_attempts, :kind, :payload, :hash, 'Request accepted', :now,"
-        " :deadline, :now, :now, :now, :owner"
-        " WHERE (SELECT unfinished FROM queue_stats WHERE id = 1) < :max"
-        " ON CONFLICT (id) DO NOTHING RETURNING *",
-        {
-            "id": new.id,
-            "priority": new.priority,
-            "max_attempts": new.max_attempts,
-            "kind": new.kind,
-            "payload": dumps(new.payload),
-            "hash": new.payload_hash,
-            "now": t,
-            "deadline": _iso(now + new.timeout),
-            "max": max_queue,
-            "owner": new.owner,
-        },
-    )
+    job = _one(conn, _ADMIT, _admit_params(new, now, max_queue))
     if job is None:
-        existing = _existing(
-            conn, new
-        )  # a repeated request is answered even when the queue is full
-        if existing is not None:
-            return existing, None
-        (waiting,) = conn.execute("SELECT unfinished FROM queue_stats WHERE id = 1").fetchone()
-        raise QueueFull(
-            f"queue is full ({waiting} unfinished jobs, limit {max_queue}); retry shortly"
-        )
+        return _not_admitted(conn, new, max_queue), None
     if new.secrets:
         conn.execute(
             "INSERT INTO job_secrets (job_id, data) VALUES (?, ?)", (new.id, dumps(new.secrets))
         )
     return job, _event(conn, job, None, "Request accepted")
+
+
+def create_claimed(
+    conn: sqlite3.Connection,
+    new: NewJob,
+    now: float,
+    max_queue: int,
+    owner: str,
+    lease: float,
+    message: str,
+) -> tuple[Job, list[Transition]]:
+    """``create``, the job claimed for preprocess by ``owner`` in the same statement when no
+    claimable job of equal or higher priority waits (a crash after the commit leaves a job
+    claimed by a dead process: ``recover``/``reap`` requeue it as any claimed job). The job as
+    accepted (waiting) and the transitions: [accepted] or [accepted, claimed] ([] for an
+    existing job)."""
+    params = _admit_params(new, now, max_queue)
+    params.update(lease_owner=owner, exp=_iso(now + lease), message=message)
+    row = conn.execute(_ADMIT_CLAIMED, params).fetchone()
+    if row is None:
+        return _not_admitted(conn, new, max_queue), []
+    if new.secrets:
+        conn.execute(
+            "INSERT INTO job_secrets (job_id, data) VALUES (?, ?)", (new.id, dumps(new.secrets))
+        )
+    job = Job.from_row(row)
+    if job.state == State.PENDING:
+        return job, [_event(conn, job, None, "Request accepted")]
+    accepted = Job.from_row(row)  # as it was the instant before the claim, for its event
+    accepted.state, accepted.lease_owner, accepted.lease_expires_at = State.PENDING, None, None
+    accepted.attempts, accepted.message = 0, "Request accepted"
+    setattr(accepted, "_timings", "{}")  # noqa: B010 - the raw column's slot: nothing timed yet
+    return accepted, _events(
+        conn, [(accepted, None, "Request accepted"), (job, State.PENDING, message)]
+    )
 
 
 def claim(
@@ -113,23 +179,28 @@ def claim(
     now: float,
     lease: float,
     message: str,
+    prompt_backend: str | None = None,
 ) -> list[Transition]:
-    """Claim up to ``n`` claimable jobs of ``stage`` in one statement, by priority then age."""
-    rows = conn.execute(
-        claim_sql(
+    """Claim up to ``n`` claimable jobs of ``stage`` in one statement, by priority then age
+    (``prompt_backend``: see ``JobStore.claim``)."""
+    params = {
+        "owner": owner,
+        "exp": _iso(now + lease),
+        "now": _iso(now),
+        "stage": stage,
+        "n": n,
+        "message": message,
+    }
+    if prompt_backend is not None:
+        params["backend"] = prompt_backend
+        sql = claim_assign_sql(stage)
+    else:
+        sql = claim_sql(
             stage,
             "id IN (SELECT id FROM jobs WHERE state = 'pending' AND stage = :stage"
             " AND run_after <= :now ORDER BY priority DESC, created_at, id LIMIT :n)",
-        ),
-        {
-            "owner": owner,
-            "exp": _iso(now + lease),
-            "now": _iso(now),
-            "stage": stage,
-            "n": n,
-            "message": message,
-        },
-    ).fetchall()
+        )
+    rows = conn.execute(sql, params).fetchall()
     if not rows:
         return []
     if len(rows) == 1:
@@ -229,15 +300,23 @@ def advance_and_claim(
     lease: float,
     claim_message: str,
     outputs: list[dict[str, Any]] | None = None,
+    claim_fields: dict[str, Any] | None = None,
 ) -> list[Transition]:
     """Finish a stage and, in the same transaction, claim the job for its next stage (hand-off to
-    an idle worker of that stage: one commit instead of two, both events still written)."""
+    an idle worker of that stage: one commit instead of two, both events still written).
+    ``claim_fields`` are set only by the one-statement hand-off (see ``JobStore``)."""
     if "error" not in (fields or ()):
         for row in outputs or ():
             put_output(conn, job_id, now, row)
-        extra, params = _field_sets(fields)
+        row_message = claim_message
+        hand_fields = fields
+        if claim_fields:
+            claim_fields = dict(claim_fields)
+            row_message = claim_fields.pop("message", claim_message)
+            hand_fields = {**(fields or {}), **claim_fields}
+        extra, params = _field_sets(hand_fields)
         t = _iso(now)
-        params.update(now=t, message=claim_message, id=job_id, owner=owner, exp=_iso(now + lease))
+        params.update(now=t, message=row_message, id=job_id, owner=owner, exp=_iso(now + lease))
         # Fast path: the stage's end and the next stage's claim in one UPDATE. The row passes
         # through 'pending' only inside this transaction, so nobody could have seen it there;
         # both events are written, with the same instant, as two separate statements would.

@@ -278,7 +278,8 @@ class InlineReader:
             conn.execute("PRAGMA busy_timeout = 0")
             self._conn = conn
         try:
-            return conn.execute(sql, tuple(params)).fetchall()
+            args = params if isinstance(params, dict) else tuple(params)
+            return conn.execute(sql, args).fetchall()
         except sqlite3.OperationalError as exc:
             if exc.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
                 return None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from functools import cache
 
-from comfyq.store.model import Stage
+from comfyq.store.model import PROMPT_MESSAGE, Stage
 
 
 def ms_since(col: str, now_param: str) -> str:
@@ -52,8 +52,10 @@ _WAIT_KEY_SQL = (
     "'$.' || CASE stage WHEN 'preprocess' THEN 'generate_wait_ms' ELSE 'postprocess_wait_ms' END"
 )
 # The wait key is never the stage key, so it is read from the old timings: one JSON walk less.
+# The job is running before and after (HELD): ``state`` is not assigned, so none of the triggers
+# on UPDATE OF state (legal transition, unfinished count, webhook outbox) runs.
 HAND_OFF = (
-    "UPDATE jobs SET state = 'running',"
+    "UPDATE jobs SET"
     " stage = CASE stage WHEN 'preprocess' THEN 'generate' ELSE 'postprocess' END,"
     " lease_owner = :owner, lease_expires_at = :exp, attempts = max(attempts, 1),"
     " message = :message,"
@@ -69,4 +71,33 @@ def claim_sql(stage: Stage, which: str) -> str:
         "UPDATE jobs SET state = 'running', lease_owner = :owner, lease_expires_at = :exp,"
         " attempts = max(attempts, 1), updated_at = :now, message = :message,"
         f" timings = {add_timing(wait_key)}, stage_entered_at = :now WHERE {which} RETURNING *"
+    )
+
+
+# A version 4 UUID in its canonical text (what ComfyUI takes as a prompt id).
+UUID4 = (
+    "lower(hex(randomblob(4)) || '-' || hex(randomblob(2)) || '-4' || substr(hex(randomblob(2)), 2)"
+    " || '-' || substr('89ab', 1 + (abs(random()) % 4), 1) || substr(hex(randomblob(2)), 2) || '-'"
+    " || hex(randomblob(6)))"
+)
+_BEFORE, _AFTER = (f"'{part}'" for part in PROMPT_MESSAGE.split("{}"))
+
+
+@cache
+def claim_assign_sql(stage: Stage) -> str:
+    """``claim_sql`` of the claimable jobs of ``stage`` that also gives each one without a prompt
+    id a fresh one, the backend ``:backend`` and the message that names it (``JobStore.claim``).
+    SET expressions read the row as it was, so ``comfy_prompt_id IS NULL`` is the old value."""
+    wait_key = "queued_ms" if stage == Stage.PREPROCESS else f"{stage}_wait_ms"
+    fresh = "comfy_prompt_id IS NULL"
+    return (
+        "UPDATE jobs SET state = 'running', lease_owner = :owner, lease_expires_at = :exp,"
+        " attempts = max(attempts, 1), updated_at = :now,"
+        f" message = CASE WHEN {fresh} THEN {_BEFORE} || p.pid || {_AFTER} ELSE :message END,"
+        f" comfy_backend = CASE WHEN {fresh} THEN :backend ELSE comfy_backend END,"
+        " comfy_prompt_id = coalesce(comfy_prompt_id, p.pid),"
+        f" timings = {add_timing(wait_key)}, stage_entered_at = :now"
+        f" FROM (SELECT id AS pick, {UUID4} AS pid FROM jobs WHERE state = 'pending'"
+        " AND stage = :stage AND run_after <= :now ORDER BY priority DESC, created_at, id"
+        " LIMIT :n) AS p WHERE jobs.id = p.pick RETURNING *"
     )

@@ -166,16 +166,22 @@ class SqliteStore(JobStore):
     # --- writes ------------------------------------------------------------------------------
 
     async def create(self, new: NewJob, max_queue: int) -> tuple[Job, bool]:
-        """Insert a job durably; ``(job, False)`` when an identical request already exists."""
-        job, tr = await self._write(ops.create, new, self.clock.now(), max_queue)
-        if tr is not None:
-            self._notify([tr])
-        return job, tr is not None
+        """Insert a job durably; ``(job, False)`` when an identical request already exists.
+        With an idle preprocess worker (``intake``), claimed for it in the same commit."""
+        now = self.clock.now()
+        return await self._admitting(
+            lambda: self._write(ops.create, new, now, max_queue),
+            lambda owner, lease, message: self._write(
+                ops.create_claimed, new, now, max_queue, owner, lease, message
+            ),
+        )
 
-    async def claim(self, stage: Stage, n: int, lease: float, message: str) -> list[Job]:
+    async def claim(
+        self, stage: Stage, n: int, lease: float, message: str, prompt_backend: str | None = None
+    ) -> list[Job]:
         """Claim up to ``n`` jobs of ``stage`` for this process."""
         trs: list[Transition] = await self._write(
-            ops.claim, stage, self.owner, n, self.clock.now(), lease, message
+            ops.claim, stage, self.owner, n, self.clock.now(), lease, message, prompt_backend
         )
         self._notify(trs)
         return [t.job for t in trs if t.job is not None]
@@ -205,6 +211,7 @@ class SqliteStore(JobStore):
         lease: float,
         claim_message: str,
         outputs: list[dict[str, Any]] | None = None,
+        claim_fields: dict[str, Any] | None = None,
     ) -> list[Transition]:
         """Advance a job and claim it for its next stage in one commit (ops.advance_and_claim)."""
         trs: list[Transition] = await self._write(
@@ -217,6 +224,7 @@ class SqliteStore(JobStore):
             lease,
             claim_message,
             outputs,
+            claim_fields,
         )
         self._notify(trs)
         return trs
@@ -363,7 +371,10 @@ class SqliteStore(JobStore):
 
     async def position(self, job: Job) -> tuple[int, int]:
         """(1-based position among waiting jobs of its stage, waiting jobs in that stage)."""
-        ((ahead, size),) = await self._rows(
+        # Inline (no reader-thread hop) while the last count was small, as counts() does: the
+        # two counts read the waiting jobs' index entries of one stage.
+        read = self._now if self._unfinished < INLINE_SNAPSHOT_ROWS else self._rows
+        ((ahead, size),) = await read(
             "SELECT (SELECT count(*) FROM jobs WHERE state = 'pending' AND stage = :stage AND"
             "   (priority > :p OR (priority = :p AND (created_at, id) < (:c, :id)))),"
             " (SELECT count(*) FROM jobs WHERE state = 'pending' AND stage = :stage)",
