@@ -6,12 +6,17 @@ the simulator in another) takes ``--bodies`` such bodies one after another while
 polls ``/health`` every 10 ms and a third lists ``/queue-info``. Reported per kind: the server's own
 event-loop lag (max, and the p99 from its ``comfyq_event_loop_lag_seconds`` histogram), the
 ``/health`` latency seen by the poller (p50/p99/max), the requests the other clients got answered
-meanwhile, the time per body, and RSS idle / after the burst / after a 3 s settle.
+meanwhile, the time per body, and RSS: idle (after warm-up, before the first body), after the
+burst (every accepted body's job finished: ``unfinished`` of ``/queue-info`` back to 0; the
+pollers run until then), and settled (after a further ``--settle`` seconds with no request at all,
+longer than the server's 2 s heap-trim delay). The jobs' outcomes are reported (the simulator
+refuses the unknown node types of the node-count body at submission, as a real ComfyUI would).
 
 Targets (issue 19): max loop lag <= 50 ms; /health p99 <= 100 ms throughout; RSS back within 20% of
 idle after the burst. Figures are printed, never judged.
 
     .venv/bin/python -m bench.bench_hostile [--bodies 10] [--kinds bytes,values,nodes,over]
+        [--settle 5]
 """
 
 from __future__ import annotations
@@ -153,7 +158,29 @@ def _p99_bucket(before: dict[str, float], after: dict[str, float]) -> float:
     return float("inf")
 
 
-async def run_kind(kind: str, bodies: int, backend: str, root: Path) -> dict[str, Any]:
+async def _wait_finished(
+    s: aiohttp.ClientSession, url: str, ids: list[str], timeout: float = 120.0
+) -> tuple[float, dict[str, int]]:
+    """Wait until the server has no unfinished job; returns the wait (s) and the accepted jobs'
+    final statuses (counted)."""
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < timeout:
+        async with s.get(url + "/queue-info") as r:
+            if (await r.json()).get("unfinished") == 0:
+                break
+        await asyncio.sleep(0.1)
+    waited = time.perf_counter() - t0
+    outcomes: dict[str, int] = {}
+    for job_id in ids:
+        async with s.get(f"{url}/jobs/{job_id}") as r:
+            status = str((await r.json()).get("status")) if r.status == 200 else f"http {r.status}"
+        outcomes[status] = outcomes.get(status, 0) + 1
+    return waited, outcomes
+
+
+async def run_kind(
+    kind: str, bodies: int, backend: str, root: Path, settle: float = 5.0
+) -> dict[str, Any]:
     make = KINDS[kind]
     payloads = [make(i) for i in range(bodies)]
     (root / kind).mkdir(parents=True, exist_ok=True)
@@ -190,6 +217,7 @@ async def run_kind(kind: str, bodies: int, backend: str, root: Path) -> dict[str
 
             tasks = [asyncio.create_task(poll_health()), asyncio.create_task(other_client())]
             statuses: list[int] = []
+            ids: list[str] = []
             per_body: list[float] = []
             t_start = time.perf_counter()
             for p in payloads:
@@ -197,22 +225,28 @@ async def run_kind(kind: str, bodies: int, backend: str, root: Path) -> dict[str
                 async with s.post(
                     url + "/generate", data=p, headers={"Content-Type": "application/json"}
                 ) as r:
-                    await r.read()
+                    answer = await r.read()
                     statuses.append(r.status)
+                    if r.status in (200, 201, 202):
+                        ids.append(json.loads(answer)["id"])
                 per_body.append(time.perf_counter() - t0)
             burst_s = time.perf_counter() - t_start
-            await asyncio.sleep(0.5)
+            # The jobs' stages decode the body again: the burst ends when every job has ended.
+            jobs_s, outcomes = await _wait_finished(s, url, ids)
             stop.set()
             await asyncio.gather(*tasks)
             after_burst = rss_mb(pid)
             async with s.get(url + "/metrics") as r:
                 lag1 = _lag(await r.text())
-            await asyncio.sleep(3.0)
+            await asyncio.sleep(settle)  # quiet: no request at all
             settled = rss_mb(pid)
     burst_max, exact = _burst_max(lag0, lag1)
     figures = {
         "body_mb": sum(len(p) for p in payloads) / len(payloads) / MiB,
         "statuses": sorted(set(statuses)),
+        "job_outcomes": outcomes,
+        "jobs_finished_s": jobs_s,
+        "settle_s": settle,
         "per_body_ms_p50": pct(per_body, 0.5) * 1000,
         "per_body_ms_max": max(per_body) * 1000,
         "loop_lag_max_ms": burst_max * 1000,
@@ -231,14 +265,15 @@ async def run_kind(kind: str, bodies: int, backend: str, root: Path) -> dict[str
         "rss_settled_vs_idle": settled / idle if idle else float("nan"),
     }
     print(
-        f"{kind:>6}: {figures['body_mb']:.1f} MB x {bodies} -> {figures['statuses']};"
+        f"{kind:>6}: {figures['body_mb']:.1f} MB x {bodies} -> {figures['statuses']},"
+        f" jobs {outcomes or '-'} after {jobs_s:.1f} s;"
         f" loop lag max {'' if exact else '<= '}{figures['loop_lag_max_ms']:.1f} ms,"
         f" p99 <= {figures['loop_lag_p99_bucket_ms']:.0f} ms;"
         f" /health p50 {figures['health_p50_ms']:.1f} / p99 {figures['health_p99_ms']:.1f}"
         f" / max {figures['health_max_ms']:.1f} ms over {len(health)} polls;"
         f" {others} other requests ({figures['other_requests_per_s']:.0f}/s);"
         f" per body p50 {figures['per_body_ms_p50']:.0f} ms;"
-        f" RSS idle {idle:.0f} -> {after_burst:.0f} -> {settled:.0f} MB"
+        f" RSS idle {idle:.0f} -> {after_burst:.0f} -> {settled:.0f} MB ({settle:g} s quiet)"
         f" ({figures['rss_settled_vs_idle']:.2f}x)",
         flush=True,
     )
@@ -250,7 +285,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"bodies": args.bodies, "kinds": {}}
     with simulator(root) as backend:
         for kind in args.kinds:
-            out["kinds"][kind] = await run_kind(kind, args.bodies, backend, root)
+            out["kinds"][kind] = await run_kind(kind, args.bodies, backend, root, args.settle)
     return out
 
 
@@ -262,6 +297,12 @@ def main() -> None:
         type=lambda v: [k for k in v.split(",") if k],
         default=list(KINDS),
         help="comma separated: " + ", ".join(KINDS),
+    )
+    ap.add_argument(
+        "--settle",
+        type=float,
+        default=5.0,
+        help="quiet seconds after the last job ended before the settled RSS (default 5)",
     )
     add_json_arg(ap)
     args = ap.parse_args()

@@ -15,7 +15,7 @@ import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 from yarl import URL
@@ -33,10 +33,11 @@ TRUE_VALUES = frozenset({"1", "true", "yes", "on"})
 MAX_DEPTH = lim.MAX_DEPTH
 # Bodies above this are validated in a worker thread: the Python-level walks then share the GIL
 # with the event loop (switched every 5 ms) instead of holding it for their whole length.
-THREAD_ABOVE = 256 * 1024
+THREAD_ABOVE = lim.LARGE
 
 _INPUT_FIELDS = frozenset(f.name for f in msgspec.structs.fields(Input))
 _HOLD: Any = {"": None}  # see build()
+_NO_INPUTS: dict[str, Any] = {}
 _AT = re.compile(r"^(?P<msg>.*?)(?: - at `(?P<path>\$[^`]*)`)?$", re.DOTALL)
 _FIELD_NAME = re.compile(r"`([^`]*)`")
 
@@ -107,21 +108,23 @@ def _from_msgspec(exc: msgspec.ValidationError) -> BadRequest:
 
 def _check_workflow(workflow: Any) -> list[dict[str, str]]:
     # Checked by hand so that errors name the node id (msgspec reports dict keys as [...]).
+    # The rules of schemas.WorkflowNode: an object, a non-empty class_type, inputs an object.
     if not isinstance(workflow, dict):
         return []  # the typed conversion reports it
     errors = []
     for key, node in workflow.items():
-        path = f"$.input.workflow_json['{key}']"
-        if not isinstance(node, dict):
-            errors.append(
-                {"path": path, "message": "a node must be an object with class_type and inputs"}
-            )
-        elif not isinstance(node.get("class_type"), str) or not node["class_type"]:
-            errors.append(
-                {"path": f"{path}.class_type", "message": "required: the node's class name"}
-            )
-        elif "inputs" in node and not isinstance(node["inputs"], dict):
-            errors.append({"path": f"{path}.inputs", "message": "must be an object"})
+        if type(node) is dict:
+            class_type = node.get("class_type")
+            if type(class_type) is str and class_type:
+                inputs = node.get("inputs", _NO_INPUTS)
+                if type(inputs) is dict:
+                    continue
+                what, message = ".inputs", "must be an object"
+            else:
+                what, message = ".class_type", "required: the node's class name"
+        else:
+            what, message = "", "a node must be an object with class_type and inputs"
+        errors.append({"path": f"$.input.workflow_json['{key}']{what}", "message": message})
     return errors
 
 
@@ -164,6 +167,34 @@ def _cross_field(inp: Input) -> list[dict[str, str]]:
     return errors
 
 
+# A name whose str type carries a constraint: msgspec does not keep it in its cache of dict keys.
+# That cache (512 slots, emptied every 10th full garbage collection) otherwise keeps hundreds of
+# a large workflow's node ids, allocated in the middle of its decode: they pinned as many pools,
+# and with them heap arenas, long after the workflow was freed.
+_Name = Annotated[str, msgspec.Meta(max_length=1 << 30)]
+_decode_fields = msgspec.json.Decoder(dict[_Name, dict[_Name, msgspec.Raw]]).decode
+_decode_nodes = msgspec.json.Decoder(dict[_Name, Any]).decode
+_decode_any = msgspec.json.Decoder().decode
+
+
+def _decode_body(body: bytes) -> Any:
+    """The body decoded as is (key order kept), the workflow's node ids out of msgspec's key cache.
+
+    ``{"input": {...}}`` is split into its fields first (scanned, not built), the workflow then
+    decoded with uncached node ids, every other field as usual. Any other shape is decoded
+    whole (its errors are reported from that)."""
+    try:
+        return {
+            key: {
+                name: _decode_nodes(value) if name == "workflow_json" else _decode_any(value)
+                for name, value in fields.items()
+            }
+            for key, fields in _decode_fields(body).items()
+        }
+    except msgspec.ValidationError:  # another shape, or a value out of range: as a whole
+        return _decode_any(body)
+
+
 def may_hold_urls(body: bytes) -> bool:
     """False when no string in the JSON can be a URL (no "://", escaped or not): nothing to do."""
     return lim.contains(body, b"://") or lim.contains(body, b":\\/") or lim.contains(body, b"\\u")
@@ -178,7 +209,7 @@ def parse(
     if not body.strip():
         raise bad("$", 'the body is empty; send {"input": {...}}')
     try:
-        raw = msgspec.json.decode(body)
+        raw = _decode_body(body)
     except msgspec.DecodeError as exc:
         raise bad("$", f"invalid JSON: {exc}") from None
     except msgspec.ValidationError as exc:  # e.g. a number out of range
@@ -194,19 +225,34 @@ def parse(
     workflow = raw_input.get("workflow_json") if isinstance(raw_input, dict) else None
     if isinstance(workflow, dict) and len(workflow) > limits.workflow_nodes:
         raise _bad_many(lim.workflow_errors(workflow, limits))  # before converting all of it
+    # A workflow is checked by hand (the rules of WorkflowNode, errors named by node id) and kept
+    # as decoded: converting it would build a second, typed copy of every node (a 5,000-node
+    # workflow: 1.3 MB more of small objects, alive until the job is written) for nothing, since
+    # the job stores the workflow verbatim.
+    nodes = workflow if type(workflow) is dict and workflow else None
+    node_errors = _check_workflow(nodes) if nodes is not None else []
     try:
-        req = msgspec.convert(raw, GenerateRequest)
+        if nodes is None:
+            req = msgspec.convert(raw, GenerateRequest)
+        else:
+            assert isinstance(raw_input, dict)
+            rest = {k: v for k, v in raw_input.items() if k != "workflow_json"}
+            req = msgspec.convert({**raw, "input": rest}, GenerateRequest)
     except msgspec.ValidationError as exc:
         # Only now, for a body that fails: every unknown field at once, and node errors by node id
         # (a body that converts has neither, so valid requests skip these walks).
         if isinstance(raw_input, dict):
             unknown = sorted(str(k) for k in raw_input if k not in _INPUT_FIELDS)
             errors = [{"path": f"$.input.{k}", "message": "unknown field"} for k in unknown]
-            errors += _check_workflow(raw_input.get("workflow_json"))
+            errors += node_errors if nodes is not None else _check_workflow(workflow)
             if errors:
                 raise _bad_many(errors) from None
         raise _from_msgspec(exc) from None
+    if node_errors:
+        raise _bad_many(node_errors)
     inp = req.input
+    if nodes is not None:
+        inp.workflow_json = nodes  # the nodes as sent (build() stores them verbatim)
     if headers.get("X-Return-Outputs-As-Base64", "").strip().lower() in TRUE_VALUES:
         inp.return_outputs_as_base64 = True
     assert isinstance(raw_input, dict)
@@ -242,7 +288,8 @@ def build(
     default_timeout: float,
     default_webhook_url: str = "",
 ) -> Admitted:
-    """The job to write for a validated input: id, payload without secrets, secrets, hash."""
+    """The job to write for a validated input: id, payload without secrets (its workflow as
+    JSON text, ``msgspec.Raw``), secrets, hash. The input's workflow is emptied."""
     if inp.workflow_json:
         # The workflow is stored verbatim (node keys like _meta kept), so its typed form is not
         # converted back: a placeholder holds its place in the field order.
@@ -253,6 +300,12 @@ def build(
     else:
         clean = msgspec.to_builtins(inp)  # defaults omitted: a normalised payload
     payload_hash = canonical_hash(clean)
+    if inp.workflow_json:
+        # Written as JSON from here on: the decoded nodes (tens of thousands of small objects for
+        # a large workflow) are not kept alive by the job to write, nor by a /generate/sync or
+        # /generate/stream request that holds it while the job runs.
+        clean["workflow_json"] = msgspec.Raw(msgspec.json.encode(clean["workflow_json"]))
+        inp.workflow_json = {}
     secrets = _split_secrets(clean)
     if default_webhook_url and not (clean.get("webhook") or {}).get("url"):
         # WEBHOOK_URL applies to jobs that name none; written into the job so that the outbox

@@ -8,7 +8,7 @@ from typing import Any
 from comfyq.errors import InputError
 from comfyq.inputs import Downloader
 from comfyq.inputs.models import ModelStore
-from comfyq.inputs.prepare import prepare_job
+from comfyq.inputs.prepare import payload_for_preprocess, prepare_job
 from comfyq.stages.runner import JobContext, StageDone
 from comfyq.store import Job
 from modifiers import ModifierRegistry
@@ -29,8 +29,12 @@ class Preprocess:
         self.models = models  # input.models: fetched into COMFYUI_MODELS_DIR before the workflow
 
     async def __call__(self, job: Job, ctx: JobContext) -> StageDone:
-        # Decoded once, for this stage alone (the modifier changes it in place: no copy needed).
-        payload = await job.decode_fresh("payload")
+        # Decoded once, for this stage alone (the modifier changes it in place: no copy needed),
+        # but for a workflow with nothing to change in it, which is passed on as stored.
+        stored = getattr(job, "_payload", None)
+        payload = payload_for_preprocess(stored) if stored is not None else None
+        if payload is None:
+            payload = await job.decode_fresh("payload")
         job_input = payload.get("input", payload)
         files = []
         if self.assets is not None and "v2" in payload:

@@ -22,6 +22,7 @@ from comfyq.backoff import backoff
 from comfyq.clock import parse_iso
 from comfyq.errors import ComfyqError, JobError, LeaseLost
 from comfyq.events import EventBus
+from comfyq.limits import HEAP_TRIM
 from comfyq.logs import job_context
 from comfyq.store import Job, JobStore, Stage, State, Transition
 from comfyq.store.base import StoreUnavailable
@@ -464,6 +465,12 @@ class Pipeline:
                 entry.timer.cancel()
             self.running.pop(job.id, None)
             entry.settled.set()
+            # A failed handler's exception has a traceback starting in this frame, whose locals
+            # hold the task that holds the exception: a cycle that kept the handler's frames and
+            # their locals (the decoded workflow) until a full garbage collection.
+            del inner, entry
+            # The stage decoded the job's payload (or its prepared workflow) and has freed it.
+            HEAP_TRIM.after(getattr(job, "_payload", None))
 
     async def _advance(self, job: Job, done: StageDone) -> None:
         next_stage = NEXT_STAGE[job.stage]

@@ -7,7 +7,7 @@ import enum
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
@@ -64,7 +64,12 @@ _TYPED: dict[Any, Callable[[str | bytes], Any]] = {}  # decoders of partial view
 # had just been trimmed (page faults), measured in bench_hostile.
 DECODE_IN_PIECES = 64 * 1024
 _PIECE = 64 * 1024  # an object or array larger than this is split into its members
-_decode_members = msgspec.json.Decoder(dict[str, msgspec.Raw]).decode
+# Member names typed with a constraint stay out of msgspec's cache of dict keys (512 slots, kept
+# until every 10th full collection): a large workflow's node ids, allocated in the middle of its
+# decode, kept heap arenas pinned there long after the workflow was freed.
+_decode_members = msgspec.json.Decoder(
+    dict[Annotated[str, msgspec.Meta(max_length=1 << 30)], msgspec.Raw]
+).decode
 _decode_items = msgspec.json.Decoder(list[msgspec.Raw]).decode
 
 

@@ -17,6 +17,8 @@ import asyncio
 import logging
 from typing import Any
 
+import msgspec
+
 from comfyq.clock import parse_iso
 from comfyq.logs import job_context
 from comfyq.netguard import AddressGuard
@@ -225,11 +227,26 @@ def _may_notify(tr: Transition) -> bool:
     if tr.to_state not in TERMINAL:
         return False
     try:
-        payload = tr.job.payload if tr.job is not None else None
+        # input.webhook.url alone: the rest of the payload (a workflow of thousands of nodes) is
+        # scanned, never built (decoding it whole at every job's end was one more burst of small
+        # objects per large job, after its stages had freed theirs).
+        view = tr.job.view("payload", _HookView) if tr.job is not None else None
     except Exception:  # noqa: BLE001 - a row read without its payload, or unreadable: wake
-        payload = None
-    if not isinstance(payload, dict):
+        view = None
+    if view is None:
         return True
-    hook = (payload.get("input") or {}).get("webhook")
-    url = hook.get("url") if isinstance(hook, dict) else None
+    hook = view.input.webhook if view.input is not None else None
+    url = hook.url if hook is not None else None
     return isinstance(url, str) and url != ""
+
+
+class _HookUrl(msgspec.Struct):
+    url: Any = None
+
+
+class _HookInput(msgspec.Struct):
+    webhook: _HookUrl | None = None
+
+
+class _HookView(msgspec.Struct):
+    input: _HookInput | None = None

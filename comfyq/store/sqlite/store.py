@@ -17,6 +17,7 @@ from typing import Any
 import aiosqlite
 
 from comfyq.clock import Clock
+from comfyq.limits import HEAP_TRIM
 from comfyq.store.assets import AssetStore
 from comfyq.store.base import Attempt, DatabaseLocked, JobReads, JobStore, Stats
 from comfyq.store.model import STAGES, Job, NewJob, Stage, State, Transition, loads
@@ -31,6 +32,10 @@ PING_BUSY_LIMIT = 30.0
 log = logging.getLogger("comfyq.store")
 
 __all__ = ["DatabaseLocked", "FileLock", "SqliteStore", "open_migrated"]
+
+
+def _shrink_memory(conn: sqlite3.Connection) -> None:
+    conn.execute("PRAGMA shrink_memory")
 
 
 class FileLock:
@@ -88,6 +93,7 @@ class SqliteStore(JobStore):
         self.lock = FileLock(self.path)
         self._locked = False
         self._reader: aiosqlite.Connection | None = None
+        self._unhook: Callable[[], None] | None = None
         self._inline = InlineReader(self.path)
         self._unfinished = INLINE_SNAPSHOT_ROWS  # as of the last counts(); unknown: large
         self._assets: AssetStore | None = None
@@ -108,11 +114,21 @@ class SqliteStore(JobStore):
             self._reader.row_factory = sqlite3.Row
             await self._reader.execute("PRAGMA busy_timeout = 10000")
             await self._reader.execute("PRAGMA foreign_keys = ON")
+            self._unhook = HEAP_TRIM.release_with(self.release_memory)
         except BaseException:
             await self.close()
             raise
 
+    async def release_memory(self) -> None:
+        """Drop the page caches (after large bodies: the writer's keeps every page written)."""
+        await self.writer.run_outside(_shrink_memory)
+        if self._reader is not None:
+            await self._reader.execute("PRAGMA shrink_memory")
+
     async def close(self) -> None:
+        if self._unhook is not None:
+            self._unhook()
+            self._unhook = None
         await self.writer.stop()
         self._inline.close()
         if self._reader is not None:
