@@ -1,16 +1,17 @@
 """Hostile bodies: what the largest body of each kind the limits allow costs everyone else.
 
-For each kind (the largest JSON body by bytes, by values, the largest workflow by nodes, and a
-body just over a limit, which must be refused cheaply), a fresh ``comfyq serve`` (subprocess, with
-the simulator in another) takes ``--bodies`` such bodies one after another while a second client
-polls ``/health`` every 10 ms and a third lists ``/queue-info``. Reported per kind: the server's own
+For each kind (the largest JSON body by bytes, by values, the largest workflow by nodes, and a body
+just over a limit, which must be refused cheaply), a fresh ``comfyq serve`` (subprocess, with the
+simulator in another) takes ``--bodies`` such bodies one after another while a second client polls
+``/health`` every 10 ms and a third lists ``/queue-info``. Reported per kind: the server's own
 event-loop lag (max, and the p99 from its ``comfyq_event_loop_lag_seconds`` histogram), the
 ``/health`` latency seen by the poller (p50/p99/max), the requests the other clients got answered
-meanwhile, the time per body, and RSS: idle (after warm-up, before the first body), after the
-burst (every accepted body's job finished: ``unfinished`` of ``/queue-info`` back to 0; the
-pollers run until then), and settled (after a further ``--settle`` seconds with no request at all,
-longer than the server's 2 s heap-trim delay). The jobs' outcomes are reported (the simulator
-refuses the unknown node types of the node-count body at submission, as a real ComfyUI would).
+meanwhile, the time per body, and RSS: idle (after warm-up: /health and two ordinary jobs, before
+the first body), after the burst (every accepted body's job finished: ``unfinished`` of
+``/queue-info`` back to 0; the pollers run until then), and settled (after a further ``--settle``
+seconds with no request at all, longer than the server's 2 s heap-trim delay). The jobs' outcomes
+are reported (the simulator refuses the unknown node types of the node-count body at submission, as
+a real ComfyUI would).
 
 Targets (issue 19): max loop lag <= 50 ms; /health p99 <= 100 ms throughout; RSS back within 20% of
 idle after the burst. Figures are printed, never judged.
@@ -178,6 +179,19 @@ async def _wait_finished(
     return waited, outcomes
 
 
+async def warm_up(s: aiohttp.ClientSession, url: str, jobs: int = 2) -> None:
+    """Idle is read after a server has run ordinary jobs, as any server in use has: the first
+    job creates what lives as long as the process (the default thread pool, the connection to
+    ComfyUI, statement caches, metric labels, lazily imported modules), which is not what a
+    large body leaves behind."""
+    for i in range(jobs):
+        doc = {"input": {"request_id": f"warm-{i}-{time.time_ns()}", "workflow_json": _base()}}
+        async with s.post(url + "/generate/sync", json=doc) as r:
+            if r.status != 200:
+                raise RuntimeError(f"warm-up job answered {r.status}: {await r.text()}")
+            await r.read()
+
+
 async def run_kind(
     kind: str, bodies: int, backend: str, root: Path, settle: float = 5.0
 ) -> dict[str, Any]:
@@ -189,6 +203,7 @@ async def run_kind(
             for _ in range(20):  # warm the routes (first-request imports)
                 async with s.get(url + "/health") as r:
                     await r.read()
+            await warm_up(s, url)
             await asyncio.sleep(1.0)
             idle = rss_mb(pid)
             async with s.get(url + "/metrics") as r:
