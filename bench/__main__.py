@@ -124,7 +124,7 @@ STEPS = [
         "hostile",
         "bench.bench_hostile",
         ["--bodies", "10"],
-        ["--bodies", "3"],
+        ["--bodies", "10"],  # the figure is RSS after 10 bodies; about a minute
         "hostile bodies: loop lag, /health and RSS under the largest allowed bodies (#19)",
     ),
     Step(
