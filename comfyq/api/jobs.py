@@ -124,19 +124,26 @@ async def output_file(request: web.Request) -> web.StreamResponse:
     """GET /outputs/{id}/{filename}: a file recorded as an output of that job, nothing else."""
     api = get_api(request)
     job_id, filename = request.match_info["id"], request.match_info["filename"]
-    row = await api.reads.output_file(job_id, filename)
-    if row is not None and not visible(request, row["owner"]):
-        row = None
     missing = NotFound(
         f"job {job_id} has no output {filename!r}", details={"job_id": job_id, "filename": filename}
     )
-    if row is None or not row["local_path"]:
+    # A finished job whose Result was built here (its final event, GET /result): no read.
+    known = api.results.known_file(job_id, filename)
+    if known is not None and known[1].local_path:
+        owner, out = known
+        local_path, mimetype = out.local_path, out.mimetype
+    else:
+        row = await api.reads.output_file(job_id, filename)
+        if row is None:
+            raise missing
+        owner, local_path, mimetype = row["owner"], row["local_path"], row["mimetype"]
+    if not visible(request, owner) or not local_path:
         raise missing
     try:
         folder = job_dir(api.services.output_dir, job_id)
     except ComfyqError:
         raise missing from None
-    path = Path(row["local_path"]).resolve()
+    path = Path(local_path).resolve()
     if folder not in path.parents or not path.is_file():
         # Several instances: uploaded to S3, it is there; otherwise on the instance that
         # post-processed the job, which streams it through this one.
@@ -151,11 +158,11 @@ async def output_file(request: web.Request) -> web.StreamResponse:
             raise missing
         return proxied
     if "thumb" in request.query:
-        return await _thumbnail(request.query["thumb"], path, folder, row["mimetype"] or "")
+        return await _thumbnail(request.query["thumb"], path, folder, mimetype or "")
     return web.FileResponse(
         path,
         headers={
-            "Content-Type": row["mimetype"] or "application/octet-stream",
+            "Content-Type": mimetype or "application/octet-stream",
             "Content-Disposition": f'inline; filename="{path.name}"',
             "X-Content-Type-Options": "nosniff",
         },
