@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import os
+import stat
 from pathlib import Path
 
 import msgspec
@@ -143,8 +145,8 @@ async def output_file(request: web.Request) -> web.StreamResponse:
         folder = job_dir(api.services.output_dir, job_id)
     except ComfyqError:
         raise missing from None
-    path = Path(local_path).resolve()
-    if folder not in path.parents or not path.is_file():
+    path = _in_folder(folder, local_path)
+    if path is None:
         # Several instances: uploaded to S3, it is there; otherwise on the instance that
         # post-processed the job, which streams it through this one.
         rows = (await api.reads.outputs([job_id])).get(job_id, [])
@@ -167,6 +169,24 @@ async def output_file(request: web.Request) -> web.StreamResponse:
             "X-Content-Type-Options": "nosniff",
         },
     )
+
+
+def _in_folder(folder: Path, local_path: str) -> Path | None:
+    """The output file when it is a regular file of the job's folder, else None.
+
+    Postprocessing writes each file directly into the folder: then one lstat (no link followed)
+    proves it, instead of resolve()'s stat of every component on every download; any other
+    path is resolved and must still lie inside the folder."""
+    path = Path(local_path)
+    if path.parent == folder and path.name not in ("", ".", ".."):
+        try:
+            mode = os.lstat(path).st_mode
+        except OSError:
+            return None
+        if stat.S_ISREG(mode):
+            return path
+    path = path.resolve()
+    return path if folder in path.parents and path.is_file() else None
 
 
 THUMB_SIDES = (16, 1024)
