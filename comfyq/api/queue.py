@@ -122,6 +122,9 @@ class QueueView:
         self._running: dict[str, Stage] = {}  # jobs seen claimed -> their stage
         self._keys: dict[Stage, dict[str, Key]] = {s: {} for s in STAGES}  # known waiting jobs
         self._ranked: dict[Stage, dict[str, int] | None] = dict.fromkeys(STAGES)
+        # Key changes while the waiting jobs' keys are read: (event id, stage, job id, key|None).
+        self._key_log: list[tuple[int, Stage, str, Key | None]] | None = None
+        self.key_loads = 0
         self.durations = Durations(store, reads)
         self._watchers: dict[Subscription, str] = {}
         self._poke: asyncio.TimerHandle | None = None
@@ -176,10 +179,13 @@ class QueueView:
         job_id, stage, before, after = tr.job_id, tr.stage, tr.from_state, tr.to_state
         out: list[Change] = []
         unknown = False
+        log = self._key_log
         if before == State.PENDING:  # claimed, cancelled or failed where it waited
             out.append((True, stage, -1))
             if self._keys[stage].pop(job_id, None) is not None:
                 self._ranked[stage] = None
+            if log is not None:
+                log.append((tr.event_id, stage, job_id, None))
         elif before == State.RUNNING:
             was = self._running.pop(job_id, None)
             if was is None and (after != State.PENDING or stage == Stage.PREPROCESS):
@@ -197,6 +203,8 @@ class QueueView:
             if priority is not None and created_at is not None and len(keys) < KEEP_WAITING:
                 keys[job_id] = (-priority, created_at, job_id)
                 self._ranked[stage] = None
+                if log is not None:
+                    log.append((tr.event_id, stage, job_id, keys[job_id]))
         elif after == State.RUNNING:
             out.append((False, stage, 1))
             self._running[job_id] = stage
@@ -324,6 +332,35 @@ class QueueView:
         self._stale = self._lost
         self._checked = time.monotonic()
         self.recounts += 1
+        unknown = any(len(self._keys[s]) < fresh.waiting[s] for s in STAGES)
+        if unknown and sum(fresh.waiting.values()) <= KEEP_WAITING:
+            await self._load_keys()
+
+    async def _load_keys(self) -> None:
+        """Waiting jobs this process has not seen enter their queue (they waited before it
+        started, or another process queued them): read their claim keys once, so that their
+        stages are placed from memory too."""
+        log: list[tuple[int, Stage, str, Key | None]] = []
+        self._key_log = log
+        try:
+            got = await self.store.waiting_at()
+        finally:
+            self._key_log = None
+        if got is None:
+            return
+        rows, hw = got
+        keys: dict[Stage, dict[str, Key]] = {s: {} for s in STAGES}
+        for job_id, stage, priority, created_at in rows:
+            keys[Stage(stage)][job_id] = (-priority, created_at, job_id)
+        for event_id, stage, job_id, key in log:  # committed after the read: not in it
+            if event_id > hw:
+                if key is None:
+                    keys[stage].pop(job_id, None)
+                else:
+                    keys[stage][job_id] = key
+        self._keys = keys
+        self._ranked = dict.fromkeys(STAGES)
+        self.key_loads += 1
 
     def _audit(self, hw: int) -> None:
         """Every change up to the previous read's high-water mark (a second or more ago: its

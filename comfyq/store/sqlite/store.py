@@ -354,6 +354,21 @@ class SqliteStore(JobStore):
             " UNION ALL SELECT '', 'seq', seq FROM sqlite_sequence WHERE name = 'job_events'"
         )
 
+    async def waiting_at(self) -> tuple[list[tuple[str, str, int, str]], int] | None:
+        rows = await self._rows(
+            "SELECT id, stage, priority, created_at FROM jobs INDEXED BY jobs_claim"
+            " WHERE state = 'pending'"
+            " UNION ALL SELECT '', '', seq, '' FROM sqlite_sequence WHERE name = 'job_events'"
+        )
+        seq = 0
+        out: list[tuple[str, str, int, str]] = []
+        for job_id, stage, priority, created_at in rows:
+            if job_id:
+                out.append((job_id, stage, priority, created_at))
+            else:
+                seq = priority
+        return out, seq
+
     async def _counts(self, extra: str) -> tuple[dict[Stage, dict[str, int]], int | None]:
         out = {s: {"waiting": 0, "running": 0} for s in STAGES}
         # Inline while the last count was small (the counts read every waiting job's index entry).
