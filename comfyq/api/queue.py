@@ -12,12 +12,14 @@ the counts are read again after each change, one read shared by everyone who ask
 A job's place, three ways:
 
 - running: the counts alone;
-- waiting, while every waiting job of its stage is known from the transitions (their claim keys,
-  priority then age then id, up to ``KEEP_WAITING`` per stage): in memory, one pass over the keys,
-  or one ranking per change shared by every stream when many wait;
-- waiting otherwise (after a restart, on PostgreSQL, a very long queue): one indexed count of the
-  jobs ahead of it while few streams wait, else one query that ranks every waiting job of every
-  stage, reused until the next change (a thousand streams woken by one change cost one query).
+- waiting, while every waiting job of its stage is known (their claim keys, priority then age
+  then id, up to ``KEEP_WAITING`` per stage, kept from the transitions; jobs this process did not
+  see enter their queue, after a restart or another process's write, are read once with the
+  next count): in memory, one pass over the keys, or one ranking per change shared by every
+  stream when many wait;
+- waiting otherwise (PostgreSQL, a queue past ``KEEP_WAITING``): one indexed count of the jobs
+  ahead of it while few streams wait, else one query that ranks every waiting job of every stage,
+  reused until the next change (a thousand streams woken by one change cost one query).
 
 At 10,000 waiting jobs a ranking query costs ~100 ms, an indexed count a few ms. Streams of
 waiting jobs are woken when the queue moves, at most every ``min_interval`` seconds. Estimates
