@@ -40,6 +40,8 @@ class Event:
     data: dict[str, Any] = field(default_factory=dict)
     final: bool = False
     payload: bytes | None = None  # preview image bytes
+    # A final state change made here: the job as it committed (its Result needs no job read).
+    job: Any = None
 
     @property
     def droppable(self) -> bool:
@@ -216,6 +218,7 @@ class EventBus:
                         **({"details": tr.data} if tr.data else {}),
                     },
                     final=final,
+                    job=tr.job if final else None,
                 )
             )
 

@@ -10,7 +10,7 @@ import asyncio
 import base64
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 from urllib.parse import quote
 
 import msgspec
@@ -220,25 +220,31 @@ class Results:
         self.base64_max_bytes = base64_max_bytes
         self._cache: OrderedDict[tuple[str, str], Result] = OrderedDict()
         self._cache_size = cache_size
+        # Finished jobs' output files by job id (owner, filename -> row), from the Results built
+        # for them: GET /outputs answers from here without a read (the bench's client, and most
+        # others, fetch the files right after the final result).
+        self._files: OrderedDict[str, tuple[str | None, dict[str, OutputFile]]] = OrderedDict()
         self._loading: dict[str, asyncio.Future[Any]] = {}
         # Several instances: fetches (bytes, error) of a file another instance holds.
         self.remote: (
             Callable[[Job, str, int], Awaitable[tuple[bytes | None, str | None]]] | None
         ) = None
 
-    async def shared(self, job_id: str) -> tuple[Job, Result] | None:
+    async def shared(self, job_id: str, job: Job | None = None) -> tuple[Job, Result] | None:
         """Job and Result, one load shared by every concurrent caller (a final event fans out).
 
-        The first caller loads in its own task (no task of its own per load: its reads are
-        usually answered without waiting); callers that come meanwhile wait for its outcome, and
-        load for themselves if it failed or was cancelled."""
+        ``job``: the job as its last change committed it (the final event carries it), so
+        that only its outputs are read; None: read it too. The first caller loads in its own
+        task (no task of its own per load: its reads are usually answered without waiting);
+        callers that come meanwhile wait for its outcome, and load for themselves if it failed
+        or was cancelled."""
         while (fut := self._loading.get(job_id)) is not None:
             got = await asyncio.shield(fut)
             if got is not _RETRY:
                 return got  # type: ignore[no-any-return]
         fut = self._loading[job_id] = asyncio.get_running_loop().create_future()
         try:
-            value = await self._load(job_id)
+            value = (job, await self.of(job)) if job is not None else await self._load(job_id)
         except BaseException:
             fut.set_result(_RETRY)
             raise
@@ -269,11 +275,27 @@ class Results:
             res.webhooks = deliveries(await self.webhook_history(job.id))  # type: ignore[misc]
         if wants_base64(job) and res.output:
             await self.inline(res, job)
-        elif job.terminal and not hooked:  # deliveries go on changing after the job's end
-            self._cache[key] = res
-            if len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
+        elif job.terminal:
+            owner = getattr(job, "owner", _RETRY)
+            if owner is not _RETRY:  # a row read without its owner cannot vouch for access
+                self._files[job.id] = (cast(str | None, owner), {o.filename: o for o in res.output})
+                self._files.move_to_end(job.id)
+                if len(self._files) > self._cache_size:
+                    self._files.popitem(last=False)
+            if not hooked:  # deliveries go on changing after the job's end
+                self._cache[key] = res
+                if len(self._cache) > self._cache_size:
+                    self._cache.popitem(last=False)
         return res
+
+    def known_file(self, job_id: str, filename: str) -> tuple[str | None, OutputFile] | None:
+        """(owner, output) of a finished job's file from a Result built here, or None (unknown
+        here: read the store). The file itself may be gone since (job deleted or pruned): look."""
+        got = self._files.get(job_id)
+        if got is None:
+            return None
+        out = got[1].get(filename)
+        return None if out is None else (got[0], out)
 
     async def many(self, jobs: list[Job]) -> list[Result]:
         """Results of several jobs with one outputs query (no base64: lists stay small)."""

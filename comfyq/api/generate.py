@@ -108,6 +108,8 @@ async def wait_final(api: Api, sub: Subscription, job: Job, timeout: float | Non
         if ev is None:
             break
         if ev.kind == "state" and ev.final:
+            if ev.job is not None:  # the job as its end committed it: no read
+                return ev.job  # type: ignore[no-any-return]
             break
         if ev.kind == GAP:  # another instance's end of the job may have been missed: look
             job = await api.reads.job(job.id) or job

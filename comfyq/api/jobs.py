@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import os
+import stat
 from pathlib import Path
 
 import msgspec
@@ -124,20 +126,27 @@ async def output_file(request: web.Request) -> web.StreamResponse:
     """GET /outputs/{id}/{filename}: a file recorded as an output of that job, nothing else."""
     api = get_api(request)
     job_id, filename = request.match_info["id"], request.match_info["filename"]
-    row = await api.reads.output_file(job_id, filename)
-    if row is not None and not visible(request, row["owner"]):
-        row = None
     missing = NotFound(
         f"job {job_id} has no output {filename!r}", details={"job_id": job_id, "filename": filename}
     )
-    if row is None or not row["local_path"]:
+    # A finished job whose Result was built here (its final event, GET /result): no read.
+    known = api.results.known_file(job_id, filename)
+    if known is not None and known[1].local_path:
+        owner, out = known
+        local_path, mimetype = out.local_path, out.mimetype
+    else:
+        row = await api.reads.output_file(job_id, filename)
+        if row is None:
+            raise missing
+        owner, local_path, mimetype = row["owner"], row["local_path"], row["mimetype"]
+    if not visible(request, owner) or not local_path:
         raise missing
     try:
         folder = job_dir(api.services.output_dir, job_id)
     except ComfyqError:
         raise missing from None
-    path = Path(row["local_path"]).resolve()
-    if folder not in path.parents or not path.is_file():
+    path = _in_folder(folder, local_path)
+    if path is None:
         # Several instances: uploaded to S3, it is there; otherwise on the instance that
         # post-processed the job, which streams it through this one.
         rows = (await api.reads.outputs([job_id])).get(job_id, [])
@@ -151,15 +160,33 @@ async def output_file(request: web.Request) -> web.StreamResponse:
             raise missing
         return proxied
     if "thumb" in request.query:
-        return await _thumbnail(request.query["thumb"], path, folder, row["mimetype"] or "")
+        return await _thumbnail(request.query["thumb"], path, folder, mimetype or "")
     return web.FileResponse(
         path,
         headers={
-            "Content-Type": row["mimetype"] or "application/octet-stream",
+            "Content-Type": mimetype or "application/octet-stream",
             "Content-Disposition": f'inline; filename="{path.name}"',
             "X-Content-Type-Options": "nosniff",
         },
     )
+
+
+def _in_folder(folder: Path, local_path: str) -> Path | None:
+    """The output file when it is a regular file of the job's folder, else None.
+
+    Postprocessing writes each file directly into the folder: then one lstat (no link followed)
+    proves it, instead of resolve()'s stat of every component on every download; any other
+    path is resolved and must still lie inside the folder."""
+    path = Path(local_path)
+    if path.parent == folder and path.name not in ("", ".", ".."):
+        try:
+            mode = os.lstat(path).st_mode
+        except OSError:
+            return None
+        if stat.S_ISREG(mode):
+            return path
+    path = path.resolve()
+    return path if folder in path.parents and path.is_file() else None
 
 
 THUMB_SIDES = (16, 1024)

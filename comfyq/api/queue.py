@@ -1,11 +1,27 @@
 """Queue positions and wait estimates, shared by every stream.
 
-Streams: one query ranks every waiting job of every stage (priority, then age: the claim order)
-and the answer is reused until the next state change commits, so a thousand streams woken by one
-change cost one query, not a thousand. Everything else asks for less: ``info`` (/queue-info,
-/health) needs only the counts per stage (two indexed counts, shared the same way), and the
-position of one job (GET /result) is one indexed count of the jobs ahead of it; neither ranks a
-deep queue (at 10,000 waiting jobs a ranking costs ~100 ms, a count a few ms). Streams of
+Counts (waiting and running jobs per stage: ``info`` for /queue-info, /health and every stream
+event) are kept from the committed transitions the store reports to its listeners, on top of one
+count read that says which changes it includes (the events table's high-water mark): a queue
+change then costs no query. They are read again every ``recount_every`` seconds when asked (a
+write by another process on the same file, the CLI's, shows within that time) and when a change
+cannot be placed (a job left running by an earlier process moves on). A store shared by several
+servers (PostgreSQL) cannot say which changes a count includes (their commits interleave): there
+the counts are read again after each change, one read shared by everyone who asks.
+
+A job's place, three ways:
+
+- running: the counts alone;
+- waiting, while every waiting job of its stage is known (their claim keys, priority then age
+  then id, up to ``KEEP_WAITING`` per stage, kept from the transitions; jobs this process did not
+  see enter their queue, after a restart or another process's write, are read once with the
+  next count): in memory, one pass over the keys, or one ranking per change shared by every
+  stream when many wait;
+- waiting otherwise (PostgreSQL, a queue past ``KEEP_WAITING``): one indexed count of the jobs
+  ahead of it while few streams wait, else one query that ranks every waiting job of every stage,
+  reused until the next change (a thousand streams woken by one change cost one query).
+
+At 10,000 waiting jobs a ranking query costs ~100 ms, an indexed count a few ms. Streams of
 waiting jobs are woken when the queue moves, at most every ``min_interval`` seconds. Estimates
 come from the measured stage durations of recently completed jobs of the same kind
 (``comfyq.api.eta``).
@@ -14,6 +30,7 @@ come from the measured stage durations of recently completed jobs of the same ki
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -24,9 +41,16 @@ from comfyq.events import Event, Subscription
 from comfyq.schemas import QueueInfo, QueuePosition
 from comfyq.store.model import STAGES, Job, Stage, State, Transition
 
-# Up to this many waiting streams, each places its job by one indexed count; beyond, they share
-# one ranking of the whole queue per change.
+# Up to this many waiting streams, each places its job by itself (a pass over the kept keys, or
+# one indexed count); beyond, they share one ranking per change.
 RANK_FROM_WATCHERS = 32
+# Claim keys of waiting jobs kept per stage; past it the stage's jobs are placed by counts.
+KEEP_WAITING = 20_000
+MAX_SEEN = 100_000  # event ids kept for the audit of kept counts (comfyq.api.queue._audit)
+RECOUNT_EVERY = 5.0  # seconds: kept counts are read again, when asked, after this long
+
+Key = tuple[int, str, str]  # (-priority, created_at, id): the claim order, smallest first
+Change = tuple[bool, Stage, int]  # (waiting, not running; stage; +1 or -1)
 
 QueueName = Literal["preprocessing", "generation", "postprocessing"]
 QUEUE_NAMES: dict[Stage, QueueName] = {
@@ -38,7 +62,8 @@ QUEUE_NAMES: dict[Stage, QueueName] = {
 
 @dataclass
 class Counts:
-    """Waiting and running jobs per stage, at one moment."""
+    """Waiting and running jobs per stage, at one moment (kept ones: as of now; read them before
+    the next await)."""
 
     version: int
     waiting: dict[Stage, int]
@@ -67,17 +92,41 @@ class QueueView:
         *,
         max_queue_size: int,
         min_interval: float = 0.25,
+        recount_every: float = RECOUNT_EVERY,
     ) -> None:
         self.store = store
         self.reads = reads
         self.pipeline = pipeline
         self.max_queue_size = max_queue_size
         self.min_interval = min_interval
+        self.recount_every = recount_every
         self.version = 0
         self._snap: Snapshot | None = None
         self._refreshing: dict[int, asyncio.Future[Snapshot]] = {}
         self._counts: Counts | None = None
         self._counting: dict[int, asyncio.Future[Counts]] = {}
+        # Kept counts (one server on its store): exact as of every transition with an event id
+        # above ``_hw`` applied on top of a count that includes every one up to ``_hw``.
+        self.keeps = not getattr(store, "shared", False)
+        self._kept: Counts | None = None
+        self._hw = 0
+        self._checked = -math.inf  # monotonic time of the last count read
+        self._stale = True  # a change could not be placed: read the counts again
+        self._recounting: asyncio.Future[None] | None = None
+        self._during: list[tuple[int, list[Change]]] | None = None  # changes while a read runs
+        self._lost = False  # a change a running read may not include could not be placed
+        # Event ids seen above ``_mark``: every id up to a count's high-water mark should be seen
+        # (each commit here is reported); one that never shows was written by another process.
+        self._seen: list[int] = []
+        self._mark: int | None = None
+        self._last_hw: tuple[int, float] | None = None  # (high-water mark, when) of the last read
+        self.recounts = 0
+        self._running: dict[str, Stage] = {}  # jobs seen claimed -> their stage
+        self._keys: dict[Stage, dict[str, Key]] = {s: {} for s in STAGES}  # known waiting jobs
+        self._ranked: dict[Stage, dict[str, int] | None] = dict.fromkeys(STAGES)
+        # Key changes while the waiting jobs' keys are read: (event id, stage, job id, key|None).
+        self._key_log: list[tuple[int, Stage, str, Key | None]] | None = None
+        self.key_loads = 0
         self.durations = Durations(store, reads)
         self._watchers: dict[Subscription, str] = {}
         self._poke: asyncio.TimerHandle | None = None
@@ -87,12 +136,81 @@ class QueueView:
     # --- change tracking ---------------------------------------------------------------------
 
     def on_transitions(self, trs: list[Transition]) -> None:
-        """Store listener: the queue moved; tell watching streams soon (coalesced)."""
+        """Store listener (and the cluster's, for other instances' changes): keep the counts;
+        the queue moved, tell watching streams soon (coalesced)."""
         self.version += 1
+        if self.keeps:
+            self._keep(trs)
         if self._watchers and self._poke is None:
             loop = asyncio.get_running_loop()
             delay = max(0.0, self._last_poke + self.min_interval - loop.time())
             self._poke = loop.call_later(delay, self._wake)
+
+    def _keep(self, trs: list[Transition]) -> None:
+        kept, during = self._kept, self._during
+        for tr in trs:
+            changes = self._move(tr)
+            if kept is None:
+                continue
+            if changes is None:  # its stage before is unknown: read the counts again
+                self._stale = True
+                self._lost = during is not None
+                continue
+            if during is not None:
+                during.append((tr.event_id, changes))
+            if self._mark is not None and tr.event_id > self._mark:
+                self._seen.append(tr.event_id)
+                if len(self._seen) > MAX_SEEN:  # nobody asked for a long while: audit afresh
+                    self._seen.clear()
+                    self._mark = self._last_hw = None
+                    for stage in STAGES:
+                        self._keys[stage].clear()
+                        self._ranked[stage] = None
+            if tr.event_id > self._hw:
+                for waiting, stage, d in changes:
+                    n = (kept.waiting if waiting else kept.running)[stage] + d
+                    (kept.waiting if waiting else kept.running)[stage] = n
+                    if n < 0:
+                        self._stale = True
+        if kept is not None:
+            kept.version = self.version
+
+    def _move(self, tr: Transition) -> list[Change] | None:
+        """What ``tr`` changes in the counts (None when its stage before is unknown); keeps the
+        stage of running jobs and the claim keys of waiting ones."""
+        job_id, stage, before, after = tr.job_id, tr.stage, tr.from_state, tr.to_state
+        out: list[Change] = []
+        unknown = False
+        log = self._key_log
+        if before == State.PENDING:  # claimed, cancelled or failed where it waited
+            out.append((True, stage, -1))
+            if self._keys[stage].pop(job_id, None) is not None:
+                self._ranked[stage] = None
+            if log is not None:
+                log.append((tr.event_id, stage, job_id, None))
+        elif before == State.RUNNING:
+            was = self._running.pop(job_id, None)
+            if was is None and (after != State.PENDING or stage == Stage.PREPROCESS):
+                was = stage  # it ended where it ran; or it waits again in the first stage
+            if was is None:
+                unknown = True  # the next stage, or the same one again
+            else:
+                out.append((False, was, -1))
+        if after == State.PENDING:
+            out.append((True, stage, 1))
+            job = tr.job
+            priority = getattr(job, "priority", None)
+            created_at = getattr(job, "created_at", None)
+            keys = self._keys[stage]
+            if priority is not None and created_at is not None and len(keys) < KEEP_WAITING:
+                keys[job_id] = (-priority, created_at, job_id)
+                self._ranked[stage] = None
+                if log is not None:
+                    log.append((tr.event_id, stage, job_id, keys[job_id]))
+        elif after == State.RUNNING:
+            out.append((False, stage, 1))
+            self._running[job_id] = stage
+        return None if unknown else out
 
     def _wake(self) -> None:
         self._poke = None
@@ -147,8 +265,27 @@ class QueueView:
             self._snap = fresh
         return fresh
 
+    def _kept_now(self) -> Counts | None:
+        """The kept counts while they can be trusted without a read."""
+        kept = self._kept
+        if (
+            kept is None
+            or self._stale
+            or time.monotonic() - self._checked >= self.recount_every
+            or self._recounting is not None
+        ):
+            return None
+        return kept
+
     async def counts(self) -> Counts:
         """Jobs waiting and running per stage, as of the last committed change (or later)."""
+        if self.keeps:
+            kept = self._kept_now()
+            if kept is not None:
+                return kept
+            await self._recount()
+            if self.keeps and self._kept is not None:
+                return self._kept
         version = self.version
         snap, have = self._snap, self._counts
         if snap is not None and snap.version >= version:
@@ -161,6 +298,91 @@ class QueueView:
             self._counting[version] = fut
             fut.add_done_callback(lambda _: self._counting.pop(version, None))
         return await asyncio.shield(fut)
+
+    async def _recount(self) -> None:
+        """Read the counts with the high-water mark they include; one read for every caller."""
+        fut = self._recounting
+        if fut is None:
+            fut = self._recounting = asyncio.ensure_future(self._read_kept())
+
+            def done(_: object) -> None:
+                self._recounting = None
+
+            fut.add_done_callback(done)
+        await asyncio.shield(fut)
+
+    async def _read_kept(self) -> None:
+        self._during, self._lost = [], False
+        try:
+            raw, hw = await self.store.counts_at()
+        finally:
+            during, self._during = self._during or [], None
+        if hw is None:  # the adapter cannot tell: count after each change instead
+            self.keeps = False
+            return
+        fresh = Counts(
+            self.version,
+            waiting={s: raw.get(s, {}).get("waiting", 0) for s in STAGES},
+            running={s: raw.get(s, {}).get("running", 0) for s in STAGES},
+        )
+        for event_id, changes in during:  # committed after the read: not in it
+            if event_id > hw:
+                for waiting, stage, d in changes:
+                    (fresh.waiting if waiting else fresh.running)[stage] += d
+        self._audit(hw)
+        self._kept, self._hw = fresh, hw
+        self._stale = self._lost
+        self._checked = time.monotonic()
+        self.recounts += 1
+        unknown = any(len(self._keys[s]) < fresh.waiting[s] for s in STAGES)
+        if unknown and sum(fresh.waiting.values()) <= KEEP_WAITING:
+            await self._load_keys()
+
+    async def _load_keys(self) -> None:
+        """Waiting jobs this process has not seen enter their queue (they waited before it
+        started, or another process queued them): read their claim keys once, so that their
+        stages are placed from memory too."""
+        log: list[tuple[int, Stage, str, Key | None]] = []
+        self._key_log = log
+        try:
+            got = await self.store.waiting_at()
+        finally:
+            self._key_log = None
+        if got is None:
+            return
+        rows, hw = got
+        keys: dict[Stage, dict[str, Key]] = {s: {} for s in STAGES}
+        for job_id, stage, priority, created_at in rows:
+            keys[Stage(stage)][job_id] = (-priority, created_at, job_id)
+        for event_id, stage, job_id, key in log:  # committed after the read: not in it
+            if event_id > hw:
+                if key is None:
+                    keys[stage].pop(job_id, None)
+                else:
+                    keys[stage][job_id] = key
+        self._keys = keys
+        self._ranked = dict.fromkeys(STAGES)
+        self.key_loads += 1
+
+    def _audit(self, hw: int) -> None:
+        """Every change up to the previous read's high-water mark (a second or more ago: its
+        reports have all arrived) was seen here, or another process wrote the file (the CLI's
+        cancel or retry) and the known claim keys are dropped (the counts were just read)."""
+        now = time.monotonic()
+        last = self._last_hw
+        if self._mark is None:
+            self._mark = hw  # everything up to here is in the counts just read
+        elif last is not None and now - last[1] >= 1.0:
+            upto = last[0]
+            seen = [i for i in self._seen if self._mark < i <= upto]
+            if len(seen) != upto - self._mark:
+                for stage in STAGES:
+                    self._keys[stage].clear()
+                    self._ranked[stage] = None
+            self._seen = [i for i in self._seen if i > upto]
+            self._mark = upto
+        if last is None or now - last[1] >= 1.0:
+            self._last_hw = (hw, now)
 
     async def _count(self, version: int) -> Counts:
         raw = await self.store.counts()
@@ -176,36 +398,29 @@ class QueueView:
     async def info(self) -> QueueInfo:
         """Queue sizes for /queue-info and stream events."""
         s = await self.counts()
+        w, r = s.waiting, s.running
         return QueueInfo(
-            preprocess_queue_size=s.waiting[Stage.PREPROCESS],
-            generation_queue_size=s.waiting[Stage.GENERATE],
-            postprocess_queue_size=s.waiting[Stage.POSTPROCESS],
-            preprocess_in_flight=s.running[Stage.PREPROCESS],
-            generation_in_flight=s.running[Stage.GENERATE],
-            postprocess_in_flight=s.running[Stage.POSTPROCESS],
-            unfinished=sum(s.waiting.values()) + sum(s.running.values()),
+            preprocess_queue_size=w[Stage.PREPROCESS],
+            generation_queue_size=w[Stage.GENERATE],
+            postprocess_queue_size=w[Stage.POSTPROCESS],
+            preprocess_in_flight=r[Stage.PREPROCESS],
+            generation_in_flight=r[Stage.GENERATE],
+            postprocess_in_flight=r[Stage.POSTPROCESS],
+            unfinished=sum(w.values()) + sum(r.values()),
             max_queue_size=self.max_queue_size,
         )
 
     async def position(self, job: Job) -> QueuePosition | None:
-        """The job's place in its stage, with an ETA; None once it has finished.
-
-        From the shared ranking when it is current (streams keep it so), else from one indexed
-        count of the jobs ahead of this one: a lone GET /result never ranks the whole queue."""
-        if job.state not in (State.PENDING, State.RUNNING):
-            return None
-        snap = self._snap
-        if snap is not None and snap.version >= self.version:
-            return await self.place(job.id, job.state, job.stage, job.kind, job.stage_entered_at)
-        c = await self.counts()
-        if job.state == State.PENDING:
-            pos, size = await self.store.position(job)
-        else:
-            pos, size = 0, c.waiting[job.stage]
-        eta = await self.estimate(
-            job.state, job.stage, job.kind, job.stage_entered_at, pos, c.running[job.stage]
+        """The job's place in its stage, with an ETA; None once it has finished (GET /result:
+        never a ranking of the whole queue for one job)."""
+        return await self.place(
+            job.id,
+            job.state,
+            job.stage,
+            job.kind,
+            job.stage_entered_at,
+            (job.priority, job.created_at),
         )
-        return QueuePosition(QUEUE_NAMES[job.stage], pos, size, eta)
 
     async def place(
         self,
@@ -216,45 +431,76 @@ class QueueView:
         entered_at: str,
         order: tuple[int, str] | None = None,
     ) -> QueuePosition | None:
-        """Like :meth:`position`, from what a stream already knows (no job read).
+        """The job's place in its stage with an ETA, from what a stream knows (no job read);
+        None once it has finished.
 
         ``order`` (the job's priority and created_at) lets a waiting job be placed by one
-        indexed count instead of a ranking of the whole queue, which is cheaper while few
-        streams wait (a ranking is shared by every stream woken by one change; the counts are
-        not). A running job needs only the counts."""
-        if state not in (State.PENDING, State.RUNNING):
+        indexed count when its stage's waiting jobs are not all known."""
+        if state == State.RUNNING:
+            c = await self.counts()
+            size, running = c.waiting[stage], c.running[stage]
+            eta = await self.estimate(state, stage, kind, entered_at, 0, running)
+            return QueuePosition(QUEUE_NAMES[stage], 0, size, eta)
+        if state != State.PENDING:
             return None
-        snap, version = self._snap, self.version
-        if snap is None or snap.version < version:
-            if state == State.RUNNING:
-                c = await self.counts()
-                eta = await self.estimate(state, stage, kind, entered_at, 0, c.running[stage])
-                return QueuePosition(QUEUE_NAMES[stage], 0, c.waiting[stage], eta)
-            if order is not None and len(self._watchers) <= RANK_FROM_WATCHERS:
-                now = self.reads.queue_snapshot_now()
-                if now is None:  # a long queue (or a shared store): count, don't rank
-                    return await self._counted(job_id, stage, kind, entered_at, order)
-                snap = self._build(version, now)
-        s = snap if snap is not None and snap.version >= version else await self.snapshot()
-        pos = s.positions.get(job_id, 0) if state == State.PENDING else 0
-        size = s.waiting[stage]
-        if state == State.PENDING and pos == 0:
-            # Committed after the snapshot: it is at the back, and the queue holds it too.
-            size += 1
-            pos = size
-        eta = await self.estimate(state, stage, kind, entered_at, pos, s.running[stage])
+        c = await self.counts()
+        placed = self._kept_place(job_id, stage, order)
+        if placed is not None:
+            pos, size = placed
+            running = c.running[stage]
+        elif (
+            order is not None
+            and len(self._watchers) <= RANK_FROM_WATCHERS
+            and (self._snap is None or self._snap.version < self.version)
+        ):
+            pos, size = await self._counted(job_id, stage, order)
+            running = c.running[stage]
+        else:
+            s = await self.snapshot()
+            pos, size, running = s.positions.get(job_id, 0), s.waiting[stage], s.running[stage]
+            if pos == 0:
+                # Committed after the snapshot: it is at the back, and the queue holds it too.
+                size += 1
+                pos = size
+        eta = await self.estimate(state, stage, kind, entered_at, pos, running)
         return QueuePosition(QUEUE_NAMES[stage], pos, size, eta)
 
-    async def _counted(
-        self, job_id: str, stage: Stage, kind: str, entered_at: str, order: tuple[int, str]
-    ) -> QueuePosition:
-        """A waiting job's place by one indexed count of the jobs ahead of it."""
-        c = await self.counts()
+    def _kept_place(
+        self, job_id: str, stage: Stage, order: tuple[int, str] | None = None
+    ) -> tuple[int, int] | None:
+        """(position, waiting) of a waiting job from the kept keys, when every waiting job of
+        its stage is known; None otherwise. A job no longer among them (claimed since the
+        event a stream is rendering) is placed by its ``order`` as the indexed count would."""
+        kept = self._kept_now() if self.keeps else None
+        if kept is None:
+            return None
+        keys = self._keys[stage]
+        size = kept.waiting[stage]
+        if len(keys) != size:
+            if len(keys) > size:  # jobs that left unseen (another process): start again
+                keys.clear()
+                self._ranked[stage] = None
+            return None
+        mine = keys.get(job_id)
+        if mine is None:
+            if order is None:
+                return None
+            mine = (-order[0], order[1], job_id)
+            return 1 + sum(1 for k in keys.values() if k < mine), size
+        ranked = self._ranked[stage]
+        if ranked is None and len(self._watchers) > RANK_FROM_WATCHERS:
+            ordered = sorted(keys.values())
+            ranked = self._ranked[stage] = {k[2]: i for i, k in enumerate(ordered, 1)}
+        if ranked is not None:
+            return ranked[job_id], size
+        return 1 + sum(1 for k in keys.values() if k < mine), size
+
+    async def _counted(self, job_id: str, stage: Stage, order: tuple[int, str]) -> tuple[int, int]:
+        """(position, waiting) of a waiting job by one indexed count of the jobs ahead of it."""
         priority, created_at = order
         ref = Job({"id": job_id, "stage": stage, "priority": priority, "created_at": created_at})
         pos, size = await self.store.position(ref)
-        eta = await self.estimate(State.PENDING, stage, kind, entered_at, pos, c.running[stage])
-        return QueuePosition(QUEUE_NAMES[stage], pos, size, eta)
+        return pos, size
 
     async def estimate(
         self, state: State, stage: Stage, kind: str, entered_at: str, pos: int, running: int

@@ -33,6 +33,12 @@ HEADERS = {
 HEARTBEAT = b": ping\n\n"
 
 
+class EventStream(web.StreamResponse):
+    """A stream response whose headers leave with its first bytes (one send, not two)."""
+
+    _send_headers_immediately = False  # aiohttp's own switch (web.Response sets it so too)
+
+
 def frame(se: StreamEvent) -> bytes:
     """One SSE event: ``id:`` then a single ``data:`` line of JSON."""
     return b"id: " + (se.id or "").encode() + b"\ndata: " + encoder.encode(se) + b"\n\n"
@@ -65,7 +71,7 @@ async def stream_job(
         if done and after and len(first) == 1 and (row_of(first[0].id) or 0) <= after:
             # The client already has the final event: 204 tells an EventSource to stop reconnecting.
             return web.Response(status=204)
-        resp = web.StreamResponse(status=status, headers={**HEADERS, **(headers or {})})
+        resp = EventStream(status=status, headers={**HEADERS, **(headers or {})})
         await resp.prepare(request)
         try:
             head = b"retry: 3000\n\n" + b"".join(frame(se) for se in first)
@@ -73,8 +79,7 @@ async def stream_job(
             if done:
                 await resp.write_eof(head)  # the stream's end in the same send
             else:
-                await resp.write(head)
-                await _live(api, feed, sub, resp)
+                await _live(api, feed, sub, resp, head)
         except (ConnectionError, RuntimeError):
             log.debug("stream of job %s: client went away", job_id)  # the job goes on
         except StoreUnavailable as exc:
@@ -93,15 +98,18 @@ def _backlog(sub: Subscription) -> int:
     return sub.buffered
 
 
-async def _live(api: Api, feed: JobFeed, sub: Subscription, resp: web.StreamResponse) -> None:
+async def _live(
+    api: Api, feed: JobFeed, sub: Subscription, resp: web.StreamResponse, head: bytes
+) -> None:
     if feed.state == State.PENDING:
         api.queue.watch(sub, feed.job_id)
     loop = asyncio.get_running_loop()
-    out: list[bytes] = []
     # Events other than the last are held up to ``stream_coalesce`` seconds and leave together:
-    # a short job's whole story goes out in one or two sends instead of one per event (each send
-    # wakes the client and costs the server a syscall); the final event never waits.
-    flush_at = 0.0
+    # a short job's whole story goes out in one send (with the response's headers) instead of
+    # one per event (each send wakes the client and costs the server a syscall); the final
+    # event never waits. The replayed head is held the same way.
+    out: list[bytes] = [head]
+    flush_at = loop.time() + api.options.stream_coalesce
     while True:
         wait = api.options.heartbeat
         if out and not _backlog(sub):
@@ -127,7 +135,7 @@ async def _live(api: Api, feed: JobFeed, sub: Subscription, resp: web.StreamResp
                 return
             continue
         if feed.is_final(ev):
-            out.append(frame(await feed.final(row_of(ev.id))))
+            out.append(frame(await feed.final(row_of(ev.id), ev.job)))
             await resp.write_eof(b"".join(out))  # the stream's end in the same send
             return
         se = await feed.queue_moved() if ev.kind == "queue" else feed.from_bus(ev)

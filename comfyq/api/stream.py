@@ -146,12 +146,13 @@ class JobFeed:
             queue_info=await self.api.queue.info(),
         )
 
-    async def final(self, row: int | None = None) -> StreamEvent:
-        """The ``final_result`` event, with the job's Result."""
+    async def final(self, row: int | None = None, job: Job | None = None) -> StreamEvent:
+        """The ``final_result`` event, with the job's Result (``job``: as its end committed it,
+        carried by the final bus event; None: read)."""
         self.finished = True
         if row is not None:
             self.last_row = max(self.last_row, row)
-        loaded = await self.api.results.shared(self.job_id)
+        loaded = await self.api.results.shared(self.job_id, job)
         if loaded is None:
             raise NotFound(f"job {self.job_id} no longer exists")
         job, result = loaded

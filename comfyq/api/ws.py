@@ -148,7 +148,7 @@ class _Conn:
         if feed is None:
             return
         if feed.is_final(ev):
-            await self._send(await feed.final(int(ev.id)))
+            await self._send(await feed.final(int(ev.id), ev.job))
             self.feeds.pop(ev.job_id, None)
             return
         se = feed.from_bus(ev)

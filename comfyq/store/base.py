@@ -454,6 +454,18 @@ class JobStore(abc.ABC):
     async def counts(self) -> dict[Stage, dict[str, int]]:
         """Waiting and running jobs per stage."""
 
+    async def counts_at(self) -> tuple[dict[Stage, dict[str, int]], int | None]:
+        """:meth:`counts` and the highest ``job_events`` id they include (every change with a
+        higher id committed after them), for keeping counts from transitions; None when the
+        adapter cannot tell (commits of several servers interleave): re-count after changes."""
+        return await self.counts(), None
+
+    async def waiting_at(self) -> tuple[list[tuple[str, str, int, str]], int] | None:
+        """(id, stage, priority, created_at) of every waiting job and the highest
+        ``job_events`` id the read includes, as :meth:`counts_at`; None when the adapter
+        cannot tell."""
+        return None
+
     @abc.abstractmethod
     async def position(self, job: Job) -> tuple[int, int]:
         """(1-based position among waiting jobs of its stage, waiting jobs in that stage)."""

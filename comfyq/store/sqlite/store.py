@@ -368,6 +368,32 @@ class SqliteStore(JobStore):
 
     async def counts(self) -> dict[Stage, dict[str, int]]:
         """Waiting and running jobs per stage."""
+        return (await self._counts(""))[0]
+
+    async def counts_at(self) -> tuple[dict[Stage, dict[str, int]], int | None]:
+        # One statement reads one snapshot: the counts and the events-table high-water mark
+        # agree (AUTOINCREMENT: ids only grow, even past deleted rows; one writer commits them
+        # in order).
+        return await self._counts(
+            " UNION ALL SELECT '', 'seq', seq FROM sqlite_sequence WHERE name = 'job_events'"
+        )
+
+    async def waiting_at(self) -> tuple[list[tuple[str, str, int, str]], int] | None:
+        rows = await self._rows(
+            "SELECT id, stage, priority, created_at FROM jobs INDEXED BY jobs_claim"
+            " WHERE state = 'pending'"
+            " UNION ALL SELECT '', '', seq, '' FROM sqlite_sequence WHERE name = 'job_events'"
+        )
+        seq = 0
+        out: list[tuple[str, str, int, str]] = []
+        for job_id, stage, priority, created_at in rows:
+            if job_id:
+                out.append((job_id, stage, priority, created_at))
+            else:
+                seq = priority
+        return out, seq
+
+    async def _counts(self, extra: str) -> tuple[dict[Stage, dict[str, int]], int | None]:
         out = {s: {"waiting": 0, "running": 0} for s in STAGES}
         # Inline while the last count was small (the counts read every waiting job's index entry).
         read = self._now if self._unfinished < INLINE_SNAPSHOT_ROWS else self._rows
@@ -378,12 +404,18 @@ class SqliteStore(JobStore):
             "SELECT stage, 'pending', count(*) FROM jobs INDEXED BY jobs_claim"
             " WHERE state = 'pending' GROUP BY stage"
             " UNION ALL SELECT stage, 'running', count(*)"
-            " FROM jobs WHERE state = 'running' GROUP BY stage"
+            " FROM jobs WHERE state = 'running' GROUP BY stage" + extra
         )
-        self._unfinished = sum(n for _, _, n in rows)
+        seq = 0 if extra else None  # no row yet: no event was ever written
+        unfinished = 0
         for stage, state, n in rows:
+            if state == "seq":
+                seq = n
+                continue
+            unfinished += n
             out[stage]["waiting" if state == State.PENDING else "running"] = n
-        return out
+        self._unfinished = unfinished
+        return out, seq
 
     async def position(self, job: Job) -> tuple[int, int]:
         """(1-based position among waiting jobs of its stage, waiting jobs in that stage)."""
