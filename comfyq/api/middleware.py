@@ -24,7 +24,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 from aiohttp.web_urldispatcher import PlainResource, UrlMappingMatchInfo
 
-from comfyq.api.auth import ANONYMOUS, NOBODY, set_principal
+from comfyq.api.auth import ANONYMOUS, NOBODY, Principal, set_principal
 from comfyq.api.context import get_api, json_response
 from comfyq.errors import BadRequest, ComfyqError, QueueFull, Unauthorized
 from comfyq.limits import CONTROL
@@ -220,18 +220,12 @@ def http_middleware(api: Api) -> Middleware:
                 try:
                     # auth: who is asking; then no control character in a path parameter
                     current = keys.current
-                    if current.enabled:
-                        who = current.principal(_token(request))
-                        if who is None:
-                            public = spec.public
-                            if public is _CHECK:
-                                public = _is_public(request.path)
-                            if not public:
-                                raise Unauthorized(_UNAUTHORIZED)
-                            who = NOBODY
-                    else:
-                        who = ANONYMOUS
-                    set_principal(request, who)
+                    set_principal(
+                        request,
+                        _caller(request, spec, current.principal(_token(request)))
+                        if current.enabled
+                        else ANONYMOUS,
+                    )
                     if match_info:
                         _check_params(match_info)
                     response = await handler(request)
@@ -287,19 +281,22 @@ def http_middleware(api: Api) -> Middleware:
 async def _admitted(request: web.Request, handler: Handler, spec: _Route) -> web.StreamResponse:
     """Auth and the path-parameter check, then ``handler``: what another surface's guard runs
     (its failures are answered in that surface's envelope)."""
-    keys = get_api(request).keys
-    who = keys.principal(_token(request))
-    if who is None:
-        public = spec.public
-        if public is _CHECK:
-            public = _is_public(request.path)
-        if not public:
-            raise Unauthorized(_UNAUTHORIZED)
-        who = NOBODY
-    set_principal(request, who)
+    set_principal(request, _caller(request, spec, get_api(request).keys.principal(_token(request))))
     if request.match_info:
         _check_params(request.match_info)
     return await handler(request)
+
+
+def _caller(request: web.Request, spec: _Route, who: Principal | None) -> Principal:
+    """The caller a key named (``who``), or nobody on a public route; 401 otherwise."""
+    if who is not None:
+        return who
+    public = spec.public
+    if public is _CHECK:
+        public = _is_public(request.path)
+    if not public:
+        raise Unauthorized(_UNAUTHORIZED)
+    return NOBODY
 
 
 def _check_params(match_info: UrlMappingMatchInfo) -> None:
