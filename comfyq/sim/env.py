@@ -27,6 +27,7 @@ class SimEnv:
         self.output_dir = str(data_dir / "output")
         self.temp_dir = str(data_dir / "temp")
         self.checkpoints_dir = str(data_dir / "models" / "checkpoints")
+        self._dirs = {"input": self.input_dir, "output": self.output_dir, "temp": self.temp_dir}
         self._counters: dict[tuple[str, str], int] = {}
         # (prefix, base dir) -> (folder, file stem, subfolder, counter key) of a checked prefix
         self._resolved: dict[tuple[str, str], tuple[str, str, str, tuple[str, str]]] = {}
@@ -43,12 +44,12 @@ class SimEnv:
 
     def dir_for_type(self, kind: str | None) -> str | None:
         """Folder for an upload/view `type`; None for an unknown type."""
-        return {"input": self.input_dir, "output": self.output_dir, "temp": self.temp_dir}.get(
-            kind or ""
-        )
+        return self._dirs.get(kind or "")
 
     def split_annotation(self, name: str) -> tuple[str, str | None]:
         """(name, folder) for `x.png [output]`-style names; folder None without annotation."""
+        if not name.endswith("]"):
+            return name, None
         for kind in ("output", "input", "temp"):
             suffix = f" [{kind}]"
             if name.endswith(suffix):

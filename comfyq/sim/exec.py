@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 from .env import SimEnv
-from .generation import INTERMEDIATE_OUTPUT, Generation, generation
+from .generation import INTERMEDIATE_OUTPUT, Generation, generation, uuid4_text
 from .graph import ExecList, _Unequal, is_link, signatures
 from .nodedefs import NODES
 from .queue import PromptQueue, QueueItem
@@ -195,10 +194,8 @@ class Executor:
         self.cancelled.add(prompt_id)
 
     async def _asset_scan(self) -> None:
-        roots = ["output"]
-        await self.hub.send_json("assets.seed.started", {"roots": roots, "phase": "fast"})
-        done = {"phase": "fast", "total": 0, "created": 0, "enriched": 0, "skipped": 0}
-        await self.hub.send_json("assets.seed.completed", {**done, "elapsed": 0.0})
+        await self.hub.send_encoded(_SEED_STARTED)
+        await self.hub.send_encoded(_SEED_COMPLETED)
 
     def _register(self, nid: str, output: Any) -> Any:
         """An executed output as this generation sends it: newer ComfyUI adds ``metadata`` to
@@ -216,7 +213,7 @@ class Executor:
                     clean = {k: v for k, v in item.items() if k not in ("id", "preview_id")}
                     item = {**clean, "metadata": {}}
                     if self.gen.assets:
-                        item["id"] = item["preview_id"] = str(uuid.uuid4())
+                        item["id"] = item["preview_id"] = uuid4_text()
                 shown[key].append(item)
         self._sent_ui[nid] = shown
         return shown
@@ -254,6 +251,20 @@ class Executor:
         if self.client_id is not None or broadcast:
             await self.hub.send_json(event, data, self.client_id)
 
+    async def _add_prompt_message(
+        self, event: str, pid: str, messages: list[list[Any]], nodes: list[str] | None = None
+    ) -> None:
+        """_add_message for execution_start / _cached / _success ({["nodes",] "prompt_id",
+        "timestamp"}), the text written directly (three per job; see prompt_message_text)."""
+        ts = int(time.time() * 1000)
+        data: dict[str, Any] = {"prompt_id": pid, "timestamp": ts}
+        if nodes is not None:
+            data = {"nodes": nodes, **data}
+        messages.append([event, data])
+        if self.client_id is not None:
+            text = prompt_message_text(event, pid, ts, nodes)
+            await self.hub.send_encoded(text, self.client_id)
+
     async def _is_changed(self, prompt: dict[str, Any]) -> dict[str, Any]:
         changed: dict[str, Any] = {}
         for nid, node in prompt.items():
@@ -283,7 +294,7 @@ class Executor:
         self._prompt_id = pid
         self._progress = {}
         messages: list[list[Any]] = []
-        await self._add_message("execution_start", {"prompt_id": pid}, False, messages)
+        await self._add_prompt_message("execution_start", pid, messages)
         keys = self._keys = signatures(prompt, await self._is_changed(prompt))
         live = {k for k in keys.values() if not isinstance(k, _Unequal)}
         # Classic cache: only entries used by the current prompt survive.
@@ -294,9 +305,7 @@ class Executor:
         for nid in [n for n in suffixes if n not in prompt]:
             del suffixes[nid]
         cached = [nid for nid in prompt if keys[nid] in self.out_cache]
-        await self._add_message(
-            "execution_cached", {"nodes": cached, "prompt_id": pid}, False, messages
-        )
+        await self._add_prompt_message("execution_cached", pid, messages, cached)
         xlist = ExecList(prompt, lambda nid: keys.get(nid) in self.out_cache)
         for nid in to_execute:
             xlist.add_node(nid)
@@ -338,7 +347,7 @@ class Executor:
             xlist.complete(nid)
         if success:
             await self._reemit_intermediate(prompt, pid, cached)
-            await self._add_message("execution_success", {"prompt_id": pid}, False, messages)
+            await self._add_prompt_message("execution_success", pid, messages)
         outputs: dict[str, Any] = {}
         meta: dict[str, Any] = {}
         for nid in prompt:
@@ -537,6 +546,24 @@ def executing_text(nid: str | None, pid: str) -> str:
         f'{{"type": "executing", "data": {{"node": {n}, "display_node": {n},'
         f' "prompt_id": {json_str(pid)}}}}}'
     )
+
+
+def prompt_message_text(event: str, pid: str, ts: int, nodes: list[str] | None = None) -> str:
+    """json.dumps of {"type": event, "data": {["nodes": nodes,] "prompt_id": pid, "timestamp":
+    ts}} (``event`` a plain ASCII name), written directly."""
+    tail = f'"prompt_id": {json_str(pid)}, "timestamp": {int(ts)}}}}}'
+    if nodes is None:
+        return f'{{"type": "{event}", "data": {{' + tail
+    listed = ", ".join([json_str(n) for n in nodes])
+    return f'{{"type": "{event}", "data": {{"nodes": [{listed}], ' + tail
+
+
+# The asset scanner's messages after every prompt (newer ComfyUI with assets): always the same.
+_SEED_STARTED = '{"type": "assets.seed.started", "data": {"roots": ["output"], "phase": "fast"}}'
+_SEED_COMPLETED = (
+    '{"type": "assets.seed.completed", "data": {"phase": "fast", "total": 0, "created": 0,'
+    ' "enriched": 0, "skipped": 0, "elapsed": 0.0}}'
+)
 
 
 def progress_state_text(pid: str, progress: dict[str, dict[str, Any]]) -> str:
