@@ -80,6 +80,8 @@ def format_value(x: Any) -> Any:
 class _Ctx:
     """RunContext handed to node functions while one node executes."""
 
+    __slots__ = ("duration", "env", "ex", "extra_data", "node_id", "prompt", "prompt_id")
+
     def __init__(
         self,
         ex: Executor,
@@ -218,14 +220,10 @@ class Executor:
         self._sent_ui[nid] = shown
         return shown
 
-    def _deliverable(self, sid: str | None) -> bool:
-        if self.faults.stall_ws:
-            return False
-        return bool(self.hub.sockets) if sid is None else sid in self.hub.sockets
-
     async def _progress_send(self) -> None:
         cid = self.client_id
-        if not self._deliverable(cid):
+        sockets = self.hub.sockets
+        if self.faults.stall_ws or (cid not in sockets if cid is not None else not sockets):
             return  # nobody would get it: skip building the (growing) node map
         # {"type": "progress_state", "data": {"prompt_id", "nodes": {id: {...}}}}, written
         # straight to text (the same text json.dumps gives; see progress_state_text).
@@ -475,7 +473,8 @@ class Executor:
         ctx = _Ctx(self, nid, pid, duration, prompt, extra)
         try:
             self.check_interrupt()
-            fault = self.faults.fail_nodes.get(nid) or self.faults.fail_nodes.get(spec.name)
+            fails = self.faults.fail_nodes
+            fault = (fails.get(nid) or fails.get(spec.name)) if fails else None
             if fault is not None:
                 raise NodeFailure(fault[0], fault[1])
             if not spec.own_progress:
@@ -483,8 +482,8 @@ class Executor:
                     for step in range(1, t.progress_steps + 1):
                         await ctx.sleep(duration / t.progress_steps)
                         await ctx.tick(step, t.progress_steps)
-                else:
-                    await ctx.sleep(duration)
+                elif duration > 0:
+                    await asyncio.sleep(duration)
             outputs, ui_or_none = await spec.run(ctx, values)
         except _Interrupted:
             return {"interrupted": True}

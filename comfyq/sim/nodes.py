@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import os
 import random
 import zlib
@@ -22,6 +21,7 @@ from .types import (
     SimMask,
     SimModelPart,
 )
+from .ws import _dumps as dumps
 
 _THREAD_PIXELS = 1 << 18  # encode PNGs bigger than this off the event loop
 
@@ -93,10 +93,10 @@ async def _save(
     img = _want(images, SimImage)
     env: SimEnv = ctx.env
     folder, stem, counter, subfolder = env.save_path(prefix, base_dir, img.width, img.height)
-    texts = {"prompt": json.dumps(ctx.prompt)}
+    texts = {"prompt": dumps(ctx.prompt)}  # json.dumps's text, one cached encoder
     pnginfo = ctx.extra_data.get("extra_pnginfo")
     if isinstance(pnginfo, dict):
-        texts.update({k: json.dumps(v) for k, v in pnginfo.items()})
+        texts.update({k: dumps(v) for k, v in pnginfo.items()})
     data = await png_bytes(img.width, img.height, img.rgb, texts, level)
     results = []
     for batch_number in range(img.batch):

@@ -48,6 +48,7 @@ class _Coalescing:
     def __init__(self, inner: asyncio.BaseTransport) -> None:
         self.inner: Any = inner
         self.buf: list[bytes] = []
+        self.loop = asyncio.get_running_loop()
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if len(data) >= self._DIRECT or (len(data) and data[0] == 0x88):  # big, or close
@@ -55,7 +56,7 @@ class _Coalescing:
             self.inner.write(data)
             return
         if not self.buf:
-            asyncio.get_running_loop().call_soon(self.flush)
+            self.loop.call_soon(self.flush)
         self.buf.append(bytes(data))
 
     def flush(self) -> None:
@@ -77,7 +78,7 @@ class _Coalescing:
         if writer._closing or self.inner.is_closing():
             return True
         if not self.buf:
-            asyncio.get_running_loop().call_soon(self.flush)
+            self.loop.call_soon(self.flush)
         self.buf.append(frame)
         return True
 
@@ -131,10 +132,27 @@ class Hub:
             frame = _text_frame(text)
             for ws in list(self.sockets.values()):
                 await self._send_text(ws, text, frame)
-        else:
-            target = self.sockets.get(sid)
-            if target is not None:
-                await self._send_text(target, text, _text_frame(text))
+            return
+        target = self.sockets.get(sid)
+        if target is None:
+            return
+        # _send_text and _Coalescing.frame inline: about 18 messages per job take this path.
+        buffered = self._coalescing.get(id(target))
+        writer = target._writer
+        if buffered is None or writer is None or writer.compress:
+            await _send(target.send_str, text)
+            return
+        if writer._closing or buffered.inner.is_closing():
+            return  # dropped, like ComfyUI's send_socket_catch_exception
+        payload = text.encode()
+        n = len(payload)
+        buf = buffered.buf
+        if not buf:
+            buffered.loop.call_soon(buffered.flush)
+        buf.append(bytes((0x81, n)) + payload if n < 126 else _frame_of(payload))
+        if writer.protocol._paused:  # the flow control aiohttp's writer applies
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await writer.protocol._drain_helper()
 
     async def _send_text(self, ws: web.WebSocketResponse, text: str, frame: bytes) -> None:
         # Straight into the socket's coalescing buffer: aiohttp's send_str costs several
@@ -255,7 +273,10 @@ def json_num(x: Any) -> str:
 
 def _text_frame(text: str) -> bytes:
     """A server (unmasked, uncompressed) websocket TEXT frame carrying ``text``."""
-    payload = text.encode()
+    return _frame_of(text.encode())
+
+
+def _frame_of(payload: bytes) -> bytes:
     n = len(payload)
     if n < 126:
         return struct.pack(">BB", 0x81, n) + payload
