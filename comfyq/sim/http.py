@@ -62,6 +62,13 @@ def _no_prompt() -> web.Response:
     return web.json_response({"error": error, "node_errors": {}}, status=400)
 
 
+async def _json_body(request: web.Request) -> Any:
+    """``await request.json()`` (the body decoded with its charset, then json.loads) without
+    the two coroutine layers aiohttp puts around it; POST /prompt reads one per job."""
+    body = await request.read()
+    return json.loads(body.decode(request.charset or "utf-8"))
+
+
 def _memory() -> tuple[int, int]:
     try:
         page = os.sysconf("SC_PAGE_SIZE")
@@ -191,7 +198,7 @@ class Routes:
         if p.faults.reject_next:
             status, body = p.faults.reject_next.pop(0)
             return _injected(status, body)
-        data = await request.json()
+        data = await _json_body(request)
         if not isinstance(data, dict):
             if isinstance(data, (list, str)) and not any(
                 k in data for k in ("number", "front", "prompt")

@@ -53,7 +53,6 @@ def encode_png(
     level: int = 1,
 ) -> bytes:
     """Encode a solid-colour 8-bit RGB PNG; `texts` become tEXt chunks."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     row = b"\x00" + bytes(rgb) * width
     if len(row) * height <= _STORED_MAX:
         idat = _stored_zlib(row * height)
@@ -73,7 +72,7 @@ def encode_png(
                 left -= n
             parts.append(comp.flush())
         idat = b"".join(parts)
-    out = [PNG_MAGIC, _chunk(b"IHDR", ihdr)]
+    out = [PNG_MAGIC, _ihdr(width, height)]
     all_texts = {SOLID_KEY: ",".join(str(int(v)) for v in rgb)}
     all_texts.update(texts or {})
     for key, value in all_texts.items():
@@ -81,8 +80,23 @@ def encode_png(
             _chunk(b"tEXt", key.encode("latin-1") + b"\x00" + value.encode("latin-1", "replace"))
         )
     out.append(_chunk(b"IDAT", idat))
-    out.append(_chunk(b"IEND", b""))
+    out.append(_IEND)
     return b"".join(out)
+
+
+_IEND = _chunk(b"IEND", b"")
+_IHDRS: dict[tuple[int, int], bytes] = {}
+
+
+def _ihdr(width: int, height: int) -> bytes:
+    """The IHDR chunk of an 8-bit RGB image, remembered per size (a few sizes in practice)."""
+    chunk = _IHDRS.get((width, height))
+    if chunk is None:
+        if len(_IHDRS) >= 256:
+            _IHDRS.clear()
+        ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+        chunk = _IHDRS[(width, height)] = _chunk(b"IHDR", ihdr)
+    return chunk
 
 
 def _png_info(data: bytes) -> ImageInfo:
