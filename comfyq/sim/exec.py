@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -173,7 +174,9 @@ class Executor:
             outputs, meta, status = await self.execute(item)
             await self.queue.task_done(task_id, outputs, meta, status)
             if self.client_id is not None:
-                await self.hub.send_encoded(executing_text(None, item[1]), self.client_id)
+                rest = self.hub.post(executing_text(None, item[1]), self.client_id)
+                if rest is not None:
+                    await rest
             if self.gen.assets:  # the asset scanner runs after prompts and tells everyone
                 await self._asset_scan()
             self.apply_flags()
@@ -196,8 +199,10 @@ class Executor:
         self.cancelled.add(prompt_id)
 
     async def _asset_scan(self) -> None:
-        await self.hub.send_encoded(_SEED_STARTED)
-        await self.hub.send_encoded(_SEED_COMPLETED)
+        for text in (_SEED_STARTED, _SEED_COMPLETED):
+            rest = self.hub.post(text)
+            if rest is not None:
+                await rest
 
     def _register(self, nid: str, output: Any) -> Any:
         """An executed output as this generation sends it: newer ComfyUI adds ``metadata`` to
@@ -221,13 +226,19 @@ class Executor:
         return shown
 
     async def _progress_send(self) -> None:
+        rest = self._progress_post()
+        if rest is not None:
+            await rest
+
+    def _progress_post(self) -> Awaitable[None] | None:
+        """Queue a progress_state message (Hub.post: what is left to await, or None)."""
         cid = self.client_id
         sockets = self.hub.sockets
         if self.faults.stall_ws or (cid not in sockets if cid is not None else not sockets):
-            return  # nobody would get it: skip building the (growing) node map
+            return None  # nobody would get it: skip building the (growing) node map
         # {"type": "progress_state", "data": {"prompt_id", "nodes": {id: {...}}}}, written
         # straight to text (the same text json.dumps gives; see progress_state_text).
-        await self.hub.send_encoded(progress_state_text(self._prompt_id, self._progress), cid)
+        return self.hub.post(progress_state_text(self._prompt_id, self._progress), cid)
 
     def _entry(self, nid: str) -> dict[str, Any]:
         entry = self._progress.get(nid)
@@ -260,8 +271,9 @@ class Executor:
             data = {"nodes": nodes, **data}
         messages.append([event, data])
         if self.client_id is not None:
-            text = prompt_message_text(event, pid, ts, nodes)
-            await self.hub.send_encoded(text, self.client_id)
+            rest = self.hub.post(prompt_message_text(event, pid, ts, nodes), self.client_id)
+            if rest is not None:
+                await rest
 
     async def _is_changed(self, prompt: dict[str, Any]) -> dict[str, Any]:
         changed: dict[str, Any] = {}
@@ -459,11 +471,15 @@ class Executor:
             return None
         entry = self._entry(nid)
         entry.update(state="running", value=0.0, max=1.0)
-        await self._progress_send()
+        rest = self._progress_post()
+        if rest is not None:
+            await rest
         values = self._inputs(spec, node, nid)
         if cid is not None:
             self.last_node_id = nid
-            await self.hub.send_encoded(executing_text(nid, pid), cid)
+            rest = self.hub.post(executing_text(nid, pid), cid)
+            if rest is not None:
+                await rest
         if self.gen.rich_executed and spec.category == "loaders":
             entry["activity"] = "loading"  # newer ComfyUI: a progress_state saying what it does
             await self._progress_send()
@@ -524,15 +540,21 @@ class Executor:
                     cid,
                 )
         self.out_cache[key] = outputs
-        await self._finish(nid)
+        self._finished(nid)
+        rest = self._progress_post()
+        if rest is not None:
+            await rest
         executed.append(nid)
         return None
 
     async def _finish(self, nid: str) -> None:
+        self._finished(nid)
+        await self._progress_send()
+
+    def _finished(self, nid: str) -> None:
         entry = self._entry(nid)
         entry["state"] = "finished"
         entry["value"] = entry["max"]
-        await self._progress_send()
 
 
 def executing_text(nid: str | None, pid: str) -> str:

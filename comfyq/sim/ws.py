@@ -69,19 +69,6 @@ class _Coalescing:
     def is_closing(self) -> bool:
         return bool(self.inner.is_closing())
 
-    def frame(self, writer: Any, frame: bytes) -> bool:
-        """Queue a ready-made text frame for ``writer``'s socket, as aiohttp would write it;
-        False when aiohttp must write it itself (compression negotiated). A closing socket
-        drops it, like ComfyUI's send_socket_catch_exception."""
-        if writer.compress:
-            return False
-        if writer._closing or self.inner.is_closing():
-            return True
-        if not self.buf:
-            self.loop.call_soon(self.flush)
-        self.buf.append(frame)
-        return True
-
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
@@ -124,47 +111,72 @@ class Hub:
 
     async def send_encoded(self, text: str, sid: str | None = None) -> None:
         """Like send_json, for a message already encoded as JSON text (as json.dumps writes it)."""
+        rest = self.post(text, sid)
+        if rest is not None:
+            await rest
+
+    def post(self, text: str, sid: str | None = None) -> Awaitable[None] | None:
+        """send_encoded without a coroutine in the common case: the frame goes straight into
+        each target socket's coalescing buffer and None is returned. Otherwise it returns what
+        is left to await (flow control, or a socket aiohttp must write itself); callers await
+        it before their next message, so each socket still gets its frames in order."""
         if self._stalled():
-            return
-        if sid is None:
-            if not self.sockets:
-                return
-            frame = _text_frame(text)
-            for ws in list(self.sockets.values()):
-                await self._send_text(ws, text, frame)
-            return
-        target = self.sockets.get(sid)
-        if target is None:
-            return
-        # _send_text and _Coalescing.frame inline: about 18 messages per job take this path.
-        buffered = self._coalescing.get(id(target))
-        writer = target._writer
+            return None
+        if sid is not None:
+            target = self.sockets.get(sid)
+            if target is None:
+                return None
+            payload = text.encode()
+            n = len(payload)
+            frame = bytes((0x81, n)) + payload if n < 126 else _frame_of(payload)
+            done = self._put(target, frame)
+            if done is True:
+                return None
+            return self._finish([(target, done)], text)
+        if not self.sockets:
+            return None
+        frame = _text_frame(text)  # unmasked and uncompressed: the same bytes for everyone
+        left: list[tuple[web.WebSocketResponse, bool | None]] = []
+        for ws in list(self.sockets.values()):
+            done = self._put(ws, frame)
+            if done is not True:
+                left.append((ws, done))
+        return self._finish(left, text) if left else None
+
+    def _put(self, ws: web.WebSocketResponse, frame: bytes) -> bool | None:
+        """Queue ``frame`` in ``ws``'s coalescing buffer, as aiohttp would write it (aiohttp's
+        send_str costs several calls per frame). True: done; None: done, but the transport is
+        paused and the sender must wait (aiohttp's writer's flow control); False: aiohttp must
+        write it (no buffer, or compression negotiated). A closing socket drops it, like
+        ComfyUI's send_socket_catch_exception."""
+        buffered = self._coalescing.get(id(ws))
+        writer = ws._writer
         if buffered is None or writer is None or writer.compress:
-            await _send(target.send_str, text)
-            return
+            return False
         if writer._closing or buffered.inner.is_closing():
-            return  # dropped, like ComfyUI's send_socket_catch_exception
-        payload = text.encode()
-        n = len(payload)
+            return True
         buf = buffered.buf
         if not buf:
             buffered.loop.call_soon(buffered.flush)
-        buf.append(bytes((0x81, n)) + payload if n < 126 else _frame_of(payload))
-        if writer.protocol._paused:  # the flow control aiohttp's writer applies
-            with contextlib.suppress(ConnectionError, RuntimeError):
-                await writer.protocol._drain_helper()
+        buf.append(frame)
+        return None if writer.protocol._paused else True
+
+    async def _finish(
+        self, left: list[tuple[web.WebSocketResponse, bool | None]], text: str
+    ) -> None:
+        for ws, done in left:
+            if done is None:
+                writer = ws._writer
+                if writer is not None:
+                    with contextlib.suppress(ConnectionError, RuntimeError):
+                        await writer.protocol._drain_helper()
+            else:
+                await _send(ws.send_str, text)
 
     async def _send_text(self, ws: web.WebSocketResponse, text: str, frame: bytes) -> None:
-        # Straight into the socket's coalescing buffer: aiohttp's send_str costs several
-        # calls per frame (header packing, checks) and the frame is the same for all sockets.
-        buffered = self._coalescing.get(id(ws))
-        writer = ws._writer
-        if buffered is not None and writer is not None and buffered.frame(writer, frame):
-            if writer.protocol._paused:  # the flow control aiohttp's writer applies
-                with contextlib.suppress(ConnectionError, RuntimeError):
-                    await writer.protocol._drain_helper()
-            return
-        await _send(ws.send_str, text)
+        done = self._put(ws, frame)
+        if done is not True:
+            await self._finish([(ws, done)], text)
 
     async def send_bytes(self, payload: bytes, sid: str | None = None) -> None:
         """Send a binary frame to sid, or to every socket when sid is None."""
