@@ -232,11 +232,11 @@ def guess_type(filename: str) -> str | None:
         or ext.lower() in mimetypes.encodings_map
     ):
         return mimetypes.guess_type(filename)[0]
-    hit = _TYPES.get(ext, False)
-    if hit is False:
-        if len(_TYPES) >= 1024:
-            _TYPES.clear()
-        hit = _TYPES[ext] = mimetypes.guess_type("x" + ext)[0]
+    if ext in _TYPES:
+        return _TYPES[ext]
+    if len(_TYPES) >= 1024:
+        _TYPES.clear()
+    hit = _TYPES[ext] = mimetypes.guess_type("x" + ext)[0]
     return hit
 
 
