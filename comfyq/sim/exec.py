@@ -180,7 +180,8 @@ class Executor:
             if self.gen.assets:  # the asset scanner runs after prompts and tells everyone
                 await self._asset_scan()
             self.apply_flags()
-            await asyncio.sleep(0)  # let HTTP handlers in between back-to-back prompts
+            if self.queue.heap:  # else get() waits anyway: no extra turn of the loop
+                await asyncio.sleep(0)  # let HTTP handlers in between back-to-back prompts
 
     def apply_flags(self) -> None:
         """POST /free {"free_memory": true} empties the node cache once nothing runs."""
