@@ -13,7 +13,7 @@ from pathlib import Path
 from .types import NodeFailure
 
 DEFAULT_CHECKPOINTS = ("sd_xl_base_1.0.safetensors", "v1-5-pruned-emaonly.safetensors")
-_BIG_FILE = 1 << 20
+BIG_FILE = 1 << 20
 
 
 class SimEnv:
@@ -193,13 +193,13 @@ _RECENT_MAX_SIZE = 256 << 10
 
 async def write_file(path: str, data: bytes) -> None:
     """Write bytes; big payloads go to a thread so the event loop keeps serving."""
-    if len(data) >= _BIG_FILE:
-        await asyncio.to_thread(_write_sync, path, data)
+    if len(data) >= BIG_FILE:
+        await asyncio.to_thread(write_sync, path, data)
     else:
-        _write_sync(path, data)
+        write_sync(path, data)
 
 
-def _write_sync(path: str, data: bytes) -> None:
+def write_sync(path: str, data: bytes) -> None:
     # os.open/os.write: what open(path, "wb") does without its buffer object and the isatty
     # ioctl, lseek and extra fstat it makes per file (one output file per simulated job).
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o666)
@@ -229,6 +229,6 @@ def recent_bytes(path: str, st: os.stat_result) -> bytes | None:
 
 async def read_file(path: str) -> bytes:
     """Read a file, in a thread when it is big."""
-    if os.path.getsize(path) >= _BIG_FILE:
+    if os.path.getsize(path) >= BIG_FILE:
         return await asyncio.to_thread(Path(path).read_bytes)
     return Path(path).read_bytes()

@@ -67,6 +67,10 @@ class Timing:
     progress_steps: int = 0
 
 
+# Node classes with an IS_CHANGED (LoadImage...): a prompt without one skips _is_changed.
+_HAS_IS_CHANGED = frozenset(n for n, spec in NODES.items() if spec.is_changed)
+
+
 class _Interrupted(Exception):
     pass
 
@@ -306,7 +310,13 @@ class Executor:
         self._progress = {}
         messages: list[list[Any]] = []
         await self._add_prompt_message("execution_start", pid, messages)
-        keys = self._keys = signatures(prompt, await self._is_changed(prompt))
+        # IS_CHANGED only for classes that have one (LoadImage...): none in most prompts.
+        changes = any(
+            isinstance(n, dict) and isinstance(n.get("class_type"), str)
+            and n["class_type"] in _HAS_IS_CHANGED
+            for n in prompt.values()
+        )  # fmt: skip
+        keys = self._keys = signatures(prompt, await self._is_changed(prompt) if changes else {})
         live = {k for k in keys.values() if not isinstance(k, _Unequal)}
         # Classic cache: only entries used by the current prompt survive.
         for cache in (self.out_cache, self.ui_cache):
@@ -357,7 +367,8 @@ class Executor:
                 break
             xlist.complete(nid)
         if success:
-            await self._reemit_intermediate(prompt, pid, cached)
+            if cached:
+                await self._reemit_intermediate(prompt, pid, cached)
             await self._add_prompt_message("execution_success", pid, messages)
         outputs: dict[str, Any] = {}
         meta: dict[str, Any] = {}

@@ -9,7 +9,7 @@ import random
 import zlib
 from typing import Any
 
-from .env import SimEnv, read_file, write_file
+from .env import BIG_FILE, SimEnv, read_file, write_file, write_sync
 from .png import UnidentifiedImageError, encode_png, sniff_image
 from .types import (
     NodeFailure,
@@ -97,11 +97,18 @@ async def _save(
     pnginfo = ctx.extra_data.get("extra_pnginfo")
     if isinstance(pnginfo, dict):
         texts.update({k: dumps(v) for k, v in pnginfo.items()})
-    data = await png_bytes(img.width, img.height, img.rgb, texts, level)
+    if img.width * img.height < _THREAD_PIXELS:  # small: no coroutine, no thread
+        data = encode_png(img.width, img.height, img.rgb, texts, level)
+    else:
+        data = await png_bytes(img.width, img.height, img.rgb, texts, level)
     results = []
     for batch_number in range(img.batch):
         name = f"{stem.replace('%batch_num%', str(batch_number))}_{counter:05}_.png"
-        await write_file(os.path.join(folder, name), data)
+        path = os.path.join(folder, name)
+        if len(data) < BIG_FILE:
+            write_sync(path, data)
+        else:
+            await write_file(path, data)
         results.append({"filename": name, "subfolder": subfolder, "type": kind})
         counter += 1
     env.advance_counter(folder, stem, counter)
