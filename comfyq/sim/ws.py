@@ -9,7 +9,7 @@ import math
 import struct
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import WSMsgType, web
 
@@ -73,14 +73,20 @@ class _Coalescing:
         return getattr(self.inner, name)
 
 
+class Stalling(Protocol):
+    """The fault switch the hub reads: while stall_ws is true no message reaches anyone."""
+
+    stall_ws: bool
+
+
 class Hub:
     """Connected sockets keyed by sid, with ComfyUI's routing: sid None means everyone."""
 
-    def __init__(self, stalled: Callable[[], bool], features: dict[str, Any] | None = None) -> None:
+    def __init__(self, faults: Stalling, features: dict[str, Any] | None = None) -> None:
         self.features = dict(SERVER_FEATURES if features is None else features)
         self.sockets: dict[str, web.WebSocketResponse] = {}
         self.flags: dict[str, dict[str, Any]] = {}
-        self._stalled = stalled
+        self._faults = faults  # its stall_ws drops every message (read on each send)
         # Every open socket, including ones replaced by a reconnect under the same clientId.
         self._open: dict[web.WebSocketResponse, web.Request] = {}
         # By id(): WebSocketResponse hashes in Python, a cost on every message.
@@ -94,7 +100,7 @@ class Hub:
 
     async def send_json(self, event: str, data: Any, sid: str | None = None) -> None:
         """Send one {"type","data"} message to sid, or to every socket when sid is None."""
-        if self._stalled():
+        if self._faults.stall_ws:
             return
         if sid is None:
             if not self.sockets:
@@ -120,7 +126,7 @@ class Hub:
         each target socket's coalescing buffer and None is returned. Otherwise it returns what
         is left to await (flow control, or a socket aiohttp must write itself); callers await
         it before their next message, so each socket still gets its frames in order."""
-        if self._stalled():
+        if self._faults.stall_ws:
             return None
         if sid is not None:
             target = self.sockets.get(sid)
@@ -153,8 +159,8 @@ class Hub:
         writer = ws._writer
         if buffered is None or writer is None or writer.compress:
             return False
-        if writer._closing or buffered.inner.is_closing():
-            return True
+        if writer._closing:
+            return True  # (a closed transport drops what is buffered at flush time)
         buf = buffered.buf
         if not buf:
             buffered.loop.call_soon(buffered.flush)
@@ -180,7 +186,7 @@ class Hub:
 
     async def send_bytes(self, payload: bytes, sid: str | None = None) -> None:
         """Send a binary frame to sid, or to every socket when sid is None."""
-        if self._stalled():
+        if self._faults.stall_ws:
             return
         if sid is None:
             for ws in list(self.sockets.values()):
