@@ -22,6 +22,7 @@ from comfyq.sim.exec import (
 )
 from comfyq.sim.files import guess_type
 from comfyq.sim.generation import is_canonical_uuid, uuid4_text
+from comfyq.sim.graph import signatures
 from comfyq.sim.png import encode_png, sniff_image
 from comfyq.sim.queue import status_text
 from comfyq.sim.ws import _dumps, _text_frame, json_num, json_str
@@ -229,3 +230,31 @@ def test_asset_scan_texts_are_json_dumps() -> None:
 def test_guess_type_is_mimetypes(name: str) -> None:
     for _ in range(2):  # the cached answer too
         assert guess_type(name) == mimetypes.guess_type(name)[0]
+
+
+def test_cache_keys_follow_the_parts() -> None:
+    # Node cache keys: equal for equal (class, IS_CHANGED, constants, upstream keys, slots),
+    # different when any of them differs, however the strings look ("|", quotes, "=" ...).
+    def graph(value: Any, name: str = "text", slot: int = 0, cls: str = "CLIPTextEncode") -> Any:
+        return {
+            "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "a.ckpt"}},
+            "6": {"class_type": cls, "inputs": {name: value, "clip": ["4", slot]}},
+        }
+
+    base = signatures(graph("a cat"), {})
+    assert base == signatures(graph("a cat"), {})
+    for other in (
+        graph("a dog"),
+        graph("a cat|'clip':x:1"),
+        graph(["a cat"]),
+        graph("a cat", name="txt"),
+        graph("a cat", slot=1),
+        graph("a cat", cls="VAEDecode"),
+    ):
+        keys = signatures(other, {})
+        assert keys["4"] == base["4"] and keys["6"] != base["6"]
+    assert signatures(graph("x"), {"6": "h1"})["6"] != signatures(graph("x"), {"6": "h2"})["6"]
+    assert signatures(graph("a=b"), {})["6"] != signatures(graph("a"), {})["6"]
+    # A cycle, or an unknown class upstream: never equal to anything, not even itself.
+    loop = {"1": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}}}
+    assert signatures(loop, {})["1"] != signatures(loop, {})["1"]
