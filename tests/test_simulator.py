@@ -525,3 +525,36 @@ async def test_classic_cache_keeps_only_the_last_prompts_nodes(
     await run(http, sim, invert("b", color=2))
     rec, _ = await run(http, sim, invert("a", color=1))
     assert rec.of_type("execution_cached")[0].data["nodes"] == []
+
+
+async def test_compressed_socket_gets_the_same_messages(
+    sim: Simulator, http: aiohttp.ClientSession
+) -> None:
+    # A socket that negotiated permessage-deflate cannot take the ready-made frames of the
+    # coalescing path: aiohttp writes its messages. Same messages, same order, next to a plain
+    # socket that gets the broadcasts through the fast path.
+    async def record(client_id: str, compress: int) -> tuple[list[str], str]:
+        ws = await http.ws_connect(f"{sim.url}/ws?clientId={client_id}", compress=compress)
+        assert ws.compress == compress  # negotiated (or not) as asked
+        types: list[str] = []
+        first = json.loads((await ws.receive()).data)
+        assert first["type"] == "status"
+        body = await submit(http, sim, invert(f"z{compress}", color=compress + 1), client_id)
+        while True:
+            msg = json.loads((await asyncio.wait_for(ws.receive(), 10)).data)
+            types.append(msg["type"])
+            data = msg["data"]
+            if msg["type"] == "executing" and data["node"] is None:
+                assert data["prompt_id"] == body["prompt_id"]
+                break
+        await ws.close()
+        return types, body["prompt_id"]
+
+    bystander = await WsRecorder(http, sim.url, "bystander").connect()
+    await bystander.wait_for(lambda fs: len(fs) >= 1)
+    plain, _ = await record("plain", 0)
+    deflated, pid = await record("deflated", 15)
+    assert deflated == plain and plain.count("progress_state") == 6
+    await bystander.wait_for(lambda fs: sum(f.type == "status" for f in fs) >= 7)
+    await wait_history(http, sim.url, pid)
+    await bystander.close()

@@ -13,7 +13,7 @@ from pathlib import Path
 from .types import NodeFailure
 
 DEFAULT_CHECKPOINTS = ("sd_xl_base_1.0.safetensors", "v1-5-pruned-emaonly.safetensors")
-_BIG_FILE = 1 << 20
+BIG_FILE = 1 << 20
 
 
 class SimEnv:
@@ -27,6 +27,7 @@ class SimEnv:
         self.output_dir = str(data_dir / "output")
         self.temp_dir = str(data_dir / "temp")
         self.checkpoints_dir = str(data_dir / "models" / "checkpoints")
+        self._dirs = {"input": self.input_dir, "output": self.output_dir, "temp": self.temp_dir}
         self._counters: dict[tuple[str, str], int] = {}
         # (prefix, base dir) -> (folder, file stem, subfolder, counter key) of a checked prefix
         self._resolved: dict[tuple[str, str], tuple[str, str, str, tuple[str, str]]] = {}
@@ -43,12 +44,12 @@ class SimEnv:
 
     def dir_for_type(self, kind: str | None) -> str | None:
         """Folder for an upload/view `type`; None for an unknown type."""
-        return {"input": self.input_dir, "output": self.output_dir, "temp": self.temp_dir}.get(
-            kind or ""
-        )
+        return self._dirs.get(kind or "")
 
     def split_annotation(self, name: str) -> tuple[str, str | None]:
         """(name, folder) for `x.png [output]`-style names; folder None without annotation."""
+        if not name.endswith("]"):
+            return name, None
         for kind in ("output", "input", "temp"):
             suffix = f" [{kind}]"
             if name.endswith(suffix):
@@ -192,13 +193,13 @@ _RECENT_MAX_SIZE = 256 << 10
 
 async def write_file(path: str, data: bytes) -> None:
     """Write bytes; big payloads go to a thread so the event loop keeps serving."""
-    if len(data) >= _BIG_FILE:
-        await asyncio.to_thread(_write_sync, path, data)
+    if len(data) >= BIG_FILE:
+        await asyncio.to_thread(write_sync, path, data)
     else:
-        _write_sync(path, data)
+        write_sync(path, data)
 
 
-def _write_sync(path: str, data: bytes) -> None:
+def write_sync(path: str, data: bytes) -> None:
     # os.open/os.write: what open(path, "wb") does without its buffer object and the isatty
     # ioctl, lseek and extra fstat it makes per file (one output file per simulated job).
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o666)
@@ -228,6 +229,6 @@ def recent_bytes(path: str, st: os.stat_result) -> bytes | None:
 
 async def read_file(path: str) -> bytes:
     """Read a file, in a thread when it is big."""
-    if os.path.getsize(path) >= _BIG_FILE:
+    if os.path.getsize(path) >= BIG_FILE:
         return await asyncio.to_thread(Path(path).read_bytes)
     return Path(path).read_bytes()

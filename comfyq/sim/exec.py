@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections import deque
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any
 
 from .env import SimEnv
-from .generation import INTERMEDIATE_OUTPUT, Generation, generation
+from .generation import INTERMEDIATE_OUTPUT, Generation, generation, uuid4_text
 from .graph import ExecList, _Unequal, is_link, signatures
 from .nodedefs import NODES
 from .queue import PromptQueue, QueueItem
@@ -67,6 +67,10 @@ class Timing:
     progress_steps: int = 0
 
 
+# Node classes with an IS_CHANGED (LoadImage...): a prompt without one skips _is_changed.
+_HAS_IS_CHANGED = frozenset(n for n, spec in NODES.items() if spec.is_changed)
+
+
 class _Interrupted(Exception):
     pass
 
@@ -80,6 +84,8 @@ def format_value(x: Any) -> Any:
 
 class _Ctx:
     """RunContext handed to node functions while one node executes."""
+
+    __slots__ = ("duration", "env", "ex", "extra_data", "node_id", "prompt", "prompt_id")
 
     def __init__(
         self,
@@ -172,11 +178,14 @@ class Executor:
             outputs, meta, status = await self.execute(item)
             await self.queue.task_done(task_id, outputs, meta, status)
             if self.client_id is not None:
-                await self.hub.send_encoded(executing_text(None, item[1]), self.client_id)
+                rest = self.hub.post(executing_text(None, item[1]), self.client_id)
+                if rest is not None:
+                    await rest
             if self.gen.assets:  # the asset scanner runs after prompts and tells everyone
                 await self._asset_scan()
             self.apply_flags()
-            await asyncio.sleep(0)  # let HTTP handlers in between back-to-back prompts
+            if self.queue.heap:  # else get() waits anyway: no extra turn of the loop
+                await asyncio.sleep(0)  # let HTTP handlers in between back-to-back prompts
 
     def apply_flags(self) -> None:
         """POST /free {"free_memory": true} empties the node cache once nothing runs."""
@@ -195,10 +204,10 @@ class Executor:
         self.cancelled.add(prompt_id)
 
     async def _asset_scan(self) -> None:
-        roots = ["output"]
-        await self.hub.send_json("assets.seed.started", {"roots": roots, "phase": "fast"})
-        done = {"phase": "fast", "total": 0, "created": 0, "enriched": 0, "skipped": 0}
-        await self.hub.send_json("assets.seed.completed", {**done, "elapsed": 0.0})
+        for text in (_SEED_STARTED, _SEED_COMPLETED):
+            rest = self.hub.post(text)
+            if rest is not None:
+                await rest
 
     def _register(self, nid: str, output: Any) -> Any:
         """An executed output as this generation sends it: newer ComfyUI adds ``metadata`` to
@@ -216,23 +225,25 @@ class Executor:
                     clean = {k: v for k, v in item.items() if k not in ("id", "preview_id")}
                     item = {**clean, "metadata": {}}
                     if self.gen.assets:
-                        item["id"] = item["preview_id"] = str(uuid.uuid4())
+                        item["id"] = item["preview_id"] = uuid4_text()
                 shown[key].append(item)
         self._sent_ui[nid] = shown
         return shown
 
-    def _deliverable(self, sid: str | None) -> bool:
-        if self.faults.stall_ws:
-            return False
-        return bool(self.hub.sockets) if sid is None else sid in self.hub.sockets
-
     async def _progress_send(self) -> None:
+        rest = self._progress_post()
+        if rest is not None:
+            await rest
+
+    def _progress_post(self) -> Awaitable[None] | None:
+        """Queue a progress_state message (Hub.post: what is left to await, or None)."""
         cid = self.client_id
-        if not self._deliverable(cid):
-            return  # nobody would get it: skip building the (growing) node map
+        sockets = self.hub.sockets
+        if self.faults.stall_ws or (cid not in sockets if cid is not None else not sockets):
+            return None  # nobody would get it: skip building the (growing) node map
         # {"type": "progress_state", "data": {"prompt_id", "nodes": {id: {...}}}}, written
         # straight to text (the same text json.dumps gives; see progress_state_text).
-        await self.hub.send_encoded(progress_state_text(self._prompt_id, self._progress), cid)
+        return self.hub.post(progress_state_text(self._prompt_id, self._progress), cid)
 
     def _entry(self, nid: str) -> dict[str, Any]:
         entry = self._progress.get(nid)
@@ -253,6 +264,21 @@ class Executor:
         messages.append([event, data])
         if self.client_id is not None or broadcast:
             await self.hub.send_json(event, data, self.client_id)
+
+    async def _add_prompt_message(
+        self, event: str, pid: str, messages: list[list[Any]], nodes: list[str] | None = None
+    ) -> None:
+        """_add_message for execution_start / _cached / _success ({["nodes",] "prompt_id",
+        "timestamp"}), the text written directly (three per job; see prompt_message_text)."""
+        ts = int(time.time() * 1000)
+        data: dict[str, Any] = {"prompt_id": pid, "timestamp": ts}
+        if nodes is not None:
+            data = {"nodes": nodes, **data}
+        messages.append([event, data])
+        if self.client_id is not None:
+            rest = self.hub.post(prompt_message_text(event, pid, ts, nodes), self.client_id)
+            if rest is not None:
+                await rest
 
     async def _is_changed(self, prompt: dict[str, Any]) -> dict[str, Any]:
         changed: dict[str, Any] = {}
@@ -283,8 +309,14 @@ class Executor:
         self._prompt_id = pid
         self._progress = {}
         messages: list[list[Any]] = []
-        await self._add_message("execution_start", {"prompt_id": pid}, False, messages)
-        keys = self._keys = signatures(prompt, await self._is_changed(prompt))
+        await self._add_prompt_message("execution_start", pid, messages)
+        # IS_CHANGED only for classes that have one (LoadImage...): none in most prompts.
+        changes = any(
+            isinstance(n, dict) and isinstance(n.get("class_type"), str)
+            and n["class_type"] in _HAS_IS_CHANGED
+            for n in prompt.values()
+        )  # fmt: skip
+        keys = self._keys = signatures(prompt, await self._is_changed(prompt) if changes else {})
         live = {k for k in keys.values() if not isinstance(k, _Unequal)}
         # Classic cache: only entries used by the current prompt survive.
         for cache in (self.out_cache, self.ui_cache):
@@ -294,9 +326,7 @@ class Executor:
         for nid in [n for n in suffixes if n not in prompt]:
             del suffixes[nid]
         cached = [nid for nid in prompt if keys[nid] in self.out_cache]
-        await self._add_message(
-            "execution_cached", {"nodes": cached, "prompt_id": pid}, False, messages
-        )
+        await self._add_prompt_message("execution_cached", pid, messages, cached)
         xlist = ExecList(prompt, lambda nid: keys.get(nid) in self.out_cache)
         for nid in to_execute:
             xlist.add_node(nid)
@@ -337,8 +367,9 @@ class Executor:
                 break
             xlist.complete(nid)
         if success:
-            await self._reemit_intermediate(prompt, pid, cached)
-            await self._add_message("execution_success", {"prompt_id": pid}, False, messages)
+            if cached:
+                await self._reemit_intermediate(prompt, pid, cached)
+            await self._add_prompt_message("execution_success", pid, messages)
         outputs: dict[str, Any] = {}
         meta: dict[str, Any] = {}
         for nid in prompt:
@@ -452,11 +483,15 @@ class Executor:
             return None
         entry = self._entry(nid)
         entry.update(state="running", value=0.0, max=1.0)
-        await self._progress_send()
+        rest = self._progress_post()
+        if rest is not None:
+            await rest
         values = self._inputs(spec, node, nid)
         if cid is not None:
             self.last_node_id = nid
-            await self.hub.send_encoded(executing_text(nid, pid), cid)
+            rest = self.hub.post(executing_text(nid, pid), cid)
+            if rest is not None:
+                await rest
         if self.gen.rich_executed and spec.category == "loaders":
             entry["activity"] = "loading"  # newer ComfyUI: a progress_state saying what it does
             await self._progress_send()
@@ -466,7 +501,8 @@ class Executor:
         ctx = _Ctx(self, nid, pid, duration, prompt, extra)
         try:
             self.check_interrupt()
-            fault = self.faults.fail_nodes.get(nid) or self.faults.fail_nodes.get(spec.name)
+            fails = self.faults.fail_nodes
+            fault = (fails.get(nid) or fails.get(spec.name)) if fails else None
             if fault is not None:
                 raise NodeFailure(fault[0], fault[1])
             if not spec.own_progress:
@@ -474,8 +510,8 @@ class Executor:
                     for step in range(1, t.progress_steps + 1):
                         await ctx.sleep(duration / t.progress_steps)
                         await ctx.tick(step, t.progress_steps)
-                else:
-                    await ctx.sleep(duration)
+                elif duration > 0:
+                    await asyncio.sleep(duration)
             outputs, ui_or_none = await spec.run(ctx, values)
         except _Interrupted:
             return {"interrupted": True}
@@ -516,15 +552,21 @@ class Executor:
                     cid,
                 )
         self.out_cache[key] = outputs
-        await self._finish(nid)
+        self._finished(nid)
+        rest = self._progress_post()
+        if rest is not None:
+            await rest
         executed.append(nid)
         return None
 
     async def _finish(self, nid: str) -> None:
+        self._finished(nid)
+        await self._progress_send()
+
+    def _finished(self, nid: str) -> None:
         entry = self._entry(nid)
         entry["state"] = "finished"
         entry["value"] = entry["max"]
-        await self._progress_send()
 
 
 def executing_text(nid: str | None, pid: str) -> str:
@@ -537,6 +579,24 @@ def executing_text(nid: str | None, pid: str) -> str:
         f'{{"type": "executing", "data": {{"node": {n}, "display_node": {n},'
         f' "prompt_id": {json_str(pid)}}}}}'
     )
+
+
+def prompt_message_text(event: str, pid: str, ts: int, nodes: list[str] | None = None) -> str:
+    """json.dumps of {"type": event, "data": {["nodes": nodes,] "prompt_id": pid, "timestamp":
+    ts}} (``event`` a plain ASCII name), written directly."""
+    tail = f'"prompt_id": {json_str(pid)}, "timestamp": {int(ts)}}}}}'
+    if nodes is None:
+        return f'{{"type": "{event}", "data": {{' + tail
+    listed = ", ".join([json_str(n) for n in nodes])
+    return f'{{"type": "{event}", "data": {{"nodes": [{listed}], ' + tail
+
+
+# The asset scanner's messages after every prompt (newer ComfyUI with assets): always the same.
+_SEED_STARTED = '{"type": "assets.seed.started", "data": {"roots": ["output"], "phase": "fast"}}'
+_SEED_COMPLETED = (
+    '{"type": "assets.seed.completed", "data": {"phase": "fast", "total": 0, "created": 0,'
+    ' "enriched": 0, "skipped": 0, "elapsed": 0.0}}'
+)
 
 
 def progress_state_text(pid: str, progress: dict[str, dict[str, Any]]) -> str:

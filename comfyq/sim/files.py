@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import math
 import mimetypes
 import os
 import stat
+import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
@@ -179,7 +181,7 @@ async def view(
         return web.Response(status=400)
     if "subfolder" in query:
         full = os.path.join(folder, query["subfolder"])
-        if os.path.commonpath((os.path.abspath(full), folder)) != folder:
+        if not _inside(full, folder):
             return web.Response(status=403)
         folder = full
     filename = os.path.basename(filename)
@@ -198,6 +200,46 @@ async def view(
     return _serve(request, path, filename, modern=modern, st=st)
 
 
+_INSIDE: dict[tuple[str, str], bool] = {}
+
+
+def _inside(full: str, folder: str) -> bool:
+    """ComfyUI's ``commonpath((abspath(full), folder)) == folder`` check, remembered: clients
+    ask for the same few subfolders over and over (a pure function of the two strings)."""
+    key = (full, folder)
+    hit = _INSIDE.get(key)
+    if hit is None:
+        if len(_INSIDE) >= 4096:
+            _INSIDE.clear()
+        hit = _INSIDE[key] = os.path.commonpath((os.path.abspath(full), folder)) == folder
+    return hit
+
+
+_TYPES: dict[str, str | None] = {}
+
+
+def guess_type(filename: str) -> str | None:
+    """mimetypes.guess_type(filename)[0], remembered by extension where only the extension
+    decides (not for names with a scheme or a compression suffix such as .gz)."""
+    dot = filename.rfind(".")
+    ext = filename[dot:] if dot > 0 else ""
+    if (
+        not ext
+        or ":" in filename
+        or ext in mimetypes.suffix_map
+        or ext in mimetypes.encodings_map
+        or ext.lower() in mimetypes.suffix_map
+        or ext.lower() in mimetypes.encodings_map
+    ):
+        return mimetypes.guess_type(filename)[0]
+    if ext in _TYPES:
+        return _TYPES[ext]
+    if len(_TYPES) >= 1024:
+        _TYPES.clear()
+    hit = _TYPES[ext] = mimetypes.guess_type("x" + ext)[0]
+    return hit
+
+
 def _file_response(
     request: web.Request, path: str, headers: dict[str, str], st: os.stat_result | None
 ) -> web.StreamResponse:
@@ -206,11 +248,13 @@ def _file_response(
     data = recent_bytes(path, st) if st is not None else None
     if st is None or data is None or any(h in request.headers for h in _CONDITIONAL):
         return web.FileResponse(path, headers=headers)
-    resp = web.Response(body=data, headers=headers)
-    resp.etag = f"{st.st_mtime_ns:x}-{st.st_size:x}"
-    resp.last_modified = st.st_mtime
-    resp.headers["Accept-Ranges"] = "bytes"
-    return resp
+    # FileResponse's ETag, Last-Modified and Accept-Ranges, written as its setters write them.
+    headers["ETag"] = f'"{st.st_mtime_ns:x}-{st.st_size:x}"'
+    headers["Last-Modified"] = time.strftime(
+        "%a, %d %b %Y %H:%M:%S GMT", time.gmtime(math.ceil(st.st_mtime))
+    )
+    headers["Accept-Ranges"] = "bytes"
+    return web.Response(body=data, headers=headers)
 
 
 _CONDITIONAL = ("Range", "If-Match", "If-None-Match", "If-Modified-Since", "If-Unmodified-Since")
@@ -224,7 +268,7 @@ def _serve(
     modern: bool,
     st: os.stat_result | None = None,
 ) -> web.StreamResponse:
-    content_type = mimetypes.guess_type(filename)[0] or "application/octet-stream"
+    content_type = guess_type(filename) or "application/octet-stream"
     if not modern:
         if content_type in _UNSAFE_TYPES:
             content_type = "application/octet-stream"

@@ -6,8 +6,9 @@ HTTP, websocket, queue and executor code; nothing else in the simulator knows ve
 
 from __future__ import annotations
 
+import random
+import re
 import sys
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,14 +100,27 @@ def modern_object_info(name: str, info: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+# str(uuid.UUID(value)) == value holds exactly for 36 lowercase hex digits and hyphens in the
+# 8-4-4-4-12 layout (UUID() accepts other spellings, but str() always writes this one); the
+# pattern decides the same without building a UUID object (tested against that definition).
+_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
 def is_canonical_uuid(value: Any) -> bool:
     """The newer server's prompt and job id rule: a string equal to its canonical UUID form."""
-    if not isinstance(value, str):
-        return False
-    try:
-        return str(uuid.UUID(value)) == value
-    except ValueError:
-        return False
+    return isinstance(value, str) and _CANONICAL_UUID.fullmatch(value) is not None
+
+
+_random = random.Random()  # seeded from os.urandom once
+_UUID4_CLEAR = ~((0xF000 << 64) | (0xC000 << 48))
+_UUID4_SET = (4 << 76) | (0x8000 << 48)
+
+
+def uuid4_text() -> str:
+    """str(uuid.uuid4()) in form (version 4, RFC 4122 variant), from a PRNG instead of one
+    os.urandom call and a UUID object per id: the simulator makes one or two per job."""
+    h = f"{_random.getrandbits(128) & _UUID4_CLEAR | _UUID4_SET:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 INVALID_PROMPT_ID = {
@@ -150,9 +164,48 @@ def modern_error(error: dict[str, Any], prompt: Any) -> dict[str, Any]:
     }
 
 
+def _acyclic(prompt: dict[str, Any], outputs: list[str]) -> bool:
+    """True when no link cycle is reachable from ``outputs`` (the links dependency_cycles
+    follows); one iterative walk, nothing built but the visited set."""
+    done: set[str] = set()
+    for out in outputs:
+        if out in done:
+            continue
+        on_path = {out}
+        stack = [(out, iter(_link_sources(prompt, out)))]
+        while stack:
+            nid, ups = stack[-1]
+            for up in ups:
+                if up in on_path:
+                    return False
+                if up not in done:
+                    on_path.add(up)
+                    stack.append((up, iter(_link_sources(prompt, up))))
+                    break
+            else:
+                stack.pop()
+                on_path.discard(nid)
+                done.add(nid)
+    return True
+
+
+def _link_sources(prompt: dict[str, Any], nid: str) -> list[str]:
+    node = prompt.get(nid)
+    inputs = node.get("inputs") if isinstance(node, dict) else None
+    if not isinstance(inputs, dict):
+        return []
+    return [
+        str(v[0])
+        for v in inputs.values()
+        if isinstance(v, list) and len(v) == 2 and str(v[0]) in prompt
+    ]
+
+
 def dependency_cycles(prompt: dict[str, Any], outputs: list[str]) -> dict[str, Any]:
     """``node_errors`` for every node on a link cycle reachable from ``outputs`` (newer ComfyUI
     refuses these at validation; 0.3.64 failed them at run time)."""
+    if _acyclic(prompt, outputs):  # every accepted prompt: no error bookkeeping at all
+        return {}
     errors: dict[str, Any] = {}
     state: dict[str, int] = {}  # 1 = on the path, 2 = done
     path: list[str] = []

@@ -115,9 +115,15 @@ def signatures(prompt: dict[str, Any], changed: dict[str, Any]) -> dict[str, Any
         ):
             return _Unequal()
         visiting.add(nid)
-        parts: list[Any] = [node["class_type"], repr(changed.get(nid, False))]
-        if NODES[node["class_type"]].unique_id_in_signature:
-            parts.append(nid)
+        # The parts as Python literals joined by "|": class, IS_CHANGED value (a quoted repr),
+        # [node id,] then each input by name, 'name'=value for a constant or
+        # 'name':<upstream key>:slot for a link. Every part is self-delimiting (a literal, or a
+        # hex digest), so equal texts mean equal parts, as with the repr of a parts list, built
+        # without the tuples and nested reprs.
+        class_type = node["class_type"]
+        parts = [repr(class_type), repr(repr(changed.get(nid, False)))]
+        if NODES[class_type].unique_id_in_signature:
+            parts.append(repr(nid))
         raw_inputs = node.get("inputs")
         unequal = not isinstance(raw_inputs, dict)
         inputs: dict[str, Any] = raw_inputs if isinstance(raw_inputs, dict) else {}
@@ -125,16 +131,18 @@ def signatures(prompt: dict[str, Any], changed: dict[str, Any]) -> dict[str, Any
             value = inputs[name]
             if is_link(value):
                 upstream = key_of(value[0])
-                unequal = unequal or isinstance(upstream, _Unequal)
-                parts.append((name, "LINK", upstream, value[1]))
+                if isinstance(upstream, _Unequal):
+                    unequal = True
+                    continue
+                parts.append(f"{name!r}:{upstream}:{value[1]!r}")
             else:
-                parts.append((name, repr(value)))
+                parts.append(f"{name!r}={value!r}")
         visiting.discard(nid)
-        # A digest keeps keys shallow: nested tuples would be re-hashed on every lookup.
+        # A digest keeps keys short and shallow, whatever the graph's depth.
         keys[nid] = (
             _Unequal()
             if unequal
-            else hashlib.blake2b(repr(parts).encode(), digest_size=16).hexdigest()
+            else hashlib.blake2b("|".join(parts).encode(), digest_size=16).hexdigest()
         )
         return keys[nid]
 

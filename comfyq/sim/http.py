@@ -20,12 +20,13 @@ from .generation import (
     modern_error,
     modern_object_info,
     replace_nodes,
+    uuid4_text,
 )
 from .jobs import JobRoutes
 from .nodedefs import NODES, object_info
 from .queue import SENSITIVE_EXTRA_DATA_KEYS
 from .validate import ServerCrash, validate_prompt
-from .ws import SERVER_FEATURES
+from .ws import SERVER_FEATURES, _dumps, json_num, json_str
 
 if TYPE_CHECKING:
     from .process import SimProcess
@@ -59,6 +60,13 @@ def _no_prompt() -> web.Response:
         "extra_info": {},
     }
     return web.json_response({"error": error, "node_errors": {}}, status=400)
+
+
+async def _json_body(request: web.Request) -> Any:
+    """``await request.json()`` (the body decoded with its charset, then json.loads) without
+    the two coroutine layers aiohttp puts around it; POST /prompt reads one per job."""
+    body = await request.read()
+    return json.loads(body.decode(request.charset or "utf-8"))
 
 
 def _memory() -> tuple[int, int]:
@@ -190,7 +198,7 @@ class Routes:
         if p.faults.reject_next:
             status, body = p.faults.reject_next.pop(0)
             return _injected(status, body)
-        data = await request.json()
+        data = await _json_body(request)
         if not isinstance(data, dict):
             if isinstance(data, (list, str)) and not any(
                 k in data for k in ("number", "front", "prompt")
@@ -212,7 +220,7 @@ class Routes:
         if not gen.strict_prompt_ids:
             prompt_id = str(data.get("prompt_id", uuid.uuid4()))  # any string; null -> "None"
         elif data.get("prompt_id") is None:
-            prompt_id = str(uuid.uuid4())
+            prompt_id = uuid4_text()
         elif is_canonical_uuid(data["prompt_id"]):
             prompt_id = data["prompt_id"]
         else:
@@ -243,8 +251,12 @@ class Routes:
         p.prompts_received.append(prompt_id)
         if p.prompt_log is not None:
             p.prompt_log.write(prompt_id, number, extra.get("client_id"), prompt)
-        return web.json_response(
-            {"prompt_id": prompt_id, "number": number, "node_errors": node_errors}
+        # json_response of {"prompt_id", "number", "node_errors"}, the text written directly.
+        errors = _dumps(node_errors) if node_errors else "{}"
+        return web.Response(
+            text=f'{{"prompt_id": {json_str(prompt_id)}, "number": {json_num(number)},'
+            f' "node_errors": {errors}}}',
+            content_type="application/json",
         )
 
     async def post_queue(self, request: web.Request) -> web.Response:

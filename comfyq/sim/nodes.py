@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import os
 import random
 import zlib
 from typing import Any
 
-from .env import SimEnv, read_file, write_file
+from .env import BIG_FILE, SimEnv, read_file, write_file, write_sync
 from .png import UnidentifiedImageError, encode_png, sniff_image
 from .types import (
     NodeFailure,
@@ -22,6 +21,7 @@ from .types import (
     SimMask,
     SimModelPart,
 )
+from .ws import _dumps as dumps
 
 _THREAD_PIXELS = 1 << 18  # encode PNGs bigger than this off the event loop
 
@@ -93,15 +93,22 @@ async def _save(
     img = _want(images, SimImage)
     env: SimEnv = ctx.env
     folder, stem, counter, subfolder = env.save_path(prefix, base_dir, img.width, img.height)
-    texts = {"prompt": json.dumps(ctx.prompt)}
+    texts = {"prompt": dumps(ctx.prompt)}  # json.dumps's text, one cached encoder
     pnginfo = ctx.extra_data.get("extra_pnginfo")
     if isinstance(pnginfo, dict):
-        texts.update({k: json.dumps(v) for k, v in pnginfo.items()})
-    data = await png_bytes(img.width, img.height, img.rgb, texts, level)
+        texts.update({k: dumps(v) for k, v in pnginfo.items()})
+    if img.width * img.height < _THREAD_PIXELS:  # small: no coroutine, no thread
+        data = encode_png(img.width, img.height, img.rgb, texts, level)
+    else:
+        data = await png_bytes(img.width, img.height, img.rgb, texts, level)
     results = []
     for batch_number in range(img.batch):
         name = f"{stem.replace('%batch_num%', str(batch_number))}_{counter:05}_.png"
-        await write_file(os.path.join(folder, name), data)
+        path = os.path.join(folder, name)
+        if len(data) < BIG_FILE:
+            write_sync(path, data)
+        else:
+            await write_file(path, data)
         results.append({"filename": name, "subfolder": subfolder, "type": kind})
         counter += 1
     env.advance_counter(folder, stem, counter)

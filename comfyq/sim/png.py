@@ -31,6 +31,20 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
+# Raw image data up to this size is stored in the zlib stream uncompressed: no deflate state to
+# set up (deflateInit allocates and clears ~256 KiB of tables, most of the cost of a 16x16 PNG),
+# one adler32. The file stays a valid PNG with the same pixels; it is a few hundred bytes bigger.
+_STORED_MAX = 2048
+
+
+def _stored_zlib(raw: bytes) -> bytes:
+    """A zlib stream of ``raw`` in stored (uncompressed) deflate blocks, raw <= 65535 bytes."""
+    n = len(raw)
+    # 0x78 0x01: deflate, 32 KiB window, no dictionary, "fastest" (FCHECK makes it % 31 == 0).
+    head = b"\x78\x01\x01" + struct.pack("<HH", n, n ^ 0xFFFF)  # BFINAL=1, BTYPE=00
+    return head + raw + struct.pack(">I", zlib.adler32(raw))
+
+
 def encode_png(
     width: int,
     height: int,
@@ -39,32 +53,50 @@ def encode_png(
     level: int = 1,
 ) -> bytes:
     """Encode a solid-colour 8-bit RGB PNG; `texts` become tEXt chunks."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     row = b"\x00" + bytes(rgb) * width
-    # Feed several rows at once so huge images never need the whole raw buffer in memory.
-    rows_per_block = max(1, min(height, (1 << 22) // len(row)))
-    block = row * rows_per_block
-    parts: list[bytes] = []
-    if rows_per_block >= height:  # one block: zlib.compress, half the cost, the same bytes
-        parts.append(zlib.compress(block, level))
+    if len(row) * height <= _STORED_MAX:
+        idat = _stored_zlib(row * height)
     else:
-        comp = zlib.compressobj(level)
-        left = height
-        while left > 0:
-            n = min(left, rows_per_block)
-            parts.append(comp.compress(block if n == rows_per_block else row * n))
-            left -= n
-        parts.append(comp.flush())
-    out = [PNG_MAGIC, _chunk(b"IHDR", ihdr)]
+        # Feed several rows at once so huge images never need the whole raw buffer in memory.
+        rows_per_block = max(1, min(height, (1 << 22) // len(row)))
+        block = row * rows_per_block
+        parts: list[bytes] = []
+        if rows_per_block >= height:  # one block: zlib.compress, half the cost, the same bytes
+            parts.append(zlib.compress(block, level))
+        else:
+            comp = zlib.compressobj(level)
+            left = height
+            while left > 0:
+                n = min(left, rows_per_block)
+                parts.append(comp.compress(block if n == rows_per_block else row * n))
+                left -= n
+            parts.append(comp.flush())
+        idat = b"".join(parts)
+    out = [PNG_MAGIC, _ihdr(width, height)]
     all_texts = {SOLID_KEY: ",".join(str(int(v)) for v in rgb)}
     all_texts.update(texts or {})
     for key, value in all_texts.items():
         out.append(
             _chunk(b"tEXt", key.encode("latin-1") + b"\x00" + value.encode("latin-1", "replace"))
         )
-    out.append(_chunk(b"IDAT", b"".join(parts)))
-    out.append(_chunk(b"IEND", b""))
+    out.append(_chunk(b"IDAT", idat))
+    out.append(_IEND)
     return b"".join(out)
+
+
+_IEND = _chunk(b"IEND", b"")
+_IHDRS: dict[tuple[int, int], bytes] = {}
+
+
+def _ihdr(width: int, height: int) -> bytes:
+    """The IHDR chunk of an 8-bit RGB image, remembered per size (a few sizes in practice)."""
+    chunk = _IHDRS.get((width, height))
+    if chunk is None:
+        if len(_IHDRS) >= 256:
+            _IHDRS.clear()
+        ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+        chunk = _IHDRS[(width, height)] = _chunk(b"IHDR", ihdr)
+    return chunk
 
 
 def _png_info(data: bytes) -> ImageInfo:

@@ -36,7 +36,7 @@ class SimProcess:
         self.replacements = dict(replacements or {})
         self.prompts_received = prompts_received
         self.prompt_log = prompt_log  # outlives this process's memory (see sim_promptlog)
-        self.hub = Hub(lambda: faults.stall_ws, self.gen.features)
+        self.hub = Hub(faults, self.gen.features)
         self.queue = PromptQueue(self.hub, max_history)
         self.executor = Executor(self.queue, self.hub, env, faults, timing, self.gen)
         self.number = 0

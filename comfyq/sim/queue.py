@@ -45,7 +45,9 @@ class PromptQueue:
 
     async def queue_updated(self) -> None:
         """Broadcast `status` to every socket, as ComfyUI does on each queue change."""
-        await self.hub.send_encoded(status_text(self.remaining()))  # three per job
+        rest = self.hub.post(status_text(self.remaining()))  # three per job
+        if rest is not None:
+            await rest
 
     async def put(self, item: QueueItem) -> None:
         """Queue an accepted prompt."""

@@ -52,6 +52,19 @@ def _frame(site: str) -> str:
     )
 
 
+_SPECS: dict[str, tuple[NodeSpec, tuple[tuple[str, Any, str], ...]]] = {}
+
+
+def _input_specs(spec: NodeSpec) -> tuple[tuple[str, Any, str], ...]:
+    """(input name, raw spec, "required"/"optional") of a node class, built once per class."""
+    hit = _SPECS.get(spec.name)
+    if hit is None or hit[0] is not spec:
+        listed = [(x, s, "required") for x, s in spec.required.items()]
+        listed += [(x, s, "optional") for x, s in spec.optional.items()]
+        hit = _SPECS[spec.name] = (spec, tuple(listed))
+    return hit[1]
+
+
 class _Validator:
     def __init__(self, prompt: dict[str, Any], env: SimEnv) -> None:
         self.prompt = prompt
@@ -68,9 +81,7 @@ class _Validator:
         spec: NodeSpec = NODES[self.prompt[nid]["class_type"]]
         errors: list[Error] = []
         valid = True
-        specs = [(x, s, "required") for x, s in spec.required.items()]
-        specs += [(x, s, "optional") for x, s in spec.optional.items()]
-        for x, raw_spec, category in specs:
+        for x, raw_spec, category in _input_specs(spec):
             if x not in inputs:
                 if category == "required":
                     errors.append(

@@ -9,7 +9,7 @@ import math
 import struct
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import WSMsgType, web
 
@@ -48,6 +48,7 @@ class _Coalescing:
     def __init__(self, inner: asyncio.BaseTransport) -> None:
         self.inner: Any = inner
         self.buf: list[bytes] = []
+        self.loop = asyncio.get_running_loop()
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if len(data) >= self._DIRECT or (len(data) and data[0] == 0x88):  # big, or close
@@ -55,7 +56,7 @@ class _Coalescing:
             self.inner.write(data)
             return
         if not self.buf:
-            asyncio.get_running_loop().call_soon(self.flush)
+            self.loop.call_soon(self.flush)
         self.buf.append(bytes(data))
 
     def flush(self) -> None:
@@ -68,31 +69,24 @@ class _Coalescing:
     def is_closing(self) -> bool:
         return bool(self.inner.is_closing())
 
-    def frame(self, writer: Any, frame: bytes) -> bool:
-        """Queue a ready-made text frame for ``writer``'s socket, as aiohttp would write it;
-        False when aiohttp must write it itself (compression negotiated). A closing socket
-        drops it, like ComfyUI's send_socket_catch_exception."""
-        if writer.compress:
-            return False
-        if writer._closing or self.inner.is_closing():
-            return True
-        if not self.buf:
-            asyncio.get_running_loop().call_soon(self.flush)
-        self.buf.append(frame)
-        return True
-
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
+
+
+class Stalling(Protocol):
+    """The fault switch the hub reads: while stall_ws is true no message reaches anyone."""
+
+    stall_ws: bool
 
 
 class Hub:
     """Connected sockets keyed by sid, with ComfyUI's routing: sid None means everyone."""
 
-    def __init__(self, stalled: Callable[[], bool], features: dict[str, Any] | None = None) -> None:
+    def __init__(self, faults: Stalling, features: dict[str, Any] | None = None) -> None:
         self.features = dict(SERVER_FEATURES if features is None else features)
         self.sockets: dict[str, web.WebSocketResponse] = {}
         self.flags: dict[str, dict[str, Any]] = {}
-        self._stalled = stalled
+        self._faults = faults  # its stall_ws drops every message (read on each send)
         # Every open socket, including ones replaced by a reconnect under the same clientId.
         self._open: dict[web.WebSocketResponse, web.Request] = {}
         # By id(): WebSocketResponse hashes in Python, a cost on every message.
@@ -106,7 +100,7 @@ class Hub:
 
     async def send_json(self, event: str, data: Any, sid: str | None = None) -> None:
         """Send one {"type","data"} message to sid, or to every socket when sid is None."""
-        if self._stalled():
+        if self._faults.stall_ws:
             return
         if sid is None:
             if not self.sockets:
@@ -123,34 +117,76 @@ class Hub:
 
     async def send_encoded(self, text: str, sid: str | None = None) -> None:
         """Like send_json, for a message already encoded as JSON text (as json.dumps writes it)."""
-        if self._stalled():
-            return
-        if sid is None:
-            if not self.sockets:
-                return
-            frame = _text_frame(text)
-            for ws in list(self.sockets.values()):
-                await self._send_text(ws, text, frame)
-        else:
-            target = self.sockets.get(sid)
-            if target is not None:
-                await self._send_text(target, text, _text_frame(text))
+        rest = self.post(text, sid)
+        if rest is not None:
+            await rest
 
-    async def _send_text(self, ws: web.WebSocketResponse, text: str, frame: bytes) -> None:
-        # Straight into the socket's coalescing buffer: aiohttp's send_str costs several
-        # calls per frame (header packing, checks) and the frame is the same for all sockets.
+    def post(self, text: str, sid: str | None = None) -> Awaitable[None] | None:
+        """send_encoded without a coroutine in the common case: the frame goes straight into
+        each target socket's coalescing buffer and None is returned. Otherwise it returns what
+        is left to await (flow control, or a socket aiohttp must write itself); callers await
+        it before their next message, so each socket still gets its frames in order."""
+        if self._faults.stall_ws:
+            return None
+        if sid is not None:
+            target = self.sockets.get(sid)
+            if target is None:
+                return None
+            payload = text.encode()
+            n = len(payload)
+            frame = bytes((0x81, n)) + payload if n < 126 else _frame_of(payload)
+            done = self._put(target, frame)
+            if done is True:
+                return None
+            return self._finish([(target, done)], text)
+        if not self.sockets:
+            return None
+        frame = _text_frame(text)  # unmasked and uncompressed: the same bytes for everyone
+        left: list[tuple[web.WebSocketResponse, bool | None]] = []
+        for ws in list(self.sockets.values()):
+            done = self._put(ws, frame)
+            if done is not True:
+                left.append((ws, done))
+        return self._finish(left, text) if left else None
+
+    def _put(self, ws: web.WebSocketResponse, frame: bytes) -> bool | None:
+        """Queue ``frame`` in ``ws``'s coalescing buffer, as aiohttp would write it (aiohttp's
+        send_str costs several calls per frame). True: done; None: done, but the transport is
+        paused and the sender must wait (aiohttp's writer's flow control); False: aiohttp must
+        write it (no buffer, or compression negotiated). A closing socket drops it, like
+        ComfyUI's send_socket_catch_exception."""
         buffered = self._coalescing.get(id(ws))
         writer = ws._writer
-        if buffered is not None and writer is not None and buffered.frame(writer, frame):
-            if writer.protocol._paused:  # the flow control aiohttp's writer applies
-                with contextlib.suppress(ConnectionError, RuntimeError):
-                    await writer.protocol._drain_helper()
-            return
-        await _send(ws.send_str, text)
+        if buffered is None or writer is None or writer.compress:
+            return False
+        if writer._closing:
+            return True  # (a closed transport drops what is buffered at flush time)
+        buf = buffered.buf
+        if not buf:
+            buffered.loop.call_soon(buffered.flush)
+        buf.append(frame)
+        return None if writer.protocol._paused else True
+
+    async def _finish(
+        self, left: list[tuple[web.WebSocketResponse, bool | None]], text: str
+    ) -> None:
+        for ws, done in left:
+            if done is None:
+                writer = ws._writer
+                if writer is not None:
+                    with contextlib.suppress(ConnectionError, RuntimeError):
+                        await writer.protocol._drain_helper()
+            else:
+                await _send(ws.send_str, text)
+
+    async def _send_text(self, ws: web.WebSocketResponse, text: str, frame: bytes) -> None:
+        done = self._put(ws, frame)
+        if done is not True:
+            await self._finish([(ws, done)], text)
 
     async def send_bytes(self, payload: bytes, sid: str | None = None) -> None:
         """Send a binary frame to sid, or to every socket when sid is None."""
-        if self._stalled():
+        if self._faults.stall_ws:
             return
         if sid is None:
             for ws in list(self.sockets.values()):
@@ -255,7 +291,10 @@ def json_num(x: Any) -> str:
 
 def _text_frame(text: str) -> bytes:
     """A server (unmasked, uncompressed) websocket TEXT frame carrying ``text``."""
-    payload = text.encode()
+    return _frame_of(text.encode())
+
+
+def _frame_of(payload: bytes) -> bytes:
     n = len(payload)
     if n < 126:
         return struct.pack(">BB", 0x81, n) + payload
