@@ -612,16 +612,29 @@ def sim(f: dict[str, Any], charts: Charts) -> list[str]:
         ),
         "",
     ]
+    split = "sim_user_ms_per_job" in f
     out += table(
-        ["jobs", "in flight", "simulator CPU per job", "jobs/s"],
+        ["jobs", "in flight", "simulator CPU per job"]
+        + (["of which user / system"] if split else [])
+        + ["jobs/s"],
         [
-            [
-                num(f["jobs"]),
-                num(f["in_flight"]),
-                ms(f["sim_cpu_ms_per_job"]),
-                num(f["jobs_per_s"]),
-            ]
+            [num(f["jobs"]), num(f["in_flight"]), ms(f["sim_cpu_ms_per_job"])]
+            + (
+                [f"{ms(f['sim_user_ms_per_job'])} / {ms(f['sim_system_ms_per_job'])}"]
+                if split
+                else []
+            )
+            + [num(f["jobs_per_s"])]
         ],
         numeric=False,
     )
+    if split:
+        out += [
+            "",
+            (
+                "System time is mostly the kernel creating each job's output file (one openat"
+                " per job; on this machine's ext4 it varies run to run with how many files were"
+                " deleted recently), which a ComfyUI that writes its outputs pays too."
+            ),
+        ]
     return out
