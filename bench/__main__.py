@@ -5,7 +5,7 @@ collect their ``--json`` figures into one results file, and render BENCHMARKS.md
     .venv/bin/python -m bench --render-only bench/results/latest.json
 
 Steps: store, e2e, api, preprocess, outputs, sidebyside, v2, chaos (when bench/chaos.py exists),
-hostile, scaling;
+hostile, scaling, sim, floor, pgstore, cluster, chaos_cluster;
 profile with --profile (CPU per job by layer, call tree in bench/results/profile.{html,txt}).
 With COMFYUI_TEST_URL set, the side-by-side run also measures that real ComfyUI.
 """
@@ -155,6 +155,13 @@ STEPS = [
         ["--jobs", "3000"],
         ["--jobs", "1500"],  # CPU read from /proc in 10 ms ticks: 200 jobs were mostly noise
         "the ComfyUI simulator's own CPU per trivial job (#13)",
+    ),
+    Step(
+        "floor",
+        "bench.bench_floor",
+        ["--jobs", "500", "--rounds", "3"],
+        ["--jobs", "200", "--rounds", "2"],
+        "comfyq's CPU per job next to the same exchanges in bare aiohttp (#13)",
     ),
 ]
 STEPS += [

@@ -240,6 +240,7 @@ SECTIONS = [
     ("queue_depth", "A deep queue and the MAX_QUEUE_SIZE default (#13)", sec.queue_depth),
     ("scaling", "How the cost per job grows (#13)", report_scaling.scaling),
     ("sim", "The simulator's own cost (#13)", sec.sim),
+    ("floor", "comfyq next to its floor: the same exchanges in bare aiohttp (#13)", sec.floor),
     ("pgstore", "PostgreSQL store alone (#12)", report_cluster.pgstore),
     ("cluster", "Several instances end to end (#12)", report_cluster.cluster),
     ("chaos_cluster", "Multi-instance chaos run (#12)", report_cluster.chaos),

@@ -638,3 +638,46 @@ def sim(f: dict[str, Any], charts: Charts) -> list[str]:
             ),
         ]
     return out
+
+
+def floor(f: dict[str, Any], charts: Charts) -> list[str]:
+    """comfyq's CPU per job next to bench.floor_server's: the same exchanges and nothing else."""
+    out = [
+        (
+            "A trivial job through `POST /generate` + SSE + `GET /outputs` is six HTTP exchanges"
+            " and the prompt's websocket messages. `bench/floor_server.py` makes exactly those"
+            " exchanges in bare aiohttp (no queue, database, validation, logs or metrics,"
+            " outputs in memory), in front of the same simulator, driven by the same client,"
+            " rounds alternating; CPU per job of each server process from /proc. The floor is"
+            " what no change inside comfyq removes short of fewer exchanges or another HTTP"
+            " stack; the rest is comfyq's own: the durable queue (the SQLite writer's"
+            " statements and fsyncs), its event loop work and everything it adds."
+        ),
+        "",
+    ]
+    out += table(
+        [
+            "jobs per server",
+            "in flight",
+            "floor CPU per job",
+            "comfyq CPU per job",
+            "comfyq ÷ floor",
+            "comfyq above the floor",
+            "floor jobs/s",
+            "comfyq jobs/s",
+        ],
+        [
+            [
+                num(f["jobs_per_server"]),
+                num(f["in_flight"]),
+                ms(f["floor_cpu_ms_per_job"]),
+                ms(f["comfyq_cpu_ms_per_job"]),
+                f"×{f['cpu_ratio']:.2f}",
+                ms(f["above_floor_ms"]),
+                num(f["floor_jobs_per_s"]),
+                num(f["comfyq_jobs_per_s"]),
+            ]
+        ],
+        numeric=False,
+    )
+    return out
