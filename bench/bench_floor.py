@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import subprocess
 import sys
 import tempfile
@@ -36,6 +37,25 @@ from bench.common import (
     wait_http,
     write_json,
 )
+
+WRITER = "comfyq-writer"  # the SQLite writer thread's name, as the kernel knows it
+
+
+def thread_ticks(pid: int) -> dict[str, int]:
+    """CPU clock ticks so far of a process's threads: the event loop's (the main thread), the
+    SQLite writer's (by its kernel name), and every other thread's together."""
+    out = {"loop": 0, "writer": 0, "other": 0}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+        except OSError:  # the thread ended
+            continue
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat.rsplit(")", 1)[1].split()
+        ticks = int(fields[11]) + int(fields[12])
+        key = "loop" if int(tid) == pid else "writer" if name == WRITER else "other"
+        out[key] += ticks
+    return out
 
 
 @contextmanager
@@ -65,6 +85,7 @@ async def measure(jobs: int, rounds: int, in_flight: int, root: Path) -> dict[st
         servers = {"floor": (floor_url, floor_pid), "comfyq": (comfyq_url, comfyq_pid)}
         clients = {name: ThroughComfyq(url) for name, (url, _) in servers.items()}
         cpu = dict.fromkeys(servers, 0.0)
+        split = {"loop": 0, "writer": 0, "other": 0}
         wall = dict.fromkeys(servers, 0.0)
         done = dict.fromkeys(servers, 0)
         try:
@@ -74,9 +95,13 @@ async def measure(jobs: int, rounds: int, in_flight: int, root: Path) -> dict[st
                 order = list(servers) if r % 2 == 0 else list(servers)[::-1]
                 for name in order:
                     pid = servers[name][1]
-                    c0, t0 = cpu_seconds(pid), time.perf_counter()
+                    c0, t0, th0 = cpu_seconds(pid), time.perf_counter(), thread_ticks(pid)
                     await burst(clients[name].sse, jobs, in_flight)
                     cpu[name] += cpu_seconds(pid) - c0
+                    if name == "comfyq":
+                        th1 = thread_ticks(pid)
+                        for key in split:
+                            split[key] += th1[key] - th0[key]
                     wall[name] += time.perf_counter() - t0
                     done[name] += jobs
         finally:
@@ -86,6 +111,9 @@ async def measure(jobs: int, rounds: int, in_flight: int, root: Path) -> dict[st
     for name in servers:
         out[f"{name}_cpu_ms_per_job"] = cpu[name] / done[name] * 1000
         out[f"{name}_jobs_per_s"] = done[name] / wall[name]
+    tick = os.sysconf("SC_CLK_TCK")
+    for key, ticks in split.items():
+        out[f"comfyq_{key}_thread_ms_per_job"] = ticks / tick / done["comfyq"] * 1000
     out["cpu_ratio"] = out["comfyq_cpu_ms_per_job"] / out["floor_cpu_ms_per_job"]
     out["above_floor_ms"] = out["comfyq_cpu_ms_per_job"] - out["floor_cpu_ms_per_job"]
     return out
@@ -106,6 +134,11 @@ def main() -> None:
         f" {f['comfyq_jobs_per_s']:.0f} jobs/s; comfyq = x{f['cpu_ratio']:.2f} the floor"
         f" (+{f['above_floor_ms']:.2f} ms); {f['jobs_per_server']} jobs each,"
         f" {f['in_flight']} in flight"
+    )
+    print(
+        f"comfyq by thread: event loop {f['comfyq_loop_thread_ms_per_job']:.2f} ms,"
+        f" SQLite writer {f['comfyq_writer_thread_ms_per_job']:.2f} ms,"
+        f" other threads (file and read hops) {f['comfyq_other_thread_ms_per_job']:.2f} ms"
     )
     write_json(args.json, f)
 

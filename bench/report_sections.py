@@ -680,4 +680,15 @@ def floor(f: dict[str, Any], charts: Charts) -> list[str]:
         ],
         numeric=False,
     )
+    if "comfyq_loop_thread_ms_per_job" in f:
+        out += [
+            "",
+            (
+                "comfyq's CPU per job by thread (from /proc, same rounds): event loop"
+                f" {ms(f['comfyq_loop_thread_ms_per_job'])}, SQLite writer"
+                f" {ms(f['comfyq_writer_thread_ms_per_job'])}, other threads (file writes and"
+                f" serving, reads handed off) {ms(f['comfyq_other_thread_ms_per_job'])}. The"
+                " floor's whole process does the exchanges on its event loop."
+            ),
+        ]
     return out
