@@ -31,7 +31,7 @@ from yarl import URL
 
 from comfyq.comfy import capabilities as caps
 from comfyq.comfy.capabilities import Capabilities
-from comfyq.comfy.feed import Item, Watch, WsFeed
+from comfyq.comfy.feed import Item, StoredWorkflow, Watch, WsFeed
 from comfyq.comfy.follow import Follower, Location
 from comfyq.comfy.jobsapi import GONE, cancel_job, locate_job
 from comfyq.comfy.protocol import (
@@ -312,7 +312,9 @@ class ComfyClient:
 
     # --- prompts ----------------------------------------------------------------------------------
 
-    def watch(self, prompt_id: str, workflow: dict[str, Any] | None = None) -> None:
+    def watch(
+        self, prompt_id: str, workflow: dict[str, Any] | StoredWorkflow | None = None
+    ) -> None:
         """Start buffering websocket messages of ``prompt_id`` (submit does this itself)."""
         self._feed.watch(prompt_id, workflow)
 
@@ -321,7 +323,11 @@ class ComfyClient:
         self._feed.forget(prompt_id)
 
     async def submit(
-        self, workflow: dict[str, Any], prompt_id: str, *, extra_data: dict[str, Any] | None = None
+        self,
+        workflow: dict[str, Any] | StoredWorkflow,
+        prompt_id: str,
+        *,
+        extra_data: dict[str, Any] | None = None,
     ) -> SubmitResult:
         """``POST /prompt`` with our prompt id and client id; 400 raises ValidationError.
 
@@ -331,10 +337,13 @@ class ComfyClient:
         The id must be a UUID; it is sent (and returned) in canonical lowercase form, the only
         form newer ComfyUI accepts. A rejection of either generation maps to the same
         ValidationError (``rejection.py``).
+
+        A ``StoredWorkflow`` is sent as the JSON text it holds, spliced into the body unchanged
+        (the same document as its decoded dict would encode to), and is never decoded whole.
         """
         prompt_id = canonical_prompt_id(prompt_id)
         body: dict[str, Any] = {
-            "prompt": workflow,
+            "prompt": workflow.raw if isinstance(workflow, StoredWorkflow) else workflow,
             "client_id": self.client_id,
             "prompt_id": prompt_id,
         }
@@ -361,7 +370,11 @@ class ComfyClient:
             return None
 
     def _accepted(
-        self, answer: dict[str, Any], prompt_id: str, workflow: dict[str, Any], watch: Watch
+        self,
+        answer: dict[str, Any],
+        prompt_id: str,
+        workflow: dict[str, Any] | StoredWorkflow,
+        watch: Watch,
     ) -> SubmitResult:
         got = answer.get("prompt_id")
         if isinstance(got, str) and got != prompt_id:
@@ -423,7 +436,7 @@ class ComfyClient:
         self,
         prompt_id: str,
         *,
-        workflow: dict[str, Any] | None = None,
+        workflow: dict[str, Any] | StoredWorkflow | None = None,
         on_event: Callable[[LiveEvent], None] | None = None,
     ) -> RunResult:
         """Wait for the prompt's outcome; raises NodeError, Interrupted or PromptLost.

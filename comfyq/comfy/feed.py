@@ -14,11 +14,12 @@ import contextlib
 import logging
 import random
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import aiohttp
+import msgspec
 
 from comfyq.comfy.protocol import (
     TERMINAL_TYPES,
@@ -40,6 +41,77 @@ _DROPPABLE_TYPES = frozenset({"progress", "progress_state", "preview", "text"})
 
 FEATURE_FLAGS = {"type": "feature_flags", "data": {"supports_preview_metadata": True}}
 
+# Node ids typed with a constraint stay out of msgspec's cache of dict keys (see
+# comfyq.store.model): a large workflow's ids would keep heap arenas pinned after it was freed.
+_NodeId = Annotated[str, msgspec.Meta(max_length=1 << 30)]
+
+
+class _ClassType(msgspec.Struct, gc=False):
+    """A node read for its class_type alone: its inputs are skipped, never built."""
+
+    class_type: Any = None
+
+
+_decode_types = msgspec.json.Decoder(dict[_NodeId, _ClassType]).decode
+_decode_members = msgspec.json.Decoder(dict[_NodeId, msgspec.Raw]).decode
+
+
+class StoredWorkflow(Mapping[str, Any]):
+    """A workflow (a JSON object) kept as the JSON text it was stored as, never decoded whole:
+    ``submit`` splices ``raw`` into its ``POST /prompt`` body; a watch asks ``node_type``, built
+    on first use into a map of node id to class_type; a rejection naming a node reads that node
+    alone (``self[node_id]``). A 5,000-node workflow decoded whole is ~35k objects and 3.5 MB,
+    whose freeing left the heap fragmented (issue 19)."""
+
+    __slots__ = ("_types", "raw")
+
+    def __init__(self, raw: msgspec.Raw | bytes) -> None:
+        self.raw = raw if isinstance(raw, msgspec.Raw) else msgspec.Raw(raw)
+        self._types: dict[str, str] | None = None
+
+    def __getitem__(self, node_id: str) -> Any:
+        """The node's whole value, read from the text without building any other node."""
+        try:
+            one = msgspec.defstruct("_Node", [("v", Any, msgspec.UNSET)], rename={"v": node_id})
+        except ValueError:  # an id msgspec cannot name a field by (a quote, a backslash)
+            member = _decode_members(self.raw).get(node_id)
+            if member is None:
+                raise KeyError(node_id) from None
+            return msgspec.json.decode(member)
+        value = getattr(msgspec.json.decode(self.raw, type=one), "v")  # noqa: B009
+        if value is msgspec.UNSET:
+            raise KeyError(node_id)
+        return value
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(_decode_members(self.raw))
+
+    def __len__(self) -> int:
+        return len(_decode_members(self.raw))
+
+    def __bool__(self) -> bool:
+        view = memoryview(self.raw)
+        return len(view) > 16 or b"".join(bytes(view).split()) not in (b"{}", b"")
+
+    def node_type(self, node_id: str) -> str | None:
+        """The class_type of ``node_id`` (None when absent or not a string)."""
+        types = self._types
+        if types is None:
+            types = self._types = _node_types(self.raw)
+        return types.get(node_id)
+
+
+def _node_types(raw: msgspec.Raw) -> dict[str, str]:
+    try:
+        nodes: dict[str, Any] = {k: n.class_type for k, n in _decode_types(raw).items()}
+    except msgspec.ValidationError:  # a node that is not an object: read them whole
+        whole = msgspec.json.decode(raw)
+        if not isinstance(whole, dict):
+            return {}
+        nodes = {k: n.get("class_type") if isinstance(n, dict) else None for k, n in whole.items()}
+    names: dict[str, str] = {}  # one string per class, not one per node
+    return {k: names.setdefault(v, v) for k, v in nodes.items() if isinstance(v, str)}
+
 
 @dataclass(slots=True)
 class Item:
@@ -59,7 +131,9 @@ class Item:
 class Watch:
     """Buffer of everything that arrives for one prompt until its follower reads it."""
 
-    def __init__(self, prompt_id: str, workflow: dict[str, Any] | None, gap: bool) -> None:
+    def __init__(
+        self, prompt_id: str, workflow: dict[str, Any] | StoredWorkflow | None, gap: bool
+    ) -> None:
         self.prompt_id = prompt_id
         self.workflow = workflow
         # True once messages may have been lost (socket was down while the prompt was watched).
@@ -81,6 +155,8 @@ class Watch:
 
     def node_type(self, node: str | None) -> str | None:
         """The class_type of ``node`` in the workflow, if known."""
+        if isinstance(self.workflow, StoredWorkflow):
+            return None if node is None else self.workflow.node_type(node)
         if node is None or not self.workflow:
             return None
         spec = self.workflow.get(node)
@@ -225,7 +301,9 @@ class WsFeed:
 
     # --- watches ------------------------------------------------------------------------------
 
-    def watch(self, prompt_id: str, workflow: dict[str, Any] | None = None) -> Watch:
+    def watch(
+        self, prompt_id: str, workflow: dict[str, Any] | StoredWorkflow | None = None
+    ) -> Watch:
         """The watch of ``prompt_id``, created if needed; buffers messages until read."""
         w = self.watches.get(prompt_id)
         if w is None:

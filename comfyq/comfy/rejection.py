@@ -12,6 +12,7 @@ same word in both generations and is kept as the kind, with ComfyUI's message.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Any
 
 from comfyq.errors import ValidationError
@@ -22,9 +23,10 @@ _OLD_UNKNOWN = re.compile(r"Cannot execute because node (.+) does not exist\.?$"
 
 
 def validation_error(
-    status: int, answer: Any, raw: bytes, workflow: dict[str, Any] | None
+    status: int, answer: Any, raw: bytes, workflow: Mapping[str, Any] | None
 ) -> ValidationError:
-    """The ValidationError for a 400 (or 413/422) answer to ``POST /prompt``."""
+    """The ValidationError for a 400 (or 413/422) answer to ``POST /prompt`` (``workflow``: the
+    one submitted; only the node the error names is read from it)."""
     if not (isinstance(answer, dict) and isinstance(answer.get("error"), dict)):
         text = raw[:2000].decode(errors="replace")
         return ValidationError(

@@ -17,6 +17,7 @@ from typing import Any
 import msgspec
 
 from comfyq.comfy.backends import Backend, BackendPool
+from comfyq.comfy.feed import StoredWorkflow
 from comfyq.comfy.protocol import LiveEvent
 from comfyq.errors import ComfyUIUnreachable, Interrupted, PromptLost
 from comfyq.netguard import redact_url
@@ -25,6 +26,32 @@ from comfyq.store import Job
 from comfyq.store.model import prompt_message
 
 log = logging.getLogger("comfyq.generate")
+
+Workflow = dict[str, Any] | StoredWorkflow
+
+
+class _PreparedView(msgspec.Struct):
+    """The prepared column with its workflow left as JSON text (``Raw()`` when absent)."""
+
+    workflow: msgspec.Raw = msgspec.Raw()
+    inputs: list[Any] = []
+
+
+async def _prepared(job: Job) -> tuple[Workflow, list[Any]]:
+    """The job's prepared workflow and inputs. A workflow that is a JSON object stays the text
+    the store holds (``StoredWorkflow``: submitted as is, read narrowly); anything else (absent,
+    null, an odd shape) is decoded as before."""
+    try:
+        view = job.view("prepared", _PreparedView)
+    except msgspec.ValidationError:  # not the shape preprocess writes (or decoded already)
+        view = None
+    else:
+        if view is None:
+            return {}, []
+        if bytes(memoryview(view.workflow)[:1]) == b"{":
+            return StoredWorkflow(view.workflow), view.inputs
+    prepared = await job.decode_fresh("prepared") or {}
+    return prepared.get("workflow") or {}, prepared.get("inputs", [])
 
 
 class Generate:
@@ -65,8 +92,7 @@ class Generate:
             ctx.live(ev.kind, {"node": ev.node, "mime": ev.mime, **(ev.data or {})}, ev.image)
 
     async def __call__(self, job: Job, ctx: JobContext) -> StageDone:
-        prepared = await job.decode_fresh("prepared") or {}
-        workflow: dict[str, Any] = prepared.get("workflow") or {}
+        workflow, inputs = await _prepared(job)
         # Assigned by the hand-off that gave this process the job (``assign``): stored, never
         # submitted. Any other recorded prompt id may have reached ComfyUI: reconcile it.
         assigned = (ctx.assigned or {}).get("comfy_prompt_id")
@@ -78,7 +104,7 @@ class Generate:
                 history = await _history_if_asked(be, job, run) if be is not None else None
                 return _done(run, ctx.job, history)
         async with self.pool.slot(prefer=job.comfy_backend if fresh else None) as be:
-            for item in prepared.get("inputs", []):
+            for item in inputs:
                 await be.client.upload(Path(item["path"]), item["name"], overwrite=True)
             if fresh and be.url == job.comfy_backend and job.comfy_prompt_id:
                 prompt_id = job.comfy_prompt_id  # already durable, with this backend
@@ -119,7 +145,7 @@ class Generate:
             history = await _history_if_asked(be, job, run)
         return _done(run, ctx.job, history)
 
-    async def _reconcile(self, job: Job, ctx: JobContext, workflow: dict[str, Any]) -> Any:
+    async def _reconcile(self, job: Job, ctx: JobContext, workflow: Workflow) -> Any:
         assert job.comfy_prompt_id and job.comfy_backend
         prompt_id, url = job.comfy_prompt_id, job.comfy_backend
         be = self.pool.get(url)
@@ -222,7 +248,7 @@ class Generate:
             log.warning("job %s: could not stop prompt %s: %s", ctx.job.id, prompt_id, exc)
 
     async def _follow(
-        self, be: Backend, prompt_id: str, workflow: dict[str, Any], ctx: JobContext
+        self, be: Backend, prompt_id: str, workflow: Workflow, ctx: JobContext
     ) -> Any:
         self._prompts[prompt_id] = ctx
         try:
