@@ -13,10 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import msgspec
 import pytest
 from support.client import EventLog, invert_workflow, new_id, txt2img_workflow
 
 from comfyq.comfy.client import ComfyClient
+from comfyq.comfy.feed import StoredWorkflow
 from comfyq.comfy.jobsapi import GONE, cancel_job, locate_job
 from comfyq.comfy.protocol import parse_text_frame
 from comfyq.errors import Interrupted, ValidationError
@@ -314,6 +316,53 @@ async def test_rejections_are_one_error_on_both_generations(
     assert seen[0] == seen[1]
     assert seen[0]["details"]["kind"] == "unknown_node"
     assert (seen[0]["node_id"], seen[0]["node_type"]) == ("1", "NoSuchNodeXYZ")
+
+
+@pytest.mark.parametrize(
+    "wf",
+    [
+        {
+            "1": {"class_type": "NoSuchNodeXYZ", "inputs": {}, "_meta": {"title": "My node"}},
+            "2": {
+                "class_type": "SaveImage",
+                "inputs": {"images": ["1", 0], "filename_prefix": "x"},
+            },
+        },
+        {  # no class_type
+            "1": {"inputs": {}},
+            "2": {
+                "class_type": "SaveImage",
+                "inputs": {"images": ["1", 0], "filename_prefix": "x"},
+            },
+        },
+        {  # ids msgspec cannot name a field by
+            'a"\\b': {"class_type": "NoSuchNodeXYZ", "inputs": {}},
+            "2": {
+                "class_type": "SaveImage",
+                "inputs": {"images": ['a"\\b', 0], "filename_prefix": "x"},
+            },
+        },
+    ],
+)
+async def test_a_stored_workflow_is_submitted_and_rejected_as_its_dict(
+    comfyui_version: str, make_sim: MakeSim, make_client: MakeClient, wf: dict[str, Any]
+) -> None:
+    """The generate stage submits the stored JSON text (StoredWorkflow): ComfyUI gets the same
+    document, and a rejection names the same node, type and kind as with the dict."""
+    sim = await make_sim(comfyui_version)
+    client = await make_client(sim.url)
+    seen = []
+    for workflow in (wf, StoredWorkflow(msgspec.json.encode(wf))):
+        with pytest.raises(ValidationError) as info:
+            await client.submit(workflow, new_id())
+        seen.append(info.value.to_dict())
+    assert seen[0] == seen[1]
+    ok = invert_workflow("stored", 51)
+    pid = new_id()
+    await client.submit(StoredWorkflow(msgspec.json.encode(ok)), pid)
+    async with asyncio.timeout(GUARD):
+        run = await client.follow(pid)
+    assert run.status == "success" and run.outputs
 
 
 async def test_dependency_cycle(make_sim: MakeSim, make_client: MakeClient) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import msgspec
 import pytest
 from support.client import (
     VALIDATION_CASES,
@@ -27,6 +28,7 @@ from support.client import (
 )
 
 from comfyq.comfy.client import ComfyClient
+from comfyq.comfy.feed import StoredWorkflow
 from comfyq.comfy.protocol import LiveEvent, RunResult
 from comfyq.errors import Interrupted, NodeError, OutputError, ValidationError
 
@@ -97,15 +99,20 @@ async def test_real_validation_error_whole(client: ComfyClient, case: str) -> No
     ):
         assert resp.status == 400
         expected = await resp.json()
-    with pytest.raises(ValidationError) as info:
-        await client.submit(wf, new_id())
-    assert info.value.details == {
-        "error": expected["error"],
-        "node_errors": expected["node_errors"],
-        # The same kind from every ComfyUI version (0.3.64's invalid_prompt, newer
-        # missing_node_type: both unknown_node).
-        "kind": "unknown_node" if case == "unknown_class_type" else error_type,
-    }
+    seen = []
+    # As a dict, and as the stored JSON text the generate stage submits: the same error.
+    for workflow in (wf, StoredWorkflow(msgspec.json.encode(wf))):
+        with pytest.raises(ValidationError) as info:
+            await client.submit(workflow, new_id())
+        assert info.value.details == {
+            "error": expected["error"],
+            "node_errors": expected["node_errors"],
+            # The same kind from every ComfyUI version (0.3.64's invalid_prompt, newer
+            # missing_node_type: both unknown_node).
+            "kind": "unknown_node" if case == "unknown_class_type" else error_type,
+        }
+        seen.append(info.value.to_dict())
+    assert seen[0] == seen[1]
     assert expected["error"]["type"] in (
         (error_type, "missing_node_type") if error_type == "invalid_prompt" else (error_type,)
     )

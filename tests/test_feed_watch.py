@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from comfyq.comfy.feed import Item, Watch
+from comfyq.comfy.feed import Item, StoredWorkflow, Watch
 from comfyq.comfy.protocol import Executing, ProtocolError, Status, parse_text_frame
 
 
@@ -129,3 +129,36 @@ async def test_a_consumer_takes_items_only_while_the_reader_waits_with_nothing_b
     assert (await getter).kind == "poke"  # type: ignore[union-attr]
     assert (await w.get(1)).kind == "event"  # type: ignore[union-attr]
     assert taken == ["event"]
+
+
+@pytest.mark.parametrize(
+    "workflow",
+    [
+        {
+            "1": {"class_type": "KSampler", "inputs": {"seed": 1}},
+            "2": {"class_type": "KSampler", "inputs": {}},
+            "3": {"inputs": {}},  # no class_type
+            "4": {"class_type": 7},  # not a string
+            'q"\\5': {"class_type": "Quoted", "inputs": {}},
+        },
+        {  # a node that is not an object: the narrow read gives way to a whole one
+            "1": {"class_type": "KSampler"},
+            "2": ["not", "a", "node"],
+            "3": None,
+        },
+        {},
+    ],
+)
+def test_a_stored_workflow_names_node_types_as_its_dict(workflow: dict[str, object]) -> None:
+    stored = StoredWorkflow(json.dumps(workflow).encode())
+    by_dict = Watch("p", workflow, gap=False)
+    by_text = Watch("p", stored, gap=False)
+    for node in [*workflow, "absent", None]:
+        assert by_text.node_type(node) == by_dict.node_type(node), node
+    # Read one node at a time (a rejection naming one), the whole node as in the dict.
+    for node, spec in workflow.items():
+        assert stored[node] == spec and stored.get(node) == spec
+    assert stored.get("absent") is None and "absent" not in stored
+    assert bool(stored) == bool(workflow) and list(stored) == list(workflow)
+    assert len(stored) == len(workflow)
+    assert not StoredWorkflow(b" { } ") and StoredWorkflow(b'{"1": {}}')

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import hashlib
 import json
 import tracemalloc
+import uuid
 import weakref
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -18,13 +20,16 @@ from typing import Any
 
 import msgspec
 import pytest
+from aiohttp import web
 
 from comfyq import admission
-from comfyq.errors import NodeError
+from comfyq.comfy.client import ComfyClient
+from comfyq.errors import NodeError, ValidationError
 from comfyq.events import EventBus
 from comfyq.inputs import Downloader
 from comfyq.inputs.prepare import payload_for_preprocess, prepare_job
 from comfyq.netguard import AddressGuard
+from comfyq.stages.generate import _prepared
 from comfyq.stages.runner import JobContext, Pipeline, RunnerConfig, StageDone
 from comfyq.store import Job, JobStore, NewJob, open_store
 from comfyq.store.model import STAGES, Stage, State, dumps
@@ -226,3 +231,97 @@ async def test_prepare_job_submits_a_passed_through_workflow_as_stored(tmp_path:
     # What the store writes for the stage's result is the workflow itself.
     stored = json.loads(dumps({"prepared": {"workflow": prepared.workflow, "inputs": []}}))
     assert stored["prepared"]["workflow"] == workflow
+
+
+@pytest.fixture
+async def refusing_comfyui() -> AsyncIterator[tuple[str, list[bytes], list[str]]]:
+    """A loopback server answering ``POST /prompt`` as ComfyUI 0.3.64 does for an unknown node
+    class (the bench's node-count body). It keeps the first body whole and of the others only a
+    digest, read in chunks, so that what the test's process holds is the client's own doing."""
+    bodies: list[bytes] = []
+    digests: list[str] = []
+
+    async def prompt(request: web.Request) -> web.Response:
+        if not bodies:
+            bodies.append(await request.read())
+            digests.append(hashlib.sha256(bodies[0]).hexdigest())
+        else:
+            h = hashlib.sha256()
+            async for chunk in request.content.iter_chunked(16 * 1024):
+                h.update(chunk)
+            digests.append(h.hexdigest())
+        error = {
+            "type": "invalid_prompt",
+            "message": "Cannot execute because node BenchNode does not exist.",
+            "details": "Node ID '#7'",
+            "extra_info": {},
+        }
+        return web.json_response({"error": error, "node_errors": {}}, status=400)
+
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app.router.add_post("/prompt", prompt)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield f"http://127.0.0.1:{port}", bodies, digests
+    finally:
+        await runner.cleanup()
+
+
+async def test_the_generate_stage_submits_a_large_workflow_undecoded(
+    refusing_comfyui: tuple[str, list[bytes], list[str]],
+) -> None:
+    """The generate stage's part of a job (its prepared workflow read, submitted, refused) peaks
+    far below a whole decode of that workflow: it is sent as the stored text, and the rejection
+    reads only the node it names."""
+    url, bodies, digests = refusing_comfyui
+    workflow = chain()
+    prepared_text = dumps({"workflow": workflow, "inputs": []})
+    prompt_id = str(uuid.uuid4())
+    client = ComfyClient(url, client_id="c")
+    peaks, held = [], []
+    try:
+        # Three times, the first of them outside the figures: the session, the connection and
+        # aiohttp's lazy imports are made then.
+        for _ in range(3):
+            job = Job({"id": "big", "prepared": prepared_text})
+            gc.collect()
+            tracemalloc.start()
+            try:
+                stored, inputs = await _prepared(job)
+                with pytest.raises(ValidationError) as err:
+                    await client.submit(stored, prompt_id)
+                peaks.append(tracemalloc.get_traced_memory()[1])
+                held.append(blocks())  # with the stage's workflow still referenced
+            finally:
+                tracemalloc.stop()
+            del job, stored
+        # What the stage did before: the prepared column decoded whole.
+        gc.collect()
+        tracemalloc.start()
+        try:
+            whole = msgspec.json.decode(prepared_text)
+            decode_peak = tracemalloc.get_traced_memory()[1]
+            decode_blocks = blocks()
+            del whole
+        finally:
+            tracemalloc.stop()
+    finally:
+        await client.close()
+    assert inputs == []
+    # The rejection names the node as it did with the workflow decoded (that node read alone).
+    assert (err.value.node_id, err.value.node_type) == ("7", "BenchNode")
+    assert err.value.details["kind"] == "unknown_node"
+    # ComfyUI got the workflow itself, with the same fields around it, the same bytes each time.
+    body = json.loads(bodies[0])
+    assert body == {"prompt": workflow, "client_id": "c", "prompt_id": prompt_id}
+    assert len(digests) == 3 and len(set(digests)) == 1
+    # Counted in blocks (what fragments the heap): the decoded tree is ~35k of them.
+    assert max(held[1:]) * 20 < decode_blocks, f"{held} blocks held, a whole decode {decode_blocks}"
+    # In bytes, the request body (~0.4 MB, encoded, then copied into the socket's buffer), not
+    # the ~3.5 MB object tree.
+    peak = max(peaks[1:])
+    assert peak * 2 < decode_peak, f"submit peaked at {peak} bytes, a whole decode at {decode_peak}"
