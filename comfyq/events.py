@@ -69,6 +69,10 @@ class Subscription:
         self._items: deque[Event] = deque()
         self._waiter: asyncio.Future[None] | None = None
         self._urgent_only = False
+        # The timers of ``get(deadline=...)`` by deadline, each kept until it rings: a reader
+        # that waits for several events until one deadline (or goes back and forth between two
+        # deadlines) arms one timer per deadline, not one per wait.
+        self._alarms: dict[float, asyncio.TimerHandle] = {}
         self.dropped = 0
         self.closed = False
 
@@ -90,17 +94,29 @@ class Subscription:
         """Events buffered and not yet taken."""
         return len(self._items)
 
-    async def get(self, timeout: float | None = None, *, urgent: bool = False) -> Event | None:
-        """The next event, or None when ``timeout`` passes first. ``urgent``: only a job's final
+    async def get(
+        self, timeout: float | None = None, *, urgent: bool = False, deadline: float | None = None
+    ) -> Event | None:
+        """The next event, or None when ``timeout`` passes first (or, given ``deadline`` instead,
+        when the loop's clock reaches it; then also possibly earlier, when an earlier deadline of
+        this subscription rings: the caller looks at its clock). ``urgent``: only a job's final
         event (or a buffer half full) ends the wait early; the others are returned after
         ``timeout``, all at once (a reader that holds its output wakes once, not per event)."""
         # A bare future and a timer handle: asyncio.wait_for would wrap every wait in a task of
         # its own, and a stream waits once per event.
         if not self._items:
             loop = asyncio.get_running_loop()
+            timer = None
+            if deadline is not None:
+                if deadline <= loop.time():
+                    return None
+                if deadline not in self._alarms:
+                    self._alarms[deadline] = loop.call_at(deadline, self._ring, deadline)
+                timeout = deadline  # the wait ends at the first wake-up, as with a timeout
             waiter = self._waiter = loop.create_future()
             self._urgent_only = urgent and timeout is not None
-            timer = None if timeout is None else loop.call_later(timeout, _expire, waiter)
+            if timeout is not None and deadline is None:
+                timer = loop.call_later(timeout, _expire, waiter)
             try:
                 while not self._items:
                     await waiter
@@ -122,8 +138,18 @@ class Subscription:
             self.keys.add(key)
             self._bus._subs.setdefault(key, set()).add(self)
 
+    def _ring(self, deadline: float) -> None:
+        # Whichever deadline rang, a waiting reader wakes (None: it looks at its clock).
+        self._alarms.pop(deadline, None)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
     def close(self) -> None:
         self.closed = True
+        for alarm in self._alarms.values():
+            alarm.cancel()
+        self._alarms.clear()
         self._bus._unsubscribe(self)
 
     def __enter__(self) -> Self:

@@ -3,6 +3,8 @@ subscribers and Results rely on (latest progress, last event row) is still kept.
 
 from __future__ import annotations
 
+import asyncio
+
 from comfyq.events import ALL, EventBus
 from comfyq.store.model import Stage, State, Transition
 
@@ -63,3 +65,48 @@ async def test_a_subscriber_to_every_job_gets_everything_in_order() -> None:
     assert got[2] is not None and got[2].payload == b"png"
     only_b = await other.get(1)
     assert only_b is not None and only_b.job_id == "b" and await other.get(0.01) is None
+
+
+async def test_a_wait_until_a_deadline_keeps_one_timer_for_that_deadline() -> None:
+    loop = asyncio.get_running_loop()
+    bus = EventBus()
+    sub = bus.subscribe("a")
+    deadline = loop.time() + 0.2
+    bus.live("a", "progress", {"value": 1})
+    # An event already buffered is returned at once, whatever the deadline.
+    ev = await sub.get(deadline=loop.time() - 1)
+    assert ev is not None and ev.data == {"value": 1}
+    # Events arriving before the deadline end the wait; the deadline's timer stays for the next.
+    loop.call_later(0.02, bus.live, "a", "progress", {"value": 2})
+    ev = await sub.get(deadline=deadline)
+    assert ev is not None and ev.data == {"value": 2} and list(sub._alarms) == [deadline]
+    loop.call_later(0.02, bus.live, "a", "progress", {"value": 3})
+    ev = await sub.get(deadline=deadline)
+    assert ev is not None and ev.data == {"value": 3} and list(sub._alarms) == [deadline]
+    # Nothing more: None once the loop's clock reaches the deadline, and the timer is gone.
+    assert await sub.get(deadline=deadline) is None
+    assert loop.time() >= deadline and not sub._alarms
+    # A deadline already passed: None at once, and no timer.
+    assert await sub.get(deadline=deadline) is None and not sub._alarms
+    # Closing cancels a timer still armed.
+    later = loop.time() + 30
+    loop.call_later(0.01, bus.live, "a", "progress", {"value": 4})
+    assert await sub.get(deadline=later) is not None
+    alarm = sub._alarms[later]
+    sub.close()
+    assert alarm.cancelled() and not sub._alarms
+
+
+async def test_an_urgent_wait_until_a_deadline_holds_all_but_the_final_event() -> None:
+    loop = asyncio.get_running_loop()
+    bus = EventBus()
+    sub = bus.subscribe("a")
+    start = loop.time()
+    loop.call_later(0.01, bus.on_transitions, [tr(1, "a", State.RUNNING)])
+    # A non-final event does not end an urgent wait: it is returned at the deadline.
+    ev = await sub.get(urgent=True, deadline=start + 0.15)
+    assert ev is not None and ev.kind == "state" and loop.time() >= start + 0.15
+    loop.call_later(0.01, bus.on_transitions, [tr(2, "a", State.COMPLETED)])
+    ev = await sub.get(urgent=True, deadline=loop.time() + 30)
+    assert ev is not None and ev.final  # the final event ends it at once
+    sub.close()

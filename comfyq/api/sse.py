@@ -108,24 +108,38 @@ async def _live(
     # a short job's whole story goes out in one send (with the response's headers) instead of
     # one per event (each send wakes the client and costs the server a syscall); the final
     # event never waits. The replayed head is held the same way.
+    # Waits end at a deadline on the loop's clock (the subscription keeps one timer per
+    # deadline, not one per wait): the held output's flush time, else the heartbeat's. The
+    # heartbeat is due ``heartbeat`` seconds after the last send (``quiet_at``), but its timer
+    # (``beat_at``) moves only when it rings: a send does not re-arm it.
+    heartbeat = api.options.heartbeat
     out: list[bytes] = [head]
     flush_at = loop.time() + api.options.stream_coalesce
+    quiet_at = beat_at = loop.time() + heartbeat
     while True:
-        wait = api.options.heartbeat
-        if out and not _backlog(sub):
-            wait = flush_at - loop.time()
-            if wait <= 0:
+        deadline = beat_at
+        if out:
+            deadline = flush_at
+            if not _backlog(sub) and flush_at <= loop.time():
                 await resp.write(b"".join(out))
                 out.clear()
-                wait = api.options.heartbeat
+                deadline = beat_at
+                quiet_at = loop.time() + heartbeat
         # While holding, only the final event wakes the stream early; the rest wait their turn.
-        ev = await sub.get(wait, urgent=bool(out))
+        ev = await sub.get(urgent=bool(out), deadline=deadline)
         if ev is None:
             if out:
-                continue  # time to send what is held
+                continue  # time to send what is held (or an earlier timer rang: look again)
+            now = loop.time()
+            if now < beat_at:
+                continue  # an earlier timer (a flush's) rang, not the heartbeat's
+            if now < quiet_at:
+                beat_at = quiet_at  # something was sent since: the heartbeat is due later
+                continue
             if api.bus.transport is not None and await _caught_up(api, feed, resp):
                 return
             await resp.write(HEARTBEAT)
+            quiet_at = beat_at = loop.time() + heartbeat
             continue
         if ev.kind == GAP:  # the link may have missed state changes: read them from the table
             if out:
@@ -133,6 +147,7 @@ async def _live(
                 out.clear()
             if await _caught_up(api, feed, resp):
                 return
+            quiet_at = loop.time() + heartbeat
             continue
         if feed.is_final(ev):
             out.append(frame(await feed.final(row_of(ev.id), ev.job)))

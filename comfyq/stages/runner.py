@@ -246,10 +246,32 @@ class StageRunner:
         except TimeoutError:
             pass
 
-    async def _next(self) -> Job:
+    def ask(self) -> asyncio.Future[Job] | None:
+        """A worker asks for its next job: a future the claimer (or a hand-off) resolves."""
         fut: asyncio.Future[Job] = asyncio.get_running_loop().create_future()
         self._waiters.append(fut)
         self._waiter_added.set()
+        return fut
+
+    def unask(self, fut: asyncio.Future[Job] | None) -> None:
+        """A worker that asked early goes away: a job handed to it meanwhile goes back."""
+        if fut is None:
+            return
+        try:
+            self._waiters.remove(fut)
+        except ValueError:
+            pass
+        if not fut.done():
+            fut.cancel()
+        elif not fut.cancelled() and fut.exception() is None:
+            job = fut.result()
+            self.p.assigned.pop(job.id, None)
+            self.p.spawn(self.p.store.release(job.id, "Returned to the queue"))
+
+    async def _next(self, fut: asyncio.Future[Job] | None = None) -> Job:
+        if fut is None:
+            fut = self.ask()
+        assert fut is not None
         try:
             return await fut
         finally:
@@ -264,12 +286,16 @@ class StageRunner:
         """A supervised worker: a crash is logged and the worker starts again."""
         while True:
             self.alive += 1
+            early: asyncio.Future[Job] | None = None
             try:
                 while True:
-                    job = await self._next()
+                    job = await self._next(early)
+                    early = None
                     self.busy += 1
                     try:
-                        await self.p.run_job(self, job)
+                        # A worker whose job went on asks for its next one as it commits that
+                        # (the asking, see Pipeline._advance): its claim joins the same commit.
+                        early = await self.p.run_job(self, job)
                     finally:
                         self.busy -= 1
                         # Not held while waiting for the next one: a job keeps its decoded
@@ -282,6 +308,7 @@ class StageRunner:
                 self.crashes += 1
                 log.exception("worker %s-%d crashed; restarting it", self.name, index)
             finally:
+                self.unask(early)
                 self.alive -= 1
             await asyncio.sleep(self.p.cfg.restart_delay)
 
@@ -426,13 +453,15 @@ class Pipeline:
 
     # --- running one job ---------------------------------------------------------------------
 
-    async def run_job(self, stage: StageRunner, job: Job) -> None:
+    async def run_job(self, stage: StageRunner, job: Job) -> asyncio.Future[Job] | None:
+        """Run one stage of ``job``; the worker's request for its next job if it made one
+        already (see ``_advance``)."""
         # Every line logged while this job runs (its handler task copies the context) names it;
         # the worker's context is restored afterwards, so the next job starts without it.
         with job_context(job.id):
-            await self._run_job(stage, job)
+            return await self._run_job(stage, job)
 
-    async def _run_job(self, stage: StageRunner, job: Job) -> None:
+    async def _run_job(self, stage: StageRunner, job: Job) -> asyncio.Future[Job] | None:
         ctx = JobContext(job, self)
         ctx.assigned = self.assigned.pop(job.id, None)
         inner = asyncio.create_task(stage.handler(job, ctx), name=f"{stage.name}:{job.id}")
@@ -445,7 +474,7 @@ class Pipeline:
             if job.cancel_requested:
                 self._cancel_local(job.id, "cancel")
             try:
-                done = await asyncio.shield(inner)
+                done = await _outcome(inner, loop)
             except asyncio.CancelledError:
                 if not inner.done():
                     # This worker itself is being cancelled (shutdown): let the handler clean up.
@@ -454,12 +483,12 @@ class Pipeline:
                     await self._settle(job, ctx, inner, stage)
                     raise
                 await self._settle(job, ctx, inner, stage)
-                return
+                return None
             # Whatever the handler raised (a bug included) fails this job only; _settle records it.
             except BaseException:  # noqa: BLE001
                 await self._settle(job, ctx, inner, stage)
-                return
-            await self._advance(job, done)
+                return None
+            return await self._advance(job, done, stage)
         finally:
             if entry.timer is not None:
                 entry.timer.cancel()
@@ -472,18 +501,43 @@ class Pipeline:
             # The stage decoded the job's payload (or its prepared workflow) and has freed it.
             HEAP_TRIM.after(getattr(job, "_payload", None))
 
-    async def _advance(self, job: Job, done: StageDone) -> None:
+    async def _advance(
+        self, job: Job, done: StageDone, stage: StageRunner
+    ) -> asyncio.Future[Job] | None:
+        """Record a finished stage (handing the job to an idle worker of the next one when
+        there is one); the worker's request for its next job, made before the commit."""
         next_stage = NEXT_STAGE[job.stage]
         nxt = self.stages.get(next_stage) if next_stage is not None else None
         waiter = nxt.take_waiter() if nxt is not None else None
         assign = getattr(nxt.handler, "assign", None) if nxt is not None and waiter else None
         claim_fields = assign(job) if assign is not None else None
+        # The worker asks for its next job now, not after this commit: the claimer wakes before
+        # the write below is handed to the writer thread and its claim joins the same group
+        # commit (one commit, and the next job starts a commit earlier). A job handed to it
+        # meanwhile waits for it; if the write fails, the worker takes it back (``unask``).
+        early = stage.ask() if stage.claiming else None
+        try:
+            early = await self._advance_write(job, done, nxt, waiter, claim_fields, early)
+        except BaseException:
+            stage.unask(early)
+            raise
+        return early
+
+    async def _advance_write(
+        self,
+        job: Job,
+        done: StageDone,
+        nxt: StageRunner | None,
+        waiter: asyncio.Future[Job] | None,
+        claim_fields: dict[str, Any] | None,
+        early: asyncio.Future[Job] | None,
+    ) -> asyncio.Future[Job] | None:
         try:
             if waiter is None:
                 await self.durably(
                     lambda: self.store.advance(job.id, done.message, done.fields, done.outputs)
                 )
-                return
+                return early
             assert nxt is not None
             trs = await self.durably(
                 lambda: self.store.advance_and_claim(
@@ -508,7 +562,8 @@ class Pipeline:
             if waiter is not None and nxt is not None:
                 nxt.return_waiter(waiter)
             raise
-        assert nxt is not None and waiter is not None
+        if nxt is None or waiter is None:
+            return early  # the lease was lost before a plain advance: nothing to hand over
         claimed = trs[-1].job if len(trs) == 2 else None
         if claimed is None:
             nxt.return_waiter(waiter)
@@ -518,6 +573,7 @@ class Pipeline:
             if claim_fields:
                 self.assigned[claimed.id] = claim_fields
             waiter.set_result(claimed)
+        return early
 
     async def _settle(
         self, job: Job, ctx: JobContext, inner: asyncio.Task[Any], stage: StageRunner
@@ -612,6 +668,25 @@ class Pipeline:
             self._cancel_local(tr.job_id, "cancel" if tr.to_state == State.CANCELLED else "timeout")
         for job_id in await self.store.cancel_requested():
             self._cancel_local(job_id, "cancel")
+
+
+async def _outcome(inner: asyncio.Task[T], loop: asyncio.AbstractEventLoop) -> T:
+    """``await asyncio.shield(inner)`` for a task this worker alone waits on: cancelling the
+    waiter leaves ``inner`` running. A bare future woken by ``inner``'s done callback: shield's
+    outer future and its two callbacks cost three more loop callbacks per stage of every job."""
+    if not inner.done():
+        woken: asyncio.Future[None] = loop.create_future()
+
+        def wake(_: object) -> None:
+            if not woken.done():
+                woken.set_result(None)
+
+        inner.add_done_callback(wake)
+        try:
+            await woken
+        finally:
+            inner.remove_done_callback(wake)
+    return inner.result()
 
 
 _FAILED_IN = {

@@ -64,7 +64,10 @@ class _Op:
         self.loop = loop
 
 
-def _deliver(results: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
+Results = list[tuple[asyncio.Future[Any], bool, Any]]
+
+
+def _settle(results: Results) -> None:
     for fut, ok, value in results:
         if fut.done():
             continue
@@ -72,6 +75,39 @@ def _deliver(results: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
             fut.set_result(value)
         else:
             fut.set_exception(value)
+
+
+class _Outbox:
+    """Results on their way to one event loop. The writer thread wakes the loop (a
+    ``call_soon_threadsafe``: a self-pipe write, a selector wake-up and a callback) only when
+    nothing is on its way there yet; a group committed while the loop has not yet taken the
+    previous one's results joins them, and one callback settles both."""
+
+    __slots__ = ("lock", "loop", "pending")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.lock = threading.Lock()
+        self.pending: Results | None = None
+
+    def send(self, results: Results) -> None:
+        """(writer thread) Deliver ``results`` after the ones already on their way."""
+        with self.lock:
+            if self.pending is not None:
+                self.pending.extend(results)
+                return
+            self.pending = results
+        try:
+            self.loop.call_soon_threadsafe(self.deliver)
+        except RuntimeError:
+            pass  # the loop closed; nobody is waiting any more
+
+    def deliver(self) -> None:
+        """(the loop) Settle every result that has arrived."""
+        with self.lock:
+            results, self.pending = self.pending, None
+        if results:
+            _settle(results)
 
 
 class Writer:
@@ -83,6 +119,7 @@ class Writer:
         # Writes asked for during one turn of an event loop, handed to the thread together: one
         # wake-up of the thread (a futex call, often a context switch) per turn, not per write.
         self._turn: dict[asyncio.AbstractEventLoop, list[_Op]] = {}
+        self._outboxes: dict[asyncio.AbstractEventLoop, _Outbox] = {}  # writer thread only
         self._thread: threading.Thread | None = None
         self._conn: sqlite3.Connection | None = None
         self.commits = 0
@@ -241,10 +278,15 @@ class Writer:
             result: tuple[asyncio.Future[Any], bool, Any] = (op.future, True, op.fn(conn, *op.args))
         except BaseException as exc:  # noqa: BLE001 - reported to the caller
             result = (op.future, False, exc)
-        try:
-            op.loop.call_soon_threadsafe(_deliver, [result])
-        except RuntimeError:
-            pass
+        self._outbox(op.loop).send([result])
+
+    def _outbox(self, loop: asyncio.AbstractEventLoop) -> _Outbox:
+        box = self._outboxes.get(loop)
+        if box is None:
+            if len(self._outboxes) > 16:  # loops come and go in tests and CLI runs
+                self._outboxes = {k: v for k, v in self._outboxes.items() if not k.is_closed()}
+            box = self._outboxes[loop] = _Outbox(loop)
+        return box
 
     def _commit_group(self, conn: sqlite3.Connection, batch: list[_Op]) -> None:
         # Optimistic first: no savepoints. If any write raises, the whole group is rolled back and
@@ -252,11 +294,8 @@ class Writer:
         outcomes = self._run_group(conn, batch, isolate=False)
         if outcomes is None:
             outcomes = self._run_group(conn, batch, isolate=True) or []
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
+        by_loop: dict[asyncio.AbstractEventLoop, Results] = {}
         for op, ok, value in outcomes:
             by_loop.setdefault(op.loop, []).append((op.future, ok, value))
         for loop, results in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_deliver, results)
-            except RuntimeError:
-                pass  # the loop closed; nobody is waiting any more
+            self._outbox(loop).send(results)
