@@ -67,3 +67,18 @@ async def test_groups_committed_while_the_loop_is_busy_wake_it_once(tmp_path: Pa
         assert conn.execute("SELECT v FROM t ORDER BY id").fetchall() == [("a",), ("b",), ("c",)]
     finally:
         conn.close()
+
+
+async def test_the_writer_thread_carries_its_name_for_the_kernel(tmp_path: Path) -> None:
+    """/proc shows the writer thread by name, so its CPU can be told from the loop's (top -H,
+    py-spy, bench_floor's split by thread)."""
+    writer = Writer(tmp_path / "n.db")
+    writer.start()
+    try:
+        await writer.run(lambda conn: conn.execute("SELECT 1").fetchone())
+        tid = writer._thread.native_id if writer._thread is not None else None
+        assert tid is not None
+        comm = Path(f"/proc/self/task/{tid}/comm").read_text().strip()
+        assert comm == "comfyq-writer"
+    finally:
+        await writer.stop()

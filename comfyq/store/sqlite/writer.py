@@ -20,8 +20,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from comfyq.limits import name_os_thread
+
 T = TypeVar("T")
 log = logging.getLogger("comfyq.store")
+WRITER_THREAD = "comfyq-writer"
 
 MAX_GROUP = 512
 
@@ -131,7 +134,7 @@ class Writer:
 
     def start(self) -> None:
         self._conn = connect(self.path)
-        self._thread = threading.Thread(target=self._loop, name="comfyq-writer", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name=WRITER_THREAD, daemon=True)
         self._thread.start()
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
@@ -206,6 +209,7 @@ class Writer:
             self._conn = None
 
     def _loop(self) -> None:
+        name_os_thread(WRITER_THREAD)  # its CPU apart from the loop's in /proc (bench_floor)
         assert self._conn is not None
         conn = self._conn
         backlog: deque[_Op] = deque()
