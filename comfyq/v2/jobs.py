@@ -118,7 +118,8 @@ async def _job_or_404(request: web.Request) -> Job:
 async def get_job(request: web.Request) -> web.Response:
     """GET /api/v2/jobs/{id}: the authoritative, pollable job."""
     job = await _job_or_404(request)
-    return json_response(await get_v2(request).body(request, job))
+    data, _ = await get_v2(request).answer(request, job)
+    return web.Response(body=data, content_type="application/json")
 
 
 async def workflow(request: web.Request) -> web.Response:
@@ -214,10 +215,12 @@ async def list_jobs(request: web.Request) -> web.Response:
     else:
         more = True
     more = more or len(picked) >= limit
-    outputs = await v2.assets.job_outputs([j.id for j in picked])
+    outputs = await v2.assets.job_outputs([j.id for j in picked if j.terminal])
     items = []
     for j in picked:
-        item = await v2.body(request, j, outputs.get(j.id, []))
+        rows = outputs.get(j.id, [])
+        v2.remember(j, rows)
+        item = await v2.body(request, j, rows)
         # The list item fields the SDK's JobSummary reads besides id and status.
         item["create_time"], item["update_time"] = j.created_at, j.updated_at
         items.append(item)
