@@ -279,12 +279,13 @@ async def content(request: web.Request) -> web.StreamResponse:
     rec, _ = await _visible(request)
     if rec.url is not None:
         raise web.HTTPFound(rec.url)  # the output went to S3: its presigned URL
-    if rec.path is None or not Path(rec.path).is_file():
+    path = None if rec.path is None else Path(rec.path)
+    if path is None or not path.is_file():
         raise V2Error(404, "not_found", "the asset's bytes are no longer here")
     # FileResponse serves Range (206), an unsatisfiable range (416) and HEAD, from a file opened
     # by path: the path comes from the store, never from the request.
     return web.FileResponse(
-        rec.path,
+        path,
         headers={
             "Content-Type": rec.content_type or "application/octet-stream",
             "Cache-Control": "private, max-age=0",

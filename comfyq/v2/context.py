@@ -11,6 +11,7 @@ from aiohttp import web
 
 from comfyq.api.auth import principal
 from comfyq.api.context import API, Api
+from comfyq.clock import parse_iso
 from comfyq.store.assets import AssetRecord, output_asset
 from comfyq.store.model import Job, Stage, State
 from comfyq.v2 import mapping
@@ -90,8 +91,10 @@ class V2:
         retention = self.settings.retention_seconds
         if retention <= 0 or job.finished_at is None:
             return False
-        now: str = self.api.store.now_iso()
-        return mapping.expires_at(job, retention) < now
+        # mapping.expires_at(job) < now, in seconds (no text formatted per read).
+        now: float = self.api.store.clock.now()
+        ends: float = parse_iso(job.finished_at) + retention
+        return ends < now
 
     async def outputs(self, job: Job) -> list[dict[str, Any]]:
         """A job's output rows: none before it ends (they are recorded in the commit that ends
