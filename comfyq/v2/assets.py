@@ -249,8 +249,8 @@ async def _visible(request: web.Request) -> tuple[AssetRecord, str | None]:
         # An output this process listed: its row is fixed while its job is kept as it ended, so
         # only the job is read (it is still there, the caller's, not expired, not run again).
         ended, rec = seen
-        job = await v2.read_job(rec.job_id or "", request)
-        if job is not None and job.terminal and job.updated_at == ended:
+        job = await v2.read_job(rec.job_id or "", request, head=True)
+        if job is not None and job.terminal and job.updated_at == ended and job.finished_at:
             return rec, mapping.expires_at(job, v2.settings.retention_seconds)
     rec = await v2.assets.asset(asset_id)
     if rec is None:

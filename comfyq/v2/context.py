@@ -76,10 +76,14 @@ class V2:
         pos = snap.positions.get(job.id)
         return pos if pos is not None else snap.waiting[job.stage] + 1
 
-    async def read_job(self, job_id: str, request: web.Request | None = None) -> Job | None:
+    async def read_job(
+        self, job_id: str, request: web.Request | None = None, *, head: bool = False
+    ) -> Job | None:
         """The job as v2 needs it (no payload, no workflow), or None when gone, expired or (with
-        ``request``) not the caller's."""
-        job = await self.api.reads.summary(job_id)
+        ``request``) not the caller's. ``head``: only the columns of comfyq's stream head (state,
+        stage, times, owner; read without a thread hop), enough to say whether it is there."""
+        reads = self.api.reads
+        job = await (reads.head(job_id) if head else reads.summary(job_id))
         if job is None:
             return None
         if request is not None and not sees(request, job.owner):
