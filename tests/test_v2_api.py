@@ -513,3 +513,38 @@ async def test_stream_end_poll_and_content_agree_and_forget_a_deleted_job(
     for path in (job["urls"]["self"], url[url.index("/api/v2/") :]):
         status, resp, _ = await call(server, "GET", path)
         assert status == 404 and check_error(resp, "not_found"), path
+
+
+async def test_polls_reuse_an_unchanged_answer_and_see_every_change(
+    server: Server, simulator: Simulator
+) -> None:
+    # Polls of a job that has not changed get the answer built before; a cancel request (which
+    # moves no state while the job runs) and every transition show up in the next poll.
+    await wait_healthy(server)
+    pause(server, Stage.GENERATE)
+    status, waiting, _ = await submit(server, {"workflow": graph()})
+    assert status == 201
+
+    async def raw(job_id: str) -> bytes:
+        async with server.session.get(server.u(f"/api/v2/jobs/{job_id}")) as r:
+            assert r.status == 200
+            return await r.read()
+
+    first = await until_status(server, waiting["id"], "queued")
+    assert first["queue_position"] == 1
+    assert await raw(waiting["id"]) == await raw(waiting["id"])
+    status, _, _ = await call(server, "POST", f"/api/v2/jobs/{waiting['id']}/cancel")
+    assert status == 200
+    await until_status(server, waiting["id"], "canceled", timeout=5)
+    resume(server, Stage.GENERATE)
+
+    simulator.node_durations = {"ImageBlur": 2.0}
+    status, job, _ = await submit(server, {"workflow": graph(blur=True)})
+    assert status == 201
+    running = await until_status(server, job["id"], "running")
+    assert check("Job", running)["status"] == "running"
+    status, _, _ = await call(server, "POST", f"/api/v2/jobs/{job['id']}/cancel")
+    assert status == 200
+    status, now, _ = await call(server, "GET", f"/api/v2/jobs/{job['id']}")
+    assert status == 200 and now["status"] in ("canceling", "canceled"), now["status"]
+    await until_status(server, job["id"], "canceled", timeout=20)

@@ -29,15 +29,15 @@ def _keep(cache: dict[Any, Any], key: Any, value: Any) -> None:
 
 
 def _stamp(job: Job, live: Live | None, position: int | None) -> tuple[Any, ...]:
-    """What a v2 Job object is made of besides its fixed fields: every column change moves
-    updated_at (the rest guard against two changes in one clock tick), the live progress its
-    seq, the queue its position."""
+    """What a v2 Job object is made of besides its fixed fields: every write to a job's row
+    moves updated_at (a cancel request, the error, timings and the prompt id included; state,
+    stage, attempts and finished_at guard against two writes in one clock tick), the live
+    progress its seq, the queue its position. Only columns of the stream head (Reads.head)."""
     return (
         job.updated_at,
         job.state,
         job.stage,
         job.attempts,
-        job.cancel_requested,
         job.finished_at,
         -1 if live is None else live.seq,
         position,
@@ -63,7 +63,7 @@ class V2:
         self._output_assets: dict[str, tuple[str, AssetRecord]] = {}
         # The encoded answer of GET /api/v2/jobs/{id} per (job, origin), with what it was made of:
         # polls that find the job as it was reuse the bytes.
-        self._answers: dict[tuple[str, str], tuple[tuple[Any, ...], bytes]] = {}
+        self._answers: dict[tuple[str, str], tuple[tuple[Any, ...], bytes, str]] = {}
 
     def close(self) -> None:
         self.tracker.close()
@@ -142,6 +142,20 @@ class V2:
             queue_position=await self.queue_position(job) if st == "queued" else None,
         )
 
+    def answered(self, request: web.Request, job_id: str) -> bool:
+        """Whether an answer of this job was built (``reuse`` may find it still right)."""
+        return (job_id, origin(request)) in self._answers
+
+    async def reuse(self, request: web.Request, head: Job) -> bytes | None:
+        """The answer built before, when the job (read with ``read_job(head=True)``), its live
+        progress and its queue position are still what it was built from; else None."""
+        hit = self._answers.get((head.id, origin(request)))
+        if hit is None:
+            return None
+        stamp, data, st = hit
+        position = await self.queue_position(head) if st == "queued" else None
+        return data if _stamp(head, self.tracker.live(head.id), position) == stamp else None
+
     async def answer(
         self, request: web.Request, job: Job
     ) -> tuple[bytes, list[dict[str, Any]] | None]:
@@ -167,7 +181,7 @@ class V2:
             queue_position=position,
         )
         data = _encode(body)
-        _keep(self._answers, key, (stamp, data))
+        _keep(self._answers, key, (stamp, data, st))
         return data, body["outputs"]
 
 
