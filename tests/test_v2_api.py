@@ -530,7 +530,11 @@ async def test_polls_reuse_an_unchanged_answer_and_see_every_change(
             assert r.status == 200
             return await r.read()
 
-    first = await until_status(server, waiting["id"], "queued")
+    for _ in range(250):  # prepared, then waiting for generation (paused): nothing moves
+        first = await until_status(server, waiting["id"], "queued")
+        if first["queue_position"] == 1:
+            break
+        await asyncio.sleep(0.02)
     assert first["queue_position"] == 1
     assert await raw(waiting["id"]) == await raw(waiting["id"])
     status, _, _ = await call(server, "POST", f"/api/v2/jobs/{waiting['id']}/cancel")

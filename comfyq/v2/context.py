@@ -63,7 +63,9 @@ class V2:
         self._output_assets: dict[str, tuple[str, AssetRecord]] = {}
         # The encoded answer of GET /api/v2/jobs/{id} per (job, origin), with what it was made of:
         # polls that find the job as it was reuse the bytes.
-        self._answers: dict[tuple[str, str], tuple[tuple[Any, ...], bytes, str]] = {}
+        self._answers: dict[
+            tuple[str, str], tuple[tuple[Any, ...], bytes, str, tuple[int, int]]
+        ] = {}
 
     def close(self) -> None:
         self.tracker.close()
@@ -142,9 +144,11 @@ class V2:
             queue_position=await self.queue_position(job) if st == "queued" else None,
         )
 
-    def answered(self, request: web.Request, job_id: str) -> bool:
-        """Whether an answer of this job was built (``reuse`` may find it still right)."""
-        return (job_id, origin(request)) in self._answers
+    def answered(self, request: web.Request, job_id: str, seen: tuple[int, int]) -> bool:
+        """Whether an answer of this job was built since the last change this process heard of
+        (``seen``: ``tracker.version``); ``reuse`` may then find it still right."""
+        hit = self._answers.get((job_id, origin(request)))
+        return hit is not None and hit[3] == seen
 
     async def reuse(self, request: web.Request, head: Job) -> bytes | None:
         """The answer built before, when the job (read with ``read_job(head=True)``), its live
@@ -152,12 +156,12 @@ class V2:
         hit = self._answers.get((head.id, origin(request)))
         if hit is None:
             return None
-        stamp, data, st = hit
+        stamp, data, st, _ = hit
         position = await self.queue_position(head) if st == "queued" else None
         return data if _stamp(head, self.tracker.live(head.id), position) == stamp else None
 
     async def answer(
-        self, request: web.Request, job: Job
+        self, request: web.Request, job: Job, seen: tuple[int, int] | None = None
     ) -> tuple[bytes, list[dict[str, Any]] | None]:
         """``body`` encoded, reused while the job, its live progress and its queue position
         are what they were when it was built; with the v2 outputs in it when it was built now
@@ -181,7 +185,9 @@ class V2:
             queue_position=position,
         )
         data = _encode(body)
-        _keep(self._answers, key, (stamp, data, st))
+        # What was heard of the job before it was read (``seen``), else now.
+        heard = seen if seen is not None else self.tracker.version(job.id)
+        _keep(self._answers, key, (stamp, data, st, heard))
         return data, body["outputs"]
 
 

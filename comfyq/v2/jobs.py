@@ -118,9 +118,11 @@ async def _job_or_404(request: web.Request) -> Job:
 async def get_job(request: web.Request) -> web.Response:
     """GET /api/v2/jobs/{id}: the authoritative, pollable job."""
     v2 = get_v2(request)
-    if v2.answered(request, request.match_info["id"]):
-        # Polled before: a read of the row's head (no thread hop) says whether that answer
-        # still holds; only a changed job is read whole and encoded again.
+    seen = v2.tracker.version(request.match_info["id"])
+    if v2.answered(request, request.match_info["id"], seen):
+        # Polled since the last change heard of: a read of the row's head (no thread hop) says
+        # whether that answer still holds (a cancel request, another instance's change); only a
+        # changed job is read whole and encoded again.
         head = await v2.read_job(request.match_info["id"], request, head=True)
         if head is None:
             raise not_found()
@@ -128,7 +130,7 @@ async def get_job(request: web.Request) -> web.Response:
         if data is not None:
             return web.Response(body=data, content_type="application/json")
     job = await _job_or_404(request)
-    data, _ = await v2.answer(request, job)
+    data, _ = await v2.answer(request, job, seen)
     return web.Response(body=data, content_type="application/json")
 
 
