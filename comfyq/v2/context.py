@@ -18,7 +18,10 @@ from comfyq.v2 import mapping
 from comfyq.v2.blobs import BlobDir
 from comfyq.v2.progress import Live, Tracker
 
-CACHED = 4096  # jobs (and output assets) whose reads and answers are kept, oldest dropped first
+CACHED = 1024  # jobs (and output assets) whose reads and answers are kept, oldest dropped first
+# Larger answers (jobs with many outputs) are built per poll: the caches stay a few megabytes.
+ANSWER_MAX = 16 * 1024
+ROWS_MAX = 16
 _encode = msgspec.json.Encoder().encode
 
 
@@ -118,7 +121,8 @@ class V2:
         """Keep the output rows of a terminal ``job`` (as read with it) and their assets."""
         if not job.terminal:
             return
-        _keep(self._outputs, job.id, (job.updated_at, rows))
+        if len(rows) <= ROWS_MAX:
+            _keep(self._outputs, job.id, (job.updated_at, rows))
         for row in rows:
             if row.get("asset_id"):
                 _keep(self._output_assets, row["asset_id"], (job.updated_at, output_asset(row)))
@@ -187,7 +191,8 @@ class V2:
         data = _encode(body)
         # What was heard of the job before it was read (``seen``), else now.
         heard = seen if seen is not None else self.tracker.version(job.id)
-        _keep(self._answers, key, (stamp, data, st, heard))
+        if len(data) <= ANSWER_MAX:
+            _keep(self._answers, key, (stamp, data, st, heard))
         return data, body["outputs"]
 
 
