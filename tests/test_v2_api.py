@@ -474,3 +474,81 @@ async def test_listing_pages_and_label_filters(server: Server) -> None:
     assert status == 422 and check_error(resp, "invalid_request")
     status, resp, _ = await submit(server, {"workflow": graph(), "metadata": {"k": 5}})
     assert status == 422 and check_error(resp, "metadata_invalid")
+
+
+async def test_stream_end_poll_and_content_agree_and_forget_a_deleted_job(
+    server: Server,
+) -> None:
+    # The terminal status of a stream is built from the row its end committed (no read): it is
+    # the job a poll answers, metadata and node count included; polls of the unchanged job get
+    # the same bytes; an output's content URL stops working once its job is gone.
+    await wait_healthy(server)
+    pause(server, Stage.GENERATE)
+    body = {"workflow": graph(), "metadata": {"run": "stream-end"}}
+    status, job, _ = await submit(server, body)
+    assert status == 201
+    async with server.session.get(server.u(job["urls"]["events"])) as r:
+        head = b""
+        while not head.endswith(b"\n\n"):  # the first frame: the end comes on the bus
+            head += await r.content.readline()
+        resume(server, Stage.GENERATE)
+        frames = parse_sse((head + await r.read()).decode())
+    check_events(frames)
+    end = frames[-1][1]
+    assert end["status"] == "succeeded" and end["metadata"] == body["metadata"]
+    assert end["progress"]["nodes_total"] == len(body["workflow"]) > 0
+    polls = []
+    for _ in range(2):
+        async with server.session.get(server.u(job["urls"]["self"])) as r:
+            assert r.status == 200
+            polls.append(await r.read())
+    assert polls[0] == polls[1]
+    status, got, _ = await call(server, "GET", job["urls"]["self"])
+    assert check("Job", got) == end
+    url = got["outputs"][0]["url"]
+    for _ in range(2):
+        async with server.session.get(url) as r:
+            assert r.status == 200 and await r.read()
+    assert await server.services.store.delete_finished(job["id"])
+    for path in (job["urls"]["self"], url[url.index("/api/v2/") :]):
+        status, resp, _ = await call(server, "GET", path)
+        assert status == 404 and check_error(resp, "not_found"), path
+
+
+async def test_polls_reuse_an_unchanged_answer_and_see_every_change(
+    server: Server, simulator: Simulator
+) -> None:
+    # Polls of a job that has not changed get the answer built before; a cancel request (which
+    # moves no state while the job runs) and every transition show up in the next poll.
+    await wait_healthy(server)
+    pause(server, Stage.GENERATE)
+    status, waiting, _ = await submit(server, {"workflow": graph()})
+    assert status == 201
+
+    async def raw(job_id: str) -> bytes:
+        async with server.session.get(server.u(f"/api/v2/jobs/{job_id}")) as r:
+            assert r.status == 200
+            return await r.read()
+
+    for _ in range(250):  # prepared, then waiting for generation (paused): nothing moves
+        first = await until_status(server, waiting["id"], "queued")
+        if first["queue_position"] == 1:
+            break
+        await asyncio.sleep(0.02)
+    assert first["queue_position"] == 1
+    assert await raw(waiting["id"]) == await raw(waiting["id"])
+    status, _, _ = await call(server, "POST", f"/api/v2/jobs/{waiting['id']}/cancel")
+    assert status == 200
+    await until_status(server, waiting["id"], "canceled", timeout=5)
+    resume(server, Stage.GENERATE)
+
+    simulator.node_durations = {"ImageBlur": 2.0}
+    status, job, _ = await submit(server, {"workflow": graph(blur=True)})
+    assert status == 201
+    running = await until_status(server, job["id"], "running")
+    assert check("Job", running)["status"] == "running"
+    status, _, _ = await call(server, "POST", f"/api/v2/jobs/{job['id']}/cancel")
+    assert status == 200
+    status, now, _ = await call(server, "GET", f"/api/v2/jobs/{job['id']}")
+    assert status == 200 and now["status"] in ("canceling", "canceled"), now["status"]
+    await until_status(server, job["id"], "canceled", timeout=20)

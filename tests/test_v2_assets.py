@@ -13,7 +13,7 @@ from blake3 import blake3
 from PIL import Image
 from support.s3 import make_bucket
 from support.servers import MakeServer, Server, pause, resume, wait_healthy
-from support.v2 import check, check_error
+from support.v2 import check, check_error, parse_sse
 
 from comfyq.store.model import Stage
 
@@ -323,3 +323,22 @@ async def test_the_v2_surface_on_postgres(make_server: MakeServer, pg_url: str) 
         assert r.status == 204
     async with srv.session.get(srv.u("/api/v2/jobs?limit=5")) as r:
         assert [j["id"] for j in (await r.json())["jobs"]] == [job["id"]]
+    # A live stream's end is built from the row the final state change committed (no read):
+    # on PostgreSQL too it is the job a poll answers, metadata and node count included.
+    pause(srv, Stage.GENERATE)
+    body = {"workflow": wf, "metadata": {"store": "pg"}}
+    async with srv.session.post(srv.u("/api/v2/jobs"), json=body) as r:
+        assert r.status == 201
+        live = await r.json()
+    async with srv.session.get(srv.u(live["urls"]["events"])) as r:
+        head = b""
+        while not head.endswith(b"\n\n"):
+            head += await r.content.readline()
+        resume(srv, Stage.GENERATE)
+        text = (head + await r.read()).decode()
+    frames = parse_sse(text)
+    end = frames[-1][1]
+    assert end["status"] == "succeeded" and end["metadata"] == {"store": "pg"}
+    assert end["progress"]["nodes_total"] == len(wf)
+    async with srv.session.get(srv.u(live["urls"]["self"])) as r:
+        assert check("Job", await r.json()) == end

@@ -243,7 +243,16 @@ async def by_hash(request: web.Request) -> web.Response:
 async def _visible(request: web.Request) -> tuple[AssetRecord, str | None]:
     """The asset (and, for an output, its job's expiry), or 404 when gone or not the caller's."""
     v2 = get_v2(request)
-    rec = await v2.assets.asset(request.match_info["id"])
+    asset_id = request.match_info["id"]
+    seen = v2.output_asset(asset_id)
+    if seen is not None:
+        # An output this process listed: its row is fixed while its job is kept as it ended, so
+        # only the job is read (it is still there, the caller's, not expired, not run again).
+        ended, rec = seen
+        job = await v2.read_job(rec.job_id or "", request, head=True)
+        if job is not None and job.terminal and job.updated_at == ended and job.finished_at:
+            return rec, mapping.expires_at(job, v2.settings.retention_seconds)
+    rec = await v2.assets.asset(asset_id)
     if rec is None:
         raise not_found("asset")
     if rec.job_id is not None:
@@ -270,12 +279,13 @@ async def content(request: web.Request) -> web.StreamResponse:
     rec, _ = await _visible(request)
     if rec.url is not None:
         raise web.HTTPFound(rec.url)  # the output went to S3: its presigned URL
-    if rec.path is None or not Path(rec.path).is_file():
+    path = None if rec.path is None else Path(rec.path)
+    if path is None or not path.is_file():
         raise V2Error(404, "not_found", "the asset's bytes are no longer here")
     # FileResponse serves Range (206), an unsatisfiable range (416) and HEAD, from a file opened
     # by path: the path comes from the store, never from the request.
     return web.FileResponse(
-        rec.path,
+        path,
         headers={
             "Content-Type": rec.content_type or "application/octet-stream",
             "Cache-Control": "private, max-age=0",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import copy
 import logging
 from typing import Any
 
@@ -95,12 +96,54 @@ class _Stream:
         )
 
     async def final(self) -> bytes:
-        v2 = self.v2
-        outputs = (await v2.assets.job_outputs([self.job.id])).get(self.job.id, [])
-        body = await v2.body(self.request, self.job, outputs)
-        out = [frame("output", o) for o in body["outputs"]]
-        out.append(frame("status", body))
+        """The outputs, then the terminal status carrying the whole job (the bytes a poll of the
+        job answers, built once for both)."""
+        data, outputs = await self.v2.answer(self.request, self.job)
+        if outputs is None:
+            outputs = msgspec.json.decode(data)["outputs"]
+        out = [frame("output", o) for o in outputs]
+        out.append(b"event: status\ndata: " + data + b"\n\n")
         return b"".join(out)
+
+
+class _Nodes(msgspec.Struct):
+    workflow: dict[str, msgspec.Raw] | None = None
+
+
+class _Input(msgspec.Struct):
+    workflow_json: dict[str, msgspec.Raw] | None = None
+
+
+class _V2Part(msgspec.Struct):
+    metadata: str | None = None
+
+
+class _Payload(msgspec.Struct):
+    input: _Input | None = None
+    v2: _V2Part | None = None
+
+
+def ended(full: Job) -> Job | None:
+    """The job as a v2 read gives it (``v2_metadata``, ``nodes_total``), made from the whole row
+    its final state change committed (the final bus event carries it): no read. None when the
+    row's documents are not in the shape this knows (the caller reads the job instead)."""
+    try:
+        prepared = full.view("prepared", _Nodes)
+        payload = full.view("payload", _Payload) or _Payload()
+    except (msgspec.ValidationError, msgspec.DecodeError, AttributeError):
+        return None
+    if prepared is not None:
+        nodes = prepared.workflow
+    else:
+        nodes = payload.input.workflow_json if payload.input is not None else None
+    job = copy.copy(full)
+    job._decoded = {}
+    extra = {
+        "v2_metadata": payload.v2.metadata if payload.v2 is not None else None,
+        "nodes_total": len(nodes) if nodes is not None else 0,
+    }
+    object.__setattr__(job, "_extra", extra)  # the columns a v2 read adds (Job.__getattr__)
+    return job
 
 
 async def events(request: web.Request) -> web.StreamResponse:
@@ -147,32 +190,50 @@ async def _run(s: _Stream, sub: Any, resp: web.StreamResponse) -> None:
     clock = asyncio.get_running_loop().time
     first = await s.status(force=True)
     if s.job.terminal:
-        await resp.write(await s.final())
+        await resp.write_eof(await s.final())  # the stream's end in the same send
         return
     now = clock()
-    first += s.progress(now) + s.preview_frame(s.v2.tracker.live(s.job.id), now)
-    await resp.write(first)
+    # Frames other than the last are held up to ``stream_coalesce`` seconds and leave together
+    # (as comfyq's own stream does): a short job's whole story goes out in one send instead of
+    # one per frame (each send wakes the client and costs the server a syscall); the terminal
+    # status never waits.
+    coalesce = api.options.stream_coalesce
+    out = [first + s.progress(now) + s.preview_frame(s.v2.tracker.live(s.job.id), now)]
+    flush_at = now + coalesce
     if s.job.state == State.PENDING:
         api.queue.watch(sub, s.job.id)
     heartbeat = api.options.heartbeat
-    quiet_since = clock()
+    quiet_since = now
     while True:
-        wait = heartbeat - (clock() - quiet_since)
-        if s.pending_progress():
-            wait = min(wait, max(0.0, s.progress_at + PROGRESS_GAP - clock()))
-        ev = await sub.get(max(0.0, wait))
         now = clock()
-        out = b""
+        if out and not sub.buffered and now >= flush_at:
+            await resp.write(b"".join(out))
+            out.clear()
+            quiet_since = now
+        wait = heartbeat - (now - quiet_since)
+        if out:
+            wait = min(wait, flush_at - now)
+        if s.pending_progress():
+            wait = min(wait, max(0.0, s.progress_at + PROGRESS_GAP - now))
+        # While holding, only the terminal change wakes the stream early; the rest wait their turn.
+        ev = await sub.get(max(0.0, wait), urgent=bool(out))
+        now = clock()
+        got = b""
         if ev is None:
-            out = s.progress(now)
-            if not out and now - quiet_since >= heartbeat:
-                out = b": keepalive\n\n"
+            got = s.progress(now)
+            if not got and not out and now - quiet_since >= heartbeat:
+                got = b": keepalive\n\n"
         elif ev.kind == "state" and ev.final:
-            fresh = await s.v2.read_job(s.job.id)  # the end: the whole job, with its outputs
+            # The end: the whole job, with its outputs; the row it committed came with the event.
+            fresh = ended(ev.job) if ev.job is not None else None
+            if fresh is None or s.v2.expired(fresh):
+                fresh = await s.v2.read_job(s.job.id)
             if fresh is None:
+                if out:
+                    await resp.write(b"".join(out))
                 return  # pruned under us: nothing more will happen
             s.job = fresh
-            await resp.write(await s.final())
+            await resp.write_eof(b"".join(out) + await s.final())
             return
         elif ev.kind == "state":
             if ev.data["at"] <= s.read_at:
@@ -183,22 +244,25 @@ async def _run(s: _Stream, sub: Any, resp: web.StreamResponse) -> None:
                 api.queue.watch(sub, s.job.id)
             else:
                 api.queue.unwatch(sub)
-            out = await s.status()
+            got = await s.status()
         elif ev.kind == GAP:  # another instance's state changes may have been missed: look
             fresh = await s.v2.read_job(s.job.id)
             if fresh is None:
+                if out:
+                    await resp.write(b"".join(out))
                 return
             s.job, s.read_at = fresh, fresh.updated_at
             if fresh.terminal:
-                await resp.write(await s.final())
+                await resp.write_eof(b"".join(out) + await s.final())
                 return
-            out = await s.status()
+            got = await s.status()
         elif ev.kind == "queue":
-            out = await s.status()
+            got = await s.status()
         elif ev.kind == "preview":
-            out = s.preview_frame(s.v2.tracker.live(s.job.id), now)
+            got = s.preview_frame(s.v2.tracker.live(s.job.id), now)
         else:
-            out = s.progress(now)
-        if out:
-            await resp.write(out)
-            quiet_since = now
+            got = s.progress(now)
+        if got:
+            if not out:
+                flush_at = now + coalesce
+            out.append(got)

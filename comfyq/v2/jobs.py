@@ -117,8 +117,21 @@ async def _job_or_404(request: web.Request) -> Job:
 
 async def get_job(request: web.Request) -> web.Response:
     """GET /api/v2/jobs/{id}: the authoritative, pollable job."""
+    v2 = get_v2(request)
+    seen = v2.tracker.version(request.match_info["id"])
+    if v2.answered(request, request.match_info["id"], seen):
+        # Polled since the last change heard of: a read of the row's head (no thread hop) says
+        # whether that answer still holds (a cancel request, another instance's change); only a
+        # changed job is read whole and encoded again.
+        head = await v2.read_job(request.match_info["id"], request, head=True)
+        if head is None:
+            raise not_found()
+        data = await v2.reuse(request, head)
+        if data is not None:
+            return web.Response(body=data, content_type="application/json")
     job = await _job_or_404(request)
-    return json_response(await get_v2(request).body(request, job))
+    data, _ = await v2.answer(request, job, seen)
+    return web.Response(body=data, content_type="application/json")
 
 
 async def workflow(request: web.Request) -> web.Response:
@@ -214,10 +227,12 @@ async def list_jobs(request: web.Request) -> web.Response:
     else:
         more = True
     more = more or len(picked) >= limit
-    outputs = await v2.assets.job_outputs([j.id for j in picked])
+    outputs = await v2.assets.job_outputs([j.id for j in picked if j.terminal])
     items = []
     for j in picked:
-        item = await v2.body(request, j, outputs.get(j.id, []))
+        rows = outputs.get(j.id, [])
+        v2.remember(j, rows)
+        item = await v2.body(request, j, rows)
         # The list item fields the SDK's JobSummary reads besides id and status.
         item["create_time"], item["update_time"] = j.created_at, j.updated_at
         items.append(item)

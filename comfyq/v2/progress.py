@@ -9,11 +9,14 @@ snapshot, the event that woke the stream is already counted.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
 from comfyq.events import ALL, Event, EventBus, Subscription
 from comfyq.store.model import State
+
+MOVES = 8192  # jobs whose state changes are counted (the oldest forgotten: their polls read)
 
 
 @dataclass
@@ -36,10 +39,24 @@ class Tracker(Subscription):
         super().__init__(bus, set(), 1)
         self.jobs: dict[str, Live] = {}
         self.ended = ended if ended is not None else {}  # per-job entries dropped at the job's end
+        # A number per job that moves with every state change this process hears of (its own,
+        # and other instances' through the bus): a poll answer built before it moved is stale
+        # (one built after may still be: the job's row says, comfyq.v2.context.V2.reuse).
+        self.moves: dict[str, int] = {}
+        self._move = itertools.count(1)
         self.add(ALL)
+
+    def version(self, job_id: str) -> tuple[int, int]:
+        """(state changes heard of, live progress seq) of a job, to compare with a later one."""
+        live = self.jobs.get(job_id)
+        return self.moves.get(job_id, 0), -1 if live is None else live.seq
 
     def push(self, ev: Event) -> None:
         kind = ev.kind
+        if kind == "state":
+            self.moves[ev.job_id] = next(self._move)
+            if len(self.moves) > MOVES:
+                del self.moves[next(iter(self.moves))]
         if kind == "state":
             if ev.final or ev.data.get("state") == State.PENDING:
                 self.jobs.pop(ev.job_id, None)  # a retry starts its count again

@@ -62,8 +62,25 @@ def check_key(key: str | None) -> str | None:
     return key
 
 
+def _has_refs(value: Any) -> bool:
+    """Whether a ``core/ASSET`` object is anywhere in ``value`` (no paths built: most workflows
+    have none)."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, dict):
+            if v.get("__type") == ASSET_TYPE:
+                return True
+            stack.extend(c for c in v.values() if isinstance(c, dict | list))
+        elif isinstance(v, list):
+            stack.extend(c for c in v if isinstance(c, dict | list))
+    return False
+
+
 def asset_refs(value: Any, path: str = "$.workflow") -> Iterator[tuple[str, dict[str, Any]]]:
     """Every ``core/ASSET`` object in a workflow, with its path."""
+    if not _has_refs(value):
+        return
     stack: list[tuple[str, Any]] = [(path, value)]
     while stack:
         p, v = stack.pop()
