@@ -9,7 +9,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from bench import report_cluster, report_scaling, report_v2
+from bench import report_cluster, report_issue13, report_scaling, report_v2
 from bench import report_sections as sec
 from bench.report_fmt import (
     PATH_LABELS,
@@ -318,7 +318,9 @@ def build(
     ]
     if charts_note:
         out += [f"*{charts_note}*", ""]
-    out += ["## Machine", ""]
+    out += ["## Issue 13's table, line by line", ""]
+    out += report_issue13.issue13(steps)
+    out += ["", "## Machine", ""]
     out += machine(results.get("machine", {}))
     out += ["", "## Steps", ""]
     out += table(
