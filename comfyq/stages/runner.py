@@ -686,7 +686,13 @@ async def _outcome(inner: asyncio.Task[T], loop: asyncio.AbstractEventLoop) -> T
             await woken
         finally:
             inner.remove_done_callback(wake)
-    return inner.result()
+    try:
+        return inner.result()
+    finally:
+        # A failed handler's exception carries this frame in its traceback: without the task
+        # that holds that exception in it, or the cycle keeps the handler's frames (and the
+        # decoded workflow in them) until a full garbage collection.
+        del inner
 
 
 _FAILED_IN = {
