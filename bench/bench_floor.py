@@ -18,12 +18,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +30,12 @@ from bench.common import (
     add_json_arg,
     cpu_seconds,
     free_port,
+    http_process,
     server,
     simulator,
-    wait_http,
     write_json,
 )
-
-WRITER = "comfyq-writer"  # the SQLite writer thread's name, as the kernel knows it
+from comfyq.store.sqlite.writer import WRITER_THREAD
 
 
 def thread_ticks(pid: int) -> dict[str, int]:
@@ -53,26 +50,15 @@ def thread_ticks(pid: int) -> dict[str, int]:
         name = stat[stat.index("(") + 1 : stat.rindex(")")]
         fields = stat.rsplit(")", 1)[1].split()
         ticks = int(fields[11]) + int(fields[12])
-        key = "loop" if int(tid) == pid else "writer" if name == WRITER else "other"
+        key = "loop" if int(tid) == pid else "writer" if name == WRITER_THREAD else "other"
         out[key] += ticks
     return out
 
 
-@contextmanager
-def floor_server(comfy_url: str) -> Iterator[tuple[str, int]]:
+def floor_server(comfy_url: str) -> AbstractContextManager[tuple[str, int]]:
     port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bench.floor_server", "--port", str(port), "--comfyui", comfy_url],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(url + "/queue-info", proc)
-        yield url, proc.pid
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    cmd = [sys.executable, "-m", "bench.floor_server", "--port", str(port), "--comfyui", comfy_url]
+    return http_process(cmd, port, "/queue-info")
 
 
 async def measure(jobs: int, rounds: int, in_flight: int, root: Path) -> dict[str, Any]:

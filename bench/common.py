@@ -125,14 +125,24 @@ def simulator(root: Path, durations: str = "", steps: int = 0) -> Iterator[str]:
         cmd += ["--node-durations", durations]
     if steps:
         cmd += ["--progress-steps", str(steps)]
+    with http_process(cmd, port, "/system_stats") as (url, pid):
+        SIM_PIDS[url] = pid
+        try:
+            yield url
+        finally:
+            SIM_PIDS.pop(url, None)
+
+
+@contextmanager
+def http_process(cmd: list[str], port: int, probe: str) -> Iterator[tuple[str, int]]:
+    """A quiet HTTP server in a process of its own, listening on ``port``: yields (base URL,
+    pid) once ``probe`` answers 200; stopped on exit."""
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    SIM_PIDS[url] = proc.pid
     try:
-        wait_http(url + "/system_stats", proc)
-        yield url
+        wait_http(url + probe, proc)
+        yield url, proc.pid
     finally:
-        SIM_PIDS.pop(url, None)
         proc.terminate()
         proc.wait(10)
 

@@ -466,14 +466,7 @@ async def test_a_long_queue_places_a_job_by_count_as_the_ranking_does(server: Se
         job = await server.services.store.get(f"q{i}")
         assert job is not None
         queue.version += 1  # as after a change elsewhere: the shared ranking is stale
-        counted = await queue.place(
-            job.id,
-            job.state,
-            job.stage,
-            job.kind,
-            job.stage_entered_at,
-            (job.priority, job.created_at),
-        )
+        counted = await queue.position(job)
         assert counted is not None
         assert (counted.position, counted.queue_size) == (ranking.positions[job.id], n), i
     assert queue._snap is ranking  # placed by counts: the queue was never ranked again

@@ -57,14 +57,7 @@ async def positions_agree(srv: Server, queue: QueueView, ids: list[str]) -> int:
             continue
         if queue._kept_place(job.id, job.stage) is not None:
             from_keys += 1
-        placed = await queue.place(
-            job.id,
-            job.state,
-            job.stage,
-            job.kind,
-            job.stage_entered_at,
-            (job.priority, job.created_at),
-        )
+        placed = await queue.position(job)
         assert placed is not None
         assert (placed.position, placed.queue_size) == await srv.services.store.position(job), (
             job_id

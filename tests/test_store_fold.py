@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import uuid
 
+import pytest
 from support.store import StoreFactory, database, engine, make_store, raw, store
 
 from comfyq.errors import QueueFull
@@ -137,12 +138,8 @@ async def test_repeats_and_refusals_give_the_worker_back(store: JobStore) -> Non
     again, created = await store.create(new(1), 2)
     assert not created and again.id == "1" and worker.handed[-1] == ("ticket-2", None)
     await store.create(new(2), 2)
-    try:
+    with pytest.raises(QueueFull):  # a full queue admits nothing
         await store.create(new(3), 2)
-    except QueueFull:
-        pass
-    else:
-        raise AssertionError("a full queue admitted a job")
     assert worker.handed[-1] == ("ticket-4", None)
     assert len(worker.handed) == 4 and await store.get("3") is None
 
@@ -310,10 +307,6 @@ async def test_a_v2_admission_to_an_idle_worker_is_claimed_too(store: JobStore) 
     assert [e["to_state"] for e in await store.events("v")] == ["pending", "running"]
     assert raw(store, "SELECT asset_id FROM job_assets WHERE job_id = 'v'") == [("a1",)]
     # A reused key refuses the job and gives the worker back.
-    try:
+    with pytest.raises(KeyReused):
         await assets.create_job_keyed(new("w"), 10, owner="k_a", key="key-1", asset_ids=[])
-    except KeyReused:
-        pass
-    else:
-        raise AssertionError("a reused key admitted a job")
     assert worker.handed[-1] == ("ticket-2", None) and await store.get("w") is None

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from comfyq.store.sqlite.writer import Writer
+from comfyq.store.sqlite.writer import WRITER_THREAD, Writer
 
 
 def _insert(conn: sqlite3.Connection, value: str, gate: threading.Event | None = None) -> int:
@@ -79,6 +79,6 @@ async def test_the_writer_thread_carries_its_name_for_the_kernel(tmp_path: Path)
         tid = writer._thread.native_id if writer._thread is not None else None
         assert tid is not None
         comm = Path(f"/proc/self/task/{tid}/comm").read_text().strip()
-        assert comm == "comfyq-writer"
+        assert comm == WRITER_THREAD
     finally:
         await writer.stop()

@@ -31,7 +31,7 @@ class Preprocess:
     async def __call__(self, job: Job, ctx: JobContext) -> StageDone:
         # Decoded once, for this stage alone (the modifier changes it in place: no copy needed),
         # but for a workflow with nothing to change in it, which is passed on as stored.
-        stored = getattr(job, "_payload", None)
+        stored = job.stored("payload")
         payload = payload_for_preprocess(stored) if stored is not None else None
         if payload is None:
             payload = await job.decode_fresh("payload")

@@ -499,7 +499,7 @@ class Pipeline:
             # their locals (the decoded workflow) until a full garbage collection.
             del inner, entry
             # The stage decoded the job's payload (or its prepared workflow) and has freed it.
-            HEAP_TRIM.after(getattr(job, "_payload", None))
+            HEAP_TRIM.after(job.stored("payload"))
 
     async def _advance(
         self, job: Job, done: StageDone, stage: StageRunner

@@ -275,6 +275,14 @@ class Job:
             value = self._decoded[key] = loads(object.__getattribute__(self, "_" + key))
             return value
 
+    def stored(self, key: str) -> str | bytes | None:
+        """JSON column ``key`` as stored (its text, not decoded); None when it is NULL or the
+        query did not select it."""
+        try:
+            return object.__getattribute__(self, "_" + key)  # type: ignore[no-any-return]
+        except AttributeError:
+            return None
+
     def view(self, key: str, type_: Any) -> Any:
         """JSON column ``key`` decoded as ``type_``, typically a msgspec Struct naming the few
         fields a caller reads: the rest of the document is only scanned, never built (a
