@@ -18,7 +18,8 @@ client talking to the same ComfyUI simulator directly, all over HTTP:
   **a 0.4 s job** (EmptyImage 1024x1024 -> ImageBlur, the simulator told ImageBlur takes 0.4 s ->
   SaveImage) one at a time through ``/generate/sync`` vs direct.
 
-    .venv/bin/python -m bench.bench_scaling [--quick] [--json PATH]
+    .venv/bin/python -m bench.bench_scaling [--quick] [--only streams,subscribers] [--rounds N]
+        [--json PATH]
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sqlite3
 import tempfile
 import time
@@ -38,8 +40,18 @@ import aiohttp
 
 from bench.bench_api import workflow
 from bench.bench_e2e import run_direct
+from bench.bench_floor import thread_ticks
 from bench.bench_sidebyside import ThroughComfyq, alternating, burst, next_workflow
-from bench.common import add_json_arg, cpu_seconds, pct, server, simulator, summary_ms, write_json
+from bench.common import (
+    SIM_PIDS,
+    add_json_arg,
+    cpu_seconds,
+    pct,
+    server,
+    simulator,
+    summary_ms,
+    write_json,
+)
 from comfyq.comfy.client import ComfyClient
 from comfyq.config import Settings
 
@@ -418,19 +430,33 @@ async def subscribers(
     return rows
 
 
-async def streams_at_once(comfy: str, base: str, out: Path, n: int, rounds: int) -> dict[str, Any]:
-    """``n`` POST /generate/stream at once vs ``n`` prompts at once to ComfyUI; rounds alternate."""
+async def streams_at_once(
+    comfy: str, base: str, out: Path, n: int, rounds: int, pid: int | None = None
+) -> dict[str, Any]:
+    """``n`` POST /generate/stream at once vs ``n`` prompts at once to ComfyUI; rounds alternate.
+
+    With the server's ``pid``: its CPU per job over the comfyq rounds, split by thread (event
+    loop, SQLite writer, others), and the share of comfyq's wall that CPU accounts for (the rest
+    is waiting: the simulator, the client, the other processes on the machine). Also the events
+    and socket reads per stream, by kind: what the queue-position messages add."""
     client = ComfyClient(comfy)
     await client.start()
     conn = aiohttp.TCPConnector(limit=0)
     timeout = aiohttp.ClientTimeout(total=600, sock_read=None)
     walls: dict[str, list[float]] = {"direct": [], "comfyq_stream": []}
     statuses: dict[str, int] = {}
+    kinds: dict[str, int] = {}
+    chunks = 0
+    cpu = 0.0
+    ticks = {"loop": 0, "writer": 0, "other": 0}
+    sim_cpu = 0.0
+    sim_pid = SIM_PIDS.get(comfy)
     completed = 0
     try:
         async with aiohttp.ClientSession(connector=conn, timeout=timeout) as s:
 
             async def stream(wf: dict[str, Any]) -> bool:
+                nonlocal chunks
                 async with s.post(
                     base + "/generate/stream", json={"input": {"workflow_json": wf}}
                 ) as r:
@@ -438,9 +464,14 @@ async def streams_at_once(comfy: str, base: str, out: Path, n: int, rounds: int)
                     if r.status != 200:
                         await r.read()
                         return False
-                    async for raw in r.content:
-                        if raw.startswith(b"data: "):
+                    async for data, _ in r.content.iter_chunks():
+                        chunks += 1
+                        for raw in data.split(b"\n"):
+                            if not raw.startswith(b"data: "):
+                                continue
                             ev = json.loads(raw[6:])
+                            kind = str(ev.get("event"))
+                            kinds[kind] = kinds.get(kind, 0) + 1
                             if ev.get("status") == "final_result":
                                 result = ev["result"]
                                 for o in result.get("output") or []:
@@ -450,11 +481,22 @@ async def streams_at_once(comfy: str, base: str, out: Path, n: int, rounds: int)
                 return False
 
             async def via_comfyq() -> float:
-                nonlocal completed
+                nonlocal completed, cpu, sim_cpu
+                c0 = cpu_seconds(pid) if pid else 0.0
+                th0 = thread_ticks(pid) if pid else {}
+                s0 = cpu_seconds(sim_pid) if sim_pid else 0.0
                 t0 = time.perf_counter()
                 done = await asyncio.gather(*(stream(next_workflow()) for _ in range(n)))
+                wall = time.perf_counter() - t0
+                if pid:
+                    cpu += cpu_seconds(pid) - c0
+                    th1 = thread_ticks(pid)
+                    for key in ticks:
+                        ticks[key] += th1[key] - th0[key]
+                if sim_pid:
+                    sim_cpu += cpu_seconds(sim_pid) - s0
                 completed += sum(done)
-                return time.perf_counter() - t0
+                return wall
 
             async def via_direct() -> float:
                 t0 = time.perf_counter()
@@ -470,20 +512,40 @@ async def streams_at_once(comfy: str, base: str, out: Path, n: int, rounds: int)
     finally:
         await client.close()
     ratio = sum(walls["comfyq_stream"]) / sum(walls["direct"])
-    print(
-        f"  {n} streams at once: {completed}/{rounds * n} completed, statuses {statuses},"
-        f" wall {sum(walls['comfyq_stream']) / rounds:.2f} s vs direct"
-        f" {sum(walls['direct']) / rounds:.2f} s (x{ratio:.3f})",
-        flush=True,
-    )
-    return {
+    jobs = rounds * n
+    row: dict[str, Any] = {
         "streams": n,
         "rounds": rounds,
         "completed": completed,
         "statuses": statuses,
         "wall_s": walls,
         "ratio": ratio,
+        "events_per_stream": {k: v / jobs for k, v in sorted(kinds.items())},
+        "reads_per_stream": chunks / jobs,
     }
+    extra = ""
+    if pid:
+        tick = os.sysconf("SC_CLK_TCK")
+        row["cpu_ms_per_job"] = cpu / jobs * 1000
+        row["thread_ms_per_job"] = {k: v / tick / jobs * 1000 for k, v in ticks.items()}
+        # comfyq's CPU for the n jobs against its wall: near 1, the wall is CPU per job x n.
+        row["cpu_share_of_wall"] = cpu / sum(walls["comfyq_stream"])
+        split = ", ".join(f"{k} {v:.2f}" for k, v in row["thread_ms_per_job"].items())
+        extra = (
+            f"; server CPU {row['cpu_ms_per_job']:.2f} ms/job ({split}),"
+            f" {row['cpu_share_of_wall']:.0%} of comfyq's wall"
+        )
+    if sim_pid:
+        row["simulator_cpu_ms_per_job"] = sim_cpu / jobs * 1000
+    print(
+        f"  {n} streams at once: {completed}/{jobs} completed, statuses {statuses},"
+        f" wall {sum(walls['comfyq_stream']) / rounds:.2f} s vs direct"
+        f" {sum(walls['direct']) / rounds:.2f} s (x{ratio:.3f}){extra};"
+        f" {row['events_per_stream'].get('queue', 0):.1f} queue events and"
+        f" {row['reads_per_stream']:.1f} reads per stream",
+        flush=True,
+    )
+    return row
 
 
 async def slow_job(comfy: str, base: str, out: Path, jobs: int) -> dict[str, Any]:
@@ -560,56 +622,82 @@ def database_sizes(comfy: str, root: Path, size: dict[str, Any]) -> list[dict[st
     return rows
 
 
-def run(size_name: str, root: Path) -> dict[str, Any]:
-    size = SIZES[size_name]
+PARTS = ("database", "in_flight", "subscribers", "slow_job", "streams")
+
+
+def run(
+    size_name: str, root: Path, parts: tuple[str, ...] = PARTS, rounds: int | None = None
+) -> dict[str, Any]:
+    """The measurements named in ``parts`` (all by default); ``rounds`` overrides the size's."""
+    size = dict(SIZES[size_name])
+    if rounds is not None:
+        size["rounds"] = rounds
     out: dict[str, Any] = {"size": size_name, "args": size}
     with simulator(root / "sim", durations=f"ImageBlur={BLUR_S}") as comfy:
-        print("database size (one job at a time, paths in turn):", flush=True)
-        out["database"] = database_sizes(comfy, root, size)
-        d = root / "live"
-        d.mkdir()
-        (d / "direct").mkdir()
-        with server(d, comfy) as (base, pid):
-            print("jobs in flight (direct vs POST /generate/sync):", flush=True)
-            out["in_flight"] = asyncio.run(
-                in_flight(
-                    comfy,
-                    base,
-                    pid,
-                    d / "direct",
-                    size["levels"],
-                    size["level_jobs"],
-                    size["level_mult"],
-                    size["rounds"],
+        if "database" in parts:
+            print("database size (one job at a time, paths in turn):", flush=True)
+            out["database"] = database_sizes(comfy, root, size)
+        if {"in_flight", "subscribers", "slow_job"} & set(parts):
+            d = root / "live"
+            d.mkdir()
+            (d / "direct").mkdir()
+            with server(d, comfy) as (base, pid):
+                if "in_flight" in parts:
+                    print("jobs in flight (direct vs POST /generate/sync):", flush=True)
+                    out["in_flight"] = asyncio.run(
+                        in_flight(
+                            comfy,
+                            base,
+                            pid,
+                            d / "direct",
+                            size["levels"],
+                            size["level_jobs"],
+                            size["level_mult"],
+                            size["rounds"],
+                        )
+                    )
+                if "subscribers" in parts:
+                    print("SSE subscribers on one job:", flush=True)
+                    out["subscribers"] = asyncio.run(
+                        subscribers(base, pid, size["subscribers"], size["sub_jobs"], 0x300000)
+                    )
+                if "slow_job" in parts:
+                    print("issue 13's 0.4 s job:", flush=True)
+                    out["slow_job"] = asyncio.run(
+                        slow_job(comfy, base, d / "direct", size["slow_jobs"])
+                    )
+        if "streams" in parts:
+            d = root / "streams"
+            d.mkdir()
+            (d / "direct").mkdir()
+            default_limit = Settings().max_queue_size
+            with server(d, comfy, MAX_QUEUE_SIZE=str(default_limit)) as (base, pid):
+                print(f"streams at once (default settings, MAX_QUEUE_SIZE {default_limit}):")
+                out["streams"] = asyncio.run(
+                    streams_at_once(comfy, base, d / "direct", size["streams"], size["rounds"], pid)
                 )
-            )
-            print("SSE subscribers on one job:", flush=True)
-            out["subscribers"] = asyncio.run(
-                subscribers(base, pid, size["subscribers"], size["sub_jobs"], 0x300000)
-            )
-            print("issue 13's 0.4 s job:", flush=True)
-            out["slow_job"] = asyncio.run(slow_job(comfy, base, d / "direct", size["slow_jobs"]))
-        d = root / "streams"
-        d.mkdir()
-        (d / "direct").mkdir()
-        default_limit = Settings().max_queue_size
-        with server(d, comfy, MAX_QUEUE_SIZE=str(default_limit)) as (base, _pid):
-            print(f"streams at once (default settings, MAX_QUEUE_SIZE {default_limit}):")
-            out["streams"] = asyncio.run(
-                streams_at_once(comfy, base, d / "direct", size["streams"], size["rounds"])
-            )
-            out["streams"]["max_queue_size"] = default_limit
+                out["streams"]["max_queue_size"] = default_limit
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small sizes (under 90 s)")
+    ap.add_argument(
+        "--only",
+        default=",".join(PARTS),
+        help=f"comma-separated measurements to run (default all: {','.join(PARTS)})",
+    )
+    ap.add_argument("--rounds", type=int, help="rounds per path (default: the size's)")
     add_json_arg(ap)
     args = ap.parse_args()
+    parts = tuple(p for p in args.only.split(",") if p)
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        ap.error(f"unknown measurement(s): {', '.join(sorted(unknown))}")
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-scaling-") as tmp:
-        out = run("quick" if args.quick else "full", Path(tmp))
+        out = run("quick" if args.quick else "full", Path(tmp), parts, args.rounds)
     out["duration_s"] = time.perf_counter() - t0
     out["run_id"] = uuid.uuid4().hex[:8]
     print(f"scaling: done in {out['duration_s']:.0f} s")
