@@ -60,6 +60,15 @@ class Durations:
                 # A load that failed (the database was away) is tried again, not re-raised forever.
                 self._loading = fut = asyncio.ensure_future(self._load())
             await asyncio.shield(fut)
+        return self.means_now(kind)
+
+    @property
+    def loaded(self) -> bool:
+        """The recent durations have been read: ``means_now`` answers."""
+        return self._loaded
+
+    def means_now(self, kind: str | None) -> dict[Stage, float] | None:
+        """``means`` once ``loaded``, without a wait."""
         if kind in self._means:
             return self._means[kind]
         samples = self._by_kind.get(kind) if kind is not None else self._all

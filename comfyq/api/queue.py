@@ -21,10 +21,20 @@ A job's place, three ways:
   ahead of it while few streams wait, else one query that ranks every waiting job of every stage,
   reused until the next change (a thousand streams woken by one change cost one query).
 
-At 10,000 waiting jobs a ranking query costs ~100 ms, an indexed count a few ms. Streams of
-waiting jobs are woken when the queue moves, at most every ``min_interval`` seconds. Estimates
-come from the measured stage durations of recently completed jobs of the same kind
+At 10,000 waiting jobs a ranking query costs ~100 ms, an indexed count a few ms. Estimates come
+from the measured stage durations of recently completed jobs of the same kind
 (``comfyq.api.eta``).
+
+Streams of waiting jobs are woken when the queue moves, coalesced: at most every
+``min_interval`` seconds, and with many streams waiting at most ``FANOUT_PER_S`` wake-ups per
+second in all (W streams: every W / FANOUT_PER_S seconds, up to ``MAX_INTERVAL``). Otherwise
+every job that leaves the queue would move every one behind it, and n streams opened at once
+would cost n x (n / jobs per second / interval) messages while they drain: n squared. While
+every waiting job's claim key is known, one wake-up places every watched job at once (one ranking
+per stage) and wakes only the streams whose job's place (stage, position, queue size) changed
+since the last wake-up, or that were (re)watched since; those streams send what that wake-up
+computed instead of each placing its job again. A place computed for an event is reused by the
+other streams of the same job (a job followed by a thousand clients) while nothing changed.
 """
 
 from __future__ import annotations
@@ -48,6 +58,12 @@ RANK_FROM_WATCHERS = 32
 KEEP_WAITING = 20_000
 MAX_SEEN = 100_000  # event ids kept for the audit of kept counts (comfyq.api.queue._audit)
 RECOUNT_EVERY = 5.0  # seconds: kept counts are read again, when asked, after this long
+# Queue-position wake-ups per second, all waiting streams together, that the coalescing aims at
+# (up to 50 streams waiting: every min_interval; 200: every second, as often as the original
+# wrapper polled; 2,000 and more: every MAX_INTERVAL seconds).
+FANOUT_PER_S = 200.0
+MAX_INTERVAL = 10.0  # seconds: the longest a waiting stream goes without hearing the queue moved
+PLACE_TTL = 0.1  # seconds a job's computed place is reused (no change since) by its other streams
 
 Key = tuple[int, str, str]  # (-priority, created_at, id): the claim order, smallest first
 Change = tuple[bool, Stage, int]  # (waiting, not running; stage; +1 or -1)
@@ -68,6 +84,17 @@ class Counts:
     version: int
     waiting: dict[Stage, int]
     running: dict[Stage, int]
+
+
+@dataclass
+class Moved:
+    """Where every watched waiting job stood at one wake-up (kept keys and counts): job id ->
+    (stage, position, queue size, running in that stage); ``hw``: the highest event id the
+    wake-up had seen; ``info``: the queue sizes then."""
+
+    hw: int
+    places: dict[str, tuple[Stage, int, int, int]]
+    info: QueueInfo
 
 
 @dataclass
@@ -129,8 +156,17 @@ class QueueView:
         self.key_loads = 0
         self.durations = Durations(store, reads)
         self._watchers: dict[Subscription, str] = {}
+        self._fresh: set[Subscription] = set()  # (re)watched since the last wake-up
+        self._moved: Moved | None = None  # the last wake-up's places (None: each stream places)
+        self._woke_at: dict[str, tuple[Stage, int, int]] = {}  # watched job -> its place then
+        self._hw_seen = 0  # the highest event id among the reported transitions
         self._poke: asyncio.TimerHandle | None = None
         self._last_poke = 0.0
+        # place(): computed places by their arguments, for the current version only.
+        self._placed: dict[tuple[Any, ...], tuple[float, QueuePosition | None]] = {}
+        self._placed_version = -1
+        self._info: tuple[Counts, int, QueueInfo] | None = None  # info() of one counts version
+        self._health: tuple[int, dict[str, Any]] | None = None  # the pipeline's, of one version
         store.listen(self.on_transitions)
 
     # --- change tracking ---------------------------------------------------------------------
@@ -139,12 +175,18 @@ class QueueView:
         """Store listener (and the cluster's, for other instances' changes): keep the counts;
         the queue moved, tell watching streams soon (coalesced)."""
         self.version += 1
+        self._hw_seen = max([self._hw_seen, *(tr.event_id for tr in trs)])
         if self.keeps:
             self._keep(trs)
         if self._watchers and self._poke is None:
             loop = asyncio.get_running_loop()
-            delay = max(0.0, self._last_poke + self.min_interval - loop.time())
+            delay = max(0.0, self._last_poke + self.interval() - loop.time())
             self._poke = loop.call_later(delay, self._wake)
+
+    def interval(self) -> float:
+        """Seconds between two wake-ups of the waiting streams: ``min_interval``, longer when
+        so many wait that they would get more than ``FANOUT_PER_S`` messages a second."""
+        return max(self.min_interval, min(MAX_INTERVAL, len(self._watchers) / FANOUT_PER_S))
 
     def _keep(self, trs: list[Transition]) -> None:
         kept, during = self._kept, self._during
@@ -215,15 +257,88 @@ class QueueView:
     def _wake(self) -> None:
         self._poke = None
         self._last_poke = asyncio.get_running_loop().time()
+        fresh, self._fresh = self._fresh, set()
+        moved = self._moved = self._place_watched()
+        if moved is None:  # each stream places its job itself
+            self._woke_at = {}
+            for sub, job_id in list(self._watchers.items()):
+                sub.push(Event(job_id, "", "queue"))
+            return
+        before, now = self._woke_at, {}
         for sub, job_id in list(self._watchers.items()):
-            sub.push(Event(job_id, "", "queue"))
+            place = moved.places.get(job_id)
+            if place is None:
+                continue  # no longer waiting: the stream hears it from the job's state change
+            key = now[job_id] = place[:3]
+            if sub in fresh or before.get(job_id) != key:
+                sub.push(Event(job_id, "", "queue"))
+        self._woke_at = now
+
+    def _place_watched(self) -> Moved | None:
+        """Every watched waiting job's place, from the kept keys (one ranking per stage); None
+        when the keys of some stage are not all known (each stream then places its own job)."""
+        kept = self._kept_now() if self.keeps else None
+        if kept is None or any(len(self._keys[s]) != kept.waiting[s] for s in STAGES):
+            return None
+        places: dict[str, tuple[Stage, int, int, int]] = {}
+        ranked: dict[Stage, dict[str, int]] = {}
+        for job_id in set(self._watchers.values()):
+            for stage in STAGES:
+                if job_id in self._keys[stage]:
+                    r = ranked.get(stage)
+                    if r is None:
+                        r = ranked[stage] = self._rank(stage)
+                    places[job_id] = (stage, r[job_id], kept.waiting[stage], kept.running[stage])
+                    break
+        return Moved(self._hw_seen, places, self._info_of(kept))
+
+    def _rank(self, stage: Stage) -> dict[str, int]:
+        """1-based position of every known waiting job of ``stage`` (kept until its keys change)."""
+        ranked = self._ranked[stage]
+        if ranked is None:
+            ordered = sorted(self._keys[stage].values())
+            ranked = self._ranked[stage] = {k[2]: i for i, k in enumerate(ordered, 1)}
+        return ranked
 
     def watch(self, sub: Subscription, job_id: str) -> None:
-        """Push a ``queue`` event into ``sub`` whenever positions may have changed."""
+        """Push a ``queue`` event into ``sub`` whenever its job's place may have changed."""
         self._watchers[sub] = job_id
+        self._fresh.add(sub)
 
     def unwatch(self, sub: Subscription) -> None:
         self._watchers.pop(sub, None)
+        self._fresh.discard(sub)
+
+    async def moved(
+        self,
+        job_id: str,
+        stage: Stage,
+        kind: str,
+        entered_at: str,
+        order: Any,
+        after: int,
+        sent: tuple[int, int] | None = None,
+    ) -> tuple[QueuePosition, QueueInfo] | None:
+        """A waiting job's place and the queue sizes for its stream's ``queue`` event: as the
+        last wake-up placed it when it could, else computed now. ``after``: the last event row
+        the stream has rendered; ``sent``: the (position, queue size) it last sent in this
+        stage. None: nothing to send (the place is the one sent; or the job no longer waits
+        there, as far as the wake-up knew; or the stream has already rendered a newer state of
+        it than the wake-up saw, and the next wake-up wakes it again)."""
+        moved = self._moved
+        if moved is None:
+            qp = await self.place(job_id, State.PENDING, stage, kind, entered_at, order)
+            if qp is None or (qp.position, qp.queue_size) == sent:
+                return None
+            return qp, await self.info()
+        if after > moved.hw:
+            return None
+        place = moved.places.get(job_id)
+        if place is None or place[0] != stage or place[1:3] == sent:
+            return None
+        _, pos, size, running = place
+        eta = await self.estimate(State.PENDING, stage, kind, entered_at, pos, running)
+        return QueuePosition(QUEUE_NAMES[stage], pos, size, eta), moved.info
 
     # --- queries -----------------------------------------------------------------------------
 
@@ -396,10 +511,16 @@ class QueueView:
         return fresh
 
     async def info(self) -> QueueInfo:
-        """Queue sizes for /queue-info and stream events."""
-        s = await self.counts()
+        """Queue sizes for /queue-info and stream events (one object per counts version: do not
+        change it)."""
+        return self._info_of(await self.counts())
+
+    def _info_of(self, s: Counts) -> QueueInfo:
+        got = self._info
+        if got is not None and got[0] is s and got[1] == s.version:
+            return got[2]
         w, r = s.waiting, s.running
-        return QueueInfo(
+        info = QueueInfo(
             preprocess_queue_size=w[Stage.PREPROCESS],
             generation_queue_size=w[Stage.GENERATE],
             postprocess_queue_size=w[Stage.POSTPROCESS],
@@ -409,6 +530,8 @@ class QueueView:
             unfinished=sum(w.values()) + sum(r.values()),
             max_queue_size=self.max_queue_size,
         )
+        self._info = (s, s.version, info)
+        return info
 
     async def position(self, job: Job) -> QueuePosition | None:
         """The job's place in its stage, with an ETA; None once it has finished (GET /result:
@@ -435,7 +558,34 @@ class QueueView:
         None once it has finished.
 
         ``order`` (the job's priority and created_at) lets a waiting job be placed by one
-        indexed count when its stage's waiting jobs are not all known."""
+        indexed count when its stage's waiting jobs are not all known.
+
+        The same question asked again (another stream of the same job) while nothing changed
+        and within ``PLACE_TTL`` seconds gets the same answer, not computed again (do not
+        change it)."""
+        version = self.version
+        if self._placed_version != version:
+            self._placed.clear()
+            self._placed_version = version
+        key = (job_id, state, stage, kind, entered_at, order)
+        now = time.monotonic()
+        hit = self._placed.get(key)
+        if hit is not None and now - hit[0] < PLACE_TTL:
+            return hit[1]
+        qp = await self._place(job_id, state, stage, kind, entered_at, order)
+        if self.version == version:
+            self._placed[key] = (now, qp)
+        return qp
+
+    async def _place(
+        self,
+        job_id: str,
+        state: State,
+        stage: Stage,
+        kind: str,
+        entered_at: str,
+        order: tuple[int, str] | None,
+    ) -> QueuePosition | None:
         if state == State.RUNNING:
             c = await self.counts()
             size, running = c.waiting[stage], c.running[stage]
@@ -489,8 +639,7 @@ class QueueView:
             return 1 + sum(1 for k in keys.values() if k < mine), size
         ranked = self._ranked[stage]
         if ranked is None and len(self._watchers) > RANK_FROM_WATCHERS:
-            ordered = sorted(keys.values())
-            ranked = self._ranked[stage] = {k[2]: i for i, k in enumerate(ordered, 1)}
+            ranked = self._rank(stage)
         if ranked is not None:
             return ranked[job_id], size
         return 1 + sum(1 for k in keys.values() if k < mine), size
@@ -506,7 +655,8 @@ class QueueView:
         self, state: State, stage: Stage, kind: str, entered_at: str, pos: int, running: int
     ) -> float | None:
         """Seconds until the job should be finished, or None with no measurements yet."""
-        means = await self.durations.means(kind)
+        d = self.durations
+        means = d.means_now(kind) if d.loaded else await d.means(kind)
         if means is None:
             return None
         rest = sum(means[s] for s in STAGES[STAGES.index(stage) + 1 :])
@@ -514,7 +664,14 @@ class QueueView:
         if state == State.RUNNING:
             spent = max(0.0, float(self.store.clock.now()) - parse_iso(entered_at))
             return round(max(0.0, own - spent) + rest, 1)
-        slots = max(1, int(self.pipeline.health().get(stage, {}).get("workers", 1)))
+        slots = self._slots(stage)
         # Jobs ahead plus those running must pass through ``slots`` workers before this one starts.
         ahead = max(0, pos - 1 + running - slots + 1)
         return round(ahead * own / slots + own + rest, 1)
+
+    def _slots(self, stage: Stage) -> int:
+        """Workers of ``stage`` (the pipeline's health, read once per version)."""
+        got = self._health
+        if got is None or got[0] != self.version:
+            got = self._health = (self.version, self.pipeline.health())
+        return max(1, int(got[1].get(stage, {}).get("workers", 1)))

@@ -130,9 +130,19 @@ class JobFeed:
         """An event when the job's place in the queue changed since the last one sent."""
         if self.state != State.PENDING:
             return None
-        qp = await self._place()
-        if qp is None or (self.state, self.stage, qp.position, qp.queue_size) == self._queue_key:
+        last = self._queue_key
+        got = await self.api.queue.moved(
+            self.job_id,
+            self.stage,
+            self.kind,
+            self.entered_at,
+            self.order,
+            self.last_row,
+            last[2:] if last is not None and last[:2] == (self.state, self.stage) else None,
+        )
+        if got is None:
             return None
+        qp, info = got
         self._queue_key = (self.state, self.stage, qp.position, qp.queue_size)
         return StreamEvent(
             request_id=self.job_id,
@@ -143,7 +153,7 @@ class JobFeed:
             timestamp=iso(time.time()),
             id=f"{self.last_row}.q",
             queue_position=qp,
-            queue_info=await self.api.queue.info(),
+            queue_info=info,
         )
 
     async def final(self, row: int | None = None, job: Job | None = None) -> StreamEvent:
