@@ -10,6 +10,7 @@ that matches nothing do they read the row, to say why.
 from __future__ import annotations
 
 import sqlite3
+import uuid
 from typing import Any
 
 from comfyq.clock import parse_iso
@@ -29,10 +30,12 @@ from comfyq.store.sqlite.journal import events as _events
 from comfyq.store.sqlite.journal import stamp as _iso
 from comfyq.store.sqlite.sql import (
     ADVANCE,
+    FIRST_CLAIMABLE,
     HAND_OFF,
     HELD,
     add_timing,
     claim_assign_sql,
+    claim_one_assign_sql,
     claim_sql,
     ms_since,
 )
@@ -193,7 +196,13 @@ def claim(
     }
     if prompt_backend is not None:
         params["backend"] = prompt_backend
-        sql = claim_assign_sql(stage)
+        if n == 1:
+            params["pid"] = str(uuid.uuid4())
+            sql = claim_one_assign_sql(stage)
+        else:
+            sql = claim_assign_sql(stage)
+    elif n == 1:
+        sql = claim_sql(stage, FIRST_CLAIMABLE)
     else:
         sql = claim_sql(
             stage,
