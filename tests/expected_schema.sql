@@ -22,9 +22,6 @@ CREATE INDEX jobs_created ON jobs (created_at DESC, id DESC);
 -- index jobs_finished
 CREATE INDEX jobs_finished ON jobs (finished_at) WHERE finished_at IS NOT NULL;
 
--- index jobs_leases
-CREATE INDEX jobs_leases ON jobs (lease_expires_at) WHERE state = 'running';
-
 -- index jobs_owner_created
 CREATE INDEX jobs_owner_created ON jobs (owner, created_at DESC, id DESC);
 
@@ -123,9 +120,9 @@ CREATE TABLE job_transitions (
 CREATE TABLE jobs (
     id               TEXT PRIMARY KEY,
     state            TEXT NOT NULL DEFAULT 'pending'
-                     CHECK (state IN ('pending', 'running', 'completed', 'failed', 'cancelled')),
+                     CHECK (state = 'pending' OR state = 'running' OR state = 'completed' OR state = 'failed' OR state = 'cancelled'),
     stage            TEXT NOT NULL DEFAULT 'preprocess'
-                     CHECK (stage IN ('preprocess', 'generate', 'postprocess')),
+                     CHECK (stage = 'preprocess' OR stage = 'generate' OR stage = 'postprocess'),
     priority         INTEGER NOT NULL DEFAULT 0,
     attempts         INTEGER NOT NULL DEFAULT 0 CHECK (attempts >= 0),
     max_attempts     INTEGER NOT NULL DEFAULT 3 CHECK (max_attempts >= 1),
@@ -149,7 +146,7 @@ CREATE TABLE jobs (
     stage_entered_at TEXT NOT NULL,                     -- when the job entered its current stage/state
     finished_at      TEXT, owner TEXT,
     CHECK ((state = 'running') = (lease_owner IS NOT NULL AND lease_expires_at IS NOT NULL)),
-    CHECK ((state IN ('completed', 'failed', 'cancelled')) = (finished_at IS NOT NULL)),
+    CHECK ((state NOT IN ('pending', 'running')) = (finished_at IS NOT NULL)),
     CHECK (attempts <= max_attempts)
 ) STRICT;
 
@@ -234,31 +231,18 @@ BEGIN
     UPDATE queue_stats SET unfinished = unfinished + 1 WHERE id = 1;
 END;
 
--- trigger jobs_count_update
-CREATE TRIGGER jobs_count_update AFTER UPDATE OF state ON jobs
-WHEN (OLD.state IN ('pending', 'running')) <> (NEW.state IN ('pending', 'running'))
-BEGIN
-    UPDATE queue_stats
-    SET unfinished = unfinished + CASE WHEN NEW.state IN ('pending', 'running') THEN 1 ELSE -1 END
-    WHERE id = 1;
-END;
-
--- trigger jobs_legal_transition
-CREATE TRIGGER jobs_legal_transition
+-- trigger jobs_state_change
+CREATE TRIGGER jobs_state_change
 AFTER UPDATE OF state ON jobs
 WHEN OLD.state <> NEW.state
- AND NOT EXISTS (SELECT 1 FROM job_transitions WHERE from_state = OLD.state AND to_state = NEW.state)
 BEGIN
-    SELECT RAISE(ABORT, 'illegal job transition');
-END;
-
--- trigger jobs_webhook_outbox
-CREATE TRIGGER jobs_webhook_outbox
-AFTER UPDATE OF state ON jobs
-WHEN NEW.state IN ('completed', 'failed', 'cancelled') AND OLD.state <> NEW.state
- AND json_type(NEW.payload, '$.input.webhook.url') = 'text'
- AND json_extract(NEW.payload, '$.input.webhook.url') <> ''
-BEGIN
+    SELECT RAISE(ABORT, 'illegal job transition')
+    WHERE NOT EXISTS (SELECT 1 FROM job_transitions
+                      WHERE from_state = OLD.state AND to_state = NEW.state);
+    UPDATE queue_stats
+    SET unfinished = unfinished + CASE WHEN NEW.state IN ('pending', 'running') THEN 1 ELSE -1 END
+    WHERE id = 1
+      AND (OLD.state IN ('pending', 'running')) <> (NEW.state IN ('pending', 'running'));
     INSERT INTO webhook_deliveries
         (id, job_id, url, host, secret, event, job_finished_at, next_attempt_at, created_at, updated_at)
     SELECT 'msg_' || lower(hex(randomblob(16))), NEW.id, url,
@@ -273,7 +257,10 @@ BEGIN
                      CASE instr(rest, '#') WHEN 0 THEN length(rest) + 1 ELSE instr(rest, '#') END) - 1)
                  AS authority
           FROM (SELECT url, substr(url, instr(url, '://') + 3) AS rest
-                FROM (SELECT json_extract(NEW.payload, '$.input.webhook.url') AS url)));
+                FROM (SELECT json_extract(NEW.payload, '$.input.webhook.url') AS url
+                      WHERE NEW.state NOT IN ('pending', 'running')
+                        AND json_type(NEW.payload, '$.input.webhook.url') = 'text')))
+    WHERE url <> '';
 END;
 
 -- view failures

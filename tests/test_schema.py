@@ -71,3 +71,41 @@ def test_state_checks_hold(tmp_path: Path) -> None:
             " updated_at, stage_entered_at) VALUES ('x', 'running', '{}', 'h', 'a',"
             " 'b', 'c', 'd', 'e')"
         )
+
+
+def test_version_5_keeps_the_rules_of_a_database_with_jobs(tmp_path: Path) -> None:
+    """0005 rewrites the jobs table's CHECK text in place (writable_schema) and merges the state
+    triggers: a database made by 0001-0004 with jobs in it migrates, stays intact, and refuses
+    and counts what it did before."""
+    older = tmp_path / "older"
+    older.mkdir()
+    for f in migrate.migrations_dir().glob("*.sql"):
+        if int(f.name[:4]) < 5:
+            shutil.copy(f, older / f.name)
+    conn = connect(tmp_path / "s.db")
+    migrate.apply(conn, directory=older)
+    cols = "id, state, payload, payload_hash, run_after, deadline_at, created_at, updated_at,"
+    cols += " stage_entered_at"
+    rest = "'{}', 'h', 'r', 'd', 'c', 'u', 's'"
+    for job_id in ("a", "b"):
+        conn.execute(
+            f"INSERT INTO jobs ({cols}) VALUES (?, 'pending', {rest})",
+            (job_id,),
+        )
+    assert migrate.apply(conn) == [5]
+    conn.close()
+    conn = connect(tmp_path / "s.db")  # a fresh connection reads the rewritten schema
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert conn.execute("SELECT unfinished FROM queue_stats").fetchone()[0] == 2
+    with pytest.raises(sqlite3.IntegrityError):
+        conn.execute(f"INSERT INTO jobs ({cols}) VALUES ('x', 'exploded', {rest})")
+    with pytest.raises(sqlite3.IntegrityError):
+        conn.execute("UPDATE jobs SET stage = 'elsewhere' WHERE id = 'a'")
+    with pytest.raises(sqlite3.IntegrityError):  # finished without finished_at
+        conn.execute("UPDATE jobs SET state = 'cancelled' WHERE id = 'a'")
+    with pytest.raises(sqlite3.IntegrityError, match="illegal job transition"):
+        conn.execute("UPDATE jobs SET state = 'completed', finished_at = 'f' WHERE id = 'a'")
+    conn.execute("UPDATE jobs SET state = 'cancelled', finished_at = 'f' WHERE id = 'a'")
+    assert conn.execute("SELECT unfinished FROM queue_stats").fetchone()[0] == 1
+    conn.execute("UPDATE jobs SET state = 'pending', finished_at = NULL WHERE id = 'a'")
+    assert conn.execute("SELECT unfinished FROM queue_stats").fetchone()[0] == 2

@@ -10,6 +10,7 @@ that matches nothing do they read the row, to say why.
 from __future__ import annotations
 
 import sqlite3
+import uuid
 from typing import Any
 
 from comfyq.clock import parse_iso
@@ -24,15 +25,18 @@ from comfyq.store.model import (
     Transition,
     dumps,
 )
+from comfyq.store.sqlite.journal import PLAIN
 from comfyq.store.sqlite.journal import event as _event
 from comfyq.store.sqlite.journal import events as _events
 from comfyq.store.sqlite.journal import stamp as _iso
 from comfyq.store.sqlite.sql import (
     ADVANCE,
+    FIRST_CLAIMABLE,
     HAND_OFF,
     HELD,
     add_timing,
     claim_assign_sql,
+    claim_one_assign_sql,
     claim_sql,
     ms_since,
 )
@@ -187,13 +191,19 @@ def claim(
         "owner": owner,
         "exp": _iso(now + lease),
         "now": _iso(now),
-        "stage": stage,
+        "stage": PLAIN.get(stage, stage),
         "n": n,
         "message": message,
     }
     if prompt_backend is not None:
         params["backend"] = prompt_backend
-        sql = claim_assign_sql(stage)
+        if n == 1:
+            params["pid"] = str(uuid.uuid4())
+            sql = claim_one_assign_sql(stage)
+        else:
+            sql = claim_assign_sql(stage)
+    elif n == 1:
+        sql = claim_sql(stage, FIRST_CLAIMABLE)
     else:
         sql = claim_sql(
             stage,
@@ -234,7 +244,12 @@ def _guarded(
         job = _one(
             conn,
             f"UPDATE jobs SET {sets} WHERE {where} RETURNING *",
-            {**params, "id": job_id, "from_state": before.state, "owner": owner},
+            {
+                **params,
+                "id": job_id,
+                "from_state": PLAIN.get(before.state, before.state),
+                "owner": owner,
+            },
         )
     except sqlite3.IntegrityError as exc:
         raise IllegalTransition(f"job {job_id}: {exc}") from exc
@@ -276,7 +291,7 @@ def advance(
         return finish(
             conn, job_id, owner, now, State.COMPLETED, message, fields=fields, current=current
         )
-    params["next"] = nxt
+    params["next"] = PLAIN.get(nxt, nxt)
     job, prev = _guarded(
         conn,
         job_id,
@@ -343,7 +358,7 @@ def advance_and_claim(
             "owner": owner,
             "exp": _iso(now + lease),
             "now": _iso(now),
-            "stage": done.stage,
+            "stage": PLAIN.get(done.stage, done.stage),
             "id": job_id,
             "message": claim_message,
         },
@@ -372,7 +387,10 @@ def finish(
         raise NotFound(f"job {job_id} not found")
     extra, params = _field_sets(fields)
     params.update(
-        now=_iso(now), message=message, state=state, error=None if error is None else dumps(error)
+        now=_iso(now),
+        message=message,
+        state=PLAIN.get(state, state),
+        error=None if error is None else dumps(error),
     )
     timing = add_timing(STAGE_MS[current.stage]) if current.state == State.RUNNING else "timings"
     job, prev = _guarded(

@@ -2,7 +2,7 @@
 
 Each write function is ``fn(conn, ...)`` run by the store's one writer inside a transaction, so an
 attempt row and the delivery's next state always commit together. The rows themselves are written
-by the trigger ``jobs_webhook_outbox`` (migration 0002) when a job ends.
+by the trigger ``jobs_state_change`` (migrations 0002 and 0005) when a job ends.
 """
 
 from __future__ import annotations
