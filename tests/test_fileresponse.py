@@ -4,11 +4,13 @@ One real aiohttp server on loopback serves the same files twice: by ``web.FileRe
 ``file_response`` (from this process's recent outputs, or read on the loop), and every request
 of a matrix of conditional, range and method headers must get the same status, headers (but
 Date) and body from both. Then, through comfyq: a fresh output is served from memory, and a
-file changed on disk is never answered from the memory of the old one.
+file changed on disk is never answered from the memory of the old one; text outputs and base64
+copies take the same memory.
 """
 
 from __future__ import annotations
 
+import base64
 import email.utils
 import os
 import time
@@ -29,6 +31,7 @@ from comfyq.api.fileresponse import (
     file_response,
 )
 from comfyq.comfy.backends import BackendPool
+from comfyq.outputs.inline import encode_file, inline_file
 from comfyq.outputs.recent import RECENT, RecentFiles
 from comfyq.stages.postprocess import Postprocess
 from comfyq.store.model import Job
@@ -270,3 +273,17 @@ async def test_text_outputs_are_written_whole_described_and_kept(tmp_path: Path)
         "node7_text_0.txt",
         "node7_text_1.txt",
     ]  # no .part file left behind
+
+
+@pytest.mark.parametrize("max_bytes", [10, 1 << 20])
+async def test_base64_of_a_recent_output_is_the_files(tmp_path: Path, max_bytes: int) -> None:
+    path = tmp_path / "o.png"
+    path.write_bytes(FILES["tiny.png"])
+    RECENT.put(str(path), os.stat(path), FILES["tiny.png"])
+    from_memory = await inline_file(path, max_bytes)
+    assert from_memory == encode_file(path, max_bytes)  # what the thread hop answers
+    assert (from_memory[0] is None) == (max_bytes == 10)
+    # Changed on disk: the file is read again, not the kept bytes.
+    path.write_bytes(b"new content")
+    assert await inline_file(path, 1 << 20) == encode_file(path, 1 << 20)
+    assert base64.b64decode(encode_file(path, 1 << 20)[0] or "") == b"new content"
