@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import itertools
 import json
 import logging
@@ -313,3 +314,27 @@ def test_an_output_in_hand_is_described_as_the_file_on_disk(
     sha, b3, size, mime = hashes_and_type(path, data)
     assert (sha, b3, size, mime) == hashes_and_type(path)
     assert sha == hashlib.sha256(data).hexdigest() and size == len(data)
+
+
+def _png(mode: str, *, frames: int = 1) -> bytes:
+    from PIL import Image
+
+    out = io.BytesIO()
+    images = [Image.new(mode, (8, 8), i * 40) for i in range(frames)]
+    images[0].save(out, "PNG", save_all=frames > 1, append_images=images[1:])
+    return out.getvalue()
+
+
+@settings(max_examples=200, deadline=None)
+@given(tail=st.binary(max_size=9000))
+@example(tail=b"")
+@example(tail=b"\x00" * 249 + b"ustar\x00")
+def test_the_png_shortcut_answers_as_libmagic_does(tail: bytes) -> None:
+    from comfyq.inputs.filetypes import magic_type
+    from comfyq.outputs.local import _PNG, _content_type
+
+    for data in [_PNG + tail, *(_png(m) for m in ("1", "L", "LA", "P", "RGB", "RGBA", "I;16"))]:
+        head = data[:8192]
+        assert _content_type(head) == magic_type(head) == "image/png"
+    animated = _png("RGB", frames=2)[:8192]  # APNG: libmagic names it image/png as well
+    assert _content_type(animated) == magic_type(animated) == "image/png"

@@ -14,6 +14,7 @@ from aiohttp import web
 
 from comfyq.api.auth import principal, visible
 from comfyq.api.context import Api, get_api, json_response
+from comfyq.api.fileresponse import file_response
 from comfyq.cluster.files import OutputRouter
 from comfyq.errors import BadRequest, ComfyqError, NotFound
 from comfyq.outputs.convert import ConversionError, thumbnail
@@ -145,8 +146,8 @@ async def output_file(request: web.Request) -> web.StreamResponse:
         folder = job_dir(api.services.output_dir, job_id)
     except ComfyqError:
         raise missing from None
-    path = _in_folder(folder, local_path)
-    if path is None:
+    found = _in_folder(folder, local_path)
+    if found is None:
         # Several instances: uploaded to S3, it is there; otherwise on the instance that
         # post-processed the job, which streams it through this one.
         rows = (await api.reads.outputs([job_id])).get(job_id, [])
@@ -159,11 +160,15 @@ async def output_file(request: web.Request) -> web.StreamResponse:
         if proxied is None:
             raise missing
         return proxied
+    path, st = found
     if "thumb" in request.query:
         return await _thumbnail(request.query["thumb"], path, folder, mimetype or "")
-    return web.FileResponse(
+    # A small file from memory (no thread hop), a larger one by FileResponse's sendfile.
+    return file_response(
+        request,
         path,
-        headers={
+        st,
+        {
             "Content-Type": mimetype or "application/octet-stream",
             "Content-Disposition": f'inline; filename="{path.name}"',
             "X-Content-Type-Options": "nosniff",
@@ -171,8 +176,9 @@ async def output_file(request: web.Request) -> web.StreamResponse:
     )
 
 
-def _in_folder(folder: Path, local_path: str) -> Path | None:
-    """The output file when it is a regular file of the job's folder, else None.
+def _in_folder(folder: Path, local_path: str) -> tuple[Path, os.stat_result | None] | None:
+    """The output file when it is a regular file of the job's folder, with its lstat when that
+    was made, else None.
 
     Postprocessing writes each file directly into the folder: then one lstat (no link followed)
     proves it, instead of resolve()'s stat of every component on every download; any other
@@ -180,13 +186,13 @@ def _in_folder(folder: Path, local_path: str) -> Path | None:
     path = Path(local_path)
     if path.parent == folder and path.name not in ("", ".", ".."):
         try:
-            mode = os.lstat(path).st_mode
+            st = os.lstat(path)
         except OSError:
             return None
-        if stat.S_ISREG(mode):
-            return path
+        if stat.S_ISREG(st.st_mode):
+            return path, st
     path = path.resolve()
-    return path if folder in path.parents and path.is_file() else None
+    return (path, None) if folder in path.parents and path.is_file() else None
 
 
 THUMB_SIDES = (16, 1024)

@@ -114,9 +114,17 @@ def hashes_and_type(path: Path, data: bytes | None = None) -> tuple[str, str, in
     return h.hexdigest(), b.hexdigest(), size, mime
 
 
+# libmagic's own PNG rule (Magdir/images: this string at offset 0 is "PNG image data",
+# image/png): matched here, it spares the commonest output a libmagic call (~15 us, and one more
+# GIL release and re-acquisition in the thread hop that writes it).
+_PNG = b"\x89PNG\r\n\x1a\n\x00\x00\x00\x0dIHDR"
+
+
 def _content_type(head: bytes) -> str | None:
     """libmagic's type, unless it failed or saw only a RIFF/Matroska container it could not name
     (the extension tells those apart better)."""
+    if head.startswith(_PNG):
+        return "image/png"
     found = magic_type(head)
     if found in ("application/octet-stream", "text/plain") and head[:4] in (
         b"RIFF",

@@ -9,6 +9,7 @@ An upload failure never loses the file: the output keeps its local URL and carri
 from __future__ import annotations
 
 import asyncio
+import os
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +19,7 @@ import msgspec
 
 from comfyq.comfy.backends import BackendPool
 from comfyq.errors import ComfyUIUnreachable, OutputError
+from comfyq.fileio import write_file
 from comfyq.outputs.convert import (
     ConversionError,
     ConvertSpec,
@@ -32,6 +34,7 @@ from comfyq.outputs.local import (
     list_outputs,
     safe_name,
 )
+from comfyq.outputs.recent import RECENT
 from comfyq.outputs.s3 import LocalFile, S3Uploader
 from comfyq.stages.runner import JobContext, StageDone
 from comfyq.store import Job
@@ -96,17 +99,20 @@ class Postprocess:
             name = _unique(safe_name(item.filename, item.subfolder), used)
             dest = folder / name
             if item.text is not None:
-                await asyncio.to_thread(_write_text, dest, item.text)
-                sha, b3, size, mime = await describe_all(dest)
+                # Written and described in one thread hop.
+                described = await asyncio.to_thread(_write_text, dest, item.text)
             else:
                 if client is None:
                     raise ComfyUIUnreachable("the job records no backend to fetch its outputs from")
                 # Written and described (hashes, type) in one thread hop.
-                _, described = await client.download_then(
-                    item.filename, item.subfolder, item.comfy_type, dest, hashes_and_type
+                _, fetched = await client.download_then(
+                    item.filename, item.subfolder, item.comfy_type, dest, _describe
                 )
-                assert described is not None
-                sha, b3, size, mime = described
+                assert fetched is not None
+                described = fetched
+            (sha, b3, size, mime), kept = described
+            if kept is not None:  # GET /outputs answers it from memory while it is unchanged
+                RECENT.put(str(dest), *kept)
             rows.append(
                 {
                     "filename": name,
@@ -157,6 +163,7 @@ class Postprocess:
                     }
                 )
                 continue
+            RECENT.discard(str(src))  # removed once the converted file is in place
             sha, b3, size, mime = await describe_all(dest)
             originals[name] = {
                 "filename": old_name,
@@ -237,9 +244,25 @@ def _options(job: Job) -> dict[str, Any]:
     return {"convert": view.input.convert, "s3": view.input.s3}
 
 
-def _write_text(dest: Path, text: str) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.write_text(text)
+Described = tuple[tuple[str, str, int, str], tuple[os.stat_result, bytes] | None]
+
+
+def _describe(dest: Path, data: bytes | None) -> Described:
+    """(sha256, blake3, size, MIME type) of an output just written, and, when it was small
+    enough to be downloaded whole, its stat and content to keep in :data:`RECENT` (run in the
+    thread hop that wrote it)."""
+    described = hashes_and_type(dest, data)
+    if data is None or len(data) > RECENT.max_file:
+        return described, None
+    return described, (os.stat(dest), data)
+
+
+def _write_text(dest: Path, text: str) -> Described:
+    """Write a text output (UTF-8, through a ``.part`` file and a rename as downloads are) and
+    describe it; blocking, run it in a thread."""
+    data = text.encode()
+    write_file(dest.with_name(dest.name + ".part"), data, replace=dest)
+    return _describe(dest, data)
 
 
 def _unique(name: str, used: set[str]) -> str:
