@@ -197,7 +197,16 @@ def _decode_body(body: bytes) -> Any:
 
 def may_hold_urls(body: bytes) -> bool:
     """False when no string in the JSON can be a URL (no "://", escaped or not): nothing to do."""
+    if len(body) <= lim.SCAN_STEP:  # one step: plain searches (no chunked scan to give way to)
+        return b"://" in body or b":\\/" in body or b"\\u" in body
     return lim.contains(body, b"://") or lim.contains(body, b":\\/") or lim.contains(body, b"\\u")
+
+
+def _brackets(body: bytes) -> int:
+    """How many "{" and "[" ``body`` holds (at least, past MAX_DEPTH)."""
+    if len(body) <= lim.SCAN_STEP:
+        return body.count(b"{") + body.count(b"[")
+    return lim.count(body, b"{", b"[", over=MAX_DEPTH)
 
 
 def parse(
@@ -217,7 +226,7 @@ def parse(
     except RecursionError:
         raise bad("$", f"JSON nested deeper than {MAX_DEPTH} levels") from None
     # Nesting cannot exceed the number of brackets: count them (fast) before walking the tree.
-    if lim.count(body, b"{", b"[", over=MAX_DEPTH) > MAX_DEPTH and not _depth_ok(raw):
+    if _brackets(body) > MAX_DEPTH and not _depth_ok(raw):
         raise bad("$", f"JSON nested deeper than {MAX_DEPTH} levels")
     if not isinstance(raw, dict):
         raise bad("$", 'must be an object: {"input": {...}}')
@@ -325,6 +334,35 @@ def build(
     return Admitted(new, inp)
 
 
+_RANDOM_IDS = 256  # ids' random parts read from the OS in one call
+
+
+class _IdRandom:
+    """The 80 random bits of each new id, from ``os.urandom`` in batches (one getrandom call per
+    256 ids instead of one per id); a forked child starts a batch of its own."""
+
+    def __init__(self) -> None:
+        self._parts: list[str] = []
+
+    def clear(self) -> None:
+        self._parts = []
+
+    def take(self) -> str:
+        try:  # list.pop is atomic: ids built in a worker thread (large bodies) take their own
+            return self._parts.pop()
+        except IndexError:
+            raw = os.urandom(10 * _RANDOM_IDS).hex()
+            parts = [raw[i : i + 20] for i in range(0, len(raw), 20)]
+            part = parts.pop()
+            self._parts = parts
+            return part
+
+
+_id_random = _IdRandom()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_id_random.clear)
+
+
 def new_job_id() -> str:
     """32 hex digits: milliseconds since the epoch (12), then 80 random bits (20).
 
@@ -332,7 +370,7 @@ def new_job_id() -> str:
     would dirty a random index page per admission (more WAL pages to write and checksum per
     commit, measured ~35% more writer CPU per insert on a 20k-row table).
     """
-    return f"{time.time_ns() // 1_000_000:012x}{os.urandom(10).hex()}"
+    return f"{time.time_ns() // 1_000_000:012x}{_id_random.take()}"
 
 
 def check_urls(inp: Input, raw_input: dict[str, Any], guard: Any) -> None:
@@ -362,10 +400,29 @@ async def check_s3(services: Any, inp: Input) -> None:
         raise bad(path, exc.message.removeprefix("s3: "), exc.message) from None
 
 
+_LIMITS: dict[tuple[Any, ...], lim.BodyLimits] = {}
+
+
+def _limits(settings: Any) -> lim.BodyLimits:
+    """``BodyLimits.from_settings(settings)``, made once per distinct set of those settings."""
+    key = (
+        settings.max_body_bytes,
+        settings.max_json_bytes,
+        settings.max_json_items,
+        settings.max_workflow_nodes,
+    )
+    limits = _LIMITS.get(key)
+    if limits is None:
+        if len(_LIMITS) > 64:  # settings changed at run time (tests): never an unbounded cache
+            _LIMITS.clear()
+        limits = _LIMITS[key] = lim.BodyLimits.from_settings(settings)
+    return limits
+
+
 async def prepare(services: Any, body: bytes, headers: Mapping[str, str]) -> Admitted:
     """Validate a body and check its modifier: the job to write, or a 4xx."""
     settings = services.settings
-    limits = lim.BodyLimits.from_settings(settings)
+    limits = _limits(settings)
 
     def validate() -> tuple[Input, dict[str, Any]]:
         inp, raw_input = parse(body, headers, limits)
@@ -384,7 +441,8 @@ async def prepare(services: Any, body: bytes, headers: Mapping[str, str]) -> Adm
         inp.include_comfyui_response = header.strip().lower() in TRUE_VALUES
     elif getattr(settings, "include_comfyui_response", False):
         inp.include_comfyui_response = True
-    await check_s3(services, inp)
+    if inp.s3 is not None:
+        await check_s3(services, inp)
     if inp.models:
         problems = admission_errors(
             raw_input.get("models") or [], settings.comfyui_models_dir, services.guard

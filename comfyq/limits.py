@@ -136,10 +136,13 @@ def request_id_errors(request_id: str) -> FieldErrors:
     return []
 
 
+_SEPARATORS = re.compile(r"[/\\]")
+
+
 def _path_value_error(value: str) -> str | None:
     if CONTROL.search(value):
         return "must not contain control characters"
-    if value.startswith(("/", "\\")) or ".." in re.split(r"[/\\]", value):
+    if value.startswith(("/", "\\")) or (".." in value and ".." in _SEPARATORS.split(value)):
         return "must stay inside the output folder (no leading /, no ..)"
     return None
 
@@ -176,13 +179,15 @@ def workflow_errors(workflow: dict[str, Any], limits: BodyLimits) -> FieldErrors
         inputs = node.get("inputs")
         if type(inputs) is not dict:
             continue
-        out: list[str] = []
-        for name, value in inputs.items():
-            kind = type(value)
-            if kind is list:
-                if len(value) == 2 and type(value[0]) is str and isinstance(value[1], int):
-                    out.append(value[0])
-            elif kind is str and name in _PATH_INPUTS:
+        # Links are [node id, output index]; only the names in _PATH_INPUTS are output paths.
+        out = [
+            v[0]
+            for v in inputs.values()
+            if type(v) is list and len(v) == 2 and type(v[0]) is str and isinstance(v[1], int)
+        ]
+        for name in _PATH_INPUTS:
+            value = inputs.get(name)
+            if type(value) is str:
                 why = _path_value_error(value)
                 if why:
                     path = f"$.input.workflow_json['{key}']"

@@ -278,10 +278,14 @@ class Metrics:
 
     def on_transitions(self, trs: list[Transition]) -> None:
         """Store listener: observe stage run and wait times, count finished jobs."""
+        last_iso, last_at = "", 0.0
+        created = 0
         for tr in trs:
-            at = parse_iso(tr.at)
+            if tr.at != last_iso:  # a commit's transitions share their time: parsed once
+                last_iso, last_at = tr.at, parse_iso(tr.at)
+            at = last_at
             if tr.from_state is None:
-                self.jobs_created.inc()
+                created += 1
             ran = self._running.pop(tr.job_id, None)
             if ran is not None and tr.from_state == State.RUNNING:
                 stage, since = ran
@@ -302,6 +306,8 @@ class Metrics:
                 total = ((tr.job.timings if tr.job else None) or {}).get("total_ms")
                 if isinstance(total, int | float):
                     self._child(self.job_duration, tr.to_state).observe(total / 1000.0)
+        if created:
+            self.jobs_created.inc(created)
 
     def _child(self, metric: Any, *labels: str) -> Any:
         """``metric.labels(*labels)``, cached (labels() takes a lock and builds its key each time;

@@ -56,7 +56,10 @@ def _location(job_id: str) -> dict[str, str]:
 
 async def _admit(request: web.Request) -> tuple[Api, admission.Admitted]:
     api = get_api(request)
-    if not multipart.is_multipart(request):
+    # The raw header first: a body whose Content-Type does not even mention "multipart" (nearly
+    # every one) skips aiohttp's parse of the header.
+    ctype = request.headers.get("Content-Type")
+    if ctype is None or "multipart" not in ctype.lower() or not multipart.is_multipart(request):
         body = await read_json_body(request, api.settings)
         adm = await admission.prepare(api.services, body, request.headers)
     else:  # a "request" JSON part and file parts, streamed to disk
