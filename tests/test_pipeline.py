@@ -179,6 +179,38 @@ async def test_cancel_waiting_and_running_jobs(rig: Rig) -> None:
     assert (await pipe.cancel("j1")).state == State.CANCELLED
 
 
+async def test_cancels_and_deadlines_leave_the_workers_that_ran_the_handlers_intact(
+    rig: Rig,
+) -> None:
+    """A handler runs in its worker's own task: a cancel or a deadline cancels that task while
+    the handler runs, and is taken back once it ended. Cancel after cancel and deadline after
+    deadline, the same workers go on: none is left cancelling (it would take the next cancel
+    for a shutdown and end), none crashed, and the next jobs complete."""
+    store, bus, pipe, handlers = rig
+    gen = handlers[Stage.GENERATE]
+    for i in range(1, 5):
+        await store.create(job(i, generate={"sleep": 30}), 10)
+        started = gen.started.setdefault(f"j{i}", asyncio.Event())
+        await asyncio.wait_for(started.wait(), 5)
+        await pipe.cancel(f"j{i}")
+        assert (await wait_final(bus, store, f"j{i}")).state == State.CANCELLED
+    for i in range(5, 8):
+        await store.create(job(i, timeout=0.3, generate={"sleep": 30}), 10)
+        j = await wait_final(bus, store, f"j{i}")
+        assert j.state == State.FAILED and (j.error or {}).get("type") == "timeout"
+    assert gen.cleaned == [(f"j{i}", "cancel") for i in range(1, 5)] + [
+        (f"j{i}", "timeout") for i in range(5, 8)
+    ]
+    workers = [t for t in pipe._tasks if t.get_name().startswith("worker-")]
+    assert workers and all(not t.done() and t.cancelling() == 0 for t in workers)
+    assert all(s["alive"] == 2 and s["crashes"] == 0 for s in pipe.health().values())
+    for i in range(8, 12):
+        await store.create(job(i), 10)
+    for i in range(8, 12):
+        assert (await wait_final(bus, store, f"j{i}")).state == State.COMPLETED
+    assert not pipe.running and not [e for e in pipe._deadlines if not e[2].done]
+
+
 async def test_shutdown_releases_running_jobs_for_the_next_start(tmp_path: Path) -> None:
     store = open_store(tmp_path / "q.db")
     await store.open()
