@@ -136,6 +136,7 @@ class Subscription:
         urgent: bool = False,
         deadline: float | None = None,
         hold: float | None = None,
+        also: asyncio.Future[Any] | None = None,
     ) -> Event | None:
         """The next event, or None when ``timeout`` passes first (or, given ``deadline`` instead,
         when the loop's clock reaches it; then also possibly earlier, when an earlier deadline of
@@ -145,7 +146,10 @@ class Subscription:
         ``hold`` (seconds, with ``deadline``): the first event to arrive does not end the wait
         at once; it ends at that event's ``flush_time(now, hold)``, which ``held_until`` then
         gives (None when the wait did not end so), with every event that came meanwhile (a
-        final one, or a buffer half full, still ends it at once)."""
+        final one, or a buffer half full, still ends it at once). ``also``: a future (a socket's
+        read) whose end ends the wait too (None then, unless events came): one waiter for two
+        things, where ``asyncio.wait`` on a task of this ``get`` cost a task and four loop
+        callbacks per event."""
         self.held_until = None
         # A bare future and a timer handle: asyncio.wait_for would wrap every wait in a task of
         # its own, and a stream waits once per event.
@@ -164,10 +168,19 @@ class Subscription:
             self._hold = hold if deadline is not None and not self._urgent_only else None
             if timeout is not None and deadline is None:
                 timer = loop.call_later(timeout, _expire, waiter)
+            if also is not None:
+                if also.done():
+                    self._waiter = None
+                    self._urgent_only = False
+                    self._hold = None
+                    if timer is not None:
+                        timer.cancel()
+                    return None
+                also.add_done_callback(self._poke)
             try:
                 while not self._items:
                     await waiter
-                    if timeout is not None or self._items:
+                    if timeout is not None or self._items or (also is not None and also.done()):
                         break
                     waiter = self._waiter = loop.create_future()
             finally:
@@ -176,6 +189,8 @@ class Subscription:
                 self._hold = None
                 if timer is not None:
                     timer.cancel()
+                if also is not None:
+                    also.remove_done_callback(self._poke)
             if not self._items:
                 return None
         return self._items.popleft()
@@ -185,6 +200,11 @@ class Subscription:
         if key not in self.keys:
             self.keys.add(key)
             self._bus._subs.setdefault(key, set()).add(self)
+
+    def _poke(self, _: object = None) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def _ring(self, deadline: float) -> None:
         # Whichever deadline rang, a waiting reader wakes (None: it looks at its clock).
