@@ -7,6 +7,7 @@ handler per stage); the full ComfyUI path is exercised in the API and crash test
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -38,6 +39,9 @@ class Recorder:
         try:
             if plan.get("sleep"):
                 await asyncio.sleep(plan["sleep"])
+            if plan.get("swallow"):  # a handler that ignores being cancelled
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.sleep(plan["swallow"])
             if self.runs[job.id] <= plan.get("fail_retryable", 0):
                 raise ComfyUIUnreachable("ComfyUI is down")
             if plan.get("fail"):
@@ -209,6 +213,26 @@ async def test_cancels_and_deadlines_leave_the_workers_that_ran_the_handlers_int
     for i in range(8, 12):
         assert (await wait_final(bus, store, f"j{i}")).state == State.COMPLETED
     assert not pipe.running and not [e for e in pipe._deadlines if not e[2].done]
+
+
+async def test_a_worker_cancelled_while_its_handler_ignores_it_records_the_job_then_ends(
+    rig: Rig,
+) -> None:
+    """The handler runs in the worker's task: a cancel of the worker from outside reaches the
+    handler, and a handler that swallows it and returns does not keep the worker alive (as a
+    worker awaiting its handler's own task used to be cancelled there): the stage's result is
+    recorded, then the worker ends cancelled."""
+    store, bus, pipe, handlers = rig
+    await store.create(job(1, preprocess={"swallow": 30}), 10)
+    started = handlers[Stage.PREPROCESS].started.setdefault("j1", asyncio.Event())
+    await asyncio.wait_for(started.wait(), 5)
+    entry = pipe.running["j1"]
+    entry.task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(asyncio.shield(entry.task), 5)
+    assert entry.task.cancelled()
+    # Its result was recorded: the job went on through the other stages.
+    assert (await wait_final(bus, store, "j1")).state == State.COMPLETED
 
 
 async def test_shutdown_releases_running_jobs_for_the_next_start(tmp_path: Path) -> None:

@@ -531,14 +531,24 @@ class Pipeline:
                 await self._settle(job, ctx, None, stage)
                 return None
             # Whatever the handler raised (a bug included) fails this job only; _settle records it.
-            except BaseException as exc:  # noqa: BLE001
+            except BaseException as exc:
                 entry.handling = False
-                self._take_back(entry)
+                external = self._take_back(entry)
                 await self._settle(job, ctx, exc, stage)
+                if isinstance(exc, KeyboardInterrupt | SystemExit):
+                    raise  # not the job's: they stop the loop, as they did from the handler's task
+                if external:
+                    raise asyncio.CancelledError from None  # see below
                 return None
             entry.handling = False
-            self._take_back(entry)
-            return await self._advance(job, done, stage)
+            external = self._take_back(entry)
+            early = await self._advance(job, done, stage)
+            if external:
+                # The worker was cancelled from outside (shutdown) while its handler ran, and the
+                # handler went on regardless: its result is recorded; now the worker goes.
+                stage.unask(early)
+                raise asyncio.CancelledError
+            return early
         finally:
             self.running.pop(job.id, None)
             entry.finish()
