@@ -18,7 +18,9 @@ event: it reads its jobs' stored events after the last one it saw.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import itertools
+import math
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -48,6 +50,17 @@ class Event:
         return self.kind != "state" and self.kind != GAP
 
 
+def flush_time(now: float, coalesce: float) -> float:
+    """When output held from ``now`` leaves: on a grid of ``coalesce / 2`` seconds shared by
+    every stream, between ``coalesce / 2`` and ``coalesce`` from now (never later). Streams
+    holding output at once flush from one wake-up of the loop (the bus's one timer rings every
+    subscription waiting for the same deadline), not from one timer and wake-up each."""
+    if coalesce <= 0:
+        return now
+    step = coalesce / 2
+    return min(math.floor((now + coalesce) / step) * step, now + coalesce)
+
+
 class Transport(Protocol):
     """Carries live events to the other instances that share the store."""
 
@@ -69,10 +82,15 @@ class Subscription:
         self._items: deque[Event] = deque()
         self._waiter: asyncio.Future[None] | None = None
         self._urgent_only = False
-        # The timers of ``get(deadline=...)`` by deadline, each kept until it rings: a reader
-        # that waits for several events until one deadline (or goes back and forth between two
-        # deadlines) arms one timer per deadline, not one per wait.
-        self._alarms: dict[float, asyncio.TimerHandle] = {}
+        # ``get(hold=...)``: the first event to arrive is held, not woken for, until the flush
+        # time it sets (``held_until``); then the reader takes it with those that came since.
+        self._hold: float | None = None
+        self.held_until: float | None = None
+        # The deadlines of ``get(deadline=...)`` this subscription waits for, each kept until it
+        # rings: a reader that waits for several events until one deadline (or goes back and
+        # forth between two deadlines) registers it once, not once per wait. They ring from the
+        # bus's one timer (``Alarms``), shared by every subscription that has the same deadline.
+        self._alarms: set[float] = set()
         self.dropped = 0
         self.closed = False
 
@@ -85,9 +103,26 @@ class Subscription:
         self._items.append(ev)
         waiter = self._waiter
         if waiter is not None and not waiter.done():
-            if self._urgent_only and not ev.final and len(self._items) < self._maxsize // 2:
-                return  # the reader holds what it has until its timeout; this can wait too
+            if not ev.final and len(self._items) < self._maxsize // 2:
+                if self._urgent_only:
+                    return  # the reader holds what it has until its timeout; this can wait too
+                if self._hold is not None and self._held(waiter.get_loop(), self._hold):
+                    return
             waiter.set_result(None)
+
+    def _held(self, loop: asyncio.AbstractEventLoop, hold: float) -> bool:
+        """The first event of a ``get(hold=...)`` wait: hold it (and those after it) until its
+        flush time, unless that is now; the reader is woken then, once for them all."""
+        self._hold = None
+        now = loop.time()
+        at = self.held_until = flush_time(now, hold)
+        if at <= now:
+            return False
+        self._urgent_only = True
+        if at not in self._alarms:
+            self._alarms.add(at)
+            self._bus.alarms.add(loop, at, self)
+        return True
 
     @property
     def buffered(self) -> int:
@@ -95,13 +130,27 @@ class Subscription:
         return len(self._items)
 
     async def get(
-        self, timeout: float | None = None, *, urgent: bool = False, deadline: float | None = None
+        self,
+        timeout: float | None = None,
+        *,
+        urgent: bool = False,
+        deadline: float | None = None,
+        hold: float | None = None,
+        also: asyncio.Future[Any] | None = None,
     ) -> Event | None:
         """The next event, or None when ``timeout`` passes first (or, given ``deadline`` instead,
         when the loop's clock reaches it; then also possibly earlier, when an earlier deadline of
         this subscription rings: the caller looks at its clock). ``urgent``: only a job's final
         event (or a buffer half full) ends the wait early; the others are returned after
-        ``timeout``, all at once (a reader that holds its output wakes once, not per event)."""
+        ``timeout``, all at once (a reader that holds its output wakes once, not per event).
+        ``hold`` (seconds, with ``deadline``): the first event to arrive does not end the wait
+        at once; it ends at that event's ``flush_time(now, hold)``, which ``held_until`` then
+        gives (None when the wait did not end so), with every event that came meanwhile (a
+        final one, or a buffer half full, still ends it at once). ``also``: a future (a socket's
+        read) whose end ends the wait too (None then, unless events came): one waiter for two
+        things, where ``asyncio.wait`` on a task of this ``get`` cost a task and four loop
+        callbacks per event."""
+        self.held_until = None
         # A bare future and a timer handle: asyncio.wait_for would wrap every wait in a task of
         # its own, and a stream waits once per event.
         if not self._items:
@@ -111,23 +160,37 @@ class Subscription:
                 if deadline <= loop.time():
                     return None
                 if deadline not in self._alarms:
-                    self._alarms[deadline] = loop.call_at(deadline, self._ring, deadline)
+                    self._alarms.add(deadline)
+                    self._bus.alarms.add(loop, deadline, self)
                 timeout = deadline  # the wait ends at the first wake-up, as with a timeout
             waiter = self._waiter = loop.create_future()
             self._urgent_only = urgent and timeout is not None
+            self._hold = hold if deadline is not None and not self._urgent_only else None
             if timeout is not None and deadline is None:
                 timer = loop.call_later(timeout, _expire, waiter)
+            if also is not None:
+                if also.done():
+                    self._waiter = None
+                    self._urgent_only = False
+                    self._hold = None
+                    if timer is not None:
+                        timer.cancel()
+                    return None
+                also.add_done_callback(self._poke)
             try:
                 while not self._items:
                     await waiter
-                    if timeout is not None or self._items:
+                    if timeout is not None or self._items or (also is not None and also.done()):
                         break
                     waiter = self._waiter = loop.create_future()
             finally:
                 self._waiter = None
                 self._urgent_only = False
+                self._hold = None
                 if timer is not None:
                     timer.cancel()
+                if also is not None:
+                    also.remove_done_callback(self._poke)
             if not self._items:
                 return None
         return self._items.popleft()
@@ -138,18 +201,24 @@ class Subscription:
             self.keys.add(key)
             self._bus._subs.setdefault(key, set()).add(self)
 
+    def _poke(self, _: object = None) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
     def _ring(self, deadline: float) -> None:
         # Whichever deadline rang, a waiting reader wakes (None: it looks at its clock).
-        self._alarms.pop(deadline, None)
+        self._alarms.discard(deadline)
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
     def close(self) -> None:
         self.closed = True
-        for alarm in self._alarms.values():
-            alarm.cancel()
+        for deadline in self._alarms:
+            self._bus.alarms.discard(deadline, self)
         self._alarms.clear()
+        self._items.clear()
         self._bus._unsubscribe(self)
 
     def __enter__(self) -> Self:
@@ -170,11 +239,89 @@ def _expire(waiter: asyncio.Future[None]) -> None:
         waiter.set_result(None)
 
 
+class Alarms:
+    """The deadlines of every subscription's ``get(deadline=...)`` under one loop timer, armed
+    for the earliest: subscriptions waiting for the same deadline (a stream's flush, placed on a
+    shared grid by comfyq.api.sse) ring together, from one wake-up of the loop, and a deadline
+    that nobody waits for any more (its stream ended) costs neither a timer nor a wake-up."""
+
+    def __init__(self) -> None:
+        self._heap: list[float] = []  # deadlines, some maybe no longer in ``_due``
+        self._due: dict[float, list[Subscription]] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._at = float("inf")  # what ``_timer`` is armed for
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop ``_timer`` is on
+
+    def pending(self) -> int:
+        """Deadlines some subscription still waits for."""
+        return len(self._due)
+
+    def add(self, loop: asyncio.AbstractEventLoop, deadline: float, sub: Subscription) -> None:
+        if loop is not self._loop:  # a bus used from another loop (tests): start afresh there
+            self._loop, self._timer, self._at = loop, None, float("inf")
+        subs = self._due.get(deadline)
+        if subs is not None:
+            subs.append(sub)
+            return
+        self._due[deadline] = [sub]
+        heap = self._heap
+        if len(heap) > 64 + 2 * len(self._due):  # drop deadlines nobody waits for any more
+            heap[:] = [d for d in heap if d in self._due]
+            heapq.heapify(heap)
+        heapq.heappush(heap, deadline)
+        if deadline < self._at:
+            self._arm(loop, deadline)
+
+    def discard(self, deadline: float, sub: Subscription) -> None:
+        subs = self._due.get(deadline)
+        if subs is None:
+            return
+        try:
+            subs.remove(sub)
+        except ValueError:
+            return
+        if not subs:
+            del self._due[deadline]
+            if deadline == self._at:  # nobody waits for the armed one: arm for the next
+                self._next(asyncio.get_running_loop())
+
+    def _arm(self, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._at = deadline
+        self._timer = loop.call_at(deadline, self._fire, loop)
+
+    def _next(self, loop: asyncio.AbstractEventLoop) -> None:
+        heap, due = self._heap, self._due
+        while heap and heap[0] not in due:
+            heapq.heappop(heap)
+        if heap:
+            if heap[0] != self._at or self._timer is None:
+                self._arm(loop, heap[0])
+        else:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = None
+            self._at = float("inf")
+
+    def _fire(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._timer = None
+        self._at = float("inf")
+        heap, due = self._heap, self._due
+        now = loop.time()
+        while heap and heap[0] <= now:
+            deadline = heapq.heappop(heap)
+            for sub in due.pop(deadline, ()):
+                sub._ring(deadline)
+        self._next(loop)
+
+
 class EventBus:
     """Publish job events; subscribe to some jobs or to all of them."""
 
     def __init__(self, buffer: int = 256) -> None:
         self._subs: dict[str, set[Subscription]] = {}
+        self.alarms = Alarms()
         self._buffer = buffer
         self._last_row: dict[str, int] = {}
         self._seq = itertools.count(1)

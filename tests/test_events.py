@@ -88,13 +88,40 @@ async def test_a_wait_until_a_deadline_keeps_one_timer_for_that_deadline() -> No
     assert loop.time() >= deadline and not sub._alarms
     # A deadline already passed: None at once, and no timer.
     assert await sub.get(deadline=deadline) is None and not sub._alarms
-    # Closing cancels a timer still armed.
+    # Closing cancels a timer still armed (the bus's, when nobody else waits for it).
     later = loop.time() + 30
     loop.call_later(0.01, bus.live, "a", "progress", {"value": 4})
     assert await sub.get(deadline=later) is not None
-    alarm = sub._alarms[later]
+    alarm = bus.alarms._timer
+    assert alarm is not None and bus.alarms.pending() == 1
     sub.close()
-    assert alarm.cancelled() and not sub._alarms
+    assert alarm.cancelled() and not sub._alarms and bus.alarms.pending() == 0
+
+
+async def test_subscriptions_waiting_for_one_deadline_share_the_bus_timer() -> None:
+    loop = asyncio.get_running_loop()
+    bus = EventBus()
+    subs = [bus.subscribe(str(i)) for i in range(5)]
+    later = loop.time() + 30
+    deadline = loop.time() + 0.05
+    waits = [asyncio.ensure_future(s.get(deadline=later)) for s in subs[:2]]
+    waits += [asyncio.ensure_future(s.get(deadline=deadline)) for s in subs[2:]]
+    await asyncio.sleep(0)
+    # Two deadlines, one timer: armed for the earlier one.
+    timer = bus.alarms._timer
+    assert timer is not None and timer.when() == deadline and bus.alarms.pending() == 2
+    assert await asyncio.gather(*waits[2:]) == [None, None, None]
+    assert loop.time() >= deadline and not waits[0].done()
+    # Then armed for the later one; a closed subscription no longer waits for it.
+    timer = bus.alarms._timer
+    assert timer is not None and timer.when() == later
+    subs[0].close()
+    assert bus.alarms._timer is timer and bus.alarms.pending() == 1
+    bus.live("1", "progress", {"value": 1})
+    assert (await waits[1]) is not None
+    subs[1].close()
+    assert timer.cancelled() and bus.alarms._timer is None and bus.alarms.pending() == 0
+    waits[0].cancel()
 
 
 async def test_an_urgent_wait_until_a_deadline_holds_all_but_the_final_event() -> None:

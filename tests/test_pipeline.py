@@ -7,6 +7,7 @@ handler per stage); the full ComfyUI path is exercised in the API and crash test
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -38,6 +39,9 @@ class Recorder:
         try:
             if plan.get("sleep"):
                 await asyncio.sleep(plan["sleep"])
+            if plan.get("swallow"):  # a handler that ignores being cancelled
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.sleep(plan["swallow"])
             if self.runs[job.id] <= plan.get("fail_retryable", 0):
                 raise ComfyUIUnreachable("ComfyUI is down")
             if plan.get("fail"):
@@ -177,6 +181,58 @@ async def test_cancel_waiting_and_running_jobs(rig: Rig) -> None:
     assert (await wait_final(bus, store, "j2")).state in ("cancelled", "completed")
     # Finished: unchanged.
     assert (await pipe.cancel("j1")).state == State.CANCELLED
+
+
+async def test_cancels_and_deadlines_leave_the_workers_that_ran_the_handlers_intact(
+    rig: Rig,
+) -> None:
+    """A handler runs in its worker's own task: a cancel or a deadline cancels that task while
+    the handler runs, and is taken back once it ended. Cancel after cancel and deadline after
+    deadline, the same workers go on: none is left cancelling (it would take the next cancel
+    for a shutdown and end), none crashed, and the next jobs complete."""
+    store, bus, pipe, handlers = rig
+    gen = handlers[Stage.GENERATE]
+    for i in range(1, 5):
+        await store.create(job(i, generate={"sleep": 30}), 10)
+        started = gen.started.setdefault(f"j{i}", asyncio.Event())
+        await asyncio.wait_for(started.wait(), 5)
+        await pipe.cancel(f"j{i}")
+        assert (await wait_final(bus, store, f"j{i}")).state == State.CANCELLED
+    for i in range(5, 8):
+        await store.create(job(i, timeout=0.3, generate={"sleep": 30}), 10)
+        j = await wait_final(bus, store, f"j{i}")
+        assert j.state == State.FAILED and (j.error or {}).get("type") == "timeout"
+    assert gen.cleaned == [(f"j{i}", "cancel") for i in range(1, 5)] + [
+        (f"j{i}", "timeout") for i in range(5, 8)
+    ]
+    workers = [t for t in pipe._tasks if t.get_name().startswith("worker-")]
+    assert workers and all(not t.done() and t.cancelling() == 0 for t in workers)
+    assert all(s["alive"] == 2 and s["crashes"] == 0 for s in pipe.health().values())
+    for i in range(8, 12):
+        await store.create(job(i), 10)
+    for i in range(8, 12):
+        assert (await wait_final(bus, store, f"j{i}")).state == State.COMPLETED
+    assert not pipe.running and not [e for e in pipe._deadlines if not e[2].done]
+
+
+async def test_a_worker_cancelled_while_its_handler_ignores_it_records_the_job_then_ends(
+    rig: Rig,
+) -> None:
+    """The handler runs in the worker's task: a cancel of the worker from outside reaches the
+    handler, and a handler that swallows it and returns does not keep the worker alive (as a
+    worker awaiting its handler's own task used to be cancelled there): the stage's result is
+    recorded, then the worker ends cancelled."""
+    store, bus, pipe, handlers = rig
+    await store.create(job(1, preprocess={"swallow": 30}), 10)
+    started = handlers[Stage.PREPROCESS].started.setdefault("j1", asyncio.Event())
+    await asyncio.wait_for(started.wait(), 5)
+    entry = pipe.running["j1"]
+    entry.task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(asyncio.shield(entry.task), 5)
+    assert entry.task.cancelled()
+    # Its result was recorded: the job went on through the other stages.
+    assert (await wait_final(bus, store, "j1")).state == State.COMPLETED
 
 
 async def test_shutdown_releases_running_jobs_for_the_next_start(tmp_path: Path) -> None:

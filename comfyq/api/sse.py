@@ -17,7 +17,7 @@ from comfyq.api.auth import visible
 from comfyq.api.context import Api, get_api
 from comfyq.api.stream import JobFeed, row_of
 from comfyq.errors import NotFound
-from comfyq.events import GAP, Subscription
+from comfyq.events import GAP, Subscription, flush_time
 from comfyq.schemas import StreamEvent, encoder
 from comfyq.store.base import StoreUnavailable
 from comfyq.store.model import TERMINAL, State
@@ -108,13 +108,16 @@ async def _live(
     # a short job's whole story goes out in one send (with the response's headers) instead of
     # one per event (each send wakes the client and costs the server a syscall); the final
     # event never waits. The replayed head is held the same way.
-    # Waits end at a deadline on the loop's clock (the subscription keeps one timer per
-    # deadline, not one per wait): the held output's flush time, else the heartbeat's. The
-    # heartbeat is due ``heartbeat`` seconds after the last send (``quiet_at``), but its timer
-    # (``beat_at``) moves only when it rings: a send does not re-arm it.
+    # Waits end at a deadline on the loop's clock (registered once per deadline, not once per
+    # wait, with the bus's one timer): the held output's flush time (``flush_time``, on a grid
+    # shared by every stream), else the heartbeat's. The heartbeat is due ``heartbeat`` seconds
+    # after the last send (``quiet_at``), but its timer (``beat_at``) moves only when it rings:
+    # a send does not re-arm it.
     heartbeat = api.options.heartbeat
+    coalesce = api.options.stream_coalesce
     out: list[bytes] = [head]
-    flush_at = loop.time() + api.options.stream_coalesce
+    flush_at = flush_time(loop.time(), coalesce)
+    held_at: float | None = None  # the flush time the subscription held the next events for
     quiet_at = beat_at = loop.time() + heartbeat
     while True:
         deadline = beat_at
@@ -126,8 +129,13 @@ async def _live(
                 deadline = beat_at
                 quiet_at = loop.time() + heartbeat
         # While holding, only the final event wakes the stream early; the rest wait their turn.
-        ev = await sub.get(urgent=bool(out), deadline=deadline)
+        # Holding nothing, the first event to come is held by the subscription itself until
+        # its flush time, not woken for (one wake-up per flush, not two).
+        ev = await sub.get(urgent=bool(out), deadline=deadline, hold=None if out else coalesce)
+        if sub.held_until is not None:
+            held_at = sub.held_until
         if ev is None:
+            held_at = None
             if out:
                 continue  # time to send what is held (or an earlier timer rang: look again)
             now = loop.time()
@@ -163,7 +171,8 @@ async def _live(
             else:
                 api.queue.unwatch(sub)
         if not out:
-            flush_at = loop.time() + api.options.stream_coalesce
+            flush_at = held_at if held_at is not None else flush_time(loop.time(), coalesce)
+            held_at = None
         out.append(frame(se))
 
 

@@ -161,19 +161,16 @@ class _Conn:
     async def _send(self, se: StreamEvent) -> None:
         await self.ws.send_str(encoder.encode(se).decode())
 
-    def _next(self) -> asyncio.Task[Event | None]:
+    async def run(self) -> None:
+        # One waiter for both the client's messages and the subscription's events (``also``):
+        # no task per event, and no ``asyncio.wait`` (a future and callbacks on both) per event.
         # On a shared store a quiet connection also reads, once per heartbeat, the jobs it was
         # asked for by name (not every job a "*" subscription has seen: those only on a gap).
         quiet = self.api.options.heartbeat if self.api.bus.transport is not None else None
-        return asyncio.ensure_future(self.sub.get(quiet))
-
-    async def run(self) -> None:
         recv: asyncio.Task[Any] = asyncio.ensure_future(self.ws.receive())
-        get: asyncio.Task[Event | None] = self._next()
         try:
             while True:
-                done, _ = await asyncio.wait({recv, get}, return_when=asyncio.FIRST_COMPLETED)
-                if recv in done:
+                if recv.done():
                     msg = recv.result()
                     if msg.type == WSMsgType.TEXT:
                         await self.on_text(msg.data)
@@ -184,17 +181,14 @@ class _Conn:
                     else:  # close, closing, closed, error
                         return
                     recv = asyncio.ensure_future(self.ws.receive())
-                if get in done:
-                    ev = get.result()
-                    if ev is not None:
-                        await self.on_event(ev)
-                    else:
-                        await self.catch_up([j for j in self.feeds if j in self.sub.keys])
-                    get = self._next()
+                ev = await self.sub.get(quiet, also=recv)
+                if ev is not None:
+                    await self.on_event(ev)
+                elif not recv.done():  # quiet for a heartbeat
+                    await self.catch_up([j for j in self.feeds if j in self.sub.keys])
         finally:
-            for t in (recv, get):
-                t.cancel()
-            await asyncio.gather(recv, get, return_exceptions=True)
+            recv.cancel()
+            await asyncio.gather(recv, return_exceptions=True)
             self.sub.close()
 
 

@@ -12,6 +12,8 @@ stages make their side effects idempotent (the ComfyUI prompt id is stored befor
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
@@ -84,12 +86,33 @@ class Assigner(Protocol):
     def assign(self, job: Job) -> dict[str, Any] | None: ...
 
 
-@dataclass
 class _Running:
-    task: asyncio.Task[Any]
-    ctx: JobContext
-    timer: asyncio.TimerHandle | None = None
-    settled: asyncio.Event = field(default_factory=asyncio.Event)  # outcome recorded
+    """A job whose stage runs in a worker (in the worker's own task: no task per stage)."""
+
+    __slots__ = ("_settled", "cancels", "ctx", "done", "handling", "task")
+
+    def __init__(self, task: asyncio.Task[Any], ctx: JobContext) -> None:
+        self.task = task  # the worker's task, which runs the handler itself
+        self.ctx = ctx
+        self.handling = True  # the handler runs: a cancel interrupts it (then the write doesn't)
+        self.cancels = 0  # cancels this pipeline made of ``task`` (taken back by ``uncancel``)
+        self._settled: asyncio.Event | None = None
+        self.done = False  # outcome recorded
+
+    @property
+    def settled(self) -> asyncio.Event:
+        """Set once the outcome is recorded (made only when someone waits for it: shutdown)."""
+        if self._settled is None:
+            self._settled = asyncio.Event()
+            if self.done:
+                self._settled.set()
+        return self._settled
+
+    def finish(self) -> None:
+        self.done = True
+        self.handling = False
+        if self._settled is not None:
+            self._settled.set()
 
 
 @dataclass
@@ -338,6 +361,11 @@ class Pipeline:
         # Job id -> the columns the next stage's ``assign`` set in the hand-off (JobContext).
         self.assigned: dict[str, dict[str, Any]] = {}
         self._spawned: set[asyncio.Task[Any]] = set()
+        # Deadlines of the running stages: (loop time, seq, entry), one timer for the earliest.
+        self._deadlines: list[tuple[float, int, _Running]] = []
+        self._deadline_seq = itertools.count()
+        self._deadline_timer: asyncio.TimerHandle | None = None
+        self._deadline_at = float("inf")
         store.listen(self.wake)
         first = self.stages.get(Stage.PREPROCESS)
         if first is not None:
@@ -420,6 +448,11 @@ class Pipeline:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+        if self._deadline_timer is not None:
+            self._deadline_timer.cancel()
+            self._deadline_timer = None
+        self._deadline_at = float("inf")
+        self._deadlines.clear()
 
     async def _settled(self, timeout: float) -> None:
         waits = [asyncio.create_task(r.settled.wait()) for r in self.running.values()]
@@ -443,12 +476,15 @@ class Pipeline:
             self._cancel_local(job_id, "cancel")
         return job
 
-    def _cancel_local(self, job_id: str, reason: str) -> bool:
+    def _cancel_local(self, job_id: str, reason: str, only: _Running | None = None) -> bool:
         r = self.running.get(job_id)
-        if r is None or r.ctx.cancel_reason is not None:
+        if r is None or r.ctx.cancel_reason is not None or (only is not None and r is not only):
             return False
         r.ctx.cancel_reason = reason
-        r.task.cancel()
+        # Only while the handler runs: once it has returned, the worker is writing its result
+        # (as a cancel of the handler's own task, done by then, used to leave it).
+        if r.handling and r.task.cancel():
+            r.cancels += 1
         return True
 
     # --- running one job ---------------------------------------------------------------------
@@ -462,44 +498,110 @@ class Pipeline:
             return await self._run_job(stage, job)
 
     async def _run_job(self, stage: StageRunner, job: Job) -> asyncio.Future[Job] | None:
+        # The handler runs in the worker's own task, not in a task of its own: a task per stage
+        # (its first step, the future that woke the worker when it ended, that wake-up) cost
+        # three loop callbacks per stage of every job. A cancel (the client's, the deadline's,
+        # shutdown's) cancels the worker's task while the handler runs (``_cancel_local``), and
+        # is taken back here (``uncancel``) once the handler has ended.
         ctx = JobContext(job, self)
         ctx.assigned = self.assigned.pop(job.id, None)
-        inner = asyncio.create_task(stage.handler(job, ctx), name=f"{stage.name}:{job.id}")
-        loop = asyncio.get_running_loop()
-        delay = parse_iso(job.deadline_at) - self.clock.now()
-        entry = _Running(inner, ctx)
+        task = asyncio.current_task()
+        assert task is not None
+        entry = _Running(task, ctx)
         self.running[job.id] = entry
-        entry.timer = loop.call_later(max(0.0, delay), self._cancel_local, job.id, "timeout")
+        self._watch_deadline(entry, parse_iso(job.deadline_at) - self.clock.now())
         try:
             if job.cancel_requested:
-                self._cancel_local(job.id, "cancel")
+                # Cancelled before it started: the handler does not run at all.
+                entry.handling = False
+                ctx.cancel_reason = "cancel"
+                await self._settle(job, ctx, None, stage)
+                return None
             try:
-                done = await _outcome(inner, loop)
+                done = await stage.handler(job, ctx)
             except asyncio.CancelledError:
-                if not inner.done():
-                    # This worker itself is being cancelled (shutdown): let the handler clean up.
-                    self._cancel_local(job.id, "shutdown")
-                    await asyncio.wait([inner], timeout=10)
-                    await self._settle(job, ctx, inner, stage)
+                entry.handling = False
+                external = self._take_back(entry)
+                if external:
+                    # This worker itself is being cancelled (shutdown): record, then go.
+                    if ctx.cancel_reason is None:
+                        ctx.cancel_reason = "shutdown"
+                    await self._settle(job, ctx, None, stage)
                     raise
-                await self._settle(job, ctx, inner, stage)
+                await self._settle(job, ctx, None, stage)
                 return None
             # Whatever the handler raised (a bug included) fails this job only; _settle records it.
-            except BaseException:  # noqa: BLE001
-                await self._settle(job, ctx, inner, stage)
+            except BaseException as exc:
+                entry.handling = False
+                external = self._take_back(entry)
+                await self._settle(job, ctx, exc, stage)
+                if isinstance(exc, KeyboardInterrupt | SystemExit):
+                    raise  # not the job's: they stop the loop, as they did from the handler's task
+                if external:
+                    raise asyncio.CancelledError from None  # see below
                 return None
-            return await self._advance(job, done, stage)
+            entry.handling = False
+            external = self._take_back(entry)
+            early = await self._advance(job, done, stage)
+            if external:
+                # The worker was cancelled from outside (shutdown) while its handler ran, and the
+                # handler went on regardless: its result is recorded; now the worker goes.
+                stage.unask(early)
+                raise asyncio.CancelledError
+            return early
         finally:
-            if entry.timer is not None:
-                entry.timer.cancel()
             self.running.pop(job.id, None)
-            entry.settled.set()
-            # A failed handler's exception has a traceback starting in this frame, whose locals
-            # hold the task that holds the exception: a cycle that kept the handler's frames and
-            # their locals (the decoded workflow) until a full garbage collection.
-            del inner, entry
+            entry.finish()
+            # A failed handler's exception has a traceback starting in this frame: nothing of
+            # this frame may hold that exception (the cycle kept the handler's frames and their
+            # locals, the decoded workflow, until a full garbage collection).
+            del entry
             # The stage decoded the job's payload (or its prepared workflow) and has freed it.
             HEAP_TRIM.after(job.stored("payload"))
+
+    def _take_back(self, entry: _Running) -> bool:
+        """Undo the cancels this pipeline made of the worker's task for this job (the handler
+        has ended); True when the task is still being cancelled by someone else (shutdown)."""
+        task = entry.task
+        for _ in range(entry.cancels):
+            task.uncancel()
+        entry.cancels = 0
+        return task.cancelling() > 0
+
+    # --- deadlines: one heap, one timer ------------------------------------------------------
+
+    def _watch_deadline(self, entry: _Running, delay: float) -> None:
+        """Cancel ``entry``'s job ``delay`` seconds from now (if its stage still runs then).
+        Every running stage's deadline is in one heap under one loop timer, armed for the
+        earliest: jobs admitted later end later, so a new stage arms no timer of its own."""
+        loop = asyncio.get_running_loop()
+        when = loop.time() + max(0.0, delay)
+        heap = self._deadlines
+        if len(heap) > 64 + 2 * len(self.running):
+            # Entries of stages that ended stay until their time comes; drop them at once
+            # when they outnumber the running ones (amortised: a few per stage at most).
+            heap[:] = [item for item in heap if not item[2].done]
+            heapq.heapify(heap)
+        heapq.heappush(heap, (when, next(self._deadline_seq), entry))
+        if when < self._deadline_at:
+            if self._deadline_timer is not None:
+                self._deadline_timer.cancel()
+            self._deadline_at = when
+            self._deadline_timer = loop.call_at(when, self._on_deadline)
+
+    def _on_deadline(self) -> None:
+        self._deadline_timer = None
+        self._deadline_at = float("inf")
+        loop = asyncio.get_running_loop()
+        heap = self._deadlines
+        now = loop.time()
+        while heap and (heap[0][0] <= now or heap[0][2].done):
+            _, _, entry = heapq.heappop(heap)
+            if not entry.done:
+                self._cancel_local(entry.ctx.job.id, "timeout", entry)
+        if heap:
+            self._deadline_at = heap[0][0]
+            self._deadline_timer = loop.call_at(self._deadline_at, self._on_deadline)
 
     async def _advance(
         self, job: Job, done: StageDone, stage: StageRunner
@@ -576,10 +678,10 @@ class Pipeline:
         return early
 
     async def _settle(
-        self, job: Job, ctx: JobContext, inner: asyncio.Task[Any], stage: StageRunner
+        self, job: Job, ctx: JobContext, exc: BaseException | None, stage: StageRunner
     ) -> None:
-        """Record how a handler that did not return normally ended."""
-        exc = None if inner.cancelled() or not inner.done() else inner.exception()
+        """Record how a handler that did not return normally ended (``exc``: what it raised,
+        None when it was cancelled)."""
         reason = ctx.cancel_reason
 
         async def record() -> None:
@@ -668,31 +770,6 @@ class Pipeline:
             self._cancel_local(tr.job_id, "cancel" if tr.to_state == State.CANCELLED else "timeout")
         for job_id in await self.store.cancel_requested():
             self._cancel_local(job_id, "cancel")
-
-
-async def _outcome(inner: asyncio.Task[T], loop: asyncio.AbstractEventLoop) -> T:
-    """``await asyncio.shield(inner)`` for a task this worker alone waits on: cancelling the
-    waiter leaves ``inner`` running. A bare future woken by ``inner``'s done callback: shield's
-    outer future and its two callbacks cost three more loop callbacks per stage of every job."""
-    if not inner.done():
-        woken: asyncio.Future[None] = loop.create_future()
-
-        def wake(_: object) -> None:
-            if not woken.done():
-                woken.set_result(None)
-
-        inner.add_done_callback(wake)
-        try:
-            await woken
-        finally:
-            inner.remove_done_callback(wake)
-    try:
-        return inner.result()
-    finally:
-        # A failed handler's exception carries this frame in its traceback: without the task
-        # that holds that exception in it, or the cycle keeps the handler's frames (and the
-        # decoded workflow in them) until a full garbage collection.
-        del inner
 
 
 _FAILED_IN = {
