@@ -9,6 +9,7 @@ false``). A job's outputs are assets too: read, downloaded (with Range) and refu
 
 from __future__ import annotations
 
+import stat
 import uuid
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from comfyq.api.body import read_json_body
+from comfyq.api.fileresponse import file_response
 from comfyq.store.assets import AssetRecord, Blob, NewAsset
 from comfyq.v2 import mapping
 from comfyq.v2.blobs import Received, TooLarge, parse_hash
@@ -280,13 +282,19 @@ async def content(request: web.Request) -> web.StreamResponse:
     if rec.url is not None:
         raise web.HTTPFound(rec.url)  # the output went to S3: its presigned URL
     path = None if rec.path is None else Path(rec.path)
-    if path is None or not path.is_file():
+    try:
+        st = None if path is None else path.stat()
+    except OSError:
+        st = None
+    if path is None or st is None or not stat.S_ISREG(st.st_mode):
         raise V2Error(404, "not_found", "the asset's bytes are no longer here")
-    # FileResponse serves Range (206), an unsatisfiable range (416) and HEAD, from a file opened
-    # by path: the path comes from the store, never from the request.
-    return web.FileResponse(
+    # Range (206), an unsatisfiable range (416) and HEAD as FileResponse answers them, a small
+    # file from memory (no thread hop): the path comes from the store, never from the request.
+    return file_response(
+        request,
         path,
-        headers={
+        st,
+        {
             "Content-Type": rec.content_type or "application/octet-stream",
             "Cache-Control": "private, max-age=0",
             "X-Content-Type-Options": "nosniff",
