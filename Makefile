@@ -40,8 +40,13 @@ serve: $(BIN)/.installed
 simulate: $(BIN)/.installed
 	$(BIN)/comfyq serve --simulate
 
+# Two workers (TEST_WORKERS=0 runs it in one process): much of the suite waits on subprocesses,
+# sleeps and sockets, so two run in about the time of one on two cores. --dist loadfile keeps each
+# file on one worker, in order: module fixtures (a served comfyq, the browser) start once, and a
+# module's closing tests (test_hostile's "the end") still run after the rest of it.
+TEST_WORKERS ?= 2
 test: $(BIN)/.installed
-	$(BIN)/pytest -q -m "not real_comfyui"
+	$(BIN)/pytest -q -m "not real_comfyui" -n $(TEST_WORKERS) --dist loadfile
 
 test-all: $(BIN)/.installed
 	$(BIN)/pytest -q
