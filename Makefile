@@ -40,8 +40,15 @@ serve: $(BIN)/.installed
 simulate: $(BIN)/.installed
 	$(BIN)/comfyq serve --simulate
 
+# Two workers (TEST_WORKERS=0 runs it in one process): much of the suite waits on subprocesses,
+# sleeps and sockets, so two run in about the time of one on two cores. --dist loadfile keeps each
+# file on one worker, in order: module fixtures (a served comfyq, the browser) start once, and a
+# module's closing tests (test_hostile's "the end") still run after the rest of it.
+# --no-loadscope-reorder hands out files in name order instead of most-tests-first, which would
+# leave the two-test, five-minute fuzz file (test_api_fuzz.py) to the end of the run.
+TEST_WORKERS ?= 2
 test: $(BIN)/.installed
-	$(BIN)/pytest -q -m "not real_comfyui"
+	$(BIN)/pytest -q -m "not real_comfyui" -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test-all: $(BIN)/.installed
 	$(BIN)/pytest -q

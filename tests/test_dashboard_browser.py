@@ -21,7 +21,14 @@ from support.dashboard import CHROMIUM, CHROMIUM_ARGS, ROOT, Serve, browser_or_s
 pytestmark = pytest.mark.timeout(300)
 
 try:  # a machine without playwright skips (or, in CI, fails) through browser_or_skip
-    from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_playwright
+    from playwright.sync_api import (
+        Browser,
+        BrowserContext,
+        ConsoleMessage,
+        Page,
+        expect,
+        sync_playwright,
+    )
 except ImportError:  # pragma: no cover
     pass
 
@@ -107,8 +114,26 @@ def shot(page: Page, tmp: Path, name: str) -> None:
         shutil.copy(path, out / f"{name}.png")
 
 
+# The browser contexts a test opened: closed when it ends (close_pages), before its server
+# stops. A page left open keeps its event stream and websocket to the server, and comfyq's
+# shutdown then waits out its grace for them (about 10 s per stop) instead of stopping at once.
+_contexts: list[BrowserContext] = []
+
+
+def close_pages() -> None:
+    while _contexts:
+        _contexts.pop().close()
+
+
+@pytest.fixture(autouse=True)
+def _pages_closed() -> Iterator[None]:
+    yield
+    close_pages()
+
+
 def new_page(browser: Browser, *, width: int = 1280, height: int = 860) -> tuple[Page, Watch]:
     ctx = browser.new_context(viewport={"width": width, "height": height})
+    _contexts.append(ctx)
     page = ctx.new_page()
     return page, Watch(page)
 
@@ -241,6 +266,7 @@ def test_page_reconnects_after_a_server_restart_and_shows_the_final_state(
         page.goto(f"{srv.url}/ui#/")
         expect(page.locator(f'tr[data-id="{job}"]')).to_have_attribute("data-status", final)
     finally:
+        close_pages()
         srv.stop()
 
 
@@ -272,6 +298,7 @@ def test_api_keys_prompt_wrong_key_and_client_view(browser: Browser, tmp_path: P
         # The key went in headers only: never in a URL.
         assert not [u for u in watch.urls if CLIENT in u or ADMIN in u]
     finally:
+        close_pages()
         srv.stop()
 
 
@@ -307,6 +334,7 @@ def test_bad_input_and_failure_stay_graceful(browser: Browser, tmp_path: Path) -
         page.locator("input.search").fill("abc")
         expect(page.locator(".notice.error")).to_contain_text("cannot be reached")
     finally:
+        close_pages()
         srv.stop()
     assert errors == []
 

@@ -131,14 +131,25 @@ async def test_a_fresh_decode_is_the_callers_own() -> None:
 
 
 def _naive_cycle(links: dict[str, list[str]]) -> bool:
-    """Whether ``links`` has a cycle: repeatedly drop nodes all of whose deps are gone."""
-    left = {k: [d for d in v if d in links] for k, v in links.items()}
-    while True:
-        free = [k for k, v in left.items() if not any(d in left for d in v)]
-        if not free:
-            return bool(left)
-        for k in free:
-            del left[k]
+    """Whether ``links`` has a cycle: repeatedly drop nodes all of whose deps are gone (Kahn's
+    peeling, with a count of deps left per node, so a 5000-node chain costs 5000 steps, not
+    5000 rounds over every node left)."""
+    waiting = {k: sum(1 for d in v if d in links) for k, v in links.items()}
+    needed_by: dict[str, list[str]] = {k: [] for k in links}
+    for k, v in links.items():
+        for d in v:
+            if d in links:
+                needed_by[d].append(k)
+    free = [k for k, n in waiting.items() if n == 0]
+    dropped = 0
+    while free:
+        k = free.pop()
+        dropped += 1
+        for user in needed_by[k]:
+            waiting[user] -= 1
+            if waiting[user] == 0:
+                free.append(user)
+    return dropped < len(links)
 
 
 @pytest.mark.parametrize(

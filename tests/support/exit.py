@@ -12,6 +12,9 @@ first seen. Once the session's fixtures are torn down, one still running is a le
 with that test, in the summary, and the run fails (exit status 1) even when every test passed.
 At the very end (after the summary and the JUnit report are written) every leftover non-daemon
 thread is named on stderr and the process exits with the run's status.
+
+Under pytest-xdist (``-n``) each worker watches its own tests and hands what it found to the
+controller, which reports and fails the run as above.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -30,6 +34,7 @@ COMFYQ_THREAD_PREFIX = "comfyq-"
 # How long a connection closed during teardown may take to end its thread (it ends at once; a
 # leaked one never does, so this bounds nothing but the wait).
 SETTLE_SECONDS = 5.0
+LEAKS_KEY = "comfyq_thread_leaks"  # a pytest-xdist worker's leaks, sent to the controller
 
 _status: list[int] = []
 _first_seen: dict[threading.Thread, str] = {}  # watched thread -> the test after which it ran
@@ -65,9 +70,20 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         t.join(max(0.0, deadline - time.monotonic()))
         if t.is_alive():
             _leaks.append(f"{t.name}: first seen running after {where}")
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        # A pytest-xdist worker: its exit status is not the run's, so its leaks go to the
+        # controller (pytest_testnodedown below), which names them and fails the run.
+        workeroutput[LEAKS_KEY] = list(_leaks)
     if _leaks and session.exitstatus == pytest.ExitCode.OK:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
     _status.append(int(session.exitstatus))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    """pytest-xdist's controller: a worker finished; take on the leaks it found."""
+    _leaks.extend(getattr(node, "workeroutput", {}).get(LEAKS_KEY, []))
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

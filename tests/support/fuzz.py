@@ -30,7 +30,9 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    if not required():
+    # A pytest-xdist worker ran only its share of the tests: the controller, which sees every
+    # test's report, decides.
+    if not required() or hasattr(session.config, "workerinput"):
         return
     skipped = sorted(k for k, v in _outcomes.items() if v == "skipped")
     ran = [k for k, v in _outcomes.items() if v != "skipped"]
