@@ -53,6 +53,12 @@ def create_app(services: Services, options: ApiOptions | None = None) -> web.App
         if services.started:
             await services.stop()
 
+    async def stop_streams(app: web.Application) -> None:
+        # Before aiohttp waits for the running handlers (up to its shutdown timeout): the event
+        # streams, which would never end on their own, end now.
+        services.bus.stop_streams()
+
+    app.on_shutdown.append(stop_streams)
     app.cleanup_ctx.append(lifecycle)
     app.on_cleanup.append(close_api)
     v2_routes.setup(app)

@@ -13,6 +13,11 @@ local ones, through ``on_transitions``, after the adapter has read them from the
 Preview images stay on the instance whose ComfyUI produced them. When the transport may have
 missed some (its connection was lost and made again), ``gap`` sends every subscriber a ``gap``
 event: it reads its jobs' stored events after the last one it saw.
+
+When the server stops, ``stop_streams`` wakes every waiting reader and ``get`` answers None at once
+from then on (``Subscription.stopping`` says why): a stream ends its response (a client resumes
+with Last-Event-ID after the restart), where it would otherwise hold the shutdown until aiohttp's
+timeout.
 """
 
 from __future__ import annotations
@@ -93,6 +98,7 @@ class Subscription:
         self._alarms: set[float] = set()
         self.dropped = 0
         self.closed = False
+        bus._open.add(self)
 
     def push(self, ev: Event) -> None:
         if self.closed or (self.finals_only and not ev.final):
@@ -151,6 +157,8 @@ class Subscription:
         things, where ``asyncio.wait`` on a task of this ``get`` cost a task and four loop
         callbacks per event."""
         self.held_until = None
+        if not self._items and self._bus.stopping:
+            return None
         # A bare future and a timer handle: asyncio.wait_for would wrap every wait in a task of
         # its own, and a stream waits once per event.
         if not self._items:
@@ -180,7 +188,9 @@ class Subscription:
             try:
                 while not self._items:
                     await waiter
-                    if timeout is not None or self._items or (also is not None and also.done()):
+                    if timeout is not None or self._items or self._bus.stopping:
+                        break
+                    if also is not None and also.done():
                         break
                     waiter = self._waiter = loop.create_future()
             finally:
@@ -194,6 +204,11 @@ class Subscription:
             if not self._items:
                 return None
         return self._items.popleft()
+
+    @property
+    def stopping(self) -> bool:
+        """The server is stopping: ``get`` no longer waits (None once the buffer is empty)."""
+        return self._bus.stopping
 
     def add(self, key: str) -> None:
         """Also receive events of job ``key`` (or every job, with ``"*"``)."""
@@ -220,6 +235,7 @@ class Subscription:
         self._alarms.clear()
         self._items.clear()
         self._bus._unsubscribe(self)
+        self._bus._open.discard(self)
 
     def __enter__(self) -> Self:
         return self
@@ -232,6 +248,8 @@ class Subscription:
             ev = await self.get()
             if ev is not None:
                 yield ev
+            elif self.stopping:
+                return
 
 
 def _expire(waiter: asyncio.Future[None]) -> None:
@@ -321,6 +339,7 @@ class EventBus:
 
     def __init__(self, buffer: int = 256) -> None:
         self._subs: dict[str, set[Subscription]] = {}
+        self._open: set[Subscription] = set()  # every subscription not closed, keys or none
         self.alarms = Alarms()
         self._buffer = buffer
         self._last_row: dict[str, int] = {}
@@ -332,6 +351,7 @@ class EventBus:
         self._ended: OrderedDict[str, None] = (
             OrderedDict()
         )  # recently ended jobs (with a transport)
+        self.stopping = False  # the server is stopping: readers no longer wait (stop_streams)
 
     def subscribe(
         self, *keys: str, maxsize: int | None = None, finals_only: bool = False
@@ -348,6 +368,12 @@ class EventBus:
                 subs.discard(sub)
                 if not subs:
                     del self._subs[key]
+
+    def stop_streams(self) -> None:
+        """The server is stopping: every waiting reader wakes, and no ``get`` waits any more."""
+        self.stopping = True
+        for sub in list(self._open):
+            sub._poke()
 
     def subscribers(self) -> int:
         return len({s for subs in self._subs.values() for s in subs})

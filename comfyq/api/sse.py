@@ -3,7 +3,8 @@
 The subscription is opened before anything is read, so nothing that commits meanwhile is lost:
 stored state changes after Last-Event-ID are replayed first, then live events follow, with state
 events already replayed skipped by row id. A comment heartbeat goes out whenever nothing else was
-sent for ``heartbeat`` seconds. A client going away ends only its stream, never its job.
+sent for ``heartbeat`` seconds. A client going away ends only its stream, never its job. When the
+server stops, the stream ends (what it held is sent first); the client resumes with Last-Event-ID.
 """
 
 from __future__ import annotations
@@ -135,6 +136,9 @@ async def _live(
         if sub.held_until is not None:
             held_at = sub.held_until
         if ev is None:
+            if sub.stopping:  # the server stops: the client resumes with Last-Event-ID
+                await resp.write_eof(b"".join(out))
+                return
             held_at = None
             if out:
                 continue  # time to send what is held (or an earlier timer rang: look again)

@@ -8,12 +8,14 @@ live preview images arrive as binary frames: a 4-byte big-endian length N, N byt
 ``ws_heartbeat`` seconds; one task per connection reads both the socket and the subscription, so
 frames never interleave. On a shared store (several instances), the stored events of the jobs
 followed are read again when the link says notifications may have been missed, and those of
-jobs subscribed by name also when nothing came for a heartbeat, as SSE streams do.
+jobs subscribed by name also when nothing came for a heartbeat, as SSE streams do. When the server
+stops, the socket is closed with 1001 (going away); the client subscribes again after the restart.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import struct
 from typing import Any
@@ -31,6 +33,7 @@ from comfyq.store.model import TERMINAL
 
 log = logging.getLogger("comfyq.api")
 MAX_FEEDS = 10_000  # jobs followed at once by one "*" connection before old ones are forgotten
+GOING_AWAY_WAIT = 0.1  # seconds a closing frame may take to go out when the server stops
 
 
 def preview_frame(ev: Event) -> bytes:
@@ -184,6 +187,8 @@ class _Conn:
                 ev = await self.sub.get(quiet, also=recv)
                 if ev is not None:
                     await self.on_event(ev)
+                elif self.sub.stopping:  # the server stops: closed with 1001 (going away)
+                    return
                 elif not recv.done():  # quiet for a heartbeat
                     await self.catch_up([j for j in self.feeds if j in self.sub.keys])
         finally:
@@ -201,6 +206,14 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     await ws.prepare(request)
     try:
         await _Conn(api, ws, principal(request)).run()
+        if api.bus.stopping:
+            # aiohttp reads nothing more from a connection once the server shuts down: the
+            # client's closing frame in reply would never be seen (a browser waits 2 s for the
+            # socket to close, another client until aiohttp's 10 s). The frame is sent, the
+            # socket closed.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(GOING_AWAY_WAIT):
+                    await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server stopping")
     except (ConnectionError, RuntimeError):
         log.debug("websocket client went away")
     except StoreUnavailable as exc:

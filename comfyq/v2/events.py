@@ -217,6 +217,9 @@ async def _run(s: _Stream, sub: Any, resp: web.StreamResponse) -> None:
             wait = min(wait, max(0.0, s.progress_at + PROGRESS_GAP - now))
         # While holding, only the terminal change wakes the stream early; the rest wait their turn.
         ev = await sub.get(max(0.0, wait), urgent=bool(out))
+        if ev is None and sub.stopping:  # the server stops: the client polls or reconnects
+            await resp.write_eof(b"".join(out))
+            return
         now = clock()
         got = b""
         if ev is None:
