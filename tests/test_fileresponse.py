@@ -241,6 +241,10 @@ async def test_a_fresh_output_is_served_from_memory_until_the_file_changes(
         assert r.headers["Accept-Ranges"] == "bytes" and "Last-Modified" in r.headers
     async with server.session.get(server.u(out["url"]), headers={"If-None-Match": etag}) as r:
         assert r.status == 304 and await r.read() == b""
+    # HEAD (curl -I, download managers): the GET's headers, no body.
+    async with server.session.head(server.u(out["url"])) as r:
+        assert r.status == 200 and r.headers["ETag"] == etag
+        assert r.headers["Content-Length"] == str(st.st_size) and await r.read() == b""
     async with server.session.get(server.u(out["url"]), headers={"Range": "bytes=1-3"}) as r:
         assert r.status == 206 and await r.read() == path.read_bytes()[1:4]
         assert r.headers["Content-Range"] == f"bytes 1-3/{st.st_size}"

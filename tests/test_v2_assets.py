@@ -145,6 +145,9 @@ async def test_from_hash_by_hash_content_and_delete(server: Server) -> None:
         assert r.status == 206 and await r.read() == data[10:]
     async with server.session.get(url, headers={"Range": f"bytes={len(data) + 5}-"}) as r:
         assert r.status == 416
+    async with server.session.head(url) as r:  # HEAD: the GET's headers, no body
+        assert r.status == 200 and r.headers["Content-Length"] == str(len(data))
+        assert await r.read() == b""
     # Delete: the minted asset first; the bytes stay for the other one.
     async with server.session.delete(server.u(f"/api/v2/assets/{minted['id']}")) as r:
         assert r.status == 204

@@ -243,6 +243,7 @@ ROUTES: list[Route] = [
         jobs.output_file,
         "Download an output file of a job",
         "jobs",
+        head=True,
         params=[
             Param(
                 "thumb",
@@ -436,6 +437,8 @@ def setup_routes(app: web.Application, routes: list[Route], doc: dict[str, Any])
 
     for r in routes:
         app.router.add_route(r.method, r.path, r.handler)
+        if r.head:
+            app.router.add_route("HEAD", r.path, r.handler)
     app[OPENAPI] = msgspec.json.encode(doc)
     app[README] = docs.render_readme(app[API].options.readme)
     hook = cors_hook(app[API].settings)

@@ -55,6 +55,8 @@ class Route:
     # The shape of this route's errors when it is not comfyq's ErrorBody (the v2 envelope); such a
     # route documents every client error status its surface uses with it.
     error_reply: Reply | None = None
+    # A download: HEAD answers too (its headers, no body), as curl -I and download managers ask.
+    head: bool = False
 
 
 def _errors(route: Route, keys: bool) -> dict[int, Reply]:

@@ -155,6 +155,7 @@ ROUTES: list[Route] = [
         assets.content,
         "An asset's bytes, Range-aware (Comfy API v2)",
         "v2",
+        head=True,
         params=[Param("Range", "header", {"type": "string"}, "bytes=first-last")],
         replies={
             200: Reply("the bytes", media="application/octet-stream", schema=_BIN),
