@@ -50,6 +50,7 @@ class WebhookSender:
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._loop_task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._closing = False  # stop() runs: attempts are recorded once, not retried
         self.poster = Poster(store, self.cfg, self.clock)
         self.delivered = 0
         self.failed = 0
@@ -87,6 +88,13 @@ class WebhookSender:
     async def stop(self, grace: float = 5.0) -> None:
         """Stop claiming; give posts in flight ``grace`` seconds, then interrupt them (they
         resume)."""
+        self._closing = True  # an attempt not recorded now is left to the lease, as before
+        try:
+            await self._stop(grace)
+        finally:
+            self._closing = False
+
+    async def _stop(self, grace: float) -> None:
         if self._loop_task is not None:
             # Not cancelled: a claim cut short would leave rows leased with no task to send them.
             self._stopping = True
@@ -200,7 +208,7 @@ class WebhookSender:
         now = self.clock.now()
         attempt.duration_ms = int((asyncio.get_running_loop().time() - t0) * 1000)
         schedule(attempt, delivery, self.cfg, now)
-        ok = await self.store.outbox_record(delivery, attempt)
+        ok = await self._record(delivery, attempt)
         if not ok:
             log.warning(
                 "webhook %s: lease lost before its attempt could be recorded",
@@ -218,6 +226,30 @@ class WebhookSender:
                 self.on_attempt(attempt.outcome)
             except Exception:
                 log.exception("webhook metrics callback failed")
+
+    async def _record(self, delivery: dict[str, Any], attempt: Attempt) -> bool:
+        """Record the attempt (False: the lease was lost). While the database is away, keep
+        trying for as long as the row's lease lasts: the row stays leased to this instance, so
+        no other sends it meanwhile, and an exception here would leave it leased, unsent, until
+        the lease expires (minutes)."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + self._lease()
+        delay = 0.25
+        while True:
+            try:
+                return await self.store.outbox_record(delivery, attempt)
+            except Exception as exc:  # the database may be away: keep trying
+                if self._closing or loop.time() + delay >= until:
+                    raise
+                log.warning(
+                    "webhook %s: its attempt is not recorded yet (%s); retrying in %.2gs",
+                    delivery["id"],
+                    type(exc).__name__,
+                    delay,
+                    extra={"webhook_id": delivery["id"]},
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
 
 def _may_notify(tr: Transition) -> bool:
