@@ -19,6 +19,7 @@ from typing import Any
 
 import msgspec
 
+from comfyq.backoff import backoff
 from comfyq.clock import parse_iso
 from comfyq.logs import job_context
 from comfyq.netguard import AddressGuard
@@ -234,11 +235,13 @@ class WebhookSender:
         the lease expires (minutes)."""
         loop = asyncio.get_running_loop()
         until = loop.time() + self._lease()
-        delay = 0.25
+        tries = 0
         while True:
             try:
                 return await self.store.outbox_record(delivery, attempt)
             except Exception as exc:  # the database may be away: keep trying
+                tries += 1
+                delay = backoff(tries, 0.25, 5.0)
                 if self._closing or loop.time() + delay >= until:
                     raise
                 log.warning(
@@ -249,7 +252,6 @@ class WebhookSender:
                     extra={"webhook_id": delivery["id"]},
                 )
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
 
 
 def _may_notify(tr: Transition) -> bool:
